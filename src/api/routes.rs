@@ -1,0 +1,131 @@
+//! Maps API requests to VM operations. Each route parses its body, runs the
+//! operation and returns its report; errors become `{"error": ...}` with a
+//! status that says whose fault it was (4xx: the request or the VM's state;
+//! 5xx: the operation failed).
+
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Mutex};
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use serde_json::Value;
+
+use super::server::{error_body, ApiHandler};
+use super::{GuestStatus, MemoryMapEntry, NodeStatus, StateReply, StatusReport, PREFIX};
+use crate::vmm::{RunState, Vm};
+
+/// The VMM side of the API for one VM.
+pub struct Routes {
+    vm: Arc<Vm>,
+    shutdown: Mutex<Sender<()>>,
+}
+
+/// An error with its HTTP status.
+pub struct ApiError(pub u16, pub String);
+
+type Reply = Result<Value, ApiError>;
+
+fn json<T: Serialize>(v: T) -> Reply {
+    serde_json::to_value(v).map_err(|e| ApiError(500, format!("cannot encode the reply: {e}")))
+}
+
+/// Parses a request body (an empty body means `{}`).
+pub fn body<T: DeserializeOwned>(b: &[u8]) -> Result<T, ApiError> {
+    let b = if b.iter().all(|c| c.is_ascii_whitespace()) { b"{}" as &[u8] } else { b };
+    serde_json::from_slice(b).map_err(|e| ApiError(400, format!("bad request body: {e}")))
+}
+
+impl Routes {
+    /// Routes for `vm`; `stop` ends the `run` process.
+    pub fn new(vm: Arc<Vm>, shutdown: Sender<()>) -> Routes {
+        Routes { vm, shutdown: Mutex::new(shutdown) }
+    }
+
+    /// The status report.
+    pub fn status(&self) -> StatusReport {
+        let c = self.vm.config();
+        let hosts = self.vm.host_nodes();
+        StatusReport {
+            name: c.name.clone(),
+            state: self.vm.state(),
+            stop_reason: self.vm.guest_stop_reason(),
+            vcpus: c.vcpus,
+            memory_bytes: self.vm.memory().size(),
+            guest: GuestStatus { kind: c.guest.kind().into(), progress: self.vm.progress() },
+            numa: c.nodes.iter().map(|n| NodeStatus { guest_node: n.guest_node, size_bytes: n.size, host_node: hosts[n.guest_node as usize] }).collect(),
+            pid: std::process::id(),
+        }
+    }
+
+    fn route(&self, method: &str, path: &str, b: &[u8]) -> Reply {
+        let Some(ep) = path.strip_prefix(PREFIX).and_then(|p| p.strip_prefix('/')) else {
+            return Err(ApiError(404, format!("no such endpoint: {path} (endpoints start with {PREFIX}/)")));
+        };
+        let vm = &self.vm;
+        match (method, ep) {
+            ("GET", "vm.status") => json(self.status()),
+            ("PUT", "vm.pause") => {
+                let _: Value = body(b)?;
+                let _op = self.operation()?;
+                let d = vm.pause_user().map_err(|e| ApiError(409, e.to_string()))?;
+                json(StateReply { state: vm.state(), pause_us: Some(d.as_micros() as u64) })
+            }
+            ("PUT", "vm.resume") => {
+                let _: Value = body(b)?;
+                let _op = self.operation()?;
+                vm.resume_user().map_err(|e| ApiError(409, e.to_string()))?;
+                json(StateReply { state: vm.state(), pause_us: None })
+            }
+            ("PUT", "vm.stop") => {
+                let _: Value = body(b)?;
+                let _ = self.shutdown.lock().unwrap_or_else(|e| e.into_inner()).send(());
+                json(StateReply { state: RunState::Stopped, pause_us: None })
+            }
+            ("PUT", "vm.verify") => {
+                let _: Value = body(b)?;
+                let _op = self.operation()?;
+                let p = vm.pause().map_err(|e| ApiError(409, e.to_string()))?;
+                let report = crate::guest::verify::verify(&vm.memory());
+                vm.resume(p).map_err(|e| ApiError(500, e.to_string()))?;
+                json(report)
+            }
+            ("GET", "debug.memory-map") => {
+                let m = vm.memory();
+                json(
+                    m.nodes
+                        .iter()
+                        .flat_map(|n| {
+                            n.chunks.iter().map(|c| MemoryMapEntry {
+                                guest_node: n.guest_node,
+                                slot: c.slot,
+                                gpa: c.range.start,
+                                len: c.range.len,
+                                host_addr: c.mapping.as_ptr() as u64,
+                            })
+                        })
+                        .collect::<Vec<_>>(),
+                )
+            }
+            (_, "vm.status" | "vm.pause" | "vm.resume" | "vm.stop" | "vm.verify" | "debug.memory-map") => {
+                Err(ApiError(405, format!("{method} is not allowed on {path}")))
+            }
+            _ => Err(ApiError(404, format!("no such endpoint: {path}"))),
+        }
+    }
+
+    /// Holds the one-operation lock for the duration of a request.
+    fn operation(&self) -> Result<std::sync::MutexGuard<'_, ()>, ApiError> {
+        self.vm
+            .try_operation()
+            .ok_or_else(|| ApiError(409, "another operation (checkpoint, NUMA move or migration) is in progress".into()))
+    }
+}
+
+impl ApiHandler for Routes {
+    fn handle(&self, method: &str, path: &str, body: &[u8]) -> (u16, Value) {
+        match self.route(method, path, body) {
+            Ok(v) => (200, v),
+            Err(ApiError(code, msg)) => (code, error_body(msg)),
+        }
+    }
+}

@@ -1,0 +1,922 @@
+//! The API server: HTTP/1.1 + JSON on a Unix socket.
+//!
+//! This module owns the transport only: creating the socket safely (private
+//! directory, mode 0600 from the first instant, refusing to steal a live
+//! socket, replacing a stale one), a small pool of threads answering
+//! requests, and the rules every response follows (JSON body, bounded request
+//! size, malformed JSON rejected before the handler sees it, a handler panic
+//! answered with a 500 rather than a dropped connection).
+//!
+//! It does not know any route or any VM: every request that passes the
+//! transport checks goes to an [`ApiHandler`], which the VMM implements and
+//! which answers unknown routes with 404 itself.
+
+use std::fmt;
+use std::fs;
+use std::io::{self, Read};
+use std::mem;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::panic::{self, AssertUnwindSafe};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::{self, JoinHandle};
+
+use serde_json::Value;
+
+/// Largest request body the server accepts; larger ones get 413. Every vmhop
+/// request is a few hundred bytes, so this only stops accidents (a file sent
+/// with `curl -d @...`) from being buffered in the VMM.
+pub const MAX_BODY_BYTES: usize = 1 << 20;
+
+/// Threads answering requests. More than one so that `status` or `pause` is
+/// answered while a long operation (checkpoint, migration) holds a thread;
+/// few, because the socket is private to one user and requests are rare.
+const WORKER_THREADS: usize = 4;
+
+/// Pending connections the kernel queues before `connect()` would block.
+const LISTEN_BACKLOG: libc::c_int = 16;
+
+/// Mode of the API socket: only its owner may connect (connecting to a Unix
+/// socket needs write permission on it).
+const SOCKET_MODE: u32 = 0o600;
+
+/// Mode of a socket directory vmhop creates.
+const SOCKET_DIR_MODE: u32 = 0o700;
+
+/// What the server calls for each request. Implemented by the VMM.
+pub trait ApiHandler: Send + Sync + 'static {
+    /// Answers one request.
+    ///
+    /// `method` is the HTTP method (`"GET"`, `"PUT"`, ...), `path` the request
+    /// target without its query string (`"/api/v1/vm.status"`), `body` the raw
+    /// request body (at most [`MAX_BODY_BYTES`]; on PUT/POST/PATCH it is
+    /// either blank or valid JSON, the server has checked). Returns the HTTP
+    /// status and the JSON body; errors should use [`error_body`].
+    fn handle(&self, method: &str, path: &str, body: &[u8]) -> (u16, Value);
+}
+
+/// The JSON body of every error response: `{"error": "<msg>"}`.
+pub fn error_body(msg: impl fmt::Display) -> Value {
+    serde_json::json!({ "error": msg.to_string() })
+}
+
+/// Why the API server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// A live server (another vmhop, most likely) accepts connections there.
+    #[error("another vmhop is already serving {}", path.display())]
+    InUse {
+        /// The socket path asked for.
+        path: PathBuf,
+    },
+    /// Something other than a socket exists at the path; vmhop will not delete it.
+    #[error("{} exists and is not a socket; refusing to replace it", path.display())]
+    NotASocket {
+        /// The socket path asked for.
+        path: PathBuf,
+    },
+    /// The directory that should hold the socket could not be created.
+    #[error("cannot create API socket directory {}: {source}", path.display())]
+    CreateDir {
+        /// The directory.
+        path: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// An existing file at the path could not be examined or probed.
+    #[error("cannot tell whether {} is in use: {source}", path.display())]
+    Probe {
+        /// The socket path asked for.
+        path: PathBuf,
+        /// The OS error from `lstat()` or `connect()`.
+        source: io::Error,
+    },
+    /// A stale socket (nobody listening) could not be removed.
+    #[error("cannot remove stale API socket {}: {source}", path.display())]
+    RemoveStale {
+        /// The socket path asked for.
+        path: PathBuf,
+        /// The OS error from `unlink()`.
+        source: io::Error,
+    },
+    /// The path does not fit in a `sockaddr_un`.
+    #[error(
+        "API socket path {} is {len} bytes long; Unix socket paths are limited to {max} bytes",
+        path.display()
+    )]
+    PathTooLong {
+        /// The socket path asked for.
+        path: PathBuf,
+        /// Its length in bytes.
+        len: usize,
+        /// The longest path the kernel accepts.
+        max: usize,
+    },
+    /// Creating, binding or listening on the socket failed.
+    #[error("cannot bind API socket {}: {syscall}() failed: {source}", path.display())]
+    Bind {
+        /// The socket path asked for.
+        path: PathBuf,
+        /// The system call that failed.
+        syscall: &'static str,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// The socket's mode could not be restricted to 0600.
+    #[error("cannot set mode 0600 on API socket {}: {source}", path.display())]
+    Permissions {
+        /// The socket path asked for.
+        path: PathBuf,
+        /// The OS error from `fchmod()` or `chmod()`.
+        source: io::Error,
+    },
+    /// The HTTP server could not be built on the bound socket.
+    #[error("cannot start the HTTP server on {}: {reason}", path.display())]
+    Start {
+        /// The socket path asked for.
+        path: PathBuf,
+        /// tiny_http's explanation.
+        reason: String,
+    },
+    /// A worker thread could not be spawned.
+    #[error("cannot spawn an API worker thread for {}: {source}", path.display())]
+    Spawn {
+        /// The socket path asked for.
+        path: PathBuf,
+        /// The OS error from `clone()`.
+        source: io::Error,
+    },
+}
+
+/// A running API server. Dropping it stops it like [`ApiServer::shutdown`].
+pub struct ApiServer {
+    path: PathBuf,
+    /// `None` once stopped.
+    http: Option<Arc<tiny_http::Server>>,
+    workers: Vec<JoinHandle<()>>,
+    stopping: Arc<AtomicBool>,
+    /// Identity (device, inode) of the socket file we bound, so that stopping
+    /// never unlinks a socket some later process created at the same path.
+    socket_id: (u64, u64),
+}
+
+impl fmt::Debug for ApiServer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ApiServer")
+            .field("path", &self.path)
+            .field("running", &self.http.is_some())
+            .field("workers", &self.workers.len())
+            .finish()
+    }
+}
+
+impl ApiServer {
+    /// Binds the socket at `path` and starts answering requests with `handler`.
+    ///
+    /// Creates the parent directory (mode 0700) if it is missing. If a socket
+    /// already exists there and something accepts connections on it, fails
+    /// with [`ServerError::InUse`]; if nothing does (a crashed vmhop left it),
+    /// replaces it. The socket has mode 0600 from the moment it exists.
+    pub fn start(path: &Path, handler: Arc<dyn ApiHandler>) -> Result<ApiServer, ServerError> {
+        create_parent_dir(path)?;
+        clear_stale_socket(path)?;
+        let listener = bind_private(path)?;
+        // Unlinks the socket if anything below fails, so a failed start leaves
+        // no file behind that the next start would have to probe.
+        let mut cleanup = UnlinkOnDrop(Some(path.to_path_buf()));
+
+        // fchmod before bind already gave the right mode on Linux; chmod again
+        // by path so the guarantee does not rest on that kernel behaviour.
+        fs::set_permissions(path, fs::Permissions::from_mode(SOCKET_MODE)).map_err(|source| {
+            ServerError::Permissions {
+                path: path.to_path_buf(),
+                source,
+            }
+        })?;
+        let meta = fs::symlink_metadata(path).map_err(|source| ServerError::Probe {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let socket_id = (meta.dev(), meta.ino());
+
+        let http =
+            tiny_http::Server::from_listener(listener, None).map_err(|e| ServerError::Start {
+                path: path.to_path_buf(),
+                reason: e.to_string(),
+            })?;
+        // From here on tiny_http owns the socket and unlinks it when dropped.
+        cleanup.disarm();
+
+        let mut server = ApiServer {
+            path: path.to_path_buf(),
+            http: Some(Arc::new(http)),
+            workers: Vec::with_capacity(WORKER_THREADS),
+            stopping: Arc::new(AtomicBool::new(false)),
+            socket_id,
+        };
+        for i in 0..WORKER_THREADS {
+            let http = server.http.clone().expect("server was just started");
+            let handler = Arc::clone(&handler);
+            let stopping = Arc::clone(&server.stopping);
+            let socket = path.to_path_buf();
+            let spawned = thread::Builder::new()
+                .name(format!("vmhop-api-{i}"))
+                .spawn(move || serve(&http, handler.as_ref(), &stopping, &socket));
+            match spawned {
+                Ok(worker) => server.workers.push(worker),
+                // Dropping `server` stops the workers already running.
+                Err(source) => {
+                    return Err(ServerError::Spawn {
+                        path: path.to_path_buf(),
+                        source,
+                    })
+                }
+            }
+        }
+        tracing::info!(socket = %path.display(), "API server listening");
+        Ok(server)
+    }
+
+    /// The socket path the server listens on.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Stops serving and removes the socket file (also done on drop).
+    ///
+    /// Requests already received are answered first, so this waits for any
+    /// handler call in progress to return.
+    pub fn shutdown(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        let Some(http) = self.http.take() else {
+            return;
+        };
+        self.stopping.store(true, Ordering::SeqCst);
+        // One unblock per worker: each wakes exactly one thread waiting in recv().
+        for _ in &self.workers {
+            http.unblock();
+        }
+        for worker in self.workers.drain(..) {
+            if worker.join().is_err() {
+                tracing::warn!(socket = %self.path.display(), "an API worker thread panicked");
+            }
+        }
+        // Last reference: tiny_http closes the listener and unlinks the socket.
+        drop(http);
+        // In case it did not (a path it could not resolve), unlink the file
+        // ourselves, but only if it is still the socket we bound.
+        if let Ok(meta) = fs::symlink_metadata(&self.path) {
+            if (meta.dev(), meta.ino()) == self.socket_id {
+                let _ = fs::remove_file(&self.path);
+            }
+        }
+        tracing::info!(socket = %self.path.display(), "API server stopped");
+    }
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Removes a path when dropped, unless disarmed.
+struct UnlinkOnDrop(Option<PathBuf>);
+
+impl UnlinkOnDrop {
+    fn disarm(&mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for UnlinkOnDrop {
+    fn drop(&mut self) {
+        if let Some(path) = self.0.take() {
+            let _ = fs::remove_file(path);
+        }
+    }
+}
+
+fn create_parent_dir(path: &Path) -> Result<(), ServerError> {
+    let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) else {
+        return Ok(());
+    };
+    if parent.is_dir() {
+        // An existing directory is the user's choice; its mode is left alone.
+        return Ok(());
+    }
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(SOCKET_DIR_MODE)
+        .create(parent)
+        .map_err(|source| ServerError::CreateDir {
+            path: parent.to_path_buf(),
+            source,
+        })
+}
+
+/// Leaves `path` free for binding: absent, or a stale socket now removed.
+fn clear_stale_socket(path: &Path) -> Result<(), ServerError> {
+    let meta = match fs::symlink_metadata(path) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(source) => {
+            return Err(ServerError::Probe {
+                path: path.to_path_buf(),
+                source,
+            })
+        }
+    };
+    if !meta.file_type().is_socket() {
+        return Err(ServerError::NotASocket {
+            path: path.to_path_buf(),
+        });
+    }
+    if socket_is_live(path)? {
+        return Err(ServerError::InUse {
+            path: path.to_path_buf(),
+        });
+    }
+    tracing::info!(socket = %path.display(), "removing stale API socket");
+    match fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(ServerError::RemoveStale {
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+/// Whether something accepts connections on the socket at `path`.
+fn socket_is_live(path: &Path) -> Result<bool, ServerError> {
+    match UnixStream::connect(path) {
+        Ok(_) => Ok(true),
+        // ECONNREFUSED: the file exists but no process listens on it.
+        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => Ok(false),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        // EAGAIN: a listener exists whose backlog is full; it is alive.
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(true),
+        Err(source) => Err(ServerError::Probe {
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+/// Creates a listening Unix socket at `path` whose file has mode 0600 from
+/// the moment `bind()` creates it.
+///
+/// `std`'s `UnixListener::bind` would create the file with the process umask
+/// and leave a window before a `chmod`. Linux gives the file the mode of the
+/// socket inode, so `fchmod()` before `bind()` closes that window.
+fn bind_private(path: &Path) -> Result<UnixListener, ServerError> {
+    let bind_err = |syscall: &'static str, source: io::Error| ServerError::Bind {
+        path: path.to_path_buf(),
+        syscall,
+        source,
+    };
+    let bytes = path.as_os_str().as_bytes();
+    // SAFETY: sockaddr_un is a plain C struct for which all-zero bytes is a
+    // valid (empty) value.
+    let mut addr: libc::sockaddr_un = unsafe { mem::zeroed() };
+    // sun_path must keep a terminating NUL.
+    let max = addr.sun_path.len() - 1;
+    if bytes.len() > max {
+        return Err(ServerError::PathTooLong {
+            path: path.to_path_buf(),
+            len: bytes.len(),
+            max,
+        });
+    }
+    if bytes.contains(&0) {
+        let e = io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte");
+        return Err(bind_err("bind", e));
+    }
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (dst, src) in addr.sun_path.iter_mut().zip(bytes) {
+        *dst = *src as libc::c_char;
+    }
+
+    // SAFETY: socket() takes no pointers; the result is checked below.
+    let raw = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if raw < 0 {
+        return Err(bind_err("socket", io::Error::last_os_error()));
+    }
+    // SAFETY: `raw` is a socket we just created and nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+
+    // SAFETY: fchmod on a descriptor we own; no memory is passed.
+    if unsafe { libc::fchmod(fd.as_raw_fd(), SOCKET_MODE as libc::mode_t) } != 0 {
+        return Err(ServerError::Permissions {
+            path: path.to_path_buf(),
+            source: io::Error::last_os_error(),
+        });
+    }
+
+    // SAFETY: `addr` is a fully initialised sockaddr_un that outlives the
+    // call, and the length passed is its exact size.
+    let rc = unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            (&addr as *const libc::sockaddr_un).cast::<libc::sockaddr>(),
+            mem::size_of::<libc::sockaddr_un>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        let source = io::Error::last_os_error();
+        // Another process bound the path between our probe and bind().
+        if source.kind() == io::ErrorKind::AddrInUse && socket_is_live(path).unwrap_or(false) {
+            return Err(ServerError::InUse {
+                path: path.to_path_buf(),
+            });
+        }
+        return Err(bind_err("bind", source));
+    }
+
+    // SAFETY: listen() on a bound socket we own; no memory is passed.
+    if unsafe { libc::listen(fd.as_raw_fd(), LISTEN_BACKLOG) } != 0 {
+        let source = io::Error::last_os_error();
+        let _ = fs::remove_file(path);
+        return Err(bind_err("listen", source));
+    }
+    Ok(UnixListener::from(fd))
+}
+
+/// One worker: answers requests until the server is stopped.
+fn serve(http: &tiny_http::Server, handler: &dyn ApiHandler, stopping: &AtomicBool, socket: &Path) {
+    loop {
+        match http.recv() {
+            Ok(request) => answer(request, handler),
+            Err(_) if stopping.load(Ordering::SeqCst) => return,
+            Err(e) => {
+                // tiny_http's accept loop has died (it reports its error once).
+                tracing::error!(socket = %socket.display(), error = %e,
+                    "API server stopped accepting connections");
+                return;
+            }
+        }
+    }
+}
+
+/// Why a request body was not read.
+enum BodyError {
+    TooLarge,
+    Io(io::Error),
+}
+
+fn read_body(request: &mut tiny_http::Request) -> Result<Vec<u8>, BodyError> {
+    // Refuse a declared oversize body before reading any of it (and before
+    // tiny_http answers `Expect: 100-continue`, so the client need not send it).
+    if request
+        .body_length()
+        .is_some_and(|len| len > MAX_BODY_BYTES)
+    {
+        return Err(BodyError::TooLarge);
+    }
+    // A chunked body has no declared length: read one byte past the limit.
+    let mut body = Vec::new();
+    request
+        .as_reader()
+        .take(MAX_BODY_BYTES as u64 + 1)
+        .read_to_end(&mut body)
+        .map_err(BodyError::Io)?;
+    if body.len() > MAX_BODY_BYTES {
+        return Err(BodyError::TooLarge);
+    }
+    Ok(body)
+}
+
+/// Methods whose body, when present, must be JSON.
+fn body_must_be_json(method: &str) -> bool {
+    matches!(method, "PUT" | "POST" | "PATCH")
+}
+
+/// The server's answer to one request, before the handler's status is trusted.
+fn dispatch(handler: &dyn ApiHandler, method: &str, path: &str, body: &[u8]) -> (u16, Value) {
+    let blank = body.iter().all(u8::is_ascii_whitespace);
+    if body_must_be_json(method) && !blank {
+        if let Err(e) = serde_json::from_slice::<Value>(body) {
+            return (400, error_body(format!("invalid JSON body: {e}")));
+        }
+    }
+    // AssertUnwindSafe: the handler is shared between threads, so any state it
+    // mutates is already behind its own locks; a panic poisons those rather
+    // than leaving torn state visible.
+    let result = panic::catch_unwind(AssertUnwindSafe(|| handler.handle(method, path, body)));
+    match result {
+        Ok((status, value)) if (200..=599).contains(&status) => (status, value),
+        Ok((status, _)) => {
+            tracing::error!(
+                method,
+                path,
+                status,
+                "API handler returned an invalid status"
+            );
+            let msg = format!("internal error: handler returned invalid HTTP status {status}");
+            (500, error_body(msg))
+        }
+        Err(payload) => {
+            let what = panic_message(payload.as_ref());
+            tracing::error!(method, path, panic = %what, "API handler panicked");
+            let msg = format!("internal error: the request handler panicked: {what}");
+            (500, error_body(msg))
+        }
+    }
+}
+
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "unknown panic payload".to_owned()
+    }
+}
+
+fn answer(mut request: tiny_http::Request, handler: &dyn ApiHandler) {
+    let method = request.method().as_str().to_owned();
+    // Routes never use the query string; drop it so `?x` cannot break routing.
+    let path = request
+        .url()
+        .split_once('?')
+        .map_or(request.url(), |(path, _)| path)
+        .to_owned();
+
+    let (status, value) = match read_body(&mut request) {
+        Ok(body) => dispatch(handler, &method, &path, &body),
+        Err(BodyError::TooLarge) => {
+            let msg = format!("request body exceeds the limit of {MAX_BODY_BYTES} bytes");
+            (413, error_body(msg))
+        }
+        Err(BodyError::Io(e)) => (400, error_body(format!("cannot read request body: {e}"))),
+    };
+    tracing::debug!(method, path, status, "API request");
+
+    let bytes = serde_json::to_vec(&value).unwrap_or_else(|e| {
+        error_body(format!("internal error: cannot encode response: {e}"))
+            .to_string()
+            .into_bytes()
+    });
+    let content_type =
+        tiny_http::Header::from_bytes(&b"Content-Type"[..], &b"application/json"[..])
+            .expect("a constant, valid header");
+    let response = tiny_http::Response::from_data(bytes)
+        .with_status_code(status)
+        .with_header(content_type)
+        // Always send Content-Length: simpler for every client than chunking.
+        .with_chunked_threshold(usize::MAX);
+    if let Err(e) = request.respond(response) {
+        tracing::warn!(method, path, error = %e, "cannot send API response");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::client::{self, ClientError};
+    use super::*;
+    use serde_json::json;
+    use std::io::Write;
+    use std::process::Command;
+    use std::time::{Duration, Instant};
+
+    const TIMEOUT: Option<Duration> = Some(Duration::from_secs(10));
+
+    /// A handler with a few routes exercising the transport.
+    struct TestHandler;
+
+    impl ApiHandler for TestHandler {
+        fn handle(&self, method: &str, path: &str, body: &[u8]) -> (u16, Value) {
+            match (method, path) {
+                ("GET", "/api/v1/vm.status") => (200, json!({"name": "t", "state": "running"})),
+                ("PUT", "/api/v1/echo") => (
+                    200,
+                    json!({"method": method, "body": String::from_utf8_lossy(body)}),
+                ),
+                (_, "/api/v1/panic") => panic!("test handler panic"),
+                (_, "/api/v1/slow") => {
+                    thread::sleep(Duration::from_millis(500));
+                    (200, json!({"slow": true}))
+                }
+                (_, "/api/v1/bad-status") => (42, json!({})),
+                ("GET", "/api/v1/big") => (200, json!({"data": "x".repeat(100_000)})),
+                _ => (404, error_body(format!("unknown route {method} {path}"))),
+            }
+        }
+    }
+
+    fn start_in(dir: &Path) -> ApiServer {
+        ApiServer::start(&dir.join("vm.sock"), Arc::new(TestHandler)).expect("server starts")
+    }
+
+    /// Sends raw bytes and returns the whole raw response (the server closes
+    /// the connection because of `Connection: close`).
+    fn raw_exchange(socket: &Path, request: &[u8]) -> String {
+        let mut stream = UnixStream::connect(socket).expect("connect");
+        stream.set_read_timeout(TIMEOUT).unwrap();
+        stream.write_all(request).expect("write request");
+        let mut out = Vec::new();
+        stream.read_to_end(&mut out).expect("read response");
+        String::from_utf8(out).expect("utf-8 response")
+    }
+
+    fn response_body(raw: &str) -> Value {
+        let (_, body) = raw.split_once("\r\n\r\n").expect("header/body separator");
+        serde_json::from_str(body).expect("JSON body")
+    }
+
+    #[test]
+    fn get_and_put_round_trip_through_the_client() {
+        let dir = tempfile::tempdir().unwrap();
+        let server = start_in(dir.path());
+        let status = client::call(server.path(), "GET", "/api/v1/vm.status", None, TIMEOUT);
+        assert_eq!(status.unwrap(), json!({"name": "t", "state": "running"}));
+
+        let body = json!({"dir": "/tmp/ck", "full": true});
+        let echoed = client::call(server.path(), "PUT", "/api/v1/echo", Some(&body), TIMEOUT);
+        let echoed = echoed.unwrap();
+        assert_eq!(echoed["method"], "PUT");
+        let sent: Value = serde_json::from_str(echoed["body"].as_str().unwrap()).unwrap();
+        assert_eq!(sent, body);
+    }
+
+    #[test]
+    fn query_string_is_not_part_of_the_route() {
+        let dir = tempfile::tempdir().unwrap();
+        let server = start_in(dir.path());
+        let got = client::call(server.path(), "GET", "/api/v1/vm.status?x=1", None, TIMEOUT);
+        assert_eq!(got.unwrap()["state"], "running");
+    }
+
+    #[test]
+    fn unknown_route_gives_the_handlers_404_as_api_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let server = start_in(dir.path());
+        let err = client::call(server.path(), "GET", "/api/v1/nope", None, TIMEOUT).unwrap_err();
+        match err {
+            ClientError::Api { status, message } => {
+                assert_eq!(status, 404);
+                assert_eq!(message, "unknown route GET /api/v1/nope");
+            }
+            other => panic!("expected Api error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn every_response_is_json_with_content_length() {
+        let dir = tempfile::tempdir().unwrap();
+        let server = start_in(dir.path());
+        for path in ["/api/v1/vm.status", "/api/v1/nope", "/api/v1/big"] {
+            let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+            let raw = raw_exchange(server.path(), req.as_bytes());
+            let head = raw.split("\r\n\r\n").next().unwrap().to_ascii_lowercase();
+            assert!(head.contains("content-type: application/json"), "{head}");
+            assert!(head.contains("content-length:"), "{head}");
+            assert!(!head.contains("transfer-encoding"), "{head}");
+            response_body(&raw);
+        }
+    }
+
+    #[test]
+    fn invalid_json_body_is_rejected_with_400_before_the_handler() {
+        let dir = tempfile::tempdir().unwrap();
+        let server = start_in(dir.path());
+        let body = "{\"dir\": ";
+        let req = format!(
+            "PUT /api/v1/echo HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\
+             Content-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        let raw = raw_exchange(server.path(), req.as_bytes());
+        assert!(raw.starts_with("HTTP/1.1 400"), "{raw}");
+        let error = response_body(&raw)["error"].as_str().unwrap().to_owned();
+        assert!(error.starts_with("invalid JSON body: "), "{error}");
+    }
+
+    #[test]
+    fn blank_put_body_reaches_the_handler() {
+        let dir = tempfile::tempdir().unwrap();
+        let server = start_in(dir.path());
+        let req = "PUT /api/v1/echo HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\
+                   Content-Length: 2\r\n\r\n \n";
+        let raw = raw_exchange(server.path(), req.as_bytes());
+        assert!(raw.starts_with("HTTP/1.1 200"), "{raw}");
+        assert_eq!(response_body(&raw)["body"], " \n");
+    }
+
+    #[test]
+    fn oversize_body_is_refused_with_413() {
+        let dir = tempfile::tempdir().unwrap();
+        let server = start_in(dir.path());
+        let body = json!({"pad": "a".repeat(MAX_BODY_BYTES)});
+        let err = client::call(server.path(), "PUT", "/api/v1/echo", Some(&body), TIMEOUT);
+        match err.unwrap_err() {
+            ClientError::Api { status, message } => {
+                assert_eq!(status, 413);
+                assert!(message.contains("exceeds the limit"), "{message}");
+            }
+            other => panic!("expected Api error, got {other:?}"),
+        }
+        // The server is still serving.
+        let status = client::call(server.path(), "GET", "/api/v1/vm.status", None, TIMEOUT);
+        assert!(status.is_ok());
+    }
+
+    #[test]
+    fn oversize_chunked_body_is_refused_with_413() {
+        let dir = tempfile::tempdir().unwrap();
+        let server = start_in(dir.path());
+        let chunk = vec![b' '; 64 * 1024];
+        let mut req = b"PUT /api/v1/echo HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\
+                        Transfer-Encoding: chunked\r\n\r\n"
+            .to_vec();
+        for _ in 0..(MAX_BODY_BYTES / chunk.len() + 1) {
+            req.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
+            req.extend_from_slice(&chunk);
+            req.extend_from_slice(b"\r\n");
+        }
+        req.extend_from_slice(b"0\r\n\r\n");
+        let raw = raw_exchange(server.path(), &req);
+        assert!(
+            raw.starts_with("HTTP/1.1 413"),
+            "{}",
+            &raw[..raw.len().min(200)]
+        );
+    }
+
+    #[test]
+    fn handler_panic_gives_500_json_and_the_server_keeps_serving() {
+        let dir = tempfile::tempdir().unwrap();
+        let server = start_in(dir.path());
+        // More panics than worker threads: no worker may be lost to one.
+        for _ in 0..WORKER_THREADS + 2 {
+            let err = client::call(server.path(), "PUT", "/api/v1/panic", None, TIMEOUT);
+            match err.unwrap_err() {
+                ClientError::Api { status, message } => {
+                    assert_eq!(status, 500);
+                    assert!(message.contains("test handler panic"), "{message}");
+                }
+                other => panic!("expected Api error, got {other:?}"),
+            }
+        }
+        let status = client::call(server.path(), "GET", "/api/v1/vm.status", None, TIMEOUT);
+        assert_eq!(status.unwrap()["state"], "running");
+    }
+
+    #[test]
+    fn invalid_handler_status_becomes_500() {
+        let dir = tempfile::tempdir().unwrap();
+        let server = start_in(dir.path());
+        let err = client::call(server.path(), "GET", "/api/v1/bad-status", None, TIMEOUT);
+        assert!(
+            matches!(err, Err(ClientError::Api { status: 500, .. })),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn slow_request_does_not_block_others() {
+        let dir = tempfile::tempdir().unwrap();
+        let server = start_in(dir.path());
+        let socket = server.path().to_path_buf();
+        let slow =
+            thread::spawn(move || client::call(&socket, "PUT", "/api/v1/slow", None, TIMEOUT));
+        thread::sleep(Duration::from_millis(50));
+        let started = Instant::now();
+        let status = client::call(server.path(), "GET", "/api/v1/vm.status", None, TIMEOUT);
+        assert!(status.is_ok());
+        assert!(started.elapsed() < Duration::from_millis(400));
+        assert_eq!(slow.join().unwrap().unwrap()["slow"], true);
+    }
+
+    #[test]
+    fn socket_has_mode_0600_and_created_dir_0700() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("run/vmhop/vm.sock");
+        let server = ApiServer::start(&path, Arc::new(TestHandler)).unwrap();
+        let meta = fs::symlink_metadata(server.path()).unwrap();
+        assert!(meta.file_type().is_socket());
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        let parent = fs::metadata(path.parent().unwrap()).unwrap();
+        assert_eq!(parent.permissions().mode() & 0o777, 0o700);
+    }
+
+    #[test]
+    fn second_start_on_a_live_socket_is_in_use_and_leaves_the_first_serving() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = start_in(dir.path());
+        let second = ApiServer::start(first.path(), Arc::new(TestHandler));
+        let err = second.unwrap_err();
+        assert!(matches!(err, ServerError::InUse { .. }), "{err:?}");
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "another vmhop is already serving {}",
+                first.path().display()
+            )
+        );
+        let status = client::call(first.path(), "GET", "/api/v1/vm.status", None, TIMEOUT);
+        assert!(status.is_ok());
+    }
+
+    #[test]
+    fn stale_socket_is_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vm.sock");
+        // A listener dropped without unlinking leaves a socket nobody serves.
+        drop(UnixListener::bind(&path).unwrap());
+        assert!(path.exists());
+        let server = ApiServer::start(&path, Arc::new(TestHandler)).unwrap();
+        let status = client::call(server.path(), "GET", "/api/v1/vm.status", None, TIMEOUT);
+        assert!(status.is_ok());
+    }
+
+    #[test]
+    fn regular_file_at_the_socket_path_is_not_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vm.sock");
+        fs::write(&path, b"precious").unwrap();
+        let err = ApiServer::start(&path, Arc::new(TestHandler)).unwrap_err();
+        assert!(matches!(err, ServerError::NotASocket { .. }), "{err:?}");
+        assert_eq!(fs::read(&path).unwrap(), b"precious");
+    }
+
+    #[test]
+    fn too_long_path_is_refused_clearly() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s".repeat(120));
+        let err = ApiServer::start(&path, Arc::new(TestHandler)).unwrap_err();
+        assert!(
+            matches!(err, ServerError::PathTooLong { max: 107, .. }),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn shutdown_and_drop_remove_the_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let server = start_in(dir.path());
+        let path = server.path().to_path_buf();
+        server.shutdown();
+        assert!(!path.exists());
+        let err = client::call(&path, "GET", "/api/v1/vm.status", None, TIMEOUT).unwrap_err();
+        assert!(matches!(err, ClientError::Connect { .. }), "{err:?}");
+
+        let server = start_in(dir.path());
+        drop(server);
+        assert!(!path.exists());
+        // The path is immediately reusable.
+        let again = start_in(dir.path());
+        assert!(client::call(again.path(), "GET", "/api/v1/vm.status", None, TIMEOUT).is_ok());
+    }
+
+    #[test]
+    fn curl_can_talk_to_the_api() {
+        let Ok(out) = Command::new("curl").arg("--version").output() else {
+            eprintln!("curl not installed; skipping");
+            return;
+        };
+        assert!(out.status.success());
+        let dir = tempfile::tempdir().unwrap();
+        let server = start_in(dir.path());
+        let socket = server.path().to_str().unwrap();
+        let curl = |args: &[&str]| {
+            let out = Command::new("curl")
+                .args(["-sS", "--max-time", "10", "--unix-socket", socket])
+                .args(args)
+                .output()
+                .expect("run curl");
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            serde_json::from_slice::<Value>(&out.stdout).expect("curl printed JSON")
+        };
+        let status = curl(&["http://localhost/api/v1/vm.status"]);
+        assert_eq!(status["state"], "running");
+        let echoed = curl(&[
+            "-X",
+            "PUT",
+            "-H",
+            "Content-Type: application/json",
+            "-d",
+            r#"{"to_node": 1}"#,
+            "http://localhost/api/v1/echo",
+        ]);
+        assert_eq!(echoed["body"], r#"{"to_node": 1}"#);
+        let bad = curl(&["-X", "PUT", "-d", "nope", "http://localhost/api/v1/echo"]);
+        assert!(bad["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("invalid JSON body"));
+    }
+}

@@ -1,0 +1,105 @@
+//! Client subcommands that query or drive a running VM: status, pause,
+//! resume, stop, verify; and topology, which reads the host.
+
+use std::time::Duration;
+
+use super::output::{render, JsonOpt};
+use super::{ApiOpts, CliError, CliResult};
+use crate::api::client::call;
+use crate::api::{StateReply, StatusReport, VerifyReport, PREFIX};
+use crate::util::format_size;
+
+/// How long a quick request may take before the client gives up.
+pub const QUICK_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Calls an endpoint and decodes its report.
+pub fn request<T: serde::de::DeserializeOwned>(o: &ApiOpts, method: &str, ep: &str, body: Option<serde_json::Value>, timeout: Option<Duration>) -> Result<T, CliError> {
+    let v = call(&o.socket(), method, &format!("{PREFIX}/{ep}"), body.as_ref(), timeout)?;
+    serde_json::from_value(v).map_err(|e| CliError::failed(format!("unexpected reply from {}: {e}", o.socket().display())))
+}
+
+/// `vmhop status`.
+pub fn status(o: &ApiOpts) -> CliResult {
+    let s: StatusReport = request(o, "GET", "vm.status", None, Some(QUICK_TIMEOUT))?;
+    render(o.json, &s, |s| {
+        let mut t = format!(
+            "VM '{}' is {} — {} vCPUs, {}, guest {} (progress {})",
+            s.name,
+            serde_json::to_value(s.state).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default(),
+            s.vcpus,
+            format_size(s.memory_bytes),
+            s.guest.kind,
+            s.guest.progress
+        );
+        if let Some(r) = &s.stop_reason {
+            t += &format!("\n  stopped: {r}");
+        }
+        for n in &s.numa {
+            t += &format!("\n  guest node {}: {} on host node {}", n.guest_node, format_size(n.size_bytes), n.host_node);
+        }
+        t
+    })
+}
+
+fn state_cmd(o: &ApiOpts, ep: &str, verb: &str) -> CliResult {
+    let r: StateReply = request(o, "PUT", ep, None, Some(QUICK_TIMEOUT))?;
+    render(o.json, &r, |r| match r.pause_us {
+        Some(us) => format!("{verb} (all vCPUs stopped in {us} µs)"),
+        None => verb.to_string(),
+    })
+}
+
+/// `vmhop pause`.
+pub fn pause(o: &ApiOpts) -> CliResult {
+    state_cmd(o, "vm.pause", "paused")
+}
+
+/// `vmhop resume`.
+pub fn resume(o: &ApiOpts) -> CliResult {
+    state_cmd(o, "vm.resume", "resumed")
+}
+
+/// `vmhop stop`.
+pub fn stop(o: &ApiOpts) -> CliResult {
+    state_cmd(o, "vm.stop", "stopped")
+}
+
+/// `vmhop verify`; fails (exit 1) if the invariant is broken.
+pub fn verify(o: &ApiOpts) -> CliResult {
+    let r: VerifyReport = request(o, "PUT", "vm.verify", None, Some(QUICK_TIMEOUT))?;
+    render(o.json, &r, |r| {
+        let mut t = if r.ok {
+            format!("ok: {} pages checked, memory consistent", r.pages_checked)
+        } else {
+            format!("FAILED: {} violations in {} pages checked", r.violation_count, r.pages_checked)
+        };
+        for v in &r.violations {
+            t += &format!("\n  {} {}: {}", v.vcpu.map(|c| format!("vCPU {c}")).unwrap_or_else(|| "control".into()), v.gpa, v.problem);
+        }
+        t
+    })?;
+    if r.ok {
+        Ok(())
+    } else {
+        Err(CliError::failed(format!("verify found {} violations", r.violation_count)))
+    }
+}
+
+/// `vmhop topology`.
+pub fn topology(o: &JsonOpt) -> CliResult {
+    let t = crate::numa::topology::Topology::read().map_err(CliError::failed)?;
+    render(o.json, &t, |t| {
+        let mut s = format!("{} NUMA node(s)", t.nodes.len());
+        for n in &t.nodes {
+            s += &format!(
+                "\n  node {}: CPUs {}, {} total, {} free, distances {:?}",
+                n.id,
+                crate::numa::affinity::format_cpu_list(&n.cpus),
+                format_size(n.total_bytes),
+                format_size(n.free_bytes),
+                n.distances
+            );
+        }
+        s
+    })
+}

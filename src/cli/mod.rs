@@ -1,0 +1,138 @@
+//! The command line: one file per subcommand group; every subcommand other
+//! than `run`/`restore` is a client of the VM's API. This module parses,
+//! dispatches and renders reports; it does no VM work itself.
+
+pub mod control;
+pub mod demo;
+pub mod output;
+pub mod run;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Exit code: the operation failed.
+pub const EXIT_FAILED: u8 = 1;
+/// Exit code: bad usage.
+pub const EXIT_USAGE: u8 = 2;
+
+/// A failed command: its message and exit code.
+#[derive(Debug)]
+pub struct CliError {
+    /// 1 (failed) or 2 (usage).
+    pub code: u8,
+    /// One line for stderr.
+    pub message: String,
+}
+
+impl CliError {
+    /// The operation failed.
+    pub fn failed(m: impl std::fmt::Display) -> Self {
+        CliError { code: EXIT_FAILED, message: m.to_string() }
+    }
+    /// The user asked for something that cannot be.
+    pub fn usage(m: impl std::fmt::Display) -> Self {
+        CliError { code: EXIT_USAGE, message: m.to_string() }
+    }
+}
+
+impl From<crate::api::client::ClientError> for CliError {
+    fn from(e: crate::api::client::ClientError) -> Self {
+        CliError::failed(e)
+    }
+}
+
+/// Result of a subcommand.
+pub type CliResult = Result<(), CliError>;
+
+#[derive(Parser, Debug)]
+#[command(name = "vmhop", version, about = "A KVM VMM that moves a running VM's memory across NUMA nodes, through time and across hosts")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+/// Options every API client takes.
+#[derive(Args, Debug, Clone)]
+pub struct ApiOpts {
+    /// The VM's API socket.
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: Option<PathBuf>,
+    /// The VM's name (the socket is then the default one for that name).
+    #[arg(long, value_name = "NAME", conflicts_with = "api_socket")]
+    pub name: Option<String>,
+    /// Print exactly one JSON object on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl ApiOpts {
+    /// The socket to talk to.
+    pub fn socket(&self) -> PathBuf {
+        self.api_socket.clone().unwrap_or_else(|| default_socket(self.name.as_deref().unwrap_or(run::DEFAULT_NAME)))
+    }
+}
+
+/// The default API socket of a VM called `name`.
+pub fn default_socket(name: &str) -> PathBuf {
+    let dir = match std::env::var_os("XDG_RUNTIME_DIR") {
+        Some(d) if !d.is_empty() => PathBuf::from(d).join("vmhop"),
+        _ if nix_is_root() => PathBuf::from("/run/vmhop"),
+        _ => std::env::temp_dir().join(format!("vmhop-{}", users_uid())),
+    };
+    dir.join(format!("{name}.sock"))
+}
+
+fn users_uid() -> u32 {
+    // SAFETY: getuid has no preconditions and cannot fail.
+    unsafe { libc::getuid() }
+}
+
+fn nix_is_root() -> bool {
+    users_uid() == 0
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Start a VM and serve its API until it is stopped.
+    Run(run::RunArgs),
+    /// Show a VM's state and its guest's progress.
+    Status(ApiOpts),
+    /// Stop every vCPU (memory stays).
+    Pause(ApiOpts),
+    /// Run the vCPUs again.
+    Resume(ApiOpts),
+    /// Stop the VM and end its vmhop process.
+    Stop(ApiOpts),
+    /// Check a builtin guest's memory invariant from the host (pauses it meanwhile).
+    Verify(ApiOpts),
+    /// Show the host's NUMA nodes, their CPUs and memory.
+    Topology(output::JsonOpt),
+    /// Run the demo: a builtin guest driven through its API.
+    Demo(demo::DemoArgs),
+}
+
+/// Entry point of the binary.
+pub fn main() -> ExitCode {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("VMHOP_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
+    let cli = Cli::parse();
+    let r = match cli.cmd {
+        Cmd::Run(a) => run::run(a),
+        Cmd::Status(o) => control::status(&o),
+        Cmd::Pause(o) => control::pause(&o),
+        Cmd::Resume(o) => control::resume(&o),
+        Cmd::Stop(o) => control::stop(&o),
+        Cmd::Verify(o) => control::verify(&o),
+        Cmd::Topology(o) => control::topology(&o),
+        Cmd::Demo(a) => demo::demo(a),
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("vmhop: {}", e.message);
+            ExitCode::from(e.code)
+        }
+    }
+}

@@ -1,0 +1,140 @@
+//! The port-I/O test device the builtin guests call (documented in
+//! docs/test-device.md). Its calls only decide what the vCPU thread does
+//! next; the thread (in `vmm::vcpu`) carries it out, so a parked vCPU still
+//! answers pause and stop at once.
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// `out` here: park this vCPU until the VMM wakes it (pause, resume, stop).
+/// The idle guest's "wait".
+pub const PORT_WAIT: u16 = 0x0e80;
+/// `out` here with eax = pages written since the last call: the device
+/// holds the vCPU back so that the guest keeps to its configured rate.
+pub const PORT_PACE: u16 = 0x0e81;
+/// `in` here reads [`DEVICE_MAGIC`]: lets a guest find the device.
+pub const PORT_ID: u16 = 0x0e82;
+/// What `in` from [`PORT_ID`] returns ("VMHP").
+pub const DEVICE_MAGIC: u32 = 0x504d_4856;
+
+/// If a vCPU falls this far behind its pace (it was paused, say), it
+/// restarts its pace from now instead of racing to catch up.
+const MAX_PACE_LAG: Duration = Duration::from_millis(100);
+
+/// What the vCPU thread should do after an I/O exit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceAction {
+    /// Re-enter the guest.
+    Continue,
+    /// Sleep until the instant (None: until woken), answering commands.
+    Wait(Option<Instant>),
+    /// A port nobody serves: ignored, re-enter the guest.
+    Unhandled,
+}
+
+/// The test device of one VM.
+#[derive(Debug)]
+pub struct TestDevice {
+    /// Pages per second per vCPU, if rate-limited.
+    rate_per_vcpu: Option<f64>,
+    /// Per vCPU: when its next page is due.
+    due: Mutex<Vec<Option<Instant>>>,
+}
+
+impl TestDevice {
+    /// A device for `vcpus` vCPUs sharing `rate` pages per second.
+    pub fn new(vcpus: u32, rate: Option<u64>) -> Self {
+        TestDevice {
+            rate_per_vcpu: rate.map(|r| r as f64 / vcpus as f64),
+            due: Mutex::new(vec![None; vcpus as usize]),
+        }
+    }
+
+    /// Pages a vCPU writes between PACE calls: about one call per
+    /// millisecond, so pacing is smooth but exits stay cheap.
+    pub fn pace_batch(&self) -> u64 {
+        match self.rate_per_vcpu {
+            None => 0,
+            Some(r) => ((r / 1000.0) as u64).clamp(1, 256),
+        }
+    }
+
+    /// Handles an `out` by vCPU `vcpu`.
+    pub fn io_out(&self, vcpu: u32, port: u16, data: &[u8]) -> DeviceAction {
+        match port {
+            PORT_WAIT => DeviceAction::Wait(None),
+            PORT_PACE => {
+                let Some(rate) = self.rate_per_vcpu else {
+                    return DeviceAction::Continue;
+                };
+                let mut b = [0u8; 4];
+                let n = data.len().min(4);
+                b[..n].copy_from_slice(&data[..n]);
+                let pages = u32::from_le_bytes(b).max(1) as f64;
+                let now = Instant::now();
+                let mut due = self.due.lock().unwrap_or_else(|e| e.into_inner());
+                let slot = &mut due[vcpu as usize];
+                let start = match *slot {
+                    Some(t) if t + MAX_PACE_LAG > now => t,
+                    _ => now,
+                };
+                let next = start + Duration::from_secs_f64(pages / rate);
+                *slot = Some(next);
+                if next > now {
+                    DeviceAction::Wait(Some(next))
+                } else {
+                    DeviceAction::Continue
+                }
+            }
+            _ => DeviceAction::Unhandled,
+        }
+    }
+
+    /// Handles an `in` by a vCPU, filling `data`.
+    pub fn io_in(&self, port: u16, data: &mut [u8]) -> DeviceAction {
+        match port {
+            PORT_ID => {
+                let m = DEVICE_MAGIC.to_le_bytes();
+                for (i, d) in data.iter_mut().enumerate() {
+                    *d = m.get(i).copied().unwrap_or(0);
+                }
+                DeviceAction::Continue
+            }
+            _ => {
+                data.fill(0xff);
+                DeviceAction::Unhandled
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pace_holds_a_vcpu_to_its_rate() {
+        let d = TestDevice::new(2, Some(2000));
+        assert_eq!(d.pace_batch(), 1);
+        // 1000 pages/s per vCPU: after 10 pages the next is due ~10 ms on.
+        let a = d.io_out(0, PORT_PACE, &10u32.to_le_bytes());
+        match a {
+            DeviceAction::Wait(Some(t)) => {
+                let ms = t.duration_since(Instant::now()).as_millis();
+                assert!((5..=10).contains(&ms), "{ms}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn unlimited_guest_never_waits_and_wait_port_parks() {
+        let d = TestDevice::new(1, None);
+        assert_eq!(d.pace_batch(), 0);
+        assert_eq!(d.io_out(0, PORT_PACE, &[1, 0, 0, 0]), DeviceAction::Continue);
+        assert_eq!(d.io_out(0, PORT_WAIT, &[0]), DeviceAction::Wait(None));
+        let mut b = [0u8; 4];
+        d.io_in(PORT_ID, &mut b);
+        assert_eq!(u32::from_le_bytes(b), DEVICE_MAGIC);
+    }
+}

@@ -1,0 +1,333 @@
+//! Writes a builtin guest into fresh guest memory: GDT, TSS, page tables,
+//! control blocks, range tables, code, and (optionally) random filler; and
+//! gives each vCPU's boot registers.
+
+use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs};
+
+use super::program::{self, block};
+use super::{GuestSpec, RESERVED_BYTES};
+use crate::memory::{GuestMemory, GuestRange, PAGE_SIZE};
+
+/// GDT.
+pub const GDT_ADDR: u64 = 0x1000;
+/// TSS.
+pub const TSS_ADDR: u64 = 0x2000;
+/// Control page.
+pub const CONTROL_ADDR: u64 = 0x3000;
+/// First per-vCPU block.
+pub const BLOCKS_ADDR: u64 = 0x4000;
+/// Code.
+pub const CODE_ADDR: u64 = 0x10000;
+/// First per-vCPU range table (one page each).
+pub const RANGES_ADDR: u64 = 0x20000;
+/// PML4; the PDPT follows, then one PD per GiB.
+pub const PML4_ADDR: u64 = 0x100000;
+/// Most GiB of guest-physical space the tables can map.
+pub const MAX_MAPPED_GIB: u64 = 254;
+/// Control page magic ("VMHOPGST").
+pub const CONTROL_MAGIC: u64 = u64::from_le_bytes(*b"VMHOPGST");
+/// Largest number of ranges in one vCPU's table.
+pub const MAX_RANGES: u64 = PAGE_SIZE / 16;
+
+/// Code selector: GDT entry 3, RPL 3.
+const USER_CS: u16 = 0x1b;
+/// Data selector: GDT entry 4, RPL 3.
+const USER_DS: u16 = 0x23;
+/// TSS selector: GDT entry 5.
+const TSS_SEL: u16 = 0x28;
+
+/// Writing the guest failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    /// Guest memory does not hold what the guest needs.
+    #[error("guest memory layout: {0}")]
+    Layout(String),
+    /// The assembler refused the program (a vmhop bug).
+    #[error("assembling the builtin guest failed: {0}")]
+    Assemble(String),
+}
+
+/// Boot state of one vCPU.
+#[derive(Debug, Clone)]
+pub struct BootState {
+    /// General registers.
+    pub regs: kvm_regs,
+    /// Segment and control registers.
+    pub sregs: kvm_sregs,
+}
+
+/// Pages of each vCPU's slice, as (gpa, pages) ranges in sweep order.
+pub fn slices(memory: &GuestMemory, spec: &GuestSpec, vcpus: u32) -> Result<Vec<Vec<(u64, u64)>>, SetupError> {
+    // Usable ranges per node: chunks merged, minus the reserved area.
+    let mut nodes: Vec<Vec<GuestRange>> = Vec::new();
+    for n in &memory.nodes {
+        let mut rs: Vec<GuestRange> = Vec::new();
+        for c in &n.chunks {
+            let mut r = c.range;
+            if r.end() <= RESERVED_BYTES {
+                continue;
+            }
+            if r.start < RESERVED_BYTES {
+                r = GuestRange { start: RESERVED_BYTES, len: r.end() - RESERVED_BYTES };
+            }
+            match rs.last_mut() {
+                Some(last) if last.end() == r.start => last.len += r.len,
+                _ => rs.push(r),
+            }
+        }
+        nodes.push(rs);
+    }
+    let usable: Vec<u64> = nodes.iter().map(|rs| rs.iter().map(|r| r.len / PAGE_SIZE).sum()).collect();
+    let total: u64 = usable.iter().sum();
+    let want = match spec {
+        GuestSpec::Dirty { wss: Some(w), .. } => (w / PAGE_SIZE).min(total),
+        _ => total,
+    };
+    if want < vcpus as u64 {
+        return Err(SetupError::Layout(format!(
+            "the working set ({want} pages) is smaller than one page per vCPU ({vcpus})"
+        )));
+    }
+    let mut out = vec![Vec::new(); vcpus as usize];
+    let mut taken = 0;
+    for (ni, rs) in nodes.iter().enumerate() {
+        let node_pages = if ni + 1 == nodes.len() {
+            want - taken
+        } else if total == 0 {
+            0
+        } else {
+            want * usable[ni] / total
+        };
+        taken += node_pages;
+        // Flatten the node's first node_pages pages and cut them in vcpus parts.
+        for (v, slice) in out.iter_mut().enumerate() {
+            let from = node_pages * v as u64 / vcpus as u64;
+            let to = node_pages * (v as u64 + 1) / vcpus as u64;
+            push_pages(slice, rs, from, to);
+        }
+    }
+    for (v, s) in out.iter().enumerate() {
+        if s.len() as u64 > MAX_RANGES {
+            return Err(SetupError::Layout(format!("vCPU {v}'s slice has too many ranges")));
+        }
+    }
+    Ok(out)
+}
+
+/// Appends pages [from, to) of the concatenated ranges `rs` to `slice`.
+fn push_pages(slice: &mut Vec<(u64, u64)>, rs: &[GuestRange], from: u64, to: u64) {
+    let mut base = 0;
+    for r in rs {
+        let n = r.len / PAGE_SIZE;
+        let lo = from.max(base);
+        let hi = to.min(base + n);
+        if lo < hi {
+            slice.push((r.start + (lo - base) * PAGE_SIZE, hi - lo));
+        }
+        base += n;
+    }
+}
+
+/// Writes the whole guest into `memory` and returns each vCPU's boot state.
+pub fn install(memory: &GuestMemory, spec: &GuestSpec, vcpus: u32, pace_batch: u64) -> Result<Vec<BootState>, SetupError> {
+    let w = |gpa: u64, v: u64| {
+        memory
+            .write_u64(gpa, v)
+            .ok_or_else(|| SetupError::Layout(format!("guest address {gpa:#x} is not backed by memory")))
+    };
+    // GDT: null, kernel code/data (unused), user code/data, 16-byte TSS.
+    let gdt: [u64; 5] = [0, 0x00af_9a00_0000_ffff, 0x00cf_9200_0000_ffff, 0x00af_fa00_0000_ffff, 0x00cf_f200_0000_ffff];
+    for (i, e) in gdt.iter().enumerate() {
+        w(GDT_ADDR + i as u64 * 8, *e)?;
+    }
+    let tss_limit = 0x67u64;
+    let tss_lo = tss_limit | ((TSS_ADDR & 0xff_ffff) << 16) | (0x89u64 << 40) | (((TSS_ADDR >> 24) & 0xff) << 56);
+    w(GDT_ADDR + 40, tss_lo)?;
+    w(GDT_ADDR + 48, TSS_ADDR >> 32)?;
+
+    // Identity page tables with 2 MiB pages, user-accessible at every level.
+    let top = memory.chunks().map(|c| c.range.end()).max().unwrap_or(0);
+    let gib = top.div_ceil(1 << 30);
+    if gib > MAX_MAPPED_GIB {
+        return Err(SetupError::Layout(format!("guest memory ends at {top:#x}, above what the builtin guests map")));
+    }
+    const PRESENT_RW_USER: u64 = 0x7;
+    const HUGE: u64 = 0x80;
+    let pdpt = PML4_ADDR + PAGE_SIZE;
+    w(PML4_ADDR, pdpt | PRESENT_RW_USER)?;
+    for g in 0..gib {
+        let pd = pdpt + PAGE_SIZE * (1 + g);
+        w(pdpt + g * 8, pd | PRESENT_RW_USER)?;
+        for e in 0..512u64 {
+            let phys = (g << 30) | (e << 21);
+            w(pd + e * 8, phys | PRESENT_RW_USER | HUGE)?;
+        }
+    }
+
+    // Code.
+    let code = match spec {
+        GuestSpec::Idle => program::idle(CODE_ADDR),
+        GuestSpec::Dirty { .. } => program::dirty(CODE_ADDR),
+    }
+    .map_err(|e| SetupError::Assemble(e.to_string()))?;
+    memory
+        .write_bytes(CODE_ADDR, &code)
+        .ok_or_else(|| SetupError::Layout("code does not fit".into()))?;
+
+    // Control page and per-vCPU blocks and range tables.
+    let kind = match spec {
+        GuestSpec::Idle => 1,
+        GuestSpec::Dirty { .. } => 2,
+    };
+    w(CONTROL_ADDR, CONTROL_MAGIC)?;
+    w(CONTROL_ADDR + 8, kind)?;
+    w(CONTROL_ADDR + 16, vcpus as u64)?;
+    let slices = match spec {
+        GuestSpec::Idle => vec![Vec::new(); vcpus as usize],
+        GuestSpec::Dirty { .. } => slices(memory, spec, vcpus)?,
+    };
+    let mut boots = Vec::new();
+    for (v, slice) in slices.iter().enumerate() {
+        let blk = BLOCKS_ADDR + v as u64 * block::SIZE;
+        let table = RANGES_ADDR + v as u64 * PAGE_SIZE;
+        w(blk + block::NRANGES, slice.len() as u64)?;
+        w(blk + block::RANGES, table)?;
+        w(blk + block::PROGRESS, 0)?;
+        w(blk + block::SWEEP, 0)?;
+        w(blk + block::PACE_BATCH, pace_batch)?;
+        for (i, &(gpa, pages)) in slice.iter().enumerate() {
+            w(table + i as u64 * 16, gpa)?;
+            w(table + i as u64 * 16 + 8, pages)?;
+        }
+        boots.push(boot_state(blk));
+    }
+    if let GuestSpec::Dirty { fill_random: true, .. } = spec {
+        fill_random(memory, &slices);
+    }
+    Ok(boots)
+}
+
+/// Fills every working-set page with pseudo-random bytes, except the
+/// counter and tag words, which start at zero as the invariant requires.
+fn fill_random(memory: &GuestMemory, slices: &[Vec<(u64, u64)>]) {
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15 ^ crate::util::unix_ms();
+    let mut page = vec![0u8; PAGE_SIZE as usize];
+    for &(gpa, pages) in slices.iter().flatten() {
+        for p in 0..pages {
+            for word in page.chunks_exact_mut(8) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                word.copy_from_slice(&x.to_le_bytes());
+            }
+            page[..16].fill(0);
+            memory.write_bytes(gpa + p * PAGE_SIZE, &page);
+        }
+    }
+}
+
+fn seg(selector: u16, type_: u8, long: bool) -> kvm_segment {
+    kvm_segment {
+        base: 0,
+        limit: 0xffff_ffff,
+        selector,
+        type_,
+        present: 1,
+        dpl: 3,
+        db: u8::from(!long),
+        s: 1,
+        l: u8::from(long),
+        g: 1,
+        avl: 0,
+        unusable: 0,
+        padding: 0,
+    }
+}
+
+fn boot_state(block_addr: u64) -> BootState {
+    let regs = kvm_regs {
+        rip: CODE_ADDR,
+        rdi: block_addr,
+        // IOPL=3 so that `out`/`in` at CPL3 exit to the VMM; bit 1 is reserved-1.
+        rflags: 0x3002,
+        ..Default::default()
+    };
+    let mut sregs = kvm_sregs {
+        cs: seg(USER_CS, 0xb, true),
+        ds: seg(USER_DS, 0x3, false),
+        es: seg(USER_DS, 0x3, false),
+        fs: seg(USER_DS, 0x3, false),
+        gs: seg(USER_DS, 0x3, false),
+        ss: seg(USER_DS, 0x3, false),
+        ..Default::default()
+    };
+    sregs.tr = kvm_segment {
+        base: TSS_ADDR,
+        limit: 0x67,
+        selector: TSS_SEL,
+        type_: 0xb,
+        present: 1,
+        ..Default::default()
+    };
+    sregs.ldt = kvm_segment { type_: 0x2, unusable: 1, ..Default::default() };
+    sregs.gdt.base = GDT_ADDR;
+    sregs.gdt.limit = 7 * 8 - 1;
+    // CR0: PE | MP | ET | NE | WP | PG.
+    sregs.cr0 = 0x8005_0033;
+    sregs.cr3 = PML4_ADDR;
+    // CR4: PAE | OSFXSR | OSXMMEXCPT.
+    sregs.cr4 = 0x620;
+    // EFER: LME | LMA.
+    sregs.efer = 0x500;
+    BootState { regs, sregs }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::{layout, Backing, Chunk, Mapping, NodeMemory};
+
+    pub(crate) fn memory(nodes: &[u64]) -> GuestMemory {
+        let l = layout::layout(nodes, 32 << 20);
+        let mut slot = 0;
+        GuestMemory {
+            nodes: l
+                .into_iter()
+                .enumerate()
+                .map(|(i, rs)| NodeMemory {
+                    guest_node: i as u32,
+                    host_node: None,
+                    size: nodes[i],
+                    backing: Backing::Anonymous,
+                    chunks: rs
+                        .into_iter()
+                        .map(|r| {
+                            slot += 1;
+                            Chunk { range: r, slot, mapping: Mapping::new(r.len as usize, Backing::Anonymous).unwrap() }
+                        })
+                        .collect(),
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn each_vcpu_slice_spans_every_node() {
+        let m = memory(&[64 << 20, 64 << 20]);
+        let s = slices(&m, &GuestSpec::Dirty { wss: None, rate: None, fill_random: false }, 2).unwrap();
+        for slice in &s {
+            assert!(slice.iter().any(|&(g, _)| g < 64 << 20));
+            assert!(slice.iter().any(|&(g, _)| g >= 64 << 20));
+        }
+        let pages: u64 = s.iter().flatten().map(|r| r.1).sum();
+        assert_eq!(pages, (128 << 20) / PAGE_SIZE - RESERVED_BYTES / PAGE_SIZE);
+    }
+
+    #[test]
+    fn wss_limits_the_working_set() {
+        let m = memory(&[64 << 20]);
+        let s = slices(&m, &GuestSpec::Dirty { wss: Some(1 << 20), rate: None, fill_random: false }, 3).unwrap();
+        let pages: u64 = s.iter().flatten().map(|r| r.1).sum();
+        assert_eq!(pages, 256);
+    }
+}

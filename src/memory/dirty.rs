@@ -1,0 +1,149 @@
+//! Dirty-page bitmaps: one bit per 4 KiB page of a chunk, in KVM's layout
+//! (bit i of word i/64 is page i), so a KVM dirty log can be OR-ed in as is.
+
+/// A bitmap of dirty pages over `pages` pages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirtyBitmap {
+    words: Vec<u64>,
+    pages: u64,
+}
+
+impl DirtyBitmap {
+    /// All clean.
+    pub fn new(pages: u64) -> Self {
+        DirtyBitmap {
+            words: vec![0; pages.div_ceil(64) as usize],
+            pages,
+        }
+    }
+
+    /// All dirty.
+    pub fn full(pages: u64) -> Self {
+        let mut b = Self::new(pages);
+        b.set_all();
+        b
+    }
+
+    /// Number of pages covered.
+    pub fn pages(&self) -> u64 {
+        self.pages
+    }
+
+    /// Marks every page dirty.
+    pub fn set_all(&mut self) {
+        for w in &mut self.words {
+            *w = u64::MAX;
+        }
+        let tail = self.pages % 64;
+        if tail != 0 {
+            if let Some(last) = self.words.last_mut() {
+                *last = (1u64 << tail) - 1;
+            }
+        }
+    }
+
+    /// Marks page `i` dirty.
+    pub fn set(&mut self, i: u64) {
+        self.words[(i / 64) as usize] |= 1 << (i % 64);
+    }
+
+    /// Whether page `i` is dirty.
+    pub fn get(&self, i: u64) -> bool {
+        self.words[(i / 64) as usize] & (1 << (i % 64)) != 0
+    }
+
+    /// ORs a KVM dirty log (same layout) into this bitmap.
+    pub fn merge_words(&mut self, log: &[u64]) {
+        for (w, l) in self.words.iter_mut().zip(log) {
+            *w |= *l;
+        }
+    }
+
+    /// ORs another bitmap into this one.
+    pub fn merge(&mut self, other: &DirtyBitmap) {
+        self.merge_words(&other.words);
+    }
+
+    /// Number of dirty pages.
+    pub fn count(&self) -> u64 {
+        self.words.iter().map(|w| w.count_ones() as u64).sum()
+    }
+
+    /// Clears every bit.
+    pub fn clear(&mut self) {
+        for w in &mut self.words {
+            *w = 0;
+        }
+    }
+
+    /// Takes the current bits, leaving the bitmap clean.
+    pub fn take(&mut self) -> DirtyBitmap {
+        let out = self.clone();
+        self.clear();
+        out
+    }
+
+    /// Runs of consecutive dirty pages as (first page, count), in order.
+    pub fn runs(&self) -> Vec<(u64, u64)> {
+        let mut out = Vec::new();
+        let mut start: Option<u64> = None;
+        for (wi, &w) in self.words.iter().enumerate() {
+            if w == 0 && start.is_none() {
+                continue;
+            }
+            if w == u64::MAX && start.is_some() {
+                continue;
+            }
+            for b in 0..64 {
+                let i = wi as u64 * 64 + b;
+                if i >= self.pages {
+                    break;
+                }
+                let d = w & (1 << b) != 0;
+                match (d, start) {
+                    (true, None) => start = Some(i),
+                    (false, Some(s)) => {
+                        out.push((s, i - s));
+                        start = None;
+                    }
+                    _ => {}
+                }
+            }
+        }
+        if let Some(s) = start {
+            out.push((s, self.pages - s));
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_group_consecutive_pages() {
+        let mut b = DirtyBitmap::new(200);
+        for i in [0, 1, 2, 63, 64, 65, 130, 199] {
+            b.set(i);
+        }
+        assert_eq!(b.runs(), vec![(0, 3), (63, 3), (130, 1), (199, 1)]);
+        assert_eq!(b.count(), 8);
+    }
+
+    #[test]
+    fn full_bitmap_has_one_run_and_no_bits_past_the_end() {
+        let b = DirtyBitmap::full(100);
+        assert_eq!(b.count(), 100);
+        assert_eq!(b.runs(), vec![(0, 100)]);
+    }
+
+    #[test]
+    fn take_leaves_clean() {
+        let mut b = DirtyBitmap::new(10);
+        b.set(3);
+        let t = b.take();
+        assert!(t.get(3));
+        assert_eq!(b.count(), 0);
+    }
+}

@@ -1,0 +1,127 @@
+//! Guest memory: the guest-physical layout, the host mappings that back it
+//! (one set per guest NUMA node, bound to its host node), and dirty-page
+//! bitmaps.
+//!
+//! This module owns host memory and addresses. It does not talk to KVM: the
+//! VM (`crate::vmm::vm`) registers each [`Chunk`] as a KVM memory slot and
+//! fetches dirty logs into the bitmaps defined here.
+
+pub mod dirty;
+pub mod layout;
+pub mod mapping;
+
+pub use dirty::DirtyBitmap;
+pub use layout::{GuestRange, PAGE_SIZE};
+pub use mapping::{Mapping, MappingError};
+
+use serde::{Deserialize, Serialize};
+
+/// How a guest node's memory is backed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Backing {
+    /// Anonymous private memory, 4 KiB pages.
+    #[default]
+    Anonymous,
+    /// Anonymous private memory with transparent huge pages (MADV_HUGEPAGE).
+    TransparentHuge,
+}
+
+/// One piece of a guest node's memory: a contiguous guest-physical range,
+/// its own host mapping, and its own KVM memory slot. NUMA moves replace
+/// chunks one at a time, so a move needs one chunk of spare memory.
+#[derive(Debug)]
+pub struct Chunk {
+    /// Guest-physical range.
+    pub range: GuestRange,
+    /// KVM memory slot number.
+    pub slot: u32,
+    /// The host memory behind it.
+    pub mapping: Mapping,
+}
+
+impl Chunk {
+    /// Number of 4 KiB pages.
+    pub fn pages(&self) -> u64 {
+        self.range.len / PAGE_SIZE
+    }
+}
+
+/// The memory of one guest NUMA node.
+#[derive(Debug)]
+pub struct NodeMemory {
+    /// Guest node id.
+    pub guest_node: u32,
+    /// Host node its memory is bound to (None: no binding, first-touch).
+    pub host_node: Option<u32>,
+    /// Size in bytes.
+    pub size: u64,
+    /// Backing kind.
+    pub backing: Backing,
+    /// Chunks in guest-physical order.
+    pub chunks: Vec<Chunk>,
+}
+
+/// All guest memory, node by node.
+#[derive(Debug, Default)]
+pub struct GuestMemory {
+    /// Guest nodes in id order.
+    pub nodes: Vec<NodeMemory>,
+}
+
+impl GuestMemory {
+    /// Total guest memory in bytes.
+    pub fn size(&self) -> u64 {
+        self.nodes.iter().map(|n| n.size).sum()
+    }
+
+    /// Every chunk of every node, in guest-physical order.
+    pub fn chunks(&self) -> impl Iterator<Item = &Chunk> {
+        self.nodes.iter().flat_map(|n| n.chunks.iter())
+    }
+
+    /// The chunk holding `gpa`.
+    pub fn chunk_of(&self, gpa: u64) -> Option<&Chunk> {
+        self.chunks().find(|c| c.range.contains(gpa))
+    }
+
+    /// Host address of guest-physical `gpa`, valid for `len` bytes within one
+    /// chunk; None if the range is not backed by a single chunk.
+    pub fn host_addr(&self, gpa: u64, len: u64) -> Option<*mut u8> {
+        let c = self.chunk_of(gpa)?;
+        if gpa + len > c.range.end() {
+            return None;
+        }
+        // The offset is within the mapping: checked just above.
+        Some(c.mapping.as_ptr().wrapping_add((gpa - c.range.start) as usize))
+    }
+
+    /// Reads a little-endian u64 from guest memory (volatile: the guest may
+    /// be writing it right now).
+    pub fn read_u64(&self, gpa: u64) -> Option<u64> {
+        let p = self.host_addr(gpa, 8)? as *const u64;
+        // SAFETY: host_addr checked that 8 bytes at gpa are inside a live
+        // mapping owned by self; guest-physical addresses we read are 8-byte
+        // aligned by construction of the builtin guests' tables, and
+        // read_unaligned avoids relying on it anyway.
+        Some(unsafe { std::ptr::read_volatile(p as *const [u8; 8]) }).map(u64::from_le_bytes)
+    }
+
+    /// Writes a little-endian u64 into guest memory.
+    pub fn write_u64(&self, gpa: u64, v: u64) -> Option<()> {
+        let p = self.host_addr(gpa, 8)?;
+        // SAFETY: as in read_u64, the 8 bytes are inside a live mapping.
+        unsafe { std::ptr::write_volatile(p as *mut [u8; 8], v.to_le_bytes()) };
+        Some(())
+    }
+
+    /// Copies `data` into guest memory at `gpa` (within one chunk).
+    pub fn write_bytes(&self, gpa: u64, data: &[u8]) -> Option<()> {
+        let p = self.host_addr(gpa, data.len() as u64)?;
+        // SAFETY: the destination range lies within a live mapping (checked
+        // by host_addr) and cannot overlap `data`, which is host memory
+        // outside guest mappings or a distinct range.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), p, data.len()) };
+        Some(())
+    }
+}

@@ -1,0 +1,347 @@
+//! Thread CPU affinity (`sched_setaffinity` / `sched_getaffinity`) and the
+//! kernel's cpu-list syntax ("0-3,8,10-11").
+//!
+//! Owns: pinning a thread (by tid) to a set of host CPUs and reading it back,
+//! and parsing/formatting cpu lists as sysfs writes them and users type them.
+//! Does not own: which CPUs a vCPU should run on (that is the caller's policy,
+//! usually "the CPUs of the node its memory is on", see [`super::topology`]).
+
+use std::io;
+
+/// Highest CPU number (exclusive) accepted in a cpu list or an affinity mask.
+/// The kernel's own limit (NR_CPUS) is at most 8192 on x86-64; anything above
+/// this is a typo, and refusing it keeps "0-4000000000" from allocating gigabytes.
+pub const MAX_CPUS: usize = 1 << 16;
+
+/// Bits in one word of a kernel cpu mask (`unsigned long`).
+const MASK_WORD_BITS: usize = u64::BITS as usize;
+
+/// Size in bits of the first mask tried for `sched_getaffinity`; doubled while
+/// the kernel says it is smaller than its `nr_cpu_ids`.
+const INITIAL_GET_MASK_BITS: usize = 1024;
+
+/// Failure to set or read a thread's CPU affinity.
+#[derive(Debug, thiserror::Error)]
+pub enum AffinityError {
+    /// An empty cpu set was asked for; the kernel would refuse it with EINVAL.
+    #[error("sched_setaffinity of thread {tid}: the cpu list is empty")]
+    EmptyCpuList {
+        /// The thread whose affinity was to be set.
+        tid: i32,
+    },
+    /// A CPU number beyond [`MAX_CPUS`].
+    #[error("sched_setaffinity of thread {tid}: cpu {cpu} is out of range (limit {MAX_CPUS})")]
+    CpuOutOfRange {
+        /// The thread whose affinity was to be set.
+        tid: i32,
+        /// The offending CPU number.
+        cpu: usize,
+    },
+    /// `sched_setaffinity` failed.
+    #[error("sched_setaffinity of thread {tid} to cpus {cpus} failed{hint}: {source}")]
+    Set {
+        /// The thread whose affinity was to be set.
+        tid: i32,
+        /// The requested cpus, as a cpu list.
+        cpus: String,
+        /// A hint derived from the errno ("" if none).
+        hint: &'static str,
+        /// The OS error (errno).
+        #[source]
+        source: io::Error,
+    },
+    /// `sched_getaffinity` failed.
+    #[error("sched_getaffinity of thread {tid} failed{hint}: {source}")]
+    Get {
+        /// The thread whose affinity was read.
+        tid: i32,
+        /// A hint derived from the errno ("" if none).
+        hint: &'static str,
+        /// The OS error (errno).
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Pins thread `tid` (0 = the calling thread) to exactly `cpus`.
+///
+/// Uses the raw syscall with a mask sized to the highest cpu asked for, so it
+/// is not limited to glibc's fixed 1024-cpu `cpu_set_t`.
+pub fn set_thread_affinity(tid: i32, cpus: &[usize]) -> Result<(), AffinityError> {
+    if cpus.is_empty() {
+        return Err(AffinityError::EmptyCpuList { tid });
+    }
+    if let Some(&cpu) = cpus.iter().find(|&&c| c >= MAX_CPUS) {
+        return Err(AffinityError::CpuOutOfRange { tid, cpu });
+    }
+    let max = cpus.iter().copied().max().unwrap_or(0);
+    let mut mask = vec![0u64; max / MASK_WORD_BITS + 1];
+    for &cpu in cpus {
+        mask[cpu / MASK_WORD_BITS] |= 1u64 << (cpu % MASK_WORD_BITS);
+    }
+    let bytes = std::mem::size_of_val(mask.as_slice());
+    // SAFETY: `mask` is a live, initialised buffer of exactly `bytes` bytes that
+    // the kernel only reads; the call has no other memory effects on this process.
+    let ret = unsafe { libc::syscall(libc::SYS_sched_setaffinity, tid, bytes, mask.as_ptr()) };
+    if ret < 0 {
+        let source = io::Error::last_os_error();
+        let hint = match source.raw_os_error() {
+            Some(libc::EINVAL) => " (none of these cpus is online or allowed by the cpuset)",
+            Some(libc::ESRCH) => " (no such thread)",
+            Some(libc::EPERM) => " (not permitted for that thread)",
+            _ => "",
+        };
+        return Err(AffinityError::Set {
+            tid,
+            cpus: format_cpu_list(cpus),
+            hint,
+            source,
+        });
+    }
+    Ok(())
+}
+
+/// The CPUs thread `tid` (0 = the calling thread) may run on, sorted ascending.
+pub fn thread_affinity(tid: i32) -> Result<Vec<usize>, AffinityError> {
+    let mut bits = INITIAL_GET_MASK_BITS;
+    loop {
+        let mut mask = vec![0u64; bits / MASK_WORD_BITS];
+        let bytes = std::mem::size_of_val(mask.as_slice());
+        // SAFETY: `mask` is a live, writable buffer of exactly `bytes` bytes; the
+        // kernel writes at most `bytes` bytes into it and touches nothing else.
+        let ret =
+            unsafe { libc::syscall(libc::SYS_sched_getaffinity, tid, bytes, mask.as_mut_ptr()) };
+        if ret < 0 {
+            let source = io::Error::last_os_error();
+            // EINVAL here means the mask is shorter than the kernel's nr_cpu_ids:
+            // grow it (bounded, so a different EINVAL cannot loop forever).
+            if source.raw_os_error() == Some(libc::EINVAL) && bits < MAX_CPUS {
+                bits *= 2;
+                continue;
+            }
+            let hint = match source.raw_os_error() {
+                Some(libc::ESRCH) => " (no such thread)",
+                _ => "",
+            };
+            return Err(AffinityError::Get { tid, hint, source });
+        }
+        // The raw syscall returns how many bytes of the mask it filled in.
+        let filled_words = (ret as usize).div_ceil(std::mem::size_of::<u64>());
+        let mut cpus = Vec::new();
+        for (w, word) in mask.iter().take(filled_words).enumerate() {
+            for b in 0..MASK_WORD_BITS {
+                if word & (1u64 << b) != 0 {
+                    cpus.push(w * MASK_WORD_BITS + b);
+                }
+            }
+        }
+        return Ok(cpus);
+    }
+}
+
+/// The kernel thread id (`gettid()`) of the calling thread.
+pub fn current_tid() -> i32 {
+    // SAFETY: gettid takes no arguments, touches no memory and cannot fail.
+    let tid = unsafe { libc::syscall(libc::SYS_gettid) };
+    tid as i32
+}
+
+/// Parses a cpu list: comma- or colon-separated items, each a number `N` or an
+/// inclusive range `A-B` ("0-3,8,10-11", "0-1:4").
+///
+/// ',' is the kernel's separator (sysfs `cpulist`); ':' is accepted as well so a
+/// list can sit inside a comma-separated option such as `--numa ...,cpus=0-1:4`.
+/// The kernel's stride form ("0-7:2") is therefore *not* supported; sysfs never
+/// prints it. Whitespace around items is ignored, and an empty or blank string
+/// is the empty list (a memory-only node's `cpulist` is just "\n"). The result
+/// is sorted and free of duplicates.
+pub fn parse_cpu_list(s: &str) -> Result<Vec<usize>, String> {
+    let mut cpus = Vec::new();
+    let trimmed = s.trim();
+    if trimmed.is_empty() {
+        return Ok(cpus);
+    }
+    for item in trimmed.split([',', ':']) {
+        let item = item.trim();
+        if item.is_empty() {
+            return Err(format!("cpu list '{trimmed}' has an empty item"));
+        }
+        let (first, last) = match item.split_once('-') {
+            Some((a, b)) => (parse_cpu(a, trimmed)?, parse_cpu(b, trimmed)?),
+            None => {
+                let cpu = parse_cpu(item, trimmed)?;
+                (cpu, cpu)
+            }
+        };
+        if first > last {
+            return Err(format!(
+                "cpu list '{trimmed}': range '{item}' runs backwards"
+            ));
+        }
+        cpus.extend(first..=last);
+    }
+    cpus.sort_unstable();
+    cpus.dedup();
+    Ok(cpus)
+}
+
+/// One cpu number of a cpu list, bounded by [`MAX_CPUS`].
+fn parse_cpu(text: &str, list: &str) -> Result<usize, String> {
+    let text = text.trim();
+    let cpu: usize = text
+        .parse()
+        .map_err(|_| format!("cpu list '{list}': '{text}' is not a cpu number"))?;
+    if cpu >= MAX_CPUS {
+        return Err(format!(
+            "cpu list '{list}': cpu {cpu} is out of range (limit {MAX_CPUS})"
+        ));
+    }
+    Ok(cpu)
+}
+
+/// Formats cpus as the kernel does ("0-3,8,10-11"): sorted, duplicates
+/// dropped, runs of two or more consecutive cpus written as ranges. The empty
+/// list formats as "".
+pub fn format_cpu_list(cpus: &[usize]) -> String {
+    let mut sorted = cpus.to_vec();
+    sorted.sort_unstable();
+    sorted.dedup();
+    let mut out = String::new();
+    let mut i = 0;
+    while i < sorted.len() {
+        let start = sorted[i];
+        let mut end = start;
+        while i + 1 < sorted.len() && sorted[i + 1] == end + 1 {
+            i += 1;
+            end = sorted[i];
+        }
+        if !out.is_empty() {
+            out.push(',');
+        }
+        if end == start {
+            out.push_str(&start.to_string());
+        } else {
+            out.push_str(&format!("{start}-{end}"));
+        }
+        i += 1;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_kernel_cpu_list_with_ranges_and_singles() {
+        assert_eq!(
+            parse_cpu_list("0-3,8,10-11").unwrap(),
+            vec![0, 1, 2, 3, 8, 10, 11]
+        );
+    }
+
+    #[test]
+    fn parses_colon_separated_user_list() {
+        assert_eq!(parse_cpu_list("0-1:4").unwrap(), vec![0, 1, 4]);
+        assert_eq!(parse_cpu_list("2,0-1:4").unwrap(), vec![0, 1, 2, 4]);
+    }
+
+    #[test]
+    fn sysfs_newline_and_blank_list_parse() {
+        assert_eq!(parse_cpu_list("0-1\n").unwrap(), vec![0, 1]);
+        assert_eq!(parse_cpu_list("\n").unwrap(), Vec::<usize>::new());
+        assert_eq!(parse_cpu_list("").unwrap(), Vec::<usize>::new());
+        assert_eq!(parse_cpu_list(" 3 , 1 ").unwrap(), vec![1, 3]);
+    }
+
+    #[test]
+    fn parsed_list_is_sorted_and_deduplicated() {
+        assert_eq!(parse_cpu_list("5,1-3,2,5").unwrap(), vec![1, 2, 3, 5]);
+    }
+
+    #[test]
+    fn malformed_cpu_lists_are_rejected_with_the_offending_text() {
+        let err = parse_cpu_list("0-x").unwrap_err();
+        assert!(err.contains("'x'"), "{err}");
+        let err = parse_cpu_list("3-1").unwrap_err();
+        assert!(err.contains("backwards"), "{err}");
+        let err = parse_cpu_list("1,,2").unwrap_err();
+        assert!(err.contains("empty item"), "{err}");
+        let err = parse_cpu_list("0-4000000000").unwrap_err();
+        assert!(err.contains("out of range"), "{err}");
+        assert!(parse_cpu_list("-1").is_err());
+        assert!(parse_cpu_list("1-").is_err());
+    }
+
+    #[test]
+    fn formats_runs_as_ranges() {
+        assert_eq!(format_cpu_list(&[0, 1, 2, 3, 8, 10, 11]), "0-3,8,10-11");
+        assert_eq!(format_cpu_list(&[4]), "4");
+        assert_eq!(format_cpu_list(&[]), "");
+        assert_eq!(format_cpu_list(&[3, 1, 2, 2]), "1-3");
+    }
+
+    #[test]
+    fn format_then_parse_round_trips() {
+        let cpus = vec![0, 2, 3, 4, 7, 9, 10, 63, 64, 65];
+        assert_eq!(parse_cpu_list(&format_cpu_list(&cpus)).unwrap(), cpus);
+    }
+
+    #[test]
+    fn current_tid_of_main_test_thread_is_positive_and_matches_in_thread() {
+        let tid = current_tid();
+        assert!(tid > 0);
+        let other = std::thread::spawn(current_tid).join().unwrap();
+        assert!(other > 0);
+        assert_ne!(tid, other);
+    }
+
+    #[test]
+    fn affinity_set_then_get_round_trips_on_current_thread() {
+        // Run on a thread of our own so the test harness thread keeps its mask.
+        std::thread::spawn(|| {
+            let tid = current_tid();
+            let original = thread_affinity(tid).unwrap();
+            assert!(!original.is_empty());
+            let first = vec![original[0]];
+            set_thread_affinity(tid, &first).unwrap();
+            assert_eq!(thread_affinity(tid).unwrap(), first);
+            assert_eq!(thread_affinity(0).unwrap(), first);
+            set_thread_affinity(tid, &original).unwrap();
+            assert_eq!(thread_affinity(tid).unwrap(), original);
+        })
+        .join()
+        .unwrap();
+    }
+
+    #[test]
+    fn affinity_to_offline_cpu_names_tid_and_cpus() {
+        let tid = current_tid();
+        let err = set_thread_affinity(tid, &[MAX_CPUS - 1]).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("sched_setaffinity"), "{msg}");
+        assert!(msg.contains(&tid.to_string()), "{msg}");
+        assert!(msg.contains(&(MAX_CPUS - 1).to_string()), "{msg}");
+    }
+
+    #[test]
+    fn affinity_of_empty_list_or_huge_cpu_is_refused_before_the_syscall() {
+        assert!(matches!(
+            set_thread_affinity(0, &[]),
+            Err(AffinityError::EmptyCpuList { tid: 0 })
+        ));
+        assert!(matches!(
+            set_thread_affinity(0, &[MAX_CPUS]),
+            Err(AffinityError::CpuOutOfRange { .. })
+        ));
+    }
+
+    #[test]
+    fn affinity_of_missing_thread_fails_naming_it() {
+        // pid_max is at most 2^22, so this tid cannot exist.
+        let err = thread_affinity(i32::MAX).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("sched_getaffinity"), "{msg}");
+        assert!(msg.contains(&i32::MAX.to_string()), "{msg}");
+    }
+}

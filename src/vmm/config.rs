@@ -1,0 +1,207 @@
+//! The VM's configuration: plain serde types, parsed from the command line
+//! and validated once, here, before anything is created. The same struct
+//! travels in checkpoints and migration streams.
+
+use serde::{Deserialize, Serialize};
+
+use crate::guest::GuestSpec;
+use crate::memory::PAGE_SIZE;
+use crate::util::parse_size;
+
+/// Largest vCPU count (the builtin guests' control page holds 64 blocks).
+pub const MAX_VCPUS: u32 = 64;
+
+/// One guest NUMA node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeConfig {
+    /// Guest node id.
+    pub guest_node: u32,
+    /// Memory size in bytes.
+    pub size: u64,
+    /// Host node to bind it to; None = the node vmhop starts on.
+    pub host_node: Option<u32>,
+    /// vCPU ids that belong to this guest node (None: distributed round-robin).
+    pub vcpus: Option<Vec<u32>>,
+}
+
+/// A whole VM's configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmConfig {
+    /// VM name.
+    pub name: String,
+    /// Number of vCPUs.
+    pub vcpus: u32,
+    /// Guest nodes (at least one).
+    pub nodes: Vec<NodeConfig>,
+    /// What runs inside.
+    pub guest: GuestSpec,
+    /// Back memory with transparent huge pages.
+    pub hugepages: bool,
+    /// Chunk size (bytes) of guest memory: one KVM slot, one unit of NUMA moves.
+    pub chunk_size: u64,
+}
+
+/// A configuration the user gave is not usable.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    /// Free-text reason naming the bad option and value.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+fn invalid(s: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid(s.into())
+}
+
+impl NodeConfig {
+    /// Parses `guest-node=G,size=SIZE,host-node=H[,cpus=LIST]`; `cpus` lists
+    /// vCPU ids (`0-1:4` or `0-1;4`), since a comma already separates keys.
+    pub fn parse(s: &str) -> Result<NodeConfig, ConfigError> {
+        let mut g = None;
+        let mut size = None;
+        let mut host = None;
+        let mut cpus = None;
+        for kv in s.split(',') {
+            let (k, v) = kv
+                .split_once('=')
+                .ok_or_else(|| invalid(format!("--numa: expected key=value, got '{kv}'")))?;
+            let num = |v: &str| {
+                v.parse::<u32>()
+                    .map_err(|_| invalid(format!("--numa: {k}={v} is not a number")))
+            };
+            match k {
+                "guest-node" => g = Some(num(v)?),
+                "size" => size = Some(parse_size(v).map_err(|e| invalid(format!("--numa: {e}")))?),
+                "host-node" => host = Some(num(v)?),
+                "cpus" => cpus = Some(parse_id_list(v)?),
+                _ => return Err(invalid(format!("--numa: unknown key '{k}' (expected guest-node, size, host-node, cpus)"))),
+            }
+        }
+        Ok(NodeConfig {
+            guest_node: g.ok_or_else(|| invalid("--numa: guest-node= is required"))?,
+            size: size.ok_or_else(|| invalid("--numa: size= is required"))?,
+            host_node: host,
+            vcpus: cpus,
+        })
+    }
+}
+
+fn parse_id_list(v: &str) -> Result<Vec<u32>, ConfigError> {
+    let mut out = Vec::new();
+    for part in v.split([':', ';']).filter(|p| !p.is_empty()) {
+        let bad = || invalid(format!("--numa: cpus={v} is not a list like 0-1:4"));
+        if let Some((a, b)) = part.split_once('-') {
+            let (a, b): (u32, u32) = (a.parse().map_err(|_| bad())?, b.parse().map_err(|_| bad())?);
+            if a > b {
+                return Err(bad());
+            }
+            out.extend(a..=b);
+        } else {
+            out.push(part.parse().map_err(|_| bad())?);
+        }
+    }
+    Ok(out)
+}
+
+impl VmConfig {
+    /// Checks everything that can be checked without touching the host.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
+            return Err(invalid(format!("--vcpus {} is out of range (1..={MAX_VCPUS})", self.vcpus)));
+        }
+        if self.nodes.is_empty() {
+            return Err(invalid("no guest memory: give --memory or --numa"));
+        }
+        let align = if self.hugepages { 2 << 20 } else { PAGE_SIZE };
+        for (i, n) in self.nodes.iter().enumerate() {
+            if n.guest_node as usize != i {
+                return Err(invalid(format!(
+                    "guest nodes must be numbered 0, 1, 2... in order; got guest-node={} in position {i}",
+                    n.guest_node
+                )));
+            }
+            if n.size == 0 {
+                return Err(invalid(format!("guest node {}: memory size is 0", n.guest_node)));
+            }
+            if n.size % align != 0 {
+                return Err(invalid(format!(
+                    "guest node {}: memory size {} is not a multiple of {} bytes{}",
+                    n.guest_node,
+                    n.size,
+                    align,
+                    if self.hugepages { " (huge pages)" } else { " (the page size)" }
+                )));
+            }
+            if let Some(v) = &n.vcpus {
+                if let Some(bad) = v.iter().find(|&&c| c >= self.vcpus) {
+                    return Err(invalid(format!("guest node {}: cpus lists vCPU {bad} but the VM has {} vCPUs", n.guest_node, self.vcpus)));
+                }
+            }
+        }
+        let total: u64 = self.nodes.iter().map(|n| n.size).sum();
+        if total < crate::guest::MIN_MEMORY {
+            return Err(invalid(format!(
+                "memory {} is too small: builtin guests need at least {} bytes",
+                total,
+                crate::guest::MIN_MEMORY
+            )));
+        }
+        if self.chunk_size == 0 || self.chunk_size % (2 << 20) != 0 {
+            return Err(invalid("chunk size must be a non-zero multiple of 2 MiB"));
+        }
+        Ok(())
+    }
+
+    /// The guest node of each vCPU.
+    pub fn vcpu_nodes(&self) -> Vec<u32> {
+        let mut out: Vec<Option<u32>> = vec![None; self.vcpus as usize];
+        for n in &self.nodes {
+            for &c in n.vcpus.iter().flatten() {
+                out[c as usize] = Some(n.guest_node);
+            }
+        }
+        let k = self.nodes.len() as u32;
+        out.iter()
+            .enumerate()
+            .map(|(i, n)| n.unwrap_or(i as u32 % k))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numa_option_parses_all_keys() {
+        let n = NodeConfig::parse("guest-node=1,size=512M,host-node=0,cpus=0-1:3").unwrap();
+        assert_eq!(n.guest_node, 1);
+        assert_eq!(n.size, 512 << 20);
+        assert_eq!(n.host_node, Some(0));
+        assert_eq!(n.vcpus, Some(vec![0, 1, 3]));
+    }
+
+    #[test]
+    fn numa_option_rejects_unknown_keys_and_missing_size() {
+        assert!(NodeConfig::parse("guest-node=0,colour=red").is_err());
+        assert!(NodeConfig::parse("guest-node=0").is_err());
+    }
+
+    fn cfg(size: u64) -> VmConfig {
+        VmConfig {
+            name: "t".into(),
+            vcpus: 1,
+            nodes: vec![NodeConfig { guest_node: 0, size, host_node: None, vcpus: None }],
+            guest: GuestSpec::Idle,
+            hugepages: false,
+            chunk_size: 32 << 20,
+        }
+    }
+
+    #[test]
+    fn zero_and_unaligned_sizes_are_refused() {
+        assert!(cfg(0).validate().unwrap_err().to_string().contains("is 0"));
+        assert!(cfg((64 << 20) + 1).validate().unwrap_err().to_string().contains("multiple"));
+        assert!(cfg(64 << 20).validate().is_ok());
+    }
+}

@@ -1,0 +1,13 @@
+//! The VM: KVM objects, guest memory registration as memory slots, the vCPU
+//! threads and their pause/resume, dirty logging, and the VM's lifecycle.
+//!
+//! Moving memory (checkpoints, NUMA moves, migration) is the transfer
+//! engine's job (`crate::transfer`); this module offers it the primitives:
+//! pause, dirty logs, vCPU state, slot replacement.
+
+pub mod config;
+pub mod vcpu;
+pub mod vm;
+
+pub use config::{NodeConfig, VmConfig};
+pub use vm::{Pause, RunState, Start, Vm, VmError};

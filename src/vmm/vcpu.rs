@@ -1,0 +1,476 @@
+//! vCPU threads: each runs KVM_RUN in a loop and obeys commands from the VM
+//! (pause, resume, save or restore its state, finish) sent on a channel.
+//! A running vCPU is kicked out of KVM_RUN with a real-time signal whose
+//! handler sets `immediate_exit`, so a kick is never lost whether it lands
+//! inside KVM_RUN or just before it.
+//!
+//! This module owns the thread state machine and the register state; the
+//! test device decides what I/O exits mean (`crate::guest::device`).
+
+use std::cell::Cell;
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{kvm_fpu, kvm_mp_state, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, Msrs};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use serde::{Deserialize, Serialize};
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+
+use crate::guest::device::{DeviceAction, TestDevice};
+
+/// How long the VM waits for a vCPU to acknowledge a command.
+pub const MAX_ACK_WAIT: Duration = Duration::from_secs(5);
+
+/// MSRs saved with a vCPU: the architectural ones a 64-bit guest depends on.
+const SAVED_MSRS: &[u32] = &[
+    0x10,        // TSC
+    0x174,       // SYSENTER_CS
+    0x175,       // SYSENTER_ESP
+    0x176,       // SYSENTER_EIP
+    0x277,       // PAT
+    0xc000_0081, // STAR
+    0xc000_0082, // LSTAR
+    0xc000_0083, // CSTAR
+    0xc000_0084, // SFMASK
+    0xc000_0102, // KERNEL_GS_BASE
+    0xc000_0103, // TSC_AUX
+];
+
+/// The kick signal's offset from SIGRTMIN.
+const KICK_SIGNAL_OFFSET: i32 = 0;
+
+thread_local! {
+    /// This thread's kvm_run page, for the kick signal handler.
+    static KVM_RUN: Cell<*mut kvm_bindings::kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    KVM_RUN.with(|p| {
+        let p = p.get();
+        if !p.is_null() {
+            // SAFETY: the pointer is this thread's own kvm_run mapping, set by
+            // the vCPU thread before any kick can target it and valid until
+            // the thread exits; a byte store is async-signal-safe.
+            unsafe { std::ptr::write_volatile(&mut (*p).immediate_exit, 1) };
+        }
+    });
+}
+
+/// Installs the kick signal handler (idempotent).
+pub fn install_kick_handler() -> Result<(), vmm_sys_util::errno::Error> {
+    register_signal_handler(SIGRTMIN() + KICK_SIGNAL_OFFSET, kick_handler)
+}
+
+/// FPU state in a serialisable form (kvm-bindings has no serde for kvm_fpu).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct FpuState {
+    fpr: Vec<Vec<u8>>,
+    fcw: u16,
+    fsw: u16,
+    ftwx: u8,
+    last_opcode: u16,
+    last_ip: u64,
+    last_dp: u64,
+    xmm: Vec<Vec<u8>>,
+    mxcsr: u32,
+}
+
+impl From<&kvm_fpu> for FpuState {
+    fn from(f: &kvm_fpu) -> Self {
+        FpuState {
+            fpr: f.fpr.iter().map(|r| r.to_vec()).collect(),
+            fcw: f.fcw,
+            fsw: f.fsw,
+            ftwx: f.ftwx,
+            last_opcode: f.last_opcode,
+            last_ip: f.last_ip,
+            last_dp: f.last_dp,
+            xmm: f.xmm.iter().map(|r| r.to_vec()).collect(),
+            mxcsr: f.mxcsr,
+        }
+    }
+}
+
+impl FpuState {
+    fn to_kvm(&self) -> kvm_fpu {
+        let mut f = kvm_fpu { fcw: self.fcw, fsw: self.fsw, ftwx: self.ftwx, last_opcode: self.last_opcode, last_ip: self.last_ip, last_dp: self.last_dp, mxcsr: self.mxcsr, ..Default::default() };
+        for (d, s) in f.fpr.iter_mut().zip(&self.fpr) {
+            let n = d.len().min(s.len());
+            d[..n].copy_from_slice(&s[..n]);
+        }
+        for (d, s) in f.xmm.iter_mut().zip(&self.xmm) {
+            let n = d.len().min(s.len());
+            d[..n].copy_from_slice(&s[..n]);
+        }
+        f
+    }
+}
+
+/// Everything KVM holds for one vCPU that a checkpoint or migration carries.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct VcpuState {
+    /// vCPU id.
+    pub id: u32,
+    /// General registers.
+    pub regs: kvm_regs,
+    /// Segment and control registers.
+    pub sregs: kvm_sregs,
+    /// x87/SSE state.
+    pub fpu: FpuState,
+    /// Full XSAVE area, where KVM gives it.
+    pub xsave: Option<kvm_xsave>,
+    /// Extended control registers.
+    pub xcrs: Option<kvm_xcrs>,
+    /// Pending events.
+    pub events: Option<kvm_vcpu_events>,
+    /// Multiprocessing state.
+    pub mp_state: Option<kvm_mp_state>,
+    /// (index, value) of the MSRs that could be read.
+    pub msrs: Vec<(u32, u64)>,
+}
+
+/// A vCPU operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    /// A KVM ioctl on the vCPU failed.
+    #[error("vCPU {id}: {ioctl} failed: {source}")]
+    Kvm {
+        /// vCPU id.
+        id: u32,
+        /// The ioctl.
+        ioctl: &'static str,
+        /// errno.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// The vCPU thread did not answer in time.
+    #[error("vCPU {id} did not acknowledge {what} within {MAX_ACK_WAIT:?}")]
+    Timeout {
+        /// vCPU id.
+        id: u32,
+        /// The command.
+        what: &'static str,
+    },
+    /// The vCPU thread is gone.
+    #[error("vCPU {id} thread has exited ({why})")]
+    Gone {
+        /// vCPU id.
+        id: u32,
+        /// Why, if known.
+        why: String,
+    },
+    /// Spawning the thread failed.
+    #[error("cannot start vCPU {id} thread: {source}")]
+    Spawn {
+        /// vCPU id.
+        id: u32,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Reads a vCPU's state (call only while it is not running).
+pub fn save_state(id: u32, fd: &VcpuFd) -> Result<VcpuState, VcpuError> {
+    let kvm = |ioctl| move |source| VcpuError::Kvm { id, ioctl, source };
+    let regs = fd.get_regs().map_err(kvm("KVM_GET_REGS"))?;
+    let sregs = fd.get_sregs().map_err(kvm("KVM_GET_SREGS"))?;
+    let fpu = FpuState::from(&fd.get_fpu().map_err(kvm("KVM_GET_FPU"))?);
+    let mut msrs = Vec::new();
+    for &index in SAVED_MSRS {
+        let mut m = Msrs::from_entries(&[kvm_bindings::kvm_msr_entry { index, ..Default::default() }]).expect("one MSR fits");
+        if let Ok(1) = fd.get_msrs(&mut m) {
+            msrs.push((index, m.as_slice()[0].data));
+        }
+    }
+    Ok(VcpuState {
+        id,
+        regs,
+        sregs,
+        fpu,
+        xsave: fd.get_xsave().ok(),
+        xcrs: fd.get_xcrs().ok(),
+        events: fd.get_vcpu_events().ok(),
+        mp_state: fd.get_mp_state().ok(),
+        msrs,
+    })
+}
+
+/// Writes a vCPU's state (call only while it is not running).
+pub fn restore_state(fd: &VcpuFd, s: &VcpuState) -> Result<(), VcpuError> {
+    let id = s.id;
+    let kvm = |ioctl| move |source| VcpuError::Kvm { id, ioctl, source };
+    fd.set_sregs(&s.sregs).map_err(kvm("KVM_SET_SREGS"))?;
+    if let Some(x) = &s.xcrs {
+        fd.set_xcrs(x).map_err(kvm("KVM_SET_XCRS"))?;
+    }
+    match &s.xsave {
+        // SAFETY: the xsave area came from KVM_GET_XSAVE of a vCPU of the
+        // same kind (a checkpoint or stream of this VM's configuration); KVM
+        // validates its header and rejects what it cannot load.
+        Some(x) => unsafe { fd.set_xsave(x) }.map_err(kvm("KVM_SET_XSAVE"))?,
+        None => fd.set_fpu(&s.fpu.to_kvm()).map_err(kvm("KVM_SET_FPU"))?,
+    }
+    fd.set_regs(&s.regs).map_err(kvm("KVM_SET_REGS"))?;
+    if !s.msrs.is_empty() {
+        let entries: Vec<_> = s.msrs.iter().map(|&(index, data)| kvm_bindings::kvm_msr_entry { index, data, ..Default::default() }).collect();
+        let m = Msrs::from_entries(&entries).expect("saved MSR list fits");
+        fd.set_msrs(&m).map_err(kvm("KVM_SET_MSRS"))?;
+    }
+    if let Some(e) = &s.events {
+        fd.set_vcpu_events(e).map_err(kvm("KVM_SET_VCPU_EVENTS"))?;
+    }
+    if let Some(m) = s.mp_state {
+        fd.set_mp_state(m).map_err(kvm("KVM_SET_MP_STATE"))?;
+    }
+    Ok(())
+}
+
+/// Commands to a vCPU thread.
+#[derive(Debug)]
+pub enum VcpuCmd {
+    /// Leave KVM_RUN and wait.
+    Pause,
+    /// Run again.
+    Resume,
+    /// Reply with the state (paused only).
+    SaveState,
+    /// Load this state (paused only).
+    RestoreState(Box<VcpuState>),
+    /// Exit the thread.
+    Finish,
+}
+
+/// Replies from a vCPU thread.
+#[derive(Debug)]
+pub enum VcpuReply {
+    /// It is paused.
+    Paused,
+    /// It is running again.
+    Resumed,
+    /// Its state.
+    State(Result<Box<VcpuState>, VcpuError>),
+    /// Restore done.
+    Restored(Result<(), VcpuError>),
+}
+
+/// Why a vCPU thread stopped on its own.
+#[derive(Debug, Clone)]
+pub enum GuestStop {
+    /// The guest triple-faulted or halted for good.
+    Shutdown(String),
+    /// KVM_RUN failed.
+    Error(String),
+}
+
+/// The VM's handle on one vCPU thread.
+#[derive(Debug)]
+pub struct VcpuHandle {
+    /// vCPU id.
+    pub id: u32,
+    tx: Sender<VcpuCmd>,
+    rx: Receiver<VcpuReply>,
+    thread: Option<JoinHandle<()>>,
+    tid: Arc<AtomicI32>,
+}
+
+/// Called by a vCPU thread when its guest stops by itself.
+pub type OnGuestStop = Arc<dyn Fn(u32, GuestStop) + Send + Sync>;
+
+impl VcpuHandle {
+    /// Starts the thread for `fd`, paused: it runs on the first `Resume`.
+    pub fn spawn(id: u32, fd: VcpuFd, device: Arc<TestDevice>, cpus: Vec<usize>, on_stop: OnGuestStop) -> Result<VcpuHandle, VcpuError> {
+        let (tx, cmd_rx) = mpsc::channel();
+        let (reply_tx, rx) = mpsc::channel();
+        let tid = Arc::new(AtomicI32::new(0));
+        let tid2 = tid.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("vcpu{id}"))
+            .spawn(move || {
+                tid2.store(crate::numa::affinity::current_tid(), Ordering::SeqCst);
+                if !cpus.is_empty() {
+                    if let Err(e) = crate::numa::affinity::set_thread_affinity(0, &cpus) {
+                        tracing::warn!("vCPU {id}: cannot pin to CPUs {cpus:?}: {e}");
+                    }
+                }
+                VcpuThread { id, fd, device, cmds: cmd_rx, replies: reply_tx, on_stop }.run();
+            })
+            .map_err(|source| VcpuError::Spawn { id, source })?;
+        Ok(VcpuHandle { id, tx, rx, thread: Some(thread), tid })
+    }
+
+    /// The thread's kernel tid (for affinity queries).
+    pub fn tid(&self) -> i32 {
+        self.tid.load(Ordering::SeqCst)
+    }
+
+    /// Sends a command without waiting.
+    pub fn send(&self, cmd: VcpuCmd) -> Result<(), VcpuError> {
+        self.tx.send(cmd).map_err(|_| VcpuError::Gone { id: self.id, why: "channel closed".into() })
+    }
+
+    /// Kicks the thread out of KVM_RUN.
+    pub fn kick(&self) {
+        if let Some(t) = &self.thread {
+            let _ = t.kill(SIGRTMIN() + KICK_SIGNAL_OFFSET);
+        }
+    }
+
+    /// Waits for the next reply.
+    pub fn recv(&self, what: &'static str) -> Result<VcpuReply, VcpuError> {
+        self.rx.recv_timeout(MAX_ACK_WAIT).map_err(|e| match e {
+            RecvTimeoutError::Timeout => VcpuError::Timeout { id: self.id, what },
+            RecvTimeoutError::Disconnected => VcpuError::Gone { id: self.id, why: "thread ended".into() },
+        })
+    }
+
+    /// Asks the thread to finish and joins it.
+    pub fn finish(&mut self) {
+        let _ = self.tx.send(VcpuCmd::Finish);
+        self.kick();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for VcpuHandle {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
+
+enum Flow {
+    Run,
+    Pause,
+    Exit,
+}
+
+struct VcpuThread {
+    id: u32,
+    fd: VcpuFd,
+    device: Arc<TestDevice>,
+    cmds: Receiver<VcpuCmd>,
+    replies: Sender<VcpuReply>,
+    on_stop: OnGuestStop,
+}
+
+impl VcpuThread {
+    fn run(mut self) {
+        KVM_RUN.with(|p| p.set(self.fd.get_kvm_run() as *mut _));
+        let mut flow = Flow::Pause;
+        loop {
+            flow = match flow {
+                Flow::Pause => self.paused(),
+                Flow::Run => self.running(),
+                Flow::Exit => break,
+            };
+        }
+        KVM_RUN.with(|p| p.set(std::ptr::null_mut()));
+    }
+
+    fn reply(&self, r: VcpuReply) {
+        let _ = self.replies.send(r);
+    }
+
+    /// Handles one command; returns the next flow if it changes it.
+    fn command(&mut self, cmd: VcpuCmd) -> Option<Flow> {
+        match cmd {
+            VcpuCmd::Pause => {
+                self.reply(VcpuReply::Paused);
+                Some(Flow::Pause)
+            }
+            VcpuCmd::Resume => {
+                self.fd.set_kvm_immediate_exit(0);
+                self.reply(VcpuReply::Resumed);
+                Some(Flow::Run)
+            }
+            VcpuCmd::SaveState => {
+                let s = save_state(self.id, &self.fd).map(Box::new);
+                self.reply(VcpuReply::State(s));
+                None
+            }
+            VcpuCmd::RestoreState(s) => {
+                let r = restore_state(&self.fd, &s);
+                self.reply(VcpuReply::Restored(r));
+                None
+            }
+            VcpuCmd::Finish => Some(Flow::Exit),
+        }
+    }
+
+    fn paused(&mut self) -> Flow {
+        loop {
+            match self.cmds.recv() {
+                Ok(cmd) => match self.command(cmd) {
+                    Some(Flow::Pause) => continue,
+                    Some(f) => return f,
+                    None => continue,
+                },
+                Err(_) => return Flow::Exit,
+            }
+        }
+    }
+
+    /// Sleeps until `until` (None: until a command), serving commands.
+    fn wait(&mut self, until: Option<Instant>) -> Option<Flow> {
+        let cmd = match until {
+            None => self.cmds.recv().ok(),
+            Some(t) => match self.cmds.recv_timeout(t.saturating_duration_since(Instant::now())) {
+                Ok(c) => Some(c),
+                Err(RecvTimeoutError::Timeout) => return None,
+                Err(RecvTimeoutError::Disconnected) => return Some(Flow::Exit),
+            },
+        };
+        match cmd {
+            None => Some(Flow::Exit),
+            Some(c) => self.command(c),
+        }
+    }
+
+    fn running(&mut self) -> Flow {
+        loop {
+            while let Ok(cmd) = self.cmds.try_recv() {
+                if let Some(f) = self.command(cmd) {
+                    return f;
+                }
+            }
+            let action = match self.fd.run() {
+                Ok(VcpuExit::IoOut(port, data)) => self.device.io_out(self.id, port, data),
+                Ok(VcpuExit::IoIn(port, data)) => self.device.io_in(port, data),
+                Ok(VcpuExit::Shutdown) => return self.stopped(GuestStop::Shutdown("the guest shut down (triple fault)".into())),
+                Ok(VcpuExit::Hlt) => return self.stopped(GuestStop::Shutdown("the guest halted".into())),
+                Ok(VcpuExit::Intr) => DeviceAction::Continue,
+                Ok(VcpuExit::MmioRead(_, data)) => {
+                    data.fill(0xff);
+                    DeviceAction::Unhandled
+                }
+                Ok(VcpuExit::MmioWrite(..)) => DeviceAction::Unhandled,
+                Ok(other) => {
+                    let msg = format!("unexpected exit {other:?}");
+                    return self.stopped(GuestStop::Error(msg));
+                }
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    self.fd.set_kvm_immediate_exit(0);
+                    DeviceAction::Continue
+                }
+                Err(e) => return self.stopped(GuestStop::Error(format!("KVM_RUN failed: {e}"))),
+            };
+            if let DeviceAction::Wait(until) = action {
+                if let Some(f) = self.wait(until) {
+                    return f;
+                }
+            }
+        }
+    }
+
+    /// The guest stopped by itself: tell the VM, then behave as paused so
+    /// that state can still be saved and the thread finished.
+    fn stopped(&mut self, why: GuestStop) -> Flow {
+        (self.on_stop)(self.id, why);
+        Flow::Pause
+    }
+}

@@ -1,0 +1,546 @@
+//! One KVM VM: creation (memory, slots, vCPUs), pause/resume, dirty logs,
+//! vCPU state, slot replacement and teardown.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use serde::{Deserialize, Serialize};
+
+use super::config::VmConfig;
+use super::vcpu::{self, GuestStop, VcpuCmd, VcpuError, VcpuHandle, VcpuReply, VcpuState};
+use crate::guest::device::TestDevice;
+use crate::guest::{self, GuestSpec};
+use crate::memory::{layout, Backing, Chunk, DirtyBitmap, GuestMemory, GuestRange, Mapping, MappingError, NodeMemory};
+use crate::numa::topology::{self, Topology};
+
+/// Whether the vCPUs run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RunState {
+    /// vCPUs run.
+    Running,
+    /// vCPUs are stopped and can resume.
+    Paused,
+    /// The guest stopped for good (it shut down, or the VM is being torn down).
+    Stopped,
+}
+
+/// Creating or driving the VM failed.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// /dev/kvm missing or not permitted.
+    #[error("cannot open /dev/kvm: {0} (is KVM enabled, and may this user open /dev/kvm?)")]
+    NoKvm(#[source] kvm_ioctls::Error),
+    /// A VM-level KVM ioctl failed.
+    #[error("{ioctl} failed: {source}")]
+    Kvm {
+        /// The ioctl.
+        ioctl: String,
+        /// errno.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// The configuration does not fit this host.
+    #[error("{0}")]
+    Host(String),
+    /// Guest memory could not be created.
+    #[error("guest node {node}: {source}")]
+    Memory {
+        /// Guest node.
+        node: u32,
+        /// What failed.
+        #[source]
+        source: MappingError,
+    },
+    /// Binding memory to its host node failed.
+    #[error("guest node {node}: {source}")]
+    Policy {
+        /// Guest node.
+        node: u32,
+        /// What failed.
+        #[source]
+        source: crate::numa::policy::PolicyError,
+    },
+    /// Writing the builtin guest failed.
+    #[error(transparent)]
+    Guest(#[from] guest::setup::SetupError),
+    /// A vCPU failed.
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    /// Loading memory for a restore failed.
+    #[error("{0}")]
+    Load(String),
+    /// The operation needs another state.
+    #[error("the VM is {0:?}; {1}")]
+    State(RunState, &'static str),
+}
+
+/// How the VM's vCPUs and memory start.
+pub enum Start<'a> {
+    /// A fresh builtin guest.
+    Boot,
+    /// Restored state: `load` fills guest memory before the vCPUs get `vcpus`.
+    Restore {
+        /// Saved vCPU states, by id.
+        vcpus: Vec<VcpuState>,
+        /// Fills guest memory.
+        load: Box<dyn FnOnce(&GuestMemory) -> Result<(), String> + 'a>,
+    },
+}
+
+/// Proof that the vCPUs are paused, and since when; `Vm::resume` consumes it.
+#[must_use = "a pause must be ended with Vm::resume"]
+#[derive(Debug)]
+pub struct Pause {
+    /// When the first vCPU was asked to stop.
+    pub since: Instant,
+    /// Whether the VM was already paused before (then resume leaves it so).
+    was_paused: bool,
+}
+
+/// Per-VM dirty logging state.
+#[derive(Debug, Default)]
+struct DirtyState {
+    /// Slots have KVM_MEM_LOG_DIRTY_PAGES.
+    logging: bool,
+    /// Pages dirtied since the last checkpoint, per slot, when a checkpoint
+    /// chain is being kept (None: nobody needs it).
+    since_checkpoint: Option<BTreeMap<u32, DirtyBitmap>>,
+}
+
+/// A running VM.
+pub struct Vm {
+    config: VmConfig,
+    _kvm: Kvm,
+    fd: VmFd,
+    memory: RwLock<GuestMemory>,
+    vcpus: Mutex<Vec<VcpuHandle>>,
+    state: Mutex<RunState>,
+    guest_stop: Arc<Mutex<Option<String>>>,
+    dirty: Mutex<DirtyState>,
+    operation: Mutex<()>,
+    host_nodes: Mutex<Vec<u32>>,
+}
+
+impl std::fmt::Debug for Vm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vm").field("name", &self.config.name).finish()
+    }
+}
+
+fn kvm_err(ioctl: impl Into<String>) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    let ioctl = ioctl.into();
+    move |source| VmError::Kvm { ioctl, source }
+}
+
+/// Available memory of the host (MemAvailable), bytes.
+fn host_available() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = s.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+impl Vm {
+    /// Creates the VM, its memory and vCPUs; starts them unless `paused`.
+    pub fn new(config: VmConfig, start: Start<'_>, paused: bool) -> Result<Arc<Vm>, VmError> {
+        config.validate().map_err(|e| VmError::Host(e.to_string()))?;
+        let kvm = Kvm::new().map_err(VmError::NoKvm)?;
+        let topo = Topology::read().map_err(|e| VmError::Host(e.to_string()))?;
+        let host_nodes = Self::check_host(&config, &topo)?;
+        vcpu::install_kick_handler().map_err(|e| VmError::Host(format!("cannot install the vCPU kick signal handler: {e}")))?;
+
+        let fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+        fd.set_tss_address(layout::MMIO_HOLE_END as usize - 0x4000 * 2)
+            .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+
+        let memory = Self::create_memory(&config, &host_nodes)?;
+        let guest_stop = Arc::new(Mutex::new(None));
+        let vm = Vm {
+            config: config.clone(),
+            _kvm: kvm,
+            fd,
+            memory: RwLock::new(memory),
+            vcpus: Mutex::new(Vec::new()),
+            state: Mutex::new(RunState::Paused),
+            guest_stop,
+            dirty: Mutex::new(DirtyState::default()),
+            operation: Mutex::new(()),
+            host_nodes: Mutex::new(host_nodes.clone()),
+        };
+        for c in vm.memory().chunks() {
+            vm.set_slot(c, false)?;
+        }
+
+        let rate = match &config.guest {
+            GuestSpec::Dirty { rate, .. } => *rate,
+            GuestSpec::Idle => None,
+        };
+        let device = Arc::new(TestDevice::new(config.vcpus, rate));
+        let cpuid = vm._kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+        let mut fds: Vec<VcpuFd> = Vec::new();
+        for id in 0..config.vcpus {
+            let v = vm.fd.create_vcpu(id as u64).map_err(kvm_err(format!("KVM_CREATE_VCPU {id}")))?;
+            v.set_cpuid2(&cpuid).map_err(kvm_err(format!("KVM_SET_CPUID2 (vCPU {id})")))?;
+            fds.push(v);
+        }
+        match start {
+            Start::Boot => {
+                let boots = guest::setup::install(&vm.memory(), &config.guest, config.vcpus, device.pace_batch())?;
+                for (v, b) in fds.iter().zip(&boots) {
+                    v.set_sregs(&b.sregs).map_err(kvm_err("KVM_SET_SREGS"))?;
+                    v.set_regs(&b.regs).map_err(kvm_err("KVM_SET_REGS"))?;
+                }
+            }
+            Start::Restore { vcpus, load } => {
+                if vcpus.len() != fds.len() {
+                    return Err(VmError::Load(format!("the saved state has {} vCPUs, the configuration {}", vcpus.len(), fds.len())));
+                }
+                load(&vm.memory()).map_err(VmError::Load)?;
+                for (v, s) in fds.iter().zip(&vcpus) {
+                    vcpu::restore_state(v, s)?;
+                }
+            }
+        }
+
+        let vcpu_nodes = config.vcpu_nodes();
+        let mut handles = Vec::new();
+        for (id, v) in fds.into_iter().enumerate() {
+            let host = host_nodes[vcpu_nodes[id] as usize];
+            let cpus = topo.node(host).map(|n| n.cpus.clone()).unwrap_or_default();
+            let stop = vm.guest_stop.clone();
+            let on_stop: vcpu::OnGuestStop = Arc::new(move |id, why: GuestStop| {
+                let msg = match why {
+                    GuestStop::Shutdown(s) | GuestStop::Error(s) => format!("vCPU {id}: {s}"),
+                };
+                tracing::warn!("{msg}");
+                stop.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(msg);
+            });
+            handles.push(VcpuHandle::spawn(id as u32, v, device.clone(), cpus, on_stop)?);
+        }
+        *vm.vcpus.lock().unwrap_or_else(|e| e.into_inner()) = handles;
+        let vm = Arc::new(vm);
+        if !paused {
+            vm.send_all(|| VcpuCmd::Resume, "resume", |r| matches!(r, VcpuReply::Resumed))?;
+            *vm.lock_state() = RunState::Running;
+        }
+        Ok(vm)
+    }
+
+    /// Resolves each guest node's host node and checks the host can hold it.
+    fn check_host(config: &VmConfig, topo: &Topology) -> Result<Vec<u32>, VmError> {
+        let here = topology::current_node();
+        let mut out = Vec::new();
+        for n in &config.nodes {
+            let h = n.host_node.unwrap_or(here);
+            let Some(node) = topo.node(h) else {
+                let have: Vec<String> = topo.nodes.iter().map(|n| n.id.to_string()).collect();
+                return Err(VmError::Host(format!(
+                    "guest node {}: host node {h} does not exist (this host has node {})",
+                    n.guest_node,
+                    have.join(", ")
+                )));
+            };
+            if n.size > node.total_bytes {
+                return Err(VmError::Host(format!(
+                    "guest node {}: {} of memory does not fit host node {h}, which has {} in all",
+                    n.guest_node,
+                    crate::util::format_size(n.size),
+                    crate::util::format_size(node.total_bytes)
+                )));
+            }
+            out.push(h);
+        }
+        let total: u64 = config.nodes.iter().map(|n| n.size).sum();
+        if let Some(avail) = host_available() {
+            if total > avail {
+                return Err(VmError::Host(format!(
+                    "the VM needs {} of memory but the host has only {} available",
+                    crate::util::format_size(total),
+                    crate::util::format_size(avail)
+                )));
+            }
+        }
+        Ok(out)
+    }
+
+    fn create_memory(config: &VmConfig, host_nodes: &[u32]) -> Result<GuestMemory, VmError> {
+        let sizes: Vec<u64> = config.nodes.iter().map(|n| n.size).collect();
+        let ranges = layout::layout(&sizes, config.chunk_size);
+        let backing = if config.hugepages { Backing::TransparentHuge } else { Backing::Anonymous };
+        let mut slot = 0;
+        let mut nodes = Vec::new();
+        for (i, rs) in ranges.into_iter().enumerate() {
+            let host = host_nodes[i];
+            let mut chunks = Vec::new();
+            for range in rs {
+                let mapping = Self::node_mapping(i as u32, range.len, backing, host)?;
+                chunks.push(Chunk { range, slot, mapping });
+                slot += 1;
+            }
+            nodes.push(NodeMemory { guest_node: i as u32, host_node: Some(host), size: sizes[i], backing, chunks });
+        }
+        Ok(GuestMemory { nodes })
+    }
+
+    /// Maps memory for one chunk of guest node `node`, bound to `host`.
+    pub fn node_mapping(node: u32, len: u64, backing: Backing, host: u32) -> Result<Mapping, VmError> {
+        let m = Mapping::new(len as usize, backing).map_err(|source| VmError::Memory { node, source })?;
+        crate::numa::policy::bind(m.as_ptr(), m.len(), host, false).map_err(|source| VmError::Policy { node, source })?;
+        Ok(m)
+    }
+
+    /// Registers (or re-registers) a chunk's slot.
+    fn set_slot(&self, c: &Chunk, log_dirty: bool) -> Result<(), VmError> {
+        let region = kvm_userspace_memory_region {
+            slot: c.slot,
+            flags: if log_dirty { KVM_MEM_LOG_DIRTY_PAGES } else { 0 },
+            guest_phys_addr: c.range.start,
+            memory_size: c.range.len,
+            userspace_addr: c.mapping.as_ptr() as u64,
+        };
+        // SAFETY: the mapping is owned by the chunk, which lives in
+        // self.memory for as long as the slot exists: chunks are only
+        // dropped after their slot is deleted (replace_chunk, Drop).
+        unsafe { self.fd.set_user_memory_region(region) }.map_err(kvm_err(format!(
+            "KVM_SET_USER_MEMORY_REGION (slot {}, guest {:#x}+{:#x})",
+            c.slot, c.range.start, c.range.len
+        )))
+    }
+
+    fn delete_slot(&self, slot: u32, range: GuestRange) -> Result<(), VmError> {
+        let region = kvm_userspace_memory_region { slot, flags: 0, guest_phys_addr: range.start, memory_size: 0, userspace_addr: 0 };
+        // SAFETY: a zero-sized region deletes the slot; no memory is handed to KVM.
+        unsafe { self.fd.set_user_memory_region(region) }
+            .map_err(kvm_err(format!("KVM_SET_USER_MEMORY_REGION (delete slot {slot})")))
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &VmConfig {
+        &self.config
+    }
+
+    /// Guest memory (shared).
+    pub fn memory(&self) -> RwLockReadGuard<'_, GuestMemory> {
+        self.memory.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn memory_mut(&self) -> RwLockWriteGuard<'_, GuestMemory> {
+        self.memory.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn lock_state(&self) -> MutexGuard<'_, RunState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Current run state (Stopped if the guest died on its own).
+    pub fn state(&self) -> RunState {
+        if self.guest_stop.lock().unwrap_or_else(|e| e.into_inner()).is_some() {
+            return RunState::Stopped;
+        }
+        *self.lock_state()
+    }
+
+    /// Why the guest stopped by itself, if it did.
+    pub fn guest_stop_reason(&self) -> Option<String> {
+        self.guest_stop.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The host node each guest node is bound to now.
+    pub fn host_nodes(&self) -> Vec<u32> {
+        self.host_nodes.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Records a guest node's new host node after a move.
+    pub fn set_host_node(&self, guest_node: u32, host: u32) {
+        self.host_nodes.lock().unwrap_or_else(|e| e.into_inner())[guest_node as usize] = host;
+        if let Some(n) = self.memory_mut().nodes.get_mut(guest_node as usize) {
+            n.host_node = Some(host);
+        }
+    }
+
+    /// Takes the one-operation-at-a-time lock (checkpoint, NUMA move,
+    /// migration); None if another operation holds it.
+    pub fn try_operation(&self) -> Option<MutexGuard<'_, ()>> {
+        self.operation.try_lock().ok()
+    }
+
+    fn send_all(&self, cmd: fn() -> VcpuCmd, what: &'static str, ok: fn(&VcpuReply) -> bool) -> Result<(), VmError> {
+        self.send_all_with(|_| cmd(), what, ok).map(|_| ())
+    }
+
+    fn send_all_with(&self, mut cmd: impl FnMut(u32) -> VcpuCmd, what: &'static str, ok: fn(&VcpuReply) -> bool) -> Result<Vec<VcpuReply>, VmError> {
+        let vcpus = self.vcpus.lock().unwrap_or_else(|e| e.into_inner());
+        for v in vcpus.iter() {
+            v.send(cmd(v.id))?;
+            v.kick();
+        }
+        let mut out = Vec::new();
+        for v in vcpus.iter() {
+            let r = v.recv(what)?;
+            if !ok(&r) {
+                return Err(VmError::Vcpu(VcpuError::Gone { id: v.id, why: format!("unexpected reply {r:?} to {what}") }));
+            }
+            out.push(r);
+        }
+        Ok(out)
+    }
+
+    /// Stops every vCPU; returns the pause to hand to `resume`.
+    pub fn pause(&self) -> Result<Pause, VmError> {
+        let since = Instant::now();
+        let was = *self.lock_state();
+        if was == RunState::Stopped {
+            return Err(VmError::State(was, "it cannot be paused"));
+        }
+        self.send_all(|| VcpuCmd::Pause, "pause", |r| matches!(r, VcpuReply::Paused))?;
+        *self.lock_state() = RunState::Paused;
+        Ok(Pause { since, was_paused: was == RunState::Paused })
+    }
+
+    /// Restarts the vCPUs (unless they were paused before the pause began);
+    /// returns how long no vCPU ran.
+    pub fn resume(&self, p: Pause) -> Result<Duration, VmError> {
+        if !p.was_paused {
+            self.send_all(|| VcpuCmd::Resume, "resume", |r| matches!(r, VcpuReply::Resumed))?;
+            *self.lock_state() = RunState::Running;
+        }
+        Ok(p.since.elapsed())
+    }
+
+    /// The user's `pause`: the VM stays paused until `resume_user`.
+    pub fn pause_user(&self) -> Result<Duration, VmError> {
+        let p = self.pause()?;
+        Ok(p.since.elapsed())
+    }
+
+    /// The user's `resume`.
+    pub fn resume_user(&self) -> Result<(), VmError> {
+        match *self.lock_state() {
+            RunState::Stopped => return Err(VmError::State(RunState::Stopped, "it cannot be resumed")),
+            RunState::Running => return Ok(()),
+            RunState::Paused => {}
+        }
+        self.send_all(|| VcpuCmd::Resume, "resume", |r| matches!(r, VcpuReply::Resumed))?;
+        *self.lock_state() = RunState::Running;
+        Ok(())
+    }
+
+    /// Saves every vCPU's state (the VM must be paused).
+    pub fn save_vcpus(&self, _pause: &Pause) -> Result<Vec<VcpuState>, VmError> {
+        let replies = self.send_all_with(|_| VcpuCmd::SaveState, "save state", |r| matches!(r, VcpuReply::State(_)))?;
+        replies
+            .into_iter()
+            .map(|r| match r {
+                VcpuReply::State(s) => s.map(|b| *b).map_err(VmError::Vcpu),
+                _ => unreachable!("filtered by send_all_with"),
+            })
+            .collect()
+    }
+
+    /// Each vCPU thread's tid.
+    pub fn vcpu_tids(&self) -> Vec<(u32, i32)> {
+        self.vcpus.lock().unwrap_or_else(|e| e.into_inner()).iter().map(|v| (v.id, v.tid())).collect()
+    }
+
+    /// Sum of the builtin guest's per-vCPU progress counters.
+    pub fn progress(&self) -> u64 {
+        let m = self.memory();
+        (0..self.config.vcpus as u64)
+            .filter_map(|v| m.read_u64(guest::setup::BLOCKS_ADDR + v * guest::program::block::SIZE + guest::program::block::PROGRESS))
+            .sum()
+    }
+
+    /// Turns KVM dirty logging on for every slot (idempotent). Pages dirtied
+    /// from now on show in `fetch_dirty`.
+    pub fn start_dirty_log(&self) -> Result<(), VmError> {
+        let mut d = self.dirty.lock().unwrap_or_else(|e| e.into_inner());
+        if d.logging {
+            return Ok(());
+        }
+        for c in self.memory().chunks() {
+            self.set_slot(c, true)?;
+        }
+        d.logging = true;
+        Ok(())
+    }
+
+    /// Turns dirty logging off unless a checkpoint chain still needs it.
+    pub fn stop_dirty_log(&self) -> Result<(), VmError> {
+        let mut d = self.dirty.lock().unwrap_or_else(|e| e.into_inner());
+        if !d.logging || d.since_checkpoint.is_some() {
+            return Ok(());
+        }
+        for c in self.memory().chunks() {
+            self.set_slot(c, false)?;
+        }
+        d.logging = false;
+        Ok(())
+    }
+
+    /// Fetches and clears KVM's dirty log of one chunk's slot; the pages are
+    /// also remembered for the next incremental checkpoint.
+    pub fn fetch_dirty(&self, chunk: &Chunk) -> Result<DirtyBitmap, VmError> {
+        let log = self
+            .fd
+            .get_dirty_log(chunk.slot, chunk.range.len as usize)
+            .map_err(kvm_err(format!("KVM_GET_DIRTY_LOG (slot {})", chunk.slot)))?;
+        let mut b = DirtyBitmap::new(chunk.pages());
+        b.merge_words(&log);
+        let mut d = self.dirty.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(acc) = d.since_checkpoint.as_mut() {
+            acc.entry(chunk.slot).or_insert_with(|| DirtyBitmap::new(chunk.pages())).merge(&b);
+        }
+        Ok(b)
+    }
+
+    /// Starts (or restarts) remembering pages dirtied since a checkpoint,
+    /// returning what was remembered before (None if nothing was).
+    pub fn reset_checkpoint_dirty(&self) -> Option<BTreeMap<u32, DirtyBitmap>> {
+        let mut d = self.dirty.lock().unwrap_or_else(|e| e.into_inner());
+        d.since_checkpoint.replace(BTreeMap::new())
+    }
+
+    /// Swaps chunk `slot`'s memory for `mapping` (the VM must be paused and
+    /// the mapping must hold the chunk's current contents). The old mapping
+    /// is returned so the caller decides when to free it.
+    pub fn replace_chunk(&self, _pause: &Pause, slot: u32, mapping: Mapping) -> Result<Mapping, VmError> {
+        let logging = self.dirty.lock().unwrap_or_else(|e| e.into_inner()).logging;
+        let mut mem = self.memory_mut();
+        let chunk = mem
+            .nodes
+            .iter_mut()
+            .flat_map(|n| n.chunks.iter_mut())
+            .find(|c| c.slot == slot)
+            .ok_or_else(|| VmError::Host(format!("no memory slot {slot}")))?;
+        let range = chunk.range;
+        self.delete_slot(slot, range)?;
+        let old = std::mem::replace(&mut chunk.mapping, mapping);
+        if let Err(e) = self.set_slot(chunk, logging) {
+            // Put the old memory back so the guest keeps what it had.
+            let _ = std::mem::replace(&mut chunk.mapping, old);
+            self.set_slot(chunk, logging)?;
+            return Err(e);
+        }
+        Ok(old)
+    }
+
+    /// Stops the vCPU threads for good.
+    pub fn shutdown(&self) {
+        let mut vcpus = self.vcpus.lock().unwrap_or_else(|e| e.into_inner());
+        for v in vcpus.iter_mut() {
+            v.finish();
+        }
+        vcpus.clear();
+        *self.lock_state() = RunState::Stopped;
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
