@@ -89,6 +89,17 @@ impl Routes {
                 vm.resume(p).map_err(|e| ApiError(500, e.to_string()))?;
                 json(report)
             }
+            ("PUT", "vm.numa-migrate") => {
+                let req: crate::transfer::numa_move::NumaMigrateRequest = body(b)?;
+                let _op = self.operation()?;
+                self.running_or_paused()?;
+                match crate::transfer::numa_move::numa_migrate(vm, &req) {
+                    Ok(r) => json(r),
+                    Err(e @ crate::transfer::numa_move::NumaMoveError::Invalid(_)) => Err(ApiError(400, e.to_string())),
+                    Err(e) => Err(ApiError(500, e.to_string())),
+                }
+            }
+            ("GET", "vm.numa-stat") => json(crate::transfer::numa_move::numa_stat(vm).map_err(|e| ApiError(500, e))?),
             ("GET", "debug.memory-map") => {
                 let m = vm.memory();
                 json(
@@ -106,10 +117,18 @@ impl Routes {
                         .collect::<Vec<_>>(),
                 )
             }
-            (_, "vm.status" | "vm.pause" | "vm.resume" | "vm.stop" | "vm.verify" | "debug.memory-map") => {
+            (_, "vm.status" | "vm.pause" | "vm.resume" | "vm.stop" | "vm.verify" | "vm.numa-migrate" | "vm.numa-stat" | "debug.memory-map") => {
                 Err(ApiError(405, format!("{method} is not allowed on {path}")))
             }
             _ => Err(ApiError(404, format!("no such endpoint: {path}"))),
+        }
+    }
+
+    /// Fails unless the VM can still run (not stopped).
+    fn running_or_paused(&self) -> Result<(), ApiError> {
+        match self.vm.state() {
+            RunState::Stopped => Err(ApiError(409, "the VM is stopped".into())),
+            _ => Ok(()),
         }
     }
 

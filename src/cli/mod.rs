@@ -4,7 +4,9 @@
 
 pub mod control;
 pub mod demo;
+pub mod numa;
 pub mod output;
+pub mod progress;
 pub mod run;
 
 use std::path::PathBuf;
@@ -107,6 +109,10 @@ enum Cmd {
     Stop(ApiOpts),
     /// Check a builtin guest's memory invariant from the host (pauses it meanwhile).
     Verify(ApiOpts),
+    /// Re-home guest memory (and its vCPUs) to another host NUMA node while the VM runs.
+    NumaMigrate(numa::NumaMigrateArgs),
+    /// Show where every guest node's pages live now, and the vCPUs' CPUs.
+    NumaStat(ApiOpts),
     /// Show the host's NUMA nodes, their CPUs and memory.
     Topology(output::JsonOpt),
     /// Run the demo: a builtin guest driven through its API.
@@ -125,6 +131,8 @@ pub fn main() -> ExitCode {
         Cmd::Resume(o) => control::resume(&o),
         Cmd::Stop(o) => control::stop(&o),
         Cmd::Verify(o) => control::verify(&o),
+        Cmd::NumaMigrate(a) => numa::numa_migrate(&a),
+        Cmd::NumaStat(o) => numa::numa_stat(&o),
         Cmd::Topology(o) => control::topology(&o),
         Cmd::Demo(a) => demo::demo(a),
     };

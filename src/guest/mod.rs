@@ -10,9 +10,9 @@
 //! | address    | what                                                  |
 //! |------------|-------------------------------------------------------|
 //! | 0x1000     | GDT                                                   |
-//! | 0x2000     | TSS                                                   |
 //! | 0x3000     | control page: magic, kind, vCPU count                 |
 //! | 0x4000     | per-vCPU blocks, 64 bytes each                        |
+//! | 0x5000     | TSS and its I/O permission bitmap (to 0x7069)         |
 //! | 0x10000    | code                                                  |
 //! | 0x20000    | per-vCPU range tables, one page each                  |
 //! | 0x100000   | page tables (PML4, PDPT, one PD per GiB)              |

@@ -10,8 +10,12 @@ use crate::memory::{GuestMemory, GuestRange, PAGE_SIZE};
 
 /// GDT.
 pub const GDT_ADDR: u64 = 0x1000;
-/// TSS.
-pub const TSS_ADDR: u64 = 0x2000;
+/// TSS, followed by its I/O permission bitmap (8 KiB, all ports allowed).
+pub const TSS_ADDR: u64 = 0x5000;
+/// Offset of the I/O bitmap in the TSS.
+const IOMAP_OFFSET: u64 = 0x68;
+/// TSS limit: the 104-byte TSS, the 8 KiB bitmap and its 0xff end byte.
+const TSS_LIMIT: u64 = IOMAP_OFFSET + 0x2000;
 /// Control page.
 pub const CONTROL_ADDR: u64 = 0x3000;
 /// First per-vCPU block.
@@ -140,8 +144,15 @@ pub fn install(memory: &GuestMemory, spec: &GuestSpec, vcpus: u32, pace_batch: u
     for (i, e) in gdt.iter().enumerate() {
         w(GDT_ADDR + i as u64 * 8, *e)?;
     }
-    let tss_limit = 0x67u64;
-    let tss_lo = tss_limit | ((TSS_ADDR & 0xff_ffff) << 16) | (0x89u64 << 40) | (((TSS_ADDR >> 24) & 0xff) << 56);
+    // The I/O bitmap: zero bits allow every port. IOPL=3 alone would do on
+    // bare metal, but the paravirtualised KVM of our CI hosts checks the
+    // bitmap even then, and a TSS without one makes every `out` a #GP.
+    w(TSS_ADDR + 0x64, IOMAP_OFFSET << 16)?;
+    memory
+        .write_bytes(TSS_ADDR + IOMAP_OFFSET + 0x2000, &[0xff])
+        .ok_or_else(|| SetupError::Layout("TSS does not fit".into()))?;
+    let tss_limit = TSS_LIMIT;
+    let tss_lo = (tss_limit & 0xffff) | (((tss_limit >> 16) & 0xf) << 48) | ((TSS_ADDR & 0xff_ffff) << 16) | (0x89u64 << 40) | (((TSS_ADDR >> 24) & 0xff) << 56);
     w(GDT_ADDR + 40, tss_lo)?;
     w(GDT_ADDR + 48, TSS_ADDR >> 32)?;
 
@@ -226,6 +237,12 @@ fn fill_random(memory: &GuestMemory, slices: &[Vec<(u64, u64)>]) {
     }
 }
 
+/// Copies the registers a builtin guest sets from `ours` into `base` (the
+/// vCPU's reset state), leaving the rest as KVM made it.
+pub fn apply_sregs(base: &mut kvm_sregs, ours: &kvm_sregs) {
+    *base = kvm_sregs { apic_base: base.apic_base, interrupt_bitmap: base.interrupt_bitmap, ..*ours };
+}
+
 fn seg(selector: u16, type_: u8, long: bool) -> kvm_segment {
     kvm_segment {
         base: 0,
@@ -263,7 +280,7 @@ fn boot_state(block_addr: u64) -> BootState {
     };
     sregs.tr = kvm_segment {
         base: TSS_ADDR,
-        limit: 0x67,
+        limit: TSS_LIMIT as u32,
         selector: TSS_SEL,
         type_: 0xb,
         present: 1,

@@ -6,8 +6,10 @@
 //! pause, dirty logs, vCPU state, slot replacement.
 
 pub mod config;
+pub mod state;
 pub mod vcpu;
 pub mod vm;
 
 pub use config::{NodeConfig, VmConfig};
+pub use state::VmState;
 pub use vm::{Pause, RunState, Start, Vm, VmError};

@@ -441,7 +441,10 @@ impl VcpuThread {
             let action = match self.fd.run() {
                 Ok(VcpuExit::IoOut(port, data)) => self.device.io_out(self.id, port, data),
                 Ok(VcpuExit::IoIn(port, data)) => self.device.io_in(port, data),
-                Ok(VcpuExit::Shutdown) => return self.stopped(GuestStop::Shutdown("the guest shut down (triple fault)".into())),
+                Ok(VcpuExit::Shutdown) => {
+                    let at = self.fd.get_regs().map(|r| format!(" at rip {:#x}, rflags {:#x}", r.rip, r.rflags)).unwrap_or_default();
+                    return self.stopped(GuestStop::Shutdown(format!("the guest shut down (triple fault){at}")));
+                }
                 Ok(VcpuExit::Hlt) => return self.stopped(GuestStop::Shutdown("the guest halted".into())),
                 Ok(VcpuExit::Intr) => DeviceAction::Continue,
                 Ok(VcpuExit::MmioRead(_, data)) => {

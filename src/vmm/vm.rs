@@ -191,7 +191,11 @@ impl Vm {
             Start::Boot => {
                 let boots = guest::setup::install(&vm.memory(), &config.guest, config.vcpus, device.pace_batch())?;
                 for (v, b) in fds.iter().zip(&boots) {
-                    v.set_sregs(&b.sregs).map_err(kvm_err("KVM_SET_SREGS"))?;
+                    // Start from KVM's reset state so fields we do not set
+                    // (APIC base, pending interrupts) keep their defaults.
+                    let mut sregs = v.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
+                    guest::setup::apply_sregs(&mut sregs, &b.sregs);
+                    v.set_sregs(&sregs).map_err(kvm_err("KVM_SET_SREGS"))?;
                     v.set_regs(&b.regs).map_err(kvm_err("KVM_SET_REGS"))?;
                 }
             }
@@ -466,6 +470,11 @@ impl Vm {
         }
         d.logging = true;
         Ok(())
+    }
+
+    /// Whether KVM dirty logging is on.
+    pub fn dirty_logging(&self) -> bool {
+        self.dirty.lock().unwrap_or_else(|e| e.into_inner()).logging
     }
 
     /// Turns dirty logging off unless a checkpoint chain still needs it.

@@ -1,0 +1,2036 @@
+//! The on-disk format of one checkpoint file: writing it atomically and
+//! reading it back with every byte checked.
+//!
+//! This module owns the byte layout (documented in
+//! `docs/checkpoint-format.md`), the crash-safe write protocol (temp file,
+//! fsync, rename, fsync of the directory) and the validation of a file on
+//! open. It does not know how files form a chain (`chain.rs`), what the
+//! opaque `config` and `state` sections contain (the VMM serializes them),
+//! which pages are dirty (the transfer engine) or how pages get back into
+//! guest memory (the restore code).
+//!
+//! Layout in short: a 4 KiB header block, then the page records (raw 4 KiB
+//! pages, so page data is page-aligned in the file and can be mmapped for a
+//! lazy restore), then the `config`, `state` and `index` sections, then a
+//! fixed-size footer that locates and checksums every section.
+
+use std::fmt;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+/// Size of a guest page and of one page record in the file.
+pub const PAGE_SIZE: usize = 4096;
+/// The format version this code writes and the only one it reads.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// First eight bytes of every checkpoint file.
+pub const MAGIC: [u8; 8] = *b"VMHOPCKP";
+/// Last eight bytes of every complete checkpoint file.
+pub const TRAILER_MAGIC: [u8; 8] = *b"VMHOPEND";
+/// Encoded size of the header fields (including their crc).
+pub const HEADER_LEN: usize = 64;
+/// The header is padded with zeros to this size so that page records start
+/// page-aligned in the file.
+pub const HEADER_BLOCK_LEN: usize = PAGE_SIZE;
+/// Encoded size of the footer (including its crc and the trailer magic).
+pub const FOOTER_LEN: usize = 120;
+/// Encoded size of one index entry.
+pub const INDEX_ENTRY_LEN: usize = 24;
+/// Index entry flag: the page's latest version is all zeros (no data stored).
+pub const INDEX_FLAG_ZERO: u32 = 1;
+
+/// Bytes buffered before one large sequential write: big enough that the
+/// syscall cost vanishes next to the copy, small enough to stay in cache.
+const WRITE_BUFFER_LEN: usize = 8 << 20;
+/// Runs of non-zero pages at least this long are written straight from the
+/// caller's memory instead of being copied into the buffer first.
+const DIRECT_WRITE_MIN: usize = 1 << 20;
+/// Written bytes after which writeback to disk is started (see
+/// `CheckpointWriter::start_writeback`).
+const WRITEBACK_CHUNK: u64 = 8 << 20;
+/// File mode of checkpoint files: they hold guest memory, which is private.
+const CHECKPOINT_FILE_MODE: u32 = 0o600;
+
+/// Whether a checkpoint holds every non-zero page or only those that changed
+/// since its parent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    /// Every non-zero page of the VM; the root of a chain.
+    Full,
+    /// Only the pages written since the parent checkpoint.
+    Incremental,
+}
+
+impl Kind {
+    fn to_byte(self) -> u8 {
+        match self {
+            Kind::Full => 0,
+            Kind::Incremental => 1,
+        }
+    }
+
+    fn from_byte(b: u8) -> Option<Kind> {
+        match b {
+            0 => Some(Kind::Full),
+            1 => Some(Kind::Incremental),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Kind::Full => "full",
+            Kind::Incremental => "incremental",
+        })
+    }
+}
+
+/// Identity of a checkpoint file and its place in a chain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Header {
+    /// Random id shared by every file of one chain (never 0).
+    pub chain_id: u64,
+    /// Checkpoint id, unique in its directory, from 1 up.
+    pub id: u32,
+    /// Id of the parent checkpoint; `None` exactly for full checkpoints.
+    pub parent: Option<u32>,
+    /// Full or incremental.
+    pub kind: Kind,
+    /// Creation time, milliseconds since the Unix epoch.
+    pub created_unix_ms: u64,
+}
+
+impl Header {
+    /// The header of a new full checkpoint: starts a new chain (fresh random
+    /// chain id), created now.
+    pub fn full(id: u32) -> Header {
+        Header {
+            chain_id: new_chain_id(),
+            id,
+            parent: None,
+            kind: Kind::Full,
+            created_unix_ms: now_unix_ms(),
+        }
+    }
+
+    /// The header of a new incremental checkpoint on top of `parent` in the
+    /// chain `chain_id`, created now.
+    pub fn incremental(chain_id: u64, id: u32, parent: u32) -> Header {
+        Header {
+            chain_id,
+            id,
+            parent: Some(parent),
+            kind: Kind::Incremental,
+            created_unix_ms: now_unix_ms(),
+        }
+    }
+
+    /// Why this header cannot describe a checkpoint, if it cannot.
+    fn invalid_reason(&self) -> Option<String> {
+        if self.id == 0 {
+            return Some("checkpoint id 0 is reserved".into());
+        }
+        if self.chain_id == 0 {
+            return Some("chain id 0 is reserved".into());
+        }
+        match (self.kind, self.parent) {
+            (Kind::Full, Some(p)) => Some(format!("full checkpoint names a parent ({p})")),
+            (Kind::Incremental, None) => Some("incremental checkpoint without a parent".into()),
+            (Kind::Incremental, Some(p)) if p == 0 || p >= self.id => Some(format!(
+                "incremental checkpoint {} names parent {p}, which is not an earlier id",
+                self.id
+            )),
+            _ => None,
+        }
+    }
+
+    fn encode(&self) -> [u8; HEADER_LEN] {
+        let mut b = [0u8; HEADER_LEN];
+        b[0..8].copy_from_slice(&MAGIC);
+        b[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+        b[12..16].copy_from_slice(&(PAGE_SIZE as u32).to_le_bytes());
+        b[16..24].copy_from_slice(&self.chain_id.to_le_bytes());
+        b[24..28].copy_from_slice(&self.id.to_le_bytes());
+        b[28..32].copy_from_slice(&self.parent.unwrap_or(0).to_le_bytes());
+        b[32] = self.kind.to_byte();
+        b[40..48].copy_from_slice(&self.created_unix_ms.to_le_bytes());
+        let crc = crc32c::crc32c(&b[..HEADER_LEN - 4]);
+        b[HEADER_LEN - 4..].copy_from_slice(&crc.to_le_bytes());
+        b
+    }
+
+    /// Decodes and checks the header at the start of `bytes` (the file is
+    /// `len` bytes long); `bytes` may be shorter than the header.
+    fn decode(path: &Path, bytes: &[u8], len: u64) -> Result<Header, FormatError> {
+        let truncated = |detail: &str| FormatError::Truncated {
+            path: path.to_path_buf(),
+            len,
+            detail: detail.to_string(),
+        };
+        if bytes.len() < MAGIC.len() {
+            // Too short to tell; a prefix of the magic is most likely a cut file.
+            if MAGIC.starts_with(bytes) {
+                return Err(truncated("the file ends inside the header"));
+            }
+            return Err(FormatError::BadMagic {
+                path: path.to_path_buf(),
+            });
+        }
+        if bytes[0..8] != MAGIC {
+            return Err(FormatError::BadMagic {
+                path: path.to_path_buf(),
+            });
+        }
+        if bytes.len() < 12 {
+            return Err(truncated("the file ends inside the header"));
+        }
+        // The version is checked before the crc: a later version may lay the
+        // rest of the header out differently, but keeps magic and version.
+        let version = le_u32(&bytes[8..12]);
+        if version != FORMAT_VERSION {
+            return Err(FormatError::UnsupportedVersion {
+                path: path.to_path_buf(),
+                found: version,
+            });
+        }
+        if bytes.len() < HEADER_LEN {
+            return Err(truncated("the file ends inside the header"));
+        }
+        let stored_crc = le_u32(&bytes[HEADER_LEN - 4..HEADER_LEN]);
+        if crc32c::crc32c(&bytes[..HEADER_LEN - 4]) != stored_crc {
+            return Err(FormatError::Checksum {
+                path: path.to_path_buf(),
+                section: "header".into(),
+            });
+        }
+        let corrupt = |reason: String| FormatError::Corrupt {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let page_size = le_u32(&bytes[12..16]);
+        if page_size as usize != PAGE_SIZE {
+            return Err(corrupt(format!(
+                "page size {page_size} (only {PAGE_SIZE} is supported)"
+            )));
+        }
+        let kind = Kind::from_byte(bytes[32])
+            .ok_or_else(|| corrupt(format!("unknown checkpoint kind {}", bytes[32])))?;
+        let parent = le_u32(&bytes[28..32]);
+        let header = Header {
+            chain_id: le_u64(&bytes[16..24]),
+            id: le_u32(&bytes[24..28]),
+            parent: (parent != 0).then_some(parent),
+            kind,
+            created_unix_ms: le_u64(&bytes[40..48]),
+        };
+        if let Some(reason) = header.invalid_reason() {
+            return Err(corrupt(format!("inconsistent header: {reason}")));
+        }
+        Ok(header)
+    }
+}
+
+/// Everything that can go wrong writing or reading a checkpoint file. Every
+/// variant names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum FormatError {
+    /// A system call on the file failed.
+    #[error("{op} {path}: {source}")]
+    Io {
+        /// The file (or directory) concerned.
+        path: PathBuf,
+        /// What vmhop was doing, e.g. "writing".
+        op: &'static str,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// The file system is full (ENOSPC or EDQUOT).
+    #[error(
+        "{op} {path}: no space left on device (the disk is full); the checkpoint was not completed"
+    )]
+    NoSpace {
+        /// The file being written.
+        path: PathBuf,
+        /// What vmhop was doing, e.g. "writing".
+        op: &'static str,
+    },
+    /// The file does not start with the checkpoint magic.
+    #[error("{path}: not a vmhop checkpoint file (bad magic)")]
+    BadMagic {
+        /// The file.
+        path: PathBuf,
+    },
+    /// The file was written by a format version this vmhop cannot read.
+    #[error("{path}: checkpoint format version {found} is not supported (this vmhop reads version {FORMAT_VERSION})")]
+    UnsupportedVersion {
+        /// The file.
+        path: PathBuf,
+        /// The version found in the file.
+        found: u32,
+    },
+    /// A section's bytes do not match their checksum.
+    #[error("{path}: checksum mismatch in the {section} (the file is corrupted)")]
+    Checksum {
+        /// The file.
+        path: PathBuf,
+        /// Which section, e.g. "index" or "page at gpa 0x1000".
+        section: String,
+    },
+    /// The file is shorter than its structure requires.
+    #[error("{path}: truncated checkpoint file ({len} bytes): {detail}")]
+    Truncated {
+        /// The file.
+        path: PathBuf,
+        /// Its length in bytes.
+        len: u64,
+        /// What is missing.
+        detail: String,
+    },
+    /// The checksums hold but the content is inconsistent.
+    #[error("{path}: corrupt checkpoint file: {reason}")]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// What is inconsistent.
+        reason: String,
+    },
+    /// A checkpoint with this id is already in the directory.
+    #[error("{path}: a checkpoint with this id already exists")]
+    AlreadyExists {
+        /// The final file name that is taken.
+        path: PathBuf,
+    },
+    /// The caller passed something the format cannot represent.
+    #[error("{path}: invalid request: {reason}")]
+    InvalidArgument {
+        /// The file being written or read.
+        path: PathBuf,
+        /// What is wrong with the request.
+        reason: String,
+    },
+    /// An earlier write to this file failed, so it cannot be completed.
+    #[error("{path}: an earlier write to this checkpoint failed; it cannot be completed")]
+    Poisoned {
+        /// The temp file being written.
+        path: PathBuf,
+    },
+}
+
+/// Maps an OS error to a `FormatError`, singling out a full disk so the user
+/// reads "the disk is full" rather than an errno.
+fn io_error(path: &Path, op: &'static str, source: io::Error) -> FormatError {
+    match source.raw_os_error() {
+        Some(libc::ENOSPC) | Some(libc::EDQUOT) => FormatError::NoSpace {
+            path: path.to_path_buf(),
+            op,
+        },
+        _ => FormatError::Io {
+            path: path.to_path_buf(),
+            op,
+            source,
+        },
+    }
+}
+
+/// One entry of a checkpoint's page index.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IndexEntry {
+    /// Guest-physical address of the page (page-aligned).
+    pub gpa: u64,
+    /// Offset of the page's data in the file; 0 for a zero page.
+    pub offset: u64,
+    /// crc32c of the page's 4096 bytes; 0 for a zero page.
+    pub crc: u32,
+    /// The page's latest version is all zeros and has no data in the file.
+    pub zero: bool,
+}
+
+impl IndexEntry {
+    fn encode(&self) -> [u8; INDEX_ENTRY_LEN] {
+        let mut b = [0u8; INDEX_ENTRY_LEN];
+        b[0..8].copy_from_slice(&self.gpa.to_le_bytes());
+        b[8..16].copy_from_slice(&self.offset.to_le_bytes());
+        b[16..20].copy_from_slice(&self.crc.to_le_bytes());
+        let flags = if self.zero { INDEX_FLAG_ZERO } else { 0 };
+        b[20..24].copy_from_slice(&flags.to_le_bytes());
+        b
+    }
+}
+
+/// The name of checkpoint `id`'s file in its directory.
+pub fn checkpoint_file_name(id: u32) -> String {
+    format!("ckpt-{id:06}.vmhop")
+}
+
+/// The name of the temp file checkpoint `id` is written to before it is
+/// complete. Hidden, and not matching [`parse_checkpoint_file_name`].
+pub fn temp_file_name(id: u32) -> String {
+    format!(".ckpt-{id:06}.tmp")
+}
+
+/// The id of a complete checkpoint file name, or `None` for any other name
+/// (temp files, non-canonical spellings such as `ckpt-1.vmhop`).
+pub fn parse_checkpoint_file_name(name: &std::ffi::OsStr) -> Option<u32> {
+    let name = std::str::from_utf8(name.as_bytes()).ok()?;
+    let digits = name.strip_prefix("ckpt-")?.strip_suffix(".vmhop")?;
+    if !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let id: u32 = digits.parse().ok()?;
+    // Only the canonical spelling counts, so one id maps to one file.
+    (id != 0 && checkpoint_file_name(id) == name).then_some(id)
+}
+
+/// Milliseconds since the Unix epoch, now.
+pub fn now_unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// A fresh random, non-zero chain id.
+pub fn new_chain_id() -> u64 {
+    loop {
+        let mut buf = [0u8; 8];
+        // SAFETY: getrandom writes at most `buf.len()` bytes into `buf`,
+        // which is a valid, exclusively borrowed buffer of that length.
+        let n = unsafe { libc::getrandom(buf.as_mut_ptr().cast(), buf.len(), 0) };
+        let id = if n == buf.len() as isize {
+            u64::from_le_bytes(buf)
+        } else {
+            // getrandom cannot fail for 8 bytes on a booted system; should it,
+            // time and pid still make collisions in one directory unlikely.
+            let t = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(0);
+            t ^ (u64::from(std::process::id()) << 32) ^ 0x9e37_79b9_7f4a_7c15
+        };
+        if id != 0 {
+            return id;
+        }
+    }
+}
+
+/// Whether a page is all zeros. Ors eight words at a time so the compiler
+/// can vectorize, and returns at the first non-zero 64-byte block, which
+/// for a data page is almost always the first.
+fn is_zero_page(page: &[u8]) -> bool {
+    page.chunks_exact(64).all(|block| {
+        block.chunks_exact(8).fold(0u64, |acc, w| {
+            acc | u64::from_ne_bytes(w.try_into().unwrap())
+        }) == 0
+    })
+}
+
+/// Checks a page-granular request before anything is written.
+fn check_pages_request(path: &Path, gpa: u64, len: usize) -> Result<(), FormatError> {
+    let invalid = |reason: String| FormatError::InvalidArgument {
+        path: path.to_path_buf(),
+        reason,
+    };
+    if !gpa.is_multiple_of(PAGE_SIZE as u64) {
+        return Err(invalid(format!("gpa {gpa:#x} is not page-aligned")));
+    }
+    if !len.is_multiple_of(PAGE_SIZE) {
+        return Err(invalid(format!(
+            "page data of {len} bytes is not a multiple of {PAGE_SIZE}"
+        )));
+    }
+    if gpa.checked_add(len as u64).is_none() {
+        return Err(invalid(format!(
+            "{len} bytes at gpa {gpa:#x} overflow the address space"
+        )));
+    }
+    Ok(())
+}
+
+/// Writes one checkpoint file. Data goes to a hidden temp file in the
+/// directory; [`CheckpointWriter::finish`] makes it visible under its final
+/// name only once it is complete and on disk. Dropping an unfinished writer
+/// removes the temp file.
+pub struct CheckpointWriter {
+    header: Header,
+    tmp_path: PathBuf,
+    final_path: PathBuf,
+    dir: PathBuf,
+    file: File,
+    /// Bytes not yet written; they belong at `file_pos`.
+    buf: Vec<u8>,
+    /// Bytes of the file written so far (everything before `buf`).
+    file_pos: u64,
+    /// Bytes of the file whose writeback has been started.
+    writeback_pos: u64,
+    /// Logical end of the page records: `file_pos + buf.len()` between calls.
+    data_end: u64,
+    /// Index entries in the order pages were added (duplicates included).
+    entries: Vec<IndexEntry>,
+    /// Highest gpa stored with data so far: a zero page above it cannot
+    /// supersede anything, so a full checkpoint need not remember it.
+    max_data_gpa: Option<u64>,
+    zero_adds: u64,
+    config: Vec<u8>,
+    state: Vec<u8>,
+    poisoned: bool,
+    /// Set once the file has its final name, so Drop leaves it alone.
+    done: bool,
+}
+
+impl fmt::Debug for CheckpointWriter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CheckpointWriter")
+            .field("header", &self.header)
+            .field("tmp_path", &self.tmp_path)
+            .field("data_end", &self.data_end)
+            .field("entries", &self.entries.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// What [`CheckpointWriter::finish`] wrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WrittenCheckpoint {
+    /// Final path of the checkpoint file.
+    pub path: PathBuf,
+    /// Checkpoint id.
+    pub id: u32,
+    /// Size of the file in bytes.
+    pub bytes_written: u64,
+    /// Distinct non-zero pages stored (pages superseded in the same file
+    /// are not counted).
+    pub pages_written: u64,
+    /// Zero pages not stored as data: in a full checkpoint the number of
+    /// zero pages added (and skipped); in an incremental the number of zero
+    /// entries in the index.
+    pub zero_pages: u64,
+}
+
+impl CheckpointWriter {
+    /// Starts checkpoint `header.id` in `dir` (which must exist). Fails if
+    /// the header is inconsistent or a checkpoint with that id is already
+    /// there. A stale temp file of the same id (from a crash) is replaced.
+    pub fn create(dir: &Path, header: Header) -> Result<Self, FormatError> {
+        let final_path = dir.join(checkpoint_file_name(header.id));
+        let tmp_path = dir.join(temp_file_name(header.id));
+        if let Some(reason) = header.invalid_reason() {
+            return Err(FormatError::InvalidArgument {
+                path: final_path,
+                reason,
+            });
+        }
+        if final_path.exists() {
+            return Err(FormatError::AlreadyExists { path: final_path });
+        }
+        let file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(CHECKPOINT_FILE_MODE)
+            .open(&tmp_path)
+            .map_err(|e| io_error(&tmp_path, "creating", e))?;
+        let mut buf = Vec::with_capacity(WRITE_BUFFER_LEN);
+        buf.extend_from_slice(&header.encode());
+        buf.resize(HEADER_BLOCK_LEN, 0);
+        Ok(CheckpointWriter {
+            header,
+            final_path,
+            tmp_path,
+            dir: dir.to_path_buf(),
+            file,
+            buf,
+            file_pos: 0,
+            writeback_pos: 0,
+            data_end: HEADER_BLOCK_LEN as u64,
+            entries: Vec::new(),
+            max_data_gpa: None,
+            zero_adds: 0,
+            config: Vec::new(),
+            state: Vec::new(),
+            poisoned: false,
+            done: false,
+        })
+    }
+
+    /// The header this checkpoint is written with.
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    /// Sets the `config` section (opaque to this module). May be called any
+    /// time before `finish`; the last call wins.
+    pub fn set_config(&mut self, bytes: &[u8]) {
+        self.config = bytes.to_vec();
+    }
+
+    /// Sets the `state` section (opaque to this module). May be called any
+    /// time before `finish`; the last call wins.
+    pub fn set_state(&mut self, bytes: &[u8]) {
+        self.state = bytes.to_vec();
+    }
+
+    /// Appends one page (`data.len() == PAGE_SIZE`). Zero pages are skipped
+    /// in a full checkpoint and recorded as zero entries in an incremental.
+    /// Adding a page again supersedes the earlier version. Returns the bytes
+    /// written to the file for it (0 for a zero page).
+    pub fn add_page(&mut self, gpa: u64, data: &[u8]) -> Result<u64, FormatError> {
+        if data.len() != PAGE_SIZE {
+            return Err(FormatError::InvalidArgument {
+                path: self.tmp_path.clone(),
+                reason: format!("a page must be {PAGE_SIZE} bytes, got {}", data.len()),
+            });
+        }
+        self.add_pages(gpa, data)
+    }
+
+    /// Appends the contiguous pages starting at `gpa` (`data.len()` a
+    /// multiple of `PAGE_SIZE`), with the same rules as `add_page`. The fast
+    /// path: long runs of non-zero pages go to the file without a copy.
+    pub fn add_pages(&mut self, gpa: u64, data: &[u8]) -> Result<u64, FormatError> {
+        self.check_usable()?;
+        check_pages_request(&self.tmp_path, gpa, data.len())?;
+        let mut written = 0u64;
+        let mut run_start: Option<usize> = None;
+        for (i, page) in data.chunks_exact(PAGE_SIZE).enumerate() {
+            let page_gpa = gpa + (i * PAGE_SIZE) as u64;
+            if is_zero_page(page) {
+                if let Some(start) = run_start.take() {
+                    written += self.emit(&data[start..i * PAGE_SIZE])?;
+                }
+                self.record_zero(page_gpa);
+            } else {
+                run_start.get_or_insert(i * PAGE_SIZE);
+                self.entries.push(IndexEntry {
+                    gpa: page_gpa,
+                    offset: self.data_end,
+                    crc: crc32c::crc32c(page),
+                    zero: false,
+                });
+                self.data_end += PAGE_SIZE as u64;
+                self.max_data_gpa = Some(self.max_data_gpa.map_or(page_gpa, |m| m.max(page_gpa)));
+            }
+        }
+        if let Some(start) = run_start {
+            written += self.emit(&data[start..])?;
+        }
+        Ok(written)
+    }
+
+    fn record_zero(&mut self, gpa: u64) {
+        self.zero_adds += 1;
+        let may_supersede = self.max_data_gpa.is_some_and(|m| gpa <= m);
+        if self.header.kind == Kind::Incremental || may_supersede {
+            self.entries.push(IndexEntry {
+                gpa,
+                offset: 0,
+                crc: 0,
+                zero: true,
+            });
+        }
+    }
+
+    fn check_usable(&self) -> Result<(), FormatError> {
+        if self.poisoned {
+            return Err(FormatError::Poisoned {
+                path: self.tmp_path.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Queues `bytes` for the file (they have already been given offsets).
+    fn emit(&mut self, bytes: &[u8]) -> Result<u64, FormatError> {
+        if bytes.len() >= DIRECT_WRITE_MIN {
+            self.flush()?;
+            self.write_at_end(bytes)?;
+        } else {
+            if self.buf.len() + bytes.len() > WRITE_BUFFER_LEN {
+                self.flush()?;
+            }
+            self.buf.extend_from_slice(bytes);
+        }
+        Ok(bytes.len() as u64)
+    }
+
+    fn flush(&mut self) -> Result<(), FormatError> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let buf = std::mem::take(&mut self.buf);
+        let result = self.write_at_end(&buf);
+        self.buf = buf;
+        self.buf.clear();
+        result
+    }
+
+    fn write_at_end(&mut self, bytes: &[u8]) -> Result<(), FormatError> {
+        if let Err(e) = self.file.write_all_at(bytes, self.file_pos) {
+            self.poisoned = true;
+            return Err(io_error(&self.tmp_path, "writing", e));
+        }
+        self.file_pos += bytes.len() as u64;
+        self.start_writeback();
+        Ok(())
+    }
+
+    /// Asks the kernel to start writing out what has been written so far,
+    /// so the disk works while the caller produces the next pages and the
+    /// fsync in `finish` has little left to do. Only a hint: errors are
+    /// ignored here and reported by that fsync.
+    fn start_writeback(&mut self) {
+        if self.file_pos - self.writeback_pos < WRITEBACK_CHUNK {
+            return;
+        }
+        use std::os::fd::AsRawFd;
+        let len = self.file_pos - self.writeback_pos;
+        // SAFETY: sync_file_range only reads the descriptor, which `self.file`
+        // keeps open, and the range arguments; it touches no user memory.
+        unsafe {
+            libc::sync_file_range(
+                self.file.as_raw_fd(),
+                self.writeback_pos as i64,
+                len as i64,
+                libc::SYNC_FILE_RANGE_WRITE,
+            )
+        };
+        self.writeback_pos = self.file_pos;
+    }
+
+    /// Appends `bytes` through the buffer, folding them into `crc`.
+    fn append(&mut self, bytes: &[u8], crc: &mut u32) -> Result<(), FormatError> {
+        *crc = crc32c::crc32c_append(*crc, bytes);
+        for chunk in bytes.chunks(WRITE_BUFFER_LEN) {
+            if self.buf.len() + chunk.len() > WRITE_BUFFER_LEN {
+                self.flush()?;
+            }
+            self.buf.extend_from_slice(chunk);
+        }
+        Ok(())
+    }
+
+    /// Writes the index and footer, fsyncs the file, renames it to its final
+    /// name and fsyncs the directory. On error the temp file is removed and
+    /// no checkpoint becomes visible (unless only the directory fsync
+    /// failed, after the rename).
+    pub fn finish(mut self) -> Result<WrittenCheckpoint, FormatError> {
+        let result = self.finish_inner();
+        if result.is_ok() {
+            self.done = true;
+        }
+        result
+    }
+
+    fn finish_inner(&mut self) -> Result<WrittenCheckpoint, FormatError> {
+        self.check_usable()?;
+        // Last version wins: a stable sort keeps the add order among equal
+        // gpas, and dedup then keeps the last of each run.
+        let mut entries = std::mem::take(&mut self.entries);
+        entries.sort_by_key(|e| e.gpa);
+        entries.dedup_by(|later, kept| {
+            if later.gpa == kept.gpa {
+                *kept = *later;
+                true
+            } else {
+                false
+            }
+        });
+        if self.header.kind == Kind::Full {
+            entries.retain(|e| !e.zero);
+        }
+        let pages_written = entries.iter().filter(|e| !e.zero).count() as u64;
+        let zero_pages = match self.header.kind {
+            Kind::Full => self.zero_adds,
+            Kind::Incremental => entries.len() as u64 - pages_written,
+        };
+
+        let pages_offset = HEADER_BLOCK_LEN as u64;
+        let pages_len = self.data_end - pages_offset;
+        let config = std::mem::take(&mut self.config);
+        let state = std::mem::take(&mut self.state);
+        let config_offset = self.data_end;
+        let mut config_crc = 0;
+        self.append(&config, &mut config_crc)?;
+        let state_offset = config_offset + config.len() as u64;
+        let mut state_crc = 0;
+        self.append(&state, &mut state_crc)?;
+        let index_offset = state_offset + state.len() as u64;
+        let mut index_crc = 0;
+        for e in &entries {
+            self.append(&e.encode(), &mut index_crc)?;
+        }
+        let index_len = (entries.len() * INDEX_ENTRY_LEN) as u64;
+        let file_len = index_offset + index_len + FOOTER_LEN as u64;
+        let footer = Footer {
+            chain_id: self.header.chain_id,
+            id: self.header.id,
+            file_len,
+            pages: Section {
+                offset: pages_offset,
+                len: pages_len,
+            },
+            config: Section {
+                offset: config_offset,
+                len: config.len() as u64,
+            },
+            state: Section {
+                offset: state_offset,
+                len: state.len() as u64,
+            },
+            index: Section {
+                offset: index_offset,
+                len: index_len,
+            },
+            index_count: entries.len() as u64,
+            config_crc,
+            state_crc,
+            index_crc,
+        };
+        let mut ignored = 0;
+        self.append(&footer.encode(), &mut ignored)?;
+        self.flush()?;
+        debug_assert_eq!(self.file_pos, file_len);
+
+        self.file
+            .sync_all()
+            .map_err(|e| io_error(&self.tmp_path, "fsyncing", e))?;
+        rename_no_replace(&self.tmp_path, &self.final_path)?;
+        // From here the file has its final name: never remove it.
+        self.done = true;
+        File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| io_error(&self.dir, "fsyncing directory", e))?;
+        Ok(WrittenCheckpoint {
+            path: self.final_path.clone(),
+            id: self.header.id,
+            bytes_written: file_len,
+            pages_written,
+            zero_pages,
+        })
+    }
+
+    /// Abandons the checkpoint and removes its temp file.
+    pub fn abort(self) {
+        // Drop does the work.
+    }
+}
+
+impl Drop for CheckpointWriter {
+    fn drop(&mut self) {
+        if !self.done {
+            if let Err(e) = std::fs::remove_file(&self.tmp_path) {
+                if e.kind() != io::ErrorKind::NotFound {
+                    tracing::warn!(
+                        "removing unfinished checkpoint {}: {e}",
+                        self.tmp_path.display()
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Renames `from` to `to` unless `to` exists, so two writers of the same id
+/// can never overwrite a complete checkpoint.
+fn rename_no_replace(from: &Path, to: &Path) -> Result<(), FormatError> {
+    let c = |p: &Path| {
+        std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(|_| FormatError::InvalidArgument {
+            path: p.to_path_buf(),
+            reason: "path contains a NUL byte".into(),
+        })
+    };
+    let (cfrom, cto) = (c(from)?, c(to)?);
+    // SAFETY: both arguments are valid NUL-terminated strings that outlive
+    // the call; renameat2 does not keep them.
+    let rc = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            cfrom.as_ptr(),
+            libc::AT_FDCWD,
+            cto.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    if rc == 0 {
+        return Ok(());
+    }
+    let err = io::Error::last_os_error();
+    match err.raw_os_error() {
+        Some(libc::EEXIST) => Err(FormatError::AlreadyExists {
+            path: to.to_path_buf(),
+        }),
+        // File systems without RENAME_NOREPLACE: check, then rename.
+        Some(libc::EINVAL) | Some(libc::ENOSYS) => {
+            if to.exists() {
+                return Err(FormatError::AlreadyExists {
+                    path: to.to_path_buf(),
+                });
+            }
+            std::fs::rename(from, to).map_err(|e| io_error(to, "renaming into place", e))
+        }
+        _ => Err(io_error(to, "renaming into place", err)),
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Section {
+    offset: u64,
+    len: u64,
+}
+
+impl Section {
+    fn end(&self) -> Option<u64> {
+        self.offset.checked_add(self.len)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Footer {
+    chain_id: u64,
+    id: u32,
+    file_len: u64,
+    pages: Section,
+    config: Section,
+    state: Section,
+    index: Section,
+    index_count: u64,
+    config_crc: u32,
+    state_crc: u32,
+    index_crc: u32,
+}
+
+impl Footer {
+    fn encode(&self) -> [u8; FOOTER_LEN] {
+        let mut b = [0u8; FOOTER_LEN];
+        b[0..8].copy_from_slice(&self.chain_id.to_le_bytes());
+        b[8..12].copy_from_slice(&self.id.to_le_bytes());
+        b[16..24].copy_from_slice(&self.file_len.to_le_bytes());
+        let sections = [self.pages, self.config, self.state, self.index];
+        for (i, s) in sections.iter().enumerate() {
+            let at = 24 + i * 16;
+            b[at..at + 8].copy_from_slice(&s.offset.to_le_bytes());
+            b[at + 8..at + 16].copy_from_slice(&s.len.to_le_bytes());
+        }
+        b[88..96].copy_from_slice(&self.index_count.to_le_bytes());
+        b[96..100].copy_from_slice(&self.config_crc.to_le_bytes());
+        b[100..104].copy_from_slice(&self.state_crc.to_le_bytes());
+        b[104..108].copy_from_slice(&self.index_crc.to_le_bytes());
+        let crc = crc32c::crc32c(&b[..108]);
+        b[108..112].copy_from_slice(&crc.to_le_bytes());
+        b[112..120].copy_from_slice(&TRAILER_MAGIC);
+        b
+    }
+
+    /// Decodes the footer; `None` if its crc does not match.
+    fn decode(b: &[u8; FOOTER_LEN]) -> Option<Footer> {
+        if crc32c::crc32c(&b[..108]) != le_u32(&b[108..112]) {
+            return None;
+        }
+        let section = |i: usize| {
+            let at = 24 + i * 16;
+            Section {
+                offset: le_u64(&b[at..at + 8]),
+                len: le_u64(&b[at + 8..at + 16]),
+            }
+        };
+        Some(Footer {
+            chain_id: le_u64(&b[0..8]),
+            id: le_u32(&b[8..12]),
+            file_len: le_u64(&b[16..24]),
+            pages: section(0),
+            config: section(1),
+            state: section(2),
+            index: section(3),
+            index_count: le_u64(&b[88..96]),
+            config_crc: le_u32(&b[96..100]),
+            state_crc: le_u32(&b[100..104]),
+            index_crc: le_u32(&b[104..108]),
+        })
+    }
+}
+
+fn le_u32(b: &[u8]) -> u32 {
+    u32::from_le_bytes(b[..4].try_into().unwrap())
+}
+
+fn le_u64(b: &[u8]) -> u64 {
+    u64::from_le_bytes(b[..8].try_into().unwrap())
+}
+
+/// Reads the header of a checkpoint file without validating the rest:
+/// enough to list a directory.
+pub fn read_header(path: &Path) -> Result<Header, FormatError> {
+    let file = File::open(path).map_err(|e| io_error(path, "opening", e))?;
+    let len = file
+        .metadata()
+        .map_err(|e| io_error(path, "reading metadata of", e))?
+        .len();
+    read_header_from(&file, path, len).map(|(h, _)| h)
+}
+
+/// Reads and checks the header block; returns the header and the block.
+fn read_header_from(file: &File, path: &Path, len: u64) -> Result<(Header, Vec<u8>), FormatError> {
+    let mut block = vec![0u8; len.min(HEADER_BLOCK_LEN as u64) as usize];
+    file.read_exact_at(&mut block, 0)
+        .map_err(|e| read_error(path, len, e))?;
+    let header = Header::decode(path, &block, len)?;
+    if block.len() < HEADER_BLOCK_LEN {
+        return Err(FormatError::Truncated {
+            path: path.to_path_buf(),
+            len,
+            detail: "the file ends inside the header block".into(),
+        });
+    }
+    Ok((header, block))
+}
+
+/// A read that hits the end of the file means the file shrank or lies
+/// about its size: report it as truncation, not as an OS error.
+fn read_error(path: &Path, len: u64, e: io::Error) -> FormatError {
+    if e.kind() == io::ErrorKind::UnexpectedEof {
+        FormatError::Truncated {
+            path: path.to_path_buf(),
+            len,
+            detail: "the file ended while reading it".into(),
+        }
+    } else {
+        io_error(path, "reading", e)
+    }
+}
+
+/// An open, validated checkpoint file. Opening checks the header, footer
+/// and the `config`, `state` and `index` sections against their checksums;
+/// page data is read (and checked) only on demand.
+pub struct CheckpointReader {
+    path: PathBuf,
+    file: File,
+    header: Header,
+    file_len: u64,
+    pages: Section,
+    config: Vec<u8>,
+    state: Vec<u8>,
+    index: Vec<IndexEntry>,
+}
+
+impl fmt::Debug for CheckpointReader {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CheckpointReader")
+            .field("path", &self.path)
+            .field("header", &self.header)
+            .field("file_len", &self.file_len)
+            .field("index", &self.index.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl CheckpointReader {
+    /// Opens `path` and validates everything but the page data.
+    pub fn open(path: &Path) -> Result<Self, FormatError> {
+        let file = File::open(path).map_err(|e| io_error(path, "opening", e))?;
+        let file_len = file
+            .metadata()
+            .map_err(|e| io_error(path, "reading metadata of", e))?
+            .len();
+        let (header, block) = read_header_from(&file, path, file_len)?;
+        let corrupt = |reason: String| FormatError::Corrupt {
+            path: path.to_path_buf(),
+            reason,
+        };
+        if block[HEADER_LEN..].iter().any(|&b| b != 0) {
+            return Err(corrupt("non-zero bytes in the header padding".into()));
+        }
+        let min_len = (HEADER_BLOCK_LEN + FOOTER_LEN) as u64;
+        if file_len < min_len {
+            return Err(FormatError::Truncated {
+                path: path.to_path_buf(),
+                len: file_len,
+                detail: format!("a checkpoint file is at least {min_len} bytes"),
+            });
+        }
+
+        let mut fb = [0u8; FOOTER_LEN];
+        file.read_exact_at(&mut fb, file_len - FOOTER_LEN as u64)
+            .map_err(|e| read_error(path, file_len, e))?;
+        if fb[FOOTER_LEN - 8..] != TRAILER_MAGIC {
+            return Err(FormatError::Truncated {
+                path: path.to_path_buf(),
+                len: file_len,
+                detail: "no footer at the end of the file (cut short, or never completed)".into(),
+            });
+        }
+        let footer = Footer::decode(&fb).ok_or_else(|| FormatError::Checksum {
+            path: path.to_path_buf(),
+            section: "footer".into(),
+        })?;
+        if footer.file_len != file_len {
+            return Err(corrupt(format!(
+                "the footer records a length of {} bytes but the file has {file_len}",
+                footer.file_len
+            )));
+        }
+        if footer.chain_id != header.chain_id || footer.id != header.id {
+            return Err(corrupt(format!(
+                "the footer belongs to checkpoint {} of chain {:#x}, the header to checkpoint {} of chain {:#x}",
+                footer.id, footer.chain_id, header.id, header.chain_id
+            )));
+        }
+        check_layout(&footer).map_err(corrupt)?;
+
+        let config = read_section(
+            &file,
+            path,
+            file_len,
+            footer.config,
+            footer.config_crc,
+            "config",
+        )?;
+        let state = read_section(
+            &file,
+            path,
+            file_len,
+            footer.state,
+            footer.state_crc,
+            "state",
+        )?;
+        let raw_index = read_section(
+            &file,
+            path,
+            file_len,
+            footer.index,
+            footer.index_crc,
+            "index",
+        )?;
+        let index = parse_index(&raw_index, header.kind, footer.pages).map_err(corrupt)?;
+
+        Ok(CheckpointReader {
+            path: path.to_path_buf(),
+            file,
+            header,
+            file_len,
+            pages: footer.pages,
+            config,
+            state,
+            index,
+        })
+    }
+
+    /// The file's header.
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The `config` section.
+    pub fn config(&self) -> &[u8] {
+        &self.config
+    }
+
+    /// The `state` section.
+    pub fn state(&self) -> &[u8] {
+        &self.state
+    }
+
+    /// Size of the file in bytes.
+    pub fn file_len(&self) -> u64 {
+        self.file_len
+    }
+
+    /// The open file, e.g. to mmap page data for a lazy restore: every
+    /// non-zero entry's `offset` is page-aligned. Data read this way is not
+    /// checked against its crc.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// Index entries sorted by gpa, one per gpa.
+    pub fn index(&self) -> &[IndexEntry] {
+        &self.index
+    }
+
+    /// Reads one page into `buf` (`PAGE_SIZE` bytes) and verifies its crc;
+    /// a zero entry fills zeros. Uses pread, so readers can be shared
+    /// between threads.
+    pub fn read_page(&self, entry: &IndexEntry, buf: &mut [u8]) -> Result<(), FormatError> {
+        self.read_pages(std::slice::from_ref(entry), buf)
+    }
+
+    /// Reads the pages of `entries` into consecutive `PAGE_SIZE` slots of
+    /// `out` (`entries.len() * PAGE_SIZE` bytes), verifying each crc. Pages
+    /// that follow each other in the file are read with one pread.
+    pub fn read_pages(&self, entries: &[IndexEntry], out: &mut [u8]) -> Result<(), FormatError> {
+        if out.len() != entries.len() * PAGE_SIZE {
+            return Err(FormatError::InvalidArgument {
+                path: self.path.clone(),
+                reason: format!("buffer of {} bytes for {} pages", out.len(), entries.len()),
+            });
+        }
+        let pages_end = self.pages.offset + self.pages.len;
+        for e in entries {
+            let in_range = e.offset >= self.pages.offset
+                && e.offset < pages_end
+                && (e.offset - self.pages.offset).is_multiple_of(PAGE_SIZE as u64);
+            if !e.zero && !in_range {
+                return Err(FormatError::InvalidArgument {
+                    path: self.path.clone(),
+                    reason: format!(
+                        "index entry for gpa {:#x} points at offset {:#x}, outside the page data",
+                        e.gpa, e.offset
+                    ),
+                });
+            }
+        }
+        let mut i = 0;
+        while i < entries.len() {
+            if entries[i].zero {
+                out[i * PAGE_SIZE..(i + 1) * PAGE_SIZE].fill(0);
+                i += 1;
+                continue;
+            }
+            // Extend the run while the next page follows in the file.
+            let mut j = i + 1;
+            while j < entries.len()
+                && !entries[j].zero
+                && entries[j].offset == entries[j - 1].offset + PAGE_SIZE as u64
+            {
+                j += 1;
+            }
+            let dst = &mut out[i * PAGE_SIZE..j * PAGE_SIZE];
+            self.file
+                .read_exact_at(dst, entries[i].offset)
+                .map_err(|e| read_error(&self.path, self.file_len, e))?;
+            for (k, page) in dst.chunks_exact(PAGE_SIZE).enumerate() {
+                let e = &entries[i + k];
+                if crc32c::crc32c(page) != e.crc {
+                    return Err(FormatError::Checksum {
+                        path: self.path.clone(),
+                        section: format!("page at gpa {:#x} (file offset {:#x})", e.gpa, e.offset),
+                    });
+                }
+            }
+            i = j;
+        }
+        Ok(())
+    }
+}
+
+/// Checks that the sections tile the file exactly: header block, pages,
+/// config, state, index, footer, in that order.
+fn check_layout(f: &Footer) -> Result<(), String> {
+    let mut expect = HEADER_BLOCK_LEN as u64;
+    let named = [
+        ("pages", f.pages),
+        ("config", f.config),
+        ("state", f.state),
+        ("index", f.index),
+    ];
+    for (name, s) in named {
+        if s.offset != expect {
+            return Err(format!(
+                "the {name} section starts at {:#x}, expected {expect:#x}",
+                s.offset
+            ));
+        }
+        expect = s
+            .end()
+            .ok_or_else(|| format!("the {name} section's length {:#x} overflows", s.len))?;
+    }
+    if expect.checked_add(FOOTER_LEN as u64) != Some(f.file_len) {
+        return Err(format!(
+            "the sections end at {expect:#x}, but the footer starts at {:#x}",
+            f.file_len.saturating_sub(FOOTER_LEN as u64)
+        ));
+    }
+    if !f.pages.len.is_multiple_of(PAGE_SIZE as u64) {
+        return Err(format!(
+            "the pages section's length {:#x} is not a multiple of the page size",
+            f.pages.len
+        ));
+    }
+    if f.index_count.checked_mul(INDEX_ENTRY_LEN as u64) != Some(f.index.len) {
+        return Err(format!(
+            "the index has {} bytes, which is not {} entries",
+            f.index.len, f.index_count
+        ));
+    }
+    Ok(())
+}
+
+fn read_section(
+    file: &File,
+    path: &Path,
+    file_len: u64,
+    s: Section,
+    crc: u32,
+    name: &str,
+) -> Result<Vec<u8>, FormatError> {
+    // check_layout has bounded the section by the file length, so this
+    // allocation is no larger than the file.
+    let mut buf = vec![0u8; s.len as usize];
+    file.read_exact_at(&mut buf, s.offset)
+        .map_err(|e| read_error(path, file_len, e))?;
+    if crc32c::crc32c(&buf) != crc {
+        return Err(FormatError::Checksum {
+            path: path.to_path_buf(),
+            section: format!("{name} section"),
+        });
+    }
+    Ok(buf)
+}
+
+fn parse_index(raw: &[u8], kind: Kind, pages: Section) -> Result<Vec<IndexEntry>, String> {
+    let mut index = Vec::with_capacity(raw.len() / INDEX_ENTRY_LEN);
+    let pages_end = pages.offset + pages.len;
+    for (i, b) in raw.chunks_exact(INDEX_ENTRY_LEN).enumerate() {
+        let flags = le_u32(&b[20..24]);
+        let e = IndexEntry {
+            gpa: le_u64(&b[0..8]),
+            offset: le_u64(&b[8..16]),
+            crc: le_u32(&b[16..20]),
+            zero: flags & INDEX_FLAG_ZERO != 0,
+        };
+        let bad = |what: String| format!("index entry {i} (gpa {:#x}): {what}", e.gpa);
+        if flags & !INDEX_FLAG_ZERO != 0 {
+            return Err(bad(format!("unknown flags {flags:#x}")));
+        }
+        if !e.gpa.is_multiple_of(PAGE_SIZE as u64) {
+            return Err(bad("gpa is not page-aligned".into()));
+        }
+        if let Some(prev) = index.last().map(|p: &IndexEntry| p.gpa) {
+            if e.gpa <= prev {
+                return Err(bad(format!("not after the previous gpa {prev:#x}")));
+            }
+        }
+        if e.zero {
+            if kind == Kind::Full {
+                return Err(bad("zero entry in a full checkpoint".into()));
+            }
+            if e.offset != 0 || e.crc != 0 {
+                return Err(bad("zero entry with an offset or crc".into()));
+            }
+        } else if e.offset < pages.offset
+            || e.offset >= pages_end
+            || !(e.offset - pages.offset).is_multiple_of(PAGE_SIZE as u64)
+        {
+            return Err(bad(format!(
+                "data offset {:#x} is not a page record in {:#x}..{pages_end:#x}",
+                e.offset, pages.offset
+            )));
+        }
+        index.push(e);
+    }
+    Ok(index)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    /// A page whose bytes are derived from `seed`, never all zero.
+    pub(crate) fn page(seed: u64) -> Vec<u8> {
+        let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        let mut p = Vec::with_capacity(PAGE_SIZE);
+        while p.len() < PAGE_SIZE {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            p.extend_from_slice(&x.to_le_bytes());
+        }
+        p
+    }
+
+    fn zero() -> Vec<u8> {
+        vec![0u8; PAGE_SIZE]
+    }
+
+    fn full_header(id: u32) -> Header {
+        Header {
+            chain_id: 0x1234_5678,
+            id,
+            parent: None,
+            kind: Kind::Full,
+            created_unix_ms: 1_700_000_000_000,
+        }
+    }
+
+    fn read_all(r: &CheckpointReader) -> Vec<(u64, Vec<u8>)> {
+        r.index()
+            .iter()
+            .map(|e| {
+                let mut buf = zero();
+                r.read_page(e, &mut buf).unwrap();
+                (e.gpa, buf)
+            })
+            .collect()
+    }
+
+    /// A small valid file: 3 data pages, config and state.
+    fn sample(dir: &Path) -> PathBuf {
+        let mut w = CheckpointWriter::create(dir, full_header(1)).unwrap();
+        w.set_config(b"{\"vcpus\":1}");
+        w.set_state(b"cpu-state");
+        w.add_page(0, &page(1)).unwrap();
+        w.add_page(0x2000, &page(2)).unwrap();
+        w.add_page(0x5000, &page(3)).unwrap();
+        w.finish().unwrap().path
+    }
+
+    #[test]
+    fn checksum_is_standard_crc32c_as_documented() {
+        // The check value of CRC-32C (Castagnoli), as in iSCSI and ext4.
+        assert_eq!(crc32c::crc32c(b"123456789"), 0xe306_9283);
+    }
+
+    #[test]
+    fn round_trip_keeps_header_sections_and_pages() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = CheckpointWriter::create(dir.path(), full_header(1)).unwrap();
+        w.set_config(b"config-bytes");
+        w.set_state(b"state-bytes");
+        let mut run = Vec::new();
+        for i in 0..4 {
+            run.extend_from_slice(&page(i));
+        }
+        assert_eq!(w.add_pages(0x10000, &run).unwrap(), 4 * PAGE_SIZE as u64);
+        assert_eq!(w.add_page(0x1000, &page(9)).unwrap(), PAGE_SIZE as u64);
+        let out = w.finish().unwrap();
+        assert_eq!(out.id, 1);
+        assert_eq!(out.pages_written, 5);
+        assert_eq!(out.zero_pages, 0);
+        assert_eq!(out.path, dir.path().join("ckpt-000001.vmhop"));
+        assert_eq!(
+            out.bytes_written,
+            std::fs::metadata(&out.path).unwrap().len()
+        );
+
+        let r = CheckpointReader::open(&out.path).unwrap();
+        assert_eq!(r.header(), &full_header(1));
+        assert_eq!(r.config(), b"config-bytes");
+        assert_eq!(r.state(), b"state-bytes");
+        assert_eq!(r.file_len(), out.bytes_written);
+        let pages = read_all(&r);
+        let gpas: Vec<u64> = pages.iter().map(|p| p.0).collect();
+        assert_eq!(gpas, vec![0x1000, 0x10000, 0x11000, 0x12000, 0x13000]);
+        assert_eq!(pages[0].1, page(9));
+        for i in 0..4 {
+            assert_eq!(pages[1 + i].1, page(i as u64));
+        }
+        for e in r.index() {
+            assert_eq!(e.offset % PAGE_SIZE as u64, 0, "page data is page-aligned");
+        }
+    }
+
+    #[test]
+    fn large_runs_written_directly_round_trip() {
+        // Runs above DIRECT_WRITE_MIN bypass the buffer; mix them with
+        // buffered pages to check the offsets stay in step.
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = CheckpointWriter::create(dir.path(), full_header(1)).unwrap();
+        let n = DIRECT_WRITE_MIN / PAGE_SIZE + 3;
+        let mut big = Vec::new();
+        for i in 0..n {
+            big.extend_from_slice(&page(100 + i as u64));
+        }
+        w.add_page(0, &page(1)).unwrap();
+        w.add_pages(0x100000, &big).unwrap();
+        w.add_page(0x1000, &page(2)).unwrap();
+        let out = w.finish().unwrap();
+        assert_eq!(out.pages_written, n as u64 + 2);
+        let r = CheckpointReader::open(&out.path).unwrap();
+        let mut all = vec![0u8; r.index().len() * PAGE_SIZE];
+        r.read_pages(r.index(), &mut all).unwrap();
+        assert_eq!(&all[..PAGE_SIZE], &page(1)[..]);
+        assert_eq!(&all[PAGE_SIZE..2 * PAGE_SIZE], &page(2)[..]);
+        assert_eq!(&all[2 * PAGE_SIZE..], &big[..]);
+    }
+
+    #[test]
+    fn repeated_page_last_version_wins() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = CheckpointWriter::create(dir.path(), full_header(1)).unwrap();
+        w.add_page(0x3000, &page(1)).unwrap();
+        w.add_page(0x4000, &page(2)).unwrap();
+        w.add_page(0x3000, &page(3)).unwrap();
+        w.add_page(0x3000, &page(4)).unwrap();
+        let out = w.finish().unwrap();
+        assert_eq!(out.pages_written, 2);
+        let r = CheckpointReader::open(&out.path).unwrap();
+        let pages = read_all(&r);
+        assert_eq!(pages, vec![(0x3000, page(4)), (0x4000, page(2))]);
+    }
+
+    #[test]
+    fn zero_pages_are_skipped_in_a_full_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = CheckpointWriter::create(dir.path(), full_header(1)).unwrap();
+        let mut run = Vec::new();
+        run.extend_from_slice(&page(1));
+        run.extend_from_slice(&zero());
+        run.extend_from_slice(&page(2));
+        run.extend_from_slice(&zero());
+        assert_eq!(w.add_pages(0, &run).unwrap(), 2 * PAGE_SIZE as u64);
+        assert_eq!(w.add_page(0x10000, &zero()).unwrap(), 0);
+        // A page that was data and became zero in the same file disappears.
+        w.add_page(0x20000, &page(3)).unwrap();
+        w.add_page(0x20000, &zero()).unwrap();
+        let out = w.finish().unwrap();
+        assert_eq!(out.pages_written, 2);
+        assert_eq!(out.zero_pages, 4);
+        let r = CheckpointReader::open(&out.path).unwrap();
+        let gpas: Vec<u64> = r.index().iter().map(|e| e.gpa).collect();
+        assert_eq!(gpas, vec![0, 0x2000]);
+        assert!(r.index().iter().all(|e| !e.zero));
+    }
+
+    #[test]
+    fn zero_pages_are_recorded_in_an_incremental() {
+        let dir = tempfile::tempdir().unwrap();
+        let h = Header::incremental(7, 2, 1);
+        let mut w = CheckpointWriter::create(dir.path(), h.clone()).unwrap();
+        w.add_page(0x1000, &zero()).unwrap();
+        w.add_page(0x2000, &page(5)).unwrap();
+        w.add_page(0x3000, &page(6)).unwrap();
+        w.add_page(0x3000, &zero()).unwrap();
+        let out = w.finish().unwrap();
+        assert_eq!(out.pages_written, 1);
+        assert_eq!(out.zero_pages, 2);
+        let r = CheckpointReader::open(&out.path).unwrap();
+        assert_eq!(r.header(), &h);
+        let idx = r.index();
+        assert_eq!(idx.len(), 3);
+        assert!(idx[0].zero && idx[0].offset == 0);
+        assert!(!idx[1].zero);
+        assert!(idx[2].zero);
+        let mut buf = page(1);
+        r.read_page(&idx[2], &mut buf).unwrap();
+        assert_eq!(buf, zero());
+    }
+
+    #[test]
+    fn empty_checkpoint_round_trips() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = CheckpointWriter::create(dir.path(), full_header(3)).unwrap();
+        let out = w.finish().unwrap();
+        let r = CheckpointReader::open(&out.path).unwrap();
+        assert!(r.index().is_empty());
+        assert!(r.config().is_empty() && r.state().is_empty());
+    }
+
+    #[test]
+    fn invalid_requests_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let bad = Header {
+            parent: Some(1),
+            ..full_header(2)
+        };
+        assert!(matches!(
+            CheckpointWriter::create(dir.path(), bad),
+            Err(FormatError::InvalidArgument { .. })
+        ));
+        let bad = Header::incremental(5, 2, 2);
+        assert!(CheckpointWriter::create(dir.path(), bad).is_err());
+        let mut w = CheckpointWriter::create(dir.path(), full_header(1)).unwrap();
+        assert!(w.add_page(0x10, &page(1)).is_err());
+        assert!(w.add_page(0, &page(1)[..100]).is_err());
+        assert!(w.add_pages(0, &[0u8; 100]).is_err());
+        assert!(w.add_pages(u64::MAX - 0xfff, &page(1)).is_err());
+        w.finish().unwrap();
+        // The id is now taken.
+        let err = CheckpointWriter::create(dir.path(), full_header(1)).unwrap_err();
+        assert!(matches!(err, FormatError::AlreadyExists { .. }), "{err}");
+    }
+
+    #[test]
+    fn checkpoint_is_invisible_until_finish_and_abort_removes_temp() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = CheckpointWriter::create(dir.path(), full_header(1)).unwrap();
+        w.add_page(0, &page(1)).unwrap();
+        let tmp = dir.path().join(".ckpt-000001.tmp");
+        assert!(tmp.exists());
+        assert!(!dir.path().join("ckpt-000001.vmhop").exists());
+        w.abort();
+        assert!(!tmp.exists());
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+
+        let w = CheckpointWriter::create(dir.path(), full_header(2)).unwrap();
+        drop(w);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+
+        let w = CheckpointWriter::create(dir.path(), full_header(3)).unwrap();
+        let out = w.finish().unwrap();
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![out.path.file_name().unwrap().to_owned()]);
+    }
+
+    #[test]
+    fn stale_temp_file_is_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(temp_file_name(1)), b"junk from a crash").unwrap();
+        let mut w = CheckpointWriter::create(dir.path(), full_header(1)).unwrap();
+        w.add_page(0, &page(1)).unwrap();
+        let out = w.finish().unwrap();
+        CheckpointReader::open(&out.path).unwrap();
+        assert!(!dir.path().join(temp_file_name(1)).exists());
+    }
+
+    #[test]
+    fn file_names_parse_only_in_canonical_form() {
+        use std::ffi::OsStr;
+        assert_eq!(
+            parse_checkpoint_file_name(OsStr::new("ckpt-000001.vmhop")),
+            Some(1)
+        );
+        assert_eq!(
+            parse_checkpoint_file_name(OsStr::new("ckpt-4294967295.vmhop")),
+            Some(u32::MAX)
+        );
+        for bad in [
+            "ckpt-1.vmhop",
+            "ckpt-000000.vmhop",
+            ".ckpt-000001.tmp",
+            "ckpt-00000a.vmhop",
+            "ckpt-+00001.vmhop",
+            "ckpt-000001.vmhop.bak",
+        ] {
+            assert_eq!(parse_checkpoint_file_name(OsStr::new(bad)), None, "{bad}");
+        }
+    }
+
+    /// Opens `bytes` written to a file and returns the error, or `None` if
+    /// open and reading every page succeeded.
+    fn open_bytes(dir: &Path, bytes: &[u8]) -> (PathBuf, Option<FormatError>) {
+        let path = dir.join("damaged.vmhop");
+        std::fs::write(&path, bytes).unwrap();
+        let result = CheckpointReader::open(&path).and_then(|r| {
+            let mut buf = zero();
+            for e in r.index() {
+                r.read_page(e, &mut buf)?;
+            }
+            Ok(())
+        });
+        (path, result.err())
+    }
+
+    fn error_path(e: &FormatError) -> &Path {
+        match e {
+            FormatError::Io { path, .. }
+            | FormatError::NoSpace { path, .. }
+            | FormatError::BadMagic { path }
+            | FormatError::UnsupportedVersion { path, .. }
+            | FormatError::Checksum { path, .. }
+            | FormatError::Truncated { path, .. }
+            | FormatError::Corrupt { path, .. }
+            | FormatError::AlreadyExists { path }
+            | FormatError::InvalidArgument { path, .. }
+            | FormatError::Poisoned { path } => path,
+        }
+    }
+
+    #[test]
+    fn flipped_byte_in_each_section_is_detected_and_names_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = std::fs::read(sample(dir.path())).unwrap();
+        let len = good.len();
+        let footer_at = len - FOOTER_LEN;
+        let index_at = footer_at - 3 * INDEX_ENTRY_LEN;
+        let state_at = index_at - b"cpu-state".len();
+        let config_at = state_at - b"{\"vcpus\":1}".len();
+        let cases: Vec<(usize, &str)> = vec![
+            (16, "header"),
+            (24, "header"),
+            (40, "header"),
+            (HEADER_BLOCK_LEN + 5, "page at gpa 0x0"),
+            (HEADER_BLOCK_LEN + PAGE_SIZE + 100, "page at gpa 0x2000"),
+            (config_at + 1, "config"),
+            (state_at + 2, "state"),
+            (index_at + 3, "index"),
+            (footer_at + 20, "footer"),
+            (footer_at + 100, "footer"),
+        ];
+        for (pos, section) in cases {
+            let mut bad = good.clone();
+            bad[pos] ^= 0x40;
+            let (path, err) = open_bytes(dir.path(), &bad);
+            let err = err.unwrap_or_else(|| panic!("flip at {pos} undetected"));
+            assert_eq!(error_path(&err), path);
+            assert!(err.to_string().contains(path.to_str().unwrap()), "{err}");
+            match &err {
+                FormatError::Checksum { section: s, .. } => {
+                    assert!(s.contains(section), "flip at {pos}: {err}")
+                }
+                other => panic!("flip at {pos} ({section}): unexpected {other}"),
+            }
+        }
+        // Padding of the header block and the trailer magic are checked too.
+        for pos in [HEADER_LEN + 1, len - 3] {
+            let mut bad = good.clone();
+            bad[pos] ^= 1;
+            assert!(open_bytes(dir.path(), &bad).1.is_some(), "flip at {pos}");
+        }
+    }
+
+    #[test]
+    fn every_single_byte_flip_is_detected() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = std::fs::read(sample(dir.path())).unwrap();
+        // Flip one bit in every byte outside the (large) page data, and a
+        // stride of bytes inside it.
+        let page_data = HEADER_BLOCK_LEN + 64..HEADER_BLOCK_LEN + 3 * PAGE_SIZE;
+        for pos in (0..good.len()).filter(|p| !page_data.contains(p) || p % 97 == 0) {
+            let mut bad = good.clone();
+            bad[pos] ^= 0x10;
+            let (_, err) = open_bytes(dir.path(), &bad);
+            assert!(err.is_some(), "flip at byte {pos} went unnoticed");
+        }
+    }
+
+    #[test]
+    fn truncation_at_any_length_gives_an_error_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = std::fs::read(sample(dir.path())).unwrap();
+        let mut lens: Vec<usize> = (0..80).collect();
+        lens.extend((80..good.len()).step_by(61));
+        lens.extend(good.len() - FOOTER_LEN - 2..good.len());
+        for len in lens {
+            let (path, err) = open_bytes(dir.path(), &good[..len]);
+            let err = err.unwrap_or_else(|| panic!("truncation to {len} undetected"));
+            assert!(
+                matches!(err, FormatError::Truncated { .. }),
+                "length {len}: expected truncation, got {err}"
+            );
+            assert!(err.to_string().contains(path.to_str().unwrap()));
+            assert!(err.to_string().contains("truncated"), "{err}");
+        }
+    }
+
+    #[test]
+    fn truncation_after_open_is_reported_when_reading_pages() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = sample(dir.path());
+        let r = CheckpointReader::open(&path).unwrap();
+        let f = OpenOptions::new().write(true).open(&path).unwrap();
+        f.set_len(HEADER_BLOCK_LEN as u64 + 100).unwrap();
+        let mut buf = zero();
+        let err = r.read_page(&r.index()[2], &mut buf).unwrap_err();
+        assert!(matches!(err, FormatError::Truncated { .. }), "{err}");
+    }
+
+    #[test]
+    fn wrong_magic_is_not_a_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut bad = std::fs::read(sample(dir.path())).unwrap();
+        bad[0] = b'X';
+        let (path, err) = open_bytes(dir.path(), &bad);
+        let err = err.unwrap();
+        assert!(matches!(err, FormatError::BadMagic { .. }), "{err}");
+        assert!(err.to_string().contains(path.to_str().unwrap()));
+        let (_, err) = open_bytes(dir.path(), b"#!/bin/sh\necho hello\n");
+        assert!(matches!(err.unwrap(), FormatError::BadMagic { .. }));
+        assert!(matches!(
+            read_header(&path),
+            Err(FormatError::BadMagic { .. })
+        ));
+    }
+
+    #[test]
+    fn other_format_version_is_refused_by_number() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut bad = std::fs::read(sample(dir.path())).unwrap();
+        bad[8..12].copy_from_slice(&2u32.to_le_bytes());
+        let (path, err) = open_bytes(dir.path(), &bad);
+        let err = err.unwrap();
+        assert!(
+            matches!(err, FormatError::UnsupportedVersion { found: 2, .. }),
+            "{err}"
+        );
+        let msg = err.to_string();
+        assert!(
+            msg.contains(path.to_str().unwrap()) && msg.contains("version 2"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn footer_of_another_checkpoint_is_refused() {
+        // Splice the tail of checkpoint 2 onto the head of checkpoint 1.
+        let dir = tempfile::tempdir().unwrap();
+        let one = std::fs::read(sample(dir.path())).unwrap();
+        let mut w = CheckpointWriter::create(dir.path(), full_header(2)).unwrap();
+        w.set_config(b"{\"vcpus\":1}");
+        w.set_state(b"cpu-state");
+        w.add_page(0, &page(1)).unwrap();
+        w.add_page(0x2000, &page(2)).unwrap();
+        w.add_page(0x5000, &page(3)).unwrap();
+        let two = std::fs::read(w.finish().unwrap().path).unwrap();
+        let mut spliced = one[..HEADER_BLOCK_LEN].to_vec();
+        spliced.extend_from_slice(&two[HEADER_BLOCK_LEN..]);
+        let (_, err) = open_bytes(dir.path(), &spliced);
+        assert!(matches!(err.unwrap(), FormatError::Corrupt { .. }));
+    }
+
+    #[test]
+    fn appended_garbage_is_detected() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut bad = std::fs::read(sample(dir.path())).unwrap();
+        bad.extend_from_slice(b"trailing");
+        assert!(open_bytes(dir.path(), &bad).1.is_some());
+    }
+
+    #[test]
+    fn missing_file_error_names_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ckpt-000009.vmhop");
+        let err = CheckpointReader::open(&path).unwrap_err();
+        assert!(matches!(err, FormatError::Io { .. }));
+        assert!(err.to_string().contains(path.to_str().unwrap()), "{err}");
+    }
+
+    #[test]
+    fn unwritable_directory_fails_at_create_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("no-such-dir");
+        let err = CheckpointWriter::create(&missing, full_header(1)).unwrap_err();
+        assert!(err.to_string().contains("no-such-dir"), "{err}");
+    }
+
+    /// Mounts a 1 MiB tmpfs for the ENOSPC test and unmounts it on drop.
+    struct SmallTmpfs {
+        dir: tempfile::TempDir,
+    }
+
+    impl SmallTmpfs {
+        fn mount() -> Option<SmallTmpfs> {
+            let dir = tempfile::tempdir().ok()?;
+            let status = std::process::Command::new("mount")
+                .args(["-t", "tmpfs", "-o", "size=1M", "tmpfs"])
+                .arg(dir.path())
+                .stderr(std::process::Stdio::null())
+                .status()
+                .ok()?;
+            status.success().then_some(SmallTmpfs { dir })
+        }
+    }
+
+    impl Drop for SmallTmpfs {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg(self.dir.path())
+                .status();
+        }
+    }
+
+    #[test]
+    fn full_disk_error_names_the_file_and_removes_the_temp() {
+        let Some(fs) = SmallTmpfs::mount() else {
+            eprintln!("skipping: cannot mount a tmpfs (not root?)");
+            return;
+        };
+        let dir = fs.dir.path();
+        let mut w = CheckpointWriter::create(dir, full_header(1)).unwrap();
+        // 2 MiB of pages into a 1 MiB file system, in direct and buffered
+        // writes: one of the adds or finish must fail.
+        let mut big = Vec::new();
+        for i in 0..512 {
+            big.extend_from_slice(&page(i));
+        }
+        let result = w
+            .add_pages(0, &big)
+            .and_then(|_| w.add_page(0x1000_0000, &page(7)));
+        let err = match result {
+            Err(e) => {
+                // The writer is unusable afterwards.
+                assert!(matches!(
+                    w.add_page(0x2000_0000, &page(8)),
+                    Err(FormatError::Poisoned { .. })
+                ));
+                drop(w);
+                e
+            }
+            Ok(_) => w.finish().unwrap_err(),
+        };
+        assert!(matches!(err, FormatError::NoSpace { .. }), "{err}");
+        let msg = err.to_string();
+        assert!(msg.contains(".ckpt-000001.tmp"), "{msg}");
+        assert!(msg.contains("disk is full"), "{msg}");
+        assert_eq!(
+            std::fs::read_dir(dir).unwrap().count(),
+            0,
+            "temp file left behind"
+        );
+
+        // Small enough to fit: buffered writes fail only at finish.
+        let mut w = CheckpointWriter::create(dir, full_header(2)).unwrap();
+        w.add_pages(0, &big[..DIRECT_WRITE_MIN / 2]).unwrap();
+        w.add_pages(0x100000, &big[..DIRECT_WRITE_MIN / 2]).unwrap();
+        w.add_pages(0x200000, &big[..DIRECT_WRITE_MIN / 2]).unwrap();
+        let err = w.finish().unwrap_err();
+        assert!(matches!(err, FormatError::NoSpace { .. }), "{err}");
+        assert_eq!(std::fs::read_dir(dir).unwrap().count(), 0);
+    }
+
+    fn proptest_sample() -> &'static [u8] {
+        static SAMPLE: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+        SAMPLE.get_or_init(|| {
+            let dir = tempfile::tempdir().unwrap();
+            let mut w = CheckpointWriter::create(dir.path(), Header::incremental(9, 3, 2)).unwrap();
+            w.set_config(b"{}");
+            w.set_state(&[7u8; 40]);
+            w.add_page(0x1000, &page(1)).unwrap();
+            w.add_page(0x3000, &zero()).unwrap();
+            w.add_page(0x4000, &page(2)).unwrap();
+            std::fs::read(w.finish().unwrap().path).unwrap()
+        })
+    }
+
+    mod fuzz {
+        use super::*;
+        use proptest::prelude::*;
+
+        #[derive(Debug, Clone)]
+        enum Mutation {
+            Set(usize, u8),
+            Truncate(usize),
+            Insert(usize, Vec<u8>),
+            Remove(usize, usize),
+        }
+
+        fn mutation() -> impl Strategy<Value = Mutation> {
+            prop_oneof![
+                4 => (any::<usize>(), any::<u8>()).prop_map(|(p, b)| Mutation::Set(p, b)),
+                1 => any::<usize>().prop_map(Mutation::Truncate),
+                1 => (any::<usize>(), proptest::collection::vec(any::<u8>(), 1..64))
+                    .prop_map(|(p, v)| Mutation::Insert(p, v)),
+                1 => (any::<usize>(), 1usize..64).prop_map(|(p, n)| Mutation::Remove(p, n)),
+            ]
+        }
+
+        fn apply(bytes: &mut Vec<u8>, m: &Mutation) {
+            let len = bytes.len().max(1);
+            match m {
+                Mutation::Set(p, b) if !bytes.is_empty() => bytes[p % len] = *b,
+                Mutation::Truncate(p) => bytes.truncate(p % len),
+                Mutation::Insert(p, v) => {
+                    let at = p % (bytes.len() + 1);
+                    bytes.splice(at..at, v.iter().copied());
+                }
+                Mutation::Remove(p, n) if !bytes.is_empty() => {
+                    let at = p % len;
+                    let end = (at + n).min(bytes.len());
+                    bytes.drain(at..end);
+                }
+                _ => {}
+            }
+        }
+
+        /// Patches the checksums after mutating, so the fuzzer also reaches
+        /// the structural checks behind them.
+        fn reseal(bytes: &mut [u8]) {
+            if bytes.len() >= HEADER_LEN {
+                let crc = crc32c::crc32c(&bytes[..HEADER_LEN - 4]);
+                bytes[HEADER_LEN - 4..HEADER_LEN].copy_from_slice(&crc.to_le_bytes());
+            }
+            if bytes.len() >= FOOTER_LEN {
+                let f = bytes.len() - FOOTER_LEN;
+                let crc = crc32c::crc32c(&bytes[f..f + 108]);
+                bytes[f + 108..f + 112].copy_from_slice(&crc.to_le_bytes());
+            }
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 256, failure_persistence: None, ..ProptestConfig::default() })]
+
+            #[test]
+            fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..9000)) {
+                let dir = tempfile::tempdir().unwrap();
+                let _ = open_bytes(dir.path(), &bytes);
+            }
+
+            #[test]
+            fn mutated_valid_file_never_panics(muts in proptest::collection::vec(mutation(), 1..6), fix_crcs in any::<bool>()) {
+                let dir = tempfile::tempdir().unwrap();
+                let mut bytes = proptest_sample().to_vec();
+                for m in &muts {
+                    apply(&mut bytes, m);
+                }
+                if fix_crcs {
+                    reseal(&mut bytes);
+                }
+                let _ = open_bytes(dir.path(), &bytes);
+            }
+        }
+    }
+
+    /// Writes 256 MiB of random pages through the writer and through a plain
+    /// buffered write + fsync, and prints the ratio. Run with
+    /// `cargo test --release -- --ignored --nocapture full_checkpoint_write_speed`.
+    #[test]
+    #[ignore]
+    fn full_checkpoint_write_speed_is_close_to_plain_write() {
+        const TOTAL: usize = 256 << 20;
+        const CHUNK: usize = 2 << 20;
+        let dir =
+            tempfile::tempdir_in(std::env::var("BENCH_DIR").unwrap_or("/var/tmp".into())).unwrap();
+        let mut data = Vec::with_capacity(TOTAL);
+        let mut i = 0u64;
+        while data.len() < TOTAL {
+            data.extend_from_slice(&page(i));
+            i += 1;
+        }
+        let plain = |n: u32| {
+            let path = dir.path().join(format!("plain-{n}"));
+            // SAFETY: sync takes no arguments and cannot fail.
+            unsafe { libc::sync() };
+            let t = std::time::Instant::now();
+            let f = File::create(&path).unwrap();
+            let mut w = std::io::BufWriter::with_capacity(WRITE_BUFFER_LEN, f);
+            for c in data.chunks(CHUNK) {
+                w.write_all(c).unwrap();
+            }
+            w.into_inner().unwrap().sync_all().unwrap();
+            let s = t.elapsed().as_secs_f64();
+            std::fs::remove_file(&path).unwrap();
+            s
+        };
+        let ours = |n: u32| {
+            // SAFETY: as above.
+            unsafe { libc::sync() };
+            let t = std::time::Instant::now();
+            let mut w = CheckpointWriter::create(dir.path(), full_header(n)).unwrap();
+            w.set_config(&[1u8; 2000]);
+            for (k, c) in data.chunks(CHUNK).enumerate() {
+                w.add_pages((k * CHUNK) as u64, c).unwrap();
+            }
+            let out = w.finish().unwrap();
+            let s = t.elapsed().as_secs_f64();
+            std::fs::remove_file(&out.path).unwrap();
+            s
+        };
+        let (mut p, mut o) = (Vec::new(), Vec::new());
+        for n in 1..=7 {
+            p.push(plain(n));
+            o.push(ours(n));
+        }
+        p.sort_by(f64::total_cmp);
+        o.sort_by(f64::total_cmp);
+        let (pm, om) = (p[p.len() / 2], o[o.len() / 2]);
+        println!(
+            "256 MiB: plain write+fsync median {:.3}s, checkpoint writer median {:.3}s, ratio {:.3} (plain {p:?}, ours {o:?})",
+            pm,
+            om,
+            om / pm
+        );
+    }
+}

@@ -1,0 +1,6 @@
+//! Checkpoints: the on-disk format and chains (`format`, `chain`), taking a
+//! checkpoint of a running VM through the transfer engine's file sink
+//! (`create`), and restoring one (`restore`).
+
+pub mod chain;
+pub mod format;

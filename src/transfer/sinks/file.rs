@@ -1,0 +1,1 @@
+//! checkpoint file sink (coming)

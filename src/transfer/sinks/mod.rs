@@ -1,0 +1,7 @@
+//! The engine's sinks: where pages go.
+//!
+//! - [`local`]: new memory bound to another host node (NUMA moves);
+//! - [`file`]: a checkpoint file.
+
+pub mod file;
+pub mod local;

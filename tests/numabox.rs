@@ -1,0 +1,91 @@
+//! The NUMA box harness as cargo integration tests.
+//!
+//! Owns only the wiring from `cargo test` to the shell harness in
+//! `tests/numabox/`: `setup.sh` (host packages, Debian kernel and KVM
+//! modules, cached) runs once per test process, then each test boots one
+//! scenario with `run.sh`. Booting, the initramfs and the static vmhop build
+//! are the scripts' job; see `tests/numabox/README.md`.
+//!
+//! Nothing here skips: a host without QEMU, the kernel package or root
+//! makes the test fail with the scripts' own error message, because a
+//! silently skipped NUMA test would hide that placement went untested.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+/// The repository root (where `tests/numabox/` lives).
+fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Runs one harness script (a path relative to the repository root) with
+/// bash from the repository root, with extra environment, and returns its
+/// captured output. Panics only if bash cannot be started at all.
+fn run_script(script: &str, args: &[&str], env: &[(&str, &str)]) -> Output {
+    Command::new("bash")
+        .arg(repo_root().join(script))
+        .args(args)
+        .envs(env.iter().copied())
+        .current_dir(repo_root())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot start bash {script}: {e}"))
+}
+
+/// Both streams of a finished script, for assertions and failure messages.
+fn combined(output: &Output) -> String {
+    format!(
+        "--- stdout ---\n{}\n--- stderr ---\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+/// Runs `setup.sh` once for all tests in this process; every caller gets
+/// the same verdict, so a broken host fails each test with the same message.
+fn ensure_setup() {
+    static SETUP: OnceLock<Result<(), String>> = OnceLock::new();
+    let verdict = SETUP.get_or_init(|| {
+        let setup = run_script("tests/numabox/setup.sh", &[], &[]);
+        if setup.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "tests/numabox/setup.sh failed ({}):\n{}",
+                setup.status,
+                combined(&setup)
+            ))
+        }
+    });
+    if let Err(message) = verdict {
+        panic!("{message}");
+    }
+}
+
+/// Boots the NUMA box with `scenario` (relative to the repository root),
+/// passing `scenario_args` to it as words, and returns the console (run.sh's
+/// stdout). Panics with the whole output unless the box reported PASS.
+fn boot(scenario: &str, scenario_args: &str) -> String {
+    ensure_setup();
+    let run = run_script(
+        "tests/numabox/run.sh",
+        &[scenario],
+        &[("NUMABOX_SCENARIO_ARGS", scenario_args)],
+    );
+    assert!(
+        run.status.success(),
+        "tests/numabox/run.sh {scenario} (args {scenario_args:?}) failed ({}):\n{}",
+        run.status,
+        combined(&run)
+    );
+    String::from_utf8_lossy(&run.stdout).into_owned()
+}
+
+#[test]
+fn numabox_smoke_boots_two_node_host_with_kvm() {
+    let console = boot("tests/numabox/scenarios/smoke.sh", "");
+    assert!(
+        console.contains("/sys/devices/system/node/node1"),
+        "the box's console never mentioned node1:\n{console}"
+    );
+}

@@ -1,0 +1,69 @@
+#!/bin/busybox sh
+# shellcheck shell=dash
+# /init of the NUMA box (copied verbatim into the initramfs by run.sh).
+#
+# Brings up a minimal userland, loads KVM for emulated AMD SVM, runs
+# /scenario.sh and reports on the console with exactly one line
+#   NUMABOX-RESULT: PASS            or
+#   NUMABOX-RESULT: FAIL (exit N)
+# which run.sh looks for. It always ends with poweroff -f: if it ever exits
+# instead, the kernel panics and panic=-1 with -no-reboot stops QEMU too.
+
+/bin/busybox mkdir -p /proc /sys /dev /tmp /run
+/bin/busybox mount -t proc proc /proc
+/bin/busybox mount -t sysfs sysfs /sys
+/bin/busybox mount -t devtmpfs devtmpfs /dev
+/bin/busybox mount -t tmpfs tmpfs /tmp
+/bin/busybox mount -t tmpfs tmpfs /run
+/bin/busybox --install -s /bin
+export PATH=/bin:/sbin:/usr/bin:/usr/sbin
+export HOME=/tmp
+
+# If the initramfs had no /dev/console node the kernel started us without
+# stdio; devtmpfs has one now.
+exec </dev/console >/dev/console 2>&1
+
+finish() {
+    rc=$1
+    if [ "$rc" -eq 0 ]; then
+        echo "NUMABOX-RESULT: PASS"
+    else
+        echo "NUMABOX-RESULT: FAIL (exit $rc)"
+    fi
+    sync
+    poweroff -f
+    # poweroff -f does not return; if it somehow did, ending PID 1 panics
+    # the kernel, which with panic=-1 and -no-reboot also stops QEMU.
+    exit "$rc"
+}
+
+echo "numabox: kernel $(uname -r), $(grep -c ^processor /proc/cpuinfo) cpus"
+
+# Order matters: each needs symbols from the ones before it.
+for m in irqbypass ccp kvm kvm-amd; do
+    if ! insmod "/lib/modules/numabox/$m.ko"; then
+        echo "numabox: insmod $m.ko failed"
+        dmesg | tail -n 20
+        finish 90
+    fi
+done
+if [ ! -c /dev/kvm ]; then
+    echo "numabox: /dev/kvm missing after loading kvm-amd"
+    dmesg | tail -n 20
+    finish 91
+fi
+
+# What scenarios may rely on (documented in README.md).
+export NUMABOX=1
+export NUMABOX_FILES=/files
+export VMHOP=/bin/vmhop
+
+cd /tmp || finish 92
+# Word splitting is the point: NUMABOX_SCENARIO_ARGS holds plain words.
+set -f
+# shellcheck disable=SC2046
+set -- $(cat /scenario.args 2>/dev/null)
+set +f
+echo "numabox: running /scenario.sh $*"
+sh /scenario.sh "$@"
+finish $?

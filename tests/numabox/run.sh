@@ -1,0 +1,220 @@
+#!/usr/bin/env bash
+# Boot the NUMA box (a two-node host with KVM, inside QEMU TCG) and run one
+# scenario script in it.
+#
+#   tests/numabox/run.sh SCENARIO [EXTRA_FILE[:/path/in/box] ...]
+#
+# SCENARIO is a shell script; it becomes /scenario.sh in the box and its
+# exit status is the result. Each EXTRA_FILE is copied to /files/<name> in
+# the box, or to /path/in/box when given as FILE:/path/in/box.
+#
+# Environment:
+#   VMHOP_BIN        a static vmhop binary to use instead of building one;
+#                    "none" boots without /bin/vmhop
+#   NUMABOX_TIMEOUT  seconds QEMU may run before it is killed (default 600)
+#   NUMABOX_BUILD_TIMEOUT  seconds the cargo build may take (default 1800)
+#   NUMABOX_CACHE    the folder setup.sh filled (default <repo>/target/numabox-cache)
+#   NUMABOX_LOG      console log file (default <repo>/target/numabox-logs/<scenario>.log)
+#   NUMABOX_SCENARIO_ARGS  words passed to the scenario as "$@" (e.g. a mode),
+#                    so one script can serve several cases
+#   NUMABOX_KEEP=1   keep the work folder (initramfs staging) for debugging
+#
+# The console is streamed to stdout and to the log. Exits 0 only when the
+# box printed "NUMABOX-RESULT: PASS"; 124 when the timeout fired.
+set -euo pipefail
+
+die() {
+    echo "numabox run: ERROR: $*" >&2
+    exit 1
+}
+note() {
+    echo "numabox run: $*" >&2
+}
+
+[ "$#" -ge 1 ] || die "usage: $0 SCENARIO [EXTRA_FILE[:/path/in/box] ...]"
+scenario="$1"
+shift
+[ -f "$scenario" ] || die "scenario $scenario does not exist"
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+repo="$(cd "$here/../.." && pwd)"
+cache="${NUMABOX_CACHE:-$repo/target/numabox-cache}"
+kdir="$cache/current"
+timeout_s="${NUMABOX_TIMEOUT:-600}"
+build_timeout_s="${NUMABOX_BUILD_TIMEOUT:-1800}"
+scenario_args="${NUMABOX_SCENARIO_ARGS:-}"
+name="$(basename "$scenario" .sh)"
+if [ -n "$scenario_args" ]; then
+    # One log per scenario and argument set, so runs of one script with
+    # different modes do not overwrite each other's console.
+    name="$name-$(printf '%s' "$scenario_args" | tr -c 'A-Za-z0-9._-' '_')"
+fi
+log="${NUMABOX_LOG:-$repo/target/numabox-logs/$name.log}"
+modules=(irqbypass ccp kvm kvm-amd)
+
+for tool in qemu-system-x86_64 cpio gzip timeout readelf; do
+    command -v "$tool" >/dev/null || die "$tool not found; run tests/numabox/setup.sh first"
+done
+[ -x /bin/busybox ] || die "/bin/busybox not found; run tests/numabox/setup.sh first"
+[ -f "$kdir/.complete" ] || die "no kernel in $kdir; run tests/numabox/setup.sh first"
+for m in "${modules[@]}"; do
+    [ -s "$kdir/modules/$m.ko" ] || die "module $kdir/modules/$m.ko missing; run tests/numabox/setup.sh again"
+done
+
+is_static() {
+    ! readelf -l "$1" 2>/dev/null | grep -q 'program interpreter'
+}
+
+# --- the vmhop binary -------------------------------------------------------
+# Built static (the box has no libc) into its own target folder so that the
+# RUSTFLAGS change does not invalidate the normal build.
+if [ "${VMHOP_BIN:-}" = "none" ]; then
+    vmhop=""
+    note "VMHOP_BIN=none: booting without /bin/vmhop"
+elif [ -n "${VMHOP_BIN:-}" ]; then
+    vmhop="$VMHOP_BIN"
+    [ -f "$vmhop" ] || die "VMHOP_BIN=$vmhop does not exist"
+    note "using VMHOP_BIN=$vmhop"
+else
+    build_dir="${NUMABOX_BUILD_DIR:-$repo/target/numabox-build}"
+    vmhop="$build_dir/x86_64-unknown-linux-gnu/release/vmhop"
+    stale=""
+    if [ ! -f "$vmhop" ]; then
+        stale="not built yet"
+    else
+        newer="$(find "$repo/src" "$repo/Cargo.toml" "$repo/Cargo.lock" "$repo/build.rs" \
+            -newer "$vmhop" -print -quit 2>/dev/null || true)"
+        [ -z "$newer" ] || stale="$newer changed"
+    fi
+    if [ -n "$stale" ]; then
+        note "building static vmhop ($stale) into $build_dir"
+        start=$(date +%s)
+        # CARGO_ENCODED_RUSTFLAGS would override RUSTFLAGS.
+        (cd "$repo" && unset CARGO_ENCODED_RUSTFLAGS && CARGO_TARGET_DIR="$build_dir" \
+            RUSTFLAGS="-C target-feature=+crt-static" \
+            timeout "$build_timeout_s" cargo build --release \
+            --target x86_64-unknown-linux-gnu --bin vmhop) \
+            || die "static release build of vmhop failed (see cargo output above)"
+        note "build took $(($(date +%s) - start)) s"
+    else
+        note "reusing $vmhop (newer than the sources)"
+    fi
+    [ -f "$vmhop" ] || die "cargo build succeeded but $vmhop is missing"
+fi
+if [ -n "$vmhop" ]; then
+    is_static "$vmhop" || die "$vmhop is dynamically linked; the box has no libc (build with -C target-feature=+crt-static)"
+fi
+
+# --- the initramfs ----------------------------------------------------------
+mkdir -p "$repo/target/numabox-work" "$(dirname "$log")"
+work="$(mktemp -d "$repo/target/numabox-work/$name.XXXXXX")"
+qemu_pid=""
+tail_pid=""
+# shellcheck disable=SC2317  # invoked by the EXIT trap
+cleanup() {
+    if [ -n "$qemu_pid" ] && kill -0 "$qemu_pid" 2>/dev/null; then
+        kill "$qemu_pid" 2>/dev/null || true
+        wait "$qemu_pid" 2>/dev/null || true
+    fi
+    if [ -n "$tail_pid" ]; then
+        kill "$tail_pid" 2>/dev/null || true
+    fi
+    if [ "${NUMABOX_KEEP:-0}" = 1 ]; then
+        note "kept work folder $work"
+    else
+        rm -rf "$work"
+    fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+root="$work/root"
+mkdir -p "$root"/{bin,sbin,dev,proc,sys,tmp,run,files,lib/modules/numabox}
+cp /bin/busybox "$root/bin/busybox"
+for m in "${modules[@]}"; do
+    cp "$kdir/modules/$m.ko" "$root/lib/modules/numabox/$m.ko"
+done
+if [ -n "$vmhop" ]; then
+    # Debug info only makes the initramfs bigger; keep the symbols.
+    strip --strip-debug -o "$root/bin/vmhop" "$vmhop" 2>/dev/null || cp "$vmhop" "$root/bin/vmhop"
+    chmod 755 "$root/bin/vmhop"
+fi
+cp "$here/init.sh" "$root/init"
+chmod 755 "$root/init"
+cp "$scenario" "$root/scenario.sh"
+chmod 755 "$root/scenario.sh"
+printf '%s\n' "$scenario_args" >"$root/scenario.args"
+for spec in "$@"; do
+    src="${spec%%:*}"
+    if [ "$src" = "$spec" ]; then
+        dest="/files/$(basename "$src")"
+    else
+        dest="${spec#*:}"
+    fi
+    case "$dest" in /*) ;; *) die "destination $dest of $spec is not an absolute path" ;; esac
+    [ -e "$src" ] || die "extra file $src does not exist"
+    mkdir -p "$root$(dirname "$dest")"
+    cp -a "$src" "$root$dest"
+done
+# The kernel opens /dev/console before /init runs; without the node /init
+# starts without stdio (it reopens the console itself once devtmpfs is up).
+mknod -m 600 "$root/dev/console" c 5 1 2>/dev/null || true
+
+initrd="$work/initrd.gz"
+(cd "$root" && find . -print0 | cpio --null -o -H newc --quiet | gzip -1 >"$initrd") \
+    || die "building the initramfs from $root failed"
+note "initramfs $(du -h "$initrd" | cut -f1), kernel $(cat "$kdir/package" 2>/dev/null || echo "$kdir")"
+
+# --- boot -------------------------------------------------------------------
+note "booting scenario $scenario${scenario_args:+ $scenario_args} (timeout ${timeout_s}s), console log $log"
+: >"$log"
+start=$(date +%s)
+timeout -k 10 "$timeout_s" qemu-system-x86_64 \
+    -accel tcg -cpu EPYC,+svm -smp 2 -m 2G \
+    -object memory-backend-ram,id=m0,size=1G \
+    -object memory-backend-ram,id=m1,size=1G \
+    -numa node,nodeid=0,cpus=0,memdev=m0 \
+    -numa node,nodeid=1,cpus=1,memdev=m1 \
+    -kernel "$kdir/vmlinuz" -initrd "$initrd" \
+    -append "console=ttyS0 panic=-1 quiet" \
+    -nographic -no-reboot \
+    </dev/null >"$log" 2>&1 &
+qemu_pid=$!
+tail -s 0.2 -n +1 -f --pid="$qemu_pid" "$log" &
+tail_pid=$!
+set +e
+wait "$qemu_pid"
+qemu_rc=$?
+set -e
+qemu_pid=""
+wait "$tail_pid" 2>/dev/null || true
+tail_pid=""
+elapsed=$(($(date +%s) - start))
+
+# Unanchored at the start (console escapes or a kernel message may share
+# the line) but anchored at the end, so a scenario that prints /init's
+# source does not count as a result.
+result="$(tr -d '\r' <"$log" | grep -oE 'NUMABOX-RESULT: (PASS|FAIL \(exit [0-9]+\))$' | tail -n 1 || true)"
+if [ "$qemu_rc" -eq 124 ] || [ "$qemu_rc" -eq 137 ]; then
+    note "TIMEOUT: QEMU killed after ${timeout_s}s (${result:-no result line}); log $log"
+    exit 124
+fi
+if [ "$qemu_rc" -ne 0 ]; then
+    note "FAIL: QEMU exited with status $qemu_rc after ${elapsed}s (${result:-no result line}); log $log"
+    exit 1
+fi
+case "$result" in
+    "NUMABOX-RESULT: PASS")
+        note "PASS: scenario $name in ${elapsed}s"
+        exit 0
+        ;;
+    "")
+        note "FAIL: the box printed no NUMABOX-RESULT line (${elapsed}s); log $log"
+        exit 1
+        ;;
+    *)
+        note "FAIL: the box reported ${result#NUMABOX-RESULT: } after ${elapsed}s; log $log"
+        exit 1
+        ;;
+esac

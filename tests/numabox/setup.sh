@@ -1,0 +1,167 @@
+#!/usr/bin/env bash
+# Prepare the NUMA box: the host packages (QEMU, static busybox, cpio) and a
+# Debian kernel with the four modules KVM on emulated AMD SVM needs.
+#
+# Idempotent: a second run only checks what is already there. The kernel is
+# never installed on this machine; its package is downloaded and unpacked
+# into a cache folder and only the pieces the box boots are kept:
+#
+#   $NUMABOX_CACHE/kernel-<version>/vmlinuz
+#   $NUMABOX_CACHE/kernel-<version>/modules/{irqbypass,ccp,kvm,kvm-amd}.ko
+#   $NUMABOX_CACHE/current -> kernel-<version>
+#
+# NUMABOX_CACHE defaults to <repo>/target/numabox-cache.
+# Exits non-zero with a message naming what is missing when anything fails.
+set -euo pipefail
+
+die() {
+    echo "numabox setup: ERROR: $*" >&2
+    exit 1
+}
+note() {
+    echo "numabox setup: $*" >&2
+}
+
+[ "$(id -u)" -eq 0 ] || die "must run as root (apt-get install and apt-get download need it)"
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+repo="$(cd "$here/../.." && pwd)"
+cache="${NUMABOX_CACHE:-$repo/target/numabox-cache}"
+mkdir -p "$cache" || die "cannot create cache folder $cache"
+cache="$(cd "$cache" && pwd)"
+
+# Host packages: Debian package name -> a file it must provide.
+# binutils: readelf (static checks) and strip (run.sh).
+packages=(qemu-system-x86 busybox-static cpio xz-utils gzip binutils)
+declare -A provides=(
+    [qemu-system-x86]=/usr/bin/qemu-system-x86_64
+    [busybox-static]=/bin/busybox
+    [cpio]=/usr/bin/cpio
+    [xz-utils]=/usr/bin/xz
+    [gzip]=/bin/gzip
+    [binutils]=/usr/bin/readelf
+)
+
+# Serialise concurrent setups (two test processes sharing one cache) so that
+# neither sees the other's half-unpacked kernel.
+exec 9>"$cache/.lock"
+flock -w 900 9 || die "timed out waiting for the lock $cache/.lock held by another setup"
+
+is_installed() {
+    [ "$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null)" = "install ok installed" ]
+}
+
+# apt-get install; refresh the package lists only when the install fails
+# (stale lists name versions the mirror no longer has).
+apt_install() {
+    if DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "$@"; then
+        return 0
+    fi
+    note "apt-get install $* failed; running apt-get update and retrying"
+    apt-get update || die "apt-get update failed"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "$@" \
+        || die "apt-get install $* failed even after apt-get update"
+}
+
+missing=()
+for p in "${packages[@]}"; do
+    is_installed "$p" || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+    note "installing ${missing[*]}"
+    apt_install "${missing[@]}"
+fi
+for p in "${packages[@]}"; do
+    is_installed "$p" || die "package $p is still not installed"
+    [ -x "${provides[$p]}" ] || die "package $p is installed but ${provides[$p]} is missing"
+done
+# The box has no libc: busybox must be the static build.
+if readelf -l /bin/busybox 2>/dev/null | grep -q 'program interpreter'; then
+    die "/bin/busybox is dynamically linked; the box needs the busybox-static package"
+fi
+
+# The kernel image package linux-image-amd64 currently points at.
+resolve_kernel_package() {
+    apt-cache depends linux-image-amd64 2>/dev/null \
+        | awk '$1 ~ /Depends:/ && $2 ~ /^linux-image-[0-9].*-amd64$/ { print $2; exit }'
+}
+kpkg="$(resolve_kernel_package || true)"
+if [ -z "$kpkg" ]; then
+    note "apt-cache does not know linux-image-amd64; running apt-get update"
+    apt-get update || die "apt-get update failed"
+    kpkg="$(resolve_kernel_package || true)"
+fi
+[ -n "$kpkg" ] || die "cannot resolve the kernel image package (apt-cache depends linux-image-amd64 names none)"
+kver="${kpkg#linux-image-}"
+kdir="$cache/kernel-$kver"
+
+# Module paths under lib/modules/<kver>/kernel/, in insmod order. The box's
+# /init loads them in the same order.
+modules=(
+    virt/lib/irqbypass
+    drivers/crypto/ccp/ccp
+    arch/x86/kvm/kvm
+    arch/x86/kvm/kvm-amd
+)
+
+kernel_complete() {
+    [ -f "$kdir/.complete" ] || return 1
+    [ -s "$kdir/vmlinuz" ] || return 1
+    local m
+    for m in "${modules[@]}"; do
+        [ -s "$kdir/modules/$(basename "$m").ko" ] || return 1
+    done
+}
+
+if kernel_complete; then
+    note "kernel $kver already cached in $kdir"
+else
+    note "fetching $kpkg into $kdir"
+    rm -rf "$kdir" "$cache/tmp"
+    mkdir -p "$cache/tmp/deb" "$cache/tmp/root"
+    # Downloading as root into a root-owned folder: skip apt's _apt sandbox
+    # instead of letting it warn.
+    if ! (cd "$cache/tmp/deb" && apt-get -o APT::Sandbox::User=root download "$kpkg"); then
+        note "apt-get download $kpkg failed; running apt-get update and retrying"
+        apt-get update || die "apt-get update failed"
+        (cd "$cache/tmp/deb" && apt-get -o APT::Sandbox::User=root download "$kpkg") \
+            || die "apt-get download $kpkg failed"
+    fi
+    deb="$(find "$cache/tmp/deb" -maxdepth 1 -name '*.deb' -print -quit)"
+    [ -n "$deb" ] || die "apt-get download $kpkg produced no .deb in $cache/tmp/deb"
+    dpkg -x "$deb" "$cache/tmp/root" || die "dpkg -x $deb failed"
+
+    root="$cache/tmp/root"
+    mkdir -p "$kdir/modules"
+    vmlinuz="$root/boot/vmlinuz-$kver"
+    [ -s "$vmlinuz" ] || die "$kpkg has no boot/vmlinuz-$kver"
+    cp "$vmlinuz" "$kdir/vmlinuz"
+
+    # Debian 12 ships plain .ko files; later kernels compress them. The
+    # box's busybox insmod is not relied on to decompress: every module is
+    # stored here as a plain .ko.
+    moddir="$root/lib/modules/$kver/kernel"
+    [ -d "$moddir" ] || die "$kpkg has no lib/modules/$kver/kernel"
+    for m in "${modules[@]}"; do
+        out="$kdir/modules/$(basename "$m").ko"
+        if [ -f "$moddir/$m.ko" ]; then
+            cp "$moddir/$m.ko" "$out"
+        elif [ -f "$moddir/$m.ko.xz" ]; then
+            xz -dc "$moddir/$m.ko.xz" >"$out" || die "cannot decompress $m.ko.xz"
+        elif [ -f "$moddir/$m.ko.gz" ]; then
+            gzip -dc "$moddir/$m.ko.gz" >"$out" || die "cannot decompress $m.ko.gz"
+        elif [ -f "$moddir/$m.ko.zst" ]; then
+            command -v zstd >/dev/null || apt_install zstd
+            zstd -qdc "$moddir/$m.ko.zst" >"$out" || die "cannot decompress $m.ko.zst"
+        else
+            die "$kpkg has no module $m.ko (nor .ko.xz/.ko.gz/.ko.zst) under lib/modules/$kver/kernel"
+        fi
+    done
+    echo "$kpkg" >"$kdir/package"
+    rm -rf "$cache/tmp"
+    touch "$kdir/.complete"
+    kernel_complete || die "kernel cache $kdir is incomplete after unpacking"
+fi
+
+ln -sfn "kernel-$kver" "$cache/current"
+note "ready: kernel $kver, cache $cache/current"
