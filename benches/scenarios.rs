@@ -1,1 +1,44 @@
-fn main() {}
+//! vmhop's scenario benchmarks: `cargo bench --bench scenarios -- [FILTER]
+//! [--runs N] [--json] [--list]`. Every figure is a median over runs with
+//! its range, next to a baseline measured in the same run; see
+//! docs/benchmarks.md for the scenarios and how to add one.
+//!
+//! This file only lists the scenarios and dispatches; the harness (`harness/`)
+//! repeats, aggregates and prints, and each scenario module measures.
+
+mod harness;
+
+use harness::{Options, Scenario};
+
+/// Every scenario, in the order they run. Add new ones here.
+fn scenarios() -> Vec<Scenario> {
+    let mut all = Vec::new();
+    all.extend(harness::guest::scenarios());
+    all
+}
+
+fn main() {
+    let opts = match Options::parse(std::env::args().skip(1)) {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("scenarios: {e}");
+            std::process::exit(2);
+        }
+    };
+    let all = scenarios();
+    if opts.list {
+        for s in &all {
+            println!("{:20} {}", s.name, s.about);
+        }
+        return;
+    }
+    if opts.quick {
+        // Started by `cargo test`: check the harness itself, then run each
+        // scenario once, briefly, to prove it still works.
+        harness::self_check();
+    }
+    let report = harness::run_all(all, &opts);
+    if !report.failures.is_empty() {
+        std::process::exit(1);
+    }
+}

@@ -13,7 +13,9 @@ use common::{assert_one_line_error, vmhop, HttpResponse, Vm};
 fn assert_json_error(r: &HttpResponse, status: u16) {
     assert_eq!(r.status, status, "body: {}", r.body);
     let v = r.json();
-    let msg = v["error"].as_str().unwrap_or_else(|| panic!("no \"error\" string in {}", r.body));
+    let msg = v["error"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no \"error\" string in {}", r.body));
     assert!(!msg.trim().is_empty(), "empty error message: {}", r.body);
 }
 
@@ -52,12 +54,26 @@ fn client_on_a_missing_socket_exits_1_with_a_one_line_message() {
     let socket = socket.to_str().unwrap();
     for cmd in ["status", "pause", "resume", "stop", "verify"] {
         let out = vmhop(&[cmd, "--api-socket", socket]);
-        assert_eq!(out.code, Some(1), "vmhop {cmd} on a missing socket\n{}", out.describe());
+        assert_eq!(
+            out.code,
+            Some(1),
+            "vmhop {cmd} on a missing socket\n{}",
+            out.describe()
+        );
         assert_one_line_error(&out, cmd);
-        assert!(out.stderr.contains(socket), "vmhop {cmd}: message does not name the socket\n{}", out.describe());
+        assert!(
+            out.stderr.contains(socket),
+            "vmhop {cmd}: message does not name the socket\n{}",
+            out.describe()
+        );
     }
     let out = vmhop(&["status", "--api-socket", socket, "--json"]);
-    assert_eq!(out.code, Some(1), "status --json on a missing socket\n{}", out.describe());
+    assert_eq!(
+        out.code,
+        Some(1),
+        "status --json on a missing socket\n{}",
+        out.describe()
+    );
     assert_one_line_error(&out, "status --json");
 }
 
@@ -66,13 +82,29 @@ fn second_run_on_a_socket_in_use_fails_and_the_first_vm_keeps_running() {
     let vm = Vm::start(&["--memory", "64M", "--guest", "builtin:dirty"]);
     let before = vm.progress();
     let out = vmhop(&["run", "--api-socket", vm.socket_str(), "--memory", "64M"]);
-    assert_eq!(out.code, Some(1), "second vmhop run on the same socket\n{}", out.describe());
+    assert_eq!(
+        out.code,
+        Some(1),
+        "second vmhop run on the same socket\n{}",
+        out.describe()
+    );
     assert_one_line_error(&out, "second run");
     let msg = out.stderr.to_lowercase();
-    assert!(msg.contains("in use") || msg.contains("already"), "message does not say the socket is in use\n{}", out.describe());
-    assert!(out.stderr.contains(vm.socket_str()), "message does not name the socket\n{}", out.describe());
+    assert!(
+        msg.contains("in use") || msg.contains("already"),
+        "message does not say the socket is in use\n{}",
+        out.describe()
+    );
+    assert!(
+        out.stderr.contains(vm.socket_str()),
+        "message does not name the socket\n{}",
+        out.describe()
+    );
 
-    assert!(Path::new(vm.socket()).exists(), "the first VM's socket was removed");
+    assert!(
+        Path::new(vm.socket()).exists(),
+        "the first VM's socket was removed"
+    );
     assert_still_serving(&vm, "running");
     vm.wait_progress_above(before, std::time::Duration::from_secs(10));
 }
@@ -83,12 +115,23 @@ fn curl_reads_status_over_the_unix_socket() {
     assert!(curl.exists(), "/usr/bin/curl is expected on these machines");
     let vm = Vm::start(&["--name", "curled", "--memory", "64M"]);
     let out = std::process::Command::new(curl)
-        .args(["--silent", "--show-error", "--fail", "--max-time", "10", "--unix-socket"])
+        .args([
+            "--silent",
+            "--show-error",
+            "--fail",
+            "--max-time",
+            "10",
+            "--unix-socket",
+        ])
         .arg(vm.socket())
         .arg("http://localhost/api/v1/vm.status")
         .output()
         .expect("run curl");
-    assert!(out.status.success(), "curl failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "curl failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("curl got JSON");
     assert_eq!(v["name"], "curled", "{v}");
     assert_eq!(v["state"], "running", "{v}");

@@ -15,7 +15,11 @@ fn run_fails(args: &[&str], code: i32) -> CmdOutput {
     all.extend_from_slice(args);
     let out = vmhop(&all);
     assert_eq!(out.code, Some(code), "vmhop {all:?}\n{}", out.describe());
-    assert!(!out.stderr.contains("panicked"), "vmhop {all:?} panicked\n{}", out.describe());
+    assert!(
+        !out.stderr.contains("panicked"),
+        "vmhop {all:?} panicked\n{}",
+        out.describe()
+    );
     assert!(!socket.exists(), "vmhop {all:?} left its socket behind");
     out
 }
@@ -38,7 +42,11 @@ fn operation_error(args: &[&str], needles: &[&str]) {
 fn assert_mentions(out: &CmdOutput, args: &[&str], needles: &[&str]) {
     let msg = out.stderr.to_lowercase();
     for n in needles {
-        assert!(msg.contains(&n.to_lowercase()), "{args:?}: message does not mention {n:?}\n{}", out.describe());
+        assert!(
+            msg.contains(&n.to_lowercase()),
+            "{args:?}: message does not mention {n:?}\n{}",
+            out.describe()
+        );
     }
 }
 
@@ -83,7 +91,11 @@ fn unknown_flag_is_a_usage_error() {
     // the first line must carry the message and name the flag.
     let out = run_fails(&["--bogus-flag"], 2);
     let first = out.stderr.lines().next().unwrap_or("");
-    assert!(first.contains("--bogus-flag"), "first stderr line does not name the flag\n{}", out.describe());
+    assert!(
+        first.contains("--bogus-flag"),
+        "first stderr line does not name the flag\n{}",
+        out.describe()
+    );
 }
 
 #[test]
@@ -93,5 +105,8 @@ fn memory_larger_than_the_host_fails_the_operation() {
 
 #[test]
 fn host_node_that_does_not_exist_fails_the_operation() {
-    operation_error(&["--numa", "guest-node=0,size=64M,host-node=7"], &["node 7"]);
+    operation_error(
+        &["--numa", "guest-node=0,size=64M,host-node=7"],
+        &["node 7"],
+    );
 }

@@ -26,7 +26,10 @@ fn one_json_object(stdout: &str) -> Value {
         .next()
         .unwrap_or_else(|| panic!("no JSON on stdout: {stdout:?}"))
         .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {stdout:?}"));
-    assert!(values.next().is_none(), "more than one JSON value on stdout: {stdout:?}");
+    assert!(
+        values.next().is_none(),
+        "more than one JSON value on stdout: {stdout:?}"
+    );
     assert!(first.is_object(), "stdout JSON is not an object: {first}");
     first
 }
@@ -34,7 +37,11 @@ fn one_json_object(stdout: &str) -> Value {
 /// Runs `verify --json` and returns (exit code, report).
 fn verify_json(vm: &Vm) -> (Option<i32>, Value) {
     let out = vm.cli(&["verify", "--json"]);
-    assert!(!out.stderr.contains("panicked"), "verify panicked\n{}", out.describe());
+    assert!(
+        !out.stderr.contains("panicked"),
+        "verify panicked\n{}",
+        out.describe()
+    );
     (out.code, one_json_object(&out.stdout))
 }
 
@@ -43,7 +50,10 @@ fn assert_verifies(vm: &Vm) {
     let (code, report) = verify_json(vm);
     assert_eq!(code, Some(0), "verify failed: {report}\n{}", vm.logs());
     assert_eq!(report["ok"], Value::Bool(true), "verify report: {report}");
-    assert!(report["pages_checked"].as_u64().unwrap_or(0) > 0, "verify checked no pages: {report}");
+    assert!(
+        report["pages_checked"].as_u64().unwrap_or(0) > 0,
+        "verify checked no pages: {report}"
+    );
 }
 
 /// One entry of `debug.memory-map`.
@@ -101,14 +111,28 @@ fn violations_at(report: &Value, gpa: u64) -> usize {
 /// Starts a 64 MiB, 2-vCPU dirty guest and waits until it has swept its
 /// working set at least twice, so every page carries a counter and a tag.
 fn dirty_vm_after_two_sweeps() -> Vm {
-    let vm = Vm::start(&["--vcpus", "2", "--memory", "64M", "--guest", "builtin:dirty"]);
+    let vm = Vm::start(&[
+        "--vcpus",
+        "2",
+        "--memory",
+        "64M",
+        "--guest",
+        "builtin:dirty",
+    ]);
     vm.wait_progress_above(2 * working_set_pages(64 * MIB), PROGRESS_WAIT);
     vm
 }
 
 #[test]
 fn dirty_guest_with_two_vcpus_makes_progress() {
-    let vm = Vm::start(&["--vcpus", "2", "--memory", "64M", "--guest", "builtin:dirty"]);
+    let vm = Vm::start(&[
+        "--vcpus",
+        "2",
+        "--memory",
+        "64M",
+        "--guest",
+        "builtin:dirty",
+    ]);
     let first = vm.progress();
     let later = vm.wait_progress_above(first, PROGRESS_WAIT);
     assert!(later > first);
@@ -117,7 +141,14 @@ fn dirty_guest_with_two_vcpus_makes_progress() {
 
 #[test]
 fn pause_stops_the_guest_and_resume_restarts_it() {
-    let vm = Vm::start(&["--vcpus", "2", "--memory", "64M", "--guest", "builtin:dirty"]);
+    let vm = Vm::start(&[
+        "--vcpus",
+        "2",
+        "--memory",
+        "64M",
+        "--guest",
+        "builtin:dirty",
+    ]);
     vm.wait_progress_above(0, PROGRESS_WAIT);
 
     vm.cli_ok(&["pause"]);
@@ -162,15 +193,27 @@ fn verify_catches_a_counter_corrupted_from_the_host() {
     let mem = process_memory(&vm);
     let addr = host_address(&map, target);
     let mut page = [0u8; 16];
-    mem.read_exact_at(&mut page, addr).expect("read the page from /proc/<pid>/mem");
+    mem.read_exact_at(&mut page, addr)
+        .expect("read the page from /proc/<pid>/mem");
     let tag = u64::from_le_bytes(page[8..16].try_into().unwrap());
-    assert_eq!(tag, target, "before corruption the page at {target:#x} should carry its own gpa as tag");
-    mem.write_all_at(&(1u64 << 62).to_le_bytes(), addr).expect("write the counter into /proc/<pid>/mem");
+    assert_eq!(
+        tag, target,
+        "before corruption the page at {target:#x} should carry its own gpa as tag"
+    );
+    mem.write_all_at(&(1u64 << 62).to_le_bytes(), addr)
+        .expect("write the counter into /proc/<pid>/mem");
 
     let (code, report) = verify_json(&vm);
-    assert_eq!(code, Some(1), "verify must fail on a corrupted page: {report}");
+    assert_eq!(
+        code,
+        Some(1),
+        "verify must fail on a corrupted page: {report}"
+    );
     assert_eq!(report["ok"], Value::Bool(false), "{report}");
-    assert!(violations_at(&report, target) > 0, "no violation reported at {target:#x}: {report}");
+    assert!(
+        violations_at(&report, target) > 0,
+        "no violation reported at {target:#x}: {report}"
+    );
 
     let text = vm.cli(&["verify"]);
     assert_eq!(text.code, Some(1), "text verify\n{}", text.describe());
@@ -205,8 +248,14 @@ fn verify_catches_two_pages_swapped_by_the_host() {
 
     let (code, report) = verify_json(&vm);
     assert_eq!(code, Some(1), "verify must fail on swapped pages: {report}");
-    assert!(violations_at(&report, a) > 0, "no violation at {a:#x}: {report}");
-    assert!(violations_at(&report, b) > 0, "no violation at {b:#x}: {report}");
+    assert!(
+        violations_at(&report, a) > 0,
+        "no violation at {a:#x}: {report}"
+    );
+    assert!(
+        violations_at(&report, b) > 0,
+        "no violation at {b:#x}: {report}"
+    );
 }
 
 #[test]
@@ -217,7 +266,12 @@ fn idle_guest_does_not_burn_a_cpu() {
     thread::sleep(Duration::from_secs(1));
     let (cpu1, wall1) = (cpu_time(vm.pid()), Instant::now());
     let share = (cpu1 - cpu0).as_secs_f64() / (wall1 - wall0).as_secs_f64();
-    assert!(share < 0.2, "idle VM used {:.0}% of a core over {:?}", share * 100.0, wall1 - wall0);
+    assert!(
+        share < 0.2,
+        "idle VM used {:.0}% of a core over {:?}",
+        share * 100.0,
+        wall1 - wall0
+    );
 }
 
 #[test]
@@ -236,16 +290,27 @@ fn paused_start_has_no_progress_until_resume() {
 
 #[test]
 fn vcpu_threads_are_pinned_to_their_host_nodes_cpus() {
-    let node0 = std::fs::read_to_string("/sys/devices/system/node/node0/cpulist").expect("read node0 cpulist");
+    let node0 = std::fs::read_to_string("/sys/devices/system/node/node0/cpulist")
+        .expect("read node0 cpulist");
     let node0 = parse_cpu_list(&node0);
-    let vm = Vm::start(&["--vcpus", "2", "--memory", "64M", "--guest", "builtin:dirty"]);
+    let vm = Vm::start(&[
+        "--vcpus",
+        "2",
+        "--memory",
+        "64M",
+        "--guest",
+        "builtin:dirty",
+    ]);
     let all = threads(vm.pid());
     for name in ["vcpu0", "vcpu1"] {
         let (_, cpus) = all
             .iter()
             .find(|(n, _)| n == name)
             .unwrap_or_else(|| panic!("no thread named {name}; threads: {all:?}"));
-        assert_eq!(cpus, &node0, "{name} may run on {cpus:?}, node 0 has {node0:?}");
+        assert_eq!(
+            cpus, &node0,
+            "{name} may run on {cpus:?}, node 0 has {node0:?}"
+        );
     }
 }
 
@@ -261,7 +326,9 @@ fn two_guest_nodes_on_one_host_node_show_in_status_and_verify() {
     ]);
     let s = vm.status();
     assert_eq!(s["memory_bytes"], 128 * MIB, "{s}");
-    let numa = s["numa"].as_array().unwrap_or_else(|| panic!("status numa is not a list: {s}"));
+    let numa = s["numa"]
+        .as_array()
+        .unwrap_or_else(|| panic!("status numa is not a list: {s}"));
     assert_eq!(numa.len(), 2, "{s}");
     for (i, n) in numa.iter().enumerate() {
         assert_eq!(n["guest_node"], i as u64, "{s}");
@@ -275,9 +342,22 @@ fn two_guest_nodes_on_one_host_node_show_in_status_and_verify() {
 /// Asserts that vmhop exited 0, removed its socket and did not panic.
 fn assert_clean_exit(mut vm: Vm, how: &str) {
     let status = vm.wait_exit();
-    assert_eq!(status.code(), Some(0), "after {how}: {status}\n{}", vm.logs());
-    assert!(!vm.socket().exists(), "after {how} the socket {} is still there", vm.socket().display());
-    assert!(!vm.stderr().contains("panicked"), "after {how}\n{}", vm.logs());
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "after {how}: {status}\n{}",
+        vm.logs()
+    );
+    assert!(
+        !vm.socket().exists(),
+        "after {how} the socket {} is still there",
+        vm.socket().display()
+    );
+    assert!(
+        !vm.stderr().contains("panicked"),
+        "after {how}\n{}",
+        vm.logs()
+    );
 }
 
 #[test]
@@ -296,7 +376,14 @@ fn sigint_stops_the_vm_cleanly() {
 
 #[test]
 fn stop_command_stops_the_vm_cleanly() {
-    let vm = Vm::start(&["--vcpus", "2", "--memory", "64M", "--guest", "builtin:dirty"]);
+    let vm = Vm::start(&[
+        "--vcpus",
+        "2",
+        "--memory",
+        "64M",
+        "--guest",
+        "builtin:dirty",
+    ]);
     vm.cli_ok(&["stop"]);
     assert_clean_exit(vm, "vmhop stop");
 }
@@ -304,7 +391,10 @@ fn stop_command_stops_the_vm_cleanly() {
 #[test]
 fn api_socket_is_readable_and_writable_by_its_owner_only() {
     let vm = Vm::start(&["--memory", "64M"]);
-    let mode = std::fs::metadata(vm.socket()).expect("stat the socket").permissions().mode();
+    let mode = std::fs::metadata(vm.socket())
+        .expect("stat the socket")
+        .permissions()
+        .mode();
     assert_eq!(mode & 0o777, 0o600, "socket mode is {:o}", mode & 0o777);
 }
 
@@ -317,11 +407,23 @@ fn hugepage_backed_guest_runs_and_verifies() {
 
 #[test]
 fn status_json_has_the_contract_fields() {
-    let vm = Vm::start(&["--name", "fields", "--vcpus", "2", "--memory", "64M", "--guest", "builtin:dirty"]);
+    let vm = Vm::start(&[
+        "--name",
+        "fields",
+        "--vcpus",
+        "2",
+        "--memory",
+        "64M",
+        "--guest",
+        "builtin:dirty",
+    ]);
     let out = vm.cli_ok(&["status", "--json"]);
     let s = one_json_object(&out.stdout);
     assert_eq!(s["name"], "fields", "{s}");
-    assert!(matches!(s["state"].as_str(), Some("running" | "paused" | "stopped")), "{s}");
+    assert!(
+        matches!(s["state"].as_str(), Some("running" | "paused" | "stopped")),
+        "{s}"
+    );
     assert_eq!(s["vcpus"], 2, "{s}");
     assert_eq!(s["memory_bytes"], 64 * MIB, "{s}");
     assert_eq!(s["guest"]["kind"], "builtin:dirty", "{s}");

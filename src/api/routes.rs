@@ -99,6 +99,16 @@ impl Routes {
                     Err(e) => Err(ApiError(500, e.to_string())),
                 }
             }
+            ("PUT", "vm.checkpoint") => {
+                let req: crate::checkpoint::create::CheckpointRequest = body(b)?;
+                let _op = self.operation()?;
+                self.running_or_paused()?;
+                let r = crate::checkpoint::create::checkpoint(vm, &req).map_err(|e| ApiError(500, e.to_string()))?;
+                if req.stop_after {
+                    let _ = self.shutdown.lock().unwrap_or_else(|e| e.into_inner()).send(());
+                }
+                json(r)
+            }
             ("GET", "vm.numa-stat") => json(crate::transfer::numa_move::numa_stat(vm).map_err(|e| ApiError(500, e))?),
             ("GET", "debug.memory-map") => {
                 let m = vm.memory();
@@ -117,7 +127,7 @@ impl Routes {
                         .collect::<Vec<_>>(),
                 )
             }
-            (_, "vm.status" | "vm.pause" | "vm.resume" | "vm.stop" | "vm.verify" | "vm.numa-migrate" | "vm.numa-stat" | "debug.memory-map") => {
+            (_, "vm.status" | "vm.pause" | "vm.resume" | "vm.stop" | "vm.verify" | "vm.numa-migrate" | "vm.numa-stat" | "vm.checkpoint" | "debug.memory-map") => {
                 Err(ApiError(405, format!("{method} is not allowed on {path}")))
             }
             _ => Err(ApiError(404, format!("no such endpoint: {path}"))),

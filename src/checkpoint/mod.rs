@@ -3,4 +3,6 @@
 //! (`create`), and restoring one (`restore`).
 
 pub mod chain;
+pub mod create;
+pub mod restore;
 pub mod format;

@@ -2,6 +2,7 @@
 //! than `run`/`restore` is a client of the VM's API. This module parses,
 //! dispatches and renders reports; it does no VM work itself.
 
+pub mod checkpoint;
 pub mod control;
 pub mod demo;
 pub mod numa;
@@ -95,6 +96,15 @@ fn nix_is_root() -> bool {
     users_uid() == 0
 }
 
+/// Options of `vmhop restore`.
+#[derive(Args, Debug)]
+pub struct RestoreArgs {
+    /// DIR or DIR@ID (default: the latest checkpoint in DIR).
+    target: String,
+    #[command(flatten)]
+    run: run::RunArgs,
+}
+
 #[derive(Subcommand, Debug)]
 enum Cmd {
     /// Start a VM and serve its API until it is stopped.
@@ -109,6 +119,14 @@ enum Cmd {
     Stop(ApiOpts),
     /// Check a builtin guest's memory invariant from the host (pauses it meanwhile).
     Verify(ApiOpts),
+    /// Checkpoint a running VM (full, or incremental on its last checkpoint in DIR).
+    Checkpoint(checkpoint::CheckpointArgs),
+    /// List the checkpoints in DIR: id, parent, kind, size, time.
+    Checkpoints(checkpoint::ListArgs),
+    /// Fold a chain (up to DIR@ID) into one new full checkpoint.
+    Merge(checkpoint::MergeArgs),
+    /// Restore a VM from DIR[@ID] and serve its API (same as run --restore).
+    Restore(RestoreArgs),
     /// Re-home guest memory (and its vCPUs) to another host NUMA node while the VM runs.
     NumaMigrate(numa::NumaMigrateArgs),
     /// Show where every guest node's pages live now, and the vCPUs' CPUs.
@@ -131,6 +149,10 @@ pub fn main() -> ExitCode {
         Cmd::Resume(o) => control::resume(&o),
         Cmd::Stop(o) => control::stop(&o),
         Cmd::Verify(o) => control::verify(&o),
+        Cmd::Checkpoint(a) => checkpoint::checkpoint(&a),
+        Cmd::Checkpoints(a) => checkpoint::list(&a),
+        Cmd::Merge(a) => checkpoint::merge(&a),
+        Cmd::Restore(a) => checkpoint::restore(&a.target, &a.run),
         Cmd::NumaMigrate(a) => numa::numa_migrate(&a),
         Cmd::NumaStat(o) => numa::numa_stat(&o),
         Cmd::Topology(o) => control::topology(&o),

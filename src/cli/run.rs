@@ -48,6 +48,12 @@ pub struct RunArgs {
     /// Size of a memory chunk (one KVM slot; the unit of NUMA moves).
     #[arg(long, value_name = "SIZE", hide = true)]
     pub chunk_size: Option<String>,
+    /// Restore from a checkpoint (DIR or DIR@ID) instead of booting.
+    #[arg(long, value_name = "DIR[@ID]")]
+    pub restore: Option<String>,
+    /// With --restore: load all memory before the vCPUs run (default: lazily, on first touch).
+    #[arg(long)]
+    pub eager: bool,
     /// Start with the vCPUs stopped until `resume`.
     #[arg(long)]
     pub paused: bool,
@@ -81,6 +87,24 @@ impl RunArgs {
         Ok(c)
     }
 
+    /// A restore takes its configuration from the checkpoint: options that
+    /// would change it are refused rather than silently ignored.
+    pub fn reject_config_for_restore(&self) -> Result<(), CliError> {
+        let given = [
+            (self.vcpus != 1, "--vcpus"),
+            (self.memory.is_some(), "--memory"),
+            (!self.numa.is_empty(), "--numa"),
+            (self.guest != "builtin:idle", "--guest"),
+            (self.kernel.is_some(), "--kernel"),
+            (self.hugepages, "--hugepages"),
+            (self.chunk_size.is_some(), "--chunk-size"),
+        ];
+        if let Some((_, flag)) = given.iter().find(|g| g.0) {
+            return Err(CliError::usage(format!("{flag} cannot be used with a restore: the configuration comes from the checkpoint")));
+        }
+        Ok(())
+    }
+
     /// The API socket path.
     pub fn socket(&self) -> PathBuf {
         self.api_socket.clone().unwrap_or_else(|| default_socket(&self.name))
@@ -89,7 +113,7 @@ impl RunArgs {
 
 /// Blocks SIGTERM and SIGINT in this thread (and so in every thread it
 /// spawns later); `wait_for_signal` then takes them synchronously.
-fn block_stop_signals() -> libc::sigset_t {
+pub fn block_stop_signals() -> libc::sigset_t {
     // SAFETY: sigset_t is plain data; sigemptyset/sigaddset initialise it and
     // pthread_sigmask only changes this thread's mask.
     unsafe {
@@ -102,17 +126,32 @@ fn block_stop_signals() -> libc::sigset_t {
     }
 }
 
+/// Fails early, before any VM exists, if another vmhop serves `socket`.
+pub fn check_socket_free(socket: &std::path::Path) -> Result<(), CliError> {
+    if std::os::unix::net::UnixStream::connect(socket).is_ok() {
+        return Err(CliError::failed(format!("another vmhop is already serving {}", socket.display())));
+    }
+    Ok(())
+}
+
 /// Runs a VM until it is stopped.
 pub fn run(args: RunArgs) -> CliResult {
+    if let Some(target) = &args.restore {
+        return super::checkpoint::restore(target, &args);
+    }
+    if args.eager {
+        return Err(CliError::usage("--eager only applies with --restore"));
+    }
     let config = args.config()?;
     let socket = args.socket();
+    check_socket_free(&socket)?;
     let set = block_stop_signals();
     let vm = Vm::new(config, Start::Boot, args.paused).map_err(CliError::failed)?;
-    serve(vm, &socket, args.json, set)
+    serve(vm, &socket, args.json, set, None)
 }
 
 /// Serves the API of a created VM until stop, SIGTERM or SIGINT.
-pub fn serve(vm: Arc<Vm>, socket: &std::path::Path, json: bool, set: libc::sigset_t) -> CliResult {
+pub fn serve(vm: Arc<Vm>, socket: &std::path::Path, json: bool, set: libc::sigset_t, restored: Option<serde_json::Value>) -> CliResult {
     let (tx, rx) = mpsc::channel();
     let routes = Arc::new(Routes::new(vm.clone(), tx.clone()));
     let server = ApiServer::start(socket, routes.clone()).map_err(CliError::failed)?;
@@ -133,6 +172,7 @@ pub fn serve(vm: Arc<Vm>, socket: &std::path::Path, json: bool, set: libc::sigse
         super::output::print_json(&serde_json::json!({
             "name": status.name, "state": status.state, "pid": status.pid, "api_socket": socket,
             "vcpus": status.vcpus, "memory_bytes": status.memory_bytes, "guest": status.guest.kind,
+            "restore": restored,
         }))?;
     } else {
         println!(

@@ -90,13 +90,23 @@ pub trait Sink {
     fn abort(&mut self, vm: &Vm);
 }
 
+/// Which pages the first pass sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FirstPass {
+    /// Every page of the plan's chunks.
+    All,
+    /// The pages dirtied since the VM's last checkpoint, taken after dirty
+    /// logging is armed, so nothing dirtied in between is missed.
+    SinceCheckpoint,
+}
+
 /// How to move.
 #[derive(Debug, Clone)]
 pub struct Plan {
     /// The chunks (by slot) to transfer.
     pub slots: Vec<u32>,
-    /// Pages to send in the first pass, per slot (None: every page).
-    pub first_pass: Option<BTreeMap<u32, DirtyBitmap>>,
+    /// Pages to send in the first pass.
+    pub first_pass: FirstPass,
     /// Pre-copy while running (true) or pause first and copy everything (false).
     pub live: bool,
     /// Downtime budget for the last round.
@@ -220,7 +230,10 @@ fn precopy(run: &mut Run<'_>, plan: &Plan, pause: &mut Option<Pause>) -> Result<
         vm.start_dirty_log()?;
         // Clear the logs now: the first pass copies everything after this.
         run.fetch(&plan.slots)?;
-        let first = plan.first_pass.clone().unwrap_or_else(all);
+        let first = match plan.first_pass {
+            FirstPass::All => all(),
+            FirstPass::SinceCheckpoint => vm.checkpoint_dirty(&plan.slots),
+        };
         run.send(&first, false)?;
         run.report.rounds = 1;
         let rate = run.sink.paused_rate().max(1.0);
@@ -259,11 +272,14 @@ fn precopy(run: &mut Run<'_>, plan: &Plan, pause: &mut Option<Pause>) -> Result<
         }
     } else {
         *pause = Some(vm.pause()?);
-        last_pass = plan.first_pass.clone().unwrap_or_else(all);
         if vm.dirty_logging() {
             // Keep any checkpoint's record of what changed up to date.
             run.fetch(&plan.slots)?;
         }
+        last_pass = match plan.first_pass {
+            FirstPass::All => all(),
+            FirstPass::SinceCheckpoint => vm.checkpoint_dirty(&plan.slots),
+        };
     }
     let p = pause.as_ref().expect("paused above");
     run.report.pages_in_pause = run.send(&last_pass, true)?;

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use super::sinks::local::LocalSink;
-use super::{transfer, Plan};
+use super::{transfer, FirstPass, Plan};
 use crate::memory::PAGE_SIZE;
 use crate::numa::placement::{self, Placement};
 use crate::numa::topology::Topology;
@@ -224,7 +224,7 @@ pub fn numa_migrate(vm: &Vm, req: &NumaMigrateRequest) -> Result<NumaMigrateRepo
     match req.mode {
         Mode::StopCopy => {
             let mut sink = LocalSink::new(target, backing);
-            let plan = Plan { slots: chunks.iter().map(|c| c.0).collect(), first_pass: None, live: false, max_downtime: budget };
+            let plan = Plan { slots: chunks.iter().map(|c| c.0).collect(), first_pass: FirstPass::All, live: false, max_downtime: budget };
             let r = transfer(vm, &mut sink, &plan).map_err(|e| failed(e.to_string()))?;
             report.downtime_us = r.downtime_us;
             report.paused_total_us = r.downtime_us;
@@ -263,7 +263,7 @@ pub fn numa_migrate(vm: &Vm, req: &NumaMigrateRequest) -> Result<NumaMigrateRepo
 fn live_chunks(vm: &Vm, target: u32, backing: crate::memory::Backing, chunks: &[(u32, u64)], budget: Duration, report: &mut NumaMigrateReport) -> Result<(), String> {
     for &(slot, len) in chunks {
         let mut sink = LocalSink::new(target, backing);
-        let plan = Plan { slots: vec![slot], first_pass: None, live: true, max_downtime: budget };
+        let plan = Plan { slots: vec![slot], first_pass: FirstPass::All, live: true, max_downtime: budget };
         let r = transfer(vm, &mut sink, &plan).map_err(|e| e.to_string())?;
         report.downtime_us = report.downtime_us.max(r.downtime_us);
         report.paused_total_us += r.downtime_us;

@@ -12,4 +12,4 @@ pub mod vm;
 
 pub use config::{NodeConfig, VmConfig};
 pub use state::VmState;
-pub use vm::{Pause, RunState, Start, Vm, VmError};
+pub use vm::{CheckpointRef, Pause, RunState, Start, Vm, VmError};

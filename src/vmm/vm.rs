@@ -123,6 +123,19 @@ pub struct Vm {
     dirty: Mutex<DirtyState>,
     operation: Mutex<()>,
     host_nodes: Mutex<Vec<u32>>,
+    last_checkpoint: Mutex<Option<CheckpointRef>>,
+    loading: std::sync::atomic::AtomicBool,
+}
+
+/// A checkpoint a VM's state extends: the next incremental's parent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckpointRef {
+    /// Directory (canonical).
+    pub dir: std::path::PathBuf,
+    /// Chain id.
+    pub chain_id: u64,
+    /// Checkpoint id.
+    pub id: u32,
 }
 
 impl std::fmt::Debug for Vm {
@@ -170,6 +183,8 @@ impl Vm {
             dirty: Mutex::new(DirtyState::default()),
             operation: Mutex::new(()),
             host_nodes: Mutex::new(host_nodes.clone()),
+            last_checkpoint: Mutex::new(None),
+            loading: std::sync::atomic::AtomicBool::new(false),
         };
         for c in vm.memory().chunks() {
             vm.set_slot(c, false)?;
@@ -369,7 +384,26 @@ impl Vm {
     /// Takes the one-operation-at-a-time lock (checkpoint, NUMA move,
     /// migration); None if another operation holds it.
     pub fn try_operation(&self) -> Option<MutexGuard<'_, ()>> {
+        if self.loading.load(std::sync::atomic::Ordering::Acquire) {
+            return None;
+        }
         self.operation.try_lock().ok()
+    }
+
+    /// Marks a lazy restore's background load as running (operations that
+    /// move memory wait until it is done).
+    pub fn set_loading(&self, on: bool) {
+        self.loading.store(on, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Stops the guest because something it depends on failed (a corrupt
+    /// page in a lazy restore): vCPUs are paused and status says why.
+    pub fn fail(&self, why: String) {
+        tracing::error!("{why}");
+        self.guest_stop.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(why);
+        if let Ok(p) = self.pause() {
+            drop(p);
+        }
     }
 
     fn send_all(&self, cmd: fn() -> VcpuCmd, what: &'static str, ok: fn(&VcpuReply) -> bool) -> Result<(), VmError> {
@@ -504,6 +538,48 @@ impl Vm {
             acc.entry(chunk.slot).or_insert_with(|| DirtyBitmap::new(chunk.pages())).merge(&b);
         }
         Ok(b)
+    }
+
+    /// The pages dirtied since the last checkpoint for these slots (every
+    /// page where nothing is remembered).
+    pub fn checkpoint_dirty(&self, slots: &[u32]) -> BTreeMap<u32, DirtyBitmap> {
+        let d = self.dirty.lock().unwrap_or_else(|e| e.into_inner());
+        let mem = self.memory();
+        mem.chunks()
+            .filter(|c| slots.contains(&c.slot))
+            .map(|c| {
+                let b = match &d.since_checkpoint {
+                    Some(acc) => acc.get(&c.slot).cloned().unwrap_or_else(|| DirtyBitmap::new(c.pages())),
+                    None => DirtyBitmap::full(c.pages()),
+                };
+                (c.slot, b)
+            })
+            .collect()
+    }
+
+    /// Gives back pages taken by `reset_checkpoint_dirty` when the
+    /// checkpoint that took them failed after all.
+    pub fn restore_checkpoint_dirty(&self, taken: BTreeMap<u32, DirtyBitmap>) {
+        let mut d = self.dirty.lock().unwrap_or_else(|e| e.into_inner());
+        let acc = d.since_checkpoint.get_or_insert_with(BTreeMap::new);
+        for (slot, b) in taken {
+            match acc.get_mut(&slot) {
+                Some(a) => a.merge(&b),
+                None => {
+                    acc.insert(slot, b);
+                }
+            }
+        }
+    }
+
+    /// The checkpoint this VM's memory was last saved to or restored from.
+    pub fn last_checkpoint(&self) -> Option<CheckpointRef> {
+        self.last_checkpoint.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Records the checkpoint this VM's state now extends.
+    pub fn set_last_checkpoint(&self, c: Option<CheckpointRef>) {
+        *self.last_checkpoint.lock().unwrap_or_else(|e| e.into_inner()) = c;
     }
 
     /// Starts (or restarts) remembering pages dirtied since a checkpoint,

@@ -134,30 +134,50 @@ impl HttpResponse {
 /// Sends one HTTP/1.1 request over the Unix socket at `socket` and reads
 /// the whole response. Errors (no socket, dropped connection, garbage)
 /// come back as `Err` with a description.
-pub fn http(socket: &Path, method: &str, path: &str, body: Option<&str>) -> Result<HttpResponse, String> {
-    let mut s = UnixStream::connect(socket).map_err(|e| format!("connect {}: {e}", socket.display()))?;
-    s.set_read_timeout(Some(HTTP_TIMEOUT)).map_err(|e| e.to_string())?;
-    s.set_write_timeout(Some(HTTP_TIMEOUT)).map_err(|e| e.to_string())?;
+pub fn http(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> Result<HttpResponse, String> {
+    let mut s =
+        UnixStream::connect(socket).map_err(|e| format!("connect {}: {e}", socket.display()))?;
+    s.set_read_timeout(Some(HTTP_TIMEOUT))
+        .map_err(|e| e.to_string())?;
+    s.set_write_timeout(Some(HTTP_TIMEOUT))
+        .map_err(|e| e.to_string())?;
     let body = body.unwrap_or("");
     let mut req = format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n");
     if !body.is_empty() || method == "PUT" || method == "POST" {
-        req += &format!("Content-Type: application/json\r\nContent-Length: {}\r\n", body.len());
+        req += &format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            body.len()
+        );
     }
     req += "\r\n";
     req += body;
-    s.write_all(req.as_bytes()).map_err(|e| format!("send request: {e}"))?;
+    s.write_all(req.as_bytes())
+        .map_err(|e| format!("send request: {e}"))?;
 
     let mut raw = Vec::new();
     let mut buf = [0u8; 8192];
     let (head_end, content_length) = loop {
-        let n = s.read(&mut buf).map_err(|e| format!("read response: {e}"))?;
+        let n = s
+            .read(&mut buf)
+            .map_err(|e| format!("read response: {e}"))?;
         if n == 0 {
-            return Err(format!("connection closed before a full response header: {:?}", String::from_utf8_lossy(&raw)));
+            return Err(format!(
+                "connection closed before a full response header: {:?}",
+                String::from_utf8_lossy(&raw)
+            ));
         }
         raw.extend_from_slice(&buf[..n]);
         if let Some(i) = find(&raw, b"\r\n\r\n") {
             let head = String::from_utf8_lossy(&raw[..i]).to_string();
-            break (i + 4, header(&head, "content-length").and_then(|v| v.parse::<usize>().ok()));
+            break (
+                i + 4,
+                header(&head, "content-length").and_then(|v| v.parse::<usize>().ok()),
+            );
         }
     };
     let head = String::from_utf8_lossy(&raw[..head_end]).to_string();
@@ -179,13 +199,18 @@ pub fn http(socket: &Path, method: &str, path: &str, body: Option<&str>) -> Resu
             body.truncate(len);
         }
         None => {
-            s.read_to_end(&mut body).map_err(|e| format!("read body: {e}"))?;
-            if header(&head, "transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked")) {
+            s.read_to_end(&mut body)
+                .map_err(|e| format!("read body: {e}"))?;
+            if header(&head, "transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked"))
+            {
                 body = dechunk(&body)?;
             }
         }
     }
-    Ok(HttpResponse { status, body: String::from_utf8_lossy(&body).into_owned() })
+    Ok(HttpResponse {
+        status,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    })
 }
 
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
@@ -195,7 +220,9 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
 fn header(head: &str, name: &str) -> Option<String> {
     head.lines().skip(1).find_map(|l| {
         let (k, v) = l.split_once(':')?;
-        k.trim().eq_ignore_ascii_case(name).then(|| v.trim().to_string())
+        k.trim()
+            .eq_ignore_ascii_case(name)
+            .then(|| v.trim().to_string())
     })
 }
 
@@ -231,7 +258,10 @@ impl Vm {
     /// API answers `vm.status`. Panics (with vmhop's output) if it exits or
     /// does not answer within `START_TIMEOUT`.
     pub fn start(args: &[&str]) -> Vm {
-        let dir = tempfile::Builder::new().prefix("vmhop-test-").tempdir().expect("create tempdir");
+        let dir = tempfile::Builder::new()
+            .prefix("vmhop-test-")
+            .tempdir()
+            .expect("create tempdir");
         let socket = dir.path().join("api.sock");
         let stdout = std::fs::File::create(dir.path().join("stdout")).expect("create stdout file");
         let stderr = std::fs::File::create(dir.path().join("stderr")).expect("create stderr file");
@@ -246,12 +276,20 @@ impl Vm {
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {VMHOP}: {e}"));
         let pid = child.id();
-        let mut vm = Vm { child: Some(child), dir, socket, pid };
+        let mut vm = Vm {
+            child: Some(child),
+            dir,
+            socket,
+            pid,
+        };
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
             if let Some(status) = vm.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
                 vm.child = None;
-                panic!("vmhop run {args:?} exited with {status} before its API answered\n{}", vm.logs());
+                panic!(
+                    "vmhop run {args:?} exited with {status} before its API answered\n{}",
+                    vm.logs()
+                );
             }
             if let Ok(r) = http(&vm.socket, "GET", "/api/v1/vm.status", None) {
                 if r.status == 200 {
@@ -259,7 +297,10 @@ impl Vm {
                 }
             }
             if Instant::now() >= deadline {
-                panic!("vmhop run {args:?} did not answer vm.status within {START_TIMEOUT:?}\n{}", vm.logs());
+                panic!(
+                    "vmhop run {args:?} did not answer vm.status within {START_TIMEOUT:?}\n{}",
+                    vm.logs()
+                );
             }
             thread::sleep(POLL_INTERVAL);
         }
@@ -282,8 +323,13 @@ impl Vm {
 
     /// What `vmhop run` has written so far on stdout and stderr.
     pub fn logs(&self) -> String {
-        let read = |name: &str| std::fs::read_to_string(self.dir.path().join(name)).unwrap_or_default();
-        format!("--- vmhop run stdout ---\n{}\n--- vmhop run stderr ---\n{}", read("stdout"), read("stderr"))
+        let read =
+            |name: &str| std::fs::read_to_string(self.dir.path().join(name)).unwrap_or_default();
+        format!(
+            "--- vmhop run stdout ---\n{}\n--- vmhop run stderr ---\n{}",
+            read("stdout"),
+            read("stderr")
+        )
     }
 
     /// What `vmhop run` has written on stderr so far.
@@ -302,27 +348,42 @@ impl Vm {
     /// Runs a client subcommand and panics unless it exits 0.
     pub fn cli_ok(&self, args: &[&str]) -> CmdOutput {
         let out = self.cli(args);
-        assert_eq!(out.code, Some(0), "vmhop {args:?} failed\n{}\n{}", out.describe(), self.logs());
+        assert_eq!(
+            out.code,
+            Some(0),
+            "vmhop {args:?} failed\n{}\n{}",
+            out.describe(),
+            self.logs()
+        );
         out
     }
 
     /// `vmhop status --json`, parsed.
     pub fn status(&self) -> Value {
         let out = self.cli_ok(&["status", "--json"]);
-        serde_json::from_str(out.stdout.trim())
-            .unwrap_or_else(|e| panic!("status --json is not one JSON object ({e}): {:?}", out.stdout))
+        serde_json::from_str(out.stdout.trim()).unwrap_or_else(|e| {
+            panic!(
+                "status --json is not one JSON object ({e}): {:?}",
+                out.stdout
+            )
+        })
     }
 
     /// The guest's progress counter from `status`.
     pub fn progress(&self) -> u64 {
         let s = self.status();
-        s["guest"]["progress"].as_u64().unwrap_or_else(|| panic!("status has no guest.progress: {s}"))
+        s["guest"]["progress"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("status has no guest.progress: {s}"))
     }
 
     /// The VM state from `status`.
     pub fn state(&self) -> String {
         let s = self.status();
-        s["state"].as_str().unwrap_or_else(|| panic!("status has no state: {s}")).to_string()
+        s["state"]
+            .as_str()
+            .unwrap_or_else(|| panic!("status has no state: {s}"))
+            .to_string()
     }
 
     /// Polls `status` until the progress exceeds `above`, within `limit`;
@@ -335,7 +396,10 @@ impl Vm {
                 return p;
             }
             if Instant::now() >= deadline {
-                panic!("guest progress stayed at {p} (not above {above}) for {limit:?}\n{}", self.logs());
+                panic!(
+                    "guest progress stayed at {p} (not above {above}) for {limit:?}\n{}",
+                    self.logs()
+                );
             }
             thread::sleep(Duration::from_millis(50));
         }
@@ -352,7 +416,13 @@ impl Vm {
         // SAFETY: kill(2) has no memory effects; the pid is our own child,
         // not yet reaped (we hold its Child), so it cannot have been reused.
         let rc = unsafe { libc::kill(self.pid as libc::pid_t, signal) };
-        assert_eq!(rc, 0, "kill({}, {signal}) failed: {}", self.pid, std::io::Error::last_os_error());
+        assert_eq!(
+            rc,
+            0,
+            "kill({}, {signal}) failed: {}",
+            self.pid,
+            std::io::Error::last_os_error()
+        );
     }
 
     /// Waits (bounded by `EXIT_TIMEOUT`) for vmhop to exit on its own and
@@ -361,14 +431,19 @@ impl Vm {
         let mut child = self.child.take().expect("vmhop was already reaped");
         match wait_bounded(&mut child, EXIT_TIMEOUT) {
             Some(status) => status,
-            None => panic!("vmhop did not exit within {EXIT_TIMEOUT:?}; killed it\n{}", self.logs()),
+            None => panic!(
+                "vmhop did not exit within {EXIT_TIMEOUT:?}; killed it\n{}",
+                self.logs()
+            ),
         }
     }
 }
 
 impl Drop for Vm {
     fn drop(&mut self) {
-        let Some(mut child) = self.child.take() else { return };
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
         if let Ok(Some(_)) = child.try_wait() {
             return;
         }
@@ -387,7 +462,8 @@ pub fn cpu_time(pid: u32) -> Duration {
     // i.e. the 12th and 13th after the name.
     let rest = &stat[stat.rfind(')').expect("stat has a ')'") + 1..];
     let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime");
+    let ticks: u64 =
+        fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime");
     // SAFETY: sysconf only reads a configuration value.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
     assert!(hz > 0, "sysconf(_SC_CLK_TCK) failed");
@@ -399,7 +475,9 @@ pub fn parse_cpu_list(text: &str) -> Vec<u32> {
     let mut cpus = Vec::new();
     for part in text.trim().split(',').filter(|p| !p.is_empty()) {
         match part.split_once('-') {
-            Some((a, b)) => cpus.extend(a.trim().parse::<u32>().expect("cpu")..=b.trim().parse::<u32>().expect("cpu")),
+            Some((a, b)) => cpus.extend(
+                a.trim().parse::<u32>().expect("cpu")..=b.trim().parse::<u32>().expect("cpu"),
+            ),
             None => cpus.push(part.trim().parse().expect("cpu")),
         }
     }
@@ -411,10 +489,16 @@ pub fn parse_cpu_list(text: &str) -> Vec<u32> {
 /// The threads of process `pid` as (thread name, allowed CPUs).
 pub fn threads(pid: u32) -> Vec<(String, Vec<u32>)> {
     let mut out = Vec::new();
-    for entry in std::fs::read_dir(format!("/proc/{pid}/task")).expect("read /proc/<pid>/task").flatten() {
+    for entry in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("read /proc/<pid>/task")
+        .flatten()
+    {
         let comm = std::fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
         let status = std::fs::read_to_string(entry.path().join("status")).unwrap_or_default();
-        if let Some(list) = status.lines().find_map(|l| l.strip_prefix("Cpus_allowed_list:")) {
+        if let Some(list) = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        {
             out.push((comm.trim().to_string(), parse_cpu_list(list)));
         }
     }
@@ -436,7 +520,11 @@ pub fn parse_gpa(v: &Value) -> Option<u64> {
 
 /// Asserts stderr carries exactly one non-empty line and no panic.
 pub fn assert_one_line_error(out: &CmdOutput, what: &str) {
-    assert!(!out.stderr.contains("panicked"), "{what}: vmhop panicked\n{}", out.describe());
+    assert!(
+        !out.stderr.contains("panicked"),
+        "{what}: vmhop panicked\n{}",
+        out.describe()
+    );
     let lines: Vec<&str> = out.stderr.trim_end().lines().collect();
     assert!(
         lines.len() == 1 && !lines[0].trim().is_empty(),

@@ -1,0 +1,594 @@
+//! The scenario-benchmark harness: a [`Scenario`] is a name and a closure
+//! that measures once and returns one [`Sample`] per metric, each with the
+//! in-run baseline it is compared to. The harness repeats every scenario
+//! `--runs` times, then reports per metric the median, the range over runs,
+//! the baseline's median and the median of the per-run ratios, as a table or
+//! as one JSON object (`--json`).
+//!
+//! This module owns the repetition, the statistics and the output. It knows
+//! nothing about VMs: the scenarios (`guest.rs`, ...) measure, the harness
+//! only aggregates. It never judges a figure: no budget here fails a run.
+
+pub mod guest;
+
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+/// Runs per scenario when `--runs` is not given.
+pub const DEFAULT_RUNS: usize = 5;
+
+/// A scenario's measurement failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    /// A library call failed; `what` names the step.
+    #[error("{what}: {source}")]
+    Vm {
+        /// The step (e.g. "creating a 1 GiB VM with 2 vCPUs").
+        what: String,
+        /// The library's error.
+        #[source]
+        source: vmhop::vmm::VmError,
+    },
+    /// The guest or the host did not behave as the scenario needs.
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// Wraps a VM error with the step that produced it.
+pub fn vm_step(what: impl Into<String>) -> impl FnOnce(vmhop::vmm::VmError) -> BenchError {
+    let what = what.into();
+    move |source| BenchError::Vm { what, source }
+}
+
+/// One figure a run produced: the value and, measured in the same run on
+/// the same bytes, the baseline it is compared to.
+#[derive(Debug, Clone)]
+pub struct Sample {
+    /// What was measured (e.g. "1 vCPU, dirty log on").
+    pub metric: String,
+    /// Its unit (e.g. "pages/s", "µs").
+    pub unit: &'static str,
+    /// The value of this run.
+    pub value: f64,
+    /// The baseline of this run, if the metric has one.
+    pub baseline: Option<f64>,
+}
+
+impl Sample {
+    /// A sample without a baseline (say so in the scenario's description).
+    pub fn new(metric: impl Into<String>, unit: &'static str, value: f64) -> Sample {
+        Sample {
+            metric: metric.into(),
+            unit,
+            value,
+            baseline: None,
+        }
+    }
+
+    /// The same sample compared to `baseline`.
+    pub fn vs(mut self, baseline: f64) -> Sample {
+        self.baseline = Some(baseline);
+        self
+    }
+}
+
+/// What a scenario's closure may ask about the run it is in.
+#[derive(Debug, Clone, Copy)]
+pub struct RunCtx {
+    /// 0-based run index.
+    pub run: usize,
+    /// Smoke mode (`cargo test` runs benches without `--bench`): shrink
+    /// windows and iteration counts so that only "does it work" is checked.
+    pub quick: bool,
+}
+
+impl RunCtx {
+    /// A measuring window, a tenth of it in smoke mode.
+    pub fn window(&self, d: Duration) -> Duration {
+        if self.quick {
+            d / 10
+        } else {
+            d
+        }
+    }
+
+    /// An iteration count, a tenth of it (at least 5) in smoke mode.
+    pub fn iterations(&self, n: usize) -> usize {
+        if self.quick {
+            (n / 10).max(5)
+        } else {
+            n
+        }
+    }
+}
+
+/// The measuring closure of a scenario: one call, one run.
+pub type RunFn = Box<dyn FnMut(&RunCtx) -> Result<Vec<Sample>, BenchError>>;
+
+/// A named measurement, repeated `--runs` times.
+pub struct Scenario {
+    /// Name, matched by the command line filter.
+    pub name: &'static str,
+    /// One line: what is measured and what the baseline is.
+    pub about: &'static str,
+    run: RunFn,
+}
+
+impl Scenario {
+    /// A scenario whose closure measures once per call.
+    pub fn new(
+        name: &'static str,
+        about: &'static str,
+        run: impl FnMut(&RunCtx) -> Result<Vec<Sample>, BenchError> + 'static,
+    ) -> Scenario {
+        Scenario {
+            name,
+            about,
+            run: Box::new(run),
+        }
+    }
+}
+
+/// The aggregate of one metric over all runs.
+#[derive(Debug, Clone, Serialize)]
+pub struct MetricResult {
+    /// Scenario name.
+    pub scenario: String,
+    /// Metric name.
+    pub metric: String,
+    /// Unit of values and baselines.
+    pub unit: String,
+    /// Median of the per-run values.
+    pub median: f64,
+    /// Smallest per-run value.
+    pub min: f64,
+    /// Largest per-run value.
+    pub max: f64,
+    /// Median of the per-run baselines (None: no baseline).
+    pub baseline_median: Option<f64>,
+    /// Median of the per-run ratios value / baseline. Pairing value and
+    /// baseline within a run cancels the drift of a shared machine, so
+    /// this may differ slightly from median / baseline_median.
+    pub ratio: Option<f64>,
+    /// Every run's value, in run order.
+    pub values: Vec<f64>,
+    /// Every run's baseline, in run order.
+    pub baselines: Vec<f64>,
+}
+
+/// A scenario that failed, with the run that failed.
+#[derive(Debug, Clone, Serialize)]
+pub struct Failure {
+    /// Scenario name.
+    pub scenario: String,
+    /// 0-based run index.
+    pub run: usize,
+    /// The error.
+    pub error: String,
+}
+
+/// Everything one invocation measured (what `--json` prints).
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// Runs per scenario.
+    pub runs: usize,
+    /// Whether this was a smoke run (numbers then mean nothing).
+    pub quick: bool,
+    /// What the host is.
+    pub host: HostInfo,
+    /// One entry per (scenario, metric), in the order measured.
+    pub results: Vec<MetricResult>,
+    /// Scenarios that failed.
+    pub failures: Vec<Failure>,
+    /// Wall-clock time of the whole invocation, seconds.
+    pub elapsed_s: f64,
+}
+
+/// The facts about the host that change how figures read.
+#[derive(Debug, Clone, Serialize)]
+pub struct HostInfo {
+    /// Online CPUs.
+    pub cpus: usize,
+    /// Whether the host's KVM is PVM (shadow paging; see ENVIRONMENT.md).
+    pub kvm_pvm: bool,
+    /// Kernel release.
+    pub kernel: String,
+}
+
+impl HostInfo {
+    fn read() -> HostInfo {
+        HostInfo {
+            cpus: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
+            kvm_pvm: std::path::Path::new("/sys/module/kvm_pvm").exists(),
+            kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+                .map(|s| s.trim().to_string())
+                .unwrap_or_default(),
+        }
+    }
+}
+
+/// The command line: `[FILTER...] [--runs N] [--json] [--list]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Options {
+    /// Substrings; a scenario runs if its name contains any (none: all).
+    pub filters: Vec<String>,
+    /// Runs per scenario.
+    pub runs: usize,
+    /// Print the report as one JSON object on stdout.
+    pub json: bool,
+    /// Only list the scenarios.
+    pub list: bool,
+    /// Smoke mode: no `--bench` flag, i.e. started by `cargo test`.
+    pub quick: bool,
+}
+
+impl Options {
+    /// Parses the arguments after the program name. `cargo bench` passes
+    /// `--bench`; `cargo test` does not, which selects smoke mode (one
+    /// short run) unless `--runs` asks otherwise.
+    pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Options, String> {
+        let mut o = Options {
+            filters: Vec::new(),
+            runs: DEFAULT_RUNS,
+            json: false,
+            list: false,
+            quick: true,
+        };
+        let mut runs_given = false;
+        let mut args = args.into_iter();
+        while let Some(a) = args.next() {
+            match a.as_str() {
+                "--bench" => o.quick = false,
+                "--json" => o.json = true,
+                "--list" => o.list = true,
+                "--runs" => {
+                    let v = args.next().ok_or("--runs needs a number")?;
+                    o.runs = v.parse().map_err(|_| format!("--runs {v}: not a number"))?;
+                    runs_given = true;
+                }
+                // What libtest would accept from `cargo test`: ignore.
+                "--nocapture" | "--quiet" | "-q" | "--test" | "--show-output" => {}
+                s if s.starts_with("--runs=") => {
+                    let v = &s["--runs=".len()..];
+                    o.runs = v.parse().map_err(|_| format!("--runs {v}: not a number"))?;
+                    runs_given = true;
+                }
+                s if s.starts_with('-') => {
+                    return Err(format!(
+                        "unknown option {s} (expected FILTER, --runs N, --json, --list)"
+                    ))
+                }
+                s => o.filters.push(s.to_string()),
+            }
+        }
+        if o.runs == 0 {
+            return Err("--runs must be at least 1".into());
+        }
+        if o.quick && !runs_given {
+            o.runs = 1;
+        }
+        Ok(o)
+    }
+
+    fn selects(&self, name: &str) -> bool {
+        self.filters.is_empty() || self.filters.iter().any(|f| name.contains(f.as_str()))
+    }
+}
+
+/// Median of `v` (mean of the middle two for an even count); NaN if empty.
+pub fn median(v: &[f64]) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let m = s.len() / 2;
+    if s.len() % 2 == 1 {
+        s[m]
+    } else {
+        (s[m - 1] + s[m]) / 2.0
+    }
+}
+
+/// The `q` quantile (0..=1) of `v` by nearest rank; NaN if empty.
+pub fn quantile(v: &[f64], q: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let i = ((q.clamp(0.0, 1.0) * s.len() as f64).ceil() as usize).clamp(1, s.len()) - 1;
+    s[i]
+}
+
+/// Smallest and largest of `v` ((NaN, NaN) if empty).
+pub fn min_max(v: &[f64]) -> (f64, f64) {
+    if v.is_empty() {
+        return (f64::NAN, f64::NAN);
+    }
+    v.iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &x| {
+            (lo.min(x), hi.max(x))
+        })
+}
+
+/// Per-run samples of one metric, collected in run order.
+struct Series {
+    scenario: String,
+    metric: String,
+    unit: &'static str,
+    values: Vec<f64>,
+    baselines: Vec<f64>,
+    ratios: Vec<f64>,
+}
+
+impl Series {
+    fn result(&self) -> MetricResult {
+        let (min, max) = min_max(&self.values);
+        MetricResult {
+            scenario: self.scenario.clone(),
+            metric: self.metric.clone(),
+            unit: self.unit.to_string(),
+            median: median(&self.values),
+            min,
+            max,
+            baseline_median: (!self.baselines.is_empty()).then(|| median(&self.baselines)),
+            ratio: (!self.ratios.is_empty()).then(|| median(&self.ratios)),
+            values: self.values.clone(),
+            baselines: self.baselines.clone(),
+        }
+    }
+}
+
+/// Runs the selected scenarios and prints the report; returns the report.
+pub fn run_all(scenarios: Vec<Scenario>, opts: &Options) -> Report {
+    let started = Instant::now();
+    let host = HostInfo::read();
+    let mut results = Vec::new();
+    let mut failures = Vec::new();
+    for mut s in scenarios.into_iter().filter(|s| opts.selects(s.name)) {
+        let mut series: Vec<Series> = Vec::new();
+        eprint!("{}: run", s.name);
+        for run in 0..opts.runs {
+            eprint!(" {}", run + 1);
+            let _ = std::io::stderr().flush();
+            match (s.run)(&RunCtx {
+                run,
+                quick: opts.quick,
+            }) {
+                Ok(samples) => {
+                    for x in samples {
+                        let i = match series.iter().position(|t| t.metric == x.metric) {
+                            Some(i) => i,
+                            None => {
+                                series.push(Series {
+                                    scenario: s.name.to_string(),
+                                    metric: x.metric.clone(),
+                                    unit: x.unit,
+                                    values: Vec::new(),
+                                    baselines: Vec::new(),
+                                    ratios: Vec::new(),
+                                });
+                                series.len() - 1
+                            }
+                        };
+                        let t = &mut series[i];
+                        t.values.push(x.value);
+                        if let Some(b) = x.baseline {
+                            t.baselines.push(b);
+                            t.ratios.push(x.value / b);
+                        }
+                    }
+                }
+                Err(e) => {
+                    eprint!(" FAILED: {e}");
+                    failures.push(Failure {
+                        scenario: s.name.to_string(),
+                        run,
+                        error: e.to_string(),
+                    });
+                    // A scenario that fails once (no KVM, no memory) will
+                    // fail again; keep the runs that worked.
+                    break;
+                }
+            }
+        }
+        eprintln!();
+        results.extend(series.iter().map(Series::result));
+    }
+    let report = Report {
+        runs: opts.runs,
+        quick: opts.quick,
+        host,
+        results,
+        failures,
+        elapsed_s: started.elapsed().as_secs_f64(),
+    };
+    if opts.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).expect("the report is plain data")
+        );
+    } else {
+        print!("{}", render_table(&report));
+    }
+    report
+}
+
+/// A number in 4 significant figures with a k/M/G suffix where it helps.
+pub fn fmt_num(v: f64) -> String {
+    if !v.is_finite() {
+        return "-".into();
+    }
+    let a = v.abs();
+    let (x, suffix) = if a >= 1e9 {
+        (v / 1e9, "G")
+    } else if a >= 1e6 {
+        (v / 1e6, "M")
+    } else if a >= 1e4 {
+        (v / 1e3, "k")
+    } else {
+        (v, "")
+    };
+    let ax = x.abs();
+    let digits = if ax >= 1000.0 {
+        0
+    } else if ax >= 100.0 {
+        1
+    } else if ax >= 10.0 {
+        2
+    } else {
+        3
+    };
+    format!("{x:.digits$}{suffix}")
+}
+
+/// The report as an aligned text table.
+pub fn render_table(r: &Report) -> String {
+    let header = [
+        "scenario",
+        "metric",
+        "median",
+        "[min..max]",
+        "baseline",
+        "ratio",
+        "unit",
+    ];
+    let mut rows: Vec<[String; 7]> = vec![header.map(String::from)];
+    for m in &r.results {
+        rows.push([
+            m.scenario.clone(),
+            m.metric.clone(),
+            fmt_num(m.median),
+            format!("[{}..{}]", fmt_num(m.min), fmt_num(m.max)),
+            m.baseline_median.map(fmt_num).unwrap_or_else(|| "-".into()),
+            m.ratio
+                .map(|x| format!("{x:.3}"))
+                .unwrap_or_else(|| "-".into()),
+            m.unit.clone(),
+        ]);
+    }
+    let mut width = [0usize; 7];
+    for row in &rows {
+        for (w, c) in width.iter_mut().zip(row) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{} run(s) per scenario{}; host: {} CPUs, kernel {}{}; medians over runs, ratio = median of per-run value/baseline",
+        r.runs,
+        if r.quick { " (smoke mode: figures mean nothing)" } else { "" },
+        r.host.cpus,
+        r.host.kernel,
+        if r.host.kvm_pvm { ", KVM is PVM (shadow paging)" } else { "" },
+    );
+    for (i, row) in rows.iter().enumerate() {
+        let mut line = String::new();
+        for (j, (c, w)) in row.iter().zip(width).enumerate() {
+            let pad = w - c.chars().count();
+            // Text columns left-aligned, figures right-aligned.
+            if j < 2 || j == 6 {
+                let _ = write!(line, "{c}{}  ", " ".repeat(pad));
+            } else {
+                let _ = write!(line, "{}{c}  ", " ".repeat(pad));
+            }
+        }
+        let _ = writeln!(out, "{}", line.trim_end());
+        if i == 0 {
+            let _ = writeln!(
+                out,
+                "{}",
+                "-".repeat(width.iter().sum::<usize>() + 2 * (width.len() - 1))
+            );
+        }
+    }
+    for f in &r.failures {
+        let _ = writeln!(
+            out,
+            "FAILED {} (run {}): {}",
+            f.scenario,
+            f.run + 1,
+            f.error
+        );
+    }
+    let _ = writeln!(out, "total {:.1} s", r.elapsed_s);
+    out
+}
+
+/// Polls `f` every millisecond until it returns true or `limit` passes;
+/// returns whether it did. Used to wait for a guest to reach a state.
+pub fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + limit;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() >= end {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// The harness's own checks. A `harness = false` bench is not compiled
+/// with `--test`, so `#[test]`s here would never run; instead `main` calls
+/// this in smoke mode (`cargo test --benches`), where a panic fails the run.
+pub fn self_check() {
+    use checks::*;
+    median_of_odd_and_even_counts();
+    quantile_by_nearest_rank();
+    cargo_bench_flag_leaves_smoke_mode();
+    ratio_is_median_of_per_run_ratios();
+}
+
+mod checks {
+    use super::*;
+
+    pub(super) fn median_of_odd_and_even_counts() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), 2.5);
+        assert!(median(&[]).is_nan());
+    }
+
+    pub(super) fn quantile_by_nearest_rank() {
+        let v: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(quantile(&v, 0.95), 95.0);
+        assert_eq!(quantile(&v, 0.0), 1.0);
+        assert_eq!(quantile(&v, 1.0), 100.0);
+    }
+
+    pub(super) fn cargo_bench_flag_leaves_smoke_mode() {
+        let o = Options::parse(["--bench".to_string(), "pause".into()]).unwrap();
+        assert!(!o.quick);
+        assert_eq!(o.runs, DEFAULT_RUNS);
+        assert_eq!(o.filters, vec!["pause".to_string()]);
+        let o = Options::parse(Vec::<String>::new()).unwrap();
+        assert!(o.quick);
+        assert_eq!(o.runs, 1);
+        let o = Options::parse(["--bench", "--runs", "9", "--json"].map(String::from)).unwrap();
+        assert_eq!((o.runs, o.json), (9, true));
+        assert!(Options::parse(["--runs", "0"].map(String::from)).is_err());
+    }
+
+    pub(super) fn ratio_is_median_of_per_run_ratios() {
+        let s = Series {
+            scenario: "s".into(),
+            metric: "m".into(),
+            unit: "x",
+            values: vec![10.0, 30.0, 20.0],
+            baselines: vec![5.0, 10.0, 20.0],
+            ratios: vec![2.0, 3.0, 1.0],
+        };
+        let r = s.result();
+        assert_eq!((r.median, r.min, r.max), (20.0, 10.0, 30.0));
+        assert_eq!(r.baseline_median, Some(10.0));
+        assert_eq!(r.ratio, Some(2.0));
+    }
+}

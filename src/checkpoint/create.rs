@@ -1,0 +1,133 @@
+//! Taking a checkpoint of a running VM: decides full or incremental, runs
+//! the transfer engine with the file sink, and reports.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::chain::Chain;
+use super::format::{Header, Kind};
+use crate::transfer::sinks::file::FileSink;
+use crate::transfer::{transfer, FirstPass, Plan};
+use crate::vmm::{CheckpointRef, Vm};
+
+/// Pause budget of a checkpoint's last round.
+pub const CHECKPOINT_MAX_DOWNTIME: Duration = Duration::from_millis(1);
+
+/// Body of `PUT /api/v1/vm.checkpoint`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointRequest {
+    /// Checkpoint directory (created if missing).
+    pub dir: PathBuf,
+    /// Start a new chain with a full checkpoint.
+    #[serde(default)]
+    pub full: bool,
+    /// Stop the VM once the checkpoint is safely on disk.
+    #[serde(default)]
+    pub stop_after: bool,
+}
+
+/// What a checkpoint did.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CheckpointReport {
+    /// Always "checkpoint".
+    pub operation: String,
+    /// Checkpoint id.
+    pub id: u32,
+    /// Parent id (null for a full checkpoint).
+    pub parent: Option<u32>,
+    /// "full" or "incremental".
+    pub kind: Kind,
+    /// Microseconds no vCPU ran.
+    pub downtime_us: u64,
+    /// Whole operation, ms.
+    pub total_ms: f64,
+    /// Pages of guest memory.
+    pub pages_total: u64,
+    /// Distinct non-zero pages stored in the file.
+    pub pages_written: u64,
+    /// Size of the checkpoint file.
+    pub bytes_written: u64,
+    /// Zero pages not stored.
+    pub zero_pages: u64,
+    /// Copy rounds (the paused one included).
+    pub rounds: u32,
+    /// Pages staged in the pause.
+    pub pages_in_pause: u64,
+    /// Whether the dirty set converged to the pause budget.
+    pub converged: bool,
+    /// Checkpoint directory.
+    pub dir: PathBuf,
+    /// The file.
+    pub path: PathBuf,
+    /// Whether the VM was stopped afterwards.
+    pub stopped: bool,
+}
+
+/// A checkpoint failed; the VM runs on and earlier checkpoints are intact.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    /// The directory cannot be used.
+    #[error("checkpoint directory {dir}: {message}")]
+    Dir {
+        /// The directory.
+        dir: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// Writing failed.
+    #[error("checkpoint failed: {0}")]
+    Transfer(#[from] crate::transfer::TransferError),
+}
+
+fn dir_err(dir: &Path, m: impl std::fmt::Display) -> CheckpointError {
+    CheckpointError::Dir { dir: dir.to_path_buf(), message: m.to_string() }
+}
+
+/// Checkpoints `vm` into `req.dir`. Incremental when the directory's
+/// latest checkpoint is the one this VM last wrote or was restored from
+/// and `full` is not asked for; full otherwise.
+pub fn checkpoint(vm: &Vm, req: &CheckpointRequest) -> Result<CheckpointReport, CheckpointError> {
+    std::fs::create_dir_all(&req.dir).map_err(|e| dir_err(&req.dir, e))?;
+    let dir = req.dir.canonicalize().map_err(|e| dir_err(&req.dir, e))?;
+    let chain = Chain::open(&dir).map_err(|e| dir_err(&dir, e))?;
+    let parent = vm.last_checkpoint().filter(|last| {
+        !req.full && last.dir == dir && chain.get(last.id).is_some_and(|e| e.chain_id == last.chain_id)
+    });
+    let header = match &parent {
+        Some(p) => Header::incremental(p.chain_id, chain.next_id(), p.id),
+        None => Header::full(chain.next_id()),
+    };
+    let (id, chain_id, kind, parent_id) = (header.id, header.chain_id, header.kind, header.parent);
+    let mut sink = FileSink::new(&dir, header, req.stop_after);
+    let slots: Vec<u32> = vm.memory().chunks().map(|c| c.slot).collect();
+    let plan = Plan {
+        slots,
+        first_pass: if parent.is_some() { FirstPass::SinceCheckpoint } else { FirstPass::All },
+        live: true,
+        max_downtime: CHECKPOINT_MAX_DOWNTIME,
+    };
+    let r = transfer(vm, &mut sink, &plan)?;
+    let written = sink.written.take().expect("a completed file sink has written its file");
+    vm.set_last_checkpoint(Some(CheckpointRef { dir: dir.clone(), chain_id, id }));
+    Ok(CheckpointReport {
+        operation: "checkpoint".into(),
+        id,
+        parent: parent_id,
+        kind,
+        downtime_us: r.downtime_us,
+        total_ms: r.total_ms,
+        pages_total: vm.memory().size() / crate::memory::PAGE_SIZE,
+        pages_written: written.pages_written,
+        bytes_written: written.bytes_written,
+        zero_pages: written.zero_pages,
+        rounds: r.rounds,
+        pages_in_pause: r.pages_in_pause,
+        converged: r.converged,
+        dir,
+        path: written.path,
+        stopped: req.stop_after,
+    })
+}

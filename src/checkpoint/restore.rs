@@ -1,0 +1,357 @@
+//! Restoring a VM from any checkpoint of a chain.
+//!
+//! Everything that can be checked without reading page data is checked
+//! before the VM exists: every file's header, footer, index and state
+//! checksums, the chain's links, and that every page lies in guest memory.
+//! Then:
+//! - **eager**: every page is read (and its checksum verified) straight
+//!   into guest memory before any vCPU runs;
+//! - **lazy** (default): guest memory is registered with userfaultfd, the
+//!   vCPUs start at once, a handler thread serves each first touch from the
+//!   file holding that page's latest version, and a background pass loads
+//!   the rest. A page found corrupt then stops the VM at once, with a
+//!   message naming the file and the page (the guest gets zeros for it, not
+//!   the bad data). Use eager restore to check every page before running.
+//!
+//! Each page is read once, from the file that holds its latest version
+//! (`ResolvedChain::page_map`), whatever the chain's length.
+
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use userfaultfd::{Event, Uffd, UffdBuilder};
+
+use super::chain::{Chain, ResolvedChain};
+use super::format::{IndexEntry, Kind, PAGE_SIZE};
+use crate::memory::GuestMemory;
+use crate::vmm::{CheckpointRef, Start, Vm, VmConfig, VmState};
+
+/// Largest run of pages read with one pread.
+const MAX_RUN_PAGES: usize = 256;
+/// How often the fault handler looks whether loading has finished.
+const HANDLER_POLL: Duration = Duration::from_millis(50);
+
+/// A restore failed; no VM was started (or, lazily, the VM was stopped).
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    /// The chain or a file is unusable.
+    #[error("{0}")]
+    Chain(#[from] super::chain::ChainError),
+    /// A file is readable but its content is not a vmhop VM.
+    #[error("{file}: {reason}")]
+    Content {
+        /// The file.
+        file: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Creating the VM failed.
+    #[error("{0}")]
+    Vm(#[from] crate::vmm::VmError),
+}
+
+/// What a restore did.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RestoreReport {
+    /// Always "restore".
+    pub operation: String,
+    /// Checkpoint id restored.
+    pub id: u32,
+    /// Its kind.
+    pub kind: Kind,
+    /// Files read (the full checkpoint and the incrementals up to id).
+    pub chain_files: usize,
+    /// Whether pages load lazily after the vCPUs start.
+    pub lazy: bool,
+    /// Non-zero pages to load.
+    pub pages: u64,
+    /// Milliseconds from the start of the restore until the vCPUs could run.
+    pub resume_ms: f64,
+}
+
+/// A checkpoint opened and checked, ready to be loaded.
+pub struct Opened {
+    /// The chain files.
+    pub chain: Arc<ResolvedChain>,
+    /// Its configuration.
+    pub config: VmConfig,
+    /// Its vCPU state.
+    pub state: VmState,
+    /// Pages with data (gpa, reader, entry), sorted by gpa; zero pages left out.
+    pub pages: Arc<Vec<(u64, usize, IndexEntry)>>,
+    /// The checkpoint restored.
+    pub checkpoint: CheckpointRef,
+}
+
+/// Parses `DIR[@ID]`.
+pub fn parse_target(s: &str) -> Result<(PathBuf, Option<u32>), String> {
+    match s.rsplit_once('@') {
+        Some((d, id)) if !d.is_empty() => {
+            let id: u32 = id.parse().map_err(|_| format!("'{s}': the part after @ must be a checkpoint id (a number)"))?;
+            Ok((PathBuf::from(d), Some(id)))
+        }
+        _ => Ok((PathBuf::from(s), None)),
+    }
+}
+
+/// Opens checkpoint `id` (None: the latest) of `dir` and checks all it can.
+pub fn open(dir: &Path, id: Option<u32>) -> Result<Opened, RestoreError> {
+    let chain = Chain::open(dir)?;
+    let resolved = chain.resolve(id)?;
+    let top = resolved.top();
+    let file = top.path().to_path_buf();
+    let content = |reason: String| RestoreError::Content { file: file.clone(), reason };
+    let state: VmState = serde_json::from_slice(top.state()).map_err(|e| content(format!("the saved VM state is not readable: {e}")))?;
+    let config: VmConfig = serde_json::from_slice(top.config()).map_err(|e| content(format!("the saved configuration is not readable: {e}")))?;
+    config.validate().map_err(|e| content(format!("the saved configuration is invalid: {e}")))?;
+    if state.vcpus.len() != config.vcpus as usize {
+        return Err(content(format!("the state holds {} vCPUs but the configuration {}", state.vcpus.len(), config.vcpus)));
+    }
+    let size: u64 = config.nodes.iter().map(|n| n.size).sum();
+    let layout = crate::memory::layout::layout(&config.nodes.iter().map(|n| n.size).collect::<Vec<_>>(), config.chunk_size);
+    let in_memory = |gpa: u64| layout.iter().flatten().any(|r| r.contains(gpa) && gpa + PAGE_SIZE as u64 <= r.end());
+    let mut pages = Vec::new();
+    for (gpa, r, e) in resolved.page_map() {
+        if !in_memory(gpa) {
+            return Err(RestoreError::Content {
+                file: resolved.readers[r].path().to_path_buf(),
+                reason: format!("page {gpa:#x} lies outside the VM's {size} bytes of memory"),
+            });
+        }
+        if !e.zero {
+            pages.push((gpa, r, e));
+        }
+    }
+    let header = top.header().clone();
+    let checkpoint = CheckpointRef { dir: dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf()), chain_id: header.chain_id, id: header.id };
+    Ok(Opened { chain: Arc::new(resolved), config, state, pages: Arc::new(pages), checkpoint })
+}
+
+/// Runs of `pages` that are consecutive in guest memory, come from the same
+/// file and lie in one chunk: (first index, count).
+fn runs(pages: &[(u64, usize, IndexEntry)], memory: &GuestMemory) -> Vec<(usize, usize)> {
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < pages.len() {
+        let chunk_end = memory.chunk_of(pages[i].0).map(|c| c.range.end()).unwrap_or(0);
+        let mut j = i + 1;
+        while j < pages.len()
+            && j - i < MAX_RUN_PAGES
+            && pages[j].1 == pages[i].1
+            && pages[j].0 == pages[j - 1].0 + PAGE_SIZE as u64
+            && pages[j].0 < chunk_end
+        {
+            j += 1;
+        }
+        out.push((i, j - i));
+        i = j;
+    }
+    out
+}
+
+fn entries(pages: &[(u64, usize, IndexEntry)]) -> Vec<IndexEntry> {
+    pages.iter().map(|p| p.2).collect()
+}
+
+/// Reads every page straight into guest memory.
+fn load_eager(o: &Opened, memory: &GuestMemory) -> Result<(), String> {
+    for (i, n) in runs(&o.pages, memory) {
+        let run = &o.pages[i..i + n];
+        let (gpa, r, _) = run[0];
+        let len = n * PAGE_SIZE;
+        let dst = memory.host_addr(gpa, len as u64).ok_or_else(|| format!("page {gpa:#x} is not in guest memory"))?;
+        // SAFETY: host_addr checked that [dst, dst+len) lies in one live
+        // chunk mapping; no vCPU runs yet, so nothing else touches it.
+        let out = unsafe { std::slice::from_raw_parts_mut(dst, len) };
+        o.chain.readers[r].read_pages(&entries(run), out).map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+/// Shared state of a lazy load.
+struct Lazy {
+    uffd: Uffd,
+    chain: Arc<ResolvedChain>,
+    pages: Arc<Vec<(u64, usize, IndexEntry)>>,
+    /// (host start, gpa start, len) of every registered chunk.
+    ranges: Vec<(usize, u64, usize)>,
+    done: AtomicBool,
+    failure: Mutex<Option<String>>,
+}
+
+// SAFETY: Uffd is a file descriptor; the raw addresses in `ranges` are plain
+// numbers naming guest memory, which outlives the loader (the VM holds it).
+unsafe impl Send for Lazy {}
+// SAFETY: see Send; all mutation goes through the Mutex and atomics.
+unsafe impl Sync for Lazy {}
+
+impl Lazy {
+    fn gpa_of(&self, host: usize) -> Option<u64> {
+        self.ranges.iter().find(|(h, _, l)| host >= *h && host < h + l).map(|(h, g, _)| g + (host - h) as u64)
+    }
+
+    fn host_of(&self, gpa: u64) -> Option<usize> {
+        self.ranges.iter().find(|(_, g, l)| gpa >= *g && gpa < g + *l as u64).map(|(h, g, _)| h + (gpa - g) as usize)
+    }
+
+    fn fail(&self, msg: String) {
+        self.failure.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(msg);
+    }
+
+    /// Serves one page fault at host address `addr`.
+    fn serve(&self, addr: usize, buf: &mut [u8]) {
+        let page = addr & !(PAGE_SIZE - 1);
+        let Some(gpa) = self.gpa_of(page) else { return };
+        let found = self.pages.binary_search_by_key(&gpa, |p| p.0).ok().map(|i| self.pages[i]);
+        let r = match found {
+            Some((_, r, e)) => match self.chain.readers[r].read_page(&e, buf) {
+                // SAFETY: `page` is a registered, page-aligned guest page and
+                // buf holds PAGE_SIZE bytes.
+                Ok(()) => unsafe { self.uffd.copy(buf.as_ptr() as *const _, page as *mut _, PAGE_SIZE, true) }.map(|_| ()),
+                Err(err) => {
+                    self.fail(format!("lazy restore: {err}"));
+                    // SAFETY: as above; zeros unblock the vCPU, which the
+                    // loader stops at once because of the failure.
+                    unsafe { self.uffd.zeropage(page as *mut _, PAGE_SIZE, true) }.map(|_| ())
+                }
+            },
+            // SAFETY: as above.
+            None => unsafe { self.uffd.zeropage(page as *mut _, PAGE_SIZE, true) }.map(|_| ()),
+        };
+        if let Err(e) = r {
+            // EEXIST: the background pass got there first; wake the waiter.
+            if !is_exists(&e) {
+                self.fail(format!("lazy restore: resolving the fault at guest {gpa:#x} failed: {e}"));
+            }
+            let _ = self.uffd.wake(page as *mut _, PAGE_SIZE);
+        }
+    }
+
+    fn handler(self: Arc<Self>) {
+        let mut buf = vec![0u8; PAGE_SIZE];
+        let fd = self.uffd.as_raw_fd();
+        while !self.done.load(Ordering::Acquire) {
+            let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+            // SAFETY: one valid pollfd, for the duration of the call.
+            let n = unsafe { libc::poll(&mut pfd, 1, HANDLER_POLL.as_millis() as i32) };
+            if n <= 0 {
+                continue;
+            }
+            match self.uffd.read_event() {
+                Ok(Some(Event::Pagefault { addr, .. })) => self.serve(addr as usize, &mut buf),
+                Ok(_) => {}
+                Err(_) => {}
+            }
+        }
+    }
+
+    /// Loads every page the guest has not touched yet.
+    fn background(&self, memory_runs: &[(usize, usize)]) {
+        let mut buf = vec![0u8; MAX_RUN_PAGES * PAGE_SIZE];
+        for &(i, n) in memory_runs {
+            if self.failure.lock().unwrap_or_else(|e| e.into_inner()).is_some() {
+                return;
+            }
+            let run = &self.pages[i..i + n];
+            let (gpa, r, _) = run[0];
+            let len = n * PAGE_SIZE;
+            let Some(dst) = self.host_of(gpa) else { continue };
+            if let Err(e) = self.chain.readers[r].read_pages(&entries(run), &mut buf[..len]) {
+                self.fail(format!("lazy restore: {e}"));
+                return;
+            }
+            // SAFETY: [dst, dst+len) lies in one registered chunk; buf holds len bytes.
+            let whole = unsafe { self.uffd.copy(buf.as_ptr() as *const _, dst as *mut _, len, true) };
+            if whole.map(|c| c == len).unwrap_or(false) {
+                continue;
+            }
+            // Some pages were faulted in meanwhile: copy page by page.
+            for p in 0..n {
+                let off = p * PAGE_SIZE;
+                // SAFETY: as above, one page of the run.
+                let r = unsafe { self.uffd.copy(buf[off..].as_ptr() as *const _, (dst + off) as *mut _, PAGE_SIZE, true) };
+                if let Err(e) = r {
+                    if !is_exists(&e) {
+                        self.fail(format!("lazy restore: loading guest {:#x} failed: {e}", gpa + off as u64));
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn is_exists(e: &userfaultfd::Error) -> bool {
+    matches!(e, userfaultfd::Error::CopyFailed(errno) | userfaultfd::Error::ZeropageFailed(errno) if *errno as i32 == libc::EEXIST)
+        || matches!(e, userfaultfd::Error::PartiallyCopied(_))
+}
+
+/// Restores checkpoint `id` of `dir` as a VM called `name` (None: the saved
+/// name). Lazy unless `eager`. The VM runs unless `paused`.
+pub fn restore(dir: &Path, id: Option<u32>, name: Option<String>, paused: bool, eager: bool) -> Result<(Arc<Vm>, RestoreReport), RestoreError> {
+    let t = Instant::now();
+    let mut o = open(dir, id)?;
+    if let Some(n) = name {
+        o.config.name = n;
+    }
+    let state = std::mem::replace(&mut o.state.vcpus, Vec::new());
+    let lazy_slot: Arc<Mutex<Option<Arc<Lazy>>>> = Arc::new(Mutex::new(None));
+    let load: Box<dyn FnOnce(&GuestMemory) -> Result<(), String> + '_> = if eager {
+        Box::new(|m: &GuestMemory| load_eager(&o, m))
+    } else {
+        let slot = lazy_slot.clone();
+        let o = &o;
+        Box::new(move |m: &GuestMemory| {
+            let uffd = UffdBuilder::new()
+                .close_on_exec(true)
+                .non_blocking(true)
+                .user_mode_only(false)
+                .create()
+                .map_err(|e| format!("userfaultfd for a lazy restore failed: {e} (use --eager)"))?;
+            let mut ranges = Vec::new();
+            for c in m.chunks() {
+                uffd.register(c.mapping.as_ptr() as *mut _, c.mapping.len()).map_err(|e| format!("userfaultfd register of guest {:#x}: {e}", c.range.start))?;
+                ranges.push((c.mapping.as_ptr() as usize, c.range.start, c.mapping.len()));
+            }
+            let lazy = Arc::new(Lazy { uffd, chain: o.chain.clone(), pages: o.pages.clone(), ranges, done: AtomicBool::new(false), failure: Mutex::new(None) });
+            let h = lazy.clone();
+            std::thread::Builder::new().name("uffd-faults".into()).spawn(move || h.handler()).map_err(|e| e.to_string())?;
+            *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(lazy);
+            Ok(())
+        })
+    };
+    let vm = Vm::new(o.config.clone(), Start::Restore { vcpus: state, load }, paused)?;
+    let resume_ms = t.elapsed().as_secs_f64() * 1e3;
+    vm.set_last_checkpoint(Some(o.checkpoint.clone()));
+    let _ = vm.reset_checkpoint_dirty();
+    vm.start_dirty_log()?;
+    let lazy = lazy_slot.lock().unwrap_or_else(|e| e.into_inner()).take();
+    if let Some(lazy) = lazy {
+        let memory_runs = runs(&o.pages, &vm.memory());
+        let vm2 = vm.clone();
+        vm.set_loading(true);
+        std::thread::Builder::new()
+            .name("lazy-load".into())
+            .spawn(move || {
+                lazy.background(&memory_runs);
+                let failure = lazy.failure.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                if let Some(f) = failure {
+                    vm2.fail(f);
+                } else {
+                    // Every page is in: later first touches need no handler.
+                    for &(h, _, l) in &lazy.ranges {
+                        let _ = lazy.uffd.unregister(h as *mut _, l);
+                    }
+                }
+                lazy.done.store(true, Ordering::Release);
+                vm2.set_loading(false);
+            })
+            .map_err(|e| RestoreError::Content { file: dir.to_path_buf(), reason: format!("cannot start the loader thread: {e}") })?;
+    }
+    let top = o.chain.top().header().clone();
+    Ok((vm, RestoreReport { operation: "restore".into(), id: top.id, kind: top.kind, chain_files: o.chain.readers.len(), lazy: !eager, pages: o.pages.len() as u64, resume_ms }))
+}
