@@ -13,9 +13,9 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         b'T' => (&s[..s.len() - 1], 1u64 << 40),
         _ => (s, 1),
     };
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("invalid size '{s}': expected a number with an optional K, M or G suffix"))?;
+    let n: u64 = num.parse().map_err(|_| {
+        format!("invalid size '{s}': expected a number with an optional K, M or G suffix")
+    })?;
     n.checked_mul(mult)
         .ok_or_else(|| format!("size '{s}' is too large"))
 }

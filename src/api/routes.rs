@@ -31,14 +31,21 @@ fn json<T: Serialize>(v: T) -> Reply {
 
 /// Parses a request body (an empty body means `{}`).
 pub fn body<T: DeserializeOwned>(b: &[u8]) -> Result<T, ApiError> {
-    let b = if b.iter().all(|c| c.is_ascii_whitespace()) { b"{}" as &[u8] } else { b };
+    let b = if b.iter().all(|c| c.is_ascii_whitespace()) {
+        b"{}" as &[u8]
+    } else {
+        b
+    };
     serde_json::from_slice(b).map_err(|e| ApiError(400, format!("bad request body: {e}")))
 }
 
 impl Routes {
     /// Routes for `vm`; `stop` ends the `run` process.
     pub fn new(vm: Arc<Vm>, shutdown: Sender<()>) -> Routes {
-        Routes { vm, shutdown: Mutex::new(shutdown) }
+        Routes {
+            vm,
+            shutdown: Mutex::new(shutdown),
+        }
     }
 
     /// The status report.
@@ -51,15 +58,29 @@ impl Routes {
             stop_reason: self.vm.guest_stop_reason(),
             vcpus: c.vcpus,
             memory_bytes: self.vm.memory().size(),
-            guest: GuestStatus { kind: c.guest.kind().into(), progress: self.vm.progress() },
-            numa: c.nodes.iter().map(|n| NodeStatus { guest_node: n.guest_node, size_bytes: n.size, host_node: hosts[n.guest_node as usize] }).collect(),
+            guest: GuestStatus {
+                kind: c.guest.kind().into(),
+                progress: self.vm.progress(),
+            },
+            numa: c
+                .nodes
+                .iter()
+                .map(|n| NodeStatus {
+                    guest_node: n.guest_node,
+                    size_bytes: n.size,
+                    host_node: hosts[n.guest_node as usize],
+                })
+                .collect(),
             pid: std::process::id(),
         }
     }
 
     fn route(&self, method: &str, path: &str, b: &[u8]) -> Reply {
         let Some(ep) = path.strip_prefix(PREFIX).and_then(|p| p.strip_prefix('/')) else {
-            return Err(ApiError(404, format!("no such endpoint: {path} (endpoints start with {PREFIX}/)")));
+            return Err(ApiError(
+                404,
+                format!("no such endpoint: {path} (endpoints start with {PREFIX}/)"),
+            ));
         };
         let vm = &self.vm;
         match (method, ep) {
@@ -68,18 +89,31 @@ impl Routes {
                 let _: Value = body(b)?;
                 let _op = self.operation()?;
                 let d = vm.pause_user().map_err(|e| ApiError(409, e.to_string()))?;
-                json(StateReply { state: vm.state(), pause_us: Some(d.as_micros() as u64) })
+                json(StateReply {
+                    state: vm.state(),
+                    pause_us: Some(d.as_micros() as u64),
+                })
             }
             ("PUT", "vm.resume") => {
                 let _: Value = body(b)?;
                 let _op = self.operation()?;
                 vm.resume_user().map_err(|e| ApiError(409, e.to_string()))?;
-                json(StateReply { state: vm.state(), pause_us: None })
+                json(StateReply {
+                    state: vm.state(),
+                    pause_us: None,
+                })
             }
             ("PUT", "vm.stop") => {
                 let _: Value = body(b)?;
-                let _ = self.shutdown.lock().unwrap_or_else(|e| e.into_inner()).send(());
-                json(StateReply { state: RunState::Stopped, pause_us: None })
+                let _ = self
+                    .shutdown
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .send(());
+                json(StateReply {
+                    state: RunState::Stopped,
+                    pause_us: None,
+                })
             }
             ("PUT", "vm.verify") => {
                 let _: Value = body(b)?;
@@ -95,7 +129,9 @@ impl Routes {
                 self.running_or_paused()?;
                 match crate::transfer::numa_move::numa_migrate(vm, &req) {
                     Ok(r) => json(r),
-                    Err(e @ crate::transfer::numa_move::NumaMoveError::Invalid(_)) => Err(ApiError(400, e.to_string())),
+                    Err(e @ crate::transfer::numa_move::NumaMoveError::Invalid(_)) => {
+                        Err(ApiError(400, e.to_string()))
+                    }
                     Err(e) => Err(ApiError(500, e.to_string())),
                 }
             }
@@ -103,13 +139,20 @@ impl Routes {
                 let req: crate::checkpoint::create::CheckpointRequest = body(b)?;
                 let _op = self.operation()?;
                 self.running_or_paused()?;
-                let r = crate::checkpoint::create::checkpoint(vm, &req).map_err(|e| ApiError(500, e.to_string()))?;
+                let r = crate::checkpoint::create::checkpoint(vm, &req)
+                    .map_err(|e| ApiError(500, e.to_string()))?;
                 if req.stop_after {
-                    let _ = self.shutdown.lock().unwrap_or_else(|e| e.into_inner()).send(());
+                    let _ = self
+                        .shutdown
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .send(());
                 }
                 json(r)
             }
-            ("GET", "vm.numa-stat") => json(crate::transfer::numa_move::numa_stat(vm).map_err(|e| ApiError(500, e))?),
+            ("GET", "vm.numa-stat") => {
+                json(crate::transfer::numa_move::numa_stat(vm).map_err(|e| ApiError(500, e))?)
+            }
             ("GET", "debug.memory-map") => {
                 let m = vm.memory();
                 json(
@@ -127,9 +170,11 @@ impl Routes {
                         .collect::<Vec<_>>(),
                 )
             }
-            (_, "vm.status" | "vm.pause" | "vm.resume" | "vm.stop" | "vm.verify" | "vm.numa-migrate" | "vm.numa-stat" | "vm.checkpoint" | "debug.memory-map") => {
-                Err(ApiError(405, format!("{method} is not allowed on {path}")))
-            }
+            (
+                _,
+                "vm.status" | "vm.pause" | "vm.resume" | "vm.stop" | "vm.verify"
+                | "vm.numa-migrate" | "vm.numa-stat" | "vm.checkpoint" | "debug.memory-map",
+            ) => Err(ApiError(405, format!("{method} is not allowed on {path}"))),
             _ => Err(ApiError(404, format!("no such endpoint: {path}"))),
         }
     }
@@ -144,9 +189,12 @@ impl Routes {
 
     /// Holds the one-operation lock for the duration of a request.
     fn operation(&self) -> Result<std::sync::MutexGuard<'_, ()>, ApiError> {
-        self.vm
-            .try_operation()
-            .ok_or_else(|| ApiError(409, "another operation (checkpoint, NUMA move or migration) is in progress".into()))
+        self.vm.try_operation().ok_or_else(|| {
+            ApiError(
+                409,
+                "another operation (checkpoint, NUMA move or migration) is in progress".into(),
+            )
+        })
     }
 }
 

@@ -83,7 +83,10 @@ pub enum CheckpointError {
 }
 
 fn dir_err(dir: &Path, m: impl std::fmt::Display) -> CheckpointError {
-    CheckpointError::Dir { dir: dir.to_path_buf(), message: m.to_string() }
+    CheckpointError::Dir {
+        dir: dir.to_path_buf(),
+        message: m.to_string(),
+    }
 }
 
 /// Checkpoints `vm` into `req.dir`. Incremental when the directory's
@@ -94,7 +97,11 @@ pub fn checkpoint(vm: &Vm, req: &CheckpointRequest) -> Result<CheckpointReport, 
     let dir = req.dir.canonicalize().map_err(|e| dir_err(&req.dir, e))?;
     let chain = Chain::open(&dir).map_err(|e| dir_err(&dir, e))?;
     let parent = vm.last_checkpoint().filter(|last| {
-        !req.full && last.dir == dir && chain.get(last.id).is_some_and(|e| e.chain_id == last.chain_id)
+        !req.full
+            && last.dir == dir
+            && chain
+                .get(last.id)
+                .is_some_and(|e| e.chain_id == last.chain_id)
     });
     let header = match &parent {
         Some(p) => Header::incremental(p.chain_id, chain.next_id(), p.id),
@@ -105,13 +112,24 @@ pub fn checkpoint(vm: &Vm, req: &CheckpointRequest) -> Result<CheckpointReport, 
     let slots: Vec<u32> = vm.memory().chunks().map(|c| c.slot).collect();
     let plan = Plan {
         slots,
-        first_pass: if parent.is_some() { FirstPass::SinceCheckpoint } else { FirstPass::All },
+        first_pass: if parent.is_some() {
+            FirstPass::SinceCheckpoint
+        } else {
+            FirstPass::All
+        },
         live: true,
         max_downtime: CHECKPOINT_MAX_DOWNTIME,
     };
     let r = transfer(vm, &mut sink, &plan)?;
-    let written = sink.written.take().expect("a completed file sink has written its file");
-    vm.set_last_checkpoint(Some(CheckpointRef { dir: dir.clone(), chain_id, id }));
+    let written = sink
+        .written
+        .take()
+        .expect("a completed file sink has written its file");
+    vm.set_last_checkpoint(Some(CheckpointRef {
+        dir: dir.clone(),
+        chain_id,
+        id,
+    }));
     Ok(CheckpointReport {
         operation: "checkpoint".into(),
         id,

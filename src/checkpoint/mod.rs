@@ -4,5 +4,5 @@
 
 pub mod chain;
 pub mod create;
-pub mod restore;
 pub mod format;
+pub mod restore;

@@ -91,7 +91,9 @@ pub struct Opened {
 pub fn parse_target(s: &str) -> Result<(PathBuf, Option<u32>), String> {
     match s.rsplit_once('@') {
         Some((d, id)) if !d.is_empty() => {
-            let id: u32 = id.parse().map_err(|_| format!("'{s}': the part after @ must be a checkpoint id (a number)"))?;
+            let id: u32 = id.parse().map_err(|_| {
+                format!("'{s}': the part after @ must be a checkpoint id (a number)")
+            })?;
             Ok((PathBuf::from(d), Some(id)))
         }
         _ => Ok((PathBuf::from(s), None)),
@@ -104,16 +106,35 @@ pub fn open(dir: &Path, id: Option<u32>) -> Result<Opened, RestoreError> {
     let resolved = chain.resolve(id)?;
     let top = resolved.top();
     let file = top.path().to_path_buf();
-    let content = |reason: String| RestoreError::Content { file: file.clone(), reason };
-    let state: VmState = serde_json::from_slice(top.state()).map_err(|e| content(format!("the saved VM state is not readable: {e}")))?;
-    let config: VmConfig = serde_json::from_slice(top.config()).map_err(|e| content(format!("the saved configuration is not readable: {e}")))?;
-    config.validate().map_err(|e| content(format!("the saved configuration is invalid: {e}")))?;
+    let content = |reason: String| RestoreError::Content {
+        file: file.clone(),
+        reason,
+    };
+    let state: VmState = serde_json::from_slice(top.state())
+        .map_err(|e| content(format!("the saved VM state is not readable: {e}")))?;
+    let config: VmConfig = serde_json::from_slice(top.config())
+        .map_err(|e| content(format!("the saved configuration is not readable: {e}")))?;
+    config
+        .validate()
+        .map_err(|e| content(format!("the saved configuration is invalid: {e}")))?;
     if state.vcpus.len() != config.vcpus as usize {
-        return Err(content(format!("the state holds {} vCPUs but the configuration {}", state.vcpus.len(), config.vcpus)));
+        return Err(content(format!(
+            "the state holds {} vCPUs but the configuration {}",
+            state.vcpus.len(),
+            config.vcpus
+        )));
     }
     let size: u64 = config.nodes.iter().map(|n| n.size).sum();
-    let layout = crate::memory::layout::layout(&config.nodes.iter().map(|n| n.size).collect::<Vec<_>>(), config.chunk_size);
-    let in_memory = |gpa: u64| layout.iter().flatten().any(|r| r.contains(gpa) && gpa + PAGE_SIZE as u64 <= r.end());
+    let layout = crate::memory::layout::layout(
+        &config.nodes.iter().map(|n| n.size).collect::<Vec<_>>(),
+        config.chunk_size,
+    );
+    let in_memory = |gpa: u64| {
+        layout
+            .iter()
+            .flatten()
+            .any(|r| r.contains(gpa) && gpa + PAGE_SIZE as u64 <= r.end())
+    };
     let mut pages = Vec::new();
     for (gpa, r, e) in resolved.page_map() {
         if !in_memory(gpa) {
@@ -127,8 +148,18 @@ pub fn open(dir: &Path, id: Option<u32>) -> Result<Opened, RestoreError> {
         }
     }
     let header = top.header().clone();
-    let checkpoint = CheckpointRef { dir: dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf()), chain_id: header.chain_id, id: header.id };
-    Ok(Opened { chain: Arc::new(resolved), config, state, pages: Arc::new(pages), checkpoint })
+    let checkpoint = CheckpointRef {
+        dir: dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf()),
+        chain_id: header.chain_id,
+        id: header.id,
+    };
+    Ok(Opened {
+        chain: Arc::new(resolved),
+        config,
+        state,
+        pages: Arc::new(pages),
+        checkpoint,
+    })
 }
 
 /// Runs of `pages` that are consecutive in guest memory, come from the same
@@ -137,7 +168,10 @@ fn runs(pages: &[(u64, usize, IndexEntry)], memory: &GuestMemory) -> Vec<(usize,
     let mut out = Vec::new();
     let mut i = 0;
     while i < pages.len() {
-        let chunk_end = memory.chunk_of(pages[i].0).map(|c| c.range.end()).unwrap_or(0);
+        let chunk_end = memory
+            .chunk_of(pages[i].0)
+            .map(|c| c.range.end())
+            .unwrap_or(0);
         let mut j = i + 1;
         while j < pages.len()
             && j - i < MAX_RUN_PAGES
@@ -163,11 +197,15 @@ fn load_eager(o: &Opened, memory: &GuestMemory) -> Result<(), String> {
         let run = &o.pages[i..i + n];
         let (gpa, r, _) = run[0];
         let len = n * PAGE_SIZE;
-        let dst = memory.host_addr(gpa, len as u64).ok_or_else(|| format!("page {gpa:#x} is not in guest memory"))?;
+        let dst = memory
+            .host_addr(gpa, len as u64)
+            .ok_or_else(|| format!("page {gpa:#x} is not in guest memory"))?;
         // SAFETY: host_addr checked that [dst, dst+len) lies in one live
         // chunk mapping; no vCPU runs yet, so nothing else touches it.
         let out = unsafe { std::slice::from_raw_parts_mut(dst, len) };
-        o.chain.readers[r].read_pages(&entries(run), out).map_err(|e| e.to_string())?;
+        o.chain.readers[r]
+            .read_pages(&entries(run), out)
+            .map_err(|e| e.to_string())?;
     }
     Ok(())
 }
@@ -191,27 +229,44 @@ unsafe impl Sync for Lazy {}
 
 impl Lazy {
     fn gpa_of(&self, host: usize) -> Option<u64> {
-        self.ranges.iter().find(|(h, _, l)| host >= *h && host < h + l).map(|(h, g, _)| g + (host - h) as u64)
+        self.ranges
+            .iter()
+            .find(|(h, _, l)| host >= *h && host < h + l)
+            .map(|(h, g, _)| g + (host - h) as u64)
     }
 
     fn host_of(&self, gpa: u64) -> Option<usize> {
-        self.ranges.iter().find(|(_, g, l)| gpa >= *g && gpa < g + *l as u64).map(|(h, g, _)| h + (gpa - g) as usize)
+        self.ranges
+            .iter()
+            .find(|(_, g, l)| gpa >= *g && gpa < g + *l as u64)
+            .map(|(h, g, _)| h + (gpa - g) as usize)
     }
 
     fn fail(&self, msg: String) {
-        self.failure.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(msg);
+        self.failure
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_or_insert(msg);
     }
 
     /// Serves one page fault at host address `addr`.
     fn serve(&self, addr: usize, buf: &mut [u8]) {
         let page = addr & !(PAGE_SIZE - 1);
         let Some(gpa) = self.gpa_of(page) else { return };
-        let found = self.pages.binary_search_by_key(&gpa, |p| p.0).ok().map(|i| self.pages[i]);
+        let found = self
+            .pages
+            .binary_search_by_key(&gpa, |p| p.0)
+            .ok()
+            .map(|i| self.pages[i]);
         let r = match found {
             Some((_, r, e)) => match self.chain.readers[r].read_page(&e, buf) {
                 // SAFETY: `page` is a registered, page-aligned guest page and
                 // buf holds PAGE_SIZE bytes.
-                Ok(()) => unsafe { self.uffd.copy(buf.as_ptr() as *const _, page as *mut _, PAGE_SIZE, true) }.map(|_| ()),
+                Ok(()) => unsafe {
+                    self.uffd
+                        .copy(buf.as_ptr() as *const _, page as *mut _, PAGE_SIZE, true)
+                }
+                .map(|_| ()),
                 Err(err) => {
                     self.fail(format!("lazy restore: {err}"));
                     // SAFETY: as above; zeros unblock the vCPU, which the
@@ -225,7 +280,9 @@ impl Lazy {
         if let Err(e) = r {
             // EEXIST: the background pass got there first; wake the waiter.
             if !is_exists(&e) {
-                self.fail(format!("lazy restore: resolving the fault at guest {gpa:#x} failed: {e}"));
+                self.fail(format!(
+                    "lazy restore: resolving the fault at guest {gpa:#x} failed: {e}"
+                ));
             }
             let _ = self.uffd.wake(page as *mut _, PAGE_SIZE);
         }
@@ -235,7 +292,11 @@ impl Lazy {
         let mut buf = vec![0u8; PAGE_SIZE];
         let fd = self.uffd.as_raw_fd();
         while !self.done.load(Ordering::Acquire) {
-            let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+            let mut pfd = libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            };
             // SAFETY: one valid pollfd, for the duration of the call.
             let n = unsafe { libc::poll(&mut pfd, 1, HANDLER_POLL.as_millis() as i32) };
             if n <= 0 {
@@ -253,19 +314,29 @@ impl Lazy {
     fn background(&self, memory_runs: &[(usize, usize)]) {
         let mut buf = vec![0u8; MAX_RUN_PAGES * PAGE_SIZE];
         for &(i, n) in memory_runs {
-            if self.failure.lock().unwrap_or_else(|e| e.into_inner()).is_some() {
+            if self
+                .failure
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_some()
+            {
                 return;
             }
             let run = &self.pages[i..i + n];
             let (gpa, r, _) = run[0];
             let len = n * PAGE_SIZE;
-            let Some(dst) = self.host_of(gpa) else { continue };
+            let Some(dst) = self.host_of(gpa) else {
+                continue;
+            };
             if let Err(e) = self.chain.readers[r].read_pages(&entries(run), &mut buf[..len]) {
                 self.fail(format!("lazy restore: {e}"));
                 return;
             }
             // SAFETY: [dst, dst+len) lies in one registered chunk; buf holds len bytes.
-            let whole = unsafe { self.uffd.copy(buf.as_ptr() as *const _, dst as *mut _, len, true) };
+            let whole = unsafe {
+                self.uffd
+                    .copy(buf.as_ptr() as *const _, dst as *mut _, len, true)
+            };
             if whole.map(|c| c == len).unwrap_or(false) {
                 continue;
             }
@@ -273,10 +344,20 @@ impl Lazy {
             for p in 0..n {
                 let off = p * PAGE_SIZE;
                 // SAFETY: as above, one page of the run.
-                let r = unsafe { self.uffd.copy(buf[off..].as_ptr() as *const _, (dst + off) as *mut _, PAGE_SIZE, true) };
+                let r = unsafe {
+                    self.uffd.copy(
+                        buf[off..].as_ptr() as *const _,
+                        (dst + off) as *mut _,
+                        PAGE_SIZE,
+                        true,
+                    )
+                };
                 if let Err(e) = r {
                     if !is_exists(&e) {
-                        self.fail(format!("lazy restore: loading guest {:#x} failed: {e}", gpa + off as u64));
+                        self.fail(format!(
+                            "lazy restore: loading guest {:#x} failed: {e}",
+                            gpa + off as u64
+                        ));
                         return;
                     }
                 }
@@ -292,15 +373,21 @@ fn is_exists(e: &userfaultfd::Error) -> bool {
 
 /// Restores checkpoint `id` of `dir` as a VM called `name` (None: the saved
 /// name). Lazy unless `eager`. The VM runs unless `paused`.
-pub fn restore(dir: &Path, id: Option<u32>, name: Option<String>, paused: bool, eager: bool) -> Result<(Arc<Vm>, RestoreReport), RestoreError> {
+pub fn restore(
+    dir: &Path,
+    id: Option<u32>,
+    name: Option<String>,
+    paused: bool,
+    eager: bool,
+) -> Result<(Arc<Vm>, RestoreReport), RestoreError> {
     let t = Instant::now();
     let mut o = open(dir, id)?;
     if let Some(n) = name {
         o.config.name = n;
     }
-    let state = std::mem::replace(&mut o.state.vcpus, Vec::new());
+    let state = std::mem::take(&mut o.state.vcpus);
     let lazy_slot: Arc<Mutex<Option<Arc<Lazy>>>> = Arc::new(Mutex::new(None));
-    let load: Box<dyn FnOnce(&GuestMemory) -> Result<(), String> + '_> = if eager {
+    let load: crate::vmm::vm::Loader<'_> = if eager {
         Box::new(|m: &GuestMemory| load_eager(&o, m))
     } else {
         let slot = lazy_slot.clone();
@@ -314,17 +401,34 @@ pub fn restore(dir: &Path, id: Option<u32>, name: Option<String>, paused: bool, 
                 .map_err(|e| format!("userfaultfd for a lazy restore failed: {e} (use --eager)"))?;
             let mut ranges = Vec::new();
             for c in m.chunks() {
-                uffd.register(c.mapping.as_ptr() as *mut _, c.mapping.len()).map_err(|e| format!("userfaultfd register of guest {:#x}: {e}", c.range.start))?;
+                uffd.register(c.mapping.as_ptr() as *mut _, c.mapping.len())
+                    .map_err(|e| {
+                        format!("userfaultfd register of guest {:#x}: {e}", c.range.start)
+                    })?;
                 ranges.push((c.mapping.as_ptr() as usize, c.range.start, c.mapping.len()));
             }
-            let lazy = Arc::new(Lazy { uffd, chain: o.chain.clone(), pages: o.pages.clone(), ranges, done: AtomicBool::new(false), failure: Mutex::new(None) });
+            let lazy = Arc::new(Lazy {
+                uffd,
+                chain: o.chain.clone(),
+                pages: o.pages.clone(),
+                ranges,
+                done: AtomicBool::new(false),
+                failure: Mutex::new(None),
+            });
             let h = lazy.clone();
-            std::thread::Builder::new().name("uffd-faults".into()).spawn(move || h.handler()).map_err(|e| e.to_string())?;
+            std::thread::Builder::new()
+                .name("uffd-faults".into())
+                .spawn(move || h.handler())
+                .map_err(|e| e.to_string())?;
             *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(lazy);
             Ok(())
         })
     };
-    let vm = Vm::new(o.config.clone(), Start::Restore { vcpus: state, load }, paused)?;
+    let vm = Vm::new(
+        o.config.clone(),
+        Start::Restore { vcpus: state, load },
+        paused,
+    )?;
     let resume_ms = t.elapsed().as_secs_f64() * 1e3;
     vm.set_last_checkpoint(Some(o.checkpoint.clone()));
     let _ = vm.reset_checkpoint_dirty();
@@ -338,7 +442,11 @@ pub fn restore(dir: &Path, id: Option<u32>, name: Option<String>, paused: bool, 
             .name("lazy-load".into())
             .spawn(move || {
                 lazy.background(&memory_runs);
-                let failure = lazy.failure.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                let failure = lazy
+                    .failure
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone();
                 if let Some(f) = failure {
                     vm2.fail(f);
                 } else {
@@ -350,8 +458,22 @@ pub fn restore(dir: &Path, id: Option<u32>, name: Option<String>, paused: bool, 
                 lazy.done.store(true, Ordering::Release);
                 vm2.set_loading(false);
             })
-            .map_err(|e| RestoreError::Content { file: dir.to_path_buf(), reason: format!("cannot start the loader thread: {e}") })?;
+            .map_err(|e| RestoreError::Content {
+                file: dir.to_path_buf(),
+                reason: format!("cannot start the loader thread: {e}"),
+            })?;
     }
     let top = o.chain.top().header().clone();
-    Ok((vm, RestoreReport { operation: "restore".into(), id: top.id, kind: top.kind, chain_files: o.chain.readers.len(), lazy: !eager, pages: o.pages.len() as u64, resume_ms }))
+    Ok((
+        vm,
+        RestoreReport {
+            operation: "restore".into(),
+            id: top.id,
+            kind: top.kind,
+            chain_files: o.chain.readers.len(),
+            lazy: !eager,
+            pages: o.pages.len() as u64,
+            resume_ms,
+        },
+    ))
 }

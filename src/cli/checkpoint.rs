@@ -30,8 +30,13 @@ pub struct CheckpointArgs {
 
 /// `vmhop checkpoint`.
 pub fn checkpoint(a: &CheckpointArgs) -> CliResult {
-    let dir = std::path::absolute(&a.dir).map_err(|e| CliError::usage(format!("--dir {}: {e}", a.dir.display())))?;
-    let req = CheckpointRequest { dir, full: a.full, stop_after: a.stop_after };
+    let dir = std::path::absolute(&a.dir)
+        .map_err(|e| CliError::usage(format!("--dir {}: {e}", a.dir.display())))?;
+    let req = CheckpointRequest {
+        dir,
+        full: a.full,
+        stop_after: a.stop_after,
+    };
     let body = serde_json::to_value(&req).map_err(CliError::failed)?;
     let spinner = super::progress::spinner(a.api.json, "writing checkpoint".into());
     let r: Result<CheckpointReport, _> = request(&a.api, "PUT", "vm.checkpoint", Some(body), None);
@@ -66,24 +71,33 @@ pub struct ListArgs {
 pub fn list(a: &ListArgs) -> CliResult {
     let chain = Chain::open(&a.dir).map_err(CliError::failed)?;
     let entries = chain.entries().to_vec();
-    render(a.json.json, &serde_json::json!({ "dir": a.dir, "checkpoints": entries }), |_| {
-        if entries.is_empty() {
-            return format!("no checkpoints in {}", a.dir.display());
-        }
-        let mut t = format!("{:>6}  {:>6}  {:<11}  {:>10}  {}", "id", "parent", "kind", "size", "time");
-        for e in &entries {
-            let secs = (e.created_unix_ms / 1000) as i64;
-            t += &format!(
-                "\n{:>6}  {:>6}  {:<11}  {:>10}  {}",
-                e.id,
-                e.parent.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
-                e.kind.to_string(),
-                format_size(e.size_bytes),
-                format_time(secs)
+    render(
+        a.json.json,
+        &serde_json::json!({ "dir": a.dir, "checkpoints": entries }),
+        |_| {
+            if entries.is_empty() {
+                return format!("no checkpoints in {}", a.dir.display());
+            }
+            let mut t = format!(
+                "{:>6}  {:>6}  {:<11}  {:>10}  {}",
+                "id", "parent", "kind", "size", "time"
             );
-        }
-        t
-    })
+            for e in &entries {
+                let secs = (e.created_unix_ms / 1000) as i64;
+                t += &format!(
+                    "\n{:>6}  {:>6}  {:<11}  {:>10}  {}",
+                    e.id,
+                    e.parent
+                        .map(|p| p.to_string())
+                        .unwrap_or_else(|| "-".into()),
+                    e.kind.to_string(),
+                    format_size(e.size_bytes),
+                    format_time(secs)
+                );
+            }
+            t
+        },
+    )
 }
 
 fn format_time(unix: i64) -> String {
@@ -99,7 +113,12 @@ fn format_time(unix: i64) -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC", s / 3600, s / 60 % 60, s % 60)
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC",
+        s / 3600,
+        s / 60 % 60,
+        s % 60
+    )
 }
 
 /// Options of `vmhop merge`.
@@ -116,7 +135,14 @@ pub fn merge(a: &MergeArgs) -> CliResult {
     let (dir, id) = crate::checkpoint::restore::parse_target(&a.target).map_err(CliError::usage)?;
     let w = chain::merge(&dir, id).map_err(CliError::failed)?;
     let v = serde_json::json!({"operation": "merge", "id": w.id, "path": w.path, "bytes_written": w.bytes_written, "pages_written": w.pages_written});
-    render(a.json.json, &v, |_| format!("merged into full checkpoint {} ({}, {} pages)", w.id, format_size(w.bytes_written), w.pages_written))
+    render(a.json.json, &v, |_| {
+        format!(
+            "merged into full checkpoint {} ({}, {} pages)",
+            w.id,
+            format_size(w.bytes_written),
+            w.pages_written
+        )
+    })
 }
 
 /// `vmhop restore DIR[@ID]` (and `run --restore`).
@@ -127,7 +153,8 @@ pub fn restore(target: &str, args: &RunArgs) -> CliResult {
     super::run::check_socket_free(&socket)?;
     let set = super::run::block_stop_signals();
     let name = (args.name != super::run::DEFAULT_NAME).then(|| args.name.clone());
-    let (vm, report) = crate::checkpoint::restore::restore(&dir, id, name, args.paused, args.eager).map_err(CliError::failed)?;
+    let (vm, report) = crate::checkpoint::restore::restore(&dir, id, name, args.paused, args.eager)
+        .map_err(CliError::failed)?;
     if !args.json {
         println!(
             "vmhop: restored checkpoint {} ({}, {} file(s), {} pages, {}) in {:.1} ms",
@@ -135,9 +162,19 @@ pub fn restore(target: &str, args: &RunArgs) -> CliResult {
             report.kind,
             report.chain_files,
             report.pages,
-            if report.lazy { "loading lazily" } else { "loaded" },
+            if report.lazy {
+                "loading lazily"
+            } else {
+                "loaded"
+            },
             report.resume_ms
         );
     }
-    super::run::serve(vm, &socket, args.json, set, Some(serde_json::to_value(&report).map_err(CliError::failed)?))
+    super::run::serve(
+        vm,
+        &socket,
+        args.json,
+        set,
+        Some(serde_json::to_value(&report).map_err(CliError::failed)?),
+    )
 }

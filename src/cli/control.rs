@@ -13,9 +13,26 @@ use crate::util::format_size;
 pub const QUICK_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Calls an endpoint and decodes its report.
-pub fn request<T: serde::de::DeserializeOwned>(o: &ApiOpts, method: &str, ep: &str, body: Option<serde_json::Value>, timeout: Option<Duration>) -> Result<T, CliError> {
-    let v = call(&o.socket(), method, &format!("{PREFIX}/{ep}"), body.as_ref(), timeout)?;
-    serde_json::from_value(v).map_err(|e| CliError::failed(format!("unexpected reply from {}: {e}", o.socket().display())))
+pub fn request<T: serde::de::DeserializeOwned>(
+    o: &ApiOpts,
+    method: &str,
+    ep: &str,
+    body: Option<serde_json::Value>,
+    timeout: Option<Duration>,
+) -> Result<T, CliError> {
+    let v = call(
+        &o.socket(),
+        method,
+        &format!("{PREFIX}/{ep}"),
+        body.as_ref(),
+        timeout,
+    )?;
+    serde_json::from_value(v).map_err(|e| {
+        CliError::failed(format!(
+            "unexpected reply from {}: {e}",
+            o.socket().display()
+        ))
+    })
 }
 
 /// `vmhop status`.
@@ -25,7 +42,10 @@ pub fn status(o: &ApiOpts) -> CliResult {
         let mut t = format!(
             "VM '{}' is {} — {} vCPUs, {}, guest {} (progress {})",
             s.name,
-            serde_json::to_value(s.state).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default(),
+            serde_json::to_value(s.state)
+                .ok()
+                .and_then(|v| v.as_str().map(String::from))
+                .unwrap_or_default(),
             s.vcpus,
             format_size(s.memory_bytes),
             s.guest.kind,
@@ -35,7 +55,12 @@ pub fn status(o: &ApiOpts) -> CliResult {
             t += &format!("\n  stopped: {r}");
         }
         for n in &s.numa {
-            t += &format!("\n  guest node {}: {} on host node {}", n.guest_node, format_size(n.size_bytes), n.host_node);
+            t += &format!(
+                "\n  guest node {}: {} on host node {}",
+                n.guest_node,
+                format_size(n.size_bytes),
+                n.host_node
+            );
         }
         t
     })
@@ -71,17 +96,30 @@ pub fn verify(o: &ApiOpts) -> CliResult {
         let mut t = if r.ok {
             format!("ok: {} pages checked, memory consistent", r.pages_checked)
         } else {
-            format!("FAILED: {} violations in {} pages checked", r.violation_count, r.pages_checked)
+            format!(
+                "FAILED: {} violations in {} pages checked",
+                r.violation_count, r.pages_checked
+            )
         };
         for v in &r.violations {
-            t += &format!("\n  {} {}: {}", v.vcpu.map(|c| format!("vCPU {c}")).unwrap_or_else(|| "control".into()), v.gpa, v.problem);
+            t += &format!(
+                "\n  {} {}: {}",
+                v.vcpu
+                    .map(|c| format!("vCPU {c}"))
+                    .unwrap_or_else(|| "control".into()),
+                v.gpa,
+                v.problem
+            );
         }
         t
     })?;
     if r.ok {
         Ok(())
     } else {
-        Err(CliError::failed(format!("verify found {} violations", r.violation_count)))
+        Err(CliError::failed(format!(
+            "verify found {} violations",
+            r.violation_count
+        )))
     }
 }
 

@@ -32,11 +32,17 @@ pub struct CliError {
 impl CliError {
     /// The operation failed.
     pub fn failed(m: impl std::fmt::Display) -> Self {
-        CliError { code: EXIT_FAILED, message: m.to_string() }
+        CliError {
+            code: EXIT_FAILED,
+            message: m.to_string(),
+        }
     }
     /// The user asked for something that cannot be.
     pub fn usage(m: impl std::fmt::Display) -> Self {
-        CliError { code: EXIT_USAGE, message: m.to_string() }
+        CliError {
+            code: EXIT_USAGE,
+            message: m.to_string(),
+        }
     }
 }
 
@@ -50,7 +56,11 @@ impl From<crate::api::client::ClientError> for CliError {
 pub type CliResult = Result<(), CliError>;
 
 #[derive(Parser, Debug)]
-#[command(name = "vmhop", version, about = "A KVM VMM that moves a running VM's memory across NUMA nodes, through time and across hosts")]
+#[command(
+    name = "vmhop",
+    version,
+    about = "A KVM VMM that moves a running VM's memory across NUMA nodes, through time and across hosts"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -73,7 +83,9 @@ pub struct ApiOpts {
 impl ApiOpts {
     /// The socket to talk to.
     pub fn socket(&self) -> PathBuf {
-        self.api_socket.clone().unwrap_or_else(|| default_socket(self.name.as_deref().unwrap_or(run::DEFAULT_NAME)))
+        self.api_socket
+            .clone()
+            .unwrap_or_else(|| default_socket(self.name.as_deref().unwrap_or(run::DEFAULT_NAME)))
     }
 }
 
@@ -139,8 +151,13 @@ enum Cmd {
 
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("VMHOP_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("VMHOP_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
     let cli = Cli::parse();
     let r = match cli.cmd {
         Cmd::Run(a) => run::run(a),

@@ -30,19 +30,34 @@ fn fmt_placement(p: &std::collections::BTreeMap<String, u64>) -> String {
     if p.is_empty() {
         return "no pages present".into();
     }
-    p.iter().map(|(n, c)| format!("node {n}: {c} pages")).collect::<Vec<_>>().join(", ")
+    p.iter()
+        .map(|(n, c)| format!("node {n}: {c} pages"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// `vmhop numa-migrate`.
 pub fn numa_migrate(a: &NumaMigrateArgs) -> CliResult {
-    let req = NumaMigrateRequest { to_node: a.to_node, guest_node: a.guest_node, mode: a.mode, max_downtime_ms: a.max_downtime_ms };
+    let req = NumaMigrateRequest {
+        to_node: a.to_node,
+        guest_node: a.guest_node,
+        mode: a.mode,
+        max_downtime_ms: a.max_downtime_ms,
+    };
     let body = serde_json::to_value(&req).map_err(CliError::failed)?;
-    let spinner = super::progress::spinner(a.api.json, format!("moving guest memory to host node {}", a.to_node));
-    let r: Result<NumaMigrateReport, _> = request(&a.api, "PUT", "vm.numa-migrate", Some(body), None);
+    let spinner = super::progress::spinner(
+        a.api.json,
+        format!("moving guest memory to host node {}", a.to_node),
+    );
+    let r: Result<NumaMigrateReport, _> =
+        request(&a.api, "PUT", "vm.numa-migrate", Some(body), None);
     spinner.finish_and_clear();
     let r = r?;
     render(a.api.json, &r, |r| {
-        let mode = serde_json::to_value(r.mode).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default();
+        let mode = serde_json::to_value(r.mode)
+            .ok()
+            .and_then(|v| v.as_str().map(String::from))
+            .unwrap_or_default();
         let mut t = format!(
             "moved guest node(s) {:?} to host node {} ({mode}): {} pages in {:.1} ms, {} round(s), {} pause(s), longest pause {} µs, paused {} µs in all",
             r.guest_nodes, r.to_node, r.pages_moved, r.total_ms, r.rounds, r.pauses, r.downtime_us, r.paused_total_us
@@ -51,16 +66,29 @@ pub fn numa_migrate(a: &NumaMigrateArgs) -> CliResult {
             t += &format!("\n  the dirty rate did not converge: {} chunk(s) finished with a bounded stop-copy", r.fallback_chunks);
         }
         if let Some(b) = &r.batches {
-            t += &format!("\n  kernel: {} move_pages batches of {} pages, median {} µs, max {} µs", b.count, b.pages_per_batch, b.median_us, b.max_us);
+            t += &format!(
+                "\n  kernel: {} move_pages batches of {} pages, median {} µs, max {} µs",
+                b.count, b.pages_per_batch, b.median_us, b.max_us
+            );
         }
-        t += &format!("\n  before: {}\n  after:  {}", fmt_placement(&r.placement_before), fmt_placement(&r.placement_after));
+        t += &format!(
+            "\n  before: {}\n  after:  {}",
+            fmt_placement(&r.placement_before),
+            fmt_placement(&r.placement_after)
+        );
         t
     })
 }
 
 /// `vmhop numa-stat`.
 pub fn numa_stat(o: &ApiOpts) -> CliResult {
-    let r: NumaStatReport = request(o, "GET", "vm.numa-stat", None, Some(super::control::QUICK_TIMEOUT))?;
+    let r: NumaStatReport = request(
+        o,
+        "GET",
+        "vm.numa-stat",
+        None,
+        Some(super::control::QUICK_TIMEOUT),
+    )?;
     render(o.json, &r, |r| {
         let mut t = String::new();
         for g in &r.guest_nodes {
@@ -70,12 +98,19 @@ pub fn numa_stat(o: &ApiOpts) -> CliResult {
                 crate::util::format_size(g.size_bytes),
                 g.policy,
                 fmt_placement(&g.host_nodes),
-                if g.not_present > 0 { format!(", {} not present", g.not_present) } else { String::new() },
+                if g.not_present > 0 {
+                    format!(", {} not present", g.not_present)
+                } else {
+                    String::new()
+                },
                 if g.sampled { " (sampled)" } else { "" }
             );
         }
         for v in &r.vcpus {
-            t += &format!("vCPU {} (guest node {}): CPUs {}\n", v.id, v.guest_node, v.allowed_cpus);
+            t += &format!(
+                "vCPU {} (guest node {}): CPUs {}\n",
+                v.id, v.guest_node, v.allowed_cpus
+            );
         }
         t.trim_end().to_string()
     })

@@ -16,13 +16,18 @@ pub struct JsonOpt {
 
 /// Prints `v` as one JSON line.
 pub fn print_json<T: Serialize>(v: &T) -> Result<(), CliError> {
-    let s = serde_json::to_string(v).map_err(|e| CliError::failed(format!("cannot encode the report: {e}")))?;
+    let s = serde_json::to_string(v)
+        .map_err(|e| CliError::failed(format!("cannot encode the report: {e}")))?;
     println!("{s}");
     Ok(())
 }
 
 /// Prints `v` as JSON with --json, else the text `text` makes of it.
-pub fn render<T: Serialize>(json: bool, v: &T, text: impl FnOnce(&T) -> String) -> Result<(), CliError> {
+pub fn render<T: Serialize>(
+    json: bool,
+    v: &T,
+    text: impl FnOnce(&T) -> String,
+) -> Result<(), CliError> {
     if json {
         print_json(v)
     } else {

@@ -66,23 +66,43 @@ impl RunArgs {
     /// The VM configuration these options describe.
     pub fn config(&self) -> Result<VmConfig, CliError> {
         if self.kernel.is_some() {
-            return Err(CliError::usage("--kernel: Linux guests are not supported yet; use --guest builtin:NAME"));
+            return Err(CliError::usage(
+                "--kernel: Linux guests are not supported yet; use --guest builtin:NAME",
+            ));
         }
         let guest = GuestSpec::parse(&self.guest).map_err(CliError::usage)?;
         let nodes = if self.numa.is_empty() {
-            let size = parse_size(self.memory.as_deref().unwrap_or("256M")).map_err(|e| CliError::usage(format!("--memory: {e}")))?;
-            vec![NodeConfig { guest_node: 0, size, host_node: None, vcpus: None }]
+            let size = parse_size(self.memory.as_deref().unwrap_or("256M"))
+                .map_err(|e| CliError::usage(format!("--memory: {e}")))?;
+            vec![NodeConfig {
+                guest_node: 0,
+                size,
+                host_node: None,
+                vcpus: None,
+            }]
         } else {
             if self.memory.is_some() {
-                return Err(CliError::usage("give either --memory or --numa, not both (--numa sizes add up to the memory)"));
+                return Err(CliError::usage(
+                    "give either --memory or --numa, not both (--numa sizes add up to the memory)",
+                ));
             }
-            self.numa.iter().map(|s| NodeConfig::parse(s).map_err(CliError::usage)).collect::<Result<_, _>>()?
+            self.numa
+                .iter()
+                .map(|s| NodeConfig::parse(s).map_err(CliError::usage))
+                .collect::<Result<_, _>>()?
         };
         let chunk_size = match &self.chunk_size {
             Some(s) => parse_size(s).map_err(|e| CliError::usage(format!("--chunk-size: {e}")))?,
             None => DEFAULT_CHUNK_SIZE,
         };
-        let c = VmConfig { name: self.name.clone(), vcpus: self.vcpus, nodes, guest, hugepages: self.hugepages, chunk_size };
+        let c = VmConfig {
+            name: self.name.clone(),
+            vcpus: self.vcpus,
+            nodes,
+            guest,
+            hugepages: self.hugepages,
+            chunk_size,
+        };
         c.validate().map_err(CliError::usage)?;
         Ok(c)
     }
@@ -100,14 +120,18 @@ impl RunArgs {
             (self.chunk_size.is_some(), "--chunk-size"),
         ];
         if let Some((_, flag)) = given.iter().find(|g| g.0) {
-            return Err(CliError::usage(format!("{flag} cannot be used with a restore: the configuration comes from the checkpoint")));
+            return Err(CliError::usage(format!(
+                "{flag} cannot be used with a restore: the configuration comes from the checkpoint"
+            )));
         }
         Ok(())
     }
 
     /// The API socket path.
     pub fn socket(&self) -> PathBuf {
-        self.api_socket.clone().unwrap_or_else(|| default_socket(&self.name))
+        self.api_socket
+            .clone()
+            .unwrap_or_else(|| default_socket(&self.name))
     }
 }
 
@@ -129,7 +153,10 @@ pub fn block_stop_signals() -> libc::sigset_t {
 /// Fails early, before any VM exists, if another vmhop serves `socket`.
 pub fn check_socket_free(socket: &std::path::Path) -> Result<(), CliError> {
     if std::os::unix::net::UnixStream::connect(socket).is_ok() {
-        return Err(CliError::failed(format!("another vmhop is already serving {}", socket.display())));
+        return Err(CliError::failed(format!(
+            "another vmhop is already serving {}",
+            socket.display()
+        )));
     }
     Ok(())
 }
@@ -151,7 +178,13 @@ pub fn run(args: RunArgs) -> CliResult {
 }
 
 /// Serves the API of a created VM until stop, SIGTERM or SIGINT.
-pub fn serve(vm: Arc<Vm>, socket: &std::path::Path, json: bool, set: libc::sigset_t, restored: Option<serde_json::Value>) -> CliResult {
+pub fn serve(
+    vm: Arc<Vm>,
+    socket: &std::path::Path,
+    json: bool,
+    set: libc::sigset_t,
+    restored: Option<serde_json::Value>,
+) -> CliResult {
     let (tx, rx) = mpsc::channel();
     let routes = Arc::new(Routes::new(vm.clone(), tx.clone()));
     let server = ApiServer::start(socket, routes.clone()).map_err(CliError::failed)?;
@@ -178,7 +211,11 @@ pub fn serve(vm: Arc<Vm>, socket: &std::path::Path, json: bool, set: libc::sigse
         println!(
             "vmhop: VM '{}' {} ({} vCPUs, {}, {}), API socket {}",
             status.name,
-            if status.state == crate::vmm::RunState::Paused { "started paused" } else { "running" },
+            if status.state == crate::vmm::RunState::Paused {
+                "started paused"
+            } else {
+                "running"
+            },
             status.vcpus,
             crate::util::format_size(status.memory_bytes),
             status.guest.kind,

@@ -131,7 +131,10 @@ mod tests {
     fn unlimited_guest_never_waits_and_wait_port_parks() {
         let d = TestDevice::new(1, None);
         assert_eq!(d.pace_batch(), 0);
-        assert_eq!(d.io_out(0, PORT_PACE, &[1, 0, 0, 0]), DeviceAction::Continue);
+        assert_eq!(
+            d.io_out(0, PORT_PACE, &[1, 0, 0, 0]),
+            DeviceAction::Continue
+        );
         assert_eq!(d.io_out(0, PORT_WAIT, &[0]), DeviceAction::Wait(None));
         let mut b = [0u8; 4];
         d.io_in(PORT_ID, &mut b);

@@ -53,9 +53,9 @@ pub enum GuestSpec {
 impl GuestSpec {
     /// Parses `builtin:NAME[,key=value...]`.
     pub fn parse(s: &str) -> Result<GuestSpec, String> {
-        let rest = s
-            .strip_prefix("builtin:")
-            .ok_or_else(|| format!("--guest {s}: expected builtin:idle or builtin:dirty[,wss=SIZE][,rate=N]"))?;
+        let rest = s.strip_prefix("builtin:").ok_or_else(|| {
+            format!("--guest {s}: expected builtin:idle or builtin:dirty[,wss=SIZE][,rate=N]")
+        })?;
         let mut parts = rest.split(',');
         let name = parts.next().unwrap_or_default();
         match name {
@@ -85,9 +85,15 @@ impl GuestSpec {
                 if wss == Some(0) {
                     return Err("--guest: wss must not be 0".into());
                 }
-                Ok(GuestSpec::Dirty { wss, rate, fill_random })
+                Ok(GuestSpec::Dirty {
+                    wss,
+                    rate,
+                    fill_random,
+                })
             }
-            other => Err(format!("--guest: unknown builtin guest '{other}' (expected idle or dirty)")),
+            other => Err(format!(
+                "--guest: unknown builtin guest '{other}' (expected idle or dirty)"
+            )),
         }
     }
 
@@ -109,7 +115,11 @@ mod tests {
         assert_eq!(GuestSpec::parse("builtin:idle").unwrap(), GuestSpec::Idle);
         assert_eq!(
             GuestSpec::parse("builtin:dirty,wss=64M,rate=1000").unwrap(),
-            GuestSpec::Dirty { wss: Some(64 << 20), rate: Some(1000), fill_random: false }
+            GuestSpec::Dirty {
+                wss: Some(64 << 20),
+                rate: Some(1000),
+                fill_random: false
+            }
         );
         assert!(GuestSpec::parse("builtin:dirty,speed=3").is_err());
         assert!(GuestSpec::parse("linux").is_err());

@@ -61,7 +61,11 @@ pub struct BootState {
 }
 
 /// Pages of each vCPU's slice, as (gpa, pages) ranges in sweep order.
-pub fn slices(memory: &GuestMemory, spec: &GuestSpec, vcpus: u32) -> Result<Vec<Vec<(u64, u64)>>, SetupError> {
+pub fn slices(
+    memory: &GuestMemory,
+    spec: &GuestSpec,
+    vcpus: u32,
+) -> Result<Vec<Vec<(u64, u64)>>, SetupError> {
     // Usable ranges per node: chunks merged, minus the reserved area.
     let mut nodes: Vec<Vec<GuestRange>> = Vec::new();
     for n in &memory.nodes {
@@ -72,7 +76,10 @@ pub fn slices(memory: &GuestMemory, spec: &GuestSpec, vcpus: u32) -> Result<Vec<
                 continue;
             }
             if r.start < RESERVED_BYTES {
-                r = GuestRange { start: RESERVED_BYTES, len: r.end() - RESERVED_BYTES };
+                r = GuestRange {
+                    start: RESERVED_BYTES,
+                    len: r.end() - RESERVED_BYTES,
+                };
             }
             match rs.last_mut() {
                 Some(last) if last.end() == r.start => last.len += r.len,
@@ -81,7 +88,10 @@ pub fn slices(memory: &GuestMemory, spec: &GuestSpec, vcpus: u32) -> Result<Vec<
         }
         nodes.push(rs);
     }
-    let usable: Vec<u64> = nodes.iter().map(|rs| rs.iter().map(|r| r.len / PAGE_SIZE).sum()).collect();
+    let usable: Vec<u64> = nodes
+        .iter()
+        .map(|rs| rs.iter().map(|r| r.len / PAGE_SIZE).sum())
+        .collect();
     let total: u64 = usable.iter().sum();
     let want = match spec {
         GuestSpec::Dirty { wss: Some(w), .. } => (w / PAGE_SIZE).min(total),
@@ -97,10 +107,8 @@ pub fn slices(memory: &GuestMemory, spec: &GuestSpec, vcpus: u32) -> Result<Vec<
     for (ni, rs) in nodes.iter().enumerate() {
         let node_pages = if ni + 1 == nodes.len() {
             want - taken
-        } else if total == 0 {
-            0
         } else {
-            want * usable[ni] / total
+            (want * usable[ni]).checked_div(total).unwrap_or(0)
         };
         taken += node_pages;
         // Flatten the node's first node_pages pages and cut them in vcpus parts.
@@ -112,7 +120,9 @@ pub fn slices(memory: &GuestMemory, spec: &GuestSpec, vcpus: u32) -> Result<Vec<
     }
     for (v, s) in out.iter().enumerate() {
         if s.len() as u64 > MAX_RANGES {
-            return Err(SetupError::Layout(format!("vCPU {v}'s slice has too many ranges")));
+            return Err(SetupError::Layout(format!(
+                "vCPU {v}'s slice has too many ranges"
+            )));
         }
     }
     Ok(out)
@@ -133,14 +143,25 @@ fn push_pages(slice: &mut Vec<(u64, u64)>, rs: &[GuestRange], from: u64, to: u64
 }
 
 /// Writes the whole guest into `memory` and returns each vCPU's boot state.
-pub fn install(memory: &GuestMemory, spec: &GuestSpec, vcpus: u32, pace_batch: u64) -> Result<Vec<BootState>, SetupError> {
+pub fn install(
+    memory: &GuestMemory,
+    spec: &GuestSpec,
+    vcpus: u32,
+    pace_batch: u64,
+) -> Result<Vec<BootState>, SetupError> {
     let w = |gpa: u64, v: u64| {
-        memory
-            .write_u64(gpa, v)
-            .ok_or_else(|| SetupError::Layout(format!("guest address {gpa:#x} is not backed by memory")))
+        memory.write_u64(gpa, v).ok_or_else(|| {
+            SetupError::Layout(format!("guest address {gpa:#x} is not backed by memory"))
+        })
     };
     // GDT: null, kernel code/data (unused), user code/data, 16-byte TSS.
-    let gdt: [u64; 5] = [0, 0x00af_9a00_0000_ffff, 0x00cf_9200_0000_ffff, 0x00af_fa00_0000_ffff, 0x00cf_f200_0000_ffff];
+    let gdt: [u64; 5] = [
+        0,
+        0x00af_9a00_0000_ffff,
+        0x00cf_9200_0000_ffff,
+        0x00af_fa00_0000_ffff,
+        0x00cf_f200_0000_ffff,
+    ];
     for (i, e) in gdt.iter().enumerate() {
         w(GDT_ADDR + i as u64 * 8, *e)?;
     }
@@ -152,7 +173,11 @@ pub fn install(memory: &GuestMemory, spec: &GuestSpec, vcpus: u32, pace_batch: u
         .write_bytes(TSS_ADDR + IOMAP_OFFSET + 0x2000, &[0xff])
         .ok_or_else(|| SetupError::Layout("TSS does not fit".into()))?;
     let tss_limit = TSS_LIMIT;
-    let tss_lo = (tss_limit & 0xffff) | (((tss_limit >> 16) & 0xf) << 48) | ((TSS_ADDR & 0xff_ffff) << 16) | (0x89u64 << 40) | (((TSS_ADDR >> 24) & 0xff) << 56);
+    let tss_lo = (tss_limit & 0xffff)
+        | (((tss_limit >> 16) & 0xf) << 48)
+        | ((TSS_ADDR & 0xff_ffff) << 16)
+        | (0x89u64 << 40)
+        | (((TSS_ADDR >> 24) & 0xff) << 56);
     w(GDT_ADDR + 40, tss_lo)?;
     w(GDT_ADDR + 48, TSS_ADDR >> 32)?;
 
@@ -160,7 +185,9 @@ pub fn install(memory: &GuestMemory, spec: &GuestSpec, vcpus: u32, pace_batch: u
     let top = memory.chunks().map(|c| c.range.end()).max().unwrap_or(0);
     let gib = top.div_ceil(1 << 30);
     if gib > MAX_MAPPED_GIB {
-        return Err(SetupError::Layout(format!("guest memory ends at {top:#x}, above what the builtin guests map")));
+        return Err(SetupError::Layout(format!(
+            "guest memory ends at {top:#x}, above what the builtin guests map"
+        )));
     }
     const PRESENT_RW_USER: u64 = 0x7;
     const HUGE: u64 = 0x80;
@@ -212,7 +239,10 @@ pub fn install(memory: &GuestMemory, spec: &GuestSpec, vcpus: u32, pace_batch: u
         }
         boots.push(boot_state(blk));
     }
-    if let GuestSpec::Dirty { fill_random: true, .. } = spec {
+    if let GuestSpec::Dirty {
+        fill_random: true, ..
+    } = spec
+    {
         fill_random(memory, &slices);
     }
     Ok(boots)
@@ -240,7 +270,11 @@ fn fill_random(memory: &GuestMemory, slices: &[Vec<(u64, u64)>]) {
 /// Copies the registers a builtin guest sets from `ours` into `base` (the
 /// vCPU's reset state), leaving the rest as KVM made it.
 pub fn apply_sregs(base: &mut kvm_sregs, ours: &kvm_sregs) {
-    *base = kvm_sregs { apic_base: base.apic_base, interrupt_bitmap: base.interrupt_bitmap, ..*ours };
+    *base = kvm_sregs {
+        apic_base: base.apic_base,
+        interrupt_bitmap: base.interrupt_bitmap,
+        ..*ours
+    };
 }
 
 fn seg(selector: u16, type_: u8, long: bool) -> kvm_segment {
@@ -286,7 +320,11 @@ fn boot_state(block_addr: u64) -> BootState {
         present: 1,
         ..Default::default()
     };
-    sregs.ldt = kvm_segment { type_: 0x2, unusable: 1, ..Default::default() };
+    sregs.ldt = kvm_segment {
+        type_: 0x2,
+        unusable: 1,
+        ..Default::default()
+    };
     sregs.gdt.base = GDT_ADDR;
     sregs.gdt.limit = 7 * 8 - 1;
     // CR0: PE | MP | ET | NE | WP | PG.
@@ -320,7 +358,11 @@ mod tests {
                         .into_iter()
                         .map(|r| {
                             slot += 1;
-                            Chunk { range: r, slot, mapping: Mapping::new(r.len as usize, Backing::Anonymous).unwrap() }
+                            Chunk {
+                                range: r,
+                                slot,
+                                mapping: Mapping::new(r.len as usize, Backing::Anonymous).unwrap(),
+                            }
                         })
                         .collect(),
                 })
@@ -331,7 +373,16 @@ mod tests {
     #[test]
     fn each_vcpu_slice_spans_every_node() {
         let m = memory(&[64 << 20, 64 << 20]);
-        let s = slices(&m, &GuestSpec::Dirty { wss: None, rate: None, fill_random: false }, 2).unwrap();
+        let s = slices(
+            &m,
+            &GuestSpec::Dirty {
+                wss: None,
+                rate: None,
+                fill_random: false,
+            },
+            2,
+        )
+        .unwrap();
         for slice in &s {
             assert!(slice.iter().any(|&(g, _)| g < 64 << 20));
             assert!(slice.iter().any(|&(g, _)| g >= 64 << 20));
@@ -343,7 +394,16 @@ mod tests {
     #[test]
     fn wss_limits_the_working_set() {
         let m = memory(&[64 << 20]);
-        let s = slices(&m, &GuestSpec::Dirty { wss: Some(1 << 20), rate: None, fill_random: false }, 3).unwrap();
+        let s = slices(
+            &m,
+            &GuestSpec::Dirty {
+                wss: Some(1 << 20),
+                rate: None,
+                fill_random: false,
+            },
+            3,
+        )
+        .unwrap();
         let pages: u64 = s.iter().flatten().map(|r| r.1).sum();
         assert_eq!(pages, 256);
     }

@@ -47,7 +47,11 @@ impl Walk {
     fn fail(&mut self, vcpu: Option<u32>, gpa: u64, problem: String) {
         self.report.violation_count += 1;
         if self.report.violations.len() < MAX_LISTED {
-            self.report.violations.push(Violation { vcpu, gpa: format!("{gpa:#x}"), problem });
+            self.report.violations.push(Violation {
+                vcpu,
+                gpa: format!("{gpa:#x}"),
+                problem,
+            });
         }
     }
 }
@@ -55,11 +59,20 @@ impl Walk {
 /// Checks the invariant over all vCPU slices.
 pub fn verify(memory: &GuestMemory) -> VerifyReport {
     let mut w = Walk {
-        report: VerifyReport { ok: true, pages_checked: 0, violation_count: 0, violations: Vec::new() },
+        report: VerifyReport {
+            ok: true,
+            pages_checked: 0,
+            violation_count: 0,
+            violations: Vec::new(),
+        },
     };
     let rd = |gpa: u64| memory.read_u64(gpa);
     if rd(CONTROL_ADDR) != Some(CONTROL_MAGIC) {
-        w.fail(None, CONTROL_ADDR, "control page does not hold the builtin guest's magic".into());
+        w.fail(
+            None,
+            CONTROL_ADDR,
+            "control page does not hold the builtin guest's magic".into(),
+        );
         w.report.ok = false;
         return w.report;
     }
@@ -79,7 +92,11 @@ pub fn verify(memory: &GuestMemory) -> VerifyReport {
 fn check_slice(memory: &GuestMemory, w: &mut Walk, vcpu: u32) {
     let blk = BLOCKS_ADDR + vcpu as u64 * block::SIZE;
     let rd = |gpa: u64| memory.read_u64(gpa);
-    let (Some(n), Some(table), Some(sweep)) = (rd(blk + block::NRANGES), rd(blk + block::RANGES), rd(blk + block::SWEEP)) else {
+    let (Some(n), Some(table), Some(sweep)) = (
+        rd(blk + block::NRANGES),
+        rd(blk + block::RANGES),
+        rd(blk + block::SWEEP),
+    ) else {
         w.fail(Some(vcpu), blk, "vCPU block is not in guest memory".into());
         return;
     };
@@ -92,7 +109,11 @@ fn check_slice(memory: &GuestMemory, w: &mut Walk, vcpu: u32) {
     let mut drops = 0;
     for i in 0..n {
         let (Some(start), Some(pages)) = (rd(table + i * 16), rd(table + i * 16 + 8)) else {
-            w.fail(Some(vcpu), table, "range table is not in guest memory".into());
+            w.fail(
+                Some(vcpu),
+                table,
+                "range table is not in guest memory".into(),
+            );
             return;
         };
         for p in 0..pages {
@@ -103,16 +124,28 @@ fn check_slice(memory: &GuestMemory, w: &mut Walk, vcpu: u32) {
             };
             w.report.pages_checked += 1;
             if c > 0 && tag != gpa {
-                w.fail(Some(vcpu), gpa, format!("page holds the tag of {tag:#x} (a misplaced or duplicated page)"));
+                w.fail(
+                    Some(vcpu),
+                    gpa,
+                    format!("page holds the tag of {tag:#x} (a misplaced or duplicated page)"),
+                );
             }
             let f = *first.get_or_insert(c);
             if let Some(pv) = prev {
                 if c > pv {
-                    w.fail(Some(vcpu), gpa, format!("counter rises from {pv} to {c} (a stale page before it)"));
+                    w.fail(
+                        Some(vcpu),
+                        gpa,
+                        format!("counter rises from {pv} to {c} (a stale page before it)"),
+                    );
                 } else if c < pv {
                     drops += 1;
                     if pv - c > 1 || drops > 1 {
-                        w.fail(Some(vcpu), gpa, format!("counter drops from {pv} to {c} (a stale page)"));
+                        w.fail(
+                            Some(vcpu),
+                            gpa,
+                            format!("counter drops from {pv} to {c} (a stale page)"),
+                        );
                     }
                 }
             }
@@ -122,7 +155,11 @@ fn check_slice(memory: &GuestMemory, w: &mut Walk, vcpu: u32) {
     }
     if let Some(f) = first {
         if f != sweep && f + 1 != sweep && !(f == 0 && sweep == 0) {
-            w.fail(Some(vcpu), blk, format!("slice starts at sweep {f} but the guest is in sweep {sweep}"));
+            w.fail(
+                Some(vcpu),
+                blk,
+                format!("slice starts at sweep {f} but the guest is in sweep {sweep}"),
+            );
         }
     }
 }

@@ -83,7 +83,10 @@ mod tests {
         let total: u64 = l[0].iter().map(|r| r.len).sum();
         assert_eq!(total, 4 << 30);
         for r in &l[0] {
-            assert!(r.end() <= MMIO_HOLE_START || r.start >= MMIO_HOLE_END, "{r:?}");
+            assert!(
+                r.end() <= MMIO_HOLE_START || r.start >= MMIO_HOLE_END,
+                "{r:?}"
+            );
         }
         assert_eq!(l[0].last().unwrap().end(), MMIO_HOLE_END + (1 << 30));
     }

@@ -93,7 +93,11 @@ impl GuestMemory {
             return None;
         }
         // The offset is within the mapping: checked just above.
-        Some(c.mapping.as_ptr().wrapping_add((gpa - c.range.start) as usize))
+        Some(
+            c.mapping
+                .as_ptr()
+                .wrapping_add((gpa - c.range.start) as usize),
+        )
     }
 
     /// Reads a little-endian u64 from guest memory (volatile: the guest may
@@ -104,7 +108,9 @@ impl GuestMemory {
         // mapping owned by self; guest-physical addresses we read are 8-byte
         // aligned by construction of the builtin guests' tables, and
         // read_unaligned avoids relying on it anyway.
-        Some(unsafe { std::ptr::read_volatile(p as *const [u8; 8]) }).map(u64::from_le_bytes)
+        Some(u64::from_le_bytes(unsafe {
+            std::ptr::read_volatile(p as *const [u8; 8])
+        }))
     }
 
     /// Writes a little-endian u64 into guest memory.

@@ -75,7 +75,13 @@ pub trait Sink {
     /// guest memory they occupy. `paused` says whether the guest is stopped:
     /// a sink with slow output should only stage data then. Returns bytes
     /// that went out (0 for pages skipped, e.g. zero pages).
-    fn pages(&mut self, chunk: &Chunk, first: u64, data: &[u8], paused: bool) -> Result<u64, SinkError>;
+    fn pages(
+        &mut self,
+        chunk: &Chunk,
+        first: u64,
+        data: &[u8],
+        paused: bool,
+    ) -> Result<u64, SinkError>;
     /// Bytes per second the sink takes pages at while the guest is paused.
     fn paused_rate(&self) -> f64;
     /// What `commit` itself will cost in the pause (switching slots, say).
@@ -83,7 +89,8 @@ pub trait Sink {
         Duration::ZERO
     }
     /// In the pause, after the last pages: records the state, switches memory.
-    fn commit(&mut self, vm: &Vm, pause: &Pause, state: &VmState) -> Result<AfterCommit, SinkError>;
+    fn commit(&mut self, vm: &Vm, pause: &Pause, state: &VmState)
+        -> Result<AfterCommit, SinkError>;
     /// After the resume: the slow rest (write out, fsync, free old memory).
     fn complete(&mut self, vm: &Vm) -> Result<(), SinkError>;
     /// Undo what can be undone after a failure.
@@ -142,11 +149,17 @@ struct Run<'a> {
 
 impl Run<'_> {
     /// Sends every page set in `sets` (per slot) to the sink.
-    fn send(&mut self, sets: &BTreeMap<u32, DirtyBitmap>, paused: bool) -> Result<u64, TransferError> {
+    fn send(
+        &mut self,
+        sets: &BTreeMap<u32, DirtyBitmap>,
+        paused: bool,
+    ) -> Result<u64, TransferError> {
         let mem = self.vm.memory();
         let mut pages = 0;
         for (slot, bits) in sets {
-            let Some(chunk) = mem.chunks().find(|c| c.slot == *slot) else { continue };
+            let Some(chunk) = mem.chunks().find(|c| c.slot == *slot) else {
+                continue;
+            };
             // SAFETY: the chunk's mapping is live while we hold the memory
             // read lock; the guest may write it concurrently, which the
             // dirty log makes up for in the next round.
@@ -184,9 +197,17 @@ fn count(sets: &BTreeMap<u32, DirtyBitmap>) -> u64 {
 /// Dirty logging stays on afterwards: an operation made of several
 /// transfers (a NUMA move chunk by chunk) turns it off once, at its end,
 /// with `Vm::stop_dirty_log`.
-pub fn transfer(vm: &Vm, sink: &mut dyn Sink, plan: &Plan) -> Result<TransferReport, TransferError> {
+pub fn transfer(
+    vm: &Vm,
+    sink: &mut dyn Sink,
+    plan: &Plan,
+) -> Result<TransferReport, TransferError> {
     let start = Instant::now();
-    let mut run = Run { vm, sink, report: TransferReport::default() };
+    let mut run = Run {
+        vm,
+        sink,
+        report: TransferReport::default(),
+    };
     let mut pause: Option<Pause> = None;
     let r = precopy(&mut run, plan, &mut pause);
     let result = match r {
@@ -213,16 +234,26 @@ pub fn transfer(vm: &Vm, sink: &mut dyn Sink, plan: &Plan) -> Result<TransferRep
     Ok(run.report)
 }
 
-fn precopy(run: &mut Run<'_>, plan: &Plan, pause: &mut Option<Pause>) -> Result<AfterCommit, TransferError> {
+fn precopy(
+    run: &mut Run<'_>,
+    plan: &Plan,
+    pause: &mut Option<Pause>,
+) -> Result<AfterCommit, TransferError> {
     let vm = run.vm;
     {
         let mem = vm.memory();
-        let chunks: Vec<&Chunk> = mem.chunks().filter(|c| plan.slots.contains(&c.slot)).collect();
+        let chunks: Vec<&Chunk> = mem
+            .chunks()
+            .filter(|c| plan.slots.contains(&c.slot))
+            .collect();
         run.sink.begin(vm, &chunks)?;
     }
     let all = || -> BTreeMap<u32, DirtyBitmap> {
         let mem = vm.memory();
-        mem.chunks().filter(|c| plan.slots.contains(&c.slot)).map(|c| (c.slot, DirtyBitmap::full(c.pages()))).collect()
+        mem.chunks()
+            .filter(|c| plan.slots.contains(&c.slot))
+            .map(|c| (c.slot, DirtyBitmap::full(c.pages())))
+            .collect()
     };
     run.report.converged = true;
     let mut last_pass;
@@ -245,7 +276,10 @@ fn precopy(run: &mut Run<'_>, plan: &Plan, pause: &mut Option<Pause>) -> Result<
             let fetch_cost = t.elapsed();
             let n = count(&dirty);
             run.report.dirty_per_round.push(n);
-            let pause_cost = PAUSE_OVERHEAD + run.sink.commit_cost() + fetch_cost + Duration::from_secs_f64((n * PAGE_SIZE) as f64 / rate);
+            let pause_cost = PAUSE_OVERHEAD
+                + run.sink.commit_cost()
+                + fetch_cost
+                + Duration::from_secs_f64((n * PAGE_SIZE) as f64 / rate);
             if pause_cost <= plan.max_downtime {
                 last_pass = dirty;
                 break;
@@ -268,7 +302,10 @@ fn precopy(run: &mut Run<'_>, plan: &Plan, pause: &mut Option<Pause>) -> Result<
         // What was dirtied since the last fetch, plus what that fetch found.
         let more = run.fetch(&plan.slots)?;
         for (slot, b) in more {
-            last_pass.entry(slot).or_insert_with(|| DirtyBitmap::new(b.pages())).merge(&b);
+            last_pass
+                .entry(slot)
+                .or_insert_with(|| DirtyBitmap::new(b.pages()))
+                .merge(&b);
         }
     } else {
         *pause = Some(vm.pause()?);
@@ -285,6 +322,10 @@ fn precopy(run: &mut Run<'_>, plan: &Plan, pause: &mut Option<Pause>) -> Result<
     run.report.pages_in_pause = run.send(&last_pass, true)?;
     run.report.rounds += 1;
     let vcpus = vm.save_vcpus(p)?;
-    let state = VmState { config: vm.config().clone(), host_nodes: vm.host_nodes(), vcpus };
+    let state = VmState {
+        config: vm.config().clone(),
+        host_nodes: vm.host_nodes(),
+        vcpus,
+    };
     Ok(run.sink.commit(vm, p, &state)?)
 }

@@ -52,7 +52,9 @@ impl std::str::FromStr for Mode {
             "live" => Ok(Mode::Live),
             "stop-copy" => Ok(Mode::StopCopy),
             "kernel" => Ok(Mode::Kernel),
-            _ => Err(format!("unknown mode '{s}' (expected live, stop-copy or kernel)")),
+            _ => Err(format!(
+                "unknown mode '{s}' (expected live, stop-copy or kernel)"
+            )),
         }
     }
 }
@@ -151,7 +153,8 @@ pub fn placement_of(vm: &Vm, nodes: &[u32], stride: usize) -> Result<Placement, 
     let mut p = Placement::default();
     for n in mem.nodes.iter().filter(|n| nodes.contains(&n.guest_node)) {
         for c in &n.chunks {
-            let q = placement::query(c.mapping.as_ptr(), c.mapping.len(), stride).map_err(|e| e.to_string())?;
+            let q = placement::query(c.mapping.as_ptr(), c.mapping.len(), stride)
+                .map_err(|e| e.to_string())?;
             p.merge(&q);
         }
     }
@@ -159,7 +162,10 @@ pub fn placement_of(vm: &Vm, nodes: &[u32], stride: usize) -> Result<Placement, 
 }
 
 fn by_node(p: &Placement) -> BTreeMap<String, u64> {
-    p.pages_by_node.iter().map(|(k, v)| (k.to_string(), *v)).collect()
+    p.pages_by_node
+        .iter()
+        .map(|(k, v)| (k.to_string(), *v))
+        .collect()
 }
 
 /// Moves guest memory as `req` says.
@@ -169,24 +175,38 @@ pub fn numa_migrate(vm: &Vm, req: &NumaMigrateRequest) -> Result<NumaMigrateRepo
     let target = req.to_node;
     let Some(tnode) = topo.node(target) else {
         let have: Vec<String> = topo.nodes.iter().map(|n| n.id.to_string()).collect();
-        return Err(NumaMoveError::Invalid(format!("host node {target} does not exist (this host has node {})", have.join(", "))));
+        return Err(NumaMoveError::Invalid(format!(
+            "host node {target} does not exist (this host has node {})",
+            have.join(", ")
+        )));
     };
     let guest_nodes: Vec<u32> = match req.guest_node {
         Some(g) if (g as usize) < vm.config().nodes.len() => vec![g],
-        Some(g) => return Err(NumaMoveError::Invalid(format!("guest node {g} does not exist (the VM has {} guest nodes)", vm.config().nodes.len()))),
+        Some(g) => {
+            return Err(NumaMoveError::Invalid(format!(
+                "guest node {g} does not exist (the VM has {} guest nodes)",
+                vm.config().nodes.len()
+            )))
+        }
         None => (0..vm.config().nodes.len() as u32).collect(),
     };
     let max_downtime = req.max_downtime_ms.unwrap_or(DEFAULT_MAX_DOWNTIME_MS);
     if !(max_downtime > 0.0 && max_downtime.is_finite()) {
-        return Err(NumaMoveError::Invalid(format!("max_downtime_ms must be a positive number, got {max_downtime}")));
+        return Err(NumaMoveError::Invalid(format!(
+            "max_downtime_ms must be a positive number, got {max_downtime}"
+        )));
     }
-    let failed = |message: String| NumaMoveError::Failed { node: target, message };
+    let failed = |message: String| NumaMoveError::Failed {
+        node: target,
+        message,
+    };
     let before = placement_of(vm, &guest_nodes, 1).map_err(failed)?;
     // The target must hold every page that is not there yet; the copy modes
     // also need one chunk (live) or the whole node (stop-copy) of headroom
     // while old and new memory coexist — that is the same amount here,
     // since old memory is freed after each switch.
-    let to_bring = (before.total() - before.pages_by_node.get(&target).copied().unwrap_or(0)) * PAGE_SIZE;
+    let to_bring =
+        (before.total() - before.pages_by_node.get(&target).copied().unwrap_or(0)) * PAGE_SIZE;
     if to_bring > tnode.free_bytes {
         return Err(NumaMoveError::Invalid(format!(
             "host node {target} has {} free but the move needs {}",
@@ -217,14 +237,23 @@ pub fn numa_migrate(vm: &Vm, req: &NumaMigrateRequest) -> Result<NumaMigrateRepo
     };
     let chunks: Vec<(u32, u64)> = {
         let mem = vm.memory();
-        mem.nodes.iter().filter(|n| guest_nodes.contains(&n.guest_node)).flat_map(|n| n.chunks.iter().map(|c| (c.slot, c.range.len))).collect()
+        mem.nodes
+            .iter()
+            .filter(|n| guest_nodes.contains(&n.guest_node))
+            .flat_map(|n| n.chunks.iter().map(|c| (c.slot, c.range.len)))
+            .collect()
     };
     let backing = vm.memory().nodes[guest_nodes[0] as usize].backing;
     let budget = Duration::from_secs_f64(max_downtime / 1e3);
     match req.mode {
         Mode::StopCopy => {
             let mut sink = LocalSink::new(target, backing);
-            let plan = Plan { slots: chunks.iter().map(|c| c.0).collect(), first_pass: FirstPass::All, live: false, max_downtime: budget };
+            let plan = Plan {
+                slots: chunks.iter().map(|c| c.0).collect(),
+                first_pass: FirstPass::All,
+                live: false,
+                max_downtime: budget,
+            };
             let r = transfer(vm, &mut sink, &plan).map_err(|e| failed(e.to_string()))?;
             report.downtime_us = r.downtime_us;
             report.paused_total_us = r.downtime_us;
@@ -243,9 +272,14 @@ pub fn numa_migrate(vm: &Vm, req: &NumaMigrateRequest) -> Result<NumaMigrateRepo
     // Later faults (and the kernel's own reclaim) follow the new policy.
     {
         let mem = vm.memory();
-        for n in mem.nodes.iter().filter(|n| guest_nodes.contains(&n.guest_node)) {
+        for n in mem
+            .nodes
+            .iter()
+            .filter(|n| guest_nodes.contains(&n.guest_node))
+        {
             for c in &n.chunks {
-                policy::bind(c.mapping.as_ptr(), c.mapping.len(), target, false).map_err(|e| failed(e.to_string()))?;
+                policy::bind(c.mapping.as_ptr(), c.mapping.len(), target, false)
+                    .map_err(|e| failed(e.to_string()))?;
             }
         }
     }
@@ -260,10 +294,22 @@ pub fn numa_migrate(vm: &Vm, req: &NumaMigrateRequest) -> Result<NumaMigrateRepo
     Ok(report)
 }
 
-fn live_chunks(vm: &Vm, target: u32, backing: crate::memory::Backing, chunks: &[(u32, u64)], budget: Duration, report: &mut NumaMigrateReport) -> Result<(), String> {
+fn live_chunks(
+    vm: &Vm,
+    target: u32,
+    backing: crate::memory::Backing,
+    chunks: &[(u32, u64)],
+    budget: Duration,
+    report: &mut NumaMigrateReport,
+) -> Result<(), String> {
     for &(slot, len) in chunks {
         let mut sink = LocalSink::new(target, backing);
-        let plan = Plan { slots: vec![slot], first_pass: FirstPass::All, live: true, max_downtime: budget };
+        let plan = Plan {
+            slots: vec![slot],
+            first_pass: FirstPass::All,
+            live: true,
+            max_downtime: budget,
+        };
         let r = transfer(vm, &mut sink, &plan).map_err(|e| e.to_string())?;
         report.downtime_us = report.downtime_us.max(r.downtime_us);
         report.paused_total_us += r.downtime_us;
@@ -279,12 +325,21 @@ fn live_chunks(vm: &Vm, target: u32, backing: crate::memory::Backing, chunks: &[
     Ok(())
 }
 
-fn kernel_move(vm: &Vm, target: u32, guest_nodes: &[u32], report: &mut NumaMigrateReport) -> Result<(), String> {
+fn kernel_move(
+    vm: &Vm,
+    target: u32,
+    guest_nodes: &[u32],
+    report: &mut NumaMigrateReport,
+) -> Result<(), String> {
     let mem = vm.memory();
     let mut lat: Vec<u64> = Vec::new();
     let mut moved = 0u64;
     let mut pages: Vec<*mut u8> = Vec::with_capacity(KERNEL_BATCH_PAGES);
-    for n in mem.nodes.iter().filter(|n| guest_nodes.contains(&n.guest_node)) {
+    for n in mem
+        .nodes
+        .iter()
+        .filter(|n| guest_nodes.contains(&n.guest_node))
+    {
         for c in &n.chunks {
             let base = c.mapping.as_ptr();
             let total = c.mapping.len() / PAGE_SIZE as usize;
@@ -315,11 +370,21 @@ fn kernel_move(vm: &Vm, target: u32, guest_nodes: &[u32], report: &mut NumaMigra
     let count = lat.len() as u64;
     let max_us = lat.iter().copied().max().unwrap_or(0);
     lat.sort_unstable();
-    report.batches = Some(BatchStats { count, pages_per_batch: KERNEL_BATCH_PAGES as u64, median_us: lat.get(lat.len() / 2).copied().unwrap_or(0), max_us });
+    report.batches = Some(BatchStats {
+        count,
+        pages_per_batch: KERNEL_BATCH_PAGES as u64,
+        median_us: lat.get(lat.len() / 2).copied().unwrap_or(0),
+        max_us,
+    });
     Ok(())
 }
 
-fn repin_vcpus(vm: &Vm, guest_nodes: &[u32], cpus: &[usize], report: &mut NumaMigrateReport) -> Result<(), String> {
+fn repin_vcpus(
+    vm: &Vm,
+    guest_nodes: &[u32],
+    cpus: &[usize],
+    report: &mut NumaMigrateReport,
+) -> Result<(), String> {
     let vcpu_nodes = vm.config().vcpu_nodes();
     for (id, tid) in vm.vcpu_tids() {
         if !guest_nodes.contains(&vcpu_nodes[id as usize]) {
@@ -329,7 +394,9 @@ fn repin_vcpus(vm: &Vm, guest_nodes: &[u32], cpus: &[usize], report: &mut NumaMi
             affinity::set_thread_affinity(tid, cpus).map_err(|e| e.to_string())?;
         }
         let now = affinity::thread_affinity(tid).map_err(|e| e.to_string())?;
-        report.vcpu_cpus.insert(id.to_string(), affinity::format_cpu_list(&now));
+        report
+            .vcpu_cpus
+            .insert(id.to_string(), affinity::format_cpu_list(&now));
     }
     Ok(())
 }
@@ -386,19 +453,39 @@ pub fn numa_stat(vm: &Vm) -> Result<NumaStatReport, String> {
         let (size, pol) = {
             let mem = vm.memory();
             let node = &mem.nodes[g as usize];
-            let pol = node.chunks.first().map(|c| policy::policy_of(c.mapping.as_ptr())).transpose().map_err(|e| e.to_string())?;
+            let pol = node
+                .chunks
+                .first()
+                .map(|c| policy::policy_of(c.mapping.as_ptr()))
+                .transpose()
+                .map_err(|e| e.to_string())?;
             (node.size, pol.unwrap_or_default())
         };
         let pages = size / PAGE_SIZE;
         let stride = pages.div_ceil(STAT_MAX_QUERIED_PAGES).max(1) as usize;
         let p = placement_of(vm, &[g], stride)?;
-        guest_nodes.push(GuestNodeStat { guest_node: g, size_bytes: size, policy: pol, host_nodes: by_node(&p), not_present: p.not_present, sampled: p.sampled });
+        guest_nodes.push(GuestNodeStat {
+            guest_node: g,
+            size_bytes: size,
+            policy: pol,
+            host_nodes: by_node(&p),
+            not_present: p.not_present,
+            sampled: p.sampled,
+        });
     }
     let vcpu_nodes = vm.config().vcpu_nodes();
     let mut vcpus = Vec::new();
     for (id, tid) in vm.vcpu_tids() {
         let cpus = affinity::thread_affinity(tid).map_err(|e| e.to_string())?;
-        vcpus.push(VcpuStat { id, guest_node: vcpu_nodes[id as usize], allowed_cpus: affinity::format_cpu_list(&cpus) });
+        vcpus.push(VcpuStat {
+            id,
+            guest_node: vcpu_nodes[id as usize],
+            allowed_cpus: affinity::format_cpu_list(&cpus),
+        });
     }
-    Ok(NumaStatReport { guest_nodes, vcpus, query_ms: t.elapsed().as_secs_f64() * 1e3 })
+    Ok(NumaStatReport {
+        guest_nodes,
+        vcpus,
+        query_ms: t.elapsed().as_secs_f64() * 1e3,
+    })
 }

@@ -74,7 +74,11 @@ impl NodeConfig {
                 "size" => size = Some(parse_size(v).map_err(|e| invalid(format!("--numa: {e}")))?),
                 "host-node" => host = Some(num(v)?),
                 "cpus" => cpus = Some(parse_id_list(v)?),
-                _ => return Err(invalid(format!("--numa: unknown key '{k}' (expected guest-node, size, host-node, cpus)"))),
+                _ => {
+                    return Err(invalid(format!(
+                        "--numa: unknown key '{k}' (expected guest-node, size, host-node, cpus)"
+                    )))
+                }
             }
         }
         Ok(NodeConfig {
@@ -107,7 +111,10 @@ impl VmConfig {
     /// Checks everything that can be checked without touching the host.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
-            return Err(invalid(format!("--vcpus {} is out of range (1..={MAX_VCPUS})", self.vcpus)));
+            return Err(invalid(format!(
+                "--vcpus {} is out of range (1..={MAX_VCPUS})",
+                self.vcpus
+            )));
         }
         if self.nodes.is_empty() {
             return Err(invalid("no guest memory: give --memory or --numa"));
@@ -121,7 +128,10 @@ impl VmConfig {
                 )));
             }
             if n.size == 0 {
-                return Err(invalid(format!("guest node {}: memory size is 0", n.guest_node)));
+                return Err(invalid(format!(
+                    "guest node {}: memory size is 0",
+                    n.guest_node
+                )));
             }
             if n.size % align != 0 {
                 return Err(invalid(format!(
@@ -129,12 +139,19 @@ impl VmConfig {
                     n.guest_node,
                     n.size,
                     align,
-                    if self.hugepages { " (huge pages)" } else { " (the page size)" }
+                    if self.hugepages {
+                        " (huge pages)"
+                    } else {
+                        " (the page size)"
+                    }
                 )));
             }
             if let Some(v) = &n.vcpus {
                 if let Some(bad) = v.iter().find(|&&c| c >= self.vcpus) {
-                    return Err(invalid(format!("guest node {}: cpus lists vCPU {bad} but the VM has {} vCPUs", n.guest_node, self.vcpus)));
+                    return Err(invalid(format!(
+                        "guest node {}: cpus lists vCPU {bad} but the VM has {} vCPUs",
+                        n.guest_node, self.vcpus
+                    )));
                 }
             }
         }
@@ -146,7 +163,7 @@ impl VmConfig {
                 crate::guest::MIN_MEMORY
             )));
         }
-        if self.chunk_size == 0 || self.chunk_size % (2 << 20) != 0 {
+        if self.chunk_size == 0 || !self.chunk_size.is_multiple_of(2 << 20) {
             return Err(invalid("chunk size must be a non-zero multiple of 2 MiB"));
         }
         Ok(())
@@ -191,7 +208,12 @@ mod tests {
         VmConfig {
             name: "t".into(),
             vcpus: 1,
-            nodes: vec![NodeConfig { guest_node: 0, size, host_node: None, vcpus: None }],
+            nodes: vec![NodeConfig {
+                guest_node: 0,
+                size,
+                host_node: None,
+                vcpus: None,
+            }],
             guest: GuestSpec::Idle,
             hugepages: false,
             chunk_size: 32 << 20,
@@ -201,7 +223,11 @@ mod tests {
     #[test]
     fn zero_and_unaligned_sizes_are_refused() {
         assert!(cfg(0).validate().unwrap_err().to_string().contains("is 0"));
-        assert!(cfg((64 << 20) + 1).validate().unwrap_err().to_string().contains("multiple"));
+        assert!(cfg((64 << 20) + 1)
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("multiple"));
         assert!(cfg(64 << 20).validate().is_ok());
     }
 }

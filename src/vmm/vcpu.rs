@@ -14,7 +14,9 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use kvm_bindings::{kvm_fpu, kvm_mp_state, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, Msrs};
+use kvm_bindings::{
+    kvm_fpu, kvm_mp_state, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, Msrs,
+};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use serde::{Deserialize, Serialize};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
@@ -96,7 +98,16 @@ impl From<&kvm_fpu> for FpuState {
 
 impl FpuState {
     fn to_kvm(&self) -> kvm_fpu {
-        let mut f = kvm_fpu { fcw: self.fcw, fsw: self.fsw, ftwx: self.ftwx, last_opcode: self.last_opcode, last_ip: self.last_ip, last_dp: self.last_dp, mxcsr: self.mxcsr, ..Default::default() };
+        let mut f = kvm_fpu {
+            fcw: self.fcw,
+            fsw: self.fsw,
+            ftwx: self.ftwx,
+            last_opcode: self.last_opcode,
+            last_ip: self.last_ip,
+            last_dp: self.last_dp,
+            mxcsr: self.mxcsr,
+            ..Default::default()
+        };
         for (d, s) in f.fpr.iter_mut().zip(&self.fpr) {
             let n = d.len().min(s.len());
             d[..n].copy_from_slice(&s[..n]);
@@ -181,7 +192,11 @@ pub fn save_state(id: u32, fd: &VcpuFd) -> Result<VcpuState, VcpuError> {
     let fpu = FpuState::from(&fd.get_fpu().map_err(kvm("KVM_GET_FPU"))?);
     let mut msrs = Vec::new();
     for &index in SAVED_MSRS {
-        let mut m = Msrs::from_entries(&[kvm_bindings::kvm_msr_entry { index, ..Default::default() }]).expect("one MSR fits");
+        let mut m = Msrs::from_entries(&[kvm_bindings::kvm_msr_entry {
+            index,
+            ..Default::default()
+        }])
+        .expect("one MSR fits");
         if let Ok(1) = fd.get_msrs(&mut m) {
             msrs.push((index, m.as_slice()[0].data));
         }
@@ -216,7 +231,15 @@ pub fn restore_state(fd: &VcpuFd, s: &VcpuState) -> Result<(), VcpuError> {
     }
     fd.set_regs(&s.regs).map_err(kvm("KVM_SET_REGS"))?;
     if !s.msrs.is_empty() {
-        let entries: Vec<_> = s.msrs.iter().map(|&(index, data)| kvm_bindings::kvm_msr_entry { index, data, ..Default::default() }).collect();
+        let entries: Vec<_> = s
+            .msrs
+            .iter()
+            .map(|&(index, data)| kvm_bindings::kvm_msr_entry {
+                index,
+                data,
+                ..Default::default()
+            })
+            .collect();
         let m = Msrs::from_entries(&entries).expect("saved MSR list fits");
         fd.set_msrs(&m).map_err(kvm("KVM_SET_MSRS"))?;
     }
@@ -282,7 +305,13 @@ pub type OnGuestStop = Arc<dyn Fn(u32, GuestStop) + Send + Sync>;
 
 impl VcpuHandle {
     /// Starts the thread for `fd`, paused: it runs on the first `Resume`.
-    pub fn spawn(id: u32, fd: VcpuFd, device: Arc<TestDevice>, cpus: Vec<usize>, on_stop: OnGuestStop) -> Result<VcpuHandle, VcpuError> {
+    pub fn spawn(
+        id: u32,
+        fd: VcpuFd,
+        device: Arc<TestDevice>,
+        cpus: Vec<usize>,
+        on_stop: OnGuestStop,
+    ) -> Result<VcpuHandle, VcpuError> {
         let (tx, cmd_rx) = mpsc::channel();
         let (reply_tx, rx) = mpsc::channel();
         let tid = Arc::new(AtomicI32::new(0));
@@ -296,10 +325,24 @@ impl VcpuHandle {
                         tracing::warn!("vCPU {id}: cannot pin to CPUs {cpus:?}: {e}");
                     }
                 }
-                VcpuThread { id, fd, device, cmds: cmd_rx, replies: reply_tx, on_stop }.run();
+                VcpuThread {
+                    id,
+                    fd,
+                    device,
+                    cmds: cmd_rx,
+                    replies: reply_tx,
+                    on_stop,
+                }
+                .run();
             })
             .map_err(|source| VcpuError::Spawn { id, source })?;
-        Ok(VcpuHandle { id, tx, rx, thread: Some(thread), tid })
+        Ok(VcpuHandle {
+            id,
+            tx,
+            rx,
+            thread: Some(thread),
+            tid,
+        })
     }
 
     /// The thread's kernel tid (for affinity queries).
@@ -309,7 +352,10 @@ impl VcpuHandle {
 
     /// Sends a command without waiting.
     pub fn send(&self, cmd: VcpuCmd) -> Result<(), VcpuError> {
-        self.tx.send(cmd).map_err(|_| VcpuError::Gone { id: self.id, why: "channel closed".into() })
+        self.tx.send(cmd).map_err(|_| VcpuError::Gone {
+            id: self.id,
+            why: "channel closed".into(),
+        })
     }
 
     /// Kicks the thread out of KVM_RUN.
@@ -323,7 +369,10 @@ impl VcpuHandle {
     pub fn recv(&self, what: &'static str) -> Result<VcpuReply, VcpuError> {
         self.rx.recv_timeout(MAX_ACK_WAIT).map_err(|e| match e {
             RecvTimeoutError::Timeout => VcpuError::Timeout { id: self.id, what },
-            RecvTimeoutError::Disconnected => VcpuError::Gone { id: self.id, why: "thread ended".into() },
+            RecvTimeoutError::Disconnected => VcpuError::Gone {
+                id: self.id,
+                why: "thread ended".into(),
+            },
         })
     }
 
@@ -419,7 +468,10 @@ impl VcpuThread {
     fn wait(&mut self, until: Option<Instant>) -> Option<Flow> {
         let cmd = match until {
             None => self.cmds.recv().ok(),
-            Some(t) => match self.cmds.recv_timeout(t.saturating_duration_since(Instant::now())) {
+            Some(t) => match self
+                .cmds
+                .recv_timeout(t.saturating_duration_since(Instant::now()))
+            {
                 Ok(c) => Some(c),
                 Err(RecvTimeoutError::Timeout) => return None,
                 Err(RecvTimeoutError::Disconnected) => return Some(Flow::Exit),
@@ -442,10 +494,18 @@ impl VcpuThread {
                 Ok(VcpuExit::IoOut(port, data)) => self.device.io_out(self.id, port, data),
                 Ok(VcpuExit::IoIn(port, data)) => self.device.io_in(port, data),
                 Ok(VcpuExit::Shutdown) => {
-                    let at = self.fd.get_regs().map(|r| format!(" at rip {:#x}, rflags {:#x}", r.rip, r.rflags)).unwrap_or_default();
-                    return self.stopped(GuestStop::Shutdown(format!("the guest shut down (triple fault){at}")));
+                    let at = self
+                        .fd
+                        .get_regs()
+                        .map(|r| format!(" at rip {:#x}, rflags {:#x}", r.rip, r.rflags))
+                        .unwrap_or_default();
+                    return self.stopped(GuestStop::Shutdown(format!(
+                        "the guest shut down (triple fault){at}"
+                    )));
                 }
-                Ok(VcpuExit::Hlt) => return self.stopped(GuestStop::Shutdown("the guest halted".into())),
+                Ok(VcpuExit::Hlt) => {
+                    return self.stopped(GuestStop::Shutdown("the guest halted".into()))
+                }
                 Ok(VcpuExit::Intr) => DeviceAction::Continue,
                 Ok(VcpuExit::MmioRead(_, data)) => {
                     data.fill(0xff);

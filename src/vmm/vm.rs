@@ -13,7 +13,9 @@ use super::config::VmConfig;
 use super::vcpu::{self, GuestStop, VcpuCmd, VcpuError, VcpuHandle, VcpuReply, VcpuState};
 use crate::guest::device::TestDevice;
 use crate::guest::{self, GuestSpec};
-use crate::memory::{layout, Backing, Chunk, DirtyBitmap, GuestMemory, GuestRange, Mapping, MappingError, NodeMemory};
+use crate::memory::{
+    layout, Backing, Chunk, DirtyBitmap, GuestMemory, GuestRange, Mapping, MappingError, NodeMemory,
+};
 use crate::numa::topology::{self, Topology};
 
 /// Whether the vCPUs run.
@@ -78,6 +80,9 @@ pub enum VmError {
     State(RunState, &'static str),
 }
 
+/// Fills guest memory for a restore, before any vCPU runs.
+pub type Loader<'a> = Box<dyn FnOnce(&GuestMemory) -> Result<(), String> + 'a>;
+
 /// How the VM's vCPUs and memory start.
 pub enum Start<'a> {
     /// A fresh builtin guest.
@@ -87,7 +92,7 @@ pub enum Start<'a> {
         /// Saved vCPU states, by id.
         vcpus: Vec<VcpuState>,
         /// Fills guest memory.
-        load: Box<dyn FnOnce(&GuestMemory) -> Result<(), String> + 'a>,
+        load: Loader<'a>,
     },
 }
 
@@ -140,7 +145,9 @@ pub struct CheckpointRef {
 
 impl std::fmt::Debug for Vm {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Vm").field("name", &self.config.name).finish()
+        f.debug_struct("Vm")
+            .field("name", &self.config.name)
+            .finish()
     }
 }
 
@@ -160,11 +167,15 @@ fn host_available() -> Option<u64> {
 impl Vm {
     /// Creates the VM, its memory and vCPUs; starts them unless `paused`.
     pub fn new(config: VmConfig, start: Start<'_>, paused: bool) -> Result<Arc<Vm>, VmError> {
-        config.validate().map_err(|e| VmError::Host(e.to_string()))?;
+        config
+            .validate()
+            .map_err(|e| VmError::Host(e.to_string()))?;
         let kvm = Kvm::new().map_err(VmError::NoKvm)?;
         let topo = Topology::read().map_err(|e| VmError::Host(e.to_string()))?;
         let host_nodes = Self::check_host(&config, &topo)?;
-        vcpu::install_kick_handler().map_err(|e| VmError::Host(format!("cannot install the vCPU kick signal handler: {e}")))?;
+        vcpu::install_kick_handler().map_err(|e| {
+            VmError::Host(format!("cannot install the vCPU kick signal handler: {e}"))
+        })?;
 
         let fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
         fd.set_tss_address(layout::MMIO_HOLE_END as usize - 0x4000 * 2)
@@ -195,16 +206,28 @@ impl Vm {
             GuestSpec::Idle => None,
         };
         let device = Arc::new(TestDevice::new(config.vcpus, rate));
-        let cpuid = vm._kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+        let cpuid = vm
+            ._kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
         let mut fds: Vec<VcpuFd> = Vec::new();
         for id in 0..config.vcpus {
-            let v = vm.fd.create_vcpu(id as u64).map_err(kvm_err(format!("KVM_CREATE_VCPU {id}")))?;
-            v.set_cpuid2(&cpuid).map_err(kvm_err(format!("KVM_SET_CPUID2 (vCPU {id})")))?;
+            let v = vm
+                .fd
+                .create_vcpu(id as u64)
+                .map_err(kvm_err(format!("KVM_CREATE_VCPU {id}")))?;
+            v.set_cpuid2(&cpuid)
+                .map_err(kvm_err(format!("KVM_SET_CPUID2 (vCPU {id})")))?;
             fds.push(v);
         }
         match start {
             Start::Boot => {
-                let boots = guest::setup::install(&vm.memory(), &config.guest, config.vcpus, device.pace_batch())?;
+                let boots = guest::setup::install(
+                    &vm.memory(),
+                    &config.guest,
+                    config.vcpus,
+                    device.pace_batch(),
+                )?;
                 for (v, b) in fds.iter().zip(&boots) {
                     // Start from KVM's reset state so fields we do not set
                     // (APIC base, pending interrupts) keep their defaults.
@@ -216,7 +239,11 @@ impl Vm {
             }
             Start::Restore { vcpus, load } => {
                 if vcpus.len() != fds.len() {
-                    return Err(VmError::Load(format!("the saved state has {} vCPUs, the configuration {}", vcpus.len(), fds.len())));
+                    return Err(VmError::Load(format!(
+                        "the saved state has {} vCPUs, the configuration {}",
+                        vcpus.len(),
+                        fds.len()
+                    )));
                 }
                 load(&vm.memory()).map_err(VmError::Load)?;
                 for (v, s) in fds.iter().zip(&vcpus) {
@@ -236,14 +263,26 @@ impl Vm {
                     GuestStop::Shutdown(s) | GuestStop::Error(s) => format!("vCPU {id}: {s}"),
                 };
                 tracing::warn!("{msg}");
-                stop.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(msg);
+                stop.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get_or_insert(msg);
             });
-            handles.push(VcpuHandle::spawn(id as u32, v, device.clone(), cpus, on_stop)?);
+            handles.push(VcpuHandle::spawn(
+                id as u32,
+                v,
+                device.clone(),
+                cpus,
+                on_stop,
+            )?);
         }
         *vm.vcpus.lock().unwrap_or_else(|e| e.into_inner()) = handles;
         let vm = Arc::new(vm);
         if !paused {
-            vm.send_all(|| VcpuCmd::Resume, "resume", |r| matches!(r, VcpuReply::Resumed))?;
+            vm.send_all(
+                || VcpuCmd::Resume,
+                "resume",
+                |r| matches!(r, VcpuReply::Resumed),
+            )?;
             *vm.lock_state() = RunState::Running;
         }
         Ok(vm)
@@ -289,7 +328,11 @@ impl Vm {
     fn create_memory(config: &VmConfig, host_nodes: &[u32]) -> Result<GuestMemory, VmError> {
         let sizes: Vec<u64> = config.nodes.iter().map(|n| n.size).collect();
         let ranges = layout::layout(&sizes, config.chunk_size);
-        let backing = if config.hugepages { Backing::TransparentHuge } else { Backing::Anonymous };
+        let backing = if config.hugepages {
+            Backing::TransparentHuge
+        } else {
+            Backing::Anonymous
+        };
         let mut slot = 0;
         let mut nodes = Vec::new();
         for (i, rs) in ranges.into_iter().enumerate() {
@@ -297,18 +340,35 @@ impl Vm {
             let mut chunks = Vec::new();
             for range in rs {
                 let mapping = Self::node_mapping(i as u32, range.len, backing, host)?;
-                chunks.push(Chunk { range, slot, mapping });
+                chunks.push(Chunk {
+                    range,
+                    slot,
+                    mapping,
+                });
                 slot += 1;
             }
-            nodes.push(NodeMemory { guest_node: i as u32, host_node: Some(host), size: sizes[i], backing, chunks });
+            nodes.push(NodeMemory {
+                guest_node: i as u32,
+                host_node: Some(host),
+                size: sizes[i],
+                backing,
+                chunks,
+            });
         }
         Ok(GuestMemory { nodes })
     }
 
     /// Maps memory for one chunk of guest node `node`, bound to `host`.
-    pub fn node_mapping(node: u32, len: u64, backing: Backing, host: u32) -> Result<Mapping, VmError> {
-        let m = Mapping::new(len as usize, backing).map_err(|source| VmError::Memory { node, source })?;
-        crate::numa::policy::bind(m.as_ptr(), m.len(), host, false).map_err(|source| VmError::Policy { node, source })?;
+    pub fn node_mapping(
+        node: u32,
+        len: u64,
+        backing: Backing,
+        host: u32,
+    ) -> Result<Mapping, VmError> {
+        let m = Mapping::new(len as usize, backing)
+            .map_err(|source| VmError::Memory { node, source })?;
+        crate::numa::policy::bind(m.as_ptr(), m.len(), host, false)
+            .map_err(|source| VmError::Policy { node, source })?;
         Ok(m)
     }
 
@@ -316,7 +376,11 @@ impl Vm {
     fn set_slot(&self, c: &Chunk, log_dirty: bool) -> Result<(), VmError> {
         let region = kvm_userspace_memory_region {
             slot: c.slot,
-            flags: if log_dirty { KVM_MEM_LOG_DIRTY_PAGES } else { 0 },
+            flags: if log_dirty {
+                KVM_MEM_LOG_DIRTY_PAGES
+            } else {
+                0
+            },
             guest_phys_addr: c.range.start,
             memory_size: c.range.len,
             userspace_addr: c.mapping.as_ptr() as u64,
@@ -331,10 +395,17 @@ impl Vm {
     }
 
     fn delete_slot(&self, slot: u32, range: GuestRange) -> Result<(), VmError> {
-        let region = kvm_userspace_memory_region { slot, flags: 0, guest_phys_addr: range.start, memory_size: 0, userspace_addr: 0 };
+        let region = kvm_userspace_memory_region {
+            slot,
+            flags: 0,
+            guest_phys_addr: range.start,
+            memory_size: 0,
+            userspace_addr: 0,
+        };
         // SAFETY: a zero-sized region deletes the slot; no memory is handed to KVM.
-        unsafe { self.fd.set_user_memory_region(region) }
-            .map_err(kvm_err(format!("KVM_SET_USER_MEMORY_REGION (delete slot {slot})")))
+        unsafe { self.fd.set_user_memory_region(region) }.map_err(kvm_err(format!(
+            "KVM_SET_USER_MEMORY_REGION (delete slot {slot})"
+        )))
     }
 
     /// The configuration.
@@ -357,7 +428,12 @@ impl Vm {
 
     /// Current run state (Stopped if the guest died on its own).
     pub fn state(&self) -> RunState {
-        if self.guest_stop.lock().unwrap_or_else(|e| e.into_inner()).is_some() {
+        if self
+            .guest_stop
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
+        {
             return RunState::Stopped;
         }
         *self.lock_state()
@@ -365,12 +441,18 @@ impl Vm {
 
     /// Why the guest stopped by itself, if it did.
     pub fn guest_stop_reason(&self) -> Option<String> {
-        self.guest_stop.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.guest_stop
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// The host node each guest node is bound to now.
     pub fn host_nodes(&self) -> Vec<u32> {
-        self.host_nodes.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.host_nodes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Records a guest node's new host node after a move.
@@ -400,17 +482,30 @@ impl Vm {
     /// page in a lazy restore): vCPUs are paused and status says why.
     pub fn fail(&self, why: String) {
         tracing::error!("{why}");
-        self.guest_stop.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(why);
+        self.guest_stop
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_or_insert(why);
         if let Ok(p) = self.pause() {
             drop(p);
         }
     }
 
-    fn send_all(&self, cmd: fn() -> VcpuCmd, what: &'static str, ok: fn(&VcpuReply) -> bool) -> Result<(), VmError> {
+    fn send_all(
+        &self,
+        cmd: fn() -> VcpuCmd,
+        what: &'static str,
+        ok: fn(&VcpuReply) -> bool,
+    ) -> Result<(), VmError> {
         self.send_all_with(|_| cmd(), what, ok).map(|_| ())
     }
 
-    fn send_all_with(&self, mut cmd: impl FnMut(u32) -> VcpuCmd, what: &'static str, ok: fn(&VcpuReply) -> bool) -> Result<Vec<VcpuReply>, VmError> {
+    fn send_all_with(
+        &self,
+        mut cmd: impl FnMut(u32) -> VcpuCmd,
+        what: &'static str,
+        ok: fn(&VcpuReply) -> bool,
+    ) -> Result<Vec<VcpuReply>, VmError> {
         let vcpus = self.vcpus.lock().unwrap_or_else(|e| e.into_inner());
         for v in vcpus.iter() {
             v.send(cmd(v.id))?;
@@ -420,7 +515,10 @@ impl Vm {
         for v in vcpus.iter() {
             let r = v.recv(what)?;
             if !ok(&r) {
-                return Err(VmError::Vcpu(VcpuError::Gone { id: v.id, why: format!("unexpected reply {r:?} to {what}") }));
+                return Err(VmError::Vcpu(VcpuError::Gone {
+                    id: v.id,
+                    why: format!("unexpected reply {r:?} to {what}"),
+                }));
             }
             out.push(r);
         }
@@ -434,16 +532,27 @@ impl Vm {
         if was == RunState::Stopped {
             return Err(VmError::State(was, "it cannot be paused"));
         }
-        self.send_all(|| VcpuCmd::Pause, "pause", |r| matches!(r, VcpuReply::Paused))?;
+        self.send_all(
+            || VcpuCmd::Pause,
+            "pause",
+            |r| matches!(r, VcpuReply::Paused),
+        )?;
         *self.lock_state() = RunState::Paused;
-        Ok(Pause { since, was_paused: was == RunState::Paused })
+        Ok(Pause {
+            since,
+            was_paused: was == RunState::Paused,
+        })
     }
 
     /// Restarts the vCPUs (unless they were paused before the pause began);
     /// returns how long no vCPU ran.
     pub fn resume(&self, p: Pause) -> Result<Duration, VmError> {
         if !p.was_paused {
-            self.send_all(|| VcpuCmd::Resume, "resume", |r| matches!(r, VcpuReply::Resumed))?;
+            self.send_all(
+                || VcpuCmd::Resume,
+                "resume",
+                |r| matches!(r, VcpuReply::Resumed),
+            )?;
             *self.lock_state() = RunState::Running;
         }
         Ok(p.since.elapsed())
@@ -458,18 +567,28 @@ impl Vm {
     /// The user's `resume`.
     pub fn resume_user(&self) -> Result<(), VmError> {
         match *self.lock_state() {
-            RunState::Stopped => return Err(VmError::State(RunState::Stopped, "it cannot be resumed")),
+            RunState::Stopped => {
+                return Err(VmError::State(RunState::Stopped, "it cannot be resumed"))
+            }
             RunState::Running => return Ok(()),
             RunState::Paused => {}
         }
-        self.send_all(|| VcpuCmd::Resume, "resume", |r| matches!(r, VcpuReply::Resumed))?;
+        self.send_all(
+            || VcpuCmd::Resume,
+            "resume",
+            |r| matches!(r, VcpuReply::Resumed),
+        )?;
         *self.lock_state() = RunState::Running;
         Ok(())
     }
 
     /// Saves every vCPU's state (the VM must be paused).
     pub fn save_vcpus(&self, _pause: &Pause) -> Result<Vec<VcpuState>, VmError> {
-        let replies = self.send_all_with(|_| VcpuCmd::SaveState, "save state", |r| matches!(r, VcpuReply::State(_)))?;
+        let replies = self.send_all_with(
+            |_| VcpuCmd::SaveState,
+            "save state",
+            |r| matches!(r, VcpuReply::State(_)),
+        )?;
         replies
             .into_iter()
             .map(|r| match r {
@@ -481,14 +600,25 @@ impl Vm {
 
     /// Each vCPU thread's tid.
     pub fn vcpu_tids(&self) -> Vec<(u32, i32)> {
-        self.vcpus.lock().unwrap_or_else(|e| e.into_inner()).iter().map(|v| (v.id, v.tid())).collect()
+        self.vcpus
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|v| (v.id, v.tid()))
+            .collect()
     }
 
     /// Sum of the builtin guest's per-vCPU progress counters.
     pub fn progress(&self) -> u64 {
         let m = self.memory();
         (0..self.config.vcpus as u64)
-            .filter_map(|v| m.read_u64(guest::setup::BLOCKS_ADDR + v * guest::program::block::SIZE + guest::program::block::PROGRESS))
+            .filter_map(|v| {
+                m.read_u64(
+                    guest::setup::BLOCKS_ADDR
+                        + v * guest::program::block::SIZE
+                        + guest::program::block::PROGRESS,
+                )
+            })
             .sum()
     }
 
@@ -535,7 +665,9 @@ impl Vm {
         b.merge_words(&log);
         let mut d = self.dirty.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(acc) = d.since_checkpoint.as_mut() {
-            acc.entry(chunk.slot).or_insert_with(|| DirtyBitmap::new(chunk.pages())).merge(&b);
+            acc.entry(chunk.slot)
+                .or_insert_with(|| DirtyBitmap::new(chunk.pages()))
+                .merge(&b);
         }
         Ok(b)
     }
@@ -549,7 +681,10 @@ impl Vm {
             .filter(|c| slots.contains(&c.slot))
             .map(|c| {
                 let b = match &d.since_checkpoint {
-                    Some(acc) => acc.get(&c.slot).cloned().unwrap_or_else(|| DirtyBitmap::new(c.pages())),
+                    Some(acc) => acc
+                        .get(&c.slot)
+                        .cloned()
+                        .unwrap_or_else(|| DirtyBitmap::new(c.pages())),
                     None => DirtyBitmap::full(c.pages()),
                 };
                 (c.slot, b)
@@ -574,12 +709,18 @@ impl Vm {
 
     /// The checkpoint this VM's memory was last saved to or restored from.
     pub fn last_checkpoint(&self) -> Option<CheckpointRef> {
-        self.last_checkpoint.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.last_checkpoint
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Records the checkpoint this VM's state now extends.
     pub fn set_last_checkpoint(&self, c: Option<CheckpointRef>) {
-        *self.last_checkpoint.lock().unwrap_or_else(|e| e.into_inner()) = c;
+        *self
+            .last_checkpoint
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = c;
     }
 
     /// Starts (or restarts) remembering pages dirtied since a checkpoint,
@@ -592,7 +733,12 @@ impl Vm {
     /// Swaps chunk `slot`'s memory for `mapping` (the VM must be paused and
     /// the mapping must hold the chunk's current contents). The old mapping
     /// is returned so the caller decides when to free it.
-    pub fn replace_chunk(&self, _pause: &Pause, slot: u32, mapping: Mapping) -> Result<Mapping, VmError> {
+    pub fn replace_chunk(
+        &self,
+        _pause: &Pause,
+        slot: u32,
+        mapping: Mapping,
+    ) -> Result<Mapping, VmError> {
         let logging = self.dirty.lock().unwrap_or_else(|e| e.into_inner()).logging;
         let mut mem = self.memory_mut();
         let chunk = mem

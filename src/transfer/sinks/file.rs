@@ -31,15 +31,28 @@ impl FileSink {
     /// A sink writing checkpoint `header` into `dir`; with `stop_after` the
     /// VM stays paused after the commit.
     pub fn new(dir: &std::path::Path, header: Header, stop_after: bool) -> Self {
-        FileSink { dir: dir.to_path_buf(), header, writer: None, staged: Vec::new(), stop_after, taken: None, written: None }
+        FileSink {
+            dir: dir.to_path_buf(),
+            header,
+            writer: None,
+            staged: Vec::new(),
+            stop_after,
+            taken: None,
+            written: None,
+        }
     }
 
     fn err(message: impl std::fmt::Display) -> SinkError {
-        SinkError { sink: "checkpoint", message: message.to_string() }
+        SinkError {
+            sink: "checkpoint",
+            message: message.to_string(),
+        }
     }
 
     fn writer(&mut self) -> Result<&mut CheckpointWriter, SinkError> {
-        self.writer.as_mut().ok_or_else(|| Self::err("the checkpoint file is not open"))
+        self.writer
+            .as_mut()
+            .ok_or_else(|| Self::err("the checkpoint file is not open"))
     }
 }
 
@@ -49,11 +62,18 @@ impl Sink for FileSink {
     }
 
     fn begin(&mut self, _vm: &Vm, _chunks: &[&Chunk]) -> Result<(), SinkError> {
-        self.writer = Some(CheckpointWriter::create(&self.dir, self.header.clone()).map_err(Self::err)?);
+        self.writer =
+            Some(CheckpointWriter::create(&self.dir, self.header.clone()).map_err(Self::err)?);
         Ok(())
     }
 
-    fn pages(&mut self, chunk: &Chunk, first: u64, data: &[u8], paused: bool) -> Result<u64, SinkError> {
+    fn pages(
+        &mut self,
+        chunk: &Chunk,
+        first: u64,
+        data: &[u8],
+        paused: bool,
+    ) -> Result<u64, SinkError> {
         let gpa = chunk.range.start + first * PAGE_SIZE;
         if paused {
             self.staged.push((gpa, data.to_vec()));
@@ -66,7 +86,12 @@ impl Sink for FileSink {
         STAGING_RATE
     }
 
-    fn commit(&mut self, vm: &Vm, _pause: &Pause, state: &VmState) -> Result<AfterCommit, SinkError> {
+    fn commit(
+        &mut self,
+        vm: &Vm,
+        _pause: &Pause,
+        state: &VmState,
+    ) -> Result<AfterCommit, SinkError> {
         let config = serde_json::to_vec(&state.config).map_err(Self::err)?;
         let st = serde_json::to_vec(state).map_err(Self::err)?;
         let w = self.writer()?;
@@ -74,7 +99,11 @@ impl Sink for FileSink {
         w.set_state(&st);
         // The next incremental holds what the guest dirties from now on.
         self.taken = vm.reset_checkpoint_dirty();
-        Ok(if self.stop_after { AfterCommit::StayPaused } else { AfterCommit::Resume })
+        Ok(if self.stop_after {
+            AfterCommit::StayPaused
+        } else {
+            AfterCommit::Resume
+        })
     }
 
     fn complete(&mut self, vm: &Vm) -> Result<(), SinkError> {

@@ -27,11 +27,21 @@ pub struct LocalSink {
 impl LocalSink {
     /// A sink moving memory to host node `target`.
     pub fn new(target: u32, backing: Backing) -> Self {
-        LocalSink { target, backing, new: BTreeMap::new(), old: Vec::new(), copied: 0, copy_time: Duration::ZERO }
+        LocalSink {
+            target,
+            backing,
+            new: BTreeMap::new(),
+            old: Vec::new(),
+            copied: 0,
+            copy_time: Duration::ZERO,
+        }
     }
 
     fn err(&self, message: String) -> SinkError {
-        SinkError { sink: "local memory", message }
+        SinkError {
+            sink: "local memory",
+            message,
+        }
     }
 }
 
@@ -42,8 +52,15 @@ impl Sink for LocalSink {
 
     fn begin(&mut self, vm: &Vm, chunks: &[&Chunk]) -> Result<(), SinkError> {
         for c in chunks {
-            let node = vm.memory().nodes.iter().find(|n| n.chunks.iter().any(|x| x.slot == c.slot)).map(|n| n.guest_node).unwrap_or(0);
-            let m = Vm::node_mapping(node, c.range.len, self.backing, self.target).map_err(|e| self.err(e.to_string()))?;
+            let node = vm
+                .memory()
+                .nodes
+                .iter()
+                .find(|n| n.chunks.iter().any(|x| x.slot == c.slot))
+                .map(|n| n.guest_node)
+                .unwrap_or(0);
+            let m = Vm::node_mapping(node, c.range.len, self.backing, self.target)
+                .map_err(|e| self.err(e.to_string()))?;
             // Fault the new memory in now, not in the pause; this is also
             // where a node without room says so (ENOMEM), before any harm.
             m.populate().map_err(|e| {
@@ -57,11 +74,23 @@ impl Sink for LocalSink {
         Ok(())
     }
 
-    fn pages(&mut self, chunk: &Chunk, first: u64, data: &[u8], _paused: bool) -> Result<u64, SinkError> {
-        let dst = self.new.get(&chunk.slot).ok_or_else(|| SinkError { sink: "local memory", message: format!("slot {} was not prepared", chunk.slot) })?;
+    fn pages(
+        &mut self,
+        chunk: &Chunk,
+        first: u64,
+        data: &[u8],
+        _paused: bool,
+    ) -> Result<u64, SinkError> {
+        let dst = self.new.get(&chunk.slot).ok_or_else(|| SinkError {
+            sink: "local memory",
+            message: format!("slot {} was not prepared", chunk.slot),
+        })?;
         let off = (first * PAGE_SIZE) as usize;
         if off + data.len() > dst.len() {
-            return Err(self.err(format!("pages {first}+ of slot {} run past its end", chunk.slot)));
+            return Err(self.err(format!(
+                "pages {first}+ of slot {} run past its end",
+                chunk.slot
+            )));
         }
         let t = Instant::now();
         // SAFETY: dst is a live mapping of the same size as the chunk and
@@ -92,7 +121,12 @@ impl Sink for LocalSink {
         Duration::from_secs_f64(per_gib * bytes as f64 / (1u64 << 30) as f64)
     }
 
-    fn commit(&mut self, vm: &Vm, pause: &Pause, _state: &VmState) -> Result<AfterCommit, SinkError> {
+    fn commit(
+        &mut self,
+        vm: &Vm,
+        pause: &Pause,
+        _state: &VmState,
+    ) -> Result<AfterCommit, SinkError> {
         let slots: Vec<u32> = self.new.keys().copied().collect();
         let mut done: Vec<u32> = Vec::new();
         for slot in slots {
@@ -109,7 +143,9 @@ impl Sink for LocalSink {
                             drop(m);
                         }
                     }
-                    return Err(self.err(format!("switching slot {slot} to the new memory failed: {e}")));
+                    return Err(self.err(format!(
+                        "switching slot {slot} to the new memory failed: {e}"
+                    )));
                 }
             }
         }

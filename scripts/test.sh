@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh clone: dependencies, formatting, lints,
+# unit tests, integration tests against real KVM, and the NUMA box (a two-node
+# QEMU host with KVM inside, see tests/numabox/README.md).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/deps.sh
+start=$(date +%s)
+echo "== cargo fmt --check"
+cargo fmt --check
+echo "== cargo clippy -D warnings"
+cargo clippy --release --all-targets -- -D warnings
+echo "== cargo test (unit, integration, NUMA box)"
+cargo test --release --no-fail-fast "$@"
+echo "== test suite took $(( $(date +%s) - start )) s"
