@@ -64,6 +64,8 @@ pub struct CheckpointReport {
     pub path: PathBuf,
     /// Whether the VM was stopped afterwards.
     pub stopped: bool,
+    /// Where the pause went.
+    pub pause_breakdown: crate::transfer::PauseBreakdown,
 }
 
 /// A checkpoint failed; the VM runs on and earlier checkpoints are intact.
@@ -147,5 +149,6 @@ pub fn checkpoint(vm: &Vm, req: &CheckpointRequest) -> Result<CheckpointReport, 
         dir,
         path: written.path,
         stopped: req.stop_after,
+        pause_breakdown: r.pause_breakdown,
     })
 }

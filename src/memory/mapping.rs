@@ -16,6 +16,19 @@ pub enum MappingError {
         #[source]
         source: io::Error,
     },
+    /// mremap failed.
+    #[error("mremap ({what}) of {addr:#x}+{len:#x} failed: {source}")]
+    Mremap {
+        /// Which step.
+        what: &'static str,
+        /// Start of the range.
+        addr: usize,
+        /// Length.
+        len: usize,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
     /// madvise failed.
     #[error("madvise({advice}) on {addr:#x}+{len:#x} failed: {source}")]
     Madvise {
@@ -112,6 +125,107 @@ impl Mapping {
         Ok(())
     }
 
+    /// Moves `other`'s pages to this mapping's address, atomically for
+    /// anyone reading through that address, and returns this mapping's old
+    /// pages as a mapping at a new address (free it when convenient). Both
+    /// must have the same length.
+    ///
+    /// Used to re-home guest memory without touching its KVM slot: KVM sees
+    /// an MMU-notifier invalidation of this range only, and the memory
+    /// policy moves with the pages' VMA. On failure nothing has changed.
+    pub fn take_pages_of(&self, other: Mapping) -> Result<Mapping, MappingError> {
+        let len = self.len;
+        if other.len != len {
+            return Err(MappingError::Mremap {
+                what: "lengths differ",
+                addr: self.ptr as usize,
+                len,
+                source: io::Error::from_raw_os_error(libc::EINVAL),
+            });
+        }
+        // A same-size mremap without MREMAP_FIXED is a no-op, so the old
+        // pages need an explicit place to go: reserve one.
+        // SAFETY: a fresh inaccessible reservation at a kernel-chosen address.
+        let spare = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if spare == libc::MAP_FAILED {
+            return Err(MappingError::Mremap {
+                what: "reserving room for the old pages",
+                addr: self.ptr as usize,
+                len,
+                source: io::Error::last_os_error(),
+            });
+        }
+        // SAFETY: moves our own whole mapping onto the reservation we just
+        // made; nothing refers to the old pages by address while the caller
+        // keeps the guest paused.
+        let old = unsafe {
+            libc::mremap(
+                self.ptr as *mut libc::c_void,
+                len,
+                len,
+                libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+                spare,
+            )
+        };
+        if old == libc::MAP_FAILED {
+            let source = io::Error::last_os_error();
+            // SAFETY: releasing the reservation made above.
+            unsafe { libc::munmap(spare, len) };
+            return Err(MappingError::Mremap {
+                what: "moving the old pages aside",
+                addr: self.ptr as usize,
+                len,
+                source,
+            });
+        }
+        // SAFETY: moves `other` (owned, same length) onto our address range,
+        // which is free now that the old pages moved away.
+        let r = unsafe {
+            libc::mremap(
+                other.ptr as *mut libc::c_void,
+                len,
+                len,
+                libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+                self.ptr as *mut libc::c_void,
+            )
+        };
+        if r == libc::MAP_FAILED {
+            let source = io::Error::last_os_error();
+            // SAFETY: puts the old pages back where they were; the range is
+            // still free since the second mremap failed.
+            unsafe {
+                libc::mremap(
+                    old,
+                    len,
+                    len,
+                    libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+                    self.ptr as *mut libc::c_void,
+                )
+            };
+            return Err(MappingError::Mremap {
+                what: "moving the new pages in",
+                addr: self.ptr as usize,
+                len,
+                source,
+            });
+        }
+        // `other`'s range is empty now: it must not be unmapped again.
+        std::mem::forget(other);
+        Ok(Mapping {
+            ptr: old as *mut u8,
+            len,
+        })
+    }
+
     /// The mapping as a byte slice.
     ///
     /// # Safety
@@ -138,6 +252,25 @@ impl Drop for Mapping {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn take_pages_of_moves_contents_under_the_same_address() {
+        let a = Mapping::new(1 << 20, Backing::Anonymous).unwrap();
+        let b = Mapping::new(1 << 20, Backing::Anonymous).unwrap();
+        // SAFETY: both mappings are ours and 1 MiB long.
+        unsafe {
+            a.as_ptr().write_bytes(1, 1 << 20);
+            b.as_ptr().write_bytes(2, 1 << 20);
+        }
+        let addr = a.as_ptr();
+        let old = a.take_pages_of(b).unwrap();
+        assert_eq!(a.as_ptr(), addr);
+        // SAFETY: as above.
+        unsafe {
+            assert!(a.as_slice().iter().all(|&x| x == 2));
+            assert!(old.as_slice().iter().all(|&x| x == 1));
+        }
+    }
 
     #[test]
     fn new_mapping_is_zeroed_and_populates() {

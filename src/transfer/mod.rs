@@ -139,6 +139,29 @@ pub struct TransferReport {
     pub converged: bool,
     /// Dirty pages seen in each pre-copy round after the first.
     pub dirty_per_round: Vec<u64>,
+    /// Where the pause went, µs.
+    pub pause_breakdown: PauseBreakdown,
+}
+
+/// The phases of the pause, in microseconds.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct PauseBreakdown {
+    /// Stopping every vCPU.
+    pub stop_us: u64,
+    /// Fetching the last dirty logs.
+    pub fetch_us: u64,
+    /// Sending the last pages to the sink.
+    pub copy_us: u64,
+    /// Saving vCPU state.
+    pub state_us: u64,
+    /// The sink's commit (switching slots, recording state).
+    pub commit_us: u64,
+    /// Restarting every vCPU.
+    pub resume_us: u64,
+}
+
+fn us(since: Instant) -> u64 {
+    since.elapsed().as_micros() as u64
 }
 
 struct Run<'a> {
@@ -213,7 +236,12 @@ pub fn transfer(
     let result = match r {
         Ok(after) => {
             let downtime = match (pause.take(), after) {
-                (Some(p), AfterCommit::Resume) => vm.resume(p)?,
+                (Some(p), AfterCommit::Resume) => {
+                    let t = Instant::now();
+                    let d = vm.resume(p)?;
+                    run.report.pause_breakdown.resume_us = us(t);
+                    d
+                }
                 // The VM stays paused for the caller to stop it.
                 (Some(p), AfterCommit::StayPaused) => p.since.elapsed(),
                 (None, _) => Duration::ZERO,
@@ -298,9 +326,13 @@ fn precopy(
             run.send(&dirty, false)?;
             run.report.rounds += 1;
         }
+        let t = Instant::now();
         *pause = Some(vm.pause()?);
+        run.report.pause_breakdown.stop_us = us(t);
         // What was dirtied since the last fetch, plus what that fetch found.
+        let t = Instant::now();
         let more = run.fetch(&plan.slots)?;
+        run.report.pause_breakdown.fetch_us = us(t);
         for (slot, b) in more {
             last_pass
                 .entry(slot)
@@ -308,7 +340,9 @@ fn precopy(
                 .merge(&b);
         }
     } else {
+        let t = Instant::now();
         *pause = Some(vm.pause()?);
+        run.report.pause_breakdown.stop_us = us(t);
         if vm.dirty_logging() {
             // Keep any checkpoint's record of what changed up to date.
             run.fetch(&plan.slots)?;
@@ -319,13 +353,20 @@ fn precopy(
         };
     }
     let p = pause.as_ref().expect("paused above");
+    let t = Instant::now();
     run.report.pages_in_pause = run.send(&last_pass, true)?;
+    run.report.pause_breakdown.copy_us = us(t);
     run.report.rounds += 1;
+    let t = Instant::now();
     let vcpus = vm.save_vcpus(p)?;
     let state = VmState {
         config: vm.config().clone(),
         host_nodes: vm.host_nodes(),
         vcpus,
     };
-    Ok(run.sink.commit(vm, p, &state)?)
+    run.report.pause_breakdown.state_us = us(t);
+    let t = Instant::now();
+    let after = run.sink.commit(vm, p, &state)?;
+    run.report.pause_breakdown.commit_us = us(t);
+    Ok(after)
 }

@@ -127,6 +127,8 @@ pub struct NumaMigrateReport {
     pub placement_after: BTreeMap<String, u64>,
     /// Pages not faulted in (on no node) after.
     pub not_present_after: u64,
+    /// Where the longest pause went (copy modes).
+    pub longest_pause: crate::transfer::PauseBreakdown,
     /// Each moved vCPU's allowed CPUs after.
     pub vcpu_cpus: BTreeMap<String, String>,
 }
@@ -234,6 +236,7 @@ pub fn numa_migrate(vm: &Vm, req: &NumaMigrateRequest) -> Result<NumaMigrateRepo
         placement_after: BTreeMap::new(),
         not_present_after: 0,
         vcpu_cpus: BTreeMap::new(),
+        longest_pause: Default::default(),
     };
     let chunks: Vec<(u32, u64)> = {
         let mem = vm.memory();
@@ -256,6 +259,7 @@ pub fn numa_migrate(vm: &Vm, req: &NumaMigrateRequest) -> Result<NumaMigrateRepo
             };
             let r = transfer(vm, &mut sink, &plan).map_err(|e| failed(e.to_string()))?;
             report.downtime_us = r.downtime_us;
+            report.longest_pause = r.pause_breakdown.clone();
             report.paused_total_us = r.downtime_us;
             report.pauses = 1;
             report.rounds = r.rounds;
@@ -311,7 +315,10 @@ fn live_chunks(
             max_downtime: budget,
         };
         let r = transfer(vm, &mut sink, &plan).map_err(|e| e.to_string())?;
-        report.downtime_us = report.downtime_us.max(r.downtime_us);
+        if r.downtime_us >= report.downtime_us {
+            report.downtime_us = r.downtime_us;
+            report.longest_pause = r.pause_breakdown.clone();
+        }
         report.paused_total_us += r.downtime_us;
         report.pauses += 1;
         report.rounds += r.rounds;

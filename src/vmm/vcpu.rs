@@ -190,17 +190,7 @@ pub fn save_state(id: u32, fd: &VcpuFd) -> Result<VcpuState, VcpuError> {
     let regs = fd.get_regs().map_err(kvm("KVM_GET_REGS"))?;
     let sregs = fd.get_sregs().map_err(kvm("KVM_GET_SREGS"))?;
     let fpu = FpuState::from(&fd.get_fpu().map_err(kvm("KVM_GET_FPU"))?);
-    let mut msrs = Vec::new();
-    for &index in SAVED_MSRS {
-        let mut m = Msrs::from_entries(&[kvm_bindings::kvm_msr_entry {
-            index,
-            ..Default::default()
-        }])
-        .expect("one MSR fits");
-        if let Ok(1) = fd.get_msrs(&mut m) {
-            msrs.push((index, m.as_slice()[0].data));
-        }
-    }
+    let msrs = read_msrs(fd);
     Ok(VcpuState {
         id,
         regs,
@@ -212,6 +202,31 @@ pub fn save_state(id: u32, fd: &VcpuFd) -> Result<VcpuState, VcpuError> {
         mp_state: fd.get_mp_state().ok(),
         msrs,
     })
+}
+
+/// Reads SAVED_MSRS with one KVM_GET_MSRS (each ioctl costs several µs
+/// here); KVM stops at the first MSR it cannot read, and the rest are then
+/// read one by one so a single unsupported MSR loses nothing else.
+fn read_msrs(fd: &VcpuFd) -> Vec<(u32, u64)> {
+    let entries: Vec<_> = SAVED_MSRS
+        .iter()
+        .map(|&index| kvm_bindings::kvm_msr_entry {
+            index,
+            ..Default::default()
+        })
+        .collect();
+    let mut out = Vec::new();
+    let mut rest: &[kvm_bindings::kvm_msr_entry] = &entries;
+    while !rest.is_empty() {
+        let Ok(mut m) = Msrs::from_entries(rest) else {
+            break;
+        };
+        let n = fd.get_msrs(&mut m).unwrap_or(0);
+        out.extend(m.as_slice()[..n].iter().map(|e| (e.index, e.data)));
+        // Skip the MSR KVM refused, if any.
+        rest = &rest[(n + 1).min(rest.len())..];
+    }
+    out
 }
 
 /// Writes a vCPU's state (call only while it is not running).

@@ -14,7 +14,7 @@ use super::vcpu::{self, GuestStop, VcpuCmd, VcpuError, VcpuHandle, VcpuReply, Vc
 use crate::guest::device::TestDevice;
 use crate::guest::{self, GuestSpec};
 use crate::memory::{
-    layout, Backing, Chunk, DirtyBitmap, GuestMemory, GuestRange, Mapping, MappingError, NodeMemory,
+    layout, Backing, Chunk, DirtyBitmap, GuestMemory, Mapping, MappingError, NodeMemory,
 };
 use crate::numa::topology::{self, Topology};
 
@@ -394,20 +394,6 @@ impl Vm {
         )))
     }
 
-    fn delete_slot(&self, slot: u32, range: GuestRange) -> Result<(), VmError> {
-        let region = kvm_userspace_memory_region {
-            slot,
-            flags: 0,
-            guest_phys_addr: range.start,
-            memory_size: 0,
-            userspace_addr: 0,
-        };
-        // SAFETY: a zero-sized region deletes the slot; no memory is handed to KVM.
-        unsafe { self.fd.set_user_memory_region(region) }.map_err(kvm_err(format!(
-            "KVM_SET_USER_MEMORY_REGION (delete slot {slot})"
-        )))
-    }
-
     /// The configuration.
     pub fn config(&self) -> &VmConfig {
         &self.config
@@ -730,33 +716,36 @@ impl Vm {
         d.since_checkpoint.replace(BTreeMap::new())
     }
 
-    /// Swaps chunk `slot`'s memory for `mapping` (the VM must be paused and
-    /// the mapping must hold the chunk's current contents). The old mapping
-    /// is returned so the caller decides when to free it.
+    /// Re-homes chunk `slot`: `mapping`'s pages (which must hold the
+    /// chunk's current contents) move under the chunk's host address, and
+    /// the chunk's old pages are returned in a mapping of their own for the
+    /// caller to free after the guest runs again. The VM must be paused.
+    ///
+    /// The KVM slot itself is left alone: its address now holds the new
+    /// pages, and KVM drops its stale translations for that range through
+    /// its MMU notifier. Deleting and re-adding the slot would do the same
+    /// but, with shadow paging, throws away far more than this range.
     pub fn replace_chunk(
         &self,
         _pause: &Pause,
         slot: u32,
         mapping: Mapping,
     ) -> Result<Mapping, VmError> {
-        let logging = self.dirty.lock().unwrap_or_else(|e| e.into_inner()).logging;
-        let mut mem = self.memory_mut();
-        let chunk = mem
+        let mem = self.memory();
+        let (node, chunk) = mem
             .nodes
-            .iter_mut()
-            .flat_map(|n| n.chunks.iter_mut())
-            .find(|c| c.slot == slot)
+            .iter()
+            .find_map(|n| {
+                n.chunks
+                    .iter()
+                    .find(|c| c.slot == slot)
+                    .map(|c| (n.guest_node, c))
+            })
             .ok_or_else(|| VmError::Host(format!("no memory slot {slot}")))?;
-        let range = chunk.range;
-        self.delete_slot(slot, range)?;
-        let old = std::mem::replace(&mut chunk.mapping, mapping);
-        if let Err(e) = self.set_slot(chunk, logging) {
-            // Put the old memory back so the guest keeps what it had.
-            let _ = std::mem::replace(&mut chunk.mapping, old);
-            self.set_slot(chunk, logging)?;
-            return Err(e);
-        }
-        Ok(old)
+        chunk
+            .mapping
+            .take_pages_of(mapping)
+            .map_err(|source| VmError::Memory { node, source })
     }
 
     /// Stops the vCPU threads for good.
