@@ -4,7 +4,7 @@
 //!
 //! Each run boots fresh VMs through the library (`vmhop::vmm::Vm`), so runs
 //! are independent; the baselines are plain host code measured in the same
-//! run: a host thread writing the guest's pattern over memory of the same
+//! run: host threads writing the guest's pattern over memory of the same
 //! backing, and the vCPUs' command protocol spoken between plain threads.
 
 use std::sync::mpsc;
@@ -287,7 +287,7 @@ pub fn dirty_rate() -> Scenario {
                 let fetch_ms: Vec<f64> = logged.fetches.iter().map(|d| d.as_secs_f64() * 1e3).collect();
                 out.push(Sample::new(format!("{n} vCPU plain, per vCPU"), "pages/s", plain.per_vcpu).vs(host));
                 out.push(Sample::new(format!("{n} vCPU dirty log, per vCPU"), "pages/s", logged.per_vcpu).vs(host));
-                out.push(Sample::new(format!("{n} vCPU dirty log: logged/written"), "pages", logged.logged_per_written.unwrap_or(f64::NAN)));
+                out.push(Sample::new(format!("{n} vCPU dirty log: logged/written"), "fraction", logged.logged_per_written.unwrap_or(f64::NAN)));
                 out.push(Sample::new(format!("{n} vCPU dirty log: fetch 1 GiB"), "ms", median(&fetch_ms)));
             }
             Ok(out)
@@ -303,18 +303,39 @@ enum Msg {
 }
 
 /// The baseline of a pause round trip: the vCPUs' protocol without KVM.
-/// `n` plain threads block on a command channel and acknowledge on a reply
-/// channel, as paused vCPU threads do; one round trip sends "pause" to all,
-/// waits for all acks, then does the same for "resume". Microseconds per
-/// round trip, `iterations` of them, `PAUSE_GAP` apart.
-fn channel_round_trips(n: u32, iterations: usize) -> Result<Vec<f64>, BenchError> {
+/// `n` plain threads take commands on a channel and acknowledge on a reply
+/// channel; while "running" a thread is `busy` (spins polling its channel,
+/// as a vCPU in the guest keeps its CPU) or blocked on the channel (as a
+/// parked idle vCPU). One round trip sends "pause" to all, waits for all
+/// acks, then does the same for "resume", `PAUSE_GAP` after the previous
+/// one. Returns µs per round trip and per pause half, as
+/// [`pause_round_trips`] does.
+fn channel_round_trips(
+    n: u32,
+    busy: bool,
+    iterations: usize,
+) -> Result<(Vec<f64>, Vec<f64>), BenchError> {
     let mut links = Vec::new();
     let mut threads = Vec::new();
     for _ in 0..n {
         let (cmd_tx, cmd_rx) = mpsc::channel::<Msg>();
         let (ack_tx, ack_rx) = mpsc::channel::<Msg>();
         threads.push(std::thread::spawn(move || {
-            while let Ok(m) = cmd_rx.recv() {
+            let mut spinning = busy;
+            loop {
+                let m = if spinning {
+                    match cmd_rx.try_recv() {
+                        Ok(m) => m,
+                        Err(mpsc::TryRecvError::Empty) => continue,
+                        Err(mpsc::TryRecvError::Disconnected) => break,
+                    }
+                } else {
+                    match cmd_rx.recv() {
+                        Ok(m) => m,
+                        Err(_) => break,
+                    }
+                };
+                spinning = busy && matches!(m, Msg::Resume);
                 if ack_tx.send(m).is_err() {
                     break;
                 }
@@ -323,7 +344,8 @@ fn channel_round_trips(n: u32, iterations: usize) -> Result<Vec<f64>, BenchError
         links.push((cmd_tx, ack_rx));
     }
     let gone = || BenchError::Failed("a baseline thread ended early".into());
-    let mut out = Vec::with_capacity(iterations);
+    let mut total = Vec::with_capacity(iterations);
+    let mut pause = Vec::with_capacity(iterations);
     for _ in 0..iterations {
         std::thread::sleep(PAUSE_GAP);
         let t = Instant::now();
@@ -334,14 +356,18 @@ fn channel_round_trips(n: u32, iterations: usize) -> Result<Vec<f64>, BenchError
             for (_, rx) in &links {
                 rx.recv().map_err(|_| gone())?;
             }
+            if let Msg::Pause = msg {
+                pause.push(t.elapsed().as_secs_f64() * 1e6);
+            }
         }
-        out.push(t.elapsed().as_secs_f64() * 1e6);
+        total.push(t.elapsed().as_secs_f64() * 1e6);
     }
+    // Closing the channels ends the threads, spinning or not.
     drop(links);
     for t in threads {
         let _ = t.join();
     }
-    Ok(out)
+    Ok((total, pause))
 }
 
 /// Times `iterations` pause + resume round trips of a running VM: µs of
@@ -364,26 +390,27 @@ fn pause_round_trips(vm: &Vm, iterations: usize) -> Result<(Vec<f64>, Vec<f64>),
 
 /// `pause-resume`: µs per `vm.pause()` + `vm.resume()` of a running dirty
 /// guest and of an idle (parked) guest, against the same command protocol
-/// between plain threads.
+/// between plain threads that spin (for the dirty guest) or block (for the
+/// idle one) while "running".
 pub fn pause_resume() -> Scenario {
     Scenario::new(
         "pause-resume",
-        "vm.pause()+vm.resume() round trip, µs (median and p95 of 200 per run; and the pause half alone), dirty and idle guests, 1 and 2 vCPUs; baseline: the same pause/ack/resume/ack messages to as many plain threads",
+        "vm.pause()+vm.resume() round trip, µs (median and p95 of 200 per run; and the pause half alone), dirty and idle guests, 1 and 2 vCPUs; baseline: the same pause/ack/resume/ack messages to as many plain threads, spinning (dirty) or blocked (idle) while running",
         |ctx| {
             let iterations = ctx.iterations(PAUSE_ITERATIONS);
             let mut out = Vec::new();
             for n in VCPU_COUNTS {
-                let base = channel_round_trips(n, iterations)?;
                 for (name, spec) in [("dirty", dirty_guest(PAUSE_WSS)), ("idle", GuestSpec::Idle)] {
-                    let dirty = matches!(spec, GuestSpec::Dirty { .. });
+                    let busy = matches!(spec, GuestSpec::Dirty { .. });
+                    let (base, base_pauses) = channel_round_trips(n, busy, iterations)?;
                     let vm = boot(n, spec)?;
-                    if dirty {
+                    if busy {
                         warm_up(&vm)?;
                     }
                     let (times, pauses) = pause_round_trips(&vm, iterations)?;
                     out.push(Sample::new(format!("{name}, {n} vCPU, median"), "µs", median(&times)).vs(median(&base)));
                     out.push(Sample::new(format!("{name}, {n} vCPU, p95"), "µs", quantile(&times, 0.95)).vs(quantile(&base, 0.95)));
-                    out.push(Sample::new(format!("{name}, {n} vCPU, pause half, median"), "µs", median(&pauses)));
+                    out.push(Sample::new(format!("{name}, {n} vCPU, pause half, median"), "µs", median(&pauses)).vs(median(&base_pauses)));
                 }
             }
             Ok(out)

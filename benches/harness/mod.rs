@@ -179,12 +179,26 @@ pub struct Report {
     pub quick: bool,
     /// What the host is.
     pub host: HostInfo,
+    /// The scenarios that ran, with what each measures.
+    pub scenarios: Vec<ScenarioInfo>,
     /// One entry per (scenario, metric), in the order measured.
     pub results: Vec<MetricResult>,
     /// Scenarios that failed.
     pub failures: Vec<Failure>,
     /// Wall-clock time of the whole invocation, seconds.
     pub elapsed_s: f64,
+    /// 1-minute load average when the benchmarks ended (see
+    /// [`HostInfo::load_start`]).
+    pub load_end: f64,
+}
+
+/// A scenario's name and description, for the JSON report.
+#[derive(Debug, Clone, Serialize)]
+pub struct ScenarioInfo {
+    /// Name.
+    pub name: String,
+    /// What is measured and what the baseline is.
+    pub about: String,
 }
 
 /// The facts about the host that change how figures read.
@@ -196,6 +210,10 @@ pub struct HostInfo {
     pub kvm_pvm: bool,
     /// Kernel release.
     pub kernel: String,
+    /// 1-minute load average when the benchmarks started: these machines
+    /// are shared, and a busy one shows in every figure (most in the
+    /// scheduler-bound ones, such as pause/resume of 2 vCPUs on 2 CPUs).
+    pub load_start: f64,
 }
 
 impl HostInfo {
@@ -208,8 +226,17 @@ impl HostInfo {
             kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
                 .map(|s| s.trim().to_string())
                 .unwrap_or_default(),
+            load_start: load_average(),
         }
     }
+}
+
+/// The 1-minute load average (NaN if /proc/loadavg is unreadable).
+fn load_average() -> f64 {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|x| x.parse().ok()))
+        .unwrap_or(f64::NAN)
 }
 
 /// The command line: `[FILTER...] [--runs N] [--json] [--list]`.
@@ -351,7 +378,12 @@ pub fn run_all(scenarios: Vec<Scenario>, opts: &Options) -> Report {
     let host = HostInfo::read();
     let mut results = Vec::new();
     let mut failures = Vec::new();
+    let mut ran = Vec::new();
     for mut s in scenarios.into_iter().filter(|s| opts.selects(s.name)) {
+        ran.push(ScenarioInfo {
+            name: s.name.to_string(),
+            about: s.about.to_string(),
+        });
         let mut series: Vec<Series> = Vec::new();
         eprint!("{}: run", s.name);
         for run in 0..opts.runs {
@@ -405,9 +437,11 @@ pub fn run_all(scenarios: Vec<Scenario>, opts: &Options) -> Report {
         runs: opts.runs,
         quick: opts.quick,
         host,
+        scenarios: ran,
         results,
         failures,
         elapsed_s: started.elapsed().as_secs_f64(),
+        load_end: load_average(),
     };
     if opts.json {
         println!(
@@ -482,12 +516,14 @@ pub fn render_table(r: &Report) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{} run(s) per scenario{}; host: {} CPUs, kernel {}{}; medians over runs, ratio = median of per-run value/baseline",
+        "{} run(s) per scenario{}; host: {} CPUs, kernel {}{}, load average {:.2}\n\
+         median and [min..max] over runs; baseline: its median; ratio: median of the per-run value/baseline",
         r.runs,
         if r.quick { " (smoke mode: figures mean nothing)" } else { "" },
         r.host.cpus,
         r.host.kernel,
         if r.host.kvm_pvm { ", KVM is PVM (shadow paging)" } else { "" },
+        r.host.load_start,
     );
     for (i, row) in rows.iter().enumerate() {
         let mut line = String::new();
@@ -518,7 +554,11 @@ pub fn render_table(r: &Report) -> String {
             f.error
         );
     }
-    let _ = writeln!(out, "total {:.1} s", r.elapsed_s);
+    let _ = writeln!(
+        out,
+        "total {:.1} s, load average {:.2} at end",
+        r.elapsed_s, r.load_end
+    );
     out
 }
 

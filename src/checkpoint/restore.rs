@@ -67,7 +67,7 @@ pub struct RestoreReport {
     pub chain_files: usize,
     /// Whether pages load lazily after the vCPUs start.
     pub lazy: bool,
-    /// Non-zero pages to load.
+    /// Non-zero pages stored in the chain's files.
     pub pages: u64,
     /// Milliseconds from the start of the restore until the vCPUs could run.
     pub resume_ms: f64,
@@ -81,8 +81,9 @@ pub struct Opened {
     pub config: VmConfig,
     /// Its vCPU state.
     pub state: VmState,
-    /// Pages with data (gpa, reader, entry), sorted by gpa; zero pages left out.
-    pub pages: Arc<Vec<(u64, usize, IndexEntry)>>,
+    /// Non-zero pages across the chain (an upper bound until the page map
+    /// is built: a page stored in several files counts once per file).
+    pub stored_pages: u64,
     /// The checkpoint restored.
     pub checkpoint: CheckpointRef,
 }
@@ -102,8 +103,10 @@ pub fn parse_target(s: &str) -> Result<(PathBuf, Option<u32>), String> {
 
 /// Opens checkpoint `id` (None: the latest) of `dir` and checks all it can.
 pub fn open(dir: &Path, id: Option<u32>) -> Result<Opened, RestoreError> {
+    let t = Instant::now();
     let chain = Chain::open(dir)?;
     let resolved = chain.resolve(id)?;
+    tracing::debug!("restore: chain opened and validated in {:?}", t.elapsed());
     let top = resolved.top();
     let file = top.path().to_path_buf();
     let content = |reason: String| RestoreError::Content {
@@ -129,24 +132,40 @@ pub fn open(dir: &Path, id: Option<u32>) -> Result<Opened, RestoreError> {
         &config.nodes.iter().map(|n| n.size).collect::<Vec<_>>(),
         config.chunk_size,
     );
-    let in_memory = |gpa: u64| {
-        layout
-            .iter()
-            .flatten()
-            .any(|r| r.contains(gpa) && gpa + PAGE_SIZE as u64 <= r.end())
-    };
-    let mut pages = Vec::new();
-    for (gpa, r, e) in resolved.page_map() {
-        if !in_memory(gpa) {
+    let mut ranges: Vec<(u64, u64)> = layout
+        .iter()
+        .flatten()
+        .map(|r| (r.start, r.end()))
+        .collect();
+    ranges.sort_unstable();
+    // Every index is sorted by gpa: a page outside guest memory shows up in
+    // one of the gaps between memory ranges, found by binary search.
+    let mut stored_pages = 0;
+    for reader in &resolved.readers {
+        let idx = reader.index();
+        stored_pages += idx.iter().filter(|e| !e.zero).count() as u64;
+        let mut gap_start = 0u64;
+        for &(start, end) in ranges.iter().chain(std::iter::once(&(u64::MAX, u64::MAX))) {
+            let from = idx.partition_point(|e| e.gpa < gap_start);
+            if let Some(e) = idx.get(from).filter(|e| e.gpa < start) {
+                return Err(RestoreError::Content {
+                    file: reader.path().to_path_buf(),
+                    reason: format!(
+                        "page {:#x} lies outside the VM's {size} bytes of memory",
+                        e.gpa
+                    ),
+                });
+            }
+            gap_start = end;
+        }
+        if let Some(e) = idx.iter().find(|e| e.gpa % PAGE_SIZE as u64 != 0) {
             return Err(RestoreError::Content {
-                file: resolved.readers[r].path().to_path_buf(),
-                reason: format!("page {gpa:#x} lies outside the VM's {size} bytes of memory"),
+                file: reader.path().to_path_buf(),
+                reason: format!("page address {:#x} is not page-aligned", e.gpa),
             });
         }
-        if !e.zero {
-            pages.push((gpa, r, e));
-        }
     }
+    tracing::debug!("restore: page map built in {:?}", t.elapsed());
     let header = top.header().clone();
     let checkpoint = CheckpointRef {
         dir: dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf()),
@@ -157,9 +176,15 @@ pub fn open(dir: &Path, id: Option<u32>) -> Result<Opened, RestoreError> {
         chain: Arc::new(resolved),
         config,
         state,
-        pages: Arc::new(pages),
+        stored_pages,
         checkpoint,
     })
+}
+
+/// Pages with data (gpa, reader, entry), sorted by gpa: each page's latest
+/// version, zero pages left out.
+fn data_pages(chain: &ResolvedChain) -> Vec<(u64, usize, IndexEntry)> {
+    chain.page_map().into_iter().filter(|p| !p.2.zero).collect()
 }
 
 /// Runs of `pages` that are consecutive in guest memory, come from the same
@@ -191,30 +216,52 @@ fn entries(pages: &[(u64, usize, IndexEntry)]) -> Vec<IndexEntry> {
     pages.iter().map(|p| p.2).collect()
 }
 
-/// Reads every page straight into guest memory.
+/// Reads every page straight into guest memory, with one thread per CPU:
+/// the cost is mostly faulting in fresh guest pages, which parallelises.
 fn load_eager(o: &Opened, memory: &GuestMemory) -> Result<(), String> {
-    for (i, n) in runs(&o.pages, memory) {
-        let run = &o.pages[i..i + n];
-        let (gpa, r, _) = run[0];
-        let len = n * PAGE_SIZE;
-        let dst = memory
-            .host_addr(gpa, len as u64)
-            .ok_or_else(|| format!("page {gpa:#x} is not in guest memory"))?;
-        // SAFETY: host_addr checked that [dst, dst+len) lies in one live
-        // chunk mapping; no vCPU runs yet, so nothing else touches it.
-        let out = unsafe { std::slice::from_raw_parts_mut(dst, len) };
-        o.chain.readers[r]
-            .read_pages(&entries(run), out)
-            .map_err(|e| e.to_string())?;
-    }
-    Ok(())
+    let pages = data_pages(&o.chain);
+    let all = runs(&pages, memory);
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .clamp(1, 8);
+    let per = all.len().div_ceil(threads).max(1);
+    let (pages, chain) = (&pages, &o.chain);
+    std::thread::scope(|s| {
+        let workers: Vec<_> = all
+            .chunks(per)
+            .map(|part| {
+                s.spawn(move || -> Result<(), String> {
+                    for &(i, n) in part {
+                        let run = &pages[i..i + n];
+                        let (gpa, r, _) = run[0];
+                        let len = n * PAGE_SIZE;
+                        let dst = memory
+                            .host_addr(gpa, len as u64)
+                            .ok_or_else(|| format!("page {gpa:#x} is not in guest memory"))?;
+                        // SAFETY: host_addr checked that [dst, dst+len) lies
+                        // in one live chunk mapping; no vCPU runs yet, and
+                        // runs do not overlap, so no one else touches it.
+                        let out = unsafe { std::slice::from_raw_parts_mut(dst, len) };
+                        chain.readers[r]
+                            .read_pages(&entries(run), out)
+                            .map_err(|e| e.to_string())?;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        workers.into_iter().try_for_each(|w| {
+            w.join()
+                .unwrap_or_else(|_| Err("a loader thread panicked".into()))
+        })
+    })
 }
 
 /// Shared state of a lazy load.
 struct Lazy {
     uffd: Uffd,
     chain: Arc<ResolvedChain>,
-    pages: Arc<Vec<(u64, usize, IndexEntry)>>,
     /// (host start, gpa start, len) of every registered chunk.
     ranges: Vec<(usize, u64, usize)>,
     done: AtomicBool,
@@ -253,13 +300,25 @@ impl Lazy {
     fn serve(&self, addr: usize, buf: &mut [u8]) {
         let page = addr & !(PAGE_SIZE - 1);
         let Some(gpa) = self.gpa_of(page) else { return };
+        // The newest file holding the page has its latest version.
         let found = self
-            .pages
-            .binary_search_by_key(&gpa, |p| p.0)
-            .ok()
-            .map(|i| self.pages[i]);
+            .chain
+            .readers
+            .iter()
+            .enumerate()
+            .rev()
+            .find_map(|(r, reader)| {
+                let idx = reader.index();
+                idx.binary_search_by_key(&gpa, |e| e.gpa)
+                    .ok()
+                    .map(|i| (r, idx[i]))
+            });
         let r = match found {
-            Some((_, r, e)) => match self.chain.readers[r].read_page(&e, buf) {
+            Some((_, e)) if e.zero => {
+                // SAFETY: `page` is a registered, page-aligned guest page.
+                unsafe { self.uffd.zeropage(page as *mut _, PAGE_SIZE, true) }.map(|_| ())
+            }
+            Some((r, e)) => match self.chain.readers[r].read_page(&e, buf) {
                 // SAFETY: `page` is a registered, page-aligned guest page and
                 // buf holds PAGE_SIZE bytes.
                 Ok(()) => unsafe {
@@ -311,7 +370,7 @@ impl Lazy {
     }
 
     /// Loads every page the guest has not touched yet.
-    fn background(&self, memory_runs: &[(usize, usize)]) {
+    fn background(&self, pages: &[(u64, usize, IndexEntry)], memory_runs: &[(usize, usize)]) {
         let mut buf = vec![0u8; MAX_RUN_PAGES * PAGE_SIZE];
         for &(i, n) in memory_runs {
             if self
@@ -322,7 +381,7 @@ impl Lazy {
             {
                 return;
             }
-            let run = &self.pages[i..i + n];
+            let run = &pages[i..i + n];
             let (gpa, r, _) = run[0];
             let len = n * PAGE_SIZE;
             let Some(dst) = self.host_of(gpa) else {
@@ -410,7 +469,6 @@ pub fn restore(
             let lazy = Arc::new(Lazy {
                 uffd,
                 chain: o.chain.clone(),
-                pages: o.pages.clone(),
                 ranges,
                 done: AtomicBool::new(false),
                 failure: Mutex::new(None),
@@ -435,13 +493,14 @@ pub fn restore(
     vm.start_dirty_log()?;
     let lazy = lazy_slot.lock().unwrap_or_else(|e| e.into_inner()).take();
     if let Some(lazy) = lazy {
-        let memory_runs = runs(&o.pages, &vm.memory());
         let vm2 = vm.clone();
         vm.set_loading(true);
         std::thread::Builder::new()
             .name("lazy-load".into())
             .spawn(move || {
-                lazy.background(&memory_runs);
+                let pages = data_pages(&lazy.chain);
+                let memory_runs = runs(&pages, &vm2.memory());
+                lazy.background(&pages, &memory_runs);
                 let failure = lazy
                     .failure
                     .lock()
@@ -472,7 +531,7 @@ pub fn restore(
             kind: top.kind,
             chain_files: o.chain.readers.len(),
             lazy: !eager,
-            pages: o.pages.len() as u64,
+            pages: o.stored_pages,
             resume_ms,
         },
     ))

@@ -181,7 +181,9 @@ impl Vm {
         fd.set_tss_address(layout::MMIO_HOLE_END as usize - 0x4000 * 2)
             .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
 
+        let t = Instant::now();
         let memory = Self::create_memory(&config, &host_nodes)?;
+        tracing::debug!("vm: memory mapped in {:?}", t.elapsed());
         let guest_stop = Arc::new(Mutex::new(None));
         let vm = Vm {
             config: config.clone(),
@@ -252,6 +254,7 @@ impl Vm {
             }
         }
 
+        tracing::debug!("vm: memory and vCPU state loaded at {:?}", t.elapsed());
         let vcpu_nodes = config.vcpu_nodes();
         let mut handles = Vec::new();
         for (id, v) in fds.into_iter().enumerate() {
