@@ -156,7 +156,7 @@ pub fn restore(target: &str, args: &RunArgs) -> CliResult {
     let (vm, report) = crate::checkpoint::restore::restore(&dir, id, name, args.paused, args.eager)
         .map_err(CliError::failed)?;
     if !args.json {
-        println!(
+        super::output::out_line(&format!(
             "vmhop: restored checkpoint {} ({}, {} file(s), {} pages, {}) in {:.1} ms",
             report.id,
             report.kind,
@@ -168,7 +168,7 @@ pub fn restore(target: &str, args: &RunArgs) -> CliResult {
                 "loaded"
             },
             report.resume_ms
-        );
+        ))?;
     }
     super::run::serve(
         vm,

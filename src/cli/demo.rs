@@ -226,7 +226,7 @@ pub fn demo(a: DemoArgs) -> CliResult {
                     d.work.path.display()
                 )
             } else {
-                " (rerun with --keep-dir to keep the checkpoints and VM logs)".to_string()
+                "\n  (rerun with --keep-dir to keep the checkpoints and VM logs)".to_string()
             };
             Err(CliError::failed(format!("demo failed: {e}{hint}")))
         }
@@ -300,7 +300,8 @@ struct Facts {
     incremental: Option<CheckpointReport>,
     restore_ms: f64,
     one_node: bool,
-    moves: Vec<NumaMigrateReport>,
+    /// Each NUMA move's mode and longest pause (µs).
+    moves: Vec<(Mode, u64)>,
 }
 
 struct Demo {
@@ -748,7 +749,7 @@ impl Demo {
                 ));
             }
             records.push(json!({"from": from, "report": rep, "verify": v}));
-            self.facts.moves.push(rep);
+            self.facts.moves.push((rep.mode, rep.downtime_us));
         }
         let stat_after: NumaStatReport = vm.call("numa-stat", "GET", "vm.numa-stat", None, LONG)?;
         self.out
@@ -1052,10 +1053,10 @@ fn summary(p: &Plan, f: &Facts, total_s: f64) -> String {
     }
     if !f.moves.is_empty() {
         let mut by_mode: Vec<(Mode, u64)> = Vec::new();
-        for m in &f.moves {
-            match by_mode.iter_mut().find(|x| x.0 == m.mode) {
-                Some(x) => x.1 = x.1.max(m.downtime_us),
-                None => by_mode.push((m.mode, m.downtime_us)),
+        for &(mode, us) in &f.moves {
+            match by_mode.iter_mut().find(|x| x.0 == mode) {
+                Some(x) => x.1 = x.1.max(us),
+                None => by_mode.push((mode, us)),
             }
         }
         let pauses = by_mode
@@ -1074,7 +1075,10 @@ fn summary(p: &Plan, f: &Facts, total_s: f64) -> String {
         } else {
             "to another host node and back"
         };
-        s += &format!(" Its memory was then re-homed {where_} {} times; the moves paused the guest: {pauses}.", f.moves.len());
+        s += &format!(
+            " Its memory was then re-homed {where_} with each mode ({}); the moves paused the guest: {pauses}.",
+            plural(f.moves.len() as u64, "move")
+        );
     }
     s += &format!(" Total {total_s:.1} s.");
     wrap(&s, 78)
@@ -1458,7 +1462,7 @@ mod interrupt {
                 if let Some(d) = dir {
                     let _ = std::fs::remove_dir_all(d);
                 }
-                eprintln!("vmhop: demo interrupted; its VMs were stopped");
+                eprintln!("vmhop: demo interrupted; told its VMs to stop (SIGTERM) and removed its work dir");
                 std::process::exit(130);
             });
     }
@@ -1741,20 +1745,11 @@ mod tests {
     #[test]
     fn summary_mentions_each_part_and_pauses_per_mode() {
         let plan = Plan::from_args(&args("512M", None)).unwrap();
-        let mv = |mode: &str, us: u64| -> NumaMigrateReport {
-            serde_json::from_value(json!({
-                "operation": "numa-migrate", "mode": mode, "to_node": 0, "guest_nodes": [0],
-                "downtime_us": us, "paused_total_us": us, "pauses": u32::from(us > 0), "total_ms": 1.0,
-                "rounds": 1, "pages_moved": 1, "converged": true, "fallback_chunks": 0, "peak_extra_bytes": 0,
-                "placement_before": {}, "placement_after": {}, "not_present_after": 0, "vcpu_cpus": {}
-            }))
-            .unwrap()
-        };
         let f = Facts {
             pause_us: 78,
             verifies: 5,
             one_node: true,
-            moves: vec![mv("live", 8546), mv("kernel", 0)],
+            moves: vec![(Mode::Live, 8546), (Mode::Live, 10), (Mode::Kernel, 0)],
             ..Facts::default()
         };
         let s = summary(&plan, &f, 9.5).replace('\n', " ");
@@ -1767,7 +1762,9 @@ mod tests {
             "{s}"
         );
         assert!(
-            s.contains("in place on this one-node host") && s.contains("Total 9.5 s"),
+            s.contains("in place on this one-node host")
+                && s.contains("(3 moves)")
+                && s.contains("Total 9.5 s"),
             "{s}"
         );
     }

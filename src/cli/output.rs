@@ -14,12 +14,23 @@ pub struct JsonOpt {
     pub json: bool,
 }
 
+/// Writes a line to stdout. A closed pipe (`vmhop status | head -1`) is not
+/// an error: the reader has what it wanted. Other write errors are.
+pub fn out_line(line: &str) -> Result<(), CliError> {
+    use std::io::Write;
+    let mut o = std::io::stdout().lock();
+    match writeln!(o, "{line}").and_then(|_| o.flush()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        Err(e) => Err(CliError::failed(format!("cannot write to stdout: {e}"))),
+    }
+}
+
 /// Prints `v` as one JSON line.
 pub fn print_json<T: Serialize>(v: &T) -> Result<(), CliError> {
     let s = serde_json::to_string(v)
         .map_err(|e| CliError::failed(format!("cannot encode the report: {e}")))?;
-    println!("{s}");
-    Ok(())
+    out_line(&s)
 }
 
 /// Prints `v` as JSON with --json, else the text `text` makes of it.
@@ -32,9 +43,9 @@ pub fn render<T: Serialize>(
         print_json(v)
     } else {
         let t = text(v);
-        if !t.is_empty() {
-            println!("{t}");
+        if t.is_empty() {
+            return Ok(());
         }
-        Ok(())
+        out_line(&t)
     }
 }

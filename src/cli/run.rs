@@ -208,7 +208,7 @@ pub fn serve(
             "restore": restored,
         }))?;
     } else {
-        println!(
+        super::output::out_line(&format!(
             "vmhop: VM '{}' {} ({} vCPUs, {}, {}), API socket {}",
             status.name,
             if status.state == crate::vmm::RunState::Paused {
@@ -220,7 +220,7 @@ pub fn serve(
             crate::util::format_size(status.memory_bytes),
             status.guest.kind,
             socket.display()
-        );
+        ))?;
     }
     let _ = rx.recv();
     vm.shutdown();

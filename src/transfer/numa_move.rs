@@ -238,12 +238,12 @@ pub fn numa_migrate(vm: &Vm, req: &NumaMigrateRequest) -> Result<NumaMigrateRepo
         vcpu_cpus: BTreeMap::new(),
         longest_pause: Default::default(),
     };
-    let chunks: Vec<(u32, u64)> = {
+    let chunks: Vec<(u32, u64, u32)> = {
         let mem = vm.memory();
         mem.nodes
             .iter()
             .filter(|n| guest_nodes.contains(&n.guest_node))
-            .flat_map(|n| n.chunks.iter().map(|c| (c.slot, c.range.len)))
+            .flat_map(|n| n.chunks.iter().map(|c| (c.slot, c.range.len, n.guest_node)))
             .collect()
     };
     let backing = vm.memory().nodes[guest_nodes[0] as usize].backing;
@@ -267,11 +267,15 @@ pub fn numa_migrate(vm: &Vm, req: &NumaMigrateRequest) -> Result<NumaMigrateRepo
             report.peak_extra_bytes = chunks.iter().map(|c| c.1).sum();
         }
         Mode::Live => {
-            let r = live_chunks(vm, target, backing, &chunks, budget, &mut report);
+            let homes = vm.host_nodes();
+            let r = live_chunks(vm, target, backing, &chunks, &homes, budget, &mut report);
             let _ = vm.stop_dirty_log();
             r.map_err(failed)?;
         }
-        Mode::Kernel => kernel_move(vm, target, &guest_nodes, &mut report).map_err(failed)?,
+        Mode::Kernel => {
+            let homes = vm.host_nodes();
+            kernel_move(vm, target, &guest_nodes, &homes, &mut report).map_err(failed)?
+        }
     }
     // Later faults (and the kernel's own reclaim) follow the new policy.
     {
@@ -298,23 +302,63 @@ pub fn numa_migrate(vm: &Vm, req: &NumaMigrateRequest) -> Result<NumaMigrateRepo
     Ok(report)
 }
 
+/// Test hook: when vmhop runs with this variable set to k, a live NUMA move
+/// fails before moving chunk k (counting from 0), so tests can check that
+/// the chunks already moved go back. Never set in normal use.
+pub const FAIL_CHUNK_ENV: &str = "VMHOP_TEST_FAIL_NUMA_CHUNK";
+
+fn injected_failure_chunk() -> Option<usize> {
+    std::env::var(FAIL_CHUNK_ENV).ok()?.parse().ok()
+}
+
+/// Moves chunks one at a time. If one fails, the chunks already moved go
+/// back to their guest node's old host node (`homes`), the same way, so the
+/// VM ends up on its old memory as a whole.
 fn live_chunks(
     vm: &Vm,
     target: u32,
     backing: crate::memory::Backing,
-    chunks: &[(u32, u64)],
+    chunks: &[(u32, u64, u32)],
+    homes: &[u32],
     budget: Duration,
     report: &mut NumaMigrateReport,
 ) -> Result<(), String> {
-    for &(slot, len) in chunks {
-        let mut sink = LocalSink::new(target, backing);
+    let move_one = |slot: u32, to: u32| {
+        let mut sink = LocalSink::new(to, backing);
         let plan = Plan {
             slots: vec![slot],
             first_pass: FirstPass::All,
             live: true,
             max_downtime: budget,
         };
-        let r = transfer(vm, &mut sink, &plan).map_err(|e| e.to_string())?;
+        transfer(vm, &mut sink, &plan)
+    };
+    let fail_at = injected_failure_chunk();
+    for (k, &(slot, len, _)) in chunks.iter().enumerate() {
+        let attempt = if fail_at == Some(k) {
+            Err(format!("injected failure at chunk {k} ({FAIL_CHUNK_ENV})"))
+        } else {
+            move_one(slot, target).map_err(|e| e.to_string())
+        };
+        let r = match attempt {
+            Ok(r) => r,
+            Err(e) => {
+                let mut back = Vec::new();
+                for &(s, _, g) in chunks[..k].iter().rev() {
+                    if let Err(e2) = move_one(s, homes[g as usize]) {
+                        back.push(format!("slot {s}: {e2}"));
+                    }
+                }
+                return Err(if back.is_empty() {
+                    format!("{e}; the {k} chunk(s) already moved were moved back, the VM runs on its old memory")
+                } else {
+                    format!(
+                        "{e}; moving the chunks already moved back failed too: {}",
+                        back.join("; ")
+                    )
+                });
+            }
+        };
         if r.downtime_us >= report.downtime_us {
             report.downtime_us = r.downtime_us;
             report.longest_pause = r.pause_breakdown.clone();
@@ -332,13 +376,48 @@ fn live_chunks(
     Ok(())
 }
 
+/// Moves pages in place with move_pages, in batches. If the kernel refuses
+/// pages (the target is full), the batches already moved go back to their
+/// guest node's old host node (`homes`).
 fn kernel_move(
     vm: &Vm,
     target: u32,
     guest_nodes: &[u32],
+    homes: &[u32],
     report: &mut NumaMigrateReport,
 ) -> Result<(), String> {
+    let r = kernel_batches(vm, target, guest_nodes, report);
+    if let Err((e, done)) = r {
+        let mut pages: Vec<*mut u8> = Vec::with_capacity(KERNEL_BATCH_PAGES);
+        let mut failed_back = None;
+        for (base, first, k, g) in done {
+            pages.clear();
+            pages.extend((first..first + k).map(|p| base.wrapping_add(p * PAGE_SIZE as usize)));
+            if let Err(e2) = policy::move_pages_to(&pages, homes[g as usize]) {
+                failed_back.get_or_insert(e2.to_string());
+            }
+        }
+        return Err(match failed_back {
+            None => format!(
+                "{e}; the pages already moved were moved back, the VM runs on its old memory"
+            ),
+            Some(e2) => format!("{e}; moving the pages already moved back failed too: {e2}"),
+        });
+    }
+    Ok(())
+}
+
+/// A batch done: (chunk base, first page, pages, guest node).
+type Batch = (*mut u8, usize, usize, u32);
+
+fn kernel_batches(
+    vm: &Vm,
+    target: u32,
+    guest_nodes: &[u32],
+    report: &mut NumaMigrateReport,
+) -> Result<(), (String, Vec<Batch>)> {
     let mem = vm.memory();
+    let mut done: Vec<Batch> = Vec::new();
     let mut lat: Vec<u64> = Vec::new();
     let mut moved = 0u64;
     let mut pages: Vec<*mut u8> = Vec::with_capacity(KERNEL_BATCH_PAGES);
@@ -356,17 +435,22 @@ fn kernel_move(
                 pages.clear();
                 pages.extend((i..i + k).map(|p| base.wrapping_add(p * PAGE_SIZE as usize)));
                 let t = Instant::now();
-                let status = policy::move_pages_to(&pages, target).map_err(|e| e.to_string())?;
+                let status = match policy::move_pages_to(&pages, target) {
+                    Ok(s) => s,
+                    Err(e) => return Err((e.to_string(), done)),
+                };
+                done.push((base, i, k, n.guest_node));
                 lat.push(t.elapsed().as_micros() as u64);
                 for (j, s) in status.iter().enumerate() {
                     if *s == target as i32 {
                         moved += 1;
                     } else if *s == -libc::ENOMEM {
-                        return Err(format!(
+                        let e = format!(
                             "the kernel could not move page {:#x} of guest node {}: host node {target} is out of memory",
                             c.range.start + (i + j) as u64 * PAGE_SIZE,
                             n.guest_node
-                        ));
+                        );
+                        return Err((e, done));
                     }
                 }
                 i += k;
