@@ -14,6 +14,9 @@ use harness::{Options, Scenario};
 fn scenarios() -> Vec<Scenario> {
     let mut all = Vec::new();
     all.extend(harness::guest::scenarios());
+    all.extend(harness::checkpoint::scenarios());
+    all.extend(harness::restore::scenarios());
+    all.extend(harness::numa::scenarios());
     all
 }
 

@@ -89,3 +89,64 @@ fn numabox_smoke_boots_two_node_host_with_kvm() {
         "the box's console never mentioned node1:\n{console}"
     );
 }
+
+/// The scenario that moves a builtin:dirty guest between the box's two
+/// nodes (`MODE`) or checks the refusal to fill a full node (`MODE nomem`).
+const NUMA_MIGRATE: &str = "tests/numabox/scenarios/numa_migrate.sh";
+
+/// Boots the numa_migrate scenario with `args` and checks that it reached
+/// its end and made the placement checks the brief names (the scenario
+/// itself fails the box on any failed check).
+fn numa_migrate_scenario(args: &str, expect: &[&str]) -> String {
+    let console = boot(NUMA_MIGRATE, args);
+    let tag = format!("numa-migrate[{args}]");
+    for line in expect.iter().copied().chain(["ok: all checks passed"]) {
+        assert!(
+            console.contains(&format!("{tag}: {line}")),
+            "the console never said {line:?}:\n{console}"
+        );
+    }
+    console
+}
+
+/// What every successful move to node 1 and back must have printed.
+const THERE_AND_BACK: &[&str] = &[
+    "ok: to node 1: report placement_after:",
+    "ok: to node 1: numa-stat:",
+    "ok: to node 1: policy bind:1",
+    "ok: to node 1: numa-stat allowed_cpus: 2 vCPU(s) on node 1's CPUs",
+    "ok: to node 1: verify",
+    "ok: back to node 0: report placement_after:",
+    "ok: back to node 0: numa-stat:",
+    "ok: back to node 0: policy bind:0",
+    "ok: back to node 0: verify",
+];
+
+#[test]
+fn numabox_live_move_to_node1_and_back() {
+    numa_migrate_scenario("live", THERE_AND_BACK);
+}
+
+#[test]
+fn numabox_stop_copy_move_to_node1_and_back() {
+    numa_migrate_scenario("stop-copy", THERE_AND_BACK);
+}
+
+#[test]
+fn numabox_kernel_move_to_node1_and_back() {
+    numa_migrate_scenario("kernel", THERE_AND_BACK);
+}
+
+#[test]
+fn numabox_move_to_node1_without_room_is_refused_and_vm_stays_on_node0() {
+    numa_migrate_scenario(
+        "live nomem",
+        &[
+            "ok: refused with exit 1 and one line",
+            "ok: after the refused move: policy bind:0",
+            "ok: after the refused move: numa-stat:",
+            "ok: after the refused move: verify",
+            "ok: to node 1 once it has room: numa-stat:",
+        ],
+    );
+}

@@ -9,7 +9,11 @@
 //! nothing about VMs: the scenarios (`guest.rs`, ...) measure, the harness
 //! only aggregates. It never judges a figure: no budget here fails a run.
 
+pub mod checkpoint;
+pub mod fixture;
 pub mod guest;
+pub mod numa;
+pub mod restore;
 
 use std::fmt::Write as _;
 use std::io::Write as _;

@@ -36,6 +36,9 @@ pub struct StatusReport {
     pub numa: Vec<NodeStatus>,
     /// vmhop's process id.
     pub pid: u32,
+    /// A lazy restore is still loading guest memory in the background.
+    #[serde(default)]
+    pub loading: bool,
 }
 
 /// The guest part of a status.

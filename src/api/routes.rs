@@ -72,6 +72,7 @@ impl Routes {
                 })
                 .collect(),
             pid: std::process::id(),
+            loading: self.vm.is_loading(),
         }
     }
 
@@ -125,6 +126,12 @@ impl Routes {
             }
             ("PUT", "vm.numa-migrate") => {
                 let req: crate::transfer::numa_move::NumaMigrateRequest = body(b)?;
+                if vm.is_loading() {
+                    return Err(ApiError(
+                        409,
+                        "guest memory is still being loaded from the checkpoint (lazy restore): a NUMA move must wait until status shows loading: false".into(),
+                    ));
+                }
                 let _op = self.operation()?;
                 self.running_or_paused()?;
                 match crate::transfer::numa_move::numa_migrate(vm, &req) {

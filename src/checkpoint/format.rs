@@ -477,6 +477,10 @@ pub struct CheckpointWriter {
     /// supersede anything, so a full checkpoint need not remember it.
     max_data_gpa: Option<u64>,
     zero_adds: u64,
+    /// Where each page already stored with data sits: a newer version of it
+    /// (a page the guest dirtied again during pre-copy) overwrites that
+    /// slot, so the file holds each page at most once.
+    slots: std::collections::HashMap<u64, u64>,
     config: Vec<u8>,
     state: Vec<u8>,
     poisoned: bool,
@@ -552,6 +556,7 @@ impl CheckpointWriter {
             entries: Vec::new(),
             max_data_gpa: None,
             zero_adds: 0,
+            slots: std::collections::HashMap::new(),
             config: Vec::new(),
             state: Vec::new(),
             poisoned: false,
@@ -605,8 +610,21 @@ impl CheckpointWriter {
                     written += self.emit(&data[start..i * PAGE_SIZE])?;
                 }
                 self.record_zero(page_gpa);
+            } else if let Some(&offset) = self.slots.get(&page_gpa) {
+                if let Some(start) = run_start.take() {
+                    written += self.emit(&data[start..i * PAGE_SIZE])?;
+                }
+                self.overwrite(offset, page)?;
+                written += PAGE_SIZE as u64;
+                self.entries.push(IndexEntry {
+                    gpa: page_gpa,
+                    offset,
+                    crc: crc32c::crc32c(page),
+                    zero: false,
+                });
             } else {
                 run_start.get_or_insert(i * PAGE_SIZE);
+                self.slots.insert(page_gpa, self.data_end);
                 self.entries.push(IndexEntry {
                     gpa: page_gpa,
                     offset: self.data_end,
@@ -668,6 +686,21 @@ impl CheckpointWriter {
         self.buf = buf;
         self.buf.clear();
         result
+    }
+
+    /// Replaces the page stored at `offset` (still in the buffer, or
+    /// already in the file).
+    fn overwrite(&mut self, offset: u64, page: &[u8]) -> Result<(), FormatError> {
+        if offset >= self.file_pos {
+            let i = (offset - self.file_pos) as usize;
+            self.buf[i..i + PAGE_SIZE].copy_from_slice(page);
+            return Ok(());
+        }
+        if let Err(e) = self.file.write_all_at(page, offset) {
+            self.poisoned = true;
+            return Err(io_error(&self.tmp_path, "writing", e));
+        }
+        Ok(())
     }
 
     fn write_at_end(&mut self, bytes: &[u8]) -> Result<(), FormatError> {

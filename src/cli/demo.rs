@@ -222,7 +222,7 @@ pub fn demo(a: DemoArgs) -> CliResult {
         Err(e) => {
             let hint = if a.keep_dir {
                 format!(
-                    " (checkpoints and VM logs kept in {})",
+                    "\n  (checkpoints and VM logs kept in {})",
                     d.work.path.display()
                 )
             } else {
@@ -276,17 +276,22 @@ struct Out {
 }
 
 impl Out {
-    fn step(&self, n: u32, title: &str) {
+    /// Prints text as it is. A reader that went away (`vmhop demo | head`)
+    /// must not stop the demo half way: it still has VMs to stop.
+    fn raw(&self, s: &str) {
         if !self.json {
-            println!("\n[{n}/{STEPS}] {title}");
+            let _ = super::output::out_line(s);
         }
     }
 
+    fn step(&self, n: u32, title: &str) {
+        self.raw(&format!("\n[{n}/{STEPS}] {title}"));
+    }
+
+    /// Prints each line of `s` indented under the current step.
     fn line(&self, s: impl AsRef<str>) {
-        if !self.json {
-            for l in s.as_ref().lines() {
-                println!("      {l}");
-            }
+        for l in s.as_ref().lines() {
+            self.raw(&format!("      {l}"));
         }
     }
 }
@@ -368,16 +373,14 @@ struct Checkpointed {
 
 impl Demo {
     fn run(&mut self) -> Result<(), DemoError> {
-        if !self.out.json {
-            println!(
-                "vmhop demo: a {} builtin:dirty guest on {} vCPU(s), writing {} pages/s, driven through\n\
-                 its HTTP API exactly as the vmhop CLI would (work dir {})",
-                format_size(self.plan.memory_bytes),
-                self.plan.vcpus,
-                group(self.plan.rate),
-                self.work.path.display()
-            );
-        }
+        self.out.raw(&format!(
+            "vmhop demo: a {} builtin:dirty guest on {} vCPU(s), writing {} pages/s, driven through\n\
+             its HTTP API exactly as the vmhop CLI would (work dir {})",
+            format_size(self.plan.memory_bytes),
+            self.plan.vcpus,
+            group(self.plan.rate),
+            self.work.path.display()
+        ));
         let mut vm = self.start()?;
         self.pause_verify_resume(&mut vm)?;
         let ck = self.checkpoints(&mut vm)?;
@@ -791,7 +794,8 @@ impl Demo {
             r.insert("work_dir_kept".into(), json!(!matches!(removed, Ok(true))));
             return super::output::print_json(&Value::Object(r));
         }
-        println!("\n{}", summary(&self.plan, &self.facts, total_s));
+        self.out
+            .raw(&format!("\n{}", summary(&self.plan, &self.facts, total_s)));
         Ok(())
     }
 

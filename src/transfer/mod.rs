@@ -146,13 +146,13 @@ pub struct TransferReport {
 /// The phases of the pause, in microseconds.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct PauseBreakdown {
-    /// Stopping every vCPU.
+    /// Stopping every vCPU, each saving its registers as it stops.
     pub stop_us: u64,
     /// Fetching the last dirty logs.
     pub fetch_us: u64,
     /// Sending the last pages to the sink.
     pub copy_us: u64,
-    /// Saving vCPU state.
+    /// Assembling the VM state from the saved vCPU registers.
     pub state_us: u64,
     /// The sink's commit (switching slots, recording state).
     pub commit_us: u64,
@@ -268,6 +268,8 @@ fn precopy(
     pause: &mut Option<Pause>,
 ) -> Result<AfterCommit, TransferError> {
     let vm = run.vm;
+    // vCPU state, captured as the vCPUs stop.
+    let saved;
     {
         let mem = vm.memory();
         let chunks: Vec<&Chunk> = mem
@@ -327,7 +329,9 @@ fn precopy(
             run.report.rounds += 1;
         }
         let t = Instant::now();
-        *pause = Some(vm.pause()?);
+        let (p, states) = vm.pause_saving()?;
+        *pause = Some(p);
+        saved = states;
         run.report.pause_breakdown.stop_us = us(t);
         // What was dirtied since the last fetch, plus what that fetch found.
         let t = Instant::now();
@@ -341,7 +345,9 @@ fn precopy(
         }
     } else {
         let t = Instant::now();
-        *pause = Some(vm.pause()?);
+        let (p, states) = vm.pause_saving()?;
+        *pause = Some(p);
+        saved = states;
         run.report.pause_breakdown.stop_us = us(t);
         if vm.dirty_logging() {
             // Keep any checkpoint's record of what changed up to date.
@@ -358,7 +364,7 @@ fn precopy(
     run.report.pause_breakdown.copy_us = us(t);
     run.report.rounds += 1;
     let t = Instant::now();
-    let vcpus = vm.save_vcpus(p)?;
+    let vcpus = saved;
     let state = VmState {
         config: vm.config().clone(),
         host_nodes: vm.host_nodes(),

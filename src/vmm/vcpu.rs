@@ -272,6 +272,9 @@ pub fn restore_state(fd: &VcpuFd, s: &VcpuState) -> Result<(), VcpuError> {
 pub enum VcpuCmd {
     /// Leave KVM_RUN and wait.
     Pause,
+    /// Leave KVM_RUN, wait, and reply with the state right away: saves the
+    /// pause a second round trip to every vCPU thread.
+    PauseAndSave,
     /// Run again.
     Resume,
     /// Reply with the state (paused only).
@@ -445,6 +448,11 @@ impl VcpuThread {
         match cmd {
             VcpuCmd::Pause => {
                 self.reply(VcpuReply::Paused);
+                Some(Flow::Pause)
+            }
+            VcpuCmd::PauseAndSave => {
+                let s = save_state(self.id, &self.fd).map(Box::new);
+                self.reply(VcpuReply::State(s));
                 Some(Flow::Pause)
             }
             VcpuCmd::Resume => {

@@ -455,10 +455,12 @@ impl Vm {
     /// Takes the one-operation-at-a-time lock (checkpoint, NUMA move,
     /// migration); None if another operation holds it.
     pub fn try_operation(&self) -> Option<MutexGuard<'_, ()>> {
-        if self.loading.load(std::sync::atomic::Ordering::Acquire) {
-            return None;
-        }
         self.operation.try_lock().ok()
+    }
+
+    /// Whether a lazy restore is still loading memory in the background.
+    pub fn is_loading(&self) -> bool {
+        self.loading.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Marks a lazy restore's background load as running (operations that
@@ -533,6 +535,42 @@ impl Vm {
         })
     }
 
+    /// Stops every vCPU and returns each one's state, captured by the vCPU
+    /// thread as it stopped (one round trip instead of two).
+    pub fn pause_saving(&self) -> Result<(Pause, Vec<VcpuState>), VmError> {
+        let since = Instant::now();
+        let was = *self.lock_state();
+        if was == RunState::Stopped {
+            return Err(VmError::State(was, "it cannot be paused"));
+        }
+        let replies = self.send_all_with(
+            |_| VcpuCmd::PauseAndSave,
+            "pause",
+            |r| matches!(r, VcpuReply::State(_)),
+        );
+        // Even if a reply was bad, every vCPU that answered is stopped now.
+        *self.lock_state() = RunState::Paused;
+        let pause = Pause {
+            since,
+            was_paused: was == RunState::Paused,
+        };
+        let states = replies.and_then(|rs| {
+            rs.into_iter()
+                .map(|r| match r {
+                    VcpuReply::State(s) => s.map(|b| *b).map_err(VmError::Vcpu),
+                    _ => unreachable!("filtered by send_all_with"),
+                })
+                .collect::<Result<Vec<_>, _>>()
+        });
+        match states {
+            Ok(v) => Ok((pause, v)),
+            Err(e) => {
+                let _ = self.resume(pause);
+                Err(e)
+            }
+        }
+    }
+
     /// Restarts the vCPUs (unless they were paused before the pause began);
     /// returns how long no vCPU ran.
     pub fn resume(&self, p: Pause) -> Result<Duration, VmError> {
@@ -555,7 +593,7 @@ impl Vm {
 
     /// The user's `resume`.
     pub fn resume_user(&self) -> Result<(), VmError> {
-        match *self.lock_state() {
+        match self.state() {
             RunState::Stopped => {
                 return Err(VmError::State(RunState::Stopped, "it cannot be resumed"))
             }

@@ -89,6 +89,60 @@ pub fn vmhop(args: &[&str]) -> CmdOutput {
     output
 }
 
+/// Runs vmhop with `args`, a command that serves an API on `socket` if it
+/// succeeds (a `restore`, a `run`), and expects it to fail and exit on its
+/// own. Returns its output once it has exited; if its API answers on
+/// `socket` instead, it is killed and the test fails at once (rather than
+/// after `COMMAND_TIMEOUT`).
+pub fn vmhop_expecting_exit(args: &[&str], socket: &Path) -> CmdOutput {
+    let mut child = Command::new(VMHOP)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {VMHOP}: {e}"));
+    let out = drain(child.stdout.take().expect("stdout is piped"));
+    let err = drain(child.stderr.take().expect("stderr is piped"));
+    let deadline = Instant::now() + COMMAND_TIMEOUT;
+    let mut served = false;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break Some(status),
+            Ok(None) if Instant::now() < deadline => {}
+            _ => break None,
+        }
+        if http(socket, "GET", "/api/v1/vm.status", None).is_ok_and(|r| r.status == 200) {
+            served = true;
+            break None;
+        }
+        thread::sleep(POLL_INTERVAL);
+    };
+    if status.is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    let output = CmdOutput {
+        code: status.and_then(|s| s.code()),
+        stdout: out.join().expect("stdout reader thread"),
+        stderr: err.join().expect("stderr reader thread"),
+    };
+    if served {
+        panic!(
+            "vmhop {args:?} was expected to fail but serves a VM on {}; killed it\n{}",
+            socket.display(),
+            output.describe()
+        );
+    }
+    if status.is_none() {
+        panic!(
+            "vmhop {args:?} did not finish within {COMMAND_TIMEOUT:?}; killed it\n{}",
+            output.describe()
+        );
+    }
+    output
+}
+
 fn drain(mut r: impl Read + Send + 'static) -> thread::JoinHandle<String> {
     thread::spawn(move || {
         let mut buf = Vec::new();
@@ -258,6 +312,14 @@ impl Vm {
     /// API answers `vm.status`. Panics (with vmhop's output) if it exits or
     /// does not answer within `START_TIMEOUT`.
     pub fn start(args: &[&str]) -> Vm {
+        Vm::start_command(&["run"], args)
+    }
+
+    /// Like `start`, for any serving subcommand: starts `vmhop COMMAND...
+    /// --api-socket <fresh path> ARGS` (e.g. `&["restore", "DIR@3"]`) and
+    /// waits until its API answers `vm.status`.
+    pub fn start_command(command: &[&str], args: &[&str]) -> Vm {
+        let what = command.join(" ");
         let dir = tempfile::Builder::new()
             .prefix("vmhop-test-")
             .tempdir()
@@ -266,7 +328,7 @@ impl Vm {
         let stdout = std::fs::File::create(dir.path().join("stdout")).expect("create stdout file");
         let stderr = std::fs::File::create(dir.path().join("stderr")).expect("create stderr file");
         let child = Command::new(VMHOP)
-            .arg("run")
+            .args(command)
             .arg("--api-socket")
             .arg(&socket)
             .args(args)
@@ -287,7 +349,7 @@ impl Vm {
             if let Some(status) = vm.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
                 vm.child = None;
                 panic!(
-                    "vmhop run {args:?} exited with {status} before its API answered\n{}",
+                    "vmhop {what} {args:?} exited with {status} before its API answered\n{}",
                     vm.logs()
                 );
             }
@@ -298,7 +360,7 @@ impl Vm {
             }
             if Instant::now() >= deadline {
                 panic!(
-                    "vmhop run {args:?} did not answer vm.status within {START_TIMEOUT:?}\n{}",
+                    "vmhop {what} {args:?} did not answer vm.status within {START_TIMEOUT:?}\n{}",
                     vm.logs()
                 );
             }
@@ -330,6 +392,11 @@ impl Vm {
             read("stdout"),
             read("stderr")
         )
+    }
+
+    /// What `vmhop run` has written on stdout so far.
+    pub fn stdout(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("stdout")).unwrap_or_default()
     }
 
     /// What `vmhop run` has written on stderr so far.

@@ -1,0 +1,234 @@
+//! `vmhop demo` end to end through the real binary: every step runs on real
+//! KVM and the demo exits 0, saying what it showed (verify ok, checkpoints,
+//! restore, NUMA); `--json` gives one JSON object with every step's reports;
+//! bad options are usage errors. The demo cleans up after itself: no child
+//! VM and no work directory outlive it.
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// The vmhop binary cargo built for these tests.
+const VMHOP: &str = env!("CARGO_BIN_EXE_vmhop");
+
+/// Far above what the demo takes (~10–20 s in a debug build); only there so
+/// a wedged demo fails the test instead of hanging the suite.
+const DEMO_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Result of a finished command.
+struct Output {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+impl Output {
+    fn describe(&self) -> String {
+        format!(
+            "exit code {:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            self.code, self.stdout, self.stderr
+        )
+    }
+}
+
+/// Runs `vmhop args...`, bounded by `DEMO_TIMEOUT` (then SIGTERM, which the
+/// demo answers by stopping its VMs, and the test fails).
+fn vmhop(args: &[&str]) -> Output {
+    let mut child = Command::new(VMHOP)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {VMHOP}: {e}"));
+    let out = drain(child.stdout.take().expect("stdout is piped"));
+    let err = drain(child.stderr.take().expect("stderr is piped"));
+    let finished = wait_bounded(&mut child, DEMO_TIMEOUT);
+    let o = Output {
+        code: finished.and_then(|s| s.code()),
+        stdout: out.join().expect("stdout reader"),
+        stderr: err.join().expect("stderr reader"),
+    };
+    assert!(
+        finished.is_some(),
+        "vmhop {args:?} did not finish within {DEMO_TIMEOUT:?}\n{}",
+        o.describe()
+    );
+    o
+}
+
+fn drain(mut r: impl Read + Send + 'static) -> thread::JoinHandle<String> {
+    thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = r.read_to_end(&mut buf);
+        String::from_utf8_lossy(&buf).into_owned()
+    })
+}
+
+fn wait_bounded(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + limit;
+    let mut termed = false;
+    loop {
+        match child.try_wait() {
+            Ok(Some(s)) => return if termed { None } else { Some(s) },
+            Ok(None) if Instant::now() < deadline => thread::sleep(Duration::from_millis(50)),
+            Ok(None) if !termed => {
+                // SAFETY: kill() only sends a signal to our own unreaped child.
+                unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+                termed = true;
+            }
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+        }
+    }
+}
+
+/// The work directory the demo announced (text: "work dir P removed";
+/// JSON: "work_dir").
+fn work_dir_from_text(stdout: &str) -> Option<PathBuf> {
+    let line = stdout
+        .lines()
+        .find(|l| l.contains("work dir ") && l.ends_with(" removed"))?;
+    let p = line
+        .trim()
+        .strip_prefix("work dir ")?
+        .strip_suffix(" removed")?;
+    Some(PathBuf::from(p))
+}
+
+/// Whether a vmhop process whose command line mentions `dir` still runs.
+fn vm_running_in(dir: &str) -> bool {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return false;
+    };
+    entries.flatten().any(|e| {
+        std::fs::read(e.path().join("cmdline"))
+            .map(|c| String::from_utf8_lossy(&c).contains(dir))
+            .unwrap_or(false)
+    })
+}
+
+#[test]
+fn demo_runs_every_step_exits_zero_and_cleans_up() {
+    let o = vmhop(&["demo"]);
+    assert_eq!(o.code, Some(0), "demo failed\n{}", o.describe());
+    assert!(
+        !o.stderr.contains("panicked"),
+        "demo panicked\n{}",
+        o.describe()
+    );
+    let text = o.stdout.to_lowercase();
+    for needle in [
+        "verify ok",
+        "checkpoint",
+        "incremental",
+        "restore",
+        "numa",
+        "summary",
+    ] {
+        assert!(
+            text.contains(needle),
+            "demo output does not mention {needle:?}\n{}",
+            o.describe()
+        );
+    }
+    for step in 1..=6 {
+        assert!(
+            text.contains(&format!("[{step}/6]")),
+            "step {step} missing\n{}",
+            o.describe()
+        );
+    }
+    let dir = work_dir_from_text(&o.stdout)
+        .unwrap_or_else(|| panic!("no 'work dir ... removed' line\n{}", o.describe()));
+    assert!(
+        !dir.exists(),
+        "the demo left its work dir {}",
+        dir.display()
+    );
+    assert!(
+        !vm_running_in(&dir.display().to_string()),
+        "a VM started by the demo is still running"
+    );
+}
+
+#[test]
+fn demo_json_prints_one_object_with_every_step() {
+    let o = vmhop(&["demo", "--json", "--memory", "128M"]);
+    assert_eq!(o.code, Some(0), "demo --json failed\n{}", o.describe());
+    let mut values = serde_json::Deserializer::from_str(&o.stdout).into_iter::<Value>();
+    let v = values
+        .next()
+        .unwrap_or_else(|| panic!("no JSON on stdout\n{}", o.describe()))
+        .unwrap_or_else(|e| panic!("stdout is not JSON ({e})\n{}", o.describe()));
+    assert!(
+        values.next().is_none(),
+        "more than one JSON value\n{}",
+        o.describe()
+    );
+    assert_eq!(v["operation"], "demo", "{v}");
+    assert_eq!(v["ok"], true, "{v}");
+    assert_eq!(v["pause"]["verify"]["ok"], true, "{v}");
+    assert_eq!(v["checkpoints"]["full"]["kind"], "full", "{v}");
+    assert_eq!(
+        v["checkpoints"]["incremental"]["kind"], "incremental",
+        "{v}"
+    );
+    assert_eq!(
+        v["checkpoints"]["incremental"]["parent"], v["checkpoints"]["full"]["id"],
+        "{v}"
+    );
+    assert!(
+        v["checkpoints"]["list"]["checkpoints"]
+            .as_array()
+            .is_some_and(|a| a.len() == 2),
+        "{v}"
+    );
+    assert_eq!(v["restore"]["verify"]["ok"], true, "{v}");
+    assert!(
+        v["restore"]["report"]["resume_ms"].as_f64().is_some(),
+        "{v}"
+    );
+    let moves = v["numa"]["moves"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no NUMA moves: {v}"));
+    let modes: Vec<&str> = moves
+        .iter()
+        .filter_map(|m| m["report"]["mode"].as_str())
+        .collect();
+    for mode in ["live", "stop-copy", "kernel"] {
+        assert!(modes.contains(&mode), "no {mode} move in {modes:?}");
+    }
+    assert!(moves.iter().all(|m| m["verify"]["ok"] == true), "{v}");
+    let dir = v["work_dir"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no work_dir: {v}"));
+    assert!(
+        !std::path::Path::new(dir).exists(),
+        "the demo left its work dir {dir}"
+    );
+}
+
+#[test]
+fn demo_refuses_bad_options_as_usage_errors() {
+    for args in [
+        ["demo", "--memory", "lots"],
+        ["demo", "--rate", "0"],
+        ["demo", "--vcpus", "0"],
+    ] {
+        let o = vmhop(&args);
+        assert_eq!(o.code, Some(2), "{args:?}\n{}", o.describe());
+        assert!(
+            o.stdout.is_empty(),
+            "{args:?} printed on stdout\n{}",
+            o.describe()
+        );
+    }
+}

@@ -1,0 +1,317 @@
+#!/bin/sh
+# numa-migrate between two real host nodes, inside the NUMA box.
+#
+#   numa_migrate.sh MODE            MODE = live | stop-copy | kernel
+#   numa_migrate.sh MODE nomem      the refusal case
+#
+# MODE alone: a builtin:dirty guest (2 vCPUs, one 64 MiB guest node filled
+# from the host so every page is present) bound to host node 0 is moved to
+# node 1 with `numa-migrate --mode MODE`, then back to node 0. After each
+# move: the report's placement_after and a fresh numa-stat both show >= 99%
+# of the guest node's present pages on the target, the policy is bind:<to>,
+# every vCPU may run exactly on the target's CPUs (report and numa-stat),
+# verify passes and the guest keeps making progress.
+#
+# "nomem": node 1 is filled (a tmpfs file allocated from CPU 1) until its
+# free memory is smaller than the guest node, then the move to node 1 must
+# exit 1 with a one-line message, and the VM must keep running on node 0
+# (numa-stat unchanged, verify ok, progress). With the filler removed, the
+# same move must then succeed.
+#
+# Busybox sh. Prints every check and the JSON reports; exits non-zero on the
+# first failed check, saying which. Never prints or checks timings: they are
+# emulated here.
+set -eu
+
+mode="${1:-}"
+case_name="${2:-move}"
+case "$mode" in
+live | stop-copy | kernel) ;;
+*)
+    echo "numa-migrate: usage: numa_migrate.sh live|stop-copy|kernel [nomem]"
+    exit 2
+    ;;
+esac
+case "$case_name" in
+move | nomem) ;;
+*)
+    echo "numa-migrate: unknown case '$case_name' (expected nomem or nothing)"
+    exit 2
+    ;;
+esac
+
+VMHOP="${VMHOP:-/bin/vmhop}"
+tag="numa-migrate[$mode${2:+ $2}]"
+sock=/tmp/vm.sock
+vmlog=/tmp/vm.log
+errf=/tmp/cmd.err
+filler=/tmp/fill-node1
+vm_pid=""
+MIB=1048576
+
+say() {
+    echo "$tag: $*"
+}
+
+# On stderr, so that a failure inside a command substitution still reaches
+# the console (the box sends both streams there).
+fail() {
+    echo "$tag: FAIL: $*" >&2
+    if [ -s "$vmlog" ]; then
+        echo "$tag: --- vmhop run output ---" >&2
+        cat "$vmlog" >&2
+    fi
+    exit 1
+}
+
+cleanup() {
+    rm -f "$filler"
+    if [ -n "$vm_pid" ] && kill -0 "$vm_pid" 2>/dev/null; then
+        kill "$vm_pid" 2>/dev/null || true
+    fi
+}
+trap cleanup EXIT
+
+# --- JSON helpers (vmhop prints one JSON object on one line) --------------
+
+# json_obj KEY JSON: the inside of the flat object "KEY":{...}.
+json_obj() {
+    printf '%s\n' "$2" | sed -n "s/.*\"$1\":{\([^{}]*\)}.*/\1/p"
+}
+
+# json_num KEY JSON: the integer value of "KEY":N.
+json_num() {
+    printf '%s\n' "$2" | sed -n "s/.*\"$1\":\(-\{0,1\}[0-9][0-9]*\).*/\1/p"
+}
+
+# json_str KEY JSON: the string value of "KEY":"...".
+json_str() {
+    printf '%s\n' "$2" | sed -n "s/.*\"$1\":\"\([^\"]*\)\".*/\1/p"
+}
+
+# json_strs KEY JSON: every string value of "KEY":"..." (one a line).
+json_strs() {
+    printf '%s\n' "$2" | grep -o "\"$1\":\"[^\"]*\"" | sed "s/^\"$1\":\"\(.*\)\"$/\1/"
+}
+
+# pages_on NODE OBJ: pages on NODE in a placement object body ("0":12,"1":3).
+pages_on() {
+    on_node="$(printf '%s\n' "$2" | tr ',' '\n' | sed -n "s/^ *\"$1\": *\([0-9][0-9]*\) *$/\1/p")"
+    echo "${on_node:-0}"
+}
+
+# pages_total OBJ: all pages in a placement object body.
+pages_total() {
+    printf '%s\n' "$1" | tr ',' '\n' | sed -n 's/^ *"[0-9][0-9]*": *\([0-9][0-9]*\) *$/\1/p' |
+        awk '{ s += $1 } END { print s + 0 }'
+}
+
+# check_share NODE OBJ WHAT: >= 99% of the present pages in OBJ on NODE.
+check_share() {
+    total="$(pages_total "$2")"
+    on="$(pages_on "$1" "$2")"
+    [ "$total" -gt 0 ] || fail "$3: no present page at all ({$2})"
+    if [ $((on * 100)) -lt $((total * 99)) ]; then
+        fail "$3: only $on of $total present pages on node $1 ({$2})"
+    fi
+    say "ok: $3: $on of $total present pages on node $1"
+}
+
+# --- vmhop helpers -----------------------------------------------------------
+
+# cli ARGS...: runs a vmhop client command against the VM; prints its stdout;
+# fails the scenario (with stderr) unless it exits 0.
+cli() {
+    if ! out="$("$VMHOP" "$@" --api-socket "$sock" 2>"$errf")"; then
+        fail "vmhop $* exited non-zero: $(cat "$errf")"
+    fi
+    printf '%s\n' "$out"
+}
+
+node_cpus() {
+    cat "/sys/devices/system/node/node$1/cpulist"
+}
+
+# node_free NODE: the node's free bytes as `vmhop topology --json` reports.
+node_free() {
+    topo="$("$VMHOP" topology --json)" || fail "vmhop topology --json failed"
+    printf '%s\n' "$topo" | grep -o '{"id":[0-9][0-9]*,[^{}]*}' | grep "^{\"id\":$1," |
+        sed -n 's/.*"free_bytes":\([0-9][0-9]*\).*/\1/p'
+}
+
+progress() {
+    json_num progress "$(cli status --json)"
+}
+
+# wait_progress_above P WHAT: the guest's progress passes P within ~60 s.
+wait_progress_above() {
+    i=0
+    while :; do
+        p="$(progress)"
+        [ -n "$p" ] || fail "$2: status has no progress"
+        if [ "$p" -gt "$1" ]; then
+            say "ok: $2: progress $1 -> $p"
+            return 0
+        fi
+        i=$((i + 1))
+        [ "$i" -lt 120 ] || fail "$2: guest progress stuck at $p"
+        sleep 0.5
+    done
+}
+
+check_running() {
+    state="$(json_str state "$(cli status --json)")"
+    [ "$state" = running ] || fail "$1: VM state is '$state', not running"
+    wait_progress_above "$(progress)" "$1"
+}
+
+check_verify() {
+    v="$(cli verify --json)"
+    case "$v" in
+    *'"ok":true'*) say "ok: $1: verify $(json_num pages_checked "$v") pages consistent" ;;
+    *) fail "$1: verify failed: $v" ;;
+    esac
+}
+
+# check_vcpus NODE WHAT LIST...: every cpulist given equals NODE's CPUs.
+check_vcpus() {
+    want="$(node_cpus "$1")"
+    what="$2"
+    shift 2
+    [ "$#" -gt 0 ] || fail "$what: no vCPU listed"
+    for c in "$@"; do
+        [ "$c" = "$want" ] || fail "$what: a vCPU may run on CPUs '$c', not node $1's '$want'"
+    done
+    say "ok: $what: $# vCPU(s) on node $1's CPUs ($want)"
+}
+
+# check_stat NODE WHAT: a fresh numa-stat puts the guest node on NODE.
+check_stat() {
+    stat="$(cli numa-stat --json)"
+    say "numa-stat $2: $stat"
+    policy="$(json_str policy "$stat")"
+    [ "$policy" = "bind:$1" ] || fail "$2: numa-stat policy is '$policy', not bind:$1"
+    say "ok: $2: policy $policy"
+    check_share "$1" "$(json_obj host_nodes "$stat")" "$2: numa-stat"
+    # shellcheck disable=SC2046  # one cpulist a word
+    check_vcpus "$1" "$2: numa-stat allowed_cpus" $(json_strs allowed_cpus "$stat")
+}
+
+start_vm() {
+    say "starting: vmhop run --vcpus 2 --guest $1 --numa $2"
+    "$VMHOP" run --api-socket "$sock" --vcpus 2 --guest "$1" --numa "$2" >"$vmlog" 2>&1 &
+    vm_pid=$!
+    i=0
+    until "$VMHOP" status --api-socket "$sock" --json >/dev/null 2>&1; do
+        kill -0 "$vm_pid" 2>/dev/null || fail "vmhop run exited before its API answered"
+        i=$((i + 1))
+        [ "$i" -lt 240 ] || fail "vmhop run did not answer within ~120 s"
+        sleep 0.5
+    done
+    say "VM up: $(cli status --json)"
+}
+
+# move NODE WHAT: numa-migrate to NODE in $mode and every check after it.
+move() {
+    if ! report="$("$VMHOP" numa-migrate --api-socket "$sock" --to-node "$1" --mode "$mode" --json 2>"$errf")"; then
+        fail "$2: numa-migrate --to-node $1 --mode $mode failed: $(cat "$errf")"
+    fi
+    say "report $2: $report"
+    [ "$(json_str mode "$report")" = "$mode" ] || fail "$2: report mode is not $mode"
+    [ "$(json_num to_node "$report")" = "$1" ] || fail "$2: report to_node is not $1"
+    moved="$(json_num pages_moved "$report")"
+    if [ -z "$moved" ] || [ "$moved" -le 0 ]; then
+        fail "$2: pages_moved is '$moved'"
+    fi
+    if [ "$mode" = kernel ]; then
+        [ "$(json_num pauses "$report")" = 0 ] || fail "$2: kernel mode paused the VM"
+        [ -n "$(json_obj batches "$report")" ] || fail "$2: kernel mode report has no batches"
+    fi
+    check_share "$1" "$(json_obj placement_after "$report")" "$2: report placement_after"
+    # shellcheck disable=SC2046  # one cpulist a word
+    check_vcpus "$1" "$2: report vcpu_cpus" $(json_obj vcpu_cpus "$report" | grep -o '"[0-9][0-9]*":"[^"]*"' | sed 's/^"[0-9]*":"\(.*\)"$/\1/')
+    check_stat "$1" "$2"
+    check_verify "$2"
+    check_running "$2"
+}
+
+# --- the host ------------------------------------------------------------------
+
+say "topology: $("$VMHOP" topology)"
+say "topology json: $("$VMHOP" topology --json)"
+for n in 0 1; do
+    [ -d "/sys/devices/system/node/node$n" ] || fail "host node $n missing"
+    [ -n "$(node_free $n)" ] || fail "vmhop topology does not list node $n"
+done
+
+guest_size=64
+guest="builtin:dirty,fill=random"
+
+if [ "$case_name" = nomem ]; then
+    # Leave node 1 with less free memory than the guest node will need.
+    free1=$(($(node_free 1) / MIB))
+    fill=$((free1 - 160))
+    [ "$fill" -gt 0 ] || fail "node 1 has only ${free1} MiB free before filling"
+    say "node 1 has ${free1} MiB free; allocating ${fill} MiB of tmpfs from CPU $(node_cpus 1)"
+    taskset -c "$(node_cpus 1)" fallocate -l "${fill}M" "$filler" ||
+        fail "cannot allocate the node 1 filler"
+    free1=$(($(node_free 1) / MIB))
+    free0=$(($(node_free 0) / MIB))
+    say "now node 0 has ${free0} MiB free, node 1 ${free1} MiB"
+    guest_size=$(((free1 / 32 + 3) * 32))
+    [ $((guest_size + 64)) -lt "$free0" ] ||
+        fail "node 0 (${free0} MiB free) cannot hold a ${guest_size} MiB guest node"
+fi
+
+start_vm "$guest" "guest-node=0,size=${guest_size}M,host-node=0"
+check_stat 0 "before any move"
+check_verify "before any move"
+check_running "before any move"
+
+if [ "$case_name" = move ]; then
+    move 1 "to node 1"
+    move 0 "back to node 0"
+else
+    free1="$(node_free 1)"
+    stat="$(cli numa-stat --json)"
+    need=$(($(pages_total "$(json_obj host_nodes "$stat")") * 4096))
+    [ "$need" -gt "$free1" ] ||
+        fail "setup: the guest node has $need bytes present, node 1 still $free1 free"
+    say "guest node 0 has $need bytes present; node 1 has $free1 free"
+    set +e
+    out="$("$VMHOP" numa-migrate --api-socket "$sock" --to-node 1 --mode "$mode" 2>"$errf")"
+    rc=$?
+    set -e
+    msg="$(cat "$errf")"
+    say "refused move: exit $rc, stdout '$out', stderr '$msg'"
+    [ "$rc" -eq 1 ] || fail "numa-migrate to a full node exited $rc, not 1"
+    [ -z "$out" ] || fail "the refused move printed on stdout"
+    if [ -z "$msg" ] || [ "$(printf '%s\n' "$msg" | wc -l)" -ne 1 ]; then
+        fail "the refusal is not a one-line message"
+    fi
+    case "$msg" in
+    *"node 1"*) ;;
+    *) fail "the refusal does not name host node 1" ;;
+    esac
+    case "$msg" in
+    *panicked*) fail "vmhop panicked" ;;
+    esac
+    say "ok: refused with exit 1 and one line"
+    check_stat 0 "after the refused move"
+    check_verify "after the refused move"
+    check_running "after the refused move"
+
+    rm -f "$filler"
+    say "filler removed; node 1 has $(($(node_free 1) / MIB)) MiB free"
+    move 1 "to node 1 once it has room"
+fi
+
+cli stop >/dev/null
+i=0
+while kill -0 "$vm_pid" 2>/dev/null; do
+    i=$((i + 1))
+    [ "$i" -lt 60 ] || fail "vmhop run did not exit after stop"
+    sleep 0.5
+done
+vm_pid=""
+say "ok: all checks passed"
