@@ -235,19 +235,26 @@ pub fn transfer(
     let r = precopy(&mut run, plan, &mut pause);
     let result = match r {
         Ok(after) => {
-            let downtime = match (pause.take(), after) {
-                (Some(p), AfterCommit::Resume) => {
+            let downtime = match (after, &pause) {
+                (AfterCommit::Resume, Some(_)) => {
                     let t = Instant::now();
-                    let d = vm.resume(p)?;
+                    let d = vm.resume(pause.take().expect("matched Some"))?;
                     run.report.pause_breakdown.resume_us = us(t);
                     d
                 }
-                // The VM stays paused for the caller to stop it.
-                (Some(p), AfterCommit::StayPaused) => p.since.elapsed(),
-                (None, _) => Duration::ZERO,
+                // The VM stays paused for the caller to stop it; the pause
+                // is kept until `complete` succeeds, so that a failure there
+                // resumes the VM below instead of leaving it paused.
+                (AfterCommit::StayPaused, Some(p)) => p.since.elapsed(),
+                (_, None) => Duration::ZERO,
             };
             run.report.downtime_us = downtime.as_micros() as u64;
-            run.sink.complete(vm).map_err(TransferError::from)
+            let done = run.sink.complete(vm).map_err(TransferError::from);
+            if done.is_ok() {
+                // Staying paused on purpose: the token is no longer needed.
+                drop(pause.take());
+            }
+            done
         }
         Err(e) => Err(e),
     };
