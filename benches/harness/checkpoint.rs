@@ -12,7 +12,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use vmhop::checkpoint::create::{checkpoint, CheckpointReport, CheckpointRequest};
-use vmhop::checkpoint::format::Kind;
+use vmhop::checkpoint::format::{CheckpointWriter, FormatError, Header, Kind};
 use vmhop::memory::PAGE_SIZE;
 
 use super::fixture::{
@@ -69,6 +69,28 @@ fn plain_write(path: &Path, bytes: u64, data: &[u8]) -> Result<Duration, BenchEr
     Ok(d)
 }
 
+/// The file format's share of a full checkpoint: vmhop's checkpoint writer
+/// alone, no VM, writing `pages` pages of `data` (repeated) at successive
+/// guest addresses into `dir`, through `finish` (fsync, rename, directory
+/// fsync); returns the time from `create` to the end of `finish`.
+fn writer_alone(dir: &Path, pages: u64, data: &[u8]) -> Result<Duration, BenchError> {
+    let what = format!("checkpoint writer alone into {}", dir.display());
+    sync_disks();
+    let (r, d) = timed(|| -> Result<(), FormatError> {
+        let mut w = CheckpointWriter::create(dir, Header::full(1))?;
+        let block_pages = data.len() as u64 / PAGE_SIZE;
+        let mut page = 0;
+        while page < pages {
+            let n = (pages - page).min(block_pages);
+            w.add_pages(page * PAGE_SIZE, &data[..(n * PAGE_SIZE) as usize])?;
+            page += n;
+        }
+        w.finish().map(|_| ())
+    });
+    r.map_err(failed(what))?;
+    Ok(d)
+}
+
 /// Takes a checkpoint of `vm` into `dir`; fails unless it is of `kind`.
 fn take(vm: &BenchVm, dir: &Path, full: bool) -> Result<CheckpointReport, BenchError> {
     let want = if full { Kind::Full } else { Kind::Incremental };
@@ -113,7 +135,7 @@ fn phases(prefix: &str, r: &CheckpointReport) -> Vec<Sample> {
 pub fn full() -> Scenario {
     Scenario::new(
         "checkpoint-full",
-        "full checkpoint of a 1 GiB VM (2 vCPUs, builtin:dirty wss=900M random-filled, 10000 pages/s) into a fresh dir in /var/tmp: pause µs (baseline: bare vm.pause()+vm.resume()), total ms and MiB/s (baseline: plain buffered write + fsync of the same byte count of random data into a fresh file of the same dir), pause phases",
+        "full checkpoint of a 1 GiB VM (2 vCPUs, builtin:dirty wss=900M random-filled, 10000 pages/s) into a fresh dir in /var/tmp: pause µs (baseline: bare vm.pause()+vm.resume()), total ms and MiB/s (baseline: plain buffered write + fsync of the same byte count of random data into a fresh file of the same dir), vmhop's checkpoint writer alone on as many random pages (same baseline), pause phases",
         |ctx: &RunCtx| {
             let dir = scratch_dir()?;
             let vm = boot(ctx, "bench-checkpoint", dirty_guest(wss_bytes(ctx), Some(PACED_RATE)))?;
@@ -125,14 +147,24 @@ pub fn full() -> Scenario {
             // baseline writes the same amount next to it.
             empty_dir(dir.path())?;
             let data = random_bytes(WRITE_BLOCK, 0xc0ff_ee00 + ctx.run as u64);
-            let plain = plain_write(&dir.path().join("plain-write"), r.bytes_written, &data)?;
-            empty_dir(dir.path())?;
+            let plain_first = ctx.run.is_multiple_of(2);
+            let mut plain = Duration::ZERO;
+            let mut alone = Duration::ZERO;
+            for step in 0..2 {
+                if (step == 0) == plain_first {
+                    plain = plain_write(&dir.path().join("plain-write"), r.bytes_written, &data)?;
+                } else {
+                    alone = writer_alone(dir.path(), r.pages_written, &data)?;
+                }
+                empty_dir(dir.path())?;
+            }
             let total = Duration::from_secs_f64(r.total_ms / 1e3);
             let mut out = vec![
                 Sample::new("pause", "µs", r.downtime_us as f64).vs(rtt),
                 Sample::new("total", "ms", r.total_ms).vs(ms(plain)),
                 Sample::new("write rate", "MiB/s", mib_per_s(r.bytes_written, total))
                     .vs(mib_per_s(r.bytes_written, plain)),
+                Sample::new("part: checkpoint writer alone, no VM", "ms", ms(alone)).vs(ms(plain)),
                 Sample::new("file size", "MiB", r.bytes_written as f64 / (1u64 << 20) as f64),
                 Sample::new("pages in pause", "pages", r.pages_in_pause as f64),
                 Sample::new("rounds", "rounds", r.rounds as f64),

@@ -149,7 +149,7 @@ fn stop_copy() -> Scenario {
         |ctx: &RunCtx| {
             let len = vm_bytes(ctx);
             let node = vmhop::numa::topology::current_node();
-            let base_first = ctx.run % 2 == 0;
+            let base_first = ctx.run.is_multiple_of(2);
             let before = if base_first { Some(memcpy_baseline(len, node)?) } else { None };
             let r = {
                 let vm = boot_for(ctx, Guest::Paced)?;
@@ -242,7 +242,7 @@ fn kernel() -> Scenario {
         |ctx: &RunCtx| {
             let len = vm_bytes(ctx);
             let node = vmhop::numa::topology::current_node();
-            let base_first = ctx.run % 2 == 0;
+            let base_first = ctx.run.is_multiple_of(2);
             let before = if base_first { Some(move_pages_baseline(len, node)?) } else { None };
             let (r, query) = {
                 let vm = boot_for(ctx, Guest::Paced)?;

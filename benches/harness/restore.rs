@@ -189,10 +189,8 @@ fn restore_once(dir: &Path, eager: bool) -> Result<Restored, BenchError> {
     let loaded_ms = if eager {
         None
     } else {
-        // The VM refuses operations while its background load runs: the
-        // first moment it accepts one is the end of the load.
         if !wait_until(GUEST_LIMIT, || {
-            vm.try_operation().is_some() || vm.guest_stop_reason().is_some()
+            !vm.is_loading() || vm.guest_stop_reason().is_some()
         }) {
             return Err(BenchError::Failed(format!(
                 "{what}: the background load did not finish within {GUEST_LIMIT:?}"
@@ -221,7 +219,7 @@ fn scenario(name: &'static str, about: &'static str, saved: Shared, eager: bool)
         // Warm the page cache for both sides.
         let bytes = read_all(&s.files, &mut buf)?;
         // Alternate the order across runs so that drift favours neither.
-        let base_first = ctx.run % 2 == 0;
+        let base_first = ctx.run.is_multiple_of(2);
         let before = if base_first {
             Some(read_baseline(&s.files, &mut buf)?)
         } else {

@@ -252,7 +252,7 @@ pub fn transfer(
             let done = run.sink.complete(vm).map_err(TransferError::from);
             if done.is_ok() {
                 // Staying paused on purpose: the token is no longer needed.
-                drop(pause.take());
+                pause = None;
             }
             done
         }
