@@ -84,6 +84,11 @@ pub trait Sink {
     ) -> Result<u64, SinkError>;
     /// Bytes per second the sink takes pages at while the guest is paused.
     fn paused_rate(&self) -> f64;
+    /// Called just before the pause with the number of pages the pause is
+    /// expected to send, so a staging sink can prepare room outside it.
+    fn before_pause(&mut self, _expected_pages: u64) -> Result<(), SinkError> {
+        Ok(())
+    }
     /// What `commit` itself will cost in the pause (switching slots, say).
     fn commit_cost(&self) -> Duration {
         Duration::ZERO
@@ -335,6 +340,10 @@ fn precopy(
             run.send(&dirty, false)?;
             run.report.rounds += 1;
         }
+        // The pause sends the last dirty set plus what the guest dirties
+        // until it stops: allow a quarter more.
+        let expected = count(&last_pass);
+        run.sink.before_pause(expected + expected / 4 + 256)?;
         let t = Instant::now();
         let (p, states) = vm.pause_saving()?;
         *pause = Some(p);

@@ -7,20 +7,58 @@
 use std::collections::BTreeMap;
 
 use crate::checkpoint::format::{CheckpointWriter, Header, WrittenCheckpoint};
-use crate::memory::{Chunk, DirtyBitmap, PAGE_SIZE};
+use crate::memory::{Backing, Chunk, DirtyBitmap, Mapping, PAGE_SIZE};
 use crate::transfer::{AfterCommit, Sink, SinkError};
 use crate::vmm::{Pause, Vm, VmState};
 
-/// Rate of staging copies in the pause (memcpy into fresh heap pages runs at
-/// ~1-4 GiB/s here; the conservative end).
-const STAGING_RATE: f64 = 1.5 * (1u64 << 30) as f64;
+/// Rate of staging copies in the pause: memcpy into pre-faulted pages
+/// (~11 GiB/s here; a conservative share of it).
+const STAGING_RATE: f64 = 4.0 * (1u64 << 30) as f64;
+
+/// Where a staged run of pages is kept.
+enum Staged {
+    /// In the staging mapping: (offset, length).
+    Room(usize, usize),
+    /// In a heap buffer (the staging mapping was full).
+    Heap(Vec<u8>),
+}
+
+/// In a pause the host CPUs are free: staging copies this large or larger
+/// are split over threads.
+const PARALLEL_STAGING_MIN: usize = 1 << 20;
+
+/// Copies `src` into `dst`, over all host CPUs when it is large.
+fn copy(dst: &mut [u8], src: &[u8]) {
+    if src.len() < PARALLEL_STAGING_MIN {
+        dst.copy_from_slice(src);
+        return;
+    }
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .min(8);
+    let part = src
+        .len()
+        .div_ceil(threads)
+        .next_multiple_of(PAGE_SIZE as usize);
+    std::thread::scope(|s| {
+        for (d, c) in dst.chunks_mut(part).zip(src.chunks(part)) {
+            s.spawn(move || d.copy_from_slice(c));
+        }
+    });
+}
 
 /// Writes one checkpoint file.
 pub struct FileSink {
     dir: std::path::PathBuf,
     header: Header,
     writer: Option<CheckpointWriter>,
-    staged: Vec<(u64, Vec<u8>)>,
+    /// Pre-faulted room for the pages sent in the pause.
+    staging: Option<Mapping>,
+    /// Bytes of `staging` in use.
+    staging_used: usize,
+    /// Pages staged in the pause: (gpa, where).
+    staged: Vec<(u64, Staged)>,
     stop_after: bool,
     taken: Option<BTreeMap<u32, DirtyBitmap>>,
     /// What was written, once complete.
@@ -35,6 +73,8 @@ impl FileSink {
             dir: dir.to_path_buf(),
             header,
             writer: None,
+            staging: None,
+            staging_used: 0,
             staged: Vec::new(),
             stop_after,
             taken: None,
@@ -76,10 +116,37 @@ impl Sink for FileSink {
     ) -> Result<u64, SinkError> {
         let gpa = chunk.range.start + first * PAGE_SIZE;
         if paused {
-            self.staged.push((gpa, data.to_vec()));
+            let at = self.staging_used;
+            let room = self.staging.as_ref().filter(|m| at + data.len() <= m.len());
+            let where_ = match room {
+                Some(m) => {
+                    // SAFETY: [at, at+len) lies inside the staging mapping
+                    // (checked above), which only this sink uses.
+                    let dst =
+                        unsafe { std::slice::from_raw_parts_mut(m.as_ptr().add(at), data.len()) };
+                    copy(dst, data);
+                    self.staging_used += data.len();
+                    Staged::Room(at, data.len())
+                }
+                None => Staged::Heap(data.to_vec()),
+            };
+            self.staged.push((gpa, where_));
             return Ok(data.len() as u64);
         }
         self.writer()?.add_pages(gpa, data).map_err(Self::err)
+    }
+
+    fn before_pause(&mut self, expected_pages: u64) -> Result<(), SinkError> {
+        let len = (expected_pages * PAGE_SIZE) as usize;
+        if self.staging.as_ref().is_some_and(|m| m.len() >= len) {
+            return Ok(());
+        }
+        // Faulting fresh pages costs ~1 GiB/s here, a copy into faulted
+        // pages ~10: fault the room in now, while the guest still runs.
+        let m = Mapping::new(len, Backing::Anonymous).map_err(Self::err)?;
+        m.populate().map_err(Self::err)?;
+        self.staging = Some(m);
+        Ok(())
     }
 
     fn paused_rate(&self) -> f64 {
@@ -109,8 +176,18 @@ impl Sink for FileSink {
     fn complete(&mut self, vm: &Vm) -> Result<(), SinkError> {
         let staged = std::mem::take(&mut self.staged);
         let result = (|| {
+            let staging = self.staging.take();
             let w = self.writer()?;
-            for (gpa, data) in &staged {
+            for (gpa, where_) in &staged {
+                let data: &[u8] = match where_ {
+                    Staged::Heap(v) => v,
+                    Staged::Room(at, len) => {
+                        let m = staging.as_ref().expect("room was in the staging mapping");
+                        // SAFETY: the range was filled in `pages` and lies
+                        // inside the mapping, which nothing writes now.
+                        unsafe { std::slice::from_raw_parts(m.as_ptr().add(*at), *len) }
+                    }
+                };
                 w.add_pages(*gpa, data).map_err(Self::err)?;
             }
             let w = self.writer.take().expect("checked above");
