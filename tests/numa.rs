@@ -658,15 +658,21 @@ fn refused_moves_exit_nonzero_with_one_line_and_leave_the_vm_running() {
     );
     assert_one_line_error(&out, "--guest-node 5");
 
-    let out = refused(
+    // Bad usage is clap's: exit 2, naming the bad value.
+    refused(
         &vm,
         &["--to-node", "0", "--max-downtime-ms", "0"],
-        1,
-        &["downtime"],
+        2,
+        &["positive"],
     );
-    assert_one_line_error(&out, "--max-downtime-ms 0");
-
-    // Bad usage is clap's: exit 2, naming the bad value.
+    // The API refuses the same budget itself (curl users get no clap).
+    let r = vm.http(
+        "PUT",
+        "/api/v1/vm.numa-migrate",
+        Some(r#"{"to_node":0,"max_downtime_ms":0}"#),
+    );
+    assert_eq!(r.status, 400, "a zero budget through the API: {}", r.body);
+    assert!(r.body.contains("max_downtime_ms"), "{}", r.body);
     refused(&vm, &["--to-node", "0", "--mode", "bogus"], 2, &["bogus"]);
     refused(&vm, &["--to-node", "zero"], 2, &["zero"]);
     refused(&vm, &["--guest-node", "0"], 2, &["--to-node"]);

@@ -22,8 +22,15 @@ pub struct NumaMigrateArgs {
     #[arg(long, default_value = "live")]
     mode: Mode,
     /// Downtime budget per pause in milliseconds (default 1).
-    #[arg(long, value_name = "MS")]
+    #[arg(long, value_name = "MS", value_parser = positive_ms)]
     max_downtime_ms: Option<f64>,
+}
+
+fn positive_ms(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v > 0.0 && v.is_finite() => Ok(v),
+        _ => Err(format!("'{s}' is not a positive number of milliseconds")),
+    }
 }
 
 fn fmt_placement(p: &std::collections::BTreeMap<String, u64>) -> String {

@@ -440,6 +440,20 @@ fn kernel_batches(
                     Err(e) => return Err((e.to_string(), done)),
                 };
                 done.push((base, i, k, n.guest_node));
+                // Pages the kernel could not take this time (busy: the
+                // guest or KVM held them) get one more try.
+                let busy: Vec<*mut u8> = status
+                    .iter()
+                    .zip(&pages)
+                    .filter(|(st, _)| **st == -libc::EBUSY || **st == -libc::EAGAIN)
+                    .map(|(_, p)| *p)
+                    .collect();
+                let retried = if busy.is_empty() {
+                    Vec::new()
+                } else {
+                    policy::move_pages_to(&busy, target).unwrap_or_default()
+                };
+                moved += retried.iter().filter(|st| **st == target as i32).count() as u64;
                 lat.push(t.elapsed().as_micros() as u64);
                 for (j, s) in status.iter().enumerate() {
                     if *s == target as i32 {

@@ -319,6 +319,11 @@ impl Vm {
     /// --api-socket <fresh path> ARGS` (e.g. `&["restore", "DIR@3"]`) and
     /// waits until its API answers `vm.status`.
     pub fn start_command(command: &[&str], args: &[&str]) -> Vm {
+        Vm::start_command_env(command, args, &[])
+    }
+
+    /// Like `start_command`, with extra environment variables for vmhop.
+    pub fn start_command_env(command: &[&str], args: &[&str], env: &[(&str, &str)]) -> Vm {
         let what = command.join(" ");
         let dir = tempfile::Builder::new()
             .prefix("vmhop-test-")
@@ -332,6 +337,7 @@ impl Vm {
             .arg("--api-socket")
             .arg(&socket)
             .args(args)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(stdout)
             .stderr(stderr)

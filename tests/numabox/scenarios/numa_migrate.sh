@@ -57,11 +57,27 @@ say() {
 # the console (the box sends both streams there).
 fail() {
     echo "$tag: FAIL: $*" >&2
-    if [ -s "$vmlog" ]; then
-        echo "$tag: --- vmhop run output ---" >&2
-        cat "$vmlog" >&2
-    fi
+    diagnose >&2
     exit 1
+}
+
+# What a failure report needs besides the failed check: the VM's own output,
+# its status, its threads' states and CPU use, and the kernel's last words.
+diagnose() {
+    if [ -s "$vmlog" ]; then
+        echo "$tag: --- vmhop run output ---"
+        cat "$vmlog"
+    fi
+    if [ -n "$vm_pid" ] && [ -d "/proc/$vm_pid" ]; then
+        echo "$tag: --- status ---"
+        "$VMHOP" status --api-socket "$sock" --json 2>&1 || true
+        echo "$tag: --- vmhop threads: tid (comm) state ... utime stime (fields 1-3, 14-15) ---"
+        for t in /proc/"$vm_pid"/task/*; do
+            cut -d' ' -f1-3,14,15 "$t/stat" 2>/dev/null || true
+        done
+    fi
+    echo "$tag: --- dmesg (last 20 lines) ---"
+    dmesg 2>/dev/null | tail -n 20
 }
 
 cleanup() {
