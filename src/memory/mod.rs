@@ -16,6 +16,32 @@ pub use mapping::{Mapping, MappingError};
 
 use serde::{Deserialize, Serialize};
 
+/// Below this size a copy is not worth splitting over threads.
+const PARALLEL_COPY_MIN: usize = 1 << 20;
+
+/// Copies `src` into `dst` (same length), split over all host CPUs when it
+/// is large. Meant for copies inside a pause, when the vCPU threads are
+/// stopped and every CPU is free.
+pub fn copy_parallel(dst: &mut [u8], src: &[u8]) {
+    if src.len() < PARALLEL_COPY_MIN {
+        dst.copy_from_slice(src);
+        return;
+    }
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .min(8);
+    let part = src
+        .len()
+        .div_ceil(threads)
+        .next_multiple_of(PAGE_SIZE as usize);
+    std::thread::scope(|s| {
+        for (d, c) in dst.chunks_mut(part).zip(src.chunks(part)) {
+            s.spawn(move || d.copy_from_slice(c));
+        }
+    });
+}
+
 /// How a guest node's memory is backed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]

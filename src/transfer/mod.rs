@@ -290,7 +290,12 @@ fn precopy(
             .collect();
         run.sink.begin(vm, &chunks)?;
     }
-    let all = || -> BTreeMap<u32, DirtyBitmap> {
+    // Read only after dirty logging is armed and the logs cleared, so no
+    // page dirtied in between is missed.
+    let first_pass = || -> BTreeMap<u32, DirtyBitmap> {
+        if plan.first_pass == FirstPass::SinceCheckpoint {
+            return vm.checkpoint_dirty(&plan.slots);
+        }
         let mem = vm.memory();
         mem.chunks()
             .filter(|c| plan.slots.contains(&c.slot))
@@ -303,10 +308,7 @@ fn precopy(
         vm.start_dirty_log()?;
         // Clear the logs now: the first pass copies everything after this.
         run.fetch(&plan.slots)?;
-        let first = match plan.first_pass {
-            FirstPass::All => all(),
-            FirstPass::SinceCheckpoint => vm.checkpoint_dirty(&plan.slots),
-        };
+        let first = first_pass();
         run.send(&first, false)?;
         run.report.rounds = 1;
         let rate = run.sink.paused_rate().max(1.0);
@@ -369,10 +371,7 @@ fn precopy(
             // Keep any checkpoint's record of what changed up to date.
             run.fetch(&plan.slots)?;
         }
-        last_pass = match plan.first_pass {
-            FirstPass::All => all(),
-            FirstPass::SinceCheckpoint => vm.checkpoint_dirty(&plan.slots),
-        };
+        last_pass = first_pass();
     }
     let p = pause.as_ref().expect("paused above");
     let t = Instant::now();

@@ -277,8 +277,6 @@ pub enum VcpuCmd {
     PauseAndSave,
     /// Run again.
     Resume,
-    /// Reply with the state (paused only).
-    SaveState,
     /// Load this state (paused only).
     RestoreState(Box<VcpuState>),
     /// Exit the thread.
@@ -459,11 +457,6 @@ impl VcpuThread {
                 self.fd.set_kvm_immediate_exit(0);
                 self.reply(VcpuReply::Resumed);
                 Some(Flow::Run)
-            }
-            VcpuCmd::SaveState => {
-                let s = save_state(self.id, &self.fd).map(Box::new);
-                self.reply(VcpuReply::State(s));
-                None
             }
             VcpuCmd::RestoreState(s) => {
                 let r = restore_state(&self.fd, &s);

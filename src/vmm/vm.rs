@@ -609,22 +609,6 @@ impl Vm {
         Ok(())
     }
 
-    /// Saves every vCPU's state (the VM must be paused).
-    pub fn save_vcpus(&self, _pause: &Pause) -> Result<Vec<VcpuState>, VmError> {
-        let replies = self.send_all_with(
-            |_| VcpuCmd::SaveState,
-            "save state",
-            |r| matches!(r, VcpuReply::State(_)),
-        )?;
-        replies
-            .into_iter()
-            .map(|r| match r {
-                VcpuReply::State(s) => s.map(|b| *b).map_err(VmError::Vcpu),
-                _ => unreachable!("filtered by send_all_with"),
-            })
-            .collect()
-    }
-
     /// Each vCPU thread's tid.
     pub fn vcpu_tids(&self) -> Vec<(u32, i32)> {
         self.vcpus

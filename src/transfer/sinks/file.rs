@@ -23,31 +23,6 @@ enum Staged {
     Heap(Vec<u8>),
 }
 
-/// In a pause the host CPUs are free: staging copies this large or larger
-/// are split over threads.
-const PARALLEL_STAGING_MIN: usize = 1 << 20;
-
-/// Copies `src` into `dst`, over all host CPUs when it is large.
-fn copy(dst: &mut [u8], src: &[u8]) {
-    if src.len() < PARALLEL_STAGING_MIN {
-        dst.copy_from_slice(src);
-        return;
-    }
-    let threads = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
-        .min(8);
-    let part = src
-        .len()
-        .div_ceil(threads)
-        .next_multiple_of(PAGE_SIZE as usize);
-    std::thread::scope(|s| {
-        for (d, c) in dst.chunks_mut(part).zip(src.chunks(part)) {
-            s.spawn(move || d.copy_from_slice(c));
-        }
-    });
-}
-
 /// Writes one checkpoint file.
 pub struct FileSink {
     dir: std::path::PathBuf,
@@ -124,7 +99,7 @@ impl Sink for FileSink {
                     // (checked above), which only this sink uses.
                     let dst =
                         unsafe { std::slice::from_raw_parts_mut(m.as_ptr().add(at), data.len()) };
-                    copy(dst, data);
+                    crate::memory::copy_parallel(dst, data);
                     self.staging_used += data.len();
                     Staged::Room(at, data.len())
                 }

@@ -13,28 +13,6 @@ use crate::vmm::{Pause, Vm, VmState};
 /// (ENVIRONMENT.md: memcpy between faulted buffers runs at ~11 GiB/s).
 const DEFAULT_COPY_RATE: f64 = 4.0 * (1u64 << 30) as f64;
 
-/// In a pause every host CPU is free (the vCPU threads are stopped), so big
-/// copies are split over threads; below this size thread start-up costs
-/// more than it saves.
-const PARALLEL_COPY_MIN: usize = 4 << 20;
-
-/// Copies `src` into `dst` with one thread per available CPU.
-fn parallel_copy(dst: &mut [u8], src: &[u8]) {
-    let threads = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
-        .min(8);
-    let part = src
-        .len()
-        .div_ceil(threads)
-        .next_multiple_of(PAGE_SIZE as usize);
-    std::thread::scope(|s| {
-        for (d, c) in dst.chunks_mut(part).zip(src.chunks(part)) {
-            s.spawn(move || d.copy_from_slice(c));
-        }
-    });
-}
-
 /// Copies guest memory into new memory on host node `target`.
 #[derive(Debug)]
 pub struct LocalSink {
@@ -119,8 +97,8 @@ impl Sink for LocalSink {
         // the range was checked above; source and destination are different
         // mappings, so they cannot overlap.
         let out = unsafe { std::slice::from_raw_parts_mut(dst.as_ptr().add(off), data.len()) };
-        if paused && data.len() >= PARALLEL_COPY_MIN {
-            parallel_copy(out, data);
+        if paused {
+            crate::memory::copy_parallel(out, data);
         } else {
             out.copy_from_slice(data);
         }
