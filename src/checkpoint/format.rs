@@ -1367,13 +1367,6 @@ fn read_index(
     Ok(index)
 }
 
-#[cfg(test)]
-fn parse_index(raw: &[u8], kind: Kind, pages: Section) -> Result<Vec<IndexEntry>, String> {
-    let mut index = Vec::with_capacity(raw.len() / INDEX_ENTRY_LEN);
-    parse_index_into(raw, kind, pages, &mut index)?;
-    Ok(index)
-}
-
 /// Parses whole index entries of `raw` onto the end of `index`, checking
 /// each against the ones before it.
 fn parse_index_into(
