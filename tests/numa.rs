@@ -22,7 +22,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::thread;
 use std::time::Duration;
 
-use common::{assert_one_line_error, parse_cpu_list, vmhop, CmdOutput, Vm, MIB, PAGE};
+use common::{
+    assert_one_line_error, memory_map, parse_cpu_list, vmhop, CmdOutput, Slot, Vm, MIB, PAGE,
+};
 use serde_json::Value;
 
 /// Generous bound for a running guest to show progress (polling, not timing).
@@ -153,32 +155,6 @@ fn u64_field(report: &Value, field: &str) -> u64 {
     report[field]
         .as_u64()
         .unwrap_or_else(|| panic!("report has no unsigned {field}: {report}"))
-}
-
-/// One KVM slot of `debug.memory-map`.
-#[derive(Debug, Clone, PartialEq)]
-struct Slot {
-    guest_node: u64,
-    gpa: u64,
-    len: u64,
-    host_addr: u64,
-}
-
-/// The VM's slots (chunks), in the order the API lists them.
-fn memory_map(vm: &Vm) -> Vec<Slot> {
-    let r = vm.http("GET", "/api/v1/debug.memory-map", None);
-    assert_eq!(r.status, 200, "debug.memory-map: {}", r.body);
-    r.json()
-        .as_array()
-        .unwrap_or_else(|| panic!("debug.memory-map is not a list: {}", r.body))
-        .iter()
-        .map(|s| Slot {
-            guest_node: s["guest_node"].as_u64().expect("slot guest_node"),
-            gpa: s["gpa"].as_u64().expect("slot gpa"),
-            len: s["len"].as_u64().expect("slot len"),
-            host_addr: s["host_addr"].as_u64().expect("slot host_addr"),
-        })
-        .collect()
 }
 
 /// The vCPU ids `numa-stat` puts on guest node `g`.

@@ -8,7 +8,10 @@ use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{cpu_time, parse_cpu_list, parse_gpa, threads, Vm, MIB, PAGE, WORKING_SET_START};
+use common::{
+    cpu_time, memory_map, parse_cpu_list, parse_gpa, threads, Slot, Vm, MIB, PAGE,
+    WORKING_SET_START,
+};
 use serde_json::Value;
 
 /// Generous bound for a running guest to show progress (polling, not timing).
@@ -54,28 +57,6 @@ fn assert_verifies(vm: &Vm) {
         report["pages_checked"].as_u64().unwrap_or(0) > 0,
         "verify checked no pages: {report}"
     );
-}
-
-/// One entry of `debug.memory-map`.
-struct Slot {
-    gpa: u64,
-    len: u64,
-    host_addr: u64,
-}
-
-fn memory_map(vm: &Vm) -> Vec<Slot> {
-    let r = vm.http("GET", "/api/v1/debug.memory-map", None);
-    assert_eq!(r.status, 200, "debug.memory-map: {}", r.body);
-    r.json()
-        .as_array()
-        .unwrap_or_else(|| panic!("debug.memory-map is not a list: {}", r.body))
-        .iter()
-        .map(|s| Slot {
-            gpa: s["gpa"].as_u64().expect("slot gpa"),
-            len: s["len"].as_u64().expect("slot len"),
-            host_addr: s["host_addr"].as_u64().expect("slot host_addr"),
-        })
-        .collect()
 }
 
 /// The address inside the vmhop process that backs guest-physical `gpa`.

@@ -614,3 +614,29 @@ pub const WORKING_SET_START: u64 = 0x20_0000;
 
 /// The guest page size.
 pub const PAGE: u64 = 4096;
+
+/// One KVM slot (chunk) of `debug.memory-map`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Slot {
+    pub guest_node: u64,
+    pub gpa: u64,
+    pub len: u64,
+    pub host_addr: u64,
+}
+
+/// The VM's slots, in the order the API lists them.
+pub fn memory_map(vm: &Vm) -> Vec<Slot> {
+    let r = vm.http("GET", "/api/v1/debug.memory-map", None);
+    assert_eq!(r.status, 200, "debug.memory-map: {}", r.body);
+    r.json()
+        .as_array()
+        .unwrap_or_else(|| panic!("debug.memory-map is not a list: {}", r.body))
+        .iter()
+        .map(|s| Slot {
+            guest_node: s["guest_node"].as_u64().expect("slot guest_node"),
+            gpa: s["gpa"].as_u64().expect("slot gpa"),
+            len: s["len"].as_u64().expect("slot len"),
+            host_addr: s["host_addr"].as_u64().expect("slot host_addr"),
+        })
+        .collect()
+}
