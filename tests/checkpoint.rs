@@ -60,20 +60,9 @@ fn let_guest_work(vm: &Vm, from: u64) {
     vm.wait_progress_above(from + GUEST_WORK, PROGRESS_WAIT);
 }
 
-/// Parses stdout as exactly one JSON object (and nothing else).
+/// Parses a command's stdout as exactly one JSON object.
 fn one_json_object(out: &CmdOutput) -> Value {
-    let mut values = serde_json::Deserializer::from_str(&out.stdout).into_iter::<Value>();
-    let first = values
-        .next()
-        .unwrap_or_else(|| panic!("no JSON on stdout\n{}", out.describe()))
-        .unwrap_or_else(|e| panic!("stdout is not JSON ({e})\n{}", out.describe()));
-    assert!(
-        values.next().is_none(),
-        "more than one JSON value on stdout\n{}",
-        out.describe()
-    );
-    assert!(first.is_object(), "stdout JSON is not an object: {first}");
-    first
+    common::one_json_object_in(&out.stdout, &out.describe())
 }
 
 /// A fresh temporary directory for checkpoints.

@@ -23,7 +23,8 @@ use std::thread;
 use std::time::Duration;
 
 use common::{
-    assert_one_line_error, memory_map, parse_cpu_list, vmhop, CmdOutput, Slot, Vm, MIB, PAGE,
+    assert_one_line_error, memory_map, one_json_object, parse_cpu_list, vmhop, CmdOutput, Slot, Vm,
+    MIB, PAGE,
 };
 use serde_json::Value;
 
@@ -32,21 +33,6 @@ const PROGRESS_WAIT: Duration = Duration::from_secs(15);
 
 /// The default chunk (one KVM slot, the unit of a live move).
 const DEFAULT_CHUNK: u64 = 32 * MIB;
-
-/// Parses stdout as exactly one JSON object (and nothing else).
-fn one_json_object(stdout: &str) -> Value {
-    let mut values = serde_json::Deserializer::from_str(stdout).into_iter::<Value>();
-    let first = values
-        .next()
-        .unwrap_or_else(|| panic!("no JSON on stdout: {stdout:?}"))
-        .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {stdout:?}"));
-    assert!(
-        values.next().is_none(),
-        "more than one JSON value on stdout: {stdout:?}"
-    );
-    assert!(first.is_object(), "stdout JSON is not an object: {first}");
-    first
-}
 
 /// Starts a builtin:dirty VM with 2 vCPUs and the extra `run` arguments.
 /// `guest` adds options to builtin:dirty (e.g. ",rate=20000").

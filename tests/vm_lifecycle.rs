@@ -9,7 +9,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::{
-    cpu_time, memory_map, parse_cpu_list, parse_gpa, threads, Slot, Vm, MIB, PAGE,
+    cpu_time, memory_map, one_json_object, parse_cpu_list, parse_gpa, threads, Slot, Vm, MIB, PAGE,
     WORKING_SET_START,
 };
 use serde_json::Value;
@@ -20,21 +20,6 @@ const PROGRESS_WAIT: Duration = Duration::from_secs(10);
 /// A dirty guest's working-set pages for `memory_bytes` of guest memory.
 fn working_set_pages(memory_bytes: u64) -> u64 {
     (memory_bytes - WORKING_SET_START) / PAGE
-}
-
-/// Parses stdout as exactly one JSON value (and nothing else).
-fn one_json_object(stdout: &str) -> Value {
-    let mut values = serde_json::Deserializer::from_str(stdout).into_iter::<Value>();
-    let first = values
-        .next()
-        .unwrap_or_else(|| panic!("no JSON on stdout: {stdout:?}"))
-        .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {stdout:?}"));
-    assert!(
-        values.next().is_none(),
-        "more than one JSON value on stdout: {stdout:?}"
-    );
-    assert!(first.is_object(), "stdout JSON is not an object: {first}");
-    first
 }
 
 /// Runs `verify --json` and returns (exit code, report).

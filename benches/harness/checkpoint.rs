@@ -113,22 +113,6 @@ fn take(vm: &BenchVm, dir: &Path, full: bool) -> Result<CheckpointReport, BenchE
     Ok(r)
 }
 
-/// The pause phases of a checkpoint as samples named `{prefix}pause: PHASE`.
-fn phases(prefix: &str, r: &CheckpointReport) -> Vec<Sample> {
-    let b = &r.pause_breakdown;
-    [
-        ("stop", b.stop_us),
-        ("fetch", b.fetch_us),
-        ("copy", b.copy_us),
-        ("state", b.state_us),
-        ("commit", b.commit_us),
-        ("resume", b.resume_us),
-    ]
-    .into_iter()
-    .map(|(name, v)| Sample::new(format!("{prefix}pause: {name}"), "µs", v as f64))
-    .collect()
-}
-
 /// `checkpoint-full`: a full checkpoint of a 1 GiB VM whose guest keeps
 /// writing at 10 000 pages/s, against a plain write + fsync of as many
 /// bytes into a fresh file of the same directory.
@@ -170,7 +154,7 @@ pub fn full() -> Scenario {
                 Sample::new("rounds", "rounds", r.rounds as f64),
                 Sample::new("converged", "yes=1", flag(r.converged)),
             ];
-            out.extend(phases("", &r));
+            out.extend(super::fixture::pause_phases("pause: ", &r.pause_breakdown));
             Ok(out)
         },
     )
@@ -238,7 +222,10 @@ pub fn incremental(name: &'static str, about: &'static str, pct: u64) -> Scenari
                 "yes=1",
                 flag(r.converged),
             ));
-            out.extend(phases(&format!("{label}: "), &r));
+            out.extend(super::fixture::pause_phases(
+                &format!("{label}: pause: "),
+                &r.pause_breakdown,
+            ));
         }
         Ok(out)
     })

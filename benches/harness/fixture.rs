@@ -303,3 +303,18 @@ pub fn flag(b: bool) -> f64 {
         0.0
     }
 }
+
+/// The phases of a pause as samples named `{prefix}PHASE`, in µs.
+pub fn pause_phases(prefix: &str, b: &vmhop::transfer::PauseBreakdown) -> Vec<super::Sample> {
+    [
+        ("stop", b.stop_us),
+        ("fetch", b.fetch_us),
+        ("copy", b.copy_us),
+        ("state", b.state_us),
+        ("commit", b.commit_us),
+        ("resume", b.resume_us),
+    ]
+    .into_iter()
+    .map(|(name, v)| super::Sample::new(format!("{prefix}{name}"), "µs", v as f64))
+    .collect()
+}

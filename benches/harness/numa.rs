@@ -18,7 +18,6 @@ use vmhop::numa::policy::{bind, move_pages_to};
 use vmhop::transfer::numa_move::{
     numa_migrate, placement_of, Mode, NumaMigrateReport, NumaMigrateRequest, KERNEL_BATCH_PAGES,
 };
-use vmhop::transfer::PauseBreakdown;
 
 use super::fixture::{
     boot, check_alive, dirty_guest, failed, fill_working_set, flag, ms, pause_baseline, timed, us,
@@ -126,21 +125,6 @@ fn memcpy_baseline(len: u64, node: u32) -> Result<Duration, BenchError> {
     Ok(t)
 }
 
-/// The phases of a pause as samples named `{prefix}PHASE`.
-fn phases(prefix: &str, b: &PauseBreakdown) -> Vec<Sample> {
-    [
-        ("stop", b.stop_us),
-        ("fetch", b.fetch_us),
-        ("copy", b.copy_us),
-        ("state", b.state_us),
-        ("commit", b.commit_us),
-        ("resume", b.resume_us),
-    ]
-    .into_iter()
-    .map(|(name, v)| Sample::new(format!("{prefix}{name}"), "µs", v as f64))
-    .collect()
-}
-
 /// `numa-stop-copy`.
 fn stop_copy() -> Scenario {
     Scenario::new(
@@ -166,7 +150,7 @@ fn stop_copy() -> Scenario {
                 Sample::new("pages moved", "pages", r.pages_moved as f64),
             ];
             out.extend(
-                phases("pause: ", &r.longest_pause)
+                super::fixture::pause_phases("pause: ", &r.longest_pause)
                     .into_iter()
                     .filter(|s| s.metric != "pause: copy"),
             );
@@ -196,7 +180,10 @@ fn live(name: &'static str, about: &'static str, guest: Guest) -> Scenario {
                 r.peak_extra_bytes as f64 / (1u64 << 20) as f64,
             ),
         ];
-        out.extend(phases("longest pause: ", &r.longest_pause));
+        out.extend(super::fixture::pause_phases(
+            "longest pause: ",
+            &r.longest_pause,
+        ));
         Ok(out)
     })
 }

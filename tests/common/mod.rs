@@ -640,3 +640,27 @@ pub fn memory_map(vm: &Vm) -> Vec<Slot> {
         })
         .collect()
 }
+
+/// Parses `stdout` as exactly one JSON object and nothing else (what
+/// `--json` promises); `context` goes into the failure message.
+pub fn one_json_object_in(stdout: &str, context: &dyn std::fmt::Display) -> Value {
+    let mut values = serde_json::Deserializer::from_str(stdout).into_iter::<Value>();
+    let first = values
+        .next()
+        .unwrap_or_else(|| panic!("no JSON on stdout: {stdout:?}\n{context}"))
+        .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {stdout:?}\n{context}"));
+    assert!(
+        values.next().is_none(),
+        "more than one JSON value on stdout: {stdout:?}\n{context}"
+    );
+    assert!(
+        first.is_object(),
+        "stdout JSON is not an object: {first}\n{context}"
+    );
+    first
+}
+
+/// `one_json_object_in` without extra context.
+pub fn one_json_object(stdout: &str) -> Value {
+    one_json_object_in(stdout, &"")
+}
