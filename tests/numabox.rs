@@ -62,16 +62,34 @@ fn ensure_setup() {
     }
 }
 
+/// What vmhop logs when the builtin guest crashed by itself.
+const GUEST_CRASH_IN_BOX: &str = "the guest shut down (triple fault)";
+
 /// Boots the NUMA box with `scenario` (relative to the repository root),
 /// passing `scenario_args` to it as words, and returns the console (run.sh's
 /// stdout). Panics with the whole output unless the box reported PASS.
 fn boot(scenario: &str, scenario_args: &str) -> String {
     ensure_setup();
-    let run = run_script(
-        "tests/numabox/run.sh",
-        &[scenario],
-        &[("NUMABOX_SCENARIO_ARGS", scenario_args)],
-    );
+    let boot_once = || {
+        run_script(
+            "tests/numabox/run.sh",
+            &[scenario],
+            &[("NUMABOX_SCENARIO_ARGS", scenario_args)],
+        )
+    };
+    let mut run = boot_once();
+    // Known and not yet understood: inside the box (kvm-amd on QEMU's
+    // emulated SVM) the builtin guest now and then triple-faults on its own,
+    // before any move, in roughly one boot in ten to twenty. That one
+    // signature gets a single second boot, said out loud; any other
+    // failure, or the same crash twice, fails the test.
+    if !run.status.success() && String::from_utf8_lossy(&run.stdout).contains(GUEST_CRASH_IN_BOX) {
+        eprintln!(
+            "numabox: the guest crashed inside the box ({GUEST_CRASH_IN_BOX}); booting once more:\n{}",
+            combined(&run)
+        );
+        run = boot_once();
+    }
     assert!(
         run.status.success(),
         "tests/numabox/run.sh {scenario} (args {scenario_args:?}) failed ({}):\n{}",
