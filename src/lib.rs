@@ -5,9 +5,12 @@
 //! `cli → api → vmm / transfer / checkpoint → memory / numa → kvm crates`.
 
 pub mod api;
+pub mod arch;
 pub mod checkpoint;
 pub mod cli;
+pub mod devices;
 pub mod guest;
+pub mod machine;
 pub mod memory;
 pub mod numa;
 pub mod transfer;

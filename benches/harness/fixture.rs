@@ -11,12 +11,13 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use vmhop::devices::Console;
 use vmhop::guest::program::block;
 use vmhop::guest::setup::BLOCKS_ADDR;
 use vmhop::guest::{GuestSpec, RESERVED_BYTES};
 use vmhop::memory::layout::DEFAULT_CHUNK_SIZE;
 use vmhop::memory::PAGE_SIZE;
-use vmhop::vmm::{NodeConfig, Start, Vm, VmConfig};
+use vmhop::vmm::{NodeConfig, Vm, VmConfig};
 
 use super::{median, vm_step, wait_until, BenchError, RunCtx};
 
@@ -121,8 +122,8 @@ pub fn new_vm(
         hugepages: false,
         chunk_size: DEFAULT_CHUNK_SIZE,
     };
-    Vm::new(config, Start::Boot, paused)
-        .map(BenchVm)
+    vmhop::machine::boot(config, &Console::Stdout, paused)
+        .map(|(vm, _)| BenchVm(vm))
         .map_err(vm_step(what))
 }
 

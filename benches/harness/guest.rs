@@ -11,12 +11,13 @@ use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use vmhop::devices::Console;
 use vmhop::guest::program::{block, COUNTER_OFFSET, TAG_OFFSET};
 use vmhop::guest::setup::BLOCKS_ADDR;
 use vmhop::guest::GuestSpec;
 use vmhop::memory::layout::DEFAULT_CHUNK_SIZE;
 use vmhop::memory::{Backing, Mapping, PAGE_SIZE};
-use vmhop::vmm::{NodeConfig, Start, Vm, VmConfig};
+use vmhop::vmm::{NodeConfig, Vm, VmConfig};
 
 use super::{median, quantile, vm_step, wait_until, BenchError, Sample, Scenario};
 
@@ -80,7 +81,9 @@ fn boot(vcpus: u32, guest: GuestSpec) -> Result<Arc<Vm>, BenchError> {
         VM_BYTES >> 20,
         guest.kind()
     );
-    Vm::new(config(vcpus, guest), Start::Boot, false).map_err(vm_step(what))
+    vmhop::machine::boot(config(vcpus, guest), &Console::Stdout, false)
+        .map(|(vm, _)| vm)
+        .map_err(vm_step(what))
 }
 
 /// Fails if the guest stopped by itself (a triple fault would make every

@@ -182,8 +182,15 @@ fn restore_once(dir: &Path, eager: bool) -> Result<Restored, BenchError> {
         dir.display()
     );
     let start = std::time::Instant::now();
-    let (vm, report) = restore(dir, None, Some("bench-restored".into()), false, eager)
-        .map_err(failed(what.clone()))?;
+    let (vm, report, _) = restore(
+        dir,
+        None,
+        Some("bench-restored".into()),
+        false,
+        eager,
+        &vmhop::devices::Console::Stdout,
+    )
+    .map_err(failed(what.clone()))?;
     let call = start.elapsed();
     let vm = BenchVm(vm);
     let loaded_ms = if eager {

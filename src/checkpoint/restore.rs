@@ -120,6 +120,13 @@ pub fn open(dir: &Path, id: Option<u32>) -> Result<Opened, RestoreError> {
     config
         .validate()
         .map_err(|e| content(format!("the saved configuration is invalid: {e}")))?;
+    if state.version > crate::vmm::state::STATE_VERSION {
+        return Err(content(format!(
+            "the saved VM state has version {}; this vmhop reads up to version {}",
+            state.version,
+            crate::vmm::state::STATE_VERSION
+        )));
+    }
     if state.vcpus.len() != config.vcpus as usize {
         return Err(content(format!(
             "the state holds {} vCPUs but the configuration {}",
@@ -433,13 +440,22 @@ pub fn restore(
     name: Option<String>,
     paused: bool,
     eager: bool,
-) -> Result<(Arc<Vm>, RestoreReport), RestoreError> {
+    console: &crate::devices::Console,
+) -> Result<(Arc<Vm>, RestoreReport, crate::devices::Devices), RestoreError> {
     let t = Instant::now();
     let mut o = open(dir, id)?;
     if let Some(n) = name {
         o.config.name = n;
     }
     let state = std::mem::take(&mut o.state.vcpus);
+    let machine = o.state.machine.take().map(Box::new);
+    let mut devs = crate::devices::build(&o.config, console, &o.state.devices).map_err(|e| {
+        RestoreError::Content {
+            file: dir.to_path_buf(),
+            reason: e.to_string(),
+        }
+    })?;
+    let device_set = std::mem::take(&mut devs.set);
     let lazy_slot: Arc<Mutex<Option<Arc<Lazy>>>> = Arc::new(Mutex::new(None));
     let load: crate::vmm::vm::Loader<'_> = if eager {
         Box::new(|m: &GuestMemory| load_eager(&o, m))
@@ -479,8 +495,13 @@ pub fn restore(
     };
     let vm = Vm::new(
         o.config.clone(),
-        Start::Restore { vcpus: state, load },
+        Start::Restore {
+            vcpus: state,
+            machine,
+            load,
+        },
         paused,
+        device_set,
     )?;
     let resume_ms = t.elapsed().as_secs_f64() * 1e3;
     vm.set_last_checkpoint(Some(o.checkpoint.clone()));
@@ -529,5 +550,6 @@ pub fn restore(
             pages: o.stored_pages,
             resume_ms,
         },
+        devs,
     ))
 }

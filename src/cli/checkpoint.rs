@@ -153,8 +153,18 @@ pub fn restore(target: &str, args: &RunArgs) -> CliResult {
     super::run::check_socket_free(&socket)?;
     let set = super::run::block_stop_signals();
     let name = (args.name != super::run::DEFAULT_NAME).then(|| args.name.clone());
-    let (vm, report) = crate::checkpoint::restore::restore(&dir, id, name, args.paused, args.eager)
-        .map_err(CliError::failed)?;
+    let (vm, report, devs) = crate::checkpoint::restore::restore(
+        &dir,
+        id,
+        name,
+        args.paused,
+        args.eager,
+        &args.console_target(),
+    )
+    .map_err(CliError::failed)?;
+    if let Some(port) = devs.serial {
+        crate::devices::serial::forward_stdin(port);
+    }
     if !args.json {
         super::output::out_line(&format!(
             "vmhop: restored checkpoint {} ({}, {} file(s), {} pages, {}) in {:.1} ms",
@@ -176,5 +186,6 @@ pub fn restore(target: &str, args: &RunArgs) -> CliResult {
         args.json,
         set,
         Some(serde_json::to_value(&report).map_err(CliError::failed)?),
+        Some(devs.console_bytes),
     )
 }

@@ -2,18 +2,31 @@
 //! waits for `stop`, SIGTERM or SIGINT.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use clap::Args;
 
 use super::{default_socket, CliError, CliResult};
 use crate::api::routes::Routes;
 use crate::api::server::ApiServer;
+use crate::arch::x86_64::linux::{self, LinuxSpec};
+use crate::devices::{self, Console};
+
 use crate::guest::GuestSpec;
 use crate::memory::layout::DEFAULT_CHUNK_SIZE;
 use crate::util::parse_size;
-use crate::vmm::{NodeConfig, Start, Vm, VmConfig};
+use crate::vmm::{NodeConfig, Vm, VmConfig};
+
+/// The builtin guest run when neither --guest nor --kernel is given.
+const DEFAULT_GUEST: &str = "builtin:idle";
+/// How long a Linux guest may stay silent on its console before vmhop says
+/// that this host's KVM may be too slow to boot it.
+const SILENT_BOOT_WARNING: Duration = Duration::from_secs(20);
+/// How often `serve` looks for a guest that ended the VM by itself.
+const EXIT_POLL: Duration = Duration::from_millis(100);
 
 /// Name of a VM started without `--name`.
 pub const DEFAULT_NAME: &str = "vm";
@@ -36,12 +49,22 @@ pub struct RunArgs {
     /// A guest NUMA node: guest-node=G,size=SIZE,host-node=H[,cpus=LIST]; repeat for more.
     #[arg(long, value_name = "SPEC")]
     pub numa: Vec<String>,
-    /// The guest: builtin:idle or builtin:dirty[,wss=SIZE][,rate=PAGES_PER_S][,fill=random].
-    #[arg(long, default_value = "builtin:idle")]
-    pub guest: String,
-    /// Linux kernel to boot (not supported yet).
+    /// The guest: builtin:idle (default) or builtin:dirty[,wss=SIZE][,rate=PAGES_PER_S][,fill=random].
+    #[arg(long)]
+    pub guest: Option<String>,
+    /// Linux kernel to boot: a bzImage (vmlinuz) or an ELF vmlinux.
     #[arg(long, value_name = "FILE")]
     pub kernel: Option<PathBuf>,
+    /// With --kernel: initial ramdisk.
+    #[arg(long, value_name = "FILE")]
+    pub initrd: Option<PathBuf>,
+    /// With --kernel: kernel command line.
+    #[arg(long, value_name = "STRING")]
+    pub cmdline: Option<String>,
+    /// Write the guest's serial console (ttyS0) to FILE instead of stdout
+    /// (stderr with --json).
+    #[arg(long, value_name = "FILE")]
+    pub console: Option<PathBuf>,
     /// Back guest memory with transparent huge pages.
     #[arg(long)]
     pub hugepages: bool,
@@ -65,12 +88,27 @@ pub struct RunArgs {
 impl RunArgs {
     /// The VM configuration these options describe.
     pub fn config(&self) -> Result<VmConfig, CliError> {
-        if self.kernel.is_some() {
-            return Err(CliError::usage(
-                "--kernel: Linux guests are not supported yet; use --guest builtin:NAME",
-            ));
-        }
-        let guest = GuestSpec::parse(&self.guest).map_err(CliError::usage)?;
+        let guest = match (&self.kernel, &self.guest) {
+            (Some(_), Some(_)) => {
+                return Err(CliError::usage(
+                    "give either --kernel (a Linux guest) or --guest (a builtin guest), not both",
+                ))
+            }
+            (Some(kernel), None) => GuestSpec::Linux(LinuxSpec {
+                kernel: kernel.clone(),
+                initrd: self.initrd.clone(),
+                cmdline: self
+                    .cmdline
+                    .clone()
+                    .unwrap_or_else(|| linux::DEFAULT_CMDLINE.to_string()),
+            }),
+            (None, g) => {
+                if self.initrd.is_some() || self.cmdline.is_some() {
+                    return Err(CliError::usage("--initrd and --cmdline need --kernel"));
+                }
+                GuestSpec::parse(g.as_deref().unwrap_or(DEFAULT_GUEST)).map_err(CliError::usage)?
+            }
+        };
         let nodes = if self.numa.is_empty() {
             let size = parse_size(self.memory.as_deref().unwrap_or("256M"))
                 .map_err(|e| CliError::usage(format!("--memory: {e}")))?;
@@ -114,8 +152,10 @@ impl RunArgs {
             (self.vcpus != 1, "--vcpus"),
             (self.memory.is_some(), "--memory"),
             (!self.numa.is_empty(), "--numa"),
-            (self.guest != "builtin:idle", "--guest"),
+            (self.guest.is_some(), "--guest"),
             (self.kernel.is_some(), "--kernel"),
+            (self.initrd.is_some(), "--initrd"),
+            (self.cmdline.is_some(), "--cmdline"),
             (self.hugepages, "--hugepages"),
             (self.chunk_size.is_some(), "--chunk-size"),
         ];
@@ -170,11 +210,34 @@ pub fn run(args: RunArgs) -> CliResult {
         return Err(CliError::usage("--eager only applies with --restore"));
     }
     let config = args.config()?;
+    if let GuestSpec::Linux(spec) = &config.guest {
+        linux::inspect(&spec.kernel).map_err(CliError::failed)?;
+        if let Some(i) = &spec.initrd {
+            std::fs::metadata(i).map_err(|e| {
+                CliError::failed(format!("cannot read initrd {}: {e}", i.display()))
+            })?;
+        }
+    }
     let socket = args.socket();
     check_socket_free(&socket)?;
     let set = block_stop_signals();
-    let vm = Vm::new(config, Start::Boot, args.paused).map_err(CliError::failed)?;
-    serve(vm, &socket, args.json, set, None)
+    let (vm, devs) = crate::machine::boot(config, &args.console_target(), args.paused)
+        .map_err(CliError::failed)?;
+    if let Some(port) = devs.serial {
+        devices::serial::forward_stdin(port);
+    }
+    serve(vm, &socket, args.json, set, None, Some(devs.console_bytes))
+}
+
+impl RunArgs {
+    /// Where a Linux guest's console goes.
+    pub fn console_target(&self) -> Console {
+        match (&self.console, self.json) {
+            (Some(f), _) => Console::File(f.clone()),
+            (None, true) => Console::Stderr,
+            (None, false) => Console::Stdout,
+        }
+    }
 }
 
 /// Serves the API of a created VM until stop, SIGTERM or SIGINT.
@@ -184,6 +247,7 @@ pub fn serve(
     json: bool,
     set: libc::sigset_t,
     restored: Option<serde_json::Value>,
+    console_bytes: Option<Arc<AtomicU64>>,
 ) -> CliResult {
     let (tx, rx) = mpsc::channel();
     let routes = Arc::new(Routes::new(vm.clone(), tx.clone()));
@@ -222,8 +286,46 @@ pub fn serve(
             socket.display()
         ))?;
     }
-    let _ = rx.recv();
+    let started = Instant::now();
+    let mut warned = false;
+    let linux = !vm.config().guest.is_builtin();
+    let ended = loop {
+        match rx.recv_timeout(EXIT_POLL) {
+            Ok(()) | Err(mpsc::RecvTimeoutError::Disconnected) => break None,
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+        }
+        if let Some(e) = vm.guest_exit() {
+            break Some(e);
+        }
+        let silent = console_bytes
+            .as_ref()
+            .is_some_and(|b| b.load(Ordering::Relaxed) == 0);
+        if linux && silent && !warned && started.elapsed() >= SILENT_BOOT_WARNING {
+            warned = true;
+            eprintln!("{}", silent_guest_warning());
+        }
+    };
     vm.shutdown();
     server.shutdown();
+    if let Some(e) = ended {
+        eprintln!("vmhop: VM '{}' ended: {}", vm.config().name, e.describe());
+    }
     Ok(())
+}
+
+/// What vmhop says about a Linux guest that has printed nothing.
+fn silent_guest_warning() -> String {
+    let pvm = std::path::Path::new("/sys/module/kvm_pvm").exists();
+    format!(
+        "vmhop: the Linux guest has written nothing to its console in {} s.{} \
+         Linux guests need hardware-assisted KVM (VT-x/AMD-V); on this kind of host, run them \
+         inside the NUMA box (see README, \"Linux guests\").",
+        SILENT_BOOT_WARNING.as_secs(),
+        if pvm {
+            " This host's KVM is paravirtualised (kvm_pvm): it emulates guest kernel code at \
+             about a million instructions per second, far too slowly to boot Linux."
+        } else {
+            " Check its --cmdline has console=ttyS0."
+        }
+    )
 }

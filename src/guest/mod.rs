@@ -18,7 +18,6 @@
 //! | 0x100000   | page tables (PML4, PDPT, one PD per GiB)              |
 //! | 0x200000 … | the working set                                       |
 
-pub mod device;
 pub mod program;
 pub mod setup;
 pub mod verify;
@@ -38,6 +37,8 @@ pub const MIN_MEMORY: u64 = 4 << 20;
 pub enum GuestSpec {
     /// `builtin:idle`.
     Idle,
+    /// A Linux kernel booted directly (`--kernel`).
+    Linux(crate::arch::x86_64::linux::LinuxSpec),
     /// `builtin:dirty[,wss=SIZE][,rate=PAGES_PER_S][,fill=random]`.
     Dirty {
         /// Working-set bytes (None: all memory outside the reserved area).
@@ -102,7 +103,14 @@ impl GuestSpec {
         match self {
             GuestSpec::Idle => "builtin:idle",
             GuestSpec::Dirty { .. } => "builtin:dirty",
+            GuestSpec::Linux(_) => "linux",
         }
+    }
+
+    /// Whether this is one of the builtin CPL3 guests (which run without
+    /// an interrupt controller and talk to the test device).
+    pub fn is_builtin(&self) -> bool {
+        !matches!(self, GuestSpec::Linux(_))
     }
 }
 

@@ -4,7 +4,7 @@
 
 use iced_x86::code_asm::*;
 
-use super::device::{PORT_PACE, PORT_WAIT};
+use crate::devices::test_device::{PORT_PACE, PORT_WAIT};
 
 /// Offsets inside a per-vCPU block (see docs/test-device.md).
 pub mod block {

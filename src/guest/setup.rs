@@ -142,6 +142,36 @@ fn push_pages(slice: &mut Vec<(u64, u64)>, rs: &[GuestRange], from: u64, to: u64
     }
 }
 
+fn not_builtin() -> SetupError {
+    SetupError::Layout("a Linux guest is not a builtin guest".into())
+}
+
+/// The VM's boot step for a builtin guest: writes it into memory and puts
+/// each vCPU at its entry.
+pub fn boot(spec: GuestSpec, vcpus: u32) -> crate::vmm::Setup<'static> {
+    Box::new(move |memory: &GuestMemory, fds: &[kvm_ioctls::VcpuFd]| {
+        let rate = match &spec {
+            GuestSpec::Dirty { rate, .. } => *rate,
+            _ => None,
+        };
+        let pace_batch = crate::devices::test_device::TestDevice::new(vcpus, rate).pace_batch();
+        let boots = install(memory, &spec, vcpus, pace_batch).map_err(|e| e.to_string())?;
+        for (id, (v, b)) in fds.iter().zip(&boots).enumerate() {
+            // Start from KVM's reset state so fields we do not set (APIC
+            // base, pending interrupts) keep their defaults.
+            let mut sregs = v
+                .get_sregs()
+                .map_err(|e| format!("KVM_GET_SREGS (vCPU {id}): {e}"))?;
+            apply_sregs(&mut sregs, &b.sregs);
+            v.set_sregs(&sregs)
+                .map_err(|e| format!("KVM_SET_SREGS (vCPU {id}): {e}"))?;
+            v.set_regs(&b.regs)
+                .map_err(|e| format!("KVM_SET_REGS (vCPU {id}): {e}"))?;
+        }
+        Ok(())
+    })
+}
+
 /// Writes the whole guest into `memory` and returns each vCPU's boot state.
 pub fn install(
     memory: &GuestMemory,
@@ -206,6 +236,7 @@ pub fn install(
     let code = match spec {
         GuestSpec::Idle => program::idle(CODE_ADDR),
         GuestSpec::Dirty { .. } => program::dirty(CODE_ADDR),
+        GuestSpec::Linux(_) => return Err(not_builtin()),
     }
     .map_err(|e| SetupError::Assemble(e.to_string()))?;
     memory
@@ -216,6 +247,7 @@ pub fn install(
     let kind = match spec {
         GuestSpec::Idle => 1,
         GuestSpec::Dirty { .. } => 2,
+        GuestSpec::Linux(_) => return Err(not_builtin()),
     };
     w(CONTROL_ADDR, CONTROL_MAGIC)?;
     w(CONTROL_ADDR + 8, kind)?;
@@ -223,6 +255,7 @@ pub fn install(
     let slices = match spec {
         GuestSpec::Idle => vec![Vec::new(); vcpus as usize],
         GuestSpec::Dirty { .. } => slices(memory, spec, vcpus)?,
+        GuestSpec::Linux(_) => return Err(not_builtin()),
     };
     let mut boots = Vec::new();
     for (v, slice) in slices.iter().enumerate() {

@@ -88,6 +88,19 @@ pub struct NodeMemory {
     pub chunks: Vec<Chunk>,
 }
 
+/// Guest memory seen through vm-memory, valid while the borrow lasts.
+pub struct MemoryView<'a> {
+    inner: vm_memory::GuestMemoryMmap,
+    _borrow: std::marker::PhantomData<&'a GuestMemory>,
+}
+
+impl std::ops::Deref for MemoryView<'_> {
+    type Target = vm_memory::GuestMemoryMmap;
+    fn deref(&self) -> &Self::Target {
+        &self.inner
+    }
+}
+
 /// All guest memory, node by node.
 #[derive(Debug, Default)]
 pub struct GuestMemory {
@@ -145,6 +158,37 @@ impl GuestMemory {
         // SAFETY: as in read_u64, the 8 bytes are inside a live mapping.
         unsafe { std::ptr::write_volatile(p as *mut [u8; 8], v.to_le_bytes()) };
         Some(())
+    }
+
+    /// The same memory as vm-memory's `GuestMemoryMmap`, for crates that
+    /// speak it (linux-loader). The view borrows `self`: no chunk can be
+    /// replaced or dropped while it lives.
+    pub fn vm_memory_view(&self) -> Result<MemoryView<'_>, String> {
+        let mut regions = Vec::new();
+        for c in self.chunks() {
+            // SAFETY: the chunk's mapping is a live private anonymous
+            // read/write mapping of exactly range.len bytes, owned by
+            // `self`; the returned view borrows `self`, so the mapping
+            // outlives it. `build_raw` regions do not unmap on drop.
+            let r = unsafe {
+                vm_memory::MmapRegion::build_raw(
+                    c.mapping.as_ptr(),
+                    c.range.len as usize,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                )
+            }
+            .map_err(|e| format!("guest memory at {:#x}: {e}", c.range.start))?;
+            let r = vm_memory::GuestRegionMmap::new(r, vm_memory::GuestAddress(c.range.start))
+                .ok_or_else(|| format!("guest memory at {:#x} overflows", c.range.start))?;
+            regions.push(r);
+        }
+        let inner = vm_memory::GuestMemoryMmap::from_regions(regions)
+            .map_err(|e| format!("guest memory regions: {e}"))?;
+        Ok(MemoryView {
+            inner,
+            _borrow: std::marker::PhantomData,
+        })
     }
 
     /// Copies `data` into guest memory at `gpa` (within one chunk).

@@ -379,12 +379,7 @@ fn precopy(
     run.report.pause_breakdown.copy_us = us(t);
     run.report.rounds += 1;
     let t = Instant::now();
-    let vcpus = saved;
-    let state = VmState {
-        config: vm.config().clone(),
-        host_nodes: vm.host_nodes(),
-        vcpus,
-    };
+    let state = vm.save_state(p, saved)?;
     run.report.pause_breakdown.state_us = us(t);
     let t = Instant::now();
     let after = run.sink.commit(vm, p, &state)?;

@@ -5,6 +5,7 @@
 //! engine's job (`crate::transfer`); this module offers it the primitives:
 //! pause, dirty logs, vCPU state, slot replacement.
 
+pub mod bus;
 pub mod config;
 pub mod state;
 pub mod vcpu;
@@ -12,4 +13,4 @@ pub mod vm;
 
 pub use config::{NodeConfig, VmConfig};
 pub use state::VmState;
-pub use vm::{CheckpointRef, Pause, RunState, Start, Vm, VmError};
+pub use vm::{CheckpointRef, Pause, RunState, Setup, Start, Vm, VmError};

@@ -5,7 +5,7 @@
 //! inside KVM_RUN or just before it.
 //!
 //! This module owns the thread state machine and the register state; the
-//! test device decides what I/O exits mean (`crate::guest::device`).
+//! devices on the VM's I/O bus decide what I/O exits mean (`super::bus`).
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicI32, Ordering};
@@ -15,19 +15,21 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use kvm_bindings::{
-    kvm_fpu, kvm_mp_state, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, Msrs,
+    kvm_debugregs, kvm_fpu, kvm_lapic_state, kvm_mp_state, kvm_regs, kvm_sregs, kvm_vcpu_events,
+    kvm_xcrs, kvm_xsave, Msrs,
 };
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use serde::{Deserialize, Serialize};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
-use crate::guest::device::{DeviceAction, TestDevice};
+use super::bus::{GuestExit, IoAction, IoBus};
 
 /// How long the VM waits for a vCPU to acknowledge a command.
 pub const MAX_ACK_WAIT: Duration = Duration::from_secs(5);
 
-/// MSRs saved with a vCPU: the architectural ones a 64-bit guest depends on.
-const SAVED_MSRS: &[u32] = &[
+/// MSRs saved with a builtin guest's vCPU: the architectural ones a 64-bit
+/// guest depends on. A Linux guest's vCPUs save every MSR KVM lists.
+pub const BUILTIN_MSRS: &[u32] = &[
     0x10,        // TSC
     0x174,       // SYSENTER_CS
     0x175,       // SYSENTER_ESP
@@ -141,6 +143,12 @@ pub struct VcpuState {
     pub mp_state: Option<kvm_mp_state>,
     /// (index, value) of the MSRs that could be read.
     pub msrs: Vec<(u32, u64)>,
+    /// The in-kernel local APIC's registers (guests with an irqchip).
+    #[serde(default)]
+    pub lapic: Option<kvm_lapic_state>,
+    /// Debug registers.
+    #[serde(default)]
+    pub debugregs: Option<kvm_debugregs>,
 }
 
 /// A vCPU operation failed.
@@ -173,6 +181,14 @@ pub enum VcpuError {
         /// Why, if known.
         why: String,
     },
+    /// Saved state that this KVM cannot load.
+    #[error("vCPU {id}: {why}")]
+    State {
+        /// vCPU id.
+        id: u32,
+        /// What does not load.
+        why: String,
+    },
     /// Spawning the thread failed.
     #[error("cannot start vCPU {id} thread: {source}")]
     Spawn {
@@ -184,13 +200,27 @@ pub enum VcpuError {
     },
 }
 
-/// Reads a vCPU's state (call only while it is not running).
-pub fn save_state(id: u32, fd: &VcpuFd) -> Result<VcpuState, VcpuError> {
+/// Reads a vCPU's state (call only while it is not running): the MSRs of
+/// `msr_list`, and the local APIC when `irqchip`.
+pub fn save_state(
+    id: u32,
+    fd: &VcpuFd,
+    msr_list: &[u32],
+    irqchip: bool,
+) -> Result<VcpuState, VcpuError> {
     let kvm = |ioctl| move |source| VcpuError::Kvm { id, ioctl, source };
     let regs = fd.get_regs().map_err(kvm("KVM_GET_REGS"))?;
     let sregs = fd.get_sregs().map_err(kvm("KVM_GET_SREGS"))?;
     let fpu = FpuState::from(&fd.get_fpu().map_err(kvm("KVM_GET_FPU"))?);
-    let msrs = read_msrs(fd);
+    let msrs = read_msrs(fd, msr_list);
+    let (lapic, debugregs) = if irqchip {
+        (
+            Some(fd.get_lapic().map_err(kvm("KVM_GET_LAPIC"))?),
+            Some(fd.get_debug_regs().map_err(kvm("KVM_GET_DEBUGREGS"))?),
+        )
+    } else {
+        (None, None)
+    };
     Ok(VcpuState {
         id,
         regs,
@@ -201,14 +231,16 @@ pub fn save_state(id: u32, fd: &VcpuFd) -> Result<VcpuState, VcpuError> {
         events: fd.get_vcpu_events().ok(),
         mp_state: fd.get_mp_state().ok(),
         msrs,
+        lapic,
+        debugregs,
     })
 }
 
-/// Reads SAVED_MSRS with one KVM_GET_MSRS (each ioctl costs several µs
-/// here); KVM stops at the first MSR it cannot read, and the rest are then
-/// read one by one so a single unsupported MSR loses nothing else.
-fn read_msrs(fd: &VcpuFd) -> Vec<(u32, u64)> {
-    let entries: Vec<_> = SAVED_MSRS
+/// Reads `list` with as few KVM_GET_MSRS as fit (each ioctl costs several
+/// µs here); KVM stops at the first MSR it cannot read, and reading goes on
+/// after it, so a single unsupported MSR loses nothing else.
+fn read_msrs(fd: &VcpuFd, list: &[u32]) -> Vec<(u32, u64)> {
+    let entries: Vec<_> = list
         .iter()
         .map(|&index| kvm_bindings::kvm_msr_entry {
             index,
@@ -218,13 +250,15 @@ fn read_msrs(fd: &VcpuFd) -> Vec<(u32, u64)> {
     let mut out = Vec::new();
     let mut rest: &[kvm_bindings::kvm_msr_entry] = &entries;
     while !rest.is_empty() {
-        let Ok(mut m) = Msrs::from_entries(rest) else {
+        let batch = &rest[..rest.len().min(kvm_bindings::KVM_MAX_MSR_ENTRIES)];
+        let Ok(mut m) = Msrs::from_entries(batch) else {
             break;
         };
         let n = fd.get_msrs(&mut m).unwrap_or(0);
         out.extend(m.as_slice()[..n].iter().map(|e| (e.index, e.data)));
         // Skip the MSR KVM refused, if any.
-        rest = &rest[(n + 1).min(rest.len())..];
+        let skip = if n < batch.len() { n + 1 } else { n };
+        rest = &rest[skip.min(rest.len())..];
     }
     out
 }
@@ -234,6 +268,14 @@ pub fn restore_state(fd: &VcpuFd, s: &VcpuState) -> Result<(), VcpuError> {
     let id = s.id;
     let kvm = |ioctl| move |source| VcpuError::Kvm { id, ioctl, source };
     fd.set_sregs(&s.sregs).map_err(kvm("KVM_SET_SREGS"))?;
+    // After the sregs (their APIC base resets the local APIC) and before
+    // the MSRs (the TSC deadline lives in the local APIC).
+    if let Some(l) = &s.lapic {
+        fd.set_lapic(l).map_err(kvm("KVM_SET_LAPIC"))?;
+    }
+    if let Some(d) = &s.debugregs {
+        fd.set_debug_regs(d).map_err(kvm("KVM_SET_DEBUGREGS"))?;
+    }
     if let Some(x) = &s.xcrs {
         fd.set_xcrs(x).map_err(kvm("KVM_SET_XCRS"))?;
     }
@@ -245,18 +287,30 @@ pub fn restore_state(fd: &VcpuFd, s: &VcpuState) -> Result<(), VcpuError> {
         None => fd.set_fpu(&s.fpu.to_kvm()).map_err(kvm("KVM_SET_FPU"))?,
     }
     fd.set_regs(&s.regs).map_err(kvm("KVM_SET_REGS"))?;
-    if !s.msrs.is_empty() {
-        let entries: Vec<_> = s
-            .msrs
-            .iter()
-            .map(|&(index, data)| kvm_bindings::kvm_msr_entry {
-                index,
-                data,
-                ..Default::default()
-            })
-            .collect();
-        let m = Msrs::from_entries(&entries).expect("saved MSR list fits");
-        fd.set_msrs(&m).map_err(kvm("KVM_SET_MSRS"))?;
+    let entries: Vec<_> = s
+        .msrs
+        .iter()
+        .map(|&(index, data)| kvm_bindings::kvm_msr_entry {
+            index,
+            data,
+            ..Default::default()
+        })
+        .collect();
+    for batch in entries.chunks(kvm_bindings::KVM_MAX_MSR_ENTRIES) {
+        let m = Msrs::from_entries(batch).map_err(|e| VcpuError::State {
+            id,
+            why: format!("{} saved MSRs do not fit KVM_SET_MSRS: {e:?}", batch.len()),
+        })?;
+        let n = fd.set_msrs(&m).map_err(kvm("KVM_SET_MSRS"))?;
+        if n < batch.len() {
+            return Err(VcpuError::State {
+                id,
+                why: format!(
+                    "this KVM does not load saved MSR {:#x} (value {:#x})",
+                    batch[n].index, batch[n].data
+                ),
+            });
+        }
     }
     if let Some(e) = &s.events {
         fd.set_vcpu_events(e).map_err(kvm("KVM_SET_VCPU_EVENTS"))?;
@@ -303,6 +357,8 @@ pub enum GuestStop {
     Shutdown(String),
     /// KVM_RUN failed.
     Error(String),
+    /// The guest powered off or rebooted.
+    Exit(GuestExit),
 }
 
 /// The VM's handle on one vCPU thread.
@@ -324,8 +380,9 @@ impl VcpuHandle {
     pub fn spawn(
         id: u32,
         fd: VcpuFd,
-        device: Arc<TestDevice>,
+        bus: Arc<IoBus>,
         cpus: Vec<usize>,
+        saved: SavedWith,
         on_stop: OnGuestStop,
     ) -> Result<VcpuHandle, VcpuError> {
         let (tx, cmd_rx) = mpsc::channel();
@@ -344,7 +401,8 @@ impl VcpuHandle {
                 VcpuThread {
                     id,
                     fd,
-                    device,
+                    bus,
+                    saved,
                     cmds: cmd_rx,
                     replies: reply_tx,
                     on_stop,
@@ -414,10 +472,21 @@ enum Flow {
     Exit,
 }
 
+/// What a vCPU saves besides its registers: which MSRs, and whether it has
+/// an in-kernel local APIC.
+#[derive(Debug, Clone)]
+pub struct SavedWith {
+    /// MSR indices.
+    pub msrs: Arc<Vec<u32>>,
+    /// The VM has an in-kernel irqchip.
+    pub irqchip: bool,
+}
+
 struct VcpuThread {
     id: u32,
     fd: VcpuFd,
-    device: Arc<TestDevice>,
+    bus: Arc<IoBus>,
+    saved: SavedWith,
     cmds: Receiver<VcpuCmd>,
     replies: Sender<VcpuReply>,
     on_stop: OnGuestStop,
@@ -449,7 +518,8 @@ impl VcpuThread {
                 Some(Flow::Pause)
             }
             VcpuCmd::PauseAndSave => {
-                let s = save_state(self.id, &self.fd).map(Box::new);
+                let s = save_state(self.id, &self.fd, &self.saved.msrs, self.saved.irqchip)
+                    .map(Box::new);
                 self.reply(VcpuReply::State(s));
                 Some(Flow::Pause)
             }
@@ -507,8 +577,8 @@ impl VcpuThread {
                 }
             }
             let action = match self.fd.run() {
-                Ok(VcpuExit::IoOut(port, data)) => self.device.io_out(self.id, port, data),
-                Ok(VcpuExit::IoIn(port, data)) => self.device.io_in(port, data),
+                Ok(VcpuExit::IoOut(port, data)) => self.bus.write(self.id, port, data),
+                Ok(VcpuExit::IoIn(port, data)) => self.bus.read(self.id, port, data),
                 Ok(VcpuExit::Shutdown) => {
                     let at = self
                         .fd
@@ -522,26 +592,31 @@ impl VcpuThread {
                 Ok(VcpuExit::Hlt) => {
                     return self.stopped(GuestStop::Shutdown("the guest halted".into()))
                 }
-                Ok(VcpuExit::Intr) => DeviceAction::Continue,
+                Ok(VcpuExit::Intr) => IoAction::Continue,
+                // No MMIO device: reads float high, writes vanish.
                 Ok(VcpuExit::MmioRead(_, data)) => {
                     data.fill(0xff);
-                    DeviceAction::Unhandled
+                    IoAction::Continue
                 }
-                Ok(VcpuExit::MmioWrite(..)) => DeviceAction::Unhandled,
+                Ok(VcpuExit::MmioWrite(..)) => IoAction::Continue,
                 Ok(other) => {
                     let msg = format!("unexpected exit {other:?}");
                     return self.stopped(GuestStop::Error(msg));
                 }
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                     self.fd.set_kvm_immediate_exit(0);
-                    DeviceAction::Continue
+                    IoAction::Continue
                 }
                 Err(e) => return self.stopped(GuestStop::Error(format!("KVM_RUN failed: {e}"))),
             };
-            if let DeviceAction::Wait(until) = action {
-                if let Some(f) = self.wait(until) {
-                    return f;
+            match action {
+                IoAction::Continue => {}
+                IoAction::Wait(until) => {
+                    if let Some(f) = self.wait(until) {
+                        return f;
+                    }
                 }
+                IoAction::Exit(e) => return self.stopped(GuestStop::Exit(e)),
             }
         }
     }

@@ -5,14 +5,21 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
-use kvm_bindings::{kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES};
+use kvm_bindings::{
+    kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES,
+    KVM_PIT_SPEAKER_DUMMY,
+};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use serde::{Deserialize, Serialize};
 
+use super::bus::{DeviceSet, GuestExit, IoBus};
 use super::config::VmConfig;
-use super::vcpu::{self, GuestStop, VcpuCmd, VcpuError, VcpuHandle, VcpuReply, VcpuState};
-use crate::guest::device::TestDevice;
-use crate::guest::{self, GuestSpec};
+use super::state::{MachineState, VmState, STATE_VERSION};
+use super::vcpu::{
+    self, GuestStop, SavedWith, VcpuCmd, VcpuError, VcpuHandle, VcpuReply, VcpuState,
+};
+use crate::arch::x86_64::cpuid;
+use crate::guest;
 use crate::memory::{
     layout, Backing, Chunk, DirtyBitmap, GuestMemory, Mapping, MappingError, NodeMemory,
 };
@@ -66,9 +73,12 @@ pub enum VmError {
         #[source]
         source: crate::numa::policy::PolicyError,
     },
-    /// Writing the builtin guest failed.
-    #[error(transparent)]
-    Guest(#[from] guest::setup::SetupError),
+    /// The VM's devices could not be built.
+    #[error("devices: {0}")]
+    Devices(String),
+    /// Writing the guest into memory or setting up its boot vCPU failed.
+    #[error("{0}")]
+    Boot(String),
     /// A vCPU failed.
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
@@ -83,14 +93,20 @@ pub enum VmError {
 /// Fills guest memory for a restore, before any vCPU runs.
 pub type Loader<'a> = Box<dyn FnOnce(&GuestMemory) -> Result<(), String> + 'a>;
 
+/// Writes a fresh guest into memory and sets up its vCPUs (in id order)
+/// before any of them runs.
+pub type Setup<'a> = Box<dyn FnOnce(&GuestMemory, &[VcpuFd]) -> Result<(), String> + 'a>;
+
 /// How the VM's vCPUs and memory start.
 pub enum Start<'a> {
-    /// A fresh builtin guest.
-    Boot,
+    /// A fresh guest, written by the setup.
+    Boot(Setup<'a>),
     /// Restored state: `load` fills guest memory before the vCPUs get `vcpus`.
     Restore {
         /// Saved vCPU states, by id.
         vcpus: Vec<VcpuState>,
+        /// The saved interrupt controllers, timer and clock, if the VM has them.
+        machine: Option<Box<MachineState>>,
         /// Fills guest memory.
         load: Loader<'a>,
     },
@@ -125,6 +141,9 @@ pub struct Vm {
     vcpus: Mutex<Vec<VcpuHandle>>,
     state: Mutex<RunState>,
     guest_stop: Arc<Mutex<Option<String>>>,
+    guest_exit: Arc<Mutex<Option<GuestExit>>>,
+    bus: Arc<IoBus>,
+    irqchip: bool,
     dirty: Mutex<DirtyState>,
     operation: Mutex<()>,
     host_nodes: Mutex<Vec<u32>>,
@@ -165,8 +184,15 @@ fn host_available() -> Option<u64> {
 }
 
 impl Vm {
-    /// Creates the VM, its memory and vCPUs; starts them unless `paused`.
-    pub fn new(config: VmConfig, start: Start<'_>, paused: bool) -> Result<Arc<Vm>, VmError> {
+    /// Creates the VM, its memory, devices and vCPUs; starts them unless
+    /// `paused`. Guests other than the builtin ones get an in-kernel irqchip
+    /// (PIC, IOAPIC, local APICs) and PIT.
+    pub fn new(
+        config: VmConfig,
+        start: Start<'_>,
+        paused: bool,
+        devices: DeviceSet,
+    ) -> Result<Arc<Vm>, VmError> {
         config
             .validate()
             .map_err(|e| VmError::Host(e.to_string()))?;
@@ -181,6 +207,21 @@ impl Vm {
         fd.set_tss_address(layout::MMIO_HOLE_END as usize - 0x4000 * 2)
             .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
 
+        let irqchip = !config.guest.is_builtin();
+        if irqchip {
+            fd.create_irq_chip()
+                .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+            let pit = kvm_pit_config {
+                flags: KVM_PIT_SPEAKER_DUMMY,
+                ..Default::default()
+            };
+            fd.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
+            for (evt, gsi) in &devices.irq_lines {
+                fd.register_irqfd(evt, *gsi)
+                    .map_err(kvm_err(format!("KVM_IRQFD (GSI {gsi})")))?;
+            }
+        }
+
         let t = Instant::now();
         let memory = Self::create_memory(&config, &host_nodes)?;
         tracing::debug!("vm: memory mapped in {:?}", t.elapsed());
@@ -193,6 +234,9 @@ impl Vm {
             vcpus: Mutex::new(Vec::new()),
             state: Mutex::new(RunState::Paused),
             guest_stop,
+            guest_exit: Arc::new(Mutex::new(None)),
+            bus: Arc::new(devices.bus),
+            irqchip,
             dirty: Mutex::new(DirtyState::default()),
             operation: Mutex::new(()),
             host_nodes: Mutex::new(host_nodes.clone()),
@@ -203,12 +247,7 @@ impl Vm {
             vm.set_slot(c, false)?;
         }
 
-        let rate = match &config.guest {
-            GuestSpec::Dirty { rate, .. } => *rate,
-            GuestSpec::Idle => None,
-        };
-        let device = Arc::new(TestDevice::new(config.vcpus, rate));
-        let cpuid = vm
+        let supported = vm
             ._kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
@@ -218,34 +257,49 @@ impl Vm {
                 .fd
                 .create_vcpu(id as u64)
                 .map_err(kvm_err(format!("KVM_CREATE_VCPU {id}")))?;
-            v.set_cpuid2(&cpuid)
+            v.set_cpuid2(&cpuid::for_vcpu(&supported, id, config.vcpus))
                 .map_err(kvm_err(format!("KVM_SET_CPUID2 (vCPU {id})")))?;
             fds.push(v);
         }
+        let saved_with = SavedWith {
+            msrs: Arc::new(if irqchip {
+                vm._kvm
+                    .get_msr_index_list()
+                    .map_err(kvm_err("KVM_GET_MSR_INDEX_LIST"))?
+                    .as_slice()
+                    .to_vec()
+            } else {
+                vcpu::BUILTIN_MSRS.to_vec()
+            }),
+            irqchip,
+        };
         match start {
-            Start::Boot => {
-                let boots = guest::setup::install(
-                    &vm.memory(),
-                    &config.guest,
-                    config.vcpus,
-                    device.pace_batch(),
-                )?;
-                for (v, b) in fds.iter().zip(&boots) {
-                    // Start from KVM's reset state so fields we do not set
-                    // (APIC base, pending interrupts) keep their defaults.
-                    let mut sregs = v.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
-                    guest::setup::apply_sregs(&mut sregs, &b.sregs);
-                    v.set_sregs(&sregs).map_err(kvm_err("KVM_SET_SREGS"))?;
-                    v.set_regs(&b.regs).map_err(kvm_err("KVM_SET_REGS"))?;
-                }
-            }
-            Start::Restore { vcpus, load } => {
+            Start::Boot(setup) => setup(&vm.memory(), &fds).map_err(VmError::Boot)?,
+            Start::Restore {
+                vcpus,
+                machine,
+                load,
+            } => {
                 if vcpus.len() != fds.len() {
                     return Err(VmError::Load(format!(
                         "the saved state has {} vCPUs, the configuration {}",
                         vcpus.len(),
                         fds.len()
                     )));
+                }
+                match (&machine, irqchip) {
+                    (Some(m), true) => vm.restore_machine(m)?,
+                    (None, false) => {}
+                    (Some(_), false) => {
+                        return Err(VmError::Load(
+                            "the saved state has an interrupt controller this guest kind does not use".into(),
+                        ))
+                    }
+                    (None, true) => {
+                        return Err(VmError::Load(
+                            "the saved state lacks the interrupt controller and clock state of a Linux guest".into(),
+                        ))
+                    }
                 }
                 load(&vm.memory()).map_err(VmError::Load)?;
                 for (v, s) in fds.iter().zip(&vcpus) {
@@ -261,9 +315,16 @@ impl Vm {
             let host = host_nodes[vcpu_nodes[id] as usize];
             let cpus = topo.node(host).map(|n| n.cpus.clone()).unwrap_or_default();
             let stop = vm.guest_stop.clone();
+            let exit = vm.guest_exit.clone();
             let on_stop: vcpu::OnGuestStop = Arc::new(move |id, why: GuestStop| {
                 let msg = match why {
                     GuestStop::Shutdown(s) | GuestStop::Error(s) => format!("vCPU {id}: {s}"),
+                    GuestStop::Exit(e) => {
+                        exit.lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .get_or_insert(e);
+                        e.describe().to_string()
+                    }
                 };
                 tracing::warn!("{msg}");
                 stop.lock()
@@ -273,8 +334,9 @@ impl Vm {
             handles.push(VcpuHandle::spawn(
                 id as u32,
                 v,
-                device.clone(),
+                vm.bus.clone(),
                 cpus,
+                saved_with.clone(),
                 on_stop,
             )?);
         }
@@ -426,6 +488,75 @@ impl Vm {
             return RunState::Stopped;
         }
         *self.lock_state()
+    }
+
+    /// How the guest ended the VM on purpose (power-off, reboot), if it did.
+    pub fn guest_exit(&self) -> Option<GuestExit> {
+        *self.guest_exit.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether the VM has an in-kernel irqchip (a Linux guest).
+    pub fn has_irqchip(&self) -> bool {
+        self.irqchip
+    }
+
+    /// Reads the interrupt controllers, PIT and kvmclock (VM paused).
+    fn save_machine(&self) -> Result<Option<MachineState>, VmError> {
+        if !self.irqchip {
+            return Ok(None);
+        }
+        let chip = |id| {
+            let mut c = kvm_bindings::kvm_irqchip {
+                chip_id: id,
+                ..Default::default()
+            };
+            self.fd
+                .get_irqchip(&mut c)
+                .map_err(kvm_err(format!("KVM_GET_IRQCHIP (chip {id})")))?;
+            Ok::<_, VmError>(c)
+        };
+        let mut clock = self.fd.get_clock().map_err(kvm_err("KVM_GET_CLOCK"))?;
+        // Restored, the guest's clock goes on from this value: no jump by
+        // the time the checkpoint spent on disk.
+        clock.flags = 0;
+        Ok(Some(MachineState {
+            pic_master: chip(kvm_bindings::KVM_IRQCHIP_PIC_MASTER)?,
+            pic_slave: chip(kvm_bindings::KVM_IRQCHIP_PIC_SLAVE)?,
+            ioapic: chip(kvm_bindings::KVM_IRQCHIP_IOAPIC)?,
+            pit: self.fd.get_pit2().map_err(kvm_err("KVM_GET_PIT2"))?,
+            clock,
+        }))
+    }
+
+    fn restore_machine(&self, m: &MachineState) -> Result<(), VmError> {
+        for (name, c) in [
+            ("PIC master", &m.pic_master),
+            ("PIC slave", &m.pic_slave),
+            ("IOAPIC", &m.ioapic),
+        ] {
+            self.fd
+                .set_irqchip(c)
+                .map_err(kvm_err(format!("KVM_SET_IRQCHIP ({name})")))?;
+        }
+        self.fd.set_pit2(&m.pit).map_err(kvm_err("KVM_SET_PIT2"))?;
+        self.fd
+            .set_clock(&m.clock)
+            .map_err(kvm_err("KVM_SET_CLOCK"))?;
+        Ok(())
+    }
+
+    /// Everything besides memory that a checkpoint or migration carries,
+    /// from `vcpus` (saved as the vCPUs stopped) and what the VM and its
+    /// devices hold. The VM must be paused.
+    pub fn save_state(&self, _pause: &Pause, vcpus: Vec<VcpuState>) -> Result<VmState, VmError> {
+        Ok(VmState {
+            version: STATE_VERSION,
+            config: self.config.clone(),
+            host_nodes: self.host_nodes(),
+            vcpus,
+            machine: self.save_machine()?,
+            devices: self.bus.save(),
+        })
     }
 
     /// Why the guest stopped by itself, if it did.
@@ -619,8 +750,12 @@ impl Vm {
             .collect()
     }
 
-    /// Sum of the builtin guest's per-vCPU progress counters.
+    /// Sum of the builtin guest's per-vCPU progress counters (0 for other
+    /// guests, whose memory vmhop does not interpret).
     pub fn progress(&self) -> u64 {
+        if !self.config.guest.is_builtin() {
+            return 0;
+        }
         let m = self.memory();
         (0..self.config.vcpus as u64)
             .filter_map(|v| {

@@ -6,6 +6,8 @@
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use crate::vmm::bus::{IoAction, PioDevice};
+
 /// `out` here: park this vCPU until the VMM wakes it (pause, resume, stop).
 /// The idle guest's "wait".
 pub const PORT_WAIT: u16 = 0x0e80;
@@ -21,16 +23,8 @@ pub const DEVICE_MAGIC: u32 = 0x504d_4856;
 /// restarts its pace from now instead of racing to catch up.
 const MAX_PACE_LAG: Duration = Duration::from_millis(100);
 
-/// What the vCPU thread should do after an I/O exit.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DeviceAction {
-    /// Re-enter the guest.
-    Continue,
-    /// Sleep until the instant (None: until woken), answering commands.
-    Wait(Option<Instant>),
-    /// A port nobody serves: ignored, re-enter the guest.
-    Unhandled,
-}
+/// First port of the device and how many it serves.
+pub const PORTS: (u16, u16) = (PORT_WAIT, 3);
 
 /// The test device of one VM.
 #[derive(Debug)]
@@ -60,12 +54,12 @@ impl TestDevice {
     }
 
     /// Handles an `out` by vCPU `vcpu`.
-    pub fn io_out(&self, vcpu: u32, port: u16, data: &[u8]) -> DeviceAction {
+    fn io_out(&self, vcpu: u32, port: u16, data: &[u8]) -> IoAction {
         match port {
-            PORT_WAIT => DeviceAction::Wait(None),
+            PORT_WAIT => IoAction::Wait(None),
             PORT_PACE => {
                 let Some(rate) = self.rate_per_vcpu else {
-                    return DeviceAction::Continue;
+                    return IoAction::Continue;
                 };
                 let mut b = [0u8; 4];
                 let n = data.len().min(4);
@@ -81,30 +75,42 @@ impl TestDevice {
                 let next = start + Duration::from_secs_f64(pages / rate);
                 *slot = Some(next);
                 if next > now {
-                    DeviceAction::Wait(Some(next))
+                    IoAction::Wait(Some(next))
                 } else {
-                    DeviceAction::Continue
+                    IoAction::Continue
                 }
             }
-            _ => DeviceAction::Unhandled,
+            _ => IoAction::Continue,
         }
     }
 
     /// Handles an `in` by a vCPU, filling `data`.
-    pub fn io_in(&self, port: u16, data: &mut [u8]) -> DeviceAction {
+    fn io_in(&self, port: u16, data: &mut [u8]) -> IoAction {
         match port {
             PORT_ID => {
                 let m = DEVICE_MAGIC.to_le_bytes();
                 for (i, d) in data.iter_mut().enumerate() {
                     *d = m.get(i).copied().unwrap_or(0);
                 }
-                DeviceAction::Continue
+                IoAction::Continue
             }
             _ => {
                 data.fill(0xff);
-                DeviceAction::Unhandled
+                IoAction::Continue
             }
         }
+    }
+}
+
+impl PioDevice for TestDevice {
+    fn name(&self) -> &'static str {
+        "test-device"
+    }
+    fn read(&self, _vcpu: u32, port: u16, data: &mut [u8]) -> IoAction {
+        self.io_in(port, data)
+    }
+    fn write(&self, vcpu: u32, port: u16, data: &[u8]) -> IoAction {
+        self.io_out(vcpu, port, data)
     }
 }
 
@@ -119,7 +125,7 @@ mod tests {
         // 1000 pages/s per vCPU: after 10 pages the next is due ~10 ms on.
         let a = d.io_out(0, PORT_PACE, &10u32.to_le_bytes());
         match a {
-            DeviceAction::Wait(Some(t)) => {
+            IoAction::Wait(Some(t)) => {
                 let ms = t.duration_since(Instant::now()).as_millis();
                 assert!((5..=10).contains(&ms), "{ms}");
             }
@@ -131,11 +137,8 @@ mod tests {
     fn unlimited_guest_never_waits_and_wait_port_parks() {
         let d = TestDevice::new(1, None);
         assert_eq!(d.pace_batch(), 0);
-        assert_eq!(
-            d.io_out(0, PORT_PACE, &[1, 0, 0, 0]),
-            DeviceAction::Continue
-        );
-        assert_eq!(d.io_out(0, PORT_WAIT, &[0]), DeviceAction::Wait(None));
+        assert_eq!(d.io_out(0, PORT_PACE, &[1, 0, 0, 0]), IoAction::Continue);
+        assert_eq!(d.io_out(0, PORT_WAIT, &[0]), IoAction::Wait(None));
         let mut b = [0u8; 4];
         d.io_in(PORT_ID, &mut b);
         assert_eq!(u32::from_le_bytes(b), DEVICE_MAGIC);

@@ -1,0 +1,184 @@
+//! The devices a guest sees, each on the VM's I/O bus (`vmm::bus`) with its
+//! own saved state: the builtin guests' test device, and for Linux guests
+//! COM1 (the console), the i8042 (reboot), a CMOS clock and the ACPI
+//! power-management registers (power-off).
+//!
+//! This module builds the set a configuration needs, fresh or from a
+//! checkpoint's saved states; the VM routes I/O to it and knows no device.
+
+pub mod acpi_pm;
+pub mod cmos;
+pub mod i8042;
+pub mod serial;
+pub mod test_device;
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::guest::GuestSpec;
+use crate::vmm::bus::{BusError, DeviceSet, IoBus};
+use crate::vmm::VmConfig;
+
+/// Where a Linux guest's console (COM1) goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Console {
+    /// vmhop's standard output.
+    Stdout,
+    /// vmhop's standard error (when stdout carries `--json`).
+    Stderr,
+    /// A file, appended to.
+    File(PathBuf),
+}
+
+/// Building the device set failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    /// The console file cannot be opened.
+    #[error("cannot open the console file {}: {source}", path.display())]
+    Console {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// An eventfd for an interrupt line could not be made.
+    #[error("cannot create the eventfd of IRQ {irq}: {source}")]
+    EventFd {
+        /// The line.
+        irq: u32,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A saved device state does not load.
+    #[error("saved state of device {device}: {reason}")]
+    State {
+        /// The device.
+        device: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Two devices claim one port.
+    #[error(transparent)]
+    Bus(#[from] BusError),
+}
+
+/// Counts what the guest wrote to its console (to tell a silent guest).
+struct Counted {
+    out: Box<dyn Write + Send>,
+    bytes: Arc<AtomicU64>,
+}
+
+impl Write for Counted {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.bytes.fetch_add(b.len() as u64, Ordering::Relaxed);
+        self.out.write(b)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.out.flush()
+    }
+}
+
+/// The devices of one VM, and handles on the ones vmhop itself talks to.
+pub struct Devices {
+    /// The bus and interrupt lines, for `Vm::new`.
+    pub set: DeviceSet,
+    /// COM1, for console input (Linux guests).
+    pub serial: Option<Arc<serial::SerialPort>>,
+    /// Bytes the guest has written to its console so far.
+    pub console_bytes: Arc<AtomicU64>,
+}
+
+/// Builds the devices `config` needs; `saved` holds states by device name
+/// from a checkpoint (empty for a fresh boot).
+pub fn build(
+    config: &VmConfig,
+    console: &Console,
+    saved: &BTreeMap<String, serde_json::Value>,
+) -> Result<Devices, DeviceError> {
+    let mut bus = IoBus::new();
+    let mut irq_lines = Vec::new();
+    let console_bytes = Arc::new(AtomicU64::new(0));
+    let mut serial_port = None;
+    match &config.guest {
+        GuestSpec::Idle | GuestSpec::Dirty { .. } => {
+            let rate = match &config.guest {
+                GuestSpec::Dirty { rate, .. } => *rate,
+                _ => None,
+            };
+            let (start, len) = test_device::PORTS;
+            bus.insert(
+                start,
+                len,
+                Arc::new(test_device::TestDevice::new(config.vcpus, rate)),
+            )?;
+        }
+        GuestSpec::Linux(_) => {
+            let out: Box<dyn Write + Send> = match console {
+                Console::Stdout => Box::new(std::io::stdout()),
+                Console::Stderr => Box::new(std::io::stderr()),
+                Console::File(path) => Box::new(
+                    std::fs::OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(path)
+                        .map_err(|source| DeviceError::Console {
+                            path: path.clone(),
+                            source,
+                        })?,
+                ),
+            };
+            let out = Box::new(Counted {
+                out,
+                bytes: console_bytes.clone(),
+            });
+            let irq = serial::COM1_IRQ;
+            let evt = EventFd::new(libc::EFD_NONBLOCK)
+                .map_err(|source| DeviceError::EventFd { irq, source })?;
+            let for_kvm = evt
+                .try_clone()
+                .map_err(|source| DeviceError::EventFd { irq, source })?;
+            let saved_serial = match saved.get("serial") {
+                Some(v) => Some(
+                    serde_json::from_value::<serial::SavedSerial>(v.clone()).map_err(|e| {
+                        DeviceError::State {
+                            device: "serial",
+                            reason: e.to_string(),
+                        }
+                    })?,
+                ),
+                None => None,
+            };
+            let port =
+                serial::SerialPort::new(evt, out, saved_serial.as_ref()).map_err(|reason| {
+                    DeviceError::State {
+                        device: "serial",
+                        reason,
+                    }
+                })?;
+            bus.insert(serial::COM1_PORT, serial::COM1_LEN, port.clone())?;
+            irq_lines.push((for_kvm, irq));
+            serial_port = Some(port);
+            let kbd = i8042::Keyboard::new();
+            bus.insert(i8042::DATA_PORT, 1, kbd.clone())?;
+            bus.insert(i8042::COMMAND_PORT, 1, kbd)?;
+            let cmos = cmos::Cmos::new();
+            bus.insert(cmos::INDEX_PORT, 2, cmos)?;
+            let pm = acpi_pm::AcpiPm::new();
+            for (start, len) in acpi_pm::AcpiPm::ports() {
+                bus.insert(start, len, pm.clone())?;
+            }
+        }
+    }
+    Ok(Devices {
+        set: DeviceSet { bus, irq_lines },
+        serial: serial_port,
+        console_bytes,
+    })
+}

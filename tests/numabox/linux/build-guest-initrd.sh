@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Build the Linux test guest's initramfs: the host's static busybox and
+# guest-init.sh as /init (it prints the guest's NUMA view and runs the
+# tmpfs checksum checker; see that file for its output and options).
+#
+#   tests/numabox/linux/build-guest-initrd.sh OUT.cpio.gz
+#
+# Needs /bin/busybox from busybox-static (tests/numabox/setup.sh installs
+# it), cpio and gzip. Writes OUT atomically (a temporary file renamed into
+# place), so concurrent builders never see a half-written archive. Root is
+# only needed for the /dev/console node; without it /init reopens the
+# console itself once devtmpfs is mounted.
+set -euo pipefail
+
+die() {
+    echo "build-guest-initrd: ERROR: $*" >&2
+    exit 1
+}
+
+[ "$#" -eq 1 ] || die "usage: $0 OUT.cpio.gz"
+out="$1"
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+busybox=/bin/busybox
+
+[ -x "$busybox" ] || die "$busybox not found; install busybox-static (tests/numabox/setup.sh does)"
+if command -v readelf >/dev/null && readelf -l "$busybox" 2>/dev/null | grep -q 'program interpreter'; then
+    die "$busybox is dynamically linked; the guest has no libc (install busybox-static)"
+fi
+for tool in cpio gzip; do
+    command -v "$tool" >/dev/null || die "$tool not found"
+done
+
+mkdir -p "$(dirname "$out")"
+stage="$(mktemp -d "${TMPDIR:-/tmp}/vmhop-guest-initrd.XXXXXX")"
+tmp_out="$out.tmp.$$"
+trap 'rm -rf "$stage" "$tmp_out"' EXIT
+
+chmod 755 "$stage"
+mkdir -p "$stage"/{bin,sbin,dev,proc,sys,tmp,run}
+cp "$busybox" "$stage/bin/busybox"
+cp "$here/guest-init.sh" "$stage/init"
+chmod 755 "$stage/init" "$stage/bin/busybox"
+mknod -m 600 "$stage/dev/console" c 5 1 2>/dev/null || true
+
+(cd "$stage" && find . -print0 | LC_ALL=C sort -z | cpio --null -o -H newc --quiet --owner=0:0 | gzip -9 -n >"$tmp_out") \
+    || die "packing $stage into $out failed"
+mv -f "$tmp_out" "$out"
+echo "build-guest-initrd: $out ($(du -h "$out" | cut -f1))" >&2

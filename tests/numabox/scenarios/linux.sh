@@ -1,0 +1,482 @@
+#!/bin/sh
+# A Linux guest under vmhop, inside the NUMA box.
+#
+#   linux.sh STEP [verbose]
+#   STEP = boot | poweroff | reboot | checkpoint | numa-live | numa-stop-copy | numa-kernel
+#
+# Needs two extra files (run.sh arguments): the guest kernel at
+# /files/vmlinuz (the box's own Debian kernel does) and the guest initramfs
+# at /files/guest.cpio.gz (tests/numabox/linux/build-guest-initrd.sh). Its
+# /init prints "vmhop-guest: ..." lines (the NUMA view of the guest kernel)
+# and then a checksum heartbeat "vmhop-check: beat N ok|FAIL ..." about once
+# a second; see tests/numabox/linux/guest-init.sh.
+#
+# Every STEP starts the same VM: 2 vCPUs, guest node 0 (128 MiB, vCPU 0) on
+# host node 0, guest node 1 (128 MiB, vCPU 1) on host node 1, console to a
+# file, and waits for the first beat. Then the guest must have seen two
+# nodes with the right CPUs and 50..100% of 128 MiB each (the kernel image,
+# ~45 MiB, is reserved on whichever node holds it), 75..100% of 256 MiB in
+# all. Then:
+#   boot        3 more beats, all ok and consecutive; stop; vmhop exits 0.
+#   poweroff    the guest runs `poweroff -f` after beat 3 (kernel command
+#   reboot      line vmhop.action=...-after=3) / `reboot -f`: vmhop must exit
+#               0 by itself and say "powered off" / "rebooted".
+#   checkpoint  a full checkpoint, 3 beats, an incremental one; stop; each is
+#               restored (lazily) in turn: its beats must continue the count
+#               from where the checkpoint was taken (no reset to 1, which
+#               would be a reboot), stay ok and consecutive, and uptime must
+#               not go back.
+#   numa-MODE   numa-migrate --guest-node 0 --to-node 1 --mode MODE; a fresh
+#               numa-stat must show >= 99% of guest node 0's present pages
+#               on host node 1 (bind:1, vCPU 0 on node 1's CPUs) and guest
+#               node 1 still on host node 1; then 3 more beats ok.
+# "verbose" boots the guest without `quiet` (its whole boot log on the console).
+#
+# Busybox sh. Prints "linux[STEP]: ok: ..." per passed check and, on the
+# first failed one, "linux[STEP]: FAIL: ..." followed by the guest console's
+# tail, vmhop's output, status --json and the last kernel messages. Never
+# checks timings: they are emulated here (deadlines only catch hangs).
+set -eu
+
+step="${1:-}"
+verbose="${2:-}"
+case "$step" in
+boot | poweroff | reboot | checkpoint | numa-live | numa-stop-copy | numa-kernel) ;;
+*)
+    echo "linux: usage: linux.sh boot|poweroff|reboot|checkpoint|numa-live|numa-stop-copy|numa-kernel [verbose]"
+    exit 2
+    ;;
+esac
+case "$verbose" in
+"" | verbose) ;;
+*)
+    echo "linux: unknown option '$verbose' (expected verbose or nothing)"
+    exit 2
+    ;;
+esac
+
+VMHOP="${VMHOP:-/bin/vmhop}"
+files="${NUMABOX_FILES:-/files}"
+kernel="$files/vmlinuz"
+initrd="$files/guest.cpio.gz"
+tag="linux[$step${2:+ $2}]"
+errf=/tmp/cmd.err
+ckdir=/tmp/ck
+MIB_KB=1024
+NODE_MB=128
+
+# Deadlines (seconds). Everything runs emulated: a nested guest at TCG speed.
+BOOT_DEADLINE=240   # vmhop run -> first beat
+BEAT_DEADLINE=60    # any further beat
+EXIT_DEADLINE=120   # poweroff/reboot after the first beat; stop -> exit
+
+# The guest: 4 files of 4 MiB checked and one rewritten every beat.
+cmdline="console=ttyS0 vmhop.files=4 vmhop.file_mb=4"
+[ "$verbose" = verbose ] || cmdline="quiet $cmdline"
+
+# The VM being watched: its name, vmhop pid, console and output files.
+vm=""
+vm_pid=""
+con=""
+out=""
+err=""
+
+say() {
+    echo "$tag: $*"
+}
+
+# On stderr, so that a failure inside a command substitution still reaches
+# the console (the box sends both streams there).
+fail() {
+    echo "$tag: FAIL: $*" >&2
+    diagnose >&2
+    exit 1
+}
+
+diagnose() {
+    if [ -n "$con" ] && [ -f "$con" ]; then
+        echo "$tag: --- guest console $con (last 40 lines) ---"
+        tr -d '\r' <"$con" | tail -n 40
+    fi
+    for f in "$out" "$err"; do
+        if [ -n "$f" ] && [ -s "$f" ]; then
+            echo "$tag: --- $f ---"
+            cat "$f"
+        fi
+    done
+    if [ -n "$vm_pid" ] && [ -d "/proc/$vm_pid" ]; then
+        echo "$tag: --- status of $vm ---"
+        "$VMHOP" status --name "$vm" --json 2>&1 || true
+        echo "$tag: --- vmhop threads: tid (comm) state ... utime stime (fields 1-3, 14-15) ---"
+        for t in /proc/"$vm_pid"/task/*; do
+            cut -d' ' -f1-3,14,15 "$t/stat" 2>/dev/null || true
+        done
+    fi
+    echo "$tag: --- dmesg (last 20 lines) ---"
+    dmesg 2>/dev/null | tail -n 20
+}
+
+cleanup() {
+    if [ -n "$vm_pid" ] && kill -0 "$vm_pid" 2>/dev/null; then
+        kill "$vm_pid" 2>/dev/null || true
+    fi
+}
+trap cleanup EXIT
+
+# --- JSON helpers (vmhop prints one JSON object on one line) --------------
+
+# json_obj KEY JSON: the inside of the (last) flat object "KEY":{...}.
+json_obj() {
+    printf '%s\n' "$2" | sed -n "s/.*\"$1\":{\([^{}]*\)}.*/\1/p"
+}
+
+# json_num KEY JSON: the integer value of "KEY":N.
+json_num() {
+    printf '%s\n' "$2" | sed -n "s/.*\"$1\":\(-\{0,1\}[0-9][0-9]*\).*/\1/p"
+}
+
+# json_str KEY JSON: the string value of "KEY":"...".
+json_str() {
+    printf '%s\n' "$2" | sed -n "s/.*\"$1\":\"\([^\"]*\)\".*/\1/p"
+}
+
+# guest_node_obj G STAT: guest node G's object in numa-stat's guest_nodes.
+guest_node_obj() {
+    printf '%s\n' "$2" | sed 's/{"guest_node":/\n&/g' | grep "^{\"guest_node\":$1,"
+}
+
+# vcpu_cpus G STAT: allowed_cpus of every vCPU of guest node G (one a line).
+vcpu_cpus() {
+    printf '%s\n' "$2" | grep -o '{"id":[^{}]*}' | grep "\"guest_node\":$1[,}]" |
+        sed -n 's/.*"allowed_cpus":"\([^"]*\)".*/\1/p'
+}
+
+# pages_on NODE OBJ: pages on NODE in a placement object body ("0":12,"1":3).
+pages_on() {
+    on_node="$(printf '%s\n' "$2" | tr ',' '\n' | sed -n "s/^ *\"$1\": *\([0-9][0-9]*\) *$/\1/p")"
+    echo "${on_node:-0}"
+}
+
+# pages_total OBJ: all pages in a placement object body.
+pages_total() {
+    printf '%s\n' "$1" | tr ',' '\n' | sed -n 's/^ *"[0-9][0-9]*": *\([0-9][0-9]*\) *$/\1/p' |
+        awk '{ s += $1 } END { print s + 0 }'
+}
+
+# check_share NODE OBJ WHAT: >= 99% of the present pages in OBJ on NODE.
+check_share() {
+    total="$(pages_total "$2")"
+    on="$(pages_on "$1" "$2")"
+    [ "$total" -gt 0 ] || fail "$3: no present page at all ({$2})"
+    if [ $((on * 100)) -lt $((total * 99)) ]; then
+        fail "$3: only $on of $total present pages on host node $1 ({$2})"
+    fi
+    say "ok: $3: $on of $total present pages on host node $1"
+}
+
+# --- the guest console -----------------------------------------------------------
+
+# console: the current VM's console without carriage returns.
+console() {
+    [ -f "$con" ] || return 0
+    tr -d '\r' <"$con"
+}
+
+# beats: the beat numbers on the console, one a line, in order.
+beats() {
+    console | sed -n 's/.*vmhop-check: beat \([0-9][0-9]*\) .*/\1/p'
+}
+
+last_beat() {
+    b="$(beats | tail -n 1)"
+    echo "${b:-0}"
+}
+
+# beat_up N: the guest uptime (seconds) printed with beat N.
+beat_up() {
+    console | sed -n "s/.*vmhop-check: beat $1 ok .* up=\([0-9.][0-9.]*\).*/\1/p" | tail -n 1
+}
+
+# check_console WHAT: no checksum failure and no kernel panic so far.
+check_console() {
+    bad="$(console | grep -m 1 'vmhop-check: beat [0-9]* FAIL' || true)"
+    [ -z "$bad" ] || fail "$1: the guest checker failed: $bad"
+    if console | grep -q 'Kernel panic'; then
+        fail "$1: the guest kernel panicked"
+    fi
+}
+
+# check_consecutive FIRST WHAT: the beats on the console run FIRST, FIRST+1, ...
+# with no gap, repeat or restart.
+check_consecutive() {
+    seq_err="$(beats | awk -v first="$1" '
+        { want = (NR == 1) ? first : prev + 1
+          if ($1 != want) { print "beat " $1 " where " want " was due"; exit }
+          prev = $1 }')"
+    [ -z "$seq_err" ] || fail "$2: beats not consecutive: $seq_err ($(beats | tr '\n' ' '))"
+}
+
+# wait_beat N DEADLINE WHAT: the console shows beat >= N within DEADLINE s;
+# fails early if vmhop exits, the checker fails or the kernel panics.
+wait_beat() {
+    t=0
+    while [ "$(last_beat)" -lt "$1" ]; do
+        check_console "$3"
+        kill -0 "$vm_pid" 2>/dev/null || fail "$3: vmhop ($vm) exited before beat $1"
+        t=$((t + 1))
+        [ "$t" -le "$2" ] || fail "$3: no beat $1 within ${2}s (last beat $(last_beat))"
+        sleep 1
+    done
+    check_console "$3"
+}
+
+# --- vmhop ------------------------------------------------------------------------
+
+# start NAME CMD...: runs CMD (a vmhop run or restore) in the background as
+# the watched VM NAME, console in /tmp/NAME.console.
+start() {
+    vm="$1"
+    shift
+    con="/tmp/$vm.console"
+    out="/tmp/$vm.out"
+    err="/tmp/$vm.err"
+    rm -f "$con"
+    say "starting $vm: $*"
+    "$@" --console "$con" --json >"$out" 2>"$err" &
+    vm_pid=$!
+}
+
+# stop_vm WHAT: vmhop stop, then the process must exit 0 within the deadline.
+stop_vm() {
+    if ! "$VMHOP" stop --name "$vm" >/dev/null 2>"$errf"; then
+        fail "$1: vmhop stop --name $vm failed: $(cat "$errf")"
+    fi
+    wait_exit "$1: after stop"
+    say "ok: $1: $vm stopped, vmhop exited 0"
+}
+
+# wait_exit WHAT: the watched vmhop exits within the deadline, with status 0.
+wait_exit() {
+    t=0
+    while kill -0 "$vm_pid" 2>/dev/null; do
+        t=$((t + 1))
+        [ "$t" -le "$EXIT_DEADLINE" ] || fail "$1: vmhop ($vm) still running after ${EXIT_DEADLINE}s"
+        sleep 1
+    done
+    set +e
+    wait "$vm_pid"
+    rc=$?
+    set -e
+    [ "$rc" -eq 0 ] || fail "$1: vmhop ($vm) exited with status $rc"
+    vm_pid=""
+}
+
+# cli WHAT ARGS...: a vmhop client command on the watched VM; prints stdout.
+cli() {
+    what="$1"
+    shift
+    if ! cli_out="$("$VMHOP" "$@" --name "$vm" --json 2>"$errf")"; then
+        fail "$what: vmhop $* failed: $(cat "$errf")"
+    fi
+    printf '%s\n' "$cli_out"
+}
+
+# check_node G WHAT: the guest saw node G with CPU G and about 128 MiB.
+check_node() {
+    line="$(console | grep -m 1 "vmhop-guest: node $1 " || true)"
+    [ -n "$line" ] || fail "$2: the guest has no node $1 ($(console | grep 'vmhop-guest: node' | tr '\n' ';'))"
+    cpus="$(printf '%s\n' "$line" | sed -n 's/.* cpus=\([^ ]*\).*/\1/p')"
+    kb="$(printf '%s\n' "$line" | sed -n 's/.* memtotal_kb=\([0-9][0-9]*\).*/\1/p')"
+    [ "$cpus" = "$1" ] || fail "$2: guest node $1 has cpus '$cpus', not $1 ($line)"
+    full=$((NODE_MB * MIB_KB))
+    if [ -z "$kb" ] || [ "$kb" -gt "$full" ] || [ $((kb * 2)) -lt "$full" ]; then
+        fail "$2: guest node $1 has MemTotal '$kb' kB, not 50..100% of $NODE_MB MiB ($line)"
+    fi
+    say "ok: $2: guest node $1: cpus $cpus, MemTotal $kb kB"
+    node_kb_total=$((node_kb_total + kb))
+}
+
+# boot_vm: the common start, up to the first beat and the guest's NUMA view.
+boot_vm() {
+    extra="${1:-}"
+    for f in "$kernel" "$initrd"; do
+        [ -s "$f" ] || fail "$f missing (pass it to run.sh as an extra file)"
+    done
+    start lx "$VMHOP" run --name lx --vcpus 2 \
+        --numa guest-node=0,size=${NODE_MB}M,host-node=0,cpus=0 \
+        --numa guest-node=1,size=${NODE_MB}M,host-node=1,cpus=1 \
+        --kernel "$kernel" --initrd "$initrd" --cmdline "$cmdline${extra:+ $extra}"
+    wait_beat 1 "$BOOT_DEADLINE" "boot"
+    console | grep 'vmhop-guest:' | sed "s/^/$tag: guest: /"
+    say "ok: boot: first beat: $(console | grep -m 1 'vmhop-check: beat')"
+    nodes="$(console | sed -n 's/.*vmhop-guest: nodes=\([0-9][0-9]*\).*/\1/p' | head -n 1)"
+    [ "$nodes" = 2 ] || fail "boot: the guest sees '$nodes' NUMA nodes, not 2"
+    say "ok: boot: the guest sees 2 NUMA nodes"
+    node_kb_total=0
+    check_node 0 "boot"
+    check_node 1 "boot"
+    all=$((2 * NODE_MB * MIB_KB))
+    [ $((node_kb_total * 4)) -ge $((all * 3)) ] ||
+        fail "boot: the nodes' MemTotal add up to $node_kb_total kB, under 75% of $((2 * NODE_MB)) MiB"
+    say "ok: boot: MemTotal $node_kb_total kB in all"
+    online="$(console | sed -n 's/.*vmhop-guest: cpus online=\([^ ]*\).*/\1/p' | head -n 1)"
+    [ "$online" = 0-1 ] || fail "boot: guest CPUs online '$online', not 0-1"
+    say "ok: boot: guest CPUs online 0-1"
+}
+
+# more_beats K WHAT: K more beats after the last one, all ok, and every beat
+# on this console consecutive from FIRST_BEAT.
+more_beats() {
+    from="$(last_beat)"
+    wait_beat $((from + $1)) "$BEAT_DEADLINE" "$2"
+    check_consecutive "$first_beat" "$2"
+    say "ok: $2: beats $((from + 1))..$(last_beat) ok"
+}
+
+# check_placement STAT G H WHAT: numa-stat has guest node G bound to and
+# >= 99% present on host node H.
+check_placement() {
+    obj="$(guest_node_obj "$2" "$1")"
+    [ -n "$obj" ] || fail "$4: numa-stat has no guest node $2: $1"
+    policy="$(json_str policy "$obj")"
+    [ "$policy" = "bind:$3" ] || fail "$4: guest node $2 policy is '$policy', not bind:$3"
+    check_share "$3" "$(json_obj host_nodes "$obj")" "$4: guest node $2 ($policy)"
+}
+
+# check_vcpus STAT G H WHAT: every vCPU of guest node G may run exactly on
+# host node H's CPUs.
+check_vcpus() {
+    want="$(cat "/sys/devices/system/node/node$3/cpulist")"
+    got="$(vcpu_cpus "$2" "$1")"
+    [ -n "$got" ] || fail "$4: numa-stat lists no vCPU of guest node $2"
+    for c in $got; do
+        [ "$c" = "$want" ] || fail "$4: a vCPU of guest node $2 may run on CPUs '$c', not host node $3's '$want'"
+    done
+    say "ok: $4: guest node $2's vCPU(s) on host node $3's CPUs ($want)"
+}
+
+# --- the steps ------------------------------------------------------------------------
+
+step_boot() {
+    boot_vm
+    first_beat=1
+    more_beats 3 "running"
+    stop_vm "stop"
+}
+
+# step_end ACTION WORD: the guest runs ACTION -f after beat 3; vmhop must
+# exit 0 by itself and print WORD.
+step_end() {
+    boot_vm "vmhop.action=$1-after=3"
+    first_beat=1
+    t=0
+    while kill -0 "$vm_pid" 2>/dev/null; do
+        check_console "$1"
+        t=$((t + 1))
+        [ "$t" -le "$EXIT_DEADLINE" ] ||
+            fail "$1: vmhop still running ${EXIT_DEADLINE}s after the first beat (last beat $(last_beat))"
+        sleep 1
+    done
+    check_console "$1"
+    console | grep -q "vmhop-check: action $1 after beat 3" ||
+        fail "$1: vmhop exited but the guest never ran $1 -f (last beat $(last_beat))"
+    check_consecutive 1 "$1"
+    say "ok: $1: the guest ran $1 -f after beat 3"
+    wait_exit "$1"
+    say "ok: $1: vmhop exited 0 by itself"
+    if ! cat "$out" "$err" | grep -qi "$2"; then
+        fail "$1: vmhop's output does not say '$2'"
+    fi
+    say "ok: $1: vmhop says: $(cat "$out" "$err" | grep -i -m 1 "$2")"
+}
+
+# take_checkpoint KIND WHAT: a checkpoint of kind KIND; sets ck_id, ck_before
+# (last beat before it) and ck_after (last beat once it returned).
+take_checkpoint() {
+    ck_before="$(last_beat)"
+    full=""
+    [ "$1" = full ] && full="--full"
+    report="$(cli "$2" checkpoint --dir "$ckdir" $full)"
+    ck_after="$(last_beat)"
+    say "$2: $report"
+    kind="$(json_str kind "$report")"
+    [ "$kind" = "$1" ] || fail "$2: report kind is '$kind', not $1"
+    ck_id="$(json_num id "$report")"
+    [ -n "$ck_id" ] || fail "$2: report has no id"
+    say "ok: $2: $kind checkpoint id $ck_id between beats $ck_before and $ck_after"
+}
+
+# restore_and_check ID BEFORE AFTER UP NAME: restores $ckdir@ID (lazily) as
+# NAME; its first beat must be after BEFORE and at most AFTER+2, with uptime
+# not below UP; 3 beats ok and consecutive; stop.
+restore_and_check() {
+    start "$5" "$VMHOP" restore "$ckdir@$1" --name "$5"
+    what="restore @$1"
+    wait_beat 1 "$BOOT_DEADLINE" "$what"
+    first_beat="$(beats | head -n 1)"
+    say "$what: first beat: $(console | grep -m 1 'vmhop-check: beat')"
+    [ "$first_beat" -gt "$2" ] ||
+        fail "$what: first beat $first_beat is not after beat $2 (the count restarted: a reboot, not a restore)"
+    [ "$first_beat" -le $(($3 + 2)) ] ||
+        fail "$what: first beat $first_beat is past beat $(($3 + 2)) (checkpoint taken between beats $2 and $3)"
+    say "ok: $what: the count continues at beat $first_beat (checkpoint between beats $2 and $3)"
+    up="$(beat_up "$first_beat")"
+    if [ -n "$4" ] && [ -n "$up" ]; then
+        awk -v a="$up" -v b="$4" 'BEGIN { exit !(a + 0 >= b + 0) }' ||
+            fail "$what: guest uptime went back from $4 s to $up s"
+        say "ok: $what: guest uptime $4 s -> $up s"
+    fi
+    check_consecutive "$first_beat" "$what"
+    more_beats 2 "$what"
+    stop_vm "$what"
+}
+
+step_checkpoint() {
+    boot_vm
+    first_beat=1
+    more_beats 1 "before the checkpoints"
+    take_checkpoint full "full checkpoint"
+    id0="$ck_id" before0="$ck_before" after0="$ck_after" up0="$(beat_up "$ck_before")"
+    wait_beat $((after0 + 3)) "$BEAT_DEADLINE" "after the full checkpoint"
+    take_checkpoint incremental "incremental checkpoint"
+    id1="$ck_id" before1="$ck_before" after1="$ck_after" up1="$(beat_up "$ck_before")"
+    [ "$id1" != "$id0" ] || fail "incremental checkpoint: same id $id1 as the full one"
+    more_beats 1 "after the checkpoints"
+    check_consecutive 1 "after the checkpoints"
+    stop_vm "before restoring"
+    "$VMHOP" checkpoints "$ckdir" 2>&1 | sed "s/^/$tag: checkpoints: /" || true
+    restore_and_check "$id0" "$before0" "$after0" "$up0" r0
+    restore_and_check "$id1" "$before1" "$after1" "$up1" r1
+}
+
+step_numa() {
+    mode="$1"
+    boot_vm
+    first_beat=1
+    stat="$(cli "before the move" numa-stat)"
+    say "numa-stat before: $stat"
+    check_placement "$stat" 0 0 "before the move"
+    check_placement "$stat" 1 1 "before the move"
+    report="$(cli "numa-migrate" numa-migrate --guest-node 0 --to-node 1 --mode "$mode")"
+    say "numa-migrate report: $report"
+    [ "$(json_str mode "$report")" = "$mode" ] || fail "numa-migrate: report mode is not $mode"
+    check_console "numa-migrate"
+    stat="$(cli "after the move" numa-stat)"
+    say "numa-stat after: $stat"
+    check_placement "$stat" 0 1 "after the move"
+    check_placement "$stat" 1 1 "after the move"
+    check_vcpus "$stat" 0 1 "after the move"
+    more_beats 3 "after the move"
+    stop_vm "stop"
+}
+
+say "kernel $kernel ($(wc -c <"$kernel" 2>/dev/null || echo missing) bytes), initrd $initrd ($(wc -c <"$initrd" 2>/dev/null || echo missing) bytes)"
+say "guest command line: $cmdline"
+case "$step" in
+boot) step_boot ;;
+poweroff) step_end poweroff "powered off" ;;
+reboot) step_end reboot "rebooted" ;;
+checkpoint) step_checkpoint ;;
+numa-*) step_numa "${step#numa-}" ;;
+esac
+say "ok: all checks passed"
