@@ -307,7 +307,10 @@ pub fn boot(
         KernelFormat::BzImage => loaded.kernel_load.0 + 0x200,
         KernelFormat::Elf => loaded.kernel_load.0,
     };
-    let kernel_end = loaded.kernel_load.0 + loaded.kernel_end.max(kernel_size);
+    // A bzImage decompresses in place and needs `init_size` bytes from its
+    // load address: the initrd must stay clear of all of them.
+    let init_size = loaded.setup_header.map_or(0, |h| h.init_size as u64);
+    let kernel_end = loaded.kernel_end.max(loaded.kernel_load.0 + init_size);
 
     let mut params = boot_params::default();
     if let Some(h) = loaded.setup_header {
