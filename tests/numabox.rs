@@ -69,11 +69,19 @@ const GUEST_CRASH_IN_BOX: &str = "the guest shut down (triple fault)";
 /// passing `scenario_args` to it as words, and returns the console (run.sh's
 /// stdout). Panics with the whole output unless the box reported PASS.
 fn boot(scenario: &str, scenario_args: &str) -> String {
+    boot_with_files(scenario, scenario_args, &[])
+}
+
+/// [`boot`] with extra files for the box: each is run.sh's
+/// `FILE[:/path/in/box]` argument (`/files/<name>` without a path).
+fn boot_with_files(scenario: &str, scenario_args: &str, extra_files: &[String]) -> String {
     ensure_setup();
     let boot_once = || {
+        let mut args = vec![scenario];
+        args.extend(extra_files.iter().map(String::as_str));
         run_script(
             "tests/numabox/run.sh",
-            &[scenario],
+            &args,
             &[("NUMABOX_SCENARIO_ARGS", scenario_args)],
         )
     };
@@ -167,4 +175,158 @@ fn numabox_move_to_node1_without_room_is_refused_and_vm_stays_on_node0() {
             "ok: to node 1 once it has room: numa-stat:",
         ],
     );
+}
+
+/// The Linux guest scenario: the box's own Debian kernel booted by vmhop
+/// with the checksum-checker initramfs, one STEP per test.
+const LINUX: &str = "tests/numabox/scenarios/linux.sh";
+
+/// The folder setup.sh filled (run.sh reads the same variable).
+fn numabox_cache() -> PathBuf {
+    match std::env::var_os("NUMABOX_CACHE") {
+        Some(c) if !c.is_empty() => PathBuf::from(c),
+        _ => repo_root().join("target/numabox-cache"),
+    }
+}
+
+/// Builds the Linux guest's initramfs once per test process (busybox and
+/// `tests/numabox/linux/guest-init.sh`) and returns its path.
+fn guest_initrd() -> PathBuf {
+    static INITRD: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    let built = INITRD.get_or_init(|| {
+        let out = repo_root().join("target/numabox-work/guest.cpio.gz");
+        let out_str = out.to_str().expect("repository path is UTF-8");
+        let build = run_script("tests/numabox/linux/build-guest-initrd.sh", &[out_str], &[]);
+        if build.status.success() {
+            Ok(out)
+        } else {
+            Err(format!(
+                "tests/numabox/linux/build-guest-initrd.sh failed ({}):\n{}",
+                build.status,
+                combined(&build)
+            ))
+        }
+    });
+    match built {
+        Ok(path) => path.clone(),
+        Err(message) => panic!("{message}"),
+    }
+}
+
+/// Boots the linux scenario with `step`, the cached kernel as
+/// /files/vmlinuz and the guest initramfs as /files/guest.cpio.gz, and
+/// checks that it reached its end and printed every line in `expect`
+/// (after its `linux[STEP]: ` tag).
+fn linux_scenario(step: &str, expect: &[&str]) -> String {
+    ensure_setup();
+    let kernel = numabox_cache().join("current/vmlinuz");
+    let files = [
+        format!("{}:/files/vmlinuz", kernel.display()),
+        format!("{}:/files/guest.cpio.gz", guest_initrd().display()),
+    ];
+    let console = boot_with_files(LINUX, step, &files);
+    let tag = format!("linux[{step}]");
+    for line in expect.iter().copied().chain(["ok: all checks passed"]) {
+        assert!(
+            console.contains(&format!("{tag}: {line}")),
+            "the console never said {line:?}:\n{console}"
+        );
+    }
+    console
+}
+
+/// What every boot of the Linux guest must have printed: the guest kernel
+/// saw both nodes with their CPU and memory, and its checker beat.
+const LINUX_BOOTED: &[&str] = &[
+    "ok: boot: first beat: vmhop-check: beat 1 ok",
+    "ok: boot: the guest sees 2 NUMA nodes",
+    "ok: boot: guest node 0: cpus 0, MemTotal",
+    "ok: boot: guest node 1: cpus 1, MemTotal",
+    "ok: boot: guest CPUs online 0-1",
+];
+
+/// A move of guest node 0 to host node 1 in `mode`, checked by numa-stat
+/// and by the guest's checker running on.
+fn linux_numa_move(mode: &str) {
+    let step = format!("numa-{mode}");
+    let expect: Vec<&str> = LINUX_BOOTED
+        .iter()
+        .copied()
+        .chain([
+            "ok: before the move: guest node 0 (bind:0):",
+            "ok: after the move: guest node 0 (bind:1):",
+            "ok: after the move: guest node 1 (bind:1):",
+            "ok: after the move: guest node 0's vCPU(s) on host node 1's CPUs",
+            "ok: after the move: beats",
+            "ok: stop: lx stopped, vmhop exited 0",
+        ])
+        .collect();
+    linux_scenario(&step, &expect);
+}
+
+#[test]
+fn numabox_linux_guest_boots_on_two_numa_nodes() {
+    let expect: Vec<&str> = LINUX_BOOTED
+        .iter()
+        .copied()
+        .chain(["ok: running: beats", "ok: stop: lx stopped, vmhop exited 0"])
+        .collect();
+    linux_scenario("boot", &expect);
+}
+
+#[test]
+fn numabox_linux_guest_poweroff_ends_vmhop_with_exit_0() {
+    linux_scenario(
+        "poweroff",
+        &[
+            "ok: poweroff: the guest ran poweroff -f after beat 3",
+            "ok: poweroff: vmhop exited 0 by itself",
+            "ok: poweroff: vmhop says:",
+        ],
+    );
+}
+
+#[test]
+fn numabox_linux_guest_reboot_ends_vmhop_with_exit_0() {
+    linux_scenario(
+        "reboot",
+        &[
+            "ok: reboot: the guest ran reboot -f after beat 3",
+            "ok: reboot: vmhop exited 0 by itself",
+            "ok: reboot: vmhop says:",
+        ],
+    );
+}
+
+#[test]
+fn numabox_linux_guest_survives_checkpoint_and_lazy_restore() {
+    let console = linux_scenario(
+        "checkpoint",
+        &[
+            "ok: full checkpoint: full checkpoint id",
+            "ok: incremental checkpoint: incremental checkpoint id",
+            "ok: before restoring: lx stopped, vmhop exited 0",
+        ],
+    );
+    // One restore per checkpoint, each continuing the guest's count.
+    let continued = console.matches(": the count continues at beat ").count();
+    assert_eq!(
+        continued, 2,
+        "expected both checkpoints restored and running on:\n{console}"
+    );
+}
+
+#[test]
+fn numabox_linux_guest_survives_live_numa_move() {
+    linux_numa_move("live");
+}
+
+#[test]
+fn numabox_linux_guest_survives_stop_copy_numa_move() {
+    linux_numa_move("stop-copy");
+}
+
+#[test]
+fn numabox_linux_guest_survives_kernel_numa_move() {
+    linux_numa_move("kernel");
 }

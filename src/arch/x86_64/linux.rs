@@ -47,6 +47,13 @@ const LOADER_TYPE_UNDEFINED: u8 = 0xff;
 /// e820 entry types.
 const E820_RAM: u32 = 1;
 const E820_RESERVED: u32 = 2;
+/// Where a CPU starts after a reset, and where Linux jumps (in real mode)
+/// for a "BIOS" reboot: with HW-reduced ACPI and no EFI, Linux's default
+/// reboot path ends there. vmhop has no BIOS, so a stub there pulses the
+/// reset line through the i8042 (`mov al, 0xfe; out 0x64, al; jmp $`),
+/// which ends the VM as a reboot.
+const RESET_VECTOR_ADDR: u64 = 0xf_fff0;
+const RESET_VECTOR_STUB: [u8; 6] = [0xb0, 0xfe, 0xe6, 0x64, 0xeb, 0xfe];
 /// Top of the 32-bit hole where the IOAPIC, HPET and local APICs live,
 /// reserved in e820 the way firmware does; the rest of the hole stays a gap.
 const APIC_AREA_START: u64 = 0xfec0_0000;
@@ -404,6 +411,8 @@ pub fn boot(
             .map_err(|e| LinuxError::Setup(format!("writing ACPI table at {gpa:#x}: {e}")))?;
     }
     params.acpi_rsdp_addr = tables.rsdp_addr;
+    view.write_slice(&RESET_VECTOR_STUB, GuestAddress(RESET_VECTOR_ADDR))
+        .map_err(|e| LinuxError::Setup(format!("writing the reset vector: {e}")))?;
     view.write_obj(params, GuestAddress(ZERO_PAGE_ADDR))
         .map_err(|e| LinuxError::Setup(format!("writing boot_params: {e}")))?;
 

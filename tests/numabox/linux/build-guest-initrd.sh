@@ -31,6 +31,8 @@ for tool in cpio gzip; do
 done
 
 mkdir -p "$(dirname "$out")"
+# Absolute: the archive is written from inside the staging folder.
+out="$(cd "$(dirname "$out")" && pwd)/$(basename "$out")"
 stage="$(mktemp -d "${TMPDIR:-/tmp}/vmhop-guest-initrd.XXXXXX")"
 tmp_out="$out.tmp.$$"
 trap 'rm -rf "$stage" "$tmp_out"' EXIT
