@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# One Linux-guest step in the NUMA box, by hand: the box's Debian kernel
+# boots as a vmhop guest on two NUMA nodes and the step's checks run (see
+# tests/numabox/scenarios/linux.sh for each step; docs/linux-guests.md).
+#
+#   tests/numabox/linux/run-step.sh STEP [verbose]
+#   STEP = boot | poweroff | reboot | checkpoint | numa-live | numa-stop-copy | numa-kernel
+#
+# Runs setup.sh (cached after the first time), builds the guest initramfs,
+# then run.sh with the kernel and the initramfs as the box's extra files.
+# "verbose" shows the guest kernel's whole boot log. Needs root.
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+repo="$(cd "$here/../../.." && pwd)"
+[ "$#" -ge 1 ] || { echo "usage: $0 STEP [verbose]" >&2; exit 2; }
+"$repo/tests/numabox/setup.sh"
+cache="${NUMABOX_CACHE:-$repo/target/numabox-cache}"
+mkdir -p "$repo/target/numabox-work"
+initrd="$repo/target/numabox-work/guest.cpio.gz"
+"$here/build-guest-initrd.sh" "$initrd"
+NUMABOX_SCENARIO_ARGS="$*" exec "$repo/tests/numabox/run.sh" \
+    "$repo/tests/numabox/scenarios/linux.sh" \
+    "$cache/current/vmlinuz:/files/vmlinuz" "$initrd:/files/guest.cpio.gz"
