@@ -1490,6 +1490,25 @@ mod interrupt {
     }
 }
 
+/// What the demo says about Linux guests on this host: where the same
+/// steps run with a stock kernel.
+fn linux_note() -> String {
+    if std::path::Path::new("/sys/module/kvm_pvm").exists() {
+        "Linux guests: this host's KVM is paravirtualised (kvm_pvm) and emulates guest kernel\n\
+         code, far too slowly to boot Linux; they need hardware-assisted KVM. The same steps with\n\
+         a stock Debian kernel (boot on two NUMA nodes, checkpoint, lazy restore, NUMA moves,\n\
+         poweroff, reboot) run inside the NUMA box, a two-node host with KVM inside QEMU:\n\
+         \x20   tests/numabox/linux/run-step.sh checkpoint   (or boot, numa-live, numa-stop-copy,\n\
+         \x20   numa-kernel, poweroff, reboot; see docs/linux-guests.md)"
+            .to_string()
+    } else {
+        "Linux guests: vmhop run --kernel /boot/vmlinuz-$(uname -r) --initrd INITRD \\\n\
+         \x20   --cmdline \"console=ttyS0 reboot=k\" (see docs/linux-guests.md); the scripted steps\n\
+         \x20   with a stock kernel: tests/numabox/linux/run-step.sh checkpoint"
+            .to_string()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1773,24 +1792,5 @@ mod tests {
                 && s.contains("Total 9.5 s"),
             "{s}"
         );
-    }
-}
-
-/// What the demo says about Linux guests on this host: where the same
-/// steps run with a stock kernel.
-fn linux_note() -> String {
-    if std::path::Path::new("/sys/module/kvm_pvm").exists() {
-        "Linux guests: this host's KVM is paravirtualised (kvm_pvm) and emulates guest kernel\n\
-         code, far too slowly to boot Linux; they need hardware-assisted KVM. The same steps with\n\
-         a stock Debian kernel (boot on two NUMA nodes, checkpoint, lazy restore, NUMA moves,\n\
-         poweroff, reboot) run inside the NUMA box, a two-node host with KVM inside QEMU:\n\
-         \x20   tests/numabox/linux/run-step.sh checkpoint   (or boot, numa-live, numa-stop-copy,\n\
-         \x20   numa-kernel, poweroff, reboot; see docs/linux-guests.md)"
-            .to_string()
-    } else {
-        "Linux guests: vmhop run --kernel /boot/vmlinuz-$(uname -r) --initrd INITRD \\\n\
-         \x20   --cmdline \"console=ttyS0 reboot=k\" (see docs/linux-guests.md); the scripted steps\n\
-         \x20   with a stock kernel: tests/numabox/linux/run-step.sh checkpoint"
-            .to_string()
     }
 }
