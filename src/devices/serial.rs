@@ -150,10 +150,17 @@ impl PioDevice for SerialPort {
 /// (nothing is read when stdin is not a terminal: a script's stdin belongs
 /// to the script).
 pub fn forward_stdin(port: Arc<SerialPort>) {
-    // SAFETY: isatty only inspects the descriptor.
-    if unsafe { libc::isatty(0) } != 1 {
+    // SAFETY: isatty, tcgetpgrp and getpgrp only inspect the descriptor and
+    // this process.
+    let foreground = unsafe { libc::isatty(0) == 1 && libc::tcgetpgrp(0) == libc::getpgrp() };
+    if !foreground {
         return;
     }
+    // A job put in the background later must not be stopped by SIGTTIN when
+    // this thread reads the terminal: the read fails with EIO instead, and
+    // the thread waits until the job is back in the foreground.
+    // SAFETY: ignoring a signal has no preconditions.
+    unsafe { libc::signal(libc::SIGTTIN, libc::SIG_IGN) };
     let _ = std::thread::Builder::new()
         .name("console-in".into())
         .spawn(move || {
@@ -161,7 +168,17 @@ pub fn forward_stdin(port: Arc<SerialPort>) {
             loop {
                 // SAFETY: reading into a live stack buffer of its length.
                 let n = unsafe { libc::read(0, buf.as_mut_ptr().cast(), buf.len()) };
-                if n <= 0 {
+                if n < 0 {
+                    match std::io::Error::last_os_error().raw_os_error() {
+                        Some(libc::EINTR) => continue,
+                        Some(libc::EIO) => {
+                            std::thread::sleep(std::time::Duration::from_millis(500));
+                            continue;
+                        }
+                        _ => return,
+                    }
+                }
+                if n == 0 {
                     return;
                 }
                 let mut left = &buf[..n as usize];

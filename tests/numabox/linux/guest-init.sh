@@ -19,6 +19,8 @@
 #      vmhop-check: beat N ok files=K up=SECONDS
 #    or, for every file whose sum changed behind its back,
 #      vmhop-check: beat N FAIL file=PATH want=MD5 got=MD5
+#      vmhop-check: beat N FAIL kernel: <a kernel log line of a lockup,
+#                   RCU stall, unstable clocksource or oops>
 #    N counts from 1 and never resets while the guest lives (a restored
 #    checkpoint continues it; a reboot starts again at 1). ~1 s sleep a beat.
 #
@@ -121,6 +123,13 @@ while [ "$i" -lt "$files" ]; do
     i=$((i + 1))
 done
 
+# Kernel log lines that mean the guest is not well.
+KERNEL_TROUBLE='soft lockup|hard lockup|rcu.*stall|clocksource.*unstable|call trace|kernel bug|general protection'
+# Only what the kernel logs from here on counts: the checker watches the
+# guest through checkpoints, restores and moves, not its boot.
+boot_log_lines="$(dmesg 2>/dev/null | wc -l)"
+boot_trouble="$(dmesg 2>/dev/null | grep -iE "$KERNEL_TROUBLE" | head -n 1 || true)"
+[ -z "$boot_trouble" ] || echo "vmhop-guest: boot log: $boot_trouble"
 beat=0
 next=0
 while :; do
@@ -137,6 +146,13 @@ while :; do
         fi
         i=$((i + 1))
     done
+    # The kernel's own health: a checkpoint, restore or move must not
+    # leave a lockup, an RCU stall, an unstable clocksource or an oops.
+    trouble="$(dmesg 2>/dev/null | tail -n +"$((boot_log_lines + 1))" | grep -iE "$KERNEL_TROUBLE" | head -n 1 || true)"
+    if [ -n "$trouble" ]; then
+        echo "vmhop-check: beat $beat FAIL kernel: $trouble"
+        bad=$((bad + 1))
+    fi
     fill "$next"
     next=$(((next + 1) % files))
     if [ "$bad" -eq 0 ]; then
