@@ -68,8 +68,10 @@ pub fn linux_topology(config: &VmConfig) -> linux::Topology {
                 .collect()
         })
         .collect();
+    let vcpu_nodes = config.vcpu_nodes();
     linux::Topology {
-        vcpu_nodes: config.vcpu_nodes(),
+        apic_ids: crate::arch::x86_64::cpuid::topology(&vcpu_nodes).apic_ids,
+        vcpu_nodes,
         distances,
     }
 }

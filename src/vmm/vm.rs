@@ -251,13 +251,16 @@ impl Vm {
             ._kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+        let cpu_topo = cpuid::topology(&config.vcpu_nodes());
         let mut fds: Vec<VcpuFd> = Vec::new();
         for id in 0..config.vcpus {
+            // The KVM vCPU id is the initial APIC id.
+            let apic = cpu_topo.apic_ids[id as usize];
             let v = vm
                 .fd
-                .create_vcpu(id as u64)
-                .map_err(kvm_err(format!("KVM_CREATE_VCPU {id}")))?;
-            v.set_cpuid2(&cpuid::for_vcpu(&supported, id, config.vcpus))
+                .create_vcpu(apic as u64)
+                .map_err(kvm_err(format!("KVM_CREATE_VCPU {id} (APIC id {apic})")))?;
+            v.set_cpuid2(&cpuid::for_vcpu(&supported, &cpu_topo, id as usize))
                 .map_err(kvm_err(format!("KVM_SET_CPUID2 (vCPU {id})")))?;
             fds.push(v);
         }

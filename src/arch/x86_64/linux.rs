@@ -192,6 +192,8 @@ fn read_up_to(f: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
 pub struct Topology {
     /// Guest node of each vCPU, by vCPU id.
     pub vcpu_nodes: Vec<u32>,
+    /// APIC id of each vCPU, by vCPU id (`cpuid::topology`).
+    pub apic_ids: Vec<u32>,
     /// Distance between guest nodes (SLIT), 10 on the diagonal.
     pub distances: Vec<Vec<u8>>,
 }
@@ -390,8 +392,9 @@ pub fn boot(
             .vcpu_nodes
             .iter()
             .enumerate()
-            .map(|(id, &node)| AcpiCpu {
-                apic_id: id as u32,
+            .zip(&topo.apic_ids)
+            .map(|((_, &node), &apic_id)| AcpiCpu {
+                apic_id,
                 guest_node: node,
             })
             .collect(),
