@@ -232,3 +232,29 @@ fn demo_refuses_bad_options_as_usage_errors() {
         );
     }
 }
+
+#[test]
+fn demo_with_a_kernel_says_where_linux_runs_or_names_the_missing_kernel() {
+    let missing = "/nonexistent/vmlinuz-for-the-demo";
+    let out = vmhop(&["demo", "--kernel", missing]);
+    assert_eq!(out.code, Some(1), "{}", out.describe());
+    if std::path::Path::new("/sys/module/kvm_pvm").exists() {
+        // This paravirtualised KVM cannot boot Linux: the demo says so at
+        // once and names the command that shows the steps in the NUMA box.
+        assert!(
+            out.stderr.contains("hardware-assisted KVM")
+                && out.stderr.contains("tests/numabox/linux/run-step.sh"),
+            "{}",
+            out.describe()
+        );
+    } else {
+        assert!(out.stderr.contains(missing), "{}", out.describe());
+    }
+    let out = vmhop(&["demo", "--initrd", "/x"]);
+    assert_eq!(
+        out.code,
+        Some(2),
+        "--initrd needs --kernel\n{}",
+        out.describe()
+    );
+}

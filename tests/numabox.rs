@@ -67,30 +67,43 @@ fn ensure_setup() {
 /// triple-faulted on its own, and the box kernel's soft-lockup report (seen
 /// once in the suite: the box's CPU stuck in vmhop's main thread as a Linux
 /// guest rebooted; five boots of that step in a row passed right after).
+/// The third: the whole box froze (twice in about thirty Linux boots, once
+/// before the guest printed a line, once as it rebooted), and run.sh killed
+/// QEMU at its timeout.
 const BOX_FLAKES: &[&str] = &[
     "the guest shut down (triple fault)",
     "watchdog: BUG: soft lockup",
+    "TIMEOUT: QEMU killed",
 ];
+
+/// QEMU's time limit for a Linux scenario: a step takes 30–70 s in the box,
+/// so a frozen box is cut short well before run.sh's default 600 s.
+const LINUX_BOX_TIMEOUT: &str = "420";
 
 /// Boots the NUMA box with `scenario` (relative to the repository root),
 /// passing `scenario_args` to it as words, and returns the console (run.sh's
 /// stdout). Panics with the whole output unless the box reported PASS.
 fn boot(scenario: &str, scenario_args: &str) -> String {
-    boot_with_files(scenario, scenario_args, &[])
+    boot_with_files(scenario, scenario_args, &[], None)
 }
 
 /// [`boot`] with extra files for the box: each is run.sh's
 /// `FILE[:/path/in/box]` argument (`/files/<name>` without a path).
-fn boot_with_files(scenario: &str, scenario_args: &str, extra_files: &[String]) -> String {
+fn boot_with_files(
+    scenario: &str,
+    scenario_args: &str,
+    extra_files: &[String],
+    timeout_s: Option<&str>,
+) -> String {
     ensure_setup();
     let boot_once = || {
         let mut args = vec![scenario];
         args.extend(extra_files.iter().map(String::as_str));
-        run_script(
-            "tests/numabox/run.sh",
-            &args,
-            &[("NUMABOX_SCENARIO_ARGS", scenario_args)],
-        )
+        let mut env = vec![("NUMABOX_SCENARIO_ARGS", scenario_args)];
+        if let Some(t) = timeout_s {
+            env.push(("NUMABOX_TIMEOUT", t));
+        }
+        run_script("tests/numabox/run.sh", &args, &env)
     };
     let mut run = boot_once();
     // Known and not yet understood: inside the box (kvm-amd on QEMU's
@@ -98,8 +111,8 @@ fn boot_with_files(scenario: &str, scenario_args: &str, extra_files: &[String]) 
     // roughly one boot in ten to twenty, and the box kernel once reported a
     // soft lockup. Those signatures get a single second boot, said out
     // loud; any other failure, or the same failure twice, fails the test.
-    let stdout = String::from_utf8_lossy(&run.stdout).into_owned();
-    if let Some(flake) = BOX_FLAKES.iter().find(|f| stdout.contains(**f)) {
+    let output = combined(&run);
+    if let Some(flake) = BOX_FLAKES.iter().find(|f| output.contains(**f)) {
         if !run.status.success() {
             eprintln!(
                 "numabox: known box failure ({flake}); booting once more:\n{}",
@@ -234,7 +247,7 @@ fn linux_scenario(step: &str, expect: &[&str]) -> String {
         format!("{}:/files/vmlinuz", kernel.display()),
         format!("{}:/files/guest.cpio.gz", guest_initrd().display()),
     ];
-    let console = boot_with_files(LINUX, step, &files);
+    let console = boot_with_files(LINUX, step, &files, Some(LINUX_BOX_TIMEOUT));
     let tag = format!("linux[{step}]");
     for line in expect.iter().copied().chain(["ok: all checks passed"]) {
         assert!(
@@ -339,4 +352,35 @@ fn numabox_linux_guest_survives_stop_copy_numa_move() {
 #[test]
 fn numabox_linux_guest_survives_kernel_numa_move() {
     linux_numa_move("kernel");
+}
+
+/// `vmhop demo --kernel` with the box's kernel and the demo's own
+/// initramfs (packed from the box's static busybox): every step must run.
+#[test]
+fn numabox_linux_demo_runs_every_step() {
+    ensure_setup();
+    let kernel = numabox_cache().join("current/vmlinuz");
+    let files = [format!("{}:/files/vmlinuz", kernel.display())];
+    let console = boot_with_files(
+        "tests/numabox/scenarios/demo_linux.sh",
+        "",
+        &files,
+        Some(LINUX_BOX_TIMEOUT),
+    );
+    for line in [
+        "[1/5] boot the kernel",
+        "guest: vmhop-guest: nodes=2",
+        "[2/5] checkpoint the running guest",
+        "[3/5] restore the incremental checkpoint lazily",
+        "guest (restored): vmhop-check: beat",
+        "[4/5] move guest node 0 to host node 1, live",
+        "guest (moved): vmhop-check: beat",
+        "done: the guest booted",
+        "demo-linux: exit 0",
+    ] {
+        assert!(
+            console.contains(line),
+            "the demo never said {line:?}:\n{console}"
+        );
+    }
 }

@@ -1,4 +1,5 @@
-//! `vmhop demo`: the project's main job shown end to end on a builtin guest.
+//! `vmhop demo`: the project's main job shown end to end on a builtin guest
+//! (this file), or on a Linux guest with `--kernel` (`linux.rs`).
 //!
 //! Owns: the demo's script (start, pause/verify/resume, checkpoints, lazy
 //! restore, NUMA moves, stop), its temporary work directory, the child
@@ -21,6 +22,8 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::thread;
 use std::time::{Duration, Instant};
+
+mod linux;
 
 use clap::Args;
 use serde::de::DeserializeOwned;
@@ -111,6 +114,17 @@ pub struct DemoArgs {
     /// Print one JSON object with every report, instead of text.
     #[arg(long)]
     pub json: bool,
+    /// Show the job on a Linux guest booted from this kernel instead
+    /// (hardware-assisted KVM only; says so on a paravirtualised one).
+    #[arg(long, value_name = "FILE")]
+    pub kernel: Option<PathBuf>,
+    /// With --kernel: the initramfs (default: one the demo packs from the
+    /// host's static busybox, whose checker prints a heartbeat).
+    #[arg(long, value_name = "FILE", requires = "kernel")]
+    pub initrd: Option<PathBuf>,
+    /// With --kernel: the kernel command line.
+    #[arg(long, value_name = "STRING", requires = "kernel")]
+    pub cmdline: Option<String>,
 }
 
 /// Why the demo failed; each message names the step and what went wrong.
@@ -204,6 +218,17 @@ pub enum DemoError {
 
 /// Runs the demo; exit 1 (with the failed step's message) if any step fails.
 pub fn demo(a: DemoArgs) -> CliResult {
+    if let Some(kernel) = &a.kernel {
+        return linux::demo(
+            linux::LinuxPlan {
+                kernel: kernel.clone(),
+                initrd: a.initrd.clone(),
+                cmdline: a.cmdline.clone(),
+            },
+            a.keep_dir,
+            a.json,
+        );
+    }
     let plan = Plan::from_args(&a)?;
     let exe = std::env::current_exe().map_err(|e| CliError::failed(DemoError::Exe(e)))?;
     interrupt::install();
@@ -286,6 +311,11 @@ impl Out {
 
     fn step(&self, n: u32, title: &str) {
         self.raw(&format!("\n[{n}/{STEPS}] {title}"));
+    }
+
+    /// A step header of the five-step Linux demo.
+    fn step5(&self, n: u32, title: &str) {
+        self.raw(&format!("\n[{n}/5] {title}"));
     }
 
     /// Prints each line of `s` indented under the current step.
@@ -1520,6 +1550,9 @@ mod tests {
             rate,
             keep_dir: false,
             json: false,
+            kernel: None,
+            initrd: None,
+            cmdline: None,
         }
     }
 
