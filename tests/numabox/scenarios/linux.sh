@@ -223,6 +223,11 @@ wait_beat() {
     while [ "$(last_beat)" -lt "$1" ]; do
         check_console "$3"
         kill -0 "$vm_pid" 2>/dev/null || fail "$3: vmhop ($vm) exited before beat $1"
+        # A guest that stopped (a triple fault, a vCPU error) will not beat
+        # again: say so now rather than at the deadline.
+        if [ -n "$err" ] && grep -q 'the guest shut down\|KVM_RUN failed' "$err" 2>/dev/null; then
+            fail "$3: the guest stopped before beat $1: $(grep -m 1 'vCPU' "$err")"
+        fi
         t=$((t + 1))
         [ "$t" -le "$2" ] || fail "$3: no beat $1 within ${2}s (last beat $(last_beat))"
         sleep 1
