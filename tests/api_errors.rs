@@ -136,3 +136,38 @@ fn curl_reads_status_over_the_unix_socket() {
     assert_eq!(v["name"], "curled", "{v}");
     assert_eq!(v["state"], "running", "{v}");
 }
+
+#[test]
+fn a_huge_downtime_budget_is_refused_and_never_locks_the_vm_out() {
+    let vm = Vm::start(&["--memory", "64M", "--guest", "builtin:dirty,rate=1000"]);
+    // Finite and positive, but far past any sensible pause: it used to reach
+    // Duration::from_secs_f64, panic inside the operation and poison the
+    // operation lock, after which every operation answered 409.
+    for body in [
+        r#"{"to_node": 0, "max_downtime_ms": 1e300}"#,
+        r#"{"to_node": 0, "max_downtime_ms": 60001}"#,
+    ] {
+        let r = vm.http("PUT", "/api/v1/vm.numa-migrate", Some(body));
+        assert_json_error(&r, 400);
+        assert!(r.body.contains("max_downtime_ms"), "{}", r.body);
+    }
+    let out = vm.cli(&[
+        "numa-migrate",
+        "--to-node",
+        "0",
+        "--max-downtime-ms",
+        "1e300",
+    ]);
+    assert_eq!(out.code, Some(2), "{}", out.describe());
+    // Every operation still works.
+    let r = vm.http(
+        "PUT",
+        "/api/v1/vm.numa-migrate",
+        Some(r#"{"to_node": 0, "mode": "stop-copy", "max_downtime_ms": 60000}"#),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    vm.cli_ok(&["pause"]);
+    vm.cli_ok(&["resume"]);
+    vm.cli_ok(&["verify"]);
+    assert_still_serving(&vm, "running");
+}

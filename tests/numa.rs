@@ -625,7 +625,7 @@ fn refused_moves_exit_nonzero_with_one_line_and_leave_the_vm_running() {
         &vm,
         &["--to-node", "0", "--max-downtime-ms", "0"],
         2,
-        &["positive"],
+        &["above 0"],
     );
     // The API refuses the same budget itself (curl users get no clap).
     let r = vm.http(

@@ -110,3 +110,24 @@ fn host_node_that_does_not_exist_fails_the_operation() {
         &["node 7"],
     );
 }
+
+#[test]
+fn memory_with_numa_must_equal_the_sum_of_the_numa_sizes() {
+    usage_error(
+        &["--memory", "512M", "--numa", "guest-node=0,size=256M"],
+        &["512M", "256 MiB", "--numa"],
+    );
+}
+
+#[test]
+fn memory_with_numa_that_add_up_is_accepted() {
+    let vm = common::Vm::start(&[
+        "--memory",
+        "128M",
+        "--numa",
+        "guest-node=0,size=64M",
+        "--numa",
+        "guest-node=1,size=64M",
+    ]);
+    assert_eq!(vm.status()["memory_bytes"], 128u64 << 20, "{}", vm.logs());
+}

@@ -27,9 +27,12 @@ pub struct NumaMigrateArgs {
 }
 
 fn positive_ms(s: &str) -> Result<f64, String> {
+    use crate::transfer::numa_move::MAX_DOWNTIME_LIMIT_MS;
     match s.parse::<f64>() {
-        Ok(v) if v > 0.0 && v.is_finite() => Ok(v),
-        _ => Err(format!("'{s}' is not a positive number of milliseconds")),
+        Ok(v) if v > 0.0 && v <= MAX_DOWNTIME_LIMIT_MS => Ok(v),
+        _ => Err(format!(
+            "'{s}' is not a number of milliseconds above 0 and at most {MAX_DOWNTIME_LIMIT_MS}"
+        )),
     }
 }
 

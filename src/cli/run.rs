@@ -119,15 +119,25 @@ impl RunArgs {
                 vcpus: None,
             }]
         } else {
-            if self.memory.is_some() {
-                return Err(CliError::usage(
-                    "give either --memory or --numa, not both (--numa sizes add up to the memory)",
-                ));
-            }
-            self.numa
+            let nodes: Vec<NodeConfig> = self
+                .numa
                 .iter()
                 .map(|s| NodeConfig::parse(s).map_err(CliError::usage))
-                .collect::<Result<_, _>>()?
+                .collect::<Result<_, _>>()?;
+            // QEMU users give both; they must say the same thing.
+            if let Some(m) = &self.memory {
+                let memory =
+                    parse_size(m).map_err(|e| CliError::usage(format!("--memory: {e}")))?;
+                let total: u64 = nodes.iter().map(|n| n.size).sum();
+                if memory != total {
+                    return Err(CliError::usage(format!(
+                        "--memory {m} ({}) does not match the --numa sizes, which add up to {}",
+                        crate::util::format_size(memory),
+                        crate::util::format_size(total)
+                    )));
+                }
+            }
+            nodes
         };
         let chunk_size = match &self.chunk_size {
             Some(s) => parse_size(s).map_err(|e| CliError::usage(format!("--chunk-size: {e}")))?,

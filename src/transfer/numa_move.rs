@@ -59,6 +59,11 @@ impl std::str::FromStr for Mode {
     }
 }
 
+/// The largest downtime budget a move accepts, in milliseconds: a pause of
+/// a minute is no longer a budget, and larger numbers would overflow the
+/// time arithmetic.
+pub const MAX_DOWNTIME_LIMIT_MS: f64 = 60_000.0;
+
 /// Body of `PUT /api/v1/vm.numa-migrate`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -193,9 +198,10 @@ pub fn numa_migrate(vm: &Vm, req: &NumaMigrateRequest) -> Result<NumaMigrateRepo
         None => (0..vm.config().nodes.len() as u32).collect(),
     };
     let max_downtime = req.max_downtime_ms.unwrap_or(DEFAULT_MAX_DOWNTIME_MS);
-    if !(max_downtime > 0.0 && max_downtime.is_finite()) {
+    if !(max_downtime > 0.0 && max_downtime <= MAX_DOWNTIME_LIMIT_MS) {
         return Err(NumaMoveError::Invalid(format!(
-            "max_downtime_ms must be a positive number, got {max_downtime}"
+            "max_downtime_ms must be a number of milliseconds above 0 and at most \
+             {MAX_DOWNTIME_LIMIT_MS}, got {max_downtime}"
         )));
     }
     let failed = |message: String| NumaMoveError::Failed {

@@ -589,7 +589,7 @@ impl Vm {
     /// Takes the one-operation-at-a-time lock (checkpoint, NUMA move,
     /// migration); None if another operation holds it.
     pub fn try_operation(&self) -> Option<MutexGuard<'_, ()>> {
-        self.operation.try_lock().ok()
+        try_take(&self.operation)
     }
 
     /// Whether a lazy restore is still loading memory in the background.
@@ -922,8 +922,42 @@ impl Vm {
     }
 }
 
+/// Takes an operation lock unless another operation holds it. An operation
+/// that panicked (the API server turns that into a 500) poisons the lock
+/// but holds it no longer: the lock guards no data, so the next operation
+/// may go ahead instead of every later request answering "busy".
+fn try_take(lock: &Mutex<()>) -> Option<MutexGuard<'_, ()>> {
+    match lock.try_lock() {
+        Ok(g) => Some(g),
+        Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
+        Err(std::sync::TryLockError::WouldBlock) => None,
+    }
+}
+
 impl Drop for Vm {
     fn drop(&mut self) {
         self.shutdown();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_operation_that_panicked_does_not_lock_out_the_next() {
+        let lock = Mutex::new(());
+        let _ = std::thread::scope(|s| {
+            s.spawn(|| {
+                let _g = lock.lock().unwrap();
+                panic!("an operation panics while holding the lock");
+            })
+            .join()
+        });
+        assert!(lock.is_poisoned());
+        let g = try_take(&lock).expect("a poisoned, free lock is taken");
+        assert!(try_take(&lock).is_none(), "a held lock is not taken twice");
+        drop(g);
+        assert!(try_take(&lock).is_some());
     }
 }
