@@ -36,6 +36,42 @@ fn fake_bzimage(code: &[u8], version: u16) -> Vec<u8> {
     img
 }
 
+/// Where the fake ELF kernel's one segment is loaded and entered (16 MiB,
+/// where vmlinux puts its physical start).
+const ELF_LOAD: u64 = 0x100_0000;
+
+/// An ELF64 vmlinux-like image: one PT_LOAD segment holding `code` at
+/// ELF_LOAD, entered there in long mode.
+fn fake_vmlinux(code: &[u8]) -> Vec<u8> {
+    const EHDR: usize = 64;
+    const PHDR: usize = 56;
+    let off = EHDR + PHDR;
+    let mut img = vec![0u8; off + code.len()];
+    img[..4].copy_from_slice(b"\x7fELF");
+    img[4] = 2; // 64-bit
+    img[5] = 1; // little-endian
+    img[6] = 1; // version
+    img[16..18].copy_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    img[18..20].copy_from_slice(&62u16.to_le_bytes()); // x86-64
+    img[20..24].copy_from_slice(&1u32.to_le_bytes());
+    img[24..32].copy_from_slice(&ELF_LOAD.to_le_bytes()); // e_entry
+    img[32..40].copy_from_slice(&(EHDR as u64).to_le_bytes()); // e_phoff
+    img[52..54].copy_from_slice(&(EHDR as u16).to_le_bytes());
+    img[54..56].copy_from_slice(&(PHDR as u16).to_le_bytes());
+    img[56..58].copy_from_slice(&1u16.to_le_bytes()); // e_phnum
+    let ph = &mut img[EHDR..EHDR + PHDR];
+    ph[..4].copy_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+    ph[4..8].copy_from_slice(&5u32.to_le_bytes()); // R+X
+    ph[8..16].copy_from_slice(&(off as u64).to_le_bytes()); // p_offset
+    ph[16..24].copy_from_slice(&(0xffff_ffff_8100_0000u64).to_le_bytes()); // p_vaddr
+    ph[24..32].copy_from_slice(&ELF_LOAD.to_le_bytes()); // p_paddr
+    ph[32..40].copy_from_slice(&(code.len() as u64).to_le_bytes()); // p_filesz
+    ph[40..48].copy_from_slice(&(code.len() as u64).to_le_bytes()); // p_memsz
+    ph[48..56].copy_from_slice(&0x1000u64.to_le_bytes()); // p_align
+    img[off..].copy_from_slice(code);
+    img
+}
+
 /// Prints "hi\n" on COM1, then powers off through the ACPI sleep register.
 const HELLO_POWEROFF: &[u8] = &[
     0xba, 0xf8, 0x03, 0x00, 0x00, // mov edx, 0x3f8
@@ -275,4 +311,24 @@ fn linux_guest_state_survives_full_and_incremental_checkpoints_and_restores() {
         let text = std::fs::read_to_string(&out).unwrap();
         assert!(text.chars().all(|c| c == '.'), "{text:?}");
     }
+}
+
+#[test]
+fn an_elf_vmlinux_boots_through_the_same_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let k = file(dir.path(), "vmlinux", &fake_vmlinux(HELLO_POWEROFF));
+    let console = dir.path().join("console.txt");
+    let mut vm = Vm::start(&[
+        "--kernel",
+        s(&k),
+        "--memory",
+        "64M",
+        "--console",
+        s(&console),
+        "--paused",
+    ]);
+    vm.cli_ok(&["resume"]);
+    let status = vm.wait_exit();
+    assert_eq!(status.code(), Some(0), "{}", vm.logs());
+    assert_eq!(std::fs::read_to_string(&console).unwrap(), "hi\n");
 }
