@@ -847,70 +847,38 @@ fn damaged_page_data_fails_an_eager_restore() {
     );
 }
 
-/// Restores checkpoint 2 of a copy of chain A whose page data is damaged,
-/// lazily, and waits until the VM stops; returns it with its directory (to
-/// keep) and the status it stopped with.
-fn lazily_restored_damaged_vm() -> (Vm, tempfile::TempDir, u64, Value) {
+#[test]
+fn damaged_page_data_found_by_a_lazy_restore_ends_vmhop_with_exit_1() {
+    // The documented behaviour (src/checkpoint/restore.rs, README exit
+    // codes): the VM starts, the corrupt page stops it at once, and
+    // `vmhop restore` exits 1 with a message naming the file and the page,
+    // so a supervisor sees the failure; the guest never sees the bad data.
     let dir = chain_copy();
     let gpa = damage_page_data(dir.path());
-    let vm = restore(dir.path(), 2, &[]);
-    let status = wait_for(EVENT_WAIT, "the lazily restored VM to stop", || {
-        let s = vm.status();
-        (s["state"] == "stopped").then_some(s)
-    });
-    (vm, dir, gpa, status)
-}
-
-#[test]
-fn damaged_page_data_stops_a_lazily_restored_vm() {
-    // The documented behaviour (src/checkpoint/restore.rs): the VM starts,
-    // and the corrupt page stops it at once with a message naming the file
-    // and the page; the guest never sees the bad data.
-    let (mut vm, _dir, gpa, status) = lazily_restored_damaged_vm();
-    let reason = status["stop_reason"]
-        .as_str()
-        .unwrap_or_else(|| panic!("a stopped VM's status has no stop_reason: {status}"));
+    let sock_dir = tempdir();
+    let sock = sock_dir.path().join("api.sock");
+    let out = vmhop(&[
+        "restore",
+        &target(dir.path(), 2),
+        "--api-socket",
+        sock.to_str().unwrap(),
+    ]);
+    assert_eq!(out.code, Some(1), "{}", out.describe());
     assert_names(
-        reason,
+        &out.stderr,
         &[
+            "cannot run on",
             "ckpt-000002.vmhop",
             "checksum mismatch",
             &format!("{gpa:#x}"),
         ],
     );
-    let p = vm.progress();
-    thread::sleep(Duration::from_millis(300));
-    assert_eq!(vm.progress(), p, "the stopped guest made progress");
-    vm.cli_ok(&["stop"]);
-    let exit = vm.wait_exit();
-    assert!(exit.success(), "vmhop after stop: {exit}\n{}", vm.logs());
     assert!(
-        !vm.stderr().contains("panicked"),
+        !out.stderr.contains("panicked"),
         "vmhop panicked\n{}",
-        vm.logs()
-    );
-    assert!(!vm.socket().exists(), "the API socket remains after stop");
-}
-
-#[test]
-fn a_vm_stopped_by_a_damaged_lazy_restore_cannot_be_resumed() {
-    let (vm, _dir, _gpa, _status) = lazily_restored_damaged_vm();
-    let p = vm.progress();
-    let out = vm.cli(&["resume"]);
-    let progress_after = {
-        thread::sleep(Duration::from_millis(300));
-        vm.progress()
-    };
-    assert_eq!(
-        out.code,
-        Some(1),
-        "resume of a VM stopped by a damaged page was accepted (status still says \
-         stopped; guest progress {p} -> {progress_after})\n{}",
         out.describe()
     );
-    assert_one_line_error(&out, "resume of a failed VM");
-    assert_eq!(vm.state(), "stopped", "after a refused resume");
-    assert_eq!(progress_after, p, "the stopped guest made progress");
+    assert!(!sock.exists(), "the API socket remains after the failure");
 }
 
 #[test]

@@ -332,3 +332,19 @@ fn an_elf_vmlinux_boots_through_the_same_path() {
     assert_eq!(status.code(), Some(0), "{}", vm.logs());
     assert_eq!(std::fs::read_to_string(&console).unwrap(), "hi\n");
 }
+
+#[test]
+fn a_guest_that_triple_faults_ends_vmhop_with_exit_1_naming_it() {
+    // ud2 with no IDT: #UD, then #DF, then a triple fault.
+    let dir = tempfile::tempdir().unwrap();
+    let k = file(dir.path(), "k", &fake_bzimage(&[0x0f, 0x0b], 0x020f));
+    let mut vm = Vm::start(&["--kernel", s(&k), "--memory", "64M", "--paused"]);
+    vm.cli_ok(&["resume"]);
+    let status = vm.wait_exit();
+    assert_eq!(status.code(), Some(1), "{}", vm.logs());
+    assert!(
+        vm.stderr().contains("triple fault") && vm.stderr().contains("cannot run on"),
+        "{}",
+        vm.logs()
+    );
+}

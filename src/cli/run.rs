@@ -305,7 +305,13 @@ pub fn serve(
             Err(mpsc::RecvTimeoutError::Timeout) => {}
         }
         if let Some(e) = vm.guest_exit() {
-            break Some(e);
+            break Some(Ok(e));
+        }
+        // A VM that can no longer run (a triple fault, a vCPU error, a
+        // damaged page found by a lazy restore) ends the process with exit
+        // 1, so that a supervisor sees it; its API answered meanwhile.
+        if let Some(why) = vm.guest_stop_reason() {
+            break Some(Err(why));
         }
         let silent = console_bytes
             .as_ref()
@@ -317,10 +323,17 @@ pub fn serve(
     };
     vm.shutdown();
     server.shutdown();
-    if let Some(e) = ended {
-        eprintln!("vmhop: VM '{}' ended: {}", vm.config().name, e.describe());
+    match ended {
+        Some(Ok(e)) => {
+            eprintln!("vmhop: VM '{}' ended: {}", vm.config().name, e.describe());
+            Ok(())
+        }
+        Some(Err(why)) => Err(CliError::failed(format!(
+            "VM '{}' stopped and cannot run on: {why}",
+            vm.config().name
+        ))),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 /// What vmhop says about a Linux guest that has printed nothing.
