@@ -31,7 +31,10 @@ pub fn boot_setup(config: &VmConfig) -> Setup<'static> {
             let topo = linux_topology(config);
             Box::new(move |mem, fds| linux::boot(&spec, &topo, mem, fds).map_err(|e| e.to_string()))
         }
-        g => crate::guest::setup::boot(g.clone(), config.vcpus),
+        g => {
+            let spec = g.clone();
+            Box::new(move |mem, fds| crate::guest::setup::boot(&spec, mem, fds))
+        }
     }
 }
 

@@ -146,30 +146,33 @@ fn not_builtin() -> SetupError {
     SetupError::Layout("a Linux guest is not a builtin guest".into())
 }
 
-/// The VM's boot step for a builtin guest: writes it into memory and puts
-/// each vCPU at its entry.
-pub fn boot(spec: GuestSpec, vcpus: u32) -> crate::vmm::Setup<'static> {
-    Box::new(move |memory: &GuestMemory, fds: &[kvm_ioctls::VcpuFd]| {
-        let rate = match &spec {
-            GuestSpec::Dirty { rate, .. } => *rate,
-            _ => None,
-        };
-        let pace_batch = crate::devices::test_device::TestDevice::new(vcpus, rate).pace_batch();
-        let boots = install(memory, &spec, vcpus, pace_batch).map_err(|e| e.to_string())?;
-        for (id, (v, b)) in fds.iter().zip(&boots).enumerate() {
-            // Start from KVM's reset state so fields we do not set (APIC
-            // base, pending interrupts) keep their defaults.
-            let mut sregs = v
-                .get_sregs()
-                .map_err(|e| format!("KVM_GET_SREGS (vCPU {id}): {e}"))?;
-            apply_sregs(&mut sregs, &b.sregs);
-            v.set_sregs(&sregs)
-                .map_err(|e| format!("KVM_SET_SREGS (vCPU {id}): {e}"))?;
-            v.set_regs(&b.regs)
-                .map_err(|e| format!("KVM_SET_REGS (vCPU {id}): {e}"))?;
-        }
-        Ok(())
-    })
+/// Boots a builtin guest: writes it into memory and puts each vCPU (in id
+/// order) at its entry.
+pub fn boot(
+    spec: &GuestSpec,
+    memory: &GuestMemory,
+    fds: &[kvm_ioctls::VcpuFd],
+) -> Result<(), String> {
+    let vcpus = fds.len() as u32;
+    let rate = match spec {
+        GuestSpec::Dirty { rate, .. } => *rate,
+        _ => None,
+    };
+    let pace_batch = crate::devices::test_device::TestDevice::new(vcpus, rate).pace_batch();
+    let boots = install(memory, spec, vcpus, pace_batch).map_err(|e| e.to_string())?;
+    for (id, (v, b)) in fds.iter().zip(&boots).enumerate() {
+        // Start from KVM's reset state so fields we do not set (APIC
+        // base, pending interrupts) keep their defaults.
+        let mut sregs = v
+            .get_sregs()
+            .map_err(|e| format!("KVM_GET_SREGS (vCPU {id}): {e}"))?;
+        apply_sregs(&mut sregs, &b.sregs);
+        v.set_sregs(&sregs)
+            .map_err(|e| format!("KVM_SET_SREGS (vCPU {id}): {e}"))?;
+        v.set_regs(&b.regs)
+            .map_err(|e| format!("KVM_SET_REGS (vCPU {id}): {e}"))?;
+    }
+    Ok(())
 }
 
 /// Writes the whole guest into `memory` and returns each vCPU's boot state.
