@@ -115,6 +115,26 @@ fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
+/// Starts `kernel` paused in 64 MiB with its console to DIR/console.txt,
+/// resumes it and waits for vmhop to exit by itself; returns the exit
+/// status, the console and the (exited) VM for its logs.
+fn run_until_exit(dir: &Path, kernel: &Path) -> (std::process::ExitStatus, String, Vm) {
+    let console = dir.join("console.txt");
+    let mut vm = Vm::start(&[
+        "--kernel",
+        s(kernel),
+        "--memory",
+        "64M",
+        "--console",
+        s(&console),
+        "--paused",
+    ]);
+    vm.cli_ok(&["resume"]);
+    let status = vm.wait_exit();
+    let text = std::fs::read_to_string(&console).unwrap_or_default();
+    (status, text, vm)
+}
+
 /// Waits until `path` holds at least `n` bytes; returns its contents.
 fn wait_console(path: &Path, n: usize, limit: Duration, vm: &Vm) -> String {
     let deadline = Instant::now() + limit;
@@ -216,22 +236,9 @@ fn an_initrd_larger_than_guest_memory_is_refused_before_the_guest_runs() {
 fn guest_console_reaches_the_file_and_acpi_poweroff_ends_vmhop_with_exit_0() {
     let dir = tempfile::tempdir().unwrap();
     let k = file(dir.path(), "k", &fake_bzimage(HELLO_POWEROFF, 0x020f));
-    let console = dir.path().join("console.txt");
-    let mut vm = Vm::start(&[
-        "--kernel",
-        s(&k),
-        "--memory",
-        "64M",
-        "--console",
-        s(&console),
-        "--paused",
-    ]);
-    let st = vm.status();
-    assert_eq!(st["guest"]["kind"], "linux", "{st}");
-    vm.cli_ok(&["resume"]);
-    let status = vm.wait_exit();
+    let (status, console, vm) = run_until_exit(dir.path(), &k);
     assert_eq!(status.code(), Some(0), "{}", vm.logs());
-    assert_eq!(std::fs::read_to_string(&console).unwrap(), "hi\n");
+    assert_eq!(console, "hi\n");
     assert!(vm.stderr().contains("powered off"), "{}", vm.logs());
 }
 
@@ -239,20 +246,9 @@ fn guest_console_reaches_the_file_and_acpi_poweroff_ends_vmhop_with_exit_0() {
 fn keyboard_controller_reset_ends_vmhop_with_exit_0_as_a_reboot() {
     let dir = tempfile::tempdir().unwrap();
     let k = file(dir.path(), "k", &fake_bzimage(KBD_RESET, 0x020f));
-    let console = dir.path().join("console.txt");
-    let mut vm = Vm::start(&[
-        "--kernel",
-        s(&k),
-        "--memory",
-        "64M",
-        "--console",
-        s(&console),
-        "--paused",
-    ]);
-    vm.cli_ok(&["resume"]);
-    let status = vm.wait_exit();
+    let (status, console, vm) = run_until_exit(dir.path(), &k);
     assert_eq!(status.code(), Some(0), "{}", vm.logs());
-    assert_eq!(std::fs::read_to_string(&console).unwrap(), "k");
+    assert_eq!(console, "k");
     assert!(vm.stderr().contains("rebooted"), "{}", vm.logs());
 }
 
@@ -317,20 +313,9 @@ fn linux_guest_state_survives_full_and_incremental_checkpoints_and_restores() {
 fn an_elf_vmlinux_boots_through_the_same_path() {
     let dir = tempfile::tempdir().unwrap();
     let k = file(dir.path(), "vmlinux", &fake_vmlinux(HELLO_POWEROFF));
-    let console = dir.path().join("console.txt");
-    let mut vm = Vm::start(&[
-        "--kernel",
-        s(&k),
-        "--memory",
-        "64M",
-        "--console",
-        s(&console),
-        "--paused",
-    ]);
-    vm.cli_ok(&["resume"]);
-    let status = vm.wait_exit();
+    let (status, console, vm) = run_until_exit(dir.path(), &k);
     assert_eq!(status.code(), Some(0), "{}", vm.logs());
-    assert_eq!(std::fs::read_to_string(&console).unwrap(), "hi\n");
+    assert_eq!(console, "hi\n");
 }
 
 #[test]
@@ -338,9 +323,7 @@ fn a_guest_that_triple_faults_ends_vmhop_with_exit_1_naming_it() {
     // ud2 with no IDT: #UD, then #DF, then a triple fault.
     let dir = tempfile::tempdir().unwrap();
     let k = file(dir.path(), "k", &fake_bzimage(&[0x0f, 0x0b], 0x020f));
-    let mut vm = Vm::start(&["--kernel", s(&k), "--memory", "64M", "--paused"]);
-    vm.cli_ok(&["resume"]);
-    let status = vm.wait_exit();
+    let (status, _, vm) = run_until_exit(dir.path(), &k);
     assert_eq!(status.code(), Some(1), "{}", vm.logs());
     assert!(
         vm.stderr().contains("triple fault") && vm.stderr().contains("cannot run on"),
