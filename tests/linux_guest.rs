@@ -268,6 +268,7 @@ fn a_silent_linux_guest_is_reported_instead_of_hanging_without_a_word() {
         vm.logs()
     );
     assert_eq!(vm.state(), "running");
+    assert_eq!(vm.status()["guest"]["kind"], "linux");
 }
 
 #[test]
