@@ -30,31 +30,17 @@ fn bcd(v: u64) -> u8 {
     (((v / 10) % 10) << 4 | (v % 10)) as u8
 }
 
-/// (year, month, day) of a day count since 1970-01-01 (civil calendar).
-fn civil_from_days(days: i64) -> (i64, u64, u64) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u64;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u64;
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    (y, m, d)
-}
-
 /// The value of CMOS register `reg` at `now` (seconds since the epoch).
 fn register(reg: u8, now: u64) -> u8 {
-    let (y, mo, d) = civil_from_days((now / 86_400) as i64);
+    let (y, mo, d) = crate::util::civil_from_days((now / 86_400) as i64);
     let secs = now % 86_400;
     match reg {
         0x00 => bcd(secs % 60),
         0x02 => bcd(secs / 60 % 60),
         0x04 => bcd(secs / 3600),
         0x06 => bcd((now / 86_400 + 4) % 7 + 1),
-        0x07 => bcd(d),
-        0x08 => bcd(mo),
+        0x07 => bcd(d.into()),
+        0x08 => bcd(mo.into()),
         0x09 => bcd(y as u64 % 100),
         0x32 => bcd(y as u64 / 100),
         // Register A: no update in progress, 32 kHz base.
