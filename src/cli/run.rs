@@ -338,7 +338,7 @@ pub fn serve(
 
 /// What vmhop says about a Linux guest that has printed nothing.
 fn silent_guest_warning() -> String {
-    let pvm = std::path::Path::new("/sys/module/kvm_pvm").exists();
+    let pvm = crate::vmm::kvm_is_paravirtualised();
     format!(
         "vmhop: the Linux guest has written nothing to its console in {} s.{} \
          Linux guests need hardware-assisted KVM (VT-x/AMD-V); on this kind of host, run them \

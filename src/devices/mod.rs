@@ -108,16 +108,9 @@ pub fn build(
     let mut serial_port = None;
     match &config.guest {
         GuestSpec::Idle | GuestSpec::Dirty { .. } => {
-            let rate = match &config.guest {
-                GuestSpec::Dirty { rate, .. } => *rate,
-                _ => None,
-            };
             let (start, len) = test_device::PORTS;
-            bus.insert(
-                start,
-                len,
-                Arc::new(test_device::TestDevice::new(config.vcpus, rate)),
-            )?;
+            let device = test_device::TestDevice::new(config.vcpus, config.guest.rate());
+            bus.insert(start, len, Arc::new(device))?;
         }
         GuestSpec::Linux(_) => {
             let out: Box<dyn Write + Send> = match console {

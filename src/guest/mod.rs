@@ -107,6 +107,15 @@ impl GuestSpec {
         }
     }
 
+    /// Pages per second the builtin dirtying guest is held to (None: as
+    /// fast as it can, or a guest with no rate).
+    pub fn rate(&self) -> Option<u64> {
+        match self {
+            GuestSpec::Dirty { rate, .. } => *rate,
+            _ => None,
+        }
+    }
+
     /// Whether this is one of the builtin CPL3 guests (which run without
     /// an interrupt controller and talk to the test device).
     pub fn is_builtin(&self) -> bool {

@@ -154,11 +154,7 @@ pub fn boot(
     fds: &[kvm_ioctls::VcpuFd],
 ) -> Result<(), String> {
     let vcpus = fds.len() as u32;
-    let rate = match spec {
-        GuestSpec::Dirty { rate, .. } => *rate,
-        _ => None,
-    };
-    let pace_batch = crate::devices::test_device::TestDevice::new(vcpus, rate).pace_batch();
+    let pace_batch = crate::devices::test_device::TestDevice::new(vcpus, spec.rate()).pace_batch();
     let boots = install(memory, spec, vcpus, pace_batch).map_err(|e| e.to_string())?;
     for (id, (v, b)) in fds.iter().zip(&boots).enumerate() {
         // Start from KVM's reset state so fields we do not set (APIC

@@ -56,7 +56,7 @@ const RESET_VECTOR_ADDR: u64 = 0xf_fff0;
 const RESET_VECTOR_STUB: [u8; 6] = [0xb0, 0xfe, 0xe6, 0x64, 0xeb, 0xfe];
 /// Top of the 32-bit hole where the IOAPIC, HPET and local APICs live,
 /// reserved in e820 the way firmware does; the rest of the hole stays a gap.
-const APIC_AREA_START: u64 = 0xfec0_0000;
+const APIC_AREA_START: u64 = acpi::IOAPIC_ADDR;
 const APIC_AREA_END: u64 = 0x1_0000_0000;
 
 /// The kernel to boot and its companions.

@@ -19,8 +19,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use super::{DemoError, Out, VmProcess, WorkDir, LONG, QUICK};
-use crate::checkpoint::create::{CheckpointReport, CheckpointRequest};
+use super::{check, checkpoint, DemoError, Out, VmProcess, WorkDir, LONG, QUICK};
 use crate::checkpoint::format::Kind;
 use crate::cli::{CliError, CliResult};
 use crate::numa::topology::Topology;
@@ -30,6 +29,8 @@ use crate::transfer::numa_move::{Mode, NumaMigrateReport, NumaMigrateRequest, Nu
 const GUEST_INIT: &str = include_str!("../../../tests/numabox/linux/guest-init.sh");
 /// Where the host's static busybox lives (Debian's busybox-static).
 const BUSYBOX: &str = "/bin/busybox";
+/// Steps of the Linux demo, for the `[n/5]` headers.
+const STEPS: u32 = 5;
 /// How long a boot may take to print its first heartbeat (or, with a
 /// user's initramfs, anything at all).
 const BOOT_WAIT: Duration = Duration::from_secs(180);
@@ -50,14 +51,9 @@ pub struct LinuxPlan {
     pub cmdline: Option<String>,
 }
 
-/// Whether this host's KVM emulates guest kernel code (PVM).
-fn paravirtualised_kvm() -> bool {
-    Path::new("/sys/module/kvm_pvm").exists()
-}
-
 /// Runs the Linux demo.
 pub fn demo(plan: LinuxPlan, keep_dir: bool, json: bool) -> CliResult {
-    if paravirtualised_kvm() {
+    if crate::vmm::kvm_is_paravirtualised() {
         return Err(CliError::failed(
             "demo --kernel: this host's KVM is paravirtualised (kvm_pvm) and emulates guest kernel \
              code, far too slowly to boot Linux; Linux guests need hardware-assisted KVM. Run the \
@@ -109,13 +105,6 @@ struct LinuxDemo {
     work: WorkDir,
 }
 
-fn check(step: &str, reason: impl Into<String>) -> DemoError {
-    DemoError::Check {
-        step: step.into(),
-        reason: reason.into(),
-    }
-}
-
 impl LinuxDemo {
     fn run(&mut self) -> Result<(), DemoError> {
         let initrd = match &self.plan.initrd {
@@ -143,7 +132,7 @@ impl LinuxDemo {
         ));
 
         // 1: boot.
-        self.out.step5(1, "boot the kernel");
+        self.out.step_of(1, STEPS, "boot the kernel");
         let console = self.work.path.join("console.txt");
         let sock = self.work.path.join("lx.sock");
         let mut args: Vec<String> = vec![
@@ -201,26 +190,17 @@ impl LinuxDemo {
             .insert("boot_s".into(), json!(t.elapsed().as_secs_f64()));
 
         // 2: checkpoints.
-        self.out
-            .step5(2, "checkpoint the running guest: full, then incremental");
+        self.out.step_of(
+            2,
+            STEPS,
+            "checkpoint the running guest: full, then incremental",
+        );
         let dir = self.work.path.join("checkpoints");
         let mut reports = Vec::new();
         let mut mark = first;
-        for (i, full) in [(0, true), (1, false)] {
-            let req = CheckpointRequest {
-                dir: dir.clone(),
-                full,
-                stop_after: false,
-            };
-            let body =
-                serde_json::to_value(&req).map_err(|e| check("checkpoint", e.to_string()))?;
-            let r: CheckpointReport =
-                vm.call("checkpoint", "PUT", "vm.checkpoint", Some(body), LONG)?;
-            let want = if i == 0 {
-                Kind::Full
-            } else {
-                Kind::Incremental
-            };
+        for full in [true, false] {
+            let r = checkpoint(&mut vm, "checkpoint", &dir, full)?;
+            let want = if full { Kind::Full } else { Kind::Incremental };
             if r.kind != want {
                 return Err(check(
                     "checkpoint",
@@ -239,8 +219,11 @@ impl LinuxDemo {
         vm.stop("stop the original VM")?;
 
         // 3: lazy restore.
-        self.out
-            .step5(3, "restore the incremental checkpoint lazily as a new VM");
+        self.out.step_of(
+            3,
+            STEPS,
+            "restore the incremental checkpoint lazily as a new VM",
+        );
         let console2 = self.work.path.join("restored-console.txt");
         let sock2 = self.work.path.join("restored.sock");
         let target = format!("{}@{last_id}", dir.display());
@@ -277,8 +260,11 @@ impl LinuxDemo {
 
         // 4: NUMA move.
         let to = *nodes.last().unwrap_or(&0);
-        self.out
-            .step5(4, &format!("move guest node 0 to host node {to}, live"));
+        self.out.step_of(
+            4,
+            STEPS,
+            &format!("move guest node 0 to host node {to}, live"),
+        );
         let req = NumaMigrateRequest {
             to_node: to,
             guest_node: Some(0),
@@ -310,7 +296,7 @@ impl LinuxDemo {
             .insert("numa_move_downtime_us".into(), json!(m.downtime_us));
 
         // 5: stop.
-        self.out.step5(5, "stop");
+        self.out.step_of(5, STEPS, "stop");
         restored.stop("stop the restored VM")?;
         self.out.line("done: the guest booted, was checkpointed twice, restored lazily and moved live, its checks passing throughout");
         Ok(())

@@ -310,12 +310,12 @@ impl Out {
     }
 
     fn step(&self, n: u32, title: &str) {
-        self.raw(&format!("\n[{n}/{STEPS}] {title}"));
+        self.step_of(n, STEPS, title);
     }
 
-    /// A step header of the five-step Linux demo.
-    fn step5(&self, n: u32, title: &str) {
-        self.raw(&format!("\n[{n}/5] {title}"));
+    /// The header of step `n` of `total`.
+    fn step_of(&self, n: u32, total: u32, title: &str) {
+        self.raw(&format!("\n[{n}/{total}] {title}"));
     }
 
     /// Prints each line of `s` indented under the current step.
@@ -1523,7 +1523,7 @@ mod interrupt {
 /// What the demo says about Linux guests on this host: where the same
 /// steps run with a stock kernel.
 fn linux_note() -> String {
-    if std::path::Path::new("/sys/module/kvm_pvm").exists() {
+    if crate::vmm::kvm_is_paravirtualised() {
         "Linux guests: this host's KVM is paravirtualised (kvm_pvm) and emulates guest kernel\n\
          code, far too slowly to boot Linux; they need hardware-assisted KVM. The same steps with\n\
          a stock Debian kernel (boot on two NUMA nodes, checkpoint, lazy restore, NUMA moves,\n\
