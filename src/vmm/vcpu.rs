@@ -236,6 +236,11 @@ pub fn save_state(
     })
 }
 
+/// The MSRs of `list` that KVM lets this vCPU read.
+pub fn readable_msrs(fd: &VcpuFd, list: &[u32]) -> Vec<u32> {
+    read_msrs(fd, list).into_iter().map(|(i, _)| i).collect()
+}
+
 /// Reads `list` with as few KVM_GET_MSRS as fit (each ioctl costs several
 /// µs here); KVM stops at the first MSR it cannot read, and reading goes on
 /// after it, so a single unsupported MSR loses nothing else.

@@ -266,11 +266,13 @@ impl Vm {
         }
         let saved_with = SavedWith {
             msrs: Arc::new(if irqchip {
-                vm._kvm
+                let listed = vm
+                    ._kvm
                     .get_msr_index_list()
-                    .map_err(kvm_err("KVM_GET_MSR_INDEX_LIST"))?
-                    .as_slice()
-                    .to_vec()
+                    .map_err(kvm_err("KVM_GET_MSR_INDEX_LIST"))?;
+                // Keep the ones this KVM can read, once: a refused MSR costs
+                // every later save (inside a checkpoint's pause) an extra ioctl.
+                vcpu::readable_msrs(&fds[0], listed.as_slice())
             } else {
                 vcpu::BUILTIN_MSRS.to_vec()
             }),
