@@ -218,18 +218,8 @@ pub fn install(
             "guest memory ends at {top:#x}, above what the builtin guests map"
         )));
     }
-    const PRESENT_RW_USER: u64 = 0x7;
-    const HUGE: u64 = 0x80;
-    let pdpt = PML4_ADDR + PAGE_SIZE;
-    w(PML4_ADDR, pdpt | PRESENT_RW_USER)?;
-    for g in 0..gib {
-        let pd = pdpt + PAGE_SIZE * (1 + g);
-        w(pdpt + g * 8, pd | PRESENT_RW_USER)?;
-        for e in 0..512u64 {
-            let phys = (g << 30) | (e << 21);
-            w(pd + e * 8, phys | PRESENT_RW_USER | HUGE)?;
-        }
-    }
+    crate::arch::x86_64::regs::write_identity_map(memory, PML4_ADDR, gib, true)
+        .map_err(SetupError::Layout)?;
 
     // Code.
     let code = match spec {

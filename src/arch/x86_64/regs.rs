@@ -15,12 +15,9 @@ pub const GDT_ADDR: u64 = 0x500;
 pub const IDT_ADDR: u64 = 0x520;
 /// Top of the boot stack.
 pub const STACK_TOP: u64 = 0x8ff0;
-/// The PML4 of the identity map.
+/// The PML4 of the identity map (its PDPT and four page directories follow
+/// it, up to 0xf000).
 pub const PML4_ADDR: u64 = 0x9000;
-/// Its one page-directory-pointer table.
-pub const PDPT_ADDR: u64 = 0xa000;
-/// Four page directories of 2 MiB pages: the low 4 GiB.
-pub const PD_ADDR: u64 = 0xb000;
 /// How many GiB the identity map covers.
 const IDENTITY_GIB: u64 = 4;
 
@@ -35,9 +32,13 @@ const CR0_PG: u64 = 1 << 31;
 const CR4_PAE: u64 = 1 << 5;
 const EFER_LME: u64 = 1 << 8;
 const EFER_LMA: u64 = 1 << 10;
-/// Page-table entry bits: present, writable, (in a PD) a 2 MiB page.
+/// Page-table entry bits: present, writable, user-accessible, (in a PD) a
+/// 2 MiB page.
 const PTE_PRESENT_RW: u64 = 0x3;
+const PTE_USER: u64 = 0x4;
 const PDE_HUGE: u64 = 0x80;
+/// Size of one page-table page.
+const TABLE_BYTES: u64 = 0x1000;
 
 /// A descriptor in the packed GDT format.
 fn gdt_entry(flags: u16, base: u32, limit: u32) -> u64 {
@@ -93,15 +94,31 @@ pub fn write_tables(mem: &GuestMemory) -> Result<(), String> {
         w(GDT_ADDR + i as u64 * 8, *e)?;
     }
     w(IDT_ADDR, 0)?;
-    w(PML4_ADDR, PDPT_ADDR | PTE_PRESENT_RW)?;
-    for g in 0..IDENTITY_GIB {
-        w(PDPT_ADDR + g * 8, (PD_ADDR + g * 0x1000) | PTE_PRESENT_RW)?;
+    write_identity_map(mem, PML4_ADDR, IDENTITY_GIB, false)
+}
+
+/// Writes page tables that map the low `gib` GiB of guest-physical memory
+/// onto themselves with 2 MiB pages: the PML4 at `pml4`, its one PDPT in
+/// the next page, then one page directory per GiB. `user` sets the U/S bit
+/// at every level (the builtin guests run at CPL3).
+pub fn write_identity_map(
+    mem: &GuestMemory,
+    pml4: u64,
+    gib: u64,
+    user: bool,
+) -> Result<(), String> {
+    let w = |gpa: u64, v: u64| {
+        mem.write_u64(gpa, v)
+            .ok_or_else(|| format!("guest memory has no page at {gpa:#x} for the page tables"))
+    };
+    let flags = PTE_PRESENT_RW | if user { PTE_USER } else { 0 };
+    let pdpt = pml4 + TABLE_BYTES;
+    w(pml4, pdpt | flags)?;
+    for g in 0..gib {
+        let pd = pdpt + TABLE_BYTES * (1 + g);
+        w(pdpt + g * 8, pd | flags)?;
         for i in 0..512u64 {
-            let addr = (g << 30) | (i << 21);
-            w(
-                PD_ADDR + g * 0x1000 + i * 8,
-                addr | PTE_PRESENT_RW | PDE_HUGE,
-            )?;
+            w(pd + i * 8, (g << 30) | (i << 21) | flags | PDE_HUGE)?;
         }
     }
     Ok(())
