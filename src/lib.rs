@@ -2,7 +2,9 @@
 //! across NUMA nodes, through time (checkpoints) and across hosts.
 //!
 //! The dependency direction runs one way:
-//! `cli → api → vmm / transfer / checkpoint → memory / numa → kvm crates`.
+//! `cli → api → operations (checkpoint, numa, migration) → transfer → vmm →
+//! memory / host → kvm crates`. The transfer engine knows the VM only
+//! through its `Source` trait and sinks only through `Sink`.
 
 pub mod api;
 pub mod arch;
@@ -12,6 +14,7 @@ pub mod devices;
 pub mod guest;
 pub mod machine;
 pub mod memory;
+pub mod host;
 pub mod numa;
 pub mod transfer;
 pub mod util;

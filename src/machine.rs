@@ -42,13 +42,13 @@ pub fn boot_setup(config: &VmConfig) -> Setup<'static> {
 /// node, and distances between guest nodes taken from the host's distances
 /// between the host nodes they are bound to.
 pub fn linux_topology(config: &VmConfig) -> linux::Topology {
-    let here = crate::numa::topology::current_node();
+    let here = crate::host::topology::current_node();
     let hosts: Vec<u32> = config
         .nodes
         .iter()
         .map(|n| n.host_node.unwrap_or(here))
         .collect();
-    let host = crate::numa::topology::Topology::read().ok();
+    let host = crate::host::topology::Topology::read().ok();
     let distances = hosts
         .iter()
         .enumerate()

@@ -14,8 +14,8 @@
 use std::time::{Duration, Instant};
 
 use vmhop::memory::{Backing, Mapping, PAGE_SIZE};
-use vmhop::numa::policy::{bind, move_pages_to};
-use vmhop::transfer::numa_move::{
+use vmhop::host::policy::{bind, move_pages_to};
+use vmhop::numa::{
     numa_migrate, placement_of, Mode, NumaMigrateReport, NumaMigrateRequest, KERNEL_BATCH_PAGES,
 };
 
@@ -132,7 +132,7 @@ fn stop_copy() -> Scenario {
         "numa_migrate stop-copy of a 1 GiB VM (builtin:dirty wss=900M random-filled, 10000 pages/s): downtime µs and its copy phase against a plain single-threaded memcpy of 1 GiB between two populated buffers; total ms; pause phases",
         |ctx: &RunCtx| {
             let len = vm_bytes(ctx);
-            let node = vmhop::numa::topology::current_node();
+            let node = vmhop::host::topology::current_node();
             let base_first = ctx.run.is_multiple_of(2);
             let before = if base_first { Some(memcpy_baseline(len, node)?) } else { None };
             let r = {
@@ -228,7 +228,7 @@ fn kernel() -> Scenario {
         "numa_migrate kernel (move_pages in batches of 2048 pages while the guest runs) of a 1 GiB VM (builtin:dirty wss=900M random-filled, 10000 pages/s): total ms, and total less two placement queries (numa_migrate's before/after), slowest and median batch µs; baseline: move_pages of 1 GiB of populated anonymous memory in the same batches, no VM",
         |ctx: &RunCtx| {
             let len = vm_bytes(ctx);
-            let node = vmhop::numa::topology::current_node();
+            let node = vmhop::host::topology::current_node();
             let base_first = ctx.run.is_multiple_of(2);
             let before = if base_first { Some(move_pages_baseline(len, node)?) } else { None };
             let (r, query) = {

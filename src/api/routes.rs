@@ -125,7 +125,7 @@ impl Routes {
                 json(report)
             }
             ("PUT", "vm.numa-migrate") => {
-                let req: crate::transfer::numa_move::NumaMigrateRequest = body(b)?;
+                let req: crate::numa::NumaMigrateRequest = body(b)?;
                 if vm.is_loading() {
                     return Err(ApiError(
                         409,
@@ -134,9 +134,9 @@ impl Routes {
                 }
                 let _op = self.operation()?;
                 self.running_or_paused()?;
-                match crate::transfer::numa_move::numa_migrate(vm, &req) {
+                match crate::numa::numa_migrate(vm, &req) {
                     Ok(r) => json(r),
-                    Err(e @ crate::transfer::numa_move::NumaMoveError::Invalid(_)) => {
+                    Err(e @ crate::numa::NumaMoveError::Invalid(_)) => {
                         Err(ApiError(400, e.to_string()))
                     }
                     Err(e) => Err(ApiError(500, e.to_string())),
@@ -158,7 +158,7 @@ impl Routes {
                 json(r)
             }
             ("GET", "vm.numa-stat") => {
-                json(crate::transfer::numa_move::numa_stat(vm).map_err(|e| ApiError(500, e))?)
+                json(crate::numa::numa_stat(vm).map_err(|e| ApiError(500, e))?)
             }
             ("GET", "debug.memory-map") => {
                 let m = vm.memory();

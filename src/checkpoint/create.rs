@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use super::chain::Chain;
 use super::format::{Header, Kind};
-use crate::transfer::sinks::file::FileSink;
+use super::sink::FileSink;
 use crate::transfer::{transfer, FirstPass, Plan};
 use crate::vmm::{CheckpointRef, Vm};
 

@@ -125,14 +125,14 @@ pub fn verify(o: &ApiOpts) -> CliResult {
 
 /// `vmhop topology`.
 pub fn topology(o: &JsonOpt) -> CliResult {
-    let t = crate::numa::topology::Topology::read().map_err(CliError::failed)?;
+    let t = crate::host::topology::Topology::read().map_err(CliError::failed)?;
     render(o.json, &t, |t| {
         let mut s = format!("{} NUMA node(s)", t.nodes.len());
         for n in &t.nodes {
             s += &format!(
                 "\n  node {}: CPUs {}, {} total, {} free, distances {:?}",
                 n.id,
-                crate::numa::affinity::format_cpu_list(&n.cpus),
+                crate::host::affinity::format_cpu_list(&n.cpus),
                 format_size(n.total_bytes),
                 format_size(n.free_bytes),
                 n.distances

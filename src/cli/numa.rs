@@ -5,7 +5,7 @@ use clap::Args;
 use super::control::request;
 use super::output::render;
 use super::{ApiOpts, CliError, CliResult};
-use crate::transfer::numa_move::{Mode, NumaMigrateReport, NumaMigrateRequest, NumaStatReport};
+use crate::numa::{Mode, NumaMigrateReport, NumaMigrateRequest, NumaStatReport};
 
 /// Options of `vmhop numa-migrate`.
 #[derive(Args, Debug, Clone)]
@@ -27,7 +27,7 @@ pub struct NumaMigrateArgs {
 }
 
 fn positive_ms(s: &str) -> Result<f64, String> {
-    use crate::transfer::numa_move::MAX_DOWNTIME_LIMIT_MS;
+    use crate::numa::MAX_DOWNTIME_LIMIT_MS;
     match s.parse::<f64>() {
         Ok(v) if v > 0.0 && v <= MAX_DOWNTIME_LIMIT_MS => Ok(v),
         _ => Err(format!(

@@ -1,22 +1,608 @@
-//! Host NUMA: the topology read from sysfs, the memory-policy and page
-//! migration syscalls (mbind, move_pages), thread CPU affinity, and placement
-//! queries (which host node each page of a range is on, as the kernel says).
+//! NUMA moves: re-home a running guest's memory (one guest node or all) to
+//! another host node, and its vCPUs with it.
 //!
-//! This module knows nothing about guests or KVM: it works on host virtual
-//! address ranges and thread ids.
+//! - `stop-copy`: one pause; the engine copies every page into memory bound
+//!   to the target and switches the slots.
+//! - `live`: the engine pre-copies one chunk at a time with the dirty log and
+//!   pauses only for each chunk's last pages, so the extra memory needed at
+//!   any moment is one chunk, not a second copy of the guest.
+//! - `kernel`: move_pages in bounded batches while the guest runs; KVM
+//!   follows through its MMU notifiers; no pause at all.
 //!
-//! - [`topology`]: the host's nodes, their CPUs, memory and distances
-//!   (`/sys/devices/system/node`), and the node the caller runs on;
-//! - [`policy`]: `mbind`, `get_mempolicy` and `move_pages` on ranges of this
-//!   process's address space;
-//! - [`placement`]: the batched, optionally sampled page-location query behind
-//!   `numa-stat` and the `placement_before/after` of `numa-migrate`;
-//! - [`affinity`]: thread CPU affinity and the kernel's cpu-list syntax.
+//! Every mode then sets the memory policy to the target (later faults land
+//! there too) and re-pins the node's vCPU threads to the target's CPUs.
+//! Placement before and after is measured from the kernel.
 //!
-//! Deciding which range goes to which node, and when, belongs to `memory/`,
-//! `vmm/` and `transfer/`.
+//! This module owns the NUMA operations (`numa-migrate`, `numa-stat`) and
+//! the sink of the copy modes ([`sink`]); the pre-copy loop is the transfer
+//! engine's, the syscalls are `host`'s.
 
-pub mod affinity;
-pub mod placement;
-pub mod policy;
-pub mod topology;
+pub mod sink;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use sink::LocalSink;
+use crate::transfer::{transfer, FirstPass, Plan};
+use crate::memory::PAGE_SIZE;
+use crate::host::placement::{self, Placement};
+use crate::host::topology::Topology;
+use crate::host::{affinity, policy};
+use crate::vmm::Vm;
+
+/// Default downtime budget of a NUMA move.
+pub const DEFAULT_MAX_DOWNTIME_MS: f64 = 1.0;
+/// Pages per move_pages call in kernel mode: small enough that one call
+/// holds the guest's pages briefly, large enough to amortise the syscall.
+pub const KERNEL_BATCH_PAGES: usize = 2048;
+
+/// How to move.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// Pre-copy chunk by chunk, short pauses.
+    #[default]
+    Live,
+    /// One pause, copy everything.
+    StopCopy,
+    /// The kernel moves pages in place.
+    Kernel,
+}
+
+impl std::str::FromStr for Mode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "live" => Ok(Mode::Live),
+            "stop-copy" => Ok(Mode::StopCopy),
+            "kernel" => Ok(Mode::Kernel),
+            _ => Err(format!(
+                "unknown mode '{s}' (expected live, stop-copy or kernel)"
+            )),
+        }
+    }
+}
+
+/// The largest downtime budget a move accepts, in milliseconds: a pause of
+/// a minute is no longer a budget, and larger numbers would overflow the
+/// time arithmetic.
+pub const MAX_DOWNTIME_LIMIT_MS: f64 = 60_000.0;
+
+/// Body of `PUT /api/v1/vm.numa-migrate`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NumaMigrateRequest {
+    /// Target host node.
+    pub to_node: u32,
+    /// Guest node to move (None: all).
+    #[serde(default)]
+    pub guest_node: Option<u32>,
+    /// Mode.
+    #[serde(default)]
+    pub mode: Mode,
+    /// Downtime budget per pause, ms.
+    #[serde(default)]
+    pub max_downtime_ms: Option<f64>,
+}
+
+/// Latencies of kernel-mode batches.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct BatchStats {
+    /// move_pages calls.
+    pub count: u64,
+    /// Pages per call.
+    pub pages_per_batch: u64,
+    /// Median call latency, µs.
+    pub median_us: u64,
+    /// Slowest call, µs.
+    pub max_us: u64,
+}
+
+/// What a NUMA move did.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct NumaMigrateReport {
+    /// Always "numa-migrate".
+    pub operation: String,
+    /// Mode used.
+    pub mode: Mode,
+    /// Target host node.
+    pub to_node: u32,
+    /// Guest nodes moved.
+    pub guest_nodes: Vec<u32>,
+    /// Longest pause, µs.
+    pub downtime_us: u64,
+    /// All pauses together, µs.
+    pub paused_total_us: u64,
+    /// Number of pauses.
+    pub pauses: u32,
+    /// Whole operation, ms.
+    pub total_ms: f64,
+    /// Copy rounds over all chunks.
+    pub rounds: u32,
+    /// Pages copied (or moved by the kernel).
+    pub pages_moved: u64,
+    /// Whether every chunk converged within the budget (live).
+    pub converged: bool,
+    /// Chunks that fell back to a bounded stop-copy (live).
+    pub fallback_chunks: u32,
+    /// Extra memory held at most at one moment, bytes.
+    pub peak_extra_bytes: u64,
+    /// kernel mode: the move_pages batches.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batches: Option<BatchStats>,
+    /// Pages per host node before, from the kernel.
+    pub placement_before: BTreeMap<String, u64>,
+    /// Pages per host node after, from the kernel.
+    pub placement_after: BTreeMap<String, u64>,
+    /// Pages not faulted in (on no node) after.
+    pub not_present_after: u64,
+    /// Where the longest pause went (copy modes).
+    pub longest_pause: crate::transfer::PauseBreakdown,
+    /// Each moved vCPU's allowed CPUs after.
+    pub vcpu_cpus: BTreeMap<String, String>,
+}
+
+/// A NUMA move failed; the VM runs on its old memory.
+#[derive(Debug, thiserror::Error)]
+pub enum NumaMoveError {
+    /// The request cannot be done on this host or VM.
+    #[error("{0}")]
+    Invalid(String),
+    /// Something failed during the move.
+    #[error("NUMA move to host node {node} failed: {message}")]
+    Failed {
+        /// Target node.
+        node: u32,
+        /// What failed.
+        message: String,
+    },
+}
+
+/// Pages of the given guest nodes per host node, from the kernel.
+pub fn placement_of(vm: &Vm, nodes: &[u32], stride: usize) -> Result<Placement, String> {
+    let mem = vm.memory();
+    let mut p = Placement::default();
+    for n in mem.nodes.iter().filter(|n| nodes.contains(&n.guest_node)) {
+        for c in &n.chunks {
+            let q = placement::query(c.mapping.as_ptr(), c.mapping.len(), stride)
+                .map_err(|e| e.to_string())?;
+            p.merge(&q);
+        }
+    }
+    Ok(p)
+}
+
+fn by_node(p: &Placement) -> BTreeMap<String, u64> {
+    p.pages_by_node
+        .iter()
+        .map(|(k, v)| (k.to_string(), *v))
+        .collect()
+}
+
+/// Moves guest memory as `req` says.
+pub fn numa_migrate(vm: &Vm, req: &NumaMigrateRequest) -> Result<NumaMigrateReport, NumaMoveError> {
+    let start = Instant::now();
+    let topo = Topology::read().map_err(|e| NumaMoveError::Invalid(e.to_string()))?;
+    let target = req.to_node;
+    let Some(tnode) = topo.node(target) else {
+        let have: Vec<String> = topo.nodes.iter().map(|n| n.id.to_string()).collect();
+        return Err(NumaMoveError::Invalid(format!(
+            "host node {target} does not exist (this host has node {})",
+            have.join(", ")
+        )));
+    };
+    let guest_nodes: Vec<u32> = match req.guest_node {
+        Some(g) if (g as usize) < vm.config().nodes.len() => vec![g],
+        Some(g) => {
+            return Err(NumaMoveError::Invalid(format!(
+                "guest node {g} does not exist (the VM has {} guest nodes)",
+                vm.config().nodes.len()
+            )))
+        }
+        None => (0..vm.config().nodes.len() as u32).collect(),
+    };
+    let max_downtime = req.max_downtime_ms.unwrap_or(DEFAULT_MAX_DOWNTIME_MS);
+    if !(max_downtime > 0.0 && max_downtime <= MAX_DOWNTIME_LIMIT_MS) {
+        return Err(NumaMoveError::Invalid(format!(
+            "max_downtime_ms must be a number of milliseconds above 0 and at most \
+             {MAX_DOWNTIME_LIMIT_MS}, got {max_downtime}"
+        )));
+    }
+    let failed = |message: String| NumaMoveError::Failed {
+        node: target,
+        message,
+    };
+    let before = placement_of(vm, &guest_nodes, 1).map_err(failed)?;
+    // The target must hold every page that is not there yet; the copy modes
+    // also need one chunk (live) or the whole node (stop-copy) of headroom
+    // while old and new memory coexist — that is the same amount here,
+    // since old memory is freed after each switch.
+    let to_bring =
+        (before.total() - before.pages_by_node.get(&target).copied().unwrap_or(0)) * PAGE_SIZE;
+    if to_bring > tnode.free_bytes {
+        return Err(NumaMoveError::Invalid(format!(
+            "host node {target} has {} free but the move needs {}",
+            crate::util::format_size(tnode.free_bytes),
+            crate::util::format_size(to_bring)
+        )));
+    }
+
+    let mut report = NumaMigrateReport {
+        operation: "numa-migrate".into(),
+        mode: req.mode,
+        to_node: target,
+        guest_nodes: guest_nodes.clone(),
+        downtime_us: 0,
+        paused_total_us: 0,
+        pauses: 0,
+        total_ms: 0.0,
+        rounds: 0,
+        pages_moved: 0,
+        converged: true,
+        fallback_chunks: 0,
+        peak_extra_bytes: 0,
+        batches: None,
+        placement_before: by_node(&before),
+        placement_after: BTreeMap::new(),
+        not_present_after: 0,
+        vcpu_cpus: BTreeMap::new(),
+        longest_pause: Default::default(),
+    };
+    let chunks: Vec<(u32, u64, u32)> = {
+        let mem = vm.memory();
+        mem.nodes
+            .iter()
+            .filter(|n| guest_nodes.contains(&n.guest_node))
+            .flat_map(|n| n.chunks.iter().map(|c| (c.slot, c.range.len, n.guest_node)))
+            .collect()
+    };
+    let backing = vm.memory().nodes[guest_nodes[0] as usize].backing;
+    let budget = Duration::from_secs_f64(max_downtime / 1e3);
+    match req.mode {
+        Mode::StopCopy => {
+            let mut sink = LocalSink::new(target, backing);
+            let plan = Plan {
+                slots: chunks.iter().map(|c| c.0).collect(),
+                first_pass: FirstPass::All,
+                live: false,
+                max_downtime: budget,
+            };
+            let r = transfer(vm, &mut sink, &plan).map_err(|e| failed(e.to_string()))?;
+            report.downtime_us = r.downtime_us;
+            report.longest_pause = r.pause_breakdown.clone();
+            report.paused_total_us = r.downtime_us;
+            report.pauses = 1;
+            report.rounds = r.rounds;
+            report.pages_moved = r.pages_sent;
+            report.peak_extra_bytes = chunks.iter().map(|c| c.1).sum();
+        }
+        Mode::Live => {
+            let homes = vm.host_nodes();
+            let r = live_chunks(vm, target, backing, &chunks, &homes, budget, &mut report);
+            let _ = vm.stop_dirty_log();
+            r.map_err(failed)?;
+        }
+        Mode::Kernel => {
+            let homes = vm.host_nodes();
+            kernel_move(vm, target, &guest_nodes, &homes, &mut report).map_err(failed)?
+        }
+    }
+    // Later faults (and the kernel's own reclaim) follow the new policy.
+    {
+        let mem = vm.memory();
+        for n in mem
+            .nodes
+            .iter()
+            .filter(|n| guest_nodes.contains(&n.guest_node))
+        {
+            for c in &n.chunks {
+                policy::bind(c.mapping.as_ptr(), c.mapping.len(), target, false)
+                    .map_err(|e| failed(e.to_string()))?;
+            }
+        }
+    }
+    for &g in &guest_nodes {
+        vm.set_host_node(g, target);
+    }
+    repin_vcpus(vm, &guest_nodes, &tnode.cpus, &mut report).map_err(failed)?;
+    let after = placement_of(vm, &guest_nodes, 1).map_err(failed)?;
+    report.placement_after = by_node(&after);
+    report.not_present_after = after.not_present;
+    report.total_ms = start.elapsed().as_secs_f64() * 1e3;
+    Ok(report)
+}
+
+/// Test hook: when vmhop runs with this variable set to k, a live NUMA move
+/// fails before moving chunk k (counting from 0), so tests can check that
+/// the chunks already moved go back. Never set in normal use.
+pub const FAIL_CHUNK_ENV: &str = "VMHOP_TEST_FAIL_NUMA_CHUNK";
+
+fn injected_failure_chunk() -> Option<usize> {
+    std::env::var(FAIL_CHUNK_ENV).ok()?.parse().ok()
+}
+
+/// Moves chunks one at a time. If one fails, the chunks already moved go
+/// back to their guest node's old host node (`homes`), the same way, so the
+/// VM ends up on its old memory as a whole.
+fn live_chunks(
+    vm: &Vm,
+    target: u32,
+    backing: crate::memory::Backing,
+    chunks: &[(u32, u64, u32)],
+    homes: &[u32],
+    budget: Duration,
+    report: &mut NumaMigrateReport,
+) -> Result<(), String> {
+    let move_one = |slot: u32, to: u32| {
+        let mut sink = LocalSink::new(to, backing);
+        let plan = Plan {
+            slots: vec![slot],
+            first_pass: FirstPass::All,
+            live: true,
+            max_downtime: budget,
+        };
+        transfer(vm, &mut sink, &plan)
+    };
+    let fail_at = injected_failure_chunk();
+    for (k, &(slot, len, _)) in chunks.iter().enumerate() {
+        let attempt = if fail_at == Some(k) {
+            Err(format!("injected failure at chunk {k} ({FAIL_CHUNK_ENV})"))
+        } else {
+            move_one(slot, target).map_err(|e| e.to_string())
+        };
+        let r = match attempt {
+            Ok(r) => r,
+            Err(e) => {
+                let mut back = Vec::new();
+                for &(s, _, g) in chunks[..k].iter().rev() {
+                    if let Err(e2) = move_one(s, homes[g as usize]) {
+                        back.push(format!("slot {s}: {e2}"));
+                    }
+                }
+                return Err(if back.is_empty() {
+                    format!("{e}; the {k} chunk(s) already moved were moved back, the VM runs on its old memory")
+                } else {
+                    format!(
+                        "{e}; moving the chunks already moved back failed too: {}",
+                        back.join("; ")
+                    )
+                });
+            }
+        };
+        if r.downtime_us >= report.downtime_us {
+            report.downtime_us = r.downtime_us;
+            report.longest_pause = r.pause_breakdown.clone();
+        }
+        report.paused_total_us += r.downtime_us;
+        report.pauses += 1;
+        report.rounds += r.rounds;
+        report.pages_moved += r.pages_sent;
+        report.peak_extra_bytes = report.peak_extra_bytes.max(len);
+        if !r.converged {
+            report.converged = false;
+            report.fallback_chunks += 1;
+        }
+    }
+    Ok(())
+}
+
+/// Moves pages in place with move_pages, in batches. If the kernel refuses
+/// pages (the target is full), the batches already moved go back to their
+/// guest node's old host node (`homes`).
+fn kernel_move(
+    vm: &Vm,
+    target: u32,
+    guest_nodes: &[u32],
+    homes: &[u32],
+    report: &mut NumaMigrateReport,
+) -> Result<(), String> {
+    let r = kernel_batches(vm, target, guest_nodes, report);
+    if let Err((e, done)) = r {
+        let mut pages: Vec<*mut u8> = Vec::with_capacity(KERNEL_BATCH_PAGES);
+        let mut failed_back = None;
+        for (base, first, k, g) in done {
+            pages.clear();
+            pages.extend((first..first + k).map(|p| base.wrapping_add(p * PAGE_SIZE as usize)));
+            if let Err(e2) = policy::move_pages_to(&pages, homes[g as usize]) {
+                failed_back.get_or_insert(e2.to_string());
+            }
+        }
+        return Err(match failed_back {
+            None => format!(
+                "{e}; the pages already moved were moved back, the VM runs on its old memory"
+            ),
+            Some(e2) => format!("{e}; moving the pages already moved back failed too: {e2}"),
+        });
+    }
+    Ok(())
+}
+
+/// A batch done: (chunk base, first page, pages, guest node).
+type Batch = (*mut u8, usize, usize, u32);
+
+fn kernel_batches(
+    vm: &Vm,
+    target: u32,
+    guest_nodes: &[u32],
+    report: &mut NumaMigrateReport,
+) -> Result<(), (String, Vec<Batch>)> {
+    let mem = vm.memory();
+    let mut done: Vec<Batch> = Vec::new();
+    let mut lat: Vec<u64> = Vec::new();
+    let mut moved = 0u64;
+    let mut pages: Vec<*mut u8> = Vec::with_capacity(KERNEL_BATCH_PAGES);
+    for n in mem
+        .nodes
+        .iter()
+        .filter(|n| guest_nodes.contains(&n.guest_node))
+    {
+        for c in &n.chunks {
+            let base = c.mapping.as_ptr();
+            let total = c.mapping.len() / PAGE_SIZE as usize;
+            let mut i = 0;
+            while i < total {
+                let k = KERNEL_BATCH_PAGES.min(total - i);
+                pages.clear();
+                pages.extend((i..i + k).map(|p| base.wrapping_add(p * PAGE_SIZE as usize)));
+                let t = Instant::now();
+                let status = match policy::move_pages_to(&pages, target) {
+                    Ok(s) => s,
+                    Err(e) => return Err((e.to_string(), done)),
+                };
+                done.push((base, i, k, n.guest_node));
+                // Pages the kernel could not take this time (busy: the
+                // guest or KVM held them) get one more try.
+                let busy: Vec<*mut u8> = status
+                    .iter()
+                    .zip(&pages)
+                    .filter(|(st, _)| **st == -libc::EBUSY || **st == -libc::EAGAIN)
+                    .map(|(_, p)| *p)
+                    .collect();
+                let retried = if busy.is_empty() {
+                    Vec::new()
+                } else {
+                    policy::move_pages_to(&busy, target).unwrap_or_default()
+                };
+                moved += retried.iter().filter(|st| **st == target as i32).count() as u64;
+                lat.push(t.elapsed().as_micros() as u64);
+                for (j, s) in status.iter().enumerate() {
+                    if *s == target as i32 {
+                        moved += 1;
+                    } else if *s == -libc::ENOMEM {
+                        let e = format!(
+                            "the kernel could not move page {:#x} of guest node {}: host node {target} is out of memory",
+                            c.range.start + (i + j) as u64 * PAGE_SIZE,
+                            n.guest_node
+                        );
+                        return Err((e, done));
+                    }
+                }
+                i += k;
+            }
+        }
+    }
+    report.pages_moved = moved;
+    let count = lat.len() as u64;
+    let max_us = lat.iter().copied().max().unwrap_or(0);
+    lat.sort_unstable();
+    report.batches = Some(BatchStats {
+        count,
+        pages_per_batch: KERNEL_BATCH_PAGES as u64,
+        median_us: lat.get(lat.len() / 2).copied().unwrap_or(0),
+        max_us,
+    });
+    Ok(())
+}
+
+fn repin_vcpus(
+    vm: &Vm,
+    guest_nodes: &[u32],
+    cpus: &[usize],
+    report: &mut NumaMigrateReport,
+) -> Result<(), String> {
+    let vcpu_nodes = vm.config().vcpu_nodes();
+    for (id, tid) in vm.vcpu_tids() {
+        if !guest_nodes.contains(&vcpu_nodes[id as usize]) {
+            continue;
+        }
+        if !cpus.is_empty() {
+            affinity::set_thread_affinity(tid, cpus).map_err(|e| e.to_string())?;
+        }
+        let now = affinity::thread_affinity(tid).map_err(|e| e.to_string())?;
+        report
+            .vcpu_cpus
+            .insert(id.to_string(), affinity::format_cpu_list(&now));
+    }
+    Ok(())
+}
+
+/// Most pages numa-stat asks the kernel about per guest node; above that it
+/// samples every k-th page (a full query costs ~50 ms per GiB here).
+pub const STAT_MAX_QUERIED_PAGES: u64 = 1 << 18;
+
+/// One guest node in `numa-stat`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct GuestNodeStat {
+    /// Guest node id.
+    pub guest_node: u32,
+    /// Size in bytes.
+    pub size_bytes: u64,
+    /// The kernel's memory policy of its memory, e.g. "bind:1".
+    pub policy: String,
+    /// Present pages per host node.
+    pub host_nodes: BTreeMap<String, u64>,
+    /// Pages not faulted in yet.
+    pub not_present: u64,
+    /// Whether counts were scaled up from a sample.
+    pub sampled: bool,
+}
+
+/// One vCPU in `numa-stat`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct VcpuStat {
+    /// vCPU id.
+    pub id: u32,
+    /// Guest node.
+    pub guest_node: u32,
+    /// Host CPUs its thread may run on.
+    pub allowed_cpus: String,
+}
+
+/// `numa-stat`: where every guest node's pages live now.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct NumaStatReport {
+    /// Guest nodes.
+    pub guest_nodes: Vec<GuestNodeStat>,
+    /// vCPUs.
+    pub vcpus: Vec<VcpuStat>,
+    /// Time the kernel queries took, ms.
+    pub query_ms: f64,
+}
+
+/// Measures placement of every guest node and the vCPUs' affinity.
+pub fn numa_stat(vm: &Vm) -> Result<NumaStatReport, String> {
+    let t = Instant::now();
+    let mut guest_nodes = Vec::new();
+    let n = vm.config().nodes.len() as u32;
+    for g in 0..n {
+        let (size, pol) = {
+            let mem = vm.memory();
+            let node = &mem.nodes[g as usize];
+            let pol = node
+                .chunks
+                .first()
+                .map(|c| policy::policy_of(c.mapping.as_ptr()))
+                .transpose()
+                .map_err(|e| e.to_string())?;
+            (node.size, pol.unwrap_or_default())
+        };
+        let pages = size / PAGE_SIZE;
+        let stride = pages.div_ceil(STAT_MAX_QUERIED_PAGES).max(1) as usize;
+        let p = placement_of(vm, &[g], stride)?;
+        guest_nodes.push(GuestNodeStat {
+            guest_node: g,
+            size_bytes: size,
+            policy: pol,
+            host_nodes: by_node(&p),
+            not_present: p.not_present,
+            sampled: p.sampled,
+        });
+    }
+    let vcpu_nodes = vm.config().vcpu_nodes();
+    let mut vcpus = Vec::new();
+    for (id, tid) in vm.vcpu_tids() {
+        let cpus = affinity::thread_affinity(tid).map_err(|e| e.to_string())?;
+        vcpus.push(VcpuStat {
+            id,
+            guest_node: vcpu_nodes[id as usize],
+            allowed_cpus: affinity::format_cpu_list(&cpus),
+        });
+    }
+    Ok(NumaStatReport {
+        guest_nodes,
+        vcpus,
+        query_ms: t.elapsed().as_secs_f64() * 1e3,
+    })
+}

@@ -13,8 +13,6 @@
 //! another node, a checkpoint file. Any failure before the commit leaves
 //! the VM running as it was.
 
-pub mod numa_move;
-pub mod sinks;
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};

@@ -397,9 +397,9 @@ impl VcpuHandle {
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{id}"))
             .spawn(move || {
-                tid2.store(crate::numa::affinity::current_tid(), Ordering::SeqCst);
+                tid2.store(crate::host::affinity::current_tid(), Ordering::SeqCst);
                 if !cpus.is_empty() {
-                    if let Err(e) = crate::numa::affinity::set_thread_affinity(0, &cpus) {
+                    if let Err(e) = crate::host::affinity::set_thread_affinity(0, &cpus) {
                         tracing::warn!("vCPU {id}: cannot pin to CPUs {cpus:?}: {e}");
                     }
                 }

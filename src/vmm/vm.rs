@@ -23,7 +23,7 @@ use crate::guest;
 use crate::memory::{
     layout, Backing, Chunk, DirtyBitmap, GuestMemory, Mapping, MappingError, NodeMemory,
 };
-use crate::numa::topology::{self, Topology};
+use crate::host::topology::{self, Topology};
 
 /// Whether the vCPUs run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -71,7 +71,7 @@ pub enum VmError {
         node: u32,
         /// What failed.
         #[source]
-        source: crate::numa::policy::PolicyError,
+        source: crate::host::policy::PolicyError,
     },
     /// The VM's devices could not be built.
     #[error("devices: {0}")]
@@ -437,7 +437,7 @@ impl Vm {
     ) -> Result<Mapping, VmError> {
         let m = Mapping::new(len as usize, backing)
             .map_err(|source| VmError::Memory { node, source })?;
-        crate::numa::policy::bind(m.as_ptr(), m.len(), host, false)
+        crate::host::policy::bind(m.as_ptr(), m.len(), host, false)
             .map_err(|source| VmError::Policy { node, source })?;
         Ok(m)
     }

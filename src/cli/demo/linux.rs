@@ -22,8 +22,8 @@ use serde_json::{json, Value};
 use super::{check, checkpoint, DemoError, Out, VmProcess, WorkDir, LONG, QUICK};
 use crate::checkpoint::format::Kind;
 use crate::cli::{CliError, CliResult};
-use crate::numa::topology::Topology;
-use crate::transfer::numa_move::{Mode, NumaMigrateReport, NumaMigrateRequest, NumaStatReport};
+use crate::host::topology::Topology;
+use crate::numa::{Mode, NumaMigrateReport, NumaMigrateRequest, NumaStatReport};
 
 /// The guest's checker, shared with the NUMA-box tests.
 const GUEST_INIT: &str = include_str!("../../../tests/numabox/linux/guest-init.sh");

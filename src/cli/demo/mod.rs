@@ -35,9 +35,9 @@ use crate::api::{StateReply, StatusReport, VerifyReport, PREFIX};
 use crate::checkpoint::create::{CheckpointReport, CheckpointRequest};
 use crate::checkpoint::format::Kind;
 use crate::checkpoint::restore::RestoreReport;
-use crate::numa::affinity::format_cpu_list;
-use crate::numa::topology::{Topology, TopologyError};
-use crate::transfer::numa_move::{
+use crate::host::affinity::format_cpu_list;
+use crate::host::topology::{Topology, TopologyError};
+use crate::numa::{
     Mode, NumaMigrateReport, NumaMigrateRequest, NumaStatReport, VcpuStat,
 };
 use crate::util::{format_size, parse_size};
