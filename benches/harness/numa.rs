@@ -13,8 +13,8 @@
 
 use std::time::{Duration, Instant};
 
-use vmhop::memory::{Backing, Mapping, PAGE_SIZE};
 use vmhop::host::policy::{bind, move_pages_to};
+use vmhop::memory::{Backing, Mapping, PAGE_SIZE};
 use vmhop::numa::{
     numa_migrate, placement_of, Mode, NumaMigrateReport, NumaMigrateRequest, KERNEL_BATCH_PAGES,
 };

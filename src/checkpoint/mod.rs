@@ -1,7 +1,6 @@
 //! Checkpoints: the on-disk format and chains (`format`, `chain`), taking a
-//! checkpoint of a running VM through the transfer engine with the file sink
-//! (`sink`) beside it
-//! (`create`), and restoring one (`restore`).
+//! checkpoint of a running VM (`create`, which runs the transfer engine with
+//! the file sink beside it, `sink`), and restoring one (`restore`).
 
 pub mod chain;
 pub mod create;

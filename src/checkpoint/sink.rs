@@ -6,10 +6,16 @@
 
 use std::collections::BTreeMap;
 
-use crate::checkpoint::format::{CheckpointWriter, Header, WrittenCheckpoint};
-use crate::memory::{Backing, Chunk, DirtyBitmap, Mapping, PAGE_SIZE};
-use crate::transfer::{AfterCommit, Sink, SinkError};
+use super::format::{CheckpointWriter, Header, WrittenCheckpoint};
+use crate::memory::volatile::copy_parallel;
+use crate::memory::{Backing, DirtyBitmap, Mapping, PAGE_SIZE};
+use crate::transfer::{AfterCommit, PageRun, Sink, SinkError};
 use crate::vmm::{Pause, Vm, VmState};
+
+/// Bytes of guest memory copied at a time into the sink's own buffer before
+/// they are checksummed and written: the guest may change its memory while
+/// it is read, and a checksum must cover exactly the bytes written.
+const BOUNCE_BYTES: usize = 1 << 20;
 
 /// Rate of staging copies in the pause: memcpy into pre-faulted pages
 /// (~11 GiB/s here; a conservative share of it).
@@ -36,6 +42,8 @@ pub struct FileSink {
     staged: Vec<(u64, Staged)>,
     stop_after: bool,
     taken: Option<BTreeMap<u32, DirtyBitmap>>,
+    /// A stable copy of the pages being written while the guest runs.
+    bounce: Vec<u8>,
     /// What was written, once complete.
     pub written: Option<WrittenCheckpoint>,
 }
@@ -53,6 +61,7 @@ impl FileSink {
             staged: Vec::new(),
             stop_after,
             taken: None,
+            bounce: Vec::new(),
             written: None,
         }
     }
@@ -71,44 +80,59 @@ impl FileSink {
     }
 }
 
-impl Sink for FileSink {
+impl Sink<Vm> for FileSink {
     fn name(&self) -> &'static str {
         "checkpoint"
     }
 
-    fn begin(&mut self, _vm: &Vm, _chunks: &[&Chunk]) -> Result<(), SinkError> {
+    fn begin(&mut self, _vm: &Vm, _slots: &[u32]) -> Result<(), SinkError> {
         self.writer =
             Some(CheckpointWriter::create(&self.dir, self.header.clone()).map_err(Self::err)?);
         Ok(())
     }
 
-    fn pages(
-        &mut self,
-        chunk: &Chunk,
-        first: u64,
-        data: &[u8],
-        paused: bool,
-    ) -> Result<u64, SinkError> {
-        let gpa = chunk.range.start + first * PAGE_SIZE;
+    fn pages(&mut self, run: PageRun<'_>, paused: bool) -> Result<u64, SinkError> {
+        let len = run.data.len();
         if paused {
             let at = self.staging_used;
-            let room = self.staging.as_ref().filter(|m| at + data.len() <= m.len());
+            let room = self.staging.as_ref().and_then(|m| m.volatile(at, len));
             let where_ = match room {
-                Some(m) => {
-                    // SAFETY: [at, at+len) lies inside the staging mapping
-                    // (checked above), which only this sink uses.
-                    let dst =
-                        unsafe { std::slice::from_raw_parts_mut(m.as_ptr().add(at), data.len()) };
-                    crate::memory::copy_parallel(dst, data);
-                    self.staging_used += data.len();
-                    Staged::Room(at, data.len())
+                Some(dst) => {
+                    copy_parallel(&dst, &run.data);
+                    self.staging_used += len;
+                    Staged::Room(at, len)
                 }
-                None => Staged::Heap(data.to_vec()),
+                None => {
+                    let mut v = vec![0u8; len];
+                    run.data.copy_to(&mut v[..]);
+                    Staged::Heap(v)
+                }
             };
-            self.staged.push((gpa, where_));
-            return Ok(data.len() as u64);
+            self.staged.push((run.gpa, where_));
+            return Ok(len as u64);
         }
-        self.writer()?.add_pages(gpa, data).map_err(Self::err)
+        let mut bounce = std::mem::take(&mut self.bounce);
+        bounce.resize(BOUNCE_BYTES.min(len), 0);
+        let mut written = 0;
+        let mut at = 0;
+        let result = loop {
+            if at >= len {
+                break Ok(written);
+            }
+            let n = bounce.len().min(len - at);
+            let part = run.data.subslice(at, n).map_err(Self::err)?;
+            part.copy_to(&mut bounce[..n]);
+            match self.writer().and_then(|w| {
+                w.add_pages(run.gpa + at as u64, &bounce[..n])
+                    .map_err(Self::err)
+            }) {
+                Ok(k) => written += k,
+                Err(e) => break Err(e),
+            }
+            at += n;
+        };
+        self.bounce = bounce;
+        result
     }
 
     fn before_pause(&mut self, expected_pages: u64) -> Result<(), SinkError> {

@@ -11,12 +11,14 @@
 //!   process's address space;
 //! - [`placement`]: the batched, optionally sampled page-location query behind
 //!   `numa-stat` and the `placement_before/after` of `numa-migrate`;
-//! - [`affinity`]: thread CPU affinity and the kernel's cpu-list syntax.
+//! - [`affinity`]: thread CPU affinity and the kernel's cpu-list syntax;
+//! - [`pagemap`]: which pages of a range hold memory at all.
 //!
 //! Deciding which range goes to which node, and when, belongs to `vmm/`
 //! (where memory starts) and `numa/` (moving it).
 
 pub mod affinity;
+pub mod pagemap;
 pub mod placement;
 pub mod policy;
 pub mod topology;

@@ -111,14 +111,40 @@ impl Mapping {
         self.advise(MADV_POPULATE_WRITE, "MADV_POPULATE_WRITE")
     }
 
+    /// Faults in `len` bytes from `offset` (whole pages) for writing now;
+    /// see [`Mapping::populate`].
+    pub fn populate_range(&self, offset: usize, len: usize) -> Result<(), MappingError> {
+        self.advise_range(offset, len, MADV_POPULATE_WRITE, "MADV_POPULATE_WRITE")
+    }
+
     fn advise(&self, advice: i32, name: &'static str) -> Result<(), MappingError> {
-        // SAFETY: the range is exactly this mapping, which we own.
-        let r = unsafe { libc::madvise(self.ptr as *mut libc::c_void, self.len, advice) };
+        self.advise_range(0, self.len, advice, name)
+    }
+
+    fn advise_range(
+        &self,
+        offset: usize,
+        len: usize,
+        advice: i32,
+        name: &'static str,
+    ) -> Result<(), MappingError> {
+        let addr = self.ptr as usize + offset;
+        if offset.checked_add(len).is_none_or(|end| end > self.len) {
+            return Err(MappingError::Madvise {
+                advice: name,
+                addr,
+                len,
+                source: io::Error::from_raw_os_error(libc::EINVAL),
+            });
+        }
+        // SAFETY: the range lies inside this mapping (checked above), which
+        // we own.
+        let r = unsafe { libc::madvise(addr as *mut libc::c_void, len, advice) };
         if r != 0 {
             return Err(MappingError::Madvise {
                 advice: name,
-                addr: self.ptr as usize,
-                len: self.len,
+                addr,
+                len,
                 source: io::Error::last_os_error(),
             });
         }
@@ -226,11 +252,24 @@ impl Mapping {
         })
     }
 
+    /// `len` bytes from `offset` as volatile memory, for memory a guest or
+    /// another thread may write concurrently; None if the range does not
+    /// lie inside the mapping.
+    pub fn volatile(&self, offset: usize, len: usize) -> Option<super::VolatileSlice<'_>> {
+        if offset.checked_add(len)? > self.len {
+            return None;
+        }
+        // SAFETY: the range lies inside this live mapping (checked above),
+        // which outlives the returned slice by its borrow of self.
+        Some(unsafe { super::VolatileSlice::new(self.ptr.add(offset), len) })
+    }
+
     /// The mapping as a byte slice.
     ///
     /// # Safety
-    /// The guest may write this memory concurrently; callers must accept
-    /// torn reads (the dirty log tells them to read a page again).
+    /// Nothing may write the mapping while the slice lives: use it only
+    /// for memory no guest runs on (staging buffers, tests); guest memory
+    /// is read through [`Mapping::volatile`].
     pub unsafe fn as_slice(&self) -> &[u8] {
         // SAFETY: ptr/len describe a live mapping we own; the caller accepts
         // the concurrent-writer caveat above.

@@ -9,38 +9,14 @@
 pub mod dirty;
 pub mod layout;
 pub mod mapping;
+pub mod volatile;
 
 pub use dirty::DirtyBitmap;
 pub use layout::{GuestRange, PAGE_SIZE};
 pub use mapping::{Mapping, MappingError};
+pub use volatile::VolatileSlice;
 
 use serde::{Deserialize, Serialize};
-
-/// Below this size a copy is not worth splitting over threads.
-const PARALLEL_COPY_MIN: usize = 1 << 20;
-
-/// Copies `src` into `dst` (same length), split over all host CPUs when it
-/// is large. Meant for copies inside a pause, when the vCPU threads are
-/// stopped and every CPU is free.
-pub fn copy_parallel(dst: &mut [u8], src: &[u8]) {
-    if src.len() < PARALLEL_COPY_MIN {
-        dst.copy_from_slice(src);
-        return;
-    }
-    let threads = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
-        .min(8);
-    let part = src
-        .len()
-        .div_ceil(threads)
-        .next_multiple_of(PAGE_SIZE as usize);
-    std::thread::scope(|s| {
-        for (d, c) in dst.chunks_mut(part).zip(src.chunks(part)) {
-            s.spawn(move || d.copy_from_slice(c));
-        }
-    });
-}
 
 /// How a guest node's memory is backed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]

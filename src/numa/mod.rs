@@ -24,13 +24,13 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use sink::LocalSink;
-use crate::transfer::{transfer, FirstPass, Plan};
-use crate::memory::PAGE_SIZE;
 use crate::host::placement::{self, Placement};
 use crate::host::topology::Topology;
 use crate::host::{affinity, policy};
+use crate::memory::PAGE_SIZE;
+use crate::transfer::{transfer, FirstPass, Plan};
 use crate::vmm::Vm;
+use sink::LocalSink;
 
 /// Default downtime budget of a NUMA move.
 pub const DEFAULT_MAX_DOWNTIME_MS: f64 = 1.0;
@@ -265,7 +265,7 @@ pub fn numa_migrate(vm: &Vm, req: &NumaMigrateRequest) -> Result<NumaMigrateRepo
             let mut sink = LocalSink::new(target, backing);
             let plan = Plan {
                 slots: chunks.iter().map(|c| c.0).collect(),
-                first_pass: FirstPass::All,
+                first_pass: FirstPass::Present,
                 live: false,
                 max_downtime: budget,
             };
@@ -339,7 +339,7 @@ fn live_chunks(
         let mut sink = LocalSink::new(to, backing);
         let plan = Plan {
             slots: vec![slot],
-            first_pass: FirstPass::All,
+            first_pass: FirstPass::Present,
             live: true,
             max_downtime: budget,
         };

@@ -5,8 +5,9 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use crate::memory::{Backing, Chunk, Mapping, PAGE_SIZE};
-use crate::transfer::{AfterCommit, Sink, SinkError};
+use crate::memory::volatile::copy_parallel;
+use crate::memory::{Backing, Mapping, PAGE_SIZE};
+use crate::transfer::{AfterCommit, PageRun, Sink, SinkError, Source};
 use crate::vmm::{Pause, Vm, VmState};
 
 /// Rate assumed for copies in the pause before any copy was timed
@@ -45,66 +46,68 @@ impl LocalSink {
     }
 }
 
-impl Sink for LocalSink {
+impl Sink<Vm> for LocalSink {
     fn name(&self) -> &'static str {
         "local memory"
     }
 
-    fn begin(&mut self, vm: &Vm, chunks: &[&Chunk]) -> Result<(), SinkError> {
-        for c in chunks {
-            let node = vm
-                .memory()
-                .nodes
-                .iter()
-                .find(|n| n.chunks.iter().any(|x| x.slot == c.slot))
-                .map(|n| n.guest_node)
-                .unwrap_or(0);
-            let m = Vm::node_mapping(node, c.range.len, self.backing, self.target)
+    fn begin(&mut self, vm: &Vm, slots: &[u32]) -> Result<(), SinkError> {
+        for &slot in slots {
+            let (node, range) = {
+                let mem = vm.memory();
+                mem.nodes
+                    .iter()
+                    .find_map(|n| {
+                        let c = n.chunks.iter().find(|c| c.slot == slot)?;
+                        Some((n.guest_node, c.range))
+                    })
+                    .ok_or_else(|| self.err(format!("no memory slot {slot}")))?
+            };
+            let m = Vm::node_mapping(node, range.len, self.backing, self.target)
                 .map_err(|e| self.err(e.to_string()))?;
-            // Fault the new memory in now, not in the pause; this is also
-            // where a node without room says so (ENOMEM), before any harm.
-            m.populate().map_err(|e| {
-                self.err(format!(
-                    "host node {} cannot hold {} more bytes for guest {:#x}+{:#x}: {e}",
-                    self.target, c.range.len, c.range.start, c.range.len
-                ))
-            })?;
-            self.new.insert(c.slot, m);
+            // Fault in now, not in the pause, the pages that will come: those
+            // that hold memory. The rest stays untouched, as in the guest.
+            // This is also where a node without room says so (ENOMEM).
+            let present = vm
+                .present_pages(slot)
+                .map_err(|e| self.err(e.to_string()))?;
+            for (first, n) in present.runs() {
+                let (off, len) = ((first * PAGE_SIZE) as usize, (n * PAGE_SIZE) as usize);
+                m.populate_range(off, len).map_err(|e| {
+                    self.err(format!(
+                        "host node {} cannot hold {len} more bytes for guest {:#x}+{len:#x}: {e}",
+                        self.target,
+                        range.start + off as u64,
+                    ))
+                })?;
+            }
+            self.new.insert(slot, m);
         }
         Ok(())
     }
 
-    fn pages(
-        &mut self,
-        chunk: &Chunk,
-        first: u64,
-        data: &[u8],
-        paused: bool,
-    ) -> Result<u64, SinkError> {
-        let dst = self.new.get(&chunk.slot).ok_or_else(|| SinkError {
+    fn pages(&mut self, run: PageRun<'_>, paused: bool) -> Result<u64, SinkError> {
+        let dst = self.new.get(&run.slot).ok_or_else(|| SinkError {
             sink: "local memory",
-            message: format!("slot {} was not prepared", chunk.slot),
+            message: format!("slot {} was not prepared", run.slot),
         })?;
-        let off = (first * PAGE_SIZE) as usize;
-        if off + data.len() > dst.len() {
-            return Err(self.err(format!(
-                "pages {first}+ of slot {} run past its end",
-                chunk.slot
-            )));
-        }
+        let off = (run.first * PAGE_SIZE) as usize;
+        let len = run.data.len();
+        let out = dst.volatile(off, len).ok_or_else(|| {
+            self.err(format!(
+                "pages {}+ of slot {} run past its end",
+                run.first, run.slot
+            ))
+        })?;
         let t = Instant::now();
-        // SAFETY: dst is a live mapping of the same size as the chunk and
-        // the range was checked above; source and destination are different
-        // mappings, so they cannot overlap.
-        let out = unsafe { std::slice::from_raw_parts_mut(dst.as_ptr().add(off), data.len()) };
         if paused {
-            crate::memory::copy_parallel(out, data);
+            copy_parallel(&out, &run.data);
         } else {
-            out.copy_from_slice(data);
+            run.data.copy_to_volatile_slice(out);
         }
         self.copy_time += t.elapsed();
-        self.copied += data.len() as u64;
-        Ok(data.len() as u64)
+        self.copied += len as u64;
+        Ok(len as u64)
     }
 
     fn paused_rate(&self) -> f64 {

@@ -1,34 +1,31 @@
 //! The dirty-page transfer engine: the one pre-copy loop behind every move
 //! of guest memory (NUMA moves, checkpoints, migration).
 //!
-//! It turns on KVM dirty logging, sends a first pass while the guest runs,
-//! then rounds of what the guest dirtied meanwhile, and decides when to stop
-//! the vCPUs for the last round: when the remaining dirty set fits the
-//! downtime budget at the rate the sink takes pages in a pause — or, if the
-//! dirty rate does not converge, after a bounded number of rounds (the
-//! report then says `converged: false`). In the pause it sends the last
-//! pages, captures the vCPU state, lets the sink commit, and resumes.
+//! It turns on dirty logging, sends a first pass while the guest runs, then
+//! rounds of what the guest dirtied meanwhile, and stops the vCPUs for the
+//! last round when [`convergence`] says so. In the pause it sends the last
+//! pages, captures the VM state, lets the sink commit, and resumes.
 //!
-//! Where the pages go is the sink's business ([`Sink`]): new memory on
-//! another node, a checkpoint file. Any failure before the commit leaves
-//! the VM running as it was.
+//! The engine knows the VM only through [`Source`] (implemented for the
+//! real VM in [`vm`], and by a scripted fake in the unit tests) and where
+//! pages go only through [`Sink`]: new memory on another node
+//! (`numa::sink`), a checkpoint file (`checkpoint::sink`), a stream. The
+//! operations own their sinks; this module imports none of them. Any
+//! failure before the commit leaves the VM running as it was.
 
+pub mod convergence;
+pub mod vm;
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::memory::{Chunk, DirtyBitmap, PAGE_SIZE};
-use crate::vmm::{Pause, Vm, VmError, VmState};
+use crate::memory::{DirtyBitmap, VolatileSlice, PAGE_SIZE};
+use crate::vmm::VmError;
+use convergence::{Convergence, Decision, RoundFacts};
 
-/// Most rounds before giving up on convergence.
-pub const MAX_ROUNDS: u32 = 30;
-/// Rounds without the dirty set shrinking before giving up on convergence.
-const STALL_ROUNDS: u32 = 4;
-/// Fixed cost of a pause besides copying: stopping and restarting vCPUs,
-/// fetching the last dirty logs, saving vCPU state (measured ~100-200 µs here).
-const PAUSE_OVERHEAD: Duration = Duration::from_micros(250);
+pub use convergence::MAX_ROUNDS;
 
 /// A page sink failed.
 #[derive(Debug, thiserror::Error)]
@@ -60,26 +57,80 @@ pub enum AfterCommit {
     StayPaused,
 }
 
+/// A run of consecutive guest pages handed to a sink.
+#[derive(Debug, Clone, Copy)]
+pub struct PageRun<'a> {
+    /// The memory slot (chunk) the pages belong to.
+    pub slot: u32,
+    /// Index of the first page within its slot.
+    pub first: u64,
+    /// Guest-physical address of the first page.
+    pub gpa: u64,
+    /// The pages, as volatile memory: the guest may be writing them.
+    pub data: VolatileSlice<'a>,
+}
+
+impl PageRun<'_> {
+    /// Number of pages.
+    pub fn pages(&self) -> u64 {
+        self.data.len() as u64 / PAGE_SIZE
+    }
+}
+
+/// The VM as the engine sees it: its memory slots, dirty logs, pause and
+/// state. Small on purpose, so the engine can be driven by a fake.
+pub trait Source {
+    /// Proof that the vCPUs are paused, handed back to `resume`.
+    type Pause;
+    /// What the vCPUs saved as they stopped.
+    type Saved;
+    /// The VM state a sink records at its commit.
+    type State;
+
+    /// Pages in memory slot `slot` (None: no such slot).
+    fn slot_pages(&self, slot: u32) -> Option<u64>;
+    /// Turns dirty logging on (idempotent).
+    fn start_dirty_log(&self) -> Result<(), VmError>;
+    /// Whether dirty logging is on.
+    fn dirty_logging(&self) -> bool;
+    /// Fetches and clears the dirty log of one slot.
+    fn fetch_dirty(&self, slot: u32) -> Result<DirtyBitmap, VmError>;
+    /// Pages dirtied since the VM's last checkpoint, per slot.
+    fn checkpoint_dirty(&self, slots: &[u32]) -> BTreeMap<u32, DirtyBitmap>;
+    /// Pages of `slot` that hold memory now (faulted in or loaded); the
+    /// rest reads as zero and need not be sent to a sink that starts empty.
+    fn present_pages(&self, slot: u32) -> Result<DirtyBitmap, VmError>;
+    /// Stops every vCPU, each saving its state.
+    fn pause_saving(&self) -> Result<(Self::Pause, Self::Saved), VmError>;
+    /// When the pause began.
+    fn paused_since(&self, pause: &Self::Pause) -> Instant;
+    /// Assembles the VM state from what the vCPUs saved.
+    fn save_state(&self, pause: &Self::Pause, saved: Self::Saved) -> Result<Self::State, VmError>;
+    /// Restarts the vCPUs; returns how long none ran.
+    fn resume(&self, pause: Self::Pause) -> Result<Duration, VmError>;
+    /// Hands every run of set pages in `pages` (of slot `slot`) to `each`,
+    /// while the memory cannot be replaced under it; stops at the first error.
+    fn read_pages(
+        &self,
+        slot: u32,
+        pages: &DirtyBitmap,
+        each: &mut dyn FnMut(PageRun<'_>) -> Result<(), TransferError>,
+    ) -> Result<(), TransferError>;
+}
+
 /// Where pages go. The engine calls, in order: `begin`, `pages` any number
 /// of times (guest running or paused), `commit` (paused), `complete`
 /// (after the resume); or `abort` after a failure at any point.
-pub trait Sink {
+pub trait Sink<S: Source + ?Sized> {
     /// Short name for errors.
     fn name(&self) -> &'static str;
-    /// Prepares for these chunks (allocates, opens files). Runs before any
+    /// Prepares for these slots (allocates, opens files). Runs before any
     /// pause, so failures here cost the guest nothing.
-    fn begin(&mut self, vm: &Vm, chunks: &[&Chunk]) -> Result<(), SinkError>;
-    /// Takes `pages` pages of `chunk` starting at page `first`; `data` is the
-    /// guest memory they occupy. `paused` says whether the guest is stopped:
-    /// a sink with slow output should only stage data then. Returns bytes
+    fn begin(&mut self, vm: &S, slots: &[u32]) -> Result<(), SinkError>;
+    /// Takes a run of pages. `paused` says whether the guest is stopped: a
+    /// sink with slow output should only stage data then. Returns bytes
     /// that went out (0 for pages skipped, e.g. zero pages).
-    fn pages(
-        &mut self,
-        chunk: &Chunk,
-        first: u64,
-        data: &[u8],
-        paused: bool,
-    ) -> Result<u64, SinkError>;
+    fn pages(&mut self, run: PageRun<'_>, paused: bool) -> Result<u64, SinkError>;
     /// Bytes per second the sink takes pages at while the guest is paused.
     fn paused_rate(&self) -> f64;
     /// Called just before the pause with the number of pages the pause is
@@ -92,19 +143,26 @@ pub trait Sink {
         Duration::ZERO
     }
     /// In the pause, after the last pages: records the state, switches memory.
-    fn commit(&mut self, vm: &Vm, pause: &Pause, state: &VmState)
-        -> Result<AfterCommit, SinkError>;
+    fn commit(
+        &mut self,
+        vm: &S,
+        pause: &S::Pause,
+        state: &S::State,
+    ) -> Result<AfterCommit, SinkError>;
     /// After the resume: the slow rest (write out, fsync, free old memory).
-    fn complete(&mut self, vm: &Vm) -> Result<(), SinkError>;
+    fn complete(&mut self, vm: &S) -> Result<(), SinkError>;
     /// Undo what can be undone after a failure.
-    fn abort(&mut self, vm: &Vm);
+    fn abort(&mut self, vm: &S);
 }
 
 /// Which pages the first pass sends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FirstPass {
-    /// Every page of the plan's chunks.
+    /// Every page of the plan's slots.
     All,
+    /// The pages that hold memory now, for a sink that starts out empty
+    /// (zero): untouched pages stay untouched.
+    Present,
     /// The pages dirtied since the VM's last checkpoint, taken after dirty
     /// logging is armed, so nothing dirtied in between is missed.
     SinceCheckpoint,
@@ -113,7 +171,7 @@ pub enum FirstPass {
 /// How to move.
 #[derive(Debug, Clone)]
 pub struct Plan {
-    /// The chunks (by slot) to transfer.
+    /// The slots to transfer.
     pub slots: Vec<u32>,
     /// Pages to send in the first pass.
     pub first_pass: FirstPass,
@@ -167,53 +225,63 @@ fn us(since: Instant) -> u64 {
     since.elapsed().as_micros() as u64
 }
 
-struct Run<'a> {
-    vm: &'a Vm,
-    sink: &'a mut dyn Sink,
+/// Dirty sets of several slots.
+type Sets = BTreeMap<u32, DirtyBitmap>;
+
+fn count(sets: &Sets) -> u64 {
+    sets.values().map(|b| b.count()).sum()
+}
+
+struct Run<'a, S: Source + ?Sized> {
+    vm: &'a S,
+    sink: &'a mut dyn Sink<S>,
+    plan: &'a Plan,
     report: TransferReport,
 }
 
-impl Run<'_> {
-    /// Sends every page set in `sets` (per slot) to the sink.
-    fn send(
-        &mut self,
-        sets: &BTreeMap<u32, DirtyBitmap>,
-        paused: bool,
-    ) -> Result<u64, TransferError> {
-        let mem = self.vm.memory();
+impl<S: Source + ?Sized> Run<'_, S> {
+    /// Sends every page set in `sets` to the sink.
+    fn send(&mut self, sets: &Sets, paused: bool) -> Result<u64, TransferError> {
         let mut pages = 0;
+        let mut bytes = 0;
         for (slot, bits) in sets {
-            let Some(chunk) = mem.chunks().find(|c| c.slot == *slot) else {
-                continue;
-            };
-            // SAFETY: the chunk's mapping is live while we hold the memory
-            // read lock; the guest may write it concurrently, which the
-            // dirty log makes up for in the next round.
-            let all = unsafe { chunk.mapping.as_slice() };
-            for (first, n) in bits.runs() {
-                let from = (first * PAGE_SIZE) as usize;
-                let to = from + (n * PAGE_SIZE) as usize;
-                self.report.bytes_sent += self.sink.pages(chunk, first, &all[from..to], paused)?;
-                pages += n;
-            }
+            let sink = &mut *self.sink;
+            self.vm.read_pages(*slot, bits, &mut |run| {
+                pages += run.pages();
+                bytes += sink.pages(run, paused)?;
+                Ok(())
+            })?;
         }
         self.report.pages_sent += pages;
+        self.report.bytes_sent += bytes;
         Ok(pages)
     }
 
     /// Fetches (and clears) the dirty logs of the plan's slots.
-    fn fetch(&self, slots: &[u32]) -> Result<BTreeMap<u32, DirtyBitmap>, TransferError> {
-        let mem = self.vm.memory();
+    fn fetch(&self) -> Result<Sets, TransferError> {
         let mut out = BTreeMap::new();
-        for c in mem.chunks().filter(|c| slots.contains(&c.slot)) {
-            out.insert(c.slot, self.vm.fetch_dirty(c)?);
+        for &slot in &self.plan.slots {
+            out.insert(slot, self.vm.fetch_dirty(slot)?);
         }
         Ok(out)
     }
-}
 
-fn count(sets: &BTreeMap<u32, DirtyBitmap>) -> u64 {
-    sets.values().map(|b| b.count()).sum()
+    /// The first pass's pages. Read only after dirty logging is armed and
+    /// the logs cleared, so no page dirtied in between is missed.
+    fn first_pass(&self) -> Result<Sets, TransferError> {
+        let slots = &self.plan.slots;
+        Ok(match self.plan.first_pass {
+            FirstPass::SinceCheckpoint => self.vm.checkpoint_dirty(slots),
+            FirstPass::Present => slots
+                .iter()
+                .map(|&s| Ok((s, self.vm.present_pages(s)?)))
+                .collect::<Result<_, VmError>>()?,
+            FirstPass::All => slots
+                .iter()
+                .filter_map(|&s| Some((s, DirtyBitmap::full(self.vm.slot_pages(s)?))))
+                .collect(),
+        })
+    }
 }
 
 /// Moves the plan's pages to `sink`; on success the sink has committed and
@@ -221,46 +289,40 @@ fn count(sets: &BTreeMap<u32, DirtyBitmap>) -> u64 {
 /// is aborted and the VM runs on as before.
 ///
 /// Dirty logging stays on afterwards: an operation made of several
-/// transfers (a NUMA move chunk by chunk) turns it off once, at its end,
-/// with `Vm::stop_dirty_log`.
-pub fn transfer(
-    vm: &Vm,
-    sink: &mut dyn Sink,
+/// transfers (a NUMA move chunk by chunk) turns it off once, at its end.
+pub fn transfer<S: Source + ?Sized>(
+    vm: &S,
+    sink: &mut dyn Sink<S>,
     plan: &Plan,
 ) -> Result<TransferReport, TransferError> {
     let start = Instant::now();
     let mut run = Run {
         vm,
         sink,
+        plan,
         report: TransferReport::default(),
     };
-    let mut pause: Option<Pause> = None;
-    let r = precopy(&mut run, plan, &mut pause);
-    let result = match r {
-        Ok(after) => {
-            let downtime = match (after, &pause) {
-                (AfterCommit::Resume, Some(_)) => {
-                    let t = Instant::now();
-                    let d = vm.resume(pause.take().expect("matched Some"))?;
-                    run.report.pause_breakdown.resume_us = us(t);
-                    d
-                }
-                // The VM stays paused for the caller to stop it; the pause
-                // is kept until `complete` succeeds, so that a failure there
-                // resumes the VM below instead of leaving it paused.
-                (AfterCommit::StayPaused, Some(p)) => p.since.elapsed(),
-                (_, None) => Duration::ZERO,
-            };
-            run.report.downtime_us = downtime.as_micros() as u64;
-            let done = run.sink.complete(vm).map_err(TransferError::from);
-            if done.is_ok() {
-                // Staying paused on purpose: the token is no longer needed.
-                pause = None;
+    let mut pause: Option<S::Pause> = None;
+    let result = precopy(&mut run, &mut pause).and_then(|after| {
+        let downtime = match (after, pause.as_ref()) {
+            (AfterCommit::Resume, Some(_)) => {
+                let t = Instant::now();
+                let d = vm.resume(pause.take().expect("matched Some"))?;
+                run.report.pause_breakdown.resume_us = us(t);
+                d
             }
-            done
-        }
-        Err(e) => Err(e),
-    };
+            // The VM stays paused for the caller to stop it; the pause is
+            // kept until `complete` succeeds, so that a failure there
+            // resumes the VM below instead of leaving it paused.
+            (AfterCommit::StayPaused, Some(p)) => vm.paused_since(p).elapsed(),
+            (_, None) => Duration::ZERO,
+        };
+        run.report.downtime_us = downtime.as_micros() as u64;
+        run.sink.complete(vm)?;
+        // Staying paused on purpose: the token is no longer needed.
+        pause = None;
+        Ok(())
+    });
     if let Err(e) = result {
         run.sink.abort(vm);
         if let Some(p) = pause.take() {
@@ -272,73 +334,45 @@ pub fn transfer(
     Ok(run.report)
 }
 
-fn precopy(
-    run: &mut Run<'_>,
-    plan: &Plan,
-    pause: &mut Option<Pause>,
+fn precopy<S: Source + ?Sized>(
+    run: &mut Run<'_, S>,
+    pause: &mut Option<S::Pause>,
 ) -> Result<AfterCommit, TransferError> {
-    let vm = run.vm;
-    // vCPU state, captured as the vCPUs stop.
-    let saved;
-    {
-        let mem = vm.memory();
-        let chunks: Vec<&Chunk> = mem
-            .chunks()
-            .filter(|c| plan.slots.contains(&c.slot))
-            .collect();
-        run.sink.begin(vm, &chunks)?;
-    }
-    // Read only after dirty logging is armed and the logs cleared, so no
-    // page dirtied in between is missed.
-    let first_pass = || -> BTreeMap<u32, DirtyBitmap> {
-        if plan.first_pass == FirstPass::SinceCheckpoint {
-            return vm.checkpoint_dirty(&plan.slots);
-        }
-        let mem = vm.memory();
-        mem.chunks()
-            .filter(|c| plan.slots.contains(&c.slot))
-            .map(|c| (c.slot, DirtyBitmap::full(c.pages())))
-            .collect()
-    };
+    let (vm, plan) = (run.vm, run.plan);
+    run.sink.begin(vm, &plan.slots)?;
     run.report.converged = true;
     let mut last_pass;
+    let saved;
     if plan.live {
         vm.start_dirty_log()?;
         // Clear the logs now: the first pass copies everything after this.
-        run.fetch(&plan.slots)?;
-        let first = first_pass();
+        run.fetch()?;
+        let first = run.first_pass()?;
         run.send(&first, false)?;
         run.report.rounds = 1;
-        let rate = run.sink.paused_rate().max(1.0);
-        let mut best = u64::MAX;
-        let mut stalled = 0;
+        let mut decide = Convergence::new(plan.max_downtime);
         loop {
             let t = Instant::now();
-            let dirty = run.fetch(&plan.slots)?;
-            let fetch_cost = t.elapsed();
-            let n = count(&dirty);
-            run.report.dirty_per_round.push(n);
-            let pause_cost = PAUSE_OVERHEAD
-                + run.sink.commit_cost()
-                + fetch_cost
-                + Duration::from_secs_f64((n * PAGE_SIZE) as f64 / rate);
-            if pause_cost <= plan.max_downtime {
-                last_pass = dirty;
-                break;
+            let dirty = run.fetch()?;
+            let facts = RoundFacts {
+                rounds_sent: run.report.rounds,
+                dirty_pages: count(&dirty),
+                fetch_cost: t.elapsed(),
+                paused_rate: run.sink.paused_rate(),
+                commit_cost: run.sink.commit_cost(),
+            };
+            run.report.dirty_per_round.push(facts.dirty_pages);
+            match decide.decide(&facts) {
+                Decision::Stop { converged } => {
+                    run.report.converged = converged;
+                    last_pass = dirty;
+                    break;
+                }
+                Decision::Continue => {
+                    run.send(&dirty, false)?;
+                    run.report.rounds += 1;
+                }
             }
-            if n < best {
-                best = n;
-                stalled = 0;
-            } else {
-                stalled += 1;
-            }
-            if run.report.rounds >= MAX_ROUNDS || stalled >= STALL_ROUNDS {
-                run.report.converged = false;
-                last_pass = dirty;
-                break;
-            }
-            run.send(&dirty, false)?;
-            run.report.rounds += 1;
         }
         // The pause sends the last dirty set plus what the guest dirties
         // until it stops: allow a quarter more.
@@ -351,7 +385,7 @@ fn precopy(
         run.report.pause_breakdown.stop_us = us(t);
         // What was dirtied since the last fetch, plus what that fetch found.
         let t = Instant::now();
-        let more = run.fetch(&plan.slots)?;
+        let more = run.fetch()?;
         run.report.pause_breakdown.fetch_us = us(t);
         for (slot, b) in more {
             last_pass
@@ -367,9 +401,9 @@ fn precopy(
         run.report.pause_breakdown.stop_us = us(t);
         if vm.dirty_logging() {
             // Keep any checkpoint's record of what changed up to date.
-            run.fetch(&plan.slots)?;
+            run.fetch()?;
         }
-        last_pass = first_pass();
+        last_pass = run.first_pass()?;
     }
     let p = pause.as_ref().expect("paused above");
     let t = Instant::now();
@@ -384,3 +418,6 @@ fn precopy(
     run.report.pause_breakdown.commit_us = us(t);
     Ok(after)
 }
+
+#[cfg(test)]
+mod tests;

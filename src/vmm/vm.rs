@@ -20,10 +20,10 @@ use super::vcpu::{
 };
 use crate::arch::x86_64::cpuid;
 use crate::guest;
+use crate::host::topology::{self, Topology};
 use crate::memory::{
     layout, Backing, Chunk, DirtyBitmap, GuestMemory, Mapping, MappingError, NodeMemory,
 };
-use crate::host::topology::{self, Topology};
 
 /// Whether the vCPUs run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

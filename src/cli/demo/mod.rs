@@ -37,9 +37,7 @@ use crate::checkpoint::format::Kind;
 use crate::checkpoint::restore::RestoreReport;
 use crate::host::affinity::format_cpu_list;
 use crate::host::topology::{Topology, TopologyError};
-use crate::numa::{
-    Mode, NumaMigrateReport, NumaMigrateRequest, NumaStatReport, VcpuStat,
-};
+use crate::numa::{Mode, NumaMigrateReport, NumaMigrateRequest, NumaStatReport, VcpuStat};
 use crate::util::{format_size, parse_size};
 use crate::vmm::RunState;
 

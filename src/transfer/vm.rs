@@ -1,0 +1,102 @@
+//! The real VM as the engine's [`Source`].
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use super::{PageRun, Source, TransferError};
+use crate::memory::{DirtyBitmap, PAGE_SIZE};
+use crate::vmm::{Pause, Vm, VmError, VmState};
+
+fn no_slot(slot: u32) -> VmError {
+    VmError::Host(format!("no memory slot {slot}"))
+}
+
+impl Source for Vm {
+    type Pause = Pause;
+    type Saved = Vec<crate::vmm::vcpu::VcpuState>;
+    type State = VmState;
+
+    fn slot_pages(&self, slot: u32) -> Option<u64> {
+        self.memory()
+            .chunks()
+            .find(|c| c.slot == slot)
+            .map(|c| c.pages())
+    }
+
+    fn start_dirty_log(&self) -> Result<(), VmError> {
+        Vm::start_dirty_log(self)
+    }
+
+    fn dirty_logging(&self) -> bool {
+        Vm::dirty_logging(self)
+    }
+
+    fn fetch_dirty(&self, slot: u32) -> Result<DirtyBitmap, VmError> {
+        let mem = self.memory();
+        let chunk = mem
+            .chunks()
+            .find(|c| c.slot == slot)
+            .ok_or_else(|| no_slot(slot))?;
+        Vm::fetch_dirty(self, chunk)
+    }
+
+    fn checkpoint_dirty(&self, slots: &[u32]) -> BTreeMap<u32, DirtyBitmap> {
+        Vm::checkpoint_dirty(self, slots)
+    }
+
+    fn present_pages(&self, slot: u32) -> Result<DirtyBitmap, VmError> {
+        let mem = self.memory();
+        let c = mem
+            .chunks()
+            .find(|c| c.slot == slot)
+            .ok_or_else(|| no_slot(slot))?;
+        let words = crate::host::pagemap::populated(c.mapping.as_ptr(), c.pages())
+            .map_err(|e| VmError::Host(format!("slot {slot} at {:#x}: {e}", c.range.start)))?;
+        let mut b = DirtyBitmap::new(c.pages());
+        b.merge_words(&words);
+        Ok(b)
+    }
+
+    fn pause_saving(&self) -> Result<(Pause, Self::Saved), VmError> {
+        Vm::pause_saving(self)
+    }
+
+    fn paused_since(&self, pause: &Pause) -> Instant {
+        pause.since
+    }
+
+    fn save_state(&self, pause: &Pause, saved: Self::Saved) -> Result<VmState, VmError> {
+        Vm::save_state(self, pause, saved)
+    }
+
+    fn resume(&self, pause: Pause) -> Result<Duration, VmError> {
+        Vm::resume(self, pause)
+    }
+
+    fn read_pages(
+        &self,
+        slot: u32,
+        pages: &DirtyBitmap,
+        each: &mut dyn FnMut(PageRun<'_>) -> Result<(), TransferError>,
+    ) -> Result<(), TransferError> {
+        // The read lock keeps the chunk's memory in place while it is read.
+        let mem = self.memory();
+        let c = mem
+            .chunks()
+            .find(|c| c.slot == slot)
+            .ok_or_else(|| no_slot(slot))?;
+        for (first, n) in pages.runs() {
+            let (off, len) = ((first * PAGE_SIZE) as usize, (n * PAGE_SIZE) as usize);
+            let data = c.mapping.volatile(off, len).ok_or_else(|| {
+                VmError::Host(format!("pages {first}+{n} run past the end of slot {slot}"))
+            })?;
+            each(PageRun {
+                slot,
+                first,
+                gpa: c.range.start + off as u64,
+                data,
+            })?;
+        }
+        Ok(())
+    }
+}
