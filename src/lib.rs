@@ -12,6 +12,7 @@ pub mod devices;
 pub mod guest;
 pub mod machine;
 pub mod memory;
+pub mod migration;
 pub mod numa;
 pub mod transfer;
 pub mod util;
