@@ -12,9 +12,18 @@
 //! payloads contain belongs to the VMM, and the source's stream sink and
 //! the destination's receiver are built on top of this API.
 
+pub mod address;
+pub mod auth;
 pub mod compress;
 pub mod protocol;
 
+pub use address::{
+    connect, Address, Conn, Listener, ParseAddressError, ShutdownHandle, TransportError,
+};
+pub use auth::{
+    check_policy, handshake_as_destination, handshake_as_source, AuthError, Authenticated,
+    PolicyError, Role, Security,
+};
 pub use compress::{
     decode_pages, encode_pages, is_zero_page, Compression, DecodeError, Encoding,
     ParseCompressionError,
