@@ -1078,6 +1078,70 @@ mod tests {
         drop(s);
     }
 
+    /// The whole path the sink and the receiver will take: listen, connect,
+    /// authenticate, then frames both ways inside TLS over TCP.
+    #[test]
+    fn frames_travel_both_ways_inside_tls_over_tcp() {
+        use crate::migration::address::{connect, Listener};
+        use crate::migration::protocol::{AckKind, Frame, FrameStream};
+        let dir = tempfile::tempdir().unwrap();
+        let ca = make_ca();
+        let src = tls(&make_host(dir.path(), "src", &ca));
+        let dst = tls(&make_host(dir.path(), "dst", &ca));
+        let listener = Listener::bind(&"tcp://127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = listener.local_address();
+        let receiver = std::thread::spawn(move || {
+            let conn = listener.accept().unwrap();
+            let auth = handshake_as_destination(conn, &dst, TIMEOUT).unwrap();
+            let mut stream = FrameStream::new(auth.conn, &auth.session);
+            assert_eq!(stream.read_frame().unwrap(), Frame::Config(b"{}".to_vec()));
+            stream
+                .write_frame(&Frame::Ack {
+                    what: AckKind::Config,
+                })
+                .unwrap();
+            let mut pages = 0;
+            loop {
+                match stream.read_frame().unwrap() {
+                    Frame::Pages { count, .. } => pages += count,
+                    Frame::Done => break,
+                    other => panic!("unexpected {other:?}"),
+                }
+            }
+            stream
+                .write_frame(&Frame::Ack {
+                    what: AckKind::Done,
+                })
+                .unwrap();
+            stream.flush().unwrap();
+            pages
+        });
+        let conn = connect(&addr, TIMEOUT).unwrap();
+        let auth = handshake_as_source(conn, &src, &addr, TIMEOUT).unwrap();
+        let mut stream = FrameStream::new(auth.conn, &auth.session);
+        stream.write_frame(&Frame::Config(b"{}".to_vec())).unwrap();
+        assert_eq!(
+            stream.read_frame().unwrap(),
+            Frame::Ack {
+                what: AckKind::Config
+            }
+        );
+        let data = vec![0x5Au8; 256 * 4096];
+        for i in 0..8u64 {
+            stream
+                .write_pages(i << 20, crate::migration::Encoding::Raw, 256, &data)
+                .unwrap();
+        }
+        stream.write_frame(&Frame::Done).unwrap();
+        assert_eq!(
+            stream.read_frame().unwrap(),
+            Frame::Ack {
+                what: AckKind::Done
+            }
+        );
+        assert_eq!(receiver.join().unwrap(), 8 * 256);
+    }
+
     #[test]
     fn tls_checks_the_destination_name() {
         let dir = tempfile::tempdir().unwrap();
