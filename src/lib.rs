@@ -15,6 +15,7 @@ pub mod guest;
 pub mod host;
 pub mod machine;
 pub mod memory;
+pub mod migration;
 pub mod numa;
 pub mod transfer;
 pub mod util;

@@ -1,0 +1,1174 @@
+//! Who may send a VM here, and to whom a VM may be sent: the handshake at
+//! the start of every migration connection, before any frame.
+//!
+//! Three methods, chosen by [`Security`] and never negotiated (each side
+//! insists on its own, so nobody on the path can talk them down):
+//!
+//! - `Insecure`: no authentication, for loopback and Unix sockets or with
+//!   `--insecure` ([`check_policy`] enforces that).
+//! - `Psk`: a key file present on both hosts; each side proves it knows the
+//!   key with HMAC-SHA256 over both sides' fresh nonces (mutual
+//!   challenge-response; a recorded handshake is useless later). The
+//!   stream itself is not encrypted nor MACed.
+//! - `Tls`: mutual TLS 1.3 (rustls, ring): the destination requires a
+//!   client certificate signed by its CA file, the source verifies the
+//!   destination's certificate and name against its CA file. The stream
+//!   then runs inside TLS.
+//!
+//! Every method yields a [`SessionNonce`] that both sides agree on and that
+//! differs for every connection; the frame layer folds it into each
+//! frame's checksum so frames of another session are refused.
+//!
+//! This module does not decide what the CLI flags are called beyond naming
+//! them in messages, nor what happens after the handshake.
+
+use std::fmt;
+use std::io::{self, Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hmac::{KeyInit, Mac};
+use rustls::{ClientConnection, RootCertStore, ServerConnection, StreamOwned};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use sha2::{Digest, Sha256};
+use zeroize::Zeroizing;
+
+use super::address::{Address, Conn, ShutdownHandle};
+use super::protocol::{SessionNonce, SESSION_NONCE_LEN};
+
+type HmacSha256 = hmac::Hmac<Sha256>;
+
+/// First eight bytes each side sends on a new connection.
+pub const AUTH_MAGIC: [u8; 8] = *b"VMHOPAUT";
+/// The handshake version this code speaks.
+pub const AUTH_VERSION: u32 = 1;
+/// Shortest pre-shared key accepted, in bytes: 128 bits.
+pub const MIN_PSK_LEN: usize = 16;
+
+/// magic, version u32, method u8, role u8, reserved u16.
+const PREAMBLE_LEN: usize = 16;
+/// Each side's fresh random challenge.
+const NONCE_LEN: usize = 32;
+/// An HMAC-SHA256 output.
+const PROOF_LEN: usize = 32;
+/// Domain separation: these MACs and hashes mean nothing anywhere else.
+const PSK_PROOF_LABEL: &[u8] = b"vmhop migration psk proof v1";
+const PSK_SESSION_LABEL: &[u8] = b"vmhop migration psk session v1";
+const INSECURE_SESSION_LABEL: &[u8] = b"vmhop migration insecure session v1";
+const TLS_EXPORTER_LABEL: &[u8] = b"EXPORTER-vmhop-migration-session-v1";
+/// Private key and pre-shared key files may be readable by their owner only:
+/// any group or other permission bit is refused.
+const PRIVATE_MODE_MASK: u32 = 0o077;
+
+const METHOD_INSECURE: u8 = 0;
+const METHOD_PSK: u8 = 1;
+const METHOD_TLS: u8 = 2;
+
+/// Which end of a migration this side is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Sends the VM (`vmhop migrate`); the TLS client.
+    Source,
+    /// Receives it (`vmhop run --incoming`); the TLS server.
+    Destination,
+}
+
+impl Role {
+    fn to_byte(self) -> u8 {
+        match self {
+            Role::Source => 1,
+            Role::Destination => 2,
+        }
+    }
+
+    fn peer(self) -> Role {
+        match self {
+            Role::Source => Role::Destination,
+            Role::Destination => Role::Source,
+        }
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Role::Source => "source",
+            Role::Destination => "destination",
+        })
+    }
+}
+
+/// How this side authenticates its peer (and itself).
+pub enum Security {
+    /// No authentication.
+    Insecure,
+    /// A pre-shared key (see [`Security::psk_from_file`]).
+    Psk(PskKey),
+    /// Mutual TLS (see [`Security::tls_from_files`]).
+    Tls(Box<TlsIdentity>),
+}
+
+impl fmt::Debug for Security {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.describe())
+    }
+}
+
+/// A pre-shared key, wiped from memory when dropped.
+pub struct PskKey(Zeroizing<Vec<u8>>);
+
+/// This host's TLS certificate and key and the CA that signs its peers'.
+pub struct TlsIdentity {
+    client: Arc<rustls::ClientConfig>,
+    server: Arc<rustls::ServerConfig>,
+}
+
+impl Security {
+    /// Reads a pre-shared key file. The key is the file's bytes without
+    /// trailing newlines (so `openssl rand -hex 32 > F` and a raw 32-byte
+    /// file both work); it must be at least 16 bytes and the file must not
+    /// be accessible to group or others.
+    pub fn psk_from_file(path: &Path) -> Result<Security, AuthError> {
+        let bad = |reason: String| AuthError::KeyFile {
+            path: path.to_path_buf(),
+            reason,
+        };
+        check_private(path).map_err(bad)?;
+        let mut key = Zeroizing::new(std::fs::read(path).map_err(|e| bad(e.to_string()))?);
+        while matches!(key.last(), Some(b'\n' | b'\r')) {
+            key.pop();
+        }
+        if key.len() < MIN_PSK_LEN {
+            return Err(bad(format!(
+                "the key is {} bytes; at least {MIN_PSK_LEN} are needed \
+                 (make one with: head -c 32 /dev/urandom > {})",
+                key.len(),
+                path.display()
+            )));
+        }
+        Ok(Security::Psk(PskKey(key)))
+    }
+
+    /// Reads this host's certificate chain and private key (PEM) and the CA
+    /// certificate(s) (PEM) that sign the peers' certificates, and builds
+    /// both TLS configurations now, so a bad file fails before any
+    /// connection. The certificate serves as the server certificate when
+    /// this host is a destination and as the client certificate when it
+    /// is a source, so it needs both serverAuth and clientAuth usages if it
+    /// restricts usages. The key file must not be accessible to group or
+    /// others.
+    pub fn tls_from_files(cert: &Path, key: &Path, ca: &Path) -> Result<Security, AuthError> {
+        let file_err = |path: &Path, reason: String| AuthError::TlsFile {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let certs = CertificateDer::pem_file_iter(cert)
+            .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| file_err(cert, format!("cannot read certificates: {e}")))?;
+        if certs.is_empty() {
+            return Err(file_err(cert, "no PEM certificate in the file".into()));
+        }
+        check_private(key).map_err(|reason| file_err(key, reason))?;
+        let private_key = PrivateKeyDer::from_pem_file(key)
+            .map_err(|e| file_err(key, format!("cannot read a private key: {e}")))?;
+        let ca_certs = CertificateDer::pem_file_iter(ca)
+            .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| file_err(ca, format!("cannot read certificates: {e}")))?;
+        let mut roots = RootCertStore::empty();
+        for c in ca_certs {
+            roots
+                .add(c)
+                .map_err(|e| file_err(ca, format!("not a usable CA certificate: {e}")))?;
+        }
+        if roots.is_empty() {
+            return Err(file_err(ca, "no PEM certificate in the file".into()));
+        }
+        let roots = Arc::new(roots);
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config_err = |source| AuthError::TlsConfig { source };
+
+        let client = rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(config_err)?
+            .with_root_certificates(roots.clone())
+            .with_client_auth_cert(certs.clone(), private_key.clone_key())
+            .map_err(config_err)?;
+        let verifier =
+            rustls::server::WebPkiClientVerifier::builder_with_provider(roots, provider.clone())
+                .build()
+                .map_err(|e| file_err(ca, format!("cannot verify clients with it: {e}")))?;
+        let server = rustls::ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(config_err)?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(certs, private_key)
+            .map_err(config_err)?;
+        Ok(Security::Tls(Box::new(TlsIdentity {
+            client: Arc::new(client),
+            server: Arc::new(server),
+        })))
+    }
+
+    /// The method in words, with the flags that select it.
+    pub fn describe(&self) -> &'static str {
+        method_name(self.method())
+    }
+
+    fn method(&self) -> u8 {
+        match self {
+            Security::Insecure => METHOD_INSECURE,
+            Security::Psk(_) => METHOD_PSK,
+            Security::Tls(_) => METHOD_TLS,
+        }
+    }
+}
+
+fn method_name(method: u8) -> &'static str {
+    match method {
+        METHOD_INSECURE => "no authentication (--insecure)",
+        METHOD_PSK => "a pre-shared key (--auth-key-file)",
+        METHOD_TLS => "TLS (--tls-cert, --tls-key, --tls-ca)",
+        _ => "an unknown method",
+    }
+}
+
+/// Refuses a secret file that group or others may access.
+fn check_private(path: &Path) -> Result<(), String> {
+    let meta = std::fs::metadata(path).map_err(|e| e.to_string())?;
+    let mode = meta.permissions().mode();
+    if mode & PRIVATE_MODE_MASK != 0 {
+        return Err(format!(
+            "mode {:o} lets group or others read it; run: chmod 600 {}",
+            mode & 0o777,
+            path.display()
+        ));
+    }
+    Ok(())
+}
+
+/// Why a connection to a peer was not authenticated.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    /// A pre-shared key file that cannot be used.
+    #[error("pre-shared key file {}: {reason}", path.display())]
+    KeyFile {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A certificate, key or CA file that cannot be used.
+    #[error("TLS file {}: {reason}", path.display())]
+    TlsFile {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The certificate and key do not make a TLS configuration.
+    #[error("cannot set up TLS: {source}")]
+    TlsConfig {
+        /// rustls's reason (a key that does not match the certificate...).
+        #[source]
+        source: rustls::Error,
+    },
+    /// The peer did not start with the handshake magic.
+    #[error("the peer is not a vmhop migration endpoint: it sent {got:?}")]
+    NotVmhop {
+        /// The first eight bytes received.
+        got: [u8; 8],
+    },
+    /// The peer speaks another handshake version.
+    #[error("the peer speaks migration handshake version {theirs}; this vmhop speaks {ours}")]
+    Version {
+        /// This side's version.
+        ours: u32,
+        /// The peer's version.
+        theirs: u32,
+    },
+    /// The two sides were configured with different methods.
+    #[error("the {peer_role} uses {theirs} but this side uses {ours}: give both hosts the same kind of credentials")]
+    MethodMismatch {
+        /// The peer's role.
+        peer_role: Role,
+        /// This side's method.
+        ours: &'static str,
+        /// The peer's method.
+        theirs: &'static str,
+    },
+    /// Two sources or two destinations.
+    #[error("the peer is also a {0}")]
+    SameRole(Role),
+    /// The peer sent this side's own nonce back.
+    #[error("the peer sent back this side's own challenge: refusing a reflected handshake")]
+    Reflected,
+    /// The peer's proof of the pre-shared key is wrong.
+    #[error("the {peer_role} does not know the pre-shared key: its proof is wrong (the key files differ, or the handshake was replayed)")]
+    WrongKey {
+        /// The peer's role.
+        peer_role: Role,
+    },
+    /// The TLS handshake failed (certificate not signed by the CA, wrong
+    /// name, no client certificate...).
+    #[error("TLS handshake with the {peer_role} failed: {source}")]
+    Tls {
+        /// The peer's role.
+        peer_role: Role,
+        /// rustls's reason, as an I/O error.
+        #[source]
+        source: io::Error,
+    },
+    /// The peer said nothing in time.
+    #[error("the {peer_role} sent nothing for {timeout:?} while authenticating ({step})")]
+    Timeout {
+        /// The peer's role.
+        peer_role: Role,
+        /// What this side was waiting for.
+        step: &'static str,
+        /// How long it waited.
+        timeout: Duration,
+    },
+    /// The peer hung up mid-handshake.
+    #[error("the {peer_role} closed the connection while authenticating ({step}); it may have refused this side's credentials: see its log")]
+    Closed {
+        /// The peer's role.
+        peer_role: Role,
+        /// What this side was waiting for.
+        step: &'static str,
+    },
+    /// Reading or writing the connection failed.
+    #[error("authenticating with the {peer_role} failed ({step}): {source}")]
+    Io {
+        /// The peer's role.
+        peer_role: Role,
+        /// What this side was doing.
+        step: &'static str,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// A connection whose peer is authenticated.
+pub struct Authenticated {
+    /// The connection to run the frame stream on (inside TLS for `Tls`).
+    pub conn: Box<dyn Conn>,
+    /// The value both sides feed to the frame layer.
+    pub session: SessionNonce,
+    /// How the peer was authenticated, for logs and reports.
+    pub method: &'static str,
+}
+
+impl fmt::Debug for Authenticated {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Authenticated")
+            .field("session", &self.session)
+            .field("method", &self.method)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The source's handshake with the destination at `to` (whose host name
+/// the destination's TLS certificate must carry; `localhost` for a Unix
+/// socket). Each read waits at most `timeout`. On success the connection
+/// has no read or write timeout.
+pub fn handshake_as_source(
+    conn: Box<dyn Conn>,
+    security: &Security,
+    to: &Address,
+    timeout: Duration,
+) -> Result<Authenticated, AuthError> {
+    handshake(conn, security, Role::Source, to.tls_server_name(), timeout)
+}
+
+/// The destination's handshake with a source that just connected. Each
+/// read waits at most `timeout`. On success the connection has no read or
+/// write timeout.
+pub fn handshake_as_destination(
+    conn: Box<dyn Conn>,
+    security: &Security,
+    timeout: Duration,
+) -> Result<Authenticated, AuthError> {
+    handshake(conn, security, Role::Destination, "", timeout)
+}
+
+/// Refuses to listen on or connect to an address that leaves this host
+/// without authentication, unless the user said `--insecure`.
+pub fn check_policy(
+    addr: &Address,
+    security: &Security,
+    insecure: bool,
+) -> Result<(), PolicyError> {
+    if insecure || addr.is_local() || !matches!(security, Security::Insecure) {
+        return Ok(());
+    }
+    Err(PolicyError { addr: addr.clone() })
+}
+
+/// An unauthenticated migration over the network, refused.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "refusing an unauthenticated migration over {addr}, which is not a loopback or Unix address: \
+     give both hosts --auth-key-file F (the same key file), or TLS (--tls-cert F --tls-key F on \
+     the destination and --tls-ca F on the source, and the reverse for mutual authentication), \
+     or --insecure to send the VM unauthenticated anyway"
+)]
+pub struct PolicyError {
+    /// The address refused.
+    pub addr: Address,
+}
+
+/// The handshake steps, for messages.
+const STEP_PREAMBLE: &str = "waiting for the peer's hello";
+const STEP_PROOF: &str = "waiting for the peer's proof of the key";
+const STEP_TLS: &str = "TLS handshake";
+
+fn handshake(
+    conn: Box<dyn Conn>,
+    security: &Security,
+    role: Role,
+    server_name: &str,
+    timeout: Duration,
+) -> Result<Authenticated, AuthError> {
+    let peer_role = role.peer();
+    let io_err =
+        |step: &'static str| move |source: io::Error| classify(peer_role, step, timeout, source);
+    conn.set_read_timeout(Some(timeout))
+        .and_then(|()| conn.set_write_timeout(Some(timeout)))
+        .map_err(io_err("setting timeouts"))?;
+    let mut conn = conn;
+
+    // Hello: both sides send theirs before reading the peer's, so neither
+    // waits on the other. Insecure and PSK add a fresh nonce.
+    let mut hello = Vec::with_capacity(PREAMBLE_LEN + NONCE_LEN);
+    hello.extend_from_slice(&AUTH_MAGIC);
+    hello.extend_from_slice(&AUTH_VERSION.to_le_bytes());
+    hello.push(security.method());
+    hello.push(role.to_byte());
+    hello.extend_from_slice(&[0, 0]);
+    let mut nonce = [0u8; NONCE_LEN];
+    let with_nonce = !matches!(security, Security::Tls(_));
+    if with_nonce {
+        getrandom::fill(&mut nonce)
+            .map_err(|e| io_err("drawing a random nonce")(io::Error::other(e.to_string())))?;
+        hello.extend_from_slice(&nonce);
+    }
+    conn.write_all(&hello)
+        .and_then(|()| conn.flush())
+        .map_err(io_err("sending hello"))?;
+
+    let mut preamble = [0u8; PREAMBLE_LEN];
+    conn.read_exact(&mut preamble)
+        .map_err(io_err(STEP_PREAMBLE))?;
+    if preamble[..8] != AUTH_MAGIC {
+        return Err(AuthError::NotVmhop {
+            got: preamble[..8].try_into().expect("8 bytes"),
+        });
+    }
+    let theirs = u32::from_le_bytes(preamble[8..12].try_into().expect("4 bytes"));
+    if theirs != AUTH_VERSION {
+        return Err(AuthError::Version {
+            ours: AUTH_VERSION,
+            theirs,
+        });
+    }
+    if preamble[12] != security.method() {
+        return Err(AuthError::MethodMismatch {
+            peer_role,
+            ours: security.describe(),
+            theirs: method_name(preamble[12]),
+        });
+    }
+    if preamble[13] != peer_role.to_byte() {
+        return Err(AuthError::SameRole(role));
+    }
+
+    let (conn, session) = match security {
+        Security::Insecure | Security::Psk(_) => {
+            let mut peer_nonce = [0u8; NONCE_LEN];
+            conn.read_exact(&mut peer_nonce)
+                .map_err(io_err(STEP_PREAMBLE))?;
+            if peer_nonce == nonce {
+                return Err(AuthError::Reflected);
+            }
+            let (source_nonce, dest_nonce) = match role {
+                Role::Source => (&nonce, &peer_nonce),
+                Role::Destination => (&peer_nonce, &nonce),
+            };
+            let session = match security {
+                Security::Psk(key) => {
+                    psk_exchange(&mut conn, key, role, source_nonce, dest_nonce, &io_err)?;
+                    let mut mac = hmac_for(key);
+                    mac.update(PSK_SESSION_LABEL);
+                    mac.update(source_nonce);
+                    mac.update(dest_nonce);
+                    mac.finalize().into_bytes().into()
+                }
+                _ => {
+                    let mut h = Sha256::new();
+                    h.update(INSECURE_SESSION_LABEL);
+                    h.update(source_nonce);
+                    h.update(dest_nonce);
+                    h.finalize().into()
+                }
+            };
+            (conn, SessionNonce(session))
+        }
+        Security::Tls(identity) => tls_exchange(conn, identity, role, server_name, &io_err)?,
+    };
+    conn.set_read_timeout(None)
+        .and_then(|()| conn.set_write_timeout(None))
+        .map_err(io_err("clearing timeouts"))?;
+    Ok(Authenticated {
+        conn,
+        session,
+        method: security.describe(),
+    })
+}
+
+/// Turns an I/O error of the handshake into the error the user should see.
+fn classify(
+    peer_role: Role,
+    step: &'static str,
+    timeout: Duration,
+    source: io::Error,
+) -> AuthError {
+    match source.kind() {
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => AuthError::Timeout {
+            peer_role,
+            step,
+            timeout,
+        },
+        io::ErrorKind::UnexpectedEof
+        | io::ErrorKind::ConnectionReset
+        | io::ErrorKind::BrokenPipe => AuthError::Closed { peer_role, step },
+        _ if step == STEP_TLS => AuthError::Tls { peer_role, source },
+        _ => AuthError::Io {
+            peer_role,
+            step,
+            source,
+        },
+    }
+}
+
+fn hmac_for(key: &PskKey) -> HmacSha256 {
+    <HmacSha256 as KeyInit>::new_from_slice(&key.0).expect("HMAC takes keys of any length")
+}
+
+/// The MAC that proves `role` knows the key, bound to both nonces.
+fn psk_proof(key: &PskKey, role: Role, source_nonce: &[u8], dest_nonce: &[u8]) -> HmacSha256 {
+    let mut mac = hmac_for(key);
+    mac.update(PSK_PROOF_LABEL);
+    mac.update(&[role.to_byte()]);
+    mac.update(source_nonce);
+    mac.update(dest_nonce);
+    mac
+}
+
+fn psk_exchange<F>(
+    conn: &mut Box<dyn Conn>,
+    key: &PskKey,
+    role: Role,
+    source_nonce: &[u8; NONCE_LEN],
+    dest_nonce: &[u8; NONCE_LEN],
+    io_err: &impl Fn(&'static str) -> F,
+) -> Result<(), AuthError>
+where
+    F: FnOnce(io::Error) -> AuthError,
+{
+    let ours = psk_proof(key, role, source_nonce, dest_nonce)
+        .finalize()
+        .into_bytes();
+    conn.write_all(&ours)
+        .and_then(|()| conn.flush())
+        .map_err(io_err("sending proof of the key"))?;
+    let mut theirs = [0u8; PROOF_LEN];
+    conn.read_exact(&mut theirs).map_err(io_err(STEP_PROOF))?;
+    // verify_slice compares in constant time.
+    psk_proof(key, role.peer(), source_nonce, dest_nonce)
+        .verify_slice(&theirs)
+        .map_err(|_| AuthError::WrongKey {
+            peer_role: role.peer(),
+        })
+}
+
+fn tls_exchange<F>(
+    conn: Box<dyn Conn>,
+    identity: &TlsIdentity,
+    role: Role,
+    server_name: &str,
+    io_err: &impl Fn(&'static str) -> F,
+) -> Result<(Box<dyn Conn>, SessionNonce), AuthError>
+where
+    F: FnOnce(io::Error) -> AuthError,
+{
+    let peer_role = role.peer();
+    let mut session = [0u8; SESSION_NONCE_LEN];
+    let tls = match role {
+        Role::Source => {
+            let name =
+                ServerName::try_from(server_name.to_string()).map_err(|e| AuthError::Tls {
+                    peer_role,
+                    source: io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        format!("'{server_name}' is not a valid TLS server name: {e}"),
+                    ),
+                })?;
+            let client = ClientConnection::new(identity.client.clone(), name)
+                .map_err(|e| AuthError::TlsConfig { source: e })?;
+            let mut stream = StreamOwned::new(client, conn);
+            while stream.conn.is_handshaking() {
+                stream
+                    .conn
+                    .complete_io(&mut stream.sock)
+                    .map_err(io_err(STEP_TLS))?;
+            }
+            stream
+                .conn
+                .export_keying_material(&mut session, TLS_EXPORTER_LABEL, None)
+                .map_err(|e| AuthError::TlsConfig { source: e })?;
+            TlsConn::Client(stream)
+        }
+        Role::Destination => {
+            let server = ServerConnection::new(identity.server.clone())
+                .map_err(|e| AuthError::TlsConfig { source: e })?;
+            let mut stream = StreamOwned::new(server, conn);
+            while stream.conn.is_handshaking() {
+                stream
+                    .conn
+                    .complete_io(&mut stream.sock)
+                    .map_err(io_err(STEP_TLS))?;
+            }
+            stream
+                .conn
+                .export_keying_material(&mut session, TLS_EXPORTER_LABEL, None)
+                .map_err(|e| AuthError::TlsConfig { source: e })?;
+            TlsConn::Server(stream)
+        }
+    };
+    Ok((Box::new(tls), SessionNonce(session)))
+}
+
+/// A connection inside TLS.
+enum TlsConn {
+    Client(StreamOwned<ClientConnection, Box<dyn Conn>>),
+    Server(StreamOwned<ServerConnection, Box<dyn Conn>>),
+}
+
+impl TlsConn {
+    fn sock(&self) -> &dyn Conn {
+        match self {
+            TlsConn::Client(s) => &*s.sock,
+            TlsConn::Server(s) => &*s.sock,
+        }
+    }
+}
+
+impl Read for TlsConn {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            TlsConn::Client(s) => s.read(buf),
+            TlsConn::Server(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for TlsConn {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            TlsConn::Client(s) => s.write(buf),
+            TlsConn::Server(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            TlsConn::Client(s) => s.flush(),
+            TlsConn::Server(s) => s.flush(),
+        }
+    }
+}
+
+impl Conn for TlsConn {
+    fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        self.sock().set_read_timeout(timeout)
+    }
+
+    fn set_write_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        self.sock().set_write_timeout(timeout)
+    }
+
+    fn shutdown(&self) {
+        self.sock().shutdown();
+    }
+
+    fn shutdown_handle(&self) -> io::Result<ShutdownHandle> {
+        self.sock().shutdown_handle()
+    }
+
+    fn peer(&self) -> String {
+        self.sock().peer()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixStream;
+
+    const TIMEOUT: Duration = Duration::from_secs(5);
+
+    fn pair() -> (Box<dyn Conn>, Box<dyn Conn>) {
+        let (a, b) = UnixStream::pair().unwrap();
+        (Box::new(a), Box::new(b))
+    }
+
+    fn write_secret(dir: &Path, name: &str, contents: &[u8]) -> PathBuf {
+        let path = dir.join(name);
+        std::fs::write(&path, contents).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        path
+    }
+
+    /// Runs the destination's handshake in a thread and the source's here.
+    fn both(
+        source: &Security,
+        dest: Security,
+        to: &Address,
+    ) -> (
+        Result<Authenticated, AuthError>,
+        Result<Authenticated, AuthError>,
+    ) {
+        let (a, b) = pair();
+        let d = std::thread::spawn(move || handshake_as_destination(b, &dest, TIMEOUT));
+        let s = handshake_as_source(a, source, to, TIMEOUT);
+        // A failed side drops its connection, which ends the other's wait.
+        (s, d.join().unwrap())
+    }
+
+    fn unix_addr() -> Address {
+        Address::Unix("/nonexistent".into())
+    }
+
+    fn psk(dir: &Path, name: &str, key: &[u8]) -> Security {
+        Security::psk_from_file(&write_secret(dir, name, key)).unwrap()
+    }
+
+    fn exchange_a_frame(mut a: Authenticated, mut b: Authenticated) {
+        use crate::migration::protocol::{Frame, FrameReader, FrameWriter};
+        assert_eq!(a.session, b.session);
+        let session = a.session;
+        let writer = std::thread::spawn(move || {
+            let mut w = FrameWriter::new(&mut a.conn, &session);
+            w.write_frame(&Frame::Config(b"{}".to_vec())).unwrap();
+            w.flush().unwrap();
+            drop(w);
+            a
+        });
+        let mut r = FrameReader::new(&mut b.conn, &session);
+        assert_eq!(r.read_frame().unwrap(), Frame::Config(b"{}".to_vec()));
+        writer.join().unwrap();
+    }
+
+    #[test]
+    fn insecure_handshake_agrees_on_a_fresh_session() {
+        let (s, d) = both(&Security::Insecure, Security::Insecure, &unix_addr());
+        let (s, d) = (s.unwrap(), d.unwrap());
+        let first = s.session;
+        exchange_a_frame(s, d);
+        let (s2, _) = both(&Security::Insecure, Security::Insecure, &unix_addr());
+        assert_ne!(
+            s2.unwrap().session,
+            first,
+            "every connection is its own session"
+        );
+    }
+
+    #[test]
+    fn psk_with_the_same_key_authenticates_both_ways() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = b"0123456789abcdef0123456789abcdef\n";
+        let (s, d) = both(
+            &psk(dir.path(), "a", key),
+            psk(dir.path(), "b", &key[..32]),
+            &unix_addr(),
+        );
+        exchange_a_frame(s.unwrap(), d.unwrap());
+    }
+
+    #[test]
+    fn psk_with_a_wrong_key_is_refused_on_both_sides() {
+        let dir = tempfile::tempdir().unwrap();
+        let (s, d) = both(
+            &psk(dir.path(), "a", b"0123456789abcdef0123"),
+            psk(dir.path(), "b", b"0123456789abcdef0124"),
+            &unix_addr(),
+        );
+        let (s, d) = (s.unwrap_err(), d.unwrap_err());
+        assert!(
+            matches!(
+                s,
+                AuthError::WrongKey {
+                    peer_role: Role::Destination
+                }
+            ) || matches!(s, AuthError::Closed { .. }),
+            "{s}"
+        );
+        assert!(
+            matches!(
+                d,
+                AuthError::WrongKey {
+                    peer_role: Role::Source
+                }
+            ) || matches!(d, AuthError::Closed { .. }),
+            "{d}"
+        );
+        assert!(
+            matches!(s, AuthError::WrongKey { .. }) || matches!(d, AuthError::WrongKey { .. }),
+            "at least one side names the key: {s} / {d}"
+        );
+    }
+
+    #[test]
+    fn a_replayed_psk_handshake_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = b"0123456789abcdef0123456789abcdef";
+        // Record what a real source sends to a real destination.
+        let (src, mut tap) = UnixStream::pair().unwrap();
+        let (relay, dst) = pair();
+        let dest_sec = psk(dir.path(), "d", key);
+        let dest = std::thread::spawn(move || handshake_as_destination(dst, &dest_sec, TIMEOUT));
+        let source_sec = psk(dir.path(), "s", key);
+        let source = std::thread::spawn(move || {
+            let conn: Box<dyn Conn> = Box::new(src.try_clone().unwrap());
+            let r = handshake_as_source(conn, &source_sec, &unix_addr(), TIMEOUT);
+            src.shutdown(std::net::Shutdown::Both).ok();
+            r
+        });
+        // A transparent relay that records the source's bytes.
+        let mut relay = relay;
+        let mut recorded = vec![0u8; PREAMBLE_LEN + NONCE_LEN + PROOF_LEN];
+        tap.read_exact(&mut recorded[..PREAMBLE_LEN + NONCE_LEN])
+            .unwrap();
+        relay
+            .write_all(&recorded[..PREAMBLE_LEN + NONCE_LEN])
+            .unwrap();
+        let mut back = vec![0u8; PREAMBLE_LEN + NONCE_LEN];
+        relay.read_exact(&mut back).unwrap();
+        tap.write_all(&back).unwrap();
+        tap.read_exact(&mut recorded[PREAMBLE_LEN + NONCE_LEN..])
+            .unwrap();
+        relay
+            .write_all(&recorded[PREAMBLE_LEN + NONCE_LEN..])
+            .unwrap();
+        let mut proof = [0u8; PROOF_LEN];
+        relay.read_exact(&mut proof).unwrap();
+        tap.write_all(&proof).unwrap();
+        assert!(source.join().unwrap().is_ok());
+        assert!(dest.join().unwrap().is_ok());
+
+        // Replay the recording to a fresh destination.
+        let (mut attacker, dst) = pair();
+        let dest_sec = psk(dir.path(), "d2", key);
+        let dest = std::thread::spawn(move || handshake_as_destination(dst, &dest_sec, TIMEOUT));
+        attacker.write_all(&recorded).unwrap();
+        let err = dest.join().unwrap().unwrap_err();
+        assert!(
+            matches!(
+                err,
+                AuthError::WrongKey {
+                    peer_role: Role::Source
+                }
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_reflected_psk_hello_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let sec = psk(dir.path(), "k", b"0123456789abcdef");
+        let (mut mirror, dst) = pair();
+        let dest = std::thread::spawn(move || handshake_as_destination(dst, &sec, TIMEOUT));
+        let mut hello = [0u8; PREAMBLE_LEN + NONCE_LEN];
+        mirror.read_exact(&mut hello).unwrap();
+        hello[13] = Role::Source.to_byte();
+        mirror.write_all(&hello).unwrap();
+        let err = dest.join().unwrap().unwrap_err();
+        assert!(matches!(err, AuthError::Reflected), "{err}");
+    }
+
+    #[test]
+    fn a_silent_peer_times_out_with_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, _silent) = pair();
+        let err = handshake_as_source(
+            a,
+            &psk(dir.path(), "k", b"0123456789abcdef"),
+            &unix_addr(),
+            Duration::from_millis(50),
+        )
+        .unwrap_err();
+        assert!(matches!(err, AuthError::Timeout { .. }), "{err}");
+        assert!(
+            err.to_string()
+                .starts_with("the destination sent nothing for 50ms"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn mismatched_methods_and_foreign_peers_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (s, _) = both(
+            &Security::Insecure,
+            psk(dir.path(), "k", b"0123456789abcdef"),
+            &unix_addr(),
+        );
+        let err = s.unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("uses a pre-shared key (--auth-key-file)"),
+            "{err}"
+        );
+        let (mut a, b) = pair();
+        a.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+        let err = handshake_as_destination(b, &Security::Insecure, TIMEOUT).unwrap_err();
+        assert!(matches!(err, AuthError::NotVmhop { .. }), "{err}");
+        // Two sources.
+        let (a, b) = pair();
+        let other = std::thread::spawn(move || {
+            handshake_as_source(b, &Security::Insecure, &unix_addr(), TIMEOUT)
+        });
+        let err = handshake_as_source(a, &Security::Insecure, &unix_addr(), TIMEOUT).unwrap_err();
+        assert!(matches!(err, AuthError::SameRole(Role::Source)), "{err}");
+        let _ = other.join();
+    }
+
+    #[test]
+    fn unusable_key_files_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = Security::psk_from_file(&write_secret(dir.path(), "empty", b"")).unwrap_err();
+        assert!(err.to_string().contains("the key is 0 bytes"), "{err}");
+        let err =
+            Security::psk_from_file(&write_secret(dir.path(), "short", b"short\n")).unwrap_err();
+        assert!(err.to_string().contains("at least 16"), "{err}");
+        let open = write_secret(dir.path(), "open", b"0123456789abcdef");
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let err = Security::psk_from_file(&open).unwrap_err();
+        assert!(err.to_string().contains("chmod 600"), "{err}");
+        let err = Security::psk_from_file(&dir.path().join("missing")).unwrap_err();
+        assert!(err.to_string().contains("missing"), "{err}");
+    }
+
+    #[test]
+    fn policy_refuses_unauthenticated_remote_addresses_only() {
+        let remote: Address = "tcp://192.0.2.1:4444".parse().unwrap();
+        let local: Address = "tcp://127.0.0.1:4444".parse().unwrap();
+        let err = check_policy(&remote, &Security::Insecure, false).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("tcp://192.0.2.1:4444")
+                && msg.contains("--auth-key-file")
+                && msg.contains("--tls-cert")
+                && msg.contains("--insecure"),
+            "{msg}"
+        );
+        assert!(check_policy(&remote, &Security::Insecure, true).is_ok());
+        assert!(check_policy(&local, &Security::Insecure, false).is_ok());
+        assert!(check_policy(&unix_addr(), &Security::Insecure, false).is_ok());
+        let dir = tempfile::tempdir().unwrap();
+        assert!(check_policy(&remote, &psk(dir.path(), "k", b"0123456789abcdef"), false).is_ok());
+    }
+
+    /// A CA and a host certificate it signs, as PEM files in `dir`.
+    struct Pki {
+        cert: PathBuf,
+        key: PathBuf,
+        ca: PathBuf,
+    }
+
+    fn make_ca() -> (rcgen::Issuer<'static, rcgen::KeyPair>, String) {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "vmhop test CA");
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        (rcgen::Issuer::new(params, key), cert.pem())
+    }
+
+    fn make_host(
+        dir: &Path,
+        name: &str,
+        ca: &(rcgen::Issuer<'static, rcgen::KeyPair>, String),
+    ) -> Pki {
+        let mut params =
+            rcgen::CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+                .unwrap();
+        params.extended_key_usages = vec![
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &ca.0).unwrap();
+        Pki {
+            cert: write_secret(dir, &format!("{name}.crt"), cert.pem().as_bytes()),
+            key: write_secret(dir, &format!("{name}.key"), key.serialize_pem().as_bytes()),
+            ca: write_secret(dir, &format!("{name}-ca.crt"), ca.1.as_bytes()),
+        }
+    }
+
+    fn tls(p: &Pki) -> Security {
+        Security::tls_from_files(&p.cert, &p.key, &p.ca).unwrap()
+    }
+
+    #[test]
+    fn tls_with_certificates_from_the_same_ca_authenticates_both_ways() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = make_ca();
+        let src = make_host(dir.path(), "src", &ca);
+        let dst = make_host(dir.path(), "dst", &ca);
+        let (s, d) = both(&tls(&src), tls(&dst), &"tcp://127.0.0.1:1".parse().unwrap());
+        let (s, d) = (s.unwrap(), d.unwrap());
+        assert!(s.method.starts_with("TLS"));
+        exchange_a_frame(s, d);
+    }
+
+    #[test]
+    fn tls_with_a_destination_from_another_ca_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = make_ca();
+        let rogue_ca = make_ca();
+        let src = make_host(dir.path(), "src", &ca);
+        let rogue = make_host(dir.path(), "rogue", &rogue_ca);
+        // The rogue destination trusts the source's CA, but its own
+        // certificate is signed by another CA.
+        let rogue = Pki {
+            ca: src.ca.clone(),
+            ..rogue
+        };
+        let (s, d) = both(&tls(&src), tls(&rogue), &unix_addr());
+        let s = s.unwrap_err();
+        assert!(matches!(s, AuthError::Tls { .. }), "{s}");
+        assert!(s.to_string().contains("invalid peer certificate"), "{s}");
+        assert!(d.is_err());
+    }
+
+    #[test]
+    fn tls_with_a_source_from_another_ca_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = make_ca();
+        let rogue_ca = make_ca();
+        let dst = make_host(dir.path(), "dst", &ca);
+        let rogue = make_host(dir.path(), "rogue", &rogue_ca);
+        let rogue = Pki {
+            ca: dst.ca.clone(),
+            ..rogue
+        };
+        let (s, d) = both(&tls(&rogue), tls(&dst), &unix_addr());
+        let d = d.unwrap_err();
+        assert!(matches!(d, AuthError::Tls { .. }), "{d}");
+        // The source may finish its side of the handshake before the
+        // destination refuses; it then fails at its first read or write.
+        drop(s);
+    }
+
+    /// The whole path the sink and the receiver will take: listen, connect,
+    /// authenticate, then frames both ways inside TLS over TCP.
+    #[test]
+    fn frames_travel_both_ways_inside_tls_over_tcp() {
+        use crate::migration::address::{connect, Listener};
+        use crate::migration::protocol::{AckKind, Frame, FrameStream};
+        let dir = tempfile::tempdir().unwrap();
+        let ca = make_ca();
+        let src = tls(&make_host(dir.path(), "src", &ca));
+        let dst = tls(&make_host(dir.path(), "dst", &ca));
+        let listener = Listener::bind(&"tcp://127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = listener.local_address();
+        let receiver = std::thread::spawn(move || {
+            let conn = listener.accept().unwrap();
+            let auth = handshake_as_destination(conn, &dst, TIMEOUT).unwrap();
+            let mut stream = FrameStream::new(auth.conn, &auth.session);
+            assert_eq!(stream.read_frame().unwrap(), Frame::Config(b"{}".to_vec()));
+            stream
+                .write_frame(&Frame::Ack {
+                    what: AckKind::Config,
+                })
+                .unwrap();
+            let mut pages = 0;
+            loop {
+                match stream.read_frame().unwrap() {
+                    Frame::Pages { count, .. } => pages += count,
+                    Frame::Done => break,
+                    other => panic!("unexpected {other:?}"),
+                }
+            }
+            stream
+                .write_frame(&Frame::Ack {
+                    what: AckKind::Done,
+                })
+                .unwrap();
+            stream.flush().unwrap();
+            pages
+        });
+        let conn = connect(&addr, TIMEOUT).unwrap();
+        let auth = handshake_as_source(conn, &src, &addr, TIMEOUT).unwrap();
+        let mut stream = FrameStream::new(auth.conn, &auth.session);
+        stream.write_frame(&Frame::Config(b"{}".to_vec())).unwrap();
+        assert_eq!(
+            stream.read_frame().unwrap(),
+            Frame::Ack {
+                what: AckKind::Config
+            }
+        );
+        let data = vec![0x5Au8; 256 * 4096];
+        for i in 0..8u64 {
+            stream
+                .write_pages(i << 20, crate::migration::Encoding::Raw, 256, &data)
+                .unwrap();
+        }
+        stream.write_frame(&Frame::Done).unwrap();
+        assert_eq!(
+            stream.read_frame().unwrap(),
+            Frame::Ack {
+                what: AckKind::Done
+            }
+        );
+        assert_eq!(receiver.join().unwrap(), 8 * 256);
+    }
+
+    #[test]
+    fn tls_checks_the_destination_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = make_ca();
+        let src = make_host(dir.path(), "src", &ca);
+        let dst = make_host(dir.path(), "dst", &ca);
+        let (s, _) = both(&tls(&src), tls(&dst), &"tcp://127.0.0.2:1".parse().unwrap());
+        let s = s.unwrap_err();
+        assert!(s.to_string().contains("not valid for name"), "{s}");
+    }
+
+    #[test]
+    fn unusable_tls_files_are_refused_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = make_ca();
+        let p = make_host(dir.path(), "h", &ca);
+        let garbage = write_secret(dir.path(), "garbage.pem", b"not pem");
+        for (cert, key, ca) in [
+            (&garbage, &p.key, &p.ca),
+            (&p.cert, &garbage, &p.ca),
+            (&p.cert, &p.key, &garbage),
+        ] {
+            let err = Security::tls_from_files(cert, key, ca).unwrap_err();
+            assert!(err.to_string().contains("garbage.pem"), "{err}");
+        }
+        std::fs::set_permissions(&p.key, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let err = Security::tls_from_files(&p.cert, &p.key, &p.ca).unwrap_err();
+        assert!(err.to_string().contains("chmod 600"), "{err}");
+    }
+}

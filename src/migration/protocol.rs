@@ -1,0 +1,1326 @@
+//! The framed migration stream: a versioned header, then checksummed,
+//! numbered frames (layout in `docs/migration-stream.md`).
+//!
+//! This module owns the byte layout and every check a receiver makes on
+//! it: magic, version, frame sizes, the crc32c of each frame (which also
+//! covers the session nonce, so a frame recorded from another session is
+//! refused), sequence numbers and the shape of each frame's payload. It
+//! does not know what the config and state payloads contain, in which
+//! order the engine sends frames, or how pages are compressed (it carries
+//! the [`Encoding`] byte and the data; `compress.rs` turns them into pages).
+//!
+//! Each direction of a connection is its own stream, with its own header
+//! and its own sequence numbers from 0: source → destination carries the
+//! VM, destination → source carries acks and errors.
+
+use std::fmt;
+use std::io::{self, BufWriter, Read, Write};
+
+use super::compress::Encoding;
+use crate::memory::PAGE_SIZE;
+
+/// First eight bytes of every migration stream.
+pub const MAGIC: [u8; 8] = *b"VMHOPMIG";
+/// The stream version this code writes and the only one it reads.
+pub const VERSION: u32 = 1;
+/// Magic plus version.
+pub const STREAM_HEADER_LEN: usize = 12;
+/// kind u8, flags u8, reserved u16, payload length u32, sequence u64.
+pub const FRAME_HEADER_LEN: usize = 16;
+/// The crc32c after each payload.
+pub const CHECKSUM_LEN: usize = 4;
+/// Bytes in the session nonce that every frame's checksum covers.
+pub const SESSION_NONCE_LEN: usize = 32;
+/// Most pages one `Pages` frame carries (8 MiB): big enough that the frame
+/// overhead vanishes, small enough that a receiver's buffer stays modest.
+pub const MAX_PAGES_PER_FRAME: u32 = 2048;
+/// Largest payload a frame may have: a full `Pages` frame plus room for
+/// its 16-byte prefix (and for config or state blobs of that size).
+pub const MAX_PAYLOAD: usize = (MAX_PAGES_PER_FRAME as usize) * PAGE_LEN + 4096;
+/// Largest frame on the wire.
+pub const MAX_FRAME_LEN: usize = FRAME_HEADER_LEN + MAX_PAYLOAD + CHECKSUM_LEN;
+
+/// Bytes in one guest page.
+const PAGE_LEN: usize = PAGE_SIZE as usize;
+/// gpa u64, encoding u8, reserved [u8; 3], count u32.
+const PAGES_PREFIX_LEN: usize = 16;
+/// gpa u64, pages u64.
+const ZERO_PAYLOAD_LEN: usize = 16;
+/// Frames are gathered into writes of this size: large enough that small
+/// frames (zero runs, acks) do not cost a syscall each; full `Pages`
+/// frames bypass it.
+const WRITE_BUFFER_LEN: usize = 256 << 10;
+
+const KIND_CONFIG: u8 = 1;
+const KIND_PAGES: u8 = 2;
+const KIND_ZERO: u8 = 3;
+const KIND_STATE: u8 = 4;
+const KIND_END_OF_ROUND: u8 = 5;
+const KIND_DONE: u8 = 6;
+const KIND_ACK: u8 = 7;
+const KIND_ERROR: u8 = 8;
+const KIND_ABORT: u8 = 9;
+
+/// The secret-free value that ties a stream's frames to one authenticated
+/// session (from the handshake in `auth.rs`). Frames written
+/// under one nonce fail the checksum under any other.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct SessionNonce(pub [u8; SESSION_NONCE_LEN]);
+
+impl fmt::Debug for SessionNonce {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SessionNonce(")?;
+        for b in &self.0[..8] {
+            write!(f, "{b:02x}")?;
+        }
+        write!(f, "…)")
+    }
+}
+
+/// What a destination acknowledges.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AckKind {
+    /// The config was accepted and memory is ready: send pages.
+    Config,
+    /// Memory and state arrived and were loaded: the destination can run
+    /// the VM.
+    Done,
+}
+
+impl AckKind {
+    fn to_byte(self) -> u8 {
+        match self {
+            AckKind::Config => 1,
+            AckKind::Done => 2,
+        }
+    }
+
+    fn from_byte(b: u8) -> Option<AckKind> {
+        match b {
+            1 => Some(AckKind::Config),
+            2 => Some(AckKind::Done),
+            _ => None,
+        }
+    }
+}
+
+/// One frame of the stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Frame {
+    /// The VM's configuration (JSON, opaque here). Source → destination,
+    /// first.
+    Config(Vec<u8>),
+    /// `count` consecutive 4 KiB pages from guest-physical `gpa`, encoded
+    /// as `encoding` (see `compress.rs`).
+    Pages {
+        /// Guest-physical address of the first page (page-aligned).
+        gpa: u64,
+        /// How `data` is encoded.
+        encoding: Encoding,
+        /// Number of pages, 1..=`MAX_PAGES_PER_FRAME`.
+        count: u32,
+        /// The encoded pages; `count × 4096` bytes when raw.
+        data: Vec<u8>,
+    },
+    /// `pages` consecutive all-zero pages from `gpa`.
+    Zero {
+        /// Guest-physical address of the first page (page-aligned).
+        gpa: u64,
+        /// Number of pages, at least 1.
+        pages: u64,
+    },
+    /// The VM's vCPU and device state (opaque here).
+    State(Vec<u8>),
+    /// The end of one pre-copy round (0 is the first, full round).
+    EndOfRound {
+        /// The round that ended.
+        round: u32,
+    },
+    /// Everything was sent.
+    Done,
+    /// Destination → source: a step succeeded.
+    Ack {
+        /// What is acknowledged.
+        what: AckKind,
+    },
+    /// Destination → source: the destination refused or failed; the
+    /// message says why, for the source's user.
+    Error(String),
+    /// Either way: the sender gives up the migration (cancel, timeout).
+    Abort(String),
+}
+
+impl Frame {
+    /// The frame's kind as a word, for messages.
+    pub fn kind_name(&self) -> &'static str {
+        kind_name(self.kind())
+    }
+
+    fn kind(&self) -> u8 {
+        match self {
+            Frame::Config(_) => KIND_CONFIG,
+            Frame::Pages { .. } => KIND_PAGES,
+            Frame::Zero { .. } => KIND_ZERO,
+            Frame::State(_) => KIND_STATE,
+            Frame::EndOfRound { .. } => KIND_END_OF_ROUND,
+            Frame::Done => KIND_DONE,
+            Frame::Ack { .. } => KIND_ACK,
+            Frame::Error(_) => KIND_ERROR,
+            Frame::Abort(_) => KIND_ABORT,
+        }
+    }
+}
+
+fn kind_name(kind: u8) -> &'static str {
+    match kind {
+        KIND_CONFIG => "config",
+        KIND_PAGES => "pages",
+        KIND_ZERO => "zero",
+        KIND_STATE => "state",
+        KIND_END_OF_ROUND => "end-of-round",
+        KIND_DONE => "done",
+        KIND_ACK => "ack",
+        KIND_ERROR => "error",
+        KIND_ABORT => "abort",
+        _ => "unknown",
+    }
+}
+
+/// What is wrong with a stream, and where: `frame` is the frame's
+/// sequence number (0 for the first frame), `offset` the byte offset of
+/// its header in the stream.
+#[derive(Debug, thiserror::Error)]
+pub enum ProtocolError {
+    /// The first bytes are not the migration magic.
+    #[error("not a vmhop migration stream: it starts with {got:?}, expected {MAGIC:?}")]
+    NotMigrationStream {
+        /// The first eight bytes received.
+        got: [u8; 8],
+    },
+    /// A stream of another version.
+    #[error("the peer speaks migration stream version {theirs}; this vmhop speaks version {ours}")]
+    Version {
+        /// The version this code speaks.
+        ours: u32,
+        /// The version in the stream header.
+        theirs: u32,
+    },
+    /// End of stream inside the stream header.
+    #[error("stream ended after {got} bytes of its {STREAM_HEADER_LEN}-byte header")]
+    HeaderTruncated {
+        /// Bytes received.
+        got: usize,
+    },
+    /// End of stream inside a frame.
+    #[error("stream ended after {got} bytes in frame {frame} (at offset {offset}; the frame needs {needed} bytes)")]
+    Truncated {
+        /// The frame's sequence number.
+        frame: u64,
+        /// The frame's offset.
+        offset: u64,
+        /// Bytes of the frame received.
+        got: usize,
+        /// Bytes the frame needs (its header only, if the header is incomplete).
+        needed: usize,
+    },
+    /// End of stream between frames, before the stream's end was agreed.
+    #[error("the peer closed the stream after {frames} frames ({offset} bytes)")]
+    Closed {
+        /// Frames received.
+        frames: u64,
+        /// Bytes received.
+        offset: u64,
+    },
+    /// A frame whose checksum does not match.
+    #[error("frame {frame} (at offset {offset}) fails its checksum: expected {expected:#010x}, got {got:#010x} (corrupt, or from another session)")]
+    Checksum {
+        /// The frame's position.
+        frame: u64,
+        /// The frame's offset.
+        offset: u64,
+        /// The checksum computed here.
+        expected: u32,
+        /// The checksum in the stream.
+        got: u32,
+    },
+    /// A frame out of order (lost, repeated or replayed).
+    #[error("frame at offset {offset} has sequence number {got}, expected {expected}")]
+    Sequence {
+        /// The frame's offset.
+        offset: u64,
+        /// The next sequence number.
+        expected: u64,
+        /// The sequence number in the frame.
+        got: u64,
+    },
+    /// A frame kind this version does not know.
+    #[error("frame {frame} (at offset {offset}) has unknown kind {kind}")]
+    UnknownKind {
+        /// The frame's position.
+        frame: u64,
+        /// The frame's offset.
+        offset: u64,
+        /// The kind byte.
+        kind: u8,
+    },
+    /// A payload above [`MAX_PAYLOAD`].
+    #[error("frame {frame} (at offset {offset}) claims a {len}-byte payload; the limit is {MAX_PAYLOAD}")]
+    TooLarge {
+        /// The frame's position.
+        frame: u64,
+        /// The frame's offset.
+        offset: u64,
+        /// The claimed payload length.
+        len: usize,
+    },
+    /// A frame whose fields do not make sense for its kind (read or about
+    /// to be written).
+    #[error("{kind} frame {frame} (at offset {offset}) is malformed: {reason}")]
+    Malformed {
+        /// The frame's position.
+        frame: u64,
+        /// The frame's offset.
+        offset: u64,
+        /// The frame's kind.
+        kind: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+    /// No byte arrived within the read timeout.
+    #[error("timed out reading frame {frame} (at offset {offset}) after {got} of its bytes")]
+    Timeout {
+        /// The frame's position.
+        frame: u64,
+        /// The frame's offset.
+        offset: u64,
+        /// Bytes of the frame received before the timeout.
+        got: usize,
+    },
+    /// Reading or writing the connection failed.
+    #[error("{op} frame {frame} (at offset {offset}) failed: {source}")]
+    Io {
+        /// "reading" or "writing".
+        op: &'static str,
+        /// The frame's position.
+        frame: u64,
+        /// The frame's offset.
+        offset: u64,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// An earlier error left the stream at an unknown position.
+    #[error("the stream is unusable after an earlier error")]
+    Broken,
+}
+
+/// Where a reader or writer stands in its stream.
+#[derive(Debug, Clone, Copy)]
+struct Position {
+    /// The next frame's sequence number.
+    seq: u64,
+    /// Bytes of the stream so far.
+    offset: u64,
+}
+
+fn checksum(header: &[u8], parts: &[&[u8]], session: &SessionNonce) -> u32 {
+    let mut crc = crc32c::crc32c(header);
+    for part in parts {
+        crc = crc32c::crc32c_append(crc, part);
+    }
+    crc32c::crc32c_append(crc, &session.0)
+}
+
+/// Checks a `Pages` frame's fields; the reason if they are wrong.
+fn check_pages(gpa: u64, encoding: Encoding, count: u32, data_len: usize) -> Result<(), String> {
+    if count == 0 || count > MAX_PAGES_PER_FRAME {
+        return Err(format!(
+            "{count} pages; a frame carries 1 to {MAX_PAGES_PER_FRAME}"
+        ));
+    }
+    check_run(gpa, u64::from(count))?;
+    let raw_len = count as usize * PAGE_LEN;
+    match encoding {
+        Encoding::Raw if data_len != raw_len => Err(format!(
+            "{data_len} bytes of raw data for {count} pages, expected {raw_len}"
+        )),
+        _ if data_len == 0 => Err(format!("no {encoding} data for {count} pages")),
+        _ => Ok(()),
+    }
+}
+
+/// Checks a run of pages from `gpa`; the reason if it is wrong.
+fn check_run(gpa: u64, pages: u64) -> Result<(), String> {
+    if pages == 0 {
+        return Err("a run of 0 pages".to_string());
+    }
+    if !gpa.is_multiple_of(PAGE_SIZE) {
+        return Err(format!("address {gpa:#x} is not page-aligned"));
+    }
+    if pages
+        .checked_mul(PAGE_SIZE)
+        .and_then(|len| gpa.checked_add(len))
+        .is_none()
+    {
+        return Err(format!(
+            "{pages} pages from {gpa:#x} run past the end of the address space"
+        ));
+    }
+    Ok(())
+}
+
+/// Writes one direction of a migration stream.
+///
+/// The stream header is buffered when the writer is made; frames are
+/// buffered until [`FrameWriter::flush`] (or until the buffer fills). A
+/// write error leaves the writer broken: later writes fail with
+/// [`ProtocolError::Broken`].
+pub struct FrameWriter<W: Write> {
+    out: BufWriter<W>,
+    session: SessionNonce,
+    pos: Position,
+    broken: bool,
+}
+
+impl<W: Write> FrameWriter<W> {
+    /// A writer whose frames belong to `session`; buffers the stream header.
+    pub fn new(inner: W, session: &SessionNonce) -> FrameWriter<W> {
+        let mut out = BufWriter::with_capacity(WRITE_BUFFER_LEN, inner);
+        let mut header = [0u8; STREAM_HEADER_LEN];
+        header[..8].copy_from_slice(&MAGIC);
+        header[8..].copy_from_slice(&VERSION.to_le_bytes());
+        // The buffer is empty and larger than the header: this cannot
+        // reach the inner writer, so it cannot fail.
+        out.write_all(&header)
+            .expect("header fits the empty buffer");
+        FrameWriter {
+            out,
+            session: *session,
+            pos: Position {
+                seq: 0,
+                offset: STREAM_HEADER_LEN as u64,
+            },
+            broken: false,
+        }
+    }
+
+    /// Buffers one frame, checking its fields first (a `Pages` frame with
+    /// the wrong amount of raw data, an unaligned address, an oversized
+    /// payload are refused here rather than by the receiver).
+    pub fn write_frame(&mut self, frame: &Frame) -> Result<(), ProtocolError> {
+        match frame {
+            Frame::Config(bytes) | Frame::State(bytes) => self.write_raw(frame.kind(), &[], bytes),
+            Frame::Pages {
+                gpa,
+                encoding,
+                count,
+                data,
+            } => self.write_pages(*gpa, *encoding, *count, data),
+            Frame::Zero { gpa, pages } => {
+                check_run(*gpa, *pages).map_err(|reason| self.malformed(KIND_ZERO, reason))?;
+                let mut payload = [0u8; ZERO_PAYLOAD_LEN];
+                payload[..8].copy_from_slice(&gpa.to_le_bytes());
+                payload[8..].copy_from_slice(&pages.to_le_bytes());
+                self.write_raw(KIND_ZERO, &payload, &[])
+            }
+            Frame::EndOfRound { round } => {
+                self.write_raw(KIND_END_OF_ROUND, &round.to_le_bytes(), &[])
+            }
+            Frame::Done => self.write_raw(KIND_DONE, &[], &[]),
+            Frame::Ack { what } => self.write_raw(KIND_ACK, &[what.to_byte()], &[]),
+            Frame::Error(msg) | Frame::Abort(msg) => {
+                self.write_raw(frame.kind(), &[], msg.as_bytes())
+            }
+        }
+    }
+
+    /// Buffers a `Pages` frame from borrowed data: the same bytes as
+    /// `write_frame(&Frame::Pages { .. })` without first copying the pages
+    /// into a `Vec`.
+    pub fn write_pages(
+        &mut self,
+        gpa: u64,
+        encoding: Encoding,
+        count: u32,
+        data: &[u8],
+    ) -> Result<(), ProtocolError> {
+        check_pages(gpa, encoding, count, data.len())
+            .map_err(|reason| self.malformed(KIND_PAGES, reason))?;
+        let mut prefix = [0u8; PAGES_PREFIX_LEN];
+        prefix[..8].copy_from_slice(&gpa.to_le_bytes());
+        prefix[8] = encoding.to_byte();
+        prefix[12..].copy_from_slice(&count.to_le_bytes());
+        self.write_raw(KIND_PAGES, &prefix, data)
+    }
+
+    /// Sends everything buffered to the inner writer and flushes it.
+    pub fn flush(&mut self) -> Result<(), ProtocolError> {
+        if self.broken {
+            return Err(ProtocolError::Broken);
+        }
+        self.out.flush().map_err(|source| {
+            self.broken = true;
+            ProtocolError::Io {
+                op: "writing",
+                frame: self.pos.seq.saturating_sub(1),
+                offset: self.pos.offset,
+                source,
+            }
+        })
+    }
+
+    /// Bytes of the stream so far (header included), buffered or sent.
+    pub fn bytes_written(&self) -> u64 {
+        self.pos.offset
+    }
+
+    /// Frames written so far.
+    pub fn frames_written(&self) -> u64 {
+        self.pos.seq
+    }
+
+    /// The inner writer.
+    pub fn get_ref(&self) -> &W {
+        self.out.get_ref()
+    }
+
+    /// The inner writer, mutably. Writing to it directly corrupts the
+    /// stream; reading from it (for a reply) is what it is for.
+    pub fn get_mut(&mut self) -> &mut W {
+        self.out.get_mut()
+    }
+
+    fn malformed(&self, kind: u8, reason: String) -> ProtocolError {
+        ProtocolError::Malformed {
+            frame: self.pos.seq,
+            offset: self.pos.offset,
+            kind: kind_name(kind),
+            reason,
+        }
+    }
+
+    fn write_raw(&mut self, kind: u8, prefix: &[u8], body: &[u8]) -> Result<(), ProtocolError> {
+        if self.broken {
+            return Err(ProtocolError::Broken);
+        }
+        let len = prefix.len() + body.len();
+        if len > MAX_PAYLOAD {
+            return Err(ProtocolError::TooLarge {
+                frame: self.pos.seq,
+                offset: self.pos.offset,
+                len,
+            });
+        }
+        let mut header = [0u8; FRAME_HEADER_LEN];
+        header[0] = kind;
+        // header[1] (flags) and header[2..4] (reserved) stay zero.
+        header[4..8].copy_from_slice(&(len as u32).to_le_bytes());
+        header[8..16].copy_from_slice(&self.pos.seq.to_le_bytes());
+        let crc = checksum(&header, &[prefix, body], &self.session);
+        let result = self
+            .out
+            .write_all(&header)
+            .and_then(|()| self.out.write_all(prefix))
+            .and_then(|()| self.out.write_all(body))
+            .and_then(|()| self.out.write_all(&crc.to_le_bytes()));
+        if let Err(source) = result {
+            self.broken = true;
+            return Err(ProtocolError::Io {
+                op: "writing",
+                frame: self.pos.seq,
+                offset: self.pos.offset,
+                source,
+            });
+        }
+        self.pos.seq += 1;
+        self.pos.offset += (FRAME_HEADER_LEN + len + CHECKSUM_LEN) as u64;
+        Ok(())
+    }
+}
+
+/// Reads one direction of a migration stream, checking everything.
+///
+/// The stream header is checked at the first [`FrameReader::read_frame`].
+/// A read timeout before any byte of a frame leaves the reader usable (try
+/// again); any other error leaves it broken: later reads fail with
+/// [`ProtocolError::Broken`].
+pub struct FrameReader<R: Read> {
+    inner: R,
+    state: ReadState,
+}
+
+impl<R: Read> FrameReader<R> {
+    /// A reader that accepts only frames of `session`.
+    pub fn new(inner: R, session: &SessionNonce) -> FrameReader<R> {
+        FrameReader {
+            inner,
+            state: ReadState::new(session),
+        }
+    }
+
+    /// Reads and checks the next frame.
+    pub fn read_frame(&mut self) -> Result<Frame, ProtocolError> {
+        self.state.read_frame(&mut self.inner)
+    }
+
+    /// Bytes of the stream read so far (header included).
+    pub fn bytes_read(&self) -> u64 {
+        self.state.pos.offset
+    }
+
+    /// Frames read so far.
+    pub fn frames_read(&self) -> u64 {
+        self.state.pos.seq
+    }
+
+    /// The inner reader.
+    pub fn get_ref(&self) -> &R {
+        &self.inner
+    }
+}
+
+/// Both directions over one connection: frames written go out through a
+/// [`FrameWriter`], frames read come in through the reader's checks.
+///
+/// This exists because a connection (a TLS one in particular) cannot be
+/// split into a read half and a write half: the source writes pages and
+/// reads acks on the same `Box<dyn Conn>`.
+pub struct FrameStream<C: Read + Write> {
+    writer: FrameWriter<C>,
+    read: ReadState,
+}
+
+impl<C: Read + Write> FrameStream<C> {
+    /// Both directions of `conn`, for `session`.
+    pub fn new(conn: C, session: &SessionNonce) -> FrameStream<C> {
+        FrameStream {
+            writer: FrameWriter::new(conn, session),
+            read: ReadState::new(session),
+        }
+    }
+
+    /// See [`FrameWriter::write_frame`].
+    pub fn write_frame(&mut self, frame: &Frame) -> Result<(), ProtocolError> {
+        self.writer.write_frame(frame)
+    }
+
+    /// See [`FrameWriter::write_pages`].
+    pub fn write_pages(
+        &mut self,
+        gpa: u64,
+        encoding: Encoding,
+        count: u32,
+        data: &[u8],
+    ) -> Result<(), ProtocolError> {
+        self.writer.write_pages(gpa, encoding, count, data)
+    }
+
+    /// See [`FrameWriter::flush`].
+    pub fn flush(&mut self) -> Result<(), ProtocolError> {
+        self.writer.flush()
+    }
+
+    /// Flushes what was written (the peer may be waiting for it before it
+    /// replies), then reads the next frame: see [`FrameReader::read_frame`].
+    pub fn read_frame(&mut self) -> Result<Frame, ProtocolError> {
+        self.writer.flush()?;
+        self.read.read_frame(self.writer.get_mut())
+    }
+
+    /// Bytes written so far, buffered or sent.
+    pub fn bytes_written(&self) -> u64 {
+        self.writer.bytes_written()
+    }
+
+    /// Bytes read so far.
+    pub fn bytes_read(&self) -> u64 {
+        self.read.pos.offset
+    }
+
+    /// The connection (to set timeouts or take a shutdown handle).
+    pub fn get_ref(&self) -> &C {
+        self.writer.get_ref()
+    }
+}
+
+/// The reading side's position and checks, apart from the reader itself
+/// so [`FrameStream`] can share one connection with a writer.
+struct ReadState {
+    session: SessionNonce,
+    header_checked: bool,
+    pos: Position,
+    broken: bool,
+}
+
+/// How a `read_full` ended short of filling its buffer.
+enum Short {
+    /// End of stream after this many bytes.
+    Eof(usize),
+    /// An error after this many bytes.
+    Err(usize, io::Error),
+}
+
+/// Fills `buf` from `r`; retries interrupted reads.
+fn read_full(r: &mut impl Read, buf: &mut [u8]) -> Result<(), Short> {
+    let mut got = 0;
+    while got < buf.len() {
+        match r.read(&mut buf[got..]) {
+            Ok(0) => return Err(Short::Eof(got)),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            // TLS reports a peer that hung up without a close_notify this
+            // way: for the stream it is an end like any other.
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Err(Short::Eof(got)),
+            Err(e) => return Err(Short::Err(got, e)),
+        }
+    }
+    Ok(())
+}
+
+fn is_timeout(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
+}
+
+impl ReadState {
+    fn new(session: &SessionNonce) -> ReadState {
+        ReadState {
+            session: *session,
+            header_checked: false,
+            pos: Position { seq: 0, offset: 0 },
+            broken: false,
+        }
+    }
+
+    fn read_frame(&mut self, r: &mut impl Read) -> Result<Frame, ProtocolError> {
+        if self.broken {
+            return Err(ProtocolError::Broken);
+        }
+        let result = self.read_frame_inner(r);
+        match &result {
+            Ok(_) => {}
+            // Nothing of the frame was read: the stream is still in step.
+            Err(ProtocolError::Timeout { got: 0, .. }) => {}
+            Err(_) => self.broken = true,
+        }
+        result
+    }
+
+    fn read_stream_header(&mut self, r: &mut impl Read) -> Result<(), ProtocolError> {
+        let mut header = [0u8; STREAM_HEADER_LEN];
+        let got = match read_full(r, &mut header) {
+            Ok(()) => STREAM_HEADER_LEN,
+            Err(Short::Eof(got)) => got,
+            Err(Short::Err(got, e)) if is_timeout(&e) => {
+                return Err(ProtocolError::Timeout {
+                    frame: 0,
+                    offset: 0,
+                    got,
+                })
+            }
+            Err(Short::Err(_, source)) => {
+                return Err(ProtocolError::Io {
+                    op: "reading",
+                    frame: 0,
+                    offset: 0,
+                    source,
+                })
+            }
+        };
+        // Judge the magic as soon as there is one: a foreign peer is told
+        // so even if it sent fewer than twelve bytes.
+        if got >= MAGIC.len() && header[..8] != MAGIC {
+            return Err(ProtocolError::NotMigrationStream {
+                got: header[..8].try_into().expect("8 bytes"),
+            });
+        }
+        if got < STREAM_HEADER_LEN {
+            return Err(ProtocolError::HeaderTruncated { got });
+        }
+        let theirs = u32::from_le_bytes(header[8..].try_into().expect("4 bytes"));
+        if theirs != VERSION {
+            return Err(ProtocolError::Version {
+                ours: VERSION,
+                theirs,
+            });
+        }
+        self.header_checked = true;
+        self.pos.offset = STREAM_HEADER_LEN as u64;
+        Ok(())
+    }
+
+    fn read_frame_inner(&mut self, r: &mut impl Read) -> Result<Frame, ProtocolError> {
+        if !self.header_checked {
+            self.read_stream_header(r)?;
+        }
+        let Position { seq: frame, offset } = self.pos;
+        // A short read at `done` bytes into the frame, which needs `needed`.
+        let short = |done: usize, needed: usize, short: Short| match short {
+            Short::Eof(0) if done == 0 => ProtocolError::Closed {
+                frames: frame,
+                offset,
+            },
+            Short::Eof(got) => ProtocolError::Truncated {
+                frame,
+                offset,
+                got: done + got,
+                needed,
+            },
+            Short::Err(got, e) if is_timeout(&e) => ProtocolError::Timeout {
+                frame,
+                offset,
+                got: done + got,
+            },
+            Short::Err(_, source) => ProtocolError::Io {
+                op: "reading",
+                frame,
+                offset,
+                source,
+            },
+        };
+
+        let mut header = [0u8; FRAME_HEADER_LEN];
+        read_full(r, &mut header).map_err(|s| short(0, FRAME_HEADER_LEN, s))?;
+        let kind = header[0];
+        let len = u32::from_le_bytes(header[4..8].try_into().expect("4 bytes")) as usize;
+        if len > MAX_PAYLOAD {
+            return Err(ProtocolError::TooLarge { frame, offset, len });
+        }
+        let needed = FRAME_HEADER_LEN + len + CHECKSUM_LEN;
+        // Page data is read straight into its own buffer, apart from the
+        // prefix, so it is never moved again.
+        let prefix_len = if kind == KIND_PAGES && len >= PAGES_PREFIX_LEN {
+            PAGES_PREFIX_LEN
+        } else {
+            0
+        };
+        let mut prefix = [0u8; PAGES_PREFIX_LEN];
+        let prefix = &mut prefix[..prefix_len];
+        read_full(r, prefix).map_err(|s| short(FRAME_HEADER_LEN, needed, s))?;
+        let mut body = vec![0u8; len - prefix_len];
+        read_full(r, &mut body).map_err(|s| short(FRAME_HEADER_LEN + prefix_len, needed, s))?;
+        let mut crc = [0u8; CHECKSUM_LEN];
+        read_full(r, &mut crc).map_err(|s| short(needed - CHECKSUM_LEN, needed, s))?;
+
+        let got = u32::from_le_bytes(crc);
+        let expected = checksum(&header, &[prefix, &body], &self.session);
+        if got != expected {
+            return Err(ProtocolError::Checksum {
+                frame,
+                offset,
+                expected,
+                got,
+            });
+        }
+        let seq = u64::from_le_bytes(header[8..16].try_into().expect("8 bytes"));
+        if seq != frame {
+            return Err(ProtocolError::Sequence {
+                offset,
+                expected: frame,
+                got: seq,
+            });
+        }
+        let malformed = |reason: String| ProtocolError::Malformed {
+            frame,
+            offset,
+            kind: kind_name(kind),
+            reason,
+        };
+        if header[1] != 0 || header[2..4] != [0, 0] {
+            return Err(malformed(format!(
+                "flags {:#04x} and reserved bytes {:02x?} must be zero in version {VERSION}",
+                header[1],
+                &header[2..4]
+            )));
+        }
+        let exact = |want: usize| {
+            if len == want {
+                Ok(())
+            } else {
+                Err(malformed(format!(
+                    "payload is {len} bytes, expected {want}"
+                )))
+            }
+        };
+        let text = |body: Vec<u8>| {
+            String::from_utf8(body).map_err(|e| malformed(format!("message is not UTF-8: {e}")))
+        };
+        let parsed = match kind {
+            KIND_CONFIG => Frame::Config(body),
+            KIND_STATE => Frame::State(body),
+            KIND_PAGES => {
+                if prefix_len != PAGES_PREFIX_LEN {
+                    return Err(malformed(format!(
+                        "payload is {len} bytes, shorter than its {PAGES_PREFIX_LEN}-byte prefix"
+                    )));
+                }
+                let gpa = u64::from_le_bytes(prefix[..8].try_into().expect("8 bytes"));
+                let encoding = Encoding::from_byte(prefix[8])
+                    .ok_or_else(|| malformed(format!("unknown encoding {}", prefix[8])))?;
+                if prefix[9..12] != [0, 0, 0] {
+                    return Err(malformed("reserved bytes must be zero".to_string()));
+                }
+                let count = u32::from_le_bytes(prefix[12..16].try_into().expect("4 bytes"));
+                check_pages(gpa, encoding, count, body.len()).map_err(malformed)?;
+                Frame::Pages {
+                    gpa,
+                    encoding,
+                    count,
+                    data: body,
+                }
+            }
+            KIND_ZERO => {
+                exact(ZERO_PAYLOAD_LEN)?;
+                let gpa = u64::from_le_bytes(body[..8].try_into().expect("8 bytes"));
+                let pages = u64::from_le_bytes(body[8..16].try_into().expect("8 bytes"));
+                check_run(gpa, pages).map_err(malformed)?;
+                Frame::Zero { gpa, pages }
+            }
+            KIND_END_OF_ROUND => {
+                exact(4)?;
+                Frame::EndOfRound {
+                    round: u32::from_le_bytes(body[..4].try_into().expect("4 bytes")),
+                }
+            }
+            KIND_DONE => {
+                exact(0)?;
+                Frame::Done
+            }
+            KIND_ACK => {
+                exact(1)?;
+                let what = AckKind::from_byte(body[0])
+                    .ok_or_else(|| malformed(format!("unknown ack {}", body[0])))?;
+                Frame::Ack { what }
+            }
+            KIND_ERROR => Frame::Error(text(body)?),
+            KIND_ABORT => Frame::Abort(text(body)?),
+            _ => {
+                return Err(ProtocolError::UnknownKind {
+                    frame,
+                    offset,
+                    kind,
+                })
+            }
+        };
+        self.pos.seq += 1;
+        self.pos.offset += needed as u64;
+        Ok(parsed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixStream;
+
+    const SESSION: SessionNonce = SessionNonce([7; SESSION_NONCE_LEN]);
+
+    fn every_kind() -> Vec<Frame> {
+        let pages: Vec<u8> = (0..2 * PAGE_LEN).map(|i| (i % 251) as u8).collect();
+        vec![
+            Frame::Config(br#"{"vcpus":2}"#.to_vec()),
+            Frame::Pages {
+                gpa: 0x10_0000,
+                encoding: Encoding::Raw,
+                count: 2,
+                data: pages,
+            },
+            Frame::Pages {
+                gpa: 0x20_0000,
+                encoding: Encoding::Lz4,
+                count: 3,
+                data: vec![1, 2, 3],
+            },
+            Frame::Zero {
+                gpa: 0x1_0000_0000,
+                pages: 1 << 20,
+            },
+            Frame::State(vec![9; 100]),
+            Frame::EndOfRound { round: 3 },
+            Frame::Ack {
+                what: AckKind::Config,
+            },
+            Frame::Ack {
+                what: AckKind::Done,
+            },
+            Frame::Error("config refused: 2 guest nodes, this host has 1".into()),
+            Frame::Abort("cancelled by migrate-cancel".into()),
+            Frame::Config(Vec::new()),
+            Frame::Done,
+        ]
+    }
+
+    fn encode(frames: &[Frame], session: &SessionNonce) -> Vec<u8> {
+        let mut w = FrameWriter::new(Vec::new(), session);
+        for f in frames {
+            w.write_frame(f).unwrap();
+        }
+        w.flush().unwrap();
+        let n = w.bytes_written();
+        let bytes = w.get_ref().clone();
+        assert_eq!(n, bytes.len() as u64);
+        bytes
+    }
+
+    fn decode_all(bytes: &[u8], session: &SessionNonce) -> Result<Vec<Frame>, ProtocolError> {
+        let mut r = FrameReader::new(bytes, session);
+        let mut frames = Vec::new();
+        loop {
+            let f = r.read_frame()?;
+            let done = f == Frame::Done;
+            frames.push(f);
+            if done {
+                return Ok(frames);
+            }
+        }
+    }
+
+    #[test]
+    fn every_frame_kind_round_trips_over_a_socket() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let frames = every_kind();
+        let sent = frames.clone();
+        let writer = std::thread::spawn(move || {
+            let mut w = FrameWriter::new(a, &SESSION);
+            for f in &sent {
+                w.write_frame(f).unwrap();
+            }
+            w.flush().unwrap();
+            w.bytes_written()
+        });
+        let mut r = FrameReader::new(b, &SESSION);
+        for f in &frames {
+            assert_eq!(&r.read_frame().unwrap(), f);
+        }
+        let written = writer.join().unwrap();
+        assert_eq!(r.bytes_read(), written);
+        assert_eq!(r.frames_read(), frames.len() as u64);
+        // The writer is gone: a clean end between frames.
+        let err = r.read_frame().unwrap_err();
+        assert!(
+            matches!(err, ProtocolError::Closed { frames: 12, .. }),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_frame_stream_writes_and_reads_on_one_connection() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let peer = std::thread::spawn(move || {
+            let mut s = FrameStream::new(b, &SESSION);
+            assert!(matches!(s.read_frame().unwrap(), Frame::Config(_)));
+            s.write_frame(&Frame::Ack {
+                what: AckKind::Config,
+            })
+            .unwrap();
+            assert_eq!(s.read_frame().unwrap(), Frame::Done);
+            s.write_frame(&Frame::Error("no".into())).unwrap();
+            s.flush().unwrap();
+        });
+        let mut s = FrameStream::new(a, &SESSION);
+        s.write_frame(&Frame::Config(b"{}".to_vec())).unwrap();
+        assert_eq!(
+            s.read_frame().unwrap(),
+            Frame::Ack {
+                what: AckKind::Config
+            }
+        );
+        s.write_frame(&Frame::Done).unwrap();
+        assert_eq!(s.read_frame().unwrap(), Frame::Error("no".into()));
+        peer.join().unwrap();
+        assert!(s.bytes_read() > 0 && s.bytes_written() > 0);
+    }
+
+    #[test]
+    fn write_pages_matches_write_frame() {
+        let data = vec![5u8; PAGE_LEN];
+        let frame = Frame::Pages {
+            gpa: 0,
+            encoding: Encoding::Raw,
+            count: 1,
+            data: data.clone(),
+        };
+        let mut w = FrameWriter::new(Vec::new(), &SESSION);
+        w.write_pages(0, Encoding::Raw, 1, &data).unwrap();
+        w.flush().unwrap();
+        assert!(w.get_ref() == &encode(&[frame], &SESSION));
+    }
+
+    #[test]
+    fn every_prefix_of_a_stream_is_refused_cleanly() {
+        let bytes = encode(&every_kind(), &SESSION);
+        for len in 0..bytes.len() {
+            let err = decode_all(&bytes[..len], &SESSION).unwrap_err();
+            match err {
+                ProtocolError::HeaderTruncated { got } => assert_eq!(got, len),
+                ProtocolError::Truncated { got, needed, .. } => {
+                    assert!(got > 0 && got < needed, "{err}")
+                }
+                ProtocolError::Closed { offset, .. } => assert_eq!(offset, len as u64),
+                other => panic!("prefix of {len} bytes: unexpected {other}"),
+            }
+        }
+        assert_eq!(decode_all(&bytes, &SESSION).unwrap(), every_kind());
+    }
+
+    #[test]
+    fn truncation_names_the_frame_and_the_bytes() {
+        let bytes = encode(&[Frame::State(vec![1; 10]), Frame::Done], &SESSION);
+        // Header, then 4 bytes into frame 0.
+        let err = decode_all(&bytes[..STREAM_HEADER_LEN + 4], &SESSION).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "stream ended after 4 bytes in frame 0 (at offset 12; the frame needs 16 bytes)"
+        );
+        let frame0 = FRAME_HEADER_LEN + 10 + CHECKSUM_LEN;
+        let err = decode_all(&bytes[..STREAM_HEADER_LEN + frame0 + 17], &SESSION).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "stream ended after 17 bytes in frame 1 (at offset 42; the frame needs 20 bytes)"
+        );
+    }
+
+    #[test]
+    fn foreign_streams_and_other_versions_are_refused() {
+        for garbage in [
+            &b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"[..],
+            b"VMHOPCKP\x01\0\0\0",
+            b"SSH-2.0-",
+        ] {
+            let err = decode_all(garbage, &SESSION).unwrap_err();
+            assert!(
+                err.to_string().starts_with("not a vmhop migration stream"),
+                "{err}"
+            );
+        }
+        let mut bytes = encode(&[Frame::Done], &SESSION);
+        bytes[8..12].copy_from_slice(&2u32.to_le_bytes());
+        let err = decode_all(&bytes, &SESSION).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "the peer speaks migration stream version 2; this vmhop speaks version 1"
+        );
+    }
+
+    #[test]
+    fn random_garbage_after_the_header_is_refused() {
+        let mut bytes = encode(&[], &SESSION);
+        let mut x: u32 = 12345;
+        for _ in 0..4096 {
+            x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
+            bytes.push((x >> 16) as u8);
+        }
+        assert!(decode_all(&bytes, &SESSION).is_err());
+    }
+
+    #[test]
+    fn a_flipped_bit_anywhere_in_a_frame_is_refused() {
+        let frames = [
+            Frame::Pages {
+                gpa: 0x3000,
+                encoding: Encoding::Raw,
+                count: 1,
+                data: vec![0xC3; PAGE_LEN],
+            },
+            Frame::EndOfRound { round: 1 },
+            Frame::Done,
+        ];
+        let bytes = encode(&frames, &SESSION);
+        for i in STREAM_HEADER_LEN..bytes.len() {
+            for bit in 0..8 {
+                let mut bad = bytes.clone();
+                bad[i] ^= 1 << bit;
+                assert!(
+                    decode_all(&bad, &SESSION).is_err(),
+                    "flip of bit {bit} of byte {i} went unnoticed"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn frames_of_another_session_are_refused() {
+        let other = SessionNonce([8; SESSION_NONCE_LEN]);
+        let recorded = encode(&[Frame::Config(b"{}".to_vec()), Frame::Done], &other);
+        let err = decode_all(&recorded, &SESSION).unwrap_err();
+        assert!(
+            matches!(err, ProtocolError::Checksum { frame: 0, .. }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("another session"), "{err}");
+        // A frame of this session spliced in at the wrong place.
+        let ours = encode(&[Frame::Config(b"{}".to_vec()), Frame::Done], &SESSION);
+        let frame0_len = FRAME_HEADER_LEN + 2 + CHECKSUM_LEN;
+        let mut replayed = ours[..STREAM_HEADER_LEN + frame0_len].to_vec();
+        replayed.extend_from_slice(&ours[STREAM_HEADER_LEN..STREAM_HEADER_LEN + frame0_len]);
+        let err = decode_all(&replayed, &SESSION).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ProtocolError::Sequence {
+                    expected: 1,
+                    got: 0,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+    }
+
+    /// A stream with one frame written by hand, with a valid checksum.
+    fn hand_frame(kind: u8, flags: u8, payload: &[u8]) -> Vec<u8> {
+        let mut bytes = encode(&[], &SESSION);
+        let mut header = [0u8; FRAME_HEADER_LEN];
+        header[0] = kind;
+        header[1] = flags;
+        header[4..8].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+        bytes.extend_from_slice(&header);
+        bytes.extend_from_slice(payload);
+        bytes.extend_from_slice(&checksum(&header, &[payload], &SESSION).to_le_bytes());
+        bytes
+    }
+
+    #[test]
+    fn well_checksummed_nonsense_is_refused_by_name() {
+        let err = decode_all(&hand_frame(42, 0, b""), &SESSION).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "frame 0 (at offset 12) has unknown kind 42"
+        );
+        let err = decode_all(&hand_frame(KIND_DONE, 1, b""), &SESSION).unwrap_err();
+        assert!(err.to_string().contains("flags 0x01"), "{err}");
+        let cases: Vec<(u8, Vec<u8>, &str)> = vec![
+            (KIND_DONE, vec![0], "expected 0"),
+            (KIND_ACK, vec![9], "unknown ack 9"),
+            (KIND_END_OF_ROUND, vec![1, 2], "expected 4"),
+            (KIND_ERROR, vec![0xff, 0xfe], "not UTF-8"),
+            (KIND_PAGES, vec![0; 8], "shorter than its 16-byte prefix"),
+            (
+                KIND_ZERO,
+                [1u64.to_le_bytes(), 1u64.to_le_bytes()].concat(),
+                "not page-aligned",
+            ),
+            (
+                KIND_ZERO,
+                [0u64.to_le_bytes(), 0u64.to_le_bytes()].concat(),
+                "0 pages",
+            ),
+            (
+                KIND_ZERO,
+                [0xFFFF_F000u64.to_le_bytes(), u64::MAX.to_le_bytes()].concat(),
+                "past the end",
+            ),
+        ];
+        for (kind, payload, want) in cases {
+            let err = decode_all(&hand_frame(kind, 0, &payload), &SESSION).unwrap_err();
+            assert!(
+                matches!(err, ProtocolError::Malformed { .. }) && err.to_string().contains(want),
+                "kind {kind}: {err}"
+            );
+        }
+        let pages_prefix = |encoding: u8, count: u32| {
+            let mut p = vec![0u8; PAGES_PREFIX_LEN];
+            p[8] = encoding;
+            p[12..].copy_from_slice(&count.to_le_bytes());
+            p
+        };
+        for (payload, want) in [
+            (pages_prefix(7, 1), "unknown encoding 7"),
+            (pages_prefix(0, 0), "0 pages"),
+            (pages_prefix(0, MAX_PAGES_PER_FRAME + 1), "a frame carries"),
+            ([pages_prefix(0, 1), vec![0; 100]].concat(), "expected 4096"),
+            (pages_prefix(1, 1), "no lz4 data"),
+        ] {
+            let err = decode_all(&hand_frame(KIND_PAGES, 0, &payload), &SESSION).unwrap_err();
+            assert!(err.to_string().contains(want), "{want}: {err}");
+        }
+    }
+
+    #[test]
+    fn an_oversized_frame_is_refused_before_its_payload_is_read() {
+        let mut bytes = encode(&[], &SESSION);
+        let mut header = [0u8; FRAME_HEADER_LEN];
+        header[0] = KIND_STATE;
+        header[4..8].copy_from_slice(&u32::MAX.to_le_bytes());
+        bytes.extend_from_slice(&header);
+        let err = decode_all(&bytes, &SESSION).unwrap_err();
+        assert!(
+            matches!(err, ProtocolError::TooLarge { len, .. } if len == u32::MAX as usize),
+            "{err}"
+        );
+        let mut w = FrameWriter::new(Vec::new(), &SESSION);
+        let err = w
+            .write_frame(&Frame::State(vec![0; MAX_PAYLOAD + 1]))
+            .unwrap_err();
+        assert!(matches!(err, ProtocolError::TooLarge { .. }), "{err}");
+    }
+
+    #[test]
+    fn the_writer_refuses_frames_the_reader_would_refuse() {
+        let mut w = FrameWriter::new(Vec::new(), &SESSION);
+        for bad in [
+            Frame::Pages {
+                gpa: 0,
+                encoding: Encoding::Raw,
+                count: 2,
+                data: vec![0; PAGE_LEN],
+            },
+            Frame::Pages {
+                gpa: 1,
+                encoding: Encoding::Raw,
+                count: 1,
+                data: vec![0; PAGE_LEN],
+            },
+            Frame::Zero { gpa: 0, pages: 0 },
+        ] {
+            let err = w.write_frame(&bad).unwrap_err();
+            assert!(matches!(err, ProtocolError::Malformed { .. }), "{err}");
+        }
+        // Nothing was written for them: the stream is still in step.
+        w.write_frame(&Frame::Done).unwrap();
+        w.flush().unwrap();
+        assert_eq!(
+            decode_all(w.get_ref(), &SESSION).unwrap(),
+            vec![Frame::Done]
+        );
+    }
+
+    #[test]
+    fn a_read_timeout_between_frames_can_be_retried() {
+        let (a, b) = UnixStream::pair().unwrap();
+        b.set_read_timeout(Some(std::time::Duration::from_millis(20)))
+            .unwrap();
+        let mut w = FrameWriter::new(a, &SESSION);
+        w.write_frame(&Frame::EndOfRound { round: 0 }).unwrap();
+        w.flush().unwrap();
+        let mut r = FrameReader::new(b, &SESSION);
+        assert_eq!(r.read_frame().unwrap(), Frame::EndOfRound { round: 0 });
+        let err = r.read_frame().unwrap_err();
+        assert!(
+            matches!(err, ProtocolError::Timeout { got: 0, .. }),
+            "{err}"
+        );
+        w.write_frame(&Frame::Done).unwrap();
+        w.flush().unwrap();
+        assert_eq!(r.read_frame().unwrap(), Frame::Done);
+    }
+
+    #[test]
+    fn a_read_timeout_inside_a_frame_breaks_the_reader() {
+        let (mut a, b) = UnixStream::pair().unwrap();
+        b.set_read_timeout(Some(std::time::Duration::from_millis(20)))
+            .unwrap();
+        let bytes = encode(&[Frame::Done], &SESSION);
+        a.write_all(&bytes[..bytes.len() - 3]).unwrap();
+        let mut r = FrameReader::new(b, &SESSION);
+        let err = r.read_frame().unwrap_err();
+        assert!(
+            matches!(err, ProtocolError::Timeout { got: 17, .. }),
+            "{err}"
+        );
+        a.write_all(&bytes[bytes.len() - 3..]).unwrap();
+        assert!(matches!(r.read_frame(), Err(ProtocolError::Broken)));
+    }
+}
