@@ -112,16 +112,12 @@ pub fn checkpoint(vm: &Vm, req: &CheckpointRequest) -> Result<CheckpointReport, 
     let (id, chain_id, kind, parent_id) = (header.id, header.chain_id, header.kind, header.parent);
     let mut sink = FileSink::new(&dir, header, req.stop_after);
     let slots: Vec<u32> = vm.memory().chunks().map(|c| c.slot).collect();
-    let plan = Plan {
-        slots,
-        first_pass: if parent.is_some() {
-            FirstPass::SinceCheckpoint
-        } else {
-            FirstPass::All
-        },
-        live: true,
-        max_downtime: CHECKPOINT_MAX_DOWNTIME,
+    let first_pass = if parent.is_some() {
+        FirstPass::SinceCheckpoint
+    } else {
+        FirstPass::All
     };
+    let plan = Plan::new(slots, first_pass, true, CHECKPOINT_MAX_DOWNTIME);
     let r = transfer(vm, &mut sink, &plan)?;
     let written = sink
         .written

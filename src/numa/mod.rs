@@ -263,12 +263,8 @@ pub fn numa_migrate(vm: &Vm, req: &NumaMigrateRequest) -> Result<NumaMigrateRepo
     match req.mode {
         Mode::StopCopy => {
             let mut sink = LocalSink::new(target, backing);
-            let plan = Plan {
-                slots: chunks.iter().map(|c| c.0).collect(),
-                first_pass: FirstPass::Present,
-                live: false,
-                max_downtime: budget,
-            };
+            let slots = chunks.iter().map(|c| c.0).collect();
+            let plan = Plan::new(slots, FirstPass::Present, false, budget);
             let r = transfer(vm, &mut sink, &plan).map_err(|e| failed(e.to_string()))?;
             report.downtime_us = r.downtime_us;
             report.longest_pause = r.pause_breakdown.clone();
@@ -337,12 +333,7 @@ fn live_chunks(
 ) -> Result<(), String> {
     let move_one = |slot: u32, to: u32| {
         let mut sink = LocalSink::new(to, backing);
-        let plan = Plan {
-            slots: vec![slot],
-            first_pass: FirstPass::Present,
-            live: true,
-            max_downtime: budget,
-        };
+        let plan = Plan::new(vec![slot], FirstPass::Present, true, budget);
         transfer(vm, &mut sink, &plan)
     };
     let fail_at = injected_failure_chunk();

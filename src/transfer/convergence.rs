@@ -9,6 +9,15 @@ use crate::memory::PAGE_SIZE;
 pub const MAX_ROUNDS: u32 = 30;
 /// Rounds without the dirty set shrinking before giving up on convergence.
 pub const STALL_ROUNDS: u32 = 4;
+/// Auto-converge: the first throttle, the step up, and the most.
+pub const THROTTLE_FIRST: u32 = 20;
+/// See [`THROTTLE_FIRST`].
+pub const THROTTLE_STEP: u32 = 10;
+/// See [`THROTTLE_FIRST`].
+pub const THROTTLE_MAX: u32 = 99;
+/// Rounds without the dirty set shrinking before auto-converge throttles
+/// (or throttles harder).
+pub const THROTTLE_AFTER: u32 = 2;
 /// Fixed cost of a pause besides copying: stopping and restarting vCPUs,
 /// fetching the last dirty logs, saving vCPU state (measured ~100-200 µs here).
 pub const PAUSE_OVERHEAD: Duration = Duration::from_micros(250);
@@ -33,6 +42,8 @@ pub struct RoundFacts {
 pub enum Decision {
     /// Send this round's dirty pages while the guest runs, then ask again.
     Continue,
+    /// Throttle the vCPUs to this percent asleep, then as `Continue`.
+    Throttle(u32),
     /// Pause now and send the rest: `converged` says whether the estimated
     /// pause fits the budget (false: a bounded stop-copy after giving up).
     Stop {
@@ -53,6 +64,8 @@ pub struct Convergence {
     budget: Duration,
     best: u64,
     stalled: u32,
+    /// The throttle now, when auto-converge is on.
+    throttle: Option<u32>,
 }
 
 impl Convergence {
@@ -62,12 +75,24 @@ impl Convergence {
             budget,
             best: u64::MAX,
             stalled: 0,
+            throttle: None,
+        }
+    }
+
+    /// The same, throttling the vCPUs step by step (auto-converge) when
+    /// the dirty set stops shrinking, before it gives up.
+    pub fn with_auto_converge(budget: Duration) -> Self {
+        Convergence {
+            throttle: Some(0),
+            ..Self::new(budget)
         }
     }
 
     /// Stops when the dirty set fits the budget; gives up (a bounded
     /// stop-copy) after [`MAX_ROUNDS`], or after [`STALL_ROUNDS`] rounds in
-    /// a row that did not shrink the dirty set below its best.
+    /// a row that did not shrink the dirty set below its best. With
+    /// auto-converge, [`THROTTLE_AFTER`] such rounds throttle the vCPUs one
+    /// step harder instead, until [`THROTTLE_MAX`].
     pub fn decide(&mut self, f: &RoundFacts) -> Decision {
         if pause_estimate(f) <= self.budget {
             return Decision::Stop { converged: true };
@@ -77,6 +102,20 @@ impl Convergence {
             self.stalled = 0;
         } else {
             self.stalled += 1;
+        }
+        if let Some(t) = self.throttle {
+            if self.stalled >= THROTTLE_AFTER && t < THROTTLE_MAX && f.rounds_sent < MAX_ROUNDS {
+                let next = if t == 0 {
+                    THROTTLE_FIRST
+                } else {
+                    (t + THROTTLE_STEP).min(THROTTLE_MAX)
+                };
+                self.throttle = Some(next);
+                // A slower guest is a new race: judge it afresh.
+                self.stalled = 0;
+                self.best = u64::MAX;
+                return Decision::Throttle(next);
+            }
         }
         if f.rounds_sent >= MAX_ROUNDS || self.stalled >= STALL_ROUNDS {
             return Decision::Stop { converged: false };
@@ -160,6 +199,33 @@ mod tests {
             c.decide(&facts(MAX_ROUNDS, n)),
             Decision::Stop { converged: false }
         );
+    }
+
+    #[test]
+    fn auto_converge_throttles_step_by_step_before_giving_up() {
+        let mut c = Convergence::with_auto_converge(Duration::from_millis(1));
+        let mut steps = Vec::new();
+        let mut r = 1;
+        let converged = loop {
+            match c.decide(&facts(r, 60_000)) {
+                Decision::Throttle(p) => steps.push(p),
+                Decision::Continue => {}
+                Decision::Stop { converged } => break converged,
+            }
+            r += 1;
+        };
+        assert!(!converged);
+        assert_eq!(steps, vec![20, 30, 40, 50, 60, 70, 80, 90, 99]);
+        assert!(r <= MAX_ROUNDS, "gave up within the round limit ({r})");
+    }
+
+    #[test]
+    fn auto_converge_stops_throttling_harder_once_the_dirty_set_fits() {
+        let mut c = Convergence::with_auto_converge(Duration::from_millis(1));
+        assert_eq!(c.decide(&facts(1, 60_000)), Decision::Continue);
+        assert_eq!(c.decide(&facts(2, 60_000)), Decision::Continue);
+        assert_eq!(c.decide(&facts(3, 60_000)), Decision::Throttle(20));
+        assert_eq!(c.decide(&facts(4, 100)), Decision::Stop { converged: true });
     }
 
     #[test]

@@ -17,6 +17,7 @@ pub mod convergence;
 pub mod vm;
 
 use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -46,6 +47,74 @@ pub enum TransferError {
     /// The VM failed (dirty log, pause, vCPU state).
     #[error(transparent)]
     Vm(#[from] VmError),
+    /// Someone cancelled the transfer (a cancel request, a timeout).
+    #[error("cancelled: {0}")]
+    Cancelled(String),
+}
+
+/// Ends a transfer early from another thread (a cancel request, a timeout).
+/// The engine looks at it between rounds and before the pause; actions
+/// registered with `on_cancel` (shutting a connection) wake a sink blocked
+/// in I/O.
+#[derive(Default)]
+pub struct Cancel {
+    reason: Mutex<Option<String>>,
+    actions: Mutex<Vec<Box<dyn Fn() + Send>>>,
+}
+
+impl std::fmt::Debug for Cancel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cancel")
+            .field("reason", &self.reason())
+            .finish()
+    }
+}
+
+impl Cancel {
+    /// Cancels, once: the first reason wins.
+    pub fn cancel(&self, why: impl Into<String>) {
+        {
+            let mut r = self.reason.lock().unwrap_or_else(|e| e.into_inner());
+            if r.is_some() {
+                return;
+            }
+            *r = Some(why.into());
+        }
+        for a in self
+            .actions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            a();
+        }
+    }
+
+    /// Why it was cancelled, if it was.
+    pub fn reason(&self) -> Option<String> {
+        self.reason
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Runs `action` on cancel (now, if already cancelled).
+    pub fn on_cancel(&self, action: impl Fn() + Send + 'static) {
+        if self.reason().is_some() {
+            action();
+        }
+        self.actions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Box::new(action));
+    }
+
+    fn check(&self) -> Result<(), TransferError> {
+        match self.reason() {
+            Some(r) => Err(TransferError::Cancelled(r)),
+            None => Ok(()),
+        }
+    }
 }
 
 /// Whether the VM runs on after the commit.
@@ -100,6 +169,8 @@ pub trait Source {
     /// Pages of `slot` that hold memory now (faulted in or loaded); the
     /// rest reads as zero and need not be sent to a sink that starts empty.
     fn present_pages(&self, slot: u32) -> Result<DirtyBitmap, VmError>;
+    /// Throttles the vCPUs to sleep `percent` % of the time (0: full speed).
+    fn set_throttle(&self, percent: u32);
     /// Stops every vCPU, each saving its state.
     fn pause_saving(&self) -> Result<(Self::Pause, Self::Saved), VmError>;
     /// When the pause began.
@@ -179,6 +250,28 @@ pub struct Plan {
     pub live: bool,
     /// Downtime budget for the last round.
     pub max_downtime: Duration,
+    /// Throttle the vCPUs step by step when the dirty set stops shrinking.
+    pub auto_converge: bool,
+    /// Lets another thread end the transfer early.
+    pub cancel: Option<Arc<Cancel>>,
+}
+
+impl Plan {
+    /// A plan with no auto-converge and no cancel.
+    pub fn new(slots: Vec<u32>, first_pass: FirstPass, live: bool, max_downtime: Duration) -> Self {
+        Plan {
+            slots,
+            first_pass,
+            live,
+            max_downtime,
+            auto_converge: false,
+            cancel: None,
+        }
+    }
+
+    fn check_cancel(&self) -> Result<(), TransferError> {
+        self.cancel.as_ref().map_or(Ok(()), |c| c.check())
+    }
 }
 
 /// What one transfer did.
@@ -200,6 +293,8 @@ pub struct TransferReport {
     pub converged: bool,
     /// Dirty pages seen in each pre-copy round after the first.
     pub dirty_per_round: Vec<u64>,
+    /// The highest vCPU throttle auto-converge used, percent.
+    pub throttle_max_percent: u32,
     /// Where the pause went, µs.
     pub pause_breakdown: PauseBreakdown,
 }
@@ -303,7 +398,11 @@ pub fn transfer<S: Source + ?Sized>(
         report: TransferReport::default(),
     };
     let mut pause: Option<S::Pause> = None;
-    let result = precopy(&mut run, &mut pause).and_then(|after| {
+    let precopied = precopy(&mut run, &mut pause);
+    if run.report.throttle_max_percent > 0 {
+        vm.set_throttle(0);
+    }
+    let result = precopied.and_then(|after| {
         let downtime = match (after, pause.as_ref()) {
             (AfterCommit::Resume, Some(_)) => {
                 let t = Instant::now();
@@ -339,6 +438,7 @@ fn precopy<S: Source + ?Sized>(
     pause: &mut Option<S::Pause>,
 ) -> Result<AfterCommit, TransferError> {
     let (vm, plan) = (run.vm, run.plan);
+    plan.check_cancel()?;
     run.sink.begin(vm, &plan.slots)?;
     run.report.converged = true;
     let mut last_pass;
@@ -350,8 +450,13 @@ fn precopy<S: Source + ?Sized>(
         let first = run.first_pass()?;
         run.send(&first, false)?;
         run.report.rounds = 1;
-        let mut decide = Convergence::new(plan.max_downtime);
+        let mut decide = if plan.auto_converge {
+            Convergence::with_auto_converge(plan.max_downtime)
+        } else {
+            Convergence::new(plan.max_downtime)
+        };
         loop {
+            plan.check_cancel()?;
             let t = Instant::now();
             let dirty = run.fetch()?;
             let facts = RoundFacts {
@@ -372,12 +477,19 @@ fn precopy<S: Source + ?Sized>(
                     run.send(&dirty, false)?;
                     run.report.rounds += 1;
                 }
+                Decision::Throttle(p) => {
+                    vm.set_throttle(p);
+                    run.report.throttle_max_percent = p;
+                    run.send(&dirty, false)?;
+                    run.report.rounds += 1;
+                }
             }
         }
         // The pause sends the last dirty set plus what the guest dirties
         // until it stops: allow a quarter more.
         let expected = count(&last_pass);
         run.sink.before_pause(expected + expected / 4 + 256)?;
+        plan.check_cancel()?;
         let t = Instant::now();
         let (p, states) = vm.pause_saving()?;
         *pause = Some(p);

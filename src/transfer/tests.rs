@@ -28,6 +28,7 @@ struct FakeState {
     /// offset 0).
     version: u64,
     pauses: u32,
+    throttle: u32,
 }
 
 /// A VM of two slots whose guest writes pages when the engine fetches logs.
@@ -39,6 +40,8 @@ struct FakeVm {
     /// (a write racing the copy).
     racy: bool,
     fail_pause: bool,
+    /// Mirrors the throttle for the script to read.
+    throttle_cell: Option<std::sync::Arc<std::sync::atomic::AtomicU32>>,
 }
 
 impl FakeVm {
@@ -56,6 +59,7 @@ impl FakeVm {
             script,
             racy: false,
             fail_pause: false,
+            throttle_cell: None,
         }
     }
 
@@ -151,6 +155,13 @@ impl Source for FakeVm {
         let mut b = DirtyBitmap::new(PAGES);
         (0..PAGES).step_by(2).for_each(|p| b.set(p));
         Ok(b)
+    }
+
+    fn set_throttle(&self, percent: u32) {
+        self.state.lock().unwrap().throttle = percent;
+        if let Some(c) = &self.throttle_cell {
+            c.store(percent, std::sync::atomic::Ordering::Relaxed);
+        }
     }
 
     fn pause_saving(&self) -> Result<(FakePause, u32), VmError> {
@@ -295,12 +306,7 @@ impl Sink<FakeVm> for RecordingSink {
 }
 
 fn plan(live: bool) -> Plan {
-    Plan {
-        slots: vec![3, 7],
-        first_pass: FirstPass::All,
-        live,
-        max_downtime: Duration::from_millis(1),
-    }
+    Plan::new(vec![3, 7], FirstPass::All, live, Duration::from_millis(1))
 }
 
 /// Every page the guest ever held reached the sink in its version at the
@@ -431,4 +437,51 @@ fn a_sink_that_stays_paused_leaves_the_guest_paused() {
     let r = transfer(&vm, &mut sink, &plan(true)).unwrap();
     assert!(vm.is_paused() && sink.completed);
     assert!(r.downtime_us < 10_000_000);
+}
+
+#[test]
+fn auto_converge_throttles_a_guest_that_slows_down_when_throttled_and_resets_the_throttle() {
+    // The guest dirties 2000 pages a round, a tenth of that once throttled
+    // to at least 50 %; the fake reads its throttle through a shared cell.
+    let throttle = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let seen = throttle.clone();
+    let mut vm = FakeVm::new(Box::new(move |t| {
+        let n = if seen.load(std::sync::atomic::Ordering::Relaxed) >= 50 {
+            200
+        } else {
+            2000
+        };
+        (0..n).map(|i| (i + t as u64 * 7) % (2 * PAGES)).collect()
+    }));
+    vm.throttle_cell = Some(throttle);
+    let mut sink = RecordingSink::default();
+    let mut p = plan(true);
+    p.auto_converge = true;
+    let r = transfer(&vm, &mut sink, &p).unwrap();
+    assert!(r.converged, "{r:?}");
+    assert_eq!(r.throttle_max_percent, 50, "{r:?}");
+    assert_eq!(
+        vm.state.lock().unwrap().throttle,
+        0,
+        "throttle lifted after"
+    );
+    assert_last_versions(&sink);
+}
+
+#[test]
+fn a_cancel_ends_the_transfer_with_the_guest_running() {
+    let vm = FakeVm::new(Box::new(|t| {
+        (0..2000).map(|i| (i + t as u64) % (2 * PAGES)).collect()
+    }));
+    let cancel = std::sync::Arc::new(Cancel::default());
+    cancel.cancel("asked by a test");
+    let mut sink = RecordingSink::default();
+    let mut p = plan(true);
+    p.cancel = Some(cancel);
+    let e = transfer(&vm, &mut sink, &p).unwrap_err();
+    assert!(
+        matches!(e, TransferError::Cancelled(ref r) if r == "asked by a test"),
+        "{e}"
+    );
+    assert!(sink.aborted && !vm.is_paused());
 }

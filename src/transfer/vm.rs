@@ -57,6 +57,10 @@ impl Source for Vm {
         Ok(b)
     }
 
+    fn set_throttle(&self, percent: u32) {
+        Vm::set_throttle(self, percent)
+    }
+
     fn pause_saving(&self) -> Result<(Pause, Self::Saved), VmError> {
         Vm::pause_saving(self)
     }

@@ -8,7 +8,7 @@
 //! devices on the VM's I/O bus decide what I/O exits mean (`super::bus`).
 
 use std::cell::Cell;
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU32, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -43,6 +43,10 @@ pub const BUILTIN_MSRS: &[u32] = &[
     0xc000_0103, // TSC_AUX
 ];
 
+/// Period of the vCPU throttle: while throttled at p %, every vCPU is
+/// kicked once per period and then sleeps p % of it.
+pub const THROTTLE_PERIOD: Duration = Duration::from_millis(10);
+
 /// The kick signal's offset from SIGRTMIN.
 const KICK_SIGNAL_OFFSET: i32 = 0;
 
@@ -61,6 +65,11 @@ extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc
             unsafe { std::ptr::write_volatile(&mut (*p).immediate_exit, 1) };
         }
     });
+}
+
+/// The signal that kicks a vCPU thread out of KVM_RUN.
+pub fn kick_signal() -> i32 {
+    SIGRTMIN() + KICK_SIGNAL_OFFSET
 }
 
 /// Installs the kick signal handler (idempotent).
@@ -389,6 +398,7 @@ impl VcpuHandle {
         cpus: Vec<usize>,
         saved: SavedWith,
         on_stop: OnGuestStop,
+        throttle: Arc<AtomicU32>,
     ) -> Result<VcpuHandle, VcpuError> {
         let (tx, cmd_rx) = mpsc::channel();
         let (reply_tx, rx) = mpsc::channel();
@@ -411,6 +421,7 @@ impl VcpuHandle {
                     cmds: cmd_rx,
                     replies: reply_tx,
                     on_stop,
+                    throttle,
                 }
                 .run();
             })
@@ -435,6 +446,13 @@ impl VcpuHandle {
             id: self.id,
             why: "channel closed".into(),
         })
+    }
+
+    /// The thread's pthread handle, for a kicker outside the VM (the
+    /// throttle); None once finished.
+    pub fn pthread(&self) -> Option<libc::pthread_t> {
+        use std::os::unix::thread::JoinHandleExt;
+        self.thread.as_ref().map(|t| t.as_pthread_t())
     }
 
     /// Kicks the thread out of KVM_RUN.
@@ -495,6 +513,8 @@ struct VcpuThread {
     cmds: Receiver<VcpuCmd>,
     replies: Sender<VcpuReply>,
     on_stop: OnGuestStop,
+    /// Percentage of each throttle period to sleep after a kick (0: none).
+    throttle: Arc<AtomicU32>,
 }
 
 impl VcpuThread {
@@ -610,7 +630,12 @@ impl VcpuThread {
                 }
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                     self.fd.set_kvm_immediate_exit(0);
-                    IoAction::Continue
+                    // A throttle kick: sleep the throttled share of the
+                    // period, still obeying commands.
+                    match self.throttle.load(Ordering::Relaxed).min(99) {
+                        0 => IoAction::Continue,
+                        p => IoAction::Wait(Some(Instant::now() + THROTTLE_PERIOD * p / 100)),
+                    }
                 }
                 Err(e) => return self.stopped(GuestStop::Error(format!("KVM_RUN failed: {e}"))),
             };

@@ -2,6 +2,7 @@
 //! vCPU state, slot replacement and teardown.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
@@ -149,6 +150,10 @@ pub struct Vm {
     host_nodes: Mutex<Vec<u32>>,
     last_checkpoint: Mutex<Option<CheckpointRef>>,
     loading: std::sync::atomic::AtomicBool,
+    /// vCPU throttle, percent of each period asleep (auto-converge).
+    throttle: Arc<AtomicU32>,
+    /// The thread that kicks vCPUs while throttled.
+    throttler: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 /// A checkpoint a VM's state extends: the next incremental's parent.
@@ -242,6 +247,8 @@ impl Vm {
             host_nodes: Mutex::new(host_nodes.clone()),
             last_checkpoint: Mutex::new(None),
             loading: std::sync::atomic::AtomicBool::new(false),
+            throttle: Arc::new(AtomicU32::new(0)),
+            throttler: Mutex::new(None),
         };
         for c in vm.memory().chunks() {
             vm.set_slot(c, false)?;
@@ -343,6 +350,7 @@ impl Vm {
                 cpus,
                 saved_with.clone(),
                 on_stop,
+                vm.throttle.clone(),
             )?);
         }
         *vm.vcpus.lock().unwrap_or_else(|e| e.into_inner()) = handles;
@@ -913,8 +921,58 @@ impl Vm {
             .map_err(|source| VmError::Memory { node, source })
     }
 
+    /// Throttles every vCPU to run only `(100 - percent) %` of the time
+    /// (0: full speed; at most 99), so that a guest dirtying memory faster
+    /// than a transfer carries it slows down. A thread kicks the vCPUs out
+    /// of KVM_RUN once per [`vcpu::THROTTLE_PERIOD`]; each then sleeps its
+    /// share of the period.
+    pub fn set_throttle(&self, percent: u32) {
+        let percent = percent.min(99);
+        self.throttle.store(percent, Ordering::Relaxed);
+        let mut t = self.throttler.lock().unwrap_or_else(|e| e.into_inner());
+        if percent == 0 {
+            if let Some(h) = t.take() {
+                let _ = h.join();
+            }
+            return;
+        }
+        if t.is_some() {
+            return;
+        }
+        let targets: Vec<libc::pthread_t> = self
+            .vcpus
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter_map(|v| v.pthread())
+            .collect();
+        let throttle = self.throttle.clone();
+        let kick = vcpu::kick_signal();
+        *t = std::thread::Builder::new()
+            .name("vcpu-throttle".into())
+            .spawn(move || {
+                while throttle.load(Ordering::Relaxed) > 0 {
+                    std::thread::sleep(vcpu::THROTTLE_PERIOD);
+                    for &th in &targets {
+                        // SAFETY: the vCPU threads outlive this thread:
+                        // `set_throttle(0)` (also called by `shutdown`
+                        // before the vCPUs finish) joins it first. The
+                        // signal's handler only sets immediate_exit.
+                        unsafe { libc::pthread_kill(th, kick) };
+                    }
+                }
+            })
+            .ok();
+    }
+
+    /// The current vCPU throttle, percent.
+    pub fn throttle(&self) -> u32 {
+        self.throttle.load(Ordering::Relaxed)
+    }
+
     /// Stops the vCPU threads for good.
     pub fn shutdown(&self) {
+        self.set_throttle(0);
         let mut vcpus = self.vcpus.lock().unwrap_or_else(|e| e.into_inner());
         for v in vcpus.iter_mut() {
             v.finish();
