@@ -12,12 +12,15 @@ use serde_json::Value;
 
 use super::server::{error_body, ApiHandler};
 use super::{GuestStatus, MemoryMapEntry, NodeStatus, StateReply, StatusReport, PREFIX};
+use crate::migration::source::{InFlight, MigrateError, MigrateRequest};
 use crate::vmm::{RunState, Vm};
 
 /// The VMM side of the API for one VM.
 pub struct Routes {
     vm: Arc<Vm>,
     shutdown: Mutex<Sender<()>>,
+    /// The migration in flight, for `migrate-cancel` and its progress.
+    migration: Mutex<Option<Arc<InFlight>>>,
 }
 
 /// An error with its HTTP status.
@@ -45,6 +48,54 @@ impl Routes {
         Routes {
             vm,
             shutdown: Mutex::new(shutdown),
+            migration: Mutex::new(None),
+        }
+    }
+
+    fn end_process(&self) {
+        let _ = self
+            .shutdown
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .send(());
+    }
+
+    fn in_flight(&self) -> Option<Arc<InFlight>> {
+        self.migration
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn migrate(&self, b: &[u8]) -> Reply {
+        let req: MigrateRequest = body(b)?;
+        let vm = &self.vm;
+        if vm.is_loading() {
+            return Err(ApiError(
+                409,
+                "guest memory is still being loaded from the checkpoint (lazy restore): a migration must wait until status shows loading: false".into(),
+            ));
+        }
+        let _op = self.operation()?;
+        self.running_or_paused()?;
+        let flight = Arc::new(InFlight::default());
+        *self.migration.lock().unwrap_or_else(|e| e.into_inner()) = Some(flight.clone());
+        let r = crate::migration::source::migrate(vm, &req, &flight);
+        *self.migration.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        match r {
+            Ok(r) => {
+                // The VM runs at the destination now; this process ends.
+                eprintln!(
+                    "vmhop: VM '{}' migrated to {} (downtime {} µs); stopping here",
+                    vm.config().name,
+                    r.to,
+                    r.downtime_us
+                );
+                self.end_process();
+                json(r)
+            }
+            Err(e @ MigrateError::Invalid(_)) => Err(ApiError(400, e.to_string())),
+            Err(e) => Err(ApiError(500, e.to_string())),
         }
     }
 
@@ -104,13 +155,27 @@ impl Routes {
                     pause_us: None,
                 })
             }
+            ("PUT", "vm.migrate") => self.migrate(b),
+            ("PUT", "vm.migrate-cancel") => {
+                let _: Value = body(b)?;
+                let f = self
+                    .in_flight()
+                    .ok_or_else(|| ApiError(409, "no migration is in progress".into()))?;
+                f.cancel.cancel("cancelled by migrate-cancel");
+                json(serde_json::json!({"cancelled": true}))
+            }
+            ("GET", "vm.migration") => {
+                let f = self.in_flight();
+                json(serde_json::json!({
+                    "in_progress": f.is_some(),
+                    "pages_sent": f.as_ref().map_or(0, |f| f.pages.load(std::sync::atomic::Ordering::Relaxed)),
+                    "page_bytes_sent": f.as_ref().map_or(0, |f| f.page_bytes.load(std::sync::atomic::Ordering::Relaxed)),
+                    "memory_bytes": vm.memory().size(),
+                }))
+            }
             ("PUT", "vm.stop") => {
                 let _: Value = body(b)?;
-                let _ = self
-                    .shutdown
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .send(());
+                self.end_process();
                 json(StateReply {
                     state: RunState::Stopped,
                     pause_us: None,
@@ -149,11 +214,7 @@ impl Routes {
                 let r = crate::checkpoint::create::checkpoint(vm, &req)
                     .map_err(|e| ApiError(500, e.to_string()))?;
                 if req.stop_after {
-                    let _ = self
-                        .shutdown
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .send(());
+                    self.end_process();
                 }
                 json(r)
             }
@@ -180,7 +241,8 @@ impl Routes {
             (
                 _,
                 "vm.status" | "vm.pause" | "vm.resume" | "vm.stop" | "vm.verify"
-                | "vm.numa-migrate" | "vm.numa-stat" | "vm.checkpoint" | "debug.memory-map",
+                | "vm.numa-migrate" | "vm.numa-stat" | "vm.checkpoint" | "debug.memory-map"
+                | "vm.migrate" | "vm.migrate-cancel" | "vm.migration",
             ) => Err(ApiError(405, format!("{method} is not allowed on {path}"))),
             _ => Err(ApiError(404, format!("no such endpoint: {path}"))),
         }

@@ -59,6 +59,34 @@ pub trait ApiHandler: Send + Sync + 'static {
     fn handle(&self, method: &str, path: &str, body: &[u8]) -> (u16, Value);
 }
 
+/// A handler that can be replaced while the server runs: a destination
+/// answers `status` while it waits for its VM, then hands the socket to the
+/// VM's routes without closing it.
+pub struct Switch {
+    inner: std::sync::RwLock<std::sync::Arc<dyn ApiHandler>>,
+}
+
+impl Switch {
+    /// A switch answering with `first`.
+    pub fn new(first: std::sync::Arc<dyn ApiHandler>) -> std::sync::Arc<Switch> {
+        std::sync::Arc::new(Switch {
+            inner: std::sync::RwLock::new(first),
+        })
+    }
+
+    /// Answers every later request with `next`.
+    pub fn set(&self, next: std::sync::Arc<dyn ApiHandler>) {
+        *self.inner.write().unwrap_or_else(|e| e.into_inner()) = next;
+    }
+}
+
+impl ApiHandler for Switch {
+    fn handle(&self, method: &str, path: &str, body: &[u8]) -> (u16, Value) {
+        let h = self.inner.read().unwrap_or_else(|e| e.into_inner()).clone();
+        h.handle(method, path, body)
+    }
+}
+
 /// The JSON body of every error response: `{"error": "<msg>"}`.
 pub fn error_body(msg: impl fmt::Display) -> Value {
     serde_json::json!({ "error": msg.to_string() })

@@ -37,7 +37,31 @@ pub fn request<T: serde::de::DeserializeOwned>(
 
 /// `vmhop status`.
 pub fn status(o: &ApiOpts) -> CliResult {
-    let s: StatusReport = request(o, "GET", "vm.status", None, Some(QUICK_TIMEOUT))?;
+    let v: serde_json::Value = request(o, "GET", "vm.status", None, Some(QUICK_TIMEOUT))?;
+    if v["state"] == "incoming" {
+        let r: crate::migration::destination::IncomingReport = serde_json::from_value(v)
+            .map_err(|e| CliError::failed(format!("unexpected reply: {e}")))?;
+        return render(o.json, &r, |r| {
+            let mut t = format!("waiting for an incoming migration on {}", r.listening);
+            if let Some(s) = &r.source {
+                t += &format!(
+                    "\n  receiving from {s}: {} pages, {}",
+                    r.pages_received,
+                    format_size(r.bytes_received)
+                );
+            }
+            if let Some(e) = &r.last_error {
+                t += &format!("\n  last source failed: {e}");
+            }
+            t
+        });
+    }
+    let s: StatusReport = serde_json::from_value(v).map_err(|e| {
+        CliError::failed(format!(
+            "unexpected reply from {}: {e}",
+            o.socket().display()
+        ))
+    })?;
     render(o.json, &s, |s| {
         let mut t = format!(
             "VM '{}' is {} — {} vCPUs, {}, guest {} (progress {})",

@@ -5,6 +5,7 @@
 pub mod checkpoint;
 pub mod control;
 pub mod demo;
+pub mod migrate;
 pub mod numa;
 pub mod output;
 pub mod progress;
@@ -143,6 +144,10 @@ enum Cmd {
     NumaMigrate(numa::NumaMigrateArgs),
     /// Show where every guest node's pages live now, and the vCPUs' CPUs.
     NumaStat(ApiOpts),
+    /// Live-migrate the VM to another host's `vmhop run --incoming`; this process ends once it runs there.
+    Migrate(migrate::MigrateArgs),
+    /// Cancel a migration in flight (the VM runs on here).
+    MigrateCancel(ApiOpts),
     /// Show the host's NUMA nodes, their CPUs and memory.
     Topology(output::JsonOpt),
     /// Run the demo: a builtin guest driven through its API.
@@ -172,6 +177,8 @@ pub fn main() -> ExitCode {
         Cmd::Restore(a) => checkpoint::restore(&a.target, &a.run),
         Cmd::NumaMigrate(a) => numa::numa_migrate(&a),
         Cmd::NumaStat(o) => numa::numa_stat(&o),
+        Cmd::Migrate(a) => migrate::migrate(&a),
+        Cmd::MigrateCancel(o) => migrate::cancel(&o),
         Cmd::Topology(o) => control::topology(&o),
         Cmd::Demo(a) => demo::demo(a),
     };

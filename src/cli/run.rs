@@ -11,7 +11,7 @@ use clap::Args;
 
 use super::{default_socket, CliError, CliResult};
 use crate::api::routes::Routes;
-use crate::api::server::ApiServer;
+use crate::api::server::{error_body, ApiHandler, ApiServer, Switch};
 use crate::arch::x86_64::linux::{self, LinuxSpec};
 use crate::devices::{self, Console};
 
@@ -80,6 +80,16 @@ pub struct RunArgs {
     /// Start with the vCPUs stopped until `resume`.
     #[arg(long)]
     pub paused: bool,
+    /// Wait for a VM migrated from another vmhop (tcp://ADDR:PORT or
+    /// unix:PATH) and run it; --numa guest-node=G,host-node=H re-binds its nodes here.
+    #[arg(long, value_name = "ADDRESS", conflicts_with = "restore")]
+    pub incoming: Option<String>,
+    /// With --incoming: exit 1 after the first failed source instead of
+    /// waiting for another.
+    #[arg(long, requires = "incoming")]
+    pub once: bool,
+    #[command(flatten)]
+    pub auth: super::migrate::AuthArgs,
     /// Print one JSON object when the VM is up.
     #[arg(long)]
     pub json: bool,
@@ -177,6 +187,29 @@ impl RunArgs {
         Ok(())
     }
 
+    /// An incoming VM brings its configuration: options that would change
+    /// it are refused (only --numa, to re-bind nodes, is taken).
+    pub fn reject_config_for_incoming(&self) -> Result<(), CliError> {
+        let given = [
+            (self.vcpus != 1, "--vcpus"),
+            (self.memory.is_some(), "--memory"),
+            (self.guest.is_some(), "--guest"),
+            (self.kernel.is_some(), "--kernel"),
+            (self.initrd.is_some(), "--initrd"),
+            (self.cmdline.is_some(), "--cmdline"),
+            (self.hugepages, "--hugepages"),
+            (self.chunk_size.is_some(), "--chunk-size"),
+            (self.eager, "--eager"),
+            (self.paused, "--paused"),
+        ];
+        if let Some((_, flag)) = given.iter().find(|g| g.0) {
+            return Err(CliError::usage(format!(
+                "{flag} cannot be used with --incoming: the configuration comes from the source"
+            )));
+        }
+        Ok(())
+    }
+
     /// The API socket path.
     pub fn socket(&self) -> PathBuf {
         self.api_socket
@@ -213,6 +246,14 @@ pub fn check_socket_free(socket: &std::path::Path) -> Result<(), CliError> {
 
 /// Runs a VM until it is stopped.
 pub fn run(args: RunArgs) -> CliResult {
+    if let Some(addr) = &args.incoming {
+        return super::migrate::incoming(addr, &args);
+    }
+    if args.auth.auth_key_file.is_some() || args.auth.tls_cert.is_some() || args.auth.insecure {
+        return Err(CliError::usage(
+            "--auth-key-file, --tls-* and --insecure apply with --incoming",
+        ));
+    }
     if let Some(target) = &args.restore {
         return super::checkpoint::restore(target, &args);
     }
@@ -250,6 +291,65 @@ impl RunArgs {
     }
 }
 
+/// A run process's API socket and stop channel, which may come up before
+/// its VM exists (an incoming migration answers `status` while it waits).
+pub struct Frontend {
+    server: ApiServer,
+    switch: Arc<Switch>,
+    tx: mpsc::Sender<()>,
+    rx: mpsc::Receiver<()>,
+}
+
+/// Answers while a VM is being created: nothing to say yet.
+struct Starting;
+
+impl ApiHandler for Starting {
+    fn handle(&self, _: &str, _: &str, _: &[u8]) -> (u16, serde_json::Value) {
+        (503, error_body("the VM is starting"))
+    }
+}
+
+impl Frontend {
+    /// Serves `socket` and turns SIGTERM/SIGINT (blocked in `set`) into a
+    /// stop. `first` answers until a VM's routes take over.
+    pub fn start(
+        socket: &std::path::Path,
+        set: libc::sigset_t,
+        first: impl FnOnce(mpsc::Sender<()>) -> Arc<dyn ApiHandler>,
+    ) -> Result<Frontend, CliError> {
+        let (tx, rx) = mpsc::channel();
+        let switch = Switch::new(first(tx.clone()));
+        let server = ApiServer::start(socket, switch.clone()).map_err(CliError::failed)?;
+        let signals = tx.clone();
+        std::thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || loop {
+                let mut sig = 0;
+                // SAFETY: `set` is an initialised signal set and `sig` a
+                // valid out-pointer; sigwait only blocks this thread.
+                if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
+                    let _ = signals.send(());
+                    return;
+                }
+            })
+            .map_err(|e| CliError::failed(format!("cannot start the signal thread: {e}")))?;
+        Ok(Frontend {
+            server,
+            switch,
+            tx,
+            rx,
+        })
+    }
+
+    /// Waits up to `d` for a stop (API `stop`, SIGTERM, SIGINT); true if one came.
+    pub fn stopped_within(&self, d: Duration) -> bool {
+        !matches!(
+            self.rx.recv_timeout(d),
+            Err(mpsc::RecvTimeoutError::Timeout)
+        )
+    }
+}
+
 /// Serves the API of a created VM until stop, SIGTERM or SIGINT.
 pub fn serve(
     vm: Arc<Vm>,
@@ -259,21 +359,23 @@ pub fn serve(
     restored: Option<serde_json::Value>,
     console_bytes: Option<Arc<AtomicU64>>,
 ) -> CliResult {
-    let (tx, rx) = mpsc::channel();
-    let routes = Arc::new(Routes::new(vm.clone(), tx.clone()));
-    let server = ApiServer::start(socket, routes.clone()).map_err(CliError::failed)?;
-    std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || loop {
-            let mut sig = 0;
-            // SAFETY: `set` is an initialised signal set and `sig` a valid
-            // out-pointer; sigwait only blocks this thread.
-            if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
-                let _ = tx.send(());
-                return;
-            }
-        })
-        .map_err(|e| CliError::failed(format!("cannot start the signal thread: {e}")))?;
+    let fe = Frontend::start(socket, set, |_| Arc::new(Starting))?;
+    serve_on(vm, fe, socket, json, restored, console_bytes)
+}
+
+/// Serves the API of `vm` on an already started frontend until stop,
+/// SIGTERM, SIGINT or the guest's end.
+pub fn serve_on(
+    vm: Arc<Vm>,
+    fe: Frontend,
+    socket: &std::path::Path,
+    json: bool,
+    restored: Option<serde_json::Value>,
+    console_bytes: Option<Arc<AtomicU64>>,
+) -> CliResult {
+    let routes = Arc::new(Routes::new(vm.clone(), fe.tx.clone()));
+    fe.switch.set(routes.clone());
+    let Frontend { server, rx, .. } = fe;
     let status = routes.status();
     if json {
         super::output::print_json(&serde_json::json!({

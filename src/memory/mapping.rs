@@ -117,6 +117,12 @@ impl Mapping {
         self.advise_range(offset, len, MADV_POPULATE_WRITE, "MADV_POPULATE_WRITE")
     }
 
+    /// Drops the pages of `len` bytes from `offset`: they read as zero
+    /// again and hold no memory (MADV_DONTNEED on private anonymous memory).
+    pub fn discard_range(&self, offset: usize, len: usize) -> Result<(), MappingError> {
+        self.advise_range(offset, len, libc::MADV_DONTNEED, "MADV_DONTNEED")
+    }
+
     fn advise(&self, advice: i32, name: &'static str) -> Result<(), MappingError> {
         self.advise_range(0, self.len, advice, name)
     }

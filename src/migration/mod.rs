@@ -7,15 +7,18 @@
 //! carry the VM ([`protocol`], layout in `docs/migration-stream.md`) and how
 //! runs of pages are compressed ([`compress`]).
 //!
-//! It does not own the migration itself: which pages to send and when to
-//! stop the VM belong to the transfer engine, what the config and state
-//! payloads contain belongs to the VMM, and the source's stream sink and
-//! the destination's receiver are built on top of this API.
+//! On top of the wire sit the two ends: [`source`] (the `migrate` operation
+//! and its stream sink, which the transfer engine feeds) and
+//! [`destination`] (the receiver behind `run --incoming`). Which pages to
+//! send and when to stop the VM belong to the engine; what the config and
+//! state payloads contain belongs to the VMM.
 
 pub mod address;
 pub mod auth;
 pub mod compress;
+pub mod destination;
 pub mod protocol;
+pub mod source;
 
 pub use address::{
     connect, Address, Conn, Listener, ParseAddressError, ShutdownHandle, TransportError,

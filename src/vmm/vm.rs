@@ -366,6 +366,13 @@ impl Vm {
         Ok(vm)
     }
 
+    /// Each guest node's host node for `config` on this host, checking the
+    /// host can hold it.
+    pub fn host_nodes_for(config: &VmConfig) -> Result<Vec<u32>, VmError> {
+        let topo = Topology::read().map_err(|e| VmError::Host(e.to_string()))?;
+        Self::check_host(config, &topo)
+    }
+
     /// Resolves each guest node's host node and checks the host can hold it.
     fn check_host(config: &VmConfig, topo: &Topology) -> Result<Vec<u32>, VmError> {
         let here = topology::current_node();
@@ -401,6 +408,12 @@ impl Vm {
             }
         }
         Ok(out)
+    }
+
+    /// Guest memory laid out and bound as a VM of `config` has it, not yet
+    /// any VM's: an incoming migration receives into it.
+    pub fn memory_for(config: &VmConfig, host_nodes: &[u32]) -> Result<GuestMemory, VmError> {
+        Self::create_memory(config, host_nodes)
     }
 
     fn create_memory(config: &VmConfig, host_nodes: &[u32]) -> Result<GuestMemory, VmError> {

@@ -1,0 +1,513 @@
+//! The source of a host migration: the `migrate` operation and its stream
+//! sink, which hands the transfer engine's pages to a destination.
+//!
+//! The sink connects and authenticates in `begin` (so nobody listening, a
+//! refused config or a destination without room fails before the guest
+//! notices), sends page runs as `pages` and `zero` frames while the guest
+//! runs, and in the pause sends the last pages, the state and `done`, then
+//! waits for the destination's `ack{done}`. Only then is the source VM
+//! left paused for good (the `run` process then exits); any failure before
+//! that resumes it, unchanged.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use super::compress::{encode_pages, is_zero_page, Compression};
+use super::protocol::{AckKind, Frame, FrameStream, MAX_PAGES_PER_FRAME};
+use super::{check_policy, connect, handshake_as_source, Address, Conn, Security};
+use crate::memory::PAGE_SIZE;
+use crate::transfer::{
+    transfer, AfterCommit, Cancel, FirstPass, PageRun, PauseBreakdown, Plan, Sink, SinkError,
+    TransferError,
+};
+use crate::vmm::{Pause, Vm, VmState};
+
+/// Default downtime budget of a migration, ms.
+pub const DEFAULT_MAX_DOWNTIME_MS: f64 = 5.0;
+/// Largest `timeout_s`: a day.
+pub const MAX_TIMEOUT_S: f64 = 86_400.0;
+/// How long connecting may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long each read of the handshake may wait.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the destination may take to set up memory for the config.
+const CONFIG_ACK_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long the destination may take, after `done`, to start the VM.
+const DONE_ACK_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a write may block before the link counts as dead.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Link rate assumed before one was measured, bytes/s.
+const DEFAULT_LINK_RATE: f64 = 100.0 * (1u64 << 20) as f64;
+/// Page data sent before the measured link rate is trusted.
+const RATE_MIN_BYTES: u64 = 4 << 20;
+
+/// Body of `PUT /api/v1/vm.migrate`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MigrateRequest {
+    /// Destination: `tcp://HOST:PORT` or `unix:PATH`.
+    pub to: String,
+    /// Downtime budget of the last round, ms.
+    #[serde(default)]
+    pub max_downtime_ms: Option<f64>,
+    /// Cancel the migration after this many seconds.
+    #[serde(default)]
+    pub timeout_s: Option<f64>,
+    /// Compression of page data.
+    #[serde(default)]
+    pub compress: Compression,
+    /// Pre-shared key file (the destination has the same).
+    #[serde(default)]
+    pub auth_key_file: Option<PathBuf>,
+    /// TLS: this side's certificate (PEM).
+    #[serde(default)]
+    pub tls_cert: Option<PathBuf>,
+    /// TLS: this side's private key (PEM).
+    #[serde(default)]
+    pub tls_key: Option<PathBuf>,
+    /// TLS: the CA that signed the destination's certificate (PEM).
+    #[serde(default)]
+    pub tls_ca: Option<PathBuf>,
+    /// Allow an unauthenticated migration to a non-local address.
+    #[serde(default)]
+    pub insecure: bool,
+}
+
+/// What a migration did.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct MigrateReport {
+    /// Always "migrate".
+    pub operation: String,
+    /// The destination.
+    pub to: String,
+    /// Microseconds no vCPU ran on either host: from the source's pause
+    /// until the destination confirmed its VM runs.
+    pub downtime_us: u64,
+    /// Whole migration, ms.
+    pub total_ms: f64,
+    /// Copy rounds, the final one included.
+    pub rounds: u32,
+    /// Pages handed to the stream (zero pages included; a page sent in two
+    /// rounds counts twice).
+    pub pages_sent: u64,
+    /// Of those, pages sent as zero runs (a few bytes per run).
+    pub zero_pages: u64,
+    /// Bytes on the wire (frames, headers and checksums included).
+    pub bytes_sent: u64,
+    /// Bytes of page data before compression (zero pages excluded).
+    pub page_bytes: u64,
+    /// The compression asked for.
+    pub compression: Compression,
+    /// Page frames that compression made smaller (the rest went raw).
+    pub compressed_frames: u64,
+    /// Pages sent in the pause.
+    pub pages_in_pause: u64,
+    /// Whether the dirty set converged to the budget.
+    pub converged: bool,
+    /// The highest vCPU throttle auto-converge used, percent.
+    pub throttle_max_percent: u32,
+    /// Measured link rate, MiB/s of page data.
+    pub link_mib_s: f64,
+    /// Dirty pages seen in each pre-copy round after the first.
+    pub dirty_per_round: Vec<u64>,
+    /// Where the pause went.
+    pub pause_breakdown: PauseBreakdown,
+}
+
+/// A migration failed; the source VM runs on, unchanged.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    /// The request is wrong (address, numbers, key files, policy).
+    #[error("{0}")]
+    Invalid(String),
+    /// It was cancelled or timed out.
+    #[error("migration to {to} cancelled: {reason}; the VM runs on here")]
+    Cancelled {
+        /// Destination.
+        to: String,
+        /// Why.
+        reason: String,
+    },
+    /// It failed on the way.
+    #[error("migration to {to} failed: {reason}; the VM runs on here")]
+    Failed {
+        /// Destination.
+        to: String,
+        /// What failed.
+        reason: String,
+    },
+}
+
+/// A migration in flight, for `migrate-cancel` and progress.
+#[derive(Debug, Default)]
+pub struct InFlight {
+    /// Ends it early.
+    pub cancel: Arc<Cancel>,
+    /// Bytes of page data sent so far.
+    pub page_bytes: AtomicU64,
+    /// Pages sent so far.
+    pub pages: AtomicU64,
+}
+
+/// The security a request asks for, loaded from its files.
+pub fn security_of(
+    auth_key_file: &Option<PathBuf>,
+    tls_cert: &Option<PathBuf>,
+    tls_key: &Option<PathBuf>,
+    tls_ca: &Option<PathBuf>,
+) -> Result<Security, String> {
+    match (auth_key_file, tls_cert, tls_key, tls_ca) {
+        (None, None, None, None) => Ok(Security::Insecure),
+        (Some(k), None, None, None) => Security::psk_from_file(k).map_err(|e| e.to_string()),
+        (None, Some(c), Some(k), Some(ca)) => {
+            Security::tls_from_files(c, k, ca).map_err(|e| e.to_string())
+        }
+        (Some(_), ..) => {
+            Err("give either a pre-shared key (--auth-key-file) or TLS, not both".into())
+        }
+        _ => Err(
+            "TLS needs all three of --tls-cert, --tls-key and --tls-ca (this side's certificate and \
+             key, and the CA that signed the other side's)"
+                .into(),
+        ),
+    }
+}
+
+/// Checks a request at the edge: every number within its stated bound.
+fn validate(
+    req: &MigrateRequest,
+) -> Result<(Address, Duration, Option<Duration>, Security), String> {
+    let to: Address = req.to.parse().map_err(|e| format!("{e}"))?;
+    let ms = req.max_downtime_ms.unwrap_or(DEFAULT_MAX_DOWNTIME_MS);
+    let limit = crate::numa::MAX_DOWNTIME_LIMIT_MS;
+    if !(ms > 0.0 && ms <= limit) {
+        return Err(format!(
+            "max_downtime_ms must be a number of milliseconds above 0 and at most {limit}, got {ms}"
+        ));
+    }
+    let timeout = match req.timeout_s {
+        None => None,
+        Some(s) if s > 0.0 && s <= MAX_TIMEOUT_S => Some(Duration::from_secs_f64(s)),
+        Some(s) => {
+            return Err(format!(
+                "timeout_s must be a number of seconds above 0 and at most {MAX_TIMEOUT_S}, got {s}"
+            ))
+        }
+    };
+    let security = security_of(&req.auth_key_file, &req.tls_cert, &req.tls_key, &req.tls_ca)?;
+    check_policy(&to, &security, req.insecure).map_err(|e| e.to_string())?;
+    Ok((to, Duration::from_secs_f64(ms / 1e3), timeout, security))
+}
+
+/// Cancels `cancel` when `timeout` passes, unless `done` is signalled first.
+fn watchdog(cancel: Arc<Cancel>, timeout: Duration, done: Arc<(Mutex<bool>, Condvar)>) {
+    let _ = std::thread::Builder::new()
+        .name("migrate-timeout".into())
+        .spawn(move || {
+            let (m, cv) = &*done;
+            let g = m.lock().unwrap_or_else(|e| e.into_inner());
+            let (g, r) = cv
+                .wait_timeout_while(g, timeout, |finished| !*finished)
+                .unwrap_or_else(|e| e.into_inner());
+            if r.timed_out() && !*g {
+                cancel.cancel(format!(
+                    "the migration took longer than its timeout of {} s",
+                    timeout.as_secs_f64()
+                ));
+            }
+        });
+}
+
+/// Migrates `vm` as `req` says. On success the destination runs the VM and
+/// this one stays paused, for the caller to stop; on failure it runs on.
+pub fn migrate(
+    vm: &Vm,
+    req: &MigrateRequest,
+    flight: &Arc<InFlight>,
+) -> Result<MigrateReport, MigrateError> {
+    let (to, budget, timeout, security) = validate(req).map_err(MigrateError::Invalid)?;
+    let config =
+        serde_json::to_vec(vm.config()).map_err(|e| MigrateError::Invalid(e.to_string()))?;
+    let done = Arc::new((Mutex::new(false), Condvar::new()));
+    if let Some(t) = timeout {
+        watchdog(flight.cancel.clone(), t, done.clone());
+    }
+    let mut sink = StreamSink {
+        to: to.clone(),
+        security,
+        compression: req.compress,
+        config,
+        stream: None,
+        flight: flight.clone(),
+        bounce: Vec::new(),
+        packed: Vec::new(),
+        zero_pages: 0,
+        page_bytes: 0,
+        compressed_frames: 0,
+        sent_running: 0,
+        send_time: Duration::ZERO,
+    };
+    let slots: Vec<u32> = vm.memory().chunks().map(|c| c.slot).collect();
+    // The destination's memory starts out zero: pages that hold nothing
+    // here need not cross.
+    let mut plan = Plan::new(slots, FirstPass::Present, true, budget);
+    plan.auto_converge = true;
+    plan.cancel = Some(flight.cancel.clone());
+    let r = transfer(vm, &mut sink, &plan);
+    {
+        let (m, cv) = &*done;
+        *m.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        cv.notify_all();
+    }
+    let to_s = to.to_string();
+    let r = r.map_err(|e| match (flight.cancel.reason(), e) {
+        (Some(reason), _) | (None, TransferError::Cancelled(reason)) => MigrateError::Cancelled {
+            to: to_s.clone(),
+            reason,
+        },
+        (None, e) => MigrateError::Failed {
+            to: to_s.clone(),
+            reason: e.to_string(),
+        },
+    })?;
+    let bytes_sent = sink.stream.as_ref().map_or(0, |s| s.bytes_written());
+    Ok(MigrateReport {
+        operation: "migrate".into(),
+        to: to_s,
+        downtime_us: r.downtime_us,
+        total_ms: r.total_ms,
+        rounds: r.rounds,
+        pages_sent: r.pages_sent,
+        zero_pages: sink.zero_pages,
+        bytes_sent,
+        page_bytes: sink.page_bytes,
+        compression: req.compress,
+        compressed_frames: sink.compressed_frames,
+        pages_in_pause: r.pages_in_pause,
+        converged: r.converged,
+        throttle_max_percent: r.throttle_max_percent,
+        link_mib_s: sink.link_rate() / (1u64 << 20) as f64,
+        dirty_per_round: r.dirty_per_round,
+        pause_breakdown: r.pause_breakdown,
+    })
+}
+
+/// Sends pages to a destination over one authenticated stream.
+struct StreamSink {
+    to: Address,
+    security: Security,
+    compression: Compression,
+    /// The VM's configuration, JSON: the first frame.
+    config: Vec<u8>,
+    stream: Option<FrameStream<Box<dyn Conn>>>,
+    flight: Arc<InFlight>,
+    /// A stable copy of the pages being sent: a frame's checksum must
+    /// cover exactly the bytes sent, while the guest may be writing.
+    bounce: Vec<u8>,
+    /// Compressed pages.
+    packed: Vec<u8>,
+    zero_pages: u64,
+    page_bytes: u64,
+    compressed_frames: u64,
+    /// Page data sent while the guest ran, and the time it took: the link rate.
+    sent_running: u64,
+    send_time: Duration,
+}
+
+impl StreamSink {
+    fn err(&self, message: impl std::fmt::Display) -> SinkError {
+        let message = match self.flight.cancel.reason() {
+            Some(r) => format!("{r} ({message})"),
+            None => message.to_string(),
+        };
+        SinkError {
+            sink: "migration stream",
+            message,
+        }
+    }
+
+    fn stream(&mut self) -> Result<&mut FrameStream<Box<dyn Conn>>, SinkError> {
+        match self.stream.as_mut() {
+            Some(s) => Ok(s),
+            None => Err(SinkError {
+                sink: "migration stream",
+                message: "not connected".into(),
+            }),
+        }
+    }
+
+    /// Page data per second the link carried.
+    fn link_rate(&self) -> f64 {
+        if self.sent_running < RATE_MIN_BYTES || self.send_time.is_zero() {
+            DEFAULT_LINK_RATE
+        } else {
+            self.sent_running as f64 / self.send_time.as_secs_f64()
+        }
+    }
+
+    /// Waits for the destination's answer to what was sent.
+    fn expect_ack(&mut self, what: AckKind, timeout: Duration) -> Result<(), SinkError> {
+        let to = self.to.clone();
+        let s = self.stream()?;
+        s.get_ref()
+            .set_read_timeout(Some(timeout))
+            .map_err(|e| SinkError {
+                sink: "migration stream",
+                message: format!("setting a read timeout: {e}"),
+            })?;
+        let answer = s.read_frame();
+        match answer {
+            Ok(Frame::Ack { what: w }) if w == what => Ok(()),
+            Ok(Frame::Error(m)) | Ok(Frame::Abort(m)) => {
+                Err(self.err(format!("the destination {to} refused: {m}")))
+            }
+            Ok(f) => Err(self.err(format!(
+                "the destination {to} answered {} instead of ack{{{what:?}}}",
+                f.kind_name()
+            ))),
+            Err(e) => Err(self.err(format!("no ack{{{what:?}}} from the destination {to}: {e}"))),
+        }
+    }
+
+    /// Sends one run of pages (at most a frame's worth), already copied
+    /// into `bounce`, as zero runs and page frames.
+    fn send_bounced(&mut self, gpa: u64, len: usize) -> Result<(), SinkError> {
+        let page = PAGE_SIZE as usize;
+        let mut at = 0;
+        while at < len {
+            let zero = is_zero_page(&self.bounce[at..at + page]);
+            let mut end = at + page;
+            while end < len && is_zero_page(&self.bounce[end..end + page]) == zero {
+                end += page;
+            }
+            let count = ((end - at) / page) as u64;
+            let run_gpa = gpa + at as u64;
+            let compression = self.compression;
+            let mut packed = std::mem::take(&mut self.packed);
+            let r = if zero {
+                self.zero_pages += count;
+                self.stream()?.write_frame(&Frame::Zero {
+                    gpa: run_gpa,
+                    pages: count,
+                })
+            } else {
+                self.page_bytes += (end - at) as u64;
+                let enc = encode_pages(&self.bounce[at..end], compression, &mut packed);
+                if enc != super::Encoding::Raw {
+                    self.compressed_frames += 1;
+                }
+                let data = if enc == super::Encoding::Raw {
+                    &self.bounce[at..end]
+                } else {
+                    &packed[..]
+                };
+                let s = self.stream.as_mut().expect("checked by stream() above");
+                s.write_pages(run_gpa, enc, count as u32, data)
+            };
+            self.packed = packed;
+            r.map_err(|e| self.err(format!("sending to {}: {e}", self.to)))?;
+            at = end;
+        }
+        Ok(())
+    }
+}
+
+impl Sink<Vm> for StreamSink {
+    fn name(&self) -> &'static str {
+        "migration stream"
+    }
+
+    fn begin(&mut self, _vm: &Vm, _slots: &[u32]) -> Result<(), SinkError> {
+        let conn = connect(&self.to, CONNECT_TIMEOUT).map_err(|e| self.err(e))?;
+        let auth = handshake_as_source(conn, &self.security, &self.to, HANDSHAKE_TIMEOUT)
+            .map_err(|e| self.err(format!("authenticating with {}: {e}", self.to)))?;
+        let handle = auth
+            .conn
+            .shutdown_handle()
+            .map_err(|e| self.err(format!("connection to {}: {e}", self.to)))?;
+        // A cancel (or the timeout) cuts the connection: a write blocked on
+        // a slow link returns at once.
+        self.flight.cancel.on_cancel(move || handle.shutdown());
+        auth.conn
+            .set_write_timeout(Some(WRITE_TIMEOUT))
+            .map_err(|e| self.err(format!("connection to {}: {e}", self.to)))?;
+        let mut s = FrameStream::new(auth.conn, &auth.session);
+        s.write_frame(&Frame::Config(std::mem::take(&mut self.config)))
+            .map_err(|e| self.err(format!("sending the configuration: {e}")))?;
+        self.stream = Some(s);
+        self.expect_ack(AckKind::Config, CONFIG_ACK_TIMEOUT)
+    }
+
+    fn pages(&mut self, run: PageRun<'_>, paused: bool) -> Result<u64, SinkError> {
+        let before = self.stream()?.bytes_written();
+        let t = Instant::now();
+        let frame = MAX_PAGES_PER_FRAME as usize * PAGE_SIZE as usize;
+        let len = run.data.len();
+        let mut bounce = std::mem::take(&mut self.bounce);
+        bounce.resize(frame.min(len).max(bounce.len()), 0);
+        self.bounce = bounce;
+        let mut at = 0;
+        while at < len {
+            let n = frame.min(len - at);
+            let part = run
+                .data
+                .subslice(at, n)
+                .map_err(|e| self.err(format!("guest memory at {:#x}: {e}", run.gpa)))?;
+            part.copy_to(&mut self.bounce[..n]);
+            self.send_bounced(run.gpa + at as u64, n)?;
+            at += n;
+        }
+        if !paused {
+            self.sent_running += len as u64;
+            self.send_time += t.elapsed();
+        }
+        self.flight
+            .page_bytes
+            .fetch_add(len as u64, Ordering::Relaxed);
+        self.flight.pages.fetch_add(run.pages(), Ordering::Relaxed);
+        Ok(self.stream()?.bytes_written() - before)
+    }
+
+    fn paused_rate(&self) -> f64 {
+        self.link_rate()
+    }
+
+    fn commit(
+        &mut self,
+        _vm: &Vm,
+        _pause: &Pause,
+        state: &VmState,
+    ) -> Result<AfterCommit, SinkError> {
+        let st = serde_json::to_vec(state).map_err(|e| self.err(e))?;
+        let s = self.stream()?;
+        let sent = s
+            .write_frame(&Frame::State(st))
+            .and_then(|_| s.write_frame(&Frame::Done));
+        sent.map_err(|e| self.err(format!("sending the VM state: {e}")))?;
+        self.expect_ack(AckKind::Done, DONE_ACK_TIMEOUT)?;
+        // The VM runs on the destination now: this one must not run again.
+        Ok(AfterCommit::StayPaused)
+    }
+
+    fn complete(&mut self, _vm: &Vm) -> Result<(), SinkError> {
+        Ok(())
+    }
+
+    fn abort(&mut self, _vm: &Vm) {
+        if let Some(mut s) = self.stream.take() {
+            let _ = s.get_ref().set_write_timeout(Some(Duration::from_secs(1)));
+            let why = self
+                .flight
+                .cancel
+                .reason()
+                .unwrap_or_else(|| "the source gave up".into());
+            let _ = s.write_frame(&Frame::Abort(why));
+            let _ = s.flush();
+            s.get_ref().shutdown();
+        }
+    }
+}
