@@ -121,20 +121,16 @@ pub fn migrate(a: &MigrateArgs) -> CliResult {
         tls_ca: absolute(&a.auth.tls_ca)?,
         insecure: a.auth.insecure,
     };
+    // The VM's process checks the same; checking here too makes a wrong
+    // request a usage error (exit 2) before anything is sent.
+    crate::migration::source::validate(&req).map_err(CliError::usage)?;
     let body = serde_json::to_value(&req).map_err(CliError::failed)?;
     let progress = show_progress(&a.api, &a.to);
     let r: Result<MigrateReport, _> = request(&a.api, "PUT", "vm.migrate", Some(body), None);
     if let Some(p) = progress {
         let _ = p.join();
     }
-    let r = r.map_err(|e| {
-        // A refused request (400) is the user's to fix.
-        if e.message.contains("(400)") || e.message.contains("400 ") {
-            CliError::usage(e.message)
-        } else {
-            e
-        }
-    })?;
+    let r = r?;
     render(a.api.json, &r, |r| {
         let mut t = format!(
             "migrated to {}: downtime {} µs, {:.1} ms in all, {} round(s), {} pages ({} zero), {} on the wire at {:.0} MiB/s",

@@ -174,7 +174,7 @@ impl Staged {
     fn place(&self, gpa: u64, pages: u64) -> Result<(&Mapping, usize, usize), String> {
         let len = pages
             .checked_mul(PAGE_SIZE)
-            .filter(|_| gpa % PAGE_SIZE == 0)
+            .filter(|_| gpa.is_multiple_of(PAGE_SIZE))
             .ok_or_else(|| format!("a page run at {gpa:#x} of {pages} pages is malformed"))?;
         let c = self
             .memory

@@ -177,8 +177,9 @@ pub fn security_of(
     }
 }
 
-/// Checks a request at the edge: every number within its stated bound.
-fn validate(
+/// Checks a request at the edge: the address, every number within its
+/// stated bound, the key files and the policy on unauthenticated links.
+pub fn validate(
     req: &MigrateRequest,
 ) -> Result<(Address, Duration, Option<Duration>, Security), String> {
     let to: Address = req.to.parse().map_err(|e| format!("{e}"))?;

@@ -9,15 +9,15 @@ use crate::memory::PAGE_SIZE;
 pub const MAX_ROUNDS: u32 = 30;
 /// Rounds without the dirty set shrinking before giving up on convergence.
 pub const STALL_ROUNDS: u32 = 4;
-/// Auto-converge: the first throttle, the step up, and the most.
-pub const THROTTLE_FIRST: u32 = 20;
-/// See [`THROTTLE_FIRST`].
-pub const THROTTLE_STEP: u32 = 10;
-/// See [`THROTTLE_FIRST`].
+/// Auto-converge: the throttles tried in turn, percent of the time the
+/// vCPUs sleep. Coarse first, fine near the top, where each step halves
+/// what the guest can still dirty.
+pub const THROTTLE_STEPS: [u32; 7] = [20, 40, 60, 80, 90, 95, 99];
+/// The harshest throttle.
 pub const THROTTLE_MAX: u32 = 99;
 /// Rounds without the dirty set shrinking before auto-converge throttles
 /// (or throttles harder).
-pub const THROTTLE_AFTER: u32 = 2;
+pub const THROTTLE_AFTER: u32 = 1;
 /// Fixed cost of a pause besides copying: stopping and restarting vCPUs,
 /// fetching the last dirty logs, saving vCPU state (measured ~100-200 µs here).
 pub const PAUSE_OVERHEAD: Duration = Duration::from_micros(250);
@@ -105,11 +105,11 @@ impl Convergence {
         }
         if let Some(t) = self.throttle {
             if self.stalled >= THROTTLE_AFTER && t < THROTTLE_MAX && f.rounds_sent < MAX_ROUNDS {
-                let next = if t == 0 {
-                    THROTTLE_FIRST
-                } else {
-                    (t + THROTTLE_STEP).min(THROTTLE_MAX)
-                };
+                let next = THROTTLE_STEPS
+                    .iter()
+                    .copied()
+                    .find(|&s| s > t)
+                    .unwrap_or(THROTTLE_MAX);
                 self.throttle = Some(next);
                 // A slower guest is a new race: judge it afresh.
                 self.stalled = 0;
@@ -215,7 +215,7 @@ mod tests {
             r += 1;
         };
         assert!(!converged);
-        assert_eq!(steps, vec![20, 30, 40, 50, 60, 70, 80, 90, 99]);
+        assert_eq!(steps, THROTTLE_STEPS.to_vec());
         assert!(r <= MAX_ROUNDS, "gave up within the round limit ({r})");
     }
 
@@ -223,8 +223,8 @@ mod tests {
     fn auto_converge_stops_throttling_harder_once_the_dirty_set_fits() {
         let mut c = Convergence::with_auto_converge(Duration::from_millis(1));
         assert_eq!(c.decide(&facts(1, 60_000)), Decision::Continue);
-        assert_eq!(c.decide(&facts(2, 60_000)), Decision::Continue);
-        assert_eq!(c.decide(&facts(3, 60_000)), Decision::Throttle(20));
+        assert_eq!(c.decide(&facts(2, 60_000)), Decision::Throttle(20));
+        assert_eq!(c.decide(&facts(3, 50_000)), Decision::Continue);
         assert_eq!(c.decide(&facts(4, 100)), Decision::Stop { converged: true });
     }
 

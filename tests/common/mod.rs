@@ -324,6 +324,17 @@ impl Vm {
 
     /// Like `start_command`, with extra environment variables for vmhop.
     pub fn start_command_env(command: &[&str], args: &[&str], env: &[(&str, &str)]) -> Vm {
+        Vm::start_wrapped(&[], command, args, env)
+    }
+
+    /// Like `start_command_env`, run under `wrapper` (e.g. `["ip", "netns",
+    /// "exec", "ns1"]` or `["prlimit", "--as=N"]`): vmhop is its last word.
+    pub fn start_wrapped(
+        wrapper: &[&str],
+        command: &[&str],
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Vm {
         let what = command.join(" ");
         let dir = tempfile::Builder::new()
             .prefix("vmhop-test-")
@@ -332,7 +343,15 @@ impl Vm {
         let socket = dir.path().join("api.sock");
         let stdout = std::fs::File::create(dir.path().join("stdout")).expect("create stdout file");
         let stderr = std::fs::File::create(dir.path().join("stderr")).expect("create stderr file");
-        let child = Command::new(VMHOP)
+        let mut cmd = match wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(VMHOP);
+                c
+            }
+            None => Command::new(VMHOP),
+        };
+        let child = cmd
             .args(command)
             .arg("--api-socket")
             .arg(&socket)
@@ -372,6 +391,11 @@ impl Vm {
             }
             thread::sleep(POLL_INTERVAL);
         }
+    }
+
+    /// The process's private directory (its socket, logs; room for more).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
     }
 
     /// The API socket path.
