@@ -19,7 +19,7 @@ fn source(size_each: &str, extra: &[&str]) -> Vm {
     let n1 = format!("guest-node=1,size={size_each},host-node=0");
     let mut args = vec!["--vcpus", "2", "--numa", &n0, "--numa", &n1];
     args.extend_from_slice(extra);
-    if !extra.iter().any(|a| *a == "--guest") {
+    if !extra.contains(&"--guest") {
         args.extend_from_slice(&["--guest", "builtin:dirty"]);
     }
     Vm::start(&args)
