@@ -17,10 +17,17 @@ fn scenarios() -> Vec<Scenario> {
     all.extend(harness::checkpoint::scenarios());
     all.extend(harness::restore::scenarios());
     all.extend(harness::numa::scenarios());
+    all.extend(harness::migration::scenarios());
     all
 }
 
 fn main() {
+    if std::env::args().nth(1).as_deref() == Some(harness::migration::TCP_SINK_ARG) {
+        // A child of the migration scenarios: the far end of the plain TCP
+        // baseline.
+        harness::migration::tcp_sink();
+        return;
+    }
     let opts = match Options::parse(std::env::args().skip(1)) {
         Ok(o) => o,
         Err(e) => {

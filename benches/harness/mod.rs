@@ -12,6 +12,7 @@
 pub mod checkpoint;
 pub mod fixture;
 pub mod guest;
+pub mod migration;
 pub mod numa;
 pub mod restore;
 
