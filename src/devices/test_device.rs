@@ -182,7 +182,7 @@ mod tests {
     fn a_fault_report_stops_the_vm_with_its_vector_error_code_and_rip() {
         let d = TestDevice::new(2, None);
         let out = |port, v: u32| d.io_out(1, port, &v.to_le_bytes());
-        assert_eq!(out(PORT_FAULT_RIP_LO, 0x1002_3), IoAction::Continue);
+        assert_eq!(out(PORT_FAULT_RIP_LO, 0x0001_0023), IoAction::Continue);
         assert_eq!(out(PORT_FAULT_RIP_HI, 0x1), IoAction::Continue);
         assert_eq!(out(PORT_FAULT_ERROR, 0x18), IoAction::Continue);
         assert_eq!(

@@ -29,6 +29,27 @@ say() {
     echo "$tag: $*"
 }
 
+# Waits up to 30 s for vmhop (pid $1) to exit; if it does not, prints its
+# threads' states and the kernel's last words, kills it and returns 1.
+reap() {
+    j=0
+    while kill -0 "$1" 2>/dev/null; do
+        j=$((j + 1))
+        if [ "$j" -gt 60 ]; then
+            say "vmhop (pid $1) did not exit within 30 s; threads: tid (comm) state ... utime stime"
+            for t in /proc/"$1"/task/*; do
+                cut -d' ' -f1-3,14,15 "$t/stat" 2>/dev/null || true
+            done
+            dmesg 2>/dev/null | tail -n 10
+            kill -9 "$1" 2>/dev/null || true
+            wait "$1" 2>/dev/null || true
+            return 1
+        fi
+        sleep 0.5
+    done
+    wait "$1" 2>/dev/null
+}
+
 failed=0
 r=1
 while [ "$r" -le "$rounds" ]; do
@@ -55,10 +76,14 @@ while [ "$r" -le "$rounds" ]; do
     done
     if kill -0 "$pid" 2>/dev/null && ! echo "$status" | grep -q stop_reason; then
         "$VMHOP" stop --api-socket "$sock" >/dev/null 2>&1 || kill "$pid"
-        wait "$pid" || true
-        say "round $r: ok, ran ${seconds} s: $status"
+        if reap "$pid"; then
+            say "round $r: ok, ran ${seconds} s: $status"
+        else
+            failed=$((failed + 1))
+            say "round $r: FAIL: vmhop did not exit after stop"
+        fi
     else
-        wait "$pid" && rc=0 || rc=$?
+        reap "$pid" && rc=0 || rc=$?
         failed=$((failed + 1))
         say "round $r: FAIL: the VM stopped by itself after ~${s} s (vmhop exit $rc)"
         say "round $r: last status: $status"
