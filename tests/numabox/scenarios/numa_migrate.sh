@@ -78,7 +78,19 @@ diagnose() {
     fi
     echo "$tag: --- dmesg (last 20 lines) ---"
     dmesg 2>/dev/null | tail -n 20
+    if [ -f "$trace/trace" ]; then
+        echo "$tag: --- kvm trace events (last 60) ---"
+        tail -n 60 "$trace/trace"
+    fi
 }
+
+# KVM's trace events, kept in the kernel's ring buffer and printed only on
+# failure: the exits before a guest stopped by itself say what L1 KVM saw.
+trace=/sys/kernel/tracing
+if mount -t tracefs nodev "$trace" 2>/dev/null && [ -d "$trace/events/kvm" ]; then
+    echo 2048 >"$trace/buffer_size_kb" 2>/dev/null || true
+    echo 1 >"$trace/events/kvm/enable" 2>/dev/null || true
+fi
 
 cleanup() {
     rm -f "$filler"
