@@ -7,10 +7,13 @@
 # Each round starts `vmhop run --vcpus 2 --guest GUEST` with one 64 MiB
 # guest node bound to host node 0 (the numa_migrate scenario's VM, default
 # GUEST builtin:dirty,fill=random), lets it run SECONDS seconds while
-# checking once a second that it still runs, then stops it. A VM that
+# checking once a second that it still runs and querying it as the
+# numa_migrate scenario does before any move (numa-stat, verify, which
+# pauses it), then stops it. A VM that
 # stopped by itself (a guest exception reported by the builtin guests' IDT,
 # a triple fault, a vCPU error) has its stop reason, its output and the
-# kernel's last words printed, and the round counts as failed. Exits 1 if
+# kernel's last words and the last 60 `kvm` trace events printed, and the
+# round counts as failed. Exits 1 if
 # any round failed. Defaults: 10 rounds of 5 s. TEST_FAULT (gp, ud, pf,
 # int=N) is passed to vmhop as VMHOP_TEST_GUEST_FAULT, so that every round
 # must stop with that exception (checks the IDT path on kvm-amd).
@@ -55,6 +58,13 @@ reap() {
     wait "$1" 2>/dev/null
 }
 
+# KVM's trace events, printed only for a round that failed.
+trace=/sys/kernel/tracing
+if mount -t tracefs nodev "$trace" 2>/dev/null && [ -d "$trace/events/kvm" ]; then
+    echo 2048 >"$trace/buffer_size_kb" 2>/dev/null || true
+    echo 1 >"$trace/events/kvm/enable" 2>/dev/null || true
+fi
+
 failed=0
 r=1
 while [ "$r" -le "$rounds" ]; do
@@ -76,6 +86,8 @@ while [ "$r" -le "$rounds" ]; do
         case "$status" in
         *stop_reason*) break ;;
         esac
+        "$VMHOP" numa-stat --api-socket "$sock" >/dev/null 2>&1 || true
+        "$VMHOP" verify --api-socket "$sock" >/dev/null 2>&1 || true
         sleep 1
         s=$((s + 1))
     done
@@ -96,6 +108,10 @@ while [ "$r" -le "$rounds" ]; do
         cat "$vmlog"
         echo "$tag: --- dmesg (last 10 lines) ---"
         dmesg 2>/dev/null | tail -n 10
+        if [ -f "$trace/trace" ]; then
+            echo "$tag: --- kvm trace events (last 60) ---"
+            tail -n 60 "$trace/trace"
+        fi
     fi
     r=$((r + 1))
 done
