@@ -79,8 +79,10 @@ diagnose() {
     echo "$tag: --- dmesg (last 20 lines) ---"
     dmesg 2>/dev/null | tail -n 20
     if [ -f "$trace/trace" ]; then
-        echo "$tag: --- kvm trace events (last 60) ---"
-        tail -n 60 "$trace/trace"
+        # The exits before a shutdown, else the last events (a vCPU thread's
+        # teardown fills the tail after the VM stopped).
+        echo "$tag: --- kvm trace: 80 events up to the first shutdown exit, else the last 60 ---"
+        grep -B 80 -m 1 'reason shutdown' "$trace/trace" || tail -n 60 "$trace/trace"
     fi
 }
 
