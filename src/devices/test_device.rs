@@ -6,7 +6,7 @@
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use crate::vmm::bus::{IoAction, PioDevice};
+use crate::vmm::bus::{GuestFault, IoAction, PioDevice};
 
 /// `out` here: park this vCPU until the VMM wakes it (pause, resume, stop).
 /// The idle guest's "wait".
@@ -18,13 +18,35 @@ pub const PORT_PACE: u16 = 0x0e81;
 pub const PORT_ID: u16 = 0x0e82;
 /// What `in` from [`PORT_ID`] returns ("VMHP").
 pub const DEVICE_MAGIC: u32 = 0x504d_4856;
+/// `out` here (dword): low half of the RIP of the fault about to be
+/// reported by [`PORT_FAULT`].
+pub const PORT_FAULT_RIP_LO: u16 = 0x0e83;
+/// `out` here (dword): high half of that RIP.
+pub const PORT_FAULT_RIP_HI: u16 = 0x0e84;
+/// `out` here (dword): the error code the CPU pushed for that fault.
+pub const PORT_FAULT_ERROR: u16 = 0x0e85;
+/// `out` here (dword): the guest took an exception or interrupt it cannot
+/// handle; bits 0–7 the vector, bit 8 set when the error code written to
+/// [`PORT_FAULT_ERROR`] is valid. The VM stops with the fault as its stop
+/// reason. The builtin guests' IDT handlers call it.
+pub const PORT_FAULT: u16 = 0x0e86;
+/// Bit of a [`PORT_FAULT`] value: the vector has an error code.
+pub const FAULT_HAS_ERROR: u32 = 1 << 8;
 
 /// If a vCPU falls this far behind its pace (it was paused, say), it
 /// restarts its pace from now instead of racing to catch up.
 const MAX_PACE_LAG: Duration = Duration::from_millis(100);
 
 /// First port of the device and how many it serves.
-pub const PORTS: (u16, u16) = (PORT_WAIT, 3);
+pub const PORTS: (u16, u16) = (PORT_WAIT, 7);
+
+/// What a vCPU has written so far about the fault it is reporting.
+#[derive(Debug, Clone, Copy, Default)]
+struct FaultRecord {
+    rip_lo: u32,
+    rip_hi: u32,
+    error_code: u32,
+}
 
 /// The test device of one VM.
 #[derive(Debug)]
@@ -33,6 +55,8 @@ pub struct TestDevice {
     rate_per_vcpu: Option<f64>,
     /// Per vCPU: when its next page is due.
     due: Mutex<Vec<Option<Instant>>>,
+    /// Per vCPU: the fault report being written.
+    faults: Mutex<Vec<FaultRecord>>,
 }
 
 impl TestDevice {
@@ -41,6 +65,7 @@ impl TestDevice {
         TestDevice {
             rate_per_vcpu: rate.map(|r| r as f64 / vcpus as f64),
             due: Mutex::new(vec![None; vcpus as usize]),
+            faults: Mutex::new(vec![FaultRecord::default(); vcpus as usize]),
         }
     }
 
@@ -55,16 +80,36 @@ impl TestDevice {
 
     /// Handles an `out` by vCPU `vcpu`.
     fn io_out(&self, vcpu: u32, port: u16, data: &[u8]) -> IoAction {
+        let mut b = [0u8; 4];
+        let n = data.len().min(4);
+        b[..n].copy_from_slice(&data[..n]);
+        let value = u32::from_le_bytes(b);
         match port {
+            PORT_FAULT_RIP_LO | PORT_FAULT_RIP_HI | PORT_FAULT_ERROR | PORT_FAULT => {
+                let mut faults = self.faults.lock().unwrap_or_else(|e| e.into_inner());
+                let Some(r) = faults.get_mut(vcpu as usize) else {
+                    return IoAction::Continue;
+                };
+                match port {
+                    PORT_FAULT_RIP_LO => r.rip_lo = value,
+                    PORT_FAULT_RIP_HI => r.rip_hi = value,
+                    PORT_FAULT_ERROR => r.error_code = value,
+                    _ => {
+                        return IoAction::Fault(GuestFault {
+                            vector: value as u8,
+                            error_code: (value & FAULT_HAS_ERROR != 0).then_some(r.error_code),
+                            rip: (r.rip_hi as u64) << 32 | r.rip_lo as u64,
+                        })
+                    }
+                }
+                IoAction::Continue
+            }
             PORT_WAIT => IoAction::Wait(None),
             PORT_PACE => {
                 let Some(rate) = self.rate_per_vcpu else {
                     return IoAction::Continue;
                 };
-                let mut b = [0u8; 4];
-                let n = data.len().min(4);
-                b[..n].copy_from_slice(&data[..n]);
-                let pages = u32::from_le_bytes(b).max(1) as f64;
+                let pages = value.max(1) as f64;
                 let now = Instant::now();
                 let mut due = self.due.lock().unwrap_or_else(|e| e.into_inner());
                 let slot = &mut due[vcpu as usize];
@@ -131,6 +176,32 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn a_fault_report_stops_the_vm_with_its_vector_error_code_and_rip() {
+        let d = TestDevice::new(2, None);
+        let out = |port, v: u32| d.io_out(1, port, &v.to_le_bytes());
+        assert_eq!(out(PORT_FAULT_RIP_LO, 0x0001_0023), IoAction::Continue);
+        assert_eq!(out(PORT_FAULT_RIP_HI, 0x1), IoAction::Continue);
+        assert_eq!(out(PORT_FAULT_ERROR, 0x18), IoAction::Continue);
+        assert_eq!(
+            out(PORT_FAULT, 13 | FAULT_HAS_ERROR),
+            IoAction::Fault(GuestFault {
+                vector: 13,
+                error_code: Some(0x18),
+                rip: 0x1_0001_0023,
+            })
+        );
+        let IoAction::Fault(f) = out(PORT_FAULT, 6) else {
+            panic!("PORT_FAULT must stop the VM");
+        };
+        assert_eq!(f.error_code, None, "bit 8 clear: no error code");
+        // Another vCPU's report is its own.
+        let IoAction::Fault(f) = d.io_out(0, PORT_FAULT, &32u32.to_le_bytes()) else {
+            panic!("PORT_FAULT must stop the VM");
+        };
+        assert_eq!(f.rip, 0);
     }
 
     #[test]

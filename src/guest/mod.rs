@@ -1,6 +1,7 @@
 //! The builtin guests: small x86-64 programs shipped inside vmhop that run
-//! their work loop at CPL3 (long mode, paging on), the port-I/O test device
-//! they talk to, and the host-side `verify` of their memory invariant.
+//! their work loop at CPL3 (long mode, paging on), with an IDT whose CPL0
+//! handlers report any exception or interrupt to the test device, and the
+//! host-side `verify` of their memory invariant.
 //!
 //! This module writes the guest's tables and code into guest memory and
 //! describes the vCPUs' boot state; it does not run vCPUs (see `vmm`).
@@ -9,12 +10,17 @@
 //!
 //! | address    | what                                                  |
 //! |------------|-------------------------------------------------------|
-//! | 0x1000     | GDT                                                   |
+//! | 0x1000     | GDT (fixed entries, then one TSS descriptor per vCPU) |
+//! | 0x2000     | IDT: 256 gates                                        |
 //! | 0x3000     | control page: magic, kind, vCPU count                 |
 //! | 0x4000     | per-vCPU blocks, 64 bytes each                        |
-//! | 0x5000     | TSS and its I/O permission bitmap (to 0x7069)         |
+//! | 0x5000     | per-vCPU TSSes, 128 bytes apart                       |
+//! | 0x7000     | the I/O permission bitmap they share (to 0x9001)      |
 //! | 0x10000    | code                                                  |
+//! | 0x11000    | test-fault routine (test hook only)                   |
+//! | 0x12000    | IDT handlers (CPL0)                                   |
 //! | 0x20000    | per-vCPU range tables, one page each                  |
+//! | 0x60000    | per-vCPU exception stacks, one page each              |
 //! | 0x100000   | page tables (PML4, PDPT, one PD per GiB)              |
 //! | 0x200000 … | the working set                                       |
 

@@ -1,10 +1,16 @@
 //! The builtin guests' machine code, assembled at build time of the VM with
 //! iced-x86's code assembler. Both programs run at CPL3 and never use a
-//! stack, so they need no IDT and no kernel.
+//! stack. The only CPL0 code is the IDT's handlers: each reports its vector,
+//! error code and RIP to the test device and parks, so that an exception or
+//! a stray interrupt stops the VM with a reason instead of a triple fault.
 
 use iced_x86::code_asm::*;
+use iced_x86::BlockEncoderOptions;
 
-use crate::devices::test_device::{PORT_PACE, PORT_WAIT};
+use crate::devices::test_device::{
+    FAULT_HAS_ERROR, PORT_FAULT, PORT_FAULT_ERROR, PORT_FAULT_RIP_HI, PORT_FAULT_RIP_LO, PORT_PACE,
+    PORT_WAIT,
+};
 
 /// Offsets inside a per-vCPU block (see docs/test-device.md).
 pub mod block {
@@ -18,6 +24,9 @@ pub mod block {
     pub const SWEEP: u64 = 24;
     /// Pages between two PACE calls (0: never pace).
     pub const PACE_BATCH: u64 = 32;
+    /// Test hook: the sweep at whose start the guest jumps to the fault
+    /// routine (0: never; see [`super::TestFault`]).
+    pub const FAULT_SWEEP: u64 = 40;
     /// Size of a block.
     pub const SIZE: u64 = 64;
 }
@@ -34,18 +43,28 @@ pub const TAG_OFFSET: u64 = 8;
 ///
 /// Registers: rdi = its block; r8 = sweep; r9 = range index; rsi = page;
 /// rcx = pages left in range; r12 = pages since the last PACE.
-pub fn dirty(base: u64) -> Result<Vec<u8>, IcedError> {
+///
+/// At the start of sweep `block::FAULT_SWEEP` (a test hook, normally 0 so
+/// never) it jumps to `fault_at` with r11 = [`UNMAPPED_ADDR`].
+pub fn dirty(base: u64, fault_at: u64) -> Result<Vec<u8>, IcedError> {
     let mut a = CodeAssembler::new(64)?;
     let mut sweep_loop = a.create_label();
     let mut range_loop = a.create_label();
     let mut page_loop = a.create_label();
     let mut next_range = a.create_label();
     let mut no_pace = a.create_label();
+    let mut no_fault = a.create_label();
 
     a.mov(r8, qword_ptr(rdi + block::SWEEP))?;
     a.set_label(&mut sweep_loop)?;
     a.inc(r8)?;
     a.mov(qword_ptr(rdi + block::SWEEP), r8)?;
+    a.cmp(r8, qword_ptr(rdi + block::FAULT_SWEEP))?;
+    a.jne(no_fault)?;
+    a.mov(r11, UNMAPPED_ADDR)?;
+    a.mov(rax, fault_at)?;
+    a.jmp(rax)?;
+    a.set_label(&mut no_fault)?;
     a.xor(r9, r9)?;
     a.set_label(&mut range_loop)?;
     a.cmp(r9, qword_ptr(rdi + block::NRANGES))?;
@@ -92,13 +111,149 @@ pub fn idle(base: u64) -> Result<Vec<u8>, IcedError> {
     a.assemble(base)
 }
 
+/// A guest-virtual address no builtin guest maps (above the most memory
+/// its page tables cover), for the `pf` test fault.
+pub const UNMAPPED_ADDR: u64 = 0x7f_0000_0000;
+
+/// Test hook (`VMHOP_TEST_GUEST_FAULT`): an exception the dirty guest
+/// raises on purpose at the start of its second sweep, to check that the
+/// IDT reports it. Never used in normal runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TestFault {
+    /// `hlt` at CPL3: #GP(0) at the routine's first byte.
+    Gp,
+    /// `ud2`: #UD at the routine's first byte.
+    Ud,
+    /// A write to [`UNMAPPED_ADDR`]: #PF, error code 0x6 (user write, not
+    /// present), at the routine's first byte.
+    Pf,
+    /// `int N` through a DPL3 gate: vector N, RIP after the 2-byte `int`.
+    Int(u8),
+}
+
+impl TestFault {
+    /// Parses `gp`, `ud`, `pf` or `int=N`.
+    pub fn parse(s: &str) -> Option<TestFault> {
+        match s {
+            "gp" => Some(TestFault::Gp),
+            "ud" => Some(TestFault::Ud),
+            "pf" => Some(TestFault::Pf),
+            _ => s.strip_prefix("int=")?.parse().ok().map(TestFault::Int),
+        }
+    }
+}
+
+/// The routine the dirty guest jumps to for a [`TestFault`] (r11 =
+/// [`UNMAPPED_ADDR`]); if the fault ever returns, it loops on itself.
+pub fn test_fault(base: u64, fault: TestFault) -> Result<Vec<u8>, IcedError> {
+    let mut a = CodeAssembler::new(64)?;
+    let mut top = a.create_label();
+    a.set_label(&mut top)?;
+    match fault {
+        TestFault::Gp => a.hlt()?,
+        TestFault::Ud => a.ud2()?,
+        TestFault::Pf => a.mov(qword_ptr(r11), rax)?,
+        TestFault::Int(n) => a.int(n as u32)?,
+    }
+    a.jmp(top)?;
+    a.assemble(base)
+}
+
+/// Bytes from an exception stack's top (a page boundary) down to the
+/// handler's stack pointer after its stub and the common entry pushed their
+/// words, without and with a CPU-pushed error code: the interrupt frame (5
+/// words), the error code (1), the vector (1), rax and rdx (2).
+const FRAME_NO_ERROR: u32 = 0x1000 - 8 * (5 + 1 + 2);
+const FRAME_WITH_ERROR: u32 = FRAME_NO_ERROR - 8;
+
+/// The IDT handlers at `base`: one stub per vector, which pushes its
+/// vector and jumps to a common body that reports vector, error code and
+/// RIP to the test device and then parks (`hlt` in a loop: the device has
+/// already stopped the VM). Returns the code and each vector's entry.
+///
+/// Every gate uses IST1, a fresh page-aligned stack per vCPU, so the stack
+/// depth tells whether the CPU pushed an error code. That is more robust
+/// than a per-vector table: `int 13` from software pushes none where a real
+/// #GP does.
+pub fn handlers(base: u64) -> Result<(Vec<u8>, Vec<u64>), IcedError> {
+    let mut a = CodeAssembler::new(64)?;
+    let mut common = a.create_label();
+    let mut with_error = a.create_label();
+    let mut report = a.create_label();
+    let mut park = a.create_label();
+    let mut stubs = Vec::with_capacity(256);
+    for vector in 0..256u32 {
+        let mut l = a.create_label();
+        a.set_label(&mut l)?;
+        a.push(vector as i32)?;
+        a.jmp(common)?;
+        stubs.push(l);
+    }
+    a.set_label(&mut common)?;
+    a.push(rax)?;
+    a.push(rdx)?;
+    a.mov(eax, esp)?;
+    a.and(eax, 0xfff)?;
+    a.cmp(eax, FRAME_WITH_ERROR)?;
+    a.je(with_error)?;
+    // [rsp+16] vector, [rsp+24] rip.
+    a.mov(rax, qword_ptr(rsp + 24))?;
+    a.mov(dx, PORT_FAULT_RIP_LO as u32)?;
+    a.out(dx, eax)?;
+    a.shr(rax, 32)?;
+    a.mov(dx, PORT_FAULT_RIP_HI as u32)?;
+    a.out(dx, eax)?;
+    a.mov(eax, dword_ptr(rsp + 16))?;
+    a.jmp(report)?;
+    // [rsp+16] vector, [rsp+24] error code, [rsp+32] rip.
+    a.set_label(&mut with_error)?;
+    a.mov(rax, qword_ptr(rsp + 32))?;
+    a.mov(dx, PORT_FAULT_RIP_LO as u32)?;
+    a.out(dx, eax)?;
+    a.shr(rax, 32)?;
+    a.mov(dx, PORT_FAULT_RIP_HI as u32)?;
+    a.out(dx, eax)?;
+    a.mov(eax, dword_ptr(rsp + 24))?;
+    a.mov(dx, PORT_FAULT_ERROR as u32)?;
+    a.out(dx, eax)?;
+    a.mov(eax, dword_ptr(rsp + 16))?;
+    a.or(eax, FAULT_HAS_ERROR as i32)?;
+    a.set_label(&mut report)?;
+    a.mov(dx, PORT_FAULT as u32)?;
+    a.out(dx, eax)?;
+    a.set_label(&mut park)?;
+    a.hlt()?;
+    a.jmp(park)?;
+    let r = a.assemble_options(base, BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS)?;
+    let entries = stubs
+        .iter()
+        .map(|l| r.label_ip(l))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((r.inner.code_buffer, entries))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn programs_assemble() {
-        assert!(dirty(0x10000).unwrap().len() > 40);
+        assert!(dirty(0x10000, 0x11000).unwrap().len() > 40);
         assert!(idle(0x10000).unwrap().len() >= 5);
+        for f in ["gp", "ud", "pf", "int=64"] {
+            let f = TestFault::parse(f).unwrap();
+            assert!(!test_fault(0x11000, f).unwrap().is_empty());
+        }
+        assert_eq!(TestFault::parse("int=300"), None);
+    }
+
+    #[test]
+    fn every_vector_has_its_own_handler_entry() {
+        let (code, entries) = handlers(0x12000).unwrap();
+        assert_eq!(entries.len(), 256);
+        assert!(entries.windows(2).all(|w| w[0] < w[1]));
+        assert!(entries
+            .iter()
+            .all(|&e| e >= 0x12000 && e < 0x12000 + code.len() as u64));
     }
 }

@@ -7,23 +7,37 @@ use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs};
 use super::program::{self, block};
 use super::{GuestSpec, RESERVED_BYTES};
 use crate::memory::{GuestMemory, GuestRange, PAGE_SIZE};
+use crate::vmm::config::MAX_VCPUS;
 
 /// GDT.
 pub const GDT_ADDR: u64 = 0x1000;
-/// TSS, followed by its I/O permission bitmap (8 KiB, all ports allowed).
+/// IDT: 256 16-byte gates.
+pub const IDT_ADDR: u64 = 0x2000;
+/// First vCPU's TSS; vCPU i's is `TSS_STRIDE` bytes further per i. All
+/// share one I/O permission bitmap at [`IOMAP_ADDR`].
 pub const TSS_ADDR: u64 = 0x5000;
-/// Offset of the I/O bitmap in the TSS.
-const IOMAP_OFFSET: u64 = 0x68;
-/// TSS limit: the 104-byte TSS, the 8 KiB bitmap and its 0xff end byte.
-const TSS_LIMIT: u64 = IOMAP_OFFSET + 0x2000;
+/// Bytes between two vCPUs' TSSes (a TSS is 104 bytes).
+const TSS_STRIDE: u64 = 0x80;
+/// The I/O permission bitmap all TSSes share (8 KiB, every port allowed),
+/// followed by its 0xff end byte.
+pub const IOMAP_ADDR: u64 = TSS_ADDR + MAX_VCPUS as u64 * TSS_STRIDE;
+/// Size of the I/O permission bitmap: one bit per port.
+const IOMAP_BYTES: u64 = 0x2000;
 /// Control page.
 pub const CONTROL_ADDR: u64 = 0x3000;
 /// First per-vCPU block.
 pub const BLOCKS_ADDR: u64 = 0x4000;
 /// Code.
 pub const CODE_ADDR: u64 = 0x10000;
+/// The test-fault routine (`VMHOP_TEST_GUEST_FAULT` only).
+pub const TEST_FAULT_ADDR: u64 = 0x11000;
+/// The IDT handlers (CPL0).
+pub const HANDLERS_ADDR: u64 = 0x12000;
 /// First per-vCPU range table (one page each).
 pub const RANGES_ADDR: u64 = 0x20000;
+/// First per-vCPU exception stack (one page each, IST1 and RSP0 of its
+/// TSS point at its top).
+pub const STACKS_ADDR: u64 = RANGES_ADDR + MAX_VCPUS as u64 * PAGE_SIZE;
 /// PML4; the PDPT follows, then one PD per GiB.
 pub const PML4_ADDR: u64 = 0x100000;
 /// Most GiB of guest-physical space the tables can map.
@@ -32,13 +46,30 @@ pub const MAX_MAPPED_GIB: u64 = 254;
 pub const CONTROL_MAGIC: u64 = u64::from_le_bytes(*b"VMHOPGST");
 /// Largest number of ranges in one vCPU's table.
 pub const MAX_RANGES: u64 = PAGE_SIZE / 16;
+/// Test hook: `VMHOP_TEST_GUEST_FAULT=gp|ud|pf|int=N` makes a dirty guest
+/// raise that exception at the start of its second sweep (see
+/// [`program::TestFault`]). Never set in normal use.
+pub const TEST_FAULT_ENV: &str = "VMHOP_TEST_GUEST_FAULT";
 
+/// Kernel code selector (GDT entry 1): the IDT handlers' CS.
+const KERNEL_CS: u16 = 0x08;
 /// Code selector: GDT entry 3, RPL 3.
 const USER_CS: u16 = 0x1b;
 /// Data selector: GDT entry 4, RPL 3.
 const USER_DS: u16 = 0x23;
-/// TSS selector: GDT entry 5.
+/// vCPU 0's TSS selector (GDT entries 5–6); vCPU i's is 16 bytes further.
 const TSS_SEL: u16 = 0x28;
+/// GDT entries before the TSS descriptors.
+const GDT_FIXED_ENTRIES: u64 = 5;
+/// IDT gate attributes: present, DPL3 (so that `int n` from CPL3 lands
+/// too), 64-bit interrupt gate (IF cleared on entry).
+const GATE_ATTR: u64 = 0xee;
+/// The IST slot every gate uses.
+const GATE_IST: u64 = 1;
+
+const _: () = assert!(IOMAP_ADDR + IOMAP_BYTES < CODE_ADDR);
+const _: () = assert!(GDT_ADDR + (GDT_FIXED_ENTRIES + 2 * MAX_VCPUS as u64) * 8 <= IDT_ADDR);
+const _: () = assert!(STACKS_ADDR + MAX_VCPUS as u64 * PAGE_SIZE <= PML4_ADDR);
 
 /// Writing the guest failed.
 #[derive(Debug, thiserror::Error)]
@@ -183,8 +214,14 @@ pub fn install(
             SetupError::Layout(format!("guest address {gpa:#x} is not backed by memory"))
         })
     };
-    // GDT: null, kernel code/data (unused), user code/data, 16-byte TSS.
-    let gdt: [u64; 5] = [
+    if vcpus == 0 || vcpus > MAX_VCPUS {
+        return Err(SetupError::Layout(format!(
+            "{vcpus} vCPUs: the builtin guests have tables for 1..={MAX_VCPUS}"
+        )));
+    }
+    // GDT: null, kernel code/data (the IDT handlers' CS), user code/data,
+    // then one 16-byte TSS descriptor per vCPU.
+    let gdt: [u64; GDT_FIXED_ENTRIES as usize] = [
         0,
         0x00af_9a00_0000_ffff,
         0x00cf_9200_0000_ffff,
@@ -197,18 +234,47 @@ pub fn install(
     // The I/O bitmap: zero bits allow every port. IOPL=3 alone would do on
     // bare metal, but the paravirtualised KVM of our CI hosts checks the
     // bitmap even then, and a TSS without one makes every `out` a #GP.
-    w(TSS_ADDR + 0x64, IOMAP_OFFSET << 16)?;
+    // One bitmap serves every vCPU's TSS: each points at it by offset.
     memory
-        .write_bytes(TSS_ADDR + IOMAP_OFFSET + 0x2000, &[0xff])
+        .write_bytes(IOMAP_ADDR, &vec![0u8; IOMAP_BYTES as usize])
+        .and_then(|()| memory.write_bytes(IOMAP_ADDR + IOMAP_BYTES, &[0xff]))
         .ok_or_else(|| SetupError::Layout("TSS does not fit".into()))?;
-    let tss_limit = TSS_LIMIT;
-    let tss_lo = (tss_limit & 0xffff)
-        | (((tss_limit >> 16) & 0xf) << 48)
-        | ((TSS_ADDR & 0xff_ffff) << 16)
-        | (0x89u64 << 40)
-        | (((TSS_ADDR >> 24) & 0xff) << 56);
-    w(GDT_ADDR + 40, tss_lo)?;
-    w(GDT_ADDR + 48, TSS_ADDR >> 32)?;
+    for v in 0..vcpus as u64 {
+        let tss = tss_addr(v);
+        let stack_top = STACKS_ADDR + (v + 1) * PAGE_SIZE;
+        memory
+            .write_bytes(tss, &[0u8; TSS_STRIDE as usize])
+            .ok_or_else(|| SetupError::Layout("TSS does not fit".into()))?;
+        // RSP0 (+0x04) and IST1 (+0x24): this vCPU's exception stack.
+        w(tss + 0x04, stack_top)?;
+        w(tss + 0x1c + 8 * GATE_IST, stack_top)?;
+        // The I/O map base (+0x66, a 16-bit offset from the TSS).
+        w(tss + 0x64, (IOMAP_ADDR - tss) << 16)?;
+        let limit = tss_limit(v);
+        let lo = (limit & 0xffff)
+            | (((limit >> 16) & 0xf) << 48)
+            | ((tss & 0xff_ffff) << 16)
+            | (0x89u64 << 40)
+            | (((tss >> 24) & 0xff) << 56);
+        let desc = GDT_ADDR + (GDT_FIXED_ENTRIES + 2 * v) * 8;
+        w(desc, lo)?;
+        w(desc + 8, tss >> 32)?;
+    }
+
+    // IDT: every vector to its handler stub, at CPL0 on IST1.
+    let (handlers, entries) =
+        program::handlers(HANDLERS_ADDR).map_err(|e| SetupError::Assemble(e.to_string()))?;
+    if HANDLERS_ADDR + handlers.len() as u64 > RANGES_ADDR {
+        return Err(SetupError::Assemble("the IDT handlers do not fit".into()));
+    }
+    memory
+        .write_bytes(HANDLERS_ADDR, &handlers)
+        .ok_or_else(|| SetupError::Layout("the IDT handlers do not fit".into()))?;
+    for (vector, &entry) in entries.iter().enumerate() {
+        let (lo, hi) = idt_gate(entry);
+        w(IDT_ADDR + vector as u64 * 16, lo)?;
+        w(IDT_ADDR + vector as u64 * 16 + 8, hi)?;
+    }
 
     // Identity page tables with 2 MiB pages, user-accessible at every level.
     let top = memory.chunks().map(|c| c.range.end()).max().unwrap_or(0);
@@ -224,13 +290,24 @@ pub fn install(
     // Code.
     let code = match spec {
         GuestSpec::Idle => program::idle(CODE_ADDR),
-        GuestSpec::Dirty { .. } => program::dirty(CODE_ADDR),
+        GuestSpec::Dirty { .. } => program::dirty(CODE_ADDR, TEST_FAULT_ADDR),
         GuestSpec::Linux(_) => return Err(not_builtin()),
     }
     .map_err(|e| SetupError::Assemble(e.to_string()))?;
+    if CODE_ADDR + code.len() as u64 > TEST_FAULT_ADDR {
+        return Err(SetupError::Assemble("the guest's code does not fit".into()));
+    }
     memory
         .write_bytes(CODE_ADDR, &code)
         .ok_or_else(|| SetupError::Layout("code does not fit".into()))?;
+    let test_fault = test_fault_hook()?;
+    if let Some(f) = test_fault {
+        let code = program::test_fault(TEST_FAULT_ADDR, f)
+            .map_err(|e| SetupError::Assemble(e.to_string()))?;
+        memory
+            .write_bytes(TEST_FAULT_ADDR, &code)
+            .ok_or_else(|| SetupError::Layout("code does not fit".into()))?;
+    }
 
     // Control page and per-vCPU blocks and range tables.
     let kind = match spec {
@@ -255,11 +332,15 @@ pub fn install(
         w(blk + block::PROGRESS, 0)?;
         w(blk + block::SWEEP, 0)?;
         w(blk + block::PACE_BATCH, pace_batch)?;
+        w(
+            blk + block::FAULT_SWEEP,
+            if test_fault.is_some() { 2 } else { 0 },
+        )?;
         for (i, &(gpa, pages)) in slice.iter().enumerate() {
             w(table + i as u64 * 16, gpa)?;
             w(table + i as u64 * 16 + 8, pages)?;
         }
-        boots.push(boot_state(blk));
+        boots.push(boot_state(v as u64, blk));
     }
     if let GuestSpec::Dirty {
         fill_random: true, ..
@@ -268,6 +349,38 @@ pub fn install(
         fill_random(memory, &slices);
     }
     Ok(boots)
+}
+
+/// vCPU `v`'s TSS.
+fn tss_addr(v: u64) -> u64 {
+    TSS_ADDR + v * TSS_STRIDE
+}
+
+/// vCPU `v`'s TSS limit: up to and including the shared bitmap's end byte.
+fn tss_limit(v: u64) -> u64 {
+    IOMAP_ADDR + IOMAP_BYTES - tss_addr(v)
+}
+
+/// A 64-bit interrupt gate to `entry` in the kernel code segment, on IST1.
+fn idt_gate(entry: u64) -> (u64, u64) {
+    let lo = (entry & 0xffff)
+        | (KERNEL_CS as u64) << 16
+        | GATE_IST << 32
+        | GATE_ATTR << 40
+        | ((entry >> 16) & 0xffff) << 48;
+    (lo, entry >> 32)
+}
+
+/// The test fault `VMHOP_TEST_GUEST_FAULT` asks for, if any.
+fn test_fault_hook() -> Result<Option<program::TestFault>, SetupError> {
+    let Ok(v) = std::env::var(TEST_FAULT_ENV) else {
+        return Ok(None);
+    };
+    program::TestFault::parse(&v).map(Some).ok_or_else(|| {
+        SetupError::Layout(format!(
+            "{TEST_FAULT_ENV}={v}: expected gp, ud, pf or int=N (N 0..=255)"
+        ))
+    })
 }
 
 /// Fills every working-set page with pseudo-random bytes, except the
@@ -317,7 +430,7 @@ fn seg(selector: u16, type_: u8, long: bool) -> kvm_segment {
     }
 }
 
-fn boot_state(block_addr: u64) -> BootState {
+fn boot_state(vcpu: u64, block_addr: u64) -> BootState {
     let regs = kvm_regs {
         rip: CODE_ADDR,
         rdi: block_addr,
@@ -335,9 +448,9 @@ fn boot_state(block_addr: u64) -> BootState {
         ..Default::default()
     };
     sregs.tr = kvm_segment {
-        base: TSS_ADDR,
-        limit: TSS_LIMIT as u32,
-        selector: TSS_SEL,
+        base: tss_addr(vcpu),
+        limit: tss_limit(vcpu) as u32,
+        selector: TSS_SEL + 16 * vcpu as u16,
         type_: 0xb,
         present: 1,
         ..Default::default()
@@ -348,7 +461,9 @@ fn boot_state(block_addr: u64) -> BootState {
         ..Default::default()
     };
     sregs.gdt.base = GDT_ADDR;
-    sregs.gdt.limit = 7 * 8 - 1;
+    sregs.gdt.limit = ((GDT_FIXED_ENTRIES + 2 * MAX_VCPUS as u64) * 8 - 1) as u16;
+    sregs.idt.base = IDT_ADDR;
+    sregs.idt.limit = 256 * 16 - 1;
     // CR0: PE | MP | ET | NE | WP | PG.
     sregs.cr0 = 0x8005_0033;
     sregs.cr3 = PML4_ADDR;

@@ -19,6 +19,54 @@ pub enum IoAction {
     Wait(Option<Instant>),
     /// The guest asked to end the VM.
     Exit(GuestExit),
+    /// The guest took an exception or interrupt it has no use for and
+    /// reported it: the VM cannot run on.
+    Fault(GuestFault),
+}
+
+/// An exception or interrupt a guest reported instead of triple-faulting
+/// (the builtin guests' IDT does this, see docs/test-device.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GuestFault {
+    /// The IDT vector (0–31 exceptions, 32–255 interrupts).
+    pub vector: u8,
+    /// The error code the CPU pushed, for the exceptions that have one.
+    pub error_code: Option<u32>,
+    /// RIP in the interrupt frame: the faulting instruction for a fault,
+    /// the one after it for a trap or an interrupt.
+    pub rip: u64,
+}
+
+impl GuestFault {
+    /// The architectural mnemonic of an exception vector (None: reserved
+    /// or an interrupt).
+    pub fn mnemonic(vector: u8) -> Option<&'static str> {
+        const NAMES: [&str; 32] = [
+            "#DE", "#DB", "NMI", "#BP", "#OF", "#BR", "#UD", "#NM", "#DF", "", "#TS", "#NP", "#SS",
+            "#GP", "#PF", "", "#MF", "#AC", "#MC", "#XM", "#VE", "#CP", "", "", "", "", "", "",
+            "#HV", "#VC", "#SX", "",
+        ];
+        NAMES
+            .get(vector as usize)
+            .copied()
+            .filter(|n| !n.is_empty())
+    }
+}
+
+impl std::fmt::Display for GuestFault {
+    /// `guest exception: vector 13 (#GP) error code 0x0 at rip 0x10023`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "guest exception: vector {}", self.vector)?;
+        match GuestFault::mnemonic(self.vector) {
+            Some(m) => write!(f, " ({m})")?,
+            None if self.vector >= 32 => write!(f, " (interrupt)")?,
+            None => write!(f, " (reserved)")?,
+        }
+        if let Some(e) = self.error_code {
+            write!(f, " error code {e:#x}")?;
+        }
+        write!(f, " at rip {:#x}", self.rip)
+    }
 }
 
 /// How a guest ended the VM by itself, on purpose.
@@ -221,6 +269,28 @@ mod tests {
         );
         assert_eq!(bus.write(0, 0x60, &[1]), IoAction::Continue);
         assert_eq!(a.writes.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn a_guest_fault_names_its_vector_error_code_and_rip() {
+        let gp = GuestFault {
+            vector: 13,
+            error_code: Some(0),
+            rip: 0x10023,
+        };
+        assert_eq!(
+            gp.to_string(),
+            "guest exception: vector 13 (#GP) error code 0x0 at rip 0x10023"
+        );
+        let irq = GuestFault {
+            vector: 0x40,
+            error_code: None,
+            rip: 0x11002,
+        };
+        assert_eq!(
+            irq.to_string(),
+            "guest exception: vector 64 (interrupt) at rip 0x11002"
+        );
     }
 
     #[test]

@@ -22,7 +22,7 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use serde::{Deserialize, Serialize};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
-use super::bus::{GuestExit, IoAction, IoBus};
+use super::bus::{GuestExit, GuestFault, IoAction, IoBus};
 
 /// How long the VM waits for a vCPU to acknowledge a command.
 pub const MAX_ACK_WAIT: Duration = Duration::from_secs(5);
@@ -373,6 +373,8 @@ pub enum GuestStop {
     Error(String),
     /// The guest powered off or rebooted.
     Exit(GuestExit),
+    /// The guest reported an exception or interrupt it could not handle.
+    Fault(GuestFault),
 }
 
 /// The VM's handle on one vCPU thread.
@@ -647,6 +649,7 @@ impl VcpuThread {
                     }
                 }
                 IoAction::Exit(e) => return self.stopped(GuestStop::Exit(e)),
+                IoAction::Fault(f) => return self.stopped(GuestStop::Fault(f)),
             }
         }
     }

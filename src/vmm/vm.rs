@@ -331,6 +331,7 @@ impl Vm {
             let on_stop: vcpu::OnGuestStop = Arc::new(move |id, why: GuestStop| {
                 let msg = match why {
                     GuestStop::Shutdown(s) | GuestStop::Error(s) => format!("vCPU {id}: {s}"),
+                    GuestStop::Fault(f) => format!("vCPU {id}: {f}"),
                     GuestStop::Exit(e) => {
                         exit.lock()
                             .unwrap_or_else(|e| e.into_inner())
