@@ -355,6 +355,24 @@ fn numabox_linux_guest_survives_checkpoint_and_lazy_restore() {
 }
 
 #[test]
+fn numabox_linux_guest_survives_host_migration_to_swapped_nodes() {
+    let expect: Vec<&str> = LINUX_BOOTED
+        .iter()
+        .copied()
+        .chain([
+            "ok: migrate: the destination waits on unix:",
+            "ok: migrate: the source vmhop exited 0",
+            "ok: on the destination: the count continues at beat",
+            "ok: on the destination: beats",
+            "ok: on the destination: guest node 0 (bind:1):",
+            "ok: on the destination: guest node 1 (bind:0):",
+            "ok: stop: dx stopped, vmhop exited 0",
+        ])
+        .collect();
+    linux_scenario("migrate", &expect);
+}
+
+#[test]
 fn numabox_linux_guest_survives_live_numa_move() {
     linux_numa_move("live");
 }

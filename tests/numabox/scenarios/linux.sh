@@ -2,7 +2,7 @@
 # A Linux guest under vmhop, inside the NUMA box.
 #
 #   linux.sh STEP [verbose]
-#   STEP = boot | poweroff | reboot | checkpoint | numa-live | numa-stop-copy | numa-kernel
+#   STEP = boot | poweroff | reboot | checkpoint | numa-live | numa-stop-copy | numa-kernel | migrate
 #
 # Needs two extra files (run.sh arguments): the guest kernel at
 # /files/vmlinuz (the box's own Debian kernel does) and the guest initramfs
@@ -30,6 +30,12 @@
 #               numa-stat must show >= 99% of guest node 0's present pages
 #               on host node 1 (bind:1, vCPU 0 on node 1's CPUs) and guest
 #               node 1 still on host node 1; then 3 more beats ok.
+#   migrate     a second vmhop waits with run --incoming unix:... and the
+#               guest nodes swapped (guest node 0 to host node 1, 1 to 0);
+#               vmhop migrate moves the VM there: the source must exit 0,
+#               the destination's console must carry on counting from where
+#               the source stopped (no reboot, uptime not back), 3 more
+#               beats ok, and numa-stat there must show the swapped nodes.
 # "verbose" boots the guest without `quiet` (its whole boot log on the console).
 #
 # Busybox sh. Prints "linux[STEP]: ok: ..." per passed check and, on the
@@ -41,9 +47,9 @@ set -eu
 step="${1:-}"
 verbose="${2:-}"
 case "$step" in
-boot | poweroff | reboot | checkpoint | numa-live | numa-stop-copy | numa-kernel) ;;
+boot | poweroff | reboot | checkpoint | numa-live | numa-stop-copy | numa-kernel | migrate) ;;
 *)
-    echo "linux: usage: linux.sh boot|poweroff|reboot|checkpoint|numa-live|numa-stop-copy|numa-kernel [verbose]"
+    echo "linux: usage: linux.sh boot|poweroff|reboot|checkpoint|numa-live|numa-stop-copy|numa-kernel|migrate [verbose]"
     exit 2
     ;;
 esac
@@ -475,6 +481,66 @@ step_numa() {
     stop_vm "stop"
 }
 
+step_migrate() {
+    boot_vm
+    first_beat=1
+    more_beats 1 "before the migration"
+    src_pid="$vm_pid" src_err="$err"
+    sock=/tmp/vmhop-migration.sock
+    start dx "$VMHOP" run --name dx --incoming "unix:$sock" \
+        --numa guest-node=0,host-node=1 --numa guest-node=1,host-node=0
+    t=0
+    until "$VMHOP" status --name dx --json 2>/dev/null | grep -q '"incoming"'; do
+        t=$((t + 1))
+        [ "$t" -le "$EXIT_DEADLINE" ] || fail "migrate: the destination never waited ($(cat "$err"))"
+        sleep 1
+    done
+    say "ok: migrate: the destination waits on unix:$sock"
+    dst_con="$con"
+    con=/tmp/lx.console
+    mig_before="$(last_beat)"
+    up_before="$(beat_up "$mig_before")"
+    con="$dst_con"
+    if ! report="$("$VMHOP" migrate --name lx --to "unix:$sock" --json 2>"$errf")"; then
+        fail "migrate: vmhop migrate failed: $(cat "$errf")"
+    fi
+    mig_after="$(con=/tmp/lx.console; last_beat)"
+    say "migrate report: $report"
+    # The source process ends by itself once the VM runs there.
+    t=0
+    while kill -0 "$src_pid" 2>/dev/null; do
+        t=$((t + 1))
+        [ "$t" -le "$EXIT_DEADLINE" ] || fail "migrate: the source vmhop still runs after ${EXIT_DEADLINE}s"
+        sleep 1
+    done
+    set +e
+    wait "$src_pid"
+    rc=$?
+    set -e
+    [ "$rc" -eq 0 ] || fail "migrate: the source vmhop exited with $rc: $(cat "$src_err")"
+    say "ok: migrate: the source vmhop exited 0"
+    what="on the destination"
+    wait_beat 1 "$BEAT_DEADLINE" "$what"
+    first_beat="$(beats | head -n 1)"
+    [ "$first_beat" -gt "$mig_before" ] ||
+        fail "$what: first beat $first_beat is not after beat $mig_before (the count restarted)"
+    [ "$first_beat" -le $((mig_after + 2)) ] ||
+        fail "$what: first beat $first_beat is past beat $((mig_after + 2))"
+    say "ok: $what: the count continues at beat $first_beat (migrated between beats $mig_before and $mig_after)"
+    up="$(beat_up "$first_beat")"
+    if [ -n "$up_before" ] && [ -n "$up" ]; then
+        awk -v a="$up" -v b="$up_before" 'BEGIN { exit !(a + 0 >= b + 0) }' ||
+            fail "$what: guest uptime went back from $up_before s to $up s"
+        say "ok: $what: guest uptime $up_before s -> $up s"
+    fi
+    more_beats 3 "$what"
+    stat="$(cli "$what" numa-stat)"
+    say "numa-stat there: $stat"
+    check_placement "$stat" 0 1 "$what"
+    check_placement "$stat" 1 0 "$what"
+    stop_vm "stop"
+}
+
 say "kernel $kernel ($(wc -c <"$kernel" 2>/dev/null || echo missing) bytes), initrd $initrd ($(wc -c <"$initrd" 2>/dev/null || echo missing) bytes)"
 say "guest command line: $cmdline"
 case "$step" in
@@ -483,5 +549,6 @@ poweroff) step_end poweroff "powered off" ;;
 reboot) step_end reboot "rebooted" ;;
 checkpoint) step_checkpoint ;;
 numa-*) step_numa "${step#numa-}" ;;
+migrate) step_migrate ;;
 esac
 say "ok: all checks passed"
