@@ -780,3 +780,84 @@ fn live_move_that_cannot_converge_falls_back_chunk_by_chunk_and_verifies() {
     );
     assert_still_running(&vm, "after a live move that fell back to stop-copy");
 }
+
+/// Status readers hammering the API while the moves below run.
+const STATUS_CLIENTS: usize = 4;
+/// Moves of guest node 0 (chunk 0 holds the progress counters status reads)
+/// per mode in the stress test.
+const STRESS_MOVES_PER_MODE: usize = 12;
+
+#[test]
+fn status_in_a_tight_loop_during_repeated_moves_never_sees_a_half_swapped_chunk() {
+    // Before replace_chunk took the memory write lock and swapped without a
+    // hole, a status landing between its two mremaps read the unmapped
+    // chunk 0 and vmhop died of SIGSEGV.
+    let vm = dirty_vm("", &["--memory", "64M"]);
+    let p0 = vm.progress();
+    vm.wait_progress_above(p0, PROGRESS_WAIT);
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (answers, moves) = thread::scope(|s| {
+        let clients: Vec<_> = (0..STATUS_CLIENTS)
+            .map(|_| {
+                s.spawn(|| {
+                    let mut ok = 0u64;
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        let r = common::http(vm.socket(), "GET", "/api/v1/vm.status", None)
+                            .map_err(|e| format!("status after {ok} answers: {e}"))?;
+                        if r.status != 200 {
+                            return Err(format!("status answered {}: {}", r.status, r.body));
+                        }
+                        ok += 1;
+                    }
+                    Ok::<u64, String>(ok)
+                })
+            })
+            .collect();
+        let mut moves = 0;
+        for i in 0..2 * STRESS_MOVES_PER_MODE {
+            let mode = if i % 2 == 0 { "live" } else { "stop-copy" };
+            let out = vm.cli(&[
+                "numa-migrate",
+                "--to-node",
+                "0",
+                "--guest-node",
+                "0",
+                "--mode",
+                mode,
+                "--json",
+            ]);
+            if out.code != Some(0) {
+                stop.store(true, std::sync::atomic::Ordering::Relaxed);
+                panic!(
+                    "move {i} ({mode}) failed while status was polled\n{}\n{}",
+                    out.describe(),
+                    vm.logs()
+                );
+            }
+            moves += 1;
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let answers: Vec<Result<u64, String>> = clients
+            .into_iter()
+            .map(|c| c.join().expect("status client thread"))
+            .collect();
+        (answers, moves)
+    });
+    let mut total = 0;
+    for a in &answers {
+        match a {
+            Ok(n) => total += n,
+            Err(e) => panic!("a status client failed: {e}\n{}", vm.logs()),
+        }
+    }
+    assert_eq!(moves, 2 * STRESS_MOVES_PER_MODE);
+    assert!(
+        total > moves as u64,
+        "status was hardly asked during the moves: {total} answers"
+    );
+    assert_still_running(&vm, "after moves raced by status readers");
+    assert!(
+        vm.progress() > p0,
+        "the guest made no progress over the moves"
+    );
+}
