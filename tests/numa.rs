@@ -780,3 +780,194 @@ fn live_move_that_cannot_converge_falls_back_chunk_by_chunk_and_verifies() {
     );
     assert_still_running(&vm, "after a live move that fell back to stop-copy");
 }
+
+/// Status readers hammering the API while the moves below run.
+const STATUS_CLIENTS: usize = 4;
+/// Moves of guest node 0 (chunk 0 holds the progress counters status reads)
+/// per mode in the stress test.
+const STRESS_MOVES_PER_MODE: usize = 12;
+
+#[test]
+fn status_in_a_tight_loop_during_repeated_moves_never_sees_a_half_swapped_chunk() {
+    // Before replace_chunk took the memory write lock and swapped without a
+    // hole, a status landing between its two mremaps read the unmapped
+    // chunk 0 and vmhop died of SIGSEGV.
+    let vm = dirty_vm("", &["--memory", "64M"]);
+    let p0 = vm.progress();
+    vm.wait_progress_above(p0, PROGRESS_WAIT);
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (answers, moves) = thread::scope(|s| {
+        let clients: Vec<_> = (0..STATUS_CLIENTS)
+            .map(|_| {
+                s.spawn(|| {
+                    let mut ok = 0u64;
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        let r = common::http(vm.socket(), "GET", "/api/v1/vm.status", None)
+                            .map_err(|e| format!("status after {ok} answers: {e}"))?;
+                        if r.status != 200 {
+                            return Err(format!("status answered {}: {}", r.status, r.body));
+                        }
+                        ok += 1;
+                    }
+                    Ok::<u64, String>(ok)
+                })
+            })
+            .collect();
+        let mut moves = 0;
+        for i in 0..2 * STRESS_MOVES_PER_MODE {
+            let mode = if i % 2 == 0 { "live" } else { "stop-copy" };
+            let out = vm.cli(&[
+                "numa-migrate",
+                "--to-node",
+                "0",
+                "--guest-node",
+                "0",
+                "--mode",
+                mode,
+                "--json",
+            ]);
+            if out.code != Some(0) {
+                stop.store(true, std::sync::atomic::Ordering::Relaxed);
+                panic!(
+                    "move {i} ({mode}) failed while status was polled\n{}\n{}",
+                    out.describe(),
+                    vm.logs()
+                );
+            }
+            moves += 1;
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let answers: Vec<Result<u64, String>> = clients
+            .into_iter()
+            .map(|c| c.join().expect("status client thread"))
+            .collect();
+        (answers, moves)
+    });
+    let mut total = 0;
+    for a in &answers {
+        match a {
+            Ok(n) => total += n,
+            Err(e) => panic!("a status client failed: {e}\n{}", vm.logs()),
+        }
+    }
+    assert_eq!(moves, 2 * STRESS_MOVES_PER_MODE);
+    assert!(
+        total > moves as u64,
+        "status was hardly asked during the moves: {total} answers"
+    );
+    assert_still_running(&vm, "after moves raced by status readers");
+    assert!(
+        vm.progress() > p0,
+        "the guest made no progress over the moves"
+    );
+}
+
+/// Guest memory of the sparse-guest tests, and the working set the guest
+/// writes in it: most pages are never touched.
+const SPARSE_MEMORY: &str = "128M";
+const SPARSE_WSS: &str = "8M";
+const SPARSE_WSS_PAGES: u64 = 8 * MIB / PAGE;
+
+/// `not_present` of guest node 0 in a fresh numa-stat.
+fn stat_not_present(vm: &Vm) -> u64 {
+    let stat = numa_stat(vm);
+    u64_field(&stat["guest_nodes"][0], "not_present")
+}
+
+/// Waits until the guest has touched its whole working set once (it does
+/// so gradually after it starts), so that later counts of present pages
+/// change only by what a move does.
+fn wait_working_set_present(vm: &Vm, wss_pages: u64) {
+    let total = 128 * MIB / PAGE;
+    let deadline = std::time::Instant::now() + PROGRESS_WAIT;
+    loop {
+        let present = total - stat_not_present(vm);
+        if present >= wss_pages {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "only {present} pages present after {PROGRESS_WAIT:?}, the working set is {wss_pages}\n{}",
+            vm.logs()
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Moves guest node 0 of `vm` live and then stop-copy, and checks that the
+/// pages that were never faulted in stay so: a copy move sends only the
+/// pages that hold memory and faults in only those on the target. The
+/// baseline is each report's own `placement_before` (the guest may still
+/// be touching its working set for the first time before that).
+fn assert_moves_keep_untouched_pages_unpopulated(vm: &Vm, what: &str) {
+    let total = 128 * MIB / PAGE;
+    // The guest's working set, page tables and progress blocks may fault
+    // in a few more pages during a move; 1% of the memory allows for that,
+    // a copy that populated the whole node would not fit.
+    let slack = total / 100;
+    for mode in ["live", "stop-copy"] {
+        let report = migrate(vm, &["--to-node", "0", "--mode", mode]);
+        let present: u64 = pages_by_node(&report["placement_before"], "placement_before")
+            .values()
+            .sum();
+        let before = total - present;
+        assert!(
+            before > total / 2,
+            "{what}: the guest should leave most of its {total} pages untouched, \
+             {before} were not present before the {mode} move: {report}"
+        );
+        let after = u64_field(&report, "not_present_after");
+        assert!(
+            after + slack >= before && after <= before,
+            "{what}: a {mode} move changed the not-present pages from {before} to {after}: {report}"
+        );
+        let stat = stat_not_present(vm);
+        assert!(
+            stat + slack >= before && stat <= before,
+            "{what}: after a {mode} move numa-stat has {stat} pages not present, {before} before"
+        );
+        assert_still_running(vm, &format!("{what}, after a {mode} move"));
+    }
+}
+
+#[test]
+fn moves_of_a_sparse_guest_leave_its_untouched_pages_unpopulated() {
+    let guest = format!(",wss={SPARSE_WSS},rate=20000");
+    let vm = dirty_vm(&guest, &["--memory", SPARSE_MEMORY]);
+    let p = vm.progress();
+    vm.wait_progress_above(p, PROGRESS_WAIT);
+    wait_working_set_present(&vm, SPARSE_WSS_PAGES);
+    assert_moves_keep_untouched_pages_unpopulated(&vm, "a booted sparse guest");
+}
+
+#[test]
+fn moves_of_a_lazily_restored_sparse_guest_leave_its_zero_pages_unloaded() {
+    // A lazy restore loads only the non-zero pages in the background and
+    // answers first touches of zero pages on demand: once loading is done,
+    // the pages the guest never touched are still not faulted in, and a
+    // move must not fault them in either.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let dir_str = dir.path().to_str().expect("UTF-8 tempdir");
+    {
+        let guest = format!(",wss={SPARSE_WSS},rate=20000");
+        let vm = dirty_vm(&guest, &["--memory", SPARSE_MEMORY]);
+        let p = vm.progress();
+        vm.wait_progress_above(p, PROGRESS_WAIT);
+        wait_working_set_present(&vm, SPARSE_WSS_PAGES);
+        vm.cli_ok(&["checkpoint", "--dir", dir_str, "--json"]);
+    }
+    let vm = Vm::start_command(&["restore", &format!("{dir_str}@1")], &[]);
+    let deadline = std::time::Instant::now() + PROGRESS_WAIT;
+    while vm.status()["loading"] == true {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the lazy restore was still loading after {PROGRESS_WAIT:?}\n{}",
+            vm.logs()
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    let p = vm.progress();
+    vm.wait_progress_above(p, PROGRESS_WAIT);
+    wait_working_set_present(&vm, SPARSE_WSS_PAGES);
+    assert_moves_keep_untouched_pages_unpopulated(&vm, "a lazily restored sparse guest");
+}

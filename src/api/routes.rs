@@ -103,12 +103,16 @@ impl Routes {
     pub fn status(&self) -> StatusReport {
         let c = self.vm.config();
         let hosts = self.vm.host_nodes();
+        // One memory guard at a time: a guard held across `progress` (which
+        // takes its own) would deadlock against a waiting writer
+        // (`Vm::replace_chunk`), since the lock lets writers go first.
+        let memory_bytes = self.vm.memory().size();
         StatusReport {
             name: c.name.clone(),
             state: self.vm.state(),
             stop_reason: self.vm.guest_stop_reason(),
             vcpus: c.vcpus,
-            memory_bytes: self.vm.memory().size(),
+            memory_bytes,
             guest: GuestStatus {
                 kind: c.guest.kind().into(),
                 progress: self.vm.progress(),

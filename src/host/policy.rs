@@ -290,8 +290,13 @@ pub fn policy_of(addr: *mut u8) -> Result<String, PolicyError> {
 /// present, -EFAULT: unmapped or the shared zero page, -EBUSY, -EACCES: shared
 /// with another process, -ENOMEM: no room on `node`, ...). A page that could
 /// not be moved does not make the call fail; look at the statuses.
+///
+/// When migration fails for some pages of a group the kernel queued
+/// together (busy, or racing a fault), move_pages returns how many were not
+/// moved and stores *no* status for that group: those pages read -EAGAIN
+/// here (the buffer's initial value), never a node they are not on.
 pub fn move_pages_to(pages: &[*mut u8], node: u32) -> Result<Vec<i32>, PolicyError> {
-    let mut status = vec![0i32; pages.len()];
+    let mut status = vec![-libc::EAGAIN; pages.len()];
     if pages.is_empty() {
         return Ok(status);
     }

@@ -157,10 +157,18 @@ impl Mapping {
         Ok(())
     }
 
-    /// Moves `other`'s pages to this mapping's address, atomically for
-    /// anyone reading through that address, and returns this mapping's old
-    /// pages as a mapping at a new address (free it when convenient). Both
-    /// must have the same length.
+    /// Moves `other`'s pages to this mapping's address and returns this
+    /// mapping's old pages as a mapping at a new address (free it when
+    /// convenient). Both must have the same length.
+    ///
+    /// The address range stays mapped at every instant: the old pages move
+    /// aside with `MREMAP_DONTUNMAP`, which leaves an empty mapping (reading
+    /// zeros) in their place, and the new pages then *replace* that mapping
+    /// in one `mremap`. So a reader racing the swap never faults, and no
+    /// other thread's `mmap` can be placed in a hole that the second
+    /// `MREMAP_FIXED` would then silently unmap. What a racing reader sees
+    /// is old pages, zeros or new pages: callers that need a consistent view
+    /// exclude readers (`Vm::replace_chunk` holds the memory write lock).
     ///
     /// Used to re-home guest memory without touching its KVM slot: KVM sees
     /// an MMU-notifier invalidation of this range only, and the memory
@@ -196,15 +204,16 @@ impl Mapping {
                 source: io::Error::last_os_error(),
             });
         }
-        // SAFETY: moves our own whole mapping onto the reservation we just
-        // made; nothing refers to the old pages by address while the caller
-        // keeps the guest paused.
+        // SAFETY: moves our own whole mapping's pages onto the reservation
+        // we just made (which it replaces); MREMAP_DONTUNMAP keeps our range
+        // mapped, empty, so nothing that reads it through our address can
+        // fault and no other mapping can take its place.
         let old = unsafe {
             libc::mremap(
                 self.ptr as *mut libc::c_void,
                 len,
                 len,
-                libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+                libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED | libc::MREMAP_DONTUNMAP,
                 spare,
             )
         };
@@ -220,7 +229,8 @@ impl Mapping {
             });
         }
         // SAFETY: moves `other` (owned, same length) onto our address range,
-        // which is free now that the old pages moved away.
+        // replacing the empty mapping the first mremap left there in the
+        // same call: the range is never unmapped.
         let r = unsafe {
             libc::mremap(
                 other.ptr as *mut libc::c_void,
@@ -232,8 +242,8 @@ impl Mapping {
         };
         if r == libc::MAP_FAILED {
             let source = io::Error::last_os_error();
-            // SAFETY: puts the old pages back where they were; the range is
-            // still free since the second mremap failed.
+            // SAFETY: puts the old pages back where they were, replacing the
+            // empty mapping there (again without a hole).
             unsafe {
                 libc::mremap(
                     old,
@@ -315,6 +325,45 @@ mod tests {
             assert!(a.as_slice().iter().all(|&x| x == 2));
             assert!(old.as_slice().iter().all(|&x| x == 1));
         }
+    }
+
+    #[test]
+    fn take_pages_of_never_leaves_a_hole_for_a_concurrent_reader() {
+        // On the old two-mremap swap (the range unmapped in between) the
+        // reader below hits the hole and the test binary dies of SIGSEGV.
+        const LEN: usize = 2 << 20;
+        const SWAPS: usize = 2000;
+        let a = Mapping::new(LEN, Backing::Anonymous).unwrap();
+        a.populate().unwrap();
+        let done = std::sync::atomic::AtomicBool::new(false);
+        let reads = std::thread::scope(|s| {
+            let reader = s.spawn(|| {
+                let mut reads = 0u64;
+                while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                    for off in (0..LEN).step_by(4096) {
+                        // SAFETY: inside `a`, which lives for the whole scope
+                        // and is never unmapped while it does: that is the
+                        // property under test.
+                        let v = unsafe { a.as_ptr().add(off).read_volatile() };
+                        std::hint::black_box(v);
+                        reads += 1;
+                    }
+                }
+                reads
+            });
+            for i in 0..SWAPS {
+                let b = Mapping::new(LEN, Backing::Anonymous).unwrap();
+                // SAFETY: `b` is ours and LEN bytes long; nobody else sees it.
+                unsafe { b.as_ptr().write_bytes(i as u8 | 1, LEN) };
+                drop(a.take_pages_of(b).unwrap());
+            }
+            done.store(true, std::sync::atomic::Ordering::Relaxed);
+            reader.join().unwrap()
+        });
+        assert!(reads > 0);
+        let last = (SWAPS - 1) as u8 | 1;
+        // SAFETY: the reader has finished; nobody else writes `a`.
+        assert!(unsafe { a.as_slice() }.iter().all(|&x| x == last));
     }
 
     #[test]

@@ -98,6 +98,17 @@ pub struct BatchStats {
     pub median_us: u64,
     /// Slowest call, µs.
     pub max_us: u64,
+    /// Pages still off the target after the batches that later move_pages
+    /// calls moved while the guest ran.
+    #[serde(default)]
+    pub retried_pages: u64,
+    /// Pages moved by move_pages with the guest paused.
+    #[serde(default)]
+    pub paused_pages: u64,
+    /// Pages the kernel would not move at all, copied with the chunks that
+    /// hold them in a stop-copy (the engine with the local sink).
+    #[serde(default)]
+    pub copied_pages: u64,
 }
 
 /// What a NUMA move did.
@@ -144,7 +155,8 @@ pub struct NumaMigrateReport {
     pub vcpu_cpus: BTreeMap<String, String>,
 }
 
-/// A NUMA move failed; the VM runs on its old memory.
+/// A NUMA move failed; the VM runs on its old memory, policy and CPUs
+/// (unless the message says that undoing the move failed too).
 #[derive(Debug, thiserror::Error)]
 pub enum NumaMoveError {
     /// The request cannot be done on this host or VM.
@@ -260,6 +272,8 @@ pub fn numa_migrate(vm: &Vm, req: &NumaMigrateRequest) -> Result<NumaMigrateRepo
     };
     let backing = vm.memory().nodes[guest_nodes[0] as usize].backing;
     let budget = Duration::from_secs_f64(max_downtime / 1e3);
+    let homes = vm.host_nodes();
+    let cpus_before = vcpu_affinities(vm, &guest_nodes).map_err(failed)?;
     match req.mode {
         Mode::StopCopy => {
             let mut sink = LocalSink::new(target, backing);
@@ -275,39 +289,180 @@ pub fn numa_migrate(vm: &Vm, req: &NumaMigrateRequest) -> Result<NumaMigrateRepo
             report.peak_extra_bytes = chunks.iter().map(|c| c.1).sum();
         }
         Mode::Live => {
-            let homes = vm.host_nodes();
             let r = live_chunks(vm, target, backing, &chunks, &homes, budget, &mut report);
             let _ = vm.stop_dirty_log();
             r.map_err(failed)?;
         }
         Mode::Kernel => {
-            let homes = vm.host_nodes();
-            kernel_move(vm, target, &guest_nodes, &homes, &mut report).map_err(failed)?
+            kernel_move(vm, target, &guest_nodes, &homes, &mut report).map_err(failed)?;
+            // move_pages leaves pages behind without failing (busy ones,
+            // groups whose migration failed): a move ends with every
+            // present page on the target, or it is undone.
+            if let Err(e) = kernel_complete(vm, target, backing, &chunks, budget, &mut report) {
+                let undo = move_back(vm, req.mode, backing, &chunks, &homes, &cpus_before, budget);
+                return Err(failed(undone(e, undo)));
+            }
         }
     }
-    // Later faults (and the kernel's own reclaim) follow the new policy.
+    // The memory is on the target now. What is left (policy, vCPUs, the
+    // measurement) either all succeeds or the move is undone, so a failed
+    // request always leaves the VM as it was.
+    if let Err(e) = finish(vm, target, &guest_nodes, &tnode.cpus, &mut report) {
+        let undo = move_back(vm, req.mode, backing, &chunks, &homes, &cpus_before, budget);
+        return Err(failed(undone(e, undo)));
+    }
+    for &g in &guest_nodes {
+        vm.set_host_node(g, target);
+    }
+    report.total_ms = start.elapsed().as_secs_f64() * 1e3;
+    Ok(report)
+}
+
+/// The message of a move that failed after its memory moved, with what
+/// undoing it did.
+fn undone(e: String, undo: Result<(), String>) -> String {
+    match undo {
+        Ok(()) => {
+            format!("{e}; the move was undone: the VM runs on its old memory, policy and CPUs")
+        }
+        Err(e2) => format!("{e}; undoing the move failed too ({e2}): check with numa-stat"),
+    }
+}
+
+/// Test hook: when vmhop runs with this variable set to `policy`, `repin`
+/// or `placement`, a NUMA move fails at that step after its memory moved
+/// (`policy` after the first chunk was rebound, `repin` after the first
+/// vCPU was re-pinned), so tests can check that the move is undone. Never
+/// set in normal use.
+pub const FAIL_FINISH_ENV: &str = "VMHOP_TEST_FAIL_NUMA_FINISH";
+
+fn injected_finish_failure(step: &str, done: usize) -> Result<(), String> {
+    match std::env::var(FAIL_FINISH_ENV) {
+        Ok(s) if s == step && done >= 1 => Err(format!(
+            "injected failure in the {step} step ({FAIL_FINISH_ENV})"
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// After the memory moved: binds the policy to the target (later faults
+/// and the kernel's own reclaim follow it), re-pins the vCPUs and measures
+/// placement.
+fn finish(
+    vm: &Vm,
+    target: u32,
+    guest_nodes: &[u32],
+    cpus: &[usize],
+    report: &mut NumaMigrateReport,
+) -> Result<(), String> {
     {
         let mem = vm.memory();
+        let mut bound = 0;
         for n in mem
             .nodes
             .iter()
             .filter(|n| guest_nodes.contains(&n.guest_node))
         {
             for c in &n.chunks {
+                injected_finish_failure("policy", bound)?;
                 policy::bind(c.mapping.as_ptr(), c.mapping.len(), target, false)
-                    .map_err(|e| failed(e.to_string()))?;
+                    .map_err(|e| e.to_string())?;
+                bound += 1;
             }
         }
     }
-    for &g in &guest_nodes {
-        vm.set_host_node(g, target);
-    }
-    repin_vcpus(vm, &guest_nodes, &tnode.cpus, &mut report).map_err(failed)?;
-    let after = placement_of(vm, &guest_nodes, 1).map_err(failed)?;
+    repin_vcpus(vm, guest_nodes, cpus, report)?;
+    injected_finish_failure("placement", 1)?;
+    let after = placement_of(vm, guest_nodes, 1)?;
     report.placement_after = by_node(&after);
     report.not_present_after = after.not_present;
-    report.total_ms = start.elapsed().as_secs_f64() * 1e3;
-    Ok(report)
+    Ok(())
+}
+
+/// Each vCPU of `guest_nodes`: (thread id, allowed CPUs now).
+fn vcpu_affinities(vm: &Vm, guest_nodes: &[u32]) -> Result<Vec<(i32, Vec<usize>)>, String> {
+    let vcpu_nodes = vm.config().vcpu_nodes();
+    vm.vcpu_tids()
+        .into_iter()
+        .filter(|(id, _)| guest_nodes.contains(&vcpu_nodes[*id as usize]))
+        .map(|(_, tid)| {
+            Ok((
+                tid,
+                affinity::thread_affinity(tid).map_err(|e| e.to_string())?,
+            ))
+        })
+        .collect()
+}
+
+/// Undoes a move whose memory already went to the target: every chunk goes
+/// back to its guest node's old host node (`homes`) the way it came (copy
+/// modes: one live transfer per chunk, which also brings the old policy
+/// back with the new memory; kernel: policy rebound, then move_pages), and
+/// the vCPUs get their old CPUs back.
+fn move_back(
+    vm: &Vm,
+    mode: Mode,
+    backing: crate::memory::Backing,
+    chunks: &[(u32, u64, u32)],
+    homes: &[u32],
+    cpus_before: &[(i32, Vec<usize>)],
+    budget: Duration,
+) -> Result<(), String> {
+    let mut errors = Vec::new();
+    match mode {
+        Mode::Live | Mode::StopCopy => {
+            for &(slot, _, g) in chunks {
+                let mut sink = LocalSink::new(homes[g as usize], backing);
+                let plan = Plan {
+                    slots: vec![slot],
+                    first_pass: FirstPass::Present,
+                    live: true,
+                    max_downtime: budget,
+                };
+                if let Err(e) = transfer(vm, &mut sink, &plan) {
+                    errors.push(format!("slot {slot}: {e}"));
+                }
+            }
+            let _ = vm.stop_dirty_log();
+        }
+        Mode::Kernel => {
+            let mem = vm.memory();
+            let mut pages: Vec<*mut u8> = Vec::with_capacity(KERNEL_BATCH_PAGES);
+            for c in mem
+                .chunks()
+                .filter(|c| chunks.iter().any(|k| k.0 == c.slot))
+            {
+                let g = chunks.iter().find(|k| k.0 == c.slot).map_or(0, |k| k.2);
+                let home = homes[g as usize];
+                let base = c.mapping.as_ptr();
+                if let Err(e) = policy::bind(base, c.mapping.len(), home, false) {
+                    errors.push(format!("slot {}: {e}", c.slot));
+                }
+                let total = c.mapping.len() / PAGE_SIZE as usize;
+                for first in (0..total).step_by(KERNEL_BATCH_PAGES) {
+                    let k = KERNEL_BATCH_PAGES.min(total - first);
+                    pages.clear();
+                    pages.extend(
+                        (first..first + k).map(|p| base.wrapping_add(p * PAGE_SIZE as usize)),
+                    );
+                    if let Err(e) = policy::move_pages_to(&pages, home) {
+                        errors.push(format!("slot {}: {e}", c.slot));
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    for (tid, cpus) in cpus_before {
+        if let Err(e) = affinity::set_thread_affinity(*tid, cpus) {
+            errors.push(format!("vCPU thread {tid}: {e}"));
+        }
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(errors.join("; "))
+    }
 }
 
 /// Test hook: when vmhop runs with this variable set to k, a live NUMA move
@@ -483,7 +638,152 @@ fn kernel_batches(
         pages_per_batch: KERNEL_BATCH_PAGES as u64,
         median_us: lat.get(lat.len() / 2).copied().unwrap_or(0),
         max_us,
+        ..BatchStats::default()
     });
+    Ok(())
+}
+
+/// How many more move_pages passes over the pages still off the target a
+/// kernel move makes while the guest runs, before it pauses the guest.
+const KERNEL_RETRY_PASSES: usize = 3;
+/// Wait between those passes: long enough for a fault or a KVM access that
+/// held a page to finish.
+const KERNEL_RETRY_WAIT: Duration = Duration::from_millis(2);
+
+/// The present pages of `chunks` that are not on `target`: (slot, page
+/// addresses).
+fn off_target(
+    vm: &Vm,
+    target: u32,
+    chunks: &[(u32, u64, u32)],
+) -> Result<Vec<(u32, Vec<*mut u8>)>, String> {
+    let mem = vm.memory();
+    let mut out = Vec::new();
+    let mut pages: Vec<*mut u8> = Vec::with_capacity(placement::QUERY_BATCH_PAGES);
+    for c in mem
+        .chunks()
+        .filter(|c| chunks.iter().any(|k| k.0 == c.slot))
+    {
+        let base = c.mapping.as_ptr();
+        let total = c.mapping.len() / PAGE_SIZE as usize;
+        let mut off = Vec::new();
+        for first in (0..total).step_by(placement::QUERY_BATCH_PAGES) {
+            let k = placement::QUERY_BATCH_PAGES.min(total - first);
+            pages.clear();
+            pages.extend((first..first + k).map(|p| base.wrapping_add(p * PAGE_SIZE as usize)));
+            let status = policy::query_pages(&pages).map_err(|e| e.to_string())?;
+            off.extend(
+                status
+                    .iter()
+                    .zip(&pages)
+                    .filter(|(st, _)| **st >= 0 && **st != target as i32)
+                    .map(|(_, p)| *p),
+            );
+        }
+        if !off.is_empty() {
+            out.push((c.slot, off));
+        }
+    }
+    Ok(out)
+}
+
+fn page_count(left: &[(u32, Vec<*mut u8>)]) -> u64 {
+    left.iter().map(|(_, p)| p.len() as u64).sum()
+}
+
+/// Moves the pages `left` to `target` with move_pages; returns how many
+/// the kernel says it moved.
+fn move_left(left: &[(u32, Vec<*mut u8>)], target: u32) -> Result<u64, String> {
+    let mut moved = 0;
+    for (_, pages) in left {
+        for batch in pages.chunks(KERNEL_BATCH_PAGES) {
+            let status = policy::move_pages_to(batch, target).map_err(|e| e.to_string())?;
+            moved += status.iter().filter(|st| **st == target as i32).count() as u64;
+        }
+    }
+    Ok(moved)
+}
+
+/// Makes sure a kernel move left no present page behind. move_pages skips
+/// pages it cannot isolate or migrate at that moment and, when migrating a
+/// group fails, says so only in its return value; so placement is checked
+/// page by page, and what is still elsewhere is moved again: a few passes
+/// while the guest runs, one with the guest paused (nothing but the kernel
+/// itself holds a page then), and for pages the kernel will not migrate at
+/// all, a stop-copy of the chunks holding them through the engine and the
+/// local sink. Fails, saying how many pages stayed, if some still did.
+fn kernel_complete(
+    vm: &Vm,
+    target: u32,
+    backing: crate::memory::Backing,
+    chunks: &[(u32, u64, u32)],
+    budget: Duration,
+    report: &mut NumaMigrateReport,
+) -> Result<(), String> {
+    let mut stats = report.batches.clone().unwrap_or_default();
+    let mut left = off_target(vm, target, chunks)?;
+    if !left.is_empty() {
+        tracing::info!(
+            "kernel move: {} present page(s) still off node {target} after the batches",
+            page_count(&left)
+        );
+    }
+    for _ in 0..KERNEL_RETRY_PASSES {
+        if left.is_empty() {
+            break;
+        }
+        std::thread::sleep(KERNEL_RETRY_WAIT);
+        stats.retried_pages += move_left(&left, target)?;
+        left = off_target(vm, target, chunks)?;
+    }
+    if !left.is_empty() {
+        let p = vm.pause().map_err(|e| e.to_string())?;
+        let moved = move_left(&left, target);
+        let d = vm.resume(p).map_err(|e| e.to_string())?;
+        stats.paused_pages += moved?;
+        let d = d.as_micros() as u64;
+        report.pauses += 1;
+        report.paused_total_us += d;
+        report.downtime_us = report.downtime_us.max(d);
+        left = off_target(vm, target, chunks)?;
+    }
+    if !left.is_empty() {
+        tracing::info!(
+            "kernel move: the kernel would not move {} page(s); copying their chunks",
+            page_count(&left)
+        );
+        let mut sink = LocalSink::new(target, backing);
+        let plan = Plan {
+            slots: left.iter().map(|(s, _)| *s).collect(),
+            first_pass: FirstPass::Present,
+            live: false,
+            max_downtime: budget,
+        };
+        let r = transfer(vm, &mut sink, &plan).map_err(|e| e.to_string())?;
+        stats.copied_pages += r.pages_sent;
+        report.pauses += 1;
+        report.paused_total_us += r.downtime_us;
+        if r.downtime_us >= report.downtime_us {
+            report.downtime_us = r.downtime_us;
+            report.longest_pause = r.pause_breakdown.clone();
+        }
+        let extra: u64 = chunks
+            .iter()
+            .filter(|c| left.iter().any(|(s, _)| *s == c.0))
+            .map(|c| c.1)
+            .sum();
+        report.peak_extra_bytes = report.peak_extra_bytes.max(extra);
+        left = off_target(vm, target, chunks)?;
+    }
+    report.pages_moved += stats.retried_pages + stats.paused_pages + stats.copied_pages;
+    report.batches = Some(stats);
+    if !left.is_empty() {
+        return Err(format!(
+            "{} present page(s) stayed off host node {target} after every retry, a paused \
+             move_pages and a stop-copy of their chunks",
+            page_count(&left)
+        ));
+    }
     Ok(())
 }
 
@@ -498,6 +798,7 @@ fn repin_vcpus(
         if !guest_nodes.contains(&vcpu_nodes[id as usize]) {
             continue;
         }
+        injected_finish_failure("repin", report.vcpu_cpus.len())?;
         if !cpus.is_empty() {
             affinity::set_thread_affinity(tid, cpus).map_err(|e| e.to_string())?;
         }

@@ -912,13 +912,18 @@ impl Vm {
     /// pages, and KVM drops its stale translations for that range through
     /// its MMU notifier. Deleting and re-adding the slot would do the same
     /// but, with shadow paging, throws away far more than this range.
+    ///
+    /// Holds the memory write lock for the swap, so no reader of guest
+    /// memory (status's progress counters, verify, numa-stat, the engine)
+    /// sees the range half swapped. The calling thread must hold no
+    /// [`Vm::memory`] guard, or this deadlocks.
     pub fn replace_chunk(
         &self,
         _pause: &Pause,
         slot: u32,
         mapping: Mapping,
     ) -> Result<Mapping, VmError> {
-        let mem = self.memory();
+        let mem = self.memory_mut();
         let (node, chunk) = mem
             .nodes
             .iter()
