@@ -413,12 +413,7 @@ fn move_back(
         Mode::Live | Mode::StopCopy => {
             for &(slot, _, g) in chunks {
                 let mut sink = LocalSink::new(homes[g as usize], backing);
-                let plan = Plan {
-                    slots: vec![slot],
-                    first_pass: FirstPass::Present,
-                    live: true,
-                    max_downtime: budget,
-                };
+                let plan = Plan::new(vec![slot], FirstPass::Present, true, budget);
                 if let Err(e) = transfer(vm, &mut sink, &plan) {
                     errors.push(format!("slot {slot}: {e}"));
                 }
@@ -753,12 +748,8 @@ fn kernel_complete(
             page_count(&left)
         );
         let mut sink = LocalSink::new(target, backing);
-        let plan = Plan {
-            slots: left.iter().map(|(s, _)| *s).collect(),
-            first_pass: FirstPass::Present,
-            live: false,
-            max_downtime: budget,
-        };
+        let slots = left.iter().map(|(s, _)| *s).collect();
+        let plan = Plan::new(slots, FirstPass::Present, false, budget);
         let r = transfer(vm, &mut sink, &plan).map_err(|e| e.to_string())?;
         stats.copied_pages += r.pages_sent;
         report.pauses += 1;
