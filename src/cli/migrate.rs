@@ -12,7 +12,7 @@ use serde_json::Value;
 use super::control::{request, QUICK_TIMEOUT};
 use super::output::render;
 use super::run::{Frontend, RunArgs};
-use super::{ApiOpts, CliError, CliResult};
+use super::{ApiOpts, AuthArgs, CliError, CliResult};
 use crate::api::server::{error_body, ApiHandler};
 use crate::api::PREFIX;
 use crate::migration::destination::{self, IncomingOptions, IncomingReport, IncomingStatus};
@@ -38,26 +38,6 @@ pub struct MigrateArgs {
     compress: Compression,
     #[command(flatten)]
     auth: AuthArgs,
-}
-
-/// How the two ends of a migration authenticate each other.
-#[derive(Args, Debug, Clone, Default)]
-pub struct AuthArgs {
-    /// Pre-shared key file (at least 16 bytes, mode 0600); both ends give the same.
-    #[arg(long, value_name = "FILE")]
-    pub auth_key_file: Option<PathBuf>,
-    /// TLS: this end's certificate (PEM).
-    #[arg(long, value_name = "FILE", requires_all = ["tls_key", "tls_ca"])]
-    pub tls_cert: Option<PathBuf>,
-    /// TLS: this end's private key (PEM, mode 0600).
-    #[arg(long, value_name = "FILE")]
-    pub tls_key: Option<PathBuf>,
-    /// TLS: the CA that signed the other end's certificate (PEM).
-    #[arg(long, value_name = "FILE")]
-    pub tls_ca: Option<PathBuf>,
-    /// Allow an unauthenticated migration over a non-loopback address.
-    #[arg(long)]
-    pub insecure: bool,
 }
 
 /// A path the VM's process can open whatever its working directory.

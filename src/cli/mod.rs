@@ -90,6 +90,26 @@ impl ApiOpts {
     }
 }
 
+/// How the two ends of a migration authenticate each other.
+#[derive(Args, Debug, Clone, Default)]
+pub struct AuthArgs {
+    /// Pre-shared key file (at least 16 bytes, mode 0600); both ends give the same.
+    #[arg(long, value_name = "FILE")]
+    pub auth_key_file: Option<PathBuf>,
+    /// TLS: this end's certificate (PEM).
+    #[arg(long, value_name = "FILE", requires_all = ["tls_key", "tls_ca"])]
+    pub tls_cert: Option<PathBuf>,
+    /// TLS: this end's private key (PEM, mode 0600).
+    #[arg(long, value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+    /// TLS: the CA that signed the other end's certificate (PEM).
+    #[arg(long, value_name = "FILE")]
+    pub tls_ca: Option<PathBuf>,
+    /// Allow an unauthenticated migration over a non-loopback address.
+    #[arg(long)]
+    pub insecure: bool,
+}
+
 /// The default API socket of a VM called `name`.
 pub fn default_socket(name: &str) -> PathBuf {
     let dir = match std::env::var_os("XDG_RUNTIME_DIR") {
@@ -165,7 +185,11 @@ pub fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let r = match cli.cmd {
-        Cmd::Run(a) => run::run(a),
+        Cmd::Run(a) => match (&a.restore, &a.incoming) {
+            (Some(target), _) => checkpoint::restore(target, &a),
+            (None, Some(addr)) => migrate::incoming(addr, &a),
+            (None, None) => run::run(a),
+        },
         Cmd::Status(o) => control::status(&o),
         Cmd::Pause(o) => control::pause(&o),
         Cmd::Resume(o) => control::resume(&o),

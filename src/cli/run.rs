@@ -89,7 +89,7 @@ pub struct RunArgs {
     #[arg(long, requires = "incoming")]
     pub once: bool,
     #[command(flatten)]
-    pub auth: super::migrate::AuthArgs,
+    pub auth: super::AuthArgs,
     /// Print one JSON object when the VM is up.
     #[arg(long)]
     pub json: bool,
@@ -246,16 +246,10 @@ pub fn check_socket_free(socket: &std::path::Path) -> Result<(), CliError> {
 
 /// Runs a VM until it is stopped.
 pub fn run(args: RunArgs) -> CliResult {
-    if let Some(addr) = &args.incoming {
-        return super::migrate::incoming(addr, &args);
-    }
     if args.auth.auth_key_file.is_some() || args.auth.tls_cert.is_some() || args.auth.insecure {
         return Err(CliError::usage(
             "--auth-key-file, --tls-* and --insecure apply with --incoming",
         ));
-    }
-    if let Some(target) = &args.restore {
-        return super::checkpoint::restore(target, &args);
     }
     if args.eager {
         return Err(CliError::usage("--eager only applies with --restore"));

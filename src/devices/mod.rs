@@ -20,7 +20,6 @@ use std::sync::Arc;
 
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::guest::GuestSpec;
 use crate::vmm::bus::{BusError, DeviceSet, IoBus};
 use crate::vmm::VmConfig;
 
@@ -106,13 +105,13 @@ pub fn build(
     let mut irq_lines = Vec::new();
     let console_bytes = Arc::new(AtomicU64::new(0));
     let mut serial_port = None;
-    match &config.guest {
-        GuestSpec::Idle | GuestSpec::Dirty { .. } => {
+    match config.guest.is_builtin() {
+        true => {
             let (start, len) = test_device::PORTS;
             let device = test_device::TestDevice::new(config.vcpus, config.guest.rate());
             bus.insert(start, len, Arc::new(device))?;
         }
-        GuestSpec::Linux(_) => {
+        false => {
             let out: Box<dyn Write + Send> = match console {
                 Console::Stdout => Box::new(std::io::stdout()),
                 Console::Stderr => Box::new(std::io::stderr()),

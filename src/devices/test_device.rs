@@ -8,30 +8,7 @@ use std::time::{Duration, Instant};
 
 use crate::vmm::bus::{GuestFault, IoAction, PioDevice};
 
-/// `out` here: park this vCPU until the VMM wakes it (pause, resume, stop).
-/// The idle guest's "wait".
-pub const PORT_WAIT: u16 = 0x0e80;
-/// `out` here with eax = pages written since the last call: the device
-/// holds the vCPU back so that the guest keeps to its configured rate.
-pub const PORT_PACE: u16 = 0x0e81;
-/// `in` here reads [`DEVICE_MAGIC`]: lets a guest find the device.
-pub const PORT_ID: u16 = 0x0e82;
-/// What `in` from [`PORT_ID`] returns ("VMHP").
-pub const DEVICE_MAGIC: u32 = 0x504d_4856;
-/// `out` here (dword): low half of the RIP of the fault about to be
-/// reported by [`PORT_FAULT`].
-pub const PORT_FAULT_RIP_LO: u16 = 0x0e83;
-/// `out` here (dword): high half of that RIP.
-pub const PORT_FAULT_RIP_HI: u16 = 0x0e84;
-/// `out` here (dword): the error code the CPU pushed for that fault.
-pub const PORT_FAULT_ERROR: u16 = 0x0e85;
-/// `out` here (dword): the guest took an exception or interrupt it cannot
-/// handle; bits 0–7 the vector, bit 8 set when the error code written to
-/// [`PORT_FAULT_ERROR`] is valid. The VM stops with the fault as its stop
-/// reason. The builtin guests' IDT handlers call it.
-pub const PORT_FAULT: u16 = 0x0e86;
-/// Bit of a [`PORT_FAULT`] value: the vector has an error code.
-pub const FAULT_HAS_ERROR: u32 = 1 << 8;
+pub use crate::guest::abi::*;
 
 /// If a vCPU falls this far behind its pace (it was paused, say), it
 /// restarts its pace from now instead of racing to catch up.
@@ -72,10 +49,7 @@ impl TestDevice {
     /// Pages a vCPU writes between PACE calls: about one call per
     /// millisecond, so pacing is smooth but exits stay cheap.
     pub fn pace_batch(&self) -> u64 {
-        match self.rate_per_vcpu {
-            None => 0,
-            Some(r) => ((r / 1000.0) as u64).clamp(1, 256),
-        }
+        crate::guest::abi::pace_batch(self.rate_per_vcpu)
     }
 
     /// Handles an `out` by vCPU `vcpu`.

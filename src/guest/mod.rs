@@ -24,6 +24,7 @@
 //! | 0x100000   | page tables (PML4, PDPT, one PD per GiB)              |
 //! | 0x200000 … | the working set                                       |
 
+pub mod abi;
 pub mod program;
 pub mod setup;
 pub mod verify;
@@ -36,6 +37,10 @@ use crate::util::parse_size;
 pub const RESERVED_BYTES: u64 = 2 << 20;
 /// Smallest VM a builtin guest runs in: the reserved area plus 2 MiB of work.
 pub const MIN_MEMORY: u64 = 4 << 20;
+
+/// Most vCPUs the builtin guests have tables (blocks, TSSs, stacks) for;
+/// the VMM allows no more (`vmm::config::MAX_VCPUS` is this).
+pub const MAX_VCPUS: u32 = 64;
 
 /// Which guest runs, with its options.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

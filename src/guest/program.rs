@@ -7,7 +7,7 @@
 use iced_x86::code_asm::*;
 use iced_x86::BlockEncoderOptions;
 
-use crate::devices::test_device::{
+use super::abi::{
     FAULT_HAS_ERROR, PORT_FAULT, PORT_FAULT_ERROR, PORT_FAULT_RIP_HI, PORT_FAULT_RIP_LO, PORT_PACE,
     PORT_WAIT,
 };

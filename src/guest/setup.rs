@@ -5,9 +5,9 @@
 use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs};
 
 use super::program::{self, block};
+use super::MAX_VCPUS;
 use super::{GuestSpec, RESERVED_BYTES};
 use crate::memory::{GuestMemory, GuestRange, PAGE_SIZE};
-use crate::vmm::config::MAX_VCPUS;
 
 /// GDT.
 pub const GDT_ADDR: u64 = 0x1000;
@@ -185,7 +185,7 @@ pub fn boot(
     fds: &[kvm_ioctls::VcpuFd],
 ) -> Result<(), String> {
     let vcpus = fds.len() as u32;
-    let pace_batch = crate::devices::test_device::TestDevice::new(vcpus, spec.rate()).pace_batch();
+    let pace_batch = super::abi::pace_batch(spec.rate().map(|r| r as f64 / vcpus as f64));
     let boots = install(memory, spec, vcpus, pace_batch).map_err(|e| e.to_string())?;
     for (id, (v, b)) in fds.iter().zip(&boots).enumerate() {
         // Start from KVM's reset state so fields we do not set (APIC

@@ -82,7 +82,7 @@ pub fn verify(memory: &GuestMemory) -> VerifyReport {
         // The idle guest has no working set: nothing more to check.
         return w.report;
     }
-    for v in 0..vcpus.min(crate::vmm::config::MAX_VCPUS as u64) {
+    for v in 0..vcpus.min(super::MAX_VCPUS as u64) {
         check_slice(memory, &mut w, v as u32);
     }
     w.report.ok = w.report.violation_count == 0;

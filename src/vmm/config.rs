@@ -9,7 +9,7 @@ use crate::memory::PAGE_SIZE;
 use crate::util::parse_size;
 
 /// Largest vCPU count (the builtin guests' control page holds 64 blocks).
-pub const MAX_VCPUS: u32 = 64;
+pub const MAX_VCPUS: u32 = crate::guest::MAX_VCPUS;
 
 /// One guest NUMA node.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

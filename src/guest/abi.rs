@@ -1,0 +1,39 @@
+//! The builtin guests' side of the test device: its ports, what each
+//! carries, and how often a paced guest calls PACE. The device
+//! (`devices::test_device`) implements this; the guest programs emit it.
+//! Documented in docs/test-device.md.
+
+/// `out` here: park this vCPU until the VMM wakes it (pause, resume, stop).
+/// The idle guest's "wait".
+pub const PORT_WAIT: u16 = 0x0e80;
+/// `out` here with eax = pages written since the last call: the device
+/// holds the vCPU back so that the guest keeps to its configured rate.
+pub const PORT_PACE: u16 = 0x0e81;
+/// `in` here reads [`DEVICE_MAGIC`]: lets a guest find the device.
+pub const PORT_ID: u16 = 0x0e82;
+/// What `in` from [`PORT_ID`] returns ("VMHP").
+pub const DEVICE_MAGIC: u32 = 0x504d_4856;
+/// `out` here (dword): low half of the RIP of the fault about to be
+/// reported by [`PORT_FAULT`].
+pub const PORT_FAULT_RIP_LO: u16 = 0x0e83;
+/// `out` here (dword): high half of that RIP.
+pub const PORT_FAULT_RIP_HI: u16 = 0x0e84;
+/// `out` here (dword): the error code the CPU pushed for that fault.
+pub const PORT_FAULT_ERROR: u16 = 0x0e85;
+/// `out` here (dword): the guest took an exception or interrupt it cannot
+/// handle; bits 0–7 the vector, bit 8 set when the error code written to
+/// [`PORT_FAULT_ERROR`] is valid. The VM stops with the fault as its stop
+/// reason. The builtin guests' IDT handlers call it.
+pub const PORT_FAULT: u16 = 0x0e86;
+/// Bit of a [`PORT_FAULT`] value: the vector has an error code.
+pub const FAULT_HAS_ERROR: u32 = 1 << 8;
+
+/// Pages a vCPU writes between two PACE calls at `rate_per_vcpu` pages per
+/// second (0: unpaced): about one call per millisecond, so pacing is
+/// smooth but exits stay cheap.
+pub fn pace_batch(rate_per_vcpu: Option<f64>) -> u64 {
+    match rate_per_vcpu {
+        None => 0,
+        Some(r) => ((r / 1000.0) as u64).clamp(1, 256),
+    }
+}
