@@ -897,6 +897,37 @@ fn damaged_header_is_refused() {
 }
 
 #[test]
+fn a_damaged_file_is_listed_as_damaged_and_blocks_only_what_depends_on_it() {
+    let dir = chain_copy();
+    flip_byte(&ckpt_file(dir.path(), 2), 41);
+    let out = vmhop(&["checkpoints", dir.path().to_str().unwrap(), "--json"]);
+    assert_eq!(out.code, Some(0), "listing still works: {}", out.describe());
+    let v = common::one_json_object(&out.stdout);
+    let ids: Vec<u64> = v["checkpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["id"].as_u64().unwrap())
+        .collect();
+    assert_eq!(ids, vec![1, 3], "{v}");
+    let damaged = v["damaged"].as_array().unwrap();
+    assert_eq!(damaged.len(), 1, "{v}");
+    assert_eq!(damaged[0]["id"], 2, "{v}");
+    assert!(
+        damaged[0]["reason"].as_str().unwrap().contains("header"),
+        "{v}"
+    );
+    let text = vmhop(&["checkpoints", dir.path().to_str().unwrap()]);
+    assert!(text.stdout.contains("DAMAGED"), "{}", text.describe());
+    // Checkpoint 1 does not depend on 2: it restores; 3 does: refused, naming 2.
+    let vm = restore(dir.path(), 1, &["--paused"]);
+    assert_verifies(&vm, "restore of checkpoint 1 next to a damaged 2");
+    drop(vm);
+    let msg = restore_fails(&target(dir.path(), 3), &[]);
+    assert_names(&msg, &["ckpt-000002.vmhop", "damaged"]);
+}
+
+#[test]
 fn truncated_file_is_refused() {
     let dir = chain_copy();
     let file = ckpt_file(dir.path(), 3);

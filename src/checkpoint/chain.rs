@@ -116,42 +116,62 @@ pub enum ChainError {
 pub struct Chain {
     dir: PathBuf,
     entries: Vec<ChainEntry>,
+    damaged: Vec<DamagedFile>,
+}
+
+/// A checkpoint file whose header cannot be used: listed apart, with the
+/// reason, so it blocks neither listing nor the other chains.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DamagedFile {
+    /// The id its name gives.
+    pub id: u32,
+    /// The file.
+    pub path: PathBuf,
+    /// What is wrong with it.
+    pub reason: String,
 }
 
 impl Chain {
     /// Lists the complete checkpoints of `dir` from their headers, ordered
     /// by id. Temp files of unfinished checkpoints and other files are
     /// ignored (not deleted: the writer may still be running). A file with a
-    /// damaged header is an error naming it.
+    /// damaged header (or one that disagrees with its name) is set apart in
+    /// [`Chain::damaged`]: restoring it, or anything built on it, is an error
+    /// naming it, but the other checkpoints stay usable.
     pub fn open(dir: &Path) -> Result<Chain, ChainError> {
         let io = |source| ChainError::Io {
             path: dir.to_path_buf(),
             source,
         };
         let mut entries = Vec::new();
+        let mut damaged = Vec::new();
         for item in std::fs::read_dir(dir).map_err(io)? {
             let item = item.map_err(io)?;
             let Some(id) = parse_checkpoint_file_name(&item.file_name()) else {
                 continue;
             };
             let path = item.path();
-            let header = read_header(&path)?;
-            if header.id != id {
-                return Err(ChainError::Inconsistent {
-                    file: path,
-                    reason: format!(
-                        "the file is named for id {id} but its header says {}",
-                        header.id
-                    ),
+            let checked = read_header(&path)
+                .map_err(|e| e.to_string())
+                .and_then(|header| {
+                    if header.id != id {
+                        return Err(format!(
+                            "the file is named for id {id} but its header says {}",
+                            header.id
+                        ));
+                    }
+                    let size = std::fs::metadata(&path)
+                        .map_err(|e| format!("reading metadata of {}: {e}", path.display()))?
+                        .len();
+                    Ok((header, size))
                 });
-            }
-            let size_bytes = std::fs::metadata(&path)
-                .map_err(|source| FormatError::Io {
-                    path: path.clone(),
-                    op: "reading metadata of",
-                    source,
-                })?
-                .len();
+            let (header, size_bytes) = match checked {
+                Ok(h) => h,
+                Err(reason) => {
+                    damaged.push(DamagedFile { id, path, reason });
+                    continue;
+                }
+            };
             entries.push(ChainEntry {
                 id,
                 parent: header.parent,
@@ -163,10 +183,28 @@ impl Chain {
             });
         }
         entries.sort_by_key(|e| e.id);
+        damaged.sort_by_key(|d| d.id);
         Ok(Chain {
             dir: dir.to_path_buf(),
             entries,
+            damaged,
         })
+    }
+
+    /// The files set apart as damaged, ordered by id.
+    pub fn damaged(&self) -> &[DamagedFile] {
+        &self.damaged
+    }
+
+    /// The error for using damaged checkpoint `id`, if it is one.
+    fn damaged_error(&self, id: u32) -> Option<ChainError> {
+        self.damaged
+            .iter()
+            .find(|d| d.id == id)
+            .map(|d| ChainError::Inconsistent {
+                file: d.path.clone(),
+                reason: format!("damaged: {}", d.reason),
+            })
     }
 
     /// The directory.
@@ -187,7 +225,9 @@ impl Chain {
 
     /// The id the next checkpoint in this directory gets.
     pub fn next_id(&self) -> u32 {
-        self.latest().map_or(1, |e| e.id + 1)
+        // Past damaged files too: a new checkpoint never takes their name.
+        let damaged = self.damaged.last().map_or(0, |d| d.id);
+        self.latest().map_or(0, |e| e.id).max(damaged) + 1
     }
 
     /// The header for the next checkpoint of this directory: a full one
@@ -217,10 +257,15 @@ impl Chain {
     /// file with [`CheckpointReader::open`].
     pub fn resolve(&self, id: Option<u32>) -> Result<ResolvedChain, ChainError> {
         let top = match id {
-            Some(id) => self.get(id).ok_or(ChainError::NoSuchId {
-                dir: self.dir.clone(),
-                id,
-            })?,
+            Some(id) => match self.get(id) {
+                Some(e) => e,
+                None => {
+                    return Err(self.damaged_error(id).unwrap_or(ChainError::NoSuchId {
+                        dir: self.dir.clone(),
+                        id,
+                    }))
+                }
+            },
             None => self.latest().ok_or(ChainError::Empty {
                 dir: self.dir.clone(),
             })?,
@@ -229,13 +274,18 @@ impl Chain {
         let mut cur = top;
         while let Some(parent_id) = cur.parent {
             // The header check guarantees parent < id, so this walk ends.
-            let parent = self
-                .get(parent_id)
-                .ok_or_else(|| ChainError::MissingParent {
-                    file: cur.path.clone(),
-                    parent: parent_id,
-                    expected: self.dir.join(checkpoint_file_name(parent_id)),
-                })?;
+            let parent = match self.get(parent_id) {
+                Some(p) => p,
+                None => {
+                    return Err(self.damaged_error(parent_id).unwrap_or_else(|| {
+                        ChainError::MissingParent {
+                            file: cur.path.clone(),
+                            parent: parent_id,
+                            expected: self.dir.join(checkpoint_file_name(parent_id)),
+                        }
+                    }))
+                }
+            };
             if parent.chain_id != cur.chain_id {
                 return Err(ChainError::ForeignChain {
                     file: cur.path.clone(),
@@ -680,7 +730,7 @@ mod tests {
     }
 
     #[test]
-    fn file_renamed_to_another_id_is_refused() {
+    fn file_renamed_to_another_id_is_set_apart_and_refused() {
         let dir = tempfile::tempdir().unwrap();
         three_levels(dir.path());
         std::fs::rename(
@@ -688,9 +738,16 @@ mod tests {
             dir.path().join("ckpt-000007.vmhop"),
         )
         .unwrap();
-        let err = Chain::open(dir.path()).unwrap_err();
+        let chain = Chain::open(dir.path()).unwrap();
+        assert_eq!(chain.damaged().len(), 1);
+        assert_eq!(chain.next_id(), 8, "a new checkpoint never takes its name");
+        let err = chain.resolve(Some(7)).unwrap_err();
         assert!(matches!(err, ChainError::Inconsistent { .. }), "{err}");
         assert!(err.to_string().contains("ckpt-000007.vmhop"), "{err}");
+        assert!(err.to_string().contains("header says 3"), "{err}");
+        chain
+            .resolve(Some(2))
+            .expect("the rest of the chain resolves");
     }
 
     #[test]
@@ -709,9 +766,16 @@ mod tests {
             "{err}"
         );
         assert!(err.to_string().contains("ckpt-000002.vmhop"), "{err}");
-        // Truncated to nothing: listing itself reports the file.
+        // Truncated to nothing: listed as damaged; what depends on it fails
+        // naming it, what does not still resolves.
         std::fs::write(&path, b"").unwrap();
-        let err = Chain::open(dir.path()).unwrap_err();
+        let chain = Chain::open(dir.path()).unwrap();
+        assert_eq!(chain.damaged()[0].id, 2);
+        let err = chain.resolve(Some(3)).unwrap_err();
         assert!(err.to_string().contains("ckpt-000002.vmhop"), "{err}");
+        assert!(err.to_string().contains("truncated"), "{err}");
+        chain
+            .resolve(Some(1))
+            .expect("checkpoint 1 does not depend on 2");
     }
 }

@@ -71,12 +71,17 @@ pub struct ListArgs {
 pub fn list(a: &ListArgs) -> CliResult {
     let chain = Chain::open(&a.dir).map_err(CliError::failed)?;
     let entries = chain.entries().to_vec();
+    let damaged = chain.damaged().to_vec();
     render(
         a.json.json,
-        &serde_json::json!({ "dir": a.dir, "checkpoints": entries }),
+        &serde_json::json!({ "dir": a.dir, "checkpoints": entries, "damaged": damaged }),
         |_| {
+            let mut bad = String::new();
+            for d in &damaged {
+                bad += &format!("\n{:>6}  {:>6}  {:<11}  {}", d.id, "-", "DAMAGED", d.reason);
+            }
             if entries.is_empty() {
-                return format!("no checkpoints in {}", a.dir.display());
+                return format!("no usable checkpoints in {}{bad}", a.dir.display());
             }
             let mut t = format!(
                 "{:>6}  {:>6}  {:<11}  {:>10}  {}",
@@ -95,7 +100,7 @@ pub fn list(a: &ListArgs) -> CliResult {
                     format_time(secs)
                 );
             }
-            t
+            t + &bad
         },
     )
 }
