@@ -67,6 +67,10 @@ extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc
     });
 }
 
+/// MSRs per KVM_SET_MSRS call: the kernel refuses `nmsrs >= MAX_IO_MSRS`
+/// (256) with E2BIG, one fewer than the bindings' `KVM_MAX_MSR_ENTRIES`.
+const MSRS_PER_CALL: usize = kvm_bindings::KVM_MAX_MSR_ENTRIES - 1;
+
 /// The signal that kicks a vCPU thread out of KVM_RUN.
 pub fn kick_signal() -> i32 {
     SIGRTMIN() + KICK_SIGNAL_OFFSET
@@ -235,10 +239,10 @@ pub fn save_state(
         regs,
         sregs,
         fpu,
-        xsave: fd.get_xsave().ok(),
-        xcrs: fd.get_xcrs().ok(),
-        events: fd.get_vcpu_events().ok(),
-        mp_state: fd.get_mp_state().ok(),
+        xsave: Some(fd.get_xsave().map_err(kvm("KVM_GET_XSAVE"))?),
+        xcrs: Some(fd.get_xcrs().map_err(kvm("KVM_GET_XCRS"))?),
+        events: Some(fd.get_vcpu_events().map_err(kvm("KVM_GET_VCPU_EVENTS"))?),
+        mp_state: Some(fd.get_mp_state().map_err(kvm("KVM_GET_MP_STATE"))?),
         msrs,
         lapic,
         debugregs,
@@ -264,7 +268,7 @@ fn read_msrs(fd: &VcpuFd, list: &[u32]) -> Vec<(u32, u64)> {
     let mut out = Vec::new();
     let mut rest: &[kvm_bindings::kvm_msr_entry] = &entries;
     while !rest.is_empty() {
-        let batch = &rest[..rest.len().min(kvm_bindings::KVM_MAX_MSR_ENTRIES)];
+        let batch = &rest[..rest.len().min(MSRS_PER_CALL)];
         let Ok(mut m) = Msrs::from_entries(batch) else {
             break;
         };
@@ -310,7 +314,7 @@ pub fn restore_state(fd: &VcpuFd, s: &VcpuState) -> Result<(), VcpuError> {
             ..Default::default()
         })
         .collect();
-    for batch in entries.chunks(kvm_bindings::KVM_MAX_MSR_ENTRIES) {
+    for batch in entries.chunks(MSRS_PER_CALL) {
         let m = Msrs::from_entries(batch).map_err(|e| VcpuError::State {
             id,
             why: format!("{} saved MSRs do not fit KVM_SET_MSRS: {e:?}", batch.len()),
@@ -345,8 +349,6 @@ pub enum VcpuCmd {
     PauseAndSave,
     /// Run again.
     Resume,
-    /// Load this state (paused only).
-    RestoreState(Box<VcpuState>),
     /// Exit the thread.
     Finish,
 }
@@ -360,8 +362,6 @@ pub enum VcpuReply {
     Resumed,
     /// Its state.
     State(Result<Box<VcpuState>, VcpuError>),
-    /// Restore done.
-    Restored(Result<(), VcpuError>),
 }
 
 /// Why a vCPU thread stopped on its own.
@@ -555,11 +555,6 @@ impl VcpuThread {
                 self.reply(VcpuReply::Resumed);
                 Some(Flow::Run)
             }
-            VcpuCmd::RestoreState(s) => {
-                let r = restore_state(&self.fd, &s);
-                self.reply(VcpuReply::Restored(r));
-                None
-            }
             VcpuCmd::Finish => Some(Flow::Exit),
         }
     }
@@ -659,5 +654,33 @@ impl VcpuThread {
     fn stopped(&mut self, why: GuestStop) -> Flow {
         (self.on_stop)(self.id, why);
         Flow::Pause
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A saved state whose MSR list is longer than one KVM_SET_MSRS call
+    /// holds (a damaged or foreign checkpoint, say) restores in batches or
+    /// fails with a message; it never panics.
+    #[test]
+    fn a_state_with_more_msrs_than_one_call_holds_restores_without_panicking() {
+        let kvm = kvm_ioctls::Kvm::new().expect("this test needs /dev/kvm");
+        let vm = kvm.create_vm().expect("KVM_CREATE_VM");
+        let fd = vm.create_vcpu(0).expect("KVM_CREATE_VCPU");
+        let mut s = save_state(0, &fd, BUILTIN_MSRS, false).expect("save");
+        let tsc = s
+            .msrs
+            .iter()
+            .find(|m| m.0 == 0x10)
+            .copied()
+            .unwrap_or((0x10, 0));
+        s.msrs = vec![tsc; 3 * kvm_bindings::KVM_MAX_MSR_ENTRIES + 7];
+        restore_state(&fd, &s).expect("restored in batches");
+        // An MSR KVM refuses is an error naming it, not a panic.
+        s.msrs.push((0xdead_beef, 1));
+        let e = restore_state(&fd, &s).expect_err("an unknown MSR is refused");
+        assert!(e.to_string().contains("0xdeadbeef"), "{e}");
     }
 }
