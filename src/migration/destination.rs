@@ -265,7 +265,13 @@ fn receive_one(
                 m.discard_range(off, len).map_err(|e| e.to_string())?;
                 pages += n;
             }
-            Frame::EndOfRound { .. } => {}
+            Frame::EndOfRound { .. } => {
+                s.write_frame(&Frame::Ack {
+                    what: AckKind::Round,
+                })
+                .and_then(|_| s.flush())
+                .map_err(|e| e.to_string())?;
+            }
             Frame::State(bytes) => state = Some(bytes),
             Frame::Done => break,
             Frame::Abort(why) => return Err(format!("the source aborted: {why}")),

@@ -85,6 +85,10 @@ pub enum AckKind {
     /// Memory and state arrived and were loaded: the destination can run
     /// the VM.
     Done,
+    /// Everything up to an `end-of-round` is in guest memory: the source
+    /// measures the link end to end, and never runs ahead of a slow
+    /// receiver by more than a round.
+    Round,
 }
 
 impl AckKind {
@@ -92,6 +96,7 @@ impl AckKind {
         match self {
             AckKind::Config => 1,
             AckKind::Done => 2,
+            AckKind::Round => 3,
         }
     }
 
@@ -99,6 +104,7 @@ impl AckKind {
         match b {
             1 => Some(AckKind::Config),
             2 => Some(AckKind::Done),
+            3 => Some(AckKind::Round),
             _ => None,
         }
     }

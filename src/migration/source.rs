@@ -477,6 +477,17 @@ impl Sink<Vm> for StreamSink {
         self.link_rate()
     }
 
+    fn end_of_round(&mut self, round: u32) -> Result<(), SinkError> {
+        let t = Instant::now();
+        self.stream()?
+            .write_frame(&Frame::EndOfRound { round })
+            .map_err(|e| self.err(format!("sending to {}: {e}", self.to)))?;
+        self.expect_ack(AckKind::Round, WRITE_TIMEOUT)?;
+        // The wait is part of what the link (and the far end) costs.
+        self.send_time += t.elapsed();
+        Ok(())
+    }
+
     fn commit(
         &mut self,
         _vm: &Vm,

@@ -204,6 +204,12 @@ pub trait Sink<S: Source + ?Sized> {
     fn pages(&mut self, run: PageRun<'_>, paused: bool) -> Result<u64, SinkError>;
     /// Bytes per second the sink takes pages at while the guest is paused.
     fn paused_rate(&self) -> f64;
+    /// A pre-copy round's pages were all handed over: a sink whose far end
+    /// lags (a stream) waits for it here, so its rate is measured end to
+    /// end and no backlog is left for the pause.
+    fn end_of_round(&mut self, _round: u32) -> Result<(), SinkError> {
+        Ok(())
+    }
     /// Called just before the pause with the number of pages the pause is
     /// expected to send, so a staging sink can prepare room outside it.
     fn before_pause(&mut self, _expected_pages: u64) -> Result<(), SinkError> {
@@ -450,6 +456,7 @@ fn precopy<S: Source + ?Sized>(
         let first = run.first_pass()?;
         run.send(&first, false)?;
         run.report.rounds = 1;
+        run.sink.end_of_round(1)?;
         let mut decide = if plan.auto_converge {
             Convergence::with_auto_converge(plan.max_downtime)
         } else {
@@ -476,12 +483,14 @@ fn precopy<S: Source + ?Sized>(
                 Decision::Continue => {
                     run.send(&dirty, false)?;
                     run.report.rounds += 1;
+                    run.sink.end_of_round(run.report.rounds)?;
                 }
                 Decision::Throttle(p) => {
                     vm.set_throttle(p);
                     run.report.throttle_max_percent = p;
                     run.send(&dirty, false)?;
                     run.report.rounds += 1;
+                    run.sink.end_of_round(run.report.rounds)?;
                 }
             }
         }
