@@ -22,8 +22,9 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::panic::{self, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{mpsc, Arc, Mutex};
 use std::thread::{self, JoinHandle};
+use std::time::Duration;
 
 use serde_json::Value;
 
@@ -36,6 +37,13 @@ pub const MAX_BODY_BYTES: usize = 1 << 20;
 /// answered while a long operation (checkpoint, migration) holds a thread;
 /// few, because the socket is private to one user and requests are rare.
 const WORKER_THREADS: usize = 4;
+
+/// How long a worker waits for a request's body. A local client sends its
+/// body at once; one that has not after this long is left to the request's
+/// own thread, which answers it whenever the body ends, so that clients
+/// that never finish their requests cannot take every worker and leave the
+/// API unanswered.
+const BODY_WAIT: Duration = Duration::from_secs(1);
 
 /// Pending connections the kernel queues before `connect()` would block.
 const LISTEN_BACKLOG: libc::c_int = 16;
@@ -254,7 +262,7 @@ impl ApiServer {
             let socket = path.to_path_buf();
             let spawned = thread::Builder::new()
                 .name(format!("vmhop-api-{i}"))
-                .spawn(move || serve(&worker_http, handler.as_ref(), &stopping, &socket));
+                .spawn(move || serve(&worker_http, &handler, &stopping, &socket));
             match spawned {
                 Ok(worker) => server.workers.push(worker),
                 Err(source) => {
@@ -488,10 +496,15 @@ fn bind_private(path: &Path) -> Result<UnixListener, ServerError> {
 }
 
 /// One worker: answers requests until the server is stopped.
-fn serve(http: &tiny_http::Server, handler: &dyn ApiHandler, stopping: &AtomicBool, socket: &Path) {
+fn serve(
+    http: &tiny_http::Server,
+    handler: &Arc<dyn ApiHandler>,
+    stopping: &AtomicBool,
+    socket: &Path,
+) {
     loop {
         match http.recv() {
-            Ok(request) => answer(request, handler),
+            Ok(request) => answer_bounded(request, handler),
             Err(_) if stopping.load(Ordering::SeqCst) => return,
             Err(e) => {
                 // tiny_http's accept loop has died (it reports its error once).
@@ -527,6 +540,19 @@ fn read_body(request: &mut tiny_http::Request) -> Result<Vec<u8>, BodyError> {
         .map_err(BodyError::Io)?;
     if body.len() > MAX_BODY_BYTES {
         return Err(BodyError::TooLarge);
+    }
+    // tiny_http's reader ends quietly where the client closed the
+    // connection; a body shorter than declared is not the request it meant.
+    if let Some(declared) = request.body_length() {
+        if body.len() < declared {
+            return Err(BodyError::Io(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!(
+                    "the connection was closed after {} of the {declared} bytes declared",
+                    body.len()
+                ),
+            )));
+        }
     }
     Ok(body)
 }
@@ -579,7 +605,48 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
     }
 }
 
-fn answer(mut request: tiny_http::Request, handler: &dyn ApiHandler) {
+/// Answers `request` on a thread of its own, with the worker waiting for it
+/// as long as the client is sending its body promptly (at most
+/// [`BODY_WAIT`]) and then for the handler; a client slower than that
+/// holds only the request's thread. If no thread can be spawned, the
+/// worker answers the request itself.
+fn answer_bounded(request: tiny_http::Request, handler: &Arc<dyn ApiHandler>) {
+    let (body_read, wait) = mpsc::channel::<()>();
+    let slot = Arc::new(Mutex::new(Some(request)));
+    let (mine, h) = (Arc::clone(&slot), Arc::clone(handler));
+    let spawned = thread::Builder::new()
+        .name("vmhop-api-req".into())
+        .spawn(move || {
+            let taken = mine.lock().unwrap_or_else(|e| e.into_inner()).take();
+            if let Some(request) = taken {
+                answer(request, h.as_ref(), || {
+                    let _ = body_read.send(());
+                });
+            }
+        });
+    if spawned.is_err() {
+        let taken = slot.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(request) = taken {
+            answer(request, handler.as_ref(), || {});
+        }
+        return;
+    }
+    match wait.recv_timeout(BODY_WAIT) {
+        // The body is in: wait for the answer (the thread then drops its
+        // sender), so that handlers run at most one per worker.
+        Ok(()) => {
+            let _ = wait.recv();
+        }
+        Err(mpsc::RecvTimeoutError::Timeout) => {
+            tracing::debug!("a request body is slow to arrive; its own thread answers it");
+        }
+        Err(mpsc::RecvTimeoutError::Disconnected) => {}
+    }
+}
+
+/// Reads the body of `request` (then calls `body_read`), runs the handler
+/// and sends the answer.
+fn answer(mut request: tiny_http::Request, handler: &dyn ApiHandler, body_read: impl FnOnce()) {
     let method = request.method().as_str().to_owned();
     // Routes never use the query string; drop it so `?x` cannot break routing.
     let path = request
@@ -588,7 +655,9 @@ fn answer(mut request: tiny_http::Request, handler: &dyn ApiHandler) {
         .map_or(request.url(), |(path, _)| path)
         .to_owned();
 
-    let (status, value) = match read_body(&mut request) {
+    let body = read_body(&mut request);
+    body_read();
+    let (status, value) = match body {
         Ok(body) => dispatch(handler, &method, &path, &body),
         Err(BodyError::TooLarge) => {
             let msg = format!("request body exceeds the limit of {MAX_BODY_BYTES} bytes");
@@ -805,6 +874,61 @@ mod tests {
             "{}",
             &raw[..raw.len().min(200)]
         );
+    }
+
+    #[test]
+    fn clients_that_never_finish_their_bodies_do_not_stop_the_api() {
+        let dir = tempfile::tempdir().unwrap();
+        let server = start_in(dir.path());
+        // More stalled requests than workers, each with a head declaring a
+        // body too big for tiny_http to buffer and only part of it sent.
+        let head = "PUT /api/v1/echo HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\
+                    Content-Length: 5000\r\n\r\n{\"a\": ";
+        let mut stalled: Vec<UnixStream> = (0..WORKER_THREADS + 2)
+            .map(|_| {
+                let mut s = UnixStream::connect(server.path()).unwrap();
+                s.write_all(head.as_bytes()).unwrap();
+                s
+            })
+            .collect();
+        thread::sleep(Duration::from_millis(100));
+        let started = Instant::now();
+        let status = client::call(server.path(), "GET", "/api/v1/vm.status", None, TIMEOUT);
+        assert_eq!(status.unwrap()["state"], "running");
+        // Each worker waits BODY_WAIT at most for a stalled body.
+        assert!(started.elapsed() < BODY_WAIT * 3, "{:?}", started.elapsed());
+        // A stalled request that finishes its body late is still answered.
+        let rest = format!("\"{}\"}}", "b".repeat(5000 - 6 - 3));
+        let mut late = stalled.remove(0);
+        late.set_read_timeout(TIMEOUT).unwrap();
+        late.write_all(rest.as_bytes()).unwrap();
+        let mut raw = String::new();
+        late.read_to_string(&mut raw).unwrap();
+        assert!(
+            raw.starts_with("HTTP/1.1 200"),
+            "{}",
+            &raw[..raw.len().min(200)]
+        );
+        assert_eq!(response_body(&raw)["method"], "PUT");
+    }
+
+    #[test]
+    fn a_body_cut_short_by_the_client_is_refused_with_400() {
+        let dir = tempfile::tempdir().unwrap();
+        let server = start_in(dir.path());
+        let mut s = UnixStream::connect(server.path()).unwrap();
+        s.set_read_timeout(TIMEOUT).unwrap();
+        s.write_all(
+            b"PUT /api/v1/echo HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\
+              Content-Length: 5000\r\n\r\n{}",
+        )
+        .unwrap();
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut raw = String::new();
+        s.read_to_string(&mut raw).unwrap();
+        assert!(raw.starts_with("HTTP/1.1 400"), "{raw}");
+        let error = response_body(&raw)["error"].as_str().unwrap().to_owned();
+        assert!(error.contains("after 2 of the 5000 bytes"), "{error}");
     }
 
     #[test]
