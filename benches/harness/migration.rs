@@ -103,7 +103,13 @@ impl Destination {
         let dir = tempfile::tempdir().map_err(failed("a temporary directory"))?;
         let socket = dir.path().join("api.sock");
         let mut child = Command::new(VMHOP)
-            .args(["run", "--incoming", "tcp://127.0.0.1:0", "--json", "--api-socket"])
+            .args([
+                "run",
+                "--incoming",
+                "tcp://127.0.0.1:0",
+                "--json",
+                "--api-socket",
+            ])
             .arg(&socket)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -133,7 +139,9 @@ impl Destination {
         let s = vmhop::api::client::call(&self.socket, "GET", "/api/v1/vm.status", None, None)
             .map_err(failed("status of the destination"))?;
         if s["state"] != "running" {
-            return Err(BenchError::Failed(format!("the destination is not running: {s}")));
+            return Err(BenchError::Failed(format!(
+                "the destination is not running: {s}"
+            )));
         }
         let _ = vmhop::api::client::call(&self.socket, "PUT", "/api/v1/vm.stop", None, None);
         let _ = self.child.wait();
@@ -182,12 +190,14 @@ fn plain_tcp(bytes: u64, seed: u64) -> Result<Duration, BenchError> {
         .map_err(failed(format!("the sink's port {port:?}")))?;
     let data = random_bytes(BLOCK, seed);
     let t = Instant::now();
-    let mut s = TcpStream::connect(("127.0.0.1", port)).map_err(failed("connecting to the sink"))?;
+    let mut s =
+        TcpStream::connect(("127.0.0.1", port)).map_err(failed("connecting to the sink"))?;
     let _ = s.set_nodelay(true);
     let mut left = bytes;
     while left > 0 {
         let n = (left as usize).min(BLOCK);
-        s.write_all(&data[..n]).map_err(failed("writing to the sink"))?;
+        s.write_all(&data[..n])
+            .map_err(failed("writing to the sink"))?;
         left -= n as u64;
     }
     drop(s);
@@ -235,12 +245,20 @@ fn scenario(
         let plain = plain_tcp(r.page_bytes, 0x5eed + ctx.run as u64)?;
         let total = Duration::from_secs_f64(r.total_ms / 1e3);
         let mut out = vec![
-            Sample::new("throughput (page data)", "MiB/s", mib_per_s(r.page_bytes, total))
-                .vs(mib_per_s(r.page_bytes, plain)),
+            Sample::new(
+                "throughput (page data)",
+                "MiB/s",
+                mib_per_s(r.page_bytes, total),
+            )
+            .vs(mib_per_s(r.page_bytes, plain)),
             Sample::new("total", "ms", r.total_ms).vs(ms(plain)),
             Sample::new("downtime", "µs", r.downtime_us as f64).vs(rtt),
-            Sample::new("bytes on the wire", "MiB", r.bytes_sent as f64 / (1u64 << 20) as f64)
-                .vs(r.page_bytes as f64 / (1u64 << 20) as f64),
+            Sample::new(
+                "bytes on the wire",
+                "MiB",
+                r.bytes_sent as f64 / (1u64 << 20) as f64,
+            )
+            .vs(r.page_bytes as f64 / (1u64 << 20) as f64),
             Sample::new("rounds", "rounds", r.rounds as f64),
             Sample::new("pages in pause", "pages", r.pages_in_pause as f64),
             Sample::new("throttle", "%", r.throttle_max_percent as f64),
