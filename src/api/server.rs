@@ -45,6 +45,50 @@ const WORKER_THREADS: usize = 4;
 /// API unanswered.
 const BODY_WAIT: Duration = Duration::from_secs(1);
 
+/// How long stopping the server waits for answers still being sent on
+/// their own threads (see [`answer_bounded`]): long enough for any answer
+/// a client is reading, bounded for one that stalls (draining a refused
+/// body it never sends).
+const ANSWER_WAIT: Duration = Duration::from_secs(5);
+
+/// Answers being sent on their own threads, which stopping waits for: the
+/// reply to `vm.stop` or a migration is sent while the process ends.
+#[derive(Default)]
+struct Answering {
+    count: Mutex<usize>,
+    done: std::sync::Condvar,
+}
+
+impl Answering {
+    fn begin(self: &Arc<Self>) -> AnsweringGuard {
+        *self.count.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+        AnsweringGuard(Arc::clone(self))
+    }
+
+    /// Waits until no answer is being sent, at most `limit`.
+    fn wait_idle(&self, limit: Duration) -> bool {
+        let count = self.count.lock().unwrap_or_else(|e| e.into_inner());
+        let (count, _) = self
+            .done
+            .wait_timeout_while(count, limit, |n| *n > 0)
+            .unwrap_or_else(|e| e.into_inner());
+        *count == 0
+    }
+}
+
+/// One answer in progress; counted down when dropped (also on a panic).
+struct AnsweringGuard(Arc<Answering>);
+
+impl Drop for AnsweringGuard {
+    fn drop(&mut self) {
+        let mut n = self.0.count.lock().unwrap_or_else(|e| e.into_inner());
+        *n -= 1;
+        if *n == 0 {
+            self.0.done.notify_all();
+        }
+    }
+}
+
 /// Pending connections the kernel queues before `connect()` would block.
 const LISTEN_BACKLOG: libc::c_int = 16;
 
@@ -195,6 +239,8 @@ pub struct ApiServer {
     http: Option<Arc<tiny_http::Server>>,
     workers: Vec<JoinHandle<()>>,
     stopping: Arc<AtomicBool>,
+    /// Answers still being sent on their own threads.
+    answering: Arc<Answering>,
     /// Identity (device, inode) of the socket file we bound, so that stopping
     /// never unlinks a socket some later process created at the same path.
     socket_id: (u64, u64),
@@ -253,16 +299,18 @@ impl ApiServer {
             http: Some(Arc::clone(&http)),
             workers: Vec::with_capacity(WORKER_THREADS),
             stopping: Arc::new(AtomicBool::new(false)),
+            answering: Arc::default(),
             socket_id,
         };
         for i in 0..WORKER_THREADS {
             let worker_http = Arc::clone(&http);
             let handler = Arc::clone(&handler);
             let stopping = Arc::clone(&server.stopping);
+            let answering = Arc::clone(&server.answering);
             let socket = path.to_path_buf();
             let spawned = thread::Builder::new()
                 .name(format!("vmhop-api-{i}"))
-                .spawn(move || serve(&worker_http, &handler, &stopping, &socket));
+                .spawn(move || serve(&worker_http, &handler, &answering, &stopping, &socket));
             match spawned {
                 Ok(worker) => server.workers.push(worker),
                 Err(source) => {
@@ -312,6 +360,10 @@ impl ApiServer {
             if worker.join().is_err() {
                 tracing::warn!(socket = %self.path.display(), "an API worker thread panicked");
             }
+        }
+        if !self.answering.wait_idle(ANSWER_WAIT) {
+            tracing::warn!(socket = %self.path.display(),
+                "stopping with an answer still being sent (a client not reading it?)");
         }
         // Last reference: tiny_http closes the listener and unlinks the socket.
         drop(http);
@@ -499,12 +551,13 @@ fn bind_private(path: &Path) -> Result<UnixListener, ServerError> {
 fn serve(
     http: &tiny_http::Server,
     handler: &Arc<dyn ApiHandler>,
+    answering: &Arc<Answering>,
     stopping: &AtomicBool,
     socket: &Path,
 ) {
     loop {
         match http.recv() {
-            Ok(request) => answer_bounded(request, handler),
+            Ok(request) => answer_bounded(request, handler, answering),
             Err(_) if stopping.load(Ordering::SeqCst) => return,
             Err(e) => {
                 // tiny_http's accept loop has died (it reports its error once).
@@ -610,14 +663,21 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
 /// [`BODY_WAIT`]) and then until the handler has returned; a client slower
 /// than that, or slow to take its answer (or to send the rest of a body
 /// that was refused), holds only the request's thread. If no thread can be
-/// spawned, the worker answers the request itself.
-fn answer_bounded(request: tiny_http::Request, handler: &Arc<dyn ApiHandler>) {
+/// spawned, the worker answers the request itself. Stopping the server
+/// waits (bounded) for answers still being sent this way.
+fn answer_bounded(
+    request: tiny_http::Request,
+    handler: &Arc<dyn ApiHandler>,
+    answering: &Arc<Answering>,
+) {
     let (step, wait) = mpsc::channel::<()>();
     let slot = Arc::new(Mutex::new(Some(request)));
     let (mine, h) = (Arc::clone(&slot), Arc::clone(handler));
+    let guard = answering.begin();
     let spawned = thread::Builder::new()
         .name("vmhop-api-req".into())
         .spawn(move || {
+            let _answering = guard;
             let taken = mine.lock().unwrap_or_else(|e| e.into_inner()).take();
             if let Some(request) = taken {
                 answer(request, h.as_ref(), || {
@@ -716,6 +776,8 @@ mod tests {
                 }
                 (_, "/api/v1/bad-status") => (42, json!({})),
                 ("GET", "/api/v1/big") => (200, json!({"data": "x".repeat(100_000)})),
+                // More than a socket buffer: sent only as the client reads.
+                ("GET", "/api/v1/huge") => (200, json!({"data": "x".repeat(8 << 20)})),
                 _ => (404, error_body(format!("unknown route {method} {path}"))),
             }
         }
@@ -962,6 +1024,36 @@ mod tests {
         assert_eq!(status.unwrap()["state"], "running");
         assert!(started.elapsed() < BODY_WAIT, "{:?}", started.elapsed());
         drop(stalled);
+    }
+
+    #[test]
+    fn stopping_waits_for_an_answer_still_being_sent() {
+        let dir = tempfile::tempdir().unwrap();
+        let server = start_in(dir.path());
+        let socket = server.path().to_path_buf();
+        // A client slow to read an answer larger than the socket buffer: the
+        // handler has returned long before the answer is all sent, as when
+        // `vm.stop` ends the process.
+        let client = thread::spawn(move || {
+            let mut s = UnixStream::connect(&socket).unwrap();
+            s.set_read_timeout(TIMEOUT).unwrap();
+            s.write_all(b"GET /api/v1/huge HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                .unwrap();
+            thread::sleep(Duration::from_millis(600));
+            let mut raw = Vec::new();
+            s.read_to_end(&mut raw).unwrap();
+            (Instant::now(), raw.len())
+        });
+        thread::sleep(Duration::from_millis(300));
+        server.shutdown();
+        let stopped = Instant::now();
+        let (read_all, len) = client.join().unwrap();
+        assert!(len > 8 << 20, "the whole answer arrived: {len} bytes");
+        assert!(
+            stopped >= read_all - Duration::from_millis(50),
+            "shutdown returned {:?} before the answer was read",
+            read_all - stopped
+        );
     }
 
     #[test]
