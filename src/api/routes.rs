@@ -42,6 +42,29 @@ pub fn body<T: DeserializeOwned>(b: &[u8]) -> Result<T, ApiError> {
     serde_json::from_slice(b).map_err(|e| ApiError(400, format!("bad request body: {e}")))
 }
 
+/// Parses the body of an action that takes one: a JSON object (an empty
+/// body means `{}`). serde would also read a struct from an array of its
+/// fields in order (`[0]` as `{"to_node": 0}`); the API takes objects only.
+pub fn object_body<T: DeserializeOwned>(b: &[u8]) -> Result<T, ApiError> {
+    match b.iter().find(|c| !c.is_ascii_whitespace()) {
+        None | Some(b'{') => body(b),
+        Some(_) => {
+            let what = match serde_json::from_slice::<Value>(b) {
+                Ok(Value::Array(_)) => "an array",
+                Ok(Value::String(_)) => "a string",
+                Ok(Value::Number(_)) => "a number",
+                Ok(Value::Bool(_)) => "a boolean",
+                Ok(Value::Null) => "null",
+                _ => "not JSON",
+            };
+            Err(ApiError(
+                400,
+                format!("bad request body: expected a JSON object, got {what}"),
+            ))
+        }
+    }
+}
+
 impl Routes {
     /// Routes for `vm`; `stop` ends the `run` process.
     pub fn new(vm: Arc<Vm>, shutdown: Sender<()>) -> Routes {
@@ -68,7 +91,7 @@ impl Routes {
     }
 
     fn migrate(&self, b: &[u8]) -> Reply {
-        let req: MigrateRequest = body(b)?;
+        let req: MigrateRequest = object_body(b)?;
         let vm = &self.vm;
         if vm.is_loading() {
             return Err(ApiError(
@@ -194,7 +217,7 @@ impl Routes {
                 json(report)
             }
             ("PUT", "vm.numa-migrate") => {
-                let req: crate::numa::NumaMigrateRequest = body(b)?;
+                let req: crate::numa::NumaMigrateRequest = object_body(b)?;
                 if vm.is_loading() {
                     return Err(ApiError(
                         409,
@@ -212,7 +235,7 @@ impl Routes {
                 }
             }
             ("PUT", "vm.checkpoint") => {
-                let req: crate::checkpoint::create::CheckpointRequest = body(b)?;
+                let req: crate::checkpoint::create::CheckpointRequest = object_body(b)?;
                 let _op = self.operation()?;
                 self.running_or_paused()?;
                 let r = crate::checkpoint::create::checkpoint(vm, &req)
@@ -277,5 +300,39 @@ impl ApiHandler for Routes {
             Ok(v) => (200, v),
             Err(ApiError(code, msg)) => (code, error_body(msg)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::numa::NumaMigrateRequest;
+
+    #[test]
+    fn array_bodies_are_refused_where_an_object_is_expected() {
+        for b in [
+            &b"[0]"[..],
+            b" [0, null, \"kernel\"]",
+            b"0",
+            b"\"x\"",
+            b"null",
+            b"true",
+        ] {
+            let Err(e) = object_body::<NumaMigrateRequest>(b) else {
+                panic!("{} was taken for an object", String::from_utf8_lossy(b));
+            };
+            assert_eq!(e.0, 400);
+            assert!(
+                e.1.starts_with("bad request body: expected a JSON object, got "),
+                "{}",
+                e.1
+            );
+        }
+        let Ok(r) = object_body::<NumaMigrateRequest>(br#" {"to_node": 3}"#) else {
+            panic!("an object was refused");
+        };
+        assert_eq!(r.to_node, 3);
+        // An action that takes no body ignores any JSON it is given.
+        assert!(body::<Value>(b"[0]").is_ok());
     }
 }
