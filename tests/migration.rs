@@ -526,3 +526,75 @@ fn a_guest_dirtying_faster_than_a_rate_limited_link_converges_by_throttling() {
     // The link really was the limit: well under loopback speeds.
     assert!(r["link_mib_s"].as_f64().unwrap() < 150.0, "{r}");
 }
+
+/// A CA and a certificate for `127.0.0.1` signed by it, written (mode 0600)
+/// into `dir` as NAME.crt, NAME.key and NAME-ca.crt.
+fn tls_files(
+    dir: &std::path::Path,
+    name: &str,
+    ca: &(rcgen::Issuer<'static, rcgen::KeyPair>, String),
+) -> [String; 3] {
+    let mut params =
+        rcgen::CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+            .unwrap();
+    params.extended_key_usages = vec![
+        rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+        rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = params.signed_by(&key, &ca.0).unwrap();
+    let write = |file: String, bytes: &[u8]| {
+        let p = dir.join(file);
+        std::fs::write(&p, bytes).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        p.to_str().unwrap().to_string()
+    };
+    [
+        write(format!("{name}.crt"), cert.pem().as_bytes()),
+        write(format!("{name}.key"), key.serialize_pem().as_bytes()),
+        write(format!("{name}-ca.crt"), ca.1.as_bytes()),
+    ]
+}
+
+fn test_ca(cn: &str) -> (rcgen::Issuer<'static, rcgen::KeyPair>, String) {
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, cn);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    (rcgen::Issuer::new(params, key), cert.pem())
+}
+
+#[test]
+fn a_guest_migrates_over_mutual_tls_and_a_certificate_from_another_ca_is_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let ca = test_ca("vmhop test CA");
+    let other = test_ca("someone else's CA");
+    let [dc, dk, dca] = tls_files(d.path(), "dst", &ca);
+    let [sc, sk, sca] = tls_files(d.path(), "src", &ca);
+    let [xc, xk, xca] = tls_files(d.path(), "stranger", &other);
+    let dst = destination(
+        "tcp://127.0.0.1:0",
+        &["--tls-cert", &dc, "--tls-key", &dk, "--tls-ca", &dca],
+    );
+    let to = listening(&dst);
+    let src = source("32M", &[]);
+    // A source whose certificate another CA signed (and which trusts only
+    // that CA) is refused both ways; the source runs on.
+    let out = migrate(
+        &src,
+        &to,
+        &["--tls-cert", &xc, "--tls-key", &xk, "--tls-ca", &xca],
+    );
+    assert_eq!(out.code, Some(1), "{}", out.describe());
+    assert_source_runs_on(&src, "a certificate from another CA");
+    assert_eq!(dst.status()["state"], "incoming");
+    let out = migrate(
+        &src,
+        &to,
+        &["--tls-cert", &sc, "--tls-key", &sk, "--tls-ca", &sca],
+    );
+    assert_migrated(src, &dst, &out);
+}
