@@ -262,6 +262,24 @@ pub fn incoming(addr: &str, args: &RunArgs) -> CliResult {
             socket.display()
         ))?;
     }
+    // The VM's routes answer from the moment it runs here, before the
+    // source is told (and its `migrate` returns); back to waiting if the
+    // source could not be told.
+    let (switch, stop) = fe.handoff();
+    let waiting: Arc<dyn ApiHandler> = Arc::new(Waiting {
+        name: args.name.clone(),
+        listening: listening.clone(),
+        status: status.clone(),
+        stop: std::sync::Mutex::new(stop.clone()),
+    });
+    *status.on_arrival.lock().unwrap_or_else(|e| e.into_inner()) =
+        Some(Box::new(move |vm: Option<&Arc<crate::vmm::Vm>>| match vm {
+            Some(vm) => switch.set(Arc::new(crate::api::routes::Routes::new(
+                vm.clone(),
+                stop.clone(),
+            ))),
+            None => switch.set(waiting.clone()),
+        }));
     let console = args.console_target();
     let (tx, rx) = std::sync::mpsc::channel();
     let st = status.clone();

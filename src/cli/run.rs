@@ -335,6 +335,12 @@ impl Frontend {
         })
     }
 
+    /// What hands the socket to a VM's routes from another thread: the
+    /// handler switch and the stop channel the routes' `stop` uses.
+    pub fn handoff(&self) -> (Arc<Switch>, mpsc::Sender<()>) {
+        (self.switch.clone(), self.tx.clone())
+    }
+
     /// Waits up to `d` for a stop (API `stop`, SIGTERM, SIGINT); true if one came.
     pub fn stopped_within(&self, d: Duration) -> bool {
         !matches!(

@@ -38,8 +38,12 @@ pub struct IncomingOptions {
     pub once: bool,
 }
 
+/// Called with the VM once it runs here, before the source hears so, and
+/// with `None` if the source then could not be told (the VM is shut down).
+pub type OnArrival = Box<dyn Fn(Option<&Arc<Vm>>) + Send + Sync>;
+
 /// Progress of an incoming migration, for `status`.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct IncomingStatus {
     /// Where the current source connects from.
     pub peer: Mutex<Option<String>>,
@@ -49,6 +53,29 @@ pub struct IncomingStatus {
     pub pages: AtomicU64,
     /// Why the last source failed, if one did.
     pub last_error: Mutex<Option<String>>,
+    /// Hands the API over to the VM before the source is told it runs here,
+    /// so that its `migrate` never returns before this side answers as the
+    /// VM.
+    pub on_arrival: Mutex<Option<OnArrival>>,
+}
+
+impl std::fmt::Debug for IncomingStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IncomingStatus")
+            .field("peer", &self.peer)
+            .field("bytes", &self.bytes)
+            .field("pages", &self.pages)
+            .field("last_error", &self.last_error)
+            .finish_non_exhaustive()
+    }
+}
+
+impl IncomingStatus {
+    fn arrived(&self, vm: Option<&Arc<Vm>>) {
+        if let Some(f) = &*self.on_arrival.lock().unwrap_or_else(|e| e.into_inner()) {
+            f(vm);
+        }
+    }
 }
 
 /// The `status` of a destination still waiting for its VM.
@@ -305,6 +332,7 @@ fn receive_one(
         Ok(v) => v,
         Err(why) => return Err(refuse(&mut s, format!("the VM does not start here: {why}"))),
     };
+    status.arrived(Some(&vm.0));
     let acked = s
         .write_frame(&Frame::Ack {
             what: AckKind::Done,
@@ -313,6 +341,7 @@ fn receive_one(
     if let Err(e) = acked {
         // The source did not hear that the VM runs here: it resumes its
         // own, so this one must not run.
+        status.arrived(None);
         vm.0.shutdown();
         return Err(format!("confirming the VM runs here failed: {e}"));
     }
