@@ -15,6 +15,11 @@ use serde_json::Value;
 
 /// A source: `builtin:dirty` with 2 vCPUs over two guest nodes.
 fn source(size_each: &str, extra: &[&str]) -> Vm {
+    source_in(&[], size_each, extra)
+}
+
+/// A source started under `wrapper` (e.g. `ip netns exec NS`).
+fn source_in(wrapper: &[&str], size_each: &str, extra: &[&str]) -> Vm {
     let n0 = format!("guest-node=0,size={size_each},host-node=0");
     let n1 = format!("guest-node=1,size={size_each},host-node=0");
     let mut args = vec!["--vcpus", "2", "--numa", &n0, "--numa", &n1];
@@ -22,7 +27,7 @@ fn source(size_each: &str, extra: &[&str]) -> Vm {
     if !extra.contains(&"--guest") {
         args.extend_from_slice(&["--guest", "builtin:dirty"]);
     }
-    Vm::start(&args)
+    Vm::start_wrapped(wrapper, &["run"], &args, &[])
 }
 
 /// A destination listening on `addr` (and `extra` options).
@@ -469,21 +474,7 @@ fn a_guest_migrates_between_two_network_namespaces_over_a_veth_pair() {
         ],
         &[],
     );
-    let src = Vm::start_wrapped(
-        &ns.exec(0),
-        &["run"],
-        &[
-            "--vcpus",
-            "2",
-            "--numa",
-            "guest-node=0,size=64M,host-node=0",
-            "--numa",
-            "guest-node=1,size=64M,host-node=0",
-            "--guest",
-            "builtin:dirty",
-        ],
-        &[],
-    );
+    let src = source_in(&ns.exec(0), "64M", &[]);
     let before = src.wait_progress_above(0, Duration::from_secs(10));
     let out = migrate(&src, "tcp://10.231.0.2:47000", &["--auth-key-file", key]);
     assert_migrated(src, &dst, &out);
@@ -499,21 +490,7 @@ fn a_guest_dirtying_faster_than_a_rate_limited_link_converges_by_throttling() {
         &["--incoming", "tcp://10.231.0.2:47001", "--insecure"],
         &[],
     );
-    let src = Vm::start_wrapped(
-        &ns.exec(0),
-        &["run"],
-        &[
-            "--vcpus",
-            "2",
-            "--numa",
-            "guest-node=0,size=32M,host-node=0",
-            "--numa",
-            "guest-node=1,size=32M,host-node=0",
-            "--guest",
-            "builtin:dirty,wss=16M",
-        ],
-        &[],
-    );
+    let src = source_in(&ns.exec(0), "32M", &["--guest", "builtin:dirty,wss=16M"]);
     src.wait_progress_above(0, Duration::from_secs(10));
     let out = migrate(
         &src,
