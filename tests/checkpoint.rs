@@ -350,6 +350,53 @@ fn every_checkpoint_of_a_chain_restores_to_its_moment_and_runs_on() {
     );
 }
 
+/// A guest rewriting its working set non-stop never lets pre-copy
+/// converge: the pause write-protects the pages still dirty and the
+/// guest's writes to them after the resume go through copy-on-write.
+/// Every checkpoint must still restore to its moment — a page written
+/// out in its post-pause version breaks the guest's sweep invariant.
+#[test]
+fn checkpoints_of_a_guest_rewriting_memory_non_stop_restore_to_their_moment() {
+    let dir = tempdir();
+    let taken: Vec<Taken> = {
+        let vm = dirty_vm(SMALL, "builtin:dirty,wss=16M");
+        (0..4)
+            .map(|_| {
+                let t = take_checkpoint(&vm, dir.path(), &[]);
+                let_guest_work(&vm, t.after);
+                t
+            })
+            .collect()
+    };
+    let protected: u64 = taken
+        .iter()
+        .map(|t| {
+            t.report["pages_protected"]
+                .as_u64()
+                .expect("pages_protected")
+        })
+        .sum();
+    let faults: u64 = taken
+        .iter()
+        .map(|t| t.report["cow_faults"].as_u64().expect("cow_faults"))
+        .sum();
+    let reports: Vec<String> = taken.iter().map(|t| t.report.to_string()).collect();
+    assert!(protected > 0, "no page was write-protected: {reports:#?}");
+    assert!(
+        faults > 0,
+        "the guest never wrote a protected page: {reports:#?}"
+    );
+    for (i, t) in taken.iter().enumerate() {
+        let how: &[&str] = if i % 2 == 0 {
+            &["--paused"]
+        } else {
+            &["--paused", "--eager"]
+        };
+        let vm = restore(dir.path(), t.id(), how);
+        check_restored_then_resume(&vm, t, &format!("restore {how:?} of checkpoint {}", t.id()));
+    }
+}
+
 #[test]
 fn a_restored_vm_continues_its_chain_with_incrementals() {
     let dir = tempdir();

@@ -1,7 +1,9 @@
 //! The checkpoint-file sink: pages sent while the guest runs go straight to
-//! the file; pages sent in the pause are only staged in memory (a memcpy),
-//! and written after the guest resumes, so the pause does not grow with
-//! disk speed. The file becomes visible only when complete (see
+//! the file. The pause's last pages normally reach it after the resume,
+//! write-protected in the pause and read through the engine's
+//! copy-on-write; where that is unavailable they are sent in the pause and
+//! only staged in memory (a memcpy), then written after the guest resumes.
+//! Either way the pause does not grow with disk speed. The file becomes visible only when complete (see
 //! `checkpoint::format`).
 
 use std::collections::BTreeMap;
@@ -150,6 +152,12 @@ impl Sink<Vm> for FileSink {
 
     fn paused_rate(&self) -> f64 {
         STAGING_RATE
+    }
+
+    fn takes_late_pages(&self) -> bool {
+        // The file is written after the resume anyway; the engine's
+        // copy-on-write keeps those pages as they were at the pause.
+        true
     }
 
     fn commit(

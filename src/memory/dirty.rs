@@ -47,6 +47,11 @@ impl DirtyBitmap {
         self.words[(i / 64) as usize] |= 1 << (i % 64);
     }
 
+    /// Marks page `i` clean.
+    pub fn unset(&mut self, i: u64) {
+        self.words[(i / 64) as usize] &= !(1 << (i % 64));
+    }
+
     /// Whether page `i` is dirty.
     pub fn get(&self, i: u64) -> bool {
         self.words[(i / 64) as usize] & (1 << (i % 64)) != 0

@@ -6,6 +6,7 @@
 //! VM (`crate::vmm::vm`) registers each [`Chunk`] as a KVM memory slot and
 //! fetches dirty logs into the bitmaps defined here.
 
+pub mod cow;
 pub mod dirty;
 pub mod layout;
 pub mod mapping;

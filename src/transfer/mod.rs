@@ -47,6 +47,9 @@ pub enum TransferError {
     /// The VM failed (dirty log, pause, vCPU state).
     #[error(transparent)]
     Vm(#[from] VmError),
+    /// Copy-on-write of the pause's last pages failed.
+    #[error(transparent)]
+    Cow(#[from] crate::memory::cow::CowError),
     /// Someone cancelled the transfer (a cancel request, a timeout).
     #[error("cancelled: {0}")]
     Cancelled(String),
@@ -155,6 +158,9 @@ pub trait Source {
     type Saved;
     /// The VM state a sink records at its commit.
     type State;
+    /// Copy-on-write armed over the VM's memory (`memory::cow`); dropping
+    /// it lifts every protection left.
+    type Cow;
 
     /// Pages in memory slot `slot` (None: no such slot).
     fn slot_pages(&self, slot: u32) -> Option<u64>;
@@ -179,6 +185,22 @@ pub trait Source {
     fn save_state(&self, pause: &Self::Pause, saved: Self::Saved) -> Result<Self::State, VmError>;
     /// Restarts the vCPUs; returns how long none ran.
     fn resume(&self, pause: Self::Pause) -> Result<Duration, VmError>;
+    /// Arms copy-on-write over these slots, before a pause, so that the
+    /// pause can write-protect its last pages instead of copying them.
+    fn arm_cow(&self, slots: &[u32]) -> Result<Self::Cow, VmError>;
+    /// In the pause: write-protects `pages` of `slot`, which keep their
+    /// contents from now until `drain` reads them; returns how many.
+    fn protect(&self, cow: &Self::Cow, slot: u32, pages: &DirtyBitmap) -> Result<u64, VmError>;
+    /// After the pause: hands every protected page to `each` as it was when
+    /// protected, lifting its protection; stops at the first error.
+    fn drain(
+        &self,
+        cow: &Self::Cow,
+        each: &mut dyn FnMut(PageRun<'_>) -> Result<(), TransferError>,
+    ) -> Result<(), TransferError>;
+    /// Pages the guest wrote before the drain reached them (each one cost
+    /// the writing vCPU a fault and a copy).
+    fn cow_faults(&self, cow: &Self::Cow) -> u64;
     /// Hands every run of set pages in `pages` (of slot `slot`) to `each`,
     /// while the memory cannot be replaced under it; stops at the first error.
     fn read_pages(
@@ -204,6 +226,13 @@ pub trait Sink<S: Source + ?Sized> {
     fn pages(&mut self, run: PageRun<'_>, paused: bool) -> Result<u64, SinkError>;
     /// Bytes per second the sink takes pages at while the guest is paused.
     fn paused_rate(&self) -> f64;
+    /// Whether the pause's last pages may reach the sink after its commit
+    /// and the resume (as `pages(run, false)` before `complete`), read
+    /// through copy-on-write: yes for a checkpoint file; no for new memory
+    /// the commit switches to, or a stream whose far end starts the VM.
+    fn takes_late_pages(&self) -> bool {
+        false
+    }
     /// A pre-copy round's pages were all handed over: a sink whose far end
     /// lags (a stream) waits for it here, so its rate is measured end to
     /// end and no backlog is left for the pause.
@@ -260,6 +289,10 @@ pub struct Plan {
     pub auto_converge: bool,
     /// Lets another thread end the transfer early.
     pub cancel: Option<Arc<Cancel>>,
+    /// Write-protect the pause's last pages and send them after the resume
+    /// (copy-on-write), when the sink takes late pages; else copy them in
+    /// the pause.
+    pub protect_in_pause: bool,
 }
 
 impl Plan {
@@ -272,6 +305,7 @@ impl Plan {
             max_downtime,
             auto_converge: false,
             cancel: None,
+            protect_in_pause: true,
         }
     }
 
@@ -289,8 +323,13 @@ pub struct TransferReport {
     pub pages_sent: u64,
     /// Bytes the sink reported writing.
     pub bytes_sent: u64,
-    /// Pages sent in the pause.
+    /// Pages the pause dealt with: copied to the sink, or write-protected.
     pub pages_in_pause: u64,
+    /// Of those, pages write-protected in the pause and sent after it.
+    pub pages_protected: u64,
+    /// Protected pages the guest wrote before they were sent (each cost
+    /// the writing vCPU a fault and a page copy).
+    pub cow_faults: u64,
     /// Microseconds no vCPU ran.
     pub downtime_us: u64,
     /// Whole transfer, milliseconds.
@@ -312,7 +351,7 @@ pub struct PauseBreakdown {
     pub stop_us: u64,
     /// Fetching the last dirty logs.
     pub fetch_us: u64,
-    /// Sending the last pages to the sink.
+    /// Sending the last pages to the sink, or write-protecting them.
     pub copy_us: u64,
     /// Assembling the VM state from the saved vCPU registers.
     pub state_us: u64,
@@ -356,6 +395,20 @@ impl<S: Source + ?Sized> Run<'_, S> {
         self.report.pages_sent += pages;
         self.report.bytes_sent += bytes;
         Ok(pages)
+    }
+
+    /// Sends the pages protected in the pause, as they were then.
+    fn drain(&mut self, cow: &S::Cow) -> Result<(), TransferError> {
+        let (mut pages, mut bytes) = (0, 0);
+        let sink = &mut *self.sink;
+        self.vm.drain(cow, &mut |run| {
+            pages += run.pages();
+            bytes += sink.pages(run, false)?;
+            Ok(())
+        })?;
+        self.report.pages_sent += pages;
+        self.report.bytes_sent += bytes;
+        Ok(())
     }
 
     /// Fetches (and clears) the dirty logs of the plan's slots.
@@ -404,7 +457,8 @@ pub fn transfer<S: Source + ?Sized>(
         report: TransferReport::default(),
     };
     let mut pause: Option<S::Pause> = None;
-    let precopied = precopy(&mut run, &mut pause);
+    let mut cow: Option<S::Cow> = None;
+    let precopied = precopy(&mut run, &mut pause, &mut cow);
     if run.report.throttle_max_percent > 0 {
         vm.set_throttle(0);
     }
@@ -423,12 +477,20 @@ pub fn transfer<S: Source + ?Sized>(
             (_, None) => Duration::ZERO,
         };
         run.report.downtime_us = downtime.as_micros() as u64;
+        if let Some(c) = cow.take() {
+            let drained = run.drain(&c);
+            run.report.cow_faults = vm.cow_faults(&c);
+            // Lifts whatever protection a failed drain left.
+            drop(c);
+            drained?;
+        }
         run.sink.complete(vm)?;
         // Staying paused on purpose: the token is no longer needed.
         pause = None;
         Ok(())
     });
     if let Err(e) = result {
+        drop(cow);
         run.sink.abort(vm);
         if let Some(p) = pause.take() {
             vm.resume(p)?;
@@ -442,10 +504,24 @@ pub fn transfer<S: Source + ?Sized>(
 fn precopy<S: Source + ?Sized>(
     run: &mut Run<'_, S>,
     pause: &mut Option<S::Pause>,
+    cow: &mut Option<S::Cow>,
 ) -> Result<AfterCommit, TransferError> {
     let (vm, plan) = (run.vm, run.plan);
     plan.check_cancel()?;
     run.sink.begin(vm, &plan.slots)?;
+    if plan.live && plan.protect_in_pause && run.sink.takes_late_pages() {
+        // Without it (no write protection here, memory registered by a
+        // lazy restore still loading) the pause copies, as any sink.
+        *cow = vm
+            .arm_cow(&plan.slots)
+            .map_err(|e| tracing::debug!("copy-on-write unavailable, copying in the pause: {e}"))
+            .ok();
+    }
+    let paused_rate = if cow.is_some() {
+        convergence::PROTECT_RATE
+    } else {
+        run.sink.paused_rate()
+    };
     run.report.converged = true;
     let mut last_pass;
     let saved;
@@ -470,7 +546,7 @@ fn precopy<S: Source + ?Sized>(
                 rounds_sent: run.report.rounds,
                 dirty_pages: count(&dirty),
                 fetch_cost: t.elapsed(),
-                paused_rate: run.sink.paused_rate(),
+                paused_rate,
                 commit_cost: run.sink.commit_cost(),
             };
             run.report.dirty_per_round.push(facts.dirty_pages);
@@ -494,10 +570,12 @@ fn precopy<S: Source + ?Sized>(
                 }
             }
         }
-        // The pause sends the last dirty set plus what the guest dirties
-        // until it stops: allow a quarter more.
-        let expected = count(&last_pass);
-        run.sink.before_pause(expected + expected / 4 + 256)?;
+        if cow.is_none() {
+            // The pause sends the last dirty set plus what the guest
+            // dirties until it stops: allow a quarter more.
+            let expected = count(&last_pass);
+            run.sink.before_pause(expected + expected / 4 + 256)?;
+        }
         plan.check_cancel()?;
         let t = Instant::now();
         let (p, states) = vm.pause_saving()?;
@@ -528,7 +606,17 @@ fn precopy<S: Source + ?Sized>(
     }
     let p = pause.as_ref().expect("paused above");
     let t = Instant::now();
-    run.report.pages_in_pause = run.send(&last_pass, true)?;
+    run.report.pages_in_pause = match cow.as_ref() {
+        Some(c) => {
+            let mut n = 0;
+            for (&slot, bits) in &last_pass {
+                n += vm.protect(c, slot, bits)?;
+            }
+            run.report.pages_protected = n;
+            n
+        }
+        None => run.send(&last_pass, true)?,
+    };
     run.report.pause_breakdown.copy_us = us(t);
     run.report.rounds += 1;
     let t = Instant::now();

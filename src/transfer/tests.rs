@@ -112,6 +112,7 @@ impl Source for FakeVm {
     type Pause = FakePause;
     type Saved = u32;
     type State = u32;
+    type Cow = crate::memory::cow::CopyOnWrite;
 
     fn slot_pages(&self, slot: u32) -> Option<u64> {
         self.slots.iter().any(|s| s.0 == slot).then_some(PAGES)
@@ -190,6 +191,48 @@ impl Source for FakeVm {
         Ok(pause.0.elapsed())
     }
 
+    fn arm_cow(&self, slots: &[u32]) -> Result<Self::Cow, VmError> {
+        let ranges: Vec<_> = slots
+            .iter()
+            .map(|&s| (self.mapping(s).as_ptr() as usize, self.mapping(s).len()))
+            .collect();
+        Self::Cow::arm(&ranges).map_err(|e| VmError::Host(e.to_string()))
+    }
+
+    fn protect(&self, cow: &Self::Cow, slot: u32, pages: &DirtyBitmap) -> Result<u64, VmError> {
+        let host = self.mapping(slot).as_ptr() as usize;
+        cow.protect(slot, host, 0, pages)
+            .map_err(|e| VmError::Host(e.to_string()))
+    }
+
+    fn drain(
+        &self,
+        cow: &Self::Cow,
+        each: &mut dyn FnMut(PageRun<'_>) -> Result<(), TransferError>,
+    ) -> Result<(), TransferError> {
+        cow.drain(&mut |r| {
+            let (slot, first) = (r.slot, r.first);
+            each(PageRun {
+                slot,
+                first,
+                gpa: r.gpa,
+                data: r.data,
+            })?;
+            // The guest runs again: it writes protected pages the drain has
+            // not reached yet (the last page of the slot) and one it has.
+            let mut st = self.state.lock().unwrap();
+            if self.racy && !st.paused {
+                self.write(&mut st, slot, PAGES - 1 - first % 64);
+                self.write(&mut st, slot, first);
+            }
+            Ok(())
+        })
+    }
+
+    fn cow_faults(&self, cow: &Self::Cow) -> u64 {
+        cow.faults()
+    }
+
     fn read_pages(
         &self,
         slot: u32,
@@ -234,6 +277,8 @@ struct RecordingSink {
     at_commit: Option<BTreeMap<(u32, u64), u64>>,
     paused_pages: u64,
     stay_paused: bool,
+    /// Takes the pause's pages after the resume (copy-on-write).
+    late: bool,
     fail: FailAt,
     aborted: bool,
     completed: bool,
@@ -277,6 +322,10 @@ impl Sink<FakeVm> for RecordingSink {
 
     fn paused_rate(&self) -> f64 {
         RATE
+    }
+
+    fn takes_late_pages(&self) -> bool {
+        self.late
     }
 
     fn commit(&mut self, vm: &FakeVm, _p: &FakePause, _s: &u32) -> Result<AfterCommit, SinkError> {
@@ -485,4 +534,37 @@ fn a_cancel_ends_the_transfer_with_the_guest_running() {
         "{e}"
     );
     assert!(sink.aborted && !vm.is_paused());
+}
+
+#[test]
+fn pages_protected_in_the_pause_arrive_as_they_were_though_the_guest_writes_them_after() {
+    // A guest that never converges: 2000 pages a round, forever.
+    let mut vm = FakeVm::new(Box::new(|t| {
+        (0..2000)
+            .map(|i| (i * 5 + t as u64 * 3) % (2 * PAGES))
+            .collect()
+    }));
+    vm.racy = true;
+    let mut sink = RecordingSink {
+        late: true,
+        ..Default::default()
+    };
+    let r = transfer(&vm, &mut sink, &plan(true)).unwrap();
+    assert!(r.pages_protected >= 2000, "{r:?}");
+    assert_eq!(r.pages_in_pause, r.pages_protected, "{r:?}");
+    assert_eq!(sink.paused_pages, 0, "nothing copied in the pause: {r:?}");
+    assert!(r.cow_faults > 0, "the guest wrote protected pages: {r:?}");
+    assert!(sink.completed && !vm.is_paused());
+    // Every page as it was at the pause, none as the guest wrote it after.
+    assert_last_versions(&sink);
+}
+
+#[test]
+fn without_late_pages_the_pause_copies() {
+    let vm = FakeVm::new(Box::new(|t| (0..500).map(|i| i + t as u64).collect()));
+    let mut sink = RecordingSink::default();
+    let r = transfer(&vm, &mut sink, &plan(true)).unwrap();
+    assert_eq!(r.pages_protected, 0, "{r:?}");
+    assert_eq!(sink.paused_pages, r.pages_in_pause, "{r:?}");
+    assert_last_versions(&sink);
 }

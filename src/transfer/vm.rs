@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use super::{PageRun, Source, TransferError};
+use crate::memory::cow::CopyOnWrite;
 use crate::memory::{DirtyBitmap, PAGE_SIZE};
 use crate::vmm::{Pause, Vm, VmError, VmState};
 
@@ -15,6 +16,7 @@ impl Source for Vm {
     type Pause = Pause;
     type Saved = Vec<crate::vmm::vcpu::VcpuState>;
     type State = VmState;
+    type Cow = CopyOnWrite;
 
     fn slot_pages(&self, slot: u32) -> Option<u64> {
         self.memory()
@@ -75,6 +77,54 @@ impl Source for Vm {
 
     fn resume(&self, pause: Pause) -> Result<Duration, VmError> {
         Vm::resume(self, pause)
+    }
+
+    fn arm_cow(&self, slots: &[u32]) -> Result<CopyOnWrite, VmError> {
+        let mem = self.memory();
+        let ranges: Vec<(usize, usize)> = mem
+            .chunks()
+            .filter(|c| slots.contains(&c.slot))
+            .map(|c| (c.mapping.as_ptr() as usize, c.mapping.len()))
+            .collect();
+        CopyOnWrite::arm(&ranges).map_err(|e| VmError::Host(e.to_string()))
+    }
+
+    fn protect(&self, cow: &CopyOnWrite, slot: u32, pages: &DirtyBitmap) -> Result<u64, VmError> {
+        let mem = self.memory();
+        let c = mem
+            .chunks()
+            .find(|c| c.slot == slot)
+            .ok_or_else(|| no_slot(slot))?;
+        if pages.pages() != c.pages() {
+            return Err(VmError::Host(format!(
+                "{} pages to protect in slot {slot} of {} pages",
+                pages.pages(),
+                c.pages()
+            )));
+        }
+        cow.protect(slot, c.mapping.as_ptr() as usize, c.range.start, pages)
+            .map_err(|e| VmError::Host(e.to_string()))
+    }
+
+    fn drain(
+        &self,
+        cow: &CopyOnWrite,
+        each: &mut dyn FnMut(PageRun<'_>) -> Result<(), TransferError>,
+    ) -> Result<(), TransferError> {
+        // The read lock keeps the protected memory in place while it is read.
+        let _mem = self.memory();
+        cow.drain(&mut |r| {
+            each(PageRun {
+                slot: r.slot,
+                first: r.first,
+                gpa: r.gpa,
+                data: r.data,
+            })
+        })
+    }
+
+    fn cow_faults(&self, cow: &CopyOnWrite) -> u64 {
+        cow.faults()
     }
 
     fn read_pages(
