@@ -103,6 +103,17 @@ pub fn new_vm(
     guest: GuestSpec,
     paused: bool,
 ) -> Result<BenchVm, BenchError> {
+    new_vm_backed(ctx, name, guest, paused, false)
+}
+
+/// [`new_vm`], its memory backed by transparent huge pages if `hugepages`.
+pub fn new_vm_backed(
+    ctx: &RunCtx,
+    name: &str,
+    guest: GuestSpec,
+    paused: bool,
+    hugepages: bool,
+) -> Result<BenchVm, BenchError> {
     let size = vm_bytes(ctx);
     let what = format!(
         "booting a {} MiB {} VM with {VCPUS} vCPUs",
@@ -119,7 +130,7 @@ pub fn new_vm(
             vcpus: None,
         }],
         guest,
-        hugepages: false,
+        hugepages,
         chunk_size: DEFAULT_CHUNK_SIZE,
     };
     vmhop::machine::boot(config, &Console::Stdout, paused)
@@ -318,4 +329,30 @@ pub fn pause_phases(prefix: &str, b: &vmhop::transfer::PauseBreakdown) -> Vec<su
     .into_iter()
     .map(|(name, v)| super::Sample::new(format!("{prefix}{name}"), "µs", v as f64))
     .collect()
+}
+
+/// This process's resident memory now, bytes (VmRSS).
+pub fn rss_now() -> Result<u64, BenchError> {
+    proc_status_kib("VmRSS:").map(|k| k << 10)
+}
+
+/// This process's peak resident memory since the last
+/// [`reset_rss_peak`], bytes (VmHWM).
+pub fn rss_peak() -> Result<u64, BenchError> {
+    proc_status_kib("VmHWM:").map(|k| k << 10)
+}
+
+/// Restarts the peak-RSS count at the current RSS (`clear_refs` 5).
+pub fn reset_rss_peak() -> Result<(), BenchError> {
+    std::fs::write("/proc/self/clear_refs", "5")
+        .map_err(|e| BenchError::Failed(format!("writing 5 to /proc/self/clear_refs: {e}")))
+}
+
+fn proc_status_kib(field: &str) -> Result<u64, BenchError> {
+    let s = std::fs::read_to_string("/proc/self/status")
+        .map_err(|e| BenchError::Failed(format!("reading /proc/self/status: {e}")))?;
+    s.lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .ok_or_else(|| BenchError::Failed(format!("/proc/self/status has no {field}")))
 }

@@ -97,6 +97,9 @@ pub struct CheckpointReport {
     pub stopped: bool,
     /// Where the pause went.
     pub pause_breakdown: crate::transfer::PauseBreakdown,
+    /// Where the whole checkpoint went: pre-copy, pause, writing the
+    /// pages protected in the pause, completing the file (fsync).
+    pub phases: crate::transfer::Phases,
 }
 
 /// A checkpoint failed; the VM runs on and earlier checkpoints are intact.
@@ -191,5 +194,6 @@ pub fn checkpoint_tuned(
         path: written.path,
         stopped: req.stop_after,
         pause_breakdown: r.pause_breakdown,
+        phases: r.phases,
     })
 }

@@ -7,17 +7,23 @@
 //! `checkpoint::format`).
 
 use std::collections::BTreeMap;
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::thread::JoinHandle;
 
-use super::format::{CheckpointWriter, Header, WrittenCheckpoint};
+use super::format::{CheckpointWriter, FormatError, Header, WrittenCheckpoint};
 use crate::memory::volatile::copy_parallel;
 use crate::memory::{Backing, DirtyBitmap, Mapping, PAGE_SIZE};
 use crate::transfer::{AfterCommit, PageRun, Sink, SinkError};
 use crate::vmm::{Pause, Vm, VmState};
 
-/// Bytes of guest memory copied at a time into the sink's own buffer before
-/// they are checksummed and written: the guest may change its memory while
-/// it is read, and a checksum must cover exactly the bytes written.
+/// Bytes of guest memory copied at a time into one of the sink's own
+/// buffers before the writer thread checksums and writes them: the guest
+/// may change its memory while it is read, and a checksum must cover
+/// exactly the bytes written.
 const BOUNCE_BYTES: usize = 1 << 20;
+
+/// Buffers in flight between the copying thread and the writer thread.
+const BOUNCE_BUFFERS: usize = 4;
 
 /// Rate of staging copies in the pause: memcpy into pre-faulted pages
 /// (~11 GiB/s here; a conservative share of it).
@@ -31,11 +37,80 @@ enum Staged {
     Heap(Vec<u8>),
 }
 
+/// Pages for the writer thread: `len` bytes of `buf` go at `gpa`.
+struct Job {
+    gpa: u64,
+    buf: Vec<u8>,
+    len: usize,
+}
+
+/// The checkpoint writer on a thread of its own, so that copying the next
+/// pages out of guest memory overlaps checking, checksumming and writing
+/// the previous ones: one thread doing all of it is slower than the disk.
+struct WriterThread {
+    jobs: Option<SyncSender<Job>>,
+    /// Bounce buffers handed back by the writer.
+    free: Receiver<Vec<u8>>,
+    thread: Option<JoinHandle<Result<CheckpointWriter, FormatError>>>,
+}
+
+impl WriterThread {
+    fn start(mut w: CheckpointWriter) -> Result<Self, String> {
+        let (jobs, rx) = sync_channel::<Job>(BOUNCE_BUFFERS);
+        let (give_back, free) = sync_channel::<Vec<u8>>(BOUNCE_BUFFERS);
+        for _ in 0..BOUNCE_BUFFERS {
+            give_back
+                .send(vec![0u8; BOUNCE_BYTES])
+                .expect("the channel holds every buffer");
+        }
+        let thread = std::thread::Builder::new()
+            .name("checkpoint-writer".into())
+            .spawn(move || {
+                for job in rx {
+                    w.add_pages(job.gpa, &job.buf[..job.len])?;
+                    if job.buf.len() == BOUNCE_BYTES {
+                        // A full channel means the copier is gone.
+                        let _ = give_back.try_send(job.buf);
+                    }
+                }
+                Ok(w)
+            })
+            .map_err(|e| format!("spawning the checkpoint writer thread: {e}"))?;
+        Ok(WriterThread {
+            jobs: Some(jobs),
+            free,
+            thread: Some(thread),
+        })
+    }
+
+    /// Waits for the writer to finish what it was given; its error if it
+    /// failed.
+    fn join(&mut self) -> Result<CheckpointWriter, String> {
+        self.jobs = None;
+        match self.thread.take().map(|t| t.join()) {
+            Some(Ok(Ok(w))) => Ok(w),
+            Some(Ok(Err(e))) => Err(e.to_string()),
+            Some(Err(_)) => Err("the checkpoint writer thread panicked".into()),
+            None => Err("the checkpoint writer was already stopped".into()),
+        }
+    }
+
+    /// A free bounce buffer; None if the writer stopped (it failed).
+    fn buffer(&self) -> Option<Vec<u8>> {
+        self.free.recv().ok()
+    }
+
+    /// Queues pages; false if the writer stopped (it failed).
+    fn send(&self, job: Job) -> bool {
+        self.jobs.as_ref().is_some_and(|j| j.send(job).is_ok())
+    }
+}
+
 /// Writes one checkpoint file.
 pub struct FileSink {
     dir: std::path::PathBuf,
     header: Header,
-    writer: Option<CheckpointWriter>,
+    writer: Option<WriterThread>,
     /// Pre-faulted room for the pages sent in the pause.
     staging: Option<Mapping>,
     /// Bytes of `staging` in use.
@@ -44,8 +119,9 @@ pub struct FileSink {
     staged: Vec<(u64, Staged)>,
     stop_after: bool,
     taken: Option<BTreeMap<u32, DirtyBitmap>>,
-    /// A stable copy of the pages being written while the guest runs.
-    bounce: Vec<u8>,
+    /// The VM state recorded at the commit; serialized after the resume,
+    /// which keeps ~0.2 ms of JSON out of the pause.
+    state: Option<VmState>,
     /// What was written, once complete.
     pub written: Option<WrittenCheckpoint>,
 }
@@ -63,7 +139,7 @@ impl FileSink {
             staged: Vec::new(),
             stop_after,
             taken: None,
-            bounce: Vec::new(),
+            state: None,
             written: None,
         }
     }
@@ -75,10 +151,69 @@ impl FileSink {
         }
     }
 
-    fn writer(&mut self) -> Result<&mut CheckpointWriter, SinkError> {
+    fn writer(&mut self) -> Result<&mut WriterThread, SinkError> {
         self.writer
             .as_mut()
             .ok_or_else(|| Self::err("the checkpoint file is not open"))
+    }
+
+    /// The writer's own error, once it stopped.
+    fn writer_failed(&mut self) -> SinkError {
+        match self.writer.as_mut().map(|w| w.join()) {
+            Some(Err(e)) => Self::err(e),
+            _ => Self::err("the checkpoint writer stopped"),
+        }
+    }
+
+    /// Hands `data` (guest memory or a staged copy) to the writer thread,
+    /// one bounce buffer at a time.
+    fn write(&mut self, gpa: u64, data: &VolatileOrBytes<'_>) -> Result<(), SinkError> {
+        let len = data.len();
+        let mut at = 0;
+        while at < len {
+            let Some(mut buf) = self.writer()?.buffer() else {
+                return Err(self.writer_failed());
+            };
+            let n = buf.len().min(len - at);
+            data.copy_to(at, &mut buf[..n]).map_err(Self::err)?;
+            let job = Job {
+                gpa: gpa + at as u64,
+                buf,
+                len: n,
+            };
+            if !self.writer()?.send(job) {
+                return Err(self.writer_failed());
+            }
+            at += n;
+        }
+        Ok(())
+    }
+}
+
+/// Pages to write: guest memory (read volatile) or bytes of our own.
+enum VolatileOrBytes<'a> {
+    Guest(crate::memory::VolatileSlice<'a>),
+    Bytes(&'a [u8]),
+}
+
+impl VolatileOrBytes<'_> {
+    fn len(&self) -> usize {
+        match self {
+            VolatileOrBytes::Guest(v) => v.len(),
+            VolatileOrBytes::Bytes(b) => b.len(),
+        }
+    }
+
+    fn copy_to(&self, at: usize, out: &mut [u8]) -> Result<(), String> {
+        match self {
+            VolatileOrBytes::Guest(v) => {
+                v.subslice(at, out.len())
+                    .map_err(|e| format!("guest pages at +{at:#x}: {e}"))?
+                    .copy_to(out);
+            }
+            VolatileOrBytes::Bytes(b) => out.copy_from_slice(&b[at..at + out.len()]),
+        }
+        Ok(())
     }
 }
 
@@ -88,8 +223,8 @@ impl Sink<Vm> for FileSink {
     }
 
     fn begin(&mut self, _vm: &Vm, _slots: &[u32]) -> Result<(), SinkError> {
-        self.writer =
-            Some(CheckpointWriter::create(&self.dir, self.header.clone()).map_err(Self::err)?);
+        let w = CheckpointWriter::create(&self.dir, self.header.clone()).map_err(Self::err)?;
+        self.writer = Some(WriterThread::start(w).map_err(Self::err)?);
         Ok(())
     }
 
@@ -113,28 +248,8 @@ impl Sink<Vm> for FileSink {
             self.staged.push((run.gpa, where_));
             return Ok(len as u64);
         }
-        let mut bounce = std::mem::take(&mut self.bounce);
-        bounce.resize(BOUNCE_BYTES.min(len), 0);
-        let mut written = 0;
-        let mut at = 0;
-        let result = loop {
-            if at >= len {
-                break Ok(written);
-            }
-            let n = bounce.len().min(len - at);
-            let part = run.data.subslice(at, n).map_err(Self::err)?;
-            part.copy_to(&mut bounce[..n]);
-            match self.writer().and_then(|w| {
-                w.add_pages(run.gpa + at as u64, &bounce[..n])
-                    .map_err(Self::err)
-            }) {
-                Ok(k) => written += k,
-                Err(e) => break Err(e),
-            }
-            at += n;
-        };
-        self.bounce = bounce;
-        result
+        self.write(run.gpa, &VolatileOrBytes::Guest(run.data))?;
+        Ok(len as u64)
     }
 
     fn before_pause(&mut self, expected_pages: u64) -> Result<(), SinkError> {
@@ -164,13 +279,9 @@ impl Sink<Vm> for FileSink {
         &mut self,
         vm: &Vm,
         _pause: &Pause,
-        state: &VmState,
+        state: VmState,
     ) -> Result<AfterCommit, SinkError> {
-        let config = serde_json::to_vec(&state.config).map_err(Self::err)?;
-        let st = serde_json::to_vec(state).map_err(Self::err)?;
-        let w = self.writer()?;
-        w.set_config(&config);
-        w.set_state(&st);
+        self.state = Some(state);
         // The next incremental holds what the guest dirties from now on.
         self.taken = vm.reset_checkpoint_dirty();
         Ok(if self.stop_after {
@@ -184,7 +295,6 @@ impl Sink<Vm> for FileSink {
         let staged = std::mem::take(&mut self.staged);
         let result = (|| {
             let staging = self.staging.take();
-            let w = self.writer()?;
             for (gpa, where_) in &staged {
                 let data: &[u8] = match where_ {
                     Staged::Heap(v) => v,
@@ -195,9 +305,18 @@ impl Sink<Vm> for FileSink {
                         unsafe { std::slice::from_raw_parts(m.as_ptr().add(*at), *len) }
                     }
                 };
-                w.add_pages(*gpa, data).map_err(Self::err)?;
+                self.write(*gpa, &VolatileOrBytes::Bytes(data))?;
             }
-            let w = self.writer.take().expect("checked above");
+            let mut w = self.writer()?.join().map_err(Self::err)?;
+            self.writer = None;
+            let state = self
+                .state
+                .take()
+                .ok_or_else(|| Self::err("completed before a commit"))?;
+            let config = serde_json::to_vec(&state.config).map_err(Self::err)?;
+            let state = serde_json::to_vec(&state).map_err(Self::err)?;
+            w.set_config(&config);
+            w.set_state(&state);
             w.finish().map_err(Self::err)
         })();
         match result {
@@ -216,8 +335,11 @@ impl Sink<Vm> for FileSink {
     }
 
     fn abort(&mut self, vm: &Vm) {
-        if let Some(w) = self.writer.take() {
-            w.abort();
+        if let Some(mut w) = self.writer.take() {
+            // The writer removes its temp file when dropped.
+            if let Ok(w) = w.join() {
+                w.abort();
+            }
         }
         if let Some(t) = self.taken.take() {
             vm.restore_checkpoint_dirty(t);

@@ -492,9 +492,9 @@ impl Sink<Vm> for StreamSink {
         &mut self,
         _vm: &Vm,
         _pause: &Pause,
-        state: &VmState,
+        state: VmState,
     ) -> Result<AfterCommit, SinkError> {
-        let st = serde_json::to_vec(state).map_err(|e| self.err(e))?;
+        let st = serde_json::to_vec(&state).map_err(|e| self.err(e))?;
         let s = self.stream()?;
         let sent = s
             .write_frame(&Frame::State(st))

@@ -133,7 +133,7 @@ impl Sink<Vm> for LocalSink {
         &mut self,
         vm: &Vm,
         pause: &Pause,
-        _state: &VmState,
+        _state: VmState,
     ) -> Result<AfterCommit, SinkError> {
         let slots: Vec<u32> = self.new.keys().copied().collect();
         let mut done: Vec<u32> = Vec::new();

@@ -253,7 +253,7 @@ pub trait Sink<S: Source + ?Sized> {
         &mut self,
         vm: &S,
         pause: &S::Pause,
-        state: &S::State,
+        state: S::State,
     ) -> Result<AfterCommit, SinkError>;
     /// After the resume: the slow rest (write out, fsync, free old memory).
     fn complete(&mut self, vm: &S) -> Result<(), SinkError>;
@@ -342,6 +342,22 @@ pub struct TransferReport {
     pub throttle_max_percent: u32,
     /// Where the pause went, µs.
     pub pause_breakdown: PauseBreakdown,
+    /// Where the whole transfer went, ms.
+    pub phases: Phases,
+}
+
+/// The phases of a whole transfer, in milliseconds; they add up to its
+/// total.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Phases {
+    /// Until the pause: the first pass and the pre-copy rounds.
+    pub precopy_ms: f64,
+    /// The pause.
+    pub pause_ms: f64,
+    /// After the resume: sending the pages protected in the pause.
+    pub drain_ms: f64,
+    /// The sink's completion (writing out what it staged, fsync).
+    pub complete_ms: f64,
 }
 
 /// The phases of the pause, in microseconds.
@@ -365,6 +381,10 @@ fn us(since: Instant) -> u64 {
     since.elapsed().as_micros() as u64
 }
 
+fn ms_between(a: Instant, b: Instant) -> f64 {
+    b.saturating_duration_since(a).as_secs_f64() * 1e3
+}
+
 /// Dirty sets of several slots.
 type Sets = BTreeMap<u32, DirtyBitmap>;
 
@@ -377,6 +397,9 @@ struct Run<'a, S: Source + ?Sized> {
     sink: &'a mut dyn Sink<S>,
     plan: &'a Plan,
     report: TransferReport,
+    start: Instant,
+    /// When the vCPUs were asked to stop.
+    paused_at: Option<Instant>,
 }
 
 impl<S: Source + ?Sized> Run<'_, S> {
@@ -455,6 +478,8 @@ pub fn transfer<S: Source + ?Sized>(
         sink,
         plan,
         report: TransferReport::default(),
+        start,
+        paused_at: None,
     };
     let mut pause: Option<S::Pause> = None;
     let mut cow: Option<S::Cow> = None;
@@ -477,6 +502,8 @@ pub fn transfer<S: Source + ?Sized>(
             (_, None) => Duration::ZERO,
         };
         run.report.downtime_us = downtime.as_micros() as u64;
+        let resumed = Instant::now();
+        run.report.phases.pause_ms = ms_between(run.paused_at.unwrap_or(resumed), resumed);
         if let Some(c) = cow.take() {
             let drained = run.drain(&c);
             run.report.cow_faults = vm.cow_faults(&c);
@@ -484,7 +511,10 @@ pub fn transfer<S: Source + ?Sized>(
             drop(c);
             drained?;
         }
+        let completing = Instant::now();
+        run.report.phases.drain_ms = ms_between(resumed, completing);
         run.sink.complete(vm)?;
+        run.report.phases.complete_ms = ms_between(completing, Instant::now());
         // Staying paused on purpose: the token is no longer needed.
         pause = None;
         Ok(())
@@ -578,6 +608,8 @@ fn precopy<S: Source + ?Sized>(
         }
         plan.check_cancel()?;
         let t = Instant::now();
+        run.paused_at = Some(t);
+        run.report.phases.precopy_ms = ms_between(run.start, t);
         let (p, states) = vm.pause_saving()?;
         *pause = Some(p);
         saved = states;
@@ -594,6 +626,8 @@ fn precopy<S: Source + ?Sized>(
         }
     } else {
         let t = Instant::now();
+        run.paused_at = Some(t);
+        run.report.phases.precopy_ms = ms_between(run.start, t);
         let (p, states) = vm.pause_saving()?;
         *pause = Some(p);
         saved = states;
@@ -623,7 +657,7 @@ fn precopy<S: Source + ?Sized>(
     let state = vm.save_state(p, saved)?;
     run.report.pause_breakdown.state_us = us(t);
     let t = Instant::now();
-    let after = run.sink.commit(vm, p, &state)?;
+    let after = run.sink.commit(vm, p, state)?;
     run.report.pause_breakdown.commit_us = us(t);
     Ok(after)
 }

@@ -328,7 +328,7 @@ impl Sink<FakeVm> for RecordingSink {
         self.late
     }
 
-    fn commit(&mut self, vm: &FakeVm, _p: &FakePause, _s: &u32) -> Result<AfterCommit, SinkError> {
+    fn commit(&mut self, vm: &FakeVm, _p: &FakePause, _s: u32) -> Result<AfterCommit, SinkError> {
         assert!(vm.is_paused(), "commit runs in the pause");
         if self.fail == FailAt::Commit {
             return Err(fail("commit"));
