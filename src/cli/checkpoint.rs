@@ -44,7 +44,7 @@ pub fn checkpoint(a: &CheckpointArgs) -> CliResult {
     let r = r?;
     render(a.api.json, &r, |r| {
         format!(
-            "checkpoint {} ({}{}) in {}: {} pages, {} written in {:.1} ms; guest paused {} µs{}",
+            "checkpoint {} ({}{}) in {}: {} pages, {} written in {:.1} ms; guest paused {} µs{}{}",
             r.id,
             r.kind,
             r.parent.map(|p| format!(" on {p}")).unwrap_or_default(),
@@ -53,9 +53,25 @@ pub fn checkpoint(a: &CheckpointArgs) -> CliResult {
             format_size(r.bytes_written),
             r.total_ms,
             r.downtime_us,
+            pause_cost(r),
             if r.stopped { "; VM stopped" } else { "" }
         )
     })
+}
+
+/// What bounding the pause cost the guest, when it cost anything.
+fn pause_cost(r: &CheckpointReport) -> String {
+    let mut out = String::new();
+    if r.pages_protected > 0 {
+        out += &format!(
+            " ({} pages write-protected, {} copied on write)",
+            r.pages_protected, r.cow_faults
+        );
+    }
+    if r.throttle_max_percent > 0 {
+        out += &format!("; vCPUs throttled up to {} %", r.throttle_max_percent);
+    }
+    out
 }
 
 /// Options of `vmhop checkpoints`.
