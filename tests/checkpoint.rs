@@ -943,6 +943,43 @@ fn damaged_header_is_refused() {
     }
 }
 
+/// Offset and length of section `i` (0 pages, 1 config, 2 state, 3 index)
+/// of a checkpoint file, from its footer.
+fn section_of(file: &Path, i: usize) -> (u64, u64) {
+    let data = std::fs::read(file).expect("read checkpoint file");
+    let footer = &data[data.len() - 120..];
+    let u64_at = |o: usize| u64::from_le_bytes(footer[o..o + 8].try_into().expect("8"));
+    (u64_at(24 + 16 * i), u64_at(32 + 16 * i))
+}
+
+#[test]
+fn a_damaged_index_or_state_anywhere_in_a_chain_of_three_is_refused() {
+    // A restore starts creating the VM from the restored file's config and
+    // state while the whole chain is checked beside it; damage anywhere in
+    // the chain's indexes or states must still be refused before any vCPU
+    // runs, lazily and eagerly alike.
+    for (id, section, name) in [
+        (1, 3, "index section"),
+        (2, 3, "index section"),
+        (3, 3, "index section"),
+        (1, 2, "state section"),
+        (3, 2, "state section"),
+    ] {
+        let dir = chain_copy();
+        let file = ckpt_file(dir.path(), id);
+        let (offset, len) = section_of(&file, section);
+        assert!(len > 0, "checkpoint {id}: section {section} is empty");
+        flip_byte(&file, offset + len / 2);
+        for extra in [&[][..], &["--eager"][..]] {
+            let msg = restore_fails(&target(dir.path(), 3), extra);
+            assert_names(
+                &msg,
+                &[&format!("ckpt-{id:06}.vmhop"), "checksum mismatch", name],
+            );
+        }
+    }
+}
+
 #[test]
 fn a_damaged_file_is_listed_as_damaged_and_blocks_only_what_depends_on_it() {
     let dir = chain_copy();

@@ -1,15 +1,17 @@
-//! Scenarios that restore a VM from a full checkpoint, lazily (vCPUs start
-//! at once, pages load on first touch and in the background) and eagerly
-//! (every page is loaded before any vCPU runs), against a plain sequential
-//! read of the checkpoint's files, page cache warm for both.
+//! Scenarios that restore a VM lazily (vCPUs start at once, pages load on
+//! first touch and in the background) and eagerly (every page is loaded
+//! before any vCPU runs), from one full checkpoint and from a chain of three
+//! files (full + 2 incrementals), against plain sequential reads of the
+//! checkpoint's files, page cache warm for all.
 //!
-//! Both scenarios restore the same checkpoint: the one of `checkpoint-full`
-//! (1 GiB VM, 900 MiB random working set), taken once, by whichever of them
-//! runs first, into a scratch directory under `/var/tmp`. The directory
-//! lives until both scenarios are done (it is removed when the last of them
-//! is dropped, in `run_all`), so that the runs do not each spend seconds
-//! rewriting it; every restored VM is shut down inside its run, after its
-//! background load finished.
+//! The one-file scenarios restore the checkpoint of `checkpoint-full` (1 GiB
+//! VM, 900 MiB random working set); the chain scenarios a full checkpoint
+//! of the same guest followed by two incrementals a second apart. Each is
+//! taken once, by whichever of its two scenarios runs first, into a scratch
+//! directory under `/var/tmp`. The directory lives until both scenarios are
+//! done (it is removed when the last of them is dropped, in `run_all`), so
+//! that the runs do not each spend seconds rewriting it; every restored VM
+//! is shut down inside its run, after its background load finished.
 
 use std::cell::RefCell;
 use std::io::Read as _;
@@ -17,9 +19,10 @@ use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
 use vmhop::checkpoint::create::{checkpoint, CheckpointRequest};
-use vmhop::checkpoint::restore::{open, restore};
+use vmhop::checkpoint::restore::{open, restore, RestorePhases};
 use vmhop::guest::GuestSpec;
 use vmhop::memory::{Backing, Mapping, PAGE_SIZE};
+use vmhop::vmm::Vm;
 
 use super::fixture::{
     boot, check_alive, dirty_guest, failed, ms, new_vm, scratch_dir, timed, wss_bytes, BenchVm,
@@ -30,7 +33,11 @@ use super::{wait_until, BenchError, RunCtx, Sample, Scenario};
 /// Read size of the baseline.
 const READ_BLOCK: usize = 4 << 20;
 
-/// The checkpoint both scenarios restore.
+/// Time between the checkpoints of the chain: the paced guest rewrites
+/// ~10 000 pages (~40 MiB) in it.
+const INCREMENTAL_GAP: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The checkpoint both scenarios of a pair restore.
 struct Saved {
     /// Its directory (removed on drop).
     dir: tempfile::TempDir,
@@ -43,26 +50,44 @@ type Shared = Rc<RefCell<Option<Saved>>>;
 
 /// The scenarios of this module, in the order they run.
 pub fn scenarios() -> Vec<Scenario> {
-    let saved: Shared = Rc::new(RefCell::new(None));
+    let one: Shared = Rc::new(RefCell::new(None));
+    let three: Shared = Rc::new(RefCell::new(None));
     vec![
         scenario(
             "restore-lazy",
-            "lazy restore of the checkpoint-full checkpoint (1 GiB, 900 MiB random): ms until the vCPUs run (RestoreReport.resume_ms, and the restore() call timed from outside), and until the background load is done; baseline: a plain sequential read of the checkpoint files (page cache warm for both)",
-            saved.clone(),
+            "lazy restore of the checkpoint-full checkpoint (1 GiB, 900 MiB random): ms until the vCPUs run (RestoreReport.resume_ms and its phases, and the restore() call timed from outside), until the background load is done, and until a host thread has read every guest page (vs an eager restore's same figure in the same run); baseline: a plain sequential read of the checkpoint files (page cache warm for both)",
+            one.clone(),
             false,
+            0,
         ),
         scenario(
             "restore-eager",
-            "eager restore of the same checkpoint: ms until the vCPUs run (resume_ms, and the restore() call from outside); baseline: a plain sequential read of the checkpoint files (page cache warm for both)",
-            saved,
+            "eager restore of the same checkpoint: ms until the vCPUs run (resume_ms and its phases, and the restore() call from outside), and until a host thread has read every guest page; baselines: a plain sequential read of the checkpoint files into a reused buffer, and into fresh 4 KiB-page memory (page cache warm for all)",
+            one,
             true,
+            0,
+        ),
+        scenario(
+            "restore-lazy-chain3",
+            "restore-lazy from a chain of three files: a full checkpoint of the same guest and two incrementals taken a second apart (the paced guest rewrites ~40 MiB between them)",
+            three.clone(),
+            false,
+            2,
+        ),
+        scenario(
+            "restore-eager-chain3",
+            "restore-eager from the same chain of three files",
+            three,
+            true,
+            2,
         ),
     ]
 }
 
 /// Boots the checkpoint-full VM, checkpoints it into a scratch directory
-/// and shuts it down.
-fn make_checkpoint(ctx: &RunCtx) -> Result<Saved, BenchError> {
+/// (a full checkpoint, then `incrementals` incrementals [`INCREMENTAL_GAP`]
+/// apart) and shuts it down.
+fn make_checkpoint(ctx: &RunCtx, incrementals: usize) -> Result<Saved, BenchError> {
     let dir = scratch_dir()?;
     {
         let vm: BenchVm = boot(
@@ -79,6 +104,18 @@ fn make_checkpoint(ctx: &RunCtx) -> Result<Saved, BenchError> {
             "full checkpoint into {}",
             dir.path().display()
         )))?;
+        for i in 0..incrementals {
+            std::thread::sleep(INCREMENTAL_GAP);
+            let req = CheckpointRequest {
+                full: false,
+                ..req.clone()
+            };
+            checkpoint(&vm, &req).map_err(failed(format!(
+                "incremental checkpoint {} into {}",
+                i + 1,
+                dir.path().display()
+            )))?;
+        }
     }
     let mut files = Vec::new();
     let entries = std::fs::read_dir(dir.path())
@@ -167,14 +204,39 @@ fn fixed_costs(ctx: &RunCtx, dir: &Path) -> Result<(f64, f64), BenchError> {
 struct Restored {
     /// RestoreReport.resume_ms.
     resume_ms: f64,
+    /// Where it went.
+    phases: RestorePhases,
     /// The restore() call, from outside.
     call_ms: f64,
+    /// From the call until a host thread, started right after it returned,
+    /// had read a byte of every page of guest memory.
+    touched_ms: f64,
     /// From the call until the background load finished (lazy only).
     loaded_ms: Option<f64>,
+    /// Files in the chain restored.
+    files: usize,
 }
 
-/// Restores checkpoint `dir`, lets a lazy load finish, checks the guest is
-/// alive, shuts the VM down.
+/// Reads one byte of every page of `vm`'s memory in guest-physical order
+/// (a lazily restored page not loaded yet is a userfaultfd fault served
+/// by the restore's handler, as a guest's first touch would be); returns a
+/// sum so that no read is optimised away.
+fn touch_all(vm: &Vm) -> u64 {
+    let m = vm.memory();
+    let mut sum = 0u64;
+    for c in m.chunks() {
+        let base = c.mapping.as_ptr();
+        for off in (0..c.mapping.len()).step_by(PAGE_SIZE as usize) {
+            // SAFETY: off < the chunk mapping's length, which stays mapped
+            // while the memory guard is held; a volatile read of one byte.
+            sum = sum.wrapping_add(u64::from(unsafe { std::ptr::read_volatile(base.add(off)) }));
+        }
+    }
+    sum
+}
+
+/// Restores checkpoint `dir`, touches all guest memory from the host, lets
+/// a lazy load finish, checks the guest is alive, shuts the VM down.
 fn restore_once(dir: &Path, eager: bool) -> Result<Restored, BenchError> {
     let what = format!(
         "{} restore of {}",
@@ -193,6 +255,8 @@ fn restore_once(dir: &Path, eager: bool) -> Result<Restored, BenchError> {
     .map_err(failed(what.clone()))?;
     let call = start.elapsed();
     let vm = BenchVm(vm);
+    std::hint::black_box(touch_all(&vm));
+    let touched = start.elapsed();
     let loaded_ms = if eager {
         None
     } else {
@@ -209,16 +273,55 @@ fn restore_once(dir: &Path, eager: bool) -> Result<Restored, BenchError> {
     drop(vm);
     Ok(Restored {
         resume_ms: report.resume_ms,
+        phases: report.phases,
         call_ms: ms(call),
+        touched_ms: ms(touched),
         loaded_ms,
+        files: report.chain_files,
     })
 }
 
-/// `restore-lazy` / `restore-eager`.
-fn scenario(name: &'static str, about: &'static str, saved: Shared, eager: bool) -> Scenario {
+/// The phases of a restore as samples.
+fn phase_samples(p: &RestorePhases, eager: bool) -> Vec<Sample> {
+    let mut out = vec![
+        Sample::new(
+            "phase: meta (list, links, top config+state)",
+            "ms",
+            p.meta_ms,
+        ),
+        Sample::new(
+            "phase: validate (own thread, beside the VM)",
+            "ms",
+            p.validate_ms,
+        ),
+        Sample::new(
+            "phase: new paused VM (devices, KVM, memory, vCPUs)",
+            "ms",
+            p.vm_ms,
+        ),
+    ];
+    if !eager {
+        out.push(Sample::new("phase: userfaultfd register", "ms", p.uffd_ms));
+    }
+    out.push(Sample::new("phase: wait for validation", "ms", p.wait_ms));
+    if eager {
+        out.push(Sample::new("phase: load every page", "ms", p.load_ms));
+    }
+    out.push(Sample::new("phase: start vCPUs", "ms", p.start_ms));
+    out
+}
+
+/// `restore-lazy` / `restore-eager` and their `-chain3` variants.
+fn scenario(
+    name: &'static str,
+    about: &'static str,
+    saved: Shared,
+    eager: bool,
+    incrementals: usize,
+) -> Scenario {
     Scenario::new(name, about, move |ctx: &RunCtx| {
         if saved.borrow().is_none() {
-            *saved.borrow_mut() = Some(make_checkpoint(ctx)?);
+            *saved.borrow_mut() = Some(make_checkpoint(ctx, incrementals)?);
         }
         let guard = saved.borrow();
         let s = guard.as_ref().expect("made above");
@@ -237,7 +340,21 @@ fn scenario(name: &'static str, about: &'static str, saved: Shared, eager: bool)
             Some(b) => b,
             None => read_baseline(&s.files, &mut buf)?,
         };
+        if r.files != incrementals + 1 {
+            return Err(BenchError::Failed(format!(
+                "{name}: restored a chain of {} files, expected {}",
+                r.files,
+                incrementals + 1
+            )));
+        }
         let fresh = read_into_fresh_pages(&s.files, bytes)?;
+        // A lazy restore's time to touch everything is judged against an
+        // eager restore's, of the same files in the same run.
+        let eager_touch = if eager {
+            None
+        } else {
+            Some(restore_once(s.dir.path(), true)?.touched_ms)
+        };
         let (open_ms, new_ms) = fixed_costs(ctx, s.dir.path())?;
         let mut out = vec![
             Sample::new("vCPUs run (resume_ms)", "ms", r.resume_ms).vs(base),
@@ -255,6 +372,18 @@ fn scenario(name: &'static str, about: &'static str, saved: Shared, eager: bool)
                 Sample::new("vCPUs run, vs read into fresh pages", "ms", r.resume_ms).vs(fresh),
             ),
         }
+        match eager_touch {
+            Some(e) => out.push(
+                Sample::new(
+                    "all memory touched, vs an eager restore's",
+                    "ms",
+                    r.touched_ms,
+                )
+                .vs(e),
+            ),
+            None => out.push(Sample::new("all memory touched", "ms", r.touched_ms).vs(fresh)),
+        }
+        out.extend(phase_samples(&r.phases, eager));
         out.push(Sample::new(
             "part: restore::open (chain checks)",
             "ms",

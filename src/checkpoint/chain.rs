@@ -38,7 +38,8 @@ pub struct ChainEntry {
 }
 
 impl ChainEntry {
-    fn header(&self) -> Header {
+    /// The header the file was listed with.
+    pub fn header(&self) -> Header {
         Header {
             chain_id: self.chain_id,
             id: self.id,
@@ -252,10 +253,10 @@ impl Chain {
             .map(|i| &self.entries[i])
     }
 
-    /// Opens the files from the full checkpoint down to `id` (`None`: the
-    /// latest), checking parent links and chain ids, and validating each
-    /// file with [`CheckpointReader::open`].
-    pub fn resolve(&self, id: Option<u32>) -> Result<ResolvedChain, ChainError> {
+    /// The entries from the full checkpoint (first) down to `id` (`None`:
+    /// the latest), with parent links and chain ids checked against the
+    /// headers listed; no file is opened.
+    pub fn links(&self, id: Option<u32>) -> Result<Vec<ChainEntry>, ChainError> {
         let top = match id {
             Some(id) => match self.get(id) {
                 Some(e) => e,
@@ -270,7 +271,7 @@ impl Chain {
                 dir: self.dir.clone(),
             })?,
         };
-        let mut links = vec![top];
+        let mut links = vec![top.clone()];
         let mut cur = top;
         while let Some(parent_id) = cur.parent {
             // The header check guarantees parent < id, so this walk ends.
@@ -294,21 +295,18 @@ impl Chain {
                     parent_chain_id: parent.chain_id,
                 });
             }
-            links.push(parent);
+            links.push(parent.clone());
             cur = parent;
         }
-        let mut readers = Vec::with_capacity(links.len());
-        for entry in links.iter().rev() {
-            let reader = CheckpointReader::open(&entry.path)?;
-            if *reader.header() != entry.header() {
-                return Err(ChainError::Inconsistent {
-                    file: entry.path.clone(),
-                    reason: "the file changed since the directory was listed".into(),
-                });
-            }
-            readers.push(reader);
-        }
-        Ok(ResolvedChain { readers })
+        links.reverse();
+        Ok(links)
+    }
+
+    /// Opens the files from the full checkpoint down to `id` (`None`: the
+    /// latest), checking parent links and chain ids, and validating each
+    /// file with [`CheckpointReader::open`].
+    pub fn resolve(&self, id: Option<u32>) -> Result<ResolvedChain, ChainError> {
+        ResolvedChain::open(&self.links(id)?)
     }
 }
 
@@ -320,6 +318,23 @@ pub struct ResolvedChain {
 }
 
 impl ResolvedChain {
+    /// Opens and validates the files of `links` (from [`Chain::links`]),
+    /// checking that each still has the header it was listed with.
+    pub fn open(links: &[ChainEntry]) -> Result<ResolvedChain, ChainError> {
+        let mut readers = Vec::with_capacity(links.len());
+        for entry in links {
+            let reader = CheckpointReader::open(&entry.path)?;
+            if *reader.header() != entry.header() {
+                return Err(ChainError::Inconsistent {
+                    file: entry.path.clone(),
+                    reason: "the file changed since the directory was listed".into(),
+                });
+            }
+            readers.push(reader);
+        }
+        Ok(ResolvedChain { readers })
+    }
+
     /// The requested checkpoint: its config and state are the VM's at that
     /// id.
     pub fn top(&self) -> &CheckpointReader {

@@ -384,6 +384,7 @@ fn start(
             vcpus: std::mem::take(&mut state.vcpus),
             machine: state.machine.take().map(Box::new),
             load,
+            dirty_log: false,
         },
         false,
         set,

@@ -110,6 +110,10 @@ pub enum Start<'a> {
         machine: Option<Box<MachineState>>,
         /// Fills guest memory.
         load: Loader<'a>,
+        /// Register the memory slots with dirty logging on from the start,
+        /// as [`Vm::start_dirty_log`] would, without registering every
+        /// slot a second time.
+        dirty_log: bool,
     },
 }
 
@@ -250,9 +254,17 @@ impl Vm {
             throttle: Arc::new(AtomicU32::new(0)),
             throttler: Mutex::new(None),
         };
+        let dirty_log = matches!(
+            start,
+            Start::Restore {
+                dirty_log: true,
+                ..
+            }
+        );
         for c in vm.memory().chunks() {
-            vm.set_slot(c, false)?;
+            vm.set_slot(c, dirty_log)?;
         }
+        vm.dirty.lock().unwrap_or_else(|e| e.into_inner()).logging = dirty_log;
 
         let supported = vm
             ._kvm
@@ -291,6 +303,7 @@ impl Vm {
                 vcpus,
                 machine,
                 load,
+                dirty_log: _,
             } => {
                 if vcpus.len() != fds.len() {
                     return Err(VmError::Load(format!(
