@@ -32,6 +32,8 @@ const READ_BLOCK: usize = 4 << 20;
 
 /// The checkpoint both scenarios restore.
 struct Saved {
+    /// The guest memory it was taken at (`RunCtx::memory`).
+    memory: u64,
     /// Its directory (removed on drop).
     dir: tempfile::TempDir,
     /// The files in it.
@@ -92,7 +94,11 @@ fn make_checkpoint(ctx: &RunCtx) -> Result<Saved, BenchError> {
         }
     }
     files.sort();
-    Ok(Saved { dir, files })
+    Ok(Saved {
+        memory: ctx.memory,
+        dir,
+        files,
+    })
 }
 
 /// Reads every byte of `files` in order; returns the bytes read.
@@ -217,7 +223,14 @@ fn restore_once(dir: &Path, eager: bool) -> Result<Restored, BenchError> {
 /// `restore-lazy` / `restore-eager`.
 fn scenario(name: &'static str, about: &'static str, saved: Shared, eager: bool) -> Scenario {
     Scenario::new(name, about, move |ctx: &RunCtx| {
-        if saved.borrow().is_none() {
+        if saved
+            .borrow()
+            .as_ref()
+            .is_none_or(|s| s.memory != ctx.memory)
+        {
+            // First use, or a new `--memory` size: remove the last size's
+            // checkpoint before writing this one.
+            *saved.borrow_mut() = None;
             *saved.borrow_mut() = Some(make_checkpoint(ctx)?);
         }
         let guard = saved.borrow();
