@@ -1,7 +1,7 @@
 //! vmhop's scenario benchmarks: `cargo bench --bench scenarios -- [FILTER]
-//! [--runs N] [--json] [--list]`. Every figure is a median over runs with
-//! its range, next to a baseline measured in the same run; see
-//! docs/benchmarks.md for the scenarios and how to add one.
+//! [--runs N] [--memory 1G,4G,8G] [--json] [--list]`. Every figure is a
+//! median over runs with its range, next to a baseline measured in the same
+//! run; see docs/benchmarks.md for the scenarios and how to add one.
 //!
 //! This file only lists the scenarios and dispatches; the harness (`harness/`)
 //! repeats, aggregates and prints, and each scenario module measures.
@@ -9,6 +9,18 @@
 mod harness;
 
 use harness::{Options, Scenario};
+
+/// The scenarios that run at every `--memory` size (the others run at
+/// 1 GiB only): the figures whose growth with guest memory matters.
+const SCALED: &[&str] = &[
+    "checkpoint-full",
+    "checkpoint-incremental-1pct",
+    "checkpoint-incremental-10pct",
+    "restore-lazy",
+    "restore-eager",
+    "numa-stop-copy",
+    "numa-live-10k",
+];
 
 /// Every scenario, in the order they run. Add new ones here.
 fn scenarios() -> Vec<Scenario> {
@@ -18,7 +30,15 @@ fn scenarios() -> Vec<Scenario> {
     all.extend(harness::restore::scenarios());
     all.extend(harness::numa::scenarios());
     all.extend(harness::migration::scenarios());
-    all
+    all.into_iter()
+        .map(|s| {
+            if SCALED.contains(&s.name) {
+                s.scales_with_memory()
+            } else {
+                s
+            }
+        })
+        .collect()
 }
 
 fn main() {
@@ -38,7 +58,12 @@ fn main() {
     let all = scenarios();
     if opts.list {
         for s in &all {
-            println!("{:20} {}", s.name, s.about);
+            let scales = if s.scales {
+                " [every --memory size]"
+            } else {
+                ""
+            };
+            println!("{:20} {}{scales}", s.name, s.about);
         }
         return;
     }

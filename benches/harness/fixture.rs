@@ -1,5 +1,7 @@
 //! What the checkpoint, restore and NUMA scenarios share: the VM they boot
-//! (1 GiB, 2 vCPUs, a random-filled dirty guest), a guard that shuts it down
+//! (1 GiB by default, or the run's `--memory` size; 2 vCPUs; a random-filled
+//! dirty guest whose working set is the same share of memory at every
+//! size), a guard that shuts it down
 //! whatever happens, scratch directories on the disk checkpoints use, the
 //! bare pause + resume round trip that downtime figures are compared to,
 //! and small timing helpers.
@@ -21,10 +23,12 @@ use vmhop::vmm::{NodeConfig, Vm, VmConfig};
 
 use super::{median, vm_step, wait_until, BenchError, RunCtx};
 
-/// Guest memory of every VM these scenarios boot (an eighth in smoke mode).
-pub const VM_BYTES: u64 = 1 << 30;
-/// Working set of the dirty guest, out of [`VM_BYTES`] (scaled alike in
-/// smoke mode).
+/// Guest memory the sizes below are given for: 1 GiB, the default
+/// `--memory`. A run's VMs have [`RunCtx::memory`] (an eighth in smoke
+/// mode); see [`vm_bytes`].
+pub const VM_BYTES: u64 = super::DEFAULT_MEMORY_GIB * super::GIB;
+/// Working set of the dirty guest, out of [`VM_BYTES`] (scaled alike to the
+/// run's memory: 900/1024 of it).
 pub const WSS_BYTES: u64 = 900 << 20;
 /// vCPUs of every VM.
 pub const VCPUS: u32 = 2;
@@ -43,12 +47,13 @@ const ROUND_TRIP_GAP: Duration = Duration::from_micros(500);
 /// loaded machine slower still.
 pub const GUEST_LIMIT: Duration = Duration::from_secs(60);
 
-/// Guest memory size for this run.
+/// Guest memory size for this run: its `--memory` size, an eighth of it in
+/// smoke mode.
 pub fn vm_bytes(ctx: &RunCtx) -> u64 {
     if ctx.quick {
-        VM_BYTES / 8
+        ctx.memory / 8
     } else {
-        VM_BYTES
+        ctx.memory
     }
 }
 
@@ -57,7 +62,8 @@ pub fn share(ctx: &RunCtx, num: u64, den: u64) -> u64 {
     (vm_bytes(ctx) * num / den) / PAGE_SIZE * PAGE_SIZE
 }
 
-/// The dirty guest's working set for this run (900 MiB of 1 GiB).
+/// The dirty guest's working set for this run (900 MiB of 1 GiB, 900/1024
+/// of any size).
 pub fn wss_bytes(ctx: &RunCtx) -> u64 {
     share(ctx, WSS_BYTES, VM_BYTES)
 }

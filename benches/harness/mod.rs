@@ -5,6 +5,10 @@
 //! the baseline's median and the median of the per-run ratios, as a table or
 //! as one JSON object (`--json`).
 //!
+//! Scenarios marked [`Scenario::scales_with_memory`] run once per guest
+//! memory size given with `--memory` (default 1 GiB only); every result
+//! carries the size it was measured at (`memory_gib`).
+//!
 //! This module owns the repetition, the statistics and the output. It knows
 //! nothing about VMs: the scenarios (`guest.rs`, ...) measure, the harness
 //! only aggregates. It never judges a figure: no budget here fails a run.
@@ -24,6 +28,11 @@ use serde::Serialize;
 
 /// Runs per scenario when `--runs` is not given.
 pub const DEFAULT_RUNS: usize = 5;
+/// Guest memory, GiB, of every scenario when `--memory` is not given, and
+/// of the scenarios that do not scale with memory whatever it says.
+pub const DEFAULT_MEMORY_GIB: u64 = 1;
+/// Bytes in a GiB.
+pub const GIB: u64 = 1 << 30;
 
 /// A scenario's measurement failed.
 #[derive(Debug, thiserror::Error)]
@@ -88,6 +97,9 @@ pub struct RunCtx {
     /// Smoke mode (`cargo test` runs benches without `--bench`): shrink
     /// windows and iteration counts so that only "does it work" is checked.
     pub quick: bool,
+    /// Guest memory this run is for, bytes (the nominal size: smoke mode
+    /// shrinks it, see `fixture::vm_bytes`).
+    pub memory: u64,
 }
 
 impl RunCtx {
@@ -119,6 +131,8 @@ pub struct Scenario {
     pub name: &'static str,
     /// One line: what is measured and what the baseline is.
     pub about: &'static str,
+    /// Runs at every `--memory` size (else only at [`DEFAULT_MEMORY_GIB`]).
+    pub scales: bool,
     run: RunFn,
 }
 
@@ -132,8 +146,16 @@ impl Scenario {
         Scenario {
             name,
             about,
+            scales: false,
             run: Box::new(run),
         }
+    }
+
+    /// The same scenario, run once per `--memory` size: its closure sizes
+    /// its VMs, working sets and baselines from [`RunCtx::memory`].
+    pub fn scales_with_memory(mut self) -> Scenario {
+        self.scales = true;
+        self
     }
 }
 
@@ -144,6 +166,8 @@ pub struct MetricResult {
     pub scenario: String,
     /// Metric name.
     pub metric: String,
+    /// Guest memory the scenario ran with, GiB.
+    pub memory_gib: u64,
     /// Unit of values and baselines.
     pub unit: String,
     /// Median of the per-run values.
@@ -169,6 +193,8 @@ pub struct MetricResult {
 pub struct Failure {
     /// Scenario name.
     pub scenario: String,
+    /// Guest memory the scenario ran with, GiB.
+    pub memory_gib: u64,
     /// 0-based run index.
     pub run: usize,
     /// The error.
@@ -182,6 +208,8 @@ pub struct Report {
     pub runs: usize,
     /// Whether this was a smoke run (numbers then mean nothing).
     pub quick: bool,
+    /// The `--memory` sizes, GiB, in the order they ran.
+    pub memory_gib: Vec<u64>,
     /// What the host is.
     pub host: HostInfo,
     /// The scenarios that ran, with what each measures.
@@ -204,6 +232,8 @@ pub struct ScenarioInfo {
     pub name: String,
     /// What is measured and what the baseline is.
     pub about: String,
+    /// The guest memory sizes, GiB, it ran at.
+    pub memory_gib: Vec<u64>,
 }
 
 /// The facts about the host that change how figures read.
@@ -244,13 +274,52 @@ fn load_average() -> f64 {
         .unwrap_or(f64::NAN)
 }
 
-/// The command line: `[FILTER...] [--runs N] [--json] [--list]`.
+/// Available memory (MemAvailable of /proc/meminfo), bytes; None if
+/// unreadable.
+fn mem_available() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = s.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// Parses `--memory`'s list: sizes in whole GiB, `4`, `4G` or `4GiB`,
+/// separated by commas; at least one, none twice.
+fn parse_memory(list: &str) -> Result<Vec<u64>, String> {
+    let mut sizes = Vec::new();
+    for item in list.split(',') {
+        let t = item.trim();
+        let digits = t
+            .strip_suffix("GiB")
+            .or_else(|| t.strip_suffix('G'))
+            .or_else(|| t.strip_suffix('g'))
+            .unwrap_or(t);
+        let gib: u64 = digits
+            .parse()
+            .map_err(|_| format!("--memory {list}: {t:?} is not a size in whole GiB (e.g. 4G)"))?;
+        if gib == 0 || gib > 64 {
+            return Err(format!("--memory {list}: {gib} GiB is out of 1..=64"));
+        }
+        if sizes.contains(&gib) {
+            return Err(format!("--memory {list}: {gib} GiB given twice"));
+        }
+        sizes.push(gib);
+    }
+    Ok(sizes)
+}
+
+/// What the command line takes, for error messages.
+const ARGS: &str = "FILTER, --runs N, --memory LIST, --json, --list";
+
+/// The command line: `[FILTER...] [--runs N] [--memory LIST] [--json] [--list]`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Options {
     /// Substrings; a scenario runs if its name contains any (none: all).
     pub filters: Vec<String>,
     /// Runs per scenario.
     pub runs: usize,
+    /// Guest memory sizes, GiB, for the scenarios that scale with memory.
+    pub memory: Vec<u64>,
     /// Print the report as one JSON object on stdout.
     pub json: bool,
     /// Only list the scenarios.
@@ -267,6 +336,7 @@ impl Options {
         let mut o = Options {
             filters: Vec::new(),
             runs: DEFAULT_RUNS,
+            memory: vec![DEFAULT_MEMORY_GIB],
             json: false,
             list: false,
             quick: true,
@@ -283,6 +353,15 @@ impl Options {
                     o.runs = v.parse().map_err(|_| format!("--runs {v}: not a number"))?;
                     runs_given = true;
                 }
+                "--memory" => {
+                    let v = args
+                        .next()
+                        .ok_or("--memory needs a list of sizes, e.g. 1G,4G")?;
+                    o.memory = parse_memory(&v)?;
+                }
+                s if s.starts_with("--memory=") => {
+                    o.memory = parse_memory(&s["--memory=".len()..])?
+                }
                 // What libtest would accept from `cargo test`: ignore.
                 "--nocapture" | "--quiet" | "-q" | "--test" | "--show-output" => {}
                 s if s.starts_with("--runs=") => {
@@ -291,9 +370,7 @@ impl Options {
                     runs_given = true;
                 }
                 s if s.starts_with('-') => {
-                    return Err(format!(
-                        "unknown option {s} (expected FILTER, --runs N, --json, --list)"
-                    ))
+                    return Err(format!("unknown option {s} (expected {ARGS})"));
                 }
                 s => o.filters.push(s.to_string()),
             }
@@ -353,6 +430,7 @@ pub fn min_max(v: &[f64]) -> (f64, f64) {
 struct Series {
     scenario: String,
     metric: String,
+    memory_gib: u64,
     unit: &'static str,
     values: Vec<f64>,
     baselines: Vec<f64>,
@@ -365,6 +443,7 @@ impl Series {
         MetricResult {
             scenario: self.scenario.clone(),
             metric: self.metric.clone(),
+            memory_gib: self.memory_gib,
             unit: self.unit.to_string(),
             median: median(&self.values),
             min,
@@ -378,69 +457,53 @@ impl Series {
 }
 
 /// Runs the selected scenarios and prints the report; returns the report.
+///
+/// One pass per `--memory` size, in the order given: the first runs every
+/// selected scenario (those that do not scale with memory at
+/// [`DEFAULT_MEMORY_GIB`]), the others only the scaling ones. A scenario is
+/// dropped (freeing what it kept between runs, such as the restore
+/// scenarios' checkpoint) after its last pass.
 pub fn run_all(scenarios: Vec<Scenario>, opts: &Options) -> Report {
     let started = Instant::now();
     let host = HostInfo::read();
     let mut results = Vec::new();
     let mut failures = Vec::new();
-    let mut ran = Vec::new();
-    for mut s in scenarios.into_iter().filter(|s| opts.selects(s.name)) {
-        ran.push(ScenarioInfo {
-            name: s.name.to_string(),
-            about: s.about.to_string(),
-        });
-        let mut series: Vec<Series> = Vec::new();
-        eprint!("{}: run", s.name);
-        for run in 0..opts.runs {
-            eprint!(" {}", run + 1);
-            let _ = std::io::stderr().flush();
-            match (s.run)(&RunCtx {
-                run,
-                quick: opts.quick,
-            }) {
-                Ok(samples) => {
-                    for x in samples {
-                        let i = match series.iter().position(|t| t.metric == x.metric) {
-                            Some(i) => i,
-                            None => {
-                                series.push(Series {
-                                    scenario: s.name.to_string(),
-                                    metric: x.metric.clone(),
-                                    unit: x.unit,
-                                    values: Vec::new(),
-                                    baselines: Vec::new(),
-                                    ratios: Vec::new(),
-                                });
-                                series.len() - 1
-                            }
-                        };
-                        let t = &mut series[i];
-                        t.values.push(x.value);
-                        if let Some(b) = x.baseline {
-                            t.baselines.push(b);
-                            t.ratios.push(x.value / b);
-                        }
-                    }
-                }
-                Err(e) => {
-                    eprint!(" FAILED: {e}");
-                    failures.push(Failure {
-                        scenario: s.name.to_string(),
-                        run,
-                        error: e.to_string(),
-                    });
-                    // A scenario that fails once (no KVM, no memory) will
-                    // fail again; keep the runs that worked.
-                    break;
-                }
+    let mut ran: Vec<ScenarioInfo> = Vec::new();
+    let mut selected: Vec<Option<Scenario>> = scenarios
+        .into_iter()
+        .filter(|s| opts.selects(s.name))
+        .map(Some)
+        .collect();
+    let passes = opts.memory.len();
+    for (pass, &size_gib) in opts.memory.iter().enumerate() {
+        for slot in selected.iter_mut() {
+            let Some(s) = slot.as_mut() else { continue };
+            let gib = if s.scales {
+                size_gib
+            } else {
+                DEFAULT_MEMORY_GIB
+            };
+            match ran.iter_mut().find(|i| i.name == s.name) {
+                Some(i) => i.memory_gib.push(gib),
+                None => ran.push(ScenarioInfo {
+                    name: s.name.to_string(),
+                    about: s.about.to_string(),
+                    memory_gib: vec![gib],
+                }),
+            }
+            let (series, failure) = run_scenario(s, opts, gib);
+            results.extend(series.iter().map(Series::result));
+            failures.extend(failure);
+            if !s.scales || pass + 1 == passes {
+                *slot = None;
             }
         }
-        eprintln!();
-        results.extend(series.iter().map(Series::result));
     }
+    drop(selected);
     let report = Report {
         runs: opts.runs,
         quick: opts.quick,
+        memory_gib: opts.memory.clone(),
         host,
         scenarios: ran,
         results,
@@ -457,6 +520,87 @@ pub fn run_all(scenarios: Vec<Scenario>, opts: &Options) -> Report {
         print!("{}", render_table(&report));
     }
     report
+}
+
+/// Runs scenario `s` `--runs` times with `gib` GiB of guest memory;
+/// returns its metrics and, if a run failed, the failure (the runs before
+/// it are kept).
+fn run_scenario(s: &mut Scenario, opts: &Options, gib: u64) -> (Vec<Series>, Option<Failure>) {
+    let mut series: Vec<Series> = Vec::new();
+    let memory = gib * GIB;
+    let name = s.name;
+    if opts.memory != [DEFAULT_MEMORY_GIB] {
+        eprint!("{name} ({gib} GiB): run");
+    } else {
+        eprint!("{name}: run");
+    }
+    let fail = |run: usize, error: String| {
+        eprintln!(" FAILED: {error}");
+        Failure {
+            scenario: name.to_string(),
+            memory_gib: gib,
+            run,
+            error,
+        }
+    };
+    // A scaled run may hold two copies of guest memory at once (numa
+    // stop-copy's memcpy baseline and its move; a checkpoint's guest and
+    // its page cache are reclaimable): refuse it up front rather than
+    // have the OOM killer pick a process on a shared machine.
+    if s.scales && !opts.quick {
+        let need = 2 * memory + GIB;
+        if let Some(avail) = mem_available().filter(|&a| a < need) {
+            let f = fail(
+                0,
+                format!(
+                    "not run: {gib} GiB of guest memory needs {} GiB available, the host has {:.1} GiB (MemAvailable)",
+                    need / GIB,
+                    avail as f64 / GIB as f64
+                ),
+            );
+            return (series, Some(f));
+        }
+    }
+    for run in 0..opts.runs {
+        eprint!(" {}", run + 1);
+        let _ = std::io::stderr().flush();
+        match (s.run)(&RunCtx {
+            run,
+            quick: opts.quick,
+            memory,
+        }) {
+            Ok(samples) => {
+                for x in samples {
+                    let i = match series.iter().position(|t| t.metric == x.metric) {
+                        Some(i) => i,
+                        None => {
+                            series.push(Series {
+                                scenario: name.to_string(),
+                                metric: x.metric.clone(),
+                                memory_gib: gib,
+                                unit: x.unit,
+                                values: Vec::new(),
+                                baselines: Vec::new(),
+                                ratios: Vec::new(),
+                            });
+                            series.len() - 1
+                        }
+                    };
+                    let t = &mut series[i];
+                    t.values.push(x.value);
+                    if let Some(b) = x.baseline {
+                        t.baselines.push(b);
+                        t.ratios.push(x.value / b);
+                    }
+                }
+            }
+            // A scenario that fails once (no KVM, no memory) will fail
+            // again; keep the runs that worked.
+            Err(e) => return (series, Some(fail(run, e.to_string()))),
+        }
+    }
+    eprintln!();
+    (series, None)
 }
 
 /// A number in 4 significant figures with a k/M/G suffix where it helps.
@@ -499,9 +643,19 @@ pub fn render_table(r: &Report) -> String {
         "unit",
     ];
     let mut rows: Vec<[String; 7]> = vec![header.map(String::from)];
+    // The default run's table stays as it was; with --memory, each
+    // scenario name carries the size it ran at.
+    let sized = r.memory_gib != [DEFAULT_MEMORY_GIB];
+    let scenario = |name: &str, gib: u64| {
+        if sized {
+            format!("{name} @{gib}G")
+        } else {
+            name.to_string()
+        }
+    };
     for m in &r.results {
         rows.push([
-            m.scenario.clone(),
+            scenario(&m.scenario, m.memory_gib),
             m.metric.clone(),
             fmt_num(m.median),
             format!("[{}..{}]", fmt_num(m.min), fmt_num(m.max)),
@@ -530,6 +684,14 @@ pub fn render_table(r: &Report) -> String {
         if r.host.kvm_pvm { ", KVM is PVM (shadow paging)" } else { "" },
         r.host.load_start,
     );
+    if sized {
+        let sizes: Vec<String> = r.memory_gib.iter().map(|g| g.to_string()).collect();
+        let _ = writeln!(
+            out,
+            "guest memory: {} GiB for the scenarios that scale with it (NAME @SIZE), {DEFAULT_MEMORY_GIB} GiB for the others",
+            sizes.join(", ")
+        );
+    }
     for (i, row) in rows.iter().enumerate() {
         let mut line = String::new();
         for (j, (c, w)) in row.iter().zip(width).enumerate() {
@@ -554,7 +716,7 @@ pub fn render_table(r: &Report) -> String {
         let _ = writeln!(
             out,
             "FAILED {} (run {}): {}",
-            f.scenario,
+            scenario(&f.scenario, f.memory_gib),
             f.run + 1,
             f.error
         );
@@ -591,6 +753,7 @@ pub fn self_check() {
     quantile_by_nearest_rank();
     cargo_bench_flag_leaves_smoke_mode();
     ratio_is_median_of_per_run_ratios();
+    memory_option_parses_sizes();
 }
 
 mod checks {
@@ -622,10 +785,27 @@ mod checks {
         assert!(Options::parse(["--runs", "0"].map(String::from)).is_err());
     }
 
+    pub(super) fn memory_option_parses_sizes() {
+        let o = Options::parse(["--bench"].map(String::from)).unwrap();
+        assert_eq!(o.memory, vec![DEFAULT_MEMORY_GIB]);
+        let o = Options::parse(["--memory", "1G,4GiB,8"].map(String::from)).unwrap();
+        assert_eq!(o.memory, vec![1, 4, 8]);
+        let o = Options::parse(["--memory=2g"].map(String::from)).unwrap();
+        assert_eq!(o.memory, vec![2]);
+        for bad in ["", "0G", "1.5G", "4M", "1G,1G", "100G"] {
+            assert!(
+                Options::parse(["--memory", bad].map(String::from)).is_err(),
+                "--memory {bad:?} was accepted"
+            );
+        }
+        assert!(Options::parse(["--memory"].map(String::from)).is_err());
+    }
+
     pub(super) fn ratio_is_median_of_per_run_ratios() {
         let s = Series {
             scenario: "s".into(),
             metric: "m".into(),
+            memory_gib: 1,
             unit: "x",
             values: vec![10.0, 30.0, 20.0],
             baselines: vec![5.0, 10.0, 20.0],

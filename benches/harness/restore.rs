@@ -39,6 +39,8 @@ const INCREMENTAL_GAP: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The checkpoint both scenarios of a pair restore.
 struct Saved {
+    /// The guest memory it was taken at (`RunCtx::memory`).
+    memory: u64,
     /// Its directory (removed on drop).
     dir: tempfile::TempDir,
     /// The files in it.
@@ -129,7 +131,11 @@ fn make_checkpoint(ctx: &RunCtx, incrementals: usize) -> Result<Saved, BenchErro
         }
     }
     files.sort();
-    Ok(Saved { dir, files })
+    Ok(Saved {
+        memory: ctx.memory,
+        dir,
+        files,
+    })
 }
 
 /// Reads every byte of `files` in order; returns the bytes read.
@@ -320,7 +326,14 @@ fn scenario(
     incrementals: usize,
 ) -> Scenario {
     Scenario::new(name, about, move |ctx: &RunCtx| {
-        if saved.borrow().is_none() {
+        if saved
+            .borrow()
+            .as_ref()
+            .is_none_or(|s| s.memory != ctx.memory)
+        {
+            // First use, or a new `--memory` size: remove the last size's
+            // checkpoint before writing this one.
+            *saved.borrow_mut() = None;
             *saved.borrow_mut() = Some(make_checkpoint(ctx, incrementals)?);
         }
         let guard = saved.borrow();
