@@ -22,7 +22,7 @@
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU8, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, TryRecvError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -60,9 +60,11 @@ pub const BUILTIN_MSRS: &[u32] = &[
 /// kicked once per period and then sleeps p % of it.
 pub const THROTTLE_PERIOD: Duration = Duration::from_millis(10);
 
-/// How long a vCPU thread that woke while held spins for its release
-/// before it parks: most pauses of a NUMA move end within this, and a
-/// spinning thread restarts without a scheduler wakeup.
+/// How long a paused vCPU thread (stopped by command, or woken while
+/// held) polls for its release before it sleeps: most pauses of a NUMA
+/// move end within this, and a polling thread restarts without a
+/// scheduler wakeup. It yields the CPU as it polls, so the thread doing
+/// the pause's work runs first where CPUs are short.
 pub const HELD_SPIN: Duration = Duration::from_micros(300);
 
 /// The kick signal's offset from SIGRTMIN.
@@ -687,15 +689,31 @@ impl VcpuThread {
         }
     }
 
+    /// Serves commands until one makes the thread run or exit. For the
+    /// first [`HELD_SPIN`] it polls (yielding the CPU) instead of sleeping:
+    /// most pauses end within it, and a thread still on its CPU restarts
+    /// without a scheduler wakeup.
     fn paused(&mut self) -> Flow {
+        let start = Instant::now();
         loop {
-            match self.cmds.recv() {
-                Ok(cmd) => match self.command(cmd) {
-                    Some(Flow::Pause) => continue,
-                    Some(f) => return f,
-                    None => continue,
-                },
-                Err(_) => return Flow::Exit,
+            let cmd = if start.elapsed() < HELD_SPIN {
+                match self.cmds.try_recv() {
+                    Ok(c) => c,
+                    Err(TryRecvError::Empty) => {
+                        std::thread::yield_now();
+                        continue;
+                    }
+                    Err(TryRecvError::Disconnected) => return Flow::Exit,
+                }
+            } else {
+                match self.cmds.recv() {
+                    Ok(c) => c,
+                    Err(_) => return Flow::Exit,
+                }
+            };
+            match self.command(cmd) {
+                Some(Flow::Pause) | None => continue,
+                Some(f) => return f,
             }
         }
     }
