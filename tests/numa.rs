@@ -382,10 +382,20 @@ fn live_move_to_node0_pauses_once_per_chunk_and_keeps_memory_consistent() {
         u64_field(&report, "fallback_chunks") <= chunks,
         "more fallbacks than chunks: {report}"
     );
+    let over = u64_field(&report, "pauses_over_budget");
+    assert!(
+        over <= chunks,
+        "more pauses over budget than chunks: {report}"
+    );
+    assert_eq!(
+        u64_field(&report, "downtime_us") > u64_field(&report, "max_downtime_us"),
+        over > 0,
+        "a pause is over budget exactly when the longest is: {report}"
+    );
     assert_eq!(
         report["converged"],
-        u64_field(&report, "fallback_chunks") == 0,
-        "converged must mean no fallback chunk: {report}"
+        u64_field(&report, "fallback_chunks") == 0 && over == 0,
+        "converged must mean no fallback chunk and every real pause within budget: {report}"
     );
     assert!(report.get("batches").is_none() || report["batches"].is_null());
 }

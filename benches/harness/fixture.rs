@@ -194,9 +194,11 @@ pub fn rewrite_working_set(vm: &Vm) -> Result<(), BenchError> {
 }
 
 /// Median µs of bare `vm.pause()` + `vm.resume()` round trips on a running
-/// VM (what `resume` reports: from the pause request until every vCPU
-/// acknowledged the resume), `n` of them, [`ROUND_TRIP_GAP`] apart: the
-/// fixed cost inside every downtime, the baseline downtimes compare to.
+/// VM (what `resume` reports: the real pause, from the first vCPU stopping
+/// to the last one back in the guest; near zero when every vCPU sleeps in
+/// a wait of its own and is only held), `n` of them, [`ROUND_TRIP_GAP`]
+/// apart: the fixed cost inside every downtime, the baseline downtimes
+/// compare to.
 pub fn pause_round_trip_us(vm: &Vm, n: usize) -> Result<f64, BenchError> {
     let mut times = Vec::with_capacity(n);
     for _ in 0..n {

@@ -186,7 +186,14 @@ pub struct MetricResult {
     pub values: Vec<f64>,
     /// Every run's baseline, in run order.
     pub baselines: Vec<f64>,
+    /// Sum of the per-run values: for a yes/no metric (unit [`YES_1`]),
+    /// the number of runs in which it held.
+    pub sum: f64,
 }
+
+/// The unit of a yes/no metric: 1 in a run where it held, 0 where not.
+/// The table shows such a metric as "held in k/N runs".
+pub const YES_1: &str = "yes=1";
 
 /// A scenario that failed, with the run that failed.
 #[derive(Debug, Clone, Serialize)]
@@ -452,6 +459,7 @@ impl Series {
             ratio: (!self.ratios.is_empty()).then(|| median(&self.ratios)),
             values: self.values.clone(),
             baselines: self.baselines.clone(),
+            sum: self.values.iter().sum(),
         }
     }
 }
@@ -657,7 +665,11 @@ pub fn render_table(r: &Report) -> String {
         rows.push([
             scenario(&m.scenario, m.memory_gib),
             m.metric.clone(),
-            fmt_num(m.median),
+            if m.unit == YES_1 {
+                format!("{}/{} runs", m.sum, m.values.len())
+            } else {
+                fmt_num(m.median)
+            },
             format!("[{}..{}]", fmt_num(m.min), fmt_num(m.max)),
             m.baseline_median.map(fmt_num).unwrap_or_else(|| "-".into()),
             m.ratio

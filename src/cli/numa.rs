@@ -72,8 +72,14 @@ pub fn numa_migrate(a: &NumaMigrateArgs) -> CliResult {
             "moved guest node(s) {:?} to host node {} ({mode}): {} pages in {:.1} ms, {} round(s), {} pause(s), longest pause {} µs, paused {} µs in all",
             r.guest_nodes, r.to_node, r.pages_moved, r.total_ms, r.rounds, r.pauses, r.downtime_us, r.paused_total_us
         );
-        if !r.converged {
+        if r.fallback_chunks > 0 {
             t += &format!("\n  the dirty rate did not converge: {} chunk(s) finished with a bounded stop-copy", r.fallback_chunks);
+        }
+        if r.pauses_over_budget > 0 {
+            t += &format!(
+                "\n  {} pause(s) took longer than the {} µs budget (the longest {} µs)",
+                r.pauses_over_budget, r.max_downtime_us, r.downtime_us
+            );
         }
         if let Some(b) = &r.batches {
             t += &format!(

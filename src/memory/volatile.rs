@@ -48,7 +48,11 @@ pub fn copy_parallel(dst: &VolatileSlice<'_>, src: &VolatileSlice<'_>) {
     let part = len.div_ceil(threads).next_multiple_of(PAGE_SIZE as usize);
     let (d, s) = (RawRange::of(dst), RawRange::of(src));
     std::thread::scope(|scope| {
-        let mut at = 0;
+        // The calling thread copies the first part itself: one thread
+        // fewer to start, and where it runs at real-time priority in a
+        // pause (see `vmm::vm`), the scheduler places the helpers as if
+        // its CPU were busy — they crowded onto the other CPUs before.
+        let mut at = part.min(len);
         while at < len {
             let n = part.min(len - at);
             let (d, s) = (RawRange(d.0 + at, n), RawRange(s.0 + at, n));
@@ -61,6 +65,11 @@ pub fn copy_parallel(dst: &VolatileSlice<'_>, src: &VolatileSlice<'_>) {
             });
             at += n;
         }
+        let first = part.min(len);
+        dst.subslice(0, first)
+            .and_then(|d| src.subslice(0, first).map(|s| (d, s)))
+            .map(|(d, s)| s.copy_to_volatile_slice(d))
+            .expect("the first part lies inside both slices");
     });
 }
 

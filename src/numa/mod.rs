@@ -134,10 +134,18 @@ pub struct NumaMigrateReport {
     pub rounds: u32,
     /// Pages copied (or moved by the kernel).
     pub pages_moved: u64,
-    /// Whether every chunk converged within the budget (live).
+    /// Live: whether every pause really was within the budget
+    /// (`max_downtime_ms`), measured from the vCPUs stopping to their
+    /// running again, and no chunk fell back to a stop-copy.
     pub converged: bool,
     /// Chunks that fell back to a bounded stop-copy (live).
     pub fallback_chunks: u32,
+    /// Pauses that really lasted longer than the budget (live).
+    #[serde(default)]
+    pub pauses_over_budget: u32,
+    /// The downtime budget per pause, µs.
+    #[serde(default)]
+    pub max_downtime_us: u64,
     /// Extra memory held at most at one moment, bytes.
     pub peak_extra_bytes: u64,
     /// kernel mode: the move_pages batches.
@@ -254,6 +262,8 @@ pub fn numa_migrate(vm: &Vm, req: &NumaMigrateRequest) -> Result<NumaMigrateRepo
         pages_moved: 0,
         converged: true,
         fallback_chunks: 0,
+        pauses_over_budget: 0,
+        max_downtime_us: (max_downtime * 1e3) as u64,
         peak_extra_bytes: 0,
         batches: None,
         placement_before: by_node(&before),
@@ -521,9 +531,15 @@ fn live_chunks(
         report.rounds += r.rounds;
         report.pages_moved += r.pages_sent;
         report.peak_extra_bytes = report.peak_extra_bytes.max(len);
+        // The engine's `converged` is its estimate before the pause;
+        // the move is judged on the pause that really happened.
         if !r.converged {
             report.converged = false;
             report.fallback_chunks += 1;
+        }
+        if r.downtime_us > report.max_downtime_us {
+            report.converged = false;
+            report.pauses_over_budget += 1;
         }
     }
     Ok(())

@@ -118,6 +118,12 @@ impl Sink<Vm> for LocalSink {
         }
     }
 
+    fn needs_vcpu_state(&self) -> bool {
+        // Switching memory reads no register: the pause holds vCPUs that
+        // sleep instead of waking them to save state.
+        false
+    }
+
     fn commit_cost(&self) -> Duration {
         // Two mremaps per chunk move page tables, not pages: ~page-table
         // entries per 4 KiB page, far less per huge page.

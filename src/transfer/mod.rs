@@ -179,11 +179,17 @@ pub trait Source {
     fn set_throttle(&self, percent: u32);
     /// Stops every vCPU, each saving its state.
     fn pause_saving(&self) -> Result<(Self::Pause, Self::Saved), VmError>;
+    /// Stops every vCPU without saving their state, for a sink that does
+    /// not read it (`Saved` then holds no vCPU); saving by default.
+    fn pause_only(&self) -> Result<(Self::Pause, Self::Saved), VmError> {
+        self.pause_saving()
+    }
     /// When the pause began.
     fn paused_since(&self, pause: &Self::Pause) -> Instant;
     /// Assembles the VM state from what the vCPUs saved.
     fn save_state(&self, pause: &Self::Pause, saved: Self::Saved) -> Result<Self::State, VmError>;
-    /// Restarts the vCPUs; returns how long none ran.
+    /// Restarts the vCPUs; returns how long the pause really was: from the
+    /// first vCPU stopping to the last one running again.
     fn resume(&self, pause: Self::Pause) -> Result<Duration, VmError>;
     /// Arms copy-on-write over these slots, before a pause, so that the
     /// pause can write-protect its last pages instead of copying them.
@@ -243,6 +249,11 @@ pub trait Sink<S: Source + ?Sized> {
     /// expected to send, so a staging sink can prepare room outside it.
     fn before_pause(&mut self, _expected_pages: u64) -> Result<(), SinkError> {
         Ok(())
+    }
+    /// Whether `commit` reads the vCPUs' state; a sink that only switches
+    /// memory says no, and its pause does not save them.
+    fn needs_vcpu_state(&self) -> bool {
+        true
     }
     /// What `commit` itself will cost in the pause (switching slots, say).
     fn commit_cost(&self) -> Duration {
@@ -531,6 +542,18 @@ pub fn transfer<S: Source + ?Sized>(
     Ok(run.report)
 }
 
+/// Stops the vCPUs, saving their state only if the sink reads it.
+fn stop_vcpus<S: Source + ?Sized>(
+    vm: &S,
+    sink: &dyn Sink<S>,
+) -> Result<(S::Pause, S::Saved), VmError> {
+    if sink.needs_vcpu_state() {
+        vm.pause_saving()
+    } else {
+        vm.pause_only()
+    }
+}
+
 fn precopy<S: Source + ?Sized>(
     run: &mut Run<'_, S>,
     pause: &mut Option<S::Pause>,
@@ -610,7 +633,7 @@ fn precopy<S: Source + ?Sized>(
         let t = Instant::now();
         run.paused_at = Some(t);
         run.report.phases.precopy_ms = ms_between(run.start, t);
-        let (p, states) = vm.pause_saving()?;
+        let (p, states) = stop_vcpus(vm, &*run.sink)?;
         *pause = Some(p);
         saved = states;
         run.report.pause_breakdown.stop_us = us(t);
@@ -628,7 +651,7 @@ fn precopy<S: Source + ?Sized>(
         let t = Instant::now();
         run.paused_at = Some(t);
         run.report.phases.precopy_ms = ms_between(run.start, t);
-        let (p, states) = vm.pause_saving()?;
+        let (p, states) = stop_vcpus(vm, &*run.sink)?;
         *pause = Some(p);
         saved = states;
         run.report.pause_breakdown.stop_us = us(t);

@@ -67,6 +67,10 @@ impl Source for Vm {
         Vm::pause_saving(self)
     }
 
+    fn pause_only(&self) -> Result<(Pause, Self::Saved), VmError> {
+        Ok((Vm::pause(self)?, Vec::new()))
+    }
+
     fn paused_since(&self, pause: &Pause) -> Instant {
         pause.since
     }

@@ -4,12 +4,25 @@
 //! handler sets `immediate_exit`, so a kick is never lost whether it lands
 //! inside KVM_RUN or just before it.
 //!
+//! A vCPU thread asleep in a wait of its own (a device wait, a throttle
+//! sleep) is outside KVM_RUN already: the VM pauses it without waking it,
+//! by taking its [`Park`] word from `IDLE` to `HELD`, and resumes it by
+//! putting the word back, again without a wakeup, if the thread is still
+//! asleep. A thread that wakes while held does not enter KVM_RUN: it spins
+//! a little for the release, then parks and waits for a `Resume` command.
+//! Waking a sleeping thread costs a scheduler wakeup (an IPI to an idle
+//! CPU, or a wait for a busy one), which dominated short pauses.
+//!
+//! Every reply that starts or ends a pause carries the instant the thread
+//! stopped (took the command, right after KVM_RUN returned) or is about to
+//! enter KVM_RUN again, so a pause is measured from the vCPUs' side.
+//!
 //! This module owns the thread state machine and the register state; the
 //! devices on the VM's I/O bus decide what I/O exits mean (`super::bus`).
 
 use std::cell::Cell;
-use std::sync::atomic::{AtomicI32, AtomicU32, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU8, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, TryRecvError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -46,6 +59,13 @@ pub const BUILTIN_MSRS: &[u32] = &[
 /// Period of the vCPU throttle: while throttled at p %, every vCPU is
 /// kicked once per period and then sleeps p % of it.
 pub const THROTTLE_PERIOD: Duration = Duration::from_millis(10);
+
+/// How long a paused vCPU thread (stopped by command, or woken while
+/// held) polls for its release before it sleeps: most pauses of a NUMA
+/// move end within this, and a polling thread restarts without a
+/// scheduler wakeup. It yields the CPU as it polls, so the thread doing
+/// the pause's work runs first where CPUs are short.
+pub const HELD_SPIN: Duration = Duration::from_micros(300);
 
 /// The kick signal's offset from SIGRTMIN.
 const KICK_SIGNAL_OFFSET: i32 = 0;
@@ -356,12 +376,89 @@ pub enum VcpuCmd {
 /// Replies from a vCPU thread.
 #[derive(Debug)]
 pub enum VcpuReply {
-    /// It is paused.
-    Paused,
-    /// It is running again.
-    Resumed,
-    /// Its state.
-    State(Result<Box<VcpuState>, VcpuError>),
+    /// It is paused: out of KVM_RUN since `at`.
+    Paused {
+        /// When the thread took the command.
+        at: Instant,
+    },
+    /// It is running again: it entered KVM_RUN (or its own wait) right
+    /// after `at`.
+    Resumed {
+        /// When the thread went back to the guest.
+        at: Instant,
+    },
+    /// Its state, saved as it stopped at `at`.
+    State {
+        /// When the thread took the command.
+        at: Instant,
+        /// The state.
+        state: Result<Box<VcpuState>, VcpuError>,
+    },
+}
+
+/// The word a vCPU thread and the VM share for pausing a thread that is
+/// asleep in a wait of its own without waking it.
+#[derive(Debug, Default)]
+struct Park(AtomicU8);
+
+/// The thread runs: in KVM_RUN, handling an exit, or paused by command.
+const RUN: u8 = 0;
+/// The thread sleeps in a wait of its own and checks the word before it
+/// enters KVM_RUN again: the VM may hold it.
+const IDLE: u8 = 1;
+/// The VM holds the thread: it must not enter KVM_RUN until the VM puts
+/// the word back to `IDLE`.
+const HELD: u8 = 2;
+/// The thread woke while held and now waits for a `Resume` command.
+const PARKED: u8 = 3;
+
+impl Park {
+    /// Holds the thread if it sleeps in a wait of its own; false if it
+    /// runs (then it must be paused by command).
+    fn hold(&self) -> bool {
+        self.0
+            .compare_exchange(IDLE, HELD, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+
+    /// Releases a held thread; false if it parked meanwhile (then it needs
+    /// a `Resume` command, and answers it).
+    fn release(&self) -> bool {
+        self.0
+            .compare_exchange(HELD, IDLE, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+
+    fn set(&self, v: u8) {
+        self.0.store(v, Ordering::Release);
+    }
+
+    /// The thread leaves its wait: true if it may run, false if it parked
+    /// (held past `spin`, or the wait ended with a command while held).
+    fn leave_wait(&self, spin: Duration) -> bool {
+        let start = Instant::now();
+        loop {
+            match self
+                .0
+                .compare_exchange(IDLE, RUN, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => return true,
+                // Yield rather than spin hard: on a machine with no spare
+                // CPU the VM's thread, working in the pause, runs first.
+                Err(HELD) if start.elapsed() < spin => std::thread::yield_now(),
+                Err(_) => {
+                    if self
+                        .0
+                        .compare_exchange(HELD, PARKED, Ordering::AcqRel, Ordering::Acquire)
+                        .is_ok()
+                    {
+                        return false;
+                    }
+                    // Released between the two exchanges: try again.
+                }
+            }
+        }
+    }
 }
 
 /// Why a vCPU thread stopped on its own.
@@ -386,6 +483,9 @@ pub struct VcpuHandle {
     rx: Receiver<VcpuReply>,
     thread: Option<JoinHandle<()>>,
     tid: Arc<AtomicI32>,
+    park: Arc<Park>,
+    /// The VM holds the thread through `park` (paused without a command).
+    held: bool,
 }
 
 /// Called by a vCPU thread when its guest stops by itself.
@@ -406,6 +506,8 @@ impl VcpuHandle {
         let (reply_tx, rx) = mpsc::channel();
         let tid = Arc::new(AtomicI32::new(0));
         let tid2 = tid.clone();
+        let park = Arc::new(Park::default());
+        let park2 = park.clone();
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{id}"))
             .spawn(move || {
@@ -424,6 +526,7 @@ impl VcpuHandle {
                     replies: reply_tx,
                     on_stop,
                     throttle,
+                    park: park2,
                 }
                 .run();
             })
@@ -434,7 +537,30 @@ impl VcpuHandle {
             rx,
             thread: Some(thread),
             tid,
+            park,
+            held: false,
         })
+    }
+
+    /// Pauses the thread without a command if it sleeps in a wait of its
+    /// own (or is held already); false if it runs and needs `Pause`.
+    pub fn hold(&mut self) -> bool {
+        if !self.held {
+            self.held = self.park.hold();
+        }
+        self.held
+    }
+
+    /// Whether the VM holds the thread (see [`VcpuHandle::hold`]).
+    pub fn is_held(&self) -> bool {
+        self.held
+    }
+
+    /// Ends a hold: true if the thread was released without a command
+    /// (still asleep, or spinning, it runs on its own); false if it was not
+    /// held or parked meanwhile, so that it needs `Resume` and answers it.
+    pub fn release(&mut self) -> bool {
+        std::mem::take(&mut self.held) && self.park.release()
     }
 
     /// The thread's kernel tid (for affinity queries).
@@ -517,6 +643,8 @@ struct VcpuThread {
     on_stop: OnGuestStop,
     /// Percentage of each throttle period to sleep after a kick (0: none).
     throttle: Arc<AtomicU32>,
+    /// Shared with the VM: whether it holds this thread while it sleeps.
+    park: Arc<Park>,
 }
 
 impl VcpuThread {
@@ -541,53 +669,83 @@ impl VcpuThread {
     fn command(&mut self, cmd: VcpuCmd) -> Option<Flow> {
         match cmd {
             VcpuCmd::Pause => {
-                self.reply(VcpuReply::Paused);
+                self.reply(VcpuReply::Paused { at: Instant::now() });
                 Some(Flow::Pause)
             }
             VcpuCmd::PauseAndSave => {
-                let s = save_state(self.id, &self.fd, &self.saved.msrs, self.saved.irqchip)
+                let at = Instant::now();
+                let state = save_state(self.id, &self.fd, &self.saved.msrs, self.saved.irqchip)
                     .map(Box::new);
-                self.reply(VcpuReply::State(s));
+                self.reply(VcpuReply::State { at, state });
                 Some(Flow::Pause)
             }
             VcpuCmd::Resume => {
                 self.fd.set_kvm_immediate_exit(0);
-                self.reply(VcpuReply::Resumed);
+                self.park.set(RUN);
+                self.reply(VcpuReply::Resumed { at: Instant::now() });
                 Some(Flow::Run)
             }
             VcpuCmd::Finish => Some(Flow::Exit),
         }
     }
 
+    /// Serves commands until one makes the thread run or exit. For the
+    /// first [`HELD_SPIN`] it polls (yielding the CPU) instead of sleeping:
+    /// most pauses end within it, and a thread still on its CPU restarts
+    /// without a scheduler wakeup.
     fn paused(&mut self) -> Flow {
+        let start = Instant::now();
         loop {
-            match self.cmds.recv() {
-                Ok(cmd) => match self.command(cmd) {
-                    Some(Flow::Pause) => continue,
-                    Some(f) => return f,
-                    None => continue,
-                },
-                Err(_) => return Flow::Exit,
+            let cmd = if start.elapsed() < HELD_SPIN {
+                match self.cmds.try_recv() {
+                    Ok(c) => c,
+                    Err(TryRecvError::Empty) => {
+                        std::thread::yield_now();
+                        continue;
+                    }
+                    Err(TryRecvError::Disconnected) => return Flow::Exit,
+                }
+            } else {
+                match self.cmds.recv() {
+                    Ok(c) => c,
+                    Err(_) => return Flow::Exit,
+                }
+            };
+            match self.command(cmd) {
+                Some(Flow::Pause) | None => continue,
+                Some(f) => return f,
             }
         }
     }
 
     /// Sleeps until `until` (None: until a command), serving commands.
+    /// Meanwhile the VM may hold the thread (see [`Park`]); it then leaves
+    /// the wait paused.
     fn wait(&mut self, until: Option<Instant>) -> Option<Flow> {
+        self.park.set(IDLE);
         let cmd = match until {
-            None => self.cmds.recv().ok(),
-            Some(t) => match self
+            None => self.cmds.recv().map_err(|_| RecvTimeoutError::Disconnected),
+            Some(t) => self
                 .cmds
-                .recv_timeout(t.saturating_duration_since(Instant::now()))
-            {
-                Ok(c) => Some(c),
-                Err(RecvTimeoutError::Timeout) => return None,
-                Err(RecvTimeoutError::Disconnected) => return Some(Flow::Exit),
-            },
+                .recv_timeout(t.saturating_duration_since(Instant::now())),
         };
+        // A command while held ends the wait at once, without spinning.
+        let spin = if cmd.is_ok() {
+            Duration::ZERO
+        } else {
+            HELD_SPIN
+        };
+        let free = self.park.leave_wait(spin);
         match cmd {
-            None => Some(Flow::Exit),
-            Some(c) => self.command(c),
+            Ok(c) => match self.command(c) {
+                // Held, and the command leaves it paused: it stays so.
+                None if !free => Some(Flow::Pause),
+                f => f,
+            },
+            Err(RecvTimeoutError::Timeout) if free => None,
+            // Held past the spin: wait for the Resume command.
+            Err(RecvTimeoutError::Timeout) => Some(Flow::Pause),
+            Err(RecvTimeoutError::Disconnected) => Some(Flow::Exit),
         }
     }
 

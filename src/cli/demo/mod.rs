@@ -989,10 +989,17 @@ fn move_text(r: &NumaMigrateReport, from: u32, to: u32, v: &VerifyReport) -> Str
             group(b.median_us)
         );
     }
-    if !r.converged {
+    if r.fallback_chunks > 0 {
         what += &format!(
             "; did not converge: {} finished by stop-copy",
             plural(u64::from(r.fallback_chunks), "chunk")
+        );
+    }
+    if r.pauses_over_budget > 0 {
+        what += &format!(
+            "; {} over the {} µs budget",
+            plural(u64::from(r.pauses_over_budget), "pause"),
+            group(r.max_downtime_us)
         );
     }
     format!(
