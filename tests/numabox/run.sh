@@ -177,7 +177,7 @@ note "booting scenario $scenario${scenario_args:+ $scenario_args} (timeout ${tim
 start=$(date +%s)
 # no_timer_check: on a loaded host the emulated 8254 can miss the kernel's
 # early timer check, which then panics with "IO-APIC + timer doesn't work!"
-# before /init runs (seen once in 90 boots with two boxes at a time).
+# before /init runs (seen once in 148 boots with two boxes at a time).
 timeout -k 10 "$timeout_s" qemu-system-x86_64 \
     -accel "tcg,thread=$tcg_thread" -cpu EPYC,+svm -smp 2 -m 2G \
     -object memory-backend-ram,id=m0,size=1G \
