@@ -51,6 +51,8 @@ struct WriterThread {
     jobs: Option<SyncSender<Job>>,
     /// Bounce buffers handed back by the writer.
     free: Receiver<Vec<u8>>,
+    /// Buffers taken back from `free` by `idle`, used first.
+    spare: Vec<Vec<u8>>,
     thread: Option<JoinHandle<Result<CheckpointWriter, FormatError>>>,
 }
 
@@ -79,6 +81,7 @@ impl WriterThread {
         Ok(WriterThread {
             jobs: Some(jobs),
             free,
+            spare: Vec::new(),
             thread: Some(thread),
         })
     }
@@ -96,8 +99,20 @@ impl WriterThread {
     }
 
     /// A free bounce buffer; None if the writer stopped (it failed).
-    fn buffer(&self) -> Option<Vec<u8>> {
-        self.free.recv().ok()
+    fn buffer(&mut self) -> Option<Vec<u8>> {
+        self.spare.pop().or_else(|| self.free.recv().ok())
+    }
+
+    /// Waits until the writer has written everything queued (every buffer
+    /// is back); false if it stopped (it failed).
+    fn idle(&mut self) -> bool {
+        while self.spare.len() < BOUNCE_BUFFERS {
+            match self.free.recv() {
+                Ok(b) => self.spare.push(b),
+                Err(_) => return false,
+            }
+        }
+        true
     }
 
     /// Queues pages; false if the writer stopped (it failed).
@@ -253,6 +268,14 @@ impl Sink<Vm> for FileSink {
     }
 
     fn before_pause(&mut self, expected_pages: u64) -> Result<(), SinkError> {
+        // A writer still busy in the pause competes with the vCPU threads
+        // for a CPU when they restart (2 CPUs here): let it finish first.
+        if !self.writer()?.idle() {
+            return Err(self.writer_failed());
+        }
+        if expected_pages == 0 {
+            return Ok(());
+        }
         let len = (expected_pages * PAGE_SIZE) as usize;
         if self.staging.as_ref().is_some_and(|m| m.len() >= len) {
             return Ok(());

@@ -19,9 +19,11 @@ pub const THROTTLE_MAX: u32 = 99;
 /// (or throttles harder).
 pub const THROTTLE_AFTER: u32 = 1;
 /// What write-protecting a page in the pause costs, as bytes per second:
-/// ~60–110 ns a 4 KiB page here (UFFDIO_WRITEPROTECT over runs), taken
-/// as 150 ns; far less with huge pages.
-pub const PROTECT_RATE: f64 = PAGE_SIZE as f64 / 150e-9;
+/// measured on a quiet host, 180–260 ns a 4 KiB page (UFFDIO_WRITEPROTECT
+/// over runs, most of it KVM dropping its shadow mappings of the pages)
+/// and 80–100 ns on huge pages, against 300–420 ns for a staging copy;
+/// taken as 250 ns.
+pub const PROTECT_RATE: f64 = PAGE_SIZE as f64 / 250e-9;
 /// Fixed cost of a pause besides copying: stopping and restarting vCPUs,
 /// fetching the last dirty logs, saving vCPU state (measured ~100-200 µs here).
 pub const PAUSE_OVERHEAD: Duration = Duration::from_micros(250);

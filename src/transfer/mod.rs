@@ -246,7 +246,8 @@ pub trait Sink<S: Source + ?Sized> {
         Ok(())
     }
     /// Called just before the pause with the number of pages the pause is
-    /// expected to send, so a staging sink can prepare room outside it.
+    /// expected to send (0 when it only write-protects them), so a staging
+    /// sink can prepare room outside it and finish pending work.
     fn before_pause(&mut self, _expected_pages: u64) -> Result<(), SinkError> {
         Ok(())
     }
@@ -623,13 +624,21 @@ fn precopy<S: Source + ?Sized>(
                 }
             }
         }
-        if cow.is_none() {
-            // The pause sends the last dirty set plus what the guest
-            // dirties until it stops: allow a quarter more.
-            let expected = count(&last_pass);
-            run.sink.before_pause(expected + expected / 4 + 256)?;
-        }
+        // The pause sends the last dirty set plus what the guest dirties
+        // until it stops: allow a quarter more. With copy-on-write it only
+        // protects them.
+        let expected = count(&last_pass);
+        run.sink.before_pause(if cow.is_some() {
+            0
+        } else {
+            expected + expected / 4 + 256
+        })?;
         plan.check_cancel()?;
+        if run.report.throttle_max_percent > 0 {
+            // Lifted before the pause: the vCPUs it wakes restart at full
+            // speed, and the kicker is gone before anything is timed.
+            vm.set_throttle(0);
+        }
         let t = Instant::now();
         run.paused_at = Some(t);
         run.report.phases.precopy_ms = ms_between(run.start, t);

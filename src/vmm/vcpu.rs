@@ -4,14 +4,16 @@
 //! handler sets `immediate_exit`, so a kick is never lost whether it lands
 //! inside KVM_RUN or just before it.
 //!
-//! A vCPU thread asleep in a wait of its own (a device wait, a throttle
-//! sleep) is outside KVM_RUN already: the VM pauses it without waking it,
+//! A vCPU thread asleep in a device wait is outside KVM_RUN already: the
+//! VM pauses it without waking it,
 //! by taking its [`Park`] word from `IDLE` to `HELD`, and resumes it by
 //! putting the word back, again without a wakeup, if the thread is still
 //! asleep. A thread that wakes while held does not enter KVM_RUN: it spins
 //! a little for the release, then parks and waits for a `Resume` command.
 //! Waking a sleeping thread costs a scheduler wakeup (an IPI to an idle
-//! CPU, or a wait for a busy one), which dominated short pauses.
+//! CPU, or a wait for a busy one), which dominated short pauses. A throttle
+//! sleep is not held that way: the throttle is lifted in the pause, and a
+//! held thread would sleep out its share after the resume.
 //!
 //! Every reply that starts or ends a pause carries the instant the thread
 //! stopped (took the command, right after KVM_RUN returned) or is about to
@@ -718,6 +720,22 @@ impl VcpuThread {
         }
     }
 
+    /// Sleeps the throttled share of a period, serving commands. Unlike a
+    /// device wait it cannot be held: a pause must end it with a command,
+    /// or the thread would sleep on after the resume (the throttle is
+    /// lifted in the pause) and the guest's pause would grow by up to a
+    /// period.
+    fn throttle_sleep(&mut self, until: Instant) -> Option<Flow> {
+        match self
+            .cmds
+            .recv_timeout(until.saturating_duration_since(Instant::now()))
+        {
+            Ok(c) => self.command(c),
+            Err(RecvTimeoutError::Timeout) => None,
+            Err(RecvTimeoutError::Disconnected) => Some(Flow::Exit),
+        }
+    }
+
     /// Sleeps until `until` (None: until a command), serving commands.
     /// Meanwhile the VM may hold the thread (see [`Park`]); it then leaves
     /// the wait paused.
@@ -789,7 +807,13 @@ impl VcpuThread {
                     // period, still obeying commands.
                     match self.throttle.load(Ordering::Relaxed).min(99) {
                         0 => IoAction::Continue,
-                        p => IoAction::Wait(Some(Instant::now() + THROTTLE_PERIOD * p / 100)),
+                        p => {
+                            let until = Instant::now() + THROTTLE_PERIOD * p / 100;
+                            if let Some(f) = self.throttle_sleep(until) {
+                                return f;
+                            }
+                            IoAction::Continue
+                        }
                     }
                 }
                 Err(e) => return self.stopped(GuestStop::Error(format!("KVM_RUN failed: {e}"))),

@@ -203,7 +203,7 @@ pub struct Vm {
     /// vCPU throttle, percent of each period asleep (auto-converge).
     throttle: Arc<AtomicU32>,
     /// The thread that kicks vCPUs while throttled.
-    throttler: Mutex<Option<std::thread::JoinHandle<()>>>,
+    throttler: Mutex<Option<Throttler>>,
 }
 
 /// A checkpoint a VM's state extends: the next incremental's parent.
@@ -248,6 +248,13 @@ fn host_available() -> Option<u64> {
     let line = s.lines().find(|l| l.starts_with("MemAvailable:"))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
+}
+
+/// The thread that kicks throttled vCPUs once a period, and the sender
+/// whose drop stops it at once.
+struct Throttler {
+    thread: std::thread::JoinHandle<()>,
+    stop: std::sync::mpsc::Sender<()>,
 }
 
 impl Vm {
@@ -1066,8 +1073,11 @@ impl Vm {
         self.throttle.store(percent, Ordering::Relaxed);
         let mut t = self.throttler.lock().unwrap_or_else(|e| e.into_inner());
         if percent == 0 {
-            if let Some(h) = t.take() {
-                let _ = h.join();
+            if let Some(k) = t.take() {
+                // Dropping the sender wakes the kicker from its period at
+                // once: lifting the throttle in a pause must not wait for it.
+                drop(k.stop);
+                let _ = k.thread.join();
             }
             return;
         }
@@ -1083,11 +1093,17 @@ impl Vm {
             .collect();
         let throttle = self.throttle.clone();
         let kick = vcpu::kick_signal();
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
         *t = std::thread::Builder::new()
             .name("vcpu-throttle".into())
             .spawn(move || {
                 while throttle.load(Ordering::Relaxed) > 0 {
-                    std::thread::sleep(vcpu::THROTTLE_PERIOD);
+                    if !matches!(
+                        stopped.recv_timeout(vcpu::THROTTLE_PERIOD),
+                        Err(std::sync::mpsc::RecvTimeoutError::Timeout)
+                    ) {
+                        break;
+                    }
                     for &th in &targets {
                         // SAFETY: the vCPU threads outlive this thread:
                         // `set_throttle(0)` (also called by `shutdown`
@@ -1097,7 +1113,8 @@ impl Vm {
                     }
                 }
             })
-            .ok();
+            .ok()
+            .map(|thread| Throttler { thread, stop });
     }
 
     /// The current vCPU throttle, percent.
