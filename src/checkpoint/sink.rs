@@ -190,7 +190,11 @@ impl FileSink {
                 return Err(self.writer_failed());
             };
             let n = buf.len().min(len - at);
-            data.copy_to(at, &mut buf[..n]).map_err(Self::err)?;
+            if let Err(e) = data.copy_to(at, &mut buf[..n]) {
+                // Keep the pool whole: `idle` waits for every buffer.
+                self.writer()?.spare.push(buf);
+                return Err(Self::err(e));
+            }
             let job = Job {
                 gpa: gpa + at as u64,
                 buf,
