@@ -1,5 +1,5 @@
 //! Small helpers shared by several modules: size parsing and formatting,
-//! calendar dates.
+//! calendar dates, waiting for a descriptor to become readable.
 
 /// Parses a size like `256M`, `1G`, `4096`, `64K` (powers of 1024).
 pub fn parse_size(s: &str) -> Result<u64, String> {
@@ -58,6 +58,18 @@ pub fn unix_ms() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+/// Waits up to `timeout` for `fd` to become readable; false on timeout or
+/// error (callers poll again after checking whether to stop).
+pub fn wait_readable(fd: std::os::fd::RawFd, timeout: std::time::Duration) -> bool {
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, for the duration of the call.
+    unsafe { libc::poll(&mut pfd, 1, timeout.as_millis() as i32) > 0 }
 }
 
 #[cfg(test)]

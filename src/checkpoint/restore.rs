@@ -449,14 +449,7 @@ impl Lazy {
         let mut buf = vec![0u8; PAGE_SIZE];
         let fd = self.uffd.as_raw_fd();
         while !self.done.load(Ordering::Acquire) {
-            let mut pfd = libc::pollfd {
-                fd,
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            // SAFETY: one valid pollfd, for the duration of the call.
-            let n = unsafe { libc::poll(&mut pfd, 1, HANDLER_POLL.as_millis() as i32) };
-            if n <= 0 {
+            if !crate::util::wait_readable(fd, HANDLER_POLL) {
                 continue;
             }
             match self.uffd.read_event() {

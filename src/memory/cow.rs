@@ -146,14 +146,7 @@ impl Inner {
     fn handle_faults(&self) {
         let fd = self.uffd.as_raw_fd();
         while !self.stop.load(Ordering::Acquire) {
-            let mut pfd = libc::pollfd {
-                fd,
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            // SAFETY: `pfd` is a valid pollfd for the duration of the call.
-            let n = unsafe { libc::poll(&mut pfd, 1, HANDLER_POLL.as_millis() as i32) };
-            if n <= 0 {
+            if !crate::util::wait_readable(fd, HANDLER_POLL) {
                 continue;
             }
             loop {
