@@ -350,6 +350,39 @@ fn every_checkpoint_of_a_chain_restores_to_its_moment_and_runs_on() {
     );
 }
 
+/// KVM writes into guest memory while a vCPU's kvmclock MSRs are restored
+/// (the wall clock at once; the system-time page is faulted in to be
+/// cached). A restore must have the checkpoint's pages in place, or
+/// registered for lazy loading, before that: a page KVM faulted in first
+/// kept zeros, since a lazy loader cannot fill a present page, and a Linux
+/// guest lost kernel data. The hook puts the clock inside the builtin
+/// guest's PML4 page, so such a restore loses its page tables and the
+/// guest dies at once.
+#[test]
+fn pages_kvm_writes_while_the_vcpu_state_is_restored_keep_their_content() {
+    let dir = tempdir();
+    let taken = {
+        let vm = Vm::start_command_env(
+            &["run"],
+            &["--vcpus", "2", "--memory", SMALL, "--guest", GUEST],
+            &[("VMHOP_TEST_KVMCLOCK", "1")],
+        );
+        vm.wait_progress_above(0, PROGRESS_WAIT);
+        let full = take_checkpoint(&vm, dir.path(), &[]);
+        let_guest_work(&vm, full.after);
+        take_checkpoint(&vm, dir.path(), &[])
+    };
+    for (how, extra) in [("lazily", &[][..]), ("eagerly", &["--eager"][..])] {
+        let mut args = vec!["--paused"];
+        args.extend_from_slice(extra);
+        let vm = restore(dir.path(), taken.id(), &args);
+        check_restored_then_resume(&vm, &taken, &format!("restored {how}"));
+        // Long enough for a guest without page tables to have died.
+        vm.wait_progress_above(vm.progress() + GUEST_WORK, PROGRESS_WAIT);
+        assert_eq!(vm.state(), "running", "restored {how}\n{}", vm.logs());
+    }
+}
+
 /// A guest rewriting its working set non-stop never lets pre-copy
 /// converge: the pause write-protects the pages still dirty and the
 /// guest's writes to them after the resume go through copy-on-write.

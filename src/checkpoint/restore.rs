@@ -21,6 +21,7 @@
 //! Each page is read once, from the file that holds its latest version
 //! (`ResolvedChain::page_map`), whatever the chain's length.
 
+use std::cell::{Cell, RefCell};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -83,8 +84,9 @@ pub struct RestoreReport {
 
 /// Where the time until the vCPUs could run went, in milliseconds. The
 /// chain's validation runs on a thread of its own beside the VM's creation
-/// (and the dirty log and userfaultfd set-up): `resume_ms` is about `meta`
-/// + the longer of the two + `load` (eager) + `start`, not their sum.
+/// up to the point where its memory must be filled: `resume_ms` is about
+/// `meta` + the longer of `validate` and `vm` + `uffd` or `load` + `start`,
+/// not their sum.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct RestorePhases {
     /// Listing the directory, checking the chain's links, reading and
@@ -96,11 +98,11 @@ pub struct RestorePhases {
     pub validate_ms: f64,
     /// Building the devices and creating the paused VM (KVM VM, memory
     /// mappings, slots registered with dirty logging on, vCPUs and their
-    /// threads, vCPU state).
+    /// threads, vCPU state), without `wait`, `uffd` and `load`.
     pub vm_ms: f64,
     /// Lazy: creating the userfaultfd and registering guest memory.
     pub uffd_ms: f64,
-    /// Waiting for the validation once the VM was ready.
+    /// Waiting for the validation once the VM's memory was ready to fill.
     pub wait_ms: f64,
     /// Eager: reading every page into guest memory.
     pub load_ms: f64,
@@ -680,9 +682,10 @@ fn ms_since(t: Instant) -> f64 {
 ///
 /// The restored file's config and state are read first; then the whole
 /// chain is validated on a thread of its own while the VM is created
-/// paused. No vCPU runs before the validation succeeded: a damaged header,
-/// footer, index, config or state in any file of the chain is refused and
-/// the VM, which never ran, is shut down.
+/// paused. Its memory is filled (eager) or registered for lazy loading
+/// only after the validation succeeded, and before the vCPU state goes in:
+/// a damaged header, footer, index, config or state in any file of the
+/// chain is refused and the VM, which never ran, is not created.
 pub fn restore(
     dir: &Path,
     id: Option<u32>,
@@ -705,7 +708,17 @@ pub fn restore(
         mut state,
         checkpoint,
     } = p;
-    let (vm, devs, chain, stored_pages, lazy) = std::thread::scope(|s| {
+    // Set by the loader Vm::new calls once the chain is validated.
+    let loaded: RefCell<Option<(Arc<ResolvedChain>, u64)>> = RefCell::new(None);
+    let lazy_slot: RefCell<Option<Arc<Lazy>>> = RefCell::new(None);
+    let refused: RefCell<Option<RestoreError>> = RefCell::new(None);
+    let (validate_ms, wait_ms, load_ms, uffd_ms) = (
+        Cell::new(0.0),
+        Cell::new(0.0),
+        Cell::new(0.0),
+        Cell::new(0.0),
+    );
+    let built = std::thread::scope(|s| {
         let validator = std::thread::Builder::new()
             .name("restore-check".into())
             .spawn_scoped(s, || {
@@ -716,108 +729,128 @@ pub fn restore(
                 file: dir.to_path_buf(),
                 reason: format!("cannot start the validation thread: {e}"),
             })?;
-        let built = (|| {
-            let tv = Instant::now();
-            let mut devs =
-                crate::devices::build(&config, console, &state.devices).map_err(|e| {
-                    RestoreError::Content {
+        // Guest memory must hold the checkpoint's pages (or, lazily, be
+        // registered with userfaultfd) before the vCPU state is restored:
+        // restoring some MSRs makes KVM write into guest memory at once
+        // (MSR_KVM_WALL_CLOCK_NEW) or fault a page in to cache it
+        // (MSR_KVM_SYSTEM_TIME_NEW). A page faulted in before the
+        // registration would keep zeros, since the loader cannot copy into
+        // a present page: a Linux guest lost kernel data that way. So Vm::new
+        // calls this loader between creating the memory and restoring the
+        // vCPUs, and it waits for the validation there.
+        let load: crate::vmm::vm::Loader<'_> = Box::new(|m: &GuestMemory| {
+            let tw = Instant::now();
+            let (checked, ms) = validator.join().unwrap_or_else(|_| {
+                (
+                    Err(RestoreError::Content {
                         file: dir.to_path_buf(),
-                        reason: e.to_string(),
-                    }
-                })?;
-            let device_set = std::mem::take(&mut devs.set);
-            let vm = Vm::new(
-                config.clone(),
-                Start::Restore {
-                    vcpus: std::mem::take(&mut state.vcpus),
-                    machine: state.machine.take().map(Box::new),
-                    // Pages go in once the chain is known to be sound.
-                    load: Box::new(|_: &GuestMemory| Ok(())),
-                    // Before any vCPU runs, so that no guest write escapes
-                    // the next incremental checkpoint.
-                    dirty_log: true,
-                },
-                true,
-                device_set,
-            )?;
-            phases.vm_ms = ms_since(tv);
-            // From here on the VM exists: shut it down on every error.
-            let ready = (|| {
-                vm.set_last_checkpoint(Some(checkpoint.clone()));
-                let _ = vm.reset_checkpoint_dirty();
-                // A no-op: the slots were registered with it (above).
-                vm.start_dirty_log()?;
-                if eager {
-                    return Ok(None);
-                }
-                let tu = Instant::now();
-                let reg = register_uffd(&vm.memory()).map_err(crate::vmm::VmError::Load)?;
-                phases.uffd_ms = ms_since(tu);
-                Ok::<_, RestoreError>(Some(reg))
-            })();
-            match ready {
-                Ok(reg) => Ok((vm, devs, reg)),
+                        reason: "the validation thread panicked".into(),
+                    }),
+                    0.0,
+                )
+            });
+            validate_ms.set(ms);
+            wait_ms.set(ms_since(tw));
+            let (chain, stored) = match checked {
+                Ok(c) => c,
                 Err(e) => {
-                    vm.shutdown();
-                    Err(e)
+                    // The VM never runs: nothing of the damaged chain is used.
+                    let msg = e.to_string();
+                    *refused.borrow_mut() = Some(e);
+                    return Err(msg);
                 }
+            };
+            let chain = Arc::new(chain);
+            if eager {
+                let tl = Instant::now();
+                load_eager(&chain, m)?;
+                load_ms.set(ms_since(tl));
+            } else {
+                let tu = Instant::now();
+                let (uffd, ranges) = register_uffd(m)?;
+                let lazy = Arc::new(Lazy {
+                    uffd,
+                    chain: chain.clone(),
+                    ranges,
+                    done: AtomicBool::new(false),
+                    failure: Mutex::new(None),
+                });
+                let h = lazy.clone();
+                std::thread::Builder::new()
+                    .name("uffd-faults".into())
+                    .spawn(move || h.handler())
+                    .map_err(|e| format!("cannot start the fault handler thread: {e}"))?;
+                *lazy_slot.borrow_mut() = Some(lazy);
+                uffd_ms.set(ms_since(tu));
             }
-        })();
-        let tw = Instant::now();
-        let (checked, validate_ms) = validator.join().unwrap_or_else(|_| {
-            (
-                Err(RestoreError::Content {
-                    file: dir.to_path_buf(),
-                    reason: "the validation thread panicked".into(),
-                }),
-                0.0,
-            )
+            *loaded.borrow_mut() = Some((chain, stored));
+            Ok(())
         });
-        phases.validate_ms = validate_ms;
-        let (vm, devs, reg) = built?;
-        phases.wait_ms = ms_since(tw);
-        match checked {
-            Ok((chain, stored)) => Ok((vm, devs, Arc::new(chain), stored, reg)),
-            Err(e) => {
-                // The VM never ran: nothing of the damaged chain was used.
-                vm.shutdown();
-                Err(e)
+        let tv = Instant::now();
+        let mut devs = crate::devices::build(&config, console, &state.devices).map_err(|e| {
+            RestoreError::Content {
+                file: dir.to_path_buf(),
+                reason: e.to_string(),
             }
+        })?;
+        let device_set = std::mem::take(&mut devs.set);
+        let vm = Vm::new(
+            config.clone(),
+            Start::Restore {
+                vcpus: std::mem::take(&mut state.vcpus),
+                machine: state.machine.take().map(Box::new),
+                load,
+                // Before any vCPU runs, so that no guest write escapes
+                // the next incremental checkpoint.
+                dirty_log: true,
+            },
+            true,
+            device_set,
+        );
+        let vm_ms = ms_since(tv);
+        Ok::<_, RestoreError>((vm, devs, vm_ms))
+    });
+    let lazy = lazy_slot.into_inner();
+    // A handler started for a VM that will not exist stops polling.
+    let handler_done = lazy.as_ref().map(|l| l.clone());
+    let stop_handler = || {
+        if let Some(l) = &handler_done {
+            l.done.store(true, Ordering::Release);
         }
-    })?;
+    };
+    let (vm, devs, vm_ms) = match built {
+        Ok((Ok(vm), devs, ms)) => (vm, devs, ms),
+        Ok((Err(e), ..)) => {
+            stop_handler();
+            return Err(refused.into_inner().unwrap_or(e.into()));
+        }
+        Err(e) => {
+            stop_handler();
+            return Err(e);
+        }
+    };
+    phases.validate_ms = validate_ms.get();
+    phases.wait_ms = wait_ms.get();
+    phases.load_ms = load_ms.get();
+    phases.uffd_ms = uffd_ms.get();
+    phases.vm_ms = vm_ms - phases.wait_ms - phases.load_ms - phases.uffd_ms;
     let fail = |e: RestoreError| {
+        stop_handler();
         vm.shutdown();
         e
     };
-    let lazy = lazy.map(|(uffd, ranges)| {
-        Arc::new(Lazy {
-            uffd,
-            chain: chain.clone(),
-            ranges,
-            done: AtomicBool::new(false),
-            failure: Mutex::new(None),
-        })
-    });
-    match &lazy {
-        Some(lazy) => {
-            let h = lazy.clone();
-            std::thread::Builder::new()
-                .name("uffd-faults".into())
-                .spawn(move || h.handler())
-                .map_err(|e| {
-                    fail(RestoreError::Content {
-                        file: dir.to_path_buf(),
-                        reason: format!("cannot start the fault handler thread: {e}"),
-                    })
-                })?;
-            vm.set_loading(true);
-        }
-        None => {
-            let tl = Instant::now();
-            load_eager(&chain, &vm.memory())
-                .map_err(|e| fail(crate::vmm::VmError::Load(e).into()))?;
-            phases.load_ms = ms_since(tl);
-        }
+    let Some((chain, stored_pages)) = loaded.into_inner() else {
+        return Err(fail(RestoreError::Content {
+            file: dir.to_path_buf(),
+            reason: "the VM was created without loading its memory".into(),
+        }));
+    };
+    vm.set_last_checkpoint(Some(checkpoint.clone()));
+    let _ = vm.reset_checkpoint_dirty();
+    // A no-op: the slots were registered with it (above).
+    vm.start_dirty_log().map_err(|e| fail(e.into()))?;
+    if lazy.is_some() {
+        vm.set_loading(true);
     }
     if !paused {
         let ts = Instant::now();

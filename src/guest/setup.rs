@@ -50,6 +50,17 @@ pub const MAX_RANGES: u64 = PAGE_SIZE / 16;
 /// raise that exception at the start of its second sweep (see
 /// [`program::TestFault`]). Never set in normal use.
 pub const TEST_FAULT_ENV: &str = "VMHOP_TEST_GUEST_FAULT";
+/// Test hook: `VMHOP_TEST_KVMCLOCK=1` points vCPU 0's kvmclock (system
+/// time and wall clock, as a Linux guest sets them) into the unused top
+/// entries of the PML4 page, so that a restore whose loader misses the
+/// pages KVM writes while the vCPU state goes in loses the page tables and
+/// the guest dies. Never set in normal use.
+pub const TEST_KVMCLOCK_ENV: &str = "VMHOP_TEST_KVMCLOCK";
+/// Where that hook puts the wall clock (12 bytes) and the system time
+/// (32 bytes): PML4 entries 504-505 and 508-511, far above the low
+/// identity map the guest uses.
+const TEST_WALL_CLOCK_ADDR: u64 = PML4_ADDR + 0xfc0;
+const TEST_SYSTEM_TIME_ADDR: u64 = PML4_ADDR + 0xfe0;
 
 /// Kernel code selector (GDT entry 1): the IDT handlers' CS.
 const KERNEL_CS: u16 = 0x08;
@@ -199,7 +210,42 @@ pub fn boot(
         v.set_regs(&b.regs)
             .map_err(|e| format!("KVM_SET_REGS (vCPU {id}): {e}"))?;
     }
+    if std::env::var_os(TEST_KVMCLOCK_ENV).is_some() {
+        if let Some(v) = fds.first() {
+            test_kvmclock(v)?;
+        }
+    }
     Ok(())
+}
+
+/// Enables kvmclock on `v` at the test addresses (see [`TEST_KVMCLOCK_ENV`]).
+fn test_kvmclock(v: &kvm_ioctls::VcpuFd) -> Result<(), String> {
+    let entries = [
+        (
+            crate::vmm::vcpu::MSR_KVM_WALL_CLOCK_NEW,
+            TEST_WALL_CLOCK_ADDR,
+        ),
+        // Bit 0 enables the clock.
+        (
+            crate::vmm::vcpu::MSR_KVM_SYSTEM_TIME_NEW,
+            TEST_SYSTEM_TIME_ADDR | 1,
+        ),
+    ]
+    .map(|(index, data)| kvm_bindings::kvm_msr_entry {
+        index,
+        data,
+        ..Default::default()
+    });
+    let msrs = kvm_bindings::Msrs::from_entries(&entries)
+        .map_err(|e| format!("kvmclock MSR list: {e:?}"))?;
+    match v.set_msrs(&msrs) {
+        Ok(n) if n == entries.len() => Ok(()),
+        Ok(n) => Err(format!(
+            "{TEST_KVMCLOCK_ENV}: KVM refused MSR {:#x}",
+            entries[n].index
+        )),
+        Err(e) => Err(format!("{TEST_KVMCLOCK_ENV}: KVM_SET_MSRS: {e}")),
+    }
 }
 
 /// Writes the whole guest into `memory` and returns each vCPU's boot state.

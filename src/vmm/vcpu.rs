@@ -43,7 +43,8 @@ use super::bus::{GuestExit, GuestFault, IoAction, IoBus};
 pub const MAX_ACK_WAIT: Duration = Duration::from_secs(5);
 
 /// MSRs saved with a builtin guest's vCPU: the architectural ones a 64-bit
-/// guest depends on. A Linux guest's vCPUs save every MSR KVM lists.
+/// guest depends on, and kvmclock's (0 unless a test hook sets them).
+/// A Linux guest's vCPUs save every MSR KVM lists.
 pub const BUILTIN_MSRS: &[u32] = &[
     0x10,        // TSC
     0x174,       // SYSENTER_CS
@@ -56,7 +57,14 @@ pub const BUILTIN_MSRS: &[u32] = &[
     0xc000_0084, // SFMASK
     0xc000_0102, // KERNEL_GS_BASE
     0xc000_0103, // TSC_AUX
+    MSR_KVM_WALL_CLOCK_NEW,
+    MSR_KVM_SYSTEM_TIME_NEW,
 ];
+
+/// kvmclock's wall clock: KVM writes it into guest memory when it is set.
+pub const MSR_KVM_WALL_CLOCK_NEW: u32 = 0x4b56_4d00;
+/// kvmclock's per-vCPU system time: KVM maps the page it names when set.
+pub const MSR_KVM_SYSTEM_TIME_NEW: u32 = 0x4b56_4d01;
 
 /// Period of the vCPU throttle: while throttled at p %, every vCPU is
 /// kicked once per period and then sleeps p % of it.

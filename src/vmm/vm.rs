@@ -108,7 +108,8 @@ pub enum Start<'a> {
         vcpus: Vec<VcpuState>,
         /// The saved interrupt controllers, timer and clock, if the VM has them.
         machine: Option<Box<MachineState>>,
-        /// Fills guest memory.
+        /// Fills guest memory (or arranges that first touches fill it),
+        /// before the machine and vCPU state are restored.
         load: Loader<'a>,
         /// Register the memory slots with dirty logging on from the start,
         /// as [`Vm::start_dirty_log`] would, without registering every
@@ -377,6 +378,11 @@ impl Vm {
                         fds.len()
                     )));
                 }
+                // Memory first: restoring some vCPU and clock state makes
+                // KVM write into guest memory (the kvmclock pages), which
+                // must land on the guest's own pages, not on fresh ones a
+                // loader could no longer fill.
+                load(&vm.memory()).map_err(VmError::Load)?;
                 match (&machine, irqchip) {
                     (Some(m), true) => vm.restore_machine(m)?,
                     (None, false) => {}
@@ -391,7 +397,6 @@ impl Vm {
                         ))
                     }
                 }
-                load(&vm.memory()).map_err(VmError::Load)?;
                 for (v, s) in fds.iter().zip(&vcpus) {
                     vcpu::restore_state(v, s)?;
                 }
