@@ -786,10 +786,20 @@ impl VcpuThread {
                 Ok(VcpuExit::IoOut(port, data)) => self.bus.write(self.id, port, data),
                 Ok(VcpuExit::IoIn(port, data)) => self.bus.read(self.id, port, data),
                 Ok(VcpuExit::Shutdown) => {
+                    // On AMD, KVM puts the vCPU through INIT before it
+                    // reports the shutdown (the VMCB is undefined after
+                    // one): reset-state registers say nothing of the fault.
+                    let reset = self
+                        .fd
+                        .get_sregs()
+                        .is_ok_and(|s| s.cs.base == 0xffff_0000 && s.cs.selector == 0xf000);
                     let at = self
                         .fd
                         .get_regs()
-                        .map(|r| format!(" at rip {:#x}, rflags {:#x}", r.rip, r.rflags))
+                        .map(|r| match reset && r.rip == 0xfff0 {
+                            true => " (KVM reset the vCPU before reporting it, as it does on AMD: where it faulted is lost)".to_string(),
+                            false => format!(" at rip {:#x}, rflags {:#x}", r.rip, r.rflags),
+                        })
                         .unwrap_or_default();
                     return self.stopped(GuestStop::Shutdown(format!(
                         "the guest shut down (triple fault){at}"

@@ -25,6 +25,9 @@ exec </dev/console >/dev/console 2>&1
 
 finish() {
     rc=$1
+    if [ "$rc" -ne 0 ]; then
+        kvm_trace
+    fi
     if [ "$rc" -eq 0 ]; then
         echo "NUMABOX-RESULT: PASS"
     else
@@ -52,6 +55,29 @@ if [ ! -c /dev/kvm ]; then
     dmesg | tail -n 20
     finish 91
 fi
+
+# KVM's trace events, for every scenario, kept in the kernel's ring buffer
+# and printed only when the scenario fails: the exits before a guest
+# stopped by itself say what L1 KVM saw. On AMD, KVM resets the vCPU
+# before it reports a shutdown (the VMCB is undefined after one), so vmhop
+# can only read reset-state registers; the kvm_exit event still has the
+# guest's rip and the event being delivered.
+T=/sys/kernel/tracing
+if mount -t tracefs nodev "$T" 2>/dev/null && [ -d "$T/events/kvm" ]; then
+    echo 2048 >"$T/buffer_size_kb" 2>/dev/null || true
+    echo 1 >"$T/events/kvm/enable" 2>/dev/null || true
+else
+    echo "numabox: no kvm tracepoints: a triple fault will show reset registers only"
+fi
+
+kvm_trace() {
+    [ -f "$T/trace" ] || return 0
+    echo 0 >"$T/tracing_on"
+    # The exits before a shutdown, else the last events (a vCPU thread's
+    # teardown fills the tail after the VM stopped).
+    echo "numabox: --- kvm trace: 80 events up to the first shutdown exit, else the last 60 ---"
+    grep -B 80 -m 1 'reason shutdown' "$T/trace" || tail -n 60 "$T/trace"
+}
 
 # What scenarios may rely on (documented in README.md).
 export NUMABOX=1

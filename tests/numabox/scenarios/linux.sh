@@ -3,6 +3,7 @@
 #
 #   linux.sh STEP [verbose]
 #   STEP = boot | poweroff | reboot | checkpoint | numa-live | numa-stop-copy | numa-kernel | migrate
+#          | boot-loop (not in the suite: see below)
 #
 # Needs two extra files (run.sh arguments): the guest kernel at
 # /files/vmlinuz (the box's own Debian kernel does) and the guest initramfs
@@ -36,6 +37,10 @@
 #               the destination's console must carry on counting from where
 #               the source stopped (no reboot, uptime not back), 3 more
 #               beats ok, and numa-stat there must show the swapped nodes.
+#   boot-loop   boot, wait for the first beat, stop; again, up to
+#               $BOOT_LOOP times (20): a tool for catching the box's
+#               spontaneous triple fault (issue 9), whose KVM trace the box
+#               prints when a scenario fails (tests/numabox/init.sh).
 # "verbose" boots the guest without `quiet` (its whole boot log on the console).
 #
 # Busybox sh. Prints "linux[STEP]: ok: ..." per passed check and, on the
@@ -47,9 +52,9 @@ set -eu
 step="${1:-}"
 verbose="${2:-}"
 case "$step" in
-boot | poweroff | reboot | checkpoint | numa-live | numa-stop-copy | numa-kernel | migrate) ;;
+boot | poweroff | reboot | checkpoint | numa-live | numa-stop-copy | numa-kernel | migrate | boot-loop) ;;
 *)
-    echo "linux: usage: linux.sh boot|poweroff|reboot|checkpoint|numa-live|numa-stop-copy|numa-kernel|migrate [verbose]"
+    echo "linux: usage: linux.sh boot|poweroff|reboot|checkpoint|numa-live|numa-stop-copy|numa-kernel|migrate|boot-loop [verbose]"
     exit 2
     ;;
 esac
@@ -502,6 +507,16 @@ step_migrate() {
     up_before="$(beat_up "$mig_before")"
     con="$dst_con"
     if ! report="$("$VMHOP" migrate --name lx --to "unix:$sock" --json 2>"$errf")"; then
+        # diagnose shows the destination (the last VM started): the
+        # source's side of the story first.
+        {
+            echo "$tag: --- source console /tmp/lx.console (last 40 lines) ---"
+            tr -d '\r' </tmp/lx.console | tail -n 40
+            echo "$tag: --- source stderr $src_err ---"
+            cat "$src_err"
+            echo "$tag: --- source status ---"
+            "$VMHOP" status --name lx --json 2>&1 || true
+        } >&2
         fail "migrate: vmhop migrate failed: $(cat "$errf")"
     fi
     mig_after="$(con=/tmp/lx.console; last_beat)"
@@ -541,6 +556,16 @@ step_migrate() {
     stop_vm "stop"
 }
 
+step_boot_loop() {
+    n=0
+    while [ "$n" -lt "${BOOT_LOOP:-20}" ]; do
+        n=$((n + 1))
+        say "boot-loop: boot $n"
+        boot_vm
+        stop_vm "boot-loop $n"
+    done
+}
+
 say "kernel $kernel ($(wc -c <"$kernel" 2>/dev/null || echo missing) bytes), initrd $initrd ($(wc -c <"$initrd" 2>/dev/null || echo missing) bytes)"
 say "guest command line: $cmdline"
 case "$step" in
@@ -550,5 +575,6 @@ reboot) step_end reboot "rebooted" ;;
 checkpoint) step_checkpoint ;;
 numa-*) step_numa "${step#numa-}" ;;
 migrate) step_migrate ;;
+boot-loop) step_boot_loop ;;
 esac
 say "ok: all checks passed"

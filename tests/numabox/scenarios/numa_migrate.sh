@@ -93,21 +93,8 @@ diagnose() {
     fi
     echo "$tag: --- dmesg (last 20 lines) ---"
     dmesg 2>/dev/null | tail -n 20
-    if [ -f "$trace/trace" ]; then
-        # The exits before a shutdown, else the last events (a vCPU thread's
-        # teardown fills the tail after the VM stopped).
-        echo "$tag: --- kvm trace: 80 events up to the first shutdown exit, else the last 60 ---"
-        grep -B 80 -m 1 'reason shutdown' "$trace/trace" || tail -n 60 "$trace/trace"
-    fi
+    # The box's /init prints KVM's trace events after this (init.sh).
 }
-
-# KVM's trace events, kept in the kernel's ring buffer and printed only on
-# failure: the exits before a guest stopped by itself say what L1 KVM saw.
-trace=/sys/kernel/tracing
-if mount -t tracefs nodev "$trace" 2>/dev/null && [ -d "$trace/events/kvm" ]; then
-    echo 2048 >"$trace/buffer_size_kb" 2>/dev/null || true
-    echo 1 >"$trace/events/kvm/enable" 2>/dev/null || true
-fi
 
 cleanup() {
     rm -f "$filler"
