@@ -89,33 +89,31 @@ const BOX_FLAKES: &[&str] = &[
 /// failure: a guest triple-faults early in about one boot in ten to twenty.
 const BOX_ATTEMPTS: u32 = 3;
 
-/// QEMU's time limit for a Linux scenario: a step takes 30–70 s in the box,
-/// so a frozen box is cut short well before run.sh's default 600 s.
-const LINUX_BOX_TIMEOUT: &str = "300";
+/// QEMU's time limit for every scenario of the suite: a Linux step takes
+/// 30–70 s in the box and a builtin scenario 20–100 s, so a frozen box is
+/// cut short well before run.sh's default 600 s (a builtin scenario's box
+/// froze in a CI run on 2026-12-02 and cost the full 600 s before its
+/// second boot).
+const BOX_TIMEOUT: &str = "300";
 
 /// Boots the NUMA box with `scenario` (relative to the repository root),
 /// passing `scenario_args` to it as words, and returns the console (run.sh's
 /// stdout). Panics with the whole output unless the box reported PASS.
 fn boot(scenario: &str, scenario_args: &str) -> String {
-    boot_with_files(scenario, scenario_args, &[], None)
+    boot_with_files(scenario, scenario_args, &[])
 }
 
 /// [`boot`] with extra files for the box: each is run.sh's
 /// `FILE[:/path/in/box]` argument (`/files/<name>` without a path).
-fn boot_with_files(
-    scenario: &str,
-    scenario_args: &str,
-    extra_files: &[String],
-    timeout_s: Option<&str>,
-) -> String {
+fn boot_with_files(scenario: &str, scenario_args: &str, extra_files: &[String]) -> String {
     ensure_setup();
     let boot_once = || {
         let mut args = vec![scenario];
         args.extend(extra_files.iter().map(String::as_str));
-        let mut env = vec![("NUMABOX_SCENARIO_ARGS", scenario_args)];
-        if let Some(t) = timeout_s {
-            env.push(("NUMABOX_TIMEOUT", t));
-        }
+        let env = [
+            ("NUMABOX_SCENARIO_ARGS", scenario_args),
+            ("NUMABOX_TIMEOUT", BOX_TIMEOUT),
+        ];
         run_script("tests/numabox/run.sh", &args, &env)
     };
     let mut run = boot_once();
@@ -292,7 +290,7 @@ fn linux_scenario(step: &str, expect: &[&str]) -> String {
         format!("{}:/files/vmlinuz", kernel.display()),
         format!("{}:/files/guest.cpio.gz", guest_initrd().display()),
     ];
-    let console = boot_with_files(LINUX, step, &files, Some(LINUX_BOX_TIMEOUT));
+    let console = boot_with_files(LINUX, step, &files);
     let tag = format!("linux[{step}]");
     for line in expect.iter().copied().chain(["ok: all checks passed"]) {
         assert!(
@@ -424,12 +422,7 @@ fn numabox_linux_demo_runs_every_step() {
     ensure_setup();
     let kernel = numabox_cache().join("current/vmlinuz");
     let files = [format!("{}:/files/vmlinuz", kernel.display())];
-    let console = boot_with_files(
-        "tests/numabox/scenarios/demo_linux.sh",
-        "",
-        &files,
-        Some(LINUX_BOX_TIMEOUT),
-    );
+    let console = boot_with_files("tests/numabox/scenarios/demo_linux.sh", "", &files);
     for line in [
         "[1/5] boot the kernel",
         "guest: vmhop-guest: nodes=2",
