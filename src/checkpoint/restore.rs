@@ -21,7 +21,7 @@
 //! Each page is read once, from the file that holds its latest version
 //! (`ResolvedChain::page_map`), whatever the chain's length.
 
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -712,12 +712,8 @@ pub fn restore(
     let loaded: RefCell<Option<(Arc<ResolvedChain>, u64)>> = RefCell::new(None);
     let lazy_slot: RefCell<Option<Arc<Lazy>>> = RefCell::new(None);
     let refused: RefCell<Option<RestoreError>> = RefCell::new(None);
-    let (validate_ms, wait_ms, load_ms, uffd_ms) = (
-        Cell::new(0.0),
-        Cell::new(0.0),
-        Cell::new(0.0),
-        Cell::new(0.0),
-    );
+    // The loader fills in its phases.
+    let phases = RefCell::new(phases);
     let built = std::thread::scope(|s| {
         let validator = std::thread::Builder::new()
             .name("restore-check".into())
@@ -749,8 +745,8 @@ pub fn restore(
                     0.0,
                 )
             });
-            validate_ms.set(ms);
-            wait_ms.set(ms_since(tw));
+            phases.borrow_mut().validate_ms = ms;
+            phases.borrow_mut().wait_ms = ms_since(tw);
             let (chain, stored) = match checked {
                 Ok(c) => c,
                 Err(e) => {
@@ -764,7 +760,7 @@ pub fn restore(
             if eager {
                 let tl = Instant::now();
                 load_eager(&chain, m)?;
-                load_ms.set(ms_since(tl));
+                phases.borrow_mut().load_ms = ms_since(tl);
             } else {
                 let tu = Instant::now();
                 let (uffd, ranges) = register_uffd(m)?;
@@ -781,7 +777,7 @@ pub fn restore(
                     .spawn(move || h.handler())
                     .map_err(|e| format!("cannot start the fault handler thread: {e}"))?;
                 *lazy_slot.borrow_mut() = Some(lazy);
-                uffd_ms.set(ms_since(tu));
+                phases.borrow_mut().uffd_ms = ms_since(tu);
             }
             *loaded.borrow_mut() = Some((chain, stored));
             Ok(())
@@ -812,7 +808,7 @@ pub fn restore(
     });
     let lazy = lazy_slot.into_inner();
     // A handler started for a VM that will not exist stops polling.
-    let handler_done = lazy.as_ref().map(|l| l.clone());
+    let handler_done = lazy.clone();
     let stop_handler = || {
         if let Some(l) = &handler_done {
             l.done.store(true, Ordering::Release);
@@ -829,10 +825,7 @@ pub fn restore(
             return Err(e);
         }
     };
-    phases.validate_ms = validate_ms.get();
-    phases.wait_ms = wait_ms.get();
-    phases.load_ms = load_ms.get();
-    phases.uffd_ms = uffd_ms.get();
+    let mut phases = phases.into_inner();
     phases.vm_ms = vm_ms - phases.wait_ms - phases.load_ms - phases.uffd_ms;
     let fail = |e: RestoreError| {
         stop_handler();

@@ -220,7 +220,7 @@ pub fn boot(
 
 /// Enables kvmclock on `v` at the test addresses (see [`TEST_KVMCLOCK_ENV`]).
 fn test_kvmclock(v: &kvm_ioctls::VcpuFd) -> Result<(), String> {
-    let entries = [
+    let list = [
         (
             crate::vmm::vcpu::MSR_KVM_WALL_CLOCK_NEW,
             TEST_WALL_CLOCK_ADDR,
@@ -230,22 +230,9 @@ fn test_kvmclock(v: &kvm_ioctls::VcpuFd) -> Result<(), String> {
             crate::vmm::vcpu::MSR_KVM_SYSTEM_TIME_NEW,
             TEST_SYSTEM_TIME_ADDR | 1,
         ),
-    ]
-    .map(|(index, data)| kvm_bindings::kvm_msr_entry {
-        index,
-        data,
-        ..Default::default()
-    });
-    let msrs = kvm_bindings::Msrs::from_entries(&entries)
-        .map_err(|e| format!("kvmclock MSR list: {e:?}"))?;
-    match v.set_msrs(&msrs) {
-        Ok(n) if n == entries.len() => Ok(()),
-        Ok(n) => Err(format!(
-            "{TEST_KVMCLOCK_ENV}: KVM refused MSR {:#x}",
-            entries[n].index
-        )),
-        Err(e) => Err(format!("{TEST_KVMCLOCK_ENV}: KVM_SET_MSRS: {e}")),
-    }
+    ];
+    crate::arch::x86_64::regs::set_msr_list(v, 0, &list)
+        .map_err(|e| format!("{TEST_KVMCLOCK_ENV}: {e}"))
 }
 
 /// Writes the whole guest into `memory` and returns each vCPU's boot state.

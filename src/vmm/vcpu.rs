@@ -796,9 +796,12 @@ impl VcpuThread {
                     let at = self
                         .fd
                         .get_regs()
-                        .map(|r| match reset && r.rip == 0xfff0 {
-                            true => " (KVM reset the vCPU before reporting it, as it does on AMD: where it faulted is lost)".to_string(),
-                            false => format!(" at rip {:#x}, rflags {:#x}", r.rip, r.rflags),
+                        .map(|r| {
+                            if reset && r.rip == 0xfff0 {
+                                " (KVM reset the vCPU before reporting it, as it does on AMD: where it faulted is lost)".to_string()
+                            } else {
+                                format!(" at rip {:#x}, rflags {:#x}", r.rip, r.rflags)
+                            }
                         })
                         .unwrap_or_default();
                     return self.stopped(GuestStop::Shutdown(format!(

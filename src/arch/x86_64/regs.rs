@@ -200,6 +200,13 @@ pub fn setup_msrs(fd: &VcpuFd, id: u32) -> Result<(), String> {
         (msr::MISC_ENABLE, MISC_ENABLE_FAST_STRING),
         (msr::MTRR_DEF_TYPE, MTRR_ENABLE_WB),
     ];
+    set_msr_list(fd, id, &list)
+}
+
+/// Sets `(index, value)` MSRs of vCPU `id` in one KVM_SET_MSRS, naming the
+/// first one KVM refuses. For short fixed lists; a saved state's MSRs go
+/// through `vcpu::restore_state`, in batches.
+pub fn set_msr_list(fd: &VcpuFd, id: u32, list: &[(u32, u64)]) -> Result<(), String> {
     let entries: Vec<kvm_msr_entry> = list
         .iter()
         .map(|&(index, data)| kvm_msr_entry {
@@ -208,7 +215,7 @@ pub fn setup_msrs(fd: &VcpuFd, id: u32) -> Result<(), String> {
             ..Default::default()
         })
         .collect();
-    let msrs = Msrs::from_entries(&entries).map_err(|e| format!("boot MSR list: {e:?}"))?;
+    let msrs = Msrs::from_entries(&entries).map_err(|e| format!("MSR list: {e:?}"))?;
     let n = fd
         .set_msrs(&msrs)
         .map_err(|e| format!("KVM_SET_MSRS (vCPU {id}): {e}"))?;
