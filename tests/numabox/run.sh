@@ -21,6 +21,8 @@
 #   NUMABOX_TCG_THREAD  QEMU's TCG mode: "multi" (default, one host thread
 #                    per box CPU) or "single" (one thread runs both); for
 #                    comparing box failures, see README "A known intermittent crash"
+#   NUMABOX_QEMU     the QEMU command (words; default qemu-system-x86_64), for
+#                    trying another build: "/path/qemu-system-x86_64 -L DIR"
 #
 # The console is streamed to stdout and to the log. Exits 0 only when the
 # box printed "NUMABOX-RESULT: PASS"; 124 when the timeout fired.
@@ -56,8 +58,9 @@ log="${NUMABOX_LOG:-$repo/target/numabox-logs/$name.log}"
 modules=(irqbypass ccp kvm kvm-amd)
 tcg_thread="${NUMABOX_TCG_THREAD:-multi}"
 case "$tcg_thread" in single | multi) ;; *) die "NUMABOX_TCG_THREAD=$tcg_thread: expected single or multi" ;; esac
+read -r -a qemu <<<"${NUMABOX_QEMU:-qemu-system-x86_64}"
 
-for tool in qemu-system-x86_64 cpio gzip timeout readelf; do
+for tool in "${qemu[0]}" cpio gzip timeout readelf; do
     command -v "$tool" >/dev/null || die "$tool not found; run tests/numabox/setup.sh first"
 done
 [ -x /bin/busybox ] || die "/bin/busybox not found; run tests/numabox/setup.sh first"
@@ -178,7 +181,7 @@ start=$(date +%s)
 # no_timer_check: on a loaded host the emulated 8254 can miss the kernel's
 # early timer check, which then panics with "IO-APIC + timer doesn't work!"
 # before /init runs (seen once in 148 boots with two boxes at a time).
-timeout -k 10 "$timeout_s" qemu-system-x86_64 \
+timeout -k 10 "$timeout_s" "${qemu[@]}" \
     -accel "tcg,thread=$tcg_thread" -cpu EPYC,+svm -smp 2 -m 2G \
     -object memory-backend-ram,id=m0,size=1G \
     -object memory-backend-ram,id=m1,size=1G \
