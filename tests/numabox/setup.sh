@@ -80,9 +80,59 @@ if readelf -l /bin/busybox 2>/dev/null | grep -q 'program interpreter'; then
     die "/bin/busybox is dynamically linked; the box needs the busybox-static package"
 fi
 
-# The kernel image package linux-image-amd64 currently points at.
+# The box needs QEMU 10 or later and a box kernel from Debian 13's line
+# (6.12): with Debian 12's own QEMU 7.2 and kernel 6.1, the box's kernel
+# crashed now and then inside kvm-amd's world switch and guests
+# triple-faulted on their own (README, "A known intermittent crash"). On
+# Debian 12 both come from bookworm-backports, added as an apt source for
+# this; its default priority (100) keeps every other package on the stable
+# release.
+qemu_min_major=10
+codename="$(. /etc/os-release && echo "${VERSION_CODENAME:-}")"
+backports=""
+if [ "$codename" = bookworm ]; then
+    backports=bookworm-backports
+    bpo=/etc/apt/sources.list.d/vmhop-bookworm-backports.sources
+    if ! grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
+        note "adding $backports as an apt source ($bpo)"
+        cat >"$bpo" <<'SOURCES' || die "cannot write $bpo"
+Types: deb
+URIs: http://deb.debian.org/debian
+Suites: bookworm-backports
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+SOURCES
+        apt-get update || die "apt-get update failed"
+    fi
+fi
+# apt options that pick a package from backports (none elsewhere).
+from_backports=()
+[ -z "$backports" ] || from_backports=(-t "$backports")
+
+qemu_major() {
+    qemu-system-x86_64 --version 2>/dev/null \
+        | sed -n 's/^QEMU emulator version \([0-9]*\)\..*/\1/p'
+}
+qemu_have="$(qemu_major)"
+if [ "${qemu_have:-0}" -lt "$qemu_min_major" ]; then
+    note "installing qemu-system-x86 ${backports:+from $backports }(have: $(qemu-system-x86_64 --version 2>/dev/null | head -1))"
+    if ! DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+        "${from_backports[@]}" qemu-system-x86; then
+        apt-get update || die "apt-get update failed"
+        DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+            "${from_backports[@]}" qemu-system-x86 \
+            || die "apt-get install ${from_backports[*]} qemu-system-x86 failed"
+    fi
+    qemu_have="$(qemu_major)"
+    [ "${qemu_have:-0}" -ge "$qemu_min_major" ] \
+        || die "QEMU $qemu_min_major or later is needed; have: $(qemu-system-x86_64 --version 2>/dev/null | head -1)"
+fi
+note "$(qemu-system-x86_64 --version | head -1)"
+
+# The kernel image package linux-image-amd64 currently points at (in
+# backports on Debian 12).
 resolve_kernel_package() {
-    apt-cache depends linux-image-amd64 2>/dev/null \
+    apt-cache "${from_backports[@]}" depends linux-image-amd64 2>/dev/null \
         | awk '$1 ~ /Depends:/ && $2 ~ /^linux-image-[0-9].*-amd64$/ { print $2; exit }'
 }
 kpkg="$(resolve_kernel_package || true)"
