@@ -82,7 +82,7 @@ fi
 
 # The box needs QEMU 10 or later and a box kernel from Debian 13's line
 # (6.12): with Debian 12's own QEMU 7.2 and kernel 6.1, the box's kernel
-# crashed now and then inside kvm-amd's world switch and guests
+# crashed now and then in a thread running a KVM vCPU and guests
 # triple-faulted on their own (README, "A known intermittent crash"). On
 # Debian 12 both come from bookworm-backports, added as an apt source for
 # this; its default priority (100) keeps every other package on the stable
