@@ -85,7 +85,7 @@ fn boot_with_files(scenario: &str, scenario_args: &str, extra_files: &[String]) 
         ("NUMABOX_TIMEOUT", BOX_TIMEOUT),
     ];
     // One boot, no retry: the box's own failures (a guest triple-faulting
-    // on its own, the box kernel crashing in kvm-amd's world switch) came
+    // on its own, the box kernel crashing in a thread running a vCPU) came
     // with Debian 12's QEMU 7.2 and kernel 6.1, and none was seen with the
     // QEMU and kernel setup.sh now installs (tests/numabox/README.md).
     let run = run_script("tests/numabox/run.sh", &args, &env);
