@@ -116,13 +116,7 @@ qemu_major() {
 qemu_have="$(qemu_major)"
 if [ "${qemu_have:-0}" -lt "$qemu_min_major" ]; then
     note "installing qemu-system-x86 ${backports:+from $backports }(have: $(qemu-system-x86_64 --version 2>/dev/null | head -1))"
-    if ! DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-        "${from_backports[@]}" qemu-system-x86; then
-        apt-get update || die "apt-get update failed"
-        DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-            "${from_backports[@]}" qemu-system-x86 \
-            || die "apt-get install ${from_backports[*]} qemu-system-x86 failed"
-    fi
+    apt_install "${from_backports[@]}" qemu-system-x86
     qemu_have="$(qemu_major)"
     [ "${qemu_have:-0}" -ge "$qemu_min_major" ] \
         || die "QEMU $qemu_min_major or later is needed; have: $(qemu-system-x86_64 --version 2>/dev/null | head -1)"
