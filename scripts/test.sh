@@ -27,5 +27,16 @@ cargo test --release --no-fail-fast "$@" -- --skip numabox
 # The NUMA box runs a QEMU TCG host per test: one at a time, since two
 # emulated hosts on two cores only slow each other down.
 phase "cargo test --test numabox (the two-node host inside QEMU)"
+retries="$PWD/target/numabox-logs/platform-retries.log"
+rm -f "$retries"
 cargo test --release --no-fail-fast --test numabox "$@" -- --test-threads=1
+# A Linux guest that died while booting is booted again (tests/numabox.rs,
+# BOOT_RETRIES): say so, with each failed attempt kept in the file.
+if [ -s "$retries" ]; then
+    echo "NUMA box: boots retried after the guest died booting (QEMU's emulated SVM, tests/numabox/README.md):"
+    grep '^numabox retry:' "$retries"
+    echo "(each failed attempt's output: $retries)"
+else
+    echo "NUMA box: no boot retried"
+fi
 phase "test suite done"

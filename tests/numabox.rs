@@ -10,6 +10,7 @@
 //! makes the test fail with the scripts' own error message, because a
 //! silently skipped NUMA test would hide that placement went untested.
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::sync::OnceLock;
@@ -74,6 +75,31 @@ fn boot(scenario: &str, scenario_args: &str) -> String {
     boot_with_files(scenario, scenario_args, &[])
 }
 
+/// How a Linux guest step reports that its guest died while booting, before
+/// vmhop did anything but start it (tests/numabox/scenarios/linux.sh,
+/// `boot_vm`: the first `wait_beat`, labelled "boot").
+const DIED_BOOTING: &[&str] = &[
+    ": FAIL: boot: the guest stopped before beat 1: ",
+    ": FAIL: boot: the guest kernel panicked",
+];
+
+/// Boots after the first that a Linux guest dying while it boots may cost.
+/// QEMU's emulated SVM (the box's "CPU") sometimes resumes a guest with
+/// the box's own registers, or delivers one interrupt twice: the guest
+/// then triple-faults or panics, with vmhop not yet involved beyond
+/// `run` (tests/numabox/README.md, "The platform's own fault"). Measured
+/// in 3 of 31 fresh boxes; with two more boots the suite's ~10 Linux boots
+/// fail from it about once in a hundred runs (10 × 0.1³), and a vmhop bug
+/// that stops every boot still fails every attempt.
+const BOOT_RETRIES: usize = 2;
+
+/// Where retried boots are recorded (a `numabox retry:` line, then that
+/// attempt's whole output), for scripts/test.sh to list at the end of the
+/// suite: a retry must never pass unseen.
+fn retry_log() -> PathBuf {
+    repo_root().join("target/numabox-logs/platform-retries.log")
+}
+
 /// [`boot`] with extra files for the box: each is run.sh's
 /// `FILE[:/path/in/box]` argument (`/files/<name>` without a path).
 fn boot_with_files(scenario: &str, scenario_args: &str, extra_files: &[String]) -> String {
@@ -84,18 +110,41 @@ fn boot_with_files(scenario: &str, scenario_args: &str, extra_files: &[String]) 
         ("NUMABOX_SCENARIO_ARGS", scenario_args),
         ("NUMABOX_TIMEOUT", BOX_TIMEOUT),
     ];
-    // One boot, no retry: the box's own failures (a guest triple-faulting
-    // on its own, the box kernel crashing in a thread running a vCPU) came
-    // with Debian 12's QEMU 7.2 and kernel 6.1, and none was seen with the
-    // QEMU and kernel setup.sh now installs (tests/numabox/README.md).
-    let run = run_script("tests/numabox/run.sh", &args, &env);
-    assert!(
-        run.status.success(),
-        "tests/numabox/run.sh {scenario} (args {scenario_args:?}) failed ({}):\n{}",
-        run.status,
-        combined(&run)
-    );
-    String::from_utf8_lossy(&run.stdout).into_owned()
+    let mut failures = Vec::new();
+    loop {
+        let run = run_script("tests/numabox/run.sh", &args, &env);
+        if run.status.success() {
+            return String::from_utf8_lossy(&run.stdout).into_owned();
+        }
+        let out = combined(&run);
+        let died_booting = out
+            .lines()
+            .find(|l| DIED_BOOTING.iter().any(|p| l.contains(p)))
+            .map(str::to_owned);
+        failures.push(format!("({}):\n{out}", run.status));
+        match died_booting {
+            Some(line) if failures.len() <= BOOT_RETRIES => {
+                let note = format!(
+                    "numabox retry: {scenario} {scenario_args}: boot {} of the box failed, \
+                     booting again: {}",
+                    failures.len(),
+                    line.trim()
+                );
+                eprintln!("{note}");
+                let _ = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(retry_log())
+                    .and_then(|mut f| writeln!(f, "{note}\n{out}"));
+            }
+            _ => panic!(
+                "tests/numabox/run.sh {scenario} (args {scenario_args:?}) failed {} time(s); \
+                 each attempt:\n{}",
+                failures.len(),
+                failures.join("\n--- next attempt ---\n")
+            ),
+        }
+    }
 }
 
 #[test]

@@ -77,6 +77,22 @@ kvm_trace() {
     # teardown fills the tail after the VM stopped).
     echo "numabox: --- kvm trace: 80 events up to the first shutdown exit, else the last 60 ---"
     grep -B 80 -m 1 'reason shutdown' "$T/trace" || tail -n 60 "$T/trace"
+    shutdown_rip="$(grep -m 1 'reason shutdown' "$T/trace" | sed -n 's/.* reason shutdown rip \(0x[0-9a-f]*\) .*/\1/p')"
+    [ -n "$shutdown_rip" ] && box_module_at "$shutdown_rip"
+}
+
+# box_module_at RIP: if RIP lies in one of the box's own modules (a guest
+# never runs the box's code), says so: the platform's fault, not vmhop's
+# (tests/numabox/README.md, "The platform's own fault"). Busybox arithmetic
+# is 64-bit and wraps kernel addresses to negative numbers, in order.
+box_module_at() {
+    r=$(($1))
+    while read -r name size _ _ _ addr _; do
+        a=$((addr))
+        if [ "$a" -ne 0 ] && [ "$r" -ge "$a" ] && [ "$r" -lt $((a + size)) ]; then
+            echo "numabox: PLATFORM FAULT: the guest's vCPU stopped at $1, inside the box's own module $name: the emulated CPU resumed the guest with the box's registers"
+        fi
+    done </proc/modules
 }
 
 # What scenarios may rely on (documented in README.md).
