@@ -30,10 +30,11 @@ phase "cargo test --test numabox (the two-node host inside QEMU)"
 retries="$PWD/target/numabox-logs/platform-retries.log"
 rm -f "$retries"
 cargo test --release --no-fail-fast --test numabox "$@" -- --test-threads=1
-# A Linux guest that died while booting is booted again (tests/numabox.rs,
+# A box that failed the platform's way (its kernel crashed or froze, or a
+# Linux guest died while booting) is booted again (tests/numabox.rs,
 # BOOT_RETRIES): say so, with each failed attempt kept in the file.
 if [ -s "$retries" ]; then
-    echo "NUMA box: boots retried after the guest died booting (QEMU's emulated SVM, tests/numabox/README.md):"
+    echo "NUMA box: boots retried after a platform failure (QEMU's emulated SVM, tests/numabox/README.md):"
     grep '^numabox retry:' "$retries"
     echo "(each failed attempt's output: $retries)"
 else

@@ -75,22 +75,27 @@ fn boot(scenario: &str, scenario_args: &str) -> String {
     boot_with_files(scenario, scenario_args, &[])
 }
 
-/// How a Linux guest step reports that its guest died while booting, before
-/// vmhop did anything but start it (tests/numabox/scenarios/linux.sh,
-/// `boot_vm`: the first `wait_beat`, labelled "boot").
-const DIED_BOOTING: &[&str] = &[
+/// How a failed box says the platform failed, not vmhop: run.sh's marker
+/// for a box whose own kernel crashed, froze or reset (no result line: a
+/// user-space VMM cannot do that to a kernel), and a Linux step's report
+/// that its guest died while booting, before vmhop did anything but start
+/// it (tests/numabox/scenarios/linux.sh, `boot_vm`: the first `wait_beat`,
+/// labelled "boot").
+const PLATFORM_FAILED: &[&str] = &[
+    "numabox run: BOX DIED (",
     ": FAIL: boot: the guest stopped before beat 1: ",
     ": FAIL: boot: the guest kernel panicked",
 ];
 
-/// Boots after the first that a Linux guest dying while it boots may cost.
-/// QEMU's emulated SVM (the box's "CPU") sometimes resumes a guest with
-/// the box's own registers, or delivers one interrupt twice: the guest
-/// then triple-faults or panics, with vmhop not yet involved beyond
-/// `run` (tests/numabox/README.md, "The platform's own fault"). Measured
-/// in 3 of 31 fresh boxes; with two more boots the suite's ~10 Linux boots
-/// fail from it about once in a hundred runs (10 × 0.1³), and a vmhop bug
-/// that stops every boot still fails every attempt.
+/// Boots after the first that a platform failure may cost. QEMU's emulated
+/// SVM (the box's "CPU") sometimes resumes a guest with the box's own
+/// registers or delivers one interrupt twice, so that a booting guest
+/// triple-faults or panics, and sometimes crashes or freezes the box's own
+/// kernel (tests/numabox/README.md, "The platform's own fault"). Seen in
+/// 3 of 31 fresh Linux boxes, and in 3 of the 30 box tests of the last two
+/// CI runs; with two more boots a suite fails from it about once in a
+/// hundred runs or less, and a vmhop bug that fails every boot still fails
+/// every attempt.
 const BOOT_RETRIES: usize = 2;
 
 /// Where retried boots are recorded (a `numabox retry:` line, then that
@@ -117,12 +122,12 @@ fn boot_with_files(scenario: &str, scenario_args: &str, extra_files: &[String]) 
             return String::from_utf8_lossy(&run.stdout).into_owned();
         }
         let out = combined(&run);
-        let died_booting = out
+        let platform = out
             .lines()
-            .find(|l| DIED_BOOTING.iter().any(|p| l.contains(p)))
+            .find(|l| PLATFORM_FAILED.iter().any(|p| l.contains(p)))
             .map(str::to_owned);
         failures.push(format!("({}):\n{out}", run.status));
-        match died_booting {
+        match platform {
             Some(line) if failures.len() <= BOOT_RETRIES => {
                 let note = format!(
                     "numabox retry: {scenario} {scenario_args}: boot {} of the box failed, \

@@ -199,6 +199,24 @@ timeout -k 10 "$timeout_s" "${qemu[@]}" \
 qemu_pid=$!
 tail -s 0.2 -n +1 -f --pid="$qemu_pid" "$log" &
 tail_pid=$!
+# A box whose kernel reports an RCU stall has frozen (the platform's fault,
+# README.md "The platform's own fault"): stop it now rather than at the
+# timeout, minutes later.
+stalled="$work/box-stalled"
+(
+    while kill -0 "$qemu_pid" 2>/dev/null; do
+        # The box's own kernel messages start the line ("[  30.36] rcu: ...");
+        # scenarios print a guest's behind "guest| ".
+        if grep -q '^\[ *[0-9.]*\] rcu: INFO: rcu_[a-z]* detected stalls' "$log" 2>/dev/null; then
+            : >"$stalled"
+            sleep 5 # the rest of the stall report
+            kill "$qemu_pid" 2>/dev/null
+            break
+        fi
+        sleep 2
+    done
+) &
+watch_pid=$!
 set +e
 wait "$qemu_pid"
 qemu_rc=$?
@@ -206,17 +224,29 @@ set -e
 qemu_pid=""
 wait "$tail_pid" 2>/dev/null || true
 tail_pid=""
+kill "$watch_pid" 2>/dev/null || true
+wait "$watch_pid" 2>/dev/null || true
 elapsed=$(($(date +%s) - start))
 
 # Unanchored at the start (console escapes or a kernel message may share
 # the line) but anchored at the end, so a scenario that prints /init's
 # source does not count as a result.
 result="$(tr -d '\r' <"$log" | grep -oE 'NUMABOX-RESULT: (PASS|FAIL \(exit [0-9]+\))$' | tail -n 1 || true)"
+# No result line: the box's kernel crashed (panic=-1 ends QEMU), froze or
+# reset, before the scenario could say anything. A user-space VMM cannot
+# do that to a kernel; tests/numabox.rs boots again on this marker.
+died="BOX DIED (no NUMABOX-RESULT line: the box's kernel crashed or froze, the platform's fault, see tests/numabox/README.md)"
+if [ -f "$stalled" ] && [ -z "$result" ]; then
+    note "$died: the box kernel reported an RCU stall; QEMU stopped after ${elapsed}s; log $log"
+    exit 1
+fi
 if [ "$qemu_rc" -eq 124 ] || [ "$qemu_rc" -eq 137 ]; then
+    [ -n "$result" ] || note "$died"
     note "TIMEOUT: QEMU killed after ${timeout_s}s (${result:-no result line}); log $log"
     exit 124
 fi
 if [ "$qemu_rc" -ne 0 ]; then
+    [ -n "$result" ] || note "$died"
     note "FAIL: QEMU exited with status $qemu_rc after ${elapsed}s (${result:-no result line}); log $log"
     exit 1
 fi
@@ -226,6 +256,7 @@ case "$result" in
         exit 0
         ;;
     "")
+        note "$died"
         note "FAIL: the box printed no NUMABOX-RESULT line (${elapsed}s); log $log"
         exit 1
         ;;

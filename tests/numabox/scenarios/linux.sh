@@ -106,8 +106,10 @@ fail() {
 
 diagnose() {
     if [ -n "$con" ] && [ -f "$con" ]; then
+        # "guest| " keeps the guest's kernel messages apart from the box's
+        # own on the box console (run.sh watches the latter for RCU stalls).
         echo "$tag: --- guest console $con (last 40 lines) ---"
-        tr -d '\r' <"$con" | tail -n 40
+        tr -d '\r' <"$con" | tail -n 40 | sed 's/^/guest| /'
     fi
     for f in "$out" "$err"; do
         if [ -n "$f" ] && [ -s "$f" ]; then
@@ -511,7 +513,7 @@ step_migrate() {
         # source's side of the story first.
         {
             echo "$tag: --- source console /tmp/lx.console (last 40 lines) ---"
-            tr -d '\r' </tmp/lx.console | tail -n 40
+            tr -d '\r' </tmp/lx.console | tail -n 40 | sed 's/^/guest| /'
             echo "$tag: --- source stderr $src_err ---"
             cat "$src_err"
             echo "$tag: --- source status ---"
