@@ -20,7 +20,7 @@
 #   NUMABOX_KEEP=1   keep the work folder (initramfs staging) for debugging
 #   NUMABOX_TCG_THREAD  QEMU's TCG mode: "multi" (default, one host thread
 #                    per box CPU) or "single" (one thread runs both); for
-#                    comparing box failures, see README "A known intermittent crash"
+#                    comparing box failures, see README "The platform's own fault"
 #   NUMABOX_QEMU     the QEMU command (words; default qemu-system-x86_64), for
 #                    trying another build: "/path/qemu-system-x86_64 -L DIR"
 #
