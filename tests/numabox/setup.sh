@@ -81,10 +81,10 @@ if readelf -l /bin/busybox 2>/dev/null | grep -q 'program interpreter'; then
 fi
 
 # The box takes QEMU 10 or later and a box kernel from Debian 13's line
-# (6.12): with Debian 12's own QEMU 7.2 and kernel 6.1, the box's kernel
-# crashed more often in a thread running a KVM vCPU and guests
-# triple-faulted on their own; both still happen now and then (README,
-# "The platform's own fault"), and faster boots come with it. On
+# (6.12), for faster boots. With Debian 12's own QEMU 7.2 and kernel 6.1
+# the box's kernel crashed now and then in a thread running a KVM vCPU and
+# guests triple-faulted on their own; on 6.12 both still happen (README,
+# "The platform's own fault"). On
 # Debian 12 both come from bookworm-backports, added as an apt source for
 # this; its default priority (100) keeps every other package on the stable
 # release.
