@@ -236,17 +236,18 @@ result="$(tr -d '\r' <"$log" | grep -oE 'NUMABOX-RESULT: (PASS|FAIL \(exit [0-9]
 # reset, before the scenario could say anything. A user-space VMM cannot
 # do that to a kernel; tests/numabox.rs boots again on this marker.
 died="BOX DIED (no NUMABOX-RESULT line: the box's kernel crashed or froze, the platform's fault, see tests/numabox/README.md)"
-if [ -f "$stalled" ] && [ -z "$result" ]; then
-    note "$died: the box kernel reported an RCU stall; QEMU stopped after ${elapsed}s; log $log"
-    exit 1
+if [ -z "$result" ]; then
+    if [ -f "$stalled" ]; then
+        note "$died: the box kernel reported an RCU stall; QEMU stopped after ${elapsed}s; log $log"
+        exit 1
+    fi
+    note "$died"
 fi
 if [ "$qemu_rc" -eq 124 ] || [ "$qemu_rc" -eq 137 ]; then
-    [ -n "$result" ] || note "$died"
     note "TIMEOUT: QEMU killed after ${timeout_s}s (${result:-no result line}); log $log"
     exit 124
 fi
 if [ "$qemu_rc" -ne 0 ]; then
-    [ -n "$result" ] || note "$died"
     note "FAIL: QEMU exited with status $qemu_rc after ${elapsed}s (${result:-no result line}); log $log"
     exit 1
 fi
@@ -256,7 +257,6 @@ case "$result" in
         exit 0
         ;;
     "")
-        note "$died"
         note "FAIL: the box printed no NUMABOX-RESULT line (${elapsed}s); log $log"
         exit 1
         ;;
