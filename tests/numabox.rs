@@ -92,9 +92,9 @@ const PLATFORM_FAILED: &[&str] = &[
 /// registers or delivers one interrupt twice, so that a booting guest
 /// triple-faults or panics, and sometimes crashes or freezes the box's own
 /// kernel (tests/numabox/README.md, "The platform's own fault"). Seen in
-/// 3 of 31 fresh Linux boxes, and in 3 of the 30 box tests of the last two
-/// CI runs; with two more boots a suite fails from it about once in a
-/// hundred runs or less, and a vmhop bug that fails every boot still fails
+/// 3 of 31 fresh Linux boxes, and in 4 of the 45 box tests of three CI
+/// runs (2 Dec 2026); with two more boots a suite fails from it about once
+/// in a hundred runs or less, and a vmhop bug that fails every boot still fails
 /// every attempt.
 const BOOT_RETRIES: usize = 2;
 
