@@ -24,7 +24,7 @@
 use std::cell::RefCell;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -38,6 +38,23 @@ use crate::vmm::{CheckpointRef, Start, Vm, VmConfig, VmState};
 
 /// Largest run of pages read with one pread.
 const MAX_RUN_PAGES: usize = 256;
+/// Pages of a block: the unit a fault is served in, and that the fault
+/// handler and the loaders claim so that no page is read twice.
+const BLOCK_PAGES: usize = 16;
+const BLOCK_BYTES: u64 = (BLOCK_PAGES * PAGE_SIZE) as u64;
+/// Most blocks one fault is served with: faults that follow each other
+/// through memory double the blocks served each time, up to this.
+const MAX_FAULT_BLOCKS: usize = 16;
+/// Set in a block's owner once its loader has loaded it.
+const LOADED: u8 = 0x80;
+/// Longest the fault handler waits for a loader to finish a block.
+const LOADER_WAIT: Duration = Duration::from_millis(20);
+/// Runs in one part of the background load (see `Lazy::background`).
+const PART_RUNS: usize = 16;
+/// Owner of an unclaimed block.
+const UNCLAIMED: u8 = 0;
+/// Owner of a block the fault handler serves; loader k owns with `k + 2`.
+const HANDLER: u8 = 1;
 /// How often the fault handler looks whether loading has finished.
 const HANDLER_POLL: Duration = Duration::from_millis(50);
 
@@ -278,7 +295,7 @@ pub fn open(dir: &Path, id: Option<u32>) -> Result<Opened, RestoreError> {
 /// Pages with data (gpa, reader, entry), sorted by gpa: each page's latest
 /// version, zero pages left out.
 fn data_pages(chain: &ResolvedChain) -> Vec<(u64, usize, IndexEntry)> {
-    chain.page_map().into_iter().filter(|p| !p.2.zero).collect()
+    chain.data_pages()
 }
 
 /// Runs of `pages` that are consecutive in guest memory, come from the same
@@ -358,6 +375,13 @@ fn load_eager(chain: &ResolvedChain, memory: &GuestMemory) -> Result<(), String>
     })
 }
 
+/// Where the fault handler's last serve ended and how many blocks it had,
+/// to tell a sweep through memory from scattered faults.
+struct Readahead {
+    next: u64,
+    blocks: usize,
+}
+
 /// Shared state of a lazy load.
 struct Lazy {
     uffd: Uffd,
@@ -366,6 +390,13 @@ struct Lazy {
     ranges: Ranges,
     done: AtomicBool,
     failure: Mutex<Option<String>>,
+    /// Who loads each `BLOCK_BYTES` block of guest-physical memory: a
+    /// block is claimed whole, by a loader or by the fault handler, which
+    /// then makes every page of it present that has data.
+    claims: Vec<AtomicU8>,
+    /// Held by the fault handler while it serves a fault: once the loaders
+    /// are done, taking it means every block the handler claimed is full.
+    serving: Mutex<()>,
 }
 
 // SAFETY: Uffd is a file descriptor; the raw addresses in `ranges` are plain
@@ -375,13 +406,6 @@ unsafe impl Send for Lazy {}
 unsafe impl Sync for Lazy {}
 
 impl Lazy {
-    fn gpa_of(&self, host: usize) -> Option<u64> {
-        self.ranges
-            .iter()
-            .find(|(h, _, l)| host >= *h && host < h + l)
-            .map(|(h, g, _)| g + (host - h) as u64)
-    }
-
     fn host_of(&self, gpa: u64) -> Option<usize> {
         self.ranges
             .iter()
@@ -396,13 +420,10 @@ impl Lazy {
             .get_or_insert(msg);
     }
 
-    /// Serves one page fault at host address `addr`.
-    fn serve(&self, addr: usize, buf: &mut [u8]) {
-        let page = addr & !(PAGE_SIZE - 1);
-        let Some(gpa) = self.gpa_of(page) else { return };
-        // The newest file holding the page has its latest version.
-        let found = self
-            .chain
+    /// The newest file holding `gpa` and its entry there (that page's
+    /// latest version), or None if no file stores it.
+    fn latest(&self, gpa: u64) -> Option<(usize, IndexEntry)> {
+        self.chain
             .readers
             .iter()
             .enumerate()
@@ -412,54 +433,221 @@ impl Lazy {
                 idx.binary_search_by_key(&gpa, |e| e.gpa)
                     .ok()
                     .map(|i| (r, idx[i]))
-            });
-        let r = match found {
-            Some((_, e)) if e.zero => {
-                // SAFETY: `page` is a registered, page-aligned guest page.
-                unsafe { self.uffd.zeropage(page as *mut _, PAGE_SIZE, true) }.map(|_| ())
-            }
-            Some((r, e)) => match self.chain.readers[r].read_page(&e, buf) {
-                // SAFETY: `page` is a registered, page-aligned guest page and
-                // buf holds PAGE_SIZE bytes.
-                Ok(()) => unsafe {
-                    self.uffd
-                        .copy(buf.as_ptr() as *const _, page as *mut _, PAGE_SIZE, true)
-                }
-                .map(|_| ()),
-                Err(err) => {
-                    self.fail(format!("lazy restore: {err}"));
-                    // SAFETY: as above; zeros unblock the vCPU, which the
-                    // loader stops at once because of the failure.
-                    unsafe { self.uffd.zeropage(page as *mut _, PAGE_SIZE, true) }.map(|_| ())
-                }
-            },
-            // SAFETY: as above.
-            None => unsafe { self.uffd.zeropage(page as *mut _, PAGE_SIZE, true) }.map(|_| ()),
+            })
+    }
+
+    /// Claims the block holding `gpa` for `who`: true if it was unclaimed,
+    /// or a loader's own already.
+    fn claim(&self, gpa: u64, who: u8) -> bool {
+        let Some(c) = self.claims.get((gpa / BLOCK_BYTES) as usize) else {
+            return false;
         };
-        if let Err(e) = r {
-            // EEXIST: the background pass got there first; wake the waiter.
-            if !is_exists(&e) {
-                self.fail(format!(
-                    "lazy restore: resolving the fault at guest {gpa:#x} failed: {e}"
-                ));
-            }
-            let _ = self.uffd.wake(page as *mut _, PAGE_SIZE);
+        match c.compare_exchange(UNCLAIMED, who, Ordering::AcqRel, Ordering::Acquire) {
+            Ok(_) => true,
+            Err(owner) => owner & !LOADED == who && who != HANDLER,
         }
     }
 
+    /// Marks the block holding `gpa` loaded by the loader that claimed it.
+    fn loaded(&self, gpa: u64) {
+        if let Some(c) = self.claims.get((gpa / BLOCK_BYTES) as usize) {
+            c.fetch_or(LOADED, Ordering::AcqRel);
+        }
+    }
+
+    /// Waits (a block's load takes tens of microseconds) until the loader
+    /// that claimed the block holding `gpa` has loaded it, so that a fault
+    /// there costs no read of its own; gives up after `LOADER_WAIT`.
+    fn wait_for_loader(&self, gpa: u64) {
+        let Some(c) = self.claims.get((gpa / BLOCK_BYTES) as usize) else {
+            return;
+        };
+        let t = Instant::now();
+        loop {
+            let owner = c.load(Ordering::Acquire);
+            if owner & LOADED != 0 || owner <= HANDLER || self.failed() || t.elapsed() > LOADER_WAIT
+            {
+                return;
+            }
+            std::thread::yield_now();
+        }
+    }
+
+    /// Serves the page fault at host address `addr`: the whole block around
+    /// it if no loader has claimed that block, else the page alone. A fault
+    /// just past the blocks the last one was served with is taken for a
+    /// sweep through memory (a guest, or a host thread, reading it all),
+    /// and served with twice as many blocks as the last, up to
+    /// `MAX_FAULT_BLOCKS`, as far as they are unclaimed. Pages already
+    /// present are skipped.
+    fn serve(&self, addr: usize, buf: &mut [u8], ahead: &mut Readahead) {
+        let _serving = self.serving.lock().unwrap_or_else(|e| e.into_inner());
+        let page = addr & !(PAGE_SIZE - 1);
+        let Some(&(host, start, len)) = self
+            .ranges
+            .iter()
+            .find(|(h, _, l)| page >= *h && page < h + l)
+        else {
+            return;
+        };
+        let gpa = start + (page - host) as u64;
+        let end = start + len as u64;
+        let (from, to) = if self.claim(gpa, HANDLER) {
+            let sweep =
+                gpa >= ahead.next && gpa - ahead.next < BLOCK_BYTES * MAX_FAULT_BLOCKS as u64;
+            let want = if sweep {
+                (ahead.blocks * 2).min(MAX_FAULT_BLOCKS)
+            } else {
+                1
+            };
+            let b = gpa - gpa % BLOCK_BYTES;
+            let mut to = (b + BLOCK_BYTES).min(end);
+            let mut got = 1;
+            while got < want && to < end && self.claim(to, HANDLER) {
+                to = (to + BLOCK_BYTES).min(end);
+                got += 1;
+            }
+            ahead.blocks = got;
+            (b.max(start), to)
+        } else {
+            // Most often a loader is loading this block right now.
+            self.wait_for_loader(gpa);
+            (gpa, gpa + PAGE_SIZE as u64)
+        };
+        ahead.next = to;
+        if let Err(err) = self.fill(from, to, buf) {
+            self.fail(err);
+            // SAFETY: `page` is a registered, page-aligned guest page; zeros
+            // unblock the vCPU, which the loader stops at once because of
+            // the failure. EEXIST: it is there already.
+            let _ = unsafe { self.uffd.zeropage(page as *mut _, PAGE_SIZE, true) };
+        }
+        // The faulting page may have been loaded by someone else meanwhile,
+        // and a copy skipping it wakes nobody.
+        let _ = self.uffd.wake(page as *mut _, PAGE_SIZE);
+    }
+
+    /// Makes the pages of guest [from, to) (in one registered chunk, at
+    /// most `buf` long) present: each page's latest version, the zero page
+    /// where no file has data. Pages already present are left alone.
+    fn fill(&self, from: u64, to: u64, buf: &mut [u8]) -> Result<(), String> {
+        let n = ((to - from) as usize / PAGE_SIZE).min(buf.len() / PAGE_SIZE);
+        let found: Vec<Option<(usize, IndexEntry)>> = (0..n)
+            .map(|k| {
+                self.latest(from + (k * PAGE_SIZE) as u64)
+                    .filter(|(_, e)| !e.zero)
+            })
+            .collect();
+        let mut i = 0;
+        while i < n {
+            let data = found[i].is_some();
+            let j = i + found[i..]
+                .iter()
+                .take_while(|f| f.is_some() == data)
+                .count();
+            let gpa = from + (i * PAGE_SIZE) as u64;
+            let len = (j - i) * PAGE_SIZE;
+            if data {
+                let block: Vec<(usize, IndexEntry)> =
+                    found[i..j].iter().flatten().copied().collect();
+                let out = &mut buf[..len];
+                self.read_block(&block, out)
+                    .map_err(|e| format!("lazy restore: {e}"))?;
+                let dst = self
+                    .host_of(gpa)
+                    .ok_or_else(|| format!("lazy restore: guest {gpa:#x} is not registered"))?;
+                self.copy_missing(out, dst).map_err(|e| {
+                    format!("lazy restore: resolving the fault at guest {gpa:#x} failed: {e}")
+                })?;
+            } else if !self.zero_fill((gpa, len as u64)) {
+                return Err(self.failure_text());
+            }
+            i = j;
+        }
+        Ok(())
+    }
+
+    /// Reads the pages of `block` (consecutive in guest memory, possibly
+    /// from several files) into `out`, checking each crc.
+    fn read_block(
+        &self,
+        block: &[(usize, IndexEntry)],
+        out: &mut [u8],
+    ) -> Result<(), super::format::FormatError> {
+        let mut i = 0;
+        while i < block.len() {
+            let r = block[i].0;
+            let j = i + block[i..].iter().take_while(|(rr, _)| *rr == r).count();
+            let entries: Vec<IndexEntry> = block[i..j].iter().map(|b| b.1).collect();
+            self.chain.readers[r].read_pages(&entries, &mut out[i * PAGE_SIZE..j * PAGE_SIZE])?;
+            i = j;
+        }
+        Ok(())
+    }
+
+    /// Copies `src` into guest memory at host address `dst` (page-aligned,
+    /// inside one registered chunk), skipping the pages already present: a
+    /// first touch or another loader got there first, and what is there
+    /// now may already hold the guest's writes.
+    fn copy_missing(&self, src: &[u8], dst: usize) -> Result<(), userfaultfd::Error> {
+        let mut off = 0;
+        let mut retries = 0;
+        while off < src.len() {
+            let rest = src.len() - off;
+            // SAFETY: [dst+off, dst+len) lies in one registered chunk and is
+            // page-aligned; src holds `rest` bytes from `off`.
+            let r = unsafe {
+                self.uffd.copy(
+                    src[off..].as_ptr() as *const _,
+                    (dst + off) as *mut _,
+                    rest,
+                    true,
+                )
+            };
+            match r {
+                Ok(_) => return Ok(()),
+                // Copied up to an existing page.
+                Err(userfaultfd::Error::PartiallyCopied(n))
+                    if n > 0 && n < rest && n.is_multiple_of(PAGE_SIZE) =>
+                {
+                    off += n
+                }
+                Err(e) if is_exists(&e) => off += PAGE_SIZE,
+                // EAGAIN with nothing copied: the address space was changing.
+                Err(userfaultfd::Error::PartiallyCopied(_)) if retries < 100 => {
+                    retries += 1;
+                    std::thread::yield_now();
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
     fn handler(self: Arc<Self>) {
-        let mut buf = vec![0u8; PAGE_SIZE];
+        let mut buf = vec![0u8; MAX_FAULT_BLOCKS * BLOCK_PAGES * PAGE_SIZE];
+        let mut ahead = Readahead { next: 0, blocks: 0 };
         let fd = self.uffd.as_raw_fd();
         while !self.done.load(Ordering::Acquire) {
             if !crate::util::wait_readable(fd, HANDLER_POLL) {
                 continue;
             }
             match self.uffd.read_event() {
-                Ok(Some(Event::Pagefault { addr, .. })) => self.serve(addr as usize, &mut buf),
+                Ok(Some(Event::Pagefault { addr, .. })) => {
+                    self.serve(addr as usize, &mut buf, &mut ahead)
+                }
                 Ok(_) => {}
                 Err(_) => {}
             }
         }
+    }
+
+    fn failure_text(&self) -> String {
+        self.failure
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .unwrap_or_default()
     }
 
     fn failed(&self) -> bool {
@@ -471,9 +659,11 @@ impl Lazy {
 
     /// Loads every page the guest has not touched yet and maps the zero
     /// page into every hole no file stores a page for, so that no later
-    /// first touch waits for the handler. `threads` workers each take a
-    /// contiguous share of the runs (and the holes among them), each in
-    /// guest-physical order.
+    /// first touch waits for the handler. The runs are cut into parts of
+    /// `PART_RUNS` runs (and the holes among them), which `threads` workers
+    /// take in guest-physical order, each as soon as it is free: the loaders
+    /// sweep memory side by side, from its start, and none idles while
+    /// another still has a long share.
     fn background(
         &self,
         pages: &[(u64, usize, IndexEntry)],
@@ -481,105 +671,110 @@ impl Lazy {
         threads: usize,
     ) {
         let holes = holes(pages, &self.ranges);
-        let per = memory_runs.len().div_ceil(threads.max(1)).max(1);
-        let parts: Vec<&[(usize, usize)]> = memory_runs.chunks(per).collect();
+        let mut parts =
+            block_aligned_parts(pages, memory_runs, memory_runs.len().div_ceil(PART_RUNS));
+        if parts.is_empty() {
+            parts.push(&[]);
+        }
         // Part k owns the holes from its first run's gpa (0 for the first
         // part) up to the next part's first run.
         let bounds: Vec<u64> = (0..parts.len())
             .map(|k| if k == 0 { 0 } else { pages[parts[k][0].0].0 })
             .chain(std::iter::once(u64::MAX))
             .collect();
-        let holes = &holes;
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let (holes, parts, bounds, next) = (&holes, &parts, &bounds, &next);
+        let worker = move |who: u8| loop {
+            let k = next.fetch_add(1, Ordering::Relaxed);
+            let Some(part) = parts.get(k) else { break };
+            let lo = holes.partition_point(|h| h.0 < bounds[k]);
+            let hi = holes.partition_point(|h| h.0 < bounds[k + 1]);
+            if self.failed() || !self.load_part(pages, part, &holes[lo..hi], who) {
+                break;
+            }
+        };
         std::thread::scope(|s| {
-            for (k, part) in parts.iter().enumerate() {
-                let (from, to) = (bounds[k], bounds[k + 1]);
-                let lo = holes.partition_point(|h| h.0 < from);
-                let hi = holes.partition_point(|h| h.0 < to);
-                let mine = &holes[lo..hi];
-                let work = move || self.load_part(pages, part, mine);
-                if k + 1 == parts.len() {
-                    work();
-                } else if std::thread::Builder::new()
+            for t in 1..threads.clamp(1, parts.len()) {
+                let who = HANDLER + 1 + t as u8;
+                // Without a thread, the others take its share.
+                let _ = std::thread::Builder::new()
                     .name("lazy-load".into())
-                    .spawn_scoped(s, work)
-                    .is_err()
-                {
-                    // No thread: do its share here.
-                    self.load_part(pages, part, mine);
-                }
+                    .spawn_scoped(s, move || worker(who));
             }
-            if parts.is_empty() {
-                self.load_part(pages, &[], holes);
-            }
+            worker(HANDLER + 1);
         });
     }
 
     /// Loads the runs `memory_runs` of `pages` and zero-fills `holes`, in
-    /// guest-physical order.
+    /// guest-physical order, as loader `who`: the pages of blocks the fault
+    /// handler claimed first are its to load, and skipped.
     fn load_part(
         &self,
         pages: &[(u64, usize, IndexEntry)],
         memory_runs: &[(usize, usize)],
         holes: &[(u64, u64)],
-    ) {
-        let mut buf = vec![0u8; MAX_RUN_PAGES * PAGE_SIZE];
+        who: u8,
+    ) -> bool {
+        let mut buf = vec![0u8; BLOCK_PAGES * PAGE_SIZE];
         let mut h = 0;
         for &(i, n) in memory_runs {
             if self.failed() {
-                return;
+                return false;
             }
-            let run = &pages[i..i + n];
-            let (gpa, r, _) = run[0];
+            let gpa = pages[i].0;
             while h < holes.len() && holes[h].0 < gpa {
                 if !self.zero_fill(holes[h]) {
-                    return;
+                    return false;
                 }
                 h += 1;
             }
-            let len = n * PAGE_SIZE;
-            let Some(dst) = self.host_of(gpa) else {
-                continue;
-            };
-            if let Err(e) = self.chain.readers[r].read_pages(&entries(run), &mut buf[..len]) {
-                self.fail(format!("lazy restore: {e}"));
-                return;
-            }
-            // SAFETY: [dst, dst+len) lies in one registered chunk; buf holds len bytes.
-            let whole = unsafe {
-                self.uffd
-                    .copy(buf.as_ptr() as *const _, dst as *mut _, len, true)
-            };
-            if whole.map(|c| c == len).unwrap_or(false) {
-                continue;
-            }
-            // Some pages were faulted in meanwhile: copy page by page.
-            for p in 0..n {
-                let off = p * PAGE_SIZE;
-                // SAFETY: as above, one page of the run.
-                let r = unsafe {
-                    self.uffd.copy(
-                        buf[off..].as_ptr() as *const _,
-                        (dst + off) as *mut _,
-                        PAGE_SIZE,
-                        true,
-                    )
-                };
-                if let Err(e) = r {
-                    if !is_exists(&e) {
-                        self.fail(format!(
-                            "lazy restore: loading guest {:#x} failed: {e}",
-                            gpa + off as u64
-                        ));
-                        return;
+            // Block by block, each claimed just before it is loaded: the
+            // handler serves whole blocks to a toucher that overtakes this
+            // loader, instead of a page at a time.
+            let mut k = i;
+            while k < i + n {
+                let block = pages[k].0 / BLOCK_BYTES;
+                let next = k + pages[k..i + n]
+                    .iter()
+                    .take_while(|p| p.0 / BLOCK_BYTES == block)
+                    .count();
+                if self.claim(pages[k].0, who) {
+                    if !self.load(&pages[k..next], &mut buf) {
+                        return false;
                     }
+                    self.loaded(pages[k].0);
                 }
+                k = next;
             }
         }
         for &hole in &holes[h..] {
             if self.failed() || !self.zero_fill(hole) {
-                return;
+                return false;
             }
         }
+        true
+    }
+
+    /// Reads `run` (pages consecutive in guest memory, in one chunk, from
+    /// one file) and copies the pages not yet present into guest memory;
+    /// false (and the failure recorded) if that failed.
+    fn load(&self, run: &[(u64, usize, IndexEntry)], buf: &mut [u8]) -> bool {
+        let Some(&(gpa, r, _)) = run.first() else {
+            return true;
+        };
+        let len = run.len() * PAGE_SIZE;
+        let Some(dst) = self.host_of(gpa) else {
+            return true;
+        };
+        if let Err(e) = self.chain.readers[r].read_pages(&entries(run), &mut buf[..len]) {
+            self.fail(format!("lazy restore: {e}"));
+            return false;
+        }
+        if let Err(e) = self.copy_missing(&buf[..len], dst) {
+            self.fail(format!("lazy restore: loading guest {gpa:#x} failed: {e}"));
+            return false;
+        }
+        true
     }
 
     /// Maps the zero page into the hole (gpa, len) of one registered chunk,
@@ -639,6 +834,33 @@ fn holes(pages: &[(u64, usize, IndexEntry)], ranges: &Ranges) -> Vec<(u64, u64)>
     out
 }
 
+/// `memory_runs` cut into at most `count` consecutive parts of about as
+/// many runs, each starting with a new block: a block's pages then belong
+/// to one part, whose loader loads all of them once it claims the block.
+fn block_aligned_parts<'a>(
+    pages: &[(u64, usize, IndexEntry)],
+    memory_runs: &'a [(usize, usize)],
+    count: usize,
+) -> Vec<&'a [(usize, usize)]> {
+    let per = memory_runs.len().div_ceil(count.max(1)).max(1);
+    let mut parts = Vec::new();
+    let mut start = 0;
+    while start < memory_runs.len() {
+        let mut end = (start + per).min(memory_runs.len());
+        while end < memory_runs.len() {
+            let (i, n) = memory_runs[end - 1];
+            let last_block = pages[i + n - 1].0 / BLOCK_BYTES;
+            if pages[memory_runs[end].0].0 / BLOCK_BYTES != last_block {
+                break;
+            }
+            end += 1;
+        }
+        parts.push(&memory_runs[start..end]);
+        start = end;
+    }
+    parts
+}
+
 /// Loader threads: one per CPU, at most 8.
 fn loader_threads() -> usize {
     std::thread::available_parallelism()
@@ -647,9 +869,9 @@ fn loader_threads() -> usize {
         .clamp(1, 8)
 }
 
+/// The page is already there (EEXIST): someone else resolved it first.
 fn is_exists(e: &userfaultfd::Error) -> bool {
     matches!(e, userfaultfd::Error::CopyFailed(errno) | userfaultfd::Error::ZeropageFailed(errno) if *errno as i32 == libc::EEXIST)
-        || matches!(e, userfaultfd::Error::PartiallyCopied(_))
 }
 
 /// (host start, gpa start, len) of every registered chunk.
@@ -764,12 +986,22 @@ pub fn restore(
             } else {
                 let tu = Instant::now();
                 let (uffd, ranges) = register_uffd(m)?;
+                let top = ranges
+                    .iter()
+                    .map(|&(_, g, l)| g + l as u64)
+                    .max()
+                    .unwrap_or(0);
+                let claims = (0..top.div_ceil(BLOCK_BYTES))
+                    .map(|_| AtomicU8::new(UNCLAIMED))
+                    .collect();
                 let lazy = Arc::new(Lazy {
                     uffd,
                     chain: chain.clone(),
                     ranges,
                     done: AtomicBool::new(false),
                     failure: Mutex::new(None),
+                    claims,
+                    serving: Mutex::new(()),
                 });
                 let h = lazy.clone();
                 std::thread::Builder::new()
@@ -867,7 +1099,9 @@ pub fn restore(
                 if let Some(f) = failure {
                     vm2.fail(f);
                 } else {
-                    // Every page is in: later first touches need no handler.
+                    // Every page is in once the handler has filled the
+                    // blocks it claimed: later first touches need no handler.
+                    let _filled = lazy.serving.lock().unwrap_or_else(|e| e.into_inner());
                     for &(h, _, l) in &lazy.ranges {
                         let _ = lazy.uffd.unregister(h as *mut _, l);
                     }
@@ -897,4 +1131,67 @@ pub fn restore(
         },
         devs,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn page(gpa: u64, file: usize) -> (u64, usize, IndexEntry) {
+        let e = IndexEntry {
+            gpa,
+            offset: 4096 + gpa,
+            crc: 0,
+            zero: false,
+        };
+        (gpa, file, e)
+    }
+
+    /// Runs of `pages` as the loader cuts them, without a VM: consecutive
+    /// gpas from one file, at most `max` pages.
+    fn cut(pages: &[(u64, usize, IndexEntry)], max: usize) -> Vec<(usize, usize)> {
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i < pages.len() {
+            let mut j = i + 1;
+            while j < pages.len()
+                && j - i < max
+                && pages[j].1 == pages[i].1
+                && pages[j].0 == pages[j - 1].0 + PAGE_SIZE as u64
+            {
+                j += 1;
+            }
+            out.push((i, j - i));
+            i = j;
+        }
+        out
+    }
+
+    #[test]
+    fn no_block_is_split_between_two_parts_of_the_background_load() {
+        // Pages from two files alternating every 5 pages, with holes: runs
+        // end in the middle of blocks everywhere.
+        let pages: Vec<_> = (0..4000u64)
+            .filter(|p| p % 7 != 3)
+            .map(|p| page(p * PAGE_SIZE as u64, (p / 5 % 2) as usize))
+            .collect();
+        let runs = cut(&pages, 3);
+        for count in [1, 2, 3, 7, 64, runs.len(), runs.len() * 2] {
+            let parts = block_aligned_parts(&pages, &runs, count);
+            assert!(parts.len() <= count.max(1), "{count}: {} parts", parts.len());
+            let flat: Vec<(usize, usize)> = parts.iter().flat_map(|p| p.iter().copied()).collect();
+            assert_eq!(flat, runs, "{count}: the parts are the runs, in order");
+            let mut owner = std::collections::HashMap::new();
+            for (k, part) in parts.iter().enumerate() {
+                assert!(!part.is_empty(), "{count}: part {k} is empty");
+                for &(i, n) in *part {
+                    for p in &pages[i..i + n] {
+                        let o = *owner.entry(p.0 / BLOCK_BYTES).or_insert(k);
+                        assert_eq!(o, k, "{count}: block of {:#x} in parts {o} and {k}", p.0);
+                    }
+                }
+            }
+        }
+        assert!(block_aligned_parts(&pages, &[], 4).is_empty());
+    }
 }
