@@ -258,7 +258,7 @@ fn validate(
     let mut stored_pages = 0;
     for reader in &resolved.readers {
         let idx = reader.index();
-        stored_pages += idx.iter().filter(|e| !e.zero).count() as u64;
+        stored_pages += reader.data_entries();
         let mut gap_start = 0u64;
         for &(start, end) in ranges.iter().chain(std::iter::once(&(u64::MAX, u64::MAX))) {
             let from = idx.partition_point(|e| e.gpa < gap_start);
@@ -1178,7 +1178,11 @@ mod tests {
         let runs = cut(&pages, 3);
         for count in [1, 2, 3, 7, 64, runs.len(), runs.len() * 2] {
             let parts = block_aligned_parts(&pages, &runs, count);
-            assert!(parts.len() <= count.max(1), "{count}: {} parts", parts.len());
+            assert!(
+                parts.len() <= count.max(1),
+                "{count}: {} parts",
+                parts.len()
+            );
             let flat: Vec<(usize, usize)> = parts.iter().flat_map(|p| p.iter().copied()).collect();
             assert_eq!(flat, runs, "{count}: the parts are the runs, in order");
             let mut owner = std::collections::HashMap::new();
