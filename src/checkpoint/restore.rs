@@ -483,7 +483,7 @@ impl Lazy {
     fn serve(&self, addr: usize, buf: &mut [u8], ahead: &mut Readahead) {
         let _serving = self.serving.lock().unwrap_or_else(|e| e.into_inner());
         let page = addr & !(PAGE_SIZE - 1);
-        let Some(&(host, start, len)) = self
+        let Some(&(host, start, _)) = self
             .ranges
             .iter()
             .find(|(h, _, l)| page >= *h && page < h + l)
@@ -491,7 +491,6 @@ impl Lazy {
             return;
         };
         let gpa = start + (page - host) as u64;
-        let end = start + len as u64;
         let (from, to) = if self.claim(gpa, HANDLER) {
             let sweep =
                 gpa >= ahead.next && gpa - ahead.next < BLOCK_BYTES * MAX_FAULT_BLOCKS as u64;
@@ -501,21 +500,30 @@ impl Lazy {
                 1
             };
             let b = gpa - gpa % BLOCK_BYTES;
-            let mut to = (b + BLOCK_BYTES).min(end);
+            let mut to = b + BLOCK_BYTES;
             let mut got = 1;
-            while got < want && to < end && self.claim(to, HANDLER) {
-                to = (to + BLOCK_BYTES).min(end);
+            while got < want && self.claim(to, HANDLER) {
+                to += BLOCK_BYTES;
                 got += 1;
             }
             ahead.blocks = got;
-            (b.max(start), to)
+            (b, to)
         } else {
             // Most often a loader is loading this block right now.
             self.wait_for_loader(gpa);
             (gpa, gpa + PAGE_SIZE as u64)
         };
         ahead.next = to;
-        if let Err(err) = self.fill(from, to, buf) {
+        // A block claimed is filled whole, also where it spans two chunks
+        // (a node's size need only be a multiple of the page size): the
+        // loaders skip it.
+        let filled = self
+            .ranges
+            .iter()
+            .map(|&(_, g, l)| (from.max(g), to.min(g + l as u64)))
+            .filter(|(f, t)| f < t)
+            .try_for_each(|(f, t)| self.fill(f, t, buf));
+        if let Err(err) = filled {
             self.fail(err);
             // SAFETY: `page` is a registered, page-aligned guest page; zeros
             // unblock the vCPU, which the loader stops at once because of
@@ -1165,6 +1173,90 @@ mod tests {
             i = j;
         }
         out
+    }
+
+    /// Page `gpa`'s content in [`a_block_spanning_two_chunks_is_loaded_whole`].
+    fn content(gpa: u64) -> Vec<u8> {
+        (0..PAGE_SIZE)
+            .map(|i| (gpa / PAGE_SIZE as u64 * 7 + i as u64 % 251 + 1) as u8)
+            .collect()
+    }
+
+    #[test]
+    fn a_block_spanning_two_chunks_is_loaded_whole() {
+        // Two chunks meeting one page into block 1 (a node's size need only
+        // be a multiple of the page size): chunk A holds gpa 0..0x11000,
+        // chunk B 0x11000..0x30000. A fault in A's part of block 1 claims
+        // the block for the handler, so the loaders skip all of it.
+        let (a_len, b_len) = (0x11000usize, 0x1f000usize);
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = super::super::format::CheckpointWriter::create(
+            dir.path(),
+            super::super::format::Header::full(1),
+        )
+        .unwrap();
+        for gpa in (0..(a_len + b_len) as u64).step_by(PAGE_SIZE) {
+            w.add_page(gpa, &content(gpa)).unwrap();
+        }
+        w.finish().unwrap();
+        let chain = Arc::new(Chain::open(dir.path()).unwrap().resolve(None).unwrap());
+        let a = crate::memory::Mapping::new(a_len, crate::memory::Backing::Anonymous).unwrap();
+        let b = crate::memory::Mapping::new(b_len, crate::memory::Backing::Anonymous).unwrap();
+        let uffd = UffdBuilder::new()
+            .close_on_exec(true)
+            .non_blocking(true)
+            .user_mode_only(false)
+            .create()
+            .unwrap();
+        let ranges: Ranges = vec![
+            (a.as_ptr() as usize, 0, a_len),
+            (b.as_ptr() as usize, a_len as u64, b_len),
+        ];
+        for &(h, _, l) in &ranges {
+            uffd.register(h as *mut _, l).unwrap();
+        }
+        let lazy = Lazy {
+            uffd,
+            chain: chain.clone(),
+            ranges: ranges.clone(),
+            done: AtomicBool::new(false),
+            failure: Mutex::new(None),
+            claims: (0..(a_len + b_len) as u64 / BLOCK_BYTES)
+                .map(|_| AtomicU8::new(UNCLAIMED))
+                .collect(),
+            serving: Mutex::new(()),
+        };
+        let mut buf = vec![0u8; MAX_FAULT_BLOCKS * BLOCK_PAGES * PAGE_SIZE];
+        let mut ahead = Readahead { next: 0, blocks: 0 };
+        lazy.serve(a.as_ptr() as usize + 0x10000, &mut buf, &mut ahead);
+        let pages = chain.data_pages();
+        // The loader's runs: consecutive pages of one chunk.
+        let runs: Vec<(usize, usize)> = pages
+            .chunk_by(|x, y| (x.0 < a_len as u64) == (y.0 < a_len as u64))
+            .scan(0, |at, c| {
+                let r = (*at, c.len());
+                *at += c.len();
+                Some(r)
+            })
+            .collect();
+        lazy.background(&pages, &runs, 2);
+        assert_eq!(lazy.failure_text(), "");
+        // As a lazy restore does once its loaders are done: a page still
+        // missing would read as zeros from now on.
+        for &(h, _, l) in &ranges {
+            lazy.uffd.unregister(h as *mut _, l).unwrap();
+        }
+        for &(h, g, l) in &ranges {
+            for off in (0..l).step_by(PAGE_SIZE) {
+                let gpa = g + off as u64;
+                // SAFETY: off < l, inside a live mapping no one else writes.
+                let got = unsafe { std::slice::from_raw_parts((h + off) as *const u8, PAGE_SIZE) };
+                assert!(
+                    got == content(gpa).as_slice(),
+                    "guest page {gpa:#x} was not loaded"
+                );
+            }
+        }
     }
 
     #[test]
