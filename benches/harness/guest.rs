@@ -129,17 +129,11 @@ struct GuestRate {
 /// Fetches (and so clears and re-protects) the dirty log of every chunk;
 /// returns the number of dirty pages.
 fn fetch_all(vm: &Vm) -> Result<u64, BenchError> {
-    let mut n = 0;
-    for c in vm.memory().chunks() {
-        n += vm
-            .fetch_dirty(c)
-            .map_err(vm_step(format!(
-                "fetching the dirty log of slot {}",
-                c.slot
-            )))?
-            .count();
-    }
-    Ok(n)
+    let chunks: Vec<u32> = vm.memory().chunks().map(|c| c.slot).collect();
+    let logs = vm
+        .fetch_dirty(&chunks)
+        .map_err(vm_step("fetching the dirty logs".to_string()))?;
+    Ok(logs.values().map(|b| b.count()).sum())
 }
 
 /// Measures the guest's writing over `window`. With `fetch_every`, the

@@ -76,7 +76,7 @@ pub struct StateReply {
 pub struct MemoryMapEntry {
     /// Guest node.
     pub guest_node: u32,
-    /// KVM slot.
+    /// Chunk number (the unit of NUMA moves and dirty logs).
     pub slot: u32,
     /// First guest-physical address.
     pub gpa: u64,

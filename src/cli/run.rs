@@ -68,7 +68,7 @@ pub struct RunArgs {
     /// Back guest memory with transparent huge pages.
     #[arg(long)]
     pub hugepages: bool,
-    /// Size of a memory chunk (one KVM slot; the unit of NUMA moves).
+    /// Size of a memory chunk (the unit of NUMA moves).
     #[arg(long, value_name = "SIZE", hide = true)]
     pub chunk_size: Option<String>,
     /// Restore from a checkpoint (DIR or DIR@ID) instead of booting.

@@ -64,6 +64,28 @@ impl DirtyBitmap {
         }
     }
 
+    /// ORs pages `first .. first + self.pages()` of a larger log (same
+    /// layout) into this bitmap: one chunk's share of a KVM slot's log that
+    /// spans several chunks. Bits past the log's end read as clean.
+    pub fn merge_bits(&mut self, log: &[u64], first: u64) {
+        let word = |i: usize| log.get(i).copied().unwrap_or(0);
+        let (skip, shift) = ((first / 64) as usize, (first % 64) as u32);
+        for (i, w) in self.words.iter_mut().enumerate() {
+            let lo = word(skip + i);
+            *w |= if shift == 0 {
+                lo
+            } else {
+                (lo >> shift) | (word(skip + i + 1) << (64 - shift))
+            };
+        }
+        let tail = self.pages % 64;
+        if tail != 0 {
+            if let Some(last) = self.words.last_mut() {
+                *last &= (1u64 << tail) - 1;
+            }
+        }
+    }
+
     /// ORs another bitmap into this one.
     pub fn merge(&mut self, other: &DirtyBitmap) {
         self.merge_words(&other.words);
@@ -125,6 +147,41 @@ impl DirtyBitmap {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_share_of_a_larger_log_holds_exactly_its_pages() {
+        let pages = 500u64;
+        let mut log = DirtyBitmap::new(pages);
+        for i in (0..pages).filter(|i| (i * 7919) % 5 < 2 || *i == 63 || *i == 64) {
+            log.set(i);
+        }
+        for (first, n) in [
+            (0, 500),
+            (0, 64),
+            (64, 128),
+            (3, 61),
+            (63, 2),
+            (100, 300),
+            (450, 50),
+            (1, 1),
+        ] {
+            let mut b = DirtyBitmap::new(n);
+            b.set(0); // bits already there stay
+            b.merge_bits(&log.words, first);
+            for i in 0..n {
+                assert_eq!(
+                    b.get(i),
+                    i == 0 || log.get(first + i),
+                    "page {i} of {first}+{n}"
+                );
+            }
+            let past = b.words.last().unwrap() >> (n % 64);
+            assert!(
+                n % 64 == 0 || past == 0,
+                "no bit past page {n} of {first}+{n}"
+            );
+        }
+    }
 
     #[test]
     fn runs_group_consecutive_pages() {

@@ -89,6 +89,25 @@ impl Mapping {
         Ok(m)
     }
 
+    /// Cuts the mapping in two at `at` (a multiple of the page size,
+    /// strictly inside): `self` keeps the first part and the rest comes
+    /// back as a mapping of its own, each unmapped on its own drop. Guest
+    /// memory is mapped one piece per node this way, so that one KVM slot
+    /// can span many chunks.
+    pub fn split_off(&mut self, at: usize) -> Mapping {
+        assert!(
+            at > 0 && at < self.len && at.is_multiple_of(super::PAGE_SIZE as usize),
+            "split of a {:#x}-byte mapping at {at:#x}",
+            self.len
+        );
+        let rest = Mapping {
+            ptr: self.ptr.wrapping_add(at),
+            len: self.len - at,
+        };
+        self.len = at;
+        rest
+    }
+
     /// Start address.
     pub fn as_ptr(&self) -> *mut u8 {
         self.ptr
@@ -298,8 +317,9 @@ const MADV_POPULATE_WRITE: i32 = 23;
 
 impl Drop for Mapping {
     fn drop(&mut self) {
-        // SAFETY: unmapping exactly the range we mapped; no references to it
-        // outlive self (KVM slots are removed before chunks are dropped).
+        // SAFETY: unmapping exactly the range this value owns (all it
+        // mapped, or its part after split_off); no references to it outlive
+        // self (KVM slots are removed before chunks are dropped).
         unsafe { libc::munmap(self.ptr as *mut libc::c_void, self.len) };
     }
 }
@@ -307,6 +327,30 @@ impl Drop for Mapping {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn split_parts_are_contiguous_and_unmapped_each_on_its_own() {
+        let mut a = Mapping::new(4 << 20, Backing::Anonymous).unwrap();
+        let base = a.as_ptr() as usize;
+        let b = a.split_off(1 << 20);
+        assert_eq!((a.len(), b.len()), (1 << 20, 3 << 20));
+        assert_eq!(b.as_ptr() as usize, base + (1 << 20));
+        // SAFETY: both parts are ours, as long as their lengths.
+        unsafe {
+            a.as_ptr().write_bytes(1, a.len());
+            b.as_ptr().write_bytes(2, b.len());
+        }
+        drop(a);
+        // The second part outlives the first, whose range is gone.
+        // SAFETY: nothing else writes to b.
+        assert!(unsafe { b.as_slice() }.iter().all(|&x| x == 2));
+        // SAFETY: mincore only reads the page-table state of a range.
+        let gone = unsafe {
+            let mut v = [0u8; 1];
+            libc::mincore(base as *mut libc::c_void, 4096, v.as_mut_ptr())
+        };
+        assert_eq!(gone, -1, "the first part's range is unmapped");
+    }
 
     #[test]
     fn take_pages_of_moves_contents_under_the_same_address() {

@@ -3,8 +3,8 @@
 //! bitmaps.
 //!
 //! This module owns host memory and addresses. It does not talk to KVM: the
-//! VM (`crate::vmm::vm`) registers each [`Chunk`] as a KVM memory slot and
-//! fetches dirty logs into the bitmaps defined here.
+//! VM (`crate::vmm::vm`) registers each run of contiguous chunks as one KVM
+//! memory slot and fetches dirty logs into the bitmaps defined here.
 
 pub mod cow;
 pub mod dirty;
@@ -31,13 +31,15 @@ pub enum Backing {
 }
 
 /// One piece of a guest node's memory: a contiguous guest-physical range,
-/// its own host mapping, and its own KVM memory slot. NUMA moves replace
+/// its own host mapping (a part of its node's), its own dirty bitmap. NUMA moves replace
 /// chunks one at a time, so a move needs one chunk of spare memory.
 #[derive(Debug)]
 pub struct Chunk {
     /// Guest-physical range.
     pub range: GuestRange,
-    /// KVM memory slot number.
+    /// Chunk number, counting from 0 in guest-physical order: what dirty
+    /// logs, the transfer engine's plans and the API call a "slot". The KVM
+    /// slot holding it usually holds its neighbours too (`crate::vmm::vm`).
     pub slot: u32,
     /// The host memory behind it.
     pub mapping: Mapping,

@@ -168,8 +168,9 @@ pub trait Source {
     fn start_dirty_log(&self) -> Result<(), VmError>;
     /// Whether dirty logging is on.
     fn dirty_logging(&self) -> bool;
-    /// Fetches and clears the dirty log of one slot.
-    fn fetch_dirty(&self, slot: u32) -> Result<DirtyBitmap, VmError>;
+    /// Fetches and clears the dirty logs of these slots: the pages each
+    /// had dirtied since its last fetch.
+    fn fetch_dirty(&self, slots: &[u32]) -> Result<BTreeMap<u32, DirtyBitmap>, VmError>;
     /// Pages dirtied since the VM's last checkpoint, per slot.
     fn checkpoint_dirty(&self, slots: &[u32]) -> BTreeMap<u32, DirtyBitmap>;
     /// Pages of `slot` that hold memory now (faulted in or loaded); the
@@ -448,11 +449,7 @@ impl<S: Source + ?Sized> Run<'_, S> {
 
     /// Fetches (and clears) the dirty logs of the plan's slots.
     fn fetch(&self) -> Result<Sets, TransferError> {
-        let mut out = BTreeMap::new();
-        for &slot in &self.plan.slots {
-            out.insert(slot, self.vm.fetch_dirty(slot)?);
-        }
-        Ok(out)
+        Ok(self.vm.fetch_dirty(&self.plan.slots)?)
     }
 
     /// The first pass's pages. Read only after dirty logging is armed and

@@ -127,9 +127,9 @@ impl Source for FakeVm {
         self.state.lock().unwrap().logging
     }
 
-    fn fetch_dirty(&self, slot: u32) -> Result<DirtyBitmap, VmError> {
+    fn fetch_dirty(&self, slots: &[u32]) -> Result<BTreeMap<u32, DirtyBitmap>, VmError> {
         let mut st = self.state.lock().unwrap();
-        if !st.paused && slot == self.slots[0].0 {
+        if !st.paused && slots.contains(&self.slots[0].0) {
             let tick = st.ticks;
             st.ticks += 1;
             for page in (self.script)(tick) {
@@ -137,10 +137,13 @@ impl Source for FakeVm {
                 self.write(&mut st, s, page % PAGES);
             }
         }
-        Ok(st
-            .dirty
-            .remove(&slot)
-            .unwrap_or_else(|| DirtyBitmap::new(PAGES)))
+        Ok(slots
+            .iter()
+            .map(|&slot| {
+                let b = st.dirty.remove(&slot);
+                (slot, b.unwrap_or_else(|| DirtyBitmap::new(PAGES)))
+            })
+            .collect())
     }
 
     fn checkpoint_dirty(&self, slots: &[u32]) -> BTreeMap<u32, DirtyBitmap> {

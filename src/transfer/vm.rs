@@ -33,13 +33,8 @@ impl Source for Vm {
         Vm::dirty_logging(self)
     }
 
-    fn fetch_dirty(&self, slot: u32) -> Result<DirtyBitmap, VmError> {
-        let mem = self.memory();
-        let chunk = mem
-            .chunks()
-            .find(|c| c.slot == slot)
-            .ok_or_else(|| no_slot(slot))?;
-        Vm::fetch_dirty(self, chunk)
+    fn fetch_dirty(&self, slots: &[u32]) -> Result<BTreeMap<u32, DirtyBitmap>, VmError> {
+        Vm::fetch_dirty(self, slots)
     }
 
     fn checkpoint_dirty(&self, slots: &[u32]) -> BTreeMap<u32, DirtyBitmap> {

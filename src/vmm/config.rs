@@ -37,7 +37,7 @@ pub struct VmConfig {
     pub guest: GuestSpec,
     /// Back memory with transparent huge pages.
     pub hugepages: bool,
-    /// Chunk size (bytes) of guest memory: one KVM slot, one unit of NUMA moves.
+    /// Chunk size (bytes) of guest memory: the unit of NUMA moves and dirty logs.
     pub chunk_size: u64,
 }
 

@@ -3,7 +3,7 @@
 //!
 //! Moving memory (checkpoints, NUMA moves, migration) is the transfer
 //! engine's job (`crate::transfer`); this module offers it the primitives:
-//! pause, dirty logs, vCPU state, slot replacement.
+//! pause, dirty logs, vCPU state, re-homing a chunk's memory.
 
 pub mod bus;
 pub mod config;
