@@ -386,7 +386,7 @@ struct Readahead {
 struct Lazy {
     uffd: Uffd,
     chain: Arc<ResolvedChain>,
-    /// (host start, gpa start, len) of every registered chunk.
+    /// (host start, gpa start, len) of every registered range.
     ranges: Ranges,
     done: AtomicBool,
     failure: Mutex<Option<String>>,
@@ -514,9 +514,9 @@ impl Lazy {
             (gpa, gpa + PAGE_SIZE as u64)
         };
         ahead.next = to;
-        // A block claimed is filled whole, also where it spans two chunks
-        // (a node's size need only be a multiple of the page size): the
-        // loaders skip it.
+        // A block claimed is filled whole, also where it spans two
+        // registered ranges (two nodes: a node's size need only be a
+        // multiple of the page size): the loaders skip it.
         let filled = self
             .ranges
             .iter()
@@ -535,7 +535,7 @@ impl Lazy {
         let _ = self.uffd.wake(page as *mut _, PAGE_SIZE);
     }
 
-    /// Makes the pages of guest [from, to) (in one registered chunk, at
+    /// Makes the pages of guest [from, to) (in one registered range, at
     /// most `buf` long) present: each page's latest version, the zero page
     /// where no file has data. Pages already present are left alone.
     fn fill(&self, from: u64, to: u64, buf: &mut [u8]) -> Result<(), String> {
@@ -594,7 +594,7 @@ impl Lazy {
     }
 
     /// Copies `src` into guest memory at host address `dst` (page-aligned,
-    /// inside one registered chunk), skipping the pages already present: a
+    /// inside one registered range), skipping the pages already present: a
     /// first touch or another loader got there first, and what is there
     /// now may already hold the guest's writes.
     fn copy_missing(&self, src: &[u8], dst: usize) -> Result<(), userfaultfd::Error> {
@@ -602,7 +602,7 @@ impl Lazy {
         let mut retries = 0;
         while off < src.len() {
             let rest = src.len() - off;
-            // SAFETY: [dst+off, dst+len) lies in one registered chunk and is
+            // SAFETY: [dst+off, dst+len) lies in one registered range and is
             // page-aligned; src holds `rest` bytes from `off`.
             let r = unsafe {
                 self.uffd.copy(
@@ -785,7 +785,7 @@ impl Lazy {
         true
     }
 
-    /// Maps the zero page into the hole (gpa, len) of one registered chunk,
+    /// Maps the zero page into the hole (gpa, len) of one registered range,
     /// skipping pages already there; false (and the failure recorded) if
     /// that failed.
     fn zero_fill(&self, (gpa, len): (u64, u64)) -> bool {
@@ -800,8 +800,8 @@ impl Lazy {
     /// pages touched meanwhile in a hole of thousands cost a few dozen
     /// ioctls, not one a page.
     fn zero_span(&self, gpa: u64, dst: usize, len: usize) -> bool {
-        // SAFETY: [dst, dst+len) lies in one registered chunk (holes are
-        // cut per chunk) and is page-aligned.
+        // SAFETY: [dst, dst+len) lies in one registered range (holes are
+        // cut per range) and is page-aligned.
         match unsafe { self.uffd.zeropage(dst as *mut _, len, true) } {
             Ok(_) => true,
             Err(e) if len == PAGE_SIZE => {
@@ -890,11 +890,13 @@ fn is_exists(e: &userfaultfd::Error) -> bool {
     matches!(e, userfaultfd::Error::CopyFailed(errno) | userfaultfd::Error::ZeropageFailed(errno) if *errno as i32 == libc::EEXIST)
 }
 
-/// (host start, gpa start, len) of every registered chunk.
+/// (host start, gpa start, len) of every range registered with userfaultfd:
+/// one per piece of host memory (a node, or its part on one side of the
+/// MMIO hole).
 type Ranges = Vec<(usize, u64, usize)>;
 
-/// A userfaultfd with every chunk of guest memory registered, and the
-/// chunks.
+/// A userfaultfd with all guest memory registered, and the registered
+/// ranges.
 fn register_uffd(m: &GuestMemory) -> Result<(Uffd, Ranges), String> {
     let uffd = UffdBuilder::new()
         .close_on_exec(true)
@@ -902,11 +904,15 @@ fn register_uffd(m: &GuestMemory) -> Result<(Uffd, Ranges), String> {
         .user_mode_only(false)
         .create()
         .map_err(|e| format!("userfaultfd for a lazy restore failed: {e} (use --eager)"))?;
+    // One registration per piece of host memory, not per chunk: each
+    // splits a VMA under mmap_lock, and every fault looks its range up.
     let mut ranges = Vec::new();
-    for c in m.chunks() {
-        uffd.register(c.mapping.as_ptr() as *mut _, c.mapping.len())
-            .map_err(|e| format!("userfaultfd register of guest {:#x}: {e}", c.range.start))?;
-        ranges.push((c.mapping.as_ptr() as usize, c.range.start, c.mapping.len()));
+    for run in m.contiguous_runs(u64::MAX) {
+        let (host, gpa) = (run[0].mapping.as_ptr(), run[0].range.start);
+        let len = run.iter().map(|c| c.mapping.len()).sum();
+        uffd.register(host as *mut _, len)
+            .map_err(|e| format!("userfaultfd register of guest {gpa:#x}+{len:#x}: {e}"))?;
+        ranges.push((host as usize, gpa, len));
     }
     Ok((uffd, ranges))
 }

@@ -98,6 +98,34 @@ impl GuestMemory {
         self.nodes.iter().flat_map(|n| n.chunks.iter())
     }
 
+    /// Each node's chunks in runs that follow each other in guest-physical
+    /// and in host memory (one mapping cut into chunks), each run at most
+    /// `max` bytes unless a single chunk is larger: what one KVM slot or
+    /// one userfaultfd registration covers.
+    pub fn contiguous_runs(&self, max: u64) -> Vec<&[Chunk]> {
+        let mut out = Vec::new();
+        for n in &self.nodes {
+            let (mut first, mut len) = (0, 0);
+            for (i, c) in n.chunks.iter().enumerate() {
+                let follows = i > first && {
+                    let p = &n.chunks[i - 1];
+                    p.range.end() == c.range.start
+                        && p.mapping.as_ptr().wrapping_add(p.mapping.len()) == c.mapping.as_ptr()
+                        && len + c.range.len <= max
+                };
+                if !follows && i > first {
+                    out.push(&n.chunks[first..i]);
+                    (first, len) = (i, 0);
+                }
+                len += c.range.len;
+            }
+            if first < n.chunks.len() {
+                out.push(&n.chunks[first..]);
+            }
+        }
+        out
+    }
+
     /// The chunk holding `gpa`.
     pub fn chunk_of(&self, gpa: u64) -> Option<&Chunk> {
         self.chunks().find(|c| c.range.contains(gpa))

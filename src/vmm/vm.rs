@@ -217,32 +217,25 @@ impl KvmSlot {
     /// The KVM slots over `memory`'s chunks, in guest-physical order, each
     /// at most `max` bytes (or one chunk).
     fn over(memory: &GuestMemory, max: u64) -> Vec<KvmSlot> {
-        let mut out: Vec<KvmSlot> = Vec::new();
-        for n in &memory.nodes {
-            let node_first = out.len();
-            for c in &n.chunks {
-                let host = c.mapping.as_ptr() as u64;
-                let follows = out[node_first..].last().is_some_and(|k| {
-                    k.gpa + k.len == c.range.start
-                        && k.host + k.len == host
-                        && k.len + c.range.len <= max
-                });
-                match out.last_mut() {
-                    Some(k) if follows => {
-                        k.chunks.push((c.slot, k.len / PAGE_SIZE, c.pages()));
-                        k.len += c.range.len;
-                    }
-                    _ => out.push(KvmSlot {
-                        id: out.len() as u32,
-                        gpa: c.range.start,
-                        len: c.range.len,
-                        host,
-                        chunks: vec![(c.slot, 0, c.pages())],
-                    }),
+        memory
+            .contiguous_runs(max)
+            .iter()
+            .enumerate()
+            .map(|(id, run)| {
+                let mut k = KvmSlot {
+                    id: id as u32,
+                    gpa: run[0].range.start,
+                    len: 0,
+                    host: run[0].mapping.as_ptr() as u64,
+                    chunks: Vec::with_capacity(run.len()),
+                };
+                for c in run.iter() {
+                    k.chunks.push((c.slot, k.len / PAGE_SIZE, c.pages()));
+                    k.len += c.range.len;
                 }
-            }
-        }
-        out
+                k
+            })
+            .collect()
     }
 }
 
