@@ -31,8 +31,9 @@ pub enum Backing {
 }
 
 /// One piece of a guest node's memory: a contiguous guest-physical range,
-/// its own host mapping (a part of its node's), its own dirty bitmap. NUMA moves replace
-/// chunks one at a time, so a move needs one chunk of spare memory.
+/// its own part of the node's host mapping, its own dirty bitmap. NUMA
+/// moves replace chunks one at a time, so a move needs one chunk of spare
+/// memory.
 #[derive(Debug)]
 pub struct Chunk {
     /// Guest-physical range.

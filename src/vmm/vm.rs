@@ -1039,20 +1039,30 @@ impl Vm {
         let mut d = self.dirty.lock().unwrap_or_else(|e| e.into_inner());
         let d = &mut *d;
         let wanted: std::collections::BTreeSet<u32> = chunks.iter().copied().collect();
-        let mut out = BTreeMap::new();
+        // Every chunk is looked up before any log is fetched (and cleared).
+        let mut kvm_slots = std::collections::BTreeSet::new();
         for &want in &wanted {
-            if out.contains_key(&want) {
-                continue;
-            }
             let k = self
                 .kvm_slots
                 .iter()
-                .find(|k| k.chunks.iter().any(|c| c.0 == want))
+                .position(|k| k.chunks.iter().any(|c| c.0 == want))
                 .ok_or_else(|| VmError::Host(format!("no memory chunk {want}")))?;
-            let log = self
-                .fd
-                .get_dirty_log(k.id, k.len as usize)
-                .map_err(kvm_err(format!("KVM_GET_DIRTY_LOG (slot {})", k.id)))?;
+            kvm_slots.insert(k);
+        }
+        let mut out = BTreeMap::new();
+        for k in kvm_slots {
+            let k = &self.kvm_slots[k];
+            let log = match self.fd.get_dirty_log(k.id, k.len as usize) {
+                Ok(log) => log,
+                Err(e) => {
+                    // What other KVM slots gave already stays for the next
+                    // fetch: their logs are cleared.
+                    for (chunk, b) in out {
+                        d.pending.insert(chunk, b);
+                    }
+                    return Err(kvm_err(format!("KVM_GET_DIRTY_LOG (slot {})", k.id))(e));
+                }
+            };
             for &(chunk, first, pages) in &k.chunks {
                 let mut fresh = DirtyBitmap::new(pages);
                 fresh.merge_bits(&log, first);
