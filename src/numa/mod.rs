@@ -304,6 +304,18 @@ pub fn numa_migrate(vm: &Vm, req: &NumaMigrateRequest) -> Result<NumaMigrateRepo
             r.map_err(failed)?;
         }
         Mode::Kernel => {
+            // The policy goes first: a page the guest touches for the first
+            // time after its batch went by, or after the last placement
+            // check, is then taken on the target instead of staying behind.
+            if let Err(e) = bind_guest_nodes(vm, &guest_nodes, |_| target) {
+                let rebind = bind_guest_nodes(vm, &guest_nodes, |g| homes[g as usize]);
+                return Err(failed(match rebind {
+                    Ok(()) => format!("{e}; the VM runs on its old memory and policy"),
+                    Err(e2) => format!(
+                        "{e}; rebinding the old policy failed too ({e2}): check with numa-stat"
+                    ),
+                }));
+            }
             kernel_move(vm, target, &guest_nodes, &homes, &mut report).map_err(failed)?;
             // move_pages leaves pages behind without failing (busy ones,
             // groups whose migration failed): a move ends with every
@@ -314,6 +326,7 @@ pub fn numa_migrate(vm: &Vm, req: &NumaMigrateRequest) -> Result<NumaMigrateRepo
             }
         }
     }
+    finish_delay_hook();
     // The memory is on the target now. What is left (policy, vCPUs, the
     // measurement) either all succeeds or the move is undone, so a failed
     // request always leaves the VM as it was.
@@ -336,6 +349,47 @@ fn undone(e: String, undo: Result<(), String>) -> String {
             format!("{e}; the move was undone: the VM runs on its old memory, policy and CPUs")
         }
         Err(e2) => format!("{e}; undoing the move failed too ({e2}): check with numa-stat"),
+    }
+}
+
+/// Binds every chunk of `guest_nodes` to the host node `node_of(guest
+/// node)`, without moving pages.
+fn bind_guest_nodes(
+    vm: &Vm,
+    guest_nodes: &[u32],
+    node_of: impl Fn(u32) -> u32,
+) -> Result<(), String> {
+    let mem = vm.memory();
+    for n in mem
+        .nodes
+        .iter()
+        .filter(|n| guest_nodes.contains(&n.guest_node))
+    {
+        for c in &n.chunks {
+            policy::bind(
+                c.mapping.as_ptr(),
+                c.mapping.len(),
+                node_of(n.guest_node),
+                false,
+            )
+            .map_err(|e| format!("slot {}: {e}", c.slot))?;
+        }
+    }
+    Ok(())
+}
+
+/// Test hook: when vmhop runs with this variable set to N, a NUMA move
+/// waits N ms after its memory moved and before it finishes (policy,
+/// vCPUs, placement), so tests can check where the pages the guest touches
+/// first in that time land. Never set in normal use.
+pub const FINISH_DELAY_ENV: &str = "VMHOP_TEST_NUMA_FINISH_DELAY_MS";
+
+fn finish_delay_hook() {
+    if let Some(ms) = std::env::var(FINISH_DELAY_ENV)
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        std::thread::sleep(Duration::from_millis(ms));
     }
 }
 
@@ -545,9 +599,10 @@ fn live_chunks(
     Ok(())
 }
 
-/// Moves pages in place with move_pages, in batches. If the kernel refuses
-/// pages (the target is full), the batches already moved go back to their
-/// guest node's old host node (`homes`).
+/// Moves pages in place with move_pages, in batches; the policy is already
+/// bound to `target`. If the kernel refuses pages (the target is full), the
+/// policy goes back to each guest node's old host node (`homes`) and the
+/// batches already moved follow it.
 fn kernel_move(
     vm: &Vm,
     target: u32,
@@ -557,8 +612,10 @@ fn kernel_move(
 ) -> Result<(), String> {
     let r = kernel_batches(vm, target, guest_nodes, report);
     if let Err((e, done)) = r {
+        // Rebound first, so that pages the guest touches from now on are
+        // taken on the old nodes too.
+        let mut failed_back = bind_guest_nodes(vm, guest_nodes, |g| homes[g as usize]).err();
         let mut pages: Vec<*mut u8> = Vec::with_capacity(KERNEL_BATCH_PAGES);
-        let mut failed_back = None;
         for (base, first, k, g) in done {
             pages.clear();
             pages.extend((first..first + k).map(|p| base.wrapping_add(p * PAGE_SIZE as usize)));
@@ -568,7 +625,8 @@ fn kernel_move(
         }
         return Err(match failed_back {
             None => format!(
-                "{e}; the pages already moved were moved back, the VM runs on its old memory"
+                "{e}; the pages already moved were moved back, the VM runs on its old memory \
+                 and policy"
             ),
             Some(e2) => format!("{e}; moving the pages already moved back failed too: {e2}"),
         });
