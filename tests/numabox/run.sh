@@ -199,7 +199,8 @@ timeout -k 10 "$timeout_s" "${qemu[@]}" \
 qemu_pid=$!
 tail -s 0.2 -n +1 -f --pid="$qemu_pid" "$log" &
 tail_pid=$!
-# A box whose kernel reports an RCU stall has frozen (the platform's fault,
+# A box whose kernel reports an RCU stall or a task blocked for minutes
+# (the hung-task detector, 120 s) has frozen (the platform's fault,
 # README.md "The platform's own fault"): stop it now rather than at the
 # timeout, minutes later.
 stalled="$work/box-stalled"
@@ -207,7 +208,7 @@ stalled="$work/box-stalled"
     while kill -0 "$qemu_pid" 2>/dev/null; do
         # The box's own kernel messages start the line ("[  30.36] rcu: ...");
         # scenarios print a guest's behind "guest| ".
-        if grep -q '^\[ *[0-9.]*\] rcu: INFO: rcu_[a-z]* detected stalls' "$log" 2>/dev/null; then
+        if grep -qE '^\[ *[0-9.]*\] (rcu: INFO: rcu_[a-z]* detected stalls|INFO: task .* blocked for more than)' "$log" 2>/dev/null; then
             : >"$stalled"
             sleep 5 # the rest of the stall report
             kill "$qemu_pid" 2>/dev/null
@@ -238,7 +239,7 @@ result="$(tr -d '\r' <"$log" | grep -oE 'NUMABOX-RESULT: (PASS|FAIL \(exit [0-9]
 died="BOX DIED (no NUMABOX-RESULT line: the box's kernel crashed or froze, the platform's fault, see tests/numabox/README.md)"
 if [ -z "$result" ]; then
     if [ -f "$stalled" ]; then
-        note "$died: the box kernel reported an RCU stall; QEMU stopped after ${elapsed}s; log $log"
+        note "$died: the box kernel reported an RCU stall or a hung task; QEMU stopped after ${elapsed}s; log $log"
         exit 1
     fi
     note "$died"
