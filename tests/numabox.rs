@@ -340,23 +340,45 @@ const LINUX_BOOTED: &[&str] = &[
     "ok: boot: guest CPUs online 0-1",
 ];
 
-/// A move of guest node 0 to host node 1 in `mode`, checked by numa-stat
-/// and by the guest's checker running on.
-fn linux_numa_move(mode: &str) {
-    let step = format!("numa-{mode}");
-    let expect: Vec<&str> = LINUX_BOOTED
-        .iter()
-        .copied()
-        .chain([
-            "ok: before the move: guest node 0 (bind:0):",
-            "ok: after the move: guest node 0 (bind:1):",
-            "ok: after the move: guest node 1 (bind:1):",
-            "ok: after the move: guest node 0's vCPU(s) on host node 1's CPUs",
-            "ok: after the move: beats",
-            "ok: stop: lx stopped, vmhop exited 0",
-        ])
-        .collect();
-    linux_scenario(&step, &expect);
+/// The console of one box running the `numa-moves` step: one Linux guest,
+/// guest node 0 moved live to host node 1, stop-copy back to host node 0,
+/// then kernel to host node 1. The three move tests share it (one boot of
+/// the box and of the guest instead of three); each checks its own move.
+fn linux_numa_moves_console() -> String {
+    static CONSOLE: OnceLock<Result<String, String>> = OnceLock::new();
+    let console = CONSOLE.get_or_init(|| {
+        std::panic::catch_unwind(|| linux_scenario("numa-moves", LINUX_BOOTED)).map_err(|e| {
+            e.downcast_ref::<String>()
+                .cloned()
+                .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "the numa-moves box failed".into())
+        })
+    });
+    match console {
+        Ok(c) => c.clone(),
+        Err(message) => panic!("{message}"),
+    }
+}
+
+/// The move of guest node 0 to host node `to` in `mode` in that box,
+/// checked by numa-stat and by the guest's checker running on.
+fn linux_numa_move(mode: &str, to: u32) {
+    let console = linux_numa_moves_console();
+    let after = format!("after the {mode} move");
+    let expect = [
+        "ok: before the moves: guest node 0 (bind:0):".to_string(),
+        format!("ok: {after}: guest node 0 (bind:{to}):"),
+        format!("ok: {after}: guest node 1 (bind:1):"),
+        format!("ok: {after}: guest node 0's vCPU(s) on host node {to}'s CPUs"),
+        format!("ok: {after}: beats"),
+        "ok: stop: lx stopped, vmhop exited 0".to_string(),
+    ];
+    for line in &expect {
+        assert!(
+            console.contains(&format!("linux[numa-moves]: {line}")),
+            "the console never said {line:?}:\n{console}"
+        );
+    }
 }
 
 #[test]
@@ -431,17 +453,17 @@ fn numabox_linux_guest_survives_host_migration_to_swapped_nodes() {
 
 #[test]
 fn numabox_linux_guest_survives_live_numa_move() {
-    linux_numa_move("live");
+    linux_numa_move("live", 1);
 }
 
 #[test]
 fn numabox_linux_guest_survives_stop_copy_numa_move() {
-    linux_numa_move("stop-copy");
+    linux_numa_move("stop-copy", 0);
 }
 
 #[test]
 fn numabox_linux_guest_survives_kernel_numa_move() {
-    linux_numa_move("kernel");
+    linux_numa_move("kernel", 1);
 }
 
 /// `vmhop demo --kernel` with the box's kernel and the demo's own

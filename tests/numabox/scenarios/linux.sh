@@ -2,7 +2,8 @@
 # A Linux guest under vmhop, inside the NUMA box.
 #
 #   linux.sh STEP [verbose]
-#   STEP = boot | poweroff | reboot | checkpoint | numa-live | numa-stop-copy | numa-kernel | migrate
+#   STEP = boot | poweroff | reboot | checkpoint | numa-moves | numa-live | numa-stop-copy | numa-kernel
+#          | migrate
 #          | boot-loop (not in the suite: see below)
 #
 # Needs two extra files (run.sh arguments): the guest kernel at
@@ -31,6 +32,10 @@
 #               numa-stat must show >= 99% of guest node 0's present pages
 #               on host node 1 (bind:1, vCPU 0 on node 1's CPUs) and guest
 #               node 1 still on host node 1; then 3 more beats ok.
+#   numa-moves  the same checks after each of three moves of guest node 0
+#               in one VM (what the suite runs: one boot instead of three):
+#               live to host node 1, stop-copy back to host node 0, kernel
+#               to host node 1.
 #   migrate     a second vmhop waits with run --incoming unix:... and the
 #               guest nodes swapped (guest node 0 to host node 1, 1 to 0);
 #               vmhop migrate moves the VM there: the source must exit 0,
@@ -52,9 +57,9 @@ set -eu
 step="${1:-}"
 verbose="${2:-}"
 case "$step" in
-boot | poweroff | reboot | checkpoint | numa-live | numa-stop-copy | numa-kernel | migrate | boot-loop) ;;
+boot | poweroff | reboot | checkpoint | numa-moves | numa-live | numa-stop-copy | numa-kernel | migrate | boot-loop) ;;
 *)
-    echo "linux: usage: linux.sh boot|poweroff|reboot|checkpoint|numa-live|numa-stop-copy|numa-kernel|migrate|boot-loop [verbose]"
+    echo "linux: usage: linux.sh boot|poweroff|reboot|checkpoint|numa-moves|numa-live|numa-stop-copy|numa-kernel|migrate|boot-loop [verbose]"
     exit 2
     ;;
 esac
@@ -480,24 +485,45 @@ step_checkpoint() {
     restore_and_check "$id1" "$before1" "$after1" "$up1" r1
 }
 
+# check_before_moves WHAT: both guest nodes on their own host node.
+check_before_moves() {
+    stat="$(cli "$1" numa-stat)"
+    say "numa-stat before: $stat"
+    check_placement "$stat" 0 0 "$1"
+    check_placement "$stat" 1 1 "$1"
+}
+
+# numa_move MODE TO WHAT: guest node 0 to host node TO in MODE; numa-stat
+# then has it there (bind:TO, its vCPU on TO's CPUs) and guest node 1 still
+# on host node 1; 3 more beats ok.
+numa_move() {
+    report="$(cli "numa-migrate $1" numa-migrate --guest-node 0 --to-node "$2" --mode "$1")"
+    say "numa-migrate report: $report"
+    [ "$(json_str mode "$report")" = "$1" ] || fail "numa-migrate: report mode is not $1"
+    check_console "numa-migrate $1"
+    stat="$(cli "$3" numa-stat)"
+    say "numa-stat after: $stat"
+    check_placement "$stat" 0 "$2" "$3"
+    check_placement "$stat" 1 1 "$3"
+    check_vcpus "$stat" 0 "$2" "$3"
+    more_beats 3 "$3"
+}
+
 step_numa() {
-    mode="$1"
     boot_vm
     first_beat=1
-    stat="$(cli "before the move" numa-stat)"
-    say "numa-stat before: $stat"
-    check_placement "$stat" 0 0 "before the move"
-    check_placement "$stat" 1 1 "before the move"
-    report="$(cli "numa-migrate" numa-migrate --guest-node 0 --to-node 1 --mode "$mode")"
-    say "numa-migrate report: $report"
-    [ "$(json_str mode "$report")" = "$mode" ] || fail "numa-migrate: report mode is not $mode"
-    check_console "numa-migrate"
-    stat="$(cli "after the move" numa-stat)"
-    say "numa-stat after: $stat"
-    check_placement "$stat" 0 1 "after the move"
-    check_placement "$stat" 1 1 "after the move"
-    check_vcpus "$stat" 0 1 "after the move"
-    more_beats 3 "after the move"
+    check_before_moves "before the move"
+    numa_move "$1" 1 "after the move"
+    stop_vm "stop"
+}
+
+step_numa_moves() {
+    boot_vm
+    first_beat=1
+    check_before_moves "before the moves"
+    numa_move live 1 "after the live move"
+    numa_move stop-copy 0 "after the stop-copy move"
+    numa_move kernel 1 "after the kernel move"
     stop_vm "stop"
 }
 
@@ -588,6 +614,7 @@ boot) step_boot ;;
 poweroff) step_end poweroff "powered off" ;;
 reboot) step_end reboot "rebooted" ;;
 checkpoint) step_checkpoint ;;
+numa-moves) step_numa_moves ;;
 numa-*) step_numa "${step#numa-}" ;;
 migrate) step_migrate ;;
 boot-loop) step_boot_loop ;;
