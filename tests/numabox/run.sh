@@ -12,6 +12,8 @@
 #   VMHOP_BIN        a static vmhop binary to use instead of building one;
 #                    "none" boots without /bin/vmhop
 #   NUMABOX_TIMEOUT  seconds QEMU may run before it is killed (default 600)
+#   NUMABOX_SILENCE  seconds the box may print nothing before it counts as
+#                    frozen and is killed (default 300)
 #   NUMABOX_BUILD_TIMEOUT  seconds the cargo build may take (default 1800)
 #   NUMABOX_CACHE    the folder setup.sh filled (default <repo>/target/numabox-cache)
 #   NUMABOX_LOG      console log file (default <repo>/target/numabox-logs/<scenario>.log)
@@ -46,6 +48,7 @@ repo="$(cd "$here/../.." && pwd)"
 cache="${NUMABOX_CACHE:-$repo/target/numabox-cache}"
 kdir="$cache/current"
 timeout_s="${NUMABOX_TIMEOUT:-600}"
+silence_s="${NUMABOX_SILENCE:-300}"
 build_timeout_s="${NUMABOX_BUILD_TIMEOUT:-1800}"
 scenario_args="${NUMABOX_SCENARIO_ARGS:-}"
 name="$(basename "$scenario" .sh)"
@@ -203,9 +206,26 @@ tail_pid=$!
 # (the hung-task detector, 120 s) has frozen (the platform's fault,
 # README.md "The platform's own fault"): stop it now rather than at the
 # timeout, minutes later.
+# A box that prints nothing for NUMABOX_SILENCE seconds has frozen too,
+# silently: every scenario prints a line per check, and its longest wait
+# without printing (linux.sh's BOOT_DEADLINE, a guest's boot to its first
+# beat) is 240 s, so a scenario always gets to report its own failure
+# first.
 stalled="$work/box-stalled"
+silent="$work/box-silent"
 (
+    size=-1
+    quiet_since=$(date +%s)
     while kill -0 "$qemu_pid" 2>/dev/null; do
+        now_size=$(wc -c <"$log" 2>/dev/null || echo 0)
+        if [ "$now_size" != "$size" ]; then
+            size=$now_size
+            quiet_since=$(date +%s)
+        elif [ $(($(date +%s) - quiet_since)) -ge "$silence_s" ]; then
+            : >"$silent"
+            kill "$qemu_pid" 2>/dev/null
+            break
+        fi
         # The box's own kernel messages start the line ("[  30.36] rcu: ...");
         # scenarios print a guest's behind "guest| ".
         if grep -qE '^\[ *[0-9.]*\] (rcu: INFO: rcu_[a-z]* detected stalls|INFO: task .* blocked for more than)' "$log" 2>/dev/null; then
@@ -240,6 +260,10 @@ died="BOX DIED (no NUMABOX-RESULT line: the box's kernel crashed or froze, the p
 if [ -z "$result" ]; then
     if [ -f "$stalled" ]; then
         note "$died: the box kernel reported an RCU stall or a hung task; QEMU stopped after ${elapsed}s; log $log"
+        exit 1
+    fi
+    if [ -f "$silent" ]; then
+        note "$died: the box printed nothing for ${silence_s}s; QEMU stopped after ${elapsed}s; log $log"
         exit 1
     fi
     note "$died"
