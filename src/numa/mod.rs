@@ -612,7 +612,7 @@ fn kernel_move(
 ) -> Result<(), String> {
     let r = kernel_batches(vm, target, guest_nodes, report);
     if let Err((e, done)) = r {
-        // Rebound first, so that pages the guest touches from now on are
+        // Rebind first, so that pages the guest touches from now on are
         // taken on the old nodes too.
         let mut failed_back = bind_guest_nodes(vm, guest_nodes, |g| homes[g as usize]).err();
         let mut pages: Vec<*mut u8> = Vec::with_capacity(KERNEL_BATCH_PAGES);
