@@ -17,10 +17,9 @@
 # the host) is still touching pages for the first time while it moves, and
 # vmhop waits 1 s after the memory moved and before it finishes
 # (VMHOP_TEST_NUMA_FINISH_DELAY_MS). Every present page must be on the
-# target, 100%, and the guest must have taken new pages during the first
-# move:
-# pages it touches first after move_pages went by must land on the target
-# too.
+# target, 100% (pages the guest touches first after move_pages went by
+# included), and the guest must have taken new pages during the first
+# move.
 #
 # "nomem": node 1 is filled (a tmpfs file allocated from CPU 1) until its
 # free memory is smaller than the guest node, then the move to node 1 must
@@ -241,12 +240,8 @@ check_stat() {
 
 start_vm() {
     say "starting: vmhop run --vcpus 2 --guest $1 --numa $2"
-    if [ "$fresh" = yes ]; then
-        VMHOP_TEST_NUMA_FINISH_DELAY_MS=1000 \
-            "$VMHOP" run --api-socket "$sock" --vcpus 2 --guest "$1" --numa "$2" >"$vmlog" 2>&1 &
-    else
+    env ${finish_delay:+VMHOP_TEST_NUMA_FINISH_DELAY_MS=$finish_delay} \
         "$VMHOP" run --api-socket "$sock" --vcpus 2 --guest "$1" --numa "$2" >"$vmlog" 2>&1 &
-    fi
     vm_pid=$!
     i=0
     until "$VMHOP" status --api-socket "$sock" --json >/dev/null 2>&1; do
@@ -306,8 +301,10 @@ done
 guest_size=64
 guest="builtin:dirty,fill=random"
 fresh=no
+finish_delay=""
 if [ "$mode" = kernel ] && [ "$case_name" = move ]; then
     fresh=yes
+    finish_delay=1000
     need_share=100
     guest_size=128
     guest="builtin:dirty,rate=1000"
