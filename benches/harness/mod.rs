@@ -230,6 +230,9 @@ pub struct Report {
     /// 1-minute load average when the benchmarks ended (see
     /// [`HostInfo::load_start`]).
     pub load_end: f64,
+    /// The host's stalls when the benchmarks ended (see
+    /// [`HostInfo::stalls_start`]).
+    pub stalls_end: Stalls,
 }
 
 /// A scenario's name and description, for the JSON report.
@@ -256,10 +259,89 @@ pub struct HostInfo {
     /// are shared, and a busy one shows in every figure (most in the
     /// scheduler-bound ones, such as pause/resume of 2 vCPUs on 2 CPUs).
     pub load_start: f64,
+    /// How often the host took the CPUs away when the benchmarks started
+    /// (see [`Stalls`]).
+    pub stalls_start: Stalls,
+}
+
+/// How often the host took a CPU away from a thread that never sleeps:
+/// one spinning thread per CPU for [`STALL_PROBE`], each noting every gap
+/// between two consecutive clock reads.
+///
+/// The load average misses this: on these machines the hypervisor under
+/// the host steals time (`st` in `top`), and a thread of an otherwise idle
+/// host loses the CPU for 1–20 ms dozens of times a second on a bad day.
+/// A figure in microseconds (a pause) cannot be judged on such a host; a
+/// quiet host shows almost no gaps over 1 ms.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Stalls {
+    /// Gaps longer than 1 ms, per second per CPU.
+    pub over_1ms_per_s: f64,
+    /// Gaps longer than 100 µs, per second per CPU.
+    pub over_100us_per_s: f64,
+    /// The longest gap, µs.
+    pub longest_us: f64,
+}
+
+/// How long [`Stalls::probe`] spins (a tenth of it in smoke mode).
+pub const STALL_PROBE: Duration = Duration::from_secs(1);
+
+impl Stalls {
+    /// Spins one thread per CPU for `window` and counts the gaps.
+    pub fn probe(window: Duration) -> Stalls {
+        let cpus = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
+        let gaps: Vec<(u64, u64, Duration)> = std::thread::scope(|s| {
+            let spinners: Vec<_> = (0..cpus)
+                .map(|_| {
+                    s.spawn(move || {
+                        let (mut over_1ms, mut over_100us, mut longest) = (0, 0, Duration::ZERO);
+                        let start = Instant::now();
+                        let mut prev = start;
+                        while prev.duration_since(start) < window {
+                            let now = Instant::now();
+                            let gap = now.duration_since(prev);
+                            over_100us += u64::from(gap > Duration::from_micros(100));
+                            over_1ms += u64::from(gap > Duration::from_millis(1));
+                            longest = longest.max(gap);
+                            prev = now;
+                        }
+                        (over_1ms, over_100us, longest)
+                    })
+                })
+                .collect();
+            spinners
+                .into_iter()
+                .map(|h| h.join().unwrap_or((0, 0, Duration::ZERO)))
+                .collect()
+        });
+        let per_s = |n: u64| n as f64 / window.as_secs_f64() / cpus as f64;
+        Stalls {
+            over_1ms_per_s: per_s(gaps.iter().map(|g| g.0).sum()),
+            over_100us_per_s: per_s(gaps.iter().map(|g| g.1).sum()),
+            longest_us: gaps
+                .iter()
+                .map(|g| g.2.as_secs_f64() * 1e6)
+                .fold(0.0, f64::max),
+        }
+    }
+}
+
+impl std::fmt::Display for Stalls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{:.1}/s over 1 ms, {:.1}/s over 100 µs, longest {} µs",
+            self.over_1ms_per_s,
+            self.over_100us_per_s,
+            fmt_num(self.longest_us)
+        )
+    }
 }
 
 impl HostInfo {
-    fn read() -> HostInfo {
+    fn read(stall_probe: Duration) -> HostInfo {
         HostInfo {
             cpus: std::thread::available_parallelism()
                 .map(|n| n.get())
@@ -269,6 +351,7 @@ impl HostInfo {
                 .map(|s| s.trim().to_string())
                 .unwrap_or_default(),
             load_start: load_average(),
+            stalls_start: Stalls::probe(stall_probe),
         }
     }
 }
@@ -473,7 +556,12 @@ impl Series {
 /// scenarios' checkpoint) after its last pass.
 pub fn run_all(scenarios: Vec<Scenario>, opts: &Options) -> Report {
     let started = Instant::now();
-    let host = HostInfo::read();
+    let stall_probe = if opts.quick {
+        STALL_PROBE / 10
+    } else {
+        STALL_PROBE
+    };
+    let host = HostInfo::read(stall_probe);
     let mut results = Vec::new();
     let mut failures = Vec::new();
     let mut ran: Vec<ScenarioInfo> = Vec::new();
@@ -518,6 +606,7 @@ pub fn run_all(scenarios: Vec<Scenario>, opts: &Options) -> Report {
         failures,
         elapsed_s: started.elapsed().as_secs_f64(),
         load_end: load_average(),
+        stalls_end: Stalls::probe(stall_probe),
     };
     if opts.json {
         println!(
@@ -688,6 +777,7 @@ pub fn render_table(r: &Report) -> String {
     let _ = writeln!(
         out,
         "{} run(s) per scenario{}; host: {} CPUs, kernel {}{}, load average {:.2}\n\
+         host stalls (a spinning thread per CPU losing its CPU): {}\n\
          median and [min..max] over runs; baseline: its median; ratio: median of the per-run value/baseline",
         r.runs,
         if r.quick { " (smoke mode: figures mean nothing)" } else { "" },
@@ -695,6 +785,7 @@ pub fn render_table(r: &Report) -> String {
         r.host.kernel,
         if r.host.kvm_pvm { ", KVM is PVM (shadow paging)" } else { "" },
         r.host.load_start,
+        r.host.stalls_start,
     );
     if sized {
         let sizes: Vec<String> = r.memory_gib.iter().map(|g| g.to_string()).collect();
@@ -735,8 +826,8 @@ pub fn render_table(r: &Report) -> String {
     }
     let _ = writeln!(
         out,
-        "total {:.1} s, load average {:.2} at end",
-        r.elapsed_s, r.load_end
+        "total {:.1} s, load average {:.2} at end, host stalls {}",
+        r.elapsed_s, r.load_end, r.stalls_end
     );
     out
 }
