@@ -854,22 +854,32 @@ fn assert_names(msg: &str, parts: &[&str]) {
     }
 }
 
-/// Reads the index of a checkpoint file: (gpa, file offset, flags).
+/// Reads the index of a checkpoint file, one entry per page: (gpa, file
+/// offset, flags). Parsed from the bytes as docs/checkpoint-format.md
+/// describes version 2: 16-byte runs (gpa, record number, page count,
+/// flags), then the pages' crcs.
 fn index_of(file: &Path) -> Vec<(u64, u64, u32)> {
     let data = std::fs::read(file).expect("read checkpoint file");
     let footer = &data[data.len() - 120..];
     let u64_at = |b: &[u8], o: usize| u64::from_le_bytes(b[o..o + 8].try_into().expect("8"));
-    let (off, count) = (u64_at(footer, 72) as usize, u64_at(footer, 88) as usize);
-    (0..count)
-        .map(|i| {
-            let e = &data[off + 24 * i..off + 24 * (i + 1)];
-            (
-                u64_at(e, 0),
-                u64_at(e, 8),
-                u32::from_le_bytes(e[20..24].try_into().expect("4")),
-            )
-        })
-        .collect()
+    let u16_at = |b: &[u8], o: usize| u16::from_le_bytes(b[o..o + 2].try_into().expect("2"));
+    let (off, runs) = (u64_at(footer, 72) as usize, u64_at(footer, 88) as usize);
+    let pages_at = u64_at(footer, 24);
+    let mut out = Vec::new();
+    for i in 0..runs {
+        let r = &data[off + 16 * i..off + 16 * (i + 1)];
+        let record = u32::from_le_bytes(r[8..12].try_into().expect("4")) as u64;
+        let flags = u16_at(r, 14) as u32;
+        for k in 0..u16_at(r, 12) as u64 {
+            let offset = if flags & 1 == 0 {
+                pages_at + (record + k) * 4096
+            } else {
+                0
+            };
+            out.push((u64_at(r, 0) + k * 4096, offset, flags));
+        }
+    }
+    out
 }
 
 /// How many pages hold data after the chain `files` (full first): each
@@ -1081,11 +1091,19 @@ fn unsupported_format_version_is_refused() {
         .write(true)
         .open(ckpt_file(dir.path(), 3))
         .expect("open");
-    f.write_all_at(&2u32.to_le_bytes(), 8)
-        .expect("write version");
-    drop(f);
-    let msg = restore_fails(&target(dir.path(), 3), &[]);
-    assert_names(&msg, &["ckpt-000003.vmhop", "version 2", "not supported"]);
+    // Version 1, the older index, and 3, a newer format.
+    for v in [1u32, 3] {
+        f.write_all_at(&v.to_le_bytes(), 8).expect("write version");
+        let msg = restore_fails(&target(dir.path(), 3), &[]);
+        assert_names(
+            &msg,
+            &[
+                "ckpt-000003.vmhop",
+                &format!("version {v} is not supported"),
+                "reads version 2",
+            ],
+        );
+    }
 }
 
 #[test]

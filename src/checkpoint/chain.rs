@@ -11,9 +11,9 @@ use std::path::{Path, PathBuf};
 
 use super::format::{
     checkpoint_file_name, new_chain_id, now_unix_ms, parse_checkpoint_file_name, read_header,
-    CheckpointReader, CheckpointWriter, FormatError, Header, IndexEntry, Kind, WrittenCheckpoint,
-    PAGE_SIZE,
+    CheckpointReader, CheckpointWriter, FormatError, Header, Kind, WrittenCheckpoint, PAGE_SIZE,
 };
+use super::index::IndexEntry;
 
 /// Pages copied per batch when merging: large enough for sequential I/O.
 const MERGE_BATCH_PAGES: usize = 256;
@@ -363,21 +363,22 @@ impl ResolvedChain {
     /// before filtering) cost a lazy restore's loader tens of milliseconds
     /// of fresh heap before it could load a page.
     fn latest(&self, keep: impl Fn(&IndexEntry) -> bool) -> Vec<(u64, usize, IndexEntry)> {
-        let indexes: Vec<&[IndexEntry]> = self.readers.iter().map(|r| r.index()).collect();
-        // Unfilled capacity costs no memory: pages are faulted in as written.
-        let mut map = Vec::with_capacity(indexes.iter().map(|i| i.len()).sum());
-        let mut at = vec![0usize; indexes.len()];
-        while let Some(gpa) = indexes
+        let mut indexes: Vec<_> = self
+            .readers
             .iter()
-            .zip(&at)
-            .filter_map(|(idx, &i)| idx.get(i).map(|e| e.gpa))
+            .map(|r| r.index().iter().peekable())
+            .collect();
+        // Unfilled capacity costs no memory: pages are faulted in as written.
+        let mut map = Vec::with_capacity(self.readers.iter().map(|r| r.index().len()).sum());
+        while let Some(gpa) = indexes
+            .iter_mut()
+            .filter_map(|idx| idx.peek().map(|e| e.gpa))
             .min()
         {
             let mut newest = None;
-            for (r, idx) in indexes.iter().enumerate() {
-                if idx.get(at[r]).is_some_and(|e| e.gpa == gpa) {
-                    newest = Some((r, idx[at[r]]));
-                    at[r] += 1;
+            for (r, idx) in indexes.iter_mut().enumerate() {
+                if let Some(e) = idx.next_if(|e| e.gpa == gpa) {
+                    newest = Some((r, e));
                 }
             }
             if let Some((r, e)) = newest.filter(|(_, e)| keep(e)) {

@@ -21,10 +21,12 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
+use super::index::{Index, IndexEntry, PagesSection, CRC_LEN, MAX_RECORDS, RUN_LEN};
+
 /// Size of a guest page and of one page record in the file.
 pub const PAGE_SIZE: usize = 4096;
 /// The format version this code writes and the only one it reads.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 
 /// First eight bytes of every checkpoint file.
 pub const MAGIC: [u8; 8] = *b"VMHOPCKP";
@@ -37,10 +39,6 @@ pub const HEADER_LEN: usize = 64;
 pub const HEADER_BLOCK_LEN: usize = PAGE_SIZE;
 /// Encoded size of the footer (including its crc and the trailer magic).
 pub const FOOTER_LEN: usize = 120;
-/// Encoded size of one index entry.
-pub const INDEX_ENTRY_LEN: usize = 24;
-/// Index entry flag: the page's latest version is all zeros (no data stored).
-pub const INDEX_FLAG_ZERO: u32 = 1;
 
 /// Bytes buffered before one large sequential write: big enough that the
 /// syscall cost vanishes next to the copy, small enough to stay in cache.
@@ -339,46 +337,6 @@ fn io_error(path: &Path, op: &'static str, source: io::Error) -> FormatError {
     }
 }
 
-/// One entry of a checkpoint's page index.
-///
-/// In memory an entry is laid out as it is encoded (x86_64 is
-/// little-endian; the flags word's only flag, `zero`, is its first byte),
-/// so a file's index is read straight into place and checked there.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(C)]
-pub struct IndexEntry {
-    /// Guest-physical address of the page (page-aligned).
-    pub gpa: u64,
-    /// Offset of the page's data in the file; 0 for a zero page.
-    pub offset: u64,
-    /// crc32c of the page's 4096 bytes; 0 for a zero page.
-    pub crc: u32,
-    /// The page's latest version is all zeros and has no data in the file.
-    pub zero: bool,
-}
-
-const _: () = {
-    assert!(cfg!(target_endian = "little"));
-    assert!(std::mem::size_of::<IndexEntry>() == INDEX_ENTRY_LEN);
-    assert!(std::mem::offset_of!(IndexEntry, gpa) == 0);
-    assert!(std::mem::offset_of!(IndexEntry, offset) == 8);
-    assert!(std::mem::offset_of!(IndexEntry, crc) == 16);
-    assert!(std::mem::offset_of!(IndexEntry, zero) == 20);
-    assert!(INDEX_FLAG_ZERO == 1);
-};
-
-impl IndexEntry {
-    fn encode(&self) -> [u8; INDEX_ENTRY_LEN] {
-        let mut b = [0u8; INDEX_ENTRY_LEN];
-        b[0..8].copy_from_slice(&self.gpa.to_le_bytes());
-        b[8..16].copy_from_slice(&self.offset.to_le_bytes());
-        b[16..20].copy_from_slice(&self.crc.to_le_bytes());
-        let flags = if self.zero { INDEX_FLAG_ZERO } else { 0 };
-        b[20..24].copy_from_slice(&flags.to_le_bytes());
-        b
-    }
-}
-
 /// The name of checkpoint `id`'s file in its directory.
 pub fn checkpoint_file_name(id: u32) -> String {
     format!("ckpt-{id:06}.vmhop")
@@ -616,6 +574,14 @@ impl CheckpointWriter {
     pub fn add_pages(&mut self, gpa: u64, data: &[u8]) -> Result<u64, FormatError> {
         self.check_usable()?;
         check_pages_request(&self.tmp_path, gpa, data.len())?;
+        // The index numbers records with 32 bits.
+        let records = (self.data_end - HEADER_BLOCK_LEN as u64) / PAGE_SIZE as u64;
+        if records + (data.len() / PAGE_SIZE) as u64 > MAX_RECORDS {
+            return Err(FormatError::InvalidArgument {
+                path: self.tmp_path.clone(),
+                reason: format!("a checkpoint file holds at most {MAX_RECORDS} page records"),
+            });
+        }
         let mut written = 0u64;
         let mut run_start: Option<usize> = None;
         for (i, page) in data.chunks_exact(PAGE_SIZE).enumerate() {
@@ -810,10 +776,9 @@ impl CheckpointWriter {
         self.append(&state, &mut state_crc)?;
         let index_offset = state_offset + state.len() as u64;
         let mut index_crc = 0;
-        for e in &entries {
-            self.append(&e.encode(), &mut index_crc)?;
-        }
-        let index_len = (entries.len() * INDEX_ENTRY_LEN) as u64;
+        let (index, index_runs) = Index::encode(&entries, pages_offset);
+        self.append(&index, &mut index_crc)?;
+        let index_len = index.len() as u64;
         let file_len = index_offset + index_len + FOOTER_LEN as u64;
         let footer = Footer {
             chain_id: self.header.chain_id,
@@ -835,7 +800,7 @@ impl CheckpointWriter {
                 offset: index_offset,
                 len: index_len,
             },
-            index_count: entries.len() as u64,
+            index_runs,
             config_crc,
             state_crc,
             index_crc,
@@ -947,7 +912,8 @@ struct Footer {
     config: Section,
     state: Section,
     index: Section,
-    index_count: u64,
+    /// Runs at the start of the index section; page crcs follow them.
+    index_runs: u64,
     config_crc: u32,
     state_crc: u32,
     index_crc: u32,
@@ -965,7 +931,7 @@ impl Footer {
             b[at..at + 8].copy_from_slice(&s.offset.to_le_bytes());
             b[at + 8..at + 16].copy_from_slice(&s.len.to_le_bytes());
         }
-        b[88..96].copy_from_slice(&self.index_count.to_le_bytes());
+        b[88..96].copy_from_slice(&self.index_runs.to_le_bytes());
         b[96..100].copy_from_slice(&self.config_crc.to_le_bytes());
         b[100..104].copy_from_slice(&self.state_crc.to_le_bytes());
         b[104..108].copy_from_slice(&self.index_crc.to_le_bytes());
@@ -995,7 +961,7 @@ impl Footer {
             config: section(1),
             state: section(2),
             index: section(3),
-            index_count: le_u64(&b[88..96]),
+            index_runs: le_u64(&b[88..96]),
             config_crc: le_u32(&b[96..100]),
             state_crc: le_u32(&b[100..104]),
             index_crc: le_u32(&b[104..108]),
@@ -1063,8 +1029,7 @@ pub struct CheckpointReader {
     pages: Section,
     config: Vec<u8>,
     state: Vec<u8>,
-    index: IndexBuf,
-    data_entries: u64,
+    index: Index,
 }
 
 impl fmt::Debug for CheckpointReader {
@@ -1073,7 +1038,7 @@ impl fmt::Debug for CheckpointReader {
             .field("path", &self.path)
             .field("header", &self.header)
             .field("file_len", &self.file_len)
-            .field("index", &self.index.as_slice().len())
+            .field("index", &self.index.len())
             .finish_non_exhaustive()
     }
 }
@@ -1206,15 +1171,7 @@ impl CheckpointReader {
             header,
             footer,
         } = framed;
-        let (index, data_entries) = read_index(
-            &file,
-            path,
-            file_len,
-            footer.index,
-            footer.index_crc,
-            header.kind,
-            footer.pages,
-        )?;
+        let index = read_index(&file, path, file_len, &footer, header.kind)?;
 
         Ok(CheckpointReader {
             path: path.to_path_buf(),
@@ -1225,7 +1182,6 @@ impl CheckpointReader {
             config,
             state,
             index,
-            data_entries,
         })
     }
 
@@ -1263,12 +1219,12 @@ impl CheckpointReader {
 
     /// Index entries with page data (not zero pages).
     pub fn data_entries(&self) -> u64 {
-        self.data_entries
+        self.index.data_pages()
     }
 
-    /// Index entries sorted by gpa, one per gpa.
-    pub fn index(&self) -> &[IndexEntry] {
-        self.index.as_slice()
+    /// The page index: an entry per page, sorted by gpa.
+    pub fn index(&self) -> &Index {
+        &self.index
     }
 
     /// Reads one page into `buf` (`PAGE_SIZE` bytes) and verifies its crc;
@@ -1370,10 +1326,12 @@ fn check_layout(f: &Footer) -> Result<(), String> {
             f.pages.len
         ));
     }
-    if f.index_count.checked_mul(INDEX_ENTRY_LEN as u64) != Some(f.index.len) {
+    let runs = f.index_runs.checked_mul(RUN_LEN as u64);
+    let crcs = runs.and_then(|r| f.index.len.checked_sub(r));
+    if !crcs.is_some_and(|c| c.is_multiple_of(CRC_LEN as u64)) {
         return Err(format!(
-            "the index has {} bytes, which is not {} entries",
-            f.index.len, f.index_count
+            "the index has {} bytes, which is not {} runs and whole crcs",
+            f.index.len, f.index_runs
         ));
     }
     Ok(())
@@ -1401,196 +1359,41 @@ fn read_section(
     Ok(buf)
 }
 
-/// Index entries read per pread when opening a file: each piece is
-/// checksummed and checked while it is still in the CPU's cache.
-const INDEX_READ_ENTRIES: usize = 1 << 15;
-
-/// Reads the index section straight into its place in memory, checksumming
-/// and checking each entry as it comes; also returns how many entries have
-/// data.
+/// Reads the index section (its runs, then its crcs, each straight into
+/// its place), checksums it, then checks every run.
 fn read_index(
     file: &File,
     path: &Path,
     file_len: u64,
-    s: Section,
-    crc: u32,
+    footer: &Footer,
     kind: Kind,
-    pages: Section,
-) -> Result<(IndexBuf, u64), FormatError> {
-    let total = s.len as usize;
-    let mut index = IndexBuf::with_capacity(total.div_ceil(INDEX_ENTRY_LEN));
-    let mut sum = 0u32;
-    let mut checked: Result<(), String> = Ok(());
-    let mut done = 0usize;
-    let mut prev = None;
-    let mut data = 0u64;
-    while done < total {
-        let n = (INDEX_READ_ENTRIES * INDEX_ENTRY_LEN).min(total - done);
-        let piece = &mut index.bytes_mut()[done..done + n];
-        file.read_exact_at(piece, s.offset + done as u64)
-            .map_err(|e| read_error(path, file_len, e))?;
-        sum = crc32c::crc32c_append(sum, piece);
-        if checked.is_ok() {
-            let first = done / INDEX_ENTRY_LEN;
-            checked = check_entries(piece, first, &mut prev, kind, pages).map(|(count, d)| {
-                data += d as u64;
-                // SAFETY: check_entries checked these entries' bytes, which
-                // directly follow the ones counted before.
-                unsafe { index.set_len(first + count) }
-            });
-        }
-        done += n;
-    }
+) -> Result<Index, FormatError> {
+    let s = footer.index;
+    // check_layout has bounded the section by the file length and split it
+    // into whole runs and crcs, so these allocations are no larger than the
+    // file.
+    let runs_len = (footer.index_runs * RUN_LEN as u64) as usize;
+    let mut runs = vec![0u8; runs_len];
+    let mut crcs = vec![0u8; s.len as usize - runs_len];
+    file.read_exact_at(&mut runs, s.offset)
+        .and_then(|()| file.read_exact_at(&mut crcs, s.offset + runs_len as u64))
+        .map_err(|e| read_error(path, file_len, e))?;
     // A damaged index is a checksum error first; only a well-summed index
-    // with impossible entries is "corrupt".
-    if sum != crc {
+    // with impossible runs is "corrupt".
+    if crc32c::crc32c_append(crc32c::crc32c(&runs), &crcs) != footer.index_crc {
         return Err(FormatError::Checksum {
             path: path.to_path_buf(),
             section: "index section".into(),
         });
     }
-    checked.map_err(|reason| FormatError::Corrupt {
+    let pages = PagesSection {
+        offset: footer.pages.offset,
+        len: footer.pages.len,
+    };
+    Index::decode(&runs, crcs, kind, pages).map_err(|reason| FormatError::Corrupt {
         path: path.to_path_buf(),
         reason,
-    })?;
-    Ok((index, data))
-}
-
-/// A file's index entries, in memory of their own.
-///
-/// A 1 GiB checkpoint's index is ~230 000 entries (5.5 MB). Filling that
-/// much fresh 4 KiB-page heap memory costs a page fault per 4 KiB, 2.6 to
-/// 6.7 ms measured on the hosts of docs/benchmarks.md, the largest part of
-/// checking a chain before a lazy restore can start its vCPUs; in its own
-/// mapping with transparent huge pages asked for and faulted in by one
-/// madvise it took ~0.7 ms. Small indexes (and any host where that mapping
-/// fails) use the heap. The memory is zeroed when allocated, and only its
-/// first `len` entries, checked, are ever seen as entries.
-struct IndexBuf {
-    store: IndexStore,
-    /// Entries checked.
-    len: usize,
-    /// Entries the memory holds.
-    cap: usize,
-}
-
-enum IndexStore {
-    /// Three u64 per entry: aligned for IndexEntry.
-    Heap(Vec<u64>),
-    Mapped(crate::memory::Mapping),
-}
-
-/// Indexes at least this large go into a mapping of their own.
-const INDEX_MAP_MIN: usize = 2 << 20;
-
-impl IndexBuf {
-    fn with_capacity(cap: usize) -> IndexBuf {
-        let bytes = cap.saturating_mul(INDEX_ENTRY_LEN);
-        let mut store = None;
-        if bytes >= INDEX_MAP_MIN {
-            let len = bytes.next_multiple_of(INDEX_MAP_MIN);
-            store = crate::memory::Mapping::new(len, crate::memory::Backing::TransparentHuge)
-                .ok()
-                // A populate failure costs only speed: the writes fault.
-                .inspect(|m| drop(m.populate()))
-                .map(IndexStore::Mapped);
-        }
-        let store = store.unwrap_or_else(|| IndexStore::Heap(vec![0u64; cap * 3]));
-        IndexBuf { store, len: 0, cap }
-    }
-
-    /// The memory of all `cap` entries, as bytes.
-    fn bytes_mut(&mut self) -> &mut [u8] {
-        let n = self.cap * INDEX_ENTRY_LEN;
-        match &mut self.store {
-            IndexStore::Heap(v) => {
-                // SAFETY: v holds cap * 3 initialised u64, n bytes; u8 has no
-                // alignment or validity needs; the borrow of self is unique.
-                unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr() as *mut u8, n) }
-            }
-            // SAFETY: the mapping is at least n bytes long, readable and
-            // writable, zero-filled by the kernel, and lives as long as self;
-            // the borrow of self is unique.
-            IndexStore::Mapped(m) => unsafe { std::slice::from_raw_parts_mut(m.as_ptr(), n) },
-        }
-    }
-
-    /// Makes the first `len` entries visible.
-    ///
-    /// # Safety
-    /// Their bytes must have passed [`check_entries`], which makes every
-    /// `zero` byte a valid bool.
-    unsafe fn set_len(&mut self, len: usize) {
-        self.len = len.min(self.cap);
-    }
-
-    fn as_slice(&self) -> &[IndexEntry] {
-        let p = match &self.store {
-            IndexStore::Heap(v) => v.as_ptr() as *const IndexEntry,
-            IndexStore::Mapped(m) => m.as_ptr() as *const IndexEntry,
-        };
-        // SAFETY: the memory is 8-byte aligned (a Vec<u64>, or a
-        // page-aligned mapping), holds cap >= len entries, lives as long as
-        // self, and its first len entries were checked (set_len).
-        unsafe { std::slice::from_raw_parts(p, self.len) }
-    }
-}
-
-/// Checks the whole entries of `raw` (entry `first` onwards; `prev`, the
-/// gpa of the entry before, is updated) and returns how many there are and
-/// how many of them have data (are not zero pages).
-fn check_entries(
-    raw: &[u8],
-    first: usize,
-    prev: &mut Option<u64>,
-    kind: Kind,
-    pages: Section,
-) -> Result<(usize, usize), String> {
-    if !raw.len().is_multiple_of(INDEX_ENTRY_LEN) {
-        return Err(format!(
-            "the index does not end on a whole {INDEX_ENTRY_LEN}-byte entry"
-        ));
-    }
-    let pages_end = pages.offset + pages.len;
-    let mut data = 0;
-    for (j, b) in raw.chunks_exact(INDEX_ENTRY_LEN).enumerate() {
-        let gpa = le_u64(&b[0..8]);
-        let offset = le_u64(&b[8..16]);
-        let crc = le_u32(&b[16..20]);
-        let flags = le_u32(&b[20..24]);
-        let bad = |what: String| format!("index entry {} (gpa {gpa:#x}): {what}", first + j);
-        if flags & !INDEX_FLAG_ZERO != 0 {
-            return Err(bad(format!("unknown flags {flags:#x}")));
-        }
-        if !gpa.is_multiple_of(PAGE_SIZE as u64) {
-            return Err(bad("gpa is not page-aligned".into()));
-        }
-        if let Some(p) = *prev {
-            if gpa <= p {
-                return Err(bad(format!("not after the previous gpa {p:#x}")));
-            }
-        }
-        if flags & INDEX_FLAG_ZERO != 0 {
-            if kind == Kind::Full {
-                return Err(bad("zero entry in a full checkpoint".into()));
-            }
-            if offset != 0 || crc != 0 {
-                return Err(bad("zero entry with an offset or crc".into()));
-            }
-        } else if offset < pages.offset
-            || offset >= pages_end
-            || !(offset - pages.offset).is_multiple_of(PAGE_SIZE as u64)
-        {
-            return Err(bad(format!(
-                "data offset {offset:#x} is not a page record in {:#x}..{pages_end:#x}",
-                pages.offset
-            )));
-        } else {
-            data += 1;
-        }
-        *prev = Some(gpa);
-    }
-    Ok((raw.len() / INDEX_ENTRY_LEN, data))
+    })
 }
 
 #[cfg(test)]
@@ -1630,7 +1433,7 @@ mod tests {
             .iter()
             .map(|e| {
                 let mut buf = zero();
-                r.read_page(e, &mut buf).unwrap();
+                r.read_page(&e, &mut buf).unwrap();
                 (e.gpa, buf)
             })
             .collect()
@@ -1687,7 +1490,7 @@ mod tests {
         for i in 0..4 {
             assert_eq!(pages[1 + i].1, page(i as u64));
         }
-        for e in r.index() {
+        for e in r.index().iter() {
             assert_eq!(e.offset % PAGE_SIZE as u64, 0, "page data is page-aligned");
         }
     }
@@ -1710,7 +1513,8 @@ mod tests {
         assert_eq!(out.pages_written, n as u64 + 2);
         let r = CheckpointReader::open(&out.path).unwrap();
         let mut all = vec![0u8; r.index().len() * PAGE_SIZE];
-        r.read_pages(r.index(), &mut all).unwrap();
+        let entries: Vec<IndexEntry> = r.index().iter().collect();
+        r.read_pages(&entries, &mut all).unwrap();
         assert_eq!(&all[..PAGE_SIZE], &page(1)[..]);
         assert_eq!(&all[PAGE_SIZE..2 * PAGE_SIZE], &page(2)[..]);
         assert_eq!(&all[2 * PAGE_SIZE..], &big[..]);
@@ -1768,7 +1572,7 @@ mod tests {
         assert_eq!(out.zero_pages, 2);
         let r = CheckpointReader::open(&out.path).unwrap();
         assert_eq!(r.header(), &h);
-        let idx = r.index();
+        let idx: Vec<IndexEntry> = r.index().iter().collect();
         assert_eq!(idx.len(), 3);
         assert!(idx[0].zero && idx[0].offset == 0);
         assert!(!idx[1].zero);
@@ -1780,80 +1584,68 @@ mod tests {
 
     #[test]
     fn a_large_index_reads_back_whole_and_a_damaged_one_is_refused() {
-        // Large enough (over INDEX_MAP_MIN) for the index to be parsed into
-        // a mapping of its own: zero entries of an incremental carry no
-        // page data, so the file stays small.
-        let n = INDEX_MAP_MIN / INDEX_ENTRY_LEN + 1000;
+        // Zero pages of an incremental carry no page data, so the file stays
+        // small; one data page in every 1000 cuts the index into ~1000 runs.
+        let n = 1_000_000usize;
         let dir = tempfile::tempdir().unwrap();
         let h = Header::incremental(7, 2, 1);
         let mut w = CheckpointWriter::create(dir.path(), h).unwrap();
+        let data = |i: usize| i % 1000 == 3;
         for i in 0..n as u64 {
-            let data = if i % 1000 == 3 { page(i) } else { zero() };
-            w.add_page(i * PAGE_SIZE as u64, &data).unwrap();
+            let p = if data(i as usize) { page(i) } else { zero() };
+            w.add_page(i * PAGE_SIZE as u64, &p).unwrap();
         }
         let out = w.finish().unwrap();
         let r = CheckpointReader::open(&out.path).unwrap();
-        assert!(matches!(r.index.store, IndexStore::Mapped(_)));
         let idx = r.index();
         assert_eq!(idx.len(), n);
         assert_eq!(r.data_entries(), n.div_ceil(1000) as u64);
         for (i, e) in idx.iter().enumerate() {
             assert_eq!(e.gpa, (i * PAGE_SIZE) as u64);
-            assert_eq!(e.zero, i % 1000 != 3, "entry {i}");
+            assert_eq!(e.zero, !data(i), "entry {i}");
         }
         let mut buf = zero();
-        r.read_page(&idx[1003], &mut buf).unwrap();
+        r.read_page(&idx.get(1003 * PAGE_SIZE as u64).unwrap(), &mut buf)
+            .unwrap();
         assert_eq!(buf, page(1003));
         drop(r);
-        // One flipped byte in the middle of the index.
+        // One flipped byte in the middle of the runs, then of the crcs.
         let f = OpenOptions::new()
             .read(true)
             .write(true)
             .open(&out.path)
             .unwrap();
         let len = f.metadata().unwrap().len();
-        let at = len - FOOTER_LEN as u64 - (n * INDEX_ENTRY_LEN / 2) as u64;
-        let mut b = [0u8];
-        f.read_exact_at(&mut b, at).unwrap();
-        f.write_all_at(&[b[0] ^ 0x40], at).unwrap();
-        let err = CheckpointReader::open(&out.path).unwrap_err().to_string();
-        assert!(err.contains("index section"), "{err}");
+        let crcs = n.div_ceil(1000) * CRC_LEN;
+        for back in [crcs + 1000 * RUN_LEN, crcs / 2] {
+            let at = len - (FOOTER_LEN + back) as u64;
+            let mut b = [0u8];
+            f.read_exact_at(&mut b, at).unwrap();
+            f.write_all_at(&[b[0] ^ 0x40], at).unwrap();
+            let err = CheckpointReader::open(&out.path).unwrap_err().to_string();
+            assert!(err.contains("index section"), "{err}");
+            f.write_all_at(&b, at).unwrap();
+        }
+        CheckpointReader::open(&out.path).unwrap();
     }
 
     #[test]
-    fn an_index_buffer_shows_only_the_entries_checked_whatever_its_memory() {
-        for cap in [3, INDEX_MAP_MIN / INDEX_ENTRY_LEN + 1] {
-            let mut b = IndexBuf::with_capacity(cap);
-            let e = |i: usize| IndexEntry {
-                gpa: (i * PAGE_SIZE) as u64,
-                offset: 0,
-                crc: 0,
-                zero: true,
-            };
-            for i in 0..cap {
-                b.bytes_mut()[i * INDEX_ENTRY_LEN..(i + 1) * INDEX_ENTRY_LEN]
-                    .copy_from_slice(&e(i).encode());
-            }
-            assert!(b.as_slice().is_empty(), "{cap}: nothing checked yet");
-            let mut prev = None;
-            let (n, _) = check_entries(
-                &b.bytes_mut()[..cap * INDEX_ENTRY_LEN],
-                0,
-                &mut prev,
-                Kind::Incremental,
-                Section {
-                    offset: 4096,
-                    len: 0,
-                },
-            )
-            .unwrap();
-            assert_eq!(n, cap);
-            // SAFETY: checked just above.
-            unsafe { b.set_len(n + 5) };
-            assert_eq!(b.as_slice().len(), cap, "{cap}: never beyond the memory");
-            assert_eq!(b.as_slice()[cap - 1], e(cap - 1));
-            assert_eq!(prev, Some(((cap - 1) * PAGE_SIZE) as u64));
-        }
+    fn a_full_checkpoint_of_contiguous_pages_has_a_small_index() {
+        // 4 MiB of data written in one stretch: one run and 1024 crcs.
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = CheckpointWriter::create(dir.path(), full_header(1)).unwrap();
+        let data: Vec<u8> = (0..1024).flat_map(page).collect();
+        w.add_pages(0, &data).unwrap();
+        let out = w.finish().unwrap();
+        let bytes = std::fs::read(&out.path).unwrap();
+        let footer = &bytes[bytes.len() - FOOTER_LEN..];
+        assert_eq!(le_u64(&footer[80..88]), (RUN_LEN + 1024 * CRC_LEN) as u64);
+        assert_eq!(le_u64(&footer[88..96]), 1);
+        let r = CheckpointReader::open(&out.path).unwrap();
+        let mut back = vec![0u8; data.len()];
+        let entries: Vec<IndexEntry> = r.index().iter().collect();
+        r.read_pages(&entries, &mut back).unwrap();
+        assert!(back == data);
     }
 
     #[test]
@@ -1956,8 +1748,8 @@ mod tests {
         std::fs::write(&path, bytes).unwrap();
         let result = CheckpointReader::open(&path).and_then(|r| {
             let mut buf = zero();
-            for e in r.index() {
-                r.read_page(e, &mut buf)?;
+            for e in r.index().iter() {
+                r.read_page(&e, &mut buf)?;
             }
             Ok(())
         });
@@ -1985,7 +1777,9 @@ mod tests {
         let good = std::fs::read(sample(dir.path())).unwrap();
         let len = good.len();
         let footer_at = len - FOOTER_LEN;
-        let index_at = footer_at - 3 * INDEX_ENTRY_LEN;
+        // Three data pages at gpas 0, 0x2000 and 0x5000: three runs and
+        // three crcs.
+        let index_at = footer_at - 3 * (RUN_LEN + CRC_LEN);
         let state_at = index_at - b"cpu-state".len();
         let config_at = state_at - b"{\"vcpus\":1}".len();
         let cases: Vec<(usize, &str)> = vec![
@@ -2064,7 +1858,8 @@ mod tests {
         let f = OpenOptions::new().write(true).open(&path).unwrap();
         f.set_len(HEADER_BLOCK_LEN as u64 + 100).unwrap();
         let mut buf = zero();
-        let err = r.read_page(&r.index()[2], &mut buf).unwrap_err();
+        let third = r.index().iter().nth(2).unwrap();
+        let err = r.read_page(&third, &mut buf).unwrap_err();
         assert!(matches!(err, FormatError::Truncated { .. }), "{err}");
     }
 
@@ -2087,20 +1882,26 @@ mod tests {
 
     #[test]
     fn other_format_version_is_refused_by_number() {
+        // Version 1 (24-byte index entries) is the older format, 3 a newer one.
         let dir = tempfile::tempdir().unwrap();
-        let mut bad = std::fs::read(sample(dir.path())).unwrap();
-        bad[8..12].copy_from_slice(&2u32.to_le_bytes());
-        let (path, err) = open_bytes(dir.path(), &bad);
-        let err = err.unwrap();
-        assert!(
-            matches!(err, FormatError::UnsupportedVersion { found: 2, .. }),
-            "{err}"
-        );
-        let msg = err.to_string();
-        assert!(
-            msg.contains(path.to_str().unwrap()) && msg.contains("version 2"),
-            "{msg}"
-        );
+        let good = std::fs::read(sample(dir.path())).unwrap();
+        for v in [1u32, 3] {
+            let mut bad = good.clone();
+            bad[8..12].copy_from_slice(&v.to_le_bytes());
+            let (path, err) = open_bytes(dir.path(), &bad);
+            let err = err.unwrap();
+            assert!(
+                matches!(err, FormatError::UnsupportedVersion { found, .. } if found == v),
+                "{err}"
+            );
+            let msg = err.to_string();
+            assert!(
+                msg.contains(path.to_str().unwrap())
+                    && msg.contains(&format!("version {v} is not supported"))
+                    && msg.contains("reads version 2"),
+                "{msg}"
+            );
+        }
     }
 
     #[test]

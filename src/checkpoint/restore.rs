@@ -32,7 +32,8 @@ use serde::{Deserialize, Serialize};
 use userfaultfd::{Event, Uffd, UffdBuilder};
 
 use super::chain::{Chain, ChainEntry, ChainError, ResolvedChain};
-use super::format::{read_meta, IndexEntry, Kind, Meta, PAGE_SIZE};
+use super::format::{read_meta, Kind, Meta, PAGE_SIZE};
+use super::index::IndexEntry;
 use crate::memory::GuestMemory;
 use crate::vmm::{CheckpointRef, Start, Vm, VmConfig, VmState};
 
@@ -261,14 +262,10 @@ fn validate(
         stored_pages += reader.data_entries();
         let mut gap_start = 0u64;
         for &(start, end) in ranges.iter().chain(std::iter::once(&(u64::MAX, u64::MAX))) {
-            let from = idx.partition_point(|e| e.gpa < gap_start);
-            if let Some(e) = idx.get(from).filter(|e| e.gpa < start) {
+            if let Some(gpa) = idx.first_at_or_after(gap_start).filter(|&g| g < start) {
                 return Err(RestoreError::Content {
                     file: reader.path().to_path_buf(),
-                    reason: format!(
-                        "page {:#x} lies outside the VM's {size} bytes of memory",
-                        e.gpa
-                    ),
+                    reason: format!("page {gpa:#x} lies outside the VM's {size} bytes of memory"),
                 });
             }
             gap_start = end;
@@ -428,12 +425,7 @@ impl Lazy {
             .iter()
             .enumerate()
             .rev()
-            .find_map(|(r, reader)| {
-                let idx = reader.index();
-                idx.binary_search_by_key(&gpa, |e| e.gpa)
-                    .ok()
-                    .map(|i| (r, idx[i]))
-            })
+            .find_map(|(r, reader)| reader.index().get(gpa).map(|e| (r, e)))
     }
 
     /// Claims the block holding `gpa` for `who`: true if it was unclaimed,
