@@ -21,7 +21,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-use super::index::{Index, IndexEntry, PagesSection, CRC_LEN, MAX_RECORDS, RUN_LEN};
+use super::index::{Index, IndexEntry, CRC_LEN, MAX_RECORDS, RUN_LEN};
 
 /// Size of a guest page and of one page record in the file.
 pub const PAGE_SIZE: usize = 4096;
@@ -891,10 +891,13 @@ fn rename_no_replace(from: &Path, to: &Path) -> Result<(), FormatError> {
     }
 }
 
+/// Where a section lies in the file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Section {
-    offset: u64,
-    len: u64,
+pub(crate) struct Section {
+    /// File offset of its first byte.
+    pub(crate) offset: u64,
+    /// Its length in bytes.
+    pub(crate) len: u64,
 }
 
 impl Section {
@@ -1386,11 +1389,7 @@ fn read_index(
             section: "index section".into(),
         });
     }
-    let pages = PagesSection {
-        offset: footer.pages.offset,
-        len: footer.pages.len,
-    };
-    Index::decode(&runs, crcs, kind, pages).map_err(|reason| FormatError::Corrupt {
+    Index::decode(&runs, crcs, kind, footer.pages).map_err(|reason| FormatError::Corrupt {
         path: path.to_path_buf(),
         reason,
     })

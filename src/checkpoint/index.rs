@@ -12,7 +12,7 @@
 //! This module owns the index's encoding, its checks and its lookups. The
 //! section's place in the file and its checksum are `format.rs`'s.
 
-use super::format::{Kind, PAGE_SIZE};
+use super::format::{Kind, Section, PAGE_SIZE};
 
 /// Bytes of one run on disk.
 pub const RUN_LEN: usize = 16;
@@ -78,7 +78,7 @@ impl Run {
 
 /// A file's index, checked: runs sorted by gpa and not overlapping, every
 /// data record inside the pages section, one crc per data page.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Index {
     runs: Vec<Run>,
     /// The crcs as stored (little-endian), read straight into place.
@@ -86,24 +86,16 @@ pub struct Index {
     pages: usize,
 }
 
-/// Where the pages section is: the records a run may point at.
-#[derive(Debug, Clone, Copy)]
-pub struct PagesSection {
-    /// File offset of the first record.
-    pub offset: u64,
-    /// Bytes of records.
-    pub len: u64,
-}
-
 impl Index {
     /// Builds the index from its on-disk parts: `runs` (`RUN_LEN` bytes
     /// each) and `crcs` (`CRC_LEN` bytes per data page), checking every
-    /// run. The error says which run is wrong and why.
-    pub fn decode(
+    /// run against the pages section `section` (the records a run may
+    /// point at). The error says which run is wrong and why.
+    pub(crate) fn decode(
         runs: &[u8],
         crcs: Vec<u8>,
         kind: Kind,
-        section: PagesSection,
+        section: Section,
     ) -> Result<Index, String> {
         if !runs.len().is_multiple_of(RUN_LEN) || !crcs.len().is_multiple_of(CRC_LEN) {
             return Err("the index does not end on a whole run and crc".into());
@@ -182,7 +174,7 @@ impl Index {
 
     /// Encodes `entries` (sorted by gpa, one per gpa) as the index section:
     /// runs, then crcs. Returns the bytes and the number of runs.
-    pub fn encode(entries: &[IndexEntry], pages_offset: u64) -> (Vec<u8>, u64) {
+    pub(crate) fn encode(entries: &[IndexEntry], pages_offset: u64) -> (Vec<u8>, u64) {
         let mut runs: Vec<(IndexEntry, u64)> = Vec::new();
         for e in entries {
             match runs.last_mut() {
@@ -263,7 +255,7 @@ impl Index {
 mod tests {
     use super::*;
 
-    const PAGES: PagesSection = PagesSection {
+    const PAGES: Section = Section {
         offset: 4096,
         len: 1 << 30,
     };
@@ -342,7 +334,7 @@ mod tests {
             b
         };
         let crcs = |n: usize| vec![0u8; n * CRC_LEN];
-        let small = PagesSection {
+        let small = Section {
             offset: 4096,
             len: 8 * p,
         };

@@ -4,7 +4,8 @@
 # tests/numabox/scenarios/linux.sh for each step; docs/linux-guests.md).
 #
 #   tests/numabox/linux/run-step.sh STEP [verbose]
-#   STEP = boot | poweroff | reboot | checkpoint | numa-live | numa-stop-copy | numa-kernel
+#   STEP = boot | poweroff | reboot | checkpoint | numa-moves | numa-live | numa-stop-copy
+#          | numa-kernel | migrate
 #
 # Runs setup.sh (cached after the first time), builds the guest initramfs,
 # then run.sh with the kernel and the initramfs as the box's extra files.
