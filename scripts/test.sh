@@ -30,9 +30,10 @@ phase "cargo test --test numabox (the two-node host inside QEMU)"
 retries="$PWD/target/numabox-logs/platform-retries.log"
 rm -f "$retries"
 cargo test --release --no-fail-fast --test numabox "$@" -- --test-threads=1
-# A box that failed the platform's way (its kernel crashed or froze, or a
-# Linux guest died while booting) is booted again (tests/numabox.rs,
-# BOOT_RETRIES): say so, with each failed attempt kept in the file.
+# A box that failed the platform's way (its kernel crashed or froze, a
+# Linux guest died while booting, or a guest triple-faulted later, within
+# the suite's budget) is booted again (tests/numabox.rs, BOOT_RETRIES,
+# TRIPLE_FAULT_BUDGET): say so, with each failed attempt kept in the file.
 if [ -s "$retries" ]; then
     echo "NUMA box: boots retried after a platform failure (QEMU's emulated SVM, tests/numabox/README.md):"
     grep '^numabox retry:' "$retries"

@@ -41,10 +41,22 @@ finish() {
 }
 
 echo "numabox: kernel $(uname -r), $(grep -c ^processor /proc/cpuinfo) cpus"
+# run.sh's knobs for comparing box failures (README "Environment of run.sh").
+if [ -s /numa-balancing ]; then
+    if ! cat /numa-balancing >/proc/sys/kernel/numa_balancing; then
+        echo "numabox: cannot set kernel.numa_balancing to '$(cat /numa-balancing)'"
+        finish 93
+    fi
+    echo "numabox: kernel.numa_balancing = $(cat /proc/sys/kernel/numa_balancing)"
+fi
+[ ! -s /kvm-amd.params ] || echo "numabox: kvm-amd parameters: $(cat /kvm-amd.params)"
 
 # Order matters: each needs symbols from the ones before it.
 for m in irqbypass ccp kvm kvm-amd; do
-    if ! insmod "/lib/modules/numabox/$m.ko"; then
+    params=""
+    [ "$m" != kvm-amd ] || params="$(cat /kvm-amd.params 2>/dev/null)"
+    # shellcheck disable=SC2086 # the parameters are words
+    if ! insmod "/lib/modules/numabox/$m.ko" $params; then
         echo "numabox: insmod $m.ko failed"
         dmesg | tail -n 20
         finish 90

@@ -23,6 +23,10 @@
 #   NUMABOX_TCG_THREAD  QEMU's TCG mode: "multi" (default, one host thread
 #                    per box CPU) or "single" (one thread runs both); for
 #                    comparing box failures, see README "The platform's own fault"
+#   NUMABOX_KVM_AMD  parameters for the box's kvm-amd module (e.g. "npt=0"),
+#                    for comparing box failures
+#   NUMABOX_NUMA_BALANCING  the box's kernel.numa_balancing (e.g. 0; default:
+#                    the kernel's), for comparing box failures
 #   NUMABOX_QEMU     the QEMU command (words; default qemu-system-x86_64), for
 #                    trying another build: "/path/qemu-system-x86_64 -L DIR"
 #
@@ -156,6 +160,8 @@ chmod 755 "$root/init"
 cp "$scenario" "$root/scenario.sh"
 chmod 755 "$root/scenario.sh"
 printf '%s\n' "$scenario_args" >"$root/scenario.args"
+printf '%s' "${NUMABOX_KVM_AMD:-}" >"$root/kvm-amd.params"
+printf '%s' "${NUMABOX_NUMA_BALANCING:-}" >"$root/numa-balancing"
 for spec in "$@"; do
     src="${spec%%:*}"
     if [ "$src" = "$spec" ]; then
