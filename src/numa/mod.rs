@@ -307,8 +307,8 @@ pub fn numa_migrate(vm: &Vm, req: &NumaMigrateRequest) -> Result<NumaMigrateRepo
             // The policy goes first: a page the guest touches for the first
             // time after its batch went by, or after the last placement
             // check, is then taken on the target instead of staying behind.
-            if let Err(e) = bind_guest_nodes(vm, &guest_nodes, |_| target) {
-                let rebind = bind_guest_nodes(vm, &guest_nodes, |g| homes[g as usize]);
+            if let Err(e) = bind_guest_nodes(vm, &guest_nodes, |_| target, |_| Ok(())) {
+                let rebind = bind_guest_nodes(vm, &guest_nodes, |g| homes[g as usize], |_| Ok(()));
                 return Err(failed(match rebind {
                     Ok(()) => format!("{e}; the VM runs on its old memory and policy"),
                     Err(e2) => format!(
@@ -353,19 +353,24 @@ fn undone(e: String, undo: Result<(), String>) -> String {
 }
 
 /// Binds every chunk of `guest_nodes` to the host node `node_of(guest
-/// node)`, without moving pages.
+/// node)`, without moving pages. `before_each` is asked first with the
+/// number of chunks bound so far (the test hook's way in).
 fn bind_guest_nodes(
     vm: &Vm,
     guest_nodes: &[u32],
     node_of: impl Fn(u32) -> u32,
+    mut before_each: impl FnMut(usize) -> Result<(), String>,
 ) -> Result<(), String> {
     let mem = vm.memory();
+    let mut bound = 0;
     for n in mem
         .nodes
         .iter()
         .filter(|n| guest_nodes.contains(&n.guest_node))
     {
         for c in &n.chunks {
+            before_each(bound)?;
+            bound += 1;
             policy::bind(
                 c.mapping.as_ptr(),
                 c.mapping.len(),
@@ -419,22 +424,12 @@ fn finish(
     cpus: &[usize],
     report: &mut NumaMigrateReport,
 ) -> Result<(), String> {
-    {
-        let mem = vm.memory();
-        let mut bound = 0;
-        for n in mem
-            .nodes
-            .iter()
-            .filter(|n| guest_nodes.contains(&n.guest_node))
-        {
-            for c in &n.chunks {
-                injected_finish_failure("policy", bound)?;
-                policy::bind(c.mapping.as_ptr(), c.mapping.len(), target, false)
-                    .map_err(|e| e.to_string())?;
-                bound += 1;
-            }
-        }
-    }
+    bind_guest_nodes(
+        vm,
+        guest_nodes,
+        |_| target,
+        |bound| injected_finish_failure("policy", bound),
+    )?;
     repin_vcpus(vm, guest_nodes, cpus, report)?;
     injected_finish_failure("placement", 1)?;
     let after = placement_of(vm, guest_nodes, 1)?;
@@ -614,7 +609,8 @@ fn kernel_move(
     if let Err((e, done)) = r {
         // Rebind first, so that pages the guest touches from now on are
         // taken on the old nodes too.
-        let mut failed_back = bind_guest_nodes(vm, guest_nodes, |g| homes[g as usize]).err();
+        let mut failed_back =
+            bind_guest_nodes(vm, guest_nodes, |g| homes[g as usize], |_| Ok(())).err();
         let mut pages: Vec<*mut u8> = Vec::with_capacity(KERNEL_BATCH_PAGES);
         for (base, first, k, g) in done {
             pages.clear();
