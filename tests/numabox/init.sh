@@ -49,12 +49,13 @@ if [ -s /numa-balancing ]; then
     fi
     echo "numabox: kernel.numa_balancing = $(cat /proc/sys/kernel/numa_balancing)"
 fi
-[ ! -s /kvm-amd.params ] || echo "numabox: kvm-amd parameters: $(cat /kvm-amd.params)"
+kvm_amd_params="$(cat /kvm-amd.params 2>/dev/null)"
+[ -z "$kvm_amd_params" ] || echo "numabox: kvm-amd parameters: $kvm_amd_params"
 
 # Order matters: each needs symbols from the ones before it.
 for m in irqbypass ccp kvm kvm-amd; do
     params=""
-    [ "$m" != kvm-amd ] || params="$(cat /kvm-amd.params 2>/dev/null)"
+    [ "$m" != kvm-amd ] || params="$kvm_amd_params"
     # shellcheck disable=SC2086 # the parameters are words
     if ! insmod "/lib/modules/numabox/$m.ko" $params; then
         echo "numabox: insmod $m.ko failed"
