@@ -56,13 +56,20 @@ const MAX_BODY: usize = 1 << 20;
 const PROGRESS_WAIT: Duration = Duration::from_secs(10);
 
 /// Every status docs/api.md lists.
-const DOCUMENTED: &[u16] = &[200, 400, 404, 405, 409, 413, 500];
+const DOCUMENTED: &[u16] = &[200, 400, 403, 404, 405, 409, 413, 422, 500, 503];
 
 /// A valid action's answers: done, or another operation holds the lock.
 const OK_OR_BUSY: &[u16] = &[200, 409];
 
 /// A value the VM refuses once it gets to it (the lock is checked first).
 const REFUSED_OR_BUSY: &[u16] = &[400, 409];
+
+/// A node the request names that does not exist, or the lock.
+const MISSING_OR_BUSY: &[u16] = &[404, 409];
+
+/// A path the request names that cannot be used (not permitted, missing,
+/// not a directory), or the lock.
+const BAD_PATH_OR_BUSY: &[u16] = &[403, 404, 422, 409];
 
 /// An operation that is attempted and fails, or meets the lock.
 const FAILS_OR_BUSY: &[u16] = &[500, 409];
@@ -255,7 +262,7 @@ fn checkpoints(places: &Places) -> impl Strategy<Value = Req> {
         "/dev/null/ck",
         "/sys/vmhop-abuse",
     ])
-    .prop_map(|d| put("vm.checkpoint", json!({"dir": d}), FAILS_OR_BUSY));
+    .prop_map(|d| put("vm.checkpoint", json!({"dir": d}), BAD_PATH_OR_BUSY));
     prop_oneof![3 => good, 2 => wrong_shape, 1 => bad_dir]
 }
 
@@ -284,9 +291,9 @@ fn numa_moves() -> impl Strategy<Value = Req> {
         mode.clone(),
         prop_oneof![
             prop::sample::select(vec![1u64, 7, 1023, 4_294_967_295])
-                .prop_map(|n| json!({"to_node": n})),
+                .prop_map(|n| (json!({"to_node": n}), MISSING_OR_BUSY)),
             prop::sample::select(vec![2u64, 64, 4_294_967_295])
-                .prop_map(|g| json!({"to_node": 0, "guest_node": g})),
+                .prop_map(|g| (json!({"to_node": 0, "guest_node": g}), MISSING_OR_BUSY)),
             prop::sample::select(vec![
                 json!(0),
                 json!(-1),
@@ -295,12 +302,15 @@ fn numa_moves() -> impl Strategy<Value = Req> {
                 json!(60001),
                 json!(-1e300)
             ])
-            .prop_map(|ms| json!({"to_node": 0, "max_downtime_ms": ms})),
+            .prop_map(|ms| (
+                json!({"to_node": 0, "max_downtime_ms": ms}),
+                REFUSED_OR_BUSY
+            )),
         ],
     )
-        .prop_map(|(mode, mut b)| {
+        .prop_map(|(mode, (mut b, answers))| {
             b["mode"] = json!(mode);
-            put("vm.numa-migrate", b, REFUSED_OR_BUSY)
+            put("vm.numa-migrate", b, answers)
         });
     // Not a NUMA move request at all.
     let malformed = prop::sample::select(vec![

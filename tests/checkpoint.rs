@@ -362,11 +362,16 @@ fn every_checkpoint_of_a_chain_restores_to_its_moment_and_runs_on() {
 fn pages_kvm_writes_while_the_vcpu_state_is_restored_keep_their_content() {
     let dir = tempdir();
     let taken = {
-        let vm = Vm::start_command_env(
-            &["run"],
-            &["--vcpus", "2", "--memory", SMALL, "--guest", GUEST],
-            &[("VMHOP_TEST_KVMCLOCK", "1")],
-        );
+        let vm = Vm::start(&[
+            "--vcpus",
+            "2",
+            "--memory",
+            SMALL,
+            "--guest",
+            GUEST,
+            "--test-hook",
+            "guest-kvmclock",
+        ]);
         vm.wait_progress_above(0, PROGRESS_WAIT);
         let full = take_checkpoint(&vm, dir.path(), &[]);
         let_guest_work(&vm, full.after);
@@ -832,9 +837,10 @@ fn chain_copy() -> tempfile::TempDir {
     dir
 }
 
-/// Runs `vmhop restore TARGET EXTRA` expecting a clean failure: exit 1, one
-/// line on stderr, no panic, no VM left (the process exited and its socket
-/// is gone). Returns the message.
+/// Runs `vmhop restore TARGET EXTRA` expecting a clean failure: exit 2 (a
+/// checkpoint the user named that is missing or cannot be used, api::error's
+/// table), one line on stderr, no panic, no VM left (the process exited and
+/// its socket is gone). Returns the message.
 fn restore_fails(target: &str, extra: &[&str]) -> String {
     let sockdir = tempdir();
     let socket = sockdir.path().join("api.sock");
@@ -842,7 +848,7 @@ fn restore_fails(target: &str, extra: &[&str]) -> String {
     args.extend_from_slice(extra);
     let out = vmhop_expecting_exit(&args, &socket);
     let what = format!("restore {target} {extra:?}");
-    assert_eq!(out.code, Some(1), "{what}\n{}", out.describe());
+    assert_eq!(out.code, Some(2), "{what}\n{}", out.describe());
     assert_one_line_error(&out, &what);
     assert!(!socket.exists(), "{what}: the API socket remains");
     out.stderr.trim().to_string()

@@ -2,7 +2,7 @@
 //! the test device: the VM stops with the vector, error code and RIP as its
 //! stop reason and `vmhop run` exits 1 saying so, instead of a triple fault
 //! that names nothing. The exceptions are raised on purpose with vmhop's
-//! test hook `VMHOP_TEST_GUEST_FAULT` (docs/test-device.md), at the start of
+//! test hook `--test-hook guest-fault=KIND` (docs/test-device.md), at the start of
 //! the dirty guest's second sweep, from the routine at 0x11000.
 
 mod common;
@@ -15,19 +15,18 @@ const TEST_FAULT_RIP: u64 = 0x11000;
 /// Runs a dirty guest (started paused, then resumed) with the test fault
 /// `kind` until vmhop exits by itself; returns its exit code and stderr.
 fn run_with_fault(kind: &str, vcpus: &str) -> (Option<i32>, String, Vm) {
-    let mut vm = Vm::start_command_env(
-        &["run"],
-        &[
-            "--vcpus",
-            vcpus,
-            "--memory",
-            "16M",
-            "--guest",
-            "builtin:dirty",
-            "--paused",
-        ],
-        &[("VMHOP_TEST_GUEST_FAULT", kind)],
-    );
+    let hook = format!("guest-fault={kind}");
+    let mut vm = Vm::start(&[
+        "--vcpus",
+        vcpus,
+        "--memory",
+        "16M",
+        "--guest",
+        "builtin:dirty",
+        "--paused",
+        "--test-hook",
+        &hook,
+    ]);
     assert!(
         vm.status()["stop_reason"].is_null(),
         "a paused VM has no stop reason yet\n{}",

@@ -607,17 +607,19 @@ fn refused_moves_exit_nonzero_with_one_line_and_leave_the_vm_running() {
     let vm = dirty_vm(",rate=50000", &["--memory", "128M"]);
     let slots = memory_map(&vm);
 
+    // A node the user named that does not exist is theirs to change:
+    // 404, exit 2 (api::error's table).
     let out = refused(
         &vm,
         &["--to-node", "7"],
-        1,
-        &["host node 7", "does not exist"],
+        2,
+        &["host node 7", "does not exist", "HTTP 404"],
     );
     assert_one_line_error(&out, "--to-node 7");
     let out = refused(
         &vm,
         &["--to-node", "7", "--json"],
-        1,
+        2,
         &["host node 7", "does not exist"],
     );
     assert_one_line_error(&out, "--to-node 7 --json");
@@ -625,17 +627,18 @@ fn refused_moves_exit_nonzero_with_one_line_and_leave_the_vm_running() {
     let out = refused(
         &vm,
         &["--to-node", "0", "--guest-node", "5"],
-        1,
+        2,
         &["guest node 5", "does not exist"],
     );
     assert_one_line_error(&out, "--guest-node 5");
 
-    // Bad usage is clap's: exit 2, naming the bad value.
+    // A budget out of range: the VM's process refuses it (400), exit 2,
+    // naming the bad value.
     refused(
         &vm,
         &["--to-node", "0", "--max-downtime-ms", "0"],
         2,
-        &["above 0"],
+        &["above 0", "HTTP 400"],
     );
     // The API refuses the same budget itself (curl users get no clap).
     let r = vm.http(

@@ -1,6 +1,6 @@
 //! A NUMA move that fails midway leaves the VM on its old memory: the chunks
 //! already moved are moved back. The failure is injected with vmhop's test
-//! hook (VMHOP_TEST_FAIL_NUMA_CHUNK), since a node running out of memory
+//! hook (--test-hook numa-fail-chunk=K), since a node running out of memory
 //! halfway cannot be arranged on a one-node host.
 
 mod common;
@@ -20,8 +20,10 @@ fn a_live_move_failing_midway_moves_the_moved_chunks_back_and_the_vm_runs_on() {
             "256M",
             "--guest",
             "builtin:dirty,rate=20000",
+            "--test-hook",
+            "numa-fail-chunk=3",
         ],
-        &[("VMHOP_TEST_FAIL_NUMA_CHUNK", "3")],
+        &[],
     );
     let before = vm.wait_progress_above(1000, Duration::from_secs(10));
     let out = vm.cli(&["numa-migrate", "--to-node", "0", "--mode", "live"]);
@@ -91,24 +93,23 @@ fn pin_thread(pid: u32, name: &str, cpu: usize) {
 }
 
 /// A move whose memory already moved fails at `step` (the test hook
-/// VMHOP_TEST_FAIL_NUMA_FINISH): it must answer an error that says the move
+/// --test-hook numa-fail-finish=STEP): it must answer an error that says the move
 /// was undone, and leave the VM as it was — running, consistent, on its old
 /// policy, and with its vCPU threads on exactly their old CPUs (vCPU 0 is
 /// first narrowed to CPU 0 alone, which a move to node 0 would widen to all
 /// of node 0's CPUs).
 fn a_move_failing_after_its_memory_moved_is_undone(step: &str, mode: &str) {
-    let vm = Vm::start_command_env(
-        &["run"],
-        &[
-            "--vcpus",
-            "2",
-            "--memory",
-            "64M",
-            "--guest",
-            "builtin:dirty,rate=20000",
-        ],
-        &[("VMHOP_TEST_FAIL_NUMA_FINISH", step)],
-    );
+    let hook = format!("numa-fail-finish={step}");
+    let vm = Vm::start(&[
+        "--vcpus",
+        "2",
+        "--memory",
+        "64M",
+        "--guest",
+        "builtin:dirty,rate=20000",
+        "--test-hook",
+        &hook,
+    ]);
     let p = vm.wait_progress_above(1000, Duration::from_secs(10));
     pin_thread(vm.pid(), "vcpu0", 0);
     let cpus_before = vcpu_threads(vm.pid());

@@ -112,7 +112,8 @@ fn take_tuned(
         full,
         stop_after: false,
     };
-    let r = checkpoint_tuned(vm, &req, tuning).map_err(failed(format!(
+    let mut chain = vm.chain.lock().unwrap_or_else(|e| e.into_inner());
+    let r = checkpoint_tuned(vm, &mut chain, &req, tuning).map_err(failed(format!(
         "{want:?} checkpoint into {}",
         dir.display()
     )))?;

@@ -80,19 +80,48 @@ pub fn dirty_guest(wss: u64, rate: Option<u64>) -> GuestSpec {
 }
 
 /// A booted VM, shut down when dropped (also on every error path), so no
-/// vCPU thread outlives its run.
-pub struct BenchVm(pub Arc<Vm>);
+/// vCPU thread outlives its run; with its place in a checkpoint chain, and
+/// whether a lazy restore of it still loads.
+pub struct BenchVm {
+    /// The VM.
+    pub vm: Arc<Vm>,
+    /// The checkpoint chain it extends.
+    pub chain: std::sync::Mutex<vmhop::checkpoint::ChainPosition>,
+    /// True while a lazy restore still loads its memory.
+    pub loading: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl BenchVm {
+    /// A fresh VM, in no chain.
+    pub fn new(vm: Arc<Vm>) -> BenchVm {
+        BenchVm {
+            vm,
+            chain: Default::default(),
+            loading: Default::default(),
+        }
+    }
+
+    /// Pages its builtin guest has written so far.
+    pub fn progress(&self) -> u64 {
+        vmhop::guest::progress(&self.vm)
+    }
+
+    /// Whether a lazy restore still loads its memory.
+    pub fn is_loading(&self) -> bool {
+        self.loading.load(std::sync::atomic::Ordering::Acquire)
+    }
+}
 
 impl std::ops::Deref for BenchVm {
     type Target = Vm;
     fn deref(&self) -> &Vm {
-        &self.0
+        &self.vm
     }
 }
 
 impl Drop for BenchVm {
     fn drop(&mut self) {
-        self.0.shutdown();
+        self.vm.shutdown();
     }
 }
 
@@ -139,8 +168,8 @@ pub fn new_vm_backed(
         hugepages,
         chunk_size: DEFAULT_CHUNK_SIZE,
     };
-    vmhop::machine::boot(config, &Console::Stdout, paused)
-        .map(|(vm, _)| BenchVm(vm))
+    vmhop::service::build::boot(config, &Console::Stdout, paused, &Default::default())
+        .map(|m| BenchVm::new(m.vm))
         .map_err(vm_step(what))
 }
 

@@ -81,9 +81,14 @@ fn boot(vcpus: u32, guest: GuestSpec) -> Result<Arc<Vm>, BenchError> {
         VM_BYTES >> 20,
         guest.kind()
     );
-    vmhop::machine::boot(config(vcpus, guest), &Console::Stdout, false)
-        .map(|(vm, _)| vm)
-        .map_err(vm_step(what))
+    vmhop::service::build::boot(
+        config(vcpus, guest),
+        &Console::Stdout,
+        false,
+        &Default::default(),
+    )
+    .map(|m| m.vm)
+    .map_err(vm_step(what))
 }
 
 /// Fails if the guest stopped by itself (a triple fault would make every
@@ -146,9 +151,9 @@ fn measure_guest(
 ) -> Result<GuestRate, BenchError> {
     let vcpus = vm.config().vcpus as f64;
     let Some(every) = fetch_every else {
-        let (p0, t0) = (vm.progress(), Instant::now());
+        let (p0, t0) = (vmhop::guest::progress(vm), Instant::now());
         std::thread::sleep(window);
-        let (p1, dt) = (vm.progress(), t0.elapsed());
+        let (p1, dt) = (vmhop::guest::progress(vm), t0.elapsed());
         check_alive(vm)?;
         return Ok(GuestRate {
             per_vcpu: (p1 - p0) as f64 / dt.as_secs_f64() / vcpus,
@@ -159,7 +164,7 @@ fn measure_guest(
     // Empty the log first so that what it reports next was written inside
     // the window.
     fetch_all(vm)?;
-    let (p0, t0) = (vm.progress(), Instant::now());
+    let (p0, t0) = (vmhop::guest::progress(vm), Instant::now());
     let mut logged = 0;
     let mut fetches = Vec::new();
     let mut next = t0;
@@ -177,7 +182,7 @@ fn measure_guest(
             break;
         }
     }
-    let (p1, dt) = (vm.progress(), t0.elapsed());
+    let (p1, dt) = (vmhop::guest::progress(vm), t0.elapsed());
     check_alive(vm)?;
     let written = (p1 - p0) as f64;
     Ok(GuestRate {

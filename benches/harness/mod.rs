@@ -44,7 +44,7 @@ pub enum BenchError {
         what: String,
         /// The library's error.
         #[source]
-        source: vmhop::vmm::VmError,
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
     /// The guest or the host did not behave as the scenario needs.
     #[error("{0}")]
@@ -52,9 +52,14 @@ pub enum BenchError {
 }
 
 /// Wraps a VM error with the step that produced it.
-pub fn vm_step(what: impl Into<String>) -> impl FnOnce(vmhop::vmm::VmError) -> BenchError {
+pub fn vm_step<E: std::error::Error + Send + Sync + 'static>(
+    what: impl Into<String>,
+) -> impl FnOnce(E) -> BenchError {
     let what = what.into();
-    move |source| BenchError::Vm { what, source }
+    move |source| BenchError::Vm {
+        what,
+        source: Box::new(source),
+    }
 }
 
 /// One figure a run produced: the value and, measured in the same run on

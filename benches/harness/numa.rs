@@ -86,7 +86,7 @@ fn migrate(vm: &BenchVm, mode: Mode) -> Result<NumaMigrateReport, BenchError> {
         mode,
         max_downtime_ms: None,
     };
-    let r = numa_migrate(vm, &req).map_err(failed(format!(
+    let r = numa_migrate(vm, &req, &Default::default()).map_err(failed(format!(
         "numa_migrate {mode:?} of guest node 0 to host node {to_node}"
     )))?;
     check_alive(vm)?;

@@ -19,9 +19,10 @@ use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
 use vmhop::checkpoint::create::{checkpoint, CheckpointRequest};
-use vmhop::checkpoint::restore::{open, restore, RestorePhases};
+use vmhop::checkpoint::restore::{open, RestorePhases};
 use vmhop::guest::GuestSpec;
 use vmhop::memory::{Backing, Mapping, PAGE_SIZE};
+use vmhop::service::build::restore;
 use vmhop::vmm::Vm;
 
 use super::fixture::{
@@ -102,7 +103,7 @@ fn make_checkpoint(ctx: &RunCtx, incrementals: usize) -> Result<Saved, BenchErro
             full: true,
             stop_after: false,
         };
-        checkpoint(&vm, &req).map_err(failed(format!(
+        checkpoint(&vm, &mut vm.chain.lock().unwrap(), &req).map_err(failed(format!(
             "full checkpoint into {}",
             dir.path().display()
         )))?;
@@ -112,7 +113,7 @@ fn make_checkpoint(ctx: &RunCtx, incrementals: usize) -> Result<Saved, BenchErro
                 full: false,
                 ..req.clone()
             };
-            checkpoint(&vm, &req).map_err(failed(format!(
+            checkpoint(&vm, &mut vm.chain.lock().unwrap(), &req).map_err(failed(format!(
                 "incremental checkpoint {} into {}",
                 i + 1,
                 dir.path().display()
@@ -250,17 +251,26 @@ fn restore_once(dir: &Path, eager: bool) -> Result<Restored, BenchError> {
         dir.display()
     );
     let start = std::time::Instant::now();
-    let (vm, report, _) = restore(
-        dir,
-        None,
+    let target = vmhop::api::checkpoint::CheckpointTarget {
+        dir: dir.to_path_buf(),
+        id: None,
+    };
+    let r = restore(
+        &target,
         Some("bench-restored".into()),
-        false,
         eager,
+        false,
         &vmhop::devices::Console::Stdout,
+        &Default::default(),
     )
     .map_err(failed(what.clone()))?;
     let call = start.elapsed();
-    let vm = BenchVm(vm);
+    let report = r.report;
+    let vm = BenchVm {
+        vm: r.machine.vm,
+        chain: std::sync::Mutex::new(r.position),
+        loading: r.loading,
+    };
     std::hint::black_box(touch_all(&vm));
     let touched = start.elapsed();
     let loaded_ms = if eager {

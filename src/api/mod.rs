@@ -1,87 +1,164 @@
-//! The API: HTTP/1.1 + JSON on a Unix socket (see docs/api.md).
+//! The API: the contract between the CLI and a VMM process, and its
+//! transport (HTTP/1.1 + JSON on a Unix socket, see docs/api.md).
 //!
-//! `server` and `client` are the transport; `routes` maps requests to VM
-//! operations; the request and report types here are the only thing the
-//! CLI (client) and the VMM (server) share.
+//! This module owns what both sides must agree on: every endpoint
+//! ([`Endpoint`]), every request, report and progress message (one serde
+//! struct each, in the submodule of its area), the error kinds and the one
+//! table that maps them to HTTP statuses and exit codes ([`error`]), and
+//! what the CLI asks of its own process ([`run::Local`]). `server` and
+//! `client` are the transport. It knows no VM and no operation: the service
+//! implements the server's handler and [`run::Local`], and every layer that
+//! reports speaks these types, so the client and the server cannot disagree
+//! on a field name.
 
+pub mod checkpoint;
 pub mod client;
-pub mod routes;
+pub mod error;
+pub mod migration;
+pub mod numa;
+pub mod run;
 pub mod server;
+pub mod transfer;
+pub mod vm;
 
-use serde::{Deserialize, Serialize};
-
-pub use crate::guest::verify::VerifyReport;
-use crate::vmm::RunState;
+pub use error::{ApiError, Classify, ErrorKind};
 
 /// Path prefix of every endpoint.
 pub const PREFIX: &str = "/api/v1";
 
-/// `GET /api/v1/vm.status`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct StatusReport {
-    /// VM name.
-    pub name: String,
-    /// running, paused or stopped.
-    pub state: RunState,
-    /// Why the guest stopped by itself, if it did.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub stop_reason: Option<String>,
-    /// vCPU count.
-    pub vcpus: u32,
-    /// Guest memory in bytes.
-    pub memory_bytes: u64,
-    /// The guest and its progress counter.
-    pub guest: GuestStatus,
-    /// Guest nodes and where they are bound.
-    pub numa: Vec<NodeStatus>,
-    /// vmhop's process id.
-    pub pid: u32,
-    /// A lazy restore is still loading guest memory in the background.
-    #[serde(default)]
-    pub loading: bool,
+/// An HTTP method the API uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    /// Reads, changes nothing.
+    Get,
+    /// Acts on the VM.
+    Put,
 }
 
-/// The guest part of a status.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct GuestStatus {
-    /// e.g. "builtin:dirty".
-    pub kind: String,
-    /// Pages written so far (builtin:dirty); 0 for idle.
-    pub progress: u64,
+impl Method {
+    /// As on the request line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Method::Get => "GET",
+            Method::Put => "PUT",
+        }
+    }
 }
 
-/// One guest node in a status.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct NodeStatus {
-    /// Guest node id.
-    pub guest_node: u32,
-    /// Size in bytes.
-    pub size_bytes: u64,
-    /// Host node its memory is bound to.
-    pub host_node: u32,
+/// Every endpoint of a VMM's API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    /// `GET vm.status`: [`vm::StatusReport`] (or [`vm::IncomingStatusReport`]).
+    Status,
+    /// `PUT vm.pause`: [`vm::StateReply`].
+    Pause,
+    /// `PUT vm.resume`: [`vm::StateReply`].
+    Resume,
+    /// `PUT vm.stop`: [`vm::StateReply`]; the process ends.
+    Stop,
+    /// `PUT vm.verify`: [`vm::VerifyReport`].
+    Verify,
+    /// `PUT vm.checkpoint` with [`checkpoint::CheckpointRequest`]:
+    /// [`checkpoint::CheckpointReport`].
+    Checkpoint,
+    /// `PUT vm.numa-migrate` with [`numa::NumaMigrateRequest`]:
+    /// [`numa::NumaMigrateReport`].
+    NumaMigrate,
+    /// `GET vm.numa-stat`: [`numa::NumaStatReport`].
+    NumaStat,
+    /// `PUT vm.migrate` with [`migration::MigrateRequest`]:
+    /// [`migration::MigrateReport`]; the process ends.
+    Migrate,
+    /// `PUT vm.migrate-cancel`: [`vm::Cancelled`].
+    MigrateCancel,
+    /// `GET vm.migration`: [`migration::MigrationProgress`].
+    Migration,
+    /// `GET debug.memory-map`: a list of [`vm::MemoryMapEntry`].
+    MemoryMap,
 }
 
-/// Reply of pause / resume / stop.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct StateReply {
-    /// The state after the call.
-    pub state: RunState,
-    /// For pause: microseconds it took to stop every vCPU.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub pause_us: Option<u64>,
+/// Every endpoint with its method and name (the path after [`PREFIX`]).
+pub const ENDPOINTS: [(Endpoint, Method, &str); 12] = [
+    (Endpoint::Status, Method::Get, "vm.status"),
+    (Endpoint::Pause, Method::Put, "vm.pause"),
+    (Endpoint::Resume, Method::Put, "vm.resume"),
+    (Endpoint::Stop, Method::Put, "vm.stop"),
+    (Endpoint::Verify, Method::Put, "vm.verify"),
+    (Endpoint::Checkpoint, Method::Put, "vm.checkpoint"),
+    (Endpoint::NumaMigrate, Method::Put, "vm.numa-migrate"),
+    (Endpoint::NumaStat, Method::Get, "vm.numa-stat"),
+    (Endpoint::Migrate, Method::Put, "vm.migrate"),
+    (Endpoint::MigrateCancel, Method::Put, "vm.migrate-cancel"),
+    (Endpoint::Migration, Method::Get, "vm.migration"),
+    (Endpoint::MemoryMap, Method::Get, "debug.memory-map"),
+];
+
+impl Endpoint {
+    fn entry(self) -> (Endpoint, Method, &'static str) {
+        ENDPOINTS
+            .iter()
+            .copied()
+            .find(|e| e.0 == self)
+            .expect("every endpoint is listed in ENDPOINTS")
+    }
+
+    /// Its method.
+    pub fn method(self) -> Method {
+        self.entry().1
+    }
+
+    /// Its name, e.g. `vm.status`.
+    pub fn name(self) -> &'static str {
+        self.entry().2
+    }
+
+    /// Its path, e.g. `/api/v1/vm.status`.
+    pub fn path(self) -> String {
+        format!("{PREFIX}/{}", self.name())
+    }
+
+    /// The endpoint a request names, or the error to answer: 404 for a
+    /// path that names none, 405 for a method it does not take.
+    pub fn of_request(method: &str, path: &str) -> Result<Endpoint, ApiError> {
+        let Some(name) = path.strip_prefix(PREFIX).and_then(|p| p.strip_prefix('/')) else {
+            return Err(ApiError::new(
+                ErrorKind::NotFound,
+                format!("no such endpoint: {path} (endpoints start with {PREFIX}/)"),
+            ));
+        };
+        let Some(&(ep, m, _)) = ENDPOINTS.iter().find(|e| e.2 == name) else {
+            return Err(ApiError::new(
+                ErrorKind::NotFound,
+                format!("no such endpoint: {path}"),
+            ));
+        };
+        if m.as_str() != method {
+            return Err(ApiError::new(
+                ErrorKind::MethodNotAllowed,
+                format!("{method} is not allowed on {path}"),
+            ));
+        }
+        Ok(ep)
+    }
 }
 
-/// One chunk of guest memory (debug endpoint): where its host memory is.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct MemoryMapEntry {
-    /// Guest node.
-    pub guest_node: u32,
-    /// Chunk number (the unit of NUMA moves and dirty logs).
-    pub slot: u32,
-    /// First guest-physical address.
-    pub gpa: u64,
-    /// Length.
-    pub len: u64,
-    /// Host virtual address in the vmhop process.
-    pub host_addr: u64,
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_endpoint_is_found_by_its_own_method_and_path_only() {
+        for (ep, m, name) in ENDPOINTS {
+            assert_eq!(ep.name(), name);
+            assert_eq!(Endpoint::of_request(m.as_str(), &ep.path()), Ok(ep));
+            let other = if m == Method::Get { "PUT" } else { "GET" };
+            let e = Endpoint::of_request(other, &ep.path()).unwrap_err();
+            assert_eq!(e.kind, ErrorKind::MethodNotAllowed, "{name}");
+        }
+        let e = Endpoint::of_request("GET", "/api/v1/vm.nope").unwrap_err();
+        assert_eq!(e.kind, ErrorKind::NotFound);
+        let e = Endpoint::of_request("GET", "/vm.status").unwrap_err();
+        assert_eq!(e.kind, ErrorKind::NotFound);
+        assert!(e.message.contains("/api/v1/"), "{e}");
+    }
 }

@@ -19,33 +19,31 @@ use super::index::IndexEntry;
 const MERGE_BATCH_PAGES: usize = 256;
 
 /// One complete checkpoint file of a directory, as its header describes it.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct ChainEntry {
-    /// Checkpoint id.
-    pub id: u32,
-    /// Parent id; `None` for a full checkpoint.
-    pub parent: Option<u32>,
-    /// Full or incremental.
-    pub kind: Kind,
-    /// File size in bytes.
-    pub size_bytes: u64,
-    /// Creation time, milliseconds since the Unix epoch.
-    pub created_unix_ms: u64,
-    /// Id of the chain the file belongs to.
-    pub chain_id: u64,
-    /// Path of the file.
-    pub path: PathBuf,
+pub use crate::api::checkpoint::CheckpointEntry as ChainEntry;
+/// A checkpoint file whose header cannot be used.
+pub use crate::api::checkpoint::DamagedFile;
+
+/// The header a listed file was listed with.
+pub fn header_of(e: &ChainEntry) -> Header {
+    Header {
+        chain_id: e.chain_id,
+        id: e.id,
+        parent: e.parent,
+        kind: e.kind,
+        created_unix_ms: e.created_unix_ms,
+    }
 }
 
-impl ChainEntry {
-    /// The header the file was listed with.
-    pub fn header(&self) -> Header {
-        Header {
-            chain_id: self.chain_id,
-            id: self.id,
-            parent: self.parent,
-            kind: self.kind,
-            created_unix_ms: self.created_unix_ms,
+impl crate::api::Classify for ChainError {
+    fn kind(&self) -> crate::api::ErrorKind {
+        use crate::api::ErrorKind;
+        match self {
+            ChainError::Empty { .. } | ChainError::NoSuchId { .. } => ErrorKind::NotFound,
+            ChainError::MissingParent { .. }
+            | ChainError::ForeignChain { .. }
+            | ChainError::Inconsistent { .. } => ErrorKind::Unusable,
+            ChainError::Format(e) => e.kind(),
+            ChainError::Io { source, .. } => ErrorKind::of_io(source),
         }
     }
 }
@@ -118,18 +116,6 @@ pub struct Chain {
     dir: PathBuf,
     entries: Vec<ChainEntry>,
     damaged: Vec<DamagedFile>,
-}
-
-/// A checkpoint file whose header cannot be used: listed apart, with the
-/// reason, so it blocks neither listing nor the other chains.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct DamagedFile {
-    /// The id its name gives.
-    pub id: u32,
-    /// The file.
-    pub path: PathBuf,
-    /// What is wrong with it.
-    pub reason: String,
 }
 
 impl Chain {
@@ -324,7 +310,7 @@ impl ResolvedChain {
         let mut readers = Vec::with_capacity(links.len());
         for entry in links {
             let reader = CheckpointReader::open(&entry.path)?;
-            if *reader.header() != entry.header() {
+            if *reader.header() != header_of(entry) {
                 return Err(ChainError::Inconsistent {
                     file: entry.path.clone(),
                     reason: "the file changed since the directory was listed".into(),

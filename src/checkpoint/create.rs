@@ -4,35 +4,18 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
-
 use super::chain::Chain;
-use super::format::{Header, Kind};
+use super::format::Header;
 use super::sink::FileSink;
+use super::{ChainPosition, CheckpointRef};
+pub use crate::api::checkpoint::{CheckpointReport, CheckpointRequest};
 use crate::transfer::{transfer, FirstPass, Plan};
-use crate::vmm::{CheckpointRef, Vm};
-
-/// Pause budget of a checkpoint's last round.
-pub const CHECKPOINT_MAX_DOWNTIME: Duration = Duration::from_millis(1);
+use crate::vmm::Vm;
 
 /// The pause the pre-copy aims at, below the budget: the engine's fixed
 /// overhead estimate does not cover stopping and restarting vCPUs busy in
 /// the guest, which took 0.3–0.6 ms of a hot guest's pause on a quiet host.
 const CHECKPOINT_PAUSE_AIM: Duration = Duration::from_micros(600);
-
-/// Body of `PUT /api/v1/vm.checkpoint`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CheckpointRequest {
-    /// Checkpoint directory (created if missing).
-    pub dir: PathBuf,
-    /// Start a new chain with a full checkpoint.
-    #[serde(default)]
-    pub full: bool,
-    /// Stop the VM once the checkpoint is safely on disk.
-    #[serde(default)]
-    pub stop_after: bool,
-}
 
 /// How a checkpoint bounds its pause; the defaults are what the API and
 /// the CLI use. The benchmarks compare the alternatives.
@@ -56,97 +39,79 @@ impl Default for PauseTuning {
     }
 }
 
-/// What a checkpoint did.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct CheckpointReport {
-    /// Always "checkpoint".
-    pub operation: String,
-    /// Checkpoint id.
-    pub id: u32,
-    /// Parent id (null for a full checkpoint).
-    pub parent: Option<u32>,
-    /// "full" or "incremental".
-    pub kind: Kind,
-    /// Microseconds no vCPU ran.
-    pub downtime_us: u64,
-    /// Whole operation, ms.
-    pub total_ms: f64,
-    /// Pages of guest memory.
-    pub pages_total: u64,
-    /// Distinct non-zero pages stored in the file.
-    pub pages_written: u64,
-    /// Size of the checkpoint file.
-    pub bytes_written: u64,
-    /// Zero pages not stored.
-    pub zero_pages: u64,
-    /// Copy rounds (the paused one included).
-    pub rounds: u32,
-    /// Pages the pause dealt with: write-protected (see `pages_protected`)
-    /// or staged by a copy.
-    pub pages_in_pause: u64,
-    /// Of those, pages write-protected in the pause and written after it.
-    pub pages_protected: u64,
-    /// Protected pages the guest wrote before they were written out: each
-    /// cost the writing vCPU a fault and a page copy.
-    pub cow_faults: u64,
-    /// The highest throttle auto-converge put on the vCPUs, percent
-    /// (0: the guest ran at full speed).
-    pub throttle_max_percent: u32,
-    /// Whether the dirty set converged to the pause budget.
-    pub converged: bool,
-    /// Checkpoint directory.
-    pub dir: PathBuf,
-    /// The file.
-    pub path: PathBuf,
-    /// Whether the VM was stopped afterwards.
-    pub stopped: bool,
-    /// Where the pause went.
-    pub pause_breakdown: crate::transfer::PauseBreakdown,
-    /// Where the whole checkpoint went: pre-copy, pause, writing the
-    /// pages protected in the pause, completing the file (fsync).
-    pub phases: crate::transfer::Phases,
-}
-
 /// A checkpoint failed; the VM runs on and earlier checkpoints are intact.
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
     /// The directory cannot be used.
-    #[error("checkpoint directory {dir}: {message}")]
+    #[error("checkpoint directory {}: {message}", dir.display())]
     Dir {
         /// The directory.
         dir: PathBuf,
         /// What is wrong.
         message: String,
+        /// Whose fault: a directory that cannot be made or read is the
+        /// request's; a damaged chain in it makes it unusable.
+        kind: crate::api::ErrorKind,
     },
     /// Writing failed.
     #[error("checkpoint failed: {0}")]
     Transfer(#[from] crate::transfer::TransferError),
+    /// Dirty tracking for the chain could not be kept on.
+    #[error("checkpoint failed: {0}")]
+    Vm(#[from] crate::vmm::VmError),
 }
 
-fn dir_err(dir: &Path, m: impl std::fmt::Display) -> CheckpointError {
+impl crate::api::Classify for CheckpointError {
+    fn kind(&self) -> crate::api::ErrorKind {
+        use crate::api::ErrorKind;
+        match self {
+            CheckpointError::Dir { kind, .. } => *kind,
+            CheckpointError::Transfer(_) | CheckpointError::Vm(_) => ErrorKind::Failed,
+        }
+    }
+}
+
+fn dir_io(dir: &Path, e: std::io::Error) -> CheckpointError {
     CheckpointError::Dir {
         dir: dir.to_path_buf(),
-        message: m.to_string(),
+        kind: match crate::api::ErrorKind::of_io(&e) {
+            crate::api::ErrorKind::Failed => crate::api::ErrorKind::Unusable,
+            k => k,
+        },
+        message: e.to_string(),
     }
 }
 
 /// Checkpoints `vm` into `req.dir`. Incremental when the directory's
 /// latest checkpoint is the one this VM last wrote or was restored from
-/// and `full` is not asked for; full otherwise.
-pub fn checkpoint(vm: &Vm, req: &CheckpointRequest) -> Result<CheckpointReport, CheckpointError> {
-    checkpoint_tuned(vm, req, PauseTuning::default())
+/// (`position`) and `full` is not asked for; full otherwise. On success
+/// `position` moves to the new checkpoint.
+pub fn checkpoint(
+    vm: &Vm,
+    position: &mut ChainPosition,
+    req: &CheckpointRequest,
+) -> Result<CheckpointReport, CheckpointError> {
+    checkpoint_tuned(vm, position, req, PauseTuning::default())
 }
 
 /// [`checkpoint`] with a chosen way of bounding the pause.
 pub fn checkpoint_tuned(
     vm: &Vm,
+    position: &mut ChainPosition,
     req: &CheckpointRequest,
     tuning: PauseTuning,
 ) -> Result<CheckpointReport, CheckpointError> {
-    std::fs::create_dir_all(&req.dir).map_err(|e| dir_err(&req.dir, e))?;
-    let dir = req.dir.canonicalize().map_err(|e| dir_err(&req.dir, e))?;
-    let chain = Chain::open(&dir).map_err(|e| dir_err(&dir, e))?;
-    let parent = vm.last_checkpoint().filter(|last| {
+    std::fs::create_dir_all(&req.dir).map_err(|e| dir_io(&req.dir, e))?;
+    let dir = req.dir.canonicalize().map_err(|e| dir_io(&req.dir, e))?;
+    let chain = Chain::open(&dir).map_err(|e| CheckpointError::Dir {
+        dir: dir.clone(),
+        kind: crate::api::Classify::kind(&e),
+        message: e.to_string(),
+    })?;
+    // From now on every page the VM's dirty logs show is kept for the
+    // chain, whatever else fetches them.
+    vm.keep_dirty(position.since.clone())?;
+    let parent = position.last.clone().filter(|last| {
         !req.full
             && last.dir == dir
             && chain
@@ -158,10 +123,10 @@ pub fn checkpoint_tuned(
         None => Header::full(chain.next_id()),
     };
     let (id, chain_id, kind, parent_id) = (header.id, header.chain_id, header.kind, header.parent);
-    let mut sink = FileSink::new(&dir, header, req.stop_after);
+    let mut sink = FileSink::new(&dir, header, req.stop_after, position.since.clone());
     let slots: Vec<u32> = vm.memory().chunks().map(|c| c.slot).collect();
     let first_pass = if parent.is_some() {
-        FirstPass::SinceCheckpoint
+        FirstPass::Accumulated(position.since.clone())
     } else {
         FirstPass::All
     };
@@ -173,11 +138,11 @@ pub fn checkpoint_tuned(
         .written
         .take()
         .expect("a completed file sink has written its file");
-    vm.set_last_checkpoint(Some(CheckpointRef {
+    position.last = Some(CheckpointRef {
         dir: dir.clone(),
         chain_id,
         id,
-    }));
+    });
     Ok(CheckpointReport {
         operation: "checkpoint".into(),
         id,

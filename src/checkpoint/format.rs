@@ -52,40 +52,21 @@ const WRITEBACK_CHUNK: u64 = 8 << 20;
 /// File mode of checkpoint files: they hold guest memory, which is private.
 const CHECKPOINT_FILE_MODE: u32 = 0o600;
 
-/// Whether a checkpoint holds every non-zero page or only those that changed
-/// since its parent.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Kind {
-    /// Every non-zero page of the VM; the root of a chain.
-    Full,
-    /// Only the pages written since the parent checkpoint.
-    Incremental,
-}
+/// Full or incremental: the API's `CheckpointKind`, one byte on disk.
+pub use crate::api::checkpoint::CheckpointKind as Kind;
 
-impl Kind {
-    fn to_byte(self) -> u8 {
-        match self {
-            Kind::Full => 0,
-            Kind::Incremental => 1,
-        }
-    }
-
-    fn from_byte(b: u8) -> Option<Kind> {
-        match b {
-            0 => Some(Kind::Full),
-            1 => Some(Kind::Incremental),
-            _ => None,
-        }
+fn kind_to_byte(k: Kind) -> u8 {
+    match k {
+        Kind::Full => 0,
+        Kind::Incremental => 1,
     }
 }
 
-impl fmt::Display for Kind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Kind::Full => "full",
-            Kind::Incremental => "incremental",
-        })
+fn kind_from_byte(b: u8) -> Option<Kind> {
+    match b {
+        0 => Some(Kind::Full),
+        1 => Some(Kind::Incremental),
+        _ => None,
     }
 }
 
@@ -156,7 +137,7 @@ impl Header {
         b[16..24].copy_from_slice(&self.chain_id.to_le_bytes());
         b[24..28].copy_from_slice(&self.id.to_le_bytes());
         b[28..32].copy_from_slice(&self.parent.unwrap_or(0).to_le_bytes());
-        b[32] = self.kind.to_byte();
+        b[32] = kind_to_byte(self.kind);
         b[40..48].copy_from_slice(&self.created_unix_ms.to_le_bytes());
         let crc = crc32c::crc32c(&b[..HEADER_LEN - 4]);
         b[HEADER_LEN - 4..].copy_from_slice(&crc.to_le_bytes());
@@ -217,7 +198,7 @@ impl Header {
                 "page size {page_size} (only {PAGE_SIZE} is supported)"
             )));
         }
-        let kind = Kind::from_byte(bytes[32])
+        let kind = kind_from_byte(bytes[32])
             .ok_or_else(|| corrupt(format!("unknown checkpoint kind {}", bytes[32])))?;
         let parent = le_u32(&bytes[28..32]);
         let header = Header {
@@ -231,6 +212,23 @@ impl Header {
             return Err(corrupt(format!("inconsistent header: {reason}")));
         }
         Ok(header)
+    }
+}
+
+impl crate::api::Classify for FormatError {
+    fn kind(&self) -> crate::api::ErrorKind {
+        use crate::api::ErrorKind;
+        match self {
+            FormatError::Io { source, .. } => ErrorKind::of_io(source),
+            FormatError::NoSpace { .. } => ErrorKind::Unusable,
+            FormatError::BadMagic { .. }
+            | FormatError::UnsupportedVersion { .. }
+            | FormatError::Checksum { .. }
+            | FormatError::Truncated { .. }
+            | FormatError::Corrupt { .. } => ErrorKind::Unusable,
+            FormatError::AlreadyExists { .. } => ErrorKind::Conflict,
+            FormatError::InvalidArgument { .. } | FormatError::Poisoned { .. } => ErrorKind::Failed,
+        }
     }
 }
 

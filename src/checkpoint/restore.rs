@@ -21,21 +21,22 @@
 //! Each page is read once, from the file that holds its latest version
 //! (`ResolvedChain::page_map`), whatever the chain's length.
 
-use std::cell::RefCell;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
 use userfaultfd::{Event, Uffd, UffdBuilder};
 
 use super::chain::{Chain, ChainEntry, ChainError, ResolvedChain};
-use super::format::{read_meta, Kind, Meta, PAGE_SIZE};
+use super::format::{read_meta, Meta, PAGE_SIZE};
 use super::index::IndexEntry;
+use super::{ChainPosition, CheckpointRef};
+use crate::api::checkpoint::CheckpointTarget;
 use crate::memory::GuestMemory;
-use crate::vmm::{CheckpointRef, Start, Vm, VmConfig, VmState};
+use crate::vmm::vm::Loader;
+use crate::vmm::{Vm, VmConfig, VmState};
 
 /// Largest run of pages read with one pread.
 const MAX_RUN_PAGES: usize = 256;
@@ -78,55 +79,17 @@ pub enum RestoreError {
     Vm(#[from] crate::vmm::VmError),
 }
 
-/// What a restore did.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct RestoreReport {
-    /// Always "restore".
-    pub operation: String,
-    /// Checkpoint id restored.
-    pub id: u32,
-    /// Its kind.
-    pub kind: Kind,
-    /// Files read (the full checkpoint and the incrementals up to id).
-    pub chain_files: usize,
-    /// Whether pages load lazily after the vCPUs start.
-    pub lazy: bool,
-    /// Non-zero pages stored in the chain's files.
-    pub pages: u64,
-    /// Milliseconds from the start of the restore until the vCPUs could run.
-    pub resume_ms: f64,
-    /// Where `resume_ms` went.
-    #[serde(default)]
-    pub phases: RestorePhases,
+impl crate::api::Classify for RestoreError {
+    fn kind(&self) -> crate::api::ErrorKind {
+        match self {
+            RestoreError::Chain(e) => e.kind(),
+            RestoreError::Content { .. } => crate::api::ErrorKind::Unusable,
+            RestoreError::Vm(e) => e.kind(),
+        }
+    }
 }
 
-/// Where the time until the vCPUs could run went, in milliseconds. The
-/// chain's validation runs on a thread of its own beside the VM's creation
-/// up to the point where its memory must be filled: `resume_ms` is about
-/// `meta` + the longer of `validate` and `vm` + `uffd` or `load` + `start`,
-/// not their sum.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
-pub struct RestorePhases {
-    /// Listing the directory, checking the chain's links, reading and
-    /// checking the restored file's header, footer, config and state.
-    pub meta_ms: f64,
-    /// Validating every file of the chain (header, footer, config, state
-    /// and index checksums, index entries, every page inside guest memory):
-    /// the validation thread's own time.
-    pub validate_ms: f64,
-    /// Building the devices and creating the paused VM (KVM VM, memory
-    /// mappings, slots registered with dirty logging on, vCPUs and their
-    /// threads, vCPU state), without `wait`, `uffd` and `load`.
-    pub vm_ms: f64,
-    /// Lazy: creating the userfaultfd and registering guest memory.
-    pub uffd_ms: f64,
-    /// Waiting for the validation once the VM's memory was ready to fill.
-    pub wait_ms: f64,
-    /// Eager: reading every page into guest memory.
-    pub load_ms: f64,
-    /// Starting the vCPUs (0 when restored paused).
-    pub start_ms: f64,
-}
+pub use crate::api::checkpoint::{RestorePhases, RestoreReport};
 
 /// A checkpoint opened and checked, ready to be loaded.
 pub struct Opened {
@@ -141,19 +104,6 @@ pub struct Opened {
     pub stored_pages: u64,
     /// The checkpoint restored.
     pub checkpoint: CheckpointRef,
-}
-
-/// Parses `DIR[@ID]`.
-pub fn parse_target(s: &str) -> Result<(PathBuf, Option<u32>), String> {
-    match s.rsplit_once('@') {
-        Some((d, id)) if !d.is_empty() => {
-            let id: u32 = id.parse().map_err(|_| {
-                format!("'{s}': the part after @ must be a checkpoint id (a number)")
-            })?;
-            Ok((PathBuf::from(d), Some(id)))
-        }
-        _ => Ok((PathBuf::from(s), None)),
-    }
 }
 
 /// What a restore learns before validating the whole chain: enough to
@@ -178,7 +128,7 @@ fn prepare(dir: &Path, id: Option<u32>) -> Result<Prepared, RestoreError> {
         .expect("a chain holds at least its full checkpoint");
     let file = top.path.clone();
     let meta = read_meta(&file).map_err(ChainError::from)?;
-    if meta.header != top.header() {
+    if meta.header != super::chain::header_of(top) {
         return Err(ChainError::Inconsistent {
             file,
             reason: "the file changed since the directory was listed".into(),
@@ -196,20 +146,6 @@ fn prepare(dir: &Path, id: Option<u32>) -> Result<Prepared, RestoreError> {
     config
         .validate()
         .map_err(|e| content(format!("the saved configuration is invalid: {e}")))?;
-    if state.version > crate::vmm::state::STATE_VERSION {
-        return Err(content(format!(
-            "the saved VM state has version {}; this vmhop reads up to version {}",
-            state.version,
-            crate::vmm::state::STATE_VERSION
-        )));
-    }
-    if state.vcpus.len() != config.vcpus as usize {
-        return Err(content(format!(
-            "the state holds {} vCPUs but the configuration {}",
-            state.vcpus.len(),
-            config.vcpus
-        )));
-    }
     let checkpoint = CheckpointRef {
         dir: dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf()),
         chain_id: meta.header.chain_id,
@@ -327,7 +263,7 @@ fn entries(pages: &[(u64, usize, IndexEntry)]) -> Vec<IndexEntry> {
 /// Reads every page straight into guest memory, with one thread per CPU:
 /// the cost is mostly faulting in fresh guest pages, which parallelises.
 /// Each run's pages are populated (MADV_POPULATE_WRITE) before the read.
-fn load_eager(chain: &ResolvedChain, memory: &GuestMemory) -> Result<(), String> {
+fn load_eager(chain: &ResolvedChain, memory: &GuestMemory) -> Result<(), RestoreError> {
     let pages = data_pages(chain);
     let all = runs(&pages, memory);
     let per = all.len().div_ceil(loader_threads()).max(1);
@@ -336,14 +272,17 @@ fn load_eager(chain: &ResolvedChain, memory: &GuestMemory) -> Result<(), String>
         let workers: Vec<_> = all
             .chunks(per)
             .map(|part| {
-                s.spawn(move || -> Result<(), String> {
+                s.spawn(move || -> Result<(), RestoreError> {
                     for &(i, n) in part {
                         let run = &pages[i..i + n];
                         let (gpa, r, _) = run[0];
                         let len = n * PAGE_SIZE;
-                        let dst = memory
-                            .host_addr(gpa, len as u64)
-                            .ok_or_else(|| format!("page {gpa:#x} is not in guest memory"))?;
+                        let dst = memory.host_addr(gpa, len as u64).ok_or_else(|| {
+                            RestoreError::Content {
+                                file: chain.readers[r].path().to_path_buf(),
+                                reason: format!("page {gpa:#x} is not in guest memory"),
+                            }
+                        })?;
                         // Fault the run's fresh pages in with one madvise
                         // before reading into them: several times cheaper
                         // than a fault per page inside the read's copy. A
@@ -359,15 +298,19 @@ fn load_eager(chain: &ResolvedChain, memory: &GuestMemory) -> Result<(), String>
                         let out = unsafe { std::slice::from_raw_parts_mut(dst, len) };
                         chain.readers[r]
                             .read_pages(&entries(run), out)
-                            .map_err(|e| e.to_string())?;
+                            .map_err(ChainError::from)?;
                     }
                     Ok(())
                 })
             })
             .collect();
         workers.into_iter().try_for_each(|w| {
-            w.join()
-                .unwrap_or_else(|_| Err("a loader thread panicked".into()))
+            w.join().unwrap_or_else(|_| {
+                Err(RestoreError::Content {
+                    file: chain.top().path().to_path_buf(),
+                    reason: "a loader thread panicked".into(),
+                })
+            })
         })
     })
 }
@@ -913,90 +856,147 @@ fn ms_since(t: Instant) -> f64 {
     t.elapsed().as_secs_f64() * 1e3
 }
 
-/// Restores checkpoint `id` of `dir` as a VM called `name` (None: the saved
-/// name). Lazy unless `eager`. The VM runs unless `paused`.
+/// What the validation thread returns: the chain and its stored page
+/// count, and how long it took (ms).
+type Validated = (Result<(ResolvedChain, u64), RestoreError>, f64);
+
+/// What the loader that [`Restoring::take_start`] hands out leaves behind
+/// for [`Restoring::finish`].
+#[derive(Default)]
+struct Loaded {
+    /// The chain, once validated, and its stored page count.
+    chain: Option<(Arc<ResolvedChain>, u64)>,
+    /// The lazy loader (lazy restores).
+    lazy: Option<Arc<Lazy>>,
+    /// Why the validation refused the chain, if it did.
+    refused: Option<RestoreError>,
+    phases: RestorePhases,
+}
+
+/// A restore under way: the restored file's configuration and state read
+/// and checked, the rest of the chain being validated on a thread of its
+/// own while the service builds the VM.
 ///
-/// The restored file's config and state are read first; then the whole
-/// chain is validated on a thread of its own while the VM is created
-/// paused. Its memory is filled (eager) or registered for lazy loading
-/// only after the validation succeeded, and before the vCPU state goes in:
-/// a damaged header, footer, index, config or state in any file of the
-/// chain is refused and the VM, which never ran, is not created.
-pub fn restore(
-    dir: &Path,
-    id: Option<u32>,
-    name: Option<String>,
-    paused: bool,
+/// Its steps, in order: [`Restoring::begin`], [`Restoring::take_start`]
+/// (the state and the loader the new VM fills its memory with), then
+/// [`Restoring::finish`] once the VM exists, or [`Restoring::abandon`] if
+/// it could not be built.
+///
+/// Guest memory must hold the checkpoint's pages (or, lazily, be
+/// registered with userfaultfd) before the vCPU state is restored:
+/// restoring some MSRs makes KVM write into guest memory at once
+/// (MSR_KVM_WALL_CLOCK_NEW) or fault a page in to cache it
+/// (MSR_KVM_SYSTEM_TIME_NEW). A page faulted in before the registration
+/// would keep zeros, since the loader cannot copy into a present page: a
+/// Linux guest lost kernel data that way. So the VM calls the loader
+/// between creating its memory and restoring the vCPUs, and the loader
+/// waits for the validation there: a damaged file anywhere in the chain
+/// is refused before the VM runs.
+pub struct Restoring {
+    dir: PathBuf,
+    file: PathBuf,
+    /// The configuration the VM is built with (the service may rename it).
+    pub config: VmConfig,
+    state: Option<VmState>,
+    checkpoint: CheckpointRef,
     eager: bool,
-    console: &crate::devices::Console,
-) -> Result<(Arc<Vm>, RestoreReport, crate::devices::Devices), RestoreError> {
-    let t = Instant::now();
-    let mut phases = RestorePhases::default();
-    let mut p = prepare(dir, id)?;
-    phases.meta_ms = ms_since(t);
-    if let Some(n) = name {
-        p.config.name = n;
-    }
-    let Prepared {
-        links,
-        meta,
-        config,
-        mut state,
-        checkpoint,
-    } = p;
-    // Set by the loader Vm::new calls once the chain is validated.
-    let loaded: RefCell<Option<(Arc<ResolvedChain>, u64)>> = RefCell::new(None);
-    let lazy_slot: RefCell<Option<Arc<Lazy>>> = RefCell::new(None);
-    let refused: RefCell<Option<RestoreError>> = RefCell::new(None);
-    // The loader fills in its phases.
-    let phases = RefCell::new(phases);
-    let built = std::thread::scope(|s| {
+    started: Instant,
+    validator: Option<std::thread::JoinHandle<Validated>>,
+    loaded: Arc<Mutex<Loaded>>,
+}
+
+impl Restoring {
+    /// Reads and checks the restored file's config and state, and starts
+    /// validating the whole chain on a thread of its own. Lazy unless `eager`.
+    pub fn begin(target: &CheckpointTarget, eager: bool) -> Result<Restoring, RestoreError> {
+        let started = Instant::now();
+        let p = prepare(&target.dir, target.id)?;
+        let meta_ms = ms_since(started);
+        let file = p
+            .links
+            .last()
+            .expect("a chain holds at least its full checkpoint")
+            .path
+            .clone();
+        let (links, meta, config) = (p.links, p.meta, p.config.clone());
         let validator = std::thread::Builder::new()
             .name("restore-check".into())
-            .spawn_scoped(s, || {
+            .spawn(move || {
                 let t = Instant::now();
                 (validate(&links, &meta, &config), ms_since(t))
             })
             .map_err(|e| RestoreError::Content {
-                file: dir.to_path_buf(),
+                file: file.clone(),
                 reason: format!("cannot start the validation thread: {e}"),
             })?;
-        // Guest memory must hold the checkpoint's pages (or, lazily, be
-        // registered with userfaultfd) before the vCPU state is restored:
-        // restoring some MSRs makes KVM write into guest memory at once
-        // (MSR_KVM_WALL_CLOCK_NEW) or fault a page in to cache it
-        // (MSR_KVM_SYSTEM_TIME_NEW). A page faulted in before the
-        // registration would keep zeros, since the loader cannot copy into
-        // a present page: a Linux guest lost kernel data that way. So Vm::new
-        // calls this loader between creating the memory and restoring the
-        // vCPUs, and it waits for the validation there.
-        let load: crate::vmm::vm::Loader<'_> = Box::new(|m: &GuestMemory| {
+        let loaded = Loaded {
+            phases: RestorePhases {
+                meta_ms,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        Ok(Restoring {
+            dir: target.dir.clone(),
+            file,
+            config: p.config,
+            state: Some(p.state),
+            checkpoint: p.checkpoint,
+            eager,
+            started,
+            validator: Some(validator),
+            loaded: Arc::new(Mutex::new(loaded)),
+        })
+    }
+
+    /// The file restored (for messages about its state).
+    pub fn file(&self) -> &Path {
+        &self.file
+    }
+
+    /// The saved state, and the loader that fills the new VM's memory
+    /// (eagerly, or by registering it for lazy loading) once the chain is
+    /// validated; once.
+    pub fn take_start(&mut self) -> (VmState, Loader<'static>) {
+        let state = self.state.take().expect("take_start is called once");
+        let validator = self.validator.take();
+        let loaded = self.loaded.clone();
+        let (eager, dir) = (self.eager, self.dir.clone());
+        let load: Loader<'static> = Box::new(move |m: &GuestMemory| {
             let tw = Instant::now();
-            let (checked, ms) = validator.join().unwrap_or_else(|_| {
-                (
+            let (checked, ms) = match validator.map(|v| v.join()) {
+                Some(Ok(r)) => r,
+                _ => (
                     Err(RestoreError::Content {
-                        file: dir.to_path_buf(),
+                        file: dir.clone(),
                         reason: "the validation thread panicked".into(),
                     }),
                     0.0,
-                )
-            });
-            phases.borrow_mut().validate_ms = ms;
-            phases.borrow_mut().wait_ms = ms_since(tw);
+                ),
+            };
+            let mut l = loaded.lock().unwrap_or_else(|e| e.into_inner());
+            l.phases.validate_ms = ms;
+            l.phases.wait_ms = ms_since(tw);
             let (chain, stored) = match checked {
                 Ok(c) => c,
                 Err(e) => {
                     // The VM never runs: nothing of the damaged chain is used.
                     let msg = e.to_string();
-                    *refused.borrow_mut() = Some(e);
-                    return Err(msg);
+                    l.refused = Some(e);
+                    return Err(msg.into());
                 }
             };
             let chain = Arc::new(chain);
             if eager {
                 let tl = Instant::now();
-                load_eager(&chain, m)?;
-                phases.borrow_mut().load_ms = ms_since(tl);
+                if let Err(e) = load_eager(&chain, m) {
+                    // A damaged page is the file's fault, not the VM's: the
+                    // restore answers with this error, not the VM's.
+                    let msg = e.to_string();
+                    l.refused = Some(e);
+                    return Err(msg.into());
+                }
+                l.phases.load_ms = ms_since(tl);
             } else {
                 let tu = Instant::now();
                 let (uffd, ranges) = register_uffd(m)?;
@@ -1022,129 +1022,121 @@ pub fn restore(
                     .name("uffd-faults".into())
                     .spawn(move || h.handler())
                     .map_err(|e| format!("cannot start the fault handler thread: {e}"))?;
-                *lazy_slot.borrow_mut() = Some(lazy);
-                phases.borrow_mut().uffd_ms = ms_since(tu);
+                l.lazy = Some(lazy);
+                l.phases.uffd_ms = ms_since(tu);
             }
-            *loaded.borrow_mut() = Some((chain, stored));
+            l.chain = Some((chain, stored));
             Ok(())
         });
-        let tv = Instant::now();
-        let mut devs = crate::devices::build(&config, console, &state.devices).map_err(|e| {
-            RestoreError::Content {
-                file: dir.to_path_buf(),
-                reason: e.to_string(),
+        (state, load)
+    }
+
+    /// The VM could not be built: stops what the loader started, and
+    /// returns the validation's own error if that is why.
+    pub fn abandon(self) -> Option<RestoreError> {
+        let mut l = self.loaded.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(lazy) = &l.lazy {
+            lazy.done.store(true, Ordering::Release);
+        }
+        l.refused.take()
+    }
+
+    /// The VM `vm` (created paused, with its memory filled or registered)
+    /// runs from the checkpoint: its chain position is set, a lazy restore's
+    /// background load starts, and the vCPUs run unless `paused`. `built`
+    /// is when the VM's creation began. Returns the report, the VM's place
+    /// in the chain, and a flag that stays true while a lazy restore loads.
+    pub fn finish(
+        self,
+        vm: &Arc<Vm>,
+        paused: bool,
+        built: Instant,
+    ) -> Result<(RestoreReport, ChainPosition, Arc<AtomicBool>), RestoreError> {
+        let vm_ms = ms_since(built);
+        let (chain, lazy, mut phases) = {
+            let mut l = self.loaded.lock().unwrap_or_else(|e| e.into_inner());
+            (l.chain.take(), l.lazy.take(), l.phases.clone())
+        };
+        phases.vm_ms = vm_ms - phases.wait_ms - phases.load_ms - phases.uffd_ms;
+        let handler = lazy.clone();
+        let fail = |e: RestoreError| {
+            if let Some(l) = &handler {
+                l.done.store(true, Ordering::Release);
             }
-        })?;
-        let device_set = std::mem::take(&mut devs.set);
-        let vm = Vm::new(
-            config.clone(),
-            Start::Restore {
-                vcpus: std::mem::take(&mut state.vcpus),
-                machine: state.machine.take().map(Box::new),
-                load,
-                // Before any vCPU runs, so that no guest write escapes
-                // the next incremental checkpoint.
-                dirty_log: true,
-            },
-            true,
-            device_set,
-        );
-        let vm_ms = ms_since(tv);
-        Ok::<_, RestoreError>((vm, devs, vm_ms))
-    });
-    let lazy = lazy_slot.into_inner();
-    // A handler started for a VM that will not exist stops polling.
-    let handler_done = lazy.clone();
-    let stop_handler = || {
-        if let Some(l) = &handler_done {
-            l.done.store(true, Ordering::Release);
-        }
-    };
-    let (vm, devs, vm_ms) = match built {
-        Ok((Ok(vm), devs, ms)) => (vm, devs, ms),
-        Ok((Err(e), ..)) => {
-            stop_handler();
-            return Err(refused.into_inner().unwrap_or(e.into()));
-        }
-        Err(e) => {
-            stop_handler();
-            return Err(e);
-        }
-    };
-    let mut phases = phases.into_inner();
-    phases.vm_ms = vm_ms - phases.wait_ms - phases.load_ms - phases.uffd_ms;
-    let fail = |e: RestoreError| {
-        stop_handler();
-        vm.shutdown();
-        e
-    };
-    let Some((chain, stored_pages)) = loaded.into_inner() else {
-        return Err(fail(RestoreError::Content {
-            file: dir.to_path_buf(),
-            reason: "the VM was created without loading its memory".into(),
-        }));
-    };
-    vm.set_last_checkpoint(Some(checkpoint.clone()));
-    let _ = vm.reset_checkpoint_dirty();
-    // A no-op: the slots were registered with it (above).
-    vm.start_dirty_log().map_err(|e| fail(e.into()))?;
-    if lazy.is_some() {
-        vm.set_loading(true);
-    }
-    if !paused {
-        let ts = Instant::now();
-        vm.resume_user().map_err(|e| fail(e.into()))?;
-        phases.start_ms = ms_since(ts);
-    }
-    let resume_ms = ms_since(t);
-    if let Some(lazy) = lazy {
-        let vm2 = vm.clone();
-        let started = std::thread::Builder::new()
-            .name("lazy-load".into())
-            .spawn(move || {
-                let pages = data_pages(&lazy.chain);
-                let memory_runs = runs(&pages, &vm2.memory());
-                lazy.background(&pages, &memory_runs, loader_threads());
-                let failure = lazy
-                    .failure
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .clone();
-                if let Some(f) = failure {
-                    vm2.fail(f);
-                } else {
-                    // Every page is in once the handler has filled the
-                    // blocks it claimed: later first touches need no handler.
-                    let _filled = lazy.serving.lock().unwrap_or_else(|e| e.into_inner());
-                    for &(h, _, l) in &lazy.ranges {
-                        let _ = lazy.uffd.unregister(h as *mut _, l);
-                    }
-                }
-                lazy.done.store(true, Ordering::Release);
-                vm2.set_loading(false);
-            });
-        if let Err(e) = started {
+            vm.shutdown();
+            e
+        };
+        let Some((chain, stored_pages)) = chain else {
             return Err(fail(RestoreError::Content {
-                file: dir.to_path_buf(),
-                reason: format!("cannot start the loader thread: {e}"),
+                file: self.dir.clone(),
+                reason: "the VM was created without loading its memory".into(),
             }));
+        };
+        // The slots were registered with dirty logging on; from now on the
+        // chain keeps every page written, for the next incremental.
+        let position = ChainPosition {
+            last: Some(self.checkpoint.clone()),
+            since: Default::default(),
+        };
+        vm.keep_dirty(position.since.clone())
+            .map_err(|e| fail(e.into()))?;
+        let loading = Arc::new(AtomicBool::new(lazy.is_some()));
+        if !paused {
+            let ts = Instant::now();
+            vm.resume_user().map_err(|e| fail(e.into()))?;
+            phases.start_ms = ms_since(ts);
         }
+        let resume_ms = ms_since(self.started);
+        if let Some(lazy) = lazy {
+            let vm2 = vm.clone();
+            let flag = loading.clone();
+            let started = std::thread::Builder::new()
+                .name("lazy-load".into())
+                .spawn(move || {
+                    let pages = data_pages(&lazy.chain);
+                    let memory_runs = runs(&pages, &vm2.memory());
+                    lazy.background(&pages, &memory_runs, loader_threads());
+                    let failure = lazy
+                        .failure
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .clone();
+                    if let Some(f) = failure {
+                        vm2.fail(f);
+                    } else {
+                        // Every page is in once the handler has filled the
+                        // blocks it claimed: later first touches need no handler.
+                        let _filled = lazy.serving.lock().unwrap_or_else(|e| e.into_inner());
+                        for &(h, _, l) in &lazy.ranges {
+                            let _ = lazy.uffd.unregister(h as *mut _, l);
+                        }
+                    }
+                    lazy.done.store(true, Ordering::Release);
+                    flag.store(false, Ordering::Release);
+                });
+            if let Err(e) = started {
+                return Err(fail(RestoreError::Content {
+                    file: self.dir.clone(),
+                    reason: format!("cannot start the loader thread: {e}"),
+                }));
+            }
+        }
+        let top = chain.top().header().clone();
+        Ok((
+            RestoreReport {
+                operation: "restore".into(),
+                id: top.id,
+                kind: top.kind,
+                chain_files: chain.readers.len(),
+                lazy: !self.eager,
+                pages: stored_pages,
+                resume_ms,
+                phases,
+            },
+            position,
+            loading,
+        ))
     }
-    let top = chain.top().header().clone();
-    Ok((
-        vm,
-        RestoreReport {
-            operation: "restore".into(),
-            id: top.id,
-            kind: top.kind,
-            chain_files: chain.readers.len(),
-            lazy: !eager,
-            pages: stored_pages,
-            resume_ms,
-            phases,
-        },
-        devs,
-    ))
 }
 
 #[cfg(test)]

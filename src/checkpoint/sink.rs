@@ -8,13 +8,14 @@
 
 use std::collections::BTreeMap;
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use super::format::{CheckpointWriter, FormatError, Header, WrittenCheckpoint};
 use crate::memory::volatile::copy_parallel;
-use crate::memory::{Backing, DirtyBitmap, Mapping, PAGE_SIZE};
+use crate::memory::{Backing, DirtyAccumulator, DirtyBitmap, Mapping, PAGE_SIZE};
 use crate::transfer::{AfterCommit, PageRun, Sink, SinkError};
-use crate::vmm::{Pause, Vm, VmState};
+use crate::vmm::{Pause, Vm, VmConfig, VmState};
 
 /// Bytes of guest memory copied at a time into one of the sink's own
 /// buffers before the writer thread checksums and writes them: the guest
@@ -133,18 +134,27 @@ pub struct FileSink {
     /// Pages staged in the pause: (gpa, where).
     staged: Vec<(u64, Staged)>,
     stop_after: bool,
+    /// The chain's pages written since its last checkpoint; the commit
+    /// takes them (they are this checkpoint's), a failure gives them back.
+    since: Arc<DirtyAccumulator>,
     taken: Option<BTreeMap<u32, DirtyBitmap>>,
-    /// The VM state recorded at the commit; serialized after the resume,
-    /// which keeps ~0.2 ms of JSON out of the pause.
-    state: Option<VmState>,
+    /// The configuration and VM state recorded at the commit; serialized
+    /// after the resume, which keeps ~0.2 ms of JSON out of the pause.
+    state: Option<(VmConfig, VmState)>,
     /// What was written, once complete.
     pub written: Option<WrittenCheckpoint>,
 }
 
 impl FileSink {
     /// A sink writing checkpoint `header` into `dir`; with `stop_after` the
-    /// VM stays paused after the commit.
-    pub fn new(dir: &std::path::Path, header: Header, stop_after: bool) -> Self {
+    /// VM stays paused after the commit. `since` accumulates the pages the
+    /// next incremental checkpoint needs.
+    pub fn new(
+        dir: &std::path::Path,
+        header: Header,
+        stop_after: bool,
+        since: Arc<DirtyAccumulator>,
+    ) -> Self {
         FileSink {
             dir: dir.to_path_buf(),
             header,
@@ -153,6 +163,7 @@ impl FileSink {
             staging_used: 0,
             staged: Vec::new(),
             stop_after,
+            since,
             taken: None,
             state: None,
             written: None,
@@ -308,9 +319,9 @@ impl Sink<Vm> for FileSink {
         _pause: &Pause,
         state: VmState,
     ) -> Result<AfterCommit, SinkError> {
-        self.state = Some(state);
+        self.state = Some((vm.config().clone(), state));
         // The next incremental holds what the guest dirties from now on.
-        self.taken = vm.reset_checkpoint_dirty();
+        self.taken = Some(self.since.take());
         Ok(if self.stop_after {
             AfterCommit::StayPaused
         } else {
@@ -318,7 +329,7 @@ impl Sink<Vm> for FileSink {
         })
     }
 
-    fn complete(&mut self, vm: &Vm) -> Result<(), SinkError> {
+    fn complete(&mut self, _vm: &Vm) -> Result<(), SinkError> {
         let staged = std::mem::take(&mut self.staged);
         let result = (|| {
             let staging = self.staging.take();
@@ -336,11 +347,11 @@ impl Sink<Vm> for FileSink {
             }
             let mut w = self.writer()?.join().map_err(Self::err)?;
             self.writer = None;
-            let state = self
+            let (config, state) = self
                 .state
                 .take()
                 .ok_or_else(|| Self::err("completed before a commit"))?;
-            let config = serde_json::to_vec(&state.config).map_err(Self::err)?;
+            let config = serde_json::to_vec(&config).map_err(Self::err)?;
             let state = serde_json::to_vec(&state).map_err(Self::err)?;
             w.set_config(&config);
             w.set_state(&state);
@@ -354,14 +365,14 @@ impl Sink<Vm> for FileSink {
             Err(e) => {
                 // This checkpoint will not exist: its pages belong to the next.
                 if let Some(t) = self.taken.take() {
-                    vm.restore_checkpoint_dirty(t);
+                    self.since.give_back(t);
                 }
                 Err(e)
             }
         }
     }
 
-    fn abort(&mut self, vm: &Vm) {
+    fn abort(&mut self, _vm: &Vm) {
         if let Some(mut w) = self.writer.take() {
             // The writer removes its temp file when dropped.
             if let Ok(w) = w.join() {
@@ -369,7 +380,7 @@ impl Sink<Vm> for FileSink {
             }
         }
         if let Some(t) = self.taken.take() {
-            vm.restore_checkpoint_dirty(t);
+            self.since.give_back(t);
         }
     }
 }

@@ -1,4 +1,4 @@
-//! `checkpoint`, `checkpoints`, `merge` and `restore`.
+//! `checkpoint`, `checkpoints` and `merge` (`restore` is `run`'s).
 
 use std::path::PathBuf;
 
@@ -6,10 +6,10 @@ use clap::Args;
 
 use super::control::request;
 use super::output::{render, JsonOpt};
-use super::run::RunArgs;
 use super::{ApiOpts, CliError, CliResult};
-use crate::checkpoint::chain::{self, Chain};
-use crate::checkpoint::create::{CheckpointReport, CheckpointRequest};
+use crate::api::checkpoint::{CheckpointReport, CheckpointRequest, CheckpointTarget};
+use crate::api::run::Local;
+use crate::api::Endpoint;
 use crate::util::format_size;
 
 /// Options of `vmhop checkpoint`.
@@ -37,9 +37,8 @@ pub fn checkpoint(a: &CheckpointArgs) -> CliResult {
         full: a.full,
         stop_after: a.stop_after,
     };
-    let body = serde_json::to_value(&req).map_err(CliError::failed)?;
     let spinner = super::progress::spinner(a.api.json, "writing checkpoint".into());
-    let r: Result<CheckpointReport, _> = request(&a.api, "PUT", "vm.checkpoint", Some(body), None);
+    let r: Result<CheckpointReport, _> = request(&a.api, Endpoint::Checkpoint, Some(&req), None);
     spinner.finish_and_clear();
     let r = r?;
     render(a.api.json, &r, |r| {
@@ -84,41 +83,36 @@ pub struct ListArgs {
 }
 
 /// `vmhop checkpoints DIR`.
-pub fn list(a: &ListArgs) -> CliResult {
-    let chain = Chain::open(&a.dir).map_err(CliError::failed)?;
-    let entries = chain.entries().to_vec();
-    let damaged = chain.damaged().to_vec();
-    render(
-        a.json.json,
-        &serde_json::json!({ "dir": a.dir, "checkpoints": entries, "damaged": damaged }),
-        |_| {
-            let mut bad = String::new();
-            for d in &damaged {
-                bad += &format!("\n{:>6}  {:>6}  {:<11}  {}", d.id, "-", "DAMAGED", d.reason);
-            }
-            if entries.is_empty() {
-                return format!("no usable checkpoints in {}{bad}", a.dir.display());
-            }
-            let mut t = format!(
-                "{:>6}  {:>6}  {:<11}  {:>10}  {}",
-                "id", "parent", "kind", "size", "time"
+pub fn list(local: &dyn Local, a: &ListArgs) -> CliResult {
+    let listing = local.checkpoints(&a.dir)?;
+    let (entries, damaged) = (&listing.checkpoints, &listing.damaged);
+    render(a.json.json, &listing, |_| {
+        let mut bad = String::new();
+        for d in damaged {
+            bad += &format!("\n{:>6}  {:>6}  {:<11}  {}", d.id, "-", "DAMAGED", d.reason);
+        }
+        if entries.is_empty() {
+            return format!("no usable checkpoints in {}{bad}", a.dir.display());
+        }
+        let mut t = format!(
+            "{:>6}  {:>6}  {:<11}  {:>10}  {}",
+            "id", "parent", "kind", "size", "time"
+        );
+        for e in entries {
+            let secs = (e.created_unix_ms / 1000) as i64;
+            t += &format!(
+                "\n{:>6}  {:>6}  {:<11}  {:>10}  {}",
+                e.id,
+                e.parent
+                    .map(|p| p.to_string())
+                    .unwrap_or_else(|| "-".into()),
+                e.kind.to_string(),
+                format_size(e.size_bytes),
+                format_time(secs)
             );
-            for e in &entries {
-                let secs = (e.created_unix_ms / 1000) as i64;
-                t += &format!(
-                    "\n{:>6}  {:>6}  {:<11}  {:>10}  {}",
-                    e.id,
-                    e.parent
-                        .map(|p| p.to_string())
-                        .unwrap_or_else(|| "-".into()),
-                    e.kind.to_string(),
-                    format_size(e.size_bytes),
-                    format_time(secs)
-                );
-            }
-            t + &bad
-        },
-    )
+        }
+        t + &bad
+    })
 }
 
 fn format_time(unix: i64) -> String {
@@ -142,11 +136,10 @@ pub struct MergeArgs {
 }
 
 /// `vmhop merge DIR[@ID]`.
-pub fn merge(a: &MergeArgs) -> CliResult {
-    let (dir, id) = crate::checkpoint::restore::parse_target(&a.target).map_err(CliError::usage)?;
-    let w = chain::merge(&dir, id).map_err(CliError::failed)?;
-    let v = serde_json::json!({"operation": "merge", "id": w.id, "path": w.path, "bytes_written": w.bytes_written, "pages_written": w.pages_written});
-    render(a.json.json, &v, |_| {
+pub fn merge(local: &dyn Local, a: &MergeArgs) -> CliResult {
+    let target: CheckpointTarget = a.target.parse()?;
+    let w = local.merge(&target)?;
+    render(a.json.json, &w, |w| {
         format!(
             "merged into full checkpoint {} ({}, {} pages)",
             w.id,
@@ -154,49 +147,4 @@ pub fn merge(a: &MergeArgs) -> CliResult {
             w.pages_written
         )
     })
-}
-
-/// `vmhop restore DIR[@ID]` (and `run --restore`).
-pub fn restore(target: &str, args: &RunArgs) -> CliResult {
-    args.reject_config_for_restore()?;
-    let (dir, id) = crate::checkpoint::restore::parse_target(target).map_err(CliError::usage)?;
-    let socket = args.socket();
-    super::run::check_socket_free(&socket)?;
-    let set = super::run::block_stop_signals();
-    let name = (args.name != super::run::DEFAULT_NAME).then(|| args.name.clone());
-    let (vm, report, devs) = crate::checkpoint::restore::restore(
-        &dir,
-        id,
-        name,
-        args.paused,
-        args.eager,
-        &args.console_target(),
-    )
-    .map_err(CliError::failed)?;
-    if let Some(port) = devs.serial {
-        crate::devices::serial::forward_stdin(port);
-    }
-    if !args.json {
-        super::output::out_line(&format!(
-            "vmhop: restored checkpoint {} ({}, {} file(s), {} pages, {}) in {:.1} ms",
-            report.id,
-            report.kind,
-            report.chain_files,
-            report.pages,
-            if report.lazy {
-                "loading lazily"
-            } else {
-                "loaded"
-            },
-            report.resume_ms
-        ))?;
-    }
-    super::run::serve(
-        vm,
-        &socket,
-        args.json,
-        set,
-        Some(serde_json::to_value(&report).map_err(CliError::failed)?),
-        Some(devs.console_bytes),
-    )
 }

@@ -6,24 +6,29 @@ use std::time::Duration;
 use super::output::{render, JsonOpt};
 use super::{ApiOpts, CliError, CliResult};
 use crate::api::client::call;
-use crate::api::{StateReply, StatusReport, VerifyReport, PREFIX};
+use crate::api::run::Local;
+use crate::api::vm::{AnyStatus, StateReply, VerifyReport};
+use crate::api::Endpoint;
 use crate::util::format_size;
 
 /// How long a quick request may take before the client gives up.
 pub const QUICK_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Calls an endpoint and decodes its report.
+/// Calls an endpoint with `body` and decodes its report.
 pub fn request<T: serde::de::DeserializeOwned>(
     o: &ApiOpts,
-    method: &str,
-    ep: &str,
-    body: Option<serde_json::Value>,
+    ep: Endpoint,
+    body: Option<&impl serde::Serialize>,
     timeout: Option<Duration>,
 ) -> Result<T, CliError> {
+    let body = body
+        .map(serde_json::to_value)
+        .transpose()
+        .map_err(|e| CliError::failed(format!("cannot encode the request: {e}")))?;
     let v = call(
         &o.socket(),
-        method,
-        &format!("{PREFIX}/{ep}"),
+        ep.method().as_str(),
+        &ep.path(),
         body.as_ref(),
         timeout,
     )?;
@@ -35,41 +40,36 @@ pub fn request<T: serde::de::DeserializeOwned>(
     })
 }
 
+/// No request body.
+pub const NO_BODY: Option<&()> = None;
+
 /// `vmhop status`.
 pub fn status(o: &ApiOpts) -> CliResult {
-    let v: serde_json::Value = request(o, "GET", "vm.status", None, Some(QUICK_TIMEOUT))?;
-    if v["state"] == "incoming" {
-        let r: crate::migration::destination::IncomingReport = serde_json::from_value(v)
-            .map_err(|e| CliError::failed(format!("unexpected reply: {e}")))?;
-        return render(o.json, &r, |r| {
-            let mut t = format!("waiting for an incoming migration on {}", r.listening);
-            if let Some(s) = &r.source {
-                t += &format!(
-                    "\n  receiving from {s}: {} pages, {}",
-                    r.pages_received,
-                    format_size(r.bytes_received)
-                );
-            }
-            if let Some(e) = &r.last_error {
-                t += &format!("\n  last source failed: {e}");
-            }
-            t
-        });
-    }
-    let s: StatusReport = serde_json::from_value(v).map_err(|e| {
-        CliError::failed(format!(
-            "unexpected reply from {}: {e}",
-            o.socket().display()
-        ))
-    })?;
+    let s: AnyStatus = request(o, Endpoint::Status, NO_BODY, Some(QUICK_TIMEOUT))?;
+    let s = match s {
+        AnyStatus::Incoming(r) => {
+            return render(o.json, &r, |r| {
+                let mut t = format!("waiting for an incoming migration on {}", r.listening);
+                if let Some(s) = &r.source {
+                    t += &format!(
+                        "\n  receiving from {s}: {} pages, {}",
+                        r.pages_received,
+                        format_size(r.bytes_received)
+                    );
+                }
+                if let Some(e) = &r.last_error {
+                    t += &format!("\n  last source failed: {e}");
+                }
+                t
+            })
+        }
+        AnyStatus::Vm(s) => s,
+    };
     render(o.json, &s, |s| {
         let mut t = format!(
             "VM '{}' is {} — {} vCPUs, {}, guest {} (progress {})",
             s.name,
-            serde_json::to_value(s.state)
-                .ok()
-                .and_then(|v| v.as_str().map(String::from))
-                .unwrap_or_default(),
+            s.state,
             s.vcpus,
             format_size(s.memory_bytes),
             s.guest.kind,
@@ -90,8 +90,8 @@ pub fn status(o: &ApiOpts) -> CliResult {
     })
 }
 
-fn state_cmd(o: &ApiOpts, ep: &str, verb: &str) -> CliResult {
-    let r: StateReply = request(o, "PUT", ep, None, Some(QUICK_TIMEOUT))?;
+fn state_cmd(o: &ApiOpts, ep: Endpoint, verb: &str) -> CliResult {
+    let r: StateReply = request(o, ep, NO_BODY, Some(QUICK_TIMEOUT))?;
     render(o.json, &r, |r| match r.pause_us {
         Some(us) => format!("{verb} (all vCPUs stopped in {us} µs)"),
         None => verb.to_string(),
@@ -100,22 +100,22 @@ fn state_cmd(o: &ApiOpts, ep: &str, verb: &str) -> CliResult {
 
 /// `vmhop pause`.
 pub fn pause(o: &ApiOpts) -> CliResult {
-    state_cmd(o, "vm.pause", "paused")
+    state_cmd(o, Endpoint::Pause, "paused")
 }
 
 /// `vmhop resume`.
 pub fn resume(o: &ApiOpts) -> CliResult {
-    state_cmd(o, "vm.resume", "resumed")
+    state_cmd(o, Endpoint::Resume, "resumed")
 }
 
 /// `vmhop stop`.
 pub fn stop(o: &ApiOpts) -> CliResult {
-    state_cmd(o, "vm.stop", "stopped")
+    state_cmd(o, Endpoint::Stop, "stopped")
 }
 
 /// `vmhop verify`; fails (exit 1) if the invariant is broken.
 pub fn verify(o: &ApiOpts) -> CliResult {
-    let r: VerifyReport = request(o, "PUT", "vm.verify", None, Some(QUICK_TIMEOUT))?;
+    let r: VerifyReport = request(o, Endpoint::Verify, NO_BODY, Some(QUICK_TIMEOUT))?;
     render(o.json, &r, |r| {
         let mut t = if r.ok {
             format!("ok: {} pages checked, memory consistent", r.pages_checked)
@@ -148,15 +148,15 @@ pub fn verify(o: &ApiOpts) -> CliResult {
 }
 
 /// `vmhop topology`.
-pub fn topology(o: &JsonOpt) -> CliResult {
-    let t = crate::host::topology::Topology::read().map_err(CliError::failed)?;
+pub fn topology(local: &dyn Local, o: &JsonOpt) -> CliResult {
+    let t = local.topology()?;
     render(o.json, &t, |t| {
         let mut s = format!("{} NUMA node(s)", t.nodes.len());
         for n in &t.nodes {
             s += &format!(
                 "\n  node {}: CPUs {}, {} total, {} free, distances {:?}",
                 n.id,
-                crate::host::affinity::format_cpu_list(&n.cpus),
+                crate::util::format_cpu_list(&n.cpus),
                 format_size(n.total_bytes),
                 format_size(n.free_bytes),
                 n.distances

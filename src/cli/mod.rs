@@ -1,6 +1,10 @@
-//! The command line: one file per subcommand group; every subcommand other
-//! than `run`/`restore` is a client of the VM's API. This module parses,
-//! dispatches and renders reports; it does no VM work itself.
+//! The command line: one file per subcommand group. It parses, asks, and
+//! renders what it hears back; it does no VM work itself.
+//!
+//! It speaks only the API (`crate::api`): a VM's own process over its
+//! socket (every subcommand but `run`/`restore`), and this process's
+//! [`Local`] half (`run`, `restore`, `topology`, `checkpoints`, `merge`),
+//! which `main` hands in. It imports nothing below the API.
 
 pub mod checkpoint;
 pub mod control;
@@ -16,10 +20,11 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
-/// Exit code: the operation failed.
-pub const EXIT_FAILED: u8 = 1;
-/// Exit code: bad usage.
-pub const EXIT_USAGE: u8 = 2;
+use crate::api::client::ClientError;
+use crate::api::error::ErrorKind;
+pub use crate::api::error::{EXIT_FAILED, EXIT_USAGE};
+use crate::api::run::Local;
+use crate::api::ApiError;
 
 /// A failed command: its message and exit code.
 #[derive(Debug)]
@@ -47,9 +52,27 @@ impl CliError {
     }
 }
 
-impl From<crate::api::client::ClientError> for CliError {
-    fn from(e: crate::api::client::ClientError) -> Self {
-        CliError::failed(e)
+impl From<ClientError> for CliError {
+    /// An error answer exits as its kind says (api::error's table); not
+    /// reaching the VM at all is a failure.
+    fn from(e: ClientError) -> Self {
+        let code = match &e {
+            ClientError::Api { status, .. } => ErrorKind::from_status(*status).exit_code(),
+            _ => EXIT_FAILED,
+        };
+        CliError {
+            code,
+            message: e.to_string(),
+        }
+    }
+}
+
+impl From<ApiError> for CliError {
+    fn from(e: ApiError) -> Self {
+        CliError {
+            code: e.kind.exit_code(),
+            message: e.message,
+        }
     }
 }
 
@@ -174,8 +197,8 @@ enum Cmd {
     Demo(demo::DemoArgs),
 }
 
-/// Entry point of the binary.
-pub fn main() -> ExitCode {
+/// Entry point of the binary; `local` is the in-process half of vmhop.
+pub fn main(local: &dyn Local) -> ExitCode {
     let filter = tracing_subscriber::EnvFilter::try_from_env("VMHOP_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     tracing_subscriber::fmt()
@@ -185,26 +208,22 @@ pub fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let r = match cli.cmd {
-        Cmd::Run(a) => match (&a.restore, &a.incoming) {
-            (Some(target), _) => checkpoint::restore(target, &a),
-            (None, Some(addr)) => migrate::incoming(addr, &a),
-            (None, None) => run::run(a),
-        },
+        Cmd::Run(a) => run::run(local, &a, a.restore.as_deref()),
         Cmd::Status(o) => control::status(&o),
         Cmd::Pause(o) => control::pause(&o),
         Cmd::Resume(o) => control::resume(&o),
         Cmd::Stop(o) => control::stop(&o),
         Cmd::Verify(o) => control::verify(&o),
         Cmd::Checkpoint(a) => checkpoint::checkpoint(&a),
-        Cmd::Checkpoints(a) => checkpoint::list(&a),
-        Cmd::Merge(a) => checkpoint::merge(&a),
-        Cmd::Restore(a) => checkpoint::restore(&a.target, &a.run),
+        Cmd::Checkpoints(a) => checkpoint::list(local, &a),
+        Cmd::Merge(a) => checkpoint::merge(local, &a),
+        Cmd::Restore(a) => run::run(local, &a.run, Some(&a.target)),
         Cmd::NumaMigrate(a) => numa::numa_migrate(&a),
         Cmd::NumaStat(o) => numa::numa_stat(&o),
         Cmd::Migrate(a) => migrate::migrate(&a),
         Cmd::MigrateCancel(o) => migrate::cancel(&o),
-        Cmd::Topology(o) => control::topology(&o),
-        Cmd::Demo(a) => demo::demo(a),
+        Cmd::Topology(o) => control::topology(local, &o),
+        Cmd::Demo(a) => demo::demo(local, a),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

@@ -2,10 +2,11 @@
 
 use clap::Args;
 
-use super::control::request;
+use super::control::{request, NO_BODY};
 use super::output::render;
-use super::{ApiOpts, CliError, CliResult};
-use crate::numa::{Mode, NumaMigrateReport, NumaMigrateRequest, NumaStatReport};
+use super::{ApiOpts, CliResult};
+use crate::api::numa::{Mode, NumaMigrateReport, NumaMigrateRequest, NumaStatReport};
+use crate::api::Endpoint;
 
 /// Options of `vmhop numa-migrate`.
 #[derive(Args, Debug, Clone)]
@@ -22,18 +23,8 @@ pub struct NumaMigrateArgs {
     #[arg(long, default_value = "live")]
     mode: Mode,
     /// Downtime budget per pause in milliseconds (default 1).
-    #[arg(long, value_name = "MS", value_parser = positive_ms)]
+    #[arg(long, value_name = "MS")]
     max_downtime_ms: Option<f64>,
-}
-
-fn positive_ms(s: &str) -> Result<f64, String> {
-    use crate::numa::MAX_DOWNTIME_LIMIT_MS;
-    match s.parse::<f64>() {
-        Ok(v) if v > 0.0 && v <= MAX_DOWNTIME_LIMIT_MS => Ok(v),
-        _ => Err(format!(
-            "'{s}' is not a number of milliseconds above 0 and at most {MAX_DOWNTIME_LIMIT_MS}"
-        )),
-    }
 }
 
 fn fmt_placement(p: &std::collections::BTreeMap<String, u64>) -> String {
@@ -54,20 +45,15 @@ pub fn numa_migrate(a: &NumaMigrateArgs) -> CliResult {
         mode: a.mode,
         max_downtime_ms: a.max_downtime_ms,
     };
-    let body = serde_json::to_value(&req).map_err(CliError::failed)?;
     let spinner = super::progress::spinner(
         a.api.json,
         format!("moving guest memory to host node {}", a.to_node),
     );
-    let r: Result<NumaMigrateReport, _> =
-        request(&a.api, "PUT", "vm.numa-migrate", Some(body), None);
+    let r: Result<NumaMigrateReport, _> = request(&a.api, Endpoint::NumaMigrate, Some(&req), None);
     spinner.finish_and_clear();
     let r = r?;
     render(a.api.json, &r, |r| {
-        let mode = serde_json::to_value(r.mode)
-            .ok()
-            .and_then(|v| v.as_str().map(String::from))
-            .unwrap_or_default();
+        let mode = r.mode;
         let mut t = format!(
             "moved guest node(s) {:?} to host node {} ({mode}): {} pages in {:.1} ms, {} round(s), {} pause(s), longest pause {} µs, paused {} µs in all",
             r.guest_nodes, r.to_node, r.pages_moved, r.total_ms, r.rounds, r.pauses, r.downtime_us, r.paused_total_us
@@ -100,9 +86,8 @@ pub fn numa_migrate(a: &NumaMigrateArgs) -> CliResult {
 pub fn numa_stat(o: &ApiOpts) -> CliResult {
     let r: NumaStatReport = request(
         o,
-        "GET",
-        "vm.numa-stat",
-        None,
+        Endpoint::NumaStat,
+        NO_BODY,
         Some(super::control::QUICK_TIMEOUT),
     )?;
     render(o.json, &r, |r| {

@@ -1,32 +1,18 @@
-//! `vmhop run`: builds the VM from the command line, serves its API, and
-//! waits for `stop`, SIGTERM or SIGINT.
+//! `vmhop run` (and `restore`, and `run --incoming`): the command line of a
+//! VMM process, handed to the service as a [`RunSpec`], and what the
+//! process says while it runs.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use clap::Args;
 
+use super::output::{out_line, print_json};
 use super::{default_socket, CliError, CliResult};
-use crate::api::routes::Routes;
-use crate::api::server::{error_body, ApiHandler, ApiServer, Switch};
-use crate::arch::x86_64::linux::{self, LinuxSpec};
-use crate::devices::{self, Console};
-
-use crate::guest::GuestSpec;
-use crate::memory::layout::DEFAULT_CHUNK_SIZE;
-use crate::util::parse_size;
-use crate::vmm::{NodeConfig, Vm, VmConfig};
-
-/// The builtin guest run when neither --guest nor --kernel is given.
-const DEFAULT_GUEST: &str = "builtin:idle";
-/// How long a Linux guest may stay silent on its console before vmhop says
-/// that this host's KVM may be too slow to boot it.
-const SILENT_BOOT_WARNING: Duration = Duration::from_secs(20);
-/// How often `serve` looks for a guest that ended the VM by itself.
-const EXIT_POLL: Duration = Duration::from_millis(100);
+use crate::api::checkpoint::CheckpointTarget;
+use crate::api::migration::AuthFiles;
+use crate::api::run::{Arrival, ConsoleTarget, Local, RunEnd, RunEvent, RunSpec, StartSpec};
+use crate::api::vm::VmState;
+use crate::util::format_size;
 
 /// Name of a VM started without `--name`.
 pub const DEFAULT_NAME: &str = "vm";
@@ -93,81 +79,15 @@ pub struct RunArgs {
     /// Print one JSON object when the VM is up.
     #[arg(long)]
     pub json: bool,
+    /// A test hook, NAME[=VALUE] (docs/test-device.md); for vmhop's tests.
+    #[arg(long, value_name = "HOOK", hide = true)]
+    pub test_hook: Vec<String>,
 }
 
 impl RunArgs {
-    /// The VM configuration these options describe.
-    pub fn config(&self) -> Result<VmConfig, CliError> {
-        let guest = match (&self.kernel, &self.guest) {
-            (Some(_), Some(_)) => {
-                return Err(CliError::usage(
-                    "give either --kernel (a Linux guest) or --guest (a builtin guest), not both",
-                ))
-            }
-            (Some(kernel), None) => GuestSpec::Linux(LinuxSpec {
-                kernel: kernel.clone(),
-                initrd: self.initrd.clone(),
-                cmdline: self
-                    .cmdline
-                    .clone()
-                    .unwrap_or_else(|| linux::DEFAULT_CMDLINE.to_string()),
-            }),
-            (None, g) => {
-                if self.initrd.is_some() || self.cmdline.is_some() {
-                    return Err(CliError::usage("--initrd and --cmdline need --kernel"));
-                }
-                GuestSpec::parse(g.as_deref().unwrap_or(DEFAULT_GUEST)).map_err(CliError::usage)?
-            }
-        };
-        let nodes = if self.numa.is_empty() {
-            let size = parse_size(self.memory.as_deref().unwrap_or("256M"))
-                .map_err(|e| CliError::usage(format!("--memory: {e}")))?;
-            vec![NodeConfig {
-                guest_node: 0,
-                size,
-                host_node: None,
-                vcpus: None,
-            }]
-        } else {
-            let nodes: Vec<NodeConfig> = self
-                .numa
-                .iter()
-                .map(|s| NodeConfig::parse(s).map_err(CliError::usage))
-                .collect::<Result<_, _>>()?;
-            // QEMU users give both; they must say the same thing.
-            if let Some(m) = &self.memory {
-                let memory =
-                    parse_size(m).map_err(|e| CliError::usage(format!("--memory: {e}")))?;
-                let total: u64 = nodes.iter().map(|n| n.size).sum();
-                if memory != total {
-                    return Err(CliError::usage(format!(
-                        "--memory {m} ({}) does not match the --numa sizes, which add up to {}",
-                        crate::util::format_size(memory),
-                        crate::util::format_size(total)
-                    )));
-                }
-            }
-            nodes
-        };
-        let chunk_size = match &self.chunk_size {
-            Some(s) => parse_size(s).map_err(|e| CliError::usage(format!("--chunk-size: {e}")))?,
-            None => DEFAULT_CHUNK_SIZE,
-        };
-        let c = VmConfig {
-            name: self.name.clone(),
-            vcpus: self.vcpus,
-            nodes,
-            guest,
-            hugepages: self.hugepages,
-            chunk_size,
-        };
-        c.validate().map_err(CliError::usage)?;
-        Ok(c)
-    }
-
     /// A restore takes its configuration from the checkpoint: options that
     /// would change it are refused rather than silently ignored.
-    pub fn reject_config_for_restore(&self) -> Result<(), CliError> {
+    fn reject_config_for_restore(&self) -> Result<(), CliError> {
         let given = [
             (self.vcpus != 1, "--vcpus"),
             (self.memory.is_some(), "--memory"),
@@ -189,7 +109,7 @@ impl RunArgs {
 
     /// An incoming VM brings its configuration: options that would change
     /// it are refused (only --numa, to re-bind nodes, is taken).
-    pub fn reject_config_for_incoming(&self) -> Result<(), CliError> {
+    fn reject_config_for_incoming(&self) -> Result<(), CliError> {
         let given = [
             (self.vcpus != 1, "--vcpus"),
             (self.memory.is_some(), "--memory"),
@@ -216,241 +136,163 @@ impl RunArgs {
             .clone()
             .unwrap_or_else(|| default_socket(&self.name))
     }
-}
 
-/// Blocks SIGTERM and SIGINT in this thread (and so in every thread it
-/// spawns later); `wait_for_signal` then takes them synchronously.
-pub fn block_stop_signals() -> libc::sigset_t {
-    // SAFETY: sigset_t is plain data; sigemptyset/sigaddset initialise it and
-    // pthread_sigmask only changes this thread's mask.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-        set
-    }
-}
-
-/// Fails early, before any VM exists, if another vmhop serves `socket`.
-pub fn check_socket_free(socket: &std::path::Path) -> Result<(), CliError> {
-    if std::os::unix::net::UnixStream::connect(socket).is_ok() {
-        return Err(CliError::failed(format!(
-            "another vmhop is already serving {}",
-            socket.display()
-        )));
-    }
-    Ok(())
-}
-
-/// Runs a VM until it is stopped.
-pub fn run(args: RunArgs) -> CliResult {
-    if args.auth.auth_key_file.is_some() || args.auth.tls_cert.is_some() || args.auth.insecure {
-        return Err(CliError::usage(
-            "--auth-key-file, --tls-* and --insecure apply with --incoming",
-        ));
-    }
-    if args.eager {
-        return Err(CliError::usage("--eager only applies with --restore"));
-    }
-    let config = args.config()?;
-    if let GuestSpec::Linux(spec) = &config.guest {
-        linux::inspect(&spec.kernel).map_err(CliError::failed)?;
-        if let Some(i) = &spec.initrd {
-            std::fs::metadata(i).map_err(|e| {
-                CliError::failed(format!("cannot read initrd {}: {e}", i.display()))
-            })?;
-        }
-    }
-    let socket = args.socket();
-    check_socket_free(&socket)?;
-    let set = block_stop_signals();
-    let (vm, devs) = crate::machine::boot(config, &args.console_target(), args.paused)
-        .map_err(CliError::failed)?;
-    if let Some(port) = devs.serial {
-        devices::serial::forward_stdin(port);
-    }
-    serve(vm, &socket, args.json, set, None, Some(devs.console_bytes))
-}
-
-impl RunArgs {
     /// Where a Linux guest's console goes.
-    pub fn console_target(&self) -> Console {
+    fn console_target(&self) -> ConsoleTarget {
         match (&self.console, self.json) {
-            (Some(f), _) => Console::File(f.clone()),
-            (None, true) => Console::Stderr,
-            (None, false) => Console::Stdout,
+            (Some(f), _) => ConsoleTarget::File(f.clone()),
+            (None, true) => ConsoleTarget::Stderr,
+            (None, false) => ConsoleTarget::Stdout,
         }
     }
-}
 
-/// A run process's API socket and stop channel, which may come up before
-/// its VM exists (an incoming migration answers `status` while it waits).
-pub struct Frontend {
-    server: ApiServer,
-    switch: Arc<Switch>,
-    tx: mpsc::Sender<()>,
-    rx: mpsc::Receiver<()>,
-}
-
-/// Answers while a VM is being created: nothing to say yet.
-struct Starting;
-
-impl ApiHandler for Starting {
-    fn handle(&self, _: &str, _: &str, _: &[u8]) -> (u16, serde_json::Value) {
-        (503, error_body("the VM is starting"))
-    }
-}
-
-impl Frontend {
-    /// Serves `socket` and turns SIGTERM/SIGINT (blocked in `set`) into a
-    /// stop. `first` answers until a VM's routes take over.
-    pub fn start(
-        socket: &std::path::Path,
-        set: libc::sigset_t,
-        first: impl FnOnce(mpsc::Sender<()>) -> Arc<dyn ApiHandler>,
-    ) -> Result<Frontend, CliError> {
-        let (tx, rx) = mpsc::channel();
-        let switch = Switch::new(first(tx.clone()));
-        let server = ApiServer::start(socket, switch.clone()).map_err(CliError::failed)?;
-        let signals = tx.clone();
-        std::thread::Builder::new()
-            .name("signals".into())
-            .spawn(move || loop {
-                let mut sig = 0;
-                // SAFETY: `set` is an initialised signal set and `sig` a
-                // valid out-pointer; sigwait only blocks this thread.
-                if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
-                    let _ = signals.send(());
-                    return;
+    /// The run these options describe; `restore` is the `DIR[@ID]` of a
+    /// restore.
+    fn spec(&self, restore: Option<&str>) -> Result<RunSpec, CliError> {
+        let absolute = |p: &Option<PathBuf>| -> Result<Option<PathBuf>, CliError> {
+            p.as_ref()
+                .map(|p| {
+                    std::path::absolute(p)
+                        .map_err(|e| CliError::usage(format!("{}: {e}", p.display())))
+                })
+                .transpose()
+        };
+        let auth = &self.auth;
+        let given_auth = auth.auth_key_file.is_some() || auth.tls_cert.is_some() || auth.insecure;
+        let start = match (restore, &self.incoming) {
+            (Some(_), Some(_)) => {
+                return Err(CliError::usage("--incoming cannot be used with a restore"))
+            }
+            (Some(target), None) => {
+                self.reject_config_for_restore()?;
+                let target: CheckpointTarget = target.parse()?;
+                StartSpec::Restore {
+                    target,
+                    eager: self.eager,
                 }
-            })
-            .map_err(|e| CliError::failed(format!("cannot start the signal thread: {e}")))?;
-        Ok(Frontend {
-            server,
-            switch,
-            tx,
-            rx,
+            }
+            (None, Some(address)) => {
+                self.reject_config_for_incoming()?;
+                StartSpec::Incoming {
+                    address: address.clone(),
+                    once: self.once,
+                    auth: AuthFiles {
+                        auth_key_file: absolute(&auth.auth_key_file)?,
+                        tls_cert: absolute(&auth.tls_cert)?,
+                        tls_key: absolute(&auth.tls_key)?,
+                        tls_ca: absolute(&auth.tls_ca)?,
+                        insecure: auth.insecure,
+                    },
+                }
+            }
+            (None, None) => {
+                if given_auth {
+                    return Err(CliError::usage(
+                        "--auth-key-file, --tls-* and --insecure apply with --incoming",
+                    ));
+                }
+                if self.eager {
+                    return Err(CliError::usage("--eager only applies with --restore"));
+                }
+                StartSpec::Boot
+            }
+        };
+        Ok(RunSpec {
+            name: self.name.clone(),
+            name_given: self.name != DEFAULT_NAME,
+            api_socket: self.socket(),
+            vcpus: Some(self.vcpus),
+            memory: self.memory.clone(),
+            numa: self.numa.clone(),
+            guest: self.guest.clone(),
+            kernel: absolute(&self.kernel)?,
+            initrd: absolute(&self.initrd)?,
+            cmdline: self.cmdline.clone(),
+            console: self.console_target(),
+            hugepages: self.hugepages,
+            chunk_size: self.chunk_size.clone(),
+            paused: self.paused,
+            start,
+            test_hooks: self.test_hook.clone(),
         })
     }
-
-    /// What hands the socket to a VM's routes from another thread: the
-    /// handler switch and the stop channel the routes' `stop` uses.
-    pub fn handoff(&self) -> (Arc<Switch>, mpsc::Sender<()>) {
-        (self.switch.clone(), self.tx.clone())
-    }
-
-    /// Waits up to `d` for a stop (API `stop`, SIGTERM, SIGINT); true if one came.
-    pub fn stopped_within(&self, d: Duration) -> bool {
-        !matches!(
-            self.rx.recv_timeout(d),
-            Err(mpsc::RecvTimeoutError::Timeout)
-        )
-    }
 }
 
-/// Serves the API of a created VM until stop, SIGTERM or SIGINT.
-pub fn serve(
-    vm: Arc<Vm>,
-    socket: &std::path::Path,
-    json: bool,
-    set: libc::sigset_t,
-    restored: Option<serde_json::Value>,
-    console_bytes: Option<Arc<AtomicU64>>,
-) -> CliResult {
-    let fe = Frontend::start(socket, set, |_| Arc::new(Starting))?;
-    serve_on(vm, fe, socket, json, restored, console_bytes)
-}
-
-/// Serves the API of `vm` on an already started frontend until stop,
-/// SIGTERM, SIGINT or the guest's end.
-pub fn serve_on(
-    vm: Arc<Vm>,
-    fe: Frontend,
-    socket: &std::path::Path,
-    json: bool,
-    restored: Option<serde_json::Value>,
-    console_bytes: Option<Arc<AtomicU64>>,
-) -> CliResult {
-    let routes = Arc::new(Routes::new(vm.clone(), fe.tx.clone()));
-    fe.switch.set(routes.clone());
-    let Frontend { server, rx, .. } = fe;
-    let status = routes.status();
-    if json {
-        super::output::print_json(&serde_json::json!({
-            "name": status.name, "state": status.state, "pid": status.pid, "api_socket": socket,
-            "vcpus": status.vcpus, "memory_bytes": status.memory_bytes, "guest": status.guest.kind,
-            "restore": restored,
-        }))?;
-    } else {
-        super::output::out_line(&format!(
-            "vmhop: VM '{}' {} ({} vCPUs, {}, {}), API socket {}",
-            status.name,
-            if status.state == crate::vmm::RunState::Paused {
-                "started paused"
+/// Renders what a running VMM process says.
+fn render(json: bool, event: RunEvent) -> Result<(), CliError> {
+    match event {
+        RunEvent::Waiting(w) => {
+            if json {
+                print_json(&w)
             } else {
-                "running"
-            },
-            status.vcpus,
-            crate::util::format_size(status.memory_bytes),
-            status.guest.kind,
-            socket.display()
-        ))?;
-    }
-    let started = Instant::now();
-    let mut warned = false;
-    let linux = !vm.config().guest.is_builtin();
-    let ended = loop {
-        match rx.recv_timeout(EXIT_POLL) {
-            Ok(()) | Err(mpsc::RecvTimeoutError::Disconnected) => break None,
-            Err(mpsc::RecvTimeoutError::Timeout) => {}
+                out_line(&format!(
+                    "vmhop: waiting for an incoming migration on {} ({}), API socket {}",
+                    w.listening,
+                    w.security,
+                    w.api_socket.display()
+                ))
+            }
         }
-        if let Some(e) = vm.guest_exit() {
-            break Some(Ok(e));
+        RunEvent::Started(s) => {
+            if json {
+                return print_json(&s);
+            }
+            match &s.restore {
+                Some(Arrival::Restored(r)) => out_line(&format!(
+                    "vmhop: restored checkpoint {} ({}, {} file(s), {} pages, {}) in {:.1} ms",
+                    r.id,
+                    r.kind,
+                    r.chain_files,
+                    r.pages,
+                    if r.lazy { "loading lazily" } else { "loaded" },
+                    r.resume_ms
+                ))?,
+                Some(Arrival::Migrated(r)) => out_line(&format!(
+                    "vmhop: VM '{}' arrived from {} ({} pages, {}), running after {:.1} ms",
+                    s.name,
+                    r.source,
+                    r.pages_received,
+                    format_size(r.bytes_received),
+                    r.start_ms
+                ))?,
+                None => {}
+            }
+            out_line(&format!(
+                "vmhop: VM '{}' {} ({} vCPUs, {}, {}), API socket {}",
+                s.name,
+                if s.state == VmState::Paused {
+                    "started paused"
+                } else {
+                    "running"
+                },
+                s.vcpus,
+                format_size(s.memory_bytes),
+                s.guest,
+                s.api_socket.display()
+            ))
         }
-        // A VM that can no longer run (a triple fault, a vCPU error, a
-        // damaged page found by a lazy restore) ends the process with exit
-        // 1, so that a supervisor sees it; its API answered meanwhile.
-        if let Some(why) = vm.guest_stop_reason() {
-            break Some(Err(why));
-        }
-        let silent = console_bytes
-            .as_ref()
-            .is_some_and(|b| b.load(Ordering::Relaxed) == 0);
-        if linux && silent && !warned && started.elapsed() >= SILENT_BOOT_WARNING {
-            warned = true;
-            eprintln!("{}", silent_guest_warning());
-        }
-    };
-    vm.shutdown();
-    server.shutdown();
-    match ended {
-        Some(Ok(e)) => {
-            eprintln!("vmhop: VM '{}' ended: {}", vm.config().name, e.describe());
+        RunEvent::Notice(n) => {
+            eprintln!("vmhop: {n}");
             Ok(())
         }
-        Some(Err(why)) => Err(CliError::failed(format!(
-            "VM '{}' stopped and cannot run on: {why}",
-            vm.config().name
-        ))),
-        None => Ok(()),
     }
 }
 
-/// What vmhop says about a Linux guest that has printed nothing.
-fn silent_guest_warning() -> String {
-    let pvm = crate::vmm::kvm_is_paravirtualised();
-    format!(
-        "vmhop: the Linux guest has written nothing to its console in {} s.{} \
-         Linux guests need hardware-assisted KVM (VT-x/AMD-V); on this kind of host, run them \
-         inside the NUMA box (see README, \"Linux guests\").",
-        SILENT_BOOT_WARNING.as_secs(),
-        if pvm {
-            " This host's KVM is paravirtualised (kvm_pvm): it emulates guest kernel code at \
-             about a million instructions per second, far too slowly to boot Linux."
-        } else {
-            " Check its --cmdline has console=ttyS0."
+/// `vmhop run`, `vmhop restore DIR[@ID]` (`restore`), `run --incoming`:
+/// runs the VMM until it ends.
+pub fn run(local: &dyn Local, args: &RunArgs, restore: Option<&str>) -> CliResult {
+    let spec = args.spec(restore)?;
+    let json = args.json;
+    let mut rendered = Ok(());
+    let end = local.run(spec, &mut |e| {
+        if rendered.is_ok() {
+            rendered = render(json, e);
         }
-    )
+    })?;
+    rendered?;
+    match end {
+        RunEnd::Stopped => {}
+        RunEnd::GuestEnded(what) | RunEnd::Handed(what) => eprintln!("vmhop: {what}"),
+    }
+    Ok(())
 }

@@ -3,8 +3,10 @@
 //! write is the guest's `poweroff`, and the reset register, whose write is
 //! its `reboot`. Both end the VM.
 
-use std::sync::Arc;
+use serde::{Deserialize, Serialize};
 
+use super::persist::Persist;
+use super::DeviceError;
 use crate::arch::x86_64::acpi::{
     RESET_PORT, RESET_VALUE, S5_SLEEP_TYPE, SLEEP_CONTROL_PORT, SLEEP_STATUS_PORT,
 };
@@ -17,12 +19,25 @@ const SLEEP_ENABLE: u8 = 1 << 5;
 #[derive(Default)]
 pub struct AcpiPm;
 
-impl AcpiPm {
-    /// The device.
-    pub fn new() -> Arc<AcpiPm> {
-        Arc::new(AcpiPm)
+/// What a checkpoint keeps of it: nothing, saved so that every device is.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AcpiPmState {}
+
+impl Persist for AcpiPm {
+    const TYPE: &'static str = "acpi-pm";
+    type State = AcpiPmState;
+    type Args = ();
+
+    fn save(&self) -> AcpiPmState {
+        AcpiPmState {}
     }
 
+    fn restore((): (), _: Option<&AcpiPmState>) -> Result<AcpiPm, DeviceError> {
+        Ok(AcpiPm)
+    }
+}
+
+impl AcpiPm {
     /// The ports it serves: (first, count) per register.
     pub fn ports() -> [(u16, u16); 3] {
         [
@@ -62,7 +77,7 @@ mod tests {
 
     #[test]
     fn s5_write_powers_off_and_reset_value_reboots() {
-        let pm = AcpiPm::new();
+        let pm = AcpiPm;
         let s5 = (S5_SLEEP_TYPE << 2) | SLEEP_ENABLE;
         assert_eq!(
             pm.write(0, SLEEP_CONTROL_PORT, &[s5]),

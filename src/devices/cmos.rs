@@ -4,8 +4,11 @@
 //! never clears and the guest's clock starts in an invalid year.
 
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::Arc;
 
+use serde::{Deserialize, Serialize};
+
+use super::persist::Persist;
+use super::DeviceError;
 use crate::vmm::bus::{IoAction, PioDevice};
 
 /// The index port.
@@ -19,10 +22,29 @@ pub struct Cmos {
     index: AtomicU8,
 }
 
-impl Cmos {
-    /// A clock showing the host's time.
-    pub fn new() -> Arc<Cmos> {
-        Arc::new(Cmos::default())
+/// What a checkpoint keeps of the clock: the register the guest selected
+/// (the time itself is the host's when read).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CmosState {
+    /// The index register.
+    pub index: u8,
+}
+
+impl Persist for Cmos {
+    const TYPE: &'static str = "cmos";
+    type State = CmosState;
+    type Args = ();
+
+    fn save(&self) -> CmosState {
+        CmosState {
+            index: self.index.load(Ordering::Relaxed),
+        }
+    }
+
+    fn restore((): (), state: Option<&CmosState>) -> Result<Cmos, DeviceError> {
+        Ok(Cmos {
+            index: AtomicU8::new(state.map_or(0, |s| s.index)),
+        })
     }
 }
 

@@ -5,8 +5,11 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
+use serde::{Deserialize, Serialize};
 use vm_superio::{I8042Device, Trigger};
 
+use super::persist::Persist;
+use super::DeviceError;
 use crate::vmm::bus::{GuestExit, IoAction, PioDevice};
 
 /// The controller's data port.
@@ -33,11 +36,24 @@ pub struct Keyboard {
     reset: ResetLine,
 }
 
-impl Keyboard {
+/// What a checkpoint keeps of the controller: nothing (vm-superio's model
+/// holds no state between accesses), saved so that every device is.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyboardState {}
+
+impl Persist for Keyboard {
+    const TYPE: &'static str = "i8042";
+    type State = KeyboardState;
+    type Args = ();
+
+    fn save(&self) -> KeyboardState {
+        KeyboardState {}
+    }
+
     /// A controller with its reset line low.
-    pub fn new() -> Arc<Keyboard> {
+    fn restore((): (), _: Option<&KeyboardState>) -> Result<Keyboard, DeviceError> {
         let reset = ResetLine::default();
-        Arc::new(Keyboard {
+        Ok(Keyboard {
             dev: Mutex::new(I8042Device::new(reset.clone())),
             reset,
         })
@@ -77,7 +93,7 @@ mod tests {
 
     #[test]
     fn reset_command_ends_the_vm_as_a_reboot() {
-        let k = Keyboard::new();
+        let k = Keyboard::restore((), None).unwrap();
         assert_eq!(k.write(0, COMMAND_PORT, &[0x20]), IoAction::Continue);
         assert_eq!(
             k.write(0, COMMAND_PORT, &[0xfe]),

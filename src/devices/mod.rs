@@ -9,10 +9,10 @@
 pub mod acpi_pm;
 pub mod cmos;
 pub mod i8042;
+pub mod persist;
 pub mod serial;
 pub mod test_device;
 
-use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -20,19 +20,14 @@ use std::sync::Arc;
 
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::api::{Classify, ErrorKind};
 use crate::vmm::bus::{BusError, DeviceSet, IoBus};
+use crate::vmm::state::DeviceStates;
 use crate::vmm::VmConfig;
+use persist::Registry;
 
 /// Where a Linux guest's console (COM1) goes.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Console {
-    /// vmhop's standard output.
-    Stdout,
-    /// vmhop's standard error (when stdout carries `--json`).
-    Stderr,
-    /// A file, appended to.
-    File(PathBuf),
-}
+pub use crate::api::run::ConsoleTarget as Console;
 
 /// Building the device set failed.
 #[derive(Debug, thiserror::Error)]
@@ -58,14 +53,30 @@ pub enum DeviceError {
     /// A saved device state does not load.
     #[error("saved state of device {device}: {reason}")]
     State {
-        /// The device.
-        device: &'static str,
+        /// The device, `type/id`.
+        device: String,
         /// What is wrong.
         reason: String,
+    },
+    /// The saved VM had a device this one does not.
+    #[error("the saved VM has device {device}, which this VM lacks: give it the same devices")]
+    Missing {
+        /// The device, `type/id`.
+        device: String,
     },
     /// Two devices claim one port.
     #[error(transparent)]
     Bus(#[from] BusError),
+}
+
+impl Classify for DeviceError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            DeviceError::Console { source, .. } => ErrorKind::of_io(source),
+            DeviceError::EventFd { .. } | DeviceError::Bus(_) => ErrorKind::Failed,
+            DeviceError::State { .. } | DeviceError::Missing { .. } => ErrorKind::Unusable,
+        }
+    }
 }
 
 /// Counts what the guest wrote to its console (to tell a silent guest).
@@ -94,22 +105,24 @@ pub struct Devices {
     pub console_bytes: Arc<AtomicU64>,
 }
 
-/// Builds the devices `config` needs; `saved` holds states by device name
-/// from a checkpoint (empty for a fresh boot).
+/// Builds the devices `config` needs; `saved` holds their states by type
+/// and id from a checkpoint or a source (empty for a fresh boot).
 pub fn build(
     config: &VmConfig,
     console: &Console,
-    saved: &BTreeMap<String, serde_json::Value>,
+    saved: &DeviceStates,
 ) -> Result<Devices, DeviceError> {
     let mut bus = IoBus::new();
+    let mut reg = Registry::new();
     let mut irq_lines = Vec::new();
     let console_bytes = Arc::new(AtomicU64::new(0));
     let mut serial_port = None;
     match config.guest.is_builtin() {
         true => {
             let (start, len) = test_device::PORTS;
-            let device = test_device::TestDevice::new(config.vcpus, config.guest.rate());
-            bus.insert(start, len, Arc::new(device))?;
+            let args = (config.vcpus, config.guest.rate());
+            let device = reg.build::<test_device::TestDevice>("test", args, saved)?;
+            bus.insert(start, len, device)?;
         }
         false => {
             let out: Box<dyn Write + Send> = match console {
@@ -136,40 +149,28 @@ pub fn build(
             let for_kvm = evt
                 .try_clone()
                 .map_err(|source| DeviceError::EventFd { irq, source })?;
-            let saved_serial = match saved.get("serial") {
-                Some(v) => Some(
-                    serde_json::from_value::<serial::SavedSerial>(v.clone()).map_err(|e| {
-                        DeviceError::State {
-                            device: "serial",
-                            reason: e.to_string(),
-                        }
-                    })?,
-                ),
-                None => None,
-            };
-            let port =
-                serial::SerialPort::new(evt, out, saved_serial.as_ref()).map_err(|reason| {
-                    DeviceError::State {
-                        device: "serial",
-                        reason,
-                    }
-                })?;
+            let port = reg.build::<serial::SerialPort>("com1", (evt, out), saved)?;
             bus.insert(serial::COM1_PORT, serial::COM1_LEN, port.clone())?;
             irq_lines.push((for_kvm, irq));
             serial_port = Some(port);
-            let kbd = i8042::Keyboard::new();
+            let kbd = reg.build::<i8042::Keyboard>("i8042", (), saved)?;
             bus.insert(i8042::DATA_PORT, 1, kbd.clone())?;
             bus.insert(i8042::COMMAND_PORT, 1, kbd)?;
-            let cmos = cmos::Cmos::new();
+            let cmos = reg.build::<cmos::Cmos>("rtc", (), saved)?;
             bus.insert(cmos::INDEX_PORT, 2, cmos)?;
-            let pm = acpi_pm::AcpiPm::new();
+            let pm = reg.build::<acpi_pm::AcpiPm>("pm", (), saved)?;
             for (start, len) in acpi_pm::AcpiPm::ports() {
                 bus.insert(start, len, pm.clone())?;
             }
         }
     }
+    reg.check_all_restored(saved)?;
     Ok(Devices {
-        set: DeviceSet { bus, irq_lines },
+        set: DeviceSet {
+            bus,
+            irq_lines,
+            states: Some(Box::new(reg)),
+        },
         serial: serial_port,
         console_bytes,
     })

@@ -10,6 +10,8 @@ use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::persist::Persist;
+use super::DeviceError;
 use crate::vmm::bus::{IoAction, PioDevice};
 
 /// First I/O port of COM1.
@@ -89,23 +91,34 @@ pub struct SerialPort {
     uart: Mutex<Uart>,
 }
 
-impl SerialPort {
-    /// A UART raising `irq` and writing to `out`, fresh or in `saved` state.
-    pub fn new(
-        irq: EventFd,
-        out: ConsoleOut,
-        saved: Option<&SavedSerial>,
-    ) -> Result<Arc<SerialPort>, String> {
-        let uart = match saved {
-            None => Serial::new(IrqLine(irq), out),
-            Some(s) => Serial::from_state(&s.into(), IrqLine(irq), NoEvents, out)
-                .map_err(|e| format!("the saved serial port state does not load: {e:?}"))?,
-        };
-        Ok(Arc::new(SerialPort {
-            uart: Mutex::new(uart),
-        }))
+impl Persist for SerialPort {
+    const TYPE: &'static str = "serial";
+    type State = SavedSerial;
+    /// The interrupt line it raises and where its output goes.
+    type Args = (EventFd, ConsoleOut);
+
+    fn save(&self) -> SavedSerial {
+        let u = self.uart.lock().unwrap_or_else(|e| e.into_inner());
+        SavedSerial::from(u.state())
     }
 
+    fn restore((irq, out): Self::Args, saved: Option<&SavedSerial>) -> Result<Self, DeviceError> {
+        let uart = match saved {
+            None => Serial::new(IrqLine(irq), out),
+            Some(s) => Serial::from_state(&s.into(), IrqLine(irq), NoEvents, out).map_err(|e| {
+                DeviceError::State {
+                    device: Self::TYPE.into(),
+                    reason: format!("the saved serial port state does not load: {e:?}"),
+                }
+            })?,
+        };
+        Ok(SerialPort {
+            uart: Mutex::new(uart),
+        })
+    }
+}
+
+impl SerialPort {
     /// Feeds bytes typed by the user to the guest; returns how many fitted.
     pub fn input(&self, bytes: &[u8]) -> usize {
         let mut u = self.uart.lock().unwrap_or_else(|e| e.into_inner());
@@ -138,11 +151,6 @@ impl PioDevice for SerialPort {
             }
         }
         IoAction::Continue
-    }
-
-    fn save(&self) -> Option<serde_json::Value> {
-        let u = self.uart.lock().unwrap_or_else(|e| e.into_inner());
-        serde_json::to_value(SavedSerial::from(u.state())).ok()
     }
 }
 
@@ -213,7 +221,8 @@ mod tests {
     fn bytes_written_to_the_data_port_reach_the_console_and_state_round_trips() {
         let out = Sink::default();
         let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let p = SerialPort::new(evt.try_clone().unwrap(), Box::new(out.clone()), None).unwrap();
+        let p =
+            SerialPort::restore((evt.try_clone().unwrap(), Box::new(out.clone())), None).unwrap();
         p.write(0, COM1_PORT + 3, &[0x03]); // 8N1
         p.write(0, COM1_PORT + 1, &[0x01]); // receive interrupts on
         for b in b"hi" {
@@ -222,8 +231,9 @@ mod tests {
         assert_eq!(&*out.0.lock().unwrap(), b"hi");
         assert_eq!(p.input(b"x"), 1);
         assert_eq!(evt.read().unwrap(), 1, "input raised the interrupt line");
-        let saved: SavedSerial = serde_json::from_value(p.save().unwrap()).unwrap();
-        let q = SerialPort::new(evt, Box::new(Sink::default()), Some(&saved)).unwrap();
+        let saved: SavedSerial =
+            serde_json::from_value(serde_json::to_value(p.save()).unwrap()).unwrap();
+        let q = SerialPort::restore((evt, Box::new(Sink::default())), Some(&saved)).unwrap();
         let mut b = [0u8];
         q.read(0, COM1_PORT + 3, &mut b);
         assert_eq!(b[0], 0x03, "line control survived");

@@ -6,6 +6,10 @@
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use serde::{Deserialize, Serialize};
+
+use super::persist::Persist;
+use super::DeviceError;
 use crate::vmm::bus::{GuestFault, IoAction, PioDevice};
 
 pub use crate::guest::abi::*;
@@ -18,8 +22,8 @@ const MAX_PACE_LAG: Duration = Duration::from_millis(100);
 pub const PORTS: (u16, u16) = (PORT_WAIT, 7);
 
 /// What a vCPU has written so far about the fault it is reporting.
-#[derive(Debug, Clone, Copy, Default)]
-struct FaultRecord {
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FaultRecord {
     rip_lo: u32,
     rip_hi: u32,
     error_code: u32,
@@ -34,6 +38,56 @@ pub struct TestDevice {
     due: Mutex<Vec<Option<Instant>>>,
     /// Per vCPU: the fault report being written.
     faults: Mutex<Vec<FaultRecord>>,
+}
+
+/// What a checkpoint keeps of the device: each vCPU's fault report in
+/// progress (a pause may fall between its writes). Pacing starts afresh:
+/// its deadlines are instants of this process.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TestDeviceState {
+    /// Per vCPU, the fault report being written.
+    pub faults: Vec<FaultRecord>,
+}
+
+impl Persist for TestDevice {
+    const TYPE: &'static str = "test-device";
+    type State = TestDeviceState;
+    /// vCPUs, and the pages per second they share (None: no pacing).
+    type Args = (u32, Option<u64>);
+
+    fn save(&self) -> TestDeviceState {
+        TestDeviceState {
+            faults: self
+                .faults
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
+        }
+    }
+
+    fn restore(
+        (vcpus, rate): Self::Args,
+        state: Option<&TestDeviceState>,
+    ) -> Result<TestDevice, DeviceError> {
+        let mut faults = vec![FaultRecord::default(); vcpus as usize];
+        if let Some(s) = state {
+            if s.faults.len() != faults.len() {
+                return Err(DeviceError::State {
+                    device: Self::TYPE.into(),
+                    reason: format!(
+                        "it holds {} vCPUs' fault reports, the VM has {vcpus} vCPUs",
+                        s.faults.len()
+                    ),
+                });
+            }
+            faults.clone_from(&s.faults);
+        }
+        Ok(TestDevice {
+            rate_per_vcpu: rate.map(|r| r as f64 / vcpus as f64),
+            due: Mutex::new(vec![None; vcpus as usize]),
+            faults: Mutex::new(faults),
+        })
+    }
 }
 
 impl TestDevice {

@@ -32,6 +32,23 @@ pub mod verify;
 use serde::{Deserialize, Serialize};
 
 use crate::util::parse_size;
+use crate::vmm::ConfigError;
+
+/// Pages the builtin guest has written so far: the sum of its vCPUs'
+/// progress counters in guest memory (0 for a guest that is not builtin,
+/// whose memory vmhop does not interpret).
+pub fn progress(vm: &crate::vmm::Vm) -> u64 {
+    let c = vm.config();
+    if !c.guest.is_builtin() {
+        return 0;
+    }
+    let m = vm.memory();
+    (0..c.vcpus as u64)
+        .filter_map(|v| {
+            m.read_u64(setup::BLOCKS_ADDR + v * program::block::SIZE + program::block::PROGRESS)
+        })
+        .sum()
+}
 
 /// Guest memory the builtin guests keep for their code and tables.
 pub const RESERVED_BYTES: u64 = 2 << 20;
@@ -64,16 +81,20 @@ pub enum GuestSpec {
 
 impl GuestSpec {
     /// Parses `builtin:NAME[,key=value...]`.
-    pub fn parse(s: &str) -> Result<GuestSpec, String> {
+    pub fn parse(s: &str) -> Result<GuestSpec, ConfigError> {
         let rest = s.strip_prefix("builtin:").ok_or_else(|| {
-            format!("--guest {s}: expected builtin:idle or builtin:dirty[,wss=SIZE][,rate=N]")
+            ConfigError::Invalid(format!(
+                "--guest {s}: expected builtin:idle or builtin:dirty[,wss=SIZE][,rate=N]"
+            ))
         })?;
         let mut parts = rest.split(',');
         let name = parts.next().unwrap_or_default();
         match name {
             "idle" => {
                 if let Some(p) = parts.next() {
-                    return Err(format!("--guest builtin:idle takes no options (got '{p}')"));
+                    return Err(ConfigError::Invalid(format!(
+                        "--guest builtin:idle takes no options (got '{p}')"
+                    )));
                 }
                 Ok(GuestSpec::Idle)
             }
@@ -81,21 +102,21 @@ impl GuestSpec {
                 let (mut wss, mut rate, mut fill_random) = (None, None, false);
                 for kv in parts {
                     match kv.split_once('=') {
-                        Some(("wss", v)) => wss = Some(parse_size(v).map_err(|e| format!("--guest: wss: {e}"))?),
+                        Some(("wss", v)) => wss = Some(parse_size(v).map_err(|e| ConfigError::Invalid(format!("--guest: wss: {e}")))?),
                         Some(("rate", v)) => {
-                            let r: u64 = v.parse().map_err(|_| format!("--guest: rate={v} is not a number of pages per second"))?;
+                            let r: u64 = v.parse().map_err(|_| ConfigError::Invalid(format!("--guest: rate={v} is not a number of pages per second")))?;
                             if r == 0 {
-                                return Err("--guest: rate must be at least 1 page per second".into());
+                                return Err(ConfigError::Invalid("--guest: rate must be at least 1 page per second".into()));
                             }
                             rate = Some(r)
                         }
                         Some(("fill", "random")) => fill_random = true,
                         Some(("fill", "zero")) => fill_random = false,
-                        _ => return Err(format!("--guest: unknown option '{kv}' for builtin:dirty (expected wss=SIZE, rate=N, fill=random|zero)")),
+                        _ => return Err(ConfigError::Invalid(format!("--guest: unknown option '{kv}' for builtin:dirty (expected wss=SIZE, rate=N, fill=random|zero)"))),
                     }
                 }
                 if wss == Some(0) {
-                    return Err("--guest: wss must not be 0".into());
+                    return Err(ConfigError::Invalid("--guest: wss must not be 0".into()));
                 }
                 Ok(GuestSpec::Dirty {
                     wss,
@@ -103,9 +124,9 @@ impl GuestSpec {
                     fill_random,
                 })
             }
-            other => Err(format!(
+            other => Err(ConfigError::Invalid(format!(
                 "--guest: unknown builtin guest '{other}' (expected idle or dirty)"
-            )),
+            ))),
         }
     }
 

@@ -115,7 +115,7 @@ pub fn idle(base: u64) -> Result<Vec<u8>, IcedError> {
 /// its page tables cover), for the `pf` test fault.
 pub const UNMAPPED_ADDR: u64 = 0x7f_0000_0000;
 
-/// Test hook (`VMHOP_TEST_GUEST_FAULT`): an exception the dirty guest
+/// Test hook (`--test-hook guest-fault=K`): an exception the dirty guest
 /// raises on purpose at the start of its second sweep, to check that the
 /// IDT reports it. Never used in normal runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

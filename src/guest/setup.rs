@@ -29,7 +29,7 @@ pub const CONTROL_ADDR: u64 = 0x3000;
 pub const BLOCKS_ADDR: u64 = 0x4000;
 /// Code.
 pub const CODE_ADDR: u64 = 0x10000;
-/// The test-fault routine (`VMHOP_TEST_GUEST_FAULT` only).
+/// The test-fault routine (the `guest-fault` test hook only).
 pub const TEST_FAULT_ADDR: u64 = 0x11000;
 /// The IDT handlers (CPL0).
 pub const HANDLERS_ADDR: u64 = 0x12000;
@@ -46,16 +46,22 @@ pub const MAX_MAPPED_GIB: u64 = 254;
 pub const CONTROL_MAGIC: u64 = u64::from_le_bytes(*b"VMHOPGST");
 /// Largest number of ranges in one vCPU's table.
 pub const MAX_RANGES: u64 = PAGE_SIZE / 16;
-/// Test hook: `VMHOP_TEST_GUEST_FAULT=gp|ud|pf|int=N` makes a dirty guest
-/// raise that exception at the start of its second sweep (see
-/// [`program::TestFault`]). Never set in normal use.
-pub const TEST_FAULT_ENV: &str = "VMHOP_TEST_GUEST_FAULT";
-/// Test hook: `VMHOP_TEST_KVMCLOCK=1` points vCPU 0's kvmclock (system
-/// time and wall clock, as a Linux guest sets them) into the unused top
-/// entries of the PML4 page, so that a restore whose loader misses the
-/// pages KVM writes while the vCPU state goes in loses the page tables and
-/// the guest dies. Never set in normal use.
-pub const TEST_KVMCLOCK_ENV: &str = "VMHOP_TEST_KVMCLOCK";
+/// What the test suite asks of a builtin guest's boot (`--test-hook`,
+/// see `crate::service::hooks`); the default is what users get.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GuestHooks {
+    /// Make a dirty guest raise this exception at the start of its second
+    /// sweep (see [`TestFault`]).
+    pub fault: Option<TestFault>,
+    /// Point vCPU 0's kvmclock (system time and wall clock, as a Linux
+    /// guest sets them) into the unused top entries of the PML4 page, so
+    /// that a restore whose loader misses the pages KVM writes while the
+    /// vCPU state goes in loses the page tables and the guest dies.
+    pub kvmclock: bool,
+}
+
+pub use super::program::TestFault;
+
 /// Where that hook puts the wall clock (12 bytes) and the system time
 /// (32 bytes): PML4 entries 504-505 and 508-511, far above the low
 /// identity map the guest uses.
@@ -91,6 +97,20 @@ pub enum SetupError {
     /// The assembler refused the program (a vmhop bug).
     #[error("assembling the builtin guest failed: {0}")]
     Assemble(String),
+    /// Setting a vCPU's boot registers failed.
+    #[error("{ioctl} (vCPU {vcpu}): {source}")]
+    Kvm {
+        /// The ioctl.
+        ioctl: &'static str,
+        /// The vCPU.
+        vcpu: usize,
+        /// errno.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// The kvmclock test hook could not set its MSRs.
+    #[error("the kvmclock test hook: {0}")]
+    Hook(String),
 }
 
 /// Boot state of one vCPU.
@@ -194,23 +214,27 @@ pub fn boot(
     spec: &GuestSpec,
     memory: &GuestMemory,
     fds: &[kvm_ioctls::VcpuFd],
-) -> Result<(), String> {
+    hooks: &GuestHooks,
+) -> Result<(), SetupError> {
     let vcpus = fds.len() as u32;
     let pace_batch = super::abi::pace_batch(spec.rate().map(|r| r as f64 / vcpus as f64));
-    let boots = install(memory, spec, vcpus, pace_batch).map_err(|e| e.to_string())?;
+    let boots = install(memory, spec, vcpus, pace_batch, hooks.fault)?;
     for (id, (v, b)) in fds.iter().zip(&boots).enumerate() {
+        let kvm = |ioctl| {
+            move |source| SetupError::Kvm {
+                ioctl,
+                vcpu: id,
+                source,
+            }
+        };
         // Start from KVM's reset state so fields we do not set (APIC
         // base, pending interrupts) keep their defaults.
-        let mut sregs = v
-            .get_sregs()
-            .map_err(|e| format!("KVM_GET_SREGS (vCPU {id}): {e}"))?;
+        let mut sregs = v.get_sregs().map_err(kvm("KVM_GET_SREGS"))?;
         apply_sregs(&mut sregs, &b.sregs);
-        v.set_sregs(&sregs)
-            .map_err(|e| format!("KVM_SET_SREGS (vCPU {id}): {e}"))?;
-        v.set_regs(&b.regs)
-            .map_err(|e| format!("KVM_SET_REGS (vCPU {id}): {e}"))?;
+        v.set_sregs(&sregs).map_err(kvm("KVM_SET_SREGS"))?;
+        v.set_regs(&b.regs).map_err(kvm("KVM_SET_REGS"))?;
     }
-    if std::env::var_os(TEST_KVMCLOCK_ENV).is_some() {
+    if hooks.kvmclock {
         if let Some(v) = fds.first() {
             test_kvmclock(v)?;
         }
@@ -218,21 +242,16 @@ pub fn boot(
     Ok(())
 }
 
-/// Enables kvmclock on `v` at the test addresses (see [`TEST_KVMCLOCK_ENV`]).
-fn test_kvmclock(v: &kvm_ioctls::VcpuFd) -> Result<(), String> {
+/// Enables kvmclock on `v` at the test addresses (see [`GuestHooks::kvmclock`]).
+fn test_kvmclock(v: &kvm_ioctls::VcpuFd) -> Result<(), SetupError> {
+    use crate::arch::x86_64::regs::{MSR_KVM_SYSTEM_TIME_NEW, MSR_KVM_WALL_CLOCK_NEW};
     let list = [
-        (
-            crate::vmm::vcpu::MSR_KVM_WALL_CLOCK_NEW,
-            TEST_WALL_CLOCK_ADDR,
-        ),
+        (MSR_KVM_WALL_CLOCK_NEW, TEST_WALL_CLOCK_ADDR),
         // Bit 0 enables the clock.
-        (
-            crate::vmm::vcpu::MSR_KVM_SYSTEM_TIME_NEW,
-            TEST_SYSTEM_TIME_ADDR | 1,
-        ),
+        (MSR_KVM_SYSTEM_TIME_NEW, TEST_SYSTEM_TIME_ADDR | 1),
     ];
     crate::arch::x86_64::regs::set_msr_list(v, 0, &list)
-        .map_err(|e| format!("{TEST_KVMCLOCK_ENV}: {e}"))
+        .map_err(|e| SetupError::Hook(e.to_string()))
 }
 
 /// Writes the whole guest into `memory` and returns each vCPU's boot state.
@@ -241,6 +260,7 @@ pub fn install(
     spec: &GuestSpec,
     vcpus: u32,
     pace_batch: u64,
+    test_fault: Option<TestFault>,
 ) -> Result<Vec<BootState>, SetupError> {
     let w = |gpa: u64, v: u64| {
         memory.write_u64(gpa, v).ok_or_else(|| {
@@ -333,7 +353,6 @@ pub fn install(
     memory
         .write_bytes(CODE_ADDR, &code)
         .ok_or_else(|| SetupError::Layout("code does not fit".into()))?;
-    let test_fault = test_fault_hook()?;
     if let Some(f) = test_fault {
         let code = program::test_fault(TEST_FAULT_ADDR, f)
             .map_err(|e| SetupError::Assemble(e.to_string()))?;
@@ -402,18 +421,6 @@ fn idt_gate(entry: u64) -> (u64, u64) {
         | GATE_ATTR << 40
         | ((entry >> 16) & 0xffff) << 48;
     (lo, entry >> 32)
-}
-
-/// The test fault `VMHOP_TEST_GUEST_FAULT` asks for, if any.
-fn test_fault_hook() -> Result<Option<program::TestFault>, SetupError> {
-    let Ok(v) = std::env::var(TEST_FAULT_ENV) else {
-        return Ok(None);
-    };
-    program::TestFault::parse(&v).map(Some).ok_or_else(|| {
-        SetupError::Layout(format!(
-            "{TEST_FAULT_ENV}={v}: expected gp, ud, pf or int=N (N 0..=255)"
-        ))
-    })
 }
 
 /// Fills every working-set page with pseudo-random bytes, except the

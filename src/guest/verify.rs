@@ -6,8 +6,6 @@
 //!
 //! Callers must make sure no vCPU runs during the walk.
 
-use serde::{Deserialize, Serialize};
-
 use super::program::{block, COUNTER_OFFSET, TAG_OFFSET};
 use super::setup::{BLOCKS_ADDR, CONTROL_ADDR, CONTROL_MAGIC, MAX_RANGES};
 use crate::memory::{GuestMemory, PAGE_SIZE};
@@ -15,29 +13,7 @@ use crate::memory::{GuestMemory, PAGE_SIZE};
 /// Stop listing violations after this many; the count is still exact.
 const MAX_LISTED: usize = 32;
 
-/// One broken rule.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct Violation {
-    /// vCPU whose slice it is in (None: the control data itself).
-    pub vcpu: Option<u32>,
-    /// Guest-physical address of the page, as hex.
-    pub gpa: String,
-    /// What is wrong.
-    pub problem: String,
-}
-
-/// The result of `vmhop verify`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct VerifyReport {
-    /// No violation.
-    pub ok: bool,
-    /// Working-set pages examined.
-    pub pages_checked: u64,
-    /// Total violations found.
-    pub violation_count: u64,
-    /// The first violations.
-    pub violations: Vec<Violation>,
-}
+pub use crate::api::vm::{VerifyReport, Violation};
 
 struct Walk {
     report: VerifyReport,

@@ -199,34 +199,7 @@ fn parse_cpu(text: &str, list: &str) -> Result<usize, String> {
     Ok(cpu)
 }
 
-/// Formats cpus as the kernel does ("0-3,8,10-11"): sorted, duplicates
-/// dropped, runs of two or more consecutive cpus written as ranges. The empty
-/// list formats as "".
-pub fn format_cpu_list(cpus: &[usize]) -> String {
-    let mut sorted = cpus.to_vec();
-    sorted.sort_unstable();
-    sorted.dedup();
-    let mut out = String::new();
-    let mut i = 0;
-    while i < sorted.len() {
-        let start = sorted[i];
-        let mut end = start;
-        while i + 1 < sorted.len() && sorted[i + 1] == end + 1 {
-            i += 1;
-            end = sorted[i];
-        }
-        if !out.is_empty() {
-            out.push(',');
-        }
-        if end == start {
-            out.push_str(&start.to_string());
-        } else {
-            out.push_str(&format!("{start}-{end}"));
-        }
-        i += 1;
-    }
-    out
-}
+pub use crate::util::format_cpu_list;
 
 #[cfg(test)]
 mod tests {

@@ -47,6 +47,12 @@ pub struct Topology {
     pub nodes: Vec<HostNode>,
 }
 
+impl crate::api::Classify for TopologyError {
+    fn kind(&self) -> crate::api::ErrorKind {
+        crate::api::ErrorKind::Failed
+    }
+}
+
 /// Failure to read the topology; every variant names the file involved.
 #[derive(Debug, thiserror::Error)]
 pub enum TopologyError {
@@ -200,6 +206,15 @@ impl Topology {
 /// The host node the calling thread's CPU belongs to (`getcpu`), 0 if unknown.
 ///
 /// The answer can be stale as soon as it is returned if the thread is not
+/// Memory the host can give a new process (MemAvailable), in bytes; None
+/// if /proc/meminfo does not say.
+pub fn available_memory() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = s.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
 /// pinned to one node's CPUs.
 pub fn current_node() -> u32 {
     let mut cpu: libc::c_uint = 0;

@@ -144,6 +144,60 @@ impl DirtyBitmap {
     }
 }
 
+/// Dirty pages kept across fetches, per chunk, for someone who needs
+/// every page dirtied since a moment of their choosing (a checkpoint
+/// chain: the pages written since the last checkpoint), while other
+/// operations fetch and clear the VM's dirty logs meanwhile. The VM feeds
+/// every fetch into each accumulator it keeps; the owner takes what
+/// accumulated and starts afresh.
+#[derive(Debug, Default)]
+pub struct DirtyAccumulator {
+    sets: std::sync::Mutex<std::collections::BTreeMap<u32, DirtyBitmap>>,
+}
+
+impl DirtyAccumulator {
+    /// An empty accumulator.
+    pub fn new() -> DirtyAccumulator {
+        DirtyAccumulator::default()
+    }
+
+    fn sets(&self) -> std::sync::MutexGuard<'_, std::collections::BTreeMap<u32, DirtyBitmap>> {
+        self.sets.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Adds the pages `fresh` says chunk `chunk` dirtied.
+    pub fn record(&self, chunk: u32, fresh: &DirtyBitmap) {
+        let mut s = self.sets();
+        match s.get_mut(&chunk) {
+            Some(b) => b.merge(fresh),
+            None => {
+                s.insert(chunk, fresh.clone());
+            }
+        }
+    }
+
+    /// What accumulated for `chunk` (a chunk of `pages` pages), or none.
+    pub fn get(&self, chunk: u32, pages: u64) -> DirtyBitmap {
+        self.sets()
+            .get(&chunk)
+            .cloned()
+            .unwrap_or_else(|| DirtyBitmap::new(pages))
+    }
+
+    /// Takes everything accumulated and starts afresh.
+    pub fn take(&self) -> std::collections::BTreeMap<u32, DirtyBitmap> {
+        std::mem::take(&mut *self.sets())
+    }
+
+    /// Gives back what [`DirtyAccumulator::take`] took, when its taker
+    /// failed (a checkpoint that will not exist: its pages belong to the next).
+    pub fn give_back(&self, taken: std::collections::BTreeMap<u32, DirtyBitmap>) {
+        for (chunk, b) in taken {
+            self.record(chunk, &b);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -12,7 +12,7 @@ pub mod layout;
 pub mod mapping;
 pub mod volatile;
 
-pub use dirty::DirtyBitmap;
+pub use dirty::{DirtyAccumulator, DirtyBitmap};
 pub use layout::{GuestRange, PAGE_SIZE};
 pub use mapping::{Mapping, MappingError};
 pub use volatile::VolatileSlice;

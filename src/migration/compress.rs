@@ -9,7 +9,6 @@
 
 use std::cell::RefCell;
 use std::fmt;
-use std::str::FromStr;
 
 use crate::memory::PAGE_SIZE;
 
@@ -29,47 +28,7 @@ const WORTH_NUMERATOR: usize = 7;
 const WORTH_DENOMINATOR: usize = 8;
 
 /// What the sender tries on page data (`--compress none|lz4|zstd`).
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Default, Hash, serde::Serialize, serde::Deserialize,
-)]
-#[serde(rename_all = "kebab-case")]
-pub enum Compression {
-    /// Pages are sent raw.
-    #[default]
-    None,
-    /// LZ4 block compression: fast, modest ratio.
-    Lz4,
-    /// zstd at level 1: slower, better ratio for slow links.
-    Zstd,
-}
-
-/// An unknown `--compress` value.
-#[derive(Debug, thiserror::Error)]
-#[error("'{0}' is not a compression: expected none, lz4 or zstd")]
-pub struct ParseCompressionError(String);
-
-impl FromStr for Compression {
-    type Err = ParseCompressionError;
-
-    fn from_str(s: &str) -> Result<Compression, ParseCompressionError> {
-        match s {
-            "none" => Ok(Compression::None),
-            "lz4" => Ok(Compression::Lz4),
-            "zstd" => Ok(Compression::Zstd),
-            _ => Err(ParseCompressionError(s.to_string())),
-        }
-    }
-}
-
-impl fmt::Display for Compression {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Compression::None => "none",
-            Compression::Lz4 => "lz4",
-            Compression::Zstd => "zstd",
-        })
-    }
-}
+pub use crate::api::migration::Compression;
 
 /// How one run of pages is encoded on the wire (one byte in a `Pages`
 /// frame).

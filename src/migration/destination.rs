@@ -3,26 +3,24 @@
 //! runs the VM.
 //!
 //! Memory arrives into mappings of its own, bound to this host's nodes;
-//! the VM is created from the state at `done` and adopts those pages
-//! (moved under its slots, not copied). A stream that fails in any way —
-//! garbage, a cut link, an abort, a state that does not load — frees
-//! everything and runs nothing; the listener then waits for the next
-//! source (or, with `once`, gives up).
+//! at `done` the source's VM has [`Arrived`]: the service creates the VM
+//! from its state, which adopts those pages (moved under its slots, not
+//! copied), then confirms it to the source, or refuses the source if the
+//! VM does not start. A stream that fails in any way — garbage, a cut
+//! link, an abort, a state that does not load — frees everything and runs
+//! nothing; the service then waits for the next source (or gives up).
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
-
-use serde::{Deserialize, Serialize};
 
 use super::compress::decode_pages;
 use super::protocol::{AckKind, Frame, FrameStream};
 use super::{handshake_as_destination, Conn, Listener, Security};
-use crate::devices::{Console, Devices};
 use crate::memory::{GuestMemory, Mapping, PAGE_SIZE};
-use crate::vmm::state::STATE_VERSION;
-use crate::vmm::{Start, Vm, VmConfig, VmState};
+use crate::vmm::vm::Loader;
+use crate::vmm::{Vm, VmConfig, VmState};
 
 /// How long each read of the handshake may wait.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -34,16 +32,10 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 pub struct IncomingOptions {
     /// Guest node → this host's node, overriding the source's binding.
     pub rebind: BTreeMap<u32, u32>,
-    /// Give up after the first failed source instead of waiting for another.
-    pub once: bool,
 }
 
-/// Called with the VM once it runs here, before the source hears so, and
-/// with `None` if the source then could not be told (the VM is shut down).
-pub type OnArrival = Box<dyn Fn(Option<&Arc<Vm>>) + Send + Sync>;
-
 /// Progress of an incoming migration, for `status`.
-#[derive(Default)]
+#[derive(Debug, Default)]
 pub struct IncomingStatus {
     /// Where the current source connects from.
     pub peer: Mutex<Option<String>>,
@@ -53,66 +45,17 @@ pub struct IncomingStatus {
     pub pages: AtomicU64,
     /// Why the last source failed, if one did.
     pub last_error: Mutex<Option<String>>,
-    /// Hands the API over to the VM before the source is told it runs here,
-    /// so that its `migrate` never returns before this side answers as the
-    /// VM.
-    pub on_arrival: Mutex<Option<OnArrival>>,
-}
-
-impl std::fmt::Debug for IncomingStatus {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("IncomingStatus")
-            .field("peer", &self.peer)
-            .field("bytes", &self.bytes)
-            .field("pages", &self.pages)
-            .field("last_error", &self.last_error)
-            .finish_non_exhaustive()
-    }
 }
 
 impl IncomingStatus {
-    fn arrived(&self, vm: Option<&Arc<Vm>>) {
-        if let Some(f) = &*self.on_arrival.lock().unwrap_or_else(|e| e.into_inner()) {
-            f(vm);
-        }
+    /// Records that a source failed.
+    pub fn failed(&self, e: &ReceiveError) {
+        *self.peer.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(e.to_string());
     }
 }
 
-/// The `status` of a destination still waiting for its VM.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct IncomingReport {
-    /// The VM name it will have (its configuration comes with the stream).
-    pub name: String,
-    /// Always "incoming".
-    pub state: String,
-    /// Where it listens.
-    pub listening: String,
-    /// The source sending now, if any.
-    pub source: Option<String>,
-    /// Bytes received from it.
-    pub bytes_received: u64,
-    /// Pages received from it.
-    pub pages_received: u64,
-    /// Why the last source failed.
-    pub last_error: Option<String>,
-    /// vmhop's process id.
-    pub pid: u32,
-}
-
-/// What the destination did.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct ReceiveReport {
-    /// Always "incoming-migration".
-    pub operation: String,
-    /// Where the VM came from.
-    pub source: String,
-    /// Bytes received.
-    pub bytes_received: u64,
-    /// Pages received (zero runs included).
-    pub pages_received: u64,
-    /// From `done` until the VM ran here, ms.
-    pub start_ms: f64,
-}
+pub use crate::api::migration::ReceiveReport;
 
 /// One source failed; nothing of it runs here.
 #[derive(Debug, thiserror::Error)]
@@ -124,50 +67,94 @@ pub struct ReceiveError {
     pub reason: String,
 }
 
-/// Accepts sources on `listener` until one delivers a VM, which then runs
-/// here. A failed source is reported on stderr and in `status`, and the
-/// next is awaited, unless `opts.once`.
+/// A source's VM that arrived whole: its configuration, its state and its
+/// memory, with the stream still open to confirm or refuse it.
+pub struct Arrived {
+    /// The VM's configuration, with this host's bindings applied.
+    pub config: VmConfig,
+    state: Option<VmState>,
+    staged: Option<Staged>,
+    stream: FrameStream<Box<dyn Conn>>,
+    peer: String,
+    pages: u64,
+    done_at: Instant,
+}
+
+impl Arrived {
+    /// Where it came from.
+    pub fn peer(&self) -> &str {
+        &self.peer
+    }
+
+    /// The saved state, and the loader that moves the received memory under
+    /// the new VM's slots; once.
+    pub fn take_start(&mut self) -> (VmState, Loader<'static>) {
+        let state = self.state.take().expect("take_start is called once");
+        let mut mappings = self.staged.take().map(Staged::into_mappings);
+        let load: Loader<'static> = Box::new(move |m: &GuestMemory| {
+            let staged = mappings.take().ok_or("memory adopted twice")?;
+            for (c, s) in m.chunks().zip(staged) {
+                c.mapping
+                    .take_pages_of(s)
+                    .map_err(|e| format!("adopting guest memory at {:#x}: {e}", c.range.start))?;
+            }
+            Ok(())
+        });
+        (state, load)
+    }
+
+    /// Tells the source its VM does not start here (it runs on there).
+    pub fn refuse(mut self, why: String) -> ReceiveError {
+        let _ = self.stream.write_frame(&Frame::Error(why.clone()));
+        let _ = self.stream.flush();
+        ReceiveError {
+            peer: self.peer,
+            reason: why,
+        }
+    }
+
+    /// Tells the source its VM runs here; the source then stops its own.
+    /// If the source cannot be told, it resumes its VM: the caller must then
+    /// shut this one down.
+    pub fn confirm(mut self) -> Result<ReceiveReport, ReceiveError> {
+        let start_ms = self.done_at.elapsed().as_secs_f64() * 1e3;
+        self.stream
+            .write_frame(&Frame::Ack {
+                what: AckKind::Done,
+            })
+            .and_then(|_| self.stream.flush())
+            .map_err(|e| ReceiveError {
+                peer: self.peer.clone(),
+                reason: format!("confirming the VM runs here failed: {e}"),
+            })?;
+        Ok(ReceiveReport {
+            operation: "incoming-migration".into(),
+            source: self.peer,
+            bytes_received: self.stream.bytes_read(),
+            pages_received: self.pages,
+            start_ms,
+        })
+    }
+}
+
+/// Accepts sources on `listener` until one delivers a whole VM; a source
+/// that fails is reported in `status` and the next one is waited for.
+/// Errors only when accepting itself fails.
 pub fn receive(
     listener: &Listener,
     security: &Security,
     opts: &IncomingOptions,
     status: &IncomingStatus,
-    console: &Console,
-) -> Result<(Arc<Vm>, Devices, ReceiveReport), ReceiveError> {
-    loop {
-        let conn = match listener.accept() {
-            Ok(c) => c,
-            Err(e) => {
-                let err = ReceiveError {
-                    peer: listener.local_address().to_string(),
-                    reason: e.to_string(),
-                };
-                if opts.once {
-                    return Err(err);
-                }
-                eprintln!("vmhop: {err}");
-                std::thread::sleep(Duration::from_millis(100));
-                continue;
-            }
-        };
-        let peer = conn.peer();
-        *status.peer.lock().unwrap_or_else(|e| e.into_inner()) = Some(peer.clone());
-        status.bytes.store(0, Ordering::Relaxed);
-        status.pages.store(0, Ordering::Relaxed);
-        match receive_one(conn, security, opts, status, console) {
-            Ok(r) => return Ok(r),
-            Err(reason) => {
-                let err = ReceiveError { peer, reason };
-                *status.peer.lock().unwrap_or_else(|e| e.into_inner()) = None;
-                *status.last_error.lock().unwrap_or_else(|e| e.into_inner()) =
-                    Some(err.to_string());
-                if opts.once {
-                    return Err(err);
-                }
-                eprintln!("vmhop: {err}; nothing runs from it, waiting for another source");
-            }
-        }
-    }
+) -> Result<Arrived, ReceiveError> {
+    let conn = listener.accept().map_err(|e| ReceiveError {
+        peer: listener.local_address().to_string(),
+        reason: e.to_string(),
+    })?;
+    let peer = conn.peer();
+    *status.peer.lock().unwrap_or_else(|e| e.into_inner()) = Some(peer.clone());
+    status.bytes.store(0, Ordering::Relaxed);
+    status.pages.store(0, Ordering::Relaxed);
+    receive_one(conn, security, opts, status).map_err(|reason| ReceiveError { peer, reason })
 }
 
 /// The configuration a source sent, with this host's bindings applied.
@@ -228,8 +215,7 @@ fn receive_one(
     security: &Security,
     opts: &IncomingOptions,
     status: &IncomingStatus,
-    console: &Console,
-) -> Result<(Arc<Vm>, Devices, ReceiveReport), String> {
+) -> Result<Arrived, String> {
     let peer = conn.peer();
     let auth = handshake_as_destination(conn, security, HANDSHAKE_TIMEOUT)
         .map_err(|e| format!("authentication failed: {e}"))?;
@@ -311,84 +297,21 @@ fn receive_one(
         }
         status.pages.store(pages, Ordering::Relaxed);
     }
-    let t = Instant::now();
+    let done_at = Instant::now();
     let Some(state) = state else {
         return Err(refuse(&mut s, "done without a state frame".into()));
     };
-    let mut state: VmState = match serde_json::from_slice(&state) {
+    let state: VmState = match serde_json::from_slice(&state) {
         Ok(st) => st,
         Err(e) => return Err(refuse(&mut s, format!("the VM state is unreadable: {e}"))),
     };
-    if state.version > STATE_VERSION {
-        return Err(refuse(
-            &mut s,
-            format!(
-                "the VM state is version {}, this vmhop reads up to version {STATE_VERSION}",
-                state.version
-            ),
-        ));
-    }
-    let vm = match start(config, &mut state, staged, console) {
-        Ok(v) => v,
-        Err(why) => return Err(refuse(&mut s, format!("the VM does not start here: {why}"))),
-    };
-    status.arrived(Some(&vm.0));
-    let acked = s
-        .write_frame(&Frame::Ack {
-            what: AckKind::Done,
-        })
-        .and_then(|_| s.flush());
-    if let Err(e) = acked {
-        // The source did not hear that the VM runs here: it resumes its
-        // own, so this one must not run.
-        status.arrived(None);
-        vm.0.shutdown();
-        return Err(format!("confirming the VM runs here failed: {e}"));
-    }
-    Ok((
-        vm.0,
-        vm.1,
-        ReceiveReport {
-            operation: "incoming-migration".into(),
-            source: peer,
-            bytes_received: s.bytes_read(),
-            pages_received: pages,
-            start_ms: t.elapsed().as_secs_f64() * 1e3,
-        },
-    ))
-}
-
-/// Creates the VM from its state, adopting the received memory, and runs it.
-fn start(
-    config: VmConfig,
-    state: &mut VmState,
-    staged: Staged,
-    console: &Console,
-) -> Result<(Arc<Vm>, Devices), String> {
-    let mut devs =
-        crate::devices::build(&config, console, &state.devices).map_err(|e| e.to_string())?;
-    let set = std::mem::take(&mut devs.set);
-    let mut mappings = Some(staged.into_mappings());
-    let load: crate::vmm::vm::Loader<'_> = Box::new(move |m: &GuestMemory| {
-        let staged = mappings.take().ok_or("memory adopted twice")?;
-        for (c, s) in m.chunks().zip(staged) {
-            c.mapping
-                .take_pages_of(s)
-                .map_err(|e| format!("adopting guest memory at {:#x}: {e}", c.range.start))?;
-        }
-        Ok(())
-    });
-    let vm = Vm::new(
+    Ok(Arrived {
         config,
-        Start::Restore {
-            vcpus: std::mem::take(&mut state.vcpus),
-            machine: state.machine.take().map(Box::new),
-            load,
-            dirty_log: false,
-        },
-        false,
-        set,
-    )
-    .map_err(|e| e.to_string())?;
-    Ok((vm, devs))
+        state: Some(state),
+        staged: Some(staged),
+        stream: s,
+        peer,
+        pages,
+        done_at,
+    })
 }

@@ -27,10 +27,31 @@ pub use auth::{
     check_policy, handshake_as_destination, handshake_as_source, AuthError, Authenticated,
     PolicyError, Role, Security,
 };
-pub use compress::{
-    decode_pages, encode_pages, is_zero_page, Compression, DecodeError, Encoding,
-    ParseCompressionError,
-};
+pub use compress::{decode_pages, encode_pages, is_zero_page, Compression, DecodeError, Encoding};
 pub use protocol::{
     AckKind, Frame, FrameReader, FrameStream, FrameWriter, ProtocolError, SessionNonce,
 };
+
+use crate::api::migration::{AuthChoice, AuthFiles};
+use crate::api::{ApiError, Classify};
+
+/// The security `auth` asks for, with its key or certificate files read.
+pub fn security_from(auth: &AuthFiles) -> Result<Security, ApiError> {
+    match auth.choice()? {
+        AuthChoice::None => Ok(Security::Insecure),
+        AuthChoice::Key(k) => Security::psk_from_file(k).map_err(|e| ApiError::new(e.kind(), &e)),
+        AuthChoice::Tls(c, k, ca) => {
+            Security::tls_from_files(c, k, ca).map_err(|e| ApiError::new(e.kind(), &e))
+        }
+    }
+}
+
+impl Classify for AuthError {
+    fn kind(&self) -> crate::api::ErrorKind {
+        use crate::api::ErrorKind;
+        match self {
+            AuthError::KeyFile { .. } | AuthError::TlsFile { .. } => ErrorKind::Unusable,
+            _ => ErrorKind::Failed,
+        }
+    }
+}

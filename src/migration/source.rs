@@ -9,27 +9,20 @@
 //! left paused for good (the `run` process then exits); any failure before
 //! that resumes it, unchanged.
 
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
-
 use super::compress::{encode_pages, is_zero_page, Compression};
 use super::protocol::{AckKind, Frame, FrameStream, MAX_PAGES_PER_FRAME};
 use super::{check_policy, connect, handshake_as_source, Address, Conn, Security};
+use crate::api::{ApiError, Classify, ErrorKind};
 use crate::memory::PAGE_SIZE;
 use crate::transfer::{
-    transfer, AfterCommit, Cancel, FirstPass, PageRun, PauseBreakdown, Plan, Sink, SinkError,
-    TransferError,
+    transfer, AfterCommit, Cancel, FirstPass, PageRun, Plan, Sink, SinkError, TransferError,
 };
 use crate::vmm::{Pause, Vm, VmState};
 
-/// Default downtime budget of a migration, ms.
-pub const DEFAULT_MAX_DOWNTIME_MS: f64 = 5.0;
-/// Largest `timeout_s`: a day.
-pub const MAX_TIMEOUT_S: f64 = 86_400.0;
 /// How long connecting may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long each read of the handshake may wait.
@@ -45,85 +38,14 @@ const DEFAULT_LINK_RATE: f64 = 100.0 * (1u64 << 20) as f64;
 /// Page data sent before the measured link rate is trusted.
 const RATE_MIN_BYTES: u64 = 4 << 20;
 
-/// Body of `PUT /api/v1/vm.migrate`.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct MigrateRequest {
-    /// Destination: `tcp://HOST:PORT` or `unix:PATH`.
-    pub to: String,
-    /// Downtime budget of the last round, ms.
-    #[serde(default)]
-    pub max_downtime_ms: Option<f64>,
-    /// Cancel the migration after this many seconds.
-    #[serde(default)]
-    pub timeout_s: Option<f64>,
-    /// Compression of page data.
-    #[serde(default)]
-    pub compress: Compression,
-    /// Pre-shared key file (the destination has the same).
-    #[serde(default)]
-    pub auth_key_file: Option<PathBuf>,
-    /// TLS: this side's certificate (PEM).
-    #[serde(default)]
-    pub tls_cert: Option<PathBuf>,
-    /// TLS: this side's private key (PEM).
-    #[serde(default)]
-    pub tls_key: Option<PathBuf>,
-    /// TLS: the CA that signed the destination's certificate (PEM).
-    #[serde(default)]
-    pub tls_ca: Option<PathBuf>,
-    /// Allow an unauthenticated migration to a non-local address.
-    #[serde(default)]
-    pub insecure: bool,
-}
-
-/// What a migration did.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct MigrateReport {
-    /// Always "migrate".
-    pub operation: String,
-    /// The destination.
-    pub to: String,
-    /// Microseconds no vCPU ran on either host: from the source's pause
-    /// until the destination confirmed its VM runs.
-    pub downtime_us: u64,
-    /// Whole migration, ms.
-    pub total_ms: f64,
-    /// Copy rounds, the final one included.
-    pub rounds: u32,
-    /// Pages handed to the stream (zero pages included; a page sent in two
-    /// rounds counts twice).
-    pub pages_sent: u64,
-    /// Of those, pages sent as zero runs (a few bytes per run).
-    pub zero_pages: u64,
-    /// Bytes on the wire (frames, headers and checksums included).
-    pub bytes_sent: u64,
-    /// Bytes of page data before compression (zero pages excluded).
-    pub page_bytes: u64,
-    /// The compression asked for.
-    pub compression: Compression,
-    /// Page frames that compression made smaller (the rest went raw).
-    pub compressed_frames: u64,
-    /// Pages sent in the pause.
-    pub pages_in_pause: u64,
-    /// Whether the dirty set converged to the budget.
-    pub converged: bool,
-    /// The highest vCPU throttle auto-converge used, percent.
-    pub throttle_max_percent: u32,
-    /// Measured link rate, MiB/s of page data.
-    pub link_mib_s: f64,
-    /// Dirty pages seen in each pre-copy round after the first.
-    pub dirty_per_round: Vec<u64>,
-    /// Where the pause went.
-    pub pause_breakdown: PauseBreakdown,
-}
+pub use crate::api::migration::{MigrateReport, MigrateRequest};
 
 /// A migration failed; the source VM runs on, unchanged.
 #[derive(Debug, thiserror::Error)]
 pub enum MigrateError {
     /// The request is wrong (address, numbers, key files, policy).
     #[error("{0}")]
-    Invalid(String),
+    Invalid(ApiError),
     /// It was cancelled or timed out.
     #[error("migration to {to} cancelled: {reason}; the VM runs on here")]
     Cancelled {
@@ -153,55 +75,28 @@ pub struct InFlight {
     pub pages: AtomicU64,
 }
 
-/// The security a request asks for, loaded from its files.
-pub fn security_of(
-    auth_key_file: &Option<PathBuf>,
-    tls_cert: &Option<PathBuf>,
-    tls_key: &Option<PathBuf>,
-    tls_ca: &Option<PathBuf>,
-) -> Result<Security, String> {
-    match (auth_key_file, tls_cert, tls_key, tls_ca) {
-        (None, None, None, None) => Ok(Security::Insecure),
-        (Some(k), None, None, None) => Security::psk_from_file(k).map_err(|e| e.to_string()),
-        (None, Some(c), Some(k), Some(ca)) => {
-            Security::tls_from_files(c, k, ca).map_err(|e| e.to_string())
+impl Classify for MigrateError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            MigrateError::Invalid(e) => e.kind,
+            MigrateError::Cancelled { .. } | MigrateError::Failed { .. } => ErrorKind::Failed,
         }
-        (Some(_), ..) => {
-            Err("give either a pre-shared key (--auth-key-file) or TLS, not both".into())
-        }
-        _ => Err(
-            "TLS needs all three of --tls-cert, --tls-key and --tls-ca (this side's certificate and \
-             key, and the CA that signed the other side's)"
-                .into(),
-        ),
     }
 }
 
-/// Checks a request at the edge: the address, every number within its
-/// stated bound, the key files and the policy on unauthenticated links.
+/// Checks a request at the edge, once: the address, every number within
+/// its stated bound, the key files (read here, in the VM's process) and
+/// the policy on unauthenticated links.
 pub fn validate(
     req: &MigrateRequest,
-) -> Result<(Address, Duration, Option<Duration>, Security), String> {
-    let to: Address = req.to.parse().map_err(|e| format!("{e}"))?;
-    let ms = req.max_downtime_ms.unwrap_or(DEFAULT_MAX_DOWNTIME_MS);
-    let limit = crate::numa::MAX_DOWNTIME_LIMIT_MS;
-    if !(ms > 0.0 && ms <= limit) {
-        return Err(format!(
-            "max_downtime_ms must be a number of milliseconds above 0 and at most {limit}, got {ms}"
-        ));
-    }
-    let timeout = match req.timeout_s {
-        None => None,
-        Some(s) if s > 0.0 && s <= MAX_TIMEOUT_S => Some(Duration::from_secs_f64(s)),
-        Some(s) => {
-            return Err(format!(
-                "timeout_s must be a number of seconds above 0 and at most {MAX_TIMEOUT_S}, got {s}"
-            ))
-        }
-    };
-    let security = security_of(&req.auth_key_file, &req.tls_cert, &req.tls_key, &req.tls_ca)?;
-    check_policy(&to, &security, req.insecure).map_err(|e| e.to_string())?;
-    Ok((to, Duration::from_secs_f64(ms / 1e3), timeout, security))
+) -> Result<(Address, Duration, Option<Duration>, Security), ApiError> {
+    let to: Address = req.to.parse().map_err(ApiError::bad_request)?;
+    let budget = req.max_downtime()?;
+    let timeout = req.timeout()?;
+    let auth = req.auth();
+    let security = super::security_from(&auth)?;
+    check_policy(&to, &security, auth.insecure).map_err(ApiError::bad_request)?;
+    Ok((to, budget, timeout, security))
 }
 
 /// Cancels `cancel` when `timeout` passes, unless `done` is signalled first.
@@ -232,7 +127,7 @@ pub fn migrate(
 ) -> Result<MigrateReport, MigrateError> {
     let (to, budget, timeout, security) = validate(req).map_err(MigrateError::Invalid)?;
     let config =
-        serde_json::to_vec(vm.config()).map_err(|e| MigrateError::Invalid(e.to_string()))?;
+        serde_json::to_vec(vm.config()).map_err(|e| MigrateError::Invalid(ApiError::failed(e)))?;
     let done = Arc::new((Mutex::new(false), Condvar::new()));
     if let Some(t) = timeout {
         watchdog(flight.cancel.clone(), t, done.clone());

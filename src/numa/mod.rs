@@ -22,8 +22,6 @@ pub mod sink;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
-
 use crate::host::placement::{self, Placement};
 use crate::host::topology::Topology;
 use crate::host::{affinity, policy};
@@ -32,144 +30,88 @@ use crate::transfer::{transfer, FirstPass, Plan};
 use crate::vmm::Vm;
 use sink::LocalSink;
 
-/// Default downtime budget of a NUMA move.
-pub const DEFAULT_MAX_DOWNTIME_MS: f64 = 1.0;
 /// Pages per move_pages call in kernel mode: small enough that one call
 /// holds the guest's pages briefly, large enough to amortise the syscall.
 pub const KERNEL_BATCH_PAGES: usize = 2048;
 
-/// How to move.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "kebab-case")]
-pub enum Mode {
-    /// Pre-copy chunk by chunk, short pauses.
-    #[default]
-    Live,
-    /// One pause, copy everything.
-    StopCopy,
-    /// The kernel moves pages in place.
-    Kernel,
+pub use crate::api::numa::{
+    BatchStats, GuestNodeStat, Mode, NumaMigrateReport, NumaMigrateRequest, NumaStatReport,
+    VcpuStat,
+};
+
+/// The step after the memory moved at which a test makes a move fail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishStep {
+    /// After the first chunk's policy was rebound.
+    Policy,
+    /// After the first vCPU was re-pinned.
+    Repin,
+    /// Before placement is measured.
+    Placement,
 }
 
-impl std::str::FromStr for Mode {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "live" => Ok(Mode::Live),
-            "stop-copy" => Ok(Mode::StopCopy),
-            "kernel" => Ok(Mode::Kernel),
-            _ => Err(format!(
-                "unknown mode '{s}' (expected live, stop-copy or kernel)"
-            )),
-        }
+impl std::fmt::Display for FinishStep {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            FinishStep::Policy => "policy",
+            FinishStep::Repin => "repin",
+            FinishStep::Placement => "placement",
+        })
     }
 }
 
-/// The largest downtime budget a move accepts, in milliseconds: a pause of
-/// a minute is no longer a budget, and larger numbers would overflow the
-/// time arithmetic.
-pub const MAX_DOWNTIME_LIMIT_MS: f64 = 60_000.0;
-
-/// Body of `PUT /api/v1/vm.numa-migrate`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct NumaMigrateRequest {
-    /// Target host node.
-    pub to_node: u32,
-    /// Guest node to move (None: all).
-    #[serde(default)]
-    pub guest_node: Option<u32>,
-    /// Mode.
-    #[serde(default)]
-    pub mode: Mode,
-    /// Downtime budget per pause, ms.
-    #[serde(default)]
-    pub max_downtime_ms: Option<f64>,
-}
-
-/// Latencies of kernel-mode batches.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
-pub struct BatchStats {
-    /// move_pages calls.
-    pub count: u64,
-    /// Pages per call.
-    pub pages_per_batch: u64,
-    /// Median call latency, µs.
-    pub median_us: u64,
-    /// Slowest call, µs.
-    pub max_us: u64,
-    /// Pages still off the target after the batches that later move_pages
-    /// calls moved while the guest ran.
-    #[serde(default)]
-    pub retried_pages: u64,
-    /// Pages moved by move_pages with the guest paused.
-    #[serde(default)]
-    pub paused_pages: u64,
-    /// Pages the kernel would not move at all, copied with the chunks that
-    /// hold them in a stop-copy (the engine with the local sink).
-    #[serde(default)]
-    pub copied_pages: u64,
-}
-
-/// What a NUMA move did.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct NumaMigrateReport {
-    /// Always "numa-migrate".
-    pub operation: String,
-    /// Mode used.
-    pub mode: Mode,
-    /// Target host node.
-    pub to_node: u32,
-    /// Guest nodes moved.
-    pub guest_nodes: Vec<u32>,
-    /// Longest pause, µs.
-    pub downtime_us: u64,
-    /// All pauses together, µs.
-    pub paused_total_us: u64,
-    /// Number of pauses.
-    pub pauses: u32,
-    /// Whole operation, ms.
-    pub total_ms: f64,
-    /// Copy rounds over all chunks.
-    pub rounds: u32,
-    /// Pages copied (or moved by the kernel).
-    pub pages_moved: u64,
-    /// Live: whether every pause really was within the budget
-    /// (`max_downtime_ms`), measured from the vCPUs stopping to their
-    /// running again, and no chunk fell back to a stop-copy.
-    pub converged: bool,
-    /// Chunks that fell back to a bounded stop-copy (live).
-    pub fallback_chunks: u32,
-    /// Pauses that really lasted longer than the budget (live).
-    #[serde(default)]
-    pub pauses_over_budget: u32,
-    /// The downtime budget per pause, µs.
-    #[serde(default)]
-    pub max_downtime_us: u64,
-    /// Extra memory held at most at one moment, bytes.
-    pub peak_extra_bytes: u64,
-    /// kernel mode: the move_pages batches.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub batches: Option<BatchStats>,
-    /// Pages per host node before, from the kernel.
-    pub placement_before: BTreeMap<String, u64>,
-    /// Pages per host node after, from the kernel.
-    pub placement_after: BTreeMap<String, u64>,
-    /// Pages not faulted in (on no node) after.
-    pub not_present_after: u64,
-    /// Where the longest pause went (copy modes).
-    pub longest_pause: crate::transfer::PauseBreakdown,
-    /// Each moved vCPU's allowed CPUs after.
-    pub vcpu_cpus: BTreeMap<String, String>,
+/// Where the test suite makes NUMA moves fail or wait (`--test-hook`, see
+/// `crate::service::hooks`); the default is what users get.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NumaHooks {
+    /// Wait this long after the memory moved and before the move finishes
+    /// (policy, vCPUs, placement), so a test can check where pages the
+    /// guest touches first in that time land.
+    pub finish_delay: Option<Duration>,
+    /// Fail at this step after the memory moved, so a test can check the
+    /// move is undone.
+    pub fail_finish: Option<FinishStep>,
+    /// Fail a live move before moving chunk k (from 0), so a test can check
+    /// the chunks already moved go back.
+    pub fail_chunk: Option<usize>,
 }
 
 /// A NUMA move failed; the VM runs on its old memory, policy and CPUs
 /// (unless the message says that undoing the move failed too).
 #[derive(Debug, thiserror::Error)]
 pub enum NumaMoveError {
-    /// The request cannot be done on this host or VM.
-    #[error("{0}")]
-    Invalid(String),
+    /// The host's topology could not be read.
+    #[error(transparent)]
+    Topology(#[from] crate::host::topology::TopologyError),
+    /// The host node asked for does not exist.
+    #[error("host node {node} does not exist (this host has node {have})")]
+    NoHostNode {
+        /// The node asked for.
+        node: u32,
+        /// The host's nodes.
+        have: String,
+    },
+    /// The guest node asked for does not exist.
+    #[error("guest node {node} does not exist (the VM has {count} guest nodes)")]
+    NoGuestNode {
+        /// The node asked for.
+        node: u32,
+        /// How many the VM has.
+        count: usize,
+    },
+    /// The target has no room for the pages.
+    #[error("host node {node} has {} free but the move needs {}", crate::util::format_size(*.free), crate::util::format_size(*.need))]
+    NoRoom {
+        /// The target.
+        node: u32,
+        /// Its free bytes.
+        free: u64,
+        /// Bytes the move brings.
+        need: u64,
+    },
+    /// The request is malformed (a budget out of range).
+    #[error(transparent)]
+    Request(#[from] crate::api::ApiError),
     /// Something failed during the move.
     #[error("NUMA move to host node {node} failed: {message}")]
     Failed {
@@ -178,6 +120,20 @@ pub enum NumaMoveError {
         /// What failed.
         message: String,
     },
+}
+
+impl crate::api::Classify for NumaMoveError {
+    fn kind(&self) -> crate::api::ErrorKind {
+        use crate::api::ErrorKind;
+        match self {
+            NumaMoveError::NoHostNode { .. } | NumaMoveError::NoGuestNode { .. } => {
+                ErrorKind::NotFound
+            }
+            NumaMoveError::NoRoom { .. } => ErrorKind::Unusable,
+            NumaMoveError::Request(e) => e.kind,
+            NumaMoveError::Topology(_) | NumaMoveError::Failed { .. } => ErrorKind::Failed,
+        }
+    }
 }
 
 /// Pages of the given guest nodes per host node, from the kernel.
@@ -201,35 +157,30 @@ fn by_node(p: &Placement) -> BTreeMap<String, u64> {
         .collect()
 }
 
-/// Moves guest memory as `req` says.
-pub fn numa_migrate(vm: &Vm, req: &NumaMigrateRequest) -> Result<NumaMigrateReport, NumaMoveError> {
+/// Moves guest memory as `req` says; `hooks` are the tests' (default:
+/// none).
+pub fn numa_migrate(
+    vm: &Vm,
+    req: &NumaMigrateRequest,
+    hooks: &NumaHooks,
+) -> Result<NumaMigrateReport, NumaMoveError> {
     let start = Instant::now();
-    let topo = Topology::read().map_err(|e| NumaMoveError::Invalid(e.to_string()))?;
+    let max_downtime = req.max_downtime_ms()?;
+    let topo = Topology::read()?;
     let target = req.to_node;
     let Some(tnode) = topo.node(target) else {
         let have: Vec<String> = topo.nodes.iter().map(|n| n.id.to_string()).collect();
-        return Err(NumaMoveError::Invalid(format!(
-            "host node {target} does not exist (this host has node {})",
-            have.join(", ")
-        )));
+        return Err(NumaMoveError::NoHostNode {
+            node: target,
+            have: have.join(", "),
+        });
     };
+    let count = vm.config().nodes.len();
     let guest_nodes: Vec<u32> = match req.guest_node {
-        Some(g) if (g as usize) < vm.config().nodes.len() => vec![g],
-        Some(g) => {
-            return Err(NumaMoveError::Invalid(format!(
-                "guest node {g} does not exist (the VM has {} guest nodes)",
-                vm.config().nodes.len()
-            )))
-        }
-        None => (0..vm.config().nodes.len() as u32).collect(),
+        Some(g) if (g as usize) < count => vec![g],
+        Some(g) => return Err(NumaMoveError::NoGuestNode { node: g, count }),
+        None => (0..count as u32).collect(),
     };
-    let max_downtime = req.max_downtime_ms.unwrap_or(DEFAULT_MAX_DOWNTIME_MS);
-    if !(max_downtime > 0.0 && max_downtime <= MAX_DOWNTIME_LIMIT_MS) {
-        return Err(NumaMoveError::Invalid(format!(
-            "max_downtime_ms must be a number of milliseconds above 0 and at most \
-             {MAX_DOWNTIME_LIMIT_MS}, got {max_downtime}"
-        )));
-    }
     let failed = |message: String| NumaMoveError::Failed {
         node: target,
         message,
@@ -242,11 +193,11 @@ pub fn numa_migrate(vm: &Vm, req: &NumaMigrateRequest) -> Result<NumaMigrateRepo
     let to_bring =
         (before.total() - before.pages_by_node.get(&target).copied().unwrap_or(0)) * PAGE_SIZE;
     if to_bring > tnode.free_bytes {
-        return Err(NumaMoveError::Invalid(format!(
-            "host node {target} has {} free but the move needs {}",
-            crate::util::format_size(tnode.free_bytes),
-            crate::util::format_size(to_bring)
-        )));
+        return Err(NumaMoveError::NoRoom {
+            node: target,
+            free: tnode.free_bytes,
+            need: to_bring,
+        });
     }
 
     let mut report = NumaMigrateReport {
@@ -299,7 +250,16 @@ pub fn numa_migrate(vm: &Vm, req: &NumaMigrateRequest) -> Result<NumaMigrateRepo
             report.peak_extra_bytes = chunks.iter().map(|c| c.1).sum();
         }
         Mode::Live => {
-            let r = live_chunks(vm, target, backing, &chunks, &homes, budget, &mut report);
+            let r = live_chunks(
+                vm,
+                target,
+                backing,
+                &chunks,
+                &homes,
+                budget,
+                hooks.fail_chunk,
+                &mut report,
+            );
             let _ = vm.stop_dirty_log();
             r.map_err(failed)?;
         }
@@ -326,11 +286,13 @@ pub fn numa_migrate(vm: &Vm, req: &NumaMigrateRequest) -> Result<NumaMigrateRepo
             }
         }
     }
-    finish_delay_hook();
+    if let Some(d) = hooks.finish_delay {
+        std::thread::sleep(d);
+    }
     // The memory is on the target now. What is left (policy, vCPUs, the
     // measurement) either all succeeds or the move is undone, so a failed
     // request always leaves the VM as it was.
-    if let Err(e) = finish(vm, target, &guest_nodes, &tnode.cpus, &mut report) {
+    if let Err(e) = finish(vm, target, &guest_nodes, &tnode.cpus, hooks, &mut report) {
         let undo = move_back(vm, req.mode, backing, &chunks, &homes, &cpus_before, budget);
         return Err(failed(undone(e, undo)));
     }
@@ -383,32 +345,12 @@ fn bind_guest_nodes(
     Ok(())
 }
 
-/// Test hook: when vmhop runs with this variable set to N, a NUMA move
-/// waits N ms after its memory moved and before it finishes (policy,
-/// vCPUs, placement), so tests can check where the pages the guest touches
-/// first in that time land. Never set in normal use.
-pub const FINISH_DELAY_ENV: &str = "VMHOP_TEST_NUMA_FINISH_DELAY_MS";
-
-fn finish_delay_hook() {
-    if let Some(ms) = std::env::var(FINISH_DELAY_ENV)
-        .ok()
-        .and_then(|v| v.parse::<u64>().ok())
-    {
-        std::thread::sleep(Duration::from_millis(ms));
-    }
-}
-
-/// Test hook: when vmhop runs with this variable set to `policy`, `repin`
-/// or `placement`, a NUMA move fails at that step after its memory moved
-/// (`policy` after the first chunk was rebound, `repin` after the first
-/// vCPU was re-pinned), so tests can check that the move is undone. Never
-/// set in normal use.
-pub const FAIL_FINISH_ENV: &str = "VMHOP_TEST_FAIL_NUMA_FINISH";
-
-fn injected_finish_failure(step: &str, done: usize) -> Result<(), String> {
-    match std::env::var(FAIL_FINISH_ENV) {
-        Ok(s) if s == step && done >= 1 => Err(format!(
-            "injected failure in the {step} step ({FAIL_FINISH_ENV})"
+/// The failure a test asked for at `step`, once `done` of its items (chunks
+/// bound, vCPUs re-pinned) are done.
+fn injected_finish_failure(hooks: &NumaHooks, step: FinishStep, done: usize) -> Result<(), String> {
+    match hooks.fail_finish {
+        Some(s) if s == step && done >= 1 => Err(format!(
+            "injected failure in the {step} step (test hook numa-fail-finish)"
         )),
         _ => Ok(()),
     }
@@ -422,16 +364,17 @@ fn finish(
     target: u32,
     guest_nodes: &[u32],
     cpus: &[usize],
+    hooks: &NumaHooks,
     report: &mut NumaMigrateReport,
 ) -> Result<(), String> {
     bind_guest_nodes(
         vm,
         guest_nodes,
         |_| target,
-        |bound| injected_finish_failure("policy", bound),
+        |bound| injected_finish_failure(hooks, FinishStep::Policy, bound),
     )?;
-    repin_vcpus(vm, guest_nodes, cpus, report)?;
-    injected_finish_failure("placement", 1)?;
+    repin_vcpus(vm, guest_nodes, cpus, hooks, report)?;
+    injected_finish_failure(hooks, FinishStep::Placement, 1)?;
     let after = placement_of(vm, guest_nodes, 1)?;
     report.placement_after = by_node(&after);
     report.not_present_after = after.not_present;
@@ -519,18 +462,10 @@ fn move_back(
     }
 }
 
-/// Test hook: when vmhop runs with this variable set to k, a live NUMA move
-/// fails before moving chunk k (counting from 0), so tests can check that
-/// the chunks already moved go back. Never set in normal use.
-pub const FAIL_CHUNK_ENV: &str = "VMHOP_TEST_FAIL_NUMA_CHUNK";
-
-fn injected_failure_chunk() -> Option<usize> {
-    std::env::var(FAIL_CHUNK_ENV).ok()?.parse().ok()
-}
-
 /// Moves chunks one at a time. If one fails, the chunks already moved go
 /// back to their guest node's old host node (`homes`), the same way, so the
 /// VM ends up on its old memory as a whole.
+#[allow(clippy::too_many_arguments)]
 fn live_chunks(
     vm: &Vm,
     target: u32,
@@ -538,6 +473,7 @@ fn live_chunks(
     chunks: &[(u32, u64, u32)],
     homes: &[u32],
     budget: Duration,
+    fail_at: Option<usize>,
     report: &mut NumaMigrateReport,
 ) -> Result<(), String> {
     let move_one = |slot: u32, to: u32| {
@@ -545,10 +481,11 @@ fn live_chunks(
         let plan = Plan::new(vec![slot], FirstPass::Present, true, budget);
         transfer(vm, &mut sink, &plan)
     };
-    let fail_at = injected_failure_chunk();
     for (k, &(slot, len, _)) in chunks.iter().enumerate() {
         let attempt = if fail_at == Some(k) {
-            Err(format!("injected failure at chunk {k} ({FAIL_CHUNK_ENV})"))
+            Err(format!(
+                "injected failure at chunk {k} (test hook numa-fail-chunk)"
+            ))
         } else {
             move_one(slot, target).map_err(|e| e.to_string())
         };
@@ -852,6 +789,7 @@ fn repin_vcpus(
     vm: &Vm,
     guest_nodes: &[u32],
     cpus: &[usize],
+    hooks: &NumaHooks,
     report: &mut NumaMigrateReport,
 ) -> Result<(), String> {
     let vcpu_nodes = vm.config().vcpu_nodes();
@@ -859,7 +797,7 @@ fn repin_vcpus(
         if !guest_nodes.contains(&vcpu_nodes[id as usize]) {
             continue;
         }
-        injected_finish_failure("repin", report.vcpu_cpus.len())?;
+        injected_finish_failure(hooks, FinishStep::Repin, report.vcpu_cpus.len())?;
         if !cpus.is_empty() {
             affinity::set_thread_affinity(tid, cpus).map_err(|e| e.to_string())?;
         }
@@ -875,47 +813,23 @@ fn repin_vcpus(
 /// samples every k-th page (a full query costs ~50 ms per GiB here).
 pub const STAT_MAX_QUERIED_PAGES: u64 = 1 << 18;
 
-/// One guest node in `numa-stat`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct GuestNodeStat {
-    /// Guest node id.
-    pub guest_node: u32,
-    /// Size in bytes.
-    pub size_bytes: u64,
-    /// The kernel's memory policy of its memory, e.g. "bind:1".
-    pub policy: String,
-    /// Present pages per host node.
-    pub host_nodes: BTreeMap<String, u64>,
-    /// Pages not faulted in yet.
-    pub not_present: u64,
-    /// Whether counts were scaled up from a sample.
-    pub sampled: bool,
-}
+/// Reading where the pages or the vCPUs are failed.
+#[derive(Debug, thiserror::Error)]
+#[error("numa-stat: {0}")]
+pub struct StatError(String);
 
-/// One vCPU in `numa-stat`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct VcpuStat {
-    /// vCPU id.
-    pub id: u32,
-    /// Guest node.
-    pub guest_node: u32,
-    /// Host CPUs its thread may run on.
-    pub allowed_cpus: String,
-}
-
-/// `numa-stat`: where every guest node's pages live now.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct NumaStatReport {
-    /// Guest nodes.
-    pub guest_nodes: Vec<GuestNodeStat>,
-    /// vCPUs.
-    pub vcpus: Vec<VcpuStat>,
-    /// Time the kernel queries took, ms.
-    pub query_ms: f64,
+impl crate::api::Classify for StatError {
+    fn kind(&self) -> crate::api::ErrorKind {
+        crate::api::ErrorKind::Failed
+    }
 }
 
 /// Measures placement of every guest node and the vCPUs' affinity.
-pub fn numa_stat(vm: &Vm) -> Result<NumaStatReport, String> {
+pub fn numa_stat(vm: &Vm) -> Result<NumaStatReport, StatError> {
+    numa_stat_inner(vm).map_err(StatError)
+}
+
+fn numa_stat_inner(vm: &Vm) -> Result<NumaStatReport, String> {
     let t = Instant::now();
     let mut guest_nodes = Vec::new();
     let n = vm.config().nodes.len() as u32;

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::memory::{DirtyBitmap, VolatileSlice, PAGE_SIZE};
+use crate::memory::{DirtyAccumulator, DirtyBitmap, VolatileSlice, PAGE_SIZE};
 use crate::vmm::VmError;
 use convergence::{Convergence, Decision, RoundFacts};
 
@@ -171,8 +171,6 @@ pub trait Source {
     /// Fetches and clears the dirty logs of these slots: the pages each
     /// had dirtied since its last fetch.
     fn fetch_dirty(&self, slots: &[u32]) -> Result<BTreeMap<u32, DirtyBitmap>, VmError>;
-    /// Pages dirtied since the VM's last checkpoint, per slot.
-    fn checkpoint_dirty(&self, slots: &[u32]) -> BTreeMap<u32, DirtyBitmap>;
     /// Pages of `slot` that hold memory now (faulted in or loaded); the
     /// rest reads as zero and need not be sent to a sink that starts empty.
     fn present_pages(&self, slot: u32) -> Result<DirtyBitmap, VmError>;
@@ -275,16 +273,18 @@ pub trait Sink<S: Source + ?Sized> {
 }
 
 /// Which pages the first pass sends.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum FirstPass {
     /// Every page of the plan's slots.
     All,
     /// The pages that hold memory now, for a sink that starts out empty
     /// (zero): untouched pages stay untouched.
     Present,
-    /// The pages dirtied since the VM's last checkpoint, taken after dirty
-    /// logging is armed, so nothing dirtied in between is missed.
-    SinceCheckpoint,
+    /// The pages an accumulator the VM feeds holds (a checkpoint chain's:
+    /// the pages written since its last checkpoint), read after dirty
+    /// logging is armed and the logs fetched into it, so nothing dirtied
+    /// in between is missed.
+    Accumulated(Arc<DirtyAccumulator>),
 }
 
 /// How to move.
@@ -359,36 +359,7 @@ pub struct TransferReport {
     pub phases: Phases,
 }
 
-/// The phases of a whole transfer, in milliseconds; they add up to its
-/// total.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
-pub struct Phases {
-    /// Until the pause: the first pass and the pre-copy rounds.
-    pub precopy_ms: f64,
-    /// The pause.
-    pub pause_ms: f64,
-    /// After the resume: sending the pages protected in the pause.
-    pub drain_ms: f64,
-    /// The sink's completion (writing out what it staged, fsync).
-    pub complete_ms: f64,
-}
-
-/// The phases of the pause, in microseconds.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
-pub struct PauseBreakdown {
-    /// Stopping every vCPU, each saving its registers as it stops.
-    pub stop_us: u64,
-    /// Fetching the last dirty logs.
-    pub fetch_us: u64,
-    /// Sending the last pages to the sink, or write-protecting them.
-    pub copy_us: u64,
-    /// Assembling the VM state from the saved vCPU registers.
-    pub state_us: u64,
-    /// The sink's commit (switching slots, recording state).
-    pub commit_us: u64,
-    /// Restarting every vCPU.
-    pub resume_us: u64,
-}
+pub use crate::api::transfer::{PauseBreakdown, Phases};
 
 fn us(since: Instant) -> u64 {
     since.elapsed().as_micros() as u64
@@ -456,8 +427,11 @@ impl<S: Source + ?Sized> Run<'_, S> {
     /// the logs cleared, so no page dirtied in between is missed.
     fn first_pass(&self) -> Result<Sets, TransferError> {
         let slots = &self.plan.slots;
-        Ok(match self.plan.first_pass {
-            FirstPass::SinceCheckpoint => self.vm.checkpoint_dirty(slots),
+        Ok(match &self.plan.first_pass {
+            FirstPass::Accumulated(acc) => slots
+                .iter()
+                .filter_map(|&s| Some((s, acc.get(s, self.vm.slot_pages(s)?))))
+                .collect(),
             FirstPass::Present => slots
                 .iter()
                 .map(|&s| Ok((s, self.vm.present_pages(s)?)))

@@ -146,13 +146,6 @@ impl Source for FakeVm {
             .collect())
     }
 
-    fn checkpoint_dirty(&self, slots: &[u32]) -> BTreeMap<u32, DirtyBitmap> {
-        slots
-            .iter()
-            .map(|&s| (s, DirtyBitmap::full(PAGES)))
-            .collect()
-    }
-
     fn present_pages(&self, slot: u32) -> Result<DirtyBitmap, VmError> {
         // Even pages hold memory, odd ones were never touched.
         let _ = slot;
@@ -170,7 +163,7 @@ impl Source for FakeVm {
 
     fn pause_saving(&self) -> Result<(FakePause, u32), VmError> {
         if self.fail_pause {
-            return Err(VmError::Host("the fake refuses to pause".into()));
+            return Err(VmError::Mismatch("the fake refuses to pause".into()));
         }
         let mut st = self.state.lock().unwrap();
         assert!(!st.paused, "paused twice");
@@ -199,13 +192,12 @@ impl Source for FakeVm {
             .iter()
             .map(|&s| (self.mapping(s).as_ptr() as usize, self.mapping(s).len()))
             .collect();
-        Self::Cow::arm(&ranges).map_err(|e| VmError::Host(e.to_string()))
+        Ok(Self::Cow::arm(&ranges)?)
     }
 
     fn protect(&self, cow: &Self::Cow, slot: u32, pages: &DirtyBitmap) -> Result<u64, VmError> {
         let host = self.mapping(slot).as_ptr() as usize;
-        cow.protect(slot, host, 0, pages)
-            .map_err(|e| VmError::Host(e.to_string()))
+        cow.protect(slot, host, 0, pages).map_err(VmError::from)
     }
 
     fn drain(

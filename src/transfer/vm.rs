@@ -9,7 +9,7 @@ use crate::memory::{DirtyBitmap, PAGE_SIZE};
 use crate::vmm::{Pause, Vm, VmError, VmState};
 
 fn no_slot(slot: u32) -> VmError {
-    VmError::Host(format!("no memory slot {slot}"))
+    VmError::NoChunk(slot)
 }
 
 impl Source for Vm {
@@ -37,18 +37,20 @@ impl Source for Vm {
         Vm::fetch_dirty(self, slots)
     }
 
-    fn checkpoint_dirty(&self, slots: &[u32]) -> BTreeMap<u32, DirtyBitmap> {
-        Vm::checkpoint_dirty(self, slots)
-    }
-
     fn present_pages(&self, slot: u32) -> Result<DirtyBitmap, VmError> {
         let mem = self.memory();
         let c = mem
             .chunks()
             .find(|c| c.slot == slot)
             .ok_or_else(|| no_slot(slot))?;
-        let words = crate::host::pagemap::populated(c.mapping.as_ptr(), c.pages())
-            .map_err(|e| VmError::Host(format!("slot {slot} at {:#x}: {e}", c.range.start)))?;
+        let words =
+            crate::host::pagemap::populated(c.mapping.as_ptr(), c.pages()).map_err(|source| {
+                VmError::Pagemap {
+                    slot,
+                    gpa: c.range.start,
+                    source,
+                }
+            })?;
         let mut b = DirtyBitmap::new(c.pages());
         b.merge_words(&words);
         Ok(b)
@@ -85,7 +87,7 @@ impl Source for Vm {
             .filter(|c| slots.contains(&c.slot))
             .map(|c| (c.mapping.as_ptr() as usize, c.mapping.len()))
             .collect();
-        CopyOnWrite::arm(&ranges).map_err(|e| VmError::Host(e.to_string()))
+        Ok(CopyOnWrite::arm(&ranges)?)
     }
 
     fn protect(&self, cow: &CopyOnWrite, slot: u32, pages: &DirtyBitmap) -> Result<u64, VmError> {
@@ -95,14 +97,14 @@ impl Source for Vm {
             .find(|c| c.slot == slot)
             .ok_or_else(|| no_slot(slot))?;
         if pages.pages() != c.pages() {
-            return Err(VmError::Host(format!(
-                "{} pages to protect in slot {slot} of {} pages",
-                pages.pages(),
-                c.pages()
-            )));
+            return Err(VmError::Range {
+                slot,
+                first: 0,
+                count: pages.pages(),
+                pages: c.pages(),
+            });
         }
-        cow.protect(slot, c.mapping.as_ptr() as usize, c.range.start, pages)
-            .map_err(|e| VmError::Host(e.to_string()))
+        Ok(cow.protect(slot, c.mapping.as_ptr() as usize, c.range.start, pages)?)
     }
 
     fn drain(
@@ -140,8 +142,11 @@ impl Source for Vm {
             .ok_or_else(|| no_slot(slot))?;
         for (first, n) in pages.runs() {
             let (off, len) = ((first * PAGE_SIZE) as usize, (n * PAGE_SIZE) as usize);
-            let data = c.mapping.volatile(off, len).ok_or_else(|| {
-                VmError::Host(format!("pages {first}+{n} run past the end of slot {slot}"))
+            let data = c.mapping.volatile(off, len).ok_or(VmError::Range {
+                slot,
+                first,
+                count: n,
+                pages: c.pages(),
             })?;
             each(PageRun {
                 slot,

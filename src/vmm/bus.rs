@@ -101,11 +101,13 @@ pub trait PioDevice: Send + Sync {
     fn read(&self, vcpu: u32, port: u16, data: &mut [u8]) -> IoAction;
     /// An `out` of `data` to `port` by vCPU `vcpu`.
     fn write(&self, vcpu: u32, port: u16, data: &[u8]) -> IoAction;
-    /// The device's state for a checkpoint or migration (None: it has none
-    /// worth keeping). Called while the vCPUs are paused.
-    fn save(&self) -> Option<serde_json::Value> {
-        None
-    }
+}
+
+/// Whatever saves the VM's devices: the VM asks it in a pause and knows no
+/// device (`crate::devices::persist` implements it).
+pub trait SaveDevices: Send + Sync {
+    /// Every device's state, by type and id.
+    fn save(&self) -> Result<crate::vmm::state::DeviceStates, String>;
 }
 
 /// Registering a device failed.
@@ -125,15 +127,26 @@ pub enum BusError {
     },
 }
 
-/// What the VM is handed to wire its devices: the bus, and the interrupt
+/// What the VM is handed to wire its devices: the bus, the interrupt
 /// lines devices raise (an eventfd per line, registered as a KVM irqfd on
-/// that GSI of the in-kernel irqchip).
-#[derive(Debug, Default)]
+/// that GSI of the in-kernel irqchip), and what saves their states.
+#[derive(Default)]
 pub struct DeviceSet {
     /// The port-I/O bus.
     pub bus: IoBus,
     /// (eventfd, GSI) of every interrupt line.
     pub irq_lines: Vec<(vmm_sys_util::eventfd::EventFd, u32)>,
+    /// Saves every device's state (None: no device has any).
+    pub states: Option<Box<dyn SaveDevices>>,
+}
+
+impl std::fmt::Debug for DeviceSet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceSet")
+            .field("bus", &self.bus)
+            .field("irq_lines", &self.irq_lines.len())
+            .finish_non_exhaustive()
+    }
 }
 
 /// Port ranges and the devices behind them.
@@ -206,17 +219,6 @@ impl IoBus {
             Some(d) => d.write(vcpu, port, data),
             None => IoAction::Continue,
         }
-    }
-
-    /// Every device's saved state, by name.
-    pub fn save(&self) -> BTreeMap<String, serde_json::Value> {
-        let mut out = BTreeMap::new();
-        for (_, d) in self.ranges.values() {
-            if let Some(s) = d.save() {
-                out.insert(d.name().to_string(), s);
-            }
-        }
-        out
     }
 }
 

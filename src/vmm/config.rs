@@ -41,6 +41,12 @@ pub struct VmConfig {
     pub chunk_size: u64,
 }
 
+impl crate::api::Classify for ConfigError {
+    fn kind(&self) -> crate::api::ErrorKind {
+        crate::api::ErrorKind::BadRequest
+    }
+}
+
 /// A configuration the user gave is not usable.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
@@ -51,6 +57,13 @@ pub enum ConfigError {
 
 fn invalid(s: impl Into<String>) -> ConfigError {
     ConfigError::Invalid(s.into())
+}
+
+impl VmConfig {
+    /// Guest memory in bytes: the sum of its nodes.
+    pub fn memory_bytes(&self) -> u64 {
+        self.nodes.iter().map(|n| n.size).sum()
+    }
 }
 
 impl NodeConfig {

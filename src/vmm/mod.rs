@@ -7,17 +7,12 @@
 
 pub mod bus;
 pub mod config;
+pub mod probe;
 pub mod state;
 pub mod vcpu;
 pub mod vm;
 
+pub use config::ConfigError;
 pub use config::{NodeConfig, VmConfig};
 pub use state::VmState;
-pub use vm::{CheckpointRef, Pause, RunState, Setup, Start, Vm, VmError};
-
-/// Whether this host's KVM is the paravirtualised PVM (`kvm_pvm`), which
-/// emulates guest CPL0 code (about a million instructions per second): far
-/// too slow to boot a Linux kernel, fine for the CPL3 builtin guests.
-pub fn kvm_is_paravirtualised() -> bool {
-    std::path::Path::new("/sys/module/kvm_pvm").exists()
-}
+pub use vm::{Pause, RunState, Setup, Start, StepError, Vm, VmError};

@@ -61,10 +61,7 @@ pub const BUILTIN_MSRS: &[u32] = &[
     MSR_KVM_SYSTEM_TIME_NEW,
 ];
 
-/// kvmclock's wall clock: KVM writes it into guest memory when it is set.
-pub const MSR_KVM_WALL_CLOCK_NEW: u32 = 0x4b56_4d00;
-/// kvmclock's per-vCPU system time: KVM maps the page it names when set.
-pub const MSR_KVM_SYSTEM_TIME_NEW: u32 = 0x4b56_4d01;
+use crate::arch::x86_64::regs::{MSR_KVM_SYSTEM_TIME_NEW, MSR_KVM_WALL_CLOCK_NEW};
 
 /// Period of the vCPU throttle: while throttled at p %, every vCPU is
 /// kicked once per period and then sleeps p % of it.
@@ -775,6 +772,39 @@ impl VcpuThread {
         }
     }
 
+    /// What KVM says of an internal error: its suberror and the guest's rip.
+    fn internal_error(&mut self) -> String {
+        let run = self.fd.get_kvm_run();
+        // SAFETY: after a KVM_EXIT_INTERNAL_ERROR exit, `internal` is the
+        // member of the exit union that KVM filled in.
+        let i = unsafe { run.__bindgen_anon_1.internal };
+        let what = match i.suberror {
+            kvm_bindings::KVM_INTERNAL_ERROR_EMULATION => {
+                "KVM_INTERNAL_ERROR_EMULATION: KVM could not emulate an instruction"
+            }
+            kvm_bindings::KVM_INTERNAL_ERROR_SIMUL_EX => {
+                "KVM_INTERNAL_ERROR_SIMUL_EX: an exception while delivering one"
+            }
+            kvm_bindings::KVM_INTERNAL_ERROR_DELIVERY_EV => {
+                "KVM_INTERNAL_ERROR_DELIVERY_EV: an event could not be delivered"
+            }
+            kvm_bindings::KVM_INTERNAL_ERROR_UNEXPECTED_EXIT_REASON => {
+                "KVM_INTERNAL_ERROR_UNEXPECTED_EXIT_REASON"
+            }
+            _ => "an unknown suberror",
+        };
+        let data = &i.data[..(i.ndata as usize).min(i.data.len())];
+        let rip = self
+            .fd
+            .get_regs()
+            .map(|r| format!("{:#x}", r.rip))
+            .unwrap_or_else(|e| format!("unknown ({e})"));
+        format!(
+            "KVM internal error, suberror {} ({what}) at guest rip {rip}, data {data:x?}",
+            i.suberror
+        )
+    }
+
     fn running(&mut self) -> Flow {
         loop {
             while let Ok(cmd) = self.cmds.try_recv() {
@@ -818,6 +848,10 @@ impl VcpuThread {
                     IoAction::Continue
                 }
                 Ok(VcpuExit::MmioWrite(..)) => IoAction::Continue,
+                Ok(VcpuExit::InternalError) => {
+                    let msg = self.internal_error();
+                    return self.stopped(GuestStop::Error(msg));
+                }
                 Ok(other) => {
                     let msg = format!("unexpected exit {other:?}");
                     return self.stopped(GuestStop::Error(msg));

@@ -13,17 +13,17 @@ use kvm_bindings::{
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use serde::{Deserialize, Serialize};
 
-use super::bus::{DeviceSet, GuestExit, IoBus};
+use super::bus::{DeviceSet, GuestExit, IoBus, SaveDevices};
 use super::config::VmConfig;
 use super::state::{MachineState, VmState, STATE_VERSION};
 use super::vcpu::{
     self, GuestStop, SavedWith, VcpuCmd, VcpuError, VcpuHandle, VcpuReply, VcpuState,
 };
 use crate::arch::x86_64::cpuid;
-use crate::guest;
 use crate::host::topology::{self, Topology};
 use crate::memory::{
-    layout, Backing, Chunk, DirtyBitmap, GuestMemory, Mapping, MappingError, NodeMemory, PAGE_SIZE,
+    layout, Backing, Chunk, DirtyAccumulator, DirtyBitmap, GuestMemory, Mapping, MappingError,
+    NodeMemory, PAGE_SIZE,
 };
 
 /// Whether the vCPUs run.
@@ -37,6 +37,10 @@ pub enum RunState {
     /// The guest stopped for good (it shut down, or the VM is being torn down).
     Stopped,
 }
+
+/// What a boot or load step reports when it fails: the error of the
+/// module that wrote the guest or loaded its memory, kept whole.
+pub type StepError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Creating or driving the VM failed.
 #[derive(Debug, thiserror::Error)]
@@ -53,9 +57,36 @@ pub enum VmError {
         #[source]
         source: kvm_ioctls::Error,
     },
-    /// The configuration does not fit this host.
-    #[error("{0}")]
-    Host(String),
+    /// The configuration is not valid.
+    #[error(transparent)]
+    Config(#[from] super::config::ConfigError),
+    /// The host's NUMA topology could not be read.
+    #[error(transparent)]
+    Topology(#[from] crate::host::topology::TopologyError),
+    /// A guest node names a host node this host lacks.
+    #[error(
+        "guest node {guest_node}: host node {host_node} does not exist (this host has node {have})"
+    )]
+    NoHostNode {
+        /// The guest node.
+        guest_node: u32,
+        /// The host node it names.
+        host_node: u32,
+        /// The host's nodes.
+        have: String,
+    },
+    /// The VM's memory does not fit where it must go.
+    #[error("{what} needs {} of memory but {where_} has {}", crate::util::format_size(*.need), crate::util::format_size(*.room))]
+    NoRoom {
+        /// What needs it (a guest node, the VM).
+        what: String,
+        /// Bytes it needs.
+        need: u64,
+        /// Where it must fit (a host node, the host).
+        where_: String,
+        /// Bytes there.
+        room: u64,
+    },
     /// Guest memory could not be created.
     #[error("guest node {node}: {source}")]
     Memory {
@@ -74,29 +105,84 @@ pub enum VmError {
         #[source]
         source: crate::host::policy::PolicyError,
     },
-    /// The VM's devices could not be built.
+    /// The signal that kicks vCPUs out of KVM_RUN could not be installed.
+    #[error("cannot install the vCPU kick signal handler: {0}")]
+    Signal(#[source] vmm_sys_util::errno::Error),
+    /// The devices' states could not be saved.
     #[error("devices: {0}")]
     Devices(String),
     /// Writing the guest into memory or setting up its boot vCPU failed.
     #[error("{0}")]
-    Boot(String),
+    Boot(#[source] StepError),
+    /// Loading memory for a restore failed.
+    #[error("{0}")]
+    Load(#[source] StepError),
+    /// Saved state does not fit this VM.
+    #[error("{0}")]
+    Mismatch(String),
+    /// No memory chunk has this number.
+    #[error("no memory chunk {0}")]
+    NoChunk(u32),
+    /// Reading which pages of a chunk are present failed.
+    #[error("chunk {slot} at guest {gpa:#x}: reading /proc/self/pagemap: {source}")]
+    Pagemap {
+        /// The chunk.
+        slot: u32,
+        /// Its first guest-physical address.
+        gpa: u64,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Copy-on-write over guest memory failed.
+    #[error(transparent)]
+    Cow(#[from] crate::memory::cow::CowError),
+    /// A page range does not lie in its chunk.
+    #[error("pages {first}+{count} do not lie in chunk {slot} of {pages} pages")]
+    Range {
+        /// The chunk.
+        slot: u32,
+        /// First page.
+        first: u64,
+        /// Pages.
+        count: u64,
+        /// The chunk's pages.
+        pages: u64,
+    },
     /// A vCPU failed.
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
-    /// Loading memory for a restore failed.
-    #[error("{0}")]
-    Load(String),
     /// The operation needs another state.
     #[error("the VM is {0:?}; {1}")]
     State(RunState, &'static str),
 }
 
+impl crate::api::Classify for VmError {
+    fn kind(&self) -> crate::api::ErrorKind {
+        use crate::api::ErrorKind;
+        match self {
+            VmError::Config(_) => ErrorKind::BadRequest,
+            VmError::NoHostNode { .. } => ErrorKind::NotFound,
+            VmError::NoRoom { .. } | VmError::Mismatch(_) => ErrorKind::Unusable,
+            VmError::NoKvm(e) if e.errno() == libc::EACCES || e.errno() == libc::EPERM => {
+                ErrorKind::Forbidden
+            }
+            VmError::State(..) => ErrorKind::Conflict,
+            // A kernel or initrd that does not fit is the request's.
+            VmError::Boot(e) => e
+                .downcast_ref::<crate::arch::x86_64::linux::LinuxError>()
+                .map_or(ErrorKind::Failed, |l| l.kind()),
+            _ => ErrorKind::Failed,
+        }
+    }
+}
+
 /// Fills guest memory for a restore, before any vCPU runs.
-pub type Loader<'a> = Box<dyn FnOnce(&GuestMemory) -> Result<(), String> + 'a>;
+pub type Loader<'a> = Box<dyn FnOnce(&GuestMemory) -> Result<(), StepError> + 'a>;
 
 /// Writes a fresh guest into memory and sets up its vCPUs (in id order)
 /// before any of them runs.
-pub type Setup<'a> = Box<dyn FnOnce(&GuestMemory, &[VcpuFd]) -> Result<(), String> + 'a>;
+pub type Setup<'a> = Box<dyn FnOnce(&GuestMemory, &[VcpuFd]) -> Result<(), StepError> + 'a>;
 
 /// How the VM's vCPUs and memory start.
 pub enum Start<'a> {
@@ -179,9 +265,9 @@ impl Drop for Boost {
 struct DirtyState {
     /// Slots have KVM_MEM_LOG_DIRTY_PAGES.
     logging: bool,
-    /// Pages dirtied since the last checkpoint, per chunk, when a checkpoint
-    /// chain is being kept (None: nobody needs it).
-    since_checkpoint: Option<BTreeMap<u32, DirtyBitmap>>,
+    /// Accumulators fed with every fetch (a checkpoint chain keeps one):
+    /// while there is one, dirty logging stays on.
+    keepers: Vec<Arc<DirtyAccumulator>>,
     /// Pages KVM reported dirty for chunks nobody asked about yet: a KVM
     /// slot's log is fetched (and cleared) whole, so the share of the
     /// chunks not asked for waits here for their next fetch.
@@ -251,27 +337,14 @@ pub struct Vm {
     guest_stop: Arc<Mutex<Option<String>>>,
     guest_exit: Arc<Mutex<Option<GuestExit>>>,
     bus: Arc<IoBus>,
+    device_states: Option<Box<dyn SaveDevices>>,
     irqchip: bool,
     dirty: Mutex<DirtyState>,
-    operation: Mutex<()>,
     host_nodes: Mutex<Vec<u32>>,
-    last_checkpoint: Mutex<Option<CheckpointRef>>,
-    loading: std::sync::atomic::AtomicBool,
     /// vCPU throttle, percent of each period asleep (auto-converge).
     throttle: Arc<AtomicU32>,
     /// The thread that kicks vCPUs while throttled.
     throttler: Mutex<Option<Throttler>>,
-}
-
-/// A checkpoint a VM's state extends: the next incremental's parent.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CheckpointRef {
-    /// Directory (canonical).
-    pub dir: std::path::PathBuf,
-    /// Chain id.
-    pub chain_id: u64,
-    /// Checkpoint id.
-    pub id: u32,
 }
 
 impl std::fmt::Debug for Vm {
@@ -299,14 +372,6 @@ fn kvm_err(ioctl: impl Into<String>) -> impl FnOnce(kvm_ioctls::Error) -> VmErro
     move |source| VmError::Kvm { ioctl, source }
 }
 
-/// Available memory of the host (MemAvailable), bytes.
-fn host_available() -> Option<u64> {
-    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = s.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
-}
-
 /// The thread that kicks throttled vCPUs once a period, and the sender
 /// whose drop stops it at once.
 struct Throttler {
@@ -324,15 +389,11 @@ impl Vm {
         paused: bool,
         devices: DeviceSet,
     ) -> Result<Arc<Vm>, VmError> {
-        config
-            .validate()
-            .map_err(|e| VmError::Host(e.to_string()))?;
+        config.validate()?;
         let kvm = Kvm::new().map_err(VmError::NoKvm)?;
-        let topo = Topology::read().map_err(|e| VmError::Host(e.to_string()))?;
+        let topo = Topology::read()?;
         let host_nodes = Self::check_host(&config, &topo)?;
-        vcpu::install_kick_handler().map_err(|e| {
-            VmError::Host(format!("cannot install the vCPU kick signal handler: {e}"))
-        })?;
+        vcpu::install_kick_handler().map_err(VmError::Signal)?;
 
         let fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
         fd.set_tss_address(layout::MMIO_HOLE_END as usize - 0x4000 * 2)
@@ -368,12 +429,10 @@ impl Vm {
             guest_stop,
             guest_exit: Arc::new(Mutex::new(None)),
             bus: Arc::new(devices.bus),
+            device_states: devices.states,
             irqchip,
             dirty: Mutex::new(DirtyState::default()),
-            operation: Mutex::new(()),
             host_nodes: Mutex::new(host_nodes.clone()),
-            last_checkpoint: Mutex::new(None),
-            loading: std::sync::atomic::AtomicBool::new(false),
             throttle: Arc::new(AtomicU32::new(0)),
             throttler: Mutex::new(None),
         };
@@ -429,7 +488,7 @@ impl Vm {
                 dirty_log: _,
             } => {
                 if vcpus.len() != fds.len() {
-                    return Err(VmError::Load(format!(
+                    return Err(VmError::Mismatch(format!(
                         "the saved state has {} vCPUs, the configuration {}",
                         vcpus.len(),
                         fds.len()
@@ -444,12 +503,12 @@ impl Vm {
                     (Some(m), true) => vm.restore_machine(m)?,
                     (None, false) => {}
                     (Some(_), false) => {
-                        return Err(VmError::Load(
+                        return Err(VmError::Mismatch(
                             "the saved state has an interrupt controller this guest kind does not use".into(),
                         ))
                     }
                     (None, true) => {
-                        return Err(VmError::Load(
+                        return Err(VmError::Mismatch(
                             "the saved state lacks the interrupt controller and clock state of a Linux guest".into(),
                         ))
                     }
@@ -506,7 +565,7 @@ impl Vm {
     /// Each guest node's host node for `config` on this host, checking the
     /// host can hold it.
     pub fn host_nodes_for(config: &VmConfig) -> Result<Vec<u32>, VmError> {
-        let topo = Topology::read().map_err(|e| VmError::Host(e.to_string()))?;
+        let topo = Topology::read()?;
         Self::check_host(config, &topo)
     }
 
@@ -518,30 +577,31 @@ impl Vm {
             let h = n.host_node.unwrap_or(here);
             let Some(node) = topo.node(h) else {
                 let have: Vec<String> = topo.nodes.iter().map(|n| n.id.to_string()).collect();
-                return Err(VmError::Host(format!(
-                    "guest node {}: host node {h} does not exist (this host has node {})",
-                    n.guest_node,
-                    have.join(", ")
-                )));
+                return Err(VmError::NoHostNode {
+                    guest_node: n.guest_node,
+                    host_node: h,
+                    have: have.join(", "),
+                });
             };
             if n.size > node.total_bytes {
-                return Err(VmError::Host(format!(
-                    "guest node {}: {} of memory does not fit host node {h}, which has {} in all",
-                    n.guest_node,
-                    crate::util::format_size(n.size),
-                    crate::util::format_size(node.total_bytes)
-                )));
+                return Err(VmError::NoRoom {
+                    what: format!("guest node {}", n.guest_node),
+                    need: n.size,
+                    where_: format!("host node {h}, in all,"),
+                    room: node.total_bytes,
+                });
             }
             out.push(h);
         }
         let total: u64 = config.nodes.iter().map(|n| n.size).sum();
-        if let Some(avail) = host_available() {
+        if let Some(avail) = crate::host::topology::available_memory() {
             if total > avail {
-                return Err(VmError::Host(format!(
-                    "the VM needs {} of memory but the host has only {} available",
-                    crate::util::format_size(total),
-                    crate::util::format_size(avail)
-                )));
+                return Err(VmError::NoRoom {
+                    what: "the VM".into(),
+                    need: total,
+                    where_: "the host (MemAvailable)".into(),
+                    room: avail,
+                });
             }
         }
         Ok(out)
@@ -729,13 +789,16 @@ impl Vm {
     /// from `vcpus` (saved as the vCPUs stopped) and what the VM and its
     /// devices hold. The VM must be paused.
     pub fn save_state(&self, _pause: &Pause, vcpus: Vec<VcpuState>) -> Result<VmState, VmError> {
+        let devices = match &self.device_states {
+            Some(d) => d.save().map_err(VmError::Devices)?,
+            None => Default::default(),
+        };
         Ok(VmState {
             version: STATE_VERSION,
-            config: self.config.clone(),
             host_nodes: self.host_nodes(),
             vcpus,
             machine: self.save_machine()?,
-            devices: self.bus.save(),
+            devices,
         })
     }
 
@@ -761,23 +824,6 @@ impl Vm {
         if let Some(n) = self.memory_mut().nodes.get_mut(guest_node as usize) {
             n.host_node = Some(host);
         }
-    }
-
-    /// Takes the one-operation-at-a-time lock (checkpoint, NUMA move,
-    /// migration); None if another operation holds it.
-    pub fn try_operation(&self) -> Option<MutexGuard<'_, ()>> {
-        try_take(&self.operation)
-    }
-
-    /// Whether a lazy restore is still loading memory in the background.
-    pub fn is_loading(&self) -> bool {
-        self.loading.load(std::sync::atomic::Ordering::Acquire)
-    }
-
-    /// Marks a lazy restore's background load as running (operations that
-    /// move memory wait until it is done).
-    pub fn set_loading(&self, on: bool) {
-        self.loading.store(on, std::sync::atomic::Ordering::Release);
     }
 
     /// Stops the guest because something it depends on failed (a corrupt
@@ -979,24 +1025,6 @@ impl Vm {
             .collect()
     }
 
-    /// Sum of the builtin guest's per-vCPU progress counters (0 for other
-    /// guests, whose memory vmhop does not interpret).
-    pub fn progress(&self) -> u64 {
-        if !self.config.guest.is_builtin() {
-            return 0;
-        }
-        let m = self.memory();
-        (0..self.config.vcpus as u64)
-            .filter_map(|v| {
-                m.read_u64(
-                    guest::setup::BLOCKS_ADDR
-                        + v * guest::program::block::SIZE
-                        + guest::program::block::PROGRESS,
-                )
-            })
-            .sum()
-    }
-
     /// Turns KVM dirty logging on for every slot (idempotent). Pages dirtied
     /// from now on show in `fetch_dirty`.
     pub fn start_dirty_log(&self) -> Result<(), VmError> {
@@ -1016,10 +1044,10 @@ impl Vm {
         self.dirty.lock().unwrap_or_else(|e| e.into_inner()).logging
     }
 
-    /// Turns dirty logging off unless a checkpoint chain still needs it.
+    /// Turns dirty logging off unless an accumulator still needs it.
     pub fn stop_dirty_log(&self) -> Result<(), VmError> {
         let mut d = self.dirty.lock().unwrap_or_else(|e| e.into_inner());
-        if !d.logging || d.since_checkpoint.is_some() {
+        if !d.logging || !d.keepers.is_empty() {
             return Ok(());
         }
         for k in &self.kvm_slots {
@@ -1031,7 +1059,7 @@ impl Vm {
     }
 
     /// The pages of these chunks dirtied since their last fetch, by chunk
-    /// slot; also remembered for the next incremental checkpoint.
+    /// slot; also recorded in every accumulator the VM keeps.
     ///
     /// Each KVM slot holding one of them has its log fetched and cleared
     /// once, whole; what it says of its other chunks waits for their turn.
@@ -1046,7 +1074,7 @@ impl Vm {
                 .kvm_slots
                 .iter()
                 .position(|k| k.chunks.iter().any(|c| c.0 == want))
-                .ok_or_else(|| VmError::Host(format!("no memory chunk {want}")))?;
+                .ok_or(VmError::NoChunk(want))?;
             kvm_slots.insert(k);
         }
         let mut out = BTreeMap::new();
@@ -1066,10 +1094,8 @@ impl Vm {
             for &(chunk, first, pages) in &k.chunks {
                 let mut fresh = DirtyBitmap::new(pages);
                 fresh.merge_bits(&log, first);
-                if let Some(acc) = d.since_checkpoint.as_mut() {
-                    acc.entry(chunk)
-                        .or_insert_with(|| DirtyBitmap::new(pages))
-                        .merge(&fresh);
+                for keeper in &d.keepers {
+                    keeper.record(chunk, &fresh);
                 }
                 let b = match d.pending.remove(&chunk) {
                     Some(mut earlier) => {
@@ -1088,62 +1114,16 @@ impl Vm {
         Ok(out)
     }
 
-    /// The pages dirtied since the last checkpoint for these slots (every
-    /// page where nothing is remembered).
-    pub fn checkpoint_dirty(&self, slots: &[u32]) -> BTreeMap<u32, DirtyBitmap> {
-        let d = self.dirty.lock().unwrap_or_else(|e| e.into_inner());
-        let mem = self.memory();
-        mem.chunks()
-            .filter(|c| slots.contains(&c.slot))
-            .map(|c| {
-                let b = match &d.since_checkpoint {
-                    Some(acc) => acc
-                        .get(&c.slot)
-                        .cloned()
-                        .unwrap_or_else(|| DirtyBitmap::new(c.pages())),
-                    None => DirtyBitmap::full(c.pages()),
-                };
-                (c.slot, b)
-            })
-            .collect()
-    }
-
-    /// Gives back pages taken by `reset_checkpoint_dirty` when the
-    /// checkpoint that took them failed after all.
-    pub fn restore_checkpoint_dirty(&self, taken: BTreeMap<u32, DirtyBitmap>) {
+    /// Feeds every later fetch into `keeper` too, and keeps dirty logging
+    /// on from now on (a checkpoint chain needs every page written since
+    /// its last checkpoint); once per accumulator.
+    pub fn keep_dirty(&self, keeper: Arc<DirtyAccumulator>) -> Result<(), VmError> {
+        self.start_dirty_log()?;
         let mut d = self.dirty.lock().unwrap_or_else(|e| e.into_inner());
-        let acc = d.since_checkpoint.get_or_insert_with(BTreeMap::new);
-        for (slot, b) in taken {
-            match acc.get_mut(&slot) {
-                Some(a) => a.merge(&b),
-                None => {
-                    acc.insert(slot, b);
-                }
-            }
+        if !d.keepers.iter().any(|k| Arc::ptr_eq(k, &keeper)) {
+            d.keepers.push(keeper);
         }
-    }
-
-    /// The checkpoint this VM's memory was last saved to or restored from.
-    pub fn last_checkpoint(&self) -> Option<CheckpointRef> {
-        self.last_checkpoint
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-    }
-
-    /// Records the checkpoint this VM's state now extends.
-    pub fn set_last_checkpoint(&self, c: Option<CheckpointRef>) {
-        *self
-            .last_checkpoint
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()) = c;
-    }
-
-    /// Starts (or restarts) remembering pages dirtied since a checkpoint,
-    /// returning what was remembered before (None if nothing was).
-    pub fn reset_checkpoint_dirty(&self) -> Option<BTreeMap<u32, DirtyBitmap>> {
-        let mut d = self.dirty.lock().unwrap_or_else(|e| e.into_inner());
-        d.since_checkpoint.replace(BTreeMap::new())
+        Ok(())
     }
 
     /// Re-homes chunk `slot`: `mapping`'s pages (which must hold the
@@ -1176,7 +1156,7 @@ impl Vm {
                     .find(|c| c.slot == slot)
                     .map(|c| (n.guest_node, c))
             })
-            .ok_or_else(|| VmError::Host(format!("no memory slot {slot}")))?;
+            .ok_or(VmError::NoChunk(slot))?;
         chunk
             .mapping
             .take_pages_of(mapping)
@@ -1254,18 +1234,6 @@ impl Vm {
     }
 }
 
-/// Takes an operation lock unless another operation holds it. An operation
-/// that panicked (the API server turns that into a 500) poisons the lock
-/// but holds it no longer: the lock guards no data, so the next operation
-/// may go ahead instead of every later request answering "busy".
-fn try_take(lock: &Mutex<()>) -> Option<MutexGuard<'_, ()>> {
-    match lock.try_lock() {
-        Ok(g) => Some(g),
-        Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
-        Err(std::sync::TryLockError::WouldBlock) => None,
-    }
-}
-
 impl Drop for Vm {
     fn drop(&mut self) {
         self.shutdown();
@@ -1275,23 +1243,6 @@ impl Drop for Vm {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn an_operation_that_panicked_does_not_lock_out_the_next() {
-        let lock = Mutex::new(());
-        let _ = std::thread::scope(|s| {
-            s.spawn(|| {
-                let _g = lock.lock().unwrap();
-                panic!("an operation panics while holding the lock");
-            })
-            .join()
-        });
-        assert!(lock.is_poisoned());
-        let g = try_take(&lock).expect("a poisoned, free lock is taken");
-        assert!(try_take(&lock).is_none(), "a held lock is not taken twice");
-        drop(g);
-        assert!(try_take(&lock).is_some());
-    }
 
     fn test_vm(guest: crate::guest::GuestSpec) -> Arc<Vm> {
         test_vm_in_chunks(guest, 32 << 20)
@@ -1312,9 +1263,14 @@ mod tests {
             hugepages: false,
             chunk_size,
         };
-        let (vm, _devs) = crate::machine::boot(config, &crate::devices::Console::Stderr, false)
-            .expect("this test needs /dev/kvm");
-        vm
+        crate::service::build::boot(
+            config,
+            &crate::devices::Console::Stderr,
+            false,
+            &Default::default(),
+        )
+        .expect("this test needs /dev/kvm")
+        .vm
     }
 
     #[test]
@@ -1351,7 +1307,7 @@ mod tests {
             rate: Some(2000),
             fill_random: false,
         });
-        while vm.progress() == 0 {
+        while crate::guest::progress(&vm) == 0 {
             std::thread::sleep(Duration::from_millis(1));
         }
         let mut held = 0;
@@ -1359,18 +1315,22 @@ mod tests {
             let t0 = Instant::now();
             let p = vm.pause().expect("pause");
             held += vm.held_vcpus();
-            let a = vm.progress();
+            let a = crate::guest::progress(&vm);
             // Longer than the guest's pace step (~1 ms at 1000 pages/s
             // per vCPU) now and then: held vCPUs wake, spin and park.
             std::thread::sleep(Duration::from_micros(if i % 4 == 0 { 5000 } else { 200 }));
-            assert_eq!(vm.progress(), a, "a vCPU ran while the VM was paused");
+            assert_eq!(
+                crate::guest::progress(&vm),
+                a,
+                "a vCPU ran while the VM was paused"
+            );
             let d = vm.resume(p).expect("resume");
             assert!(d <= t0.elapsed(), "the real pause lies inside the call");
             std::thread::sleep(Duration::from_micros(300));
         }
         assert!(held > 0, "a paced guest's sleeping vCPUs are held");
-        let p = vm.progress();
-        while vm.progress() == p {
+        let p = crate::guest::progress(&vm);
+        while crate::guest::progress(&vm) == p {
             std::thread::sleep(Duration::from_millis(1));
         }
         let pause = vm.pause().expect("pause");
@@ -1464,7 +1424,7 @@ mod tests {
         let p = vm.pause().expect("pause");
         vm.fetch_dirty(&all).expect("clear the logs");
         vm.resume(p).expect("resume");
-        while vm.progress() < 100_000 {
+        while crate::guest::progress(&vm) < 100_000 {
             std::thread::sleep(Duration::from_millis(1));
         }
         let p = vm.pause().expect("pause");

@@ -79,6 +79,24 @@ pub enum KernelFormat {
     Elf,
 }
 
+impl crate::api::Classify for LinuxError {
+    fn kind(&self) -> crate::api::ErrorKind {
+        use crate::api::ErrorKind;
+        match self {
+            LinuxError::Read { source, .. } => match ErrorKind::of_io(source) {
+                ErrorKind::Failed => ErrorKind::Unusable,
+                k => k,
+            },
+            LinuxError::NotAKernel { .. }
+            | LinuxError::TooOld { .. }
+            | LinuxError::Load { .. }
+            | LinuxError::DoesNotFit { .. } => ErrorKind::Unusable,
+            LinuxError::Cmdline(_) => ErrorKind::BadRequest,
+            LinuxError::Setup(_) => ErrorKind::Failed,
+        }
+    }
+}
+
 /// Booting Linux failed before the guest ran.
 #[derive(Debug, thiserror::Error)]
 pub enum LinuxError {

@@ -9,6 +9,11 @@ use kvm_ioctls::VcpuFd;
 
 use crate::memory::GuestMemory;
 
+/// kvmclock's wall clock: KVM writes it into guest memory when it is set.
+pub const MSR_KVM_WALL_CLOCK_NEW: u32 = 0x4b56_4d00;
+/// kvmclock's per-vCPU system time: KVM maps the page it names when set.
+pub const MSR_KVM_SYSTEM_TIME_NEW: u32 = 0x4b56_4d01;
+
 /// Guest-physical address of the boot GDT.
 pub const GDT_ADDR: u64 = 0x500;
 /// The boot IDT (empty: the kernel installs its own before enabling interrupts).

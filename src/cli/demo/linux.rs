@@ -20,10 +20,9 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use super::{check, checkpoint, DemoError, Out, VmProcess, WorkDir, LONG, QUICK};
-use crate::checkpoint::format::Kind;
+use crate::api::checkpoint::CheckpointKind as Kind;
+use crate::api::numa::{Mode, NumaMigrateReport, NumaMigrateRequest, NumaStatReport};
 use crate::cli::{CliError, CliResult};
-use crate::host::topology::Topology;
-use crate::numa::{Mode, NumaMigrateReport, NumaMigrateRequest, NumaStatReport};
 
 /// The guest's checker, shared with the NUMA-box tests.
 const GUEST_INIT: &str = include_str!("../../../tests/numabox/linux/guest-init.sh");
@@ -53,14 +52,6 @@ pub struct LinuxPlan {
 
 /// Runs the Linux demo.
 pub fn demo(plan: LinuxPlan, keep_dir: bool, json: bool) -> CliResult {
-    if crate::vmm::kvm_is_paravirtualised() {
-        return Err(CliError::failed(
-            "demo --kernel: this host's KVM is paravirtualised (kvm_pvm) and emulates guest kernel \
-             code, far too slowly to boot Linux; Linux guests need hardware-assisted KVM. Run the \
-             same steps inside the NUMA box: tests/numabox/linux/run-step.sh checkpoint (see \
-             docs/linux-guests.md)",
-        ));
-    }
     let exe = std::env::current_exe().map_err(|e| CliError::failed(DemoError::Exe(e)))?;
     super::interrupt::install();
     let work = WorkDir::create(keep_dir).map_err(CliError::failed)?;
@@ -111,7 +102,7 @@ impl LinuxDemo {
             Some(i) => i.clone(),
             None => self.pack_initrd()?,
         };
-        let topo = Topology::read()?;
+        let topo = super::read_topology(&self.exe)?;
         let mut nodes: Vec<u32> = topo
             .nodes
             .iter()

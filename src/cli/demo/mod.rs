@@ -30,16 +30,17 @@ use serde::de::DeserializeOwned;
 use serde_json::{json, Map, Value};
 
 use super::{CliError, CliResult};
+use crate::api::checkpoint::{
+    CheckpointKind as Kind, CheckpointReport, CheckpointRequest, RestoreReport,
+};
 use crate::api::client::{call, ClientError};
-use crate::api::{StateReply, StatusReport, VerifyReport, PREFIX};
-use crate::checkpoint::create::{CheckpointReport, CheckpointRequest};
-use crate::checkpoint::format::Kind;
-use crate::checkpoint::restore::RestoreReport;
-use crate::host::affinity::format_cpu_list;
-use crate::host::topology::{Topology, TopologyError};
-use crate::numa::{Mode, NumaMigrateReport, NumaMigrateRequest, NumaStatReport, VcpuStat};
-use crate::util::{format_size, parse_size};
-use crate::vmm::RunState;
+use crate::api::numa::{
+    Mode, NumaMigrateReport, NumaMigrateRequest, NumaStatReport, TopologyReport, VcpuStat,
+};
+use crate::api::run::Local;
+use crate::api::vm::{StateReply, StatusReport, VerifyReport, VmState as RunState};
+use crate::api::PREFIX;
+use crate::util::{format_cpu_list, format_size, parse_size};
 
 /// Guest dirty rate (pages/s) in an optimised build: fast enough that the
 /// checkpoints and live moves have real work to chase, slow enough that the
@@ -203,7 +204,7 @@ pub enum DemoError {
     },
     /// The host topology could not be read.
     #[error("cannot read the host NUMA topology: {0}")]
-    Topology(#[from] TopologyError),
+    Topology(String),
     /// `vmhop checkpoints DIR` failed.
     #[error("`vmhop checkpoints {}` failed: {reason}", dir.display())]
     List {
@@ -214,9 +215,29 @@ pub enum DemoError {
     },
 }
 
+/// The host's NUMA nodes, read as a user would: `vmhop topology --json`.
+fn read_topology(exe: &Path) -> Result<TopologyReport, DemoError> {
+    let o = Command::new(exe)
+        .args(["topology", "--json"])
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| DemoError::Topology(e.to_string()))?;
+    if !o.status.success() {
+        return Err(DemoError::Topology(format!(
+            "{}: {}",
+            o.status,
+            String::from_utf8_lossy(&o.stderr).trim()
+        )));
+    }
+    serde_json::from_slice(&o.stdout).map_err(|e| DemoError::Topology(e.to_string()))
+}
+
 /// Runs the demo; exit 1 (with the failed step's message) if any step fails.
-pub fn demo(a: DemoArgs) -> CliResult {
+pub fn demo(local: &dyn Local, a: DemoArgs) -> CliResult {
     if let Some(kernel) = &a.kernel {
+        if let Err(e) = local.linux_capable() {
+            return Err(CliError::failed(format!("demo --kernel: {e}")));
+        }
         return linux::demo(
             linux::LinuxPlan {
                 kernel: kernel.clone(),
@@ -228,6 +249,7 @@ pub fn demo(a: DemoArgs) -> CliResult {
         );
     }
     let plan = Plan::from_args(&a)?;
+    let linux = linux_note(local.linux_capable().err());
     let exe = std::env::current_exe().map_err(|e| CliError::failed(DemoError::Exe(e)))?;
     interrupt::install();
     let work = WorkDir::create(a.keep_dir).map_err(CliError::failed)?;
@@ -238,6 +260,7 @@ pub fn demo(a: DemoArgs) -> CliResult {
         record: Map::new(),
         facts: Facts::default(),
         started: Instant::now(),
+        linux,
         work,
     };
     match d.run() {
@@ -345,6 +368,8 @@ struct Demo {
     record: Map<String, Value>,
     facts: Facts,
     started: Instant,
+    /// What the demo says of Linux guests on this host.
+    linux: String,
     /// Declared last so it is dropped (removed) after everything else.
     work: WorkDir,
 }
@@ -710,7 +735,7 @@ impl Demo {
     /// Step 5: move the guest's memory with each mode, verifying after each.
     fn numa(&mut self, vm: &mut VmProcess) -> Result<(), DemoError> {
         self.out.step(5, "NUMA moves");
-        let topo = Topology::read()?;
+        let topo = read_topology(&self.exe)?;
         let nodes: Vec<u32> = topo
             .nodes
             .iter()
@@ -820,12 +845,12 @@ impl Demo {
             r.insert("total_ms".into(), json!(total_s * 1e3));
             r.insert("work_dir".into(), json!(self.work.path));
             r.insert("work_dir_kept".into(), json!(!matches!(removed, Ok(true))));
-            r.insert("linux_guests".into(), json!(linux_note()));
+            r.insert("linux_guests".into(), json!(self.linux));
             return super::output::print_json(&Value::Object(r));
         }
         self.out
             .raw(&format!("\n{}", summary(&self.plan, &self.facts, total_s)));
-        self.out.raw(&format!("\n{}", linux_note()));
+        self.out.raw(&format!("\n{}", self.linux));
         Ok(())
     }
 
@@ -1478,7 +1503,7 @@ mod interrupt {
     /// later) and takes them on a dedicated thread that cleans up and exits
     /// with 130. Call before any other thread is started.
     pub(super) fn install() {
-        let set = crate::cli::run::block_stop_signals();
+        let set = crate::util::block_stop_signals();
         let _ = std::thread::Builder::new()
             .name("demo-signals".into())
             .spawn(move || {
@@ -1527,15 +1552,16 @@ mod interrupt {
 
 /// What the demo says about Linux guests on this host: where the same
 /// steps run with a stock kernel.
-fn linux_note() -> String {
-    if crate::vmm::kvm_is_paravirtualised() {
-        "Linux guests: this host's KVM is paravirtualised (kvm_pvm) and emulates guest kernel\n\
-         code, far too slowly to boot Linux; they need hardware-assisted KVM. The same steps with\n\
-         a stock Debian kernel (boot on two NUMA nodes, checkpoint, lazy restore, NUMA moves,\n\
-         poweroff, reboot) run inside the NUMA box, a two-node host with KVM inside QEMU:\n\
-         \x20   tests/numabox/linux/run-step.sh checkpoint   (or boot, numa-live, numa-stop-copy,\n\
-         \x20   numa-kernel, poweroff, reboot; see docs/linux-guests.md)"
-            .to_string()
+fn linux_note(cannot: Option<crate::api::ApiError>) -> String {
+    if let Some(why) = cannot {
+        format!(
+            "Linux guests: {why}\n\
+             The same steps with a stock Debian kernel (boot on two NUMA nodes, checkpoint, lazy\n\
+             restore, NUMA moves, poweroff, reboot) run inside the NUMA box, a two-node host with\n\
+             KVM inside QEMU:\n\
+             \x20   tests/numabox/linux/run-step.sh checkpoint   (or boot, numa-moves, poweroff,\n\
+             \x20   reboot; see docs/linux-guests.md)"
+        )
     } else {
         "Linux guests: vmhop run --kernel /boot/vmlinuz-$(uname -r) --initrd INITRD \\\n\
          \x20   --cmdline \"console=ttyS0 reboot=k\" (see docs/linux-guests.md); the scripted steps\n\

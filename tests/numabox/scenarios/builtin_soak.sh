@@ -15,7 +15,7 @@
 # kernel's last words and the last 60 `kvm` trace events printed, and the
 # round counts as failed. Exits 1 if
 # any round failed. Defaults: 10 rounds of 5 s. TEST_FAULT (gp, ud, pf,
-# int=N) is passed to vmhop as VMHOP_TEST_GUEST_FAULT, so that every round
+# int=N) is passed to vmhop as --test-hook guest-fault=FAULT, so that every round
 # must stop with that exception (checks the IDT path on kvm-amd).
 #
 # Busybox sh. A diagnostic for intermittent guest stops: many more guest
@@ -25,8 +25,9 @@ set -eu
 rounds="${1:-10}"
 seconds="${2:-5}"
 guest="${3:-builtin:dirty,fill=random}"
+hook=""
 if [ -n "${4:-}" ]; then
-    export VMHOP_TEST_GUEST_FAULT="$4"
+    hook="guest-fault=$4"
 fi
 VMHOP="${VMHOP:-/bin/vmhop}"
 tag="builtin-soak"
@@ -66,8 +67,9 @@ failed=0
 r=1
 while [ "$r" -le "$rounds" ]; do
     rm -f "$sock"
+    # shellcheck disable=SC2086  # no hook, or the option and its value
     "$VMHOP" run --api-socket "$sock" --vcpus 2 --guest "$guest" \
-        --numa guest-node=0,size=64M,host-node=0 >"$vmlog" 2>&1 &
+        --numa guest-node=0,size=64M,host-node=0 ${hook:+--test-hook $hook} >"$vmlog" 2>&1 &
     pid=$!
     i=0
     until "$VMHOP" status --api-socket "$sock" --json >/dev/null 2>&1; do

@@ -16,7 +16,7 @@
 # "kernel" alone differs: the guest (128 MiB, rate-limited, not filled from
 # the host) is still touching pages for the first time while it moves, and
 # vmhop waits 1 s after the memory moved and before it finishes
-# (VMHOP_TEST_NUMA_FINISH_DELAY_MS). Every present page must be on the
+# (the test hook numa-finish-delay-ms). Every present page must be on the
 # target, 100% (pages the guest touches first after move_pages went by
 # included), and the guest must have taken new pages during the first
 # move.
@@ -240,8 +240,9 @@ check_stat() {
 
 start_vm() {
     say "starting: vmhop run --vcpus 2 --guest $1 --numa $2"
-    env ${finish_delay:+VMHOP_TEST_NUMA_FINISH_DELAY_MS=$finish_delay} \
-        "$VMHOP" run --api-socket "$sock" --vcpus 2 --guest "$1" --numa "$2" >"$vmlog" 2>&1 &
+    # shellcheck disable=SC2086  # no hook, or one option and its value
+    "$VMHOP" run --api-socket "$sock" --vcpus 2 --guest "$1" --numa "$2" \
+        ${finish_delay:+--test-hook numa-finish-delay-ms=$finish_delay} >"$vmlog" 2>&1 &
     vm_pid=$!
     i=0
     until "$VMHOP" status --api-socket "$sock" --json >/dev/null 2>&1; do

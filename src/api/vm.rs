@@ -1,0 +1,162 @@
+//! The VM's own endpoints: status, pause, resume, stop, verify, and what a
+//! `vmhop run` process says when its VM is up.
+
+use serde::{Deserialize, Serialize};
+
+/// What state a VM (or the process waiting for one) is in, as the API says it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum VmState {
+    /// vCPUs run.
+    Running,
+    /// vCPUs are stopped and can resume.
+    Paused,
+    /// The guest stopped for good.
+    Stopped,
+    /// No VM yet: waiting for an incoming migration.
+    Incoming,
+}
+
+impl std::fmt::Display for VmState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            VmState::Running => "running",
+            VmState::Paused => "paused",
+            VmState::Stopped => "stopped",
+            VmState::Incoming => "incoming",
+        })
+    }
+}
+
+/// `GET /api/v1/vm.status`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct StatusReport {
+    /// VM name.
+    pub name: String,
+    /// running, paused or stopped.
+    pub state: VmState,
+    /// Why the guest stopped by itself, if it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_reason: Option<String>,
+    /// vCPU count.
+    pub vcpus: u32,
+    /// Guest memory in bytes.
+    pub memory_bytes: u64,
+    /// The guest and its progress counter.
+    pub guest: GuestStatus,
+    /// Guest nodes and where they are bound.
+    pub numa: Vec<NodeStatus>,
+    /// vmhop's process id.
+    pub pid: u32,
+    /// A lazy restore is still loading guest memory in the background.
+    #[serde(default)]
+    pub loading: bool,
+}
+
+/// The guest part of a status.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct GuestStatus {
+    /// e.g. "builtin:dirty".
+    pub kind: String,
+    /// Pages written so far (builtin:dirty); 0 for idle.
+    pub progress: u64,
+}
+
+/// One guest node in a status.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct NodeStatus {
+    /// Guest node id.
+    pub guest_node: u32,
+    /// Size in bytes.
+    pub size_bytes: u64,
+    /// Host node its memory is bound to.
+    pub host_node: u32,
+}
+
+/// `GET /api/v1/vm.status` of a process still waiting for an incoming VM.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct IncomingStatusReport {
+    /// The VM name it will have (its configuration comes with the stream).
+    pub name: String,
+    /// Always `incoming`.
+    pub state: VmState,
+    /// Where it listens.
+    pub listening: String,
+    /// The source sending now, if any.
+    pub source: Option<String>,
+    /// Bytes received from it.
+    pub bytes_received: u64,
+    /// Pages received from it.
+    pub pages_received: u64,
+    /// Why the last source failed.
+    pub last_error: Option<String>,
+    /// vmhop's process id.
+    pub pid: u32,
+}
+
+/// Either status a `vm.status` call may answer.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum AnyStatus {
+    /// A process waiting for an incoming migration.
+    Incoming(IncomingStatusReport),
+    /// A VM.
+    Vm(StatusReport),
+}
+
+/// Reply of pause / resume / stop.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct StateReply {
+    /// The state after the call.
+    pub state: VmState,
+    /// For pause: microseconds it took to stop every vCPU.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pause_us: Option<u64>,
+}
+
+/// One broken rule found by `verify`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Violation {
+    /// vCPU whose slice it is in (None: the control data itself).
+    pub vcpu: Option<u32>,
+    /// Guest-physical address of the page, as hex.
+    pub gpa: String,
+    /// What is wrong.
+    pub problem: String,
+}
+
+/// `PUT /api/v1/vm.verify`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct VerifyReport {
+    /// No violation.
+    pub ok: bool,
+    /// Working-set pages examined.
+    pub pages_checked: u64,
+    /// Total violations found.
+    pub violation_count: u64,
+    /// The first violations.
+    pub violations: Vec<Violation>,
+}
+
+/// One chunk of guest memory (`GET /api/v1/debug.memory-map`): where its
+/// host memory is.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct MemoryMapEntry {
+    /// Guest node.
+    pub guest_node: u32,
+    /// Chunk number (the unit of NUMA moves and dirty logs).
+    pub slot: u32,
+    /// First guest-physical address.
+    pub gpa: u64,
+    /// Length.
+    pub len: u64,
+    /// Host virtual address in the vmhop process.
+    pub host_addr: u64,
+}
+
+/// `PUT /api/v1/vm.cancel`'s answer (`migrate-cancel`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Cancelled {
+    /// Always true: the operation was told to stop.
+    pub cancelled: bool,
+}
