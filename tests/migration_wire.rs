@@ -336,3 +336,26 @@ fn with_a_key_nothing_of_the_guest_crosses_the_wire_in_clear() {
         "the guest's control page crossed the wire in clear: {log:?}"
     );
 }
+
+#[test]
+fn a_stream_cut_on_the_wire_fails_cleanly_and_the_source_runs_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = source();
+    let (out, proxy, dst) = migrate_through(&src, dir.path(), Attack::Truncate(2 << 20));
+    let log = proxy.log.lock().unwrap();
+    assert!(
+        log.changed.iter().any(|c| c.starts_with("cut")),
+        "the proxy cut nothing: {log:?}\n{}",
+        out.describe()
+    );
+    assert_eq!(out.code, Some(1), "{}\n{}", out.describe(), dst.logs());
+    assert!(out.stderr.contains("runs on here"), "{}", out.describe());
+    assert_source_runs_on(&src, "after a cut stream");
+    let s = dst.status();
+    assert_eq!(s["state"], "incoming", "the destination runs nothing: {s}");
+    let why = s["last_error"].as_str().unwrap_or_default().to_string();
+    assert!(
+        why.contains("closed the stream") || why.contains("stream ended"),
+        "the destination says the stream ended early: {s}"
+    );
+}

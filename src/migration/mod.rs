@@ -17,6 +17,7 @@ pub mod address;
 pub mod auth;
 pub mod compress;
 pub mod destination;
+pub mod noise;
 pub mod protocol;
 pub mod source;
 
@@ -24,13 +25,14 @@ pub use address::{
     connect, Address, Conn, Listener, ParseAddressError, ShutdownHandle, TransportError,
 };
 pub use auth::{
-    check_policy, handshake_as_destination, handshake_as_source, AuthError, Authenticated,
-    PolicyError, Role, Security,
+    check_policy, handshake_as_destination, handshake_as_source, handshake_as_source_on, AuthError,
+    Authenticated, PolicyError, Role, Security,
 };
 pub use compress::{
     decode_pages, encode_pages, is_zero_page, Compression, DecodeError, Encoding,
     ParseCompressionError,
 };
 pub use protocol::{
-    AckKind, Frame, FrameReader, FrameStream, FrameWriter, ProtocolError, SessionNonce,
+    AckKind, Binding, Frame, FrameReader, FrameStream, FrameWriter, Integrity, Link, ProtocolError,
+    SessionNonce,
 };
