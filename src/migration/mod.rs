@@ -17,6 +17,8 @@ pub mod address;
 pub mod auth;
 pub mod compress;
 pub mod destination;
+#[cfg(test)]
+mod fuzz;
 pub mod noise;
 pub mod protocol;
 pub mod source;
