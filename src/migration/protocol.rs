@@ -473,10 +473,15 @@ fn checksum(header: &[u8], parts: &[&[u8]], session: &SessionNonce) -> u32 {
     crc32c::crc32c_append(crc, &session.0)
 }
 
-/// An I/O error of frame `frame`, or what the sealed channel under it
-/// found wrong.
+/// An I/O error of frame `frame`, or, reading, what the sealed channel
+/// under it found wrong with what arrived.
 fn io_error(op: &'static str, frame: u64, offset: u64, source: io::Error) -> ProtocolError {
-    match seal_error(source) {
+    let sealed = if op == "reading" {
+        seal_error(source)
+    } else {
+        Err(source)
+    };
+    match sealed {
         Ok(source) => ProtocolError::Unauthentic {
             frame,
             offset,
