@@ -1354,6 +1354,61 @@ mod tests {
     }
 
     #[test]
+    fn tls_binds_the_link_so_a_link_changed_on_the_path_fails_the_first_frame() {
+        use crate::migration::protocol::{Frame, FrameReader, FrameWriter, ProtocolError};
+        let dir = tempfile::tempdir().unwrap();
+        let ca = make_ca();
+        let src = tls(&make_host(dir.path(), "src", &ca));
+        let dst = tls(&make_host(dir.path(), "dst", &ca));
+        let (s_end, mut tap) = UnixStream::pair().unwrap();
+        let (relay, d_end) = UnixStream::pair().unwrap();
+        let dest = std::thread::spawn(move || {
+            let conn: Box<dyn Conn> = Box::new(d_end);
+            handshake_as_destination(conn, &dst, TIMEOUT)
+        });
+        // The relay renumbers the source's link (hello: 16 bytes of
+        // preamble, no nonce with TLS, then the link), then passes
+        // everything through both ways.
+        let mut hello = [0u8; PREAMBLE_LEN + LINK_LEN];
+        let mut relay_w = relay.try_clone().unwrap();
+        let mut tap_r = tap.try_clone().unwrap();
+        let forward = std::thread::spawn(move || {
+            tap_r.read_exact(&mut hello).unwrap();
+            hello[PREAMBLE_LEN + 16..PREAMBLE_LEN + 20].copy_from_slice(&1u32.to_le_bytes());
+            hello[PREAMBLE_LEN + 20..].copy_from_slice(&2u32.to_le_bytes());
+            relay_w.write_all(&hello).unwrap();
+            let _ = std::io::copy(&mut tap_r, &mut relay_w);
+        });
+        let mut relay_r = relay;
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut relay_r, &mut tap);
+        });
+        let link = Link::single([7; 16]);
+        let conn: Box<dyn Conn> = Box::new(s_end);
+        let mut s = handshake_as_source_on(conn, &src, &unix_addr(), link, TIMEOUT).unwrap();
+        let mut d = dest.join().unwrap().unwrap();
+        assert_eq!(
+            d.binding.link.count, 2,
+            "the destination saw the changed link"
+        );
+        assert_ne!(s.binding.session, d.binding.session);
+        let mut w = FrameWriter::bound(&mut s.conn, &s.binding);
+        w.write_frame(&Frame::Config(b"{}".to_vec())).unwrap();
+        w.flush().unwrap();
+        let err = FrameReader::bound(&mut d.conn, &d.binding)
+            .read_frame()
+            .unwrap_err();
+        assert!(
+            matches!(err, ProtocolError::Checksum { frame: 0, .. }),
+            "{err}"
+        );
+        drop(w);
+        s.conn.shutdown();
+        d.conn.shutdown();
+        let _ = forward.join();
+    }
+
+    #[test]
     fn tls_checks_the_destination_name() {
         let dir = tempfile::tempdir().unwrap();
         let ca = make_ca();
