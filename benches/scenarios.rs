@@ -48,6 +48,12 @@ fn main() {
         harness::migration::tcp_sink();
         return;
     }
+    if std::env::args().nth(1).as_deref() == Some(harness::streams::STREAM_SINK_ARG) {
+        // A child of migrate-key: the far end of the TLS or Noise baseline.
+        let args: Vec<String> = std::env::args().skip(2).collect();
+        harness::streams::stream_sink(&args);
+        return;
+    }
     let opts = match Options::parse(std::env::args().skip(1)) {
         Ok(o) => o,
         Err(e) => {

@@ -22,6 +22,7 @@ use super::fixture::{
     boot, check_alive, dirty_guest, failed, fill_working_set, mib_per_s, ms, pause_baseline,
     random_bytes, wss_bytes, PACED_RATE,
 };
+use super::streams::{secure_stream, Creds, Kind};
 use super::{BenchError, RunCtx, Sample, Scenario};
 
 /// The argument that turns this benchmark binary into the plain-TCP sink.
@@ -76,6 +77,7 @@ pub fn scenarios() -> Vec<Scenario> {
             Load::Pattern,
             Compression::None,
         ),
+        key_scenario(),
     ]
 }
 
@@ -99,7 +101,8 @@ struct Destination {
 }
 
 impl Destination {
-    fn start() -> Result<Destination, BenchError> {
+    /// `vmhop run --incoming tcp://127.0.0.1:0 EXTRA...`.
+    fn start(extra: &[&std::ffi::OsStr]) -> Result<Destination, BenchError> {
         let dir = tempfile::tempdir().map_err(failed("a temporary directory"))?;
         let socket = dir.path().join("api.sock");
         let mut child = Command::new(VMHOP)
@@ -111,6 +114,7 @@ impl Destination {
                 "--api-socket",
             ])
             .arg(&socket)
+            .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -232,7 +236,7 @@ fn scenario(
         }
         check_alive(&vm)?;
         let rtt = pause_baseline(ctx, &vm)?;
-        let dst = Destination::start()?;
+        let dst = Destination::start(&[])?;
         let req = MigrateRequest {
             to: dst.listening.clone(),
             compress: compression,
@@ -266,4 +270,77 @@ fn scenario(
         out.extend(super::fixture::pause_phases("pause: ", &r.pause_breakdown));
         Ok(out)
     })
+}
+
+/// Boots the migrate-idle guest and migrates it to a fresh destination,
+/// with `key` on both ends if given; the report and the bare pause
+/// round trip measured before.
+fn migrate_idle_once(
+    ctx: &RunCtx,
+    key: Option<&std::path::Path>,
+) -> Result<(MigrateReport, f64), BenchError> {
+    let wss = wss_bytes(ctx);
+    let vm = boot(ctx, "bench-migrate-key", GuestSpec::Idle)?;
+    fill_working_set(&vm, wss)?;
+    check_alive(&vm)?;
+    let rtt = pause_baseline(ctx, &vm)?;
+    let extra: Vec<&std::ffi::OsStr> = match key {
+        Some(k) => vec!["--auth-key-file".as_ref(), k.as_os_str()],
+        None => Vec::new(),
+    };
+    let dst = Destination::start(&extra)?;
+    let req = MigrateRequest {
+        to: dst.listening.clone(),
+        auth_key_file: key.map(|k| k.to_path_buf()),
+        ..Default::default()
+    };
+    let flight = Arc::new(InFlight::default());
+    let r = migrate(&vm, &req, &flight).map_err(failed("migrating"))?;
+    drop(vm);
+    dst.stop()?;
+    Ok((r, rtt))
+}
+
+/// `migrate-key`: migrate-idle with a pre-shared key, so the stream runs
+/// sealed in key mode's Noise channel; beside it in the same run, the same
+/// migration without a key, and the same bytes over plain TCP, inside
+/// vmhop's TLS mode and inside its Noise channel between two processes.
+fn key_scenario() -> Scenario {
+    Scenario::new(
+        "migrate-key",
+        "as migrate-idle with --auth-key-file on both ends (the stream sealed in Noise_NNpsk0_25519_AESGCM_SHA256): throughput MiB/s of page data vs the same migration without a key, vs plain TCP, vs a TLS 1.3 stream of as many bytes through vmhop's TLS mode (rustls) and vs a stream through vmhop's Noise channel alone (each between two processes), and those streams vs plain TCP; total ms, downtime µs (vs the migration without a key), bytes on the wire",
+        move |ctx: &RunCtx| {
+            let creds = Creds::new()?;
+            let key = creds.key_file();
+            let (open, _) = migrate_idle_once(ctx, None)?;
+            let (r, _) = migrate_idle_once(ctx, Some(&key))?;
+            let seed = 0x5eed + ctx.run as u64;
+            let plain = plain_tcp(r.page_bytes, seed)?;
+            let tls = secure_stream(Kind::Tls, &creds, r.page_bytes, seed)?;
+            let noise = secure_stream(Kind::Noise, &creds, r.page_bytes, seed)?;
+            let secs = |ms: f64| Duration::from_secs_f64(ms / 1e3);
+            let rate = |d: Duration| mib_per_s(r.page_bytes, d);
+            let keyed = rate(secs(r.total_ms));
+            Ok(vec![
+                Sample::new("throughput, key mode vs no key", "MiB/s", keyed)
+                    .vs(mib_per_s(open.page_bytes, secs(open.total_ms))),
+                Sample::new("throughput, key mode vs plain TCP", "MiB/s", keyed).vs(rate(plain)),
+                Sample::new("throughput, key mode vs TLS stream", "MiB/s", keyed).vs(rate(tls)),
+                Sample::new("throughput, key mode vs Noise stream", "MiB/s", keyed)
+                    .vs(rate(noise)),
+                Sample::new("TLS stream vs plain TCP", "MiB/s", rate(tls)).vs(rate(plain)),
+                Sample::new("Noise stream vs plain TCP", "MiB/s", rate(noise)).vs(rate(plain)),
+                Sample::new("Noise stream vs TLS stream", "MiB/s", rate(noise)).vs(rate(tls)),
+                Sample::new("total, key mode vs no key", "ms", r.total_ms).vs(open.total_ms),
+                Sample::new("downtime, key mode vs no key", "µs", r.downtime_us as f64)
+                    .vs(open.downtime_us as f64),
+                Sample::new(
+                    "bytes on the wire (frames)",
+                    "MiB",
+                    r.bytes_sent as f64 / (1u64 << 20) as f64,
+                )
+                .vs(r.page_bytes as f64 / (1u64 << 20) as f64),
+            ])
+        },
+    )
 }

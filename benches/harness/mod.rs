@@ -19,6 +19,7 @@ pub mod guest;
 pub mod migration;
 pub mod numa;
 pub mod restore;
+pub mod streams;
 
 use std::fmt::Write as _;
 use std::io::Write as _;

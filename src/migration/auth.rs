@@ -6,18 +6,24 @@
 //!
 //! - `Insecure`: no authentication, for loopback and Unix sockets or with
 //!   `--insecure` ([`check_policy`] enforces that).
-//! - `Psk`: a key file present on both hosts; each side proves it knows the
-//!   key with HMAC-SHA256 over both sides' fresh nonces (mutual
-//!   challenge-response; a recorded handshake is useless later). The
-//!   stream itself is not encrypted nor MACed.
+//! - `Psk`: a key file present on both hosts. After the hellos, the two
+//!   sides run the Noise handshake `Noise_NNpsk0_25519_AESGCM_SHA256`
+//!   (`noise.rs`) with a key derived from the file, its prologue binding
+//!   both hellos (so both fresh nonces, and the migration, connection
+//!   index and count the source names). Each side's message only verifies
+//!   for a peer that has the key and saw the same hellos: a wrong key fails
+//!   on both sides, and a recorded handshake is useless later. The stream
+//!   then runs inside the Noise channel: encrypted and authenticated.
 //! - `Tls`: mutual TLS 1.3 (rustls, ring): the destination requires a
 //!   client certificate signed by its CA file, the source verifies the
 //!   destination's certificate and name against its CA file. The stream
 //!   then runs inside TLS.
 //!
-//! Every method yields a [`SessionNonce`] that both sides agree on and that
-//! differs for every connection; the frame layer folds it into each
-//! frame's checksum so frames of another session are refused.
+//! Every method yields a [`Binding`] for the frame layer: a [`SessionNonce`]
+//! that both sides agree on and that differs for every connection (the
+//! checksummed modes fold it into each frame's crc32c, so frames of another
+//! session are refused), whether the connection is sealed, and the
+//! [`Link`] the source named.
 //!
 //! This module does not decide what the CLI flags are called beyond naming
 //! them in messages, nor what happens after the handshake.
@@ -37,28 +43,35 @@ use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
 use super::address::{Address, Conn, ShutdownHandle};
-use super::protocol::{SessionNonce, SESSION_NONCE_LEN};
+use super::noise::{Handshake, HandshakeError, HANDSHAKE_MESSAGE_LEN, PSK_LEN};
+use super::protocol::{
+    Binding, FrameStream, Integrity, Link, SessionNonce, LINK_LEN, SESSION_NONCE_LEN,
+};
 
 type HmacSha256 = hmac::Hmac<Sha256>;
 
 /// First eight bytes each side sends on a new connection.
 pub const AUTH_MAGIC: [u8; 8] = *b"VMHOPAUT";
-/// The handshake version this code speaks.
-pub const AUTH_VERSION: u32 = 1;
+/// The handshake version this code speaks (2: the source's hello names its
+/// link, and a key runs the Noise handshake and seals the stream).
+pub const AUTH_VERSION: u32 = 2;
 /// Shortest pre-shared key accepted, in bytes: 128 bits.
 pub const MIN_PSK_LEN: usize = 16;
 
 /// magic, version u32, method u8, role u8, reserved u16.
 const PREAMBLE_LEN: usize = 16;
-/// Each side's fresh random challenge.
+/// Each side's fresh random value (insecure and key mode).
 const NONCE_LEN: usize = 32;
-/// An HMAC-SHA256 output.
-const PROOF_LEN: usize = 32;
-/// Domain separation: these MACs and hashes mean nothing anywhere else.
-const PSK_PROOF_LABEL: &[u8] = b"vmhop migration psk proof v1";
-const PSK_SESSION_LABEL: &[u8] = b"vmhop migration psk session v1";
-const INSECURE_SESSION_LABEL: &[u8] = b"vmhop migration insecure session v1";
-const TLS_EXPORTER_LABEL: &[u8] = b"EXPORTER-vmhop-migration-session-v1";
+/// The longest hello: preamble, nonce, link.
+const MAX_HELLO_LEN: usize = PREAMBLE_LEN + NONCE_LEN + LINK_LEN;
+/// The length before each Noise handshake message (as before each record).
+const RECORD_HEADER_LEN: usize = 2;
+/// Domain separation: these keys, prologues and hashes mean nothing
+/// anywhere else.
+const NOISE_PSK_LABEL: &[u8] = b"vmhop migration noise psk v2";
+const NOISE_PROLOGUE_LABEL: &[u8] = b"vmhop migration noise prologue v2";
+const INSECURE_SESSION_LABEL: &[u8] = b"vmhop migration insecure session v2";
+const TLS_EXPORTER_LABEL: &[u8] = b"EXPORTER-vmhop-migration-session-v2";
 /// Private key and pre-shared key files may be readable by their owner only:
 /// any group or other permission bit is refused.
 const PRIVATE_MODE_MASK: u32 = 0o077;
@@ -119,6 +132,17 @@ impl fmt::Debug for Security {
 
 /// A pre-shared key, wiped from memory when dropped.
 pub struct PskKey(Zeroizing<Vec<u8>>);
+
+impl PskKey {
+    /// The 32-byte key Noise takes, derived from the file's bytes (which
+    /// may be of any length from 16).
+    fn noise_psk(&self) -> Zeroizing<[u8; PSK_LEN]> {
+        let mut mac = <HmacSha256 as KeyInit>::new_from_slice(&self.0)
+            .expect("HMAC takes keys of any length");
+        mac.update(NOISE_PSK_LABEL);
+        Zeroizing::new(mac.finalize().into_bytes().into())
+    }
+}
 
 /// This host's TLS certificate and key and the CA that signs its peers'.
 pub struct TlsIdentity {
@@ -311,6 +335,31 @@ pub enum AuthError {
         /// The peer's role.
         peer_role: Role,
     },
+    /// The peer refused this side's proof of the pre-shared key.
+    #[error(
+        "the {peer_role} refused this side's proof of the pre-shared key: the key files differ"
+    )]
+    KeyRefused {
+        /// The peer's role.
+        peer_role: Role,
+    },
+    /// A key exchange message of the wrong size.
+    #[error("the {peer_role} sent a {len}-byte key exchange message; the handshake's are {HANDSHAKE_MESSAGE_LEN} bytes")]
+    BadKeyExchange {
+        /// The peer's role.
+        peer_role: Role,
+        /// The declared length.
+        len: usize,
+    },
+    /// The source named an impossible connection.
+    #[error("the source's hello is malformed: {reason}")]
+    BadLink {
+        /// What is wrong.
+        reason: String,
+    },
+    /// The Noise library refused to run the handshake.
+    #[error("the key exchange failed: {0}")]
+    Noise(String),
     /// The TLS handshake failed (certificate not signed by the CA, wrong
     /// name, no client certificate...).
     #[error("TLS handshake with the {peer_role} failed: {source}")]
@@ -354,18 +403,26 @@ pub enum AuthError {
 
 /// A connection whose peer is authenticated.
 pub struct Authenticated {
-    /// The connection to run the frame stream on (inside TLS for `Tls`).
+    /// The connection to run the frame stream on (inside TLS for `Tls`,
+    /// inside the Noise channel for `Psk`).
     pub conn: Box<dyn Conn>,
-    /// The value both sides feed to the frame layer.
-    pub session: SessionNonce,
+    /// What both sides feed to the frame layer.
+    pub binding: Binding,
     /// How the peer was authenticated, for logs and reports.
     pub method: &'static str,
+}
+
+impl Authenticated {
+    /// The frame stream over this connection, bound as the handshake said.
+    pub fn into_frames(self) -> FrameStream<Box<dyn Conn>> {
+        FrameStream::bound(self.conn, &self.binding)
+    }
 }
 
 impl fmt::Debug for Authenticated {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Authenticated")
-            .field("session", &self.session)
+            .field("binding", &self.binding)
             .field("method", &self.method)
             .finish_non_exhaustive()
     }
@@ -381,7 +438,32 @@ pub fn handshake_as_source(
     to: &Address,
     timeout: Duration,
 ) -> Result<Authenticated, AuthError> {
-    handshake(conn, security, Role::Source, to.tls_server_name(), timeout)
+    let mut migration = [0u8; 16];
+    getrandom::fill(&mut migration).map_err(|e| AuthError::Io {
+        peer_role: Role::Destination,
+        step: "drawing a random migration id",
+        source: io::Error::other(e.to_string()),
+    })?;
+    handshake_as_source_on(conn, security, to, Link::single(migration), timeout)
+}
+
+/// As [`handshake_as_source`], for connection `link.index` of the
+/// `link.count` connections of migration `link.migration`.
+pub fn handshake_as_source_on(
+    conn: Box<dyn Conn>,
+    security: &Security,
+    to: &Address,
+    link: Link,
+    timeout: Duration,
+) -> Result<Authenticated, AuthError> {
+    handshake(
+        conn,
+        security,
+        Role::Source,
+        Some(link),
+        to.tls_server_name(),
+        timeout,
+    )
 }
 
 /// The destination's handshake with a source that just connected. Each
@@ -392,7 +474,7 @@ pub fn handshake_as_destination(
     security: &Security,
     timeout: Duration,
 ) -> Result<Authenticated, AuthError> {
-    handshake(conn, security, Role::Destination, "", timeout)
+    handshake(conn, security, Role::Destination, None, "", timeout)
 }
 
 /// Refuses to listen on or connect to an address that leaves this host
@@ -423,13 +505,16 @@ pub struct PolicyError {
 
 /// The handshake steps, for messages.
 const STEP_PREAMBLE: &str = "waiting for the peer's hello";
-const STEP_PROOF: &str = "waiting for the peer's proof of the key";
+const STEP_KEY: &str = "waiting for the peer's key exchange";
 const STEP_TLS: &str = "TLS handshake";
 
+/// `link` is the source's (None on the destination, which learns it from
+/// the source's hello).
 fn handshake(
     conn: Box<dyn Conn>,
     security: &Security,
     role: Role,
+    link: Option<Link>,
     server_name: &str,
     timeout: Duration,
 ) -> Result<Authenticated, AuthError> {
@@ -442,27 +527,32 @@ fn handshake(
     let mut conn = conn;
 
     // Hello: both sides send theirs before reading the peer's, so neither
-    // waits on the other. Insecure and PSK add a fresh nonce.
-    let mut hello = Vec::with_capacity(PREAMBLE_LEN + NONCE_LEN);
+    // waits on the other. Insecure and PSK add a fresh nonce; the source
+    // names its link.
+    let with_nonce = !matches!(security, Security::Tls(_));
+    let mut hello = Vec::with_capacity(MAX_HELLO_LEN);
     hello.extend_from_slice(&AUTH_MAGIC);
     hello.extend_from_slice(&AUTH_VERSION.to_le_bytes());
     hello.push(security.method());
     hello.push(role.to_byte());
     hello.extend_from_slice(&[0, 0]);
     let mut nonce = [0u8; NONCE_LEN];
-    let with_nonce = !matches!(security, Security::Tls(_));
     if with_nonce {
         getrandom::fill(&mut nonce)
             .map_err(|e| io_err("drawing a random nonce")(io::Error::other(e.to_string())))?;
         hello.extend_from_slice(&nonce);
     }
+    if let Some(link) = &link {
+        hello.extend_from_slice(&link.to_bytes());
+    }
     conn.write_all(&hello)
         .and_then(|()| conn.flush())
         .map_err(io_err("sending hello"))?;
 
-    let mut preamble = [0u8; PREAMBLE_LEN];
-    conn.read_exact(&mut preamble)
+    let mut peer_hello = [0u8; MAX_HELLO_LEN];
+    conn.read_exact(&mut peer_hello[..PREAMBLE_LEN])
         .map_err(io_err(STEP_PREAMBLE))?;
+    let preamble = &peer_hello[..PREAMBLE_LEN];
     if preamble[..8] != AUTH_MAGIC {
         return Err(AuthError::NotVmhop {
             got: preamble[..8].try_into().expect("8 bytes"),
@@ -485,46 +575,69 @@ fn handshake(
     if preamble[13] != peer_role.to_byte() {
         return Err(AuthError::SameRole(role));
     }
-
-    let (conn, session) = match security {
-        Security::Insecure | Security::Psk(_) => {
-            let mut peer_nonce = [0u8; NONCE_LEN];
-            conn.read_exact(&mut peer_nonce)
-                .map_err(io_err(STEP_PREAMBLE))?;
-            if peer_nonce == nonce {
-                return Err(AuthError::Reflected);
-            }
-            let (source_nonce, dest_nonce) = match role {
-                Role::Source => (&nonce, &peer_nonce),
-                Role::Destination => (&peer_nonce, &nonce),
-            };
-            let session = match security {
-                Security::Psk(key) => {
-                    psk_exchange(&mut conn, key, role, source_nonce, dest_nonce, &io_err)?;
-                    let mut mac = hmac_for(key);
-                    mac.update(PSK_SESSION_LABEL);
-                    mac.update(source_nonce);
-                    mac.update(dest_nonce);
-                    mac.finalize().into_bytes().into()
-                }
-                _ => {
-                    let mut h = Sha256::new();
-                    h.update(INSECURE_SESSION_LABEL);
-                    h.update(source_nonce);
-                    h.update(dest_nonce);
-                    h.finalize().into()
-                }
-            };
-            (conn, SessionNonce(session))
+    let nonce_len = if with_nonce { NONCE_LEN } else { 0 };
+    let link_len = if peer_role == Role::Source {
+        LINK_LEN
+    } else {
+        0
+    };
+    let peer_len = PREAMBLE_LEN + nonce_len + link_len;
+    conn.read_exact(&mut peer_hello[PREAMBLE_LEN..peer_len])
+        .map_err(io_err(STEP_PREAMBLE))?;
+    let peer_hello = &peer_hello[..peer_len];
+    if with_nonce && peer_hello[PREAMBLE_LEN..PREAMBLE_LEN + NONCE_LEN] == nonce {
+        return Err(AuthError::Reflected);
+    }
+    let link = match link {
+        Some(link) => link,
+        None => {
+            let bytes: &[u8; LINK_LEN] = peer_hello[peer_len - LINK_LEN..]
+                .try_into()
+                .expect("LINK_LEN bytes");
+            Link::from_bytes(bytes).map_err(|reason| AuthError::BadLink { reason })?
         }
-        Security::Tls(identity) => tls_exchange(conn, identity, role, server_name, &io_err)?,
+    };
+    let (source_hello, dest_hello) = match role {
+        Role::Source => (&hello[..], peer_hello),
+        Role::Destination => (peer_hello, &hello[..]),
+    };
+
+    let (conn, session, integrity) = match security {
+        Security::Insecure => {
+            let mut h = Sha256::new();
+            h.update(INSECURE_SESSION_LABEL);
+            h.update(source_hello);
+            h.update(dest_hello);
+            (conn, SessionNonce(h.finalize().into()), Integrity::Checksum)
+        }
+        Security::Psk(key) => {
+            let mut prologue = Vec::with_capacity(NOISE_PROLOGUE_LABEL.len() + 2 * MAX_HELLO_LEN);
+            prologue.extend_from_slice(NOISE_PROLOGUE_LABEL);
+            prologue.extend_from_slice(source_hello);
+            prologue.extend_from_slice(dest_hello);
+            let hs = noise_exchange(&mut conn, key, role, &prologue, &io_err)?;
+            let session = SessionNonce(hs.hash());
+            let sealed = hs
+                .into_sealed(conn)
+                .map_err(|e| AuthError::Noise(e.to_string()))?;
+            let conn: Box<dyn Conn> = Box::new(sealed);
+            (conn, session, Integrity::Sealed)
+        }
+        Security::Tls(identity) => {
+            let (conn, session) = tls_exchange(conn, identity, role, server_name, &link, &io_err)?;
+            (conn, session, Integrity::Checksum)
+        }
     };
     conn.set_read_timeout(None)
         .and_then(|()| conn.set_write_timeout(None))
         .map_err(io_err("clearing timeouts"))?;
     Ok(Authenticated {
         conn,
-        session,
+        binding: Binding {
+            session,
+            integrity,
+            link,
+        },
         method: security.describe(),
     })
 }
@@ -554,52 +667,84 @@ fn classify(
     }
 }
 
-fn hmac_for(key: &PskKey) -> HmacSha256 {
-    <HmacSha256 as KeyInit>::new_from_slice(&key.0).expect("HMAC takes keys of any length")
-}
-
-/// The MAC that proves `role` knows the key, bound to both nonces.
-fn psk_proof(key: &PskKey, role: Role, source_nonce: &[u8], dest_nonce: &[u8]) -> HmacSha256 {
-    let mut mac = hmac_for(key);
-    mac.update(PSK_PROOF_LABEL);
-    mac.update(&[role.to_byte()]);
-    mac.update(source_nonce);
-    mac.update(dest_nonce);
-    mac
-}
-
-fn psk_exchange<F>(
+/// The Noise handshake of key mode: the source (initiator) sends its
+/// message, the destination checks it and answers with its own, which the
+/// source checks. Each message is a record (a 2-byte big-endian length,
+/// then the message); a destination that finds the source's message wrong
+/// answers with an empty record instead, so the source can tell a refused
+/// key from a cut link.
+fn noise_exchange<F>(
     conn: &mut Box<dyn Conn>,
     key: &PskKey,
     role: Role,
-    source_nonce: &[u8; NONCE_LEN],
-    dest_nonce: &[u8; NONCE_LEN],
+    prologue: &[u8],
     io_err: &impl Fn(&'static str) -> F,
-) -> Result<(), AuthError>
+) -> Result<Handshake, AuthError>
 where
     F: FnOnce(io::Error) -> AuthError,
 {
-    let ours = psk_proof(key, role, source_nonce, dest_nonce)
-        .finalize()
-        .into_bytes();
-    conn.write_all(&ours)
-        .and_then(|()| conn.flush())
-        .map_err(io_err("sending proof of the key"))?;
-    let mut theirs = [0u8; PROOF_LEN];
-    conn.read_exact(&mut theirs).map_err(io_err(STEP_PROOF))?;
-    // verify_slice compares in constant time.
-    psk_proof(key, role.peer(), source_nonce, dest_nonce)
-        .verify_slice(&theirs)
-        .map_err(|_| AuthError::WrongKey {
-            peer_role: role.peer(),
-        })
+    let peer_role = role.peer();
+    let noise = |e: HandshakeError| match e {
+        HandshakeError::Unauthentic => AuthError::WrongKey { peer_role },
+        HandshakeError::Noise(reason) => AuthError::Noise(reason),
+    };
+    let mut hs = Handshake::new(&key.noise_psk(), prologue, role == Role::Source).map_err(noise)?;
+    let send = |conn: &mut Box<dyn Conn>, msg: &[u8]| {
+        let mut record = [0u8; RECORD_HEADER_LEN + HANDSHAKE_MESSAGE_LEN];
+        record[..RECORD_HEADER_LEN].copy_from_slice(&(msg.len() as u16).to_be_bytes());
+        record[RECORD_HEADER_LEN..RECORD_HEADER_LEN + msg.len()].copy_from_slice(msg);
+        conn.write_all(&record[..RECORD_HEADER_LEN + msg.len()])
+            .and_then(|()| conn.flush())
+            .map_err(io_err("sending the key exchange"))
+    };
+    // The peer's message; None for a refusal.
+    let receive = |conn: &mut Box<dyn Conn>| {
+        let mut len = [0u8; RECORD_HEADER_LEN];
+        conn.read_exact(&mut len).map_err(io_err(STEP_KEY))?;
+        let len = u16::from_be_bytes(len) as usize;
+        if len == 0 {
+            return Ok(None);
+        }
+        if len != HANDSHAKE_MESSAGE_LEN {
+            return Err(AuthError::BadKeyExchange { peer_role, len });
+        }
+        let mut msg = [0u8; HANDSHAKE_MESSAGE_LEN];
+        conn.read_exact(&mut msg).map_err(io_err(STEP_KEY))?;
+        Ok(Some(msg))
+    };
+    match role {
+        Role::Source => {
+            send(conn, &hs.write().map_err(noise)?)?;
+            match receive(conn)? {
+                None => return Err(AuthError::KeyRefused { peer_role }),
+                Some(msg) => hs.read(&msg).map_err(noise)?,
+            }
+        }
+        Role::Destination => {
+            // A source never refuses: an empty record from it is malformed.
+            let msg = receive(conn)?.ok_or(AuthError::BadKeyExchange { peer_role, len: 0 })?;
+            if let Err(e) = hs.read(&msg) {
+                if matches!(e, HandshakeError::Unauthentic) {
+                    // Best effort: the source then says its key was refused.
+                    let _ = send(conn, &[]);
+                }
+                return Err(noise(e));
+            }
+            send(conn, &hs.write().map_err(noise)?)?;
+        }
+    }
+    Ok(hs)
 }
 
+/// The TLS handshake; the session nonce is exported with the link as
+/// context, so a link changed on the path gives the two sides different
+/// nonces and the first frame fails its checksum.
 fn tls_exchange<F>(
     conn: Box<dyn Conn>,
     identity: &TlsIdentity,
     role: Role,
     server_name: &str,
+    link: &Link,
     io_err: &impl Fn(&'static str) -> F,
 ) -> Result<(Box<dyn Conn>, SessionNonce), AuthError>
 where
@@ -628,7 +773,7 @@ where
             }
             stream
                 .conn
-                .export_keying_material(&mut session, TLS_EXPORTER_LABEL, None)
+                .export_keying_material(&mut session, TLS_EXPORTER_LABEL, Some(&link.to_bytes()))
                 .map_err(|e| AuthError::TlsConfig { source: e })?;
             TlsConn::Client(stream)
         }
@@ -644,7 +789,7 @@ where
             }
             stream
                 .conn
-                .export_keying_material(&mut session, TLS_EXPORTER_LABEL, None)
+                .export_keying_material(&mut session, TLS_EXPORTER_LABEL, Some(&link.to_bytes()))
                 .map_err(|e| AuthError::TlsConfig { source: e })?;
             TlsConn::Server(stream)
         }
@@ -717,6 +862,7 @@ impl Conn for TlsConn {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::migration::protocol::MAX_CONNECTIONS;
     use std::os::unix::net::UnixStream;
 
     const TIMEOUT: Duration = Duration::from_secs(5);
@@ -759,16 +905,16 @@ mod tests {
 
     fn exchange_a_frame(mut a: Authenticated, mut b: Authenticated) {
         use crate::migration::protocol::{Frame, FrameReader, FrameWriter};
-        assert_eq!(a.session, b.session);
-        let session = a.session;
+        assert_eq!(a.binding, b.binding);
+        let binding = a.binding;
         let writer = std::thread::spawn(move || {
-            let mut w = FrameWriter::new(&mut a.conn, &session);
+            let mut w = FrameWriter::bound(&mut a.conn, &binding);
             w.write_frame(&Frame::Config(b"{}".to_vec())).unwrap();
             w.flush().unwrap();
             drop(w);
             a
         });
-        let mut r = FrameReader::new(&mut b.conn, &session);
+        let mut r = FrameReader::bound(&mut b.conn, &binding);
         assert_eq!(r.read_frame().unwrap(), Frame::Config(b"{}".to_vec()));
         writer.join().unwrap();
     }
@@ -777,11 +923,12 @@ mod tests {
     fn insecure_handshake_agrees_on_a_fresh_session() {
         let (s, d) = both(&Security::Insecure, Security::Insecure, &unix_addr());
         let (s, d) = (s.unwrap(), d.unwrap());
-        let first = s.session;
+        let first = s.binding.session;
+        assert_eq!(s.binding.integrity, Integrity::Checksum);
         exchange_a_frame(s, d);
         let (s2, _) = both(&Security::Insecure, Security::Insecure, &unix_addr());
         assert_ne!(
-            s2.unwrap().session,
+            s2.unwrap().binding.session,
             first,
             "every connection is its own session"
         );
@@ -796,7 +943,10 @@ mod tests {
             psk(dir.path(), "b", &key[..32]),
             &unix_addr(),
         );
-        exchange_a_frame(s.unwrap(), d.unwrap());
+        let (s, d) = (s.unwrap(), d.unwrap());
+        assert_eq!(s.binding.integrity, Integrity::Sealed);
+        assert_eq!(s.binding.link.count, 1);
+        exchange_a_frame(s, d);
     }
 
     #[test]
@@ -810,27 +960,30 @@ mod tests {
         let (s, d) = (s.unwrap_err(), d.unwrap_err());
         assert!(
             matches!(
-                s,
-                AuthError::WrongKey {
-                    peer_role: Role::Destination
-                }
-            ) || matches!(s, AuthError::Closed { .. }),
-            "{s}"
-        );
-        assert!(
-            matches!(
                 d,
                 AuthError::WrongKey {
                     peer_role: Role::Source
                 }
-            ) || matches!(d, AuthError::Closed { .. }),
+            ),
             "{d}"
         );
         assert!(
-            matches!(s, AuthError::WrongKey { .. }) || matches!(d, AuthError::WrongKey { .. }),
-            "at least one side names the key: {s} / {d}"
+            matches!(
+                s,
+                AuthError::KeyRefused {
+                    peer_role: Role::Destination
+                }
+            ),
+            "{s}"
         );
+        assert!(s.to_string().contains("key files differ"), "{s}");
     }
+
+    /// The source's bytes of a real key-mode handshake: its hello, then its
+    /// Noise message (a record).
+    const SOURCE_HELLO_LEN: usize = PREAMBLE_LEN + NONCE_LEN + LINK_LEN;
+    const DEST_HELLO_LEN: usize = PREAMBLE_LEN + NONCE_LEN;
+    const KEY_RECORD_LEN: usize = RECORD_HEADER_LEN + HANDSHAKE_MESSAGE_LEN;
 
     #[test]
     fn a_replayed_psk_handshake_is_refused() {
@@ -850,27 +1003,22 @@ mod tests {
         });
         // A transparent relay that records the source's bytes.
         let mut relay = relay;
-        let mut recorded = vec![0u8; PREAMBLE_LEN + NONCE_LEN + PROOF_LEN];
-        tap.read_exact(&mut recorded[..PREAMBLE_LEN + NONCE_LEN])
-            .unwrap();
-        relay
-            .write_all(&recorded[..PREAMBLE_LEN + NONCE_LEN])
-            .unwrap();
-        let mut back = vec![0u8; PREAMBLE_LEN + NONCE_LEN];
+        let mut recorded = vec![0u8; SOURCE_HELLO_LEN + KEY_RECORD_LEN];
+        tap.read_exact(&mut recorded[..SOURCE_HELLO_LEN]).unwrap();
+        relay.write_all(&recorded[..SOURCE_HELLO_LEN]).unwrap();
+        let mut back = vec![0u8; DEST_HELLO_LEN];
         relay.read_exact(&mut back).unwrap();
         tap.write_all(&back).unwrap();
-        tap.read_exact(&mut recorded[PREAMBLE_LEN + NONCE_LEN..])
-            .unwrap();
-        relay
-            .write_all(&recorded[PREAMBLE_LEN + NONCE_LEN..])
-            .unwrap();
-        let mut proof = [0u8; PROOF_LEN];
-        relay.read_exact(&mut proof).unwrap();
-        tap.write_all(&proof).unwrap();
+        tap.read_exact(&mut recorded[SOURCE_HELLO_LEN..]).unwrap();
+        relay.write_all(&recorded[SOURCE_HELLO_LEN..]).unwrap();
+        let mut answer = [0u8; KEY_RECORD_LEN];
+        relay.read_exact(&mut answer).unwrap();
+        tap.write_all(&answer).unwrap();
         assert!(source.join().unwrap().is_ok());
         assert!(dest.join().unwrap().is_ok());
 
-        // Replay the recording to a fresh destination.
+        // Replay the recording to a fresh destination: its own nonce is in
+        // the prologue, so the old message does not verify.
         let (mut attacker, dst) = pair();
         let dest_sec = psk(dir.path(), "d2", key);
         let dest = std::thread::spawn(move || handshake_as_destination(dst, &dest_sec, TIMEOUT));
@@ -888,17 +1036,80 @@ mod tests {
     }
 
     #[test]
+    fn a_link_changed_on_the_path_fails_the_key_exchange() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = b"0123456789abcdef0123456789abcdef";
+        let (src, mut tap) = UnixStream::pair().unwrap();
+        let (mut relay, dst) = pair();
+        let dest_sec = psk(dir.path(), "d", key);
+        let dest = std::thread::spawn(move || handshake_as_destination(dst, &dest_sec, TIMEOUT));
+        let source_sec = psk(dir.path(), "s", key);
+        let source = std::thread::spawn(move || {
+            let conn: Box<dyn Conn> = Box::new(src.try_clone().unwrap());
+            let r = handshake_as_source(conn, &source_sec, &unix_addr(), TIMEOUT);
+            src.shutdown(std::net::Shutdown::Both).ok();
+            r
+        });
+        let mut hello = vec![0u8; SOURCE_HELLO_LEN];
+        tap.read_exact(&mut hello).unwrap();
+        // Connection 0 of 1 becomes connection 1 of 2.
+        let at = PREAMBLE_LEN + NONCE_LEN + 16;
+        hello[at..at + 4].copy_from_slice(&1u32.to_le_bytes());
+        hello[at + 4..at + 8].copy_from_slice(&2u32.to_le_bytes());
+        relay.write_all(&hello).unwrap();
+        let mut back = vec![0u8; DEST_HELLO_LEN];
+        relay.read_exact(&mut back).unwrap();
+        tap.write_all(&back).unwrap();
+        let mut msg = vec![0u8; KEY_RECORD_LEN];
+        tap.read_exact(&mut msg).unwrap();
+        relay.write_all(&msg).unwrap();
+        let mut answer = [0u8; RECORD_HEADER_LEN];
+        relay.read_exact(&mut answer).unwrap();
+        tap.write_all(&answer).unwrap();
+        drop(tap);
+        let d = dest.join().unwrap().unwrap_err();
+        assert!(matches!(d, AuthError::WrongKey { .. }), "{d}");
+        let s = source.join().unwrap().unwrap_err();
+        assert!(matches!(s, AuthError::KeyRefused { .. }), "{s}");
+    }
+
+    #[test]
     fn a_reflected_psk_hello_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let sec = psk(dir.path(), "k", b"0123456789abcdef");
         let (mut mirror, dst) = pair();
         let dest = std::thread::spawn(move || handshake_as_destination(dst, &sec, TIMEOUT));
-        let mut hello = [0u8; PREAMBLE_LEN + NONCE_LEN];
+        let mut hello = [0u8; DEST_HELLO_LEN];
         mirror.read_exact(&mut hello).unwrap();
         hello[13] = Role::Source.to_byte();
         mirror.write_all(&hello).unwrap();
+        mirror.write_all(&Link::single([1; 16]).to_bytes()).unwrap();
         let err = dest.join().unwrap().unwrap_err();
         assert!(matches!(err, AuthError::Reflected), "{err}");
+    }
+
+    #[test]
+    fn an_impossible_link_is_refused() {
+        for (index, count) in [(0u32, 0u32), (1, 1), (0, MAX_CONNECTIONS + 1)] {
+            let (mut fake, dst) = pair();
+            let dest = std::thread::spawn(move || {
+                handshake_as_destination(dst, &Security::Insecure, TIMEOUT)
+            });
+            let mut hello = Vec::new();
+            hello.extend_from_slice(&AUTH_MAGIC);
+            hello.extend_from_slice(&AUTH_VERSION.to_le_bytes());
+            hello.extend_from_slice(&[METHOD_INSECURE, Role::Source.to_byte(), 0, 0]);
+            hello.extend_from_slice(&[9; NONCE_LEN]);
+            hello.extend_from_slice(&[1; 16]);
+            hello.extend_from_slice(&index.to_le_bytes());
+            hello.extend_from_slice(&count.to_le_bytes());
+            fake.write_all(&hello).unwrap();
+            let err = dest.join().unwrap().unwrap_err();
+            assert!(
+                matches!(err, AuthError::BadLink { .. }) && err.to_string().contains("connection"),
+                "{index}/{count}: {err}"
+            );
+        }
     }
 
     #[test]
@@ -1083,7 +1294,7 @@ mod tests {
     #[test]
     fn frames_travel_both_ways_inside_tls_over_tcp() {
         use crate::migration::address::{connect, Listener};
-        use crate::migration::protocol::{AckKind, Frame, FrameStream};
+        use crate::migration::protocol::{AckKind, Frame};
         let dir = tempfile::tempdir().unwrap();
         let ca = make_ca();
         let src = tls(&make_host(dir.path(), "src", &ca));
@@ -1093,7 +1304,7 @@ mod tests {
         let receiver = std::thread::spawn(move || {
             let conn = listener.accept().unwrap();
             let auth = handshake_as_destination(conn, &dst, TIMEOUT).unwrap();
-            let mut stream = FrameStream::new(auth.conn, &auth.session);
+            let mut stream = auth.into_frames();
             assert_eq!(stream.read_frame().unwrap(), Frame::Config(b"{}".to_vec()));
             stream
                 .write_frame(&Frame::Ack {
@@ -1118,7 +1329,7 @@ mod tests {
         });
         let conn = connect(&addr, TIMEOUT).unwrap();
         let auth = handshake_as_source(conn, &src, &addr, TIMEOUT).unwrap();
-        let mut stream = FrameStream::new(auth.conn, &auth.session);
+        let mut stream = auth.into_frames();
         stream.write_frame(&Frame::Config(b"{}".to_vec())).unwrap();
         assert_eq!(
             stream.read_frame().unwrap(),
@@ -1140,6 +1351,61 @@ mod tests {
             }
         );
         assert_eq!(receiver.join().unwrap(), 8 * 256);
+    }
+
+    #[test]
+    fn tls_binds_the_link_so_a_link_changed_on_the_path_fails_the_first_frame() {
+        use crate::migration::protocol::{Frame, FrameReader, FrameWriter, ProtocolError};
+        let dir = tempfile::tempdir().unwrap();
+        let ca = make_ca();
+        let src = tls(&make_host(dir.path(), "src", &ca));
+        let dst = tls(&make_host(dir.path(), "dst", &ca));
+        let (s_end, mut tap) = UnixStream::pair().unwrap();
+        let (relay, d_end) = UnixStream::pair().unwrap();
+        let dest = std::thread::spawn(move || {
+            let conn: Box<dyn Conn> = Box::new(d_end);
+            handshake_as_destination(conn, &dst, TIMEOUT)
+        });
+        // The relay renumbers the source's link (hello: 16 bytes of
+        // preamble, no nonce with TLS, then the link), then passes
+        // everything through both ways.
+        let mut hello = [0u8; PREAMBLE_LEN + LINK_LEN];
+        let mut relay_w = relay.try_clone().unwrap();
+        let mut tap_r = tap.try_clone().unwrap();
+        let forward = std::thread::spawn(move || {
+            tap_r.read_exact(&mut hello).unwrap();
+            hello[PREAMBLE_LEN + 16..PREAMBLE_LEN + 20].copy_from_slice(&1u32.to_le_bytes());
+            hello[PREAMBLE_LEN + 20..].copy_from_slice(&2u32.to_le_bytes());
+            relay_w.write_all(&hello).unwrap();
+            let _ = std::io::copy(&mut tap_r, &mut relay_w);
+        });
+        let mut relay_r = relay;
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut relay_r, &mut tap);
+        });
+        let link = Link::single([7; 16]);
+        let conn: Box<dyn Conn> = Box::new(s_end);
+        let mut s = handshake_as_source_on(conn, &src, &unix_addr(), link, TIMEOUT).unwrap();
+        let mut d = dest.join().unwrap().unwrap();
+        assert_eq!(
+            d.binding.link.count, 2,
+            "the destination saw the changed link"
+        );
+        assert_ne!(s.binding.session, d.binding.session);
+        let mut w = FrameWriter::bound(&mut s.conn, &s.binding);
+        w.write_frame(&Frame::Config(b"{}".to_vec())).unwrap();
+        w.flush().unwrap();
+        let err = FrameReader::bound(&mut d.conn, &d.binding)
+            .read_frame()
+            .unwrap_err();
+        assert!(
+            matches!(err, ProtocolError::Checksum { frame: 0, .. }),
+            "{err}"
+        );
+        drop(w);
+        s.conn.shutdown();
+        d.conn.shutdown();
+        let _ = forward.join();
     }
 
     #[test]

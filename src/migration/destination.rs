@@ -222,7 +222,7 @@ fn receive_one(
     auth.conn
         .set_read_timeout(Some(IDLE_TIMEOUT))
         .map_err(|e| e.to_string())?;
-    let mut s = FrameStream::new(auth.conn, &auth.session);
+    let mut s = auth.into_frames();
     // Tell the source why, then fail: it keeps its VM running.
     let refuse = |s: &mut FrameStream<Box<dyn Conn>>, why: String| -> String {
         let _ = s.write_frame(&Frame::Error(why.clone()));

@@ -17,6 +17,9 @@ pub mod address;
 pub mod auth;
 pub mod compress;
 pub mod destination;
+#[cfg(test)]
+mod fuzz;
+pub mod noise;
 pub mod protocol;
 pub mod source;
 
@@ -24,12 +27,13 @@ pub use address::{
     connect, Address, Conn, Listener, ParseAddressError, ShutdownHandle, TransportError,
 };
 pub use auth::{
-    check_policy, handshake_as_destination, handshake_as_source, AuthError, Authenticated,
-    PolicyError, Role, Security,
+    check_policy, handshake_as_destination, handshake_as_source, handshake_as_source_on, AuthError,
+    Authenticated, PolicyError, Role, Security,
 };
 pub use compress::{decode_pages, encode_pages, is_zero_page, Compression, DecodeError, Encoding};
 pub use protocol::{
-    AckKind, Frame, FrameReader, FrameStream, FrameWriter, ProtocolError, SessionNonce,
+    AckKind, Binding, Frame, FrameReader, FrameStream, FrameWriter, Integrity, Link, ProtocolError,
+    SessionNonce,
 };
 
 use crate::api::migration::{AuthChoice, AuthFiles};

@@ -1,13 +1,19 @@
-//! The framed migration stream: a versioned header, then checksummed,
-//! numbered frames (layout in `docs/migration-stream.md`).
+//! The framed migration stream: a versioned header, then numbered frames
+//! (layout in `docs/migration-stream.md`).
 //!
 //! This module owns the byte layout and every check a receiver makes on
-//! it: magic, version, frame sizes, the crc32c of each frame (which also
-//! covers the session nonce, so a frame recorded from another session is
-//! refused), sequence numbers and the shape of each frame's payload. It
-//! does not know what the config and state payloads contain, in which
-//! order the engine sends frames, or how pages are compressed (it carries
-//! the [`Encoding`] byte and the data; `compress.rs` turns them into pages).
+//! it: magic, version, frame sizes, sequence numbers, the `done` frame
+//! that names how many frames each connection carried, and the shape of
+//! each frame's payload. How a frame is protected depends on the
+//! connection ([`Integrity`]): on a connection sealed by key mode's Noise
+//! channel (`noise.rs`) the AEAD authenticates every byte and frames carry
+//! no checksum; otherwise each frame ends with a crc32c that also covers
+//! the session nonce, so a frame recorded from another session is refused
+//! (which catches accidents, not attackers: TLS is what protects that
+//! mode). It does not know what the config and state payloads contain, in
+//! which order the engine sends frames, or how pages are compressed (it
+//! carries the [`Encoding`] byte and the data; `compress.rs` turns them
+//! into pages).
 //!
 //! Each direction of a connection is its own stream, with its own header
 //! and its own sequence numbers from 0: source → destination carries the
@@ -17,18 +23,25 @@ use std::fmt;
 use std::io::{self, BufWriter, Read, Write};
 
 use super::compress::Encoding;
+use super::noise::{seal_error, SealError};
 use crate::memory::PAGE_SIZE;
 
 /// First eight bytes of every migration stream.
 pub const MAGIC: [u8; 8] = *b"VMHOPMIG";
-/// The stream version this code writes and the only one it reads.
-pub const VERSION: u32 = 1;
+/// The stream version this code writes and the only one it reads (2: the
+/// `done` frame names every connection's frame count, and sealed
+/// connections carry no crc32c).
+pub const VERSION: u32 = 2;
 /// Magic plus version.
 pub const STREAM_HEADER_LEN: usize = 12;
 /// kind u8, flags u8, reserved u16, payload length u32, sequence u64.
 pub const FRAME_HEADER_LEN: usize = 16;
-/// The crc32c after each payload.
+/// The crc32c after each payload (checksummed connections only).
 pub const CHECKSUM_LEN: usize = 4;
+/// Most connections one migration may use.
+pub const MAX_CONNECTIONS: u32 = 64;
+/// Bytes of a [`Link`] on the wire: migration id, index, count.
+pub const LINK_LEN: usize = 24;
 /// Bytes in the session nonce that every frame's checksum covers.
 pub const SESSION_NONCE_LEN: usize = 32;
 /// Most pages one `Pages` frame carries (8 MiB): big enough that the frame
@@ -46,6 +59,10 @@ const PAGE_LEN: usize = PAGE_SIZE as usize;
 const PAGES_PREFIX_LEN: usize = 16;
 /// gpa u64, pages u64.
 const ZERO_PAYLOAD_LEN: usize = 16;
+/// A payload buffer grows by at most this much before the bytes to fill it
+/// arrive: a header that claims a large payload cannot make the receiver
+/// allocate much more than the sender really sent.
+const BODY_GROWTH: usize = 1 << 20;
 /// Frames are gathered into writes of this size: large enough that small
 /// frames (zero runs, acks) do not cost a syscall each; full `Pages`
 /// frames bypass it.
@@ -74,6 +91,109 @@ impl fmt::Debug for SessionNonce {
             write!(f, "{b:02x}")?;
         }
         write!(f, "…)")
+    }
+}
+
+/// How the frames of a connection are protected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Integrity {
+    /// Each frame ends with a crc32c over the frame and the session nonce
+    /// (insecure and TLS connections).
+    Checksum,
+    /// The connection is sealed (key mode's Noise channel): every byte is
+    /// authenticated below the frames, which carry no checksum.
+    Sealed,
+}
+
+/// Which connection of a migration a stream is: each connection names the
+/// migration it belongs to, its index and how many there are. The source
+/// sends it in its handshake hello; key mode binds it into the Noise
+/// prologue, TLS into its session export.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Link {
+    /// Random, the same on every connection of one migration.
+    pub migration: [u8; 16],
+    /// This connection's index, below `count`.
+    pub index: u32,
+    /// Connections in the migration, 1..=[`MAX_CONNECTIONS`].
+    pub count: u32,
+}
+
+impl Link {
+    /// The only connection of migration `migration`.
+    pub fn single(migration: [u8; 16]) -> Link {
+        Link {
+            migration,
+            index: 0,
+            count: 1,
+        }
+    }
+
+    /// The wire form: migration id, index u32, count u32 (little-endian).
+    pub fn to_bytes(&self) -> [u8; LINK_LEN] {
+        let mut b = [0u8; LINK_LEN];
+        b[..16].copy_from_slice(&self.migration);
+        b[16..20].copy_from_slice(&self.index.to_le_bytes());
+        b[20..].copy_from_slice(&self.count.to_le_bytes());
+        b
+    }
+
+    /// Reads the wire form; the reason if index or count are impossible.
+    pub fn from_bytes(b: &[u8; LINK_LEN]) -> Result<Link, String> {
+        let mut migration = [0u8; 16];
+        migration.copy_from_slice(&b[..16]);
+        let index = u32::from_le_bytes([b[16], b[17], b[18], b[19]]);
+        let count = u32::from_le_bytes([b[20], b[21], b[22], b[23]]);
+        let link = Link {
+            migration,
+            index,
+            count,
+        };
+        link.check()?;
+        Ok(link)
+    }
+
+    fn check(&self) -> Result<(), String> {
+        if self.count == 0 || self.count > MAX_CONNECTIONS || self.index >= self.count {
+            return Err(format!(
+                "connection {} of {}: a migration has 1 to {MAX_CONNECTIONS} connections, \
+                 numbered from 0",
+                self.index, self.count
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Everything a stream's frames are bound to: the session, how they are
+/// protected and which connection of the migration they travel on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Binding {
+    /// Folded into each checksum (checksummed connections).
+    pub session: SessionNonce,
+    /// Checksum or sealed.
+    pub integrity: Integrity,
+    /// Which connection of how many.
+    pub link: Link,
+}
+
+impl Binding {
+    /// A checksummed stream of `session`, the only connection of its
+    /// migration.
+    pub fn checksummed(session: &SessionNonce) -> Binding {
+        Binding {
+            session: *session,
+            integrity: Integrity::Checksum,
+            link: Link::single([0; 16]),
+        }
+    }
+
+    /// Bytes after each payload.
+    fn trailer_len(&self) -> usize {
+        match self.integrity {
+            Integrity::Checksum => CHECKSUM_LEN,
+            Integrity::Sealed => 0,
+        }
     }
 }
 
@@ -142,7 +262,11 @@ pub enum Frame {
         /// The round that ended.
         round: u32,
     },
-    /// Everything was sent.
+    /// Everything was sent. On the wire it names how many frames each
+    /// connection of the migration carried before it (the reader checks
+    /// its own connection's count; see [`FrameReader::done_counts`] for
+    /// the others), so a connection cut short is caught even where the cut
+    /// fell between two frames.
     Done,
     /// Destination → source: a step succeeded.
     Ack {
@@ -249,6 +373,18 @@ pub enum ProtocolError {
         /// The checksum in the stream.
         got: u32,
     },
+    /// A sealed connection's record that does not authenticate, or the
+    /// channel failed: the frame is not what the peer sent.
+    #[error("frame {frame} (at offset {offset}) is not authentic: {source}")]
+    Unauthentic {
+        /// The frame being read or written.
+        frame: u64,
+        /// The frame's offset.
+        offset: u64,
+        /// What the sealed channel found.
+        #[source]
+        source: SealError,
+    },
     /// A frame out of order (lost, repeated or replayed).
     #[error("frame at offset {offset} has sequence number {got}, expected {expected}")]
     Sequence {
@@ -337,6 +473,29 @@ fn checksum(header: &[u8], parts: &[&[u8]], session: &SessionNonce) -> u32 {
     crc32c::crc32c_append(crc, &session.0)
 }
 
+/// An I/O error of frame `frame`, or, reading, what the sealed channel
+/// under it found wrong with what arrived.
+fn io_error(op: &'static str, frame: u64, offset: u64, source: io::Error) -> ProtocolError {
+    let sealed = if op == "reading" {
+        seal_error(source)
+    } else {
+        Err(source)
+    };
+    match sealed {
+        Ok(source) => ProtocolError::Unauthentic {
+            frame,
+            offset,
+            source,
+        },
+        Err(source) => ProtocolError::Io {
+            op,
+            frame,
+            offset,
+            source,
+        },
+    }
+}
+
 /// Checks a `Pages` frame's fields; the reason if they are wrong.
 fn check_pages(gpa: u64, encoding: Encoding, count: u32, data_len: usize) -> Result<(), String> {
     if count == 0 || count > MAX_PAGES_PER_FRAME {
@@ -383,14 +542,21 @@ fn check_run(gpa: u64, pages: u64) -> Result<(), String> {
 /// [`ProtocolError::Broken`].
 pub struct FrameWriter<W: Write> {
     out: BufWriter<W>,
-    session: SessionNonce,
+    binding: Binding,
     pos: Position,
     broken: bool,
 }
 
 impl<W: Write> FrameWriter<W> {
-    /// A writer whose frames belong to `session`; buffers the stream header.
+    /// A checksummed writer whose frames belong to `session`, the only
+    /// connection of its migration; buffers the stream header.
     pub fn new(inner: W, session: &SessionNonce) -> FrameWriter<W> {
+        FrameWriter::bound(inner, &Binding::checksummed(session))
+    }
+
+    /// A writer for the connection `binding` describes; buffers the stream
+    /// header.
+    pub fn bound(inner: W, binding: &Binding) -> FrameWriter<W> {
         let mut out = BufWriter::with_capacity(WRITE_BUFFER_LEN, inner);
         let mut header = [0u8; STREAM_HEADER_LEN];
         header[..8].copy_from_slice(&MAGIC);
@@ -401,7 +567,7 @@ impl<W: Write> FrameWriter<W> {
             .expect("header fits the empty buffer");
         FrameWriter {
             out,
-            session: *session,
+            binding: *binding,
             pos: Position {
                 seq: 0,
                 offset: STREAM_HEADER_LEN as u64,
@@ -432,7 +598,19 @@ impl<W: Write> FrameWriter<W> {
             Frame::EndOfRound { round } => {
                 self.write_raw(KIND_END_OF_ROUND, &round.to_le_bytes(), &[])
             }
-            Frame::Done => self.write_raw(KIND_DONE, &[], &[]),
+            Frame::Done => {
+                if self.binding.link.count != 1 {
+                    return Err(self.malformed(
+                        KIND_DONE,
+                        format!(
+                            "on one of {} connections, done must name every connection's \
+                             frame count (write_done)",
+                            self.binding.link.count
+                        ),
+                    ));
+                }
+                self.write_done(&[self.pos.seq])
+            }
             Frame::Ack { what } => self.write_raw(KIND_ACK, &[what.to_byte()], &[]),
             Frame::Error(msg) | Frame::Abort(msg) => {
                 self.write_raw(frame.kind(), &[], msg.as_bytes())
@@ -459,6 +637,31 @@ impl<W: Write> FrameWriter<W> {
         self.write_raw(KIND_PAGES, &prefix, data)
     }
 
+    /// Buffers the `done` frame that ends the stream, naming how many
+    /// frames each connection of the migration carried before its end
+    /// (`frames[i]` for connection `i`; this connection's entry is the
+    /// number of frames before this `done`).
+    pub fn write_done(&mut self, frames: &[u64]) -> Result<(), ProtocolError> {
+        let link = self.binding.link;
+        if frames.len() != link.count as usize
+            || frames.get(link.index as usize) != Some(&self.pos.seq)
+        {
+            return Err(self.malformed(
+                KIND_DONE,
+                format!(
+                    "frame counts {frames:?} for connection {} of {} which sent {} frames",
+                    link.index, link.count, self.pos.seq
+                ),
+            ));
+        }
+        let mut payload = Vec::with_capacity(4 + 8 * frames.len());
+        payload.extend_from_slice(&link.count.to_le_bytes());
+        for f in frames {
+            payload.extend_from_slice(&f.to_le_bytes());
+        }
+        self.write_raw(KIND_DONE, &payload, &[])
+    }
+
     /// Sends everything buffered to the inner writer and flushes it.
     pub fn flush(&mut self) -> Result<(), ProtocolError> {
         if self.broken {
@@ -466,12 +669,12 @@ impl<W: Write> FrameWriter<W> {
         }
         self.out.flush().map_err(|source| {
             self.broken = true;
-            ProtocolError::Io {
-                op: "writing",
-                frame: self.pos.seq.saturating_sub(1),
-                offset: self.pos.offset,
+            io_error(
+                "writing",
+                self.pos.seq.saturating_sub(1),
+                self.pos.offset,
                 source,
-            }
+            )
         })
     }
 
@@ -522,24 +725,21 @@ impl<W: Write> FrameWriter<W> {
         // header[1] (flags) and header[2..4] (reserved) stay zero.
         header[4..8].copy_from_slice(&(len as u32).to_le_bytes());
         header[8..16].copy_from_slice(&self.pos.seq.to_le_bytes());
-        let crc = checksum(&header, &[prefix, body], &self.session);
-        let result = self
+        let mut result = self
             .out
             .write_all(&header)
             .and_then(|()| self.out.write_all(prefix))
-            .and_then(|()| self.out.write_all(body))
-            .and_then(|()| self.out.write_all(&crc.to_le_bytes()));
+            .and_then(|()| self.out.write_all(body));
+        if self.binding.integrity == Integrity::Checksum {
+            let crc = checksum(&header, &[prefix, body], &self.binding.session);
+            result = result.and_then(|()| self.out.write_all(&crc.to_le_bytes()));
+        }
         if let Err(source) = result {
             self.broken = true;
-            return Err(ProtocolError::Io {
-                op: "writing",
-                frame: self.pos.seq,
-                offset: self.pos.offset,
-                source,
-            });
+            return Err(io_error("writing", self.pos.seq, self.pos.offset, source));
         }
         self.pos.seq += 1;
-        self.pos.offset += (FRAME_HEADER_LEN + len + CHECKSUM_LEN) as u64;
+        self.pos.offset += (FRAME_HEADER_LEN + len + self.binding.trailer_len()) as u64;
         Ok(())
     }
 }
@@ -556,11 +756,17 @@ pub struct FrameReader<R: Read> {
 }
 
 impl<R: Read> FrameReader<R> {
-    /// A reader that accepts only frames of `session`.
+    /// A reader that accepts only checksummed frames of `session`, the only
+    /// connection of its migration.
     pub fn new(inner: R, session: &SessionNonce) -> FrameReader<R> {
+        FrameReader::bound(inner, &Binding::checksummed(session))
+    }
+
+    /// A reader for the connection `binding` describes.
+    pub fn bound(inner: R, binding: &Binding) -> FrameReader<R> {
         FrameReader {
             inner,
-            state: ReadState::new(session),
+            state: ReadState::new(binding),
         }
     }
 
@@ -583,6 +789,19 @@ impl<R: Read> FrameReader<R> {
     pub fn get_ref(&self) -> &R {
         &self.inner
     }
+
+    /// After `done`: how many frames it says each connection of the
+    /// migration carried (this connection's entry was checked; the others
+    /// are the caller's to check).
+    pub fn done_counts(&self) -> Option<&[u64]> {
+        self.state.done.as_deref()
+    }
+
+    /// The largest payload buffer this reader has allocated: never much
+    /// more than the bytes that arrived (see `BODY_GROWTH`).
+    pub fn largest_buffer(&self) -> usize {
+        self.state.largest_buffer
+    }
 }
 
 /// Both directions over one connection: frames written go out through a
@@ -597,11 +816,17 @@ pub struct FrameStream<C: Read + Write> {
 }
 
 impl<C: Read + Write> FrameStream<C> {
-    /// Both directions of `conn`, for `session`.
+    /// Both directions of `conn`, checksummed, for `session`, the only
+    /// connection of its migration.
     pub fn new(conn: C, session: &SessionNonce) -> FrameStream<C> {
+        FrameStream::bound(conn, &Binding::checksummed(session))
+    }
+
+    /// Both directions of the connection `binding` describes.
+    pub fn bound(conn: C, binding: &Binding) -> FrameStream<C> {
         FrameStream {
-            writer: FrameWriter::new(conn, session),
-            read: ReadState::new(session),
+            writer: FrameWriter::bound(conn, binding),
+            read: ReadState::new(binding),
         }
     }
 
@@ -621,9 +846,24 @@ impl<C: Read + Write> FrameStream<C> {
         self.writer.write_pages(gpa, encoding, count, data)
     }
 
+    /// See [`FrameWriter::write_done`].
+    pub fn write_done(&mut self, frames: &[u64]) -> Result<(), ProtocolError> {
+        self.writer.write_done(frames)
+    }
+
     /// See [`FrameWriter::flush`].
     pub fn flush(&mut self) -> Result<(), ProtocolError> {
         self.writer.flush()
+    }
+
+    /// Frames written so far.
+    pub fn frames_written(&self) -> u64 {
+        self.writer.frames_written()
+    }
+
+    /// See [`FrameReader::done_counts`].
+    pub fn done_counts(&self) -> Option<&[u64]> {
+        self.read.done.as_deref()
     }
 
     /// Flushes what was written (the peer may be waiting for it before it
@@ -660,13 +900,17 @@ impl<C: Read + Write> FrameStream<C> {
 /// The reading side's position and checks, apart from the reader itself
 /// so [`FrameStream`] can share one connection with a writer.
 struct ReadState {
-    session: SessionNonce,
+    binding: Binding,
     header_checked: bool,
     pos: Position,
     broken: bool,
     /// A payload buffer handed back by the caller, reused for the next
     /// frame: a fresh 8 MiB buffer per frame costs page faults every time.
     spare: Vec<u8>,
+    /// What `done` said each connection carried.
+    done: Option<Vec<u64>>,
+    /// The largest payload buffer allocated (for the fuzz tests' bound).
+    largest_buffer: usize,
 }
 
 /// How a `read_full` ended short of filling its buffer.
@@ -702,13 +946,15 @@ fn is_timeout(e: &io::Error) -> bool {
 }
 
 impl ReadState {
-    fn new(session: &SessionNonce) -> ReadState {
+    fn new(binding: &Binding) -> ReadState {
         ReadState {
-            session: *session,
+            binding: *binding,
             header_checked: false,
             pos: Position { seq: 0, offset: 0 },
             broken: false,
             spare: Vec::new(),
+            done: None,
+            largest_buffer: 0,
         }
     }
 
@@ -738,14 +984,7 @@ impl ReadState {
                     got,
                 })
             }
-            Err(Short::Err(_, source)) => {
-                return Err(ProtocolError::Io {
-                    op: "reading",
-                    frame: 0,
-                    offset: 0,
-                    source,
-                })
-            }
+            Err(Short::Err(_, source)) => return Err(io_error("reading", 0, 0, source)),
         };
         // Judge the magic as soon as there is one: a foreign peer is told
         // so even if it sent fewer than twelve bytes.
@@ -791,12 +1030,7 @@ impl ReadState {
                 offset,
                 got: done + got,
             },
-            Short::Err(_, source) => ProtocolError::Io {
-                op: "reading",
-                frame,
-                offset,
-                source,
-            },
+            Short::Err(_, source) => io_error("reading", frame, offset, source),
         };
 
         let mut header = [0u8; FRAME_HEADER_LEN];
@@ -806,7 +1040,8 @@ impl ReadState {
         if len > MAX_PAYLOAD {
             return Err(ProtocolError::TooLarge { frame, offset, len });
         }
-        let needed = FRAME_HEADER_LEN + len + CHECKSUM_LEN;
+        let trailer_len = self.binding.trailer_len();
+        let needed = FRAME_HEADER_LEN + len + trailer_len;
         // Page data is read straight into its own buffer, apart from the
         // prefix, so it is never moved again.
         let prefix_len = if kind == KIND_PAGES && len >= PAGES_PREFIX_LEN {
@@ -817,22 +1052,30 @@ impl ReadState {
         let mut prefix = [0u8; PAGES_PREFIX_LEN];
         let prefix = &mut prefix[..prefix_len];
         read_full(r, prefix).map_err(|s| short(FRAME_HEADER_LEN, needed, s))?;
+        let body_len = len - prefix_len;
         let mut body = std::mem::take(&mut self.spare);
         body.clear();
-        body.resize(len - prefix_len, 0);
-        read_full(r, &mut body).map_err(|s| short(FRAME_HEADER_LEN + prefix_len, needed, s))?;
-        let mut crc = [0u8; CHECKSUM_LEN];
-        read_full(r, &mut crc).map_err(|s| short(needed - CHECKSUM_LEN, needed, s))?;
-
-        let got = u32::from_le_bytes(crc);
-        let expected = checksum(&header, &[prefix, &body], &self.session);
-        if got != expected {
-            return Err(ProtocolError::Checksum {
-                frame,
-                offset,
-                expected,
-                got,
-            });
+        // Grown as the bytes arrive, not to the declared length at once.
+        while body.len() < body_len {
+            let have = body.len();
+            body.resize(have + (body_len - have).min(BODY_GROWTH), 0);
+            self.largest_buffer = self.largest_buffer.max(body.capacity());
+            read_full(r, &mut body[have..])
+                .map_err(|s| short(FRAME_HEADER_LEN + prefix_len + have, needed, s))?;
+        }
+        if self.binding.integrity == Integrity::Checksum {
+            let mut crc = [0u8; CHECKSUM_LEN];
+            read_full(r, &mut crc).map_err(|s| short(needed - trailer_len, needed, s))?;
+            let got = u32::from_le_bytes(crc);
+            let expected = checksum(&header, &[prefix, &body], &self.binding.session);
+            if got != expected {
+                return Err(ProtocolError::Checksum {
+                    frame,
+                    offset,
+                    expected,
+                    got,
+                });
+            }
         }
         let seq = u64::from_le_bytes(header[8..16].try_into().expect("8 bytes"));
         if seq != frame {
@@ -905,7 +1148,27 @@ impl ReadState {
                 }
             }
             KIND_DONE => {
-                exact(0)?;
+                let link = self.binding.link;
+                exact(4 + 8 * link.count as usize)?;
+                let count = u32::from_le_bytes(body[..4].try_into().expect("4 bytes"));
+                if count != link.count {
+                    return Err(malformed(format!(
+                        "it names {count} connections; this is connection {} of {}",
+                        link.index, link.count
+                    )));
+                }
+                let counts: Vec<u64> = body[4..]
+                    .chunks_exact(8)
+                    .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
+                    .collect();
+                let ours = counts[link.index as usize];
+                if ours != frame {
+                    return Err(malformed(format!(
+                        "it says this connection carried {ours} frames before it, but {frame} \
+                         arrived"
+                    )));
+                }
+                self.done = Some(counts);
                 Frame::Done
             }
             KIND_ACK => {
@@ -1098,7 +1361,7 @@ mod tests {
         let err = decode_all(&bytes[..STREAM_HEADER_LEN + frame0 + 17], &SESSION).unwrap_err();
         assert_eq!(
             err.to_string(),
-            "stream ended after 17 bytes in frame 1 (at offset 42; the frame needs 20 bytes)"
+            "stream ended after 17 bytes in frame 1 (at offset 42; the frame needs 32 bytes)"
         );
     }
 
@@ -1116,11 +1379,11 @@ mod tests {
             );
         }
         let mut bytes = encode(&[Frame::Done], &SESSION);
-        bytes[8..12].copy_from_slice(&2u32.to_le_bytes());
+        bytes[8..12].copy_from_slice(&1u32.to_le_bytes());
         let err = decode_all(&bytes, &SESSION).unwrap_err();
         assert_eq!(
             err.to_string(),
-            "the peer speaks migration stream version 2; this vmhop speaks version 1"
+            "the peer speaks migration stream version 1; this vmhop speaks version 2"
         );
     }
 
@@ -1212,7 +1475,17 @@ mod tests {
         let err = decode_all(&hand_frame(KIND_DONE, 1, b""), &SESSION).unwrap_err();
         assert!(err.to_string().contains("flags 0x01"), "{err}");
         let cases: Vec<(u8, Vec<u8>, &str)> = vec![
-            (KIND_DONE, vec![0], "expected 0"),
+            (KIND_DONE, vec![0], "expected 12"),
+            (
+                KIND_DONE,
+                [2u32.to_le_bytes().to_vec(), vec![0; 8]].concat(),
+                "names 2 connections; this is connection 0 of 1",
+            ),
+            (
+                KIND_DONE,
+                [1u32.to_le_bytes().to_vec(), 3u64.to_le_bytes().to_vec()].concat(),
+                "carried 3 frames before it, but 0 arrived",
+            ),
             (KIND_ACK, vec![9], "unknown ack 9"),
             (KIND_END_OF_ROUND, vec![1, 2], "expected 4"),
             (KIND_ERROR, vec![0xff, 0xfe], "not UTF-8"),
@@ -1307,6 +1580,252 @@ mod tests {
         );
     }
 
+    mod sealed {
+        use super::*;
+        use crate::migration::noise::{sealed_pair, Sealed, RECORD_HEADER_LEN};
+        use std::io::Cursor;
+        use std::ops::Range;
+
+        const KEY: [u8; 32] = [4; 32];
+
+        fn binding() -> Binding {
+            Binding {
+                session: SESSION,
+                integrity: Integrity::Sealed,
+                link: Link::single([5; 16]),
+            }
+        }
+
+        /// Record boundaries of a sealed stream.
+        fn records(bytes: &[u8]) -> Vec<Range<usize>> {
+            let mut at = 0;
+            let mut out = Vec::new();
+            while at + RECORD_HEADER_LEN <= bytes.len() {
+                let len = u16::from_be_bytes([bytes[at], bytes[at + 1]]) as usize;
+                out.push(at..(at + RECORD_HEADER_LEN + len).min(bytes.len()));
+                at += RECORD_HEADER_LEN + len;
+            }
+            out
+        }
+
+        /// `frames` through a sealed writer (flushed after each frame, so
+        /// each frame starts a record), and the responder of the same
+        /// handshake, ready to open them.
+        fn encode_sealed(frames: &[Frame]) -> (Vec<u8>, Sealed<Cursor<Vec<u8>>>) {
+            let (w, r) = sealed_pair(&KEY, b"test", Vec::new(), Cursor::new(Vec::new()));
+            let mut w = FrameWriter::bound(w, &binding());
+            for f in frames {
+                w.write_frame(f).unwrap();
+                w.flush().unwrap();
+            }
+            (w.get_ref().get_ref().clone(), r)
+        }
+
+        /// Seals `frames`, lets `mutate` change the sealed bytes (given
+        /// the record boundaries) and reads them back through the frame
+        /// layer.
+        fn tampered(
+            frames: &[Frame],
+            mutate: impl FnOnce(&[u8], &[Range<usize>]) -> Vec<u8>,
+        ) -> Result<Vec<Frame>, ProtocolError> {
+            let (bytes, mut r) = encode_sealed(frames);
+            *r.get_mut() = Cursor::new(mutate(&bytes, &records(&bytes)));
+            let mut reader = FrameReader::bound(r, &binding());
+            let mut out = Vec::new();
+            loop {
+                let f = reader.read_frame()?;
+                let done = f == Frame::Done;
+                out.push(f);
+                if done {
+                    assert_eq!(reader.done_counts(), Some(&[out.len() as u64 - 1][..]));
+                    return Ok(out);
+                }
+            }
+        }
+
+        fn frames() -> Vec<Frame> {
+            vec![
+                Frame::Config(b"{}".to_vec()),
+                Frame::Pages {
+                    gpa: 0x3000,
+                    encoding: Encoding::Raw,
+                    count: 20,
+                    data: (0..20 * PAGE_LEN).map(|i| (i % 241) as u8).collect(),
+                },
+                Frame::EndOfRound { round: 0 },
+                Frame::State(vec![1; 50]),
+                Frame::Done,
+            ]
+        }
+
+        fn assert_unauthentic(r: Result<Vec<Frame>, ProtocolError>, frame_no: u64) {
+            match r {
+                Err(e @ ProtocolError::Unauthentic { frame, .. }) => {
+                    assert_eq!(frame, frame_no, "{e}");
+                    let msg = e.to_string();
+                    assert!(
+                        msg.contains("is not authentic") && msg.contains("tampered with"),
+                        "{msg}"
+                    );
+                }
+                other => panic!("expected frame {frame_no} to be unauthentic: {other:?}"),
+            }
+        }
+
+        #[test]
+        fn sealed_frames_round_trip_without_checksums_in_records_of_at_most_64_kib() {
+            let all = every_kind();
+            assert_eq!(tampered(&all, |b, _| b.to_vec()).unwrap(), all);
+            let (bytes, _) = encode_sealed(&frames());
+            let recs = records(&bytes);
+            assert!(recs.iter().all(|r| r.len() <= RECORD_HEADER_LEN + 65_535));
+            // 20 pages (80 KiB) need two records.
+            assert!(recs.len() > frames().len(), "{}", recs.len());
+            let mut w = FrameWriter::bound(Vec::new(), &binding());
+            let mut c = FrameWriter::new(Vec::new(), &SESSION);
+            for f in &frames() {
+                w.write_frame(f).unwrap();
+                c.write_frame(f).unwrap();
+            }
+            assert_eq!(
+                c.bytes_written() - w.bytes_written(),
+                (CHECKSUM_LEN * frames().len()) as u64
+            );
+        }
+
+        #[test]
+        fn a_changed_byte_in_any_record_is_refused_naming_the_frame() {
+            let n = records(&encode_sealed(&frames()).0).len();
+            for rec in 0..n {
+                let r = tampered(&frames(), |b, recs| {
+                    let mut bad = b.to_vec();
+                    let mid = (recs[rec].start + recs[rec].end) / 2;
+                    bad[mid] ^= 0x04;
+                    bad
+                });
+                assert!(
+                    matches!(r, Err(ProtocolError::Unauthentic { .. })),
+                    "record {rec}: {r:?}"
+                );
+            }
+            // The page data: record 1 holds frame 1's header and first pages.
+            assert_unauthentic(
+                tampered(&frames(), |b, recs| {
+                    let mut bad = b.to_vec();
+                    bad[recs[1].start + 100] ^= 1;
+                    bad
+                }),
+                1,
+            );
+        }
+
+        #[test]
+        fn replayed_reordered_and_foreign_records_are_refused() {
+            let order = |o: &'static [usize]| {
+                move |b: &[u8], recs: &[Range<usize>]| -> Vec<u8> {
+                    o.iter()
+                        .flat_map(|&i| b[recs[i].clone()].to_vec())
+                        .collect()
+                }
+            };
+            // Records: 0 stream header and config, 1-2 the pages frame,
+            // 3 end-of-round, 4 state, 5 done.
+            assert_eq!(records(&encode_sealed(&frames()).0).len(), 6);
+            // The end-of-round replayed in place of the state.
+            assert_unauthentic(tampered(&frames(), order(&[0, 1, 2, 3, 3, 4, 5])), 3);
+            // The two records of the pages frame swapped.
+            assert_unauthentic(tampered(&frames(), order(&[0, 2, 1, 3, 4, 5])), 1);
+            // A record of page data dropped.
+            assert_unauthentic(tampered(&frames(), order(&[0, 2, 3, 4, 5])), 1);
+            // The same record from another session (same key, another
+            // handshake) in its place.
+            let (other, _) = encode_sealed(&frames());
+            let orecs = records(&other);
+            let r = tampered(&frames(), |b, recs| {
+                let mut out = b[..recs[2].start].to_vec();
+                out.extend_from_slice(&other[orecs[2].clone()]);
+                out.extend_from_slice(&b[recs[3].start..]);
+                out
+            });
+            assert_unauthentic(r, 1);
+            // A whole stream of another session.
+            assert_unauthentic(tampered(&frames(), |_, _| other.clone()), 0);
+        }
+
+        #[test]
+        fn a_stream_cut_anywhere_is_refused() {
+            let (bytes, _) = encode_sealed(&frames());
+            let recs = records(&bytes);
+            // At every record boundary before the end, the done included:
+            // the reader sees the end before `done`.
+            for cut in recs.iter().map(|r| r.start) {
+                let r = tampered(&frames(), |b, _| b[..cut].to_vec());
+                assert!(
+                    matches!(
+                        r,
+                        Err(ProtocolError::Closed { .. }
+                            | ProtocolError::Truncated { .. }
+                            | ProtocolError::HeaderTruncated { .. })
+                    ),
+                    "cut at {cut}: {r:?}"
+                );
+            }
+            // Inside a record.
+            for cut in [1, recs[2].start + 7, bytes.len() - 1] {
+                let r = tampered(&frames(), |b, _| b[..cut].to_vec());
+                assert!(r.is_err(), "cut at {cut}: {r:?}");
+            }
+            // Just before the done: the peer closed after 4 frames.
+            let r = tampered(&frames(), |b, recs| b[..recs[5].start].to_vec());
+            assert!(
+                matches!(r, Err(ProtocolError::Closed { frames: 4, .. })),
+                "{r:?}"
+            );
+        }
+
+        #[test]
+        fn a_done_that_miscounts_the_frames_is_refused() {
+            // A sender (with the key) whose done names 7 frames on the only
+            // connection: frames were lost somewhere.
+            let (w, r) = sealed_pair(&KEY, b"test", Vec::new(), Cursor::new(Vec::new()));
+            let mut w = FrameWriter::bound(w, &binding());
+            w.write_frame(&Frame::EndOfRound { round: 0 }).unwrap();
+            w.write_raw(
+                KIND_DONE,
+                &[1u32.to_le_bytes().to_vec(), 7u64.to_le_bytes().to_vec()].concat(),
+                &[],
+            )
+            .unwrap();
+            w.flush().unwrap();
+            let mut r = r;
+            *r.get_mut() = Cursor::new(w.get_ref().get_ref().clone());
+            let mut reader = FrameReader::bound(r, &binding());
+            reader.read_frame().unwrap();
+            let err = reader.read_frame().unwrap_err();
+            assert!(
+                err.to_string()
+                    .contains("carried 7 frames before it, but 1 arrived"),
+                "{err}"
+            );
+            // And the writer refuses a done for one of several connections
+            // without every connection's count.
+            let mut w = FrameWriter::bound(
+                Vec::new(),
+                &Binding {
+                    link: Link {
+                        migration: [0; 16],
+                        index: 1,
+                        count: 2,
+                    },
+                    ..binding()
+                },
+            );
+            assert!(w.write_frame(&Frame::Done).is_err());
+            assert!(w.write_done(&[5, 1]).is_err());
+            w.write_done(&[5, 0]).unwrap();
+        }
+    }
+
     #[test]
     fn a_read_timeout_between_frames_can_be_retried() {
         let (a, b) = UnixStream::pair().unwrap();
@@ -1337,7 +1856,7 @@ mod tests {
         let mut r = FrameReader::new(b, &SESSION);
         let err = r.read_frame().unwrap_err();
         assert!(
-            matches!(err, ProtocolError::Timeout { got: 17, .. }),
+            matches!(err, ProtocolError::Timeout { got: 29, .. }),
             "{err}"
         );
         a.write_all(&bytes[bytes.len() - 3..]).unwrap();

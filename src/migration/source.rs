@@ -331,7 +331,7 @@ impl Sink<Vm> for StreamSink {
         auth.conn
             .set_write_timeout(Some(WRITE_TIMEOUT))
             .map_err(|e| self.err(format!("connection to {}: {e}", self.to)))?;
-        let mut s = FrameStream::new(auth.conn, &auth.session);
+        let mut s = auth.into_frames();
         s.write_frame(&Frame::Config(std::mem::take(&mut self.config)))
             .map_err(|e| self.err(format!("sending the configuration: {e}")))?;
         self.stream = Some(s);
