@@ -169,7 +169,11 @@ pub fn build(
         }
     }
     Ok(Devices {
-        set: DeviceSet { bus, irq_lines },
+        set: DeviceSet {
+            bus,
+            irq_lines,
+            ..Default::default()
+        },
         serial: serial_port,
         console_bytes,
     })

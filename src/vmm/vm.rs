@@ -13,7 +13,7 @@ use kvm_bindings::{
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use serde::{Deserialize, Serialize};
 
-use super::bus::{DeviceSet, GuestExit, IoBus};
+use super::bus::{DeviceSet, GuestExit, IoBus, MmioBus};
 use super::config::VmConfig;
 use super::state::{MachineState, VmState, STATE_VERSION};
 use super::vcpu::{
@@ -251,6 +251,10 @@ pub struct Vm {
     guest_stop: Arc<Mutex<Option<String>>>,
     guest_exit: Arc<Mutex<Option<GuestExit>>>,
     bus: Arc<IoBus>,
+    mmio: Arc<MmioBus>,
+    /// Guest memory as devices see it (attached in `new`, detached in
+    /// `shutdown`, before the memory can go).
+    device_memory: crate::memory::DeviceMemory,
     irqchip: bool,
     dirty: Mutex<DirtyState>,
     operation: Mutex<()>,
@@ -352,6 +356,12 @@ impl Vm {
                     .map_err(kvm_err(format!("KVM_IRQFD (GSI {gsi})")))?;
             }
         }
+        // With or without an irqchip: a guest's notify write signals its
+        // device's thread without an exit (checked on PVM too).
+        for e in &devices.ioevents {
+            e.register(&fd)
+                .map_err(kvm_err(format!("KVM_IOEVENTFD (MMIO {:#x})", e.addr)))?;
+        }
 
         let t = Instant::now();
         let memory = Self::create_memory(&config, &host_nodes)?;
@@ -368,6 +378,8 @@ impl Vm {
             guest_stop,
             guest_exit: Arc::new(Mutex::new(None)),
             bus: Arc::new(devices.bus),
+            mmio: Arc::new(devices.mmio),
+            device_memory: devices.memory,
             irqchip,
             dirty: Mutex::new(DirtyState::default()),
             operation: Mutex::new(()),
@@ -387,6 +399,11 @@ impl Vm {
         for k in &vm.kvm_slots {
             vm.set_slot(k, dirty_log)?;
         }
+        // SAFETY: the chunks' host addresses stay mapped as long as the VM
+        // (a NUMA move swaps pages under them), and `shutdown`, which `Drop`
+        // calls before the memory goes, detaches the view.
+        unsafe { vm.device_memory.attach(&vm.memory()) }
+            .map_err(|e| VmError::Devices(e.to_string()))?;
         vm.dirty.lock().unwrap_or_else(|e| e.into_inner()).logging = dirty_log;
 
         let supported = vm
@@ -488,6 +505,7 @@ impl Vm {
                 id as u32,
                 v,
                 vm.bus.clone(),
+                vm.mmio.clone(),
                 cpus,
                 saved_with.clone(),
                 on_stop,
@@ -1250,6 +1268,7 @@ impl Vm {
             v.finish();
         }
         vcpus.clear();
+        self.device_memory.detach();
         *self.lock_state() = RunState::Stopped;
     }
 }
