@@ -11,6 +11,7 @@ pub mod cmos;
 pub mod i8042;
 pub mod serial;
 pub mod test_device;
+pub mod virtio;
 
 use std::collections::BTreeMap;
 use std::io::Write;
