@@ -622,6 +622,11 @@ fn state_saved_mid_stream_restores_positions_and_interrupt_status_and_kicks_the_
         // Through JSON, as a checkpoint carries it.
         let json = serde_json::to_string(&state).unwrap();
         drop(dev); // releases the image's lock
+                   // A stale avail_event in guest memory (Firecracker #5969): the
+                   // guest would not notify for request 2; the resume's kick must not
+                   // depend on it, and must write it afresh.
+        let avail_event = GuestAddress(q.mock.used_addr().0 + 4 + 8 * 256);
+        view.write_obj(0u16, avail_event).unwrap();
         let state: TransportState<BlockState> = serde_json::from_str(&json).unwrap();
         let irq2 = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let b = Block::restore(
@@ -644,6 +649,13 @@ fn state_saved_mid_stream_restores_positions_and_interrupt_status_and_kicks_the_
         dev.resume().unwrap();
         q.wait_used(1);
         assert_eq!(q.byte(s2), 0);
+        if event_idx {
+            assert_eq!(
+                view.read_obj::<u16>(avail_event).unwrap(),
+                3,
+                "avail_event names the next request the device will take"
+            );
+        }
         let until = std::time::Instant::now() + crate::devices::virtio::testing::MAX_WAIT;
         while irq2.read().is_err() {
             assert!(
