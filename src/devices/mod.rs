@@ -12,6 +12,7 @@ pub mod i8042;
 pub mod persist;
 pub mod serial;
 pub mod test_device;
+pub mod virtio;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -170,6 +171,7 @@ pub fn build(
             bus,
             irq_lines,
             states: Some(Box::new(reg)),
+            ..Default::default()
         },
         serial: serial_port,
         console_bytes,

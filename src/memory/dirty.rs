@@ -24,6 +24,20 @@ impl DirtyBitmap {
         b
     }
 
+    /// A bitmap over `pages` pages from words in KVM's layout (a dirty
+    /// log, or vm-memory's `AtomicBitmap::get_and_reset`); missing words
+    /// read as clean, bits past `pages` are dropped.
+    pub fn from_words(mut words: Vec<u64>, pages: u64) -> Self {
+        words.resize(pages.div_ceil(64) as usize, 0);
+        let tail = pages % 64;
+        if tail != 0 {
+            if let Some(last) = words.last_mut() {
+                *last &= (1u64 << tail) - 1;
+            }
+        }
+        DirtyBitmap { words, pages }
+    }
+
     /// Number of pages covered.
     pub fn pages(&self) -> u64 {
         self.pages

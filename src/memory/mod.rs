@@ -4,14 +4,18 @@
 //!
 //! This module owns host memory and addresses. It does not talk to KVM: the
 //! VM (`crate::vmm::vm`) registers each run of contiguous chunks as one KVM
-//! memory slot and fetches dirty logs into the bitmaps defined here.
+//! memory slot and fetches dirty logs into the bitmaps defined here. Devices
+//! see the same memory through [`DeviceMemory`], which records what they
+//! write (KVM's log cannot).
 
 pub mod cow;
+pub mod device;
 pub mod dirty;
 pub mod layout;
 pub mod mapping;
 pub mod volatile;
 
+pub use device::{DeviceGuestMemory, DeviceMemory};
 pub use dirty::{DirtyAccumulator, DirtyBitmap};
 pub use layout::{GuestRange, PAGE_SIZE};
 pub use mapping::{Mapping, MappingError};

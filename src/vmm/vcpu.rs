@@ -20,7 +20,8 @@
 //! enter KVM_RUN again, so a pause is measured from the vCPUs' side.
 //!
 //! This module owns the thread state machine and the register state; the
-//! devices on the VM's I/O bus decide what I/O exits mean (`super::bus`).
+//! devices on the VM's buses decide what port-I/O and MMIO exits mean
+//! (`super::bus`).
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU8, Ordering};
@@ -37,7 +38,7 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use serde::{Deserialize, Serialize};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
-use super::bus::{GuestExit, GuestFault, IoAction, IoBus};
+use super::bus::{GuestExit, GuestFault, IoAction, IoBus, MmioBus};
 
 /// How long the VM waits for a vCPU to acknowledge a command.
 pub const MAX_ACK_WAIT: Duration = Duration::from_secs(5);
@@ -500,10 +501,13 @@ pub type OnGuestStop = Arc<dyn Fn(u32, GuestStop) + Send + Sync>;
 
 impl VcpuHandle {
     /// Starts the thread for `fd`, paused: it runs on the first `Resume`.
+    // Each argument is a separate thing the thread owns or shares.
+    #[allow(clippy::too_many_arguments)]
     pub fn spawn(
         id: u32,
         fd: VcpuFd,
         bus: Arc<IoBus>,
+        mmio: Arc<MmioBus>,
         cpus: Vec<usize>,
         saved: SavedWith,
         on_stop: OnGuestStop,
@@ -528,6 +532,7 @@ impl VcpuHandle {
                     id,
                     fd,
                     bus,
+                    mmio,
                     saved,
                     cmds: cmd_rx,
                     replies: reply_tx,
@@ -644,6 +649,7 @@ struct VcpuThread {
     id: u32,
     fd: VcpuFd,
     bus: Arc<IoBus>,
+    mmio: Arc<MmioBus>,
     saved: SavedWith,
     cmds: Receiver<VcpuCmd>,
     replies: Sender<VcpuReply>,
@@ -842,12 +848,8 @@ impl VcpuThread {
                     return self.stopped(GuestStop::Shutdown("the guest halted".into()))
                 }
                 Ok(VcpuExit::Intr) => IoAction::Continue,
-                // No MMIO device: reads float high, writes vanish.
-                Ok(VcpuExit::MmioRead(_, data)) => {
-                    data.fill(0xff);
-                    IoAction::Continue
-                }
-                Ok(VcpuExit::MmioWrite(..)) => IoAction::Continue,
+                Ok(VcpuExit::MmioRead(addr, data)) => self.mmio.read(self.id, addr, data),
+                Ok(VcpuExit::MmioWrite(addr, data)) => self.mmio.write(self.id, addr, data),
                 Ok(VcpuExit::InternalError) => {
                     let msg = self.internal_error();
                     return self.stopped(GuestStop::Error(msg));

@@ -13,7 +13,7 @@ use kvm_bindings::{
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use serde::{Deserialize, Serialize};
 
-use super::bus::{DeviceSet, GuestExit, IoBus, SaveDevices};
+use super::bus::{DeviceSet, GuestExit, IoBus, MmioBus, SaveDevices};
 use super::config::VmConfig;
 use super::state::{MachineState, VmState, STATE_VERSION};
 use super::vcpu::{
@@ -338,6 +338,10 @@ pub struct Vm {
     guest_exit: Arc<Mutex<Option<GuestExit>>>,
     bus: Arc<IoBus>,
     device_states: Option<Box<dyn SaveDevices>>,
+    mmio: Arc<MmioBus>,
+    /// Guest memory as devices see it (attached in `new`, detached in
+    /// `shutdown`, before the memory can go).
+    device_memory: crate::memory::DeviceMemory,
     irqchip: bool,
     dirty: Mutex<DirtyState>,
     host_nodes: Mutex<Vec<u32>>,
@@ -413,6 +417,12 @@ impl Vm {
                     .map_err(kvm_err(format!("KVM_IRQFD (GSI {gsi})")))?;
             }
         }
+        // With or without an irqchip: a guest's notify write signals its
+        // device's thread without an exit (checked on PVM too).
+        for e in &devices.ioevents {
+            e.register(&fd)
+                .map_err(kvm_err(format!("KVM_IOEVENTFD (MMIO {:#x})", e.addr)))?;
+        }
 
         let t = Instant::now();
         let memory = Self::create_memory(&config, &host_nodes)?;
@@ -430,6 +440,8 @@ impl Vm {
             guest_exit: Arc::new(Mutex::new(None)),
             bus: Arc::new(devices.bus),
             device_states: devices.states,
+            mmio: Arc::new(devices.mmio),
+            device_memory: devices.memory,
             irqchip,
             dirty: Mutex::new(DirtyState::default()),
             host_nodes: Mutex::new(host_nodes.clone()),
@@ -446,6 +458,11 @@ impl Vm {
         for k in &vm.kvm_slots {
             vm.set_slot(k, dirty_log)?;
         }
+        // SAFETY: the chunks' host addresses stay mapped as long as the VM
+        // (a NUMA move swaps pages under them), and `shutdown`, which `Drop`
+        // calls before the memory goes, detaches the view.
+        unsafe { vm.device_memory.attach(&vm.memory()) }
+            .map_err(|e| VmError::Devices(e.to_string()))?;
         vm.dirty.lock().unwrap_or_else(|e| e.into_inner()).logging = dirty_log;
 
         let supported = vm
@@ -547,6 +564,7 @@ impl Vm {
                 id as u32,
                 v,
                 vm.bus.clone(),
+                vm.mmio.clone(),
                 cpus,
                 saved_with.clone(),
                 on_stop,
@@ -1230,6 +1248,7 @@ impl Vm {
             v.finish();
         }
         vcpus.clear();
+        self.device_memory.detach();
         *self.lock_state() = RunState::Stopped;
     }
 }
