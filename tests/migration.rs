@@ -483,7 +483,10 @@ fn a_guest_migrates_between_two_network_namespaces_over_a_veth_pair() {
 
 #[test]
 fn a_guest_dirtying_faster_than_a_rate_limited_link_converges_by_throttling() {
-    let ns = Netns::new(Some("1gbit"));
+    // 200 Mbit/s (~24 MiB/s): slow enough that the guest outruns it even
+    // when the host's two cores are busy with other work (at 1 Gbit/s a
+    // starved guest sometimes converged without any throttle).
+    let ns = Netns::new(Some("200mbit"));
     let dst = Vm::start_wrapped(
         &ns.exec(1),
         &["run"],
@@ -501,7 +504,7 @@ fn a_guest_dirtying_faster_than_a_rate_limited_link_converges_by_throttling() {
     assert!(r["throttle_max_percent"].as_u64().unwrap() > 0, "{r}");
     assert_eq!(r["converged"], true, "{r}");
     // The link really was the limit: well under loopback speeds.
-    assert!(r["link_mib_s"].as_f64().unwrap() < 150.0, "{r}");
+    assert!(r["link_mib_s"].as_f64().unwrap() < 40.0, "{r}");
 }
 
 /// A CA and a certificate for `127.0.0.1` signed by it, written (mode 0600)
