@@ -4,12 +4,16 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::guest::GuestSpec;
 use crate::memory::PAGE_SIZE;
 use crate::util::parse_size;
 
-/// Largest vCPU count (the builtin guests' control page holds 64 blocks).
-pub const MAX_VCPUS: u32 = crate::guest::MAX_VCPUS;
+/// Largest vCPU count (the builtin guests' control page holds 64 blocks,
+/// and their tables a TSS and a stack each).
+pub const MAX_VCPUS: u32 = 64;
+
+/// Smallest VM a builtin guest runs in: its 2 MiB of code and tables plus
+/// 2 MiB of work (`crate::guest` lays them out).
+pub const MIN_BUILTIN_MEMORY: u64 = 4 << 20;
 
 /// One guest NUMA node.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -169,11 +173,11 @@ impl VmConfig {
             }
         }
         let total: u64 = self.nodes.iter().map(|n| n.size).sum();
-        if total < crate::guest::MIN_MEMORY {
+        if total < MIN_BUILTIN_MEMORY {
             return Err(invalid(format!(
                 "memory {} is too small: builtin guests need at least {} bytes",
                 total,
-                crate::guest::MIN_MEMORY
+                MIN_BUILTIN_MEMORY
             )));
         }
         if self.chunk_size == 0 || !self.chunk_size.is_multiple_of(2 << 20) {
@@ -195,6 +199,102 @@ impl VmConfig {
             .enumerate()
             .map(|(i, n)| n.unwrap_or(i as u32 % k))
             .collect()
+    }
+}
+
+/// Which guest runs, with its options.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum GuestSpec {
+    /// `builtin:idle`.
+    Idle,
+    /// A Linux kernel booted directly (`--kernel`).
+    Linux(crate::arch::x86_64::linux::LinuxSpec),
+    /// `builtin:dirty[,wss=SIZE][,rate=PAGES_PER_S][,fill=random]`.
+    Dirty {
+        /// Working-set bytes (None: all memory outside the reserved area).
+        wss: Option<u64>,
+        /// Pages per second over all vCPUs (None: as fast as it can).
+        rate: Option<u64>,
+        /// Fill the working set with random bytes before start, so that
+        /// zero-page skipping does not flatter benchmarks.
+        fill_random: bool,
+    },
+}
+
+impl GuestSpec {
+    /// Parses `builtin:NAME[,key=value...]`.
+    pub fn parse(s: &str) -> Result<GuestSpec, ConfigError> {
+        let rest = s.strip_prefix("builtin:").ok_or_else(|| {
+            ConfigError::Invalid(format!(
+                "--guest {s}: expected builtin:idle or builtin:dirty[,wss=SIZE][,rate=N]"
+            ))
+        })?;
+        let mut parts = rest.split(',');
+        let name = parts.next().unwrap_or_default();
+        match name {
+            "idle" => {
+                if let Some(p) = parts.next() {
+                    return Err(ConfigError::Invalid(format!(
+                        "--guest builtin:idle takes no options (got '{p}')"
+                    )));
+                }
+                Ok(GuestSpec::Idle)
+            }
+            "dirty" => {
+                let (mut wss, mut rate, mut fill_random) = (None, None, false);
+                for kv in parts {
+                    match kv.split_once('=') {
+                        Some(("wss", v)) => wss = Some(parse_size(v).map_err(|e| ConfigError::Invalid(format!("--guest: wss: {e}")))?),
+                        Some(("rate", v)) => {
+                            let r: u64 = v.parse().map_err(|_| ConfigError::Invalid(format!("--guest: rate={v} is not a number of pages per second")))?;
+                            if r == 0 {
+                                return Err(ConfigError::Invalid("--guest: rate must be at least 1 page per second".into()));
+                            }
+                            rate = Some(r)
+                        }
+                        Some(("fill", "random")) => fill_random = true,
+                        Some(("fill", "zero")) => fill_random = false,
+                        _ => return Err(ConfigError::Invalid(format!("--guest: unknown option '{kv}' for builtin:dirty (expected wss=SIZE, rate=N, fill=random|zero)"))),
+                    }
+                }
+                if wss == Some(0) {
+                    return Err(ConfigError::Invalid("--guest: wss must not be 0".into()));
+                }
+                Ok(GuestSpec::Dirty {
+                    wss,
+                    rate,
+                    fill_random,
+                })
+            }
+            other => Err(ConfigError::Invalid(format!(
+                "--guest: unknown builtin guest '{other}' (expected idle or dirty)"
+            ))),
+        }
+    }
+
+    /// Short name for reports.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            GuestSpec::Idle => "builtin:idle",
+            GuestSpec::Dirty { .. } => "builtin:dirty",
+            GuestSpec::Linux(_) => "linux",
+        }
+    }
+
+    /// Pages per second the builtin dirtying guest is held to (None: as
+    /// fast as it can, or a guest with no rate).
+    pub fn rate(&self) -> Option<u64> {
+        match self {
+            GuestSpec::Dirty { rate, .. } => *rate,
+            _ => None,
+        }
+    }
+
+    /// Whether this is one of the builtin CPL3 guests (which run without
+    /// an interrupt controller and talk to the test device).
+    pub fn is_builtin(&self) -> bool {
+        !matches!(self, GuestSpec::Linux(_))
     }
 }
 
@@ -242,5 +342,21 @@ mod tests {
             .to_string()
             .contains("multiple"));
         assert!(cfg(64 << 20).validate().is_ok());
+    }
+
+    #[test]
+    fn guest_options_parse() {
+        assert_eq!(GuestSpec::parse("builtin:idle").unwrap(), GuestSpec::Idle);
+        assert_eq!(
+            GuestSpec::parse("builtin:dirty,wss=64M,rate=1000").unwrap(),
+            GuestSpec::Dirty {
+                wss: Some(64 << 20),
+                rate: Some(1000),
+                fill_random: false
+            }
+        );
+        assert!(GuestSpec::parse("builtin:dirty,speed=3").is_err());
+        assert!(GuestSpec::parse("linux").is_err());
+        assert!(GuestSpec::parse("builtin:nope").is_err());
     }
 }
