@@ -111,14 +111,21 @@ fn arrows() -> BTreeMap<String, BTreeMap<String, String>> {
 }
 
 fn layer(m: &str) -> u32 {
-    LAYERS.iter().find(|l| l.0 == m).map(|l| l.1).expect("placed")
+    LAYERS
+        .iter()
+        .find(|l| l.0 == m)
+        .map(|l| l.1)
+        .expect("placed")
 }
 
 #[test]
 fn every_import_points_down_the_layers_and_none_makes_a_cycle() {
     let arrows = arrows();
     for (from, tos) in &arrows {
-        println!("{from} → {}", tos.keys().cloned().collect::<Vec<_>>().join(", "));
+        println!(
+            "{from} → {}",
+            tos.keys().cloned().collect::<Vec<_>>().join(", ")
+        );
     }
     let mut wrong = Vec::new();
     for (from, tos) in &arrows {

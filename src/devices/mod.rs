@@ -177,3 +177,86 @@ pub fn build(
         console_bytes,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::vmm::config::GuestSpec;
+    use crate::vmm::state::DeviceStates;
+    use crate::vmm::NodeConfig;
+
+    fn config(guest: GuestSpec) -> VmConfig {
+        VmConfig {
+            name: "devices".into(),
+            vcpus: 2,
+            nodes: vec![NodeConfig {
+                guest_node: 0,
+                size: 64 << 20,
+                host_node: None,
+                vcpus: None,
+            }],
+            guest,
+            hugepages: false,
+            chunk_size: crate::memory::layout::DEFAULT_CHUNK_SIZE,
+        }
+    }
+
+    fn saved(d: &Devices) -> DeviceStates {
+        d.set
+            .states
+            .as_ref()
+            .expect("every device set saves its states")
+            .save()
+            .expect("saving devices")
+    }
+
+    #[test]
+    fn every_device_s_state_round_trips_and_a_missing_device_is_refused() {
+        let linux = config(GuestSpec::Linux(crate::arch::x86_64::linux::LinuxSpec {
+            kernel: "/nonexistent".into(),
+            initrd: None,
+            cmdline: String::new(),
+        }));
+        let builtin = config(GuestSpec::Dirty {
+            wss: None,
+            rate: Some(1000),
+            fill_random: false,
+        });
+        let mut types = BTreeMap::new();
+        for c in [&linux, &builtin] {
+            let d = build(c, &Console::Stderr, &DeviceStates::new()).unwrap();
+            // Put state in the devices that keep some: the UART's line
+            // control and scratch registers, the RTC's index.
+            d.set.bus.write(0, serial::COM1_PORT + 3, &[0x03]);
+            d.set.bus.write(0, serial::COM1_PORT + 7, &[0x5a]);
+            d.set.bus.write(0, cmos::INDEX_PORT, &[0x0b]);
+            let first = saved(&d);
+            // Through JSON, as a checkpoint stores it.
+            let json: DeviceStates =
+                serde_json::from_str(&serde_json::to_string(&first).unwrap()).unwrap();
+            let again = build(c, &Console::Stderr, &json).unwrap();
+            assert_eq!(saved(&again), first, "{c:?}");
+            for (t, ids) in &first {
+                types.insert(t.clone(), ids.len());
+            }
+        }
+        // Every device type vmhop builds was saved at least once.
+        for t in ["serial", "i8042", "cmos", "acpi-pm", "test-device"] {
+            assert!(types.contains_key(t), "{t} was not saved: {types:?}");
+        }
+        let d = build(&linux, &Console::Stderr, &DeviceStates::new()).unwrap();
+        let mut b = [0u8];
+        d.set.bus.read(0, serial::COM1_PORT + 7, &mut b);
+        assert_eq!(b[0], 0, "a fresh UART's scratch register");
+        // A state for a device this VM does not have is refused.
+        let e = build(&builtin, &Console::Stderr, &saved(&d))
+            .err()
+            .expect("refused");
+        assert!(
+            matches!(&e, DeviceError::Missing { device } if device == "acpi-pm/pm"),
+            "{e}"
+        );
+    }
+}

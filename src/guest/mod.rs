@@ -50,8 +50,8 @@ pub const RESERVED_BYTES: u64 = 2 << 20;
 /// Smallest VM a builtin guest runs in: the reserved area plus 2 MiB of work.
 pub const MIN_MEMORY: u64 = crate::vmm::config::MIN_BUILTIN_MEMORY;
 
+/// Which guest runs: part of the VM's configuration.
+pub use crate::vmm::config::GuestSpec;
 /// Most vCPUs the builtin guests have tables (blocks, TSSs, stacks) for:
 /// the VMM's own limit.
 pub use crate::vmm::config::MAX_VCPUS;
-/// Which guest runs: part of the VM's configuration.
-pub use crate::vmm::config::GuestSpec;

@@ -176,8 +176,7 @@ impl VmConfig {
         if total < MIN_BUILTIN_MEMORY {
             return Err(invalid(format!(
                 "memory {} is too small: builtin guests need at least {} bytes",
-                total,
-                MIN_BUILTIN_MEMORY
+                total, MIN_BUILTIN_MEMORY
             )));
         }
         if self.chunk_size == 0 || !self.chunk_size.is_multiple_of(2 << 20) {

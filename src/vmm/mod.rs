@@ -13,6 +13,6 @@ pub mod vcpu;
 pub mod vm;
 
 pub use config::ConfigError;
-pub use config::{NodeConfig, VmConfig};
+pub use config::{GuestSpec, NodeConfig, VmConfig};
 pub use state::VmState;
 pub use vm::{Pause, RunState, Setup, Start, StepError, Vm, VmError};
