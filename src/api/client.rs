@@ -454,6 +454,31 @@ mod tests {
     }
 
     #[test]
+    fn oversized_responses_are_refused_without_reading_them() {
+        // Declared too large: refused on the header, before the body.
+        let head = format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{{",
+            MAX_RESPONSE_BYTES + 1
+        );
+        let err = call_fake(head.as_bytes()).unwrap_err();
+        assert!(
+            matches!(&err, ClientError::BadResponse { reason, .. } if reason.contains("exceeds")),
+            "{err:?}"
+        );
+        // Undeclared (read to EOF) and too large: refused at the limit.
+        let dir = tempfile::tempdir().unwrap();
+        let mut response = b"HTTP/1.0 200 OK\r\n\r\n".to_vec();
+        response.resize(response.len() + MAX_RESPONSE_BYTES + 1, b' ');
+        let (path, server) = fake_server(dir.path(), &response, Duration::ZERO);
+        let err = call(&path, "GET", "/api/v1/vm.status", None, TIMEOUT).unwrap_err();
+        assert!(
+            matches!(&err, ClientError::BadResponse { reason, .. } if reason.contains("exceeds")),
+            "{err:?}"
+        );
+        server.join().unwrap();
+    }
+
+    #[test]
     fn silent_server_times_out_instead_of_hanging() {
         let dir = tempfile::tempdir().unwrap();
         // Answers nothing and keeps the connection open for 3 s.

@@ -1002,6 +1002,7 @@ mod tests {
     use serde_json::json;
     use std::io::{Read, Write};
     use std::process::Command;
+    use std::sync::mpsc;
     use std::time::{Duration, Instant};
 
     const TIMEOUT: Option<Duration> = Some(Duration::from_secs(10));
@@ -1032,7 +1033,65 @@ mod tests {
     }
 
     fn start_in(dir: &Path) -> ApiServer {
-        ApiServer::start(&dir.join("vm.sock"), Arc::new(TestHandler)).expect("server starts")
+        start_in_with(dir, Arc::new(TestHandler))
+    }
+
+    fn start_in_with(dir: &Path, handler: Arc<dyn ApiHandler>) -> ApiServer {
+        ApiServer::start(&dir.join("vm.sock"), handler).expect("server starts")
+    }
+
+    /// A server with `limits` in place of the defaults.
+    fn start_limited(dir: &Path, handler: Arc<dyn ApiHandler>, limits: Limits) -> ApiServer {
+        ApiServer::start_with(&dir.join("vm.sock"), handler, limits).expect("server starts")
+    }
+
+    /// Everything the server sends until it closes the connection (a read
+    /// timeout fails the test: the server held the connection open).
+    fn read_until_closed(s: &mut UnixStream) -> String {
+        s.set_read_timeout(TIMEOUT).unwrap();
+        let mut out = Vec::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            match s.read(&mut chunk) {
+                Ok(0) => break,
+                Ok(n) => out.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == io::ErrorKind::ConnectionReset => break,
+                Err(e) => panic!("the server did not close the connection: {e}"),
+            }
+        }
+        String::from_utf8(out).expect("utf-8 response")
+    }
+
+    /// Routes `/api/v1/hold` to calls that block until released (a
+    /// checkpoint or a migration, for the transport), the rest to
+    /// [`TestHandler`].
+    struct Holding {
+        entered: mpsc::Sender<()>,
+        release: Mutex<mpsc::Receiver<()>>,
+    }
+
+    impl ApiHandler for Holding {
+        fn handle(&self, method: &str, path: &str, body: &[u8]) -> (u16, Value) {
+            if path != "/api/v1/hold" {
+                return TestHandler.handle(method, path, body);
+            }
+            self.entered.send(()).unwrap();
+            // One release per call; the lock only hands them out in turn.
+            let released = self.release.lock().unwrap().recv();
+            (200, json!({"held": released.is_ok()}))
+        }
+    }
+
+    /// A [`Holding`] handler, a way to see its calls begin, and one to
+    /// release them.
+    fn holding() -> (Arc<Holding>, mpsc::Receiver<()>, mpsc::Sender<()>) {
+        let (entered, entered_rx) = mpsc::channel();
+        let (release_tx, release) = mpsc::channel();
+        let handler = Holding {
+            entered,
+            release: Mutex::new(release),
+        };
+        (Arc::new(handler), entered_rx, release_tx)
     }
 
     /// Sends raw bytes and returns the whole raw response (the server closes
@@ -1509,5 +1568,183 @@ mod tests {
             .as_str()
             .unwrap()
             .starts_with("invalid JSON body"));
+    }
+
+    #[test]
+    fn a_head_that_never_ends_is_closed_after_the_header_timeout() {
+        let dir = tempfile::tempdir().unwrap();
+        let limits = Limits {
+            header_read: Duration::from_millis(200),
+            ..Limits::default()
+        };
+        let server = start_limited(dir.path(), Arc::new(TestHandler), limits);
+        // Half a head, and a connection that sends nothing at all.
+        let mut partial = UnixStream::connect(server.path()).unwrap();
+        partial
+            .write_all(b"GET /api/v1/vm.status HTTP/1.1\r\nHost:")
+            .unwrap();
+        let mut idle = UnixStream::connect(server.path()).unwrap();
+        // No request, so no answer: the connection is closed.
+        assert_eq!(read_until_closed(&mut partial), "");
+        assert_eq!(read_until_closed(&mut idle), "");
+        let status = client::call(server.path(), "GET", "/api/v1/vm.status", None, TIMEOUT);
+        assert_eq!(status.unwrap()["state"], "running");
+    }
+
+    #[test]
+    fn a_body_that_never_ends_gets_408_after_the_body_timeout() {
+        let dir = tempfile::tempdir().unwrap();
+        let limits = Limits {
+            body_read: Duration::from_millis(300),
+            ..Limits::default()
+        };
+        let server = start_limited(dir.path(), Arc::new(TestHandler), limits);
+        let mut s = UnixStream::connect(server.path()).unwrap();
+        s.write_all(
+            b"PUT /api/v1/echo HTTP/1.1\r\nHost: x\r\n\
+              Content-Length: 100\r\n\r\n{\"a\": 1,",
+        )
+        .unwrap();
+        // Keep-alive was not refused by the client: the server closes the
+        // connection itself, the rest of the body being unread.
+        let raw = read_until_closed(&mut s);
+        assert!(raw.starts_with("HTTP/1.1 408"), "{raw}");
+        let head = raw.split("\r\n\r\n").next().unwrap().to_ascii_lowercase();
+        assert!(head.contains("content-type: application/json"), "{head}");
+        let error = response_body(&raw)["error"].as_str().unwrap().to_owned();
+        assert_eq!(
+            error,
+            "the request body did not arrive within 0.3 s: got 8 of the 100 bytes declared"
+        );
+        let status = client::call(server.path(), "GET", "/api/v1/vm.status", None, TIMEOUT);
+        assert_eq!(status.unwrap()["state"], "running");
+    }
+
+    #[test]
+    fn connections_beyond_the_cap_wait_for_a_free_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let limits = Limits {
+            max_connections: 2,
+            ..Limits::default()
+        };
+        let server = start_limited(dir.path(), Arc::new(TestHandler), limits);
+        let mut held: Vec<UnixStream> = (0..2)
+            .map(|_| UnixStream::connect(server.path()).unwrap())
+            .collect();
+        // Queued in the backlog, never read: no answer.
+        let quick = Some(Duration::from_millis(300));
+        let err = client::call(server.path(), "GET", "/api/v1/vm.status", None, quick);
+        assert!(matches!(err, Err(ClientError::Timeout { .. })), "{err:?}");
+        drop(held.pop());
+        let status = client::call(server.path(), "GET", "/api/v1/vm.status", None, TIMEOUT);
+        assert_eq!(status.unwrap()["state"], "running");
+    }
+
+    #[test]
+    fn a_refused_body_sent_whole_is_read_and_its_413_delivered() {
+        let dir = tempfile::tempdir().unwrap();
+        let server = start_in(dir.path());
+        let body = vec![b' '; 2 * MAX_BODY_BYTES];
+        let mut s = UnixStream::connect(server.path()).unwrap();
+        s.set_write_timeout(TIMEOUT).unwrap();
+        let head = format!(
+            "PUT /api/v1/echo HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\
+             Content-Length: {}\r\n\r\n",
+            body.len()
+        );
+        // A client that sends its whole request before reading is not cut
+        // off mid-send (EPIPE): the server reads what it refused.
+        s.write_all(head.as_bytes()).unwrap();
+        s.write_all(&body).unwrap();
+        let raw = read_until_closed(&mut s);
+        assert!(raw.starts_with("HTTP/1.1 413"), "{raw}");
+    }
+
+    #[test]
+    fn a_body_declared_beyond_what_is_drained_is_not_waited_for() {
+        let dir = tempfile::tempdir().unwrap();
+        // A body timeout longer than the read timeout: only closing the
+        // connection at once ends the read.
+        let limits = Limits {
+            body_read: Duration::from_secs(60),
+            ..Limits::default()
+        };
+        let server = start_limited(dir.path(), Arc::new(TestHandler), limits);
+        let mut s = UnixStream::connect(server.path()).unwrap();
+        let head = format!(
+            "PUT /api/v1/echo HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\
+             Content-Length: {}\r\n\r\n{{",
+            REFUSED_BODY_DRAIN + 1
+        );
+        s.write_all(head.as_bytes()).unwrap();
+        let raw = read_until_closed(&mut s);
+        assert!(raw.starts_with("HTTP/1.1 413"), "{raw}");
+    }
+
+    #[test]
+    fn a_long_handler_call_leaves_the_api_answering() {
+        let dir = tempfile::tempdir().unwrap();
+        let (handler, entered, release) = holding();
+        let server = start_in_with(dir.path(), handler);
+        // Every handler thread but one held, as by minutes-long operations.
+        let held: Vec<_> = (0..HANDLER_THREADS - 1)
+            .map(|_| {
+                let socket = server.path().to_path_buf();
+                thread::spawn(move || client::call(&socket, "PUT", "/api/v1/hold", None, TIMEOUT))
+            })
+            .collect();
+        for _ in &held {
+            entered.recv_timeout(TIMEOUT.unwrap()).unwrap();
+        }
+        let status = client::call(server.path(), "GET", "/api/v1/vm.status", None, TIMEOUT);
+        assert_eq!(status.unwrap()["state"], "running");
+        for _ in &held {
+            release.send(()).unwrap();
+        }
+        for call in held {
+            assert_eq!(call.join().unwrap().unwrap()["held"], true);
+        }
+    }
+
+    #[test]
+    fn stopping_answers_a_handler_call_in_progress_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let (handler, entered, release) = holding();
+        let server = start_in_with(dir.path(), handler);
+        let socket = server.path().to_path_buf();
+        let call =
+            thread::spawn(move || client::call(&socket, "PUT", "/api/v1/hold", None, TIMEOUT));
+        entered.recv_timeout(TIMEOUT.unwrap()).unwrap();
+        let (stopped_tx, stopped) = mpsc::channel();
+        let stopping = thread::spawn(move || {
+            server.shutdown();
+            stopped_tx.send(()).unwrap();
+        });
+        // Stopping waits for the call, however long it takes.
+        assert!(stopped.recv_timeout(Duration::from_millis(300)).is_err());
+        release.send(()).unwrap();
+        stopping.join().unwrap();
+        assert_eq!(call.join().unwrap().unwrap()["held"], true);
+    }
+
+    #[test]
+    fn stopping_closes_idle_connections_without_waiting_for_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let server = start_in(dir.path());
+        let path = server.path().to_path_buf();
+        let mut idle = UnixStream::connect(&path).unwrap();
+        // Kept alive after an answer, then idle.
+        idle.write_all(b"GET /api/v1/vm.status HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let mut first = [0u8; 12];
+        idle.set_read_timeout(TIMEOUT).unwrap();
+        idle.read_exact(&mut first).unwrap();
+        assert_eq!(&first, b"HTTP/1.1 200");
+        let started = Instant::now();
+        server.shutdown();
+        // Not held for ANSWER_WAIT by connections with no request in them.
+        assert!(started.elapsed() < ANSWER_WAIT, "{:?}", started.elapsed());
+        assert!(!path.exists());
+        read_until_closed(&mut idle);
     }
 }
