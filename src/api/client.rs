@@ -2,31 +2,31 @@
 //!
 //! This module owns the wire side of a CLI subcommand talking to a running
 //! `vmhop run`: connecting (with an error that says the VM is probably not
-//! running), writing the request, parsing the response (Content-Length,
-//! chunked, or until EOF), enforcing an overall timeout, and turning 4xx/5xx
-//! answers into [`ClientError::Api`] carrying the server's `error` message.
+//! running), sending the request and reading the response with hyper's
+//! HTTP/1.1 client, enforcing an overall timeout and a response size limit,
+//! and turning 4xx/5xx answers into [`ClientError::Api`] carrying the
+//! server's `error` message.
 //!
 //! It does not know the routes or the request and report types; callers
-//! pass paths and `serde_json::Value`s. It is deliberately hand-rolled and
-//! small: one request per connection (`Connection: close`), no TLS, no
-//! redirects, no keep-alive.
+//! pass paths and `serde_json::Value`s. The CLI is synchronous, so [`call`]
+//! is too: it runs the exchange on a current-thread tokio runtime of its
+//! own, one request per connection (`Connection: close`).
 
-use std::io::{self, Read, Write};
-use std::os::unix::net::UnixStream;
+use std::error::Error as _;
+use std::io;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::{Body, Bytes};
+use hyper::header::{self, HeaderValue};
+use hyper::{Method, Request};
+use hyper_util::rt::TokioIo;
 use serde_json::Value;
 
 /// Largest response body the client accepts. Reports are a few KiB; this only
 /// bounds memory if something other than vmhop answers on the socket.
 pub const MAX_RESPONSE_BYTES: usize = 64 << 20;
-
-/// Largest status line plus headers the client accepts.
-const MAX_HEAD_BYTES: usize = 64 << 10;
-
-/// How much is read from the socket at a time.
-const READ_CHUNK: usize = 64 << 10;
 
 /// Why an API call failed.
 #[derive(Debug, thiserror::Error)]
@@ -95,44 +95,37 @@ pub fn call(
     body: Option<&Value>,
     timeout: Option<Duration>,
 ) -> Result<Value, ClientError> {
-    let request = encode_request(method, path, body)?;
-    let stream = UnixStream::connect(socket).map_err(|source| ClientError::Connect {
-        path: socket.to_path_buf(),
-        source,
-    })?;
-    let mut exchange = Exchange {
-        socket,
-        stream,
-        deadline: timeout.map(|t| Instant::now() + t),
-        timeout: timeout.unwrap_or_default(),
-        buf: Vec::new(),
-    };
-    if let Err(send_error) = exchange.send(&request) {
-        // A server may answer (413, say) and close before reading a whole
-        // request; its answer explains more than our EPIPE would.
-        if !matches!(&send_error, ClientError::Io { source, .. } if is_peer_gone(source)) {
-            return Err(send_error);
-        }
-        return match exchange.receive() {
-            Ok((status, body)) => interpret(socket, status, &body),
-            Err(_) => Err(send_error),
+    let request = build_request(method, path, body)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .enable_time()
+        .build()
+        .map_err(|source| ClientError::Io {
+            path: socket.to_path_buf(),
+            source,
+        })?;
+    runtime.block_on(async {
+        let (status, body) = match timeout {
+            None => exchange(socket, request).await?,
+            Some(limit) => tokio::time::timeout(limit, exchange(socket, request))
+                .await
+                .map_err(|_| ClientError::Timeout {
+                    path: socket.to_path_buf(),
+                    timeout: limit,
+                })??,
         };
-    }
-    let (status, body) = exchange.receive()?;
-    interpret(socket, status, &body)
+        interpret(socket, status, &body)
+    })
 }
 
-fn is_peer_gone(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
-    )
-}
-
-/// The request bytes: request line, headers, body.
-fn encode_request(method: &str, path: &str, body: Option<&Value>) -> Result<Vec<u8>, ClientError> {
-    // Validated so that nothing a caller passes can split the request line or
-    // inject a header.
+/// The request: method, target, headers, body.
+fn build_request(
+    method: &str,
+    path: &str,
+    body: Option<&Value>,
+) -> Result<Request<Full<Bytes>>, ClientError> {
+    // Checked here, with messages of our own, so that nothing a caller
+    // passes can split the request line or inject a header.
     if method.is_empty() || !method.bytes().all(|b| b.is_ascii_alphabetic()) {
         return Err(ClientError::InvalidRequest {
             reason: format!("method {method:?} is not an HTTP method"),
@@ -143,19 +136,106 @@ fn encode_request(method: &str, path: &str, body: Option<&Value>) -> Result<Vec<
             reason: format!("path {path:?} must start with '/' and contain no spaces or controls"),
         });
     }
+    let invalid = |e: &dyn std::fmt::Display| ClientError::InvalidRequest {
+        reason: format!("{method} {path}: {e}"),
+    };
+    let method = Method::from_bytes(method.as_bytes()).map_err(|e| invalid(&e))?;
     let body = body.map(|v| v.to_string().into_bytes()).unwrap_or_default();
-    let mut head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nAccept: application/json\r\n\
-         Connection: close\r\nContent-Length: {}\r\n",
-        body.len()
-    );
+    let mut builder = Request::builder()
+        .method(method)
+        .uri(path)
+        .header(header::HOST, "localhost")
+        .header(header::ACCEPT, "application/json")
+        .header(header::CONNECTION, "close")
+        .header(header::CONTENT_LENGTH, body.len());
     if !body.is_empty() {
-        head.push_str("Content-Type: application/json\r\n");
+        builder = builder.header(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
     }
-    head.push_str("\r\n");
-    let mut request = head.into_bytes();
-    request.extend_from_slice(&body);
-    Ok(request)
+    builder
+        .body(Full::new(Bytes::from(body)))
+        .map_err(|e| invalid(&e))
+}
+
+/// Connects, sends `request` and reads the response: its status and body.
+async fn exchange(
+    socket: &Path,
+    request: Request<Full<Bytes>>,
+) -> Result<(u16, Bytes), ClientError> {
+    let stream = tokio::net::UnixStream::connect(socket)
+        .await
+        .map_err(|source| ClientError::Connect {
+            path: socket.to_path_buf(),
+            source,
+        })?;
+    let (mut sender, connection) = hyper::client::conn::http1::Builder::new()
+        // Header names as most servers print them (`Content-Length`).
+        .title_case_headers(true)
+        .handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| failed(socket, &e))?;
+    // Moves the bytes; ends with the connection (the request asks the
+    // server to close it), or with the runtime if we give up first.
+    tokio::spawn(connection);
+    let response = sender
+        .send_request(request)
+        .await
+        .map_err(|e| failed(socket, &e))?;
+    let status = response.status().as_u16();
+    let too_big = || ClientError::BadResponse {
+        path: socket.to_path_buf(),
+        reason: format!("response body exceeds {MAX_RESPONSE_BYTES} bytes"),
+    };
+    let body = response.into_body();
+    if body
+        .size_hint()
+        .exact()
+        .is_some_and(|len| len > MAX_RESPONSE_BYTES as u64)
+    {
+        return Err(too_big());
+    }
+    let body = Limited::new(body, MAX_RESPONSE_BYTES)
+        .collect()
+        .await
+        .map_err(|e| match e.downcast::<hyper::Error>() {
+            Ok(e) => failed(socket, &e),
+            // The only other error Limited gives.
+            Err(_) => too_big(),
+        })?
+        .to_bytes();
+    Ok((status, body))
+}
+
+/// What a hyper error means for the caller: the OS failing ([`ClientError::Io`])
+/// or the peer answering something else than a complete HTTP/1.x response
+/// ([`ClientError::BadResponse`]).
+fn failed(socket: &Path, e: &hyper::Error) -> ClientError {
+    let mut described = e.to_string();
+    let mut io_error = None;
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        described.push_str(": ");
+        described.push_str(&c.to_string());
+        if let Some(io) = c.downcast_ref::<io::Error>() {
+            io_error.get_or_insert(io.kind());
+        }
+        cause = c.source();
+    }
+    match io_error {
+        // An early EOF is the peer ending its response short, not the OS.
+        Some(kind) if kind != io::ErrorKind::UnexpectedEof && !e.is_incomplete_message() => {
+            ClientError::Io {
+                path: socket.to_path_buf(),
+                source: io::Error::new(kind, described),
+            }
+        }
+        _ => ClientError::BadResponse {
+            path: socket.to_path_buf(),
+            reason: described,
+        },
+    }
 }
 
 /// A 2xx body becomes the result; anything else becomes `ClientError::Api`.
@@ -184,254 +264,14 @@ fn interpret(socket: &Path, status: u16, body: &[u8]) -> Result<Value, ClientErr
     Err(ClientError::Api { status, message })
 }
 
-/// Status line and the headers that decide how the body is framed.
-struct Head {
-    status: u16,
-    content_length: Option<usize>,
-    chunked: bool,
-}
-
-/// One connection: the stream, the deadline, and bytes read but not yet parsed.
-struct Exchange<'a> {
-    socket: &'a Path,
-    stream: UnixStream,
-    deadline: Option<Instant>,
-    /// Only for the error message.
-    timeout: Duration,
-    buf: Vec<u8>,
-}
-
-impl Exchange<'_> {
-    fn io_err(&self, source: io::Error) -> ClientError {
-        ClientError::Io {
-            path: self.socket.to_path_buf(),
-            source,
-        }
-    }
-
-    fn bad(&self, reason: impl Into<String>) -> ClientError {
-        ClientError::BadResponse {
-            path: self.socket.to_path_buf(),
-            reason: reason.into(),
-        }
-    }
-
-    fn timed_out(&self) -> ClientError {
-        ClientError::Timeout {
-            path: self.socket.to_path_buf(),
-            timeout: self.timeout,
-        }
-    }
-
-    /// Time left before the deadline (`None`: no deadline).
-    fn remaining(&self) -> Result<Option<Duration>, ClientError> {
-        match self.deadline {
-            None => Ok(None),
-            Some(deadline) => match deadline.checked_duration_since(Instant::now()) {
-                Some(left) if !left.is_zero() => Ok(Some(left)),
-                _ => Err(self.timed_out()),
-            },
-        }
-    }
-
-    fn send(&mut self, mut bytes: &[u8]) -> Result<(), ClientError> {
-        while !bytes.is_empty() {
-            let left = self.remaining()?;
-            self.stream
-                .set_write_timeout(left)
-                .map_err(|e| self.io_err(e))?;
-            match self.stream.write(bytes) {
-                Ok(0) => return Err(self.io_err(io::ErrorKind::WriteZero.into())),
-                Ok(n) => bytes = &bytes[n..],
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) if is_timeout(&e) => return Err(self.timed_out()),
-                Err(e) => return Err(self.io_err(e)),
-            }
-        }
-        Ok(())
-    }
-
-    /// Reads more bytes into `buf`; returns how many (0 at end of stream).
-    fn fill(&mut self) -> Result<usize, ClientError> {
-        let mut chunk = vec![0u8; READ_CHUNK];
-        loop {
-            let left = self.remaining()?;
-            self.stream
-                .set_read_timeout(left)
-                .map_err(|e| self.io_err(e))?;
-            match self.stream.read(&mut chunk) {
-                Ok(n) => {
-                    self.buf.extend_from_slice(&chunk[..n]);
-                    return Ok(n);
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) if is_timeout(&e) => return Err(self.timed_out()),
-                Err(e) => return Err(self.io_err(e)),
-            }
-        }
-    }
-
-    /// The next line, without its CRLF (or bare LF).
-    fn take_line(&mut self) -> Result<Vec<u8>, ClientError> {
-        let mut searched = 0;
-        loop {
-            if let Some(i) = self.buf[searched..].iter().position(|&b| b == b'\n') {
-                let end = searched + i;
-                let mut line: Vec<u8> = self.buf.drain(..=end).collect();
-                line.pop();
-                if line.last() == Some(&b'\r') {
-                    line.pop();
-                }
-                return Ok(line);
-            }
-            searched = self.buf.len();
-            if searched > MAX_HEAD_BYTES {
-                return Err(self.bad(format!("a header line exceeds {MAX_HEAD_BYTES} bytes")));
-            }
-            if self.fill()? == 0 {
-                return Err(self.bad("connection closed in the middle of the response headers"));
-            }
-        }
-    }
-
-    /// Exactly `n` more bytes.
-    fn take_exact(&mut self, n: usize) -> Result<Vec<u8>, ClientError> {
-        while self.buf.len() < n {
-            if self.fill()? == 0 {
-                let got = self.buf.len();
-                return Err(self.bad(format!("connection closed after {got} of {n} body bytes")));
-            }
-        }
-        Ok(self.buf.drain(..n).collect())
-    }
-
-    /// Everything until the peer closes the connection.
-    fn take_to_eof(&mut self) -> Result<Vec<u8>, ClientError> {
-        while self.fill()? != 0 {
-            if self.buf.len() > MAX_RESPONSE_BYTES {
-                return Err(self.too_big());
-            }
-        }
-        Ok(std::mem::take(&mut self.buf))
-    }
-
-    fn too_big(&self) -> ClientError {
-        self.bad(format!("response body exceeds {MAX_RESPONSE_BYTES} bytes"))
-    }
-
-    fn read_head(&mut self) -> Result<Head, ClientError> {
-        let status_line = self.take_line()?;
-        let status = parse_status_line(&status_line).map_err(|reason| self.bad(reason))?;
-        let mut head = Head {
-            status,
-            content_length: None,
-            chunked: false,
-        };
-        let mut head_bytes = status_line.len();
-        loop {
-            let line = self.take_line()?;
-            if line.is_empty() {
-                return Ok(head);
-            }
-            head_bytes += line.len();
-            if head_bytes > MAX_HEAD_BYTES {
-                return Err(self.bad(format!("response headers exceed {MAX_HEAD_BYTES} bytes")));
-            }
-            let line = String::from_utf8_lossy(&line);
-            let Some((name, value)) = line.split_once(':') else {
-                return Err(self.bad(format!("header line {line:?} has no ':'")));
-            };
-            let (name, value) = (name.trim(), value.trim());
-            if name.eq_ignore_ascii_case("content-length") {
-                let len = value
-                    .parse::<usize>()
-                    .map_err(|_| self.bad(format!("invalid Content-Length {value:?}")))?;
-                head.content_length = Some(len);
-            } else if name.eq_ignore_ascii_case("transfer-encoding") {
-                head.chunked = value.to_ascii_lowercase().contains("chunked");
-            }
-        }
-    }
-
-    fn read_chunked(&mut self) -> Result<Vec<u8>, ClientError> {
-        let mut body = Vec::new();
-        loop {
-            let line = self.take_line()?;
-            let text = String::from_utf8_lossy(&line);
-            // Chunk extensions (";name=value") carry nothing vmhop uses.
-            let size_text = text.split(';').next().unwrap_or("").trim();
-            let size = usize::from_str_radix(size_text, 16)
-                .map_err(|_| self.bad(format!("invalid chunk size {text:?}")))?;
-            if size == 0 {
-                // Trailer fields, then the empty line that ends the message.
-                while !self.take_line()?.is_empty() {}
-                return Ok(body);
-            }
-            if body.len().saturating_add(size) > MAX_RESPONSE_BYTES {
-                return Err(self.too_big());
-            }
-            body.extend(self.take_exact(size)?);
-            if !self.take_line()?.is_empty() {
-                return Err(self.bad("chunk data not followed by CRLF"));
-            }
-        }
-    }
-
-    /// Reads the final response: status and decoded body.
-    fn receive(&mut self) -> Result<(u16, Vec<u8>), ClientError> {
-        loop {
-            let head = self.read_head()?;
-            // 1xx (100 Continue) precede the real response.
-            if (100..200).contains(&head.status) {
-                continue;
-            }
-            // These never have a body, whatever the headers say.
-            if head.status == 204 || head.status == 304 {
-                return Ok((head.status, Vec::new()));
-            }
-            let body = if head.chunked {
-                self.read_chunked()?
-            } else if let Some(len) = head.content_length {
-                if len > MAX_RESPONSE_BYTES {
-                    return Err(self.too_big());
-                }
-                self.take_exact(len)?
-            } else {
-                self.take_to_eof()?
-            };
-            return Ok((head.status, body));
-        }
-    }
-}
-
-fn is_timeout(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-    )
-}
-
-/// `HTTP/1.1 200 OK` → 200.
-fn parse_status_line(line: &[u8]) -> Result<u16, String> {
-    let text = String::from_utf8_lossy(line);
-    let mut parts = text.splitn(3, ' ');
-    let version = parts.next().unwrap_or("");
-    let code = parts.next().unwrap_or("");
-    if !version.starts_with("HTTP/1.") {
-        return Err(format!("not an HTTP/1.x status line: {text:?}"));
-    }
-    match code.parse::<u16>() {
-        Ok(status) if code.len() == 3 && (100..=599).contains(&status) => Ok(status),
-        _ => Err(format!("invalid status code in {text:?}")),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
-    use std::os::unix::net::UnixListener;
+    use std::io::{Read, Write};
+    use std::os::unix::net::{UnixListener, UnixStream};
     use std::thread::{self, JoinHandle};
+    use std::time::Instant;
 
     const TIMEOUT: Option<Duration> = Some(Duration::from_secs(10));
 
@@ -611,6 +451,31 @@ mod tests {
                 String::from_utf8_lossy(response)
             );
         }
+    }
+
+    #[test]
+    fn oversized_responses_are_refused_without_reading_them() {
+        // Declared too large: refused on the header, before the body.
+        let head = format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{{",
+            MAX_RESPONSE_BYTES + 1
+        );
+        let err = call_fake(head.as_bytes()).unwrap_err();
+        assert!(
+            matches!(&err, ClientError::BadResponse { reason, .. } if reason.contains("exceeds")),
+            "{err:?}"
+        );
+        // Undeclared (read to EOF) and too large: refused at the limit.
+        let dir = tempfile::tempdir().unwrap();
+        let mut response = b"HTTP/1.0 200 OK\r\n\r\n".to_vec();
+        response.resize(response.len() + MAX_RESPONSE_BYTES + 1, b' ');
+        let (path, server) = fake_server(dir.path(), &response, Duration::ZERO);
+        let err = call(&path, "GET", "/api/v1/vm.status", None, TIMEOUT).unwrap_err();
+        assert!(
+            matches!(&err, ClientError::BadResponse { reason, .. } if reason.contains("exceeds")),
+            "{err:?}"
+        );
+        server.join().unwrap();
     }
 
     #[test]
