@@ -1,5 +1,31 @@
 //! One KVM VM: creation (memory, slots, vCPUs), pause/resume, dirty logs,
 //! vCPU state, slot replacement and teardown.
+//!
+//! What is not the VM's lives elsewhere: which operation may run and the
+//! checkpoint chain (`crate::service`, `crate::checkpoint`), the builtin
+//! guest's counters (`crate::guest`), the devices (`crate::devices`, seen
+//! here only through the buses and `SaveDevices`).
+//!
+//! ## Locks
+//!
+//! A thread that holds one of these takes only those below it, never one
+//! above:
+//!
+//! 1. `throttler`: the thread that kicks throttled vCPUs;
+//! 2. `vcpus`: the vCPU handles (every pause, resume and state save);
+//! 3. `dirty`: dirty logging, the logs fetched but not yet asked for, and
+//!    the accumulators every fetch feeds;
+//! 4. `memory`: read by everyone who reads guest memory, written only by
+//!    `replace_chunk` (a NUMA move's commit) and `set_host_node`;
+//! 5. `host_nodes`, `state`, `guest_stop`, `guest_exit`: leaves, held for a
+//!    load or a store.
+//!
+//! `memory` is a `std` RwLock, which lets a waiting writer go first: a
+//! thread that takes a second read guard while holding one can wait behind
+//! `replace_chunk`, which waits for the first. Every method here takes at
+//! most one guard at a time; a caller must drop the guard [`Vm::memory`]
+//! gives before calling anything that may take another (the service's
+//! `status` reads the memory size from the configuration for that reason).
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU32, Ordering};
