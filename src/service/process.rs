@@ -341,10 +341,13 @@ impl ApiHandler for Waiting {
                 })
                 .map_err(|e| ApiError::failed(e.to_string()))
             }
-            _ => Err(ApiError::conflict(format!(
-                "no VM here yet: this vmhop waits for an incoming migration on {}",
-                self.listening
-            ))),
+            _ => Err(ApiError::new(
+                ErrorKind::Unavailable,
+                format!(
+                    "no VM here yet: this vmhop waits for an incoming migration on {}",
+                    self.listening
+                ),
+            )),
         });
         match answer {
             Ok(v) => (200, v),
