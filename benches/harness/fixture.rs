@@ -167,6 +167,7 @@ pub fn new_vm_backed(
         guest,
         hugepages,
         chunk_size: DEFAULT_CHUNK_SIZE,
+        disks: Vec::new(),
     };
     vmhop::service::build::boot(config, &Console::Stdout, paused, &Default::default())
         .map(|m| BenchVm::new(m.vm))

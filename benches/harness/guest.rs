@@ -63,6 +63,7 @@ fn config(vcpus: u32, guest: GuestSpec) -> VmConfig {
         guest,
         hugepages: false,
         chunk_size: DEFAULT_CHUNK_SIZE,
+        disks: Vec::new(),
     }
 }
 

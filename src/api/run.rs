@@ -77,6 +77,8 @@ pub struct RunSpec {
     pub console: ConsoleTarget,
     /// Transparent huge pages.
     pub hugepages: bool,
+    /// `--disk` options, as given (`path=FILE[,readonly][,id=NAME]...`).
+    pub disks: Vec<String>,
     /// `--chunk-size` as given (None: the default).
     pub chunk_size: Option<String>,
     /// Start (or restore) with the vCPUs stopped.

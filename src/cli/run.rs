@@ -54,6 +54,10 @@ pub struct RunArgs {
     /// Back guest memory with transparent huge pages.
     #[arg(long)]
     pub hugepages: bool,
+    /// A disk: path=FILE[,readonly][,id=NAME][,serial=S][,cache=none|writeback]
+    /// (a raw image, virtio-blk); repeat for more.
+    #[arg(long, value_name = "SPEC")]
+    pub disk: Vec<String>,
     /// Size of a memory chunk (the unit of NUMA moves).
     #[arg(long, value_name = "SIZE", hide = true)]
     pub chunk_size: Option<String>,
@@ -210,6 +214,7 @@ impl RunArgs {
             cmdline: self.cmdline.clone(),
             console: self.console_target(),
             hugepages: self.hugepages,
+            disks: self.disk.clone(),
             chunk_size: self.chunk_size.clone(),
             paused: self.paused,
             start,

@@ -28,8 +28,8 @@ impl Persist for AcpiPm {
     type State = AcpiPmState;
     type Args = ();
 
-    fn save(&self) -> AcpiPmState {
-        AcpiPmState {}
+    fn save(&self) -> Result<AcpiPmState, DeviceError> {
+        Ok(AcpiPmState {})
     }
 
     fn restore((): (), _: Option<&AcpiPmState>) -> Result<AcpiPm, DeviceError> {

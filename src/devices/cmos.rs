@@ -35,10 +35,10 @@ impl Persist for Cmos {
     type State = CmosState;
     type Args = ();
 
-    fn save(&self) -> CmosState {
-        CmosState {
+    fn save(&self) -> Result<CmosState, DeviceError> {
+        Ok(CmosState {
             index: self.index.load(Ordering::Relaxed),
-        }
+        })
     }
 
     fn restore((): (), state: Option<&CmosState>) -> Result<Cmos, DeviceError> {

@@ -46,8 +46,8 @@ impl Persist for Keyboard {
     type State = KeyboardState;
     type Args = ();
 
-    fn save(&self) -> KeyboardState {
-        KeyboardState {}
+    fn save(&self) -> Result<KeyboardState, DeviceError> {
+        Ok(KeyboardState {})
     }
 
     /// A controller with its reset line low.

@@ -68,14 +68,47 @@ pub enum DeviceError {
     /// Two devices claim one port.
     #[error(transparent)]
     Bus(#[from] BusError),
+    /// A disk cannot be opened or used.
+    #[error(transparent)]
+    Block(#[from] virtio::block::BlockError),
+    /// A virtio device's saved state does not fit it, or it could not start.
+    #[error(transparent)]
+    Transport(#[from] virtio::mmio::RestoreError),
+    /// A virtio device could not be put on the MMIO bus.
+    #[error(transparent)]
+    Plug(#[from] virtio::mmio::PlugError),
+    /// A virtio device's worker failed or its state could not be taken.
+    #[error("{device}: {source}")]
+    Virtio {
+        /// The device.
+        device: String,
+        /// What failed.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// More virtio devices than the machine has windows and interrupt lines for.
+    #[error("{count} virtio devices: the machine has room for {max}")]
+    TooMany {
+        /// Devices asked for.
+        count: usize,
+        /// The most there is room for.
+        max: usize,
+    },
 }
 
 impl Classify for DeviceError {
     fn kind(&self) -> ErrorKind {
         match self {
             DeviceError::Console { source, .. } => ErrorKind::of_io(source),
-            DeviceError::EventFd { .. } | DeviceError::Bus(_) => ErrorKind::Failed,
+            DeviceError::EventFd { .. }
+            | DeviceError::Bus(_)
+            | DeviceError::Plug(_)
+            | DeviceError::Virtio { .. } => ErrorKind::Failed,
             DeviceError::State { .. } | DeviceError::Missing { .. } => ErrorKind::Unusable,
+            DeviceError::Block(e) => e.kind(),
+            DeviceError::Transport(virtio::mmio::RestoreError::Os { .. }) => ErrorKind::Failed,
+            DeviceError::Transport(_) => ErrorKind::Unusable,
+            DeviceError::TooMany { .. } => ErrorKind::BadRequest,
         }
     }
 }
@@ -165,14 +198,33 @@ pub fn build(
             }
         }
     }
-    reg.check_all_restored(saved)?;
-    Ok(Devices {
-        set: DeviceSet {
-            bus,
-            irq_lines,
-            states: Some(Box::new(reg)),
-            ..Default::default()
+    let mut set = DeviceSet {
+        bus,
+        irq_lines,
+        ..Default::default()
+    };
+    // Disks: one virtio-mmio window and (with an irqchip) one interrupt
+    // line each, in the order given; the DSDT describes the same.
+    let machine = crate::arch::x86_64::layout::virtio_slots(config.disks.len()).ok_or(
+        DeviceError::TooMany {
+            count: config.disks.len(),
+            max: crate::arch::x86_64::layout::MAX_VIRTIO_DEVICES,
         },
+    )?;
+    for (disk, slot) in config.disks.iter().zip(machine) {
+        let gsi = (!config.guest.is_builtin()).then_some(slot.gsi);
+        let irqfd = virtio::mmio::irq_line(&mut set, &disk.id, gsi)?;
+        let t = reg.build::<virtio::MmioTransport<virtio::block::Block>>(
+            &disk.id,
+            (disk.clone(), set.memory.clone(), irqfd),
+            saved,
+        )?;
+        virtio::mmio::plug(&mut set, slot.base, t)?;
+    }
+    reg.check_all_restored(saved)?;
+    set.control = Some(Box::new(reg));
+    Ok(Devices {
+        set,
         serial: serial_port,
         console_bytes,
     })
@@ -200,12 +252,13 @@ mod tests {
             guest,
             hugepages: false,
             chunk_size: crate::memory::layout::DEFAULT_CHUNK_SIZE,
+            disks: Vec::new(),
         }
     }
 
     fn saved(d: &Devices) -> DeviceStates {
         d.set
-            .states
+            .control
             .as_ref()
             .expect("every device set saves its states")
             .save()

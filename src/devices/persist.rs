@@ -2,12 +2,14 @@
 //!
 //! A device implements [`Persist`]: `save` gives its state as a serde
 //! struct, `restore` builds it from its constructor arguments and a saved
-//! state (or none, for a fresh device). The [`Registry`] keeps every
-//! device of a VM by type and id (a VM may have several disks), saves
-//! them all into the VM state's device map, and checks on a restore that
+//! state (or none, for a fresh device); a device with I/O of its own also
+//! says how it stops taking requests and starts again (`quiesce`,
+//! `resume`). The [`Registry`] keeps every device of a VM by type and id
+//! (a VM may have several disks), quiesces, resumes and saves them all for
+//! the VM (it is the VM's `DeviceControl`), and checks on a restore that
 //! every saved device found its device, so that a checkpoint of a VM with
 //! a device is never restored without it. Adding a device is one
-//! `Persist` impl and one `Registry::add` line where the set is built.
+//! `Persist` impl and one `Registry::build` line where the set is built.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -16,7 +18,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use super::DeviceError;
-use crate::vmm::bus::SaveDevices;
+use crate::vmm::bus::DeviceControl;
 use crate::vmm::state::DeviceStates;
 
 /// A device whose state travels with checkpoints and migrations.
@@ -27,18 +29,34 @@ pub trait Persist: Sized {
     type State: Serialize + DeserializeOwned;
     /// What building it needs besides its state (eventfds, files, outputs).
     type Args;
-    /// Its state now; called with the vCPUs paused.
-    fn save(&self) -> Self::State;
+    /// Its state now; called with the vCPUs paused and the device quiesced.
+    fn save(&self) -> Result<Self::State, DeviceError>;
     /// The device from `args`, as it was in `state` (None: fresh).
     fn restore(args: Self::Args, state: Option<&Self::State>) -> Result<Self, DeviceError>;
+    /// Stops taking requests and finishes those in flight (the vCPUs may
+    /// still run); a device that does no I/O of its own has nothing to do.
+    fn quiesce(&self) -> Result<(), DeviceError> {
+        Ok(())
+    }
+    /// Serves again after `quiesce` or a restore.
+    fn resume(&self) -> Result<(), DeviceError> {
+        Ok(())
+    }
 }
 
-type Saver = Box<dyn Fn() -> Result<serde_json::Value, serde_json::Error> + Send + Sync>;
+/// One registered device, seen through closures over its `Persist` impl.
+struct Entry {
+    kind: &'static str,
+    id: String,
+    save: Box<dyn Fn() -> Result<serde_json::Value, String> + Send + Sync>,
+    quiesce: Box<dyn Fn() -> Result<(), DeviceError> + Send + Sync>,
+    resume: Box<dyn Fn() -> Result<(), DeviceError> + Send + Sync>,
+}
 
 /// Every device of one VM, by type and id.
 #[derive(Default)]
 pub struct Registry {
-    savers: Vec<(&'static str, String, Saver)>,
+    entries: Vec<Entry>,
     /// Saved states the restore asked for.
     taken: BTreeSet<(String, String)>,
 }
@@ -46,8 +64,8 @@ pub struct Registry {
 impl std::fmt::Debug for Registry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let mut l = f.debug_list();
-        for (t, id, _) in &self.savers {
-            l.entry(&format_args!("{t}/{id}"));
+        for e in &self.entries {
+            l.entry(&format_args!("{}/{}", e.kind, e.id));
         }
         l.finish()
     }
@@ -86,11 +104,17 @@ impl Registry {
 
     /// Registers a device built elsewhere.
     pub fn add<D: Persist + Send + Sync + 'static>(&mut self, id: &str, device: Arc<D>) {
-        self.savers.push((
-            D::TYPE,
-            id.to_string(),
-            Box::new(move || serde_json::to_value(device.save())),
-        ));
+        let (d1, d2, d3) = (device.clone(), device.clone(), device);
+        self.entries.push(Entry {
+            kind: D::TYPE,
+            id: id.to_string(),
+            save: Box::new(move || {
+                let s = d1.save().map_err(|e| e.to_string())?;
+                serde_json::to_value(s).map_err(|e| e.to_string())
+            }),
+            quiesce: Box::new(move || d2.quiesce()),
+            resume: Box::new(move || d3.resume()),
+        });
     }
 
     /// Fails if `saved` holds a device this registry did not build: the
@@ -109,12 +133,31 @@ impl Registry {
     }
 }
 
-impl SaveDevices for Registry {
+impl DeviceControl for Registry {
+    fn quiesce(&self) -> Result<(), String> {
+        for e in &self.entries {
+            (e.quiesce)()
+                .map_err(|err| format!("cannot quiesce device {}/{}: {err}", e.kind, e.id))?;
+        }
+        Ok(())
+    }
+
+    fn resume(&self) -> Result<(), String> {
+        for e in &self.entries {
+            (e.resume)()
+                .map_err(|err| format!("cannot resume device {}/{}: {err}", e.kind, e.id))?;
+        }
+        Ok(())
+    }
+
     fn save(&self) -> Result<DeviceStates, String> {
         let mut out = DeviceStates::new();
-        for (t, id, save) in &self.savers {
-            let v = save().map_err(|e| format!("cannot save device {t}/{id}: {e}"))?;
-            out.entry(t.to_string()).or_default().insert(id.clone(), v);
+        for e in &self.entries {
+            let v = (e.save)()
+                .map_err(|err| format!("cannot save device {}/{}: {err}", e.kind, e.id))?;
+            out.entry(e.kind.to_string())
+                .or_default()
+                .insert(e.id.clone(), v);
         }
         Ok(out)
     }
@@ -133,8 +176,8 @@ mod tests {
         const TYPE: &'static str = "counter";
         type State = u32;
         type Args = ();
-        fn save(&self) -> u32 {
-            self.0.load(Ordering::Relaxed)
+        fn save(&self) -> Result<u32, DeviceError> {
+            Ok(self.0.load(Ordering::Relaxed))
         }
         fn restore(_: (), state: Option<&u32>) -> Result<Counter, DeviceError> {
             Ok(Counter(AtomicU32::new(state.copied().unwrap_or(0))))
@@ -153,7 +196,7 @@ mod tests {
         assert_eq!(saved["counter"]["b"], 7);
         let mut r2 = Registry::new();
         let b2 = r2.build::<Counter>("b", (), &saved).unwrap();
-        assert_eq!(b2.save(), 7);
+        assert_eq!(b2.save().unwrap(), 7);
         let e = r2.check_all_restored(&saved).unwrap_err();
         assert!(e.to_string().contains("counter/a"), "{e}");
         r2.build::<Counter>("a", (), &saved).unwrap();

@@ -97,9 +97,9 @@ impl Persist for SerialPort {
     /// The interrupt line it raises and where its output goes.
     type Args = (EventFd, ConsoleOut);
 
-    fn save(&self) -> SavedSerial {
+    fn save(&self) -> Result<SavedSerial, DeviceError> {
         let u = self.uart.lock().unwrap_or_else(|e| e.into_inner());
-        SavedSerial::from(u.state())
+        Ok(SavedSerial::from(u.state()))
     }
 
     fn restore((irq, out): Self::Args, saved: Option<&SavedSerial>) -> Result<Self, DeviceError> {
@@ -232,7 +232,7 @@ mod tests {
         assert_eq!(p.input(b"x"), 1);
         assert_eq!(evt.read().unwrap(), 1, "input raised the interrupt line");
         let saved: SavedSerial =
-            serde_json::from_value(serde_json::to_value(p.save()).unwrap()).unwrap();
+            serde_json::from_value(serde_json::to_value(p.save().unwrap()).unwrap()).unwrap();
         let q = SerialPort::restore((evt, Box::new(Sink::default())), Some(&saved)).unwrap();
         let mut b = [0u8];
         q.read(0, COM1_PORT + 3, &mut b);

@@ -55,14 +55,14 @@ impl Persist for TestDevice {
     /// vCPUs, and the pages per second they share (None: no pacing).
     type Args = (u32, Option<u64>);
 
-    fn save(&self) -> TestDeviceState {
-        TestDeviceState {
+    fn save(&self) -> Result<TestDeviceState, DeviceError> {
+        Ok(TestDeviceState {
             faults: self
                 .faults
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .clone(),
-        }
+        })
     }
 
     fn restore(

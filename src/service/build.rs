@@ -25,6 +25,7 @@ use crate::memory::layout::DEFAULT_CHUNK_SIZE;
 use crate::migration::destination::Arrived;
 use crate::service::hooks::TestHooks;
 use crate::util::parse_size;
+use crate::vmm::config::DiskConfig;
 use crate::vmm::state::StateError;
 use crate::vmm::vm::Loader;
 use crate::vmm::{ConfigError, NodeConfig, Setup, Start, Vm, VmConfig, VmError, VmState};
@@ -154,6 +155,23 @@ pub fn config_of(spec: &RunSpec) -> Result<VmConfig, BuildError> {
         guest,
         hugepages: spec.hugepages,
         chunk_size: chunk_size.unwrap_or(DEFAULT_CHUNK_SIZE),
+        disks: spec
+            .disks
+            .iter()
+            .enumerate()
+            .map(|(i, d)| {
+                DiskConfig::parse(d, &format!("disk{i}"))
+                    .map_err(|e| invalid(e.to_string()))
+                    .map(|mut d| {
+                        // The VM's process may change its working directory;
+                        // the image it opens must not.
+                        if let Ok(p) = std::path::absolute(&d.path) {
+                            d.path = p;
+                        }
+                        d
+                    })
+            })
+            .collect::<Result<_, _>>()?,
     };
     config.validate()?;
     if let GuestSpec::Linux(l) = &config.guest {
@@ -362,5 +380,7 @@ fn linux_topology(config: &VmConfig) -> linux::Topology {
         apic_ids: crate::arch::x86_64::cpuid::topology(&vcpu_nodes).apic_ids,
         vcpu_nodes,
         distances,
+        // Too many disks fail earlier, when the devices are built.
+        virtio: crate::arch::x86_64::layout::virtio_slots(config.disks.len()).unwrap_or_default(),
     }
 }

@@ -450,22 +450,25 @@ fn incoming(
                     source,
                 })?;
         }
+        // Wait on the source, not on the stop channel: the VM that arrives
+        // must start at once (its source is paused meanwhile); a stop is
+        // seen within one poll.
         let received = loop {
-            if let Some(e) = fe.ended_within(ARRIVAL_POLL) {
-                return Ok(match e {
-                    Ending::Stop => RunEnd::Stopped,
-                    Ending::Handed(w) => RunEnd::Handed(w),
-                });
-            }
-            match rx.try_recv() {
+            match rx.recv_timeout(ARRIVAL_POLL) {
                 Ok(r) => break r,
-                Err(mpsc::TryRecvError::Empty) => {}
-                Err(mpsc::TryRecvError::Disconnected) => {
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => {
                     return Err(ProcessError::Thread {
                         what: "receiver",
                         source: std::io::Error::other("it ended without an answer"),
                     })
                 }
+            }
+            if let Some(e) = fe.ended_within(Duration::ZERO) {
+                return Ok(match e {
+                    Ending::Stop => RunEnd::Stopped,
+                    Ending::Handed(w) => RunEnd::Handed(w),
+                });
             }
         };
         let mut arrived = match received {
@@ -481,6 +484,7 @@ fn incoming(
                 continue;
             }
         };
+        let t_arrive = Instant::now();
         let machine = match build::arrive(&mut arrived, console, &hooks) {
             Ok(m) => m,
             Err(e) => {
@@ -505,6 +509,7 @@ fn incoming(
             fe.tx.clone(),
         ));
         fe.switch.set(vmm.clone());
+        tracing::debug!("incoming: VM built in {:?}", t_arrive.elapsed());
         let report = match arrived.confirm() {
             Ok(r) => r,
             Err(e) => {

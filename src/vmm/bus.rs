@@ -108,10 +108,17 @@ pub trait PioDevice: Send + Sync {
     fn write(&self, vcpu: u32, port: u16, data: &[u8]) -> IoAction;
 }
 
-/// Whatever saves the VM's devices: the VM asks it in a pause and knows no
-/// device (`crate::devices::persist` implements it).
-pub trait SaveDevices: Send + Sync {
-    /// Every device's state, by type and id.
+/// What the VM asks of its devices as a whole around every pause; it
+/// knows no device (`crate::devices::persist::Registry` implements it).
+pub trait DeviceControl: Send + Sync {
+    /// Stops every device taking new requests and waits for those in
+    /// flight, while the vCPUs may still run: until [`DeviceControl::resume`]
+    /// no device writes guest memory, and their states can be taken.
+    fn quiesce(&self) -> Result<(), String>;
+    /// Lets every device serve again: each queue is kicked and an
+    /// interrupt raised, so a request the guest queued meanwhile is seen.
+    fn resume(&self) -> Result<(), String>;
+    /// Every device's state, by type and id (quiesced).
     fn save(&self) -> Result<crate::vmm::state::DeviceStates, String>;
 }
 
@@ -189,8 +196,8 @@ pub struct DeviceSet {
     /// Guest memory as devices see it: the VM attaches it once its memory
     /// exists and detaches it before unmapping that memory.
     pub memory: crate::memory::DeviceMemory,
-    /// Saves every device's state (None: no device has any).
-    pub states: Option<Box<dyn SaveDevices>>,
+    /// Quiesces, resumes and saves the devices (None: no device has state).
+    pub control: Option<Box<dyn DeviceControl>>,
 }
 
 impl std::fmt::Debug for DeviceSet {

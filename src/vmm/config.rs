@@ -2,6 +2,8 @@
 //! and validated once, here, before anything is created. The same struct
 //! travels in checkpoints and migration streams.
 
+use std::path::PathBuf;
+
 use serde::{Deserialize, Serialize};
 
 use crate::memory::PAGE_SIZE;
@@ -43,6 +45,9 @@ pub struct VmConfig {
     pub hugepages: bool,
     /// Chunk size (bytes) of guest memory: the unit of NUMA moves and dirty logs.
     pub chunk_size: u64,
+    /// The disks, in the order the guest sees them.
+    #[serde(default)]
+    pub disks: Vec<DiskConfig>,
 }
 
 impl crate::api::Classify for ConfigError {
@@ -182,6 +187,16 @@ impl VmConfig {
         if self.chunk_size == 0 || !self.chunk_size.is_multiple_of(2 << 20) {
             return Err(invalid("chunk size must be a non-zero multiple of 2 MiB"));
         }
+        let mut ids = std::collections::BTreeSet::new();
+        for d in &self.disks {
+            if !ids.insert(d.id.as_str()) {
+                return Err(invalid(format!(
+                    "--disk: two disks have the id '{}'; give each its own id=NAME",
+                    d.id
+                )));
+            }
+            d.serial_bytes().map_err(|e| invalid(e.to_string()))?;
+        }
         Ok(())
     }
 
@@ -198,6 +213,92 @@ impl VmConfig {
             .enumerate()
             .map(|(i, n)| n.unwrap_or(i as u32 % k))
             .collect()
+    }
+}
+
+/// Most bytes of a disk's serial (VIRTIO_BLK_ID_BYTES).
+pub const SERIAL_BYTES: usize = 20;
+
+/// How the image is cached on the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CacheMode {
+    /// `O_DIRECT`: the host page cache is bypassed.
+    None,
+    /// Through the host page cache; FLUSH makes it durable.
+    #[default]
+    Writeback,
+}
+
+/// One disk as the user configured it (`--disk path=FILE[,readonly]
+/// [,id=NAME][,serial=S][,cache=none|writeback]`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskConfig {
+    /// The raw image.
+    pub path: PathBuf,
+    /// The guest may not write it (opened read-only, shared lock).
+    pub readonly: bool,
+    /// The device's id: the key of its saved state.
+    pub id: String,
+    /// The serial GET_ID returns (at most 20 bytes; default: the id).
+    pub serial: Option<String>,
+    /// Host caching.
+    pub cache: CacheMode,
+}
+
+/// A disk configuration that cannot be used.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DiskConfigError {
+    /// Free-text reason naming the option.
+    #[error("--disk: {0}")]
+    Invalid(String),
+}
+
+impl DiskConfig {
+    /// Parses `path=FILE[,readonly][,id=NAME][,serial=S][,cache=none|writeback]`;
+    /// `default_id` names a disk given no id (`disk0`, `disk1` ...).
+    pub fn parse(s: &str, default_id: &str) -> Result<DiskConfig, DiskConfigError> {
+        let bad = |m: String| DiskConfigError::Invalid(m);
+        let (mut path, mut readonly, mut id, mut serial, mut cache) =
+            (None, false, None, None, CacheMode::Writeback);
+        for kv in s.split(',') {
+            match kv.split_once('=') {
+                Some(("path", v)) if !v.is_empty() => path = Some(PathBuf::from(v)),
+                Some(("id", v)) if !v.is_empty() => id = Some(v.to_string()),
+                Some(("serial", v)) => serial = Some(v.to_string()),
+                Some(("cache", "none")) => cache = CacheMode::None,
+                Some(("cache", "writeback")) => cache = CacheMode::Writeback,
+                Some(("cache", v)) => {
+                    return Err(bad(format!("cache={v}: expected none or writeback")))
+                }
+                None if kv == "readonly" => readonly = true,
+                _ => return Err(bad(format!(
+                    "unknown option '{kv}' (expected path=FILE, readonly, id=NAME, serial=S, cache=none|writeback)"
+                ))),
+            }
+        }
+        let c = DiskConfig {
+            path: path.ok_or_else(|| bad(format!("'{s}' names no path=FILE")))?,
+            readonly,
+            id: id.unwrap_or_else(|| default_id.to_string()),
+            serial,
+            cache,
+        };
+        c.serial_bytes()?;
+        Ok(c)
+    }
+
+    /// The serial as GET_ID returns it: zero-padded to 20 bytes.
+    pub fn serial_bytes(&self) -> Result<[u8; SERIAL_BYTES], DiskConfigError> {
+        let s = self.serial.as_deref().unwrap_or(&self.id);
+        if s.len() > SERIAL_BYTES || !s.bytes().all(|b| b.is_ascii_graphic() || b == b' ') {
+            return Err(DiskConfigError::Invalid(format!(
+                "serial '{s}' must be at most {SERIAL_BYTES} printable ASCII characters"
+            )));
+        }
+        let mut out = [0u8; SERIAL_BYTES];
+        out[..s.len()].copy_from_slice(s.as_bytes());
+        Ok(out)
     }
 }
 
@@ -329,6 +430,7 @@ mod tests {
             guest: GuestSpec::Idle,
             hugepages: false,
             chunk_size: 32 << 20,
+            disks: Vec::new(),
         }
     }
 

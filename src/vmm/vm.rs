@@ -4,7 +4,7 @@
 //! What is not the VM's lives elsewhere: which operation may run and the
 //! checkpoint chain (`crate::service`, `crate::checkpoint`), the builtin
 //! guest's counters (`crate::guest`), the devices (`crate::devices`, seen
-//! here only through the buses and `SaveDevices`).
+//! here only through the buses and `DeviceControl`).
 //!
 //! ## Locks
 //!
@@ -39,7 +39,7 @@ use kvm_bindings::{
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use serde::{Deserialize, Serialize};
 
-use super::bus::{DeviceSet, GuestExit, IoBus, MmioBus, SaveDevices};
+use super::bus::{DeviceControl, DeviceSet, GuestExit, IoBus, MmioBus};
 use super::config::VmConfig;
 use super::state::{MachineState, VmState, STATE_VERSION};
 use super::vcpu::{
@@ -363,7 +363,7 @@ pub struct Vm {
     guest_stop: Arc<Mutex<Option<String>>>,
     guest_exit: Arc<Mutex<Option<GuestExit>>>,
     bus: Arc<IoBus>,
-    device_states: Option<Box<dyn SaveDevices>>,
+    devices: Option<Box<dyn DeviceControl>>,
     mmio: Arc<MmioBus>,
     /// Guest memory as devices see it (attached in `new`, detached in
     /// `shutdown`, before the memory can go).
@@ -465,7 +465,7 @@ impl Vm {
             guest_stop,
             guest_exit: Arc::new(Mutex::new(None)),
             bus: Arc::new(devices.bus),
-            device_states: devices.states,
+            devices: devices.control,
             mmio: Arc::new(devices.mmio),
             device_memory: devices.memory,
             irqchip,
@@ -599,9 +599,15 @@ impl Vm {
         }
         *vm.vcpus.lock().unwrap_or_else(|e| e.into_inner()) = handles;
         let vm = Arc::new(vm);
-        if !paused {
+        tracing::debug!("vm: vCPU threads started at {:?}", t.elapsed());
+        if paused {
+            // Restored devices come back parked; fresh ones have nothing to
+            // do yet. Either way none serves until the vCPUs run.
+            vm.quiesce_devices()?;
+        } else {
             vm.restart_all()?;
             *vm.lock_state() = RunState::Running;
+            vm.resume_devices()?;
         }
         Ok(vm)
     }
@@ -833,7 +839,7 @@ impl Vm {
     /// from `vcpus` (saved as the vCPUs stopped) and what the VM and its
     /// devices hold. The VM must be paused.
     pub fn save_state(&self, _pause: &Pause, vcpus: Vec<VcpuState>) -> Result<VmState, VmError> {
-        let devices = match &self.device_states {
+        let devices = match &self.devices {
             Some(d) => d.save().map_err(VmError::Devices)?,
             None => Default::default(),
         };
@@ -912,11 +918,14 @@ impl Vm {
     /// asleep in a wait of its own is held there without being woken; the
     /// others are kicked out of KVM_RUN.
     pub fn pause(&self) -> Result<Pause, VmError> {
-        let since = Instant::now();
         let was = *self.lock_state();
         if was == RunState::Stopped {
             return Err(VmError::State(was, "it cannot be paused"));
         }
+        if was == RunState::Running {
+            self.quiesce_devices()?;
+        }
+        let since = Instant::now();
         let boost = Boost::new();
         let mut stopped: Option<Instant> = None;
         {
@@ -954,11 +963,14 @@ impl Vm {
     /// Stops every vCPU and returns each one's state, captured by the vCPU
     /// thread as it stopped (one round trip instead of two).
     pub fn pause_saving(&self) -> Result<(Pause, Vec<VcpuState>), VmError> {
-        let since = Instant::now();
         let was = *self.lock_state();
         if was == RunState::Stopped {
             return Err(VmError::State(was, "it cannot be paused"));
         }
+        if was == RunState::Running {
+            self.quiesce_devices()?;
+        }
+        let since = Instant::now();
         let boost = Boost::new();
         let replies = self.send_all_with(
             |_| VcpuCmd::PauseAndSave,
@@ -1029,7 +1041,26 @@ impl Vm {
         }
         let last = self.restart_all()?;
         *self.lock_state() = RunState::Running;
+        self.resume_devices()?;
         Ok(last.saturating_duration_since(p.stopped))
+    }
+
+    /// Quiesces the devices before the vCPUs stop (the guest still runs, its
+    /// I/O waits): from then on no device writes guest memory, so the
+    /// pause's last dirty fetch sees everything and their states hold.
+    fn quiesce_devices(&self) -> Result<(), VmError> {
+        match &self.devices {
+            Some(d) => d.quiesce().map_err(VmError::Devices),
+            None => Ok(()),
+        }
+    }
+
+    /// Lets the devices serve again once the vCPUs run.
+    fn resume_devices(&self) -> Result<(), VmError> {
+        match &self.devices {
+            Some(d) => d.resume().map_err(VmError::Devices),
+            None => Ok(()),
+        }
     }
 
     /// The user's `pause`: the VM stays paused until `resume_user`.
@@ -1049,7 +1080,7 @@ impl Vm {
         }
         self.restart_all()?;
         *self.lock_state() = RunState::Running;
-        Ok(())
+        self.resume_devices()
     }
 
     /// How many vCPUs the VM holds asleep (paused without a command).
@@ -1138,6 +1169,22 @@ impl Vm {
             for &(chunk, first, pages) in &k.chunks {
                 let mut fresh = DirtyBitmap::new(pages);
                 fresh.merge_bits(&log, first);
+                // What devices wrote (disk reads, used rings) KVM never
+                // sees: vm-memory marked it as they wrote.
+                let gpa = k.gpa + first * PAGE_SIZE;
+                match self.device_memory.take_dirty(gpa, pages) {
+                    Ok(written) => fresh.merge(&written),
+                    Err(e) => {
+                        // KVM's log is cleared: keep its share for the next fetch.
+                        d.pending.insert(chunk, fresh);
+                        for (chunk, b) in out {
+                            d.pending.insert(chunk, b);
+                        }
+                        return Err(VmError::Devices(format!(
+                            "the pages devices wrote in chunk {chunk}: {e}"
+                        )));
+                    }
+                }
                 for keeper in &d.keepers {
                     keeper.record(chunk, &fresh);
                 }
@@ -1307,6 +1354,7 @@ mod tests {
             guest,
             hugepages: false,
             chunk_size,
+            disks: Vec::new(),
         };
         crate::service::build::boot(
             config,

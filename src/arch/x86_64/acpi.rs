@@ -96,6 +96,8 @@ pub struct AcpiConfig {
     /// more elsewhere. Empty: no SRAT nor SLIT, and the nodes above are
     /// ignored.
     pub distances: Vec<Vec<u8>>,
+    /// The virtio-mmio devices, described in the DSDT.
+    pub virtio: Vec<super::layout::VirtioSlot>,
 }
 
 /// The tables, each with the guest-physical address it must be written at.
@@ -227,7 +229,7 @@ pub fn build(cfg: &AcpiConfig) -> Result<AcpiTables, AcpiError> {
     let mut layout = Layout::new();
     let rsdp_addr = layout.place(Rsdp::len())?;
 
-    let dsdt = dsdt();
+    let dsdt = dsdt(&cfg.virtio);
     let dsdt_addr = layout.place(dsdt.len())?;
     let fadt = fadt(dsdt_addr);
     let fadt_addr = layout.place(fadt.len())?;
@@ -417,9 +419,14 @@ const I8042_DATA_PORT: u16 = 0x60;
 const I8042_COMMAND_PORT: u16 = 0x64;
 const I8042_IRQ: u32 = 1;
 
-/// The DSDT: `\_S5` (what makes Linux's `acpi_power_off` usable) and the two
-/// legacy devices, so the guest's PNP layer finds them.
-fn dsdt() -> Vec<u8> {
+/// The `_HID` of a virtio-mmio device: what Linux's virtio_mmio driver
+/// matches on ACPI machines (Debian's kernel has no command-line devices).
+const VIRTIO_MMIO_HID: &str = "LNRO0005";
+
+/// The DSDT: `\_S5` (what makes Linux's `acpi_power_off` usable), the two
+/// legacy devices, so the guest's PNP layer finds them, and every
+/// virtio-mmio device.
+fn dsdt(virtio: &[super::layout::VirtioSlot]) -> Vec<u8> {
     // SLP_TYPa, SLP_TYPb and two reserved entries; a HW-reduced machine only
     // uses SLP_TYPa (written to the sleep control register).
     let s5 = Name::new(
@@ -448,7 +455,29 @@ fn dsdt() -> Vec<u8> {
             &isa_irq(I8042_IRQ),
         ],
     );
-    let sb = aml::Scope::new(Path::new("\\_SB_"), vec![&com1, &kbd]);
+    // Each virtio-mmio device: its window and an edge-triggered line (the
+    // device pulses an irqfd; a level line would need a resample eventfd).
+    let virtio: Vec<RawAml> = virtio
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let hid = Name::new(Path::new("_HID"), &VIRTIO_MMIO_HID);
+            let uid = Name::new(Path::new("_UID"), &(i as u32));
+            let window = aml::Memory32Fixed::new(true, s.base as u32, s.len as u32);
+            let irq = Interrupt::new(true, true, false, false, s.gsi);
+            let crs = Name::new(
+                Path::new("_CRS"),
+                &ResourceTemplate::new(vec![&window, &irq]),
+            );
+            RawAml(aml_bytes(&aml::Device::new(
+                Path::new(&format!("VR{i:02X}")),
+                vec![&hid, &uid, &crs],
+            )))
+        })
+        .collect();
+    let mut devices: Vec<&dyn Aml> = vec![&com1, &kbd];
+    devices.extend(virtio.iter().map(|d| d as &dyn Aml));
+    let sb = aml::Scope::new(Path::new("\\_SB_"), devices);
 
     let mut body = aml_bytes(&s5);
     sb.to_aml_bytes(&mut body);
@@ -804,6 +833,7 @@ mod tests {
                 len: 512 << 20,
             }],
             distances: vec![vec![10]],
+            virtio: vec![],
         }
     }
 
@@ -826,6 +856,7 @@ mod tests {
                 mem(1, 5 << 30, 4 << 30),
             ],
             distances: vec![vec![10, 21], vec![21, 10]],
+            virtio: vec![],
         }
     }
 
@@ -877,6 +908,7 @@ mod tests {
     fn without_nodes_there_is_no_srat_or_slit() {
         let cfg = AcpiConfig {
             distances: vec![],
+            virtio: vec![],
             ..two_nodes_four_cpus()
         };
         let t = build(&cfg).unwrap();
@@ -924,6 +956,13 @@ mod tests {
         haystack.windows(needle.len()).any(|w| w == needle)
     }
 
+    fn count(haystack: &[u8], needle: &[u8]) -> usize {
+        haystack
+            .windows(needle.len())
+            .filter(|w| *w == needle)
+            .count()
+    }
+
     #[test]
     fn dsdt_announces_s5_com1_and_the_keyboard_controller() {
         let t = build(&one_node_one_cpu()).unwrap();
@@ -951,6 +990,30 @@ mod tests {
         // Extended IRQ: consumer, edge, active high, exclusive; one IRQ.
         assert!(contains(aml, &[0x89, 6, 0, 0x03, 1, 4, 0, 0, 0]));
         assert!(contains(aml, &[0x89, 6, 0, 0x03, 1, 1, 0, 0, 0]));
+    }
+
+    #[test]
+    fn dsdt_describes_each_virtio_mmio_device_with_its_window_and_edge_line() {
+        let mut cfg = one_node_one_cpu();
+        cfg.virtio = crate::arch::x86_64::layout::virtio_slots(2).unwrap();
+        let t = build(&cfg).unwrap();
+        let f = find(&t, b"FACP").unwrap();
+        let aml = &table_at(&t, u64_at(f, 140))[36..];
+        // _HID "LNRO0005" as a string (StringPrefix, bytes, NUL): the
+        // compressed EISA form cannot encode it.
+        let hid = [b"_HID\x0d".as_slice(), b"LNRO0005", &[0]].concat();
+        assert_eq!(count(aml, &hid), 2, "one LNRO0005 device per disk");
+        assert!(contains(aml, b"VR00") && contains(aml, b"VR01"));
+        // Memory32Fixed, read-write, at 0xd0000000 and 0xd0001000, 4 KiB.
+        for base in [0xd000_0000u32, 0xd000_1000] {
+            let mut m = vec![0x86, 9, 0, 1];
+            m.extend(base.to_le_bytes());
+            m.extend(0x1000u32.to_le_bytes());
+            assert!(contains(aml, &m), "window at {base:#x}");
+        }
+        // Extended IRQ, edge-triggered, GSI 16 and 17.
+        assert!(contains(aml, &[0x89, 6, 0, 0x03, 1, 16, 0, 0, 0]));
+        assert!(contains(aml, &[0x89, 6, 0, 0x03, 1, 17, 0, 0, 0]));
     }
 
     #[test]

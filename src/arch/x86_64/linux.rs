@@ -214,6 +214,8 @@ pub struct Topology {
     pub apic_ids: Vec<u32>,
     /// Distance between guest nodes (SLIT), 10 on the diagonal.
     pub distances: Vec<Vec<u8>>,
+    /// The virtio-mmio devices the DSDT describes.
+    pub virtio: Vec<super::layout::VirtioSlot>,
 }
 
 /// Guest-physical RAM ranges of each guest node, contiguous chunks merged.
@@ -425,6 +427,7 @@ pub fn boot(
             })
             .collect(),
         distances: topo.distances.clone(),
+        virtio: topo.virtio.clone(),
     })
     .map_err(|e| LinuxError::Setup(format!("ACPI tables: {e}")))?;
     for (gpa, blob) in &tables.blobs {

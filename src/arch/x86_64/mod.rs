@@ -7,5 +7,6 @@
 
 pub mod acpi;
 pub mod cpuid;
+pub mod layout;
 pub mod linux;
 pub mod regs;

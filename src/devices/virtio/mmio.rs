@@ -22,7 +22,7 @@ use crate::memory::DeviceMemory;
 use crate::vmm::bus::{BusError, DeviceSet, IoAction, IoEvent, MmioDevice};
 
 /// Size of a device's window: one page, so windows stay page-aligned.
-pub const MMIO_WINDOW: u64 = 0x1000;
+pub const MMIO_WINDOW: u64 = crate::arch::x86_64::layout::VIRTIO_MMIO_WINDOW;
 
 /// "virt", little-endian.
 const MAGIC: u32 = 0x7472_6976;
@@ -355,6 +355,11 @@ impl<D: VirtioDevice> MmioTransport<D> {
             Some(w) => w.resume(),
             None => Ok(()),
         }
+    }
+
+    /// The device's name, for messages.
+    pub fn device_name(&self) -> &str {
+        &self.name
     }
 
     /// The device's state; it must be quiesced (or never activated).

@@ -33,15 +33,7 @@ const BOUNCE_BYTES: usize = 1 << 20;
 pub type GuestSlice<'a> = VolatileSlice<'a, BS<'a, AtomicBitmap>>;
 
 /// How the image is cached on the host.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum CacheMode {
-    /// `O_DIRECT`: the host page cache is bypassed.
-    None,
-    /// Through the host page cache; FLUSH makes it durable.
-    #[default]
-    Writeback,
-}
+pub use crate::vmm::config::CacheMode;
 
 /// Which lock the image holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -17,7 +17,6 @@ mod image;
 mod request;
 pub mod written;
 
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -27,7 +26,12 @@ use virtio_bindings::virtio_blk as blk;
 pub use image::{CacheMode, DiskImage, ImageError, LockMode, DIRECT_ALIGN, SECTOR};
 pub use written::{WrittenBlocks, WrittenSet};
 
-use super::{features, QueueHandler, VirtioDevice};
+use super::mmio::TransportState;
+use super::{features, MmioTransport, QueueHandler, VirtioDevice};
+use crate::devices::persist::Persist;
+use crate::devices::DeviceError;
+use crate::memory::DeviceMemory;
+use vmm_sys_util::eventfd::EventFd;
 
 /// virtio device id of a block device.
 pub const DEVICE_TYPE: u32 = virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
@@ -43,79 +47,68 @@ pub const MAX_DISCARD_SECTORS: u32 = 1 << 21;
 /// Most segments in one DISCARD or WRITE_ZEROES request.
 pub const MAX_ZERO_SEGMENTS: u32 = 32;
 /// Most bytes of a serial (VIRTIO_BLK_ID_BYTES).
-pub const SERIAL_BYTES: usize = blk::VIRTIO_BLK_ID_BYTES as usize;
+pub use crate::vmm::config::SERIAL_BYTES;
 /// Version of [`BlockState`].
 pub const BLOCK_STATE_VERSION: u32 = 1;
 
-/// One disk as the user configured it (`--disk path=FILE[,readonly]
-/// [,id=NAME][,serial=S][,cache=none|writeback]`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct BlockConfig {
-    /// The raw image.
-    pub path: PathBuf,
-    /// The guest may not write it (opened read-only, shared lock).
-    pub readonly: bool,
-    /// The device's id: the key of its saved state.
-    pub id: String,
-    /// The serial GET_ID returns (at most 20 bytes; default: the id).
-    pub serial: Option<String>,
-    /// Host caching.
-    pub cache: CacheMode,
-}
+/// One disk as the user configured it: part of the VM's configuration.
+pub use crate::vmm::config::{DiskConfig as BlockConfig, DiskConfigError as BlockConfigError};
 
-/// A disk configuration that cannot be used.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum BlockConfigError {
-    /// Free-text reason naming the option.
-    #[error("--disk: {0}")]
-    Invalid(String),
-}
-
-impl BlockConfig {
-    /// Parses `path=FILE[,readonly][,id=NAME][,serial=S][,cache=none|writeback]`;
-    /// `default_id` names a disk given no id (`disk0`, `disk1` ...).
-    pub fn parse(s: &str, default_id: &str) -> Result<BlockConfig, BlockConfigError> {
-        let bad = |m: String| BlockConfigError::Invalid(m);
-        let (mut path, mut readonly, mut id, mut serial, mut cache) =
-            (None, false, None, None, CacheMode::Writeback);
-        for kv in s.split(',') {
-            match kv.split_once('=') {
-                Some(("path", v)) if !v.is_empty() => path = Some(PathBuf::from(v)),
-                Some(("id", v)) if !v.is_empty() => id = Some(v.to_string()),
-                Some(("serial", v)) => serial = Some(v.to_string()),
-                Some(("cache", "none")) => cache = CacheMode::None,
-                Some(("cache", "writeback")) => cache = CacheMode::Writeback,
-                Some(("cache", v)) => {
-                    return Err(bad(format!("cache={v}: expected none or writeback")))
-                }
-                None if kv == "readonly" => readonly = true,
-                _ => return Err(bad(format!(
-                    "unknown option '{kv}' (expected path=FILE, readonly, id=NAME, serial=S, cache=none|writeback)"
-                ))),
-            }
+impl crate::api::Classify for BlockError {
+    fn kind(&self) -> crate::api::ErrorKind {
+        use crate::api::ErrorKind;
+        match self {
+            BlockError::Config(_) => ErrorKind::BadRequest,
+            BlockError::Image(ImageError::Open { source, .. }) => match ErrorKind::of_io(source) {
+                ErrorKind::Failed => ErrorKind::Unusable,
+                k => k,
+            },
+            BlockError::Image(ImageError::Unusable { .. }) => ErrorKind::Unusable,
+            BlockError::Image(ImageError::Locked { .. }) => ErrorKind::Conflict,
+            BlockError::Version { .. } | BlockError::Mismatch { .. } => ErrorKind::Unusable,
         }
-        let c = BlockConfig {
-            path: path.ok_or_else(|| bad(format!("'{s}' names no path=FILE")))?,
-            readonly,
-            id: id.unwrap_or_else(|| default_id.to_string()),
-            serial,
-            cache,
-        };
-        c.serial_bytes()?;
-        Ok(c)
+    }
+}
+
+/// The device on its transport, as a VM's device set holds it: saved by
+/// type `virtio-blk` and its disk's id.
+impl Persist for MmioTransport<Block> {
+    const TYPE: &'static str = "virtio-blk";
+    type State = TransportState<BlockState>;
+    /// The disk, guest memory as devices see it, and the interrupt line's
+    /// eventfd (None without an irqchip).
+    type Args = (BlockConfig, DeviceMemory, Option<EventFd>);
+
+    fn save(&self) -> Result<Self::State, DeviceError> {
+        MmioTransport::save(self).map_err(|e| DeviceError::Virtio {
+            device: self.device_name().to_string(),
+            source: Box::new(e),
+        })
     }
 
-    /// The serial as GET_ID returns it: zero-padded to 20 bytes.
-    fn serial_bytes(&self) -> Result<[u8; SERIAL_BYTES], BlockConfigError> {
-        let s = self.serial.as_deref().unwrap_or(&self.id);
-        if s.len() > SERIAL_BYTES || !s.bytes().all(|b| b.is_ascii_graphic() || b == b' ') {
-            return Err(BlockConfigError::Invalid(format!(
-                "serial '{s}' must be at most {SERIAL_BYTES} printable ASCII characters"
-            )));
-        }
-        let mut out = [0u8; SERIAL_BYTES];
-        out[..s.len()].copy_from_slice(s.as_bytes());
-        Ok(out)
+    fn restore(
+        (config, memory, irqfd): Self::Args,
+        state: Option<&Self::State>,
+    ) -> Result<Self, DeviceError> {
+        let t = match state {
+            None => MmioTransport::new(Block::new(config)?, memory, irqfd),
+            Some(s) => MmioTransport::restore(Block::restore(config, &s.device)?, memory, irqfd, s),
+        };
+        t.map_err(DeviceError::from)
+    }
+
+    fn quiesce(&self) -> Result<(), DeviceError> {
+        MmioTransport::quiesce(self).map_err(|e| DeviceError::Virtio {
+            device: self.device_name().to_string(),
+            source: Box::new(e),
+        })
+    }
+
+    fn resume(&self) -> Result<(), DeviceError> {
+        MmioTransport::resume(self).map_err(|e| DeviceError::Virtio {
+            device: self.device_name().to_string(),
+            source: Box::new(e),
+        })
     }
 }
 

@@ -877,6 +877,7 @@ fn a_cpl3_guest_notifies_the_disk_through_kvm_and_the_worker_serves_it() {
             guest: GuestSpec::Idle,
             hugepages: false,
             chunk_size: 32 << 20,
+            disks: Vec::new(),
         };
         let mut devs = crate::devices::build(
             &config,
