@@ -1,7 +1,7 @@
 //! What the demo's steps ask a VM, and what they check in its answers.
 //!
 //! Owns the typed requests of both demos (progress, pause, resume, verify,
-//! checkpoint, NUMA move) and the checks that make a step
+//! checkpoint, NUMA move, host migration) and the checks that make a step
 //! fail: a paused guest that moves, a running one that does not, a verify
 //! with violations or with nothing checked, a checkpoint of the wrong kind
 //! or parent. Each failure names its step.
@@ -18,13 +18,14 @@ use serde::Serialize;
 use super::supervise::{VmProcess, NO_BODY};
 use super::DemoError;
 use crate::api::checkpoint::{CheckpointKind as Kind, CheckpointReport, CheckpointRequest};
+use crate::api::migration::{MigrateReport, MigrateRequest};
 use crate::api::numa::{NumaMigrateReport, NumaMigrateRequest};
 use crate::api::vm::{StateReply, StatusReport, VerifyReport, VmState};
 use crate::api::Endpoint;
 
 /// Bound on quick API calls (status, pause, resume, stop).
 pub(super) const QUICK: Duration = Duration::from_secs(10);
-/// Bound on long API calls (verify, checkpoint, NUMA moves): far
+/// Bound on long API calls (verify, checkpoint, NUMA moves, migration): far
 /// above what they take, only there so a wedged VM cannot hang the demo.
 pub(super) const LONG: Duration = Duration::from_secs(180);
 
@@ -205,6 +206,31 @@ pub(super) fn numa_move(
     req: &NumaMigrateRequest,
 ) -> Result<NumaMigrateReport, DemoError> {
     let (r, _) = vm.call_when_free(step, Endpoint::NumaMigrate, Some(req), LONG)?;
+    Ok(r)
+}
+
+/// A host migration to `to`; fails unless the report says it sent pages
+/// and paused the guest.
+pub(super) fn migrate(
+    vm: &mut VmProcess,
+    step: &str,
+    to: &str,
+) -> Result<MigrateReport, DemoError> {
+    let req = MigrateRequest {
+        to: to.into(),
+        ..MigrateRequest::default()
+    };
+    let (r, _): (MigrateReport, _) =
+        vm.call_when_free(step, Endpoint::Migrate, Some(&req), LONG)?;
+    if r.pages_sent == 0 || r.rounds == 0 {
+        return Err(check(
+            step,
+            format!(
+                "the report says {} pages in {} rounds were sent",
+                r.pages_sent, r.rounds
+            ),
+        ));
+    }
     Ok(r)
 }
 

@@ -8,7 +8,7 @@
 //! step (exit 1); the VMs are stopped whatever happens.
 //!
 //! - `script`: the builtin demo's steps, in order (start, pause/verify/
-//!   resume, checkpoints, lazy restore, NUMA moves, stop);
+//!   resume, checkpoints, lazy restore, NUMA moves, host migration, stop);
 //! - `linux` (with `initramfs`): the Linux demo's steps;
 //! - `checks`: what a step asks a VM and what it checks in the answer;
 //! - `supervise`: the child processes, their work dir, and the clean-up on

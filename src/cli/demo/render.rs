@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 
 use super::checks::Watch;
 use crate::api::checkpoint::CheckpointReport;
+use crate::api::migration::{MigrateReport, ReceiveReport};
 use crate::api::numa::{Mode, NumaMigrateReport, NumaStatReport, VcpuStat};
 use crate::api::vm::VerifyReport;
 use crate::util::format_size;
@@ -261,6 +262,43 @@ fn fmt_vcpus(v: &[VcpuStat]) -> String {
         .join(", ")
 }
 
+/// A host migration on two lines: its downtime and cost, then the link
+/// and how the pre-copy went.
+pub(super) fn migrate_text(r: &MigrateReport) -> String {
+    let mut how = format!(
+        "{}, link {:.0} MiB/s",
+        plural(u64::from(r.rounds), "round"),
+        r.link_mib_s
+    );
+    if !r.converged {
+        how += "; the dirty rate did not converge: the last round was a bounded stop-copy";
+    }
+    if r.throttle_max_percent > 0 {
+        how += &format!(
+            "; the guest was throttled up to {} %",
+            r.throttle_max_percent
+        );
+    }
+    format!(
+        "downtime {} µs, {:.0} ms in all: {} pages ({} zero), {} on the wire\n{how}",
+        group(r.downtime_us),
+        r.total_ms,
+        group(r.pages_sent),
+        group(r.zero_pages),
+        format_size(r.bytes_sent),
+    )
+}
+
+/// What the destination said when the VM arrived.
+pub(super) fn arrival_text(name: &str, r: &ReceiveReport) -> String {
+    format!(
+        "VM '{name}' arrived ({} pages, {} received) and ran {:.1} ms after the last round",
+        group(r.pages_received),
+        format_size(r.bytes_received),
+        r.start_ms
+    )
+}
+
 /// What the summary paragraph is made of: the figures of each part of the
 /// builtin demo that ran (a part that did not run is None or empty).
 #[derive(Debug, Default)]
@@ -281,6 +319,8 @@ pub(super) struct Summary {
     pub one_node: bool,
     /// Each NUMA move's mode and longest pause (µs).
     pub moves: Vec<(Mode, u64)>,
+    /// The host migration.
+    pub migration: Option<MigrateReport>,
 }
 
 impl Summary {
@@ -313,6 +353,17 @@ impl Summary {
         }
         if !self.moves.is_empty() {
             s += &self.moves_text();
+        }
+        if let Some(m) = &self.migration {
+            s += &format!(
+                " Finally it migrated live to a second vmhop process on this host in {} ({} on the wire \
+                 at {:.0} MiB/s), the guest stopped for {} µs; the source exited 0 and the guest ran on \
+                 there, its memory intact.",
+                plural(u64::from(m.rounds), "round"),
+                format_size(m.bytes_sent),
+                m.link_mib_s,
+                group(m.downtime_us),
+            );
         }
         s += &format!(" Total {total_s:.1} s.");
         wrap(&s, SUMMARY_WIDTH)
@@ -418,6 +469,39 @@ mod tests {
             .all(|l| l.chars().count() <= 20));
     }
 
+    fn migrate_report() -> MigrateReport {
+        MigrateReport {
+            operation: "migrate".into(),
+            to: "unix:/tmp/m.sock".into(),
+            downtime_us: 2_345,
+            total_ms: 412.0,
+            rounds: 3,
+            pages_sent: 140_000,
+            zero_pages: 9_000,
+            bytes_sent: 540 << 20,
+            page_bytes: 530 << 20,
+            compression: Default::default(),
+            compressed_frames: 0,
+            pages_in_pause: 120,
+            converged: true,
+            throttle_max_percent: 0,
+            link_mib_s: 1_800.0,
+            dirty_per_round: vec![5_000, 300],
+            pause_breakdown: Default::default(),
+        }
+    }
+
+    #[test]
+    fn migrate_text_leads_with_the_downtime() {
+        let t = migrate_text(&migrate_report());
+        assert!(
+            t.starts_with("downtime 2,345 µs, 412 ms in all: 140,000 pages (9,000 zero)"),
+            "{t}"
+        );
+        assert!(t.contains("3 rounds, link 1800 MiB/s"), "{t}");
+        assert!(!t.contains("did not converge"), "{t}");
+    }
+
     #[test]
     fn summary_mentions_each_part_and_pauses_per_mode() {
         let f = Summary {
@@ -427,6 +511,7 @@ mod tests {
             verifies: 5,
             one_node: true,
             moves: vec![(Mode::Live, 8546), (Mode::Live, 10), (Mode::Kernel, 0)],
+            migration: Some(migrate_report()),
             ..Summary::default()
         };
         let s = f.text(9.5).replace('\n', " ");
@@ -442,6 +527,13 @@ mod tests {
             s.contains("in place on this one-node host")
                 && s.contains("(3 moves)")
                 && s.contains("Total 9.5 s"),
+            "{s}"
+        );
+        assert!(
+            s.contains("migrated live to a second vmhop process")
+                && s.contains("stopped for 2,345 µs")
+                && s.contains("in 3 rounds")
+                && s.contains("source exited 0"),
             "{s}"
         );
         assert!(

@@ -13,6 +13,7 @@ use serde::Serialize;
 use super::checks::Watch;
 use super::render::Summary;
 use crate::api::checkpoint::{ChainListing, CheckpointReport, RestoreReport};
+use crate::api::migration::{MigrateReport, ReceiveReport};
 use crate::api::numa::{NumaMigrateReport, NumaStatReport};
 use crate::api::run::Started;
 use crate::api::vm::VerifyReport;
@@ -36,6 +37,9 @@ pub(super) struct Found {
     /// Step 5.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub numa: Option<NumaFound>,
+    /// Step 6.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub migration: Option<MigrationFound>,
 }
 
 /// Step 1: the VM came up and its guest works.
@@ -117,6 +121,25 @@ pub(super) struct MoveFound {
     pub verify: VerifyReport,
 }
 
+/// Step 6: the host migration to a second vmhop process.
+#[derive(Debug, Serialize)]
+pub(super) struct MigrationFound {
+    /// Where the destination listened.
+    pub to: String,
+    /// The source's report.
+    pub report: MigrateReport,
+    /// What the destination printed when the VM arrived.
+    pub arrival: ReceiveReport,
+    /// The source's progress just before the migration.
+    pub progress_before: u64,
+    /// The source process's exit code (0, or the step fails).
+    pub source_exit: i32,
+    /// The guest's progress on the destination.
+    pub progress: Watch,
+    /// The verify on the destination.
+    pub verify: VerifyReport,
+}
+
 impl Found {
     /// The figures the closing summary tells, for a guest of
     /// `memory_bytes` on `vcpus`.
@@ -124,9 +147,11 @@ impl Found {
         let pause = self.pause.as_ref();
         let restore = self.restore.as_ref();
         let numa = self.numa.as_ref();
+        let migration = self.migration.as_ref();
         let verifies = usize::from(pause.is_some())
             + usize::from(restore.is_some())
-            + numa.map_or(0, |n| n.moves.len());
+            + numa.map_or(0, |n| n.moves.len())
+            + usize::from(migration.is_some());
         Summary {
             memory_bytes,
             vcpus,
@@ -144,6 +169,7 @@ impl Found {
                     .map(|m| (m.report.mode, m.report.downtime_us))
                     .collect()
             }),
+            migration: migration.map(|m| m.report.clone()),
         }
     }
 }

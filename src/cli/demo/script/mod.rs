@@ -1,4 +1,4 @@
-//! The builtin demo's script: its six steps, in order, on a
+//! The builtin demo's script: its seven steps, in order, on a
 //! `builtin:dirty` guest, and what each shows.
 //!
 //! 1. start: `vmhop run`, and the guest's progress grows;
@@ -9,10 +9,12 @@
 //!    as a new VM that carries on from the checkpoint's progress, verified;
 //! 5. NUMA moves with each mode (to another node and back, or in place on
 //!    a one-node host), each verified;
-//! 6. stop.
+//! 6. a host migration to a second `vmhop run --incoming` on this host:
+//!    the source exits 0, the guest carries on there, verified;
+//! 7. stop.
 //!
 //! Owns the order and the parameters of the steps and what each step
-//! records in [`Found`]; step 5, the NUMA moves, is in `moves.rs`. The
+//! records in [`Found`]; steps 5 and 6, the moves, are in `moves.rs`. The
 //! processes are `supervise`'s, the requests and checks `checks`'s, the
 //! text `render`'s.
 
@@ -45,9 +47,10 @@ const RELEASE_RATE: u64 = 20_000;
 /// all its memory during every copy round and no checkpoint would converge.
 const DEBUG_RATE: u64 = 5_000;
 
-/// Steps of the demo, for the `[n/6]` headers.
-const STEPS: u32 = 6;
-/// Names of the VM the demo boots and of its restored twin.
+/// Steps of the demo, for the `[n/7]` headers.
+const STEPS: u32 = 7;
+/// Names of the VM the demo boots and of its restored twin (which keeps
+/// its name when it migrates: a VM brings its configuration along).
 const VM_NAME: &str = "demo";
 const RESTORED_NAME: &str = "demo-restored";
 
@@ -157,8 +160,9 @@ impl Demo {
         let ck = self.checkpoints(&mut vm)?;
         let mut restored = self.restore(vm, &ck)?;
         self.numa(&mut restored)?;
-        self.out.step(6, STEPS, "stop");
-        restored.stop("stop the restored VM")?;
+        let migrated = self.migrate(restored)?;
+        self.out.step(7, STEPS, "stop");
+        migrated.stop("stop the migrated VM")?;
         self.out.line("VM stopped; its vmhop process exited 0");
         Ok(())
     }

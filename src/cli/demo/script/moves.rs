@@ -1,17 +1,26 @@
-//! Step 5 of the builtin demo: the guest's memory moved across the host's
-//! NUMA nodes with each mode, each move verified.
+//! Steps 5 and 6 of the builtin demo: the guest's memory moved across the
+//! host's NUMA nodes with each mode, then the whole VM moved to a second
+//! vmhop process on this host; each move verified.
 
-use super::{Demo, STEPS};
+use std::time::Duration;
+
+use super::{Demo, STEPS, WATCH};
 use crate::api::numa::{Mode, NumaMigrateRequest, NumaStatReport, TopologyReport};
-use crate::api::vm::StatusReport;
+use crate::api::run::{Arrival, Started, Waiting};
+use crate::api::vm::{StatusReport, VmState};
 use crate::api::Endpoint;
-use crate::cli::demo::checks::{self, verify, QUICK};
+use crate::cli::demo::checks::{self, check, progress, verify, watch, QUICK};
 use crate::cli::demo::render::{self, group};
-use crate::cli::demo::report::{MoveFound, NumaFound};
+use crate::cli::demo::report::{MigrationFound, MoveFound, NumaFound};
 use crate::cli::demo::supervise::{VmProcess, NO_BODY};
 use crate::cli::demo::DemoError;
 use crate::util::{format_cpu_list, format_size};
 
+/// The destination's migration socket, in the work dir.
+const MIGRATION_SOCKET: &str = "migration.sock";
+/// How long the destination may take to say the VM arrived once the
+/// source's migrate call has returned (it returns when the VM runs there).
+const ARRIVAL_WAIT: Duration = Duration::from_secs(10);
 /// What is said when a move cannot change node.
 const ONE_NODE_NOTE: &str =
     "this host has one NUMA node: moving node 0 to node 0 still exercises the copy path";
@@ -93,6 +102,83 @@ impl Demo {
             stat_after,
         });
         Ok(())
+    }
+
+    /// Step 6: migrate the VM live to a second vmhop process on this host,
+    /// and show the guest carries on there, intact.
+    pub(super) fn migrate(&mut self, mut src: VmProcess) -> Result<VmProcess, DemoError> {
+        let to = format!("unix:{}", self.sup.dir().join(MIGRATION_SOCKET).display());
+        self.out.step(
+            6,
+            STEPS,
+            "host migration to a second vmhop process on this host",
+        );
+        let socket = "migrated.sock";
+        let args = [
+            "run".into(),
+            "--incoming".into(),
+            to.clone(),
+            "--api-socket".into(),
+            self.sup.dir().join(socket).display().to_string(),
+            "--json".into(),
+        ];
+        let mut dst = self
+            .sup
+            .spawn("run --incoming", &args, socket, "migrated.log")?;
+        let waiting: Waiting = dst.start_report()?;
+        if waiting.state != VmState::Incoming {
+            return Err(check(
+                "start the destination",
+                format!("it is {} instead of waiting", waiting.state),
+            ));
+        }
+        // The socket is in the private work dir: no authentication needed.
+        self.out.line(format!(
+            "destination waiting (pid {}): vmhop run --incoming {}",
+            dst.pid(),
+            waiting.listening,
+        ));
+        let before = progress(&mut src, "progress before the migration")?;
+        let report = checks::migrate(&mut src, "migrate", &to)?;
+        self.out.line(format!(
+            "migrated from progress {}: {}",
+            group(before),
+            render::migrate_text(&report)
+        ));
+        src.exits_cleanly("the migration")?;
+        let step = "the migrated VM's start report";
+        let arrived: Started = dst.next_report(step, ARRIVAL_WAIT)?;
+        let Some(Arrival::Migrated(arrival)) = arrived.restore else {
+            return Err(check(
+                step,
+                format!("it names no arrival: {:?}", arrived.restore),
+            ));
+        };
+        self.out.line(format!(
+            "{}; the source process exited 0",
+            render::arrival_text(&arrived.name, &arrival)
+        ));
+        let step = "watch the migrated VM";
+        let w = watch(&mut dst, step, WATCH)?;
+        w.require_from(step, before, "on the source before the migration")?;
+        w.require_growth(step)?;
+        self.out.line(format!(
+            "{}: it continues from the source's {}",
+            render::watch_text(&w),
+            group(before)
+        ));
+        let (v, _) = verify(&mut dst, "verify the migrated VM")?;
+        self.out.line(render::verify_text(&v));
+        self.found.migration = Some(MigrationFound {
+            to,
+            report,
+            arrival,
+            progress_before: before,
+            source_exit: 0,
+            progress: w,
+            verify: v,
+        });
+        Ok(dst)
     }
 }
 

@@ -169,6 +169,20 @@ impl VmProcess {
         })
     }
 
+    /// The next report it prints (a destination's, when the VM arrives),
+    /// as a `T`, within `limit`.
+    pub(in crate::cli::demo) fn next_report<T: DeserializeOwned>(
+        &mut self,
+        step: &str,
+        limit: Duration,
+    ) -> Result<T, DemoError> {
+        let v = self.next_line(step, limit)?;
+        serde_json::from_value(v.clone()).map_err(|e| DemoError::Reply {
+            step: step.into(),
+            reason: format!("{e}: {v}"),
+        })
+    }
+
     /// One API call, decoded into its report type.
     pub(in crate::cli::demo) fn call<T: DeserializeOwned>(
         &mut self,
@@ -379,6 +393,19 @@ mod tests {
             e.contains("not a JSON report") && e.contains("hello"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn later_reports_are_read_in_order_and_a_silent_exit_is_reported() {
+        let s = shell();
+        let mut vm = sh(&s, "echo '{\"n\": 1}'; echo '{\"n\": 2}'; exit 0").unwrap();
+        let two: Value = vm.next_report("second", Duration::from_secs(5)).unwrap();
+        assert_eq!(two["n"], 2);
+        let e = vm
+            .next_report::<Value>("third", Duration::from_secs(5))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("third") && e.contains("exited"), "{e}");
     }
 
     #[test]
