@@ -178,11 +178,14 @@ pub fn demo(local: &dyn Local, a: DemoArgs) -> CliResult {
         ),
     };
     let sup = Supervisor::start(a.keep_dir).map_err(CliError::failed)?;
+    let cleanup = sup.cleanup();
     let out = Out::new(a.json);
-    match which {
+    let r = match which {
         Which::Linux(plan) => linux::run(plan, sup, out),
         Which::Builtin(plan, linux_note) => script::run(plan, sup, out, linux_note),
-    }
+    };
+    cleanup.yield_to_signal();
+    r
 }
 
 /// Which demo runs.

@@ -31,6 +31,9 @@ pub(super) use child::{VmProcess, NO_BODY};
 
 /// How long a child VM gets after SIGTERM before it is killed.
 const TERM_GRACE: Duration = Duration::from_secs(3);
+/// Beyond `TERM_GRACE`, how long the main thread leaves an interrupted
+/// demo's signal thread to remove the work dir and exit.
+const SIGNAL_THREAD_SLACK: Duration = Duration::from_secs(2);
 /// Pause between polls of a child's exit (and between a busy VM's retries).
 const POLL: Duration = Duration::from_millis(25);
 
@@ -44,6 +47,8 @@ pub(super) struct Cleanup(Arc<Mutex<Pending>>);
 struct Pending {
     pids: Vec<libc::pid_t>,
     dir: Option<PathBuf>,
+    /// A stop signal came: the signal thread is ending the demo.
+    interrupted: bool,
 }
 
 impl Cleanup {
@@ -87,7 +92,11 @@ impl Cleanup {
     /// stops its VM cleanly), a grace period for them to close their files,
     /// the work dir removed, exit 130.
     fn interrupted(&self) -> ! {
-        let Pending { pids, dir } = self.pending().clone();
+        let Pending { pids, dir, .. } = {
+            let mut p = self.pending();
+            p.interrupted = true;
+            p.clone()
+        };
         for &pid in &pids {
             // SAFETY: only sends a signal to a child we started and have not
             // reaped (reaping removes it from the list).
@@ -104,6 +113,15 @@ impl Cleanup {
             "vmhop: demo interrupted; told its VMs to stop (SIGTERM) and removed its work dir"
         );
         std::process::exit(130);
+    }
+
+    /// If a stop signal came, leaves the end to the signal thread, which
+    /// exits 130 once the children are gone: the step the signal cut short
+    /// fails meanwhile, and its exit 1 must not win the race.
+    pub(super) fn yield_to_signal(&self) {
+        if self.pending().interrupted {
+            thread::sleep(TERM_GRACE + SIGNAL_THREAD_SLACK);
+        }
     }
 
     #[cfg(test)]
@@ -145,6 +163,11 @@ impl Supervisor {
     fn new(exe: PathBuf, keep_dir: bool, cleanup: Cleanup) -> Result<Supervisor, DemoError> {
         let work = WorkDir::create(keep_dir, cleanup.clone())?;
         Ok(Supervisor { exe, cleanup, work })
+    }
+
+    /// What an interruption must undo, shared with the signal thread.
+    pub(super) fn cleanup(&self) -> Cleanup {
+        self.cleanup.clone()
     }
 
     /// The work dir.
