@@ -1,6 +1,7 @@
 //! `vmhop demo` end to end through the real binary: every step runs on real
 //! KVM and the demo exits 0, saying what it showed (verify ok, checkpoints,
-//! restore, NUMA); `--json` gives one JSON object with every step's reports;
+//! restore, NUMA, the host migration and its downtime); `--json` gives one
+//! JSON object with every step's reports, the migration's included;
 //! bad options are usage errors. The demo cleans up after itself: no child
 //! VM and no work directory outlive it.
 
@@ -131,6 +132,7 @@ fn demo_runs_every_step_exits_zero_and_cleans_up() {
         "incremental",
         "restore",
         "numa",
+        "migrat",
         "summary",
     ] {
         assert!(
@@ -139,13 +141,30 @@ fn demo_runs_every_step_exits_zero_and_cleans_up() {
             o.describe()
         );
     }
-    for step in 1..=6 {
+    for step in 1..=7 {
         assert!(
-            text.contains(&format!("[{step}/6]")),
+            text.contains(&format!("[{step}/7]")),
             "step {step} missing\n{}",
             o.describe()
         );
     }
+    // The migration step names its downtime, and the source's clean exit.
+    let migration = o
+        .stdout
+        .split("[6/7]")
+        .nth(1)
+        .and_then(|rest| rest.split("[7/7]").next())
+        .unwrap_or_else(|| panic!("no migration step\n{}", o.describe()));
+    assert!(
+        migration.contains("--incoming unix:")
+            && migration
+                .lines()
+                .any(|l| l.contains("downtime ") && l.contains(" µs"))
+            && migration.contains("source process exited 0")
+            && migration.contains("verify ok"),
+        "the migration step does not show its report\n{}",
+        o.describe()
+    );
     let dir = work_dir_from_text(&o.stdout)
         .unwrap_or_else(|| panic!("no 'work dir ... removed' line\n{}", o.describe()));
     assert!(
@@ -207,6 +226,32 @@ fn demo_json_prints_one_object_with_every_step() {
         assert!(modes.contains(&mode), "no {mode} move in {modes:?}");
     }
     assert!(moves.iter().all(|m| m["verify"]["ok"] == true), "{v}");
+    // The host migration: the source's report, what the destination
+    // received (all of it), the source's clean exit, and the guest carrying
+    // on from the source's progress, intact.
+    let m = &v["migration"];
+    let r = &m["report"];
+    assert_eq!(r["operation"], "migrate", "{m}");
+    assert_eq!(r["to"], m["to"], "{m}");
+    assert!(
+        m["to"].as_str().is_some_and(|t| t.starts_with("unix:")),
+        "{m}"
+    );
+    for k in ["downtime_us", "rounds", "pages_sent", "bytes_sent"] {
+        assert!(r[k].as_u64().is_some_and(|n| n > 0), "{k}: {m}");
+    }
+    assert!(r["total_ms"].as_f64().is_some_and(|t| t > 0.0), "{m}");
+    assert!(r["link_mib_s"].as_f64().is_some_and(|t| t > 0.0), "{m}");
+    assert_eq!(m["arrival"]["pages_received"], r["pages_sent"], "{m}");
+    assert_eq!(m["arrival"]["bytes_received"], r["bytes_sent"], "{m}");
+    assert_eq!(m["source_exit"], 0, "{m}");
+    let (before, p) = (m["progress_before"].as_u64(), &m["progress"]);
+    assert!(
+        before.is_some_and(|b| p["before"].as_u64().is_some_and(|x| x >= b)),
+        "the guest did not carry on from the source's progress: {m}"
+    );
+    assert!(p["after"].as_u64() > p["before"].as_u64(), "{m}");
+    assert_eq!(m["verify"]["ok"], true, "{m}");
     let dir = v["work_dir"]
         .as_str()
         .unwrap_or_else(|| panic!("no work_dir: {v}"));

@@ -193,7 +193,8 @@ enum Cmd {
     MigrateCancel(ApiOpts),
     /// Show the host's NUMA nodes, their CPUs and memory.
     Topology(output::JsonOpt),
-    /// Run the demo: a builtin guest driven through its API.
+    /// Run the demo: a builtin guest checkpointed, restored, moved across NUMA
+    /// nodes and migrated to a second vmhop process, driven through its API.
     Demo(demo::DemoArgs),
 }
 

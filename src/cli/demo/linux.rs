@@ -1,33 +1,35 @@
 //! `vmhop demo --kernel K [--initrd I] [--cmdline S]`: the same job on a
-//! Linux guest, for hosts with hardware-assisted KVM. Like the builtin-guest
-//! demo it starts real `vmhop run`/`restore` children and drives them
-//! through the API: boot on the host's NUMA nodes, a full and an
-//! incremental checkpoint, a lazy restore of the incremental one, a live
-//! NUMA move, stop. The guest's own console is the proof that it lives:
-//! without `--initrd` the demo packs a small initramfs from the host's
-//! static busybox whose checker prints a heartbeat with its memory checks
-//! (tests/numabox/linux/guest-init.sh), and every step waits for new beats.
+//! Linux guest, for hosts with hardware-assisted KVM. Its script, in five
+//! steps: boot on the host's NUMA nodes, a full and an incremental
+//! checkpoint, a lazy restore of the incremental one, a live NUMA move,
+//! stop. The guest's own console is the proof that it lives: without
+//! `--initrd` the demo packs a small initramfs (`initramfs`) whose checker
+//! prints a heartbeat with its memory checks, and every step waits for new
+//! beats.
 //!
-//! On a paravirtualised KVM that emulates guest kernel code (PVM), it says
-//! so at once and names the NUMA-box command instead of waiting for a boot
-//! that would take hours.
+//! It shares the builtin demo's supervision, requests and checks, and
+//! rendering; what is its own is the console watching. On a paravirtualised
+//! KVM that emulates guest kernel code (PVM), `demo` refuses before it gets
+//! here, naming the NUMA-box command instead of waiting for a boot that
+//! would take hours.
 
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Value};
+use serde::Serialize;
 
-use super::{check, checkpoint, DemoError, Out, VmProcess, WorkDir, LONG, QUICK};
-use crate::api::checkpoint::CheckpointKind as Kind;
+use super::checks::{self, check, QUICK};
+use super::render::{self, Out};
+use super::supervise::{Supervisor, NO_BODY};
+use super::{initramfs, CliResult, DemoError};
+use crate::api::checkpoint::{CheckpointReport, RestoreReport};
+use crate::api::numa::TopologyReport;
 use crate::api::numa::{Mode, NumaMigrateReport, NumaMigrateRequest, NumaStatReport};
-use crate::cli::{CliError, CliResult};
+use crate::api::run::{Arrival, Started};
+use crate::api::Endpoint;
 
-/// The guest's checker, shared with the NUMA-box tests.
-const GUEST_INIT: &str = include_str!("../../../tests/numabox/linux/guest-init.sh");
-/// Where the host's static busybox lives (Debian's busybox-static).
-const BUSYBOX: &str = "/bin/busybox";
 /// Steps of the Linux demo, for the `[n/5]` headers.
 const STEPS: u32 = 5;
 /// How long a boot may take to print its first heartbeat (or, with a
@@ -35,13 +37,18 @@ const STEPS: u32 = 5;
 const BOOT_WAIT: Duration = Duration::from_secs(180);
 /// How long each later step waits for the console to move on.
 const ALIVE_WAIT: Duration = Duration::from_secs(60);
+/// How often the console is read while waiting.
+const CONSOLE_POLL: Duration = Duration::from_millis(100);
 /// Memory of each guest node.
 const NODE_MEMORY: &str = "256M";
+/// The demo's command line when none is given: the checker keeps four
+/// files of 8 MiB in tmpfs.
+const CMDLINE: &str = "console=ttyS0 reboot=k quiet vmhop.files=4 vmhop.file_mb=8";
 /// The heartbeat line of the demo's checker.
 const BEAT: &str = "vmhop-check: beat ";
 
 /// What the user asked for.
-pub struct LinuxPlan {
+pub(super) struct LinuxPlan {
     /// The kernel.
     pub kernel: PathBuf,
     /// The initramfs (None: the demo packs its own).
@@ -50,59 +57,62 @@ pub struct LinuxPlan {
     pub cmdline: Option<String>,
 }
 
+/// What the Linux demo found, for `--json`.
+#[derive(Debug, Default, Serialize)]
+struct LinuxFound {
+    /// Until the console first moved, s.
+    boot_s: f64,
+    /// The full and the incremental checkpoint.
+    checkpoints: Vec<CheckpointReport>,
+    /// The lazy restore.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    restore: Option<RestoreReport>,
+    /// The live NUMA move.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    numa_move: Option<NumaMigrateReport>,
+}
+
 /// Runs the Linux demo.
-pub fn demo(plan: LinuxPlan, keep_dir: bool, json: bool) -> CliResult {
-    let exe = std::env::current_exe().map_err(|e| CliError::failed(DemoError::Exe(e)))?;
-    super::interrupt::install();
-    let work = WorkDir::create(keep_dir).map_err(CliError::failed)?;
+pub(super) fn run(plan: LinuxPlan, sup: Supervisor, out: Out) -> CliResult {
     let mut d = LinuxDemo {
-        exe,
-        out: Out { json },
-        record: serde_json::Map::new(),
         ours: plan.initrd.is_none(),
         plan,
-        work,
+        out,
+        found: LinuxFound::default(),
+        sup,
     };
-    let r = d.run();
-    let removed = d.work.remove();
-    match r {
-        Ok(()) => {
-            if json {
-                d.record.insert("operation".into(), json!("demo"));
-                d.record.insert("guest".into(), json!("linux"));
-                d.record.insert("ok".into(), json!(true));
-                return super::super::output::print_json(&Value::Object(std::mem::take(
-                    &mut d.record,
-                )));
-            }
-            if let Err(e) = removed {
-                d.out.line(format!("warning: {e}"));
-            }
-            Ok(())
-        }
-        Err(e) => Err(CliError::failed(format!(
-            "demo failed: {e}\n  (rerun with --keep-dir to keep the consoles and VM logs)"
-        ))),
+    let started = Instant::now();
+    if let Err(e) = d.steps() {
+        return Err(super::failure(e, &d.sup));
     }
+    super::conclude(
+        &mut d.sup,
+        &d.out,
+        started,
+        Some("linux"),
+        None,
+        &d.found,
+        |_| String::new(),
+    )
 }
 
 struct LinuxDemo {
-    exe: PathBuf,
     plan: LinuxPlan,
     out: Out,
-    record: serde_json::Map<String, Value>,
+    found: LinuxFound,
     /// The initramfs is the demo's own, whose checker beats.
     ours: bool,
-    work: WorkDir,
+    /// Declared last so that the work dir goes after everything else.
+    sup: Supervisor,
 }
 
 impl LinuxDemo {
-    fn run(&mut self) -> Result<(), DemoError> {
+    fn steps(&mut self) -> Result<(), DemoError> {
         let initrd = match &self.plan.initrd {
             Some(i) => i.clone(),
-            None => self.pack_initrd()?,
+            None => initramfs::pack(self.sup.dir())?,
         };
-        let topo = super::read_topology(&self.exe)?;
+        let topo: TopologyReport = self.sup.json(&["topology", "--json"])?;
         let mut nodes: Vec<u32> = topo
             .nodes
             .iter()
@@ -110,40 +120,37 @@ impl LinuxDemo {
             .map(|n| n.id)
             .collect();
         nodes.truncate(2);
-        let cmdline = self.plan.cmdline.clone().unwrap_or_else(|| {
-            "console=ttyS0 reboot=k quiet vmhop.files=4 vmhop.file_mb=8".to_string()
-        });
         self.out.raw(&format!(
             "vmhop demo: Linux {} on 2 vCPUs and {} guest NUMA node(s) of {NODE_MEMORY} (host node(s) {:?}), driven\n\
              through its HTTP API exactly as the vmhop CLI would (work dir {})",
             self.plan.kernel.display(),
             nodes.len(),
             nodes,
-            self.work.path.display()
+            self.sup.dir().display()
         ));
 
         // 1: boot.
-        self.out.step_of(1, STEPS, "boot the kernel");
-        let console = self.work.path.join("console.txt");
-        let sock = self.work.path.join("lx.sock");
+        self.out.step(1, STEPS, "boot the kernel");
+        let console = self.sup.dir().join("console.txt");
+        let socket = "lx.sock";
         let mut args: Vec<String> = vec![
             "run".into(),
             "--name".into(),
             "demo-linux".into(),
             "--api-socket".into(),
-            sock.display().to_string(),
+            self.sup.dir().join(socket).display().to_string(),
             "--vcpus".into(),
             "2".into(),
         ];
         for (g, h) in nodes.iter().enumerate() {
+            let cpus = if nodes.len() == 1 {
+                "0-1".to_string()
+            } else {
+                g.to_string()
+            };
             args.push("--numa".into());
             args.push(format!(
-                "guest-node={g},size={NODE_MEMORY},host-node={h},cpus={}",
-                if nodes.len() == 1 {
-                    "0-1".to_string()
-                } else {
-                    g.to_string()
-                }
+                "guest-node={g},size={NODE_MEMORY},host-node={h},cpus={cpus}"
             ));
         }
         args.extend([
@@ -152,23 +159,18 @@ impl LinuxDemo {
             "--initrd".into(),
             initrd.display().to_string(),
             "--cmdline".into(),
-            cmdline,
+            self.plan.cmdline.clone().unwrap_or_else(|| CMDLINE.into()),
             "--console".into(),
             console.display().to_string(),
             "--json".into(),
         ]);
-        let mut vm = VmProcess::spawn(
-            &self.exe,
-            "run --kernel",
-            &args,
-            sock,
-            self.work.path.join("run.log"),
-        )?;
+        let mut vm = self.sup.spawn("run --kernel", &args, socket, "run.log")?;
         let t = Instant::now();
-        let first = self.wait_console("boot", &console, 0, BOOT_WAIT)?;
+        let mut mark = self.wait_console("boot", &console, 0, BOOT_WAIT)?;
+        self.found.boot_s = t.elapsed().as_secs_f64();
         self.out.line(format!(
             "the guest wrote to its console after {:.1} s",
-            t.elapsed().as_secs_f64()
+            self.found.boot_s
         ));
         for l in fs::read_to_string(&console)
             .unwrap_or_default()
@@ -177,81 +179,67 @@ impl LinuxDemo {
         {
             self.out.line(format!("guest: {l}"));
         }
-        self.record
-            .insert("boot_s".into(), json!(t.elapsed().as_secs_f64()));
 
         // 2: checkpoints.
-        self.out.step_of(
+        self.out.step(
             2,
             STEPS,
             "checkpoint the running guest: full, then incremental",
         );
-        let dir = self.work.path.join("checkpoints");
-        let mut reports = Vec::new();
-        let mut mark = first;
-        for full in [true, false] {
-            let r = checkpoint(&mut vm, "checkpoint", &dir, full)?;
-            let want = if full { Kind::Full } else { Kind::Incremental };
-            if r.kind != want {
-                return Err(check(
-                    "checkpoint",
-                    format!("expected a {want:?} checkpoint, got {:?}", r.kind),
-                ));
-            }
-            self.out.line(format!(
-                "checkpoint {} ({:?}): {} pages written, guest paused {} µs, {:.0} ms in all",
-                r.id, r.kind, r.pages_written, r.downtime_us, r.total_ms
-            ));
-            mark = self.wait_console("checkpoint", &console, mark, ALIVE_WAIT)?;
-            reports.push(r);
+        let dir = self.sup.dir().join("checkpoints");
+        self.out.line(render::CHECKPOINT_HEADER);
+        let mut parent = None;
+        for step in ["full checkpoint", "incremental checkpoint"] {
+            let r = checks::checkpoint(&mut vm, step, &dir, parent)?;
+            self.out.line(render::checkpoint_line(&r));
+            mark = self.wait_console(step, &console, mark, ALIVE_WAIT)?;
+            parent = Some(r.id);
+            self.found.checkpoints.push(r);
         }
-        self.record.insert("checkpoints".into(), json!(reports.iter().map(|r| json!({"id": r.id, "downtime_us": r.downtime_us, "pages_written": r.pages_written})).collect::<Vec<_>>()));
-        let last_id = reports.last().map(|r| r.id).unwrap_or(0);
+        let last_id = parent.unwrap_or(0);
         vm.stop("stop the original VM")?;
 
         // 3: lazy restore.
-        self.out.step_of(
+        self.out.step(
             3,
             STEPS,
             "restore the incremental checkpoint lazily as a new VM",
         );
-        let console2 = self.work.path.join("restored-console.txt");
-        let sock2 = self.work.path.join("restored.sock");
-        let target = format!("{}@{last_id}", dir.display());
+        let console2 = self.sup.dir().join("restored-console.txt");
+        let socket2 = "restored.sock";
         let args2: Vec<String> = vec![
             "restore".into(),
-            target,
+            format!("{}@{last_id}", dir.display()),
             "--name".into(),
             "demo-linux-restored".into(),
             "--api-socket".into(),
-            sock2.display().to_string(),
+            self.sup.dir().join(socket2).display().to_string(),
             "--console".into(),
             console2.display().to_string(),
             "--json".into(),
         ];
-        let mut restored = VmProcess::spawn(
-            &self.exe,
-            "restore",
-            &args2,
-            sock2,
-            self.work.path.join("restore.log"),
-        )?;
-        let resume_ms = restored.start["restore"]["resume_ms"]
-            .as_f64()
-            .unwrap_or(f64::NAN);
+        let mut restored = self.sup.spawn("restore", &args2, socket2, "restore.log")?;
+        let started: Started = restored.start_report()?;
+        let Some(Arrival::Restored(rep)) = started.restore else {
+            return Err(check(
+                "restore",
+                format!("its start report names no restore: {:?}", started.restore),
+            ));
+        };
         self.out.line(format!(
-            "vCPUs running again {resume_ms:.1} ms after the restore began"
+            "vCPUs running again {:.1} ms after the restore began",
+            rep.resume_ms
         ));
+        self.found.restore = Some(rep);
         let mark2 = self.wait_console("restore", &console2, 0, ALIVE_WAIT)?;
         if let Some(l) = last_line(&console2, BEAT) {
             self.out.line(format!("guest (restored): {l}"));
         }
-        self.record
-            .insert("restore_resume_ms".into(), json!(resume_ms));
 
         // 4: NUMA move.
+        let from = *nodes.first().unwrap_or(&0);
         let to = *nodes.last().unwrap_or(&0);
-        self.out.step_of(
+        self.out.step(
             4,
             STEPS,
             &format!("move guest node 0 to host node {to}, live"),
@@ -262,32 +250,20 @@ impl LinuxDemo {
             mode: Mode::Live,
             max_downtime_ms: None,
         };
-        let body = serde_json::to_value(&req).map_err(|e| check("numa-migrate", e.to_string()))?;
-        let (m, _): (NumaMigrateReport, _) =
-            restored.call_when_free("numa-migrate", "PUT", "vm.numa-migrate", Some(body), LONG)?;
-        self.out.line(format!(
-            "moved {} pages in {:.0} ms, longest pause {} µs; placement now {:?}",
-            m.pages_moved, m.total_ms, m.downtime_us, m.placement_after
-        ));
+        let m = checks::numa_move(&mut restored, "numa-migrate", &req)?;
+        self.out.line(render::move_text(&m, from, to));
         let stat: NumaStatReport =
-            restored.call("numa-stat", "GET", "vm.numa-stat", None, QUICK)?;
-        let on: u64 = stat
-            .guest_nodes
-            .first()
-            .map(|g| g.host_nodes.get(&to.to_string()).copied().unwrap_or(0))
-            .unwrap_or(0);
-        self.out.line(format!(
-            "numa-stat: guest node 0 has {on} pages on host node {to}"
-        ));
+            restored.call("numa-stat", Endpoint::NumaStat, NO_BODY, QUICK)?;
+        self.out
+            .line(format!("numa-stat after: {}", render::stat_text(&stat)));
+        self.found.numa_move = Some(m);
         self.wait_console("after the move", &console2, mark2, ALIVE_WAIT)?;
         if let Some(l) = last_line(&console2, BEAT) {
             self.out.line(format!("guest (moved): {l}"));
         }
-        self.record
-            .insert("numa_move_downtime_us".into(), json!(m.downtime_us));
 
         // 5: stop.
-        self.out.step_of(5, STEPS, "stop");
+        self.out.step(5, STEPS, "stop");
         restored.stop("stop the restored VM")?;
         self.out.line("done: the guest booted, was checkpointed twice, restored lazily and moved live, its checks passing throughout");
         Ok(())
@@ -308,7 +284,7 @@ impl LinuxDemo {
             let text = fs::read_to_string(path).unwrap_or_default();
             if let Some(bad) = text
                 .lines()
-                .find(|l| l.contains("vmhop-check: beat") && l.contains("FAIL"))
+                .find(|l| l.contains(BEAT.trim_end()) && l.contains("FAIL"))
             {
                 return Err(check(
                     step,
@@ -334,63 +310,9 @@ impl LinuxDemo {
                     ),
                 ));
             }
-            thread::sleep(Duration::from_millis(100));
+            thread::sleep(CONSOLE_POLL);
         }
     }
-
-    /// Packs the demo's initramfs (newc cpio): the host's static busybox
-    /// and the checker as /init.
-    fn pack_initrd(&self) -> Result<PathBuf, DemoError> {
-        let step = "initramfs";
-        let busybox = fs::read(BUSYBOX).map_err(|e| {
-            check(
-                step,
-                format!("{BUSYBOX}: {e}; install busybox-static or give --initrd"),
-            )
-        })?;
-        if has_interpreter(&busybox) {
-            return Err(check(
-                step,
-                format!("{BUSYBOX} is linked dynamically; install busybox-static or give --initrd"),
-            ));
-        }
-        let mut c = Cpio::default();
-        for d in ["bin", "sbin", "dev", "proc", "sys", "tmp", "run"] {
-            c.dir(d);
-        }
-        c.node("dev/console", 0o020600, 5, 1);
-        c.file("bin/busybox", 0o100755, &busybox);
-        c.file("init", 0o100755, GUEST_INIT.as_bytes());
-        let path = self.work.path.join("initrd.cpio");
-        fs::write(&path, c.finish())
-            .map_err(|e| check(step, format!("{}: {e}", path.display())))?;
-        Ok(path)
-    }
-}
-
-/// Whether a 64-bit ELF file names a program interpreter (is linked
-/// dynamically): the guest has no libc to offer one.
-fn has_interpreter(elf: &[u8]) -> bool {
-    const PT_INTERP: u32 = 3;
-    let u16_at = |o: usize| {
-        elf.get(o..o + 2)
-            .map(|b| u16::from_le_bytes([b[0], b[1]]) as usize)
-    };
-    let u32_at = |o: usize| {
-        elf.get(o..o + 4)
-            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-    };
-    let u64_at = |o: usize| {
-        elf.get(o..o + 8)
-            .map(|b| u64::from_le_bytes(b.try_into().unwrap_or([0; 8])) as usize)
-    };
-    if !elf.starts_with(b"\x7fELF") {
-        return false;
-    }
-    let (Some(phoff), Some(size), Some(count)) = (u64_at(0x20), u16_at(0x36), u16_at(0x38)) else {
-        return false;
-    };
-    (0..count).any(|i| u32_at(phoff + i * size) == Some(PT_INTERP))
 }
 
 /// The last line of `path` that contains `needle`.
@@ -401,105 +323,4 @@ fn last_line(path: &Path, needle: &str) -> Option<String> {
         .rev()
         .find(|l| l.contains(needle))
         .map(str::to_string)
-}
-
-/// A newc ("070701") cpio archive, the format the kernel unpacks as an
-/// initramfs.
-#[derive(Default)]
-struct Cpio {
-    out: Vec<u8>,
-    ino: u32,
-}
-
-impl Cpio {
-    fn entry(&mut self, name: &str, mode: u32, dev: (u32, u32), data: &[u8]) {
-        self.ino += 1;
-        let fields = [
-            self.ino,
-            mode,
-            0,
-            0,
-            1,
-            0,
-            data.len() as u32,
-            0,
-            0,
-            dev.0,
-            dev.1,
-            name.len() as u32 + 1,
-            0,
-        ];
-        self.out.extend_from_slice(b"070701");
-        for f in fields {
-            self.out.extend_from_slice(format!("{f:08x}").as_bytes());
-        }
-        self.out.extend_from_slice(name.as_bytes());
-        self.out.push(0);
-        self.pad();
-        self.out.extend_from_slice(data);
-        self.pad();
-    }
-
-    fn pad(&mut self) {
-        while !self.out.len().is_multiple_of(4) {
-            self.out.push(0);
-        }
-    }
-
-    fn dir(&mut self, name: &str) {
-        self.entry(name, 0o040755, (0, 0), &[]);
-    }
-
-    fn file(&mut self, name: &str, mode: u32, data: &[u8]) {
-        self.entry(name, mode, (0, 0), data);
-    }
-
-    fn node(&mut self, name: &str, mode: u32, major: u32, minor: u32) {
-        self.entry(name, mode, (major, minor), &[]);
-    }
-
-    fn finish(mut self) -> Vec<u8> {
-        self.entry("TRAILER!!!", 0, (0, 0), &[]);
-        self.out
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_dynamically_linked_binary_is_told_from_a_static_one() {
-        let me = fs::read("/proc/self/exe").unwrap();
-        // The test binary itself is linked like the build asked
-        // (scripts/test.sh links everything statically).
-        assert_eq!(has_interpreter(&me), !cfg!(target_feature = "crt-static"));
-        let mut fake = vec![0u8; 0x100];
-        fake[..4].copy_from_slice(b"\x7fELF");
-        fake[0x20] = 0x40;
-        fake[0x36] = 0x38;
-        fake[0x38] = 1;
-        fake[0x40] = 1; // PT_LOAD only
-        assert!(!has_interpreter(&fake));
-        fake[0x40] = 3;
-        assert!(has_interpreter(&fake));
-        assert!(!has_interpreter(b"not an elf"));
-    }
-
-    #[test]
-    fn cpio_entries_are_newc_and_four_byte_aligned() {
-        let mut c = Cpio::default();
-        c.dir("bin");
-        c.file("init", 0o100755, b"#!/bin/sh\n");
-        let a = c.finish();
-        assert!(a.starts_with(b"070701"));
-        assert_eq!(a.len() % 4, 0);
-        let text = String::from_utf8_lossy(&a);
-        assert!(text.contains("init\0") && text.contains("#!/bin/sh\n"));
-        assert!(text.contains("TRAILER!!!"));
-        // The file entry's size field (7th field) is 10 bytes.
-        let at = text.find("init\0").unwrap();
-        let header = &text[at - 110 + 6..at];
-        assert_eq!(&header[48..56], "0000000a");
-    }
 }
