@@ -30,11 +30,12 @@ use std::time::{Duration, Instant};
 use userfaultfd::{Event, Uffd, UffdBuilder};
 
 use super::chain::{Chain, ChainEntry, ChainError, ResolvedChain};
-use super::format::{read_meta, Meta, PAGE_SIZE};
+use super::format::{read_meta, Meta};
 use super::index::IndexEntry;
 use super::{ChainPosition, CheckpointRef};
 use crate::api::checkpoint::CheckpointTarget;
 use crate::memory::GuestMemory;
+use crate::memory::PAGE_SIZE;
 use crate::vmm::vm::Loader;
 use crate::vmm::{Vm, VmConfig, VmState};
 
@@ -43,7 +44,7 @@ const MAX_RUN_PAGES: usize = 256;
 /// Pages of a block: the unit a fault is served in, and that the fault
 /// handler and the loaders claim so that no page is read twice.
 const BLOCK_PAGES: usize = 16;
-const BLOCK_BYTES: u64 = (BLOCK_PAGES * PAGE_SIZE) as u64;
+const BLOCK_BYTES: u64 = BLOCK_PAGES as u64 * PAGE_SIZE;
 /// Most blocks one fault is served with: faults that follow each other
 /// through memory double the blocks served each time, up to this.
 const MAX_FAULT_BLOCKS: usize = 16;
@@ -245,7 +246,7 @@ fn runs(pages: &[(u64, usize, IndexEntry)], memory: &GuestMemory) -> Vec<(usize,
         while j < pages.len()
             && j - i < MAX_RUN_PAGES
             && pages[j].1 == pages[i].1
-            && pages[j].0 == pages[j - 1].0 + PAGE_SIZE as u64
+            && pages[j].0 == pages[j - 1].0 + PAGE_SIZE
             && pages[j].0 < chunk_end
         {
             j += 1;
@@ -276,7 +277,7 @@ fn load_eager(chain: &ResolvedChain, memory: &GuestMemory) -> Result<(), Restore
                     for &(i, n) in part {
                         let run = &pages[i..i + n];
                         let (gpa, r, _) = run[0];
-                        let len = n * PAGE_SIZE;
+                        let len = n * PAGE_SIZE as usize;
                         let dst = memory.host_addr(gpa, len as u64).ok_or_else(|| {
                             RestoreError::Content {
                                 file: chain.readers[r].path().to_path_buf(),
@@ -417,7 +418,7 @@ impl Lazy {
     /// present are skipped.
     fn serve(&self, addr: usize, buf: &mut [u8], ahead: &mut Readahead) {
         let _serving = self.serving.lock().unwrap_or_else(|e| e.into_inner());
-        let page = addr & !(PAGE_SIZE - 1);
+        let page = addr & !(PAGE_SIZE as usize - 1);
         let Some(&(host, start, _)) = self
             .ranges
             .iter()
@@ -446,7 +447,7 @@ impl Lazy {
         } else {
             // Most often a loader is loading this block right now.
             self.wait_for_loader(gpa);
-            (gpa, gpa + PAGE_SIZE as u64)
+            (gpa, gpa + PAGE_SIZE)
         };
         ahead.next = to;
         // A block claimed is filled whole, also where it spans two
@@ -463,21 +464,21 @@ impl Lazy {
             // SAFETY: `page` is a registered, page-aligned guest page; zeros
             // unblock the vCPU, which the loader stops at once because of
             // the failure. EEXIST: it is there already.
-            let _ = unsafe { self.uffd.zeropage(page as *mut _, PAGE_SIZE, true) };
+            let _ = unsafe { self.uffd.zeropage(page as *mut _, PAGE_SIZE as usize, true) };
         }
         // The faulting page may have been loaded by someone else meanwhile,
         // and a copy skipping it wakes nobody.
-        let _ = self.uffd.wake(page as *mut _, PAGE_SIZE);
+        let _ = self.uffd.wake(page as *mut _, PAGE_SIZE as usize);
     }
 
     /// Makes the pages of guest [from, to) (in one registered range, at
     /// most `buf` long) present: each page's latest version, the zero page
     /// where no file has data. Pages already present are left alone.
     fn fill(&self, from: u64, to: u64, buf: &mut [u8]) -> Result<(), String> {
-        let n = ((to - from) as usize / PAGE_SIZE).min(buf.len() / PAGE_SIZE);
+        let n = ((to - from) as usize / PAGE_SIZE as usize).min(buf.len() / PAGE_SIZE as usize);
         let found: Vec<Option<(usize, IndexEntry)>> = (0..n)
             .map(|k| {
-                self.latest(from + (k * PAGE_SIZE) as u64)
+                self.latest(from + k as u64 * PAGE_SIZE)
                     .filter(|(_, e)| !e.zero)
             })
             .collect();
@@ -488,8 +489,8 @@ impl Lazy {
                 .iter()
                 .take_while(|f| f.is_some() == data)
                 .count();
-            let gpa = from + (i * PAGE_SIZE) as u64;
-            let len = (j - i) * PAGE_SIZE;
+            let gpa = from + i as u64 * PAGE_SIZE;
+            let len = (j - i) * PAGE_SIZE as usize;
             if data {
                 let block: Vec<(usize, IndexEntry)> =
                     found[i..j].iter().flatten().copied().collect();
@@ -522,7 +523,10 @@ impl Lazy {
             let r = block[i].0;
             let j = i + block[i..].iter().take_while(|(rr, _)| *rr == r).count();
             let entries: Vec<IndexEntry> = block[i..j].iter().map(|b| b.1).collect();
-            self.chain.readers[r].read_pages(&entries, &mut out[i * PAGE_SIZE..j * PAGE_SIZE])?;
+            self.chain.readers[r].read_pages(
+                &entries,
+                &mut out[i * PAGE_SIZE as usize..j * PAGE_SIZE as usize],
+            )?;
             i = j;
         }
         Ok(())
@@ -551,11 +555,11 @@ impl Lazy {
                 Ok(_) => return Ok(()),
                 // Copied up to an existing page.
                 Err(userfaultfd::Error::PartiallyCopied(n))
-                    if n > 0 && n < rest && n.is_multiple_of(PAGE_SIZE) =>
+                    if n > 0 && n < rest && n.is_multiple_of(PAGE_SIZE as usize) =>
                 {
                     off += n
                 }
-                Err(e) if is_exists(&e) => off += PAGE_SIZE,
+                Err(e) if is_exists(&e) => off += PAGE_SIZE as usize,
                 // EAGAIN with nothing copied: the address space was changing.
                 Err(userfaultfd::Error::PartiallyCopied(_)) if retries < 100 => {
                     retries += 1;
@@ -568,7 +572,7 @@ impl Lazy {
     }
 
     fn handler(self: Arc<Self>) {
-        let mut buf = vec![0u8; MAX_FAULT_BLOCKS * BLOCK_PAGES * PAGE_SIZE];
+        let mut buf = vec![0u8; MAX_FAULT_BLOCKS * BLOCK_PAGES * PAGE_SIZE as usize];
         let mut ahead = Readahead { next: 0, blocks: 0 };
         let fd = self.uffd.as_raw_fd();
         while !self.done.load(Ordering::Acquire) {
@@ -658,7 +662,7 @@ impl Lazy {
         holes: &[(u64, u64)],
         who: u8,
     ) -> bool {
-        let mut buf = vec![0u8; BLOCK_PAGES * PAGE_SIZE];
+        let mut buf = vec![0u8; BLOCK_PAGES * PAGE_SIZE as usize];
         let mut h = 0;
         for &(i, n) in memory_runs {
             if self.failed() {
@@ -705,7 +709,7 @@ impl Lazy {
         let Some(&(gpa, r, _)) = run.first() else {
             return true;
         };
-        let len = run.len() * PAGE_SIZE;
+        let len = run.len() * PAGE_SIZE as usize;
         let Some(dst) = self.host_of(gpa) else {
             return true;
         };
@@ -739,7 +743,7 @@ impl Lazy {
         // cut per range) and is page-aligned.
         match unsafe { self.uffd.zeropage(dst as *mut _, len, true) } {
             Ok(_) => true,
-            Err(e) if len == PAGE_SIZE => {
+            Err(e) if len == PAGE_SIZE as usize => {
                 if is_exists(&e) {
                     return true;
                 }
@@ -750,7 +754,7 @@ impl Lazy {
             }
             // Some page was there (the zeropage ioctl stops at it).
             Err(_) => {
-                let half = (len / PAGE_SIZE / 2) * PAGE_SIZE;
+                let half = (len / PAGE_SIZE as usize / 2) * PAGE_SIZE as usize;
                 self.zero_span(gpa, dst, half)
                     && self.zero_span(gpa + half as u64, dst + half, len - half)
             }
@@ -775,7 +779,7 @@ fn holes(pages: &[(u64, usize, IndexEntry)], ranges: &Ranges) -> Vec<(u64, u64)>
             if g > cur {
                 out.push((cur, g - cur));
             }
-            cur = g + PAGE_SIZE as u64;
+            cur = g + PAGE_SIZE;
             i += 1;
         }
         if cur < end {
@@ -1163,7 +1167,7 @@ mod tests {
             while j < pages.len()
                 && j - i < max
                 && pages[j].1 == pages[i].1
-                && pages[j].0 == pages[j - 1].0 + PAGE_SIZE as u64
+                && pages[j].0 == pages[j - 1].0 + PAGE_SIZE
             {
                 j += 1;
             }
@@ -1175,8 +1179,8 @@ mod tests {
 
     /// Page `gpa`'s content in [`a_block_spanning_two_chunks_is_loaded_whole`].
     fn content(gpa: u64) -> Vec<u8> {
-        (0..PAGE_SIZE)
-            .map(|i| (gpa / PAGE_SIZE as u64 * 7 + i as u64 % 251 + 1) as u8)
+        (0..PAGE_SIZE as usize)
+            .map(|i| (gpa / PAGE_SIZE * 7 + i as u64 % 251 + 1) as u8)
             .collect()
     }
 
@@ -1220,7 +1224,7 @@ mod tests {
     #[test]
     fn zeros_fill_a_hole_around_pages_already_there_and_keep_them() {
         let dir = tempfile::tempdir().unwrap();
-        let len = 300 * PAGE_SIZE;
+        let len = 300 * PAGE_SIZE as usize;
         let m = crate::memory::Mapping::new(len, crate::memory::Backing::Anonymous).unwrap();
         let ranges: Ranges = vec![(m.as_ptr() as usize, 0, len)];
         let lazy = lazy_over(&ranges, empty_chain(dir.path()));
@@ -1232,8 +1236,8 @@ mod tests {
                 lazy.uffd
                     .copy(
                         data.as_ptr() as *const _,
-                        m.as_ptr().add(p * PAGE_SIZE) as *mut _,
-                        PAGE_SIZE,
+                        m.as_ptr().add(p * PAGE_SIZE as usize) as *mut _,
+                        PAGE_SIZE as usize,
                         true,
                     )
                     .unwrap();
@@ -1244,8 +1248,12 @@ mod tests {
         lazy.uffd.unregister(m.as_ptr() as *mut _, len).unwrap();
         for p in 0..300 {
             // SAFETY: page p of a live mapping no one else writes.
-            let got =
-                unsafe { std::slice::from_raw_parts(m.as_ptr().add(p * PAGE_SIZE), PAGE_SIZE) };
+            let got = unsafe {
+                std::slice::from_raw_parts(
+                    m.as_ptr().add(p * PAGE_SIZE as usize),
+                    PAGE_SIZE as usize,
+                )
+            };
             if there.contains(&p) {
                 assert!(
                     got == content(p as u64).as_slice(),
@@ -1270,7 +1278,7 @@ mod tests {
             super::super::format::Header::full(1),
         )
         .unwrap();
-        for gpa in (0..(a_len + b_len) as u64).step_by(PAGE_SIZE) {
+        for gpa in (0..(a_len + b_len) as u64).step_by(PAGE_SIZE as usize) {
             w.add_page(gpa, &content(gpa)).unwrap();
         }
         w.finish().unwrap();
@@ -1282,7 +1290,7 @@ mod tests {
             (b.as_ptr() as usize, a_len as u64, b_len),
         ];
         let lazy = lazy_over(&ranges, chain.clone());
-        let mut buf = vec![0u8; MAX_FAULT_BLOCKS * BLOCK_PAGES * PAGE_SIZE];
+        let mut buf = vec![0u8; MAX_FAULT_BLOCKS * BLOCK_PAGES * PAGE_SIZE as usize];
         let mut ahead = Readahead { next: 0, blocks: 0 };
         lazy.serve(a.as_ptr() as usize + 0x10000, &mut buf, &mut ahead);
         let pages = chain.data_pages();
@@ -1303,10 +1311,12 @@ mod tests {
             lazy.uffd.unregister(h as *mut _, l).unwrap();
         }
         for &(h, g, l) in &ranges {
-            for off in (0..l).step_by(PAGE_SIZE) {
+            for off in (0..l).step_by(PAGE_SIZE as usize) {
                 let gpa = g + off as u64;
                 // SAFETY: off < l, inside a live mapping no one else writes.
-                let got = unsafe { std::slice::from_raw_parts((h + off) as *const u8, PAGE_SIZE) };
+                let got = unsafe {
+                    std::slice::from_raw_parts((h + off) as *const u8, PAGE_SIZE as usize)
+                };
                 assert!(
                     got == content(gpa).as_slice(),
                     "guest page {gpa:#x} was not loaded"
@@ -1321,7 +1331,7 @@ mod tests {
         // end in the middle of blocks everywhere.
         let pages: Vec<_> = (0..4000u64)
             .filter(|p| p % 7 != 3)
-            .map(|p| page(p * PAGE_SIZE as u64, (p / 5 % 2) as usize))
+            .map(|p| page(p * PAGE_SIZE, (p / 5 % 2) as usize))
             .collect();
         let runs = cut(&pages, 3);
         for count in [1, 2, 3, 7, 64, runs.len(), runs.len() * 2] {

@@ -30,7 +30,7 @@ pub use auth::{
     check_policy, handshake_as_destination, handshake_as_source, handshake_as_source_on, AuthError,
     Authenticated, PolicyError, Role, Security,
 };
-pub use compress::{decode_pages, encode_pages, is_zero_page, Compression, DecodeError, Encoding};
+pub use compress::{decode_pages, encode_pages, Compression, DecodeError, Encoding};
 pub use protocol::{
     AckKind, Binding, Frame, FrameReader, FrameStream, FrameWriter, Integrity, Link, ProtocolError,
     SessionNonce,
