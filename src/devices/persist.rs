@@ -16,7 +16,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use super::DeviceError;
-use crate::vmm::bus::SaveDevices;
+use crate::vmm::bus::{DeviceSaveError, SaveDevices};
 use crate::vmm::state::DeviceStates;
 
 /// A device whose state travels with checkpoints and migrations.
@@ -110,10 +110,13 @@ impl Registry {
 }
 
 impl SaveDevices for Registry {
-    fn save(&self) -> Result<DeviceStates, String> {
+    fn save(&self) -> Result<DeviceStates, DeviceSaveError> {
         let mut out = DeviceStates::new();
         for (t, id, save) in &self.savers {
-            let v = save().map_err(|e| format!("cannot save device {t}/{id}: {e}"))?;
+            let v = save().map_err(|source| DeviceSaveError {
+                device: format!("{t}/{id}"),
+                source,
+            })?;
             out.entry(t.to_string()).or_default().insert(id.clone(), v);
         }
         Ok(out)

@@ -112,7 +112,18 @@ pub trait PioDevice: Send + Sync {
 /// device (`crate::devices::persist` implements it).
 pub trait SaveDevices: Send + Sync {
     /// Every device's state, by type and id.
-    fn save(&self) -> Result<crate::vmm::state::DeviceStates, String>;
+    fn save(&self) -> Result<crate::vmm::state::DeviceStates, DeviceSaveError>;
+}
+
+/// A device's state could not be saved.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot save device {device}: {source}")]
+pub struct DeviceSaveError {
+    /// The device, as `type/id`.
+    pub device: String,
+    /// Why its state did not serialize.
+    #[source]
+    pub source: serde_json::Error,
 }
 
 /// A device reached through memory-mapped I/O: a window of guest-physical

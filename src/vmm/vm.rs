@@ -110,7 +110,10 @@ pub enum VmError {
     Signal(#[source] vmm_sys_util::errno::Error),
     /// The devices' states could not be saved.
     #[error("devices: {0}")]
-    Devices(String),
+    Devices(#[from] super::bus::DeviceSaveError),
+    /// The devices' view of guest memory could not be made.
+    #[error("devices: {0}")]
+    DeviceMemory(#[source] crate::memory::device::DeviceMemoryError),
     /// Writing the guest into memory or setting up its boot vCPU failed.
     #[error("{0}")]
     Boot(#[source] StepError),
@@ -118,8 +121,8 @@ pub enum VmError {
     #[error("{0}")]
     Load(#[source] StepError),
     /// Saved state does not fit this VM.
-    #[error("{0}")]
-    Mismatch(String),
+    #[error(transparent)]
+    Mismatch(#[from] StateMismatch),
     /// No memory chunk has this number.
     #[error("no memory chunk {0}")]
     NoChunk(u32),
@@ -155,6 +158,25 @@ pub enum VmError {
     /// The operation needs another state.
     #[error("the VM is {0:?}; {1}")]
     State(RunState, &'static str),
+}
+
+/// How a saved state does not fit the VM being built from it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StateMismatch {
+    /// A vCPU count other than the configuration's.
+    #[error("the saved state has {saved} vCPUs, the configuration {configured}")]
+    VcpuCount {
+        /// vCPUs in the state.
+        saved: usize,
+        /// vCPUs in the configuration.
+        configured: usize,
+    },
+    /// Interrupt controller and clock state for a guest kind without them.
+    #[error("the saved state has an interrupt controller this guest kind does not use")]
+    UnexpectedMachine,
+    /// A Linux guest's state without its interrupt controller and clock.
+    #[error("the saved state lacks the interrupt controller and clock state of a Linux guest")]
+    MissingMachine,
 }
 
 impl crate::api::Classify for VmError {
@@ -462,8 +484,7 @@ impl Vm {
         // SAFETY: the chunks' host addresses stay mapped as long as the VM
         // (a NUMA move swaps pages under them), and `shutdown`, which `Drop`
         // calls before the memory goes, detaches the view.
-        unsafe { vm.device_memory.attach(&vm.memory()) }
-            .map_err(|e| VmError::Devices(e.to_string()))?;
+        unsafe { vm.device_memory.attach(&vm.memory()) }.map_err(VmError::DeviceMemory)?;
         vm.dirty.lock().unwrap_or_else(|e| e.into_inner()).logging = dirty_log;
 
         let supported = vm
@@ -506,11 +527,11 @@ impl Vm {
                 dirty_log: _,
             } => {
                 if vcpus.len() != fds.len() {
-                    return Err(VmError::Mismatch(format!(
-                        "the saved state has {} vCPUs, the configuration {}",
-                        vcpus.len(),
-                        fds.len()
-                    )));
+                    return Err(StateMismatch::VcpuCount {
+                        saved: vcpus.len(),
+                        configured: fds.len(),
+                    }
+                    .into());
                 }
                 // Memory first: restoring some vCPU and clock state makes
                 // KVM write into guest memory (the kvmclock pages), which
@@ -520,16 +541,8 @@ impl Vm {
                 match (&machine, irqchip) {
                     (Some(m), true) => vm.restore_machine(m)?,
                     (None, false) => {}
-                    (Some(_), false) => {
-                        return Err(VmError::Mismatch(
-                            "the saved state has an interrupt controller this guest kind does not use".into(),
-                        ))
-                    }
-                    (None, true) => {
-                        return Err(VmError::Mismatch(
-                            "the saved state lacks the interrupt controller and clock state of a Linux guest".into(),
-                        ))
-                    }
+                    (Some(_), false) => return Err(StateMismatch::UnexpectedMachine.into()),
+                    (None, true) => return Err(StateMismatch::MissingMachine.into()),
                 }
                 for (v, s) in fds.iter().zip(&vcpus) {
                     vcpu::restore_state(v, s)?;
@@ -809,7 +822,7 @@ impl Vm {
     /// devices hold. The VM must be paused.
     pub fn save_state(&self, _pause: &Pause, vcpus: Vec<VcpuState>) -> Result<VmState, VmError> {
         let devices = match &self.device_states {
-            Some(d) => d.save().map_err(VmError::Devices)?,
+            Some(d) => d.save()?,
             None => Default::default(),
         };
         Ok(VmState {
