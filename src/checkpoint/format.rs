@@ -21,7 +21,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-use super::index::{Index, IndexEntry, Section, CRC_LEN, MAX_RECORDS, RUN_LEN};
+use super::index::{Index, IndexEntry, IndexError, Section, CRC_LEN, MAX_RECORDS, RUN_LEN};
 use crate::memory::{is_zero_page, PAGE_SIZE};
 
 /// The format version this code writes and the only one it reads.
@@ -224,7 +224,9 @@ impl crate::api::Classify for FormatError {
             | FormatError::UnsupportedVersion { .. }
             | FormatError::Checksum { .. }
             | FormatError::Truncated { .. }
-            | FormatError::Corrupt { .. } => ErrorKind::Unusable,
+            | FormatError::Corrupt { .. }
+            | FormatError::Layout { .. }
+            | FormatError::Index { .. } => ErrorKind::Unusable,
             FormatError::AlreadyExists { .. } => ErrorKind::Conflict,
             FormatError::InvalidArgument { .. } | FormatError::Poisoned { .. } => ErrorKind::Failed,
         }
@@ -287,6 +289,24 @@ pub enum FormatError {
         len: u64,
         /// What is missing.
         detail: String,
+    },
+    /// The footer's sections do not tile the file.
+    #[error("{path}: corrupt checkpoint file: {source}")]
+    Layout {
+        /// The file.
+        path: PathBuf,
+        /// How they do not.
+        #[source]
+        source: LayoutError,
+    },
+    /// The index's checksum holds but its runs are impossible.
+    #[error("{path}: corrupt checkpoint file: {source}")]
+    Index {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with the index.
+        #[source]
+        source: IndexError,
     },
     /// The checksums hold but the content is inconsistent.
     #[error("{path}: corrupt checkpoint file: {reason}")]
@@ -1077,7 +1097,10 @@ impl Framed {
                 footer.id, footer.chain_id, header.id, header.chain_id
             )));
         }
-        check_layout(&footer).map_err(corrupt)?;
+        check_layout(&footer).map_err(|source| FormatError::Layout {
+            path: path.to_path_buf(),
+            source,
+        })?;
         Ok(Framed {
             file,
             file_len,
@@ -1267,9 +1290,51 @@ impl CheckpointReader {
     }
 }
 
+/// How a footer's sections fail to tile the file.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LayoutError {
+    /// A section does not start where the one before it ends.
+    #[error("the {name} section starts at {offset:#x}, expected {expected:#x}")]
+    Misplaced {
+        /// The section.
+        name: &'static str,
+        /// Where it starts.
+        offset: u64,
+        /// Where it should.
+        expected: u64,
+    },
+    /// A section's end does not fit in 64 bits.
+    #[error("the {name} section's length {len:#x} overflows")]
+    Overflow {
+        /// The section.
+        name: &'static str,
+        /// Its length.
+        len: u64,
+    },
+    /// The sections do not end where the footer starts.
+    #[error("the sections end at {end:#x}, but the footer starts at {footer:#x}")]
+    Footer {
+        /// Where the sections end.
+        end: u64,
+        /// Where the footer starts.
+        footer: u64,
+    },
+    /// The pages section is not whole pages.
+    #[error("the pages section's length {0:#x} is not a multiple of the page size")]
+    PagesLength(u64),
+    /// The index section is not its runs and whole crcs.
+    #[error("the index has {len} bytes, which is not {runs} runs and whole crcs")]
+    IndexLength {
+        /// Its length.
+        len: u64,
+        /// The runs the footer says it starts with.
+        runs: u64,
+    },
+}
+
 /// Checks that the sections tile the file exactly: header block, pages,
 /// config, state, index, footer, in that order.
-fn check_layout(f: &Footer) -> Result<(), String> {
+fn check_layout(f: &Footer) -> Result<(), LayoutError> {
     let mut expect = HEADER_BLOCK_LEN as u64;
     let named = [
         ("pages", f.pages),
@@ -1279,34 +1344,30 @@ fn check_layout(f: &Footer) -> Result<(), String> {
     ];
     for (name, s) in named {
         if s.offset != expect {
-            return Err(format!(
-                "the {name} section starts at {:#x}, expected {expect:#x}",
-                s.offset
-            ));
+            return Err(LayoutError::Misplaced {
+                name,
+                offset: s.offset,
+                expected: expect,
+            });
         }
-        expect = s
-            .end()
-            .ok_or_else(|| format!("the {name} section's length {:#x} overflows", s.len))?;
+        expect = s.end().ok_or(LayoutError::Overflow { name, len: s.len })?;
     }
     if expect.checked_add(FOOTER_LEN as u64) != Some(f.file_len) {
-        return Err(format!(
-            "the sections end at {expect:#x}, but the footer starts at {:#x}",
-            f.file_len.saturating_sub(FOOTER_LEN as u64)
-        ));
+        return Err(LayoutError::Footer {
+            end: expect,
+            footer: f.file_len.saturating_sub(FOOTER_LEN as u64),
+        });
     }
     if !f.pages.len.is_multiple_of(PAGE_SIZE) {
-        return Err(format!(
-            "the pages section's length {:#x} is not a multiple of the page size",
-            f.pages.len
-        ));
+        return Err(LayoutError::PagesLength(f.pages.len));
     }
     let runs = f.index_runs.checked_mul(RUN_LEN as u64);
     let crcs = runs.and_then(|r| f.index.len.checked_sub(r));
     if !crcs.is_some_and(|c| c.is_multiple_of(CRC_LEN as u64)) {
-        return Err(format!(
-            "the index has {} bytes, which is not {} runs and whole crcs",
-            f.index.len, f.index_runs
-        ));
+        return Err(LayoutError::IndexLength {
+            len: f.index.len,
+            runs: f.index_runs,
+        });
     }
     Ok(())
 }
@@ -1360,9 +1421,9 @@ fn read_index(
             section: "index section".into(),
         });
     }
-    Index::decode(&runs, crcs, kind, footer.pages).map_err(|reason| FormatError::Corrupt {
+    Index::decode(&runs, crcs, kind, footer.pages).map_err(|source| FormatError::Index {
         path: path.to_path_buf(),
-        reason,
+        source,
     })
 }
 
@@ -1738,6 +1799,8 @@ mod tests {
             | FormatError::Checksum { path, .. }
             | FormatError::Truncated { path, .. }
             | FormatError::Corrupt { path, .. }
+            | FormatError::Layout { path, .. }
+            | FormatError::Index { path, .. }
             | FormatError::AlreadyExists { path }
             | FormatError::InvalidArgument { path, .. }
             | FormatError::Poisoned { path } => path,

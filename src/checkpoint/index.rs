@@ -44,6 +44,70 @@ impl Section {
     }
 }
 
+/// An index section whose checksum holds but whose runs are impossible.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IndexError {
+    /// The section is not whole runs followed by whole crcs.
+    #[error("the index does not end on a whole run and crc")]
+    Partial,
+    /// One run is wrong.
+    #[error("index run {run} (gpa {gpa:#x}, {pages} pages): {problem}")]
+    Run {
+        /// Its position in the index.
+        run: usize,
+        /// Its first page.
+        gpa: u64,
+        /// Its page count.
+        pages: u64,
+        /// What is wrong with it.
+        problem: RunProblem,
+    },
+    /// The crcs do not match the pages with data.
+    #[error("the index holds {crcs} page crcs for {pages} pages with data")]
+    Crcs {
+        /// Crcs in the section.
+        crcs: usize,
+        /// Pages with data the runs describe.
+        pages: usize,
+    },
+}
+
+/// What is wrong with one run of the index.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RunProblem {
+    /// A flag this version does not know.
+    #[error("unknown flags {0:#x}")]
+    UnknownFlags(u16),
+    /// A run of no pages.
+    #[error("a run of no pages")]
+    Empty,
+    /// Its gpa is not page-aligned.
+    #[error("gpa is not page-aligned")]
+    Unaligned,
+    /// It ends beyond the largest address.
+    #[error("ends beyond the largest address")]
+    Overflow,
+    /// It does not start after the previous run.
+    #[error("does not start after the previous run, which ends at {0:#x}")]
+    Overlaps(u64),
+    /// A zero run in a full checkpoint, which has none.
+    #[error("zero run in a full checkpoint")]
+    ZeroInFull,
+    /// A zero run that names a record.
+    #[error("zero run with a record number {0}")]
+    ZeroWithRecord(u32),
+    /// Its records are not all in the pages section.
+    #[error("records {first}..{end} are not all in the {records} of the pages section")]
+    OutsidePages {
+        /// Its first record.
+        first: u32,
+        /// One past its last record.
+        end: u64,
+        /// Records in the pages section.
+        records: u64,
+    },
+}
+
 /// One page's entry in the index: a page of the file seen on its own.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct IndexEntry {
@@ -114,9 +178,9 @@ impl Index {
         crcs: Vec<u8>,
         kind: Kind,
         section: Section,
-    ) -> Result<Index, String> {
+    ) -> Result<Index, IndexError> {
         if !runs.len().is_multiple_of(RUN_LEN) || !crcs.len().is_multiple_of(CRC_LEN) {
-            return Err("the index does not end on a whole run and crc".into());
+            return Err(IndexError::Partial);
         }
         let records = section.len / PAGE_SIZE;
         let mut out = Vec::with_capacity(runs.len() / RUN_LEN);
@@ -128,39 +192,43 @@ impl Index {
             let record = u32::from_le_bytes(b[8..12].try_into().expect("4 bytes"));
             let count = u16::from_le_bytes([b[12], b[13]]) as u64;
             let flags = u16::from_le_bytes([b[14], b[15]]);
-            let bad = |what: String| format!("index run {i} (gpa {gpa:#x}, {count} pages): {what}");
+            let bad = |problem| IndexError::Run {
+                run: i,
+                gpa,
+                pages: count,
+                problem,
+            };
             if flags & !RUN_FLAG_ZERO != 0 {
-                return Err(bad(format!("unknown flags {flags:#x}")));
+                return Err(bad(RunProblem::UnknownFlags(flags)));
             }
             if count == 0 {
-                return Err(bad("a run of no pages".into()));
+                return Err(bad(RunProblem::Empty));
             }
             if !gpa.is_multiple_of(PAGE_SIZE) {
-                return Err(bad("gpa is not page-aligned".into()));
+                return Err(bad(RunProblem::Unaligned));
             }
             let end = gpa
                 .checked_add(count * PAGE_SIZE)
-                .ok_or_else(|| bad("ends beyond the largest address".into()))?;
+                .ok_or_else(|| bad(RunProblem::Overflow))?;
             if i > 0 && gpa < prev_end {
-                return Err(bad(format!(
-                    "does not start after the previous run, which ends at {prev_end:#x}"
-                )));
+                return Err(bad(RunProblem::Overlaps(prev_end)));
             }
             let zero = flags & RUN_FLAG_ZERO != 0;
             let offset = if zero {
                 if kind == Kind::Full {
-                    return Err(bad("zero run in a full checkpoint".into()));
+                    return Err(bad(RunProblem::ZeroInFull));
                 }
                 if record != 0 {
-                    return Err(bad(format!("zero run with a record number {record}")));
+                    return Err(bad(RunProblem::ZeroWithRecord(record)));
                 }
                 0
             } else {
                 if record as u64 + count > records {
-                    return Err(bad(format!(
-                        "records {record}..{} are not all in the {records} of the pages section",
-                        record as u64 + count
-                    )));
+                    return Err(bad(RunProblem::OutsidePages {
+                        first: record,
+                        end: record as u64 + count,
+                        records,
+                    }));
                 }
                 section.offset + record as u64 * PAGE_SIZE
             };
@@ -178,10 +246,10 @@ impl Index {
             prev_end = end;
         }
         if crc_at * CRC_LEN != crcs.len() {
-            return Err(format!(
-                "the index holds {} page crcs for {crc_at} pages with data",
-                crcs.len() / CRC_LEN
-            ));
+            return Err(IndexError::Crcs {
+                crcs: crcs.len() / CRC_LEN,
+                pages: crc_at,
+            });
         }
         Ok(Index {
             runs: out,
@@ -385,7 +453,7 @@ mod tests {
         ];
         for (runs, crcs, kind, why) in cases {
             let err = Index::decode(&runs, crcs, kind, small).unwrap_err();
-            assert!(err.contains(why), "expected {why:?}: {err}");
+            assert!(err.to_string().contains(why), "expected {why:?}: {err}");
         }
     }
 }

@@ -67,13 +67,75 @@ pub enum RestoreError {
     /// The chain or a file is unusable.
     #[error("{0}")]
     Chain(#[from] super::chain::ChainError),
-    /// A file is readable but its content is not a vmhop VM.
-    #[error("{file}: {reason}")]
-    Content {
+    /// The saved VM state does not deserialize.
+    #[error("{file}: the saved VM state is not readable: {source}")]
+    State {
         /// The file.
         file: PathBuf,
-        /// What is wrong.
-        reason: String,
+        /// serde's error.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The saved configuration does not deserialize.
+    #[error("{file}: the saved configuration is not readable: {source}")]
+    Config {
+        /// The file.
+        file: PathBuf,
+        /// serde's error.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The saved configuration is not one vmhop can run.
+    #[error("{file}: the saved configuration is invalid: {source}")]
+    InvalidConfig {
+        /// The file.
+        file: PathBuf,
+        /// What is wrong with it.
+        #[source]
+        source: crate::vmm::ConfigError,
+    },
+    /// A file holds a page outside the VM's memory.
+    #[error("{file}: page {gpa:#x} lies outside the VM's {size} bytes of memory")]
+    PageOutside {
+        /// The file.
+        file: PathBuf,
+        /// The page.
+        gpa: u64,
+        /// The VM's memory size.
+        size: u64,
+    },
+    /// A page to load has no place in the VM's memory as built.
+    #[error("{file}: page {gpa:#x} is not in guest memory")]
+    NotInMemory {
+        /// The file.
+        file: PathBuf,
+        /// The page.
+        gpa: u64,
+    },
+    /// A thread the restore needs could not start.
+    #[error("{file}: cannot start the {what} thread: {source}")]
+    Thread {
+        /// The checkpoint restored.
+        file: PathBuf,
+        /// Which thread.
+        what: &'static str,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A thread of the restore panicked (a vmhop bug).
+    #[error("{file}: {what} panicked")]
+    Panicked {
+        /// The checkpoint restored.
+        file: PathBuf,
+        /// Which thread.
+        what: &'static str,
+    },
+    /// The VM was built without loading its memory (a vmhop bug).
+    #[error("{file}: the VM was created without loading its memory")]
+    NotLoaded {
+        /// The checkpoint restored.
+        file: PathBuf,
     },
     /// Creating the VM failed.
     #[error("{0}")]
@@ -84,7 +146,15 @@ impl crate::api::Classify for RestoreError {
     fn kind(&self) -> crate::api::ErrorKind {
         match self {
             RestoreError::Chain(e) => e.kind(),
-            RestoreError::Content { .. } => crate::api::ErrorKind::Unusable,
+            // The file's content: the checkpoint the user named is unusable.
+            RestoreError::State { .. }
+            | RestoreError::Config { .. }
+            | RestoreError::InvalidConfig { .. }
+            | RestoreError::PageOutside { .. }
+            | RestoreError::NotInMemory { .. } => crate::api::ErrorKind::Unusable,
+            RestoreError::Thread { .. }
+            | RestoreError::Panicked { .. }
+            | RestoreError::NotLoaded { .. } => crate::api::ErrorKind::Failed,
             RestoreError::Vm(e) => e.kind(),
         }
     }
@@ -136,17 +206,22 @@ fn prepare(dir: &Path, id: Option<u32>) -> Result<Prepared, RestoreError> {
         }
         .into());
     }
-    let content = |reason: String| RestoreError::Content {
-        file: file.clone(),
-        reason,
-    };
-    let state: VmState = serde_json::from_slice(&meta.state)
-        .map_err(|e| content(format!("the saved VM state is not readable: {e}")))?;
-    let config: VmConfig = serde_json::from_slice(&meta.config)
-        .map_err(|e| content(format!("the saved configuration is not readable: {e}")))?;
+    let state: VmState =
+        serde_json::from_slice(&meta.state).map_err(|source| RestoreError::State {
+            file: file.clone(),
+            source,
+        })?;
+    let config: VmConfig =
+        serde_json::from_slice(&meta.config).map_err(|source| RestoreError::Config {
+            file: file.clone(),
+            source,
+        })?;
     config
         .validate()
-        .map_err(|e| content(format!("the saved configuration is invalid: {e}")))?;
+        .map_err(|source| RestoreError::InvalidConfig {
+            file: file.clone(),
+            source,
+        })?;
     let checkpoint = CheckpointRef {
         dir: dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf()),
         chain_id: meta.header.chain_id,
@@ -200,9 +275,10 @@ fn validate(
         let mut gap_start = 0u64;
         for &(start, end) in ranges.iter().chain(std::iter::once(&(u64::MAX, u64::MAX))) {
             if let Some(gpa) = idx.first_at_or_after(gap_start).filter(|&g| g < start) {
-                return Err(RestoreError::Content {
+                return Err(RestoreError::PageOutside {
                     file: reader.path().to_path_buf(),
-                    reason: format!("page {gpa:#x} lies outside the VM's {size} bytes of memory"),
+                    gpa,
+                    size,
                 });
             }
             gap_start = end;
@@ -279,9 +355,9 @@ fn load_eager(chain: &ResolvedChain, memory: &GuestMemory) -> Result<(), Restore
                         let (gpa, r, _) = run[0];
                         let len = n * PAGE_SIZE as usize;
                         let dst = memory.host_addr(gpa, len as u64).ok_or_else(|| {
-                            RestoreError::Content {
+                            RestoreError::NotInMemory {
                                 file: chain.readers[r].path().to_path_buf(),
-                                reason: format!("page {gpa:#x} is not in guest memory"),
+                                gpa,
                             }
                         })?;
                         // Fault the run's fresh pages in with one madvise
@@ -307,13 +383,77 @@ fn load_eager(chain: &ResolvedChain, memory: &GuestMemory) -> Result<(), Restore
             .collect();
         workers.into_iter().try_for_each(|w| {
             w.join().unwrap_or_else(|_| {
-                Err(RestoreError::Content {
+                Err(RestoreError::Panicked {
                     file: chain.top().path().to_path_buf(),
-                    reason: "a loader thread panicked".into(),
+                    what: "a loader thread",
                 })
             })
         })
     })
+}
+
+/// A lazy restore could not load a page; the VM stops with this message.
+#[derive(Debug, thiserror::Error)]
+pub enum LazyError {
+    /// A file's page could not be read or failed its checksum.
+    #[error("lazy restore: {0}")]
+    Read(#[from] super::format::FormatError),
+    /// A page to fill lies in no registered range.
+    #[error("lazy restore: guest {gpa:#x} is not registered")]
+    Unregistered {
+        /// The page.
+        gpa: u64,
+    },
+    /// Copying pages in to resolve a fault failed.
+    #[error("lazy restore: resolving the fault at guest {gpa:#x} failed: {source}")]
+    Resolve {
+        /// The first page.
+        gpa: u64,
+        /// UFFDIO_COPY's error.
+        #[source]
+        source: userfaultfd::Error,
+    },
+    /// Copying pages in in the background failed.
+    #[error("lazy restore: loading guest {gpa:#x} failed: {source}")]
+    Load {
+        /// The first page.
+        gpa: u64,
+        /// UFFDIO_COPY's error.
+        #[source]
+        source: userfaultfd::Error,
+    },
+    /// Mapping the zero page into a hole failed.
+    #[error("lazy restore: mapping zeros at guest {gpa:#x} failed: {source}")]
+    Zero {
+        /// The page.
+        gpa: u64,
+        /// UFFDIO_ZEROPAGE's error.
+        #[source]
+        source: userfaultfd::Error,
+    },
+}
+
+/// Setting up a lazy restore failed; an eager restore (`--eager`) needs
+/// none of it.
+#[derive(Debug, thiserror::Error)]
+pub enum UffdError {
+    /// No userfaultfd.
+    #[error("userfaultfd for a lazy restore failed: {0} (use --eager)")]
+    Create(#[source] userfaultfd::Error),
+    /// A range of guest memory could not be registered.
+    #[error("userfaultfd register of guest {gpa:#x}+{len:#x}: {source}")]
+    Register {
+        /// Its first guest-physical address.
+        gpa: u64,
+        /// Its length.
+        len: usize,
+        /// UFFDIO_REGISTER's error.
+        #[source]
+        source: userfaultfd::Error,
+    },
+    /// The fault handler thread could not start.
+    #[error("cannot start the fault handler thread: {0}")]
+    Handler(#[source] std::io::Error),
 }
 
 /// Where the fault handler's last serve ended and how many blocks it had,
@@ -330,7 +470,8 @@ struct Lazy {
     /// (host start, gpa start, len) of every registered range.
     ranges: Ranges,
     done: AtomicBool,
-    failure: Mutex<Option<String>>,
+    /// The first failure; it stops the VM.
+    failure: Mutex<Option<LazyError>>,
     /// Who loads each `BLOCK_BYTES` block of guest-physical memory: a
     /// block is claimed whole, by a loader or by the fault handler, which
     /// then makes every page of it present that has data.
@@ -354,11 +495,11 @@ impl Lazy {
             .map(|(h, g, _)| h + (gpa - g) as usize)
     }
 
-    fn fail(&self, msg: String) {
+    fn fail(&self, e: LazyError) {
         self.failure
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .get_or_insert(msg);
+            .get_or_insert(e);
     }
 
     /// The newest file holding `gpa` and its entry there (that page's
@@ -474,7 +615,7 @@ impl Lazy {
     /// Makes the pages of guest [from, to) (in one registered range, at
     /// most `buf` long) present: each page's latest version, the zero page
     /// where no file has data. Pages already present are left alone.
-    fn fill(&self, from: u64, to: u64, buf: &mut [u8]) -> Result<(), String> {
+    fn fill(&self, from: u64, to: u64, buf: &mut [u8]) -> Result<(), LazyError> {
         let n = ((to - from) as usize / PAGE_SIZE as usize).min(buf.len() / PAGE_SIZE as usize);
         let found: Vec<Option<(usize, IndexEntry)>> = (0..n)
             .map(|k| {
@@ -495,16 +636,12 @@ impl Lazy {
                 let block: Vec<(usize, IndexEntry)> =
                     found[i..j].iter().flatten().copied().collect();
                 let out = &mut buf[..len];
-                self.read_block(&block, out)
-                    .map_err(|e| format!("lazy restore: {e}"))?;
-                let dst = self
-                    .host_of(gpa)
-                    .ok_or_else(|| format!("lazy restore: guest {gpa:#x} is not registered"))?;
-                self.copy_missing(out, dst).map_err(|e| {
-                    format!("lazy restore: resolving the fault at guest {gpa:#x} failed: {e}")
-                })?;
-            } else if !self.zero_fill((gpa, len as u64)) {
-                return Err(self.failure_text());
+                self.read_block(&block, out)?;
+                let dst = self.host_of(gpa).ok_or(LazyError::Unregistered { gpa })?;
+                self.copy_missing(out, dst)
+                    .map_err(|source| LazyError::Resolve { gpa, source })?;
+            } else {
+                self.zero_fill((gpa, len as u64))?;
             }
             i = j;
         }
@@ -589,14 +726,6 @@ impl Lazy {
         }
     }
 
-    fn failure_text(&self) -> String {
-        self.failure
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-            .unwrap_or_default()
-    }
-
     fn failed(&self) -> bool {
         self.failure
             .lock()
@@ -670,7 +799,8 @@ impl Lazy {
             }
             let gpa = pages[i].0;
             while h < holes.len() && holes[h].0 < gpa {
-                if !self.zero_fill(holes[h]) {
+                if let Err(e) = self.zero_fill(holes[h]) {
+                    self.fail(e);
                     return false;
                 }
                 h += 1;
@@ -686,7 +816,8 @@ impl Lazy {
                     .take_while(|p| p.0 / BLOCK_BYTES == block)
                     .count();
                 if self.claim(pages[k].0, who) {
-                    if !self.load(&pages[k..next], &mut buf) {
+                    if let Err(e) = self.load(&pages[k..next], &mut buf) {
+                        self.fail(e);
                         return false;
                     }
                     self.loaded(pages[k].0);
@@ -695,7 +826,11 @@ impl Lazy {
             }
         }
         for &hole in &holes[h..] {
-            if self.failed() || !self.zero_fill(hole) {
+            if self.failed() {
+                return false;
+            }
+            if let Err(e) = self.zero_fill(hole) {
+                self.fail(e);
                 return false;
             }
         }
@@ -703,33 +838,25 @@ impl Lazy {
     }
 
     /// Reads `run` (pages consecutive in guest memory, in one chunk, from
-    /// one file) and copies the pages not yet present into guest memory;
-    /// false (and the failure recorded) if that failed.
-    fn load(&self, run: &[(u64, usize, IndexEntry)], buf: &mut [u8]) -> bool {
+    /// one file) and copies the pages not yet present into guest memory.
+    fn load(&self, run: &[(u64, usize, IndexEntry)], buf: &mut [u8]) -> Result<(), LazyError> {
         let Some(&(gpa, r, _)) = run.first() else {
-            return true;
+            return Ok(());
         };
         let len = run.len() * PAGE_SIZE as usize;
         let Some(dst) = self.host_of(gpa) else {
-            return true;
+            return Ok(());
         };
-        if let Err(e) = self.chain.readers[r].read_pages(&entries(run), &mut buf[..len]) {
-            self.fail(format!("lazy restore: {e}"));
-            return false;
-        }
-        if let Err(e) = self.copy_missing(&buf[..len], dst) {
-            self.fail(format!("lazy restore: loading guest {gpa:#x} failed: {e}"));
-            return false;
-        }
-        true
+        self.chain.readers[r].read_pages(&entries(run), &mut buf[..len])?;
+        self.copy_missing(&buf[..len], dst)
+            .map_err(|source| LazyError::Load { gpa, source })
     }
 
     /// Maps the zero page into the hole (gpa, len) of one registered range,
-    /// skipping pages already there; false (and the failure recorded) if
-    /// that failed.
-    fn zero_fill(&self, (gpa, len): (u64, u64)) -> bool {
+    /// skipping pages already there.
+    fn zero_fill(&self, (gpa, len): (u64, u64)) -> Result<(), LazyError> {
         let Some(dst) = self.host_of(gpa) else {
-            return true;
+            return Ok(());
         };
         self.zero_span(gpa, dst, len as usize)
     }
@@ -738,25 +865,22 @@ impl Lazy {
     /// `gpa`): where a page is already there, the span is halved, so a few
     /// pages touched meanwhile in a hole of thousands cost a few dozen
     /// ioctls, not one a page.
-    fn zero_span(&self, gpa: u64, dst: usize, len: usize) -> bool {
+    fn zero_span(&self, gpa: u64, dst: usize, len: usize) -> Result<(), LazyError> {
         // SAFETY: [dst, dst+len) lies in one registered range (holes are
         // cut per range) and is page-aligned.
         match unsafe { self.uffd.zeropage(dst as *mut _, len, true) } {
-            Ok(_) => true,
+            Ok(_) => Ok(()),
             Err(e) if len == PAGE_SIZE as usize => {
                 if is_exists(&e) {
-                    return true;
+                    return Ok(());
                 }
-                self.fail(format!(
-                    "lazy restore: mapping zeros at guest {gpa:#x} failed: {e}"
-                ));
-                false
+                Err(LazyError::Zero { gpa, source: e })
             }
             // Some page was there (the zeropage ioctl stops at it).
             Err(_) => {
                 let half = (len / PAGE_SIZE as usize / 2) * PAGE_SIZE as usize;
-                self.zero_span(gpa, dst, half)
-                    && self.zero_span(gpa + half as u64, dst + half, len - half)
+                self.zero_span(gpa, dst, half)?;
+                self.zero_span(gpa + half as u64, dst + half, len - half)
             }
         }
     }
@@ -836,13 +960,13 @@ type Ranges = Vec<(usize, u64, usize)>;
 
 /// A userfaultfd with all guest memory registered, and the registered
 /// ranges.
-fn register_uffd(m: &GuestMemory) -> Result<(Uffd, Ranges), String> {
+fn register_uffd(m: &GuestMemory) -> Result<(Uffd, Ranges), UffdError> {
     let uffd = UffdBuilder::new()
         .close_on_exec(true)
         .non_blocking(true)
         .user_mode_only(false)
         .create()
-        .map_err(|e| format!("userfaultfd for a lazy restore failed: {e} (use --eager)"))?;
+        .map_err(UffdError::Create)?;
     // One registration per piece of host memory, not per chunk: each
     // splits a VMA under mmap_lock, and every fault looks its range up.
     let mut ranges = Vec::new();
@@ -850,7 +974,7 @@ fn register_uffd(m: &GuestMemory) -> Result<(Uffd, Ranges), String> {
         let (host, gpa) = (run[0].mapping.as_ptr(), run[0].range.start);
         let len = run.iter().map(|c| c.mapping.len()).sum();
         uffd.register(host as *mut _, len)
-            .map_err(|e| format!("userfaultfd register of guest {gpa:#x}+{len:#x}: {e}"))?;
+            .map_err(|source| UffdError::Register { gpa, len, source })?;
         ranges.push((host as usize, gpa, len));
     }
     Ok((uffd, ranges))
@@ -929,9 +1053,10 @@ impl Restoring {
                 let t = Instant::now();
                 (validate(&links, &meta, &config), ms_since(t))
             })
-            .map_err(|e| RestoreError::Content {
+            .map_err(|source| RestoreError::Thread {
                 file: file.clone(),
-                reason: format!("cannot start the validation thread: {e}"),
+                what: "validation",
+                source,
             })?;
         let loaded = Loaded {
             phases: RestorePhases {
@@ -971,9 +1096,9 @@ impl Restoring {
             let (checked, ms) = match validator.map(|v| v.join()) {
                 Some(Ok(r)) => r,
                 _ => (
-                    Err(RestoreError::Content {
+                    Err(RestoreError::Panicked {
                         file: dir.clone(),
-                        reason: "the validation thread panicked".into(),
+                        what: "the validation thread",
                     }),
                     0.0,
                 ),
@@ -1025,7 +1150,7 @@ impl Restoring {
                 std::thread::Builder::new()
                     .name("uffd-faults".into())
                     .spawn(move || h.handler())
-                    .map_err(|e| format!("cannot start the fault handler thread: {e}"))?;
+                    .map_err(UffdError::Handler)?;
                 l.lazy = Some(lazy);
                 l.phases.uffd_ms = ms_since(tu);
             }
@@ -1071,9 +1196,8 @@ impl Restoring {
             e
         };
         let Some((chain, stored_pages)) = chain else {
-            return Err(fail(RestoreError::Content {
+            return Err(fail(RestoreError::NotLoaded {
                 file: self.dir.clone(),
-                reason: "the VM was created without loading its memory".into(),
             }));
         };
         // The slots were registered with dirty logging on; from now on the
@@ -1104,7 +1228,8 @@ impl Restoring {
                         .failure
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
-                        .clone();
+                        .as_ref()
+                        .map(ToString::to_string);
                     if let Some(f) = failure {
                         vm2.fail(f);
                     } else {
@@ -1119,9 +1244,10 @@ impl Restoring {
                     flag.store(false, Ordering::Release);
                 });
             if let Err(e) = started {
-                return Err(fail(RestoreError::Content {
+                return Err(fail(RestoreError::Thread {
                     file: self.dir.clone(),
-                    reason: format!("cannot start the loader thread: {e}"),
+                    what: "loader",
+                    source: e,
                 }));
             }
         }
@@ -1243,8 +1369,7 @@ mod tests {
                     .unwrap();
             }
         }
-        assert!(lazy.zero_fill((0, len as u64)));
-        assert_eq!(lazy.failure_text(), "");
+        lazy.zero_fill((0, len as u64)).unwrap();
         lazy.uffd.unregister(m.as_ptr() as *mut _, len).unwrap();
         for p in 0..300 {
             // SAFETY: page p of a live mapping no one else writes.
@@ -1304,7 +1429,7 @@ mod tests {
             })
             .collect();
         lazy.background(&pages, &runs, 2);
-        assert_eq!(lazy.failure_text(), "");
+        assert!(!lazy.failed(), "{:?}", lazy.failure.lock().unwrap());
         // As a lazy restore does once its loaders are done: a page still
         // missing would read as zeros from now on.
         for &(h, _, l) in &ranges {
