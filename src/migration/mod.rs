@@ -53,8 +53,16 @@ pub fn security_from(auth: &AuthFiles) -> Result<Security, ApiError> {
 impl Classify for AuthError {
     fn kind(&self) -> crate::api::ErrorKind {
         use crate::api::ErrorKind;
+        // A file the user named: missing or not permitted is theirs to
+        // fix like any path; present but unusable (shared, too short, not
+        // PEM) is Unusable.
+        let named = |io: Option<&std::io::Error>| match io.map(ErrorKind::of_io) {
+            Some(k @ (ErrorKind::NotFound | ErrorKind::Forbidden)) => k,
+            _ => ErrorKind::Unusable,
+        };
         match self {
-            AuthError::KeyFile { .. } | AuthError::TlsFile { .. } => ErrorKind::Unusable,
+            AuthError::KeyFile { problem, .. } => named(problem.io_error()),
+            AuthError::TlsFile { problem, .. } => named(problem.io_error()),
             _ => ErrorKind::Failed,
         }
     }
