@@ -23,6 +23,27 @@ pub use volatile::VolatileSlice;
 
 use serde::{Deserialize, Serialize};
 
+/// vm-memory refused guest memory as it is laid out here (see
+/// [`GuestMemory::vm_memory_view`]).
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryViewError {
+    /// A chunk's mapping cannot be a vm-memory region.
+    #[error("guest memory at {gpa:#x}: {source}")]
+    Region {
+        /// The chunk's first guest-physical address.
+        gpa: u64,
+        /// vm-memory's error.
+        #[source]
+        source: vm_memory::mmap::MmapRegionError,
+    },
+    /// A chunk ends beyond the largest address.
+    #[error("guest memory at {0:#x} overflows")]
+    Overflow(u64),
+    /// The regions do not make one guest memory.
+    #[error("guest memory regions: {0}")]
+    Regions(#[source] vm_memory::GuestRegionCollectionError),
+}
+
 /// Whether `data` is all zero bytes: the one zero-page check, which
 /// checkpoints and migrations run on every page they copy out of guest
 /// memory to skip zero pages. It ORs 64 bytes at a time as eight u64 words
@@ -195,7 +216,7 @@ impl GuestMemory {
     /// The same memory as vm-memory's `GuestMemoryMmap`, for crates that
     /// speak it (linux-loader). The view borrows `self`: no chunk can be
     /// replaced or dropped while it lives.
-    pub fn vm_memory_view(&self) -> Result<MemoryView<'_>, String> {
+    pub fn vm_memory_view(&self) -> Result<MemoryView<'_>, MemoryViewError> {
         let mut regions = Vec::new();
         for c in self.chunks() {
             // SAFETY: the chunk's mapping is a live private anonymous
@@ -210,13 +231,16 @@ impl GuestMemory {
                     libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
                 )
             }
-            .map_err(|e| format!("guest memory at {:#x}: {e}", c.range.start))?;
+            .map_err(|source| MemoryViewError::Region {
+                gpa: c.range.start,
+                source,
+            })?;
             let r = vm_memory::GuestRegionMmap::new(r, vm_memory::GuestAddress(c.range.start))
-                .ok_or_else(|| format!("guest memory at {:#x} overflows", c.range.start))?;
+                .ok_or(MemoryViewError::Overflow(c.range.start))?;
             regions.push(r);
         }
-        let inner = vm_memory::GuestMemoryMmap::from_regions(regions)
-            .map_err(|e| format!("guest memory regions: {e}"))?;
+        let inner =
+            vm_memory::GuestMemoryMmap::from_regions(regions).map_err(MemoryViewError::Regions)?;
         Ok(MemoryView {
             inner,
             _borrow: std::marker::PhantomData,

@@ -92,7 +92,7 @@ impl crate::api::Classify for LinuxError {
             | LinuxError::Load { .. }
             | LinuxError::DoesNotFit { .. } => ErrorKind::Unusable,
             LinuxError::Cmdline(_) => ErrorKind::BadRequest,
-            LinuxError::Setup(_) | LinuxError::Regs(_) => ErrorKind::Failed,
+            LinuxError::Setup(_) | LinuxError::View(_) | LinuxError::Regs(_) => ErrorKind::Failed,
         }
     }
 }
@@ -150,6 +150,9 @@ pub enum LinuxError {
     /// Writing guest memory or the ACPI tables failed.
     #[error("{0}")]
     Setup(String),
+    /// Guest memory cannot be handed to linux-loader.
+    #[error(transparent)]
+    View(#[from] crate::memory::MemoryViewError),
     /// Writing the boot tables or setting a vCPU's boot registers failed.
     #[error(transparent)]
     Regs(#[from] super::regs::RegsError),
@@ -301,7 +304,7 @@ pub fn boot(
     vcpus: &[VcpuFd],
 ) -> Result<(), LinuxError> {
     let format = inspect(&spec.kernel)?;
-    let view = mem.vm_memory_view().map_err(LinuxError::Setup)?;
+    let view = mem.vm_memory_view()?;
     let ranges = node_ranges(mem);
     let ram_end = low_ram_end(&ranges);
 
