@@ -1,11 +1,26 @@
 //! Small helpers shared by several modules: size parsing and formatting,
 //! calendar dates, waiting for a descriptor to become readable.
 
+/// A size the user typed that [`parse_size`] cannot read; the caller
+/// adds which flag it came from.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SizeError {
+    /// Nothing was given.
+    #[error("empty size")]
+    Empty,
+    /// Not a number with an optional suffix.
+    #[error("invalid size '{0}': expected a number with an optional K, M or G suffix")]
+    Invalid(String),
+    /// More bytes than a u64 holds.
+    #[error("size '{0}' is too large")]
+    TooLarge(String),
+}
+
 /// Parses a size like `256M`, `1G`, `4096`, `64K` (powers of 1024).
-pub fn parse_size(s: &str) -> Result<u64, String> {
+pub fn parse_size(s: &str) -> Result<u64, SizeError> {
     let s = s.trim();
     if s.is_empty() {
-        return Err("empty size".into());
+        return Err(SizeError::Empty);
     }
     let (num, mult) = match s.as_bytes()[s.len() - 1].to_ascii_uppercase() {
         b'K' => (&s[..s.len() - 1], 1u64 << 10),
@@ -14,11 +29,9 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         b'T' => (&s[..s.len() - 1], 1u64 << 40),
         _ => (s, 1),
     };
-    let n: u64 = num.parse().map_err(|_| {
-        format!("invalid size '{s}': expected a number with an optional K, M or G suffix")
-    })?;
+    let n: u64 = num.parse().map_err(|_| SizeError::Invalid(s.to_string()))?;
     n.checked_mul(mult)
-        .ok_or_else(|| format!("size '{s}' is too large"))
+        .ok_or_else(|| SizeError::TooLarge(s.to_string()))
 }
 
 /// (year, month, day) of a day count since 1970-01-01 in the proleptic

@@ -11,9 +11,10 @@ use std::path::{Path, PathBuf};
 
 use super::format::{
     checkpoint_file_name, new_chain_id, now_unix_ms, parse_checkpoint_file_name, read_header,
-    CheckpointReader, CheckpointWriter, FormatError, Header, Kind, WrittenCheckpoint, PAGE_SIZE,
+    CheckpointReader, CheckpointWriter, FormatError, Header, Kind, WrittenCheckpoint,
 };
 use super::index::IndexEntry;
+use crate::memory::PAGE_SIZE;
 
 /// Pages copied per batch when merging: large enough for sequential I/O.
 const MERGE_BATCH_PAGES: usize = 256;
@@ -392,15 +393,12 @@ pub fn merge(dir: &Path, id: Option<u32>) -> Result<WrittenCheckpoint, ChainErro
     writer.set_config(resolved.top().config());
     writer.set_state(resolved.top().state());
     let map = resolved.data_pages();
-    let mut buf = vec![0u8; MERGE_BATCH_PAGES * PAGE_SIZE];
+    let mut buf = vec![0u8; MERGE_BATCH_PAGES * PAGE_SIZE as usize];
     let mut i = 0;
     while i < map.len() {
         // A batch of pages contiguous in guest memory, read file by file.
         let mut j = i + 1;
-        while j < map.len()
-            && j - i < MERGE_BATCH_PAGES
-            && map[j].0 == map[j - 1].0 + PAGE_SIZE as u64
-        {
+        while j < map.len() && j - i < MERGE_BATCH_PAGES && map[j].0 == map[j - 1].0 + PAGE_SIZE {
             j += 1;
         }
         let batch = &map[i..j];
@@ -409,11 +407,13 @@ pub fn merge(dir: &Path, id: Option<u32>) -> Result<WrittenCheckpoint, ChainErro
             let reader_idx = batch[k].1;
             let run_end = k + batch[k..].iter().take_while(|p| p.1 == reader_idx).count();
             let entries: Vec<IndexEntry> = batch[k..run_end].iter().map(|p| p.2).collect();
-            resolved.readers[reader_idx]
-                .read_pages(&entries, &mut buf[k * PAGE_SIZE..run_end * PAGE_SIZE])?;
+            resolved.readers[reader_idx].read_pages(
+                &entries,
+                &mut buf[k * PAGE_SIZE as usize..run_end * PAGE_SIZE as usize],
+            )?;
             k = run_end;
         }
-        writer.add_pages(batch[0].0, &buf[..batch.len() * PAGE_SIZE])?;
+        writer.add_pages(batch[0].0, &buf[..batch.len() * PAGE_SIZE as usize])?;
         i = j;
     }
     Ok(writer.finish()?)
@@ -425,7 +425,7 @@ mod tests {
     use crate::checkpoint::format::{temp_file_name, CheckpointWriter};
 
     fn page(seed: u64) -> Vec<u8> {
-        let mut p = vec![0u8; PAGE_SIZE];
+        let mut p = vec![0u8; PAGE_SIZE as usize];
         for (i, b) in p.iter_mut().enumerate() {
             *b = (seed as usize * 31 + i * 7 + 1) as u8 | 1;
         }
@@ -444,7 +444,7 @@ mod tests {
         for &(gpa, seed) in pages {
             match seed {
                 Some(s) => w.add_page(gpa, &page(s)).unwrap(),
-                None => w.add_page(gpa, &[0u8; PAGE_SIZE]).unwrap(),
+                None => w.add_page(gpa, &[0u8; PAGE_SIZE as usize]).unwrap(),
             };
         }
         w.finish().unwrap()
@@ -487,7 +487,7 @@ mod tests {
             .into_iter()
             .filter(|p| !p.2.zero)
             .map(|(gpa, r, e)| {
-                let mut buf = vec![0u8; PAGE_SIZE];
+                let mut buf = vec![0u8; PAGE_SIZE as usize];
                 resolved.readers[r].read_page(&e, &mut buf).unwrap();
                 (gpa, buf)
             })

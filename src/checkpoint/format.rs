@@ -21,10 +21,9 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-use super::index::{Index, IndexEntry, CRC_LEN, MAX_RECORDS, RUN_LEN};
+use super::index::{Index, IndexEntry, IndexError, Section, CRC_LEN, MAX_RECORDS, RUN_LEN};
+use crate::memory::{is_zero_page, PAGE_SIZE};
 
-/// Size of a guest page and of one page record in the file.
-pub const PAGE_SIZE: usize = 4096;
 /// The format version this code writes and the only one it reads.
 pub const FORMAT_VERSION: u32 = 2;
 
@@ -36,7 +35,7 @@ pub const TRAILER_MAGIC: [u8; 8] = *b"VMHOPEND";
 pub const HEADER_LEN: usize = 64;
 /// The header is padded with zeros to this size so that page records start
 /// page-aligned in the file.
-pub const HEADER_BLOCK_LEN: usize = PAGE_SIZE;
+pub const HEADER_BLOCK_LEN: usize = PAGE_SIZE as usize;
 /// Encoded size of the footer (including its crc and the trailer magic).
 pub const FOOTER_LEN: usize = 120;
 
@@ -133,7 +132,7 @@ impl Header {
         let mut b = [0u8; HEADER_LEN];
         b[0..8].copy_from_slice(&MAGIC);
         b[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
-        b[12..16].copy_from_slice(&(PAGE_SIZE as u32).to_le_bytes());
+        b[12..16].copy_from_slice(&(PAGE_SIZE as usize as u32).to_le_bytes());
         b[16..24].copy_from_slice(&self.chain_id.to_le_bytes());
         b[24..28].copy_from_slice(&self.id.to_le_bytes());
         b[28..32].copy_from_slice(&self.parent.unwrap_or(0).to_le_bytes());
@@ -193,7 +192,7 @@ impl Header {
             reason,
         };
         let page_size = le_u32(&bytes[12..16]);
-        if page_size as usize != PAGE_SIZE {
+        if page_size as usize != PAGE_SIZE as usize {
             return Err(corrupt(format!(
                 "page size {page_size} (only {PAGE_SIZE} is supported)"
             )));
@@ -225,7 +224,9 @@ impl crate::api::Classify for FormatError {
             | FormatError::UnsupportedVersion { .. }
             | FormatError::Checksum { .. }
             | FormatError::Truncated { .. }
-            | FormatError::Corrupt { .. } => ErrorKind::Unusable,
+            | FormatError::Corrupt { .. }
+            | FormatError::Layout { .. }
+            | FormatError::Index { .. } => ErrorKind::Unusable,
             FormatError::AlreadyExists { .. } => ErrorKind::Conflict,
             FormatError::InvalidArgument { .. } | FormatError::Poisoned { .. } => ErrorKind::Failed,
         }
@@ -288,6 +289,24 @@ pub enum FormatError {
         len: u64,
         /// What is missing.
         detail: String,
+    },
+    /// The footer's sections do not tile the file.
+    #[error("{path}: corrupt checkpoint file: {source}")]
+    Layout {
+        /// The file.
+        path: PathBuf,
+        /// How they do not.
+        #[source]
+        source: LayoutError,
+    },
+    /// The index's checksum holds but its runs are impossible.
+    #[error("{path}: corrupt checkpoint file: {source}")]
+    Index {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with the index.
+        #[source]
+        source: IndexError,
     },
     /// The checksums hold but the content is inconsistent.
     #[error("{path}: corrupt checkpoint file: {reason}")]
@@ -391,27 +410,16 @@ pub fn new_chain_id() -> u64 {
     }
 }
 
-/// Whether a page is all zeros. Ors eight words at a time so the compiler
-/// can vectorize, and returns at the first non-zero 64-byte block, which
-/// for a data page is almost always the first.
-fn is_zero_page(page: &[u8]) -> bool {
-    page.chunks_exact(64).all(|block| {
-        block.chunks_exact(8).fold(0u64, |acc, w| {
-            acc | u64::from_ne_bytes(w.try_into().unwrap())
-        }) == 0
-    })
-}
-
 /// Checks a page-granular request before anything is written.
 fn check_pages_request(path: &Path, gpa: u64, len: usize) -> Result<(), FormatError> {
     let invalid = |reason: String| FormatError::InvalidArgument {
         path: path.to_path_buf(),
         reason,
     };
-    if !gpa.is_multiple_of(PAGE_SIZE as u64) {
+    if !gpa.is_multiple_of(PAGE_SIZE) {
         return Err(invalid(format!("gpa {gpa:#x} is not page-aligned")));
     }
-    if !len.is_multiple_of(PAGE_SIZE) {
+    if !len.is_multiple_of(PAGE_SIZE as usize) {
         return Err(invalid(format!(
             "page data of {len} bytes is not a multiple of {PAGE_SIZE}"
         )));
@@ -557,7 +565,7 @@ impl CheckpointWriter {
     /// Adding a page again supersedes the earlier version. Returns the bytes
     /// written to the file for it (0 for a zero page).
     pub fn add_page(&mut self, gpa: u64, data: &[u8]) -> Result<u64, FormatError> {
-        if data.len() != PAGE_SIZE {
+        if data.len() != PAGE_SIZE as usize {
             return Err(FormatError::InvalidArgument {
                 path: self.tmp_path.clone(),
                 reason: format!("a page must be {PAGE_SIZE} bytes, got {}", data.len()),
@@ -573,8 +581,8 @@ impl CheckpointWriter {
         self.check_usable()?;
         check_pages_request(&self.tmp_path, gpa, data.len())?;
         // The index numbers records with 32 bits.
-        let records = (self.data_end - HEADER_BLOCK_LEN as u64) / PAGE_SIZE as u64;
-        if records + (data.len() / PAGE_SIZE) as u64 > MAX_RECORDS {
+        let records = (self.data_end - HEADER_BLOCK_LEN as u64) / PAGE_SIZE;
+        if records + data.len() as u64 / PAGE_SIZE > MAX_RECORDS {
             return Err(FormatError::InvalidArgument {
                 path: self.tmp_path.clone(),
                 reason: format!("a checkpoint file holds at most {MAX_RECORDS} page records"),
@@ -582,19 +590,19 @@ impl CheckpointWriter {
         }
         let mut written = 0u64;
         let mut run_start: Option<usize> = None;
-        for (i, page) in data.chunks_exact(PAGE_SIZE).enumerate() {
-            let page_gpa = gpa + (i * PAGE_SIZE) as u64;
+        for (i, page) in data.chunks_exact(PAGE_SIZE as usize).enumerate() {
+            let page_gpa = gpa + i as u64 * PAGE_SIZE;
             if is_zero_page(page) {
                 if let Some(start) = run_start.take() {
-                    written += self.emit(&data[start..i * PAGE_SIZE])?;
+                    written += self.emit(&data[start..i * PAGE_SIZE as usize])?;
                 }
                 self.record_zero(page_gpa);
             } else if let Some(&offset) = self.slots.get(&page_gpa) {
                 if let Some(start) = run_start.take() {
-                    written += self.emit(&data[start..i * PAGE_SIZE])?;
+                    written += self.emit(&data[start..i * PAGE_SIZE as usize])?;
                 }
                 self.overwrite(offset, page)?;
-                written += PAGE_SIZE as u64;
+                written += PAGE_SIZE;
                 self.entries.push(IndexEntry {
                     gpa: page_gpa,
                     offset,
@@ -602,7 +610,7 @@ impl CheckpointWriter {
                     zero: false,
                 });
             } else {
-                run_start.get_or_insert(i * PAGE_SIZE);
+                run_start.get_or_insert(i * PAGE_SIZE as usize);
                 self.slots.insert(page_gpa, self.data_end);
                 self.entries.push(IndexEntry {
                     gpa: page_gpa,
@@ -610,7 +618,7 @@ impl CheckpointWriter {
                     crc: crc32c::crc32c(page),
                     zero: false,
                 });
-                self.data_end += PAGE_SIZE as u64;
+                self.data_end += PAGE_SIZE;
                 self.max_data_gpa = Some(self.max_data_gpa.map_or(page_gpa, |m| m.max(page_gpa)));
             }
         }
@@ -672,7 +680,7 @@ impl CheckpointWriter {
     fn overwrite(&mut self, offset: u64, page: &[u8]) -> Result<(), FormatError> {
         if offset >= self.file_pos {
             let i = (offset - self.file_pos) as usize;
-            self.buf[i..i + PAGE_SIZE].copy_from_slice(page);
+            self.buf[i..i + PAGE_SIZE as usize].copy_from_slice(page);
             return Ok(());
         }
         if let Err(e) = self.file.write_all_at(page, offset) {
@@ -889,21 +897,6 @@ fn rename_no_replace(from: &Path, to: &Path) -> Result<(), FormatError> {
     }
 }
 
-/// Where a section lies in the file.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Section {
-    /// File offset of its first byte.
-    pub(crate) offset: u64,
-    /// Its length in bytes.
-    pub(crate) len: u64,
-}
-
-impl Section {
-    fn end(&self) -> Option<u64> {
-        self.offset.checked_add(self.len)
-    }
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Footer {
     chain_id: u64,
@@ -1104,7 +1097,10 @@ impl Framed {
                 footer.id, footer.chain_id, header.id, header.chain_id
             )));
         }
-        check_layout(&footer).map_err(corrupt)?;
+        check_layout(&footer).map_err(|source| FormatError::Layout {
+            path: path.to_path_buf(),
+            source,
+        })?;
         Ok(Framed {
             file,
             file_len,
@@ -1239,7 +1235,7 @@ impl CheckpointReader {
     /// `out` (`entries.len() * PAGE_SIZE` bytes), verifying each crc. Pages
     /// that follow each other in the file are read with one pread.
     pub fn read_pages(&self, entries: &[IndexEntry], out: &mut [u8]) -> Result<(), FormatError> {
-        if out.len() != entries.len() * PAGE_SIZE {
+        if out.len() != entries.len() * PAGE_SIZE as usize {
             return Err(FormatError::InvalidArgument {
                 path: self.path.clone(),
                 reason: format!("buffer of {} bytes for {} pages", out.len(), entries.len()),
@@ -1249,7 +1245,7 @@ impl CheckpointReader {
         for e in entries {
             let in_range = e.offset >= self.pages.offset
                 && e.offset < pages_end
-                && (e.offset - self.pages.offset).is_multiple_of(PAGE_SIZE as u64);
+                && (e.offset - self.pages.offset).is_multiple_of(PAGE_SIZE);
             if !e.zero && !in_range {
                 return Err(FormatError::InvalidArgument {
                     path: self.path.clone(),
@@ -1263,7 +1259,7 @@ impl CheckpointReader {
         let mut i = 0;
         while i < entries.len() {
             if entries[i].zero {
-                out[i * PAGE_SIZE..(i + 1) * PAGE_SIZE].fill(0);
+                out[i * PAGE_SIZE as usize..(i + 1) * PAGE_SIZE as usize].fill(0);
                 i += 1;
                 continue;
             }
@@ -1271,15 +1267,15 @@ impl CheckpointReader {
             let mut j = i + 1;
             while j < entries.len()
                 && !entries[j].zero
-                && entries[j].offset == entries[j - 1].offset + PAGE_SIZE as u64
+                && entries[j].offset == entries[j - 1].offset + PAGE_SIZE
             {
                 j += 1;
             }
-            let dst = &mut out[i * PAGE_SIZE..j * PAGE_SIZE];
+            let dst = &mut out[i * PAGE_SIZE as usize..j * PAGE_SIZE as usize];
             self.file
                 .read_exact_at(dst, entries[i].offset)
                 .map_err(|e| read_error(&self.path, self.file_len, e))?;
-            for (k, page) in dst.chunks_exact(PAGE_SIZE).enumerate() {
+            for (k, page) in dst.chunks_exact(PAGE_SIZE as usize).enumerate() {
                 let e = &entries[i + k];
                 if crc32c::crc32c(page) != e.crc {
                     return Err(FormatError::Checksum {
@@ -1294,9 +1290,51 @@ impl CheckpointReader {
     }
 }
 
+/// How a footer's sections fail to tile the file.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LayoutError {
+    /// A section does not start where the one before it ends.
+    #[error("the {name} section starts at {offset:#x}, expected {expected:#x}")]
+    Misplaced {
+        /// The section.
+        name: &'static str,
+        /// Where it starts.
+        offset: u64,
+        /// Where it should.
+        expected: u64,
+    },
+    /// A section's end does not fit in 64 bits.
+    #[error("the {name} section's length {len:#x} overflows")]
+    Overflow {
+        /// The section.
+        name: &'static str,
+        /// Its length.
+        len: u64,
+    },
+    /// The sections do not end where the footer starts.
+    #[error("the sections end at {end:#x}, but the footer starts at {footer:#x}")]
+    Footer {
+        /// Where the sections end.
+        end: u64,
+        /// Where the footer starts.
+        footer: u64,
+    },
+    /// The pages section is not whole pages.
+    #[error("the pages section's length {0:#x} is not a multiple of the page size")]
+    PagesLength(u64),
+    /// The index section is not its runs and whole crcs.
+    #[error("the index has {len} bytes, which is not {runs} runs and whole crcs")]
+    IndexLength {
+        /// Its length.
+        len: u64,
+        /// The runs the footer says it starts with.
+        runs: u64,
+    },
+}
+
 /// Checks that the sections tile the file exactly: header block, pages,
 /// config, state, index, footer, in that order.
-fn check_layout(f: &Footer) -> Result<(), String> {
+fn check_layout(f: &Footer) -> Result<(), LayoutError> {
     let mut expect = HEADER_BLOCK_LEN as u64;
     let named = [
         ("pages", f.pages),
@@ -1306,34 +1344,30 @@ fn check_layout(f: &Footer) -> Result<(), String> {
     ];
     for (name, s) in named {
         if s.offset != expect {
-            return Err(format!(
-                "the {name} section starts at {:#x}, expected {expect:#x}",
-                s.offset
-            ));
+            return Err(LayoutError::Misplaced {
+                name,
+                offset: s.offset,
+                expected: expect,
+            });
         }
-        expect = s
-            .end()
-            .ok_or_else(|| format!("the {name} section's length {:#x} overflows", s.len))?;
+        expect = s.end().ok_or(LayoutError::Overflow { name, len: s.len })?;
     }
     if expect.checked_add(FOOTER_LEN as u64) != Some(f.file_len) {
-        return Err(format!(
-            "the sections end at {expect:#x}, but the footer starts at {:#x}",
-            f.file_len.saturating_sub(FOOTER_LEN as u64)
-        ));
+        return Err(LayoutError::Footer {
+            end: expect,
+            footer: f.file_len.saturating_sub(FOOTER_LEN as u64),
+        });
     }
-    if !f.pages.len.is_multiple_of(PAGE_SIZE as u64) {
-        return Err(format!(
-            "the pages section's length {:#x} is not a multiple of the page size",
-            f.pages.len
-        ));
+    if !f.pages.len.is_multiple_of(PAGE_SIZE) {
+        return Err(LayoutError::PagesLength(f.pages.len));
     }
     let runs = f.index_runs.checked_mul(RUN_LEN as u64);
     let crcs = runs.and_then(|r| f.index.len.checked_sub(r));
     if !crcs.is_some_and(|c| c.is_multiple_of(CRC_LEN as u64)) {
-        return Err(format!(
-            "the index has {} bytes, which is not {} runs and whole crcs",
-            f.index.len, f.index_runs
-        ));
+        return Err(LayoutError::IndexLength {
+            len: f.index.len,
+            runs: f.index_runs,
+        });
     }
     Ok(())
 }
@@ -1387,9 +1421,9 @@ fn read_index(
             section: "index section".into(),
         });
     }
-    Index::decode(&runs, crcs, kind, footer.pages).map_err(|reason| FormatError::Corrupt {
+    Index::decode(&runs, crcs, kind, footer.pages).map_err(|source| FormatError::Index {
         path: path.to_path_buf(),
-        reason,
+        source,
     })
 }
 
@@ -1401,8 +1435,8 @@ mod tests {
     /// A page whose bytes are derived from `seed`, never all zero.
     pub(crate) fn page(seed: u64) -> Vec<u8> {
         let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-        let mut p = Vec::with_capacity(PAGE_SIZE);
-        while p.len() < PAGE_SIZE {
+        let mut p = Vec::with_capacity(PAGE_SIZE as usize);
+        while p.len() < PAGE_SIZE as usize {
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
@@ -1412,7 +1446,7 @@ mod tests {
     }
 
     fn zero() -> Vec<u8> {
-        vec![0u8; PAGE_SIZE]
+        vec![0u8; PAGE_SIZE as usize]
     }
 
     fn full_header(id: u32) -> Header {
@@ -1463,8 +1497,8 @@ mod tests {
         for i in 0..4 {
             run.extend_from_slice(&page(i));
         }
-        assert_eq!(w.add_pages(0x10000, &run).unwrap(), 4 * PAGE_SIZE as u64);
-        assert_eq!(w.add_page(0x1000, &page(9)).unwrap(), PAGE_SIZE as u64);
+        assert_eq!(w.add_pages(0x10000, &run).unwrap(), 4 * PAGE_SIZE);
+        assert_eq!(w.add_page(0x1000, &page(9)).unwrap(), PAGE_SIZE);
         let out = w.finish().unwrap();
         assert_eq!(out.id, 1);
         assert_eq!(out.pages_written, 5);
@@ -1488,7 +1522,7 @@ mod tests {
             assert_eq!(pages[1 + i].1, page(i as u64));
         }
         for e in r.index().iter() {
-            assert_eq!(e.offset % PAGE_SIZE as u64, 0, "page data is page-aligned");
+            assert_eq!(e.offset % PAGE_SIZE, 0, "page data is page-aligned");
         }
     }
 
@@ -1498,7 +1532,7 @@ mod tests {
         // buffered pages to check the offsets stay in step.
         let dir = tempfile::tempdir().unwrap();
         let mut w = CheckpointWriter::create(dir.path(), full_header(1)).unwrap();
-        let n = DIRECT_WRITE_MIN / PAGE_SIZE + 3;
+        let n = DIRECT_WRITE_MIN / PAGE_SIZE as usize + 3;
         let mut big = Vec::new();
         for i in 0..n {
             big.extend_from_slice(&page(100 + i as u64));
@@ -1509,12 +1543,15 @@ mod tests {
         let out = w.finish().unwrap();
         assert_eq!(out.pages_written, n as u64 + 2);
         let r = CheckpointReader::open(&out.path).unwrap();
-        let mut all = vec![0u8; r.index().len() * PAGE_SIZE];
+        let mut all = vec![0u8; r.index().len() * PAGE_SIZE as usize];
         let entries: Vec<IndexEntry> = r.index().iter().collect();
         r.read_pages(&entries, &mut all).unwrap();
-        assert_eq!(&all[..PAGE_SIZE], &page(1)[..]);
-        assert_eq!(&all[PAGE_SIZE..2 * PAGE_SIZE], &page(2)[..]);
-        assert_eq!(&all[2 * PAGE_SIZE..], &big[..]);
+        assert_eq!(&all[..PAGE_SIZE as usize], &page(1)[..]);
+        assert_eq!(
+            &all[PAGE_SIZE as usize..2 * PAGE_SIZE as usize],
+            &page(2)[..]
+        );
+        assert_eq!(&all[2 * PAGE_SIZE as usize..], &big[..]);
     }
 
     #[test]
@@ -1541,7 +1578,7 @@ mod tests {
         run.extend_from_slice(&zero());
         run.extend_from_slice(&page(2));
         run.extend_from_slice(&zero());
-        assert_eq!(w.add_pages(0, &run).unwrap(), 2 * PAGE_SIZE as u64);
+        assert_eq!(w.add_pages(0, &run).unwrap(), 2 * PAGE_SIZE);
         assert_eq!(w.add_page(0x10000, &zero()).unwrap(), 0);
         // A page that was data and became zero in the same file disappears.
         w.add_page(0x20000, &page(3)).unwrap();
@@ -1590,7 +1627,7 @@ mod tests {
         let data = |i: usize| i % 1000 == 3;
         for i in 0..n as u64 {
             let p = if data(i as usize) { page(i) } else { zero() };
-            w.add_page(i * PAGE_SIZE as u64, &p).unwrap();
+            w.add_page(i * PAGE_SIZE, &p).unwrap();
         }
         let out = w.finish().unwrap();
         let r = CheckpointReader::open(&out.path).unwrap();
@@ -1598,11 +1635,11 @@ mod tests {
         assert_eq!(idx.len(), n);
         assert_eq!(r.data_entries(), n.div_ceil(1000) as u64);
         for (i, e) in idx.iter().enumerate() {
-            assert_eq!(e.gpa, (i * PAGE_SIZE) as u64);
+            assert_eq!(e.gpa, i as u64 * PAGE_SIZE);
             assert_eq!(e.zero, !data(i), "entry {i}");
         }
         let mut buf = zero();
-        r.read_page(&idx.get(1003 * PAGE_SIZE as u64).unwrap(), &mut buf)
+        r.read_page(&idx.get(1003 * PAGE_SIZE).unwrap(), &mut buf)
             .unwrap();
         assert_eq!(buf, page(1003));
         drop(r);
@@ -1762,6 +1799,8 @@ mod tests {
             | FormatError::Checksum { path, .. }
             | FormatError::Truncated { path, .. }
             | FormatError::Corrupt { path, .. }
+            | FormatError::Layout { path, .. }
+            | FormatError::Index { path, .. }
             | FormatError::AlreadyExists { path }
             | FormatError::InvalidArgument { path, .. }
             | FormatError::Poisoned { path } => path,
@@ -1784,7 +1823,10 @@ mod tests {
             (24, "header"),
             (40, "header"),
             (HEADER_BLOCK_LEN + 5, "page at gpa 0x0"),
-            (HEADER_BLOCK_LEN + PAGE_SIZE + 100, "page at gpa 0x2000"),
+            (
+                HEADER_BLOCK_LEN + PAGE_SIZE as usize + 100,
+                "page at gpa 0x2000",
+            ),
             (config_at + 1, "config"),
             (state_at + 2, "state"),
             (index_at + 3, "index"),
@@ -1819,7 +1861,7 @@ mod tests {
         let good = std::fs::read(sample(dir.path())).unwrap();
         // Flip one bit in every byte outside the (large) page data, and a
         // stride of bytes inside it.
-        let page_data = HEADER_BLOCK_LEN + 64..HEADER_BLOCK_LEN + 3 * PAGE_SIZE;
+        let page_data = HEADER_BLOCK_LEN + 64..HEADER_BLOCK_LEN + 3 * PAGE_SIZE as usize;
         for pos in (0..good.len()).filter(|p| !page_data.contains(p) || p % 97 == 0) {
             let mut bad = good.clone();
             bad[pos] ^= 0x10;

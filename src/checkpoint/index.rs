@@ -10,9 +10,11 @@
 //! lazy restore does before its vCPUs may run, so its size is start-up time.
 //!
 //! This module owns the index's encoding, its checks and its lookups. The
-//! section's place in the file and its checksum are `format.rs`'s.
+//! section's place in the file and its checksum are `format.rs`'s, which
+//! imports this module (never the other way round).
 
-use super::format::{Kind, Section, PAGE_SIZE};
+use crate::api::checkpoint::CheckpointKind as Kind;
+use crate::memory::PAGE_SIZE;
 
 /// Bytes of one run on disk.
 pub const RUN_LEN: usize = 16;
@@ -25,6 +27,86 @@ pub const MAX_RECORDS: u64 = 1 << 32;
 /// Pages in one run at most (its count is 16 bits); a writer cuts longer
 /// stretches into several runs.
 pub const MAX_RUN_PAGES: u64 = u16::MAX as u64;
+
+/// Where a section lies in the file. The file's layout is `format.rs`'s;
+/// the index needs the pages section's place to check and locate records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Section {
+    /// File offset of its first byte.
+    pub(crate) offset: u64,
+    /// Its length in bytes.
+    pub(crate) len: u64,
+}
+
+impl Section {
+    pub(crate) fn end(&self) -> Option<u64> {
+        self.offset.checked_add(self.len)
+    }
+}
+
+/// An index section whose checksum holds but whose runs are impossible.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IndexError {
+    /// The section is not whole runs followed by whole crcs.
+    #[error("the index does not end on a whole run and crc")]
+    Partial,
+    /// One run is wrong.
+    #[error("index run {run} (gpa {gpa:#x}, {pages} pages): {problem}")]
+    Run {
+        /// Its position in the index.
+        run: usize,
+        /// Its first page.
+        gpa: u64,
+        /// Its page count.
+        pages: u64,
+        /// What is wrong with it.
+        problem: RunProblem,
+    },
+    /// The crcs do not match the pages with data.
+    #[error("the index holds {crcs} page crcs for {pages} pages with data")]
+    Crcs {
+        /// Crcs in the section.
+        crcs: usize,
+        /// Pages with data the runs describe.
+        pages: usize,
+    },
+}
+
+/// What is wrong with one run of the index.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RunProblem {
+    /// A flag this version does not know.
+    #[error("unknown flags {0:#x}")]
+    UnknownFlags(u16),
+    /// A run of no pages.
+    #[error("a run of no pages")]
+    Empty,
+    /// Its gpa is not page-aligned.
+    #[error("gpa is not page-aligned")]
+    Unaligned,
+    /// It ends beyond the largest address.
+    #[error("ends beyond the largest address")]
+    Overflow,
+    /// It does not start after the previous run.
+    #[error("does not start after the previous run, which ends at {0:#x}")]
+    Overlaps(u64),
+    /// A zero run in a full checkpoint, which has none.
+    #[error("zero run in a full checkpoint")]
+    ZeroInFull,
+    /// A zero run that names a record.
+    #[error("zero run with a record number {0}")]
+    ZeroWithRecord(u32),
+    /// Its records are not all in the pages section.
+    #[error("records {first}..{end} are not all in the {records} of the pages section")]
+    OutsidePages {
+        /// Its first record.
+        first: u32,
+        /// One past its last record.
+        end: u64,
+        /// Records in the pages section.
+        records: u64,
+    },
+}
 
 /// One page's entry in the index: a page of the file seen on its own.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,13 +136,13 @@ struct Run {
 
 impl Run {
     fn end(&self) -> u64 {
-        self.gpa + self.pages * PAGE_SIZE as u64
+        self.gpa + self.pages * PAGE_SIZE
     }
 
     fn entry(&self, k: u64, crcs: &[u8]) -> IndexEntry {
         if self.zero {
             return IndexEntry {
-                gpa: self.gpa + k * PAGE_SIZE as u64,
+                gpa: self.gpa + k * PAGE_SIZE,
                 offset: 0,
                 crc: 0,
                 zero: true,
@@ -68,8 +150,8 @@ impl Run {
         }
         let at = (self.crc_at + k as usize) * CRC_LEN;
         IndexEntry {
-            gpa: self.gpa + k * PAGE_SIZE as u64,
-            offset: self.offset + k * PAGE_SIZE as u64,
+            gpa: self.gpa + k * PAGE_SIZE,
+            offset: self.offset + k * PAGE_SIZE,
             crc: u32::from_le_bytes([crcs[at], crcs[at + 1], crcs[at + 2], crcs[at + 3]]),
             zero: false,
         }
@@ -96,11 +178,11 @@ impl Index {
         crcs: Vec<u8>,
         kind: Kind,
         section: Section,
-    ) -> Result<Index, String> {
+    ) -> Result<Index, IndexError> {
         if !runs.len().is_multiple_of(RUN_LEN) || !crcs.len().is_multiple_of(CRC_LEN) {
-            return Err("the index does not end on a whole run and crc".into());
+            return Err(IndexError::Partial);
         }
-        let records = section.len / PAGE_SIZE as u64;
+        let records = section.len / PAGE_SIZE;
         let mut out = Vec::with_capacity(runs.len() / RUN_LEN);
         let mut prev_end = 0u64;
         let mut crc_at = 0usize;
@@ -110,41 +192,45 @@ impl Index {
             let record = u32::from_le_bytes(b[8..12].try_into().expect("4 bytes"));
             let count = u16::from_le_bytes([b[12], b[13]]) as u64;
             let flags = u16::from_le_bytes([b[14], b[15]]);
-            let bad = |what: String| format!("index run {i} (gpa {gpa:#x}, {count} pages): {what}");
+            let bad = |problem| IndexError::Run {
+                run: i,
+                gpa,
+                pages: count,
+                problem,
+            };
             if flags & !RUN_FLAG_ZERO != 0 {
-                return Err(bad(format!("unknown flags {flags:#x}")));
+                return Err(bad(RunProblem::UnknownFlags(flags)));
             }
             if count == 0 {
-                return Err(bad("a run of no pages".into()));
+                return Err(bad(RunProblem::Empty));
             }
-            if !gpa.is_multiple_of(PAGE_SIZE as u64) {
-                return Err(bad("gpa is not page-aligned".into()));
+            if !gpa.is_multiple_of(PAGE_SIZE) {
+                return Err(bad(RunProblem::Unaligned));
             }
             let end = gpa
-                .checked_add(count * PAGE_SIZE as u64)
-                .ok_or_else(|| bad("ends beyond the largest address".into()))?;
+                .checked_add(count * PAGE_SIZE)
+                .ok_or_else(|| bad(RunProblem::Overflow))?;
             if i > 0 && gpa < prev_end {
-                return Err(bad(format!(
-                    "does not start after the previous run, which ends at {prev_end:#x}"
-                )));
+                return Err(bad(RunProblem::Overlaps(prev_end)));
             }
             let zero = flags & RUN_FLAG_ZERO != 0;
             let offset = if zero {
                 if kind == Kind::Full {
-                    return Err(bad("zero run in a full checkpoint".into()));
+                    return Err(bad(RunProblem::ZeroInFull));
                 }
                 if record != 0 {
-                    return Err(bad(format!("zero run with a record number {record}")));
+                    return Err(bad(RunProblem::ZeroWithRecord(record)));
                 }
                 0
             } else {
                 if record as u64 + count > records {
-                    return Err(bad(format!(
-                        "records {record}..{} are not all in the {records} of the pages section",
-                        record as u64 + count
-                    )));
+                    return Err(bad(RunProblem::OutsidePages {
+                        first: record,
+                        end: record as u64 + count,
+                        records,
+                    }));
                 }
-                section.offset + record as u64 * PAGE_SIZE as u64
+                section.offset + record as u64 * PAGE_SIZE
             };
             out.push(Run {
                 gpa,
@@ -160,10 +246,10 @@ impl Index {
             prev_end = end;
         }
         if crc_at * CRC_LEN != crcs.len() {
-            return Err(format!(
-                "the index holds {} page crcs for {crc_at} pages with data",
-                crcs.len() / CRC_LEN
-            ));
+            return Err(IndexError::Crcs {
+                crcs: crcs.len() / CRC_LEN,
+                pages: crc_at,
+            });
         }
         Ok(Index {
             runs: out,
@@ -181,8 +267,8 @@ impl Index {
                 Some((first, n))
                     if first.zero == e.zero
                         && *n < MAX_RUN_PAGES
-                        && first.gpa + *n * PAGE_SIZE as u64 == e.gpa
-                        && (e.zero || first.offset + *n * PAGE_SIZE as u64 == e.offset) =>
+                        && first.gpa + *n * PAGE_SIZE == e.gpa
+                        && (e.zero || first.offset + *n * PAGE_SIZE == e.offset) =>
                 {
                     *n += 1
                 }
@@ -195,7 +281,7 @@ impl Index {
             let record = if first.zero {
                 0
             } else {
-                (first.offset - pages_offset) / PAGE_SIZE as u64
+                (first.offset - pages_offset) / PAGE_SIZE
             };
             let flags = if first.zero { RUN_FLAG_ZERO } else { 0 };
             out.extend_from_slice(&first.gpa.to_le_bytes());
@@ -240,13 +326,13 @@ impl Index {
     /// The entry of the page at `gpa`, if the index has one.
     pub fn get(&self, gpa: u64) -> Option<IndexEntry> {
         let r = self.run_from(gpa).filter(|r| r.gpa <= gpa)?;
-        let k = (gpa - r.gpa) / PAGE_SIZE as u64;
+        let k = (gpa - r.gpa) / PAGE_SIZE;
         Some(r.entry(k, &self.crcs)).filter(|e| e.gpa == gpa)
     }
 
     /// The lowest gpa in the index at or above `gpa`.
     pub fn first_at_or_after(&self, gpa: u64) -> Option<u64> {
-        let gpa = gpa.checked_next_multiple_of(PAGE_SIZE as u64)?;
+        let gpa = gpa.checked_next_multiple_of(PAGE_SIZE)?;
         self.run_from(gpa).map(|r| r.gpa.max(gpa))
     }
 }
@@ -263,7 +349,7 @@ mod tests {
     fn data(gpa: u64, record: u64) -> IndexEntry {
         IndexEntry {
             gpa,
-            offset: PAGES.offset + record * PAGE_SIZE as u64,
+            offset: PAGES.offset + record * PAGE_SIZE,
             crc: (gpa as u32) ^ 0x5a5a_5a5a,
             zero: false,
         }
@@ -287,7 +373,7 @@ mod tests {
 
     #[test]
     fn pages_contiguous_in_memory_and_file_make_one_run() {
-        let p = PAGE_SIZE as u64;
+        let p = PAGE_SIZE;
         // Records 0..4 for gpas 0..4, then a gap in memory, then a page whose
         // record is not the next one, then zeros.
         let mut entries: Vec<IndexEntry> = (0..4).map(|i| data(i * p, i)).collect();
@@ -317,7 +403,7 @@ mod tests {
     #[test]
     fn a_run_longer_than_its_count_allows_is_cut() {
         let n = MAX_RUN_PAGES + 10;
-        let entries: Vec<IndexEntry> = (0..n).map(|i| data(i * PAGE_SIZE as u64, i)).collect();
+        let entries: Vec<IndexEntry> = (0..n).map(|i| data(i * PAGE_SIZE, i)).collect();
         let (index, runs) = round_trip(&entries, Kind::Full);
         assert_eq!(runs, 2);
         assert!(index.iter().eq(entries.iter().copied()));
@@ -325,7 +411,7 @@ mod tests {
 
     #[test]
     fn impossible_runs_are_refused_with_the_reason() {
-        let p = PAGE_SIZE as u64;
+        let p = PAGE_SIZE;
         let run = |gpa: u64, record: u32, count: u16, flags: u16| {
             let mut b = gpa.to_le_bytes().to_vec();
             b.extend_from_slice(&record.to_le_bytes());
@@ -367,7 +453,7 @@ mod tests {
         ];
         for (runs, crcs, kind, why) in cases {
             let err = Index::decode(&runs, crcs, kind, small).unwrap_err();
-            assert!(err.contains(why), "expected {why:?}: {err}");
+            assert!(err.to_string().contains(why), "expected {why:?}: {err}");
         }
     }
 }

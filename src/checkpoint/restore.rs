@@ -30,11 +30,12 @@ use std::time::{Duration, Instant};
 use userfaultfd::{Event, Uffd, UffdBuilder};
 
 use super::chain::{Chain, ChainEntry, ChainError, ResolvedChain};
-use super::format::{read_meta, Meta, PAGE_SIZE};
+use super::format::{read_meta, Meta};
 use super::index::IndexEntry;
 use super::{ChainPosition, CheckpointRef};
 use crate::api::checkpoint::CheckpointTarget;
 use crate::memory::GuestMemory;
+use crate::memory::PAGE_SIZE;
 use crate::vmm::vm::Loader;
 use crate::vmm::{Vm, VmConfig, VmState};
 
@@ -43,7 +44,7 @@ const MAX_RUN_PAGES: usize = 256;
 /// Pages of a block: the unit a fault is served in, and that the fault
 /// handler and the loaders claim so that no page is read twice.
 const BLOCK_PAGES: usize = 16;
-const BLOCK_BYTES: u64 = (BLOCK_PAGES * PAGE_SIZE) as u64;
+const BLOCK_BYTES: u64 = BLOCK_PAGES as u64 * PAGE_SIZE;
 /// Most blocks one fault is served with: faults that follow each other
 /// through memory double the blocks served each time, up to this.
 const MAX_FAULT_BLOCKS: usize = 16;
@@ -66,13 +67,75 @@ pub enum RestoreError {
     /// The chain or a file is unusable.
     #[error("{0}")]
     Chain(#[from] super::chain::ChainError),
-    /// A file is readable but its content is not a vmhop VM.
-    #[error("{file}: {reason}")]
-    Content {
+    /// The saved VM state does not deserialize.
+    #[error("{file}: the saved VM state is not readable: {source}")]
+    State {
         /// The file.
         file: PathBuf,
-        /// What is wrong.
-        reason: String,
+        /// serde's error.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The saved configuration does not deserialize.
+    #[error("{file}: the saved configuration is not readable: {source}")]
+    Config {
+        /// The file.
+        file: PathBuf,
+        /// serde's error.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The saved configuration is not one vmhop can run.
+    #[error("{file}: the saved configuration is invalid: {source}")]
+    InvalidConfig {
+        /// The file.
+        file: PathBuf,
+        /// What is wrong with it.
+        #[source]
+        source: crate::vmm::ConfigError,
+    },
+    /// A file holds a page outside the VM's memory.
+    #[error("{file}: page {gpa:#x} lies outside the VM's {size} bytes of memory")]
+    PageOutside {
+        /// The file.
+        file: PathBuf,
+        /// The page.
+        gpa: u64,
+        /// The VM's memory size.
+        size: u64,
+    },
+    /// A page to load has no place in the VM's memory as built.
+    #[error("{file}: page {gpa:#x} is not in guest memory")]
+    NotInMemory {
+        /// The file.
+        file: PathBuf,
+        /// The page.
+        gpa: u64,
+    },
+    /// A thread the restore needs could not start.
+    #[error("{file}: cannot start the {what} thread: {source}")]
+    Thread {
+        /// The checkpoint restored.
+        file: PathBuf,
+        /// Which thread.
+        what: &'static str,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A thread of the restore panicked (a vmhop bug).
+    #[error("{file}: {what} panicked")]
+    Panicked {
+        /// The checkpoint restored.
+        file: PathBuf,
+        /// Which thread.
+        what: &'static str,
+    },
+    /// The VM was built without loading its memory (a vmhop bug).
+    #[error("{file}: the VM was created without loading its memory")]
+    NotLoaded {
+        /// The checkpoint restored.
+        file: PathBuf,
     },
     /// Creating the VM failed.
     #[error("{0}")]
@@ -83,7 +146,15 @@ impl crate::api::Classify for RestoreError {
     fn kind(&self) -> crate::api::ErrorKind {
         match self {
             RestoreError::Chain(e) => e.kind(),
-            RestoreError::Content { .. } => crate::api::ErrorKind::Unusable,
+            // The file's content: the checkpoint the user named is unusable.
+            RestoreError::State { .. }
+            | RestoreError::Config { .. }
+            | RestoreError::InvalidConfig { .. }
+            | RestoreError::PageOutside { .. }
+            | RestoreError::NotInMemory { .. } => crate::api::ErrorKind::Unusable,
+            RestoreError::Thread { .. }
+            | RestoreError::Panicked { .. }
+            | RestoreError::NotLoaded { .. } => crate::api::ErrorKind::Failed,
             RestoreError::Vm(e) => e.kind(),
         }
     }
@@ -135,17 +206,22 @@ fn prepare(dir: &Path, id: Option<u32>) -> Result<Prepared, RestoreError> {
         }
         .into());
     }
-    let content = |reason: String| RestoreError::Content {
-        file: file.clone(),
-        reason,
-    };
-    let state: VmState = serde_json::from_slice(&meta.state)
-        .map_err(|e| content(format!("the saved VM state is not readable: {e}")))?;
-    let config: VmConfig = serde_json::from_slice(&meta.config)
-        .map_err(|e| content(format!("the saved configuration is not readable: {e}")))?;
+    let state: VmState =
+        serde_json::from_slice(&meta.state).map_err(|source| RestoreError::State {
+            file: file.clone(),
+            source,
+        })?;
+    let config: VmConfig =
+        serde_json::from_slice(&meta.config).map_err(|source| RestoreError::Config {
+            file: file.clone(),
+            source,
+        })?;
     config
         .validate()
-        .map_err(|e| content(format!("the saved configuration is invalid: {e}")))?;
+        .map_err(|source| RestoreError::InvalidConfig {
+            file: file.clone(),
+            source,
+        })?;
     let checkpoint = CheckpointRef {
         dir: dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf()),
         chain_id: meta.header.chain_id,
@@ -199,9 +275,10 @@ fn validate(
         let mut gap_start = 0u64;
         for &(start, end) in ranges.iter().chain(std::iter::once(&(u64::MAX, u64::MAX))) {
             if let Some(gpa) = idx.first_at_or_after(gap_start).filter(|&g| g < start) {
-                return Err(RestoreError::Content {
+                return Err(RestoreError::PageOutside {
                     file: reader.path().to_path_buf(),
-                    reason: format!("page {gpa:#x} lies outside the VM's {size} bytes of memory"),
+                    gpa,
+                    size,
                 });
             }
             gap_start = end;
@@ -245,7 +322,7 @@ fn runs(pages: &[(u64, usize, IndexEntry)], memory: &GuestMemory) -> Vec<(usize,
         while j < pages.len()
             && j - i < MAX_RUN_PAGES
             && pages[j].1 == pages[i].1
-            && pages[j].0 == pages[j - 1].0 + PAGE_SIZE as u64
+            && pages[j].0 == pages[j - 1].0 + PAGE_SIZE
             && pages[j].0 < chunk_end
         {
             j += 1;
@@ -276,11 +353,11 @@ fn load_eager(chain: &ResolvedChain, memory: &GuestMemory) -> Result<(), Restore
                     for &(i, n) in part {
                         let run = &pages[i..i + n];
                         let (gpa, r, _) = run[0];
-                        let len = n * PAGE_SIZE;
+                        let len = n * PAGE_SIZE as usize;
                         let dst = memory.host_addr(gpa, len as u64).ok_or_else(|| {
-                            RestoreError::Content {
+                            RestoreError::NotInMemory {
                                 file: chain.readers[r].path().to_path_buf(),
-                                reason: format!("page {gpa:#x} is not in guest memory"),
+                                gpa,
                             }
                         })?;
                         // Fault the run's fresh pages in with one madvise
@@ -306,13 +383,77 @@ fn load_eager(chain: &ResolvedChain, memory: &GuestMemory) -> Result<(), Restore
             .collect();
         workers.into_iter().try_for_each(|w| {
             w.join().unwrap_or_else(|_| {
-                Err(RestoreError::Content {
+                Err(RestoreError::Panicked {
                     file: chain.top().path().to_path_buf(),
-                    reason: "a loader thread panicked".into(),
+                    what: "a loader thread",
                 })
             })
         })
     })
+}
+
+/// A lazy restore could not load a page; the VM stops with this message.
+#[derive(Debug, thiserror::Error)]
+pub enum LazyError {
+    /// A file's page could not be read or failed its checksum.
+    #[error("lazy restore: {0}")]
+    Read(#[from] super::format::FormatError),
+    /// A page to fill lies in no registered range.
+    #[error("lazy restore: guest {gpa:#x} is not registered")]
+    Unregistered {
+        /// The page.
+        gpa: u64,
+    },
+    /// Copying pages in to resolve a fault failed.
+    #[error("lazy restore: resolving the fault at guest {gpa:#x} failed: {source}")]
+    Resolve {
+        /// The first page.
+        gpa: u64,
+        /// UFFDIO_COPY's error.
+        #[source]
+        source: userfaultfd::Error,
+    },
+    /// Copying pages in in the background failed.
+    #[error("lazy restore: loading guest {gpa:#x} failed: {source}")]
+    Load {
+        /// The first page.
+        gpa: u64,
+        /// UFFDIO_COPY's error.
+        #[source]
+        source: userfaultfd::Error,
+    },
+    /// Mapping the zero page into a hole failed.
+    #[error("lazy restore: mapping zeros at guest {gpa:#x} failed: {source}")]
+    Zero {
+        /// The page.
+        gpa: u64,
+        /// UFFDIO_ZEROPAGE's error.
+        #[source]
+        source: userfaultfd::Error,
+    },
+}
+
+/// Setting up a lazy restore failed; an eager restore (`--eager`) needs
+/// none of it.
+#[derive(Debug, thiserror::Error)]
+pub enum UffdError {
+    /// No userfaultfd.
+    #[error("userfaultfd for a lazy restore failed: {0} (use --eager)")]
+    Create(#[source] userfaultfd::Error),
+    /// A range of guest memory could not be registered.
+    #[error("userfaultfd register of guest {gpa:#x}+{len:#x}: {source}")]
+    Register {
+        /// Its first guest-physical address.
+        gpa: u64,
+        /// Its length.
+        len: usize,
+        /// UFFDIO_REGISTER's error.
+        #[source]
+        source: userfaultfd::Error,
+    },
+    /// The fault handler thread could not start.
+    #[error("cannot start the fault handler thread: {0}")]
+    Handler(#[source] std::io::Error),
 }
 
 /// Where the fault handler's last serve ended and how many blocks it had,
@@ -329,7 +470,8 @@ struct Lazy {
     /// (host start, gpa start, len) of every registered range.
     ranges: Ranges,
     done: AtomicBool,
-    failure: Mutex<Option<String>>,
+    /// The first failure; it stops the VM.
+    failure: Mutex<Option<LazyError>>,
     /// Who loads each `BLOCK_BYTES` block of guest-physical memory: a
     /// block is claimed whole, by a loader or by the fault handler, which
     /// then makes every page of it present that has data.
@@ -353,11 +495,11 @@ impl Lazy {
             .map(|(h, g, _)| h + (gpa - g) as usize)
     }
 
-    fn fail(&self, msg: String) {
+    fn fail(&self, e: LazyError) {
         self.failure
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .get_or_insert(msg);
+            .get_or_insert(e);
     }
 
     /// The newest file holding `gpa` and its entry there (that page's
@@ -417,7 +559,7 @@ impl Lazy {
     /// present are skipped.
     fn serve(&self, addr: usize, buf: &mut [u8], ahead: &mut Readahead) {
         let _serving = self.serving.lock().unwrap_or_else(|e| e.into_inner());
-        let page = addr & !(PAGE_SIZE - 1);
+        let page = addr & !(PAGE_SIZE as usize - 1);
         let Some(&(host, start, _)) = self
             .ranges
             .iter()
@@ -446,7 +588,7 @@ impl Lazy {
         } else {
             // Most often a loader is loading this block right now.
             self.wait_for_loader(gpa);
-            (gpa, gpa + PAGE_SIZE as u64)
+            (gpa, gpa + PAGE_SIZE)
         };
         ahead.next = to;
         // A block claimed is filled whole, also where it spans two
@@ -463,21 +605,21 @@ impl Lazy {
             // SAFETY: `page` is a registered, page-aligned guest page; zeros
             // unblock the vCPU, which the loader stops at once because of
             // the failure. EEXIST: it is there already.
-            let _ = unsafe { self.uffd.zeropage(page as *mut _, PAGE_SIZE, true) };
+            let _ = unsafe { self.uffd.zeropage(page as *mut _, PAGE_SIZE as usize, true) };
         }
         // The faulting page may have been loaded by someone else meanwhile,
         // and a copy skipping it wakes nobody.
-        let _ = self.uffd.wake(page as *mut _, PAGE_SIZE);
+        let _ = self.uffd.wake(page as *mut _, PAGE_SIZE as usize);
     }
 
     /// Makes the pages of guest [from, to) (in one registered range, at
     /// most `buf` long) present: each page's latest version, the zero page
     /// where no file has data. Pages already present are left alone.
-    fn fill(&self, from: u64, to: u64, buf: &mut [u8]) -> Result<(), String> {
-        let n = ((to - from) as usize / PAGE_SIZE).min(buf.len() / PAGE_SIZE);
+    fn fill(&self, from: u64, to: u64, buf: &mut [u8]) -> Result<(), LazyError> {
+        let n = ((to - from) as usize / PAGE_SIZE as usize).min(buf.len() / PAGE_SIZE as usize);
         let found: Vec<Option<(usize, IndexEntry)>> = (0..n)
             .map(|k| {
-                self.latest(from + (k * PAGE_SIZE) as u64)
+                self.latest(from + k as u64 * PAGE_SIZE)
                     .filter(|(_, e)| !e.zero)
             })
             .collect();
@@ -488,22 +630,18 @@ impl Lazy {
                 .iter()
                 .take_while(|f| f.is_some() == data)
                 .count();
-            let gpa = from + (i * PAGE_SIZE) as u64;
-            let len = (j - i) * PAGE_SIZE;
+            let gpa = from + i as u64 * PAGE_SIZE;
+            let len = (j - i) * PAGE_SIZE as usize;
             if data {
                 let block: Vec<(usize, IndexEntry)> =
                     found[i..j].iter().flatten().copied().collect();
                 let out = &mut buf[..len];
-                self.read_block(&block, out)
-                    .map_err(|e| format!("lazy restore: {e}"))?;
-                let dst = self
-                    .host_of(gpa)
-                    .ok_or_else(|| format!("lazy restore: guest {gpa:#x} is not registered"))?;
-                self.copy_missing(out, dst).map_err(|e| {
-                    format!("lazy restore: resolving the fault at guest {gpa:#x} failed: {e}")
-                })?;
-            } else if !self.zero_fill((gpa, len as u64)) {
-                return Err(self.failure_text());
+                self.read_block(&block, out)?;
+                let dst = self.host_of(gpa).ok_or(LazyError::Unregistered { gpa })?;
+                self.copy_missing(out, dst)
+                    .map_err(|source| LazyError::Resolve { gpa, source })?;
+            } else {
+                self.zero_fill((gpa, len as u64))?;
             }
             i = j;
         }
@@ -522,7 +660,10 @@ impl Lazy {
             let r = block[i].0;
             let j = i + block[i..].iter().take_while(|(rr, _)| *rr == r).count();
             let entries: Vec<IndexEntry> = block[i..j].iter().map(|b| b.1).collect();
-            self.chain.readers[r].read_pages(&entries, &mut out[i * PAGE_SIZE..j * PAGE_SIZE])?;
+            self.chain.readers[r].read_pages(
+                &entries,
+                &mut out[i * PAGE_SIZE as usize..j * PAGE_SIZE as usize],
+            )?;
             i = j;
         }
         Ok(())
@@ -551,11 +692,11 @@ impl Lazy {
                 Ok(_) => return Ok(()),
                 // Copied up to an existing page.
                 Err(userfaultfd::Error::PartiallyCopied(n))
-                    if n > 0 && n < rest && n.is_multiple_of(PAGE_SIZE) =>
+                    if n > 0 && n < rest && n.is_multiple_of(PAGE_SIZE as usize) =>
                 {
                     off += n
                 }
-                Err(e) if is_exists(&e) => off += PAGE_SIZE,
+                Err(e) if is_exists(&e) => off += PAGE_SIZE as usize,
                 // EAGAIN with nothing copied: the address space was changing.
                 Err(userfaultfd::Error::PartiallyCopied(_)) if retries < 100 => {
                     retries += 1;
@@ -568,7 +709,7 @@ impl Lazy {
     }
 
     fn handler(self: Arc<Self>) {
-        let mut buf = vec![0u8; MAX_FAULT_BLOCKS * BLOCK_PAGES * PAGE_SIZE];
+        let mut buf = vec![0u8; MAX_FAULT_BLOCKS * BLOCK_PAGES * PAGE_SIZE as usize];
         let mut ahead = Readahead { next: 0, blocks: 0 };
         let fd = self.uffd.as_raw_fd();
         while !self.done.load(Ordering::Acquire) {
@@ -583,14 +724,6 @@ impl Lazy {
                 Err(_) => {}
             }
         }
-    }
-
-    fn failure_text(&self) -> String {
-        self.failure
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-            .unwrap_or_default()
     }
 
     fn failed(&self) -> bool {
@@ -658,7 +791,7 @@ impl Lazy {
         holes: &[(u64, u64)],
         who: u8,
     ) -> bool {
-        let mut buf = vec![0u8; BLOCK_PAGES * PAGE_SIZE];
+        let mut buf = vec![0u8; BLOCK_PAGES * PAGE_SIZE as usize];
         let mut h = 0;
         for &(i, n) in memory_runs {
             if self.failed() {
@@ -666,7 +799,8 @@ impl Lazy {
             }
             let gpa = pages[i].0;
             while h < holes.len() && holes[h].0 < gpa {
-                if !self.zero_fill(holes[h]) {
+                if let Err(e) = self.zero_fill(holes[h]) {
+                    self.fail(e);
                     return false;
                 }
                 h += 1;
@@ -682,7 +816,8 @@ impl Lazy {
                     .take_while(|p| p.0 / BLOCK_BYTES == block)
                     .count();
                 if self.claim(pages[k].0, who) {
-                    if !self.load(&pages[k..next], &mut buf) {
+                    if let Err(e) = self.load(&pages[k..next], &mut buf) {
+                        self.fail(e);
                         return false;
                     }
                     self.loaded(pages[k].0);
@@ -691,7 +826,11 @@ impl Lazy {
             }
         }
         for &hole in &holes[h..] {
-            if self.failed() || !self.zero_fill(hole) {
+            if self.failed() {
+                return false;
+            }
+            if let Err(e) = self.zero_fill(hole) {
+                self.fail(e);
                 return false;
             }
         }
@@ -699,33 +838,25 @@ impl Lazy {
     }
 
     /// Reads `run` (pages consecutive in guest memory, in one chunk, from
-    /// one file) and copies the pages not yet present into guest memory;
-    /// false (and the failure recorded) if that failed.
-    fn load(&self, run: &[(u64, usize, IndexEntry)], buf: &mut [u8]) -> bool {
+    /// one file) and copies the pages not yet present into guest memory.
+    fn load(&self, run: &[(u64, usize, IndexEntry)], buf: &mut [u8]) -> Result<(), LazyError> {
         let Some(&(gpa, r, _)) = run.first() else {
-            return true;
+            return Ok(());
         };
-        let len = run.len() * PAGE_SIZE;
+        let len = run.len() * PAGE_SIZE as usize;
         let Some(dst) = self.host_of(gpa) else {
-            return true;
+            return Ok(());
         };
-        if let Err(e) = self.chain.readers[r].read_pages(&entries(run), &mut buf[..len]) {
-            self.fail(format!("lazy restore: {e}"));
-            return false;
-        }
-        if let Err(e) = self.copy_missing(&buf[..len], dst) {
-            self.fail(format!("lazy restore: loading guest {gpa:#x} failed: {e}"));
-            return false;
-        }
-        true
+        self.chain.readers[r].read_pages(&entries(run), &mut buf[..len])?;
+        self.copy_missing(&buf[..len], dst)
+            .map_err(|source| LazyError::Load { gpa, source })
     }
 
     /// Maps the zero page into the hole (gpa, len) of one registered range,
-    /// skipping pages already there; false (and the failure recorded) if
-    /// that failed.
-    fn zero_fill(&self, (gpa, len): (u64, u64)) -> bool {
+    /// skipping pages already there.
+    fn zero_fill(&self, (gpa, len): (u64, u64)) -> Result<(), LazyError> {
         let Some(dst) = self.host_of(gpa) else {
-            return true;
+            return Ok(());
         };
         self.zero_span(gpa, dst, len as usize)
     }
@@ -734,25 +865,22 @@ impl Lazy {
     /// `gpa`): where a page is already there, the span is halved, so a few
     /// pages touched meanwhile in a hole of thousands cost a few dozen
     /// ioctls, not one a page.
-    fn zero_span(&self, gpa: u64, dst: usize, len: usize) -> bool {
+    fn zero_span(&self, gpa: u64, dst: usize, len: usize) -> Result<(), LazyError> {
         // SAFETY: [dst, dst+len) lies in one registered range (holes are
         // cut per range) and is page-aligned.
         match unsafe { self.uffd.zeropage(dst as *mut _, len, true) } {
-            Ok(_) => true,
-            Err(e) if len == PAGE_SIZE => {
+            Ok(_) => Ok(()),
+            Err(e) if len == PAGE_SIZE as usize => {
                 if is_exists(&e) {
-                    return true;
+                    return Ok(());
                 }
-                self.fail(format!(
-                    "lazy restore: mapping zeros at guest {gpa:#x} failed: {e}"
-                ));
-                false
+                Err(LazyError::Zero { gpa, source: e })
             }
             // Some page was there (the zeropage ioctl stops at it).
             Err(_) => {
-                let half = (len / PAGE_SIZE / 2) * PAGE_SIZE;
-                self.zero_span(gpa, dst, half)
-                    && self.zero_span(gpa + half as u64, dst + half, len - half)
+                let half = (len / PAGE_SIZE as usize / 2) * PAGE_SIZE as usize;
+                self.zero_span(gpa, dst, half)?;
+                self.zero_span(gpa + half as u64, dst + half, len - half)
             }
         }
     }
@@ -775,7 +903,7 @@ fn holes(pages: &[(u64, usize, IndexEntry)], ranges: &Ranges) -> Vec<(u64, u64)>
             if g > cur {
                 out.push((cur, g - cur));
             }
-            cur = g + PAGE_SIZE as u64;
+            cur = g + PAGE_SIZE;
             i += 1;
         }
         if cur < end {
@@ -832,13 +960,13 @@ type Ranges = Vec<(usize, u64, usize)>;
 
 /// A userfaultfd with all guest memory registered, and the registered
 /// ranges.
-fn register_uffd(m: &GuestMemory) -> Result<(Uffd, Ranges), String> {
+fn register_uffd(m: &GuestMemory) -> Result<(Uffd, Ranges), UffdError> {
     let uffd = UffdBuilder::new()
         .close_on_exec(true)
         .non_blocking(true)
         .user_mode_only(false)
         .create()
-        .map_err(|e| format!("userfaultfd for a lazy restore failed: {e} (use --eager)"))?;
+        .map_err(UffdError::Create)?;
     // One registration per piece of host memory, not per chunk: each
     // splits a VMA under mmap_lock, and every fault looks its range up.
     let mut ranges = Vec::new();
@@ -846,7 +974,7 @@ fn register_uffd(m: &GuestMemory) -> Result<(Uffd, Ranges), String> {
         let (host, gpa) = (run[0].mapping.as_ptr(), run[0].range.start);
         let len = run.iter().map(|c| c.mapping.len()).sum();
         uffd.register(host as *mut _, len)
-            .map_err(|e| format!("userfaultfd register of guest {gpa:#x}+{len:#x}: {e}"))?;
+            .map_err(|source| UffdError::Register { gpa, len, source })?;
         ranges.push((host as usize, gpa, len));
     }
     Ok((uffd, ranges))
@@ -925,9 +1053,10 @@ impl Restoring {
                 let t = Instant::now();
                 (validate(&links, &meta, &config), ms_since(t))
             })
-            .map_err(|e| RestoreError::Content {
+            .map_err(|source| RestoreError::Thread {
                 file: file.clone(),
-                reason: format!("cannot start the validation thread: {e}"),
+                what: "validation",
+                source,
             })?;
         let loaded = Loaded {
             phases: RestorePhases {
@@ -967,9 +1096,9 @@ impl Restoring {
             let (checked, ms) = match validator.map(|v| v.join()) {
                 Some(Ok(r)) => r,
                 _ => (
-                    Err(RestoreError::Content {
+                    Err(RestoreError::Panicked {
                         file: dir.clone(),
-                        reason: "the validation thread panicked".into(),
+                        what: "the validation thread",
                     }),
                     0.0,
                 ),
@@ -1021,7 +1150,7 @@ impl Restoring {
                 std::thread::Builder::new()
                     .name("uffd-faults".into())
                     .spawn(move || h.handler())
-                    .map_err(|e| format!("cannot start the fault handler thread: {e}"))?;
+                    .map_err(UffdError::Handler)?;
                 l.lazy = Some(lazy);
                 l.phases.uffd_ms = ms_since(tu);
             }
@@ -1067,9 +1196,8 @@ impl Restoring {
             e
         };
         let Some((chain, stored_pages)) = chain else {
-            return Err(fail(RestoreError::Content {
+            return Err(fail(RestoreError::NotLoaded {
                 file: self.dir.clone(),
-                reason: "the VM was created without loading its memory".into(),
             }));
         };
         // The slots were registered with dirty logging on; from now on the
@@ -1100,7 +1228,8 @@ impl Restoring {
                         .failure
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
-                        .clone();
+                        .as_ref()
+                        .map(ToString::to_string);
                     if let Some(f) = failure {
                         vm2.fail(f);
                     } else {
@@ -1115,9 +1244,10 @@ impl Restoring {
                     flag.store(false, Ordering::Release);
                 });
             if let Err(e) = started {
-                return Err(fail(RestoreError::Content {
+                return Err(fail(RestoreError::Thread {
                     file: self.dir.clone(),
-                    reason: format!("cannot start the loader thread: {e}"),
+                    what: "loader",
+                    source: e,
                 }));
             }
         }
@@ -1163,7 +1293,7 @@ mod tests {
             while j < pages.len()
                 && j - i < max
                 && pages[j].1 == pages[i].1
-                && pages[j].0 == pages[j - 1].0 + PAGE_SIZE as u64
+                && pages[j].0 == pages[j - 1].0 + PAGE_SIZE
             {
                 j += 1;
             }
@@ -1175,8 +1305,8 @@ mod tests {
 
     /// Page `gpa`'s content in [`a_block_spanning_two_chunks_is_loaded_whole`].
     fn content(gpa: u64) -> Vec<u8> {
-        (0..PAGE_SIZE)
-            .map(|i| (gpa / PAGE_SIZE as u64 * 7 + i as u64 % 251 + 1) as u8)
+        (0..PAGE_SIZE as usize)
+            .map(|i| (gpa / PAGE_SIZE * 7 + i as u64 % 251 + 1) as u8)
             .collect()
     }
 
@@ -1220,7 +1350,7 @@ mod tests {
     #[test]
     fn zeros_fill_a_hole_around_pages_already_there_and_keep_them() {
         let dir = tempfile::tempdir().unwrap();
-        let len = 300 * PAGE_SIZE;
+        let len = 300 * PAGE_SIZE as usize;
         let m = crate::memory::Mapping::new(len, crate::memory::Backing::Anonymous).unwrap();
         let ranges: Ranges = vec![(m.as_ptr() as usize, 0, len)];
         let lazy = lazy_over(&ranges, empty_chain(dir.path()));
@@ -1232,20 +1362,23 @@ mod tests {
                 lazy.uffd
                     .copy(
                         data.as_ptr() as *const _,
-                        m.as_ptr().add(p * PAGE_SIZE) as *mut _,
-                        PAGE_SIZE,
+                        m.as_ptr().add(p * PAGE_SIZE as usize) as *mut _,
+                        PAGE_SIZE as usize,
                         true,
                     )
                     .unwrap();
             }
         }
-        assert!(lazy.zero_fill((0, len as u64)));
-        assert_eq!(lazy.failure_text(), "");
+        lazy.zero_fill((0, len as u64)).unwrap();
         lazy.uffd.unregister(m.as_ptr() as *mut _, len).unwrap();
         for p in 0..300 {
             // SAFETY: page p of a live mapping no one else writes.
-            let got =
-                unsafe { std::slice::from_raw_parts(m.as_ptr().add(p * PAGE_SIZE), PAGE_SIZE) };
+            let got = unsafe {
+                std::slice::from_raw_parts(
+                    m.as_ptr().add(p * PAGE_SIZE as usize),
+                    PAGE_SIZE as usize,
+                )
+            };
             if there.contains(&p) {
                 assert!(
                     got == content(p as u64).as_slice(),
@@ -1270,7 +1403,7 @@ mod tests {
             super::super::format::Header::full(1),
         )
         .unwrap();
-        for gpa in (0..(a_len + b_len) as u64).step_by(PAGE_SIZE) {
+        for gpa in (0..(a_len + b_len) as u64).step_by(PAGE_SIZE as usize) {
             w.add_page(gpa, &content(gpa)).unwrap();
         }
         w.finish().unwrap();
@@ -1282,7 +1415,7 @@ mod tests {
             (b.as_ptr() as usize, a_len as u64, b_len),
         ];
         let lazy = lazy_over(&ranges, chain.clone());
-        let mut buf = vec![0u8; MAX_FAULT_BLOCKS * BLOCK_PAGES * PAGE_SIZE];
+        let mut buf = vec![0u8; MAX_FAULT_BLOCKS * BLOCK_PAGES * PAGE_SIZE as usize];
         let mut ahead = Readahead { next: 0, blocks: 0 };
         lazy.serve(a.as_ptr() as usize + 0x10000, &mut buf, &mut ahead);
         let pages = chain.data_pages();
@@ -1296,17 +1429,19 @@ mod tests {
             })
             .collect();
         lazy.background(&pages, &runs, 2);
-        assert_eq!(lazy.failure_text(), "");
+        assert!(!lazy.failed(), "{:?}", lazy.failure.lock().unwrap());
         // As a lazy restore does once its loaders are done: a page still
         // missing would read as zeros from now on.
         for &(h, _, l) in &ranges {
             lazy.uffd.unregister(h as *mut _, l).unwrap();
         }
         for &(h, g, l) in &ranges {
-            for off in (0..l).step_by(PAGE_SIZE) {
+            for off in (0..l).step_by(PAGE_SIZE as usize) {
                 let gpa = g + off as u64;
                 // SAFETY: off < l, inside a live mapping no one else writes.
-                let got = unsafe { std::slice::from_raw_parts((h + off) as *const u8, PAGE_SIZE) };
+                let got = unsafe {
+                    std::slice::from_raw_parts((h + off) as *const u8, PAGE_SIZE as usize)
+                };
                 assert!(
                     got == content(gpa).as_slice(),
                     "guest page {gpa:#x} was not loaded"
@@ -1321,7 +1456,7 @@ mod tests {
         // end in the middle of blocks everywhere.
         let pages: Vec<_> = (0..4000u64)
             .filter(|p| p % 7 != 3)
-            .map(|p| page(p * PAGE_SIZE as u64, (p / 5 % 2) as usize))
+            .map(|p| page(p * PAGE_SIZE, (p / 5 % 2) as usize))
             .collect();
         let runs = cut(&pages, 3);
         for count in [1, 2, 3, 7, 64, runs.len(), runs.len() * 2] {

@@ -38,6 +38,32 @@ enum Staged {
     Heap(Vec<u8>),
 }
 
+/// The writer thread, or reading pages for it, failed.
+#[derive(Debug, thiserror::Error)]
+enum WriterError {
+    /// The thread could not start.
+    #[error("spawning the checkpoint writer thread: {0}")]
+    Spawn(#[source] std::io::Error),
+    /// Writing the file failed.
+    #[error(transparent)]
+    Format(#[from] FormatError),
+    /// The thread panicked.
+    #[error("the checkpoint writer thread panicked")]
+    Panicked,
+    /// It was joined before.
+    #[error("the checkpoint writer was already stopped")]
+    Stopped,
+    /// A run of guest pages handed to the sink is shorter than it says.
+    #[error("guest pages at +{at:#x}: {source}")]
+    GuestRange {
+        /// Offset into the run.
+        at: usize,
+        /// vm-memory's error.
+        #[source]
+        source: vm_memory::VolatileMemoryError,
+    },
+}
+
 /// Pages for the writer thread: `len` bytes of `buf` go at `gpa`.
 struct Job {
     gpa: u64,
@@ -58,7 +84,7 @@ struct WriterThread {
 }
 
 impl WriterThread {
-    fn start(mut w: CheckpointWriter) -> Result<Self, String> {
+    fn start(mut w: CheckpointWriter) -> Result<Self, WriterError> {
         let (jobs, rx) = sync_channel::<Job>(BOUNCE_BUFFERS);
         let (give_back, free) = sync_channel::<Vec<u8>>(BOUNCE_BUFFERS);
         for _ in 0..BOUNCE_BUFFERS {
@@ -78,7 +104,7 @@ impl WriterThread {
                 }
                 Ok(w)
             })
-            .map_err(|e| format!("spawning the checkpoint writer thread: {e}"))?;
+            .map_err(WriterError::Spawn)?;
         Ok(WriterThread {
             jobs: Some(jobs),
             free,
@@ -89,13 +115,13 @@ impl WriterThread {
 
     /// Waits for the writer to finish what it was given; its error if it
     /// failed.
-    fn join(&mut self) -> Result<CheckpointWriter, String> {
+    fn join(&mut self) -> Result<CheckpointWriter, WriterError> {
         self.jobs = None;
         match self.thread.take().map(|t| t.join()) {
             Some(Ok(Ok(w))) => Ok(w),
-            Some(Ok(Err(e))) => Err(e.to_string()),
-            Some(Err(_)) => Err("the checkpoint writer thread panicked".into()),
-            None => Err("the checkpoint writer was already stopped".into()),
+            Some(Ok(Err(e))) => Err(e.into()),
+            Some(Err(_)) => Err(WriterError::Panicked),
+            None => Err(WriterError::Stopped),
         }
     }
 
@@ -234,11 +260,11 @@ impl VolatileOrBytes<'_> {
         }
     }
 
-    fn copy_to(&self, at: usize, out: &mut [u8]) -> Result<(), String> {
+    fn copy_to(&self, at: usize, out: &mut [u8]) -> Result<(), WriterError> {
         match self {
             VolatileOrBytes::Guest(v) => {
                 v.subslice(at, out.len())
-                    .map_err(|e| format!("guest pages at +{at:#x}: {e}"))?
+                    .map_err(|source| WriterError::GuestRange { at, source })?
                     .copy_to(out);
             }
             VolatileOrBytes::Bytes(b) => out.copy_from_slice(&b[at..at + out.len()]),

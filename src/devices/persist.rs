@@ -18,7 +18,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use super::DeviceError;
-use crate::vmm::bus::DeviceControl;
+use crate::vmm::bus::{DeviceControl, DeviceError as ControlError};
 use crate::vmm::state::DeviceStates;
 
 /// A device whose state travels with checkpoints and migrations.
@@ -48,7 +48,11 @@ pub trait Persist: Sized {
 struct Entry {
     kind: &'static str,
     id: String,
-    save: Box<dyn Fn() -> Result<serde_json::Value, String> + Send + Sync>,
+    save: Box<
+        dyn Fn() -> Result<serde_json::Value, Box<dyn std::error::Error + Send + Sync>>
+            + Send
+            + Sync,
+    >,
     quiesce: Box<dyn Fn() -> Result<(), DeviceError> + Send + Sync>,
     resume: Box<dyn Fn() -> Result<(), DeviceError> + Send + Sync>,
 }
@@ -109,8 +113,8 @@ impl Registry {
             kind: D::TYPE,
             id: id.to_string(),
             save: Box::new(move || {
-                let s = d1.save().map_err(|e| e.to_string())?;
-                serde_json::to_value(s).map_err(|e| e.to_string())
+                let s = d1.save()?;
+                Ok(serde_json::to_value(s)?)
             }),
             quiesce: Box::new(move || d2.quiesce()),
             resume: Box::new(move || d3.resume()),
@@ -134,27 +138,36 @@ impl Registry {
 }
 
 impl DeviceControl for Registry {
-    fn quiesce(&self) -> Result<(), String> {
+    fn quiesce(&self) -> Result<(), ControlError> {
         for e in &self.entries {
-            (e.quiesce)()
-                .map_err(|err| format!("cannot quiesce device {}/{}: {err}", e.kind, e.id))?;
+            (e.quiesce)().map_err(|err| ControlError {
+                action: "quiesce",
+                device: format!("{}/{}", e.kind, e.id),
+                source: Box::new(err),
+            })?;
         }
         Ok(())
     }
 
-    fn resume(&self) -> Result<(), String> {
+    fn resume(&self) -> Result<(), ControlError> {
         for e in &self.entries {
-            (e.resume)()
-                .map_err(|err| format!("cannot resume device {}/{}: {err}", e.kind, e.id))?;
+            (e.resume)().map_err(|err| ControlError {
+                action: "resume",
+                device: format!("{}/{}", e.kind, e.id),
+                source: Box::new(err),
+            })?;
         }
         Ok(())
     }
 
-    fn save(&self) -> Result<DeviceStates, String> {
+    fn save(&self) -> Result<DeviceStates, ControlError> {
         let mut out = DeviceStates::new();
         for e in &self.entries {
-            let v = (e.save)()
-                .map_err(|err| format!("cannot save device {}/{}: {err}", e.kind, e.id))?;
+            let v = (e.save)().map_err(|source| ControlError {
+                action: "save",
+                device: format!("{}/{}", e.kind, e.id),
+                source,
+            })?;
             out.entry(e.kind.to_string())
                 .or_default()
                 .insert(e.id.clone(), v);

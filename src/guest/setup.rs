@@ -108,9 +108,12 @@ pub enum SetupError {
         #[source]
         source: kvm_ioctls::Error,
     },
+    /// The identity map does not fit in guest memory.
+    #[error("guest memory layout: {0}")]
+    Tables(#[source] crate::arch::x86_64::regs::RegsError),
     /// The kvmclock test hook could not set its MSRs.
     #[error("the kvmclock test hook: {0}")]
-    Hook(String),
+    Hook(#[source] crate::arch::x86_64::regs::RegsError),
 }
 
 /// Boot state of one vCPU.
@@ -250,8 +253,7 @@ fn test_kvmclock(v: &kvm_ioctls::VcpuFd) -> Result<(), SetupError> {
         // Bit 0 enables the clock.
         (MSR_KVM_SYSTEM_TIME_NEW, TEST_SYSTEM_TIME_ADDR | 1),
     ];
-    crate::arch::x86_64::regs::set_msr_list(v, 0, &list)
-        .map_err(|e| SetupError::Hook(e.to_string()))
+    crate::arch::x86_64::regs::set_msr_list(v, 0, &list).map_err(SetupError::Hook)
 }
 
 /// Writes the whole guest into `memory` and returns each vCPU's boot state.
@@ -338,7 +340,7 @@ pub fn install(
         )));
     }
     crate::arch::x86_64::regs::write_identity_map(memory, PML4_ADDR, gib, true)
-        .map_err(SetupError::Layout)?;
+        .map_err(SetupError::Tables)?;
 
     // Code.
     let code = match spec {

@@ -63,6 +63,41 @@ pub enum AffinityError {
     },
 }
 
+/// A cpu list that does not parse; each variant quotes the list.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CpuListError {
+    /// Two separators with nothing between them.
+    #[error("cpu list '{list}' has an empty item")]
+    EmptyItem {
+        /// The list.
+        list: String,
+    },
+    /// An item that is not a number.
+    #[error("cpu list '{list}': '{text}' is not a cpu number")]
+    NotANumber {
+        /// The list.
+        list: String,
+        /// The item.
+        text: String,
+    },
+    /// A cpu number at or above [`MAX_CPUS`].
+    #[error("cpu list '{list}': cpu {cpu} is out of range (limit {MAX_CPUS})")]
+    OutOfRange {
+        /// The list.
+        list: String,
+        /// The number.
+        cpu: usize,
+    },
+    /// A range whose first cpu is above its last.
+    #[error("cpu list '{list}': range '{range}' runs backwards")]
+    Backwards {
+        /// The list.
+        list: String,
+        /// The range.
+        range: String,
+    },
+}
+
 /// Pins thread `tid` (0 = the calling thread) to exactly `cpus`.
 ///
 /// Uses the raw syscall with a mask sized to the highest cpu asked for, so it
@@ -155,7 +190,7 @@ pub fn current_tid() -> i32 {
 /// prints it. Whitespace around items is ignored, and an empty or blank string
 /// is the empty list (a memory-only node's `cpulist` is just "\n"). The result
 /// is sorted and free of duplicates.
-pub fn parse_cpu_list(s: &str) -> Result<Vec<usize>, String> {
+pub fn parse_cpu_list(s: &str) -> Result<Vec<usize>, CpuListError> {
     let mut cpus = Vec::new();
     let trimmed = s.trim();
     if trimmed.is_empty() {
@@ -164,7 +199,9 @@ pub fn parse_cpu_list(s: &str) -> Result<Vec<usize>, String> {
     for item in trimmed.split([',', ':']) {
         let item = item.trim();
         if item.is_empty() {
-            return Err(format!("cpu list '{trimmed}' has an empty item"));
+            return Err(CpuListError::EmptyItem {
+                list: trimmed.to_string(),
+            });
         }
         let (first, last) = match item.split_once('-') {
             Some((a, b)) => (parse_cpu(a, trimmed)?, parse_cpu(b, trimmed)?),
@@ -174,9 +211,10 @@ pub fn parse_cpu_list(s: &str) -> Result<Vec<usize>, String> {
             }
         };
         if first > last {
-            return Err(format!(
-                "cpu list '{trimmed}': range '{item}' runs backwards"
-            ));
+            return Err(CpuListError::Backwards {
+                list: trimmed.to_string(),
+                range: item.to_string(),
+            });
         }
         cpus.extend(first..=last);
     }
@@ -186,15 +224,17 @@ pub fn parse_cpu_list(s: &str) -> Result<Vec<usize>, String> {
 }
 
 /// One cpu number of a cpu list, bounded by [`MAX_CPUS`].
-fn parse_cpu(text: &str, list: &str) -> Result<usize, String> {
+fn parse_cpu(text: &str, list: &str) -> Result<usize, CpuListError> {
     let text = text.trim();
-    let cpu: usize = text
-        .parse()
-        .map_err(|_| format!("cpu list '{list}': '{text}' is not a cpu number"))?;
+    let cpu: usize = text.parse().map_err(|_| CpuListError::NotANumber {
+        list: list.to_string(),
+        text: text.to_string(),
+    })?;
     if cpu >= MAX_CPUS {
-        return Err(format!(
-            "cpu list '{list}': cpu {cpu} is out of range (limit {MAX_CPUS})"
-        ));
+        return Err(CpuListError::OutOfRange {
+            list: list.to_string(),
+            cpu,
+        });
     }
     Ok(cpu)
 }
@@ -235,13 +275,13 @@ mod tests {
     #[test]
     fn malformed_cpu_lists_are_rejected_with_the_offending_text() {
         let err = parse_cpu_list("0-x").unwrap_err();
-        assert!(err.contains("'x'"), "{err}");
+        assert!(err.to_string().contains("'x'"), "{err}");
         let err = parse_cpu_list("3-1").unwrap_err();
-        assert!(err.contains("backwards"), "{err}");
+        assert!(err.to_string().contains("backwards"), "{err}");
         let err = parse_cpu_list("1,,2").unwrap_err();
-        assert!(err.contains("empty item"), "{err}");
+        assert!(err.to_string().contains("empty item"), "{err}");
         let err = parse_cpu_list("0-4000000000").unwrap_err();
-        assert!(err.contains("out of range"), "{err}");
+        assert!(err.to_string().contains("out of range"), "{err}");
         assert!(parse_cpu_list("-1").is_err());
         assert!(parse_cpu_list("1-").is_err());
     }

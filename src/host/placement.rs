@@ -10,7 +10,8 @@
 use std::collections::BTreeMap;
 use std::io;
 
-use super::policy::{query_pages_into, PolicyError, PAGE_SIZE};
+use super::policy::{query_pages_into, PolicyError};
+use crate::memory::PAGE_SIZE;
 
 /// Pages asked of the kernel per `move_pages` call: big enough that the
 /// syscall cost is amortised, small enough that the page and status arrays
@@ -79,10 +80,10 @@ pub fn query(addr: *const u8, len: usize, stride: usize) -> Result<Placement, Po
         len,
         problem,
     };
-    if !(addr as usize).is_multiple_of(PAGE_SIZE) {
+    if !(addr as usize).is_multiple_of(PAGE_SIZE as usize) {
         return Err(bad("start is not page-aligned"));
     }
-    if !len.is_multiple_of(PAGE_SIZE) {
+    if !len.is_multiple_of(PAGE_SIZE as usize) {
         return Err(bad("length is not a multiple of the page size"));
     }
     if (addr as usize).checked_add(len).is_none() {
@@ -92,7 +93,7 @@ pub fn query(addr: *const u8, len: usize, stride: usize) -> Result<Placement, Po
         return Err(bad("sampling stride is 0 (1 means every page)"));
     }
 
-    let page_count = len / PAGE_SIZE;
+    let page_count = len / PAGE_SIZE as usize;
     let samples = page_count.div_ceil(stride);
     let batch = samples.min(QUERY_BATCH_PAGES);
     let mut pages: Vec<*mut u8> = Vec::with_capacity(batch);
@@ -110,7 +111,7 @@ pub fn query(addr: *const u8, len: usize, stride: usize) -> Result<Placement, Po
         // *mut pointers derived from a *const range writes nothing.
         pages.extend(
             (next_sample..next_sample + in_batch)
-                .map(|s| (addr as usize + s * stride * PAGE_SIZE) as *mut u8),
+                .map(|s| (addr as usize + s * stride * PAGE_SIZE as usize) as *mut u8),
         );
         let status = &mut status[..in_batch];
         query_pages_into(&pages, status)?;
@@ -120,8 +121,8 @@ pub fn query(addr: *const u8, len: usize, stride: usize) -> Result<Placement, Po
         if status.contains(&-libc::EFAULT) {
             // -EFAULT is both "unmapped" and "shared zero page": tell them apart.
             check_mapped(
-                addr as usize + first_page * PAGE_SIZE,
-                (end_page - first_page) * PAGE_SIZE,
+                addr as usize + first_page * PAGE_SIZE as usize,
+                (end_page - first_page) * PAGE_SIZE as usize,
             )?;
         }
         for (i, &st) in status.iter().enumerate() {
@@ -144,10 +145,10 @@ pub fn query(addr: *const u8, len: usize, stride: usize) -> Result<Placement, Po
 /// Fails with [`PolicyError::Unmapped`] if any part of [addr, addr+len) has no
 /// mapping (mincore answers ENOMEM for that).
 fn check_mapped(addr: usize, len: usize) -> Result<(), PolicyError> {
-    let mut residency = vec![0u8; MINCORE_CHUNK_PAGES.min(len / PAGE_SIZE)];
+    let mut residency = vec![0u8; MINCORE_CHUNK_PAGES.min(len / PAGE_SIZE as usize)];
     let mut offset = 0;
     while offset < len {
-        let chunk = (len - offset).min(MINCORE_CHUNK_PAGES * PAGE_SIZE);
+        let chunk = (len - offset).min(MINCORE_CHUNK_PAGES * PAGE_SIZE as usize);
         // SAFETY: mincore only writes one byte per page of the chunk into
         // `residency`, which holds at least chunk / PAGE_SIZE bytes; it does
         // not touch the range itself.
@@ -178,9 +179,10 @@ fn check_mapped(addr: usize, len: usize) -> Result<(), PolicyError> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::policy::bind;
     use super::super::policy::tests::{Mapping, UNMAPPED_PAGE};
-    use super::super::policy::{bind, PAGE_SIZE};
     use super::*;
+    use crate::memory::PAGE_SIZE;
     use std::time::Instant;
 
     fn on_node_0(pages: u64, not_present: u64, queried: u64, sampled: bool) -> Placement {
@@ -279,7 +281,7 @@ mod tests {
 
     #[test]
     fn query_of_unmapped_range_fails_naming_the_range() {
-        let err = query(UNMAPPED_PAGE, 4 * PAGE_SIZE, 1).unwrap_err();
+        let err = query(UNMAPPED_PAGE, 4 * PAGE_SIZE as usize, 1).unwrap_err();
         assert!(matches!(err, PolicyError::Unmapped { .. }), "{err}");
         let msg = err.to_string();
         assert!(msg.contains("not mapped"), "{msg}");
@@ -290,13 +292,15 @@ mod tests {
     fn malformed_ranges_and_zero_stride_are_refused() {
         let m = Mapping::new(2);
         assert!(matches!(
-            query(m.addr, PAGE_SIZE + 1, 1),
+            query(m.addr, PAGE_SIZE as usize + 1, 1),
             Err(PolicyError::BadRange { .. })
         ));
         // SAFETY: one byte into the mapping.
         let inside = unsafe { m.addr.add(1) };
-        assert!(query(inside, PAGE_SIZE, 1).is_err());
-        let msg = query(m.addr, PAGE_SIZE, 0).unwrap_err().to_string();
+        assert!(query(inside, PAGE_SIZE as usize, 1).is_err());
+        let msg = query(m.addr, PAGE_SIZE as usize, 0)
+            .unwrap_err()
+            .to_string();
         assert!(msg.contains("stride"), "{msg}");
     }
 

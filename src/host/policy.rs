@@ -11,9 +11,7 @@
 use std::io;
 
 use super::affinity::format_cpu_list;
-
-/// The kernel's base page size on x86-64; `mbind` needs page-aligned starts.
-pub const PAGE_SIZE: usize = 4096;
+use crate::memory::PAGE_SIZE;
 
 // Memory policy modes (include/uapi/linux/mempolicy.h).
 const MPOL_DEFAULT: i32 = 0;
@@ -386,7 +384,7 @@ pub(crate) fn query_pages_into(pages: &[*mut u8], status: &mut [i32]) -> Result<
 
 /// Refuses a range the kernel would reject with a bare EINVAL.
 fn check_aligned(syscall: &'static str, addr: usize, len: usize) -> Result<(), PolicyError> {
-    if !addr.is_multiple_of(PAGE_SIZE) {
+    if !addr.is_multiple_of(PAGE_SIZE as usize) {
         return Err(PolicyError::BadRange {
             syscall,
             addr,
@@ -459,7 +457,7 @@ pub(crate) mod tests {
 
     impl Mapping {
         pub(crate) fn new(pages: usize) -> Mapping {
-            let len = pages * PAGE_SIZE;
+            let len = pages * PAGE_SIZE as usize;
             // SAFETY: a fresh anonymous mapping at a kernel-chosen address
             // aliases nothing.
             let addr = unsafe {
@@ -481,20 +479,22 @@ pub(crate) mod tests {
 
         /// Writes one byte into each page so every page is faulted in.
         pub(crate) fn touch(&self) {
-            for off in (0..self.len).step_by(PAGE_SIZE) {
+            for off in (0..self.len).step_by(PAGE_SIZE as usize) {
                 // SAFETY: `off` is inside the live writable mapping.
                 unsafe { self.addr.add(off).write_volatile(1) };
             }
         }
 
         pub(crate) fn page(&self, i: usize) -> *mut u8 {
-            assert!(i * PAGE_SIZE < self.len);
+            assert!(i * (PAGE_SIZE as usize) < self.len);
             // SAFETY: the offset stays inside the mapping (asserted above).
-            unsafe { self.addr.add(i * PAGE_SIZE) }
+            unsafe { self.addr.add(i * PAGE_SIZE as usize) }
         }
 
         pub(crate) fn pages(&self) -> Vec<*mut u8> {
-            (0..self.len / PAGE_SIZE).map(|i| self.page(i)).collect()
+            (0..self.len / PAGE_SIZE as usize)
+                .map(|i| self.page(i))
+                .collect()
         }
     }
 
@@ -558,7 +558,7 @@ pub(crate) mod tests {
         let m = Mapping::new(2);
         // SAFETY: one byte into a two-page mapping.
         let inside = unsafe { m.addr.add(1) };
-        let err = bind(inside, PAGE_SIZE, 0, false).unwrap_err();
+        let err = bind(inside, PAGE_SIZE as usize, 0, false).unwrap_err();
         assert!(matches!(err, PolicyError::BadRange { .. }), "{err}");
         assert!(err.to_string().contains("page-aligned"), "{err}");
     }

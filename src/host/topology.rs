@@ -8,7 +8,7 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
-use super::affinity::parse_cpu_list;
+use super::affinity::{parse_cpu_list, CpuListError};
 
 /// Where the kernel describes NUMA nodes.
 pub const SYSFS_NODE_ROOT: &str = "/sys/devices/system/node";
@@ -73,6 +73,15 @@ pub enum TopologyError {
         /// What is wrong with it.
         problem: String,
     },
+    /// A cpu list file does not parse.
+    #[error("cannot parse {}: {source}", path.display())]
+    CpuList {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with the list.
+        #[source]
+        source: CpuListError,
+    },
     /// No online node has memory or CPUs.
     #[error("no usable NUMA node under {}: none of the online nodes has memory or cpus", root.display())]
     NoNodes {
@@ -120,10 +129,10 @@ impl Topology {
         for &id in &online_ids {
             let dir = root.join(format!("node{id}"));
             let cpulist_path = dir.join("cpulist");
-            let cpus = parse_cpu_list(&read_file(&cpulist_path)?).map_err(|problem| {
-                TopologyError::Parse {
+            let cpus = parse_cpu_list(&read_file(&cpulist_path)?).map_err(|source| {
+                TopologyError::CpuList {
                     path: cpulist_path.clone(),
-                    problem,
+                    source,
                 }
             })?;
             let meminfo_path = dir.join("meminfo");
@@ -183,9 +192,9 @@ impl Topology {
     fn read_without_numa() -> Result<Topology, TopologyError> {
         let cpu_path = Path::new(SYSFS_CPU_ONLINE);
         let cpus =
-            parse_cpu_list(&read_file(cpu_path)?).map_err(|problem| TopologyError::Parse {
+            parse_cpu_list(&read_file(cpu_path)?).map_err(|source| TopologyError::CpuList {
                 path: cpu_path.to_path_buf(),
-                problem,
+                source,
             })?;
         let meminfo_path = Path::new(PROC_MEMINFO);
         let text = read_file(meminfo_path)?;
@@ -259,9 +268,9 @@ fn read_optional(path: &Path) -> Result<Option<String>, TopologyError> {
 /// A node list ("0-1,3") as the set of node ids it names.
 fn parse_node_list(path: &Path, text: &str) -> Result<BTreeSet<u32>, TopologyError> {
     // Node lists use the same syntax as cpu lists.
-    let ids = parse_cpu_list(text).map_err(|problem| TopologyError::Parse {
+    let ids = parse_cpu_list(text).map_err(|source| TopologyError::CpuList {
         path: path.to_path_buf(),
-        problem,
+        source,
     })?;
     ids.into_iter()
         .map(|id| {

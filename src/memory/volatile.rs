@@ -73,23 +73,6 @@ pub fn copy_parallel(dst: &VolatileSlice<'_>, src: &VolatileSlice<'_>) {
     });
 }
 
-/// Whether the first `len` bytes read from `s` are all zero, without a
-/// reference to the guest's memory: read word by word, volatile.
-pub fn is_zero(s: &VolatileSlice<'_>) -> bool {
-    let mut buf = [0u8; 512];
-    let mut at = 0;
-    while at < s.len() {
-        let n = buf.len().min(s.len() - at);
-        let part = s.subslice(at, n).expect("range checked by the loop");
-        part.copy_to(&mut buf[..n]);
-        if buf[..n].iter().any(|&b| b != 0) {
-            return false;
-        }
-        at += n;
-    }
-    true
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -104,13 +87,5 @@ mod tests {
             &VolatileSlice::from(&mut a[..]),
         );
         assert_eq!(b, want);
-    }
-
-    #[test]
-    fn zero_check_sees_the_last_byte() {
-        let mut a = vec![0u8; 4096];
-        assert!(is_zero(&VolatileSlice::from(&mut a[..])));
-        a[4095] = 1;
-        assert!(!is_zero(&VolatileSlice::from(&mut a[..])));
     }
 }

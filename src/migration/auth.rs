@@ -156,22 +156,21 @@ impl Security {
     /// file both work); it must be at least 16 bytes and the file must not
     /// be accessible to group or others.
     pub fn psk_from_file(path: &Path) -> Result<Security, AuthError> {
-        let bad = |reason: String| AuthError::KeyFile {
+        let bad = |problem: KeyFileProblem| AuthError::KeyFile {
             path: path.to_path_buf(),
-            reason,
+            problem,
         };
-        check_private(path).map_err(bad)?;
-        let mut key = Zeroizing::new(std::fs::read(path).map_err(|e| bad(e.to_string()))?);
+        check_private(path).map_err(|e| bad(e.into()))?;
+        let mut key =
+            Zeroizing::new(std::fs::read(path).map_err(|e| bad(KeyFileProblem::Read(e)))?);
         while matches!(key.last(), Some(b'\n' | b'\r')) {
             key.pop();
         }
         if key.len() < MIN_PSK_LEN {
-            return Err(bad(format!(
-                "the key is {} bytes; at least {MIN_PSK_LEN} are needed \
-                 (make one with: head -c 32 /dev/urandom > {})",
-                key.len(),
-                path.display()
-            )));
+            return Err(bad(KeyFileProblem::TooShort {
+                len: key.len(),
+                path: path.to_path_buf(),
+            }));
         }
         Ok(Security::Psk(PskKey(key)))
     }
@@ -185,30 +184,30 @@ impl Security {
     /// restricts usages. The key file must not be accessible to group or
     /// others.
     pub fn tls_from_files(cert: &Path, key: &Path, ca: &Path) -> Result<Security, AuthError> {
-        let file_err = |path: &Path, reason: String| AuthError::TlsFile {
+        let file_err = |path: &Path, problem: TlsFileProblem| AuthError::TlsFile {
             path: path.to_path_buf(),
-            reason,
+            problem,
         };
         let certs = CertificateDer::pem_file_iter(cert)
             .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-            .map_err(|e| file_err(cert, format!("cannot read certificates: {e}")))?;
+            .map_err(|e| file_err(cert, TlsFileProblem::Certificates(e)))?;
         if certs.is_empty() {
-            return Err(file_err(cert, "no PEM certificate in the file".into()));
+            return Err(file_err(cert, TlsFileProblem::NoCertificate));
         }
-        check_private(key).map_err(|reason| file_err(key, reason))?;
-        let private_key = PrivateKeyDer::from_pem_file(key)
-            .map_err(|e| file_err(key, format!("cannot read a private key: {e}")))?;
+        check_private(key).map_err(|e| file_err(key, e.into()))?;
+        let private_key =
+            PrivateKeyDer::from_pem_file(key).map_err(|e| file_err(key, TlsFileProblem::Key(e)))?;
         let ca_certs = CertificateDer::pem_file_iter(ca)
             .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-            .map_err(|e| file_err(ca, format!("cannot read certificates: {e}")))?;
+            .map_err(|e| file_err(ca, TlsFileProblem::Certificates(e)))?;
         let mut roots = RootCertStore::empty();
         for c in ca_certs {
             roots
                 .add(c)
-                .map_err(|e| file_err(ca, format!("not a usable CA certificate: {e}")))?;
+                .map_err(|e| file_err(ca, TlsFileProblem::Ca(e)))?;
         }
         if roots.is_empty() {
-            return Err(file_err(ca, "no PEM certificate in the file".into()));
+            return Err(file_err(ca, TlsFileProblem::NoCertificate));
         }
         let roots = Arc::new(roots);
         let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -223,7 +222,7 @@ impl Security {
         let verifier =
             rustls::server::WebPkiClientVerifier::builder_with_provider(roots, provider.clone())
                 .build()
-                .map_err(|e| file_err(ca, format!("cannot verify clients with it: {e}")))?;
+                .map_err(|e| file_err(ca, TlsFileProblem::Verifier(e)))?;
         let server = rustls::ServerConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(config_err)?
@@ -260,37 +259,124 @@ fn method_name(method: u8) -> &'static str {
 }
 
 /// Refuses a secret file that group or others may access.
-fn check_private(path: &Path) -> Result<(), String> {
-    let meta = std::fs::metadata(path).map_err(|e| e.to_string())?;
+fn check_private(path: &Path) -> Result<(), PrivateFileError> {
+    let meta = std::fs::metadata(path).map_err(PrivateFileError::Metadata)?;
     let mode = meta.permissions().mode();
     if mode & PRIVATE_MODE_MASK != 0 {
-        return Err(format!(
-            "mode {:o} lets group or others read it; run: chmod 600 {}",
-            mode & 0o777,
-            path.display()
-        ));
+        return Err(PrivateFileError::Shared {
+            mode: mode & 0o777,
+            path: path.to_path_buf(),
+        });
     }
     Ok(())
+}
+
+/// A secret file that is missing, unreadable, or readable by others.
+#[derive(Debug, thiserror::Error)]
+pub enum PrivateFileError {
+    /// Its metadata could not be read (missing, not permitted).
+    #[error(transparent)]
+    Metadata(io::Error),
+    /// Group or others may read it.
+    #[error("mode {mode:o} lets group or others read it; run: chmod 600 {}", path.display())]
+    Shared {
+        /// Its permission bits.
+        mode: u32,
+        /// The file.
+        path: PathBuf,
+    },
+}
+
+/// Why a pre-shared key file cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyFileProblem {
+    /// It is missing, unreadable or not private.
+    #[error(transparent)]
+    Private(#[from] PrivateFileError),
+    /// Reading it failed.
+    #[error(transparent)]
+    Read(io::Error),
+    /// The key is too short to be a secret.
+    #[error(
+        "the key is {len} bytes; at least {MIN_PSK_LEN} are needed \
+         (make one with: head -c 32 /dev/urandom > {})",
+        path.display()
+    )]
+    TooShort {
+        /// Its length, trailing newlines dropped.
+        len: usize,
+        /// The file.
+        path: PathBuf,
+    },
+}
+
+/// Why a certificate, key or CA file cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsFileProblem {
+    /// Its PEM certificates do not read.
+    #[error("cannot read certificates: {0}")]
+    Certificates(#[source] rustls_pki_types::pem::Error),
+    /// It holds no certificate.
+    #[error("no PEM certificate in the file")]
+    NoCertificate,
+    /// The key file is missing, unreadable or not private.
+    #[error(transparent)]
+    Private(#[from] PrivateFileError),
+    /// Its private key does not read.
+    #[error("cannot read a private key: {0}")]
+    Key(#[source] rustls_pki_types::pem::Error),
+    /// A CA certificate rustls refuses.
+    #[error("not a usable CA certificate: {0}")]
+    Ca(#[source] rustls::Error),
+    /// The CA certificates cannot verify client certificates.
+    #[error("cannot verify clients with it: {0}")]
+    Verifier(#[source] rustls::server::VerifierBuilderError),
+}
+
+impl KeyFileProblem {
+    /// The OS error, if the file could not be read at all.
+    pub fn io_error(&self) -> Option<&io::Error> {
+        match self {
+            KeyFileProblem::Private(PrivateFileError::Metadata(e)) | KeyFileProblem::Read(e) => {
+                Some(e)
+            }
+            _ => None,
+        }
+    }
+}
+
+impl TlsFileProblem {
+    /// The OS error, if the file could not be read at all.
+    pub fn io_error(&self) -> Option<&io::Error> {
+        match self {
+            TlsFileProblem::Private(PrivateFileError::Metadata(e))
+            | TlsFileProblem::Certificates(rustls_pki_types::pem::Error::Io(e))
+            | TlsFileProblem::Key(rustls_pki_types::pem::Error::Io(e)) => Some(e),
+            _ => None,
+        }
+    }
 }
 
 /// Why a connection to a peer was not authenticated.
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
     /// A pre-shared key file that cannot be used.
-    #[error("pre-shared key file {}: {reason}", path.display())]
+    #[error("pre-shared key file {}: {problem}", path.display())]
     KeyFile {
         /// The file.
         path: PathBuf,
         /// What is wrong with it.
-        reason: String,
+        #[source]
+        problem: KeyFileProblem,
     },
     /// A certificate, key or CA file that cannot be used.
-    #[error("TLS file {}: {reason}", path.display())]
+    #[error("TLS file {}: {problem}", path.display())]
     TlsFile {
         /// The file.
         path: PathBuf,
         /// What is wrong with it.
-        reason: String,
+        #[source]
+        problem: TlsFileProblem,
     },
     /// The certificate and key do not make a TLS configuration.
     #[error("cannot set up TLS: {source}")]
@@ -352,11 +438,8 @@ pub enum AuthError {
         len: usize,
     },
     /// The source named an impossible connection.
-    #[error("the source's hello is malformed: {reason}")]
-    BadLink {
-        /// What is wrong.
-        reason: String,
-    },
+    #[error("the source's hello is malformed: {0}")]
+    BadLink(#[source] super::protocol::LinkError),
     /// The Noise library refused to run the handshake.
     #[error("the key exchange failed: {0}")]
     Noise(String),
@@ -594,7 +677,7 @@ fn handshake(
             let bytes: &[u8; LINK_LEN] = peer_hello[peer_len - LINK_LEN..]
                 .try_into()
                 .expect("LINK_LEN bytes");
-            Link::from_bytes(bytes).map_err(|reason| AuthError::BadLink { reason })?
+            Link::from_bytes(bytes).map_err(AuthError::BadLink)?
         }
     };
     let (source_hello, dest_hello) = match role {
@@ -1106,7 +1189,7 @@ mod tests {
             fake.write_all(&hello).unwrap();
             let err = dest.join().unwrap().unwrap_err();
             assert!(
-                matches!(err, AuthError::BadLink { .. }) && err.to_string().contains("connection"),
+                matches!(err, AuthError::BadLink(_)) && err.to_string().contains("connection"),
                 "{index}/{count}: {err}"
             );
         }

@@ -218,22 +218,6 @@ pub fn decode_pages(encoding: Encoding, input: &[u8], out: &mut [u8]) -> Result<
     Ok(())
 }
 
-/// Whether `data` is all zero bytes; compares 64 bytes at a time as eight
-/// u64 words, so it stops early on the first non-zero block of a page.
-pub fn is_zero_page(data: &[u8]) -> bool {
-    let mut blocks = data.chunks_exact(64);
-    for block in &mut blocks {
-        let mut acc = 0u64;
-        for word in block.chunks_exact(8) {
-            acc |= u64::from_ne_bytes(word.try_into().expect("8-byte chunk"));
-        }
-        if acc != 0 {
-            return false;
-        }
-    }
-    blocks.remainder().iter().all(|&b| b == 0)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -336,19 +320,5 @@ mod tests {
             decode_pages(Encoding::Raw, &data[..100], &mut odd),
             Err(DecodeError::NotPages(100))
         ));
-    }
-
-    #[test]
-    fn zero_page_check_sees_every_byte() {
-        let mut page = vec![0u8; PAGE_LEN];
-        assert!(is_zero_page(&page));
-        for i in [0, 7, 8, 63, 64, 2049, PAGE_LEN - 1] {
-            page[i] = 1;
-            assert!(!is_zero_page(&page), "byte {i}");
-            page[i] = 0;
-        }
-        assert!(is_zero_page(&[0u8; 70]));
-        assert!(!is_zero_page(&[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1][..]));
-        assert!(is_zero_page(&[]));
     }
 }

@@ -15,12 +15,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use super::compress::decode_pages;
-use super::protocol::{AckKind, Frame, FrameStream};
-use super::{handshake_as_destination, Conn, Listener, Security};
-use crate::memory::{GuestMemory, Mapping, PAGE_SIZE};
+use super::compress::{decode_pages, DecodeError};
+use super::protocol::{AckKind, Frame, FrameStream, ProtocolError};
+use super::{handshake_as_destination, AuthError, Conn, Listener, Security, TransportError};
+use crate::memory::{GuestMemory, Mapping, MappingError, PAGE_SIZE};
 use crate::vmm::vm::Loader;
-use crate::vmm::{Vm, VmConfig, VmState};
+use crate::vmm::{ConfigError, Vm, VmConfig, VmError, VmState};
 
 /// How long each read of the handshake may wait.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -59,12 +59,135 @@ pub use crate::api::migration::ReceiveReport;
 
 /// One source failed; nothing of it runs here.
 #[derive(Debug, thiserror::Error)]
-#[error("incoming migration from {peer}: {reason}")]
+#[error("incoming migration from {peer}: {failure}")]
 pub struct ReceiveError {
     /// Where it came from.
     pub peer: String,
     /// What failed.
-    pub reason: String,
+    #[source]
+    pub failure: ReceiveFailure,
+}
+
+/// What made a source's VM not arrive (or not start) here.
+#[derive(Debug, thiserror::Error)]
+pub enum ReceiveFailure {
+    /// Accepting a connection failed.
+    #[error(transparent)]
+    Accept(#[from] TransportError),
+    /// The source did not authenticate.
+    #[error("authentication failed: {0}")]
+    Auth(#[source] AuthError),
+    /// The connection's read timeout could not be set.
+    #[error("setting the connection's read timeout: {0}")]
+    Timeout(#[source] std::io::Error),
+    /// The stream broke or carried a bad frame.
+    #[error(transparent)]
+    Stream(#[from] ProtocolError),
+    /// The configuration the source sent cannot run here.
+    #[error(transparent)]
+    Config(#[from] ConfigRefused),
+    /// The first frame was not the configuration.
+    #[error("expected config first, got {0}")]
+    NotConfigFirst(&'static str),
+    /// This host cannot give the VM its memory.
+    #[error("cannot hold the VM here: {0}")]
+    CannotHold(#[source] VmError),
+    /// A run of pages does not fit the VM's memory.
+    #[error(transparent)]
+    Place(#[from] PlaceError),
+    /// A `Pages` frame's data does not decode.
+    #[error("pages at {gpa:#x}: {source}")]
+    Decode {
+        /// Its first page.
+        gpa: u64,
+        /// The decoder's error.
+        #[source]
+        source: DecodeError,
+    },
+    /// Zero pages could not be dropped from the staged memory.
+    #[error("zero pages at {gpa:#x}: {source}")]
+    Discard {
+        /// Their first page.
+        gpa: u64,
+        /// madvise's error.
+        #[source]
+        source: MappingError,
+    },
+    /// The source gave up and said why.
+    #[error("the source aborted: {0}")]
+    Aborted(String),
+    /// A frame the destination does not take mid-stream.
+    #[error("unexpected {0} frame")]
+    Unexpected(&'static str),
+    /// `done` came before any state.
+    #[error("done without a state frame")]
+    NoState,
+    /// The state does not deserialize.
+    #[error("the VM state is unreadable: {0}")]
+    State(#[source] serde_json::Error),
+    /// The VM arrived but this host did not start it (the service's reason).
+    #[error("{0}")]
+    NotStarted(String),
+    /// The source could not be told that its VM runs here.
+    #[error("confirming the VM runs here failed: {0}")]
+    Confirm(#[source] ProtocolError),
+}
+
+/// Why the configuration a source sent is refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigRefused {
+    /// It is not a vmhop configuration.
+    #[error("the configuration it sent is not a vmhop VM: {0}")]
+    Unreadable(#[source] serde_json::Error),
+    /// `--numa` re-binds a guest node the VM does not have.
+    #[error("--numa names guest node {node}, but the VM has {count} guest node(s)")]
+    NoGuestNode {
+        /// The node named.
+        node: u32,
+        /// The VM's guest nodes.
+        count: usize,
+    },
+    /// It does not validate (with this host's bindings).
+    #[error(transparent)]
+    Invalid(#[from] ConfigError),
+}
+
+/// A run of pages the source sent that does not fit the VM's memory.
+#[derive(Debug, thiserror::Error)]
+pub enum PlaceError {
+    /// Unaligned, or so long its length overflows.
+    #[error("a page run at {gpa:#x} of {pages} pages is malformed")]
+    Malformed {
+        /// Its first page.
+        gpa: u64,
+        /// Its page count.
+        pages: u64,
+    },
+    /// Not inside one chunk of guest memory.
+    #[error("pages at {gpa:#x}+{len:#x} lie outside the VM's guest memory")]
+    Outside {
+        /// Its first page.
+        gpa: u64,
+        /// Its length.
+        len: u64,
+    },
+}
+
+/// Moving the received memory under the new VM's slots failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AdoptError {
+    /// The loader ran twice (a vmhop bug).
+    #[error("memory adopted twice")]
+    Twice,
+    /// A chunk's pages could not be moved.
+    #[error("adopting guest memory at {gpa:#x}: {source}")]
+    Take {
+        /// The chunk's first page.
+        gpa: u64,
+        /// mremap's error.
+        #[source]
+        source: MappingError,
+    },
 }
 
 /// A source's VM that arrived whole: its configuration, its state and its
@@ -92,11 +215,14 @@ impl Arrived {
         let state = self.state.take().expect("take_start is called once");
         let mut mappings = self.staged.take().map(Staged::into_mappings);
         let load: Loader<'static> = Box::new(move |m: &GuestMemory| {
-            let staged = mappings.take().ok_or("memory adopted twice")?;
+            let staged = mappings.take().ok_or(AdoptError::Twice)?;
             for (c, s) in m.chunks().zip(staged) {
                 c.mapping
                     .take_pages_of(s)
-                    .map_err(|e| format!("adopting guest memory at {:#x}: {e}", c.range.start))?;
+                    .map_err(|source| AdoptError::Take {
+                        gpa: c.range.start,
+                        source,
+                    })?;
             }
             Ok(())
         });
@@ -109,7 +235,7 @@ impl Arrived {
         let _ = self.stream.flush();
         ReceiveError {
             peer: self.peer,
-            reason: why,
+            failure: ReceiveFailure::NotStarted(why),
         }
     }
 
@@ -125,7 +251,7 @@ impl Arrived {
             .and_then(|_| self.stream.flush())
             .map_err(|e| ReceiveError {
                 peer: self.peer.clone(),
-                reason: format!("confirming the VM runs here failed: {e}"),
+                failure: ReceiveFailure::Confirm(e),
             })?;
         Ok(ReceiveReport {
             operation: "incoming-migration".into(),
@@ -148,27 +274,27 @@ pub fn receive(
 ) -> Result<Arrived, ReceiveError> {
     let conn = listener.accept().map_err(|e| ReceiveError {
         peer: listener.local_address().to_string(),
-        reason: e.to_string(),
+        failure: e.into(),
     })?;
     let peer = conn.peer();
     *status.peer.lock().unwrap_or_else(|e| e.into_inner()) = Some(peer.clone());
     status.bytes.store(0, Ordering::Relaxed);
     status.pages.store(0, Ordering::Relaxed);
-    receive_one(conn, security, opts, status).map_err(|reason| ReceiveError { peer, reason })
+    receive_one(conn, security, opts, status).map_err(|failure| ReceiveError { peer, failure })
 }
 
 /// The configuration a source sent, with this host's bindings applied.
-fn accept_config(bytes: &[u8], opts: &IncomingOptions) -> Result<VmConfig, String> {
-    let mut config: VmConfig = serde_json::from_slice(bytes)
-        .map_err(|e| format!("the configuration it sent is not a vmhop VM: {e}"))?;
+fn accept_config(bytes: &[u8], opts: &IncomingOptions) -> Result<VmConfig, ConfigRefused> {
+    let mut config: VmConfig = serde_json::from_slice(bytes).map_err(ConfigRefused::Unreadable)?;
     let count = config.nodes.len();
     for (&g, &h) in &opts.rebind {
-        let node = config.nodes.get_mut(g as usize).ok_or_else(|| {
-            format!("--numa names guest node {g}, but the VM has {count} guest node(s)")
-        })?;
+        let node = config
+            .nodes
+            .get_mut(g as usize)
+            .ok_or(ConfigRefused::NoGuestNode { node: g, count })?;
         node.host_node = Some(h);
     }
-    config.validate().map_err(|e| e.to_string())?;
+    config.validate()?;
     Ok(config)
 }
 
@@ -178,25 +304,23 @@ struct Staged {
 }
 
 impl Staged {
-    fn new(config: &VmConfig) -> Result<Staged, String> {
-        let hosts = Vm::host_nodes_for(config).map_err(|e| e.to_string())?;
-        let memory = Vm::memory_for(config, &hosts).map_err(|e| e.to_string())?;
+    fn new(config: &VmConfig) -> Result<Staged, VmError> {
+        let hosts = Vm::host_nodes_for(config)?;
+        let memory = Vm::memory_for(config, &hosts)?;
         Ok(Staged { memory })
     }
 
     /// The mapping and offset of `pages` pages at `gpa`, within one chunk.
-    fn place(&self, gpa: u64, pages: u64) -> Result<(&Mapping, usize, usize), String> {
+    fn place(&self, gpa: u64, pages: u64) -> Result<(&Mapping, usize, usize), PlaceError> {
         let len = pages
             .checked_mul(PAGE_SIZE)
             .filter(|_| gpa.is_multiple_of(PAGE_SIZE))
-            .ok_or_else(|| format!("a page run at {gpa:#x} of {pages} pages is malformed"))?;
+            .ok_or(PlaceError::Malformed { gpa, pages })?;
         let c = self
             .memory
             .chunk_of(gpa)
             .filter(|c| gpa.checked_add(len).is_some_and(|e| e <= c.range.end()))
-            .ok_or_else(|| {
-                format!("pages at {gpa:#x}+{len:#x} lie outside the VM's guest memory")
-            })?;
+            .ok_or(PlaceError::Outside { gpa, len })?;
         Ok((&c.mapping, (gpa - c.range.start) as usize, len as usize))
     }
 
@@ -215,46 +339,44 @@ fn receive_one(
     security: &Security,
     opts: &IncomingOptions,
     status: &IncomingStatus,
-) -> Result<Arrived, String> {
+) -> Result<Arrived, ReceiveFailure> {
     let peer = conn.peer();
     let auth = handshake_as_destination(conn, security, HANDSHAKE_TIMEOUT)
-        .map_err(|e| format!("authentication failed: {e}"))?;
+        .map_err(ReceiveFailure::Auth)?;
     auth.conn
         .set_read_timeout(Some(IDLE_TIMEOUT))
-        .map_err(|e| e.to_string())?;
+        .map_err(ReceiveFailure::Timeout)?;
     let mut s = auth.into_frames();
     // Tell the source why, then fail: it keeps its VM running.
-    let refuse = |s: &mut FrameStream<Box<dyn Conn>>, why: String| -> String {
-        let _ = s.write_frame(&Frame::Error(why.clone()));
+    let refuse = |s: &mut FrameStream<Box<dyn Conn>>, why: ReceiveFailure| -> ReceiveFailure {
+        let _ = s.write_frame(&Frame::Error(why.to_string()));
         let _ = s.flush();
         why
     };
-    let config = match s.read_frame() {
-        Ok(Frame::Config(bytes)) => match accept_config(&bytes, opts) {
+    let config = match s.read_frame()? {
+        Frame::Config(bytes) => match accept_config(&bytes, opts) {
             Ok(c) => c,
-            Err(why) => return Err(refuse(&mut s, why)),
+            Err(why) => return Err(refuse(&mut s, why.into())),
         },
-        Ok(f) => {
+        f => {
             return Err(refuse(
                 &mut s,
-                format!("expected config first, got {}", f.kind_name()),
+                ReceiveFailure::NotConfigFirst(f.kind_name()),
             ))
         }
-        Err(e) => return Err(e.to_string()),
     };
     let staged = match Staged::new(&config) {
         Ok(m) => m,
-        Err(why) => return Err(refuse(&mut s, format!("cannot hold the VM here: {why}"))),
+        Err(why) => return Err(refuse(&mut s, ReceiveFailure::CannotHold(why))),
     };
     s.write_frame(&Frame::Ack {
         what: AckKind::Config,
     })
-    .and_then(|_| s.flush())
-    .map_err(|e| e.to_string())?;
+    .and_then(|_| s.flush())?;
     let mut state = None;
     let mut pages = 0u64;
     loop {
-        let frame = s.read_frame().map_err(|e| e.to_string())?;
+        let frame = s.read_frame()?;
         status.bytes.store(s.bytes_read(), Ordering::Relaxed);
         match frame {
             Frame::Pages {
@@ -270,40 +392,35 @@ fn receive_one(
                 // while this slice lives.
                 let dst = unsafe { std::slice::from_raw_parts_mut(m.as_ptr().add(off), len) };
                 decode_pages(encoding, &data, dst)
-                    .map_err(|e| format!("pages at {gpa:#x}: {e}"))?;
+                    .map_err(|source| ReceiveFailure::Decode { gpa, source })?;
                 pages += count as u64;
             }
             Frame::Zero { gpa, pages: n } => {
                 let (m, off, len) = staged.place(gpa, n)?;
-                m.discard_range(off, len).map_err(|e| e.to_string())?;
+                m.discard_range(off, len)
+                    .map_err(|source| ReceiveFailure::Discard { gpa, source })?;
                 pages += n;
             }
             Frame::EndOfRound { .. } => {
                 s.write_frame(&Frame::Ack {
                     what: AckKind::Round,
                 })
-                .and_then(|_| s.flush())
-                .map_err(|e| e.to_string())?;
+                .and_then(|_| s.flush())?;
             }
             Frame::State(bytes) => state = Some(bytes),
             Frame::Done => break,
-            Frame::Abort(why) => return Err(format!("the source aborted: {why}")),
-            f => {
-                return Err(refuse(
-                    &mut s,
-                    format!("unexpected {} frame", f.kind_name()),
-                ))
-            }
+            Frame::Abort(why) => return Err(ReceiveFailure::Aborted(why)),
+            f => return Err(refuse(&mut s, ReceiveFailure::Unexpected(f.kind_name()))),
         }
         status.pages.store(pages, Ordering::Relaxed);
     }
     let done_at = Instant::now();
     let Some(state) = state else {
-        return Err(refuse(&mut s, "done without a state frame".into()));
+        return Err(refuse(&mut s, ReceiveFailure::NoState));
     };
     let state: VmState = match serde_json::from_slice(&state) {
         Ok(st) => st,
-        Err(e) => return Err(refuse(&mut s, format!("the VM state is unreadable: {e}"))),
+        Err(e) => return Err(refuse(&mut s, ReceiveFailure::State(e))),
     };
     Ok(Arrived {
         config,

@@ -30,7 +30,7 @@ pub use auth::{
     check_policy, handshake_as_destination, handshake_as_source, handshake_as_source_on, AuthError,
     Authenticated, PolicyError, Role, Security,
 };
-pub use compress::{decode_pages, encode_pages, is_zero_page, Compression, DecodeError, Encoding};
+pub use compress::{decode_pages, encode_pages, Compression, DecodeError, Encoding};
 pub use protocol::{
     AckKind, Binding, Frame, FrameReader, FrameStream, FrameWriter, Integrity, Link, ProtocolError,
     SessionNonce,
@@ -53,8 +53,16 @@ pub fn security_from(auth: &AuthFiles) -> Result<Security, ApiError> {
 impl Classify for AuthError {
     fn kind(&self) -> crate::api::ErrorKind {
         use crate::api::ErrorKind;
+        // A file the user named: missing or not permitted is theirs to
+        // fix like any path; present but unusable (shared, too short, not
+        // PEM) is Unusable.
+        let named = |io: Option<&std::io::Error>| match io.map(ErrorKind::of_io) {
+            Some(k @ (ErrorKind::NotFound | ErrorKind::Forbidden)) => k,
+            _ => ErrorKind::Unusable,
+        };
         match self {
-            AuthError::KeyFile { .. } | AuthError::TlsFile { .. } => ErrorKind::Unusable,
+            AuthError::KeyFile { problem, .. } => named(problem.io_error()),
+            AuthError::TlsFile { problem, .. } => named(problem.io_error()),
             _ => ErrorKind::Failed,
         }
     }

@@ -138,8 +138,8 @@ impl Link {
         b
     }
 
-    /// Reads the wire form; the reason if index or count are impossible.
-    pub fn from_bytes(b: &[u8; LINK_LEN]) -> Result<Link, String> {
+    /// Reads the wire form; fails if index or count are impossible.
+    pub fn from_bytes(b: &[u8; LINK_LEN]) -> Result<Link, LinkError> {
         let mut migration = [0u8; 16];
         migration.copy_from_slice(&b[..16]);
         let index = u32::from_le_bytes([b[16], b[17], b[18], b[19]]);
@@ -153,16 +153,68 @@ impl Link {
         Ok(link)
     }
 
-    fn check(&self) -> Result<(), String> {
+    fn check(&self) -> Result<(), LinkError> {
         if self.count == 0 || self.count > MAX_CONNECTIONS || self.index >= self.count {
-            return Err(format!(
-                "connection {} of {}: a migration has 1 to {MAX_CONNECTIONS} connections, \
-                 numbered from 0",
-                self.index, self.count
-            ));
+            return Err(LinkError {
+                index: self.index,
+                count: self.count,
+            });
         }
         Ok(())
     }
+}
+
+/// A connection numbered outside its migration's connections.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "connection {index} of {count}: a migration has 1 to {MAX_CONNECTIONS} connections, numbered \
+     from 0"
+)]
+pub struct LinkError {
+    /// The connection's index.
+    pub index: u32,
+    /// How many the migration says it has.
+    pub count: u32,
+}
+
+/// What is wrong with the run of pages a `Pages` or `Zero` frame names.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PagesError {
+    /// More pages than a frame carries, or none.
+    #[error("{0} pages; a frame carries 1 to {MAX_PAGES_PER_FRAME}")]
+    Count(u32),
+    /// A run of no pages.
+    #[error("a run of 0 pages")]
+    Empty,
+    /// Its address is not page-aligned.
+    #[error("address {0:#x} is not page-aligned")]
+    Unaligned(u64),
+    /// It runs past the end of the address space.
+    #[error("{pages} pages from {gpa:#x} run past the end of the address space")]
+    PastEnd {
+        /// Its first page.
+        gpa: u64,
+        /// Its page count.
+        pages: u64,
+    },
+    /// Raw data of the wrong length.
+    #[error("{len} bytes of raw data for {count} pages, expected {expected}")]
+    RawLength {
+        /// Bytes of data.
+        len: usize,
+        /// Pages.
+        count: u32,
+        /// Bytes expected.
+        expected: usize,
+    },
+    /// Compressed pages without data.
+    #[error("no {encoding} data for {count} pages")]
+    NoData {
+        /// The compression.
+        encoding: Encoding,
+        /// Pages.
+        count: u32,
+    },
 }
 
 /// Everything a stream's frames are bound to: the session, how they are
@@ -428,6 +480,20 @@ pub enum ProtocolError {
         /// What is wrong.
         reason: String,
     },
+    /// A `Pages` or `Zero` frame whose run of pages is impossible (read or
+    /// about to be written).
+    #[error("{kind} frame {frame} (at offset {offset}) is malformed: {problem}")]
+    BadPages {
+        /// The frame's position.
+        frame: u64,
+        /// The frame's offset.
+        offset: u64,
+        /// The frame's kind.
+        kind: &'static str,
+        /// What is wrong.
+        #[source]
+        problem: PagesError,
+    },
     /// No byte arrived within the read timeout.
     #[error("timed out reading frame {frame} (at offset {offset}) after {got} of its bytes")]
     Timeout {
@@ -496,40 +562,43 @@ fn io_error(op: &'static str, frame: u64, offset: u64, source: io::Error) -> Pro
     }
 }
 
-/// Checks a `Pages` frame's fields; the reason if they are wrong.
-fn check_pages(gpa: u64, encoding: Encoding, count: u32, data_len: usize) -> Result<(), String> {
+/// Checks a `Pages` frame's fields.
+fn check_pages(
+    gpa: u64,
+    encoding: Encoding,
+    count: u32,
+    data_len: usize,
+) -> Result<(), PagesError> {
     if count == 0 || count > MAX_PAGES_PER_FRAME {
-        return Err(format!(
-            "{count} pages; a frame carries 1 to {MAX_PAGES_PER_FRAME}"
-        ));
+        return Err(PagesError::Count(count));
     }
     check_run(gpa, u64::from(count))?;
     let raw_len = count as usize * PAGE_LEN;
     match encoding {
-        Encoding::Raw if data_len != raw_len => Err(format!(
-            "{data_len} bytes of raw data for {count} pages, expected {raw_len}"
-        )),
-        _ if data_len == 0 => Err(format!("no {encoding} data for {count} pages")),
+        Encoding::Raw if data_len != raw_len => Err(PagesError::RawLength {
+            len: data_len,
+            count,
+            expected: raw_len,
+        }),
+        _ if data_len == 0 => Err(PagesError::NoData { encoding, count }),
         _ => Ok(()),
     }
 }
 
-/// Checks a run of pages from `gpa`; the reason if it is wrong.
-fn check_run(gpa: u64, pages: u64) -> Result<(), String> {
+/// Checks a run of pages from `gpa`.
+fn check_run(gpa: u64, pages: u64) -> Result<(), PagesError> {
     if pages == 0 {
-        return Err("a run of 0 pages".to_string());
+        return Err(PagesError::Empty);
     }
     if !gpa.is_multiple_of(PAGE_SIZE) {
-        return Err(format!("address {gpa:#x} is not page-aligned"));
+        return Err(PagesError::Unaligned(gpa));
     }
     if pages
         .checked_mul(PAGE_SIZE)
         .and_then(|len| gpa.checked_add(len))
         .is_none()
     {
-        return Err(format!(
-            "{pages} pages from {gpa:#x} run past the end of the address space"
-        ));
+        return Err(PagesError::PastEnd { gpa, pages });
     }
     Ok(())
 }
@@ -589,7 +658,7 @@ impl<W: Write> FrameWriter<W> {
                 data,
             } => self.write_pages(*gpa, *encoding, *count, data),
             Frame::Zero { gpa, pages } => {
-                check_run(*gpa, *pages).map_err(|reason| self.malformed(KIND_ZERO, reason))?;
+                check_run(*gpa, *pages).map_err(|problem| self.bad_pages(KIND_ZERO, problem))?;
                 let mut payload = [0u8; ZERO_PAYLOAD_LEN];
                 payload[..8].copy_from_slice(&gpa.to_le_bytes());
                 payload[8..].copy_from_slice(&pages.to_le_bytes());
@@ -629,7 +698,7 @@ impl<W: Write> FrameWriter<W> {
         data: &[u8],
     ) -> Result<(), ProtocolError> {
         check_pages(gpa, encoding, count, data.len())
-            .map_err(|reason| self.malformed(KIND_PAGES, reason))?;
+            .map_err(|problem| self.bad_pages(KIND_PAGES, problem))?;
         let mut prefix = [0u8; PAGES_PREFIX_LEN];
         prefix[..8].copy_from_slice(&gpa.to_le_bytes());
         prefix[8] = encoding.to_byte();
@@ -705,6 +774,15 @@ impl<W: Write> FrameWriter<W> {
             offset: self.pos.offset,
             kind: kind_name(kind),
             reason,
+        }
+    }
+
+    fn bad_pages(&self, kind: u8, problem: PagesError) -> ProtocolError {
+        ProtocolError::BadPages {
+            frame: self.pos.seq,
+            offset: self.pos.offset,
+            kind: kind_name(kind),
+            problem,
         }
     }
 
@@ -1091,6 +1169,12 @@ impl ReadState {
             kind: kind_name(kind),
             reason,
         };
+        let bad_pages = |problem| ProtocolError::BadPages {
+            frame,
+            offset,
+            kind: kind_name(kind),
+            problem,
+        };
         if header[1] != 0 || header[2..4] != [0, 0] {
             return Err(malformed(format!(
                 "flags {:#04x} and reserved bytes {:02x?} must be zero in version {VERSION}",
@@ -1126,7 +1210,7 @@ impl ReadState {
                     return Err(malformed("reserved bytes must be zero".to_string()));
                 }
                 let count = u32::from_le_bytes(prefix[12..16].try_into().expect("4 bytes"));
-                check_pages(gpa, encoding, count, body.len()).map_err(malformed)?;
+                check_pages(gpa, encoding, count, body.len()).map_err(bad_pages)?;
                 Frame::Pages {
                     gpa,
                     encoding,
@@ -1138,7 +1222,7 @@ impl ReadState {
                 exact(ZERO_PAYLOAD_LEN)?;
                 let gpa = u64::from_le_bytes(body[..8].try_into().expect("8 bytes"));
                 let pages = u64::from_le_bytes(body[8..16].try_into().expect("8 bytes"));
-                check_run(gpa, pages).map_err(malformed)?;
+                check_run(gpa, pages).map_err(bad_pages)?;
                 Frame::Zero { gpa, pages }
             }
             KIND_END_OF_ROUND => {
@@ -1509,7 +1593,10 @@ mod tests {
         for (kind, payload, want) in cases {
             let err = decode_all(&hand_frame(kind, 0, &payload), &SESSION).unwrap_err();
             assert!(
-                matches!(err, ProtocolError::Malformed { .. }) && err.to_string().contains(want),
+                matches!(
+                    err,
+                    ProtocolError::Malformed { .. } | ProtocolError::BadPages { .. }
+                ) && err.to_string().contains(want),
                 "kind {kind}: {err}"
             );
         }
@@ -1569,7 +1656,7 @@ mod tests {
             Frame::Zero { gpa: 0, pages: 0 },
         ] {
             let err = w.write_frame(&bad).unwrap_err();
-            assert!(matches!(err, ProtocolError::Malformed { .. }), "{err}");
+            assert!(matches!(err, ProtocolError::BadPages { .. }), "{err}");
         }
         // Nothing was written for them: the stream is still in step.
         w.write_frame(&Frame::Done).unwrap();

@@ -13,11 +13,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use super::compress::{encode_pages, is_zero_page, Compression};
+use super::compress::{encode_pages, Compression};
 use super::protocol::{AckKind, Frame, FrameStream, MAX_PAGES_PER_FRAME};
 use super::{check_policy, connect, handshake_as_source, Address, Conn, Security};
 use crate::api::{ApiError, Classify, ErrorKind};
-use crate::memory::PAGE_SIZE;
+use crate::memory::{is_zero_page, PAGE_SIZE};
 use crate::transfer::{
     transfer, AfterCommit, Cancel, FirstPass, PageRun, Plan, Sink, SinkError, TransferError,
 };

@@ -22,12 +22,13 @@ pub mod sink;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use crate::host::affinity::{self, AffinityError};
 use crate::host::placement::{self, Placement};
+use crate::host::policy::{self, PolicyError};
 use crate::host::topology::Topology;
-use crate::host::{affinity, policy};
 use crate::memory::PAGE_SIZE;
-use crate::transfer::{transfer, FirstPass, Plan};
-use crate::vmm::Vm;
+use crate::transfer::{transfer, FirstPass, Plan, TransferError};
+use crate::vmm::{Vm, VmError};
 use sink::LocalSink;
 
 /// Pages per move_pages call in kernel mode: small enough that one call
@@ -76,6 +77,178 @@ pub struct NumaHooks {
     pub fail_chunk: Option<usize>,
 }
 
+/// What failed in a NUMA move, before anything was undone.
+#[derive(Debug, thiserror::Error)]
+pub enum MoveStepError {
+    /// A memory-policy syscall (a placement query, mbind, move_pages)
+    /// failed; the error names the syscall, the range and the errno.
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
+    /// Binding one chunk's memory policy failed.
+    #[error("slot {slot}: {source}")]
+    Bind {
+        /// The chunk.
+        slot: u32,
+        /// mbind's error.
+        #[source]
+        source: PolicyError,
+    },
+    /// Reading or setting a vCPU thread's CPUs failed.
+    #[error(transparent)]
+    Affinity(#[from] AffinityError),
+    /// The transfer engine failed to copy memory to the target.
+    #[error(transparent)]
+    Transfer(#[from] TransferError),
+    /// Pausing or resuming the VM failed.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    /// move_pages answered ENOMEM for a page: the target is full.
+    #[error(
+        "the kernel could not move page {gpa:#x} of guest node {guest_node}: host node {node} is out of memory"
+    )]
+    OutOfMemory {
+        /// The page's guest-physical address.
+        gpa: u64,
+        /// Its guest node.
+        guest_node: u32,
+        /// The target.
+        node: u32,
+    },
+    /// A kernel move left pages behind whatever it tried.
+    #[error(
+        "{pages} present page(s) stayed off host node {node} after every retry, a paused \
+         move_pages and a stop-copy of their chunks"
+    )]
+    PagesLeft {
+        /// How many.
+        pages: u64,
+        /// The target.
+        node: u32,
+    },
+    /// The test hook `numa-fail-finish` failed the move at this step.
+    #[error("injected failure in the {0} step (test hook numa-fail-finish)")]
+    InjectedFinish(FinishStep),
+    /// The test hook `numa-fail-chunk` failed a live move at this chunk.
+    #[error("injected failure at chunk {0} (test hook numa-fail-chunk)")]
+    InjectedChunk(usize),
+}
+
+/// One thing undoing a move could not put back.
+#[derive(Debug, thiserror::Error)]
+pub enum UndoError {
+    /// A chunk could not be copied back to its old node.
+    #[error("slot {slot}: {source}")]
+    Chunk {
+        /// The chunk.
+        slot: u32,
+        /// The engine's error.
+        #[source]
+        source: TransferError,
+    },
+    /// A chunk's old policy could not be bound, or its pages not moved back.
+    #[error("slot {slot}: {source}")]
+    Pages {
+        /// The chunk.
+        slot: u32,
+        /// mbind's or move_pages' error.
+        #[source]
+        source: PolicyError,
+    },
+    /// A vCPU thread could not get its old CPUs back.
+    #[error("vCPU thread {tid}: {source}")]
+    Vcpu {
+        /// The thread.
+        tid: i32,
+        /// sched_setaffinity's error.
+        #[source]
+        source: AffinityError,
+    },
+}
+
+/// What undoing a failed move did: where the VM runs now. Its text follows
+/// the failure's, from "; ".
+#[derive(Debug)]
+pub enum Rollback {
+    /// Nothing had changed yet.
+    Nothing,
+    /// Kernel mode: the policy bound to the target went back before any page
+    /// moved.
+    PolicyRebound,
+    /// Kernel mode: rebinding the old policy failed as well.
+    PolicyNotRebound(Box<MoveStepError>),
+    /// Live mode: this many chunks had moved and were moved back.
+    ChunksMovedBack(usize),
+    /// Live mode: moving the chunks already moved back failed.
+    ChunksNotMovedBack(Vec<UndoError>),
+    /// Kernel mode: the batches already moved went back.
+    PagesMovedBack,
+    /// Kernel mode: moving the batches already moved back failed.
+    PagesNotMovedBack(Box<MoveStepError>),
+    /// The memory had moved; memory, policy and CPUs went back.
+    Undone,
+    /// The memory had moved; undoing that failed.
+    NotUndone(Vec<UndoError>),
+}
+
+impl std::fmt::Display for Rollback {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let joined = |v: &[UndoError]| {
+            v.iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("; ")
+        };
+        match self {
+            Rollback::Nothing => Ok(()),
+            Rollback::PolicyRebound => f.write_str("; the VM runs on its old memory and policy"),
+            Rollback::PolicyNotRebound(e) => write!(
+                f,
+                "; rebinding the old policy failed too ({e}): check with numa-stat"
+            ),
+            Rollback::ChunksMovedBack(k) => write!(
+                f,
+                "; the {k} chunk(s) already moved were moved back, the VM runs on its old memory"
+            ),
+            Rollback::ChunksNotMovedBack(v) => write!(
+                f,
+                "; moving the chunks already moved back failed too: {}",
+                joined(v)
+            ),
+            Rollback::PagesMovedBack => f.write_str(
+                "; the pages already moved were moved back, the VM runs on its old memory \
+                 and policy",
+            ),
+            Rollback::PagesNotMovedBack(e) => {
+                write!(f, "; moving the pages already moved back failed too: {e}")
+            }
+            Rollback::Undone => {
+                f.write_str("; the move was undone: the VM runs on its old memory, policy and CPUs")
+            }
+            Rollback::NotUndone(v) => write!(
+                f,
+                "; undoing the move failed too ({}): check with numa-stat",
+                joined(v)
+            ),
+        }
+    }
+}
+
+/// A step that failed, and what undoing the move did.
+#[derive(Debug)]
+struct Failure {
+    cause: MoveStepError,
+    rollback: Rollback,
+}
+
+impl<E: Into<MoveStepError>> From<E> for Failure {
+    fn from(e: E) -> Failure {
+        Failure {
+            cause: e.into(),
+            rollback: Rollback::Nothing,
+        }
+    }
+}
+
 /// A NUMA move failed; the VM runs on its old memory, policy and CPUs
 /// (unless the message says that undoing the move failed too).
 #[derive(Debug, thiserror::Error)]
@@ -113,12 +286,15 @@ pub enum NumaMoveError {
     #[error(transparent)]
     Request(#[from] crate::api::ApiError),
     /// Something failed during the move.
-    #[error("NUMA move to host node {node} failed: {message}")]
+    #[error("NUMA move to host node {node} failed: {cause}{rollback}")]
     Failed {
         /// Target node.
         node: u32,
         /// What failed.
-        message: String,
+        #[source]
+        cause: MoveStepError,
+        /// What undoing the move did.
+        rollback: Rollback,
     },
 }
 
@@ -131,19 +307,23 @@ impl crate::api::Classify for NumaMoveError {
             }
             NumaMoveError::NoRoom { .. } => ErrorKind::Unusable,
             NumaMoveError::Request(e) => e.kind,
+            // The kernel found no room on the node the user named.
+            NumaMoveError::Failed {
+                cause: MoveStepError::OutOfMemory { .. },
+                ..
+            } => ErrorKind::Unusable,
             NumaMoveError::Topology(_) | NumaMoveError::Failed { .. } => ErrorKind::Failed,
         }
     }
 }
 
 /// Pages of the given guest nodes per host node, from the kernel.
-pub fn placement_of(vm: &Vm, nodes: &[u32], stride: usize) -> Result<Placement, String> {
+pub fn placement_of(vm: &Vm, nodes: &[u32], stride: usize) -> Result<Placement, PolicyError> {
     let mem = vm.memory();
     let mut p = Placement::default();
     for n in mem.nodes.iter().filter(|n| nodes.contains(&n.guest_node)) {
         for c in &n.chunks {
-            let q = placement::query(c.mapping.as_ptr(), c.mapping.len(), stride)
-                .map_err(|e| e.to_string())?;
+            let q = placement::query(c.mapping.as_ptr(), c.mapping.len(), stride)?;
             p.merge(&q);
         }
     }
@@ -181,11 +361,12 @@ pub fn numa_migrate(
         Some(g) => return Err(NumaMoveError::NoGuestNode { node: g, count }),
         None => (0..count as u32).collect(),
     };
-    let failed = |message: String| NumaMoveError::Failed {
+    let failed = |f: Failure| NumaMoveError::Failed {
         node: target,
-        message,
+        cause: f.cause,
+        rollback: f.rollback,
     };
-    let before = placement_of(vm, &guest_nodes, 1).map_err(failed)?;
+    let before = placement_of(vm, &guest_nodes, 1).map_err(|e| failed(e.into()))?;
     // The target must hold every page that is not there yet; the copy modes
     // also need one chunk (live) or the whole node (stop-copy) of headroom
     // while old and new memory coexist — that is the same amount here,
@@ -234,13 +415,13 @@ pub fn numa_migrate(
     let backing = vm.memory().nodes[guest_nodes[0] as usize].backing;
     let budget = Duration::from_secs_f64(max_downtime / 1e3);
     let homes = vm.host_nodes();
-    let cpus_before = vcpu_affinities(vm, &guest_nodes).map_err(failed)?;
+    let cpus_before = vcpu_affinities(vm, &guest_nodes).map_err(|e| failed(e.into()))?;
     match req.mode {
         Mode::StopCopy => {
             let mut sink = LocalSink::new(target, backing);
             let slots = chunks.iter().map(|c| c.0).collect();
             let plan = Plan::new(slots, FirstPass::Present, false, budget);
-            let r = transfer(vm, &mut sink, &plan).map_err(|e| failed(e.to_string()))?;
+            let r = transfer(vm, &mut sink, &plan).map_err(|e| failed(e.into()))?;
             report.downtime_us = r.downtime_us;
             report.longest_pause = r.pause_breakdown.clone();
             report.paused_total_us = r.downtime_us;
@@ -269,11 +450,12 @@ pub fn numa_migrate(
             // check, is then taken on the target instead of staying behind.
             if let Err(e) = bind_guest_nodes(vm, &guest_nodes, |_| target, |_| Ok(())) {
                 let rebind = bind_guest_nodes(vm, &guest_nodes, |g| homes[g as usize], |_| Ok(()));
-                return Err(failed(match rebind {
-                    Ok(()) => format!("{e}; the VM runs on its old memory and policy"),
-                    Err(e2) => format!(
-                        "{e}; rebinding the old policy failed too ({e2}): check with numa-stat"
-                    ),
+                return Err(failed(Failure {
+                    cause: e,
+                    rollback: match rebind {
+                        Ok(()) => Rollback::PolicyRebound,
+                        Err(e2) => Rollback::PolicyNotRebound(Box::new(e2)),
+                    },
                 }));
             }
             kernel_move(vm, target, &guest_nodes, &homes, &mut report).map_err(failed)?;
@@ -303,14 +485,14 @@ pub fn numa_migrate(
     Ok(report)
 }
 
-/// The message of a move that failed after its memory moved, with what
-/// undoing it did.
-fn undone(e: String, undo: Result<(), String>) -> String {
-    match undo {
-        Ok(()) => {
-            format!("{e}; the move was undone: the VM runs on its old memory, policy and CPUs")
-        }
-        Err(e2) => format!("{e}; undoing the move failed too ({e2}): check with numa-stat"),
+/// A move that failed after its memory moved, with what undoing it did.
+fn undone(cause: MoveStepError, undo: Result<(), Vec<UndoError>>) -> Failure {
+    Failure {
+        cause,
+        rollback: match undo {
+            Ok(()) => Rollback::Undone,
+            Err(v) => Rollback::NotUndone(v),
+        },
     }
 }
 
@@ -321,8 +503,8 @@ fn bind_guest_nodes(
     vm: &Vm,
     guest_nodes: &[u32],
     node_of: impl Fn(u32) -> u32,
-    mut before_each: impl FnMut(usize) -> Result<(), String>,
-) -> Result<(), String> {
+    mut before_each: impl FnMut(usize) -> Result<(), MoveStepError>,
+) -> Result<(), MoveStepError> {
     let mem = vm.memory();
     let mut bound = 0;
     for n in mem
@@ -339,7 +521,10 @@ fn bind_guest_nodes(
                 node_of(n.guest_node),
                 false,
             )
-            .map_err(|e| format!("slot {}: {e}", c.slot))?;
+            .map_err(|source| MoveStepError::Bind {
+                slot: c.slot,
+                source,
+            })?;
         }
     }
     Ok(())
@@ -347,11 +532,13 @@ fn bind_guest_nodes(
 
 /// The failure a test asked for at `step`, once `done` of its items (chunks
 /// bound, vCPUs re-pinned) are done.
-fn injected_finish_failure(hooks: &NumaHooks, step: FinishStep, done: usize) -> Result<(), String> {
+fn injected_finish_failure(
+    hooks: &NumaHooks,
+    step: FinishStep,
+    done: usize,
+) -> Result<(), MoveStepError> {
     match hooks.fail_finish {
-        Some(s) if s == step && done >= 1 => Err(format!(
-            "injected failure in the {step} step (test hook numa-fail-finish)"
-        )),
+        Some(s) if s == step && done >= 1 => Err(MoveStepError::InjectedFinish(step)),
         _ => Ok(()),
     }
 }
@@ -366,7 +553,7 @@ fn finish(
     cpus: &[usize],
     hooks: &NumaHooks,
     report: &mut NumaMigrateReport,
-) -> Result<(), String> {
+) -> Result<(), MoveStepError> {
     bind_guest_nodes(
         vm,
         guest_nodes,
@@ -382,17 +569,12 @@ fn finish(
 }
 
 /// Each vCPU of `guest_nodes`: (thread id, allowed CPUs now).
-fn vcpu_affinities(vm: &Vm, guest_nodes: &[u32]) -> Result<Vec<(i32, Vec<usize>)>, String> {
+fn vcpu_affinities(vm: &Vm, guest_nodes: &[u32]) -> Result<Vec<(i32, Vec<usize>)>, AffinityError> {
     let vcpu_nodes = vm.config().vcpu_nodes();
     vm.vcpu_tids()
         .into_iter()
         .filter(|(id, _)| guest_nodes.contains(&vcpu_nodes[*id as usize]))
-        .map(|(_, tid)| {
-            Ok((
-                tid,
-                affinity::thread_affinity(tid).map_err(|e| e.to_string())?,
-            ))
-        })
+        .map(|(_, tid)| Ok((tid, affinity::thread_affinity(tid)?)))
         .collect()
 }
 
@@ -409,15 +591,15 @@ fn move_back(
     homes: &[u32],
     cpus_before: &[(i32, Vec<usize>)],
     budget: Duration,
-) -> Result<(), String> {
+) -> Result<(), Vec<UndoError>> {
     let mut errors = Vec::new();
     match mode {
         Mode::Live | Mode::StopCopy => {
             for &(slot, _, g) in chunks {
                 let mut sink = LocalSink::new(homes[g as usize], backing);
                 let plan = Plan::new(vec![slot], FirstPass::Present, true, budget);
-                if let Err(e) = transfer(vm, &mut sink, &plan) {
-                    errors.push(format!("slot {slot}: {e}"));
+                if let Err(source) = transfer(vm, &mut sink, &plan) {
+                    errors.push(UndoError::Chunk { slot, source });
                 }
             }
             let _ = vm.stop_dirty_log();
@@ -432,8 +614,11 @@ fn move_back(
                 let g = chunks.iter().find(|k| k.0 == c.slot).map_or(0, |k| k.2);
                 let home = homes[g as usize];
                 let base = c.mapping.as_ptr();
-                if let Err(e) = policy::bind(base, c.mapping.len(), home, false) {
-                    errors.push(format!("slot {}: {e}", c.slot));
+                if let Err(source) = policy::bind(base, c.mapping.len(), home, false) {
+                    errors.push(UndoError::Pages {
+                        slot: c.slot,
+                        source,
+                    });
                 }
                 let total = c.mapping.len() / PAGE_SIZE as usize;
                 for first in (0..total).step_by(KERNEL_BATCH_PAGES) {
@@ -442,8 +627,11 @@ fn move_back(
                     pages.extend(
                         (first..first + k).map(|p| base.wrapping_add(p * PAGE_SIZE as usize)),
                     );
-                    if let Err(e) = policy::move_pages_to(&pages, home) {
-                        errors.push(format!("slot {}: {e}", c.slot));
+                    if let Err(source) = policy::move_pages_to(&pages, home) {
+                        errors.push(UndoError::Pages {
+                            slot: c.slot,
+                            source,
+                        });
                         break;
                     }
                 }
@@ -451,14 +639,14 @@ fn move_back(
         }
     }
     for (tid, cpus) in cpus_before {
-        if let Err(e) = affinity::set_thread_affinity(*tid, cpus) {
-            errors.push(format!("vCPU thread {tid}: {e}"));
+        if let Err(source) = affinity::set_thread_affinity(*tid, cpus) {
+            errors.push(UndoError::Vcpu { tid: *tid, source });
         }
     }
     if errors.is_empty() {
         Ok(())
     } else {
-        Err(errors.join("; "))
+        Err(errors)
     }
 }
 
@@ -475,7 +663,7 @@ fn live_chunks(
     budget: Duration,
     fail_at: Option<usize>,
     report: &mut NumaMigrateReport,
-) -> Result<(), String> {
+) -> Result<(), Failure> {
     let move_one = |slot: u32, to: u32| {
         let mut sink = LocalSink::new(to, backing);
         let plan = Plan::new(vec![slot], FirstPass::Present, true, budget);
@@ -483,28 +671,26 @@ fn live_chunks(
     };
     for (k, &(slot, len, _)) in chunks.iter().enumerate() {
         let attempt = if fail_at == Some(k) {
-            Err(format!(
-                "injected failure at chunk {k} (test hook numa-fail-chunk)"
-            ))
+            Err(MoveStepError::InjectedChunk(k))
         } else {
-            move_one(slot, target).map_err(|e| e.to_string())
+            move_one(slot, target).map_err(MoveStepError::from)
         };
         let r = match attempt {
             Ok(r) => r,
-            Err(e) => {
+            Err(cause) => {
                 let mut back = Vec::new();
                 for &(s, _, g) in chunks[..k].iter().rev() {
-                    if let Err(e2) = move_one(s, homes[g as usize]) {
-                        back.push(format!("slot {s}: {e2}"));
+                    if let Err(source) = move_one(s, homes[g as usize]) {
+                        back.push(UndoError::Chunk { slot: s, source });
                     }
                 }
-                return Err(if back.is_empty() {
-                    format!("{e}; the {k} chunk(s) already moved were moved back, the VM runs on its old memory")
-                } else {
-                    format!(
-                        "{e}; moving the chunks already moved back failed too: {}",
-                        back.join("; ")
-                    )
+                return Err(Failure {
+                    cause,
+                    rollback: if back.is_empty() {
+                        Rollback::ChunksMovedBack(k)
+                    } else {
+                        Rollback::ChunksNotMovedBack(back)
+                    },
                 });
             }
         };
@@ -541,7 +727,7 @@ fn kernel_move(
     guest_nodes: &[u32],
     homes: &[u32],
     report: &mut NumaMigrateReport,
-) -> Result<(), String> {
+) -> Result<(), Failure> {
     let r = kernel_batches(vm, target, guest_nodes, report);
     if let Err((e, done)) = r {
         // Rebind first, so that pages the guest touches from now on are
@@ -553,15 +739,15 @@ fn kernel_move(
             pages.clear();
             pages.extend((first..first + k).map(|p| base.wrapping_add(p * PAGE_SIZE as usize)));
             if let Err(e2) = policy::move_pages_to(&pages, homes[g as usize]) {
-                failed_back.get_or_insert(e2.to_string());
+                failed_back.get_or_insert(e2.into());
             }
         }
-        return Err(match failed_back {
-            None => format!(
-                "{e}; the pages already moved were moved back, the VM runs on its old memory \
-                 and policy"
-            ),
-            Some(e2) => format!("{e}; moving the pages already moved back failed too: {e2}"),
+        return Err(Failure {
+            cause: e,
+            rollback: match failed_back {
+                None => Rollback::PagesMovedBack,
+                Some(e2) => Rollback::PagesNotMovedBack(Box::new(e2)),
+            },
         });
     }
     Ok(())
@@ -575,7 +761,7 @@ fn kernel_batches(
     target: u32,
     guest_nodes: &[u32],
     report: &mut NumaMigrateReport,
-) -> Result<(), (String, Vec<Batch>)> {
+) -> Result<(), (MoveStepError, Vec<Batch>)> {
     let mem = vm.memory();
     let mut done: Vec<Batch> = Vec::new();
     let mut lat: Vec<u64> = Vec::new();
@@ -597,7 +783,7 @@ fn kernel_batches(
                 let t = Instant::now();
                 let status = match policy::move_pages_to(&pages, target) {
                     Ok(s) => s,
-                    Err(e) => return Err((e.to_string(), done)),
+                    Err(e) => return Err((e.into(), done)),
                 };
                 done.push((base, i, k, n.guest_node));
                 // Pages the kernel could not take this time (busy: the
@@ -619,11 +805,11 @@ fn kernel_batches(
                     if *s == target as i32 {
                         moved += 1;
                     } else if *s == -libc::ENOMEM {
-                        let e = format!(
-                            "the kernel could not move page {:#x} of guest node {}: host node {target} is out of memory",
-                            c.range.start + (i + j) as u64 * PAGE_SIZE,
-                            n.guest_node
-                        );
+                        let e = MoveStepError::OutOfMemory {
+                            gpa: c.range.start + (i + j) as u64 * PAGE_SIZE,
+                            guest_node: n.guest_node,
+                            node: target,
+                        };
                         return Err((e, done));
                     }
                 }
@@ -658,7 +844,7 @@ fn off_target(
     vm: &Vm,
     target: u32,
     chunks: &[(u32, u64, u32)],
-) -> Result<Vec<(u32, Vec<*mut u8>)>, String> {
+) -> Result<Vec<(u32, Vec<*mut u8>)>, PolicyError> {
     let mem = vm.memory();
     let mut out = Vec::new();
     let mut pages: Vec<*mut u8> = Vec::with_capacity(placement::QUERY_BATCH_PAGES);
@@ -673,7 +859,7 @@ fn off_target(
             let k = placement::QUERY_BATCH_PAGES.min(total - first);
             pages.clear();
             pages.extend((first..first + k).map(|p| base.wrapping_add(p * PAGE_SIZE as usize)));
-            let status = policy::query_pages(&pages).map_err(|e| e.to_string())?;
+            let status = policy::query_pages(&pages)?;
             off.extend(
                 status
                     .iter()
@@ -695,11 +881,11 @@ fn page_count(left: &[(u32, Vec<*mut u8>)]) -> u64 {
 
 /// Moves the pages `left` to `target` with move_pages; returns how many
 /// the kernel says it moved.
-fn move_left(left: &[(u32, Vec<*mut u8>)], target: u32) -> Result<u64, String> {
+fn move_left(left: &[(u32, Vec<*mut u8>)], target: u32) -> Result<u64, PolicyError> {
     let mut moved = 0;
     for (_, pages) in left {
         for batch in pages.chunks(KERNEL_BATCH_PAGES) {
-            let status = policy::move_pages_to(batch, target).map_err(|e| e.to_string())?;
+            let status = policy::move_pages_to(batch, target)?;
             moved += status.iter().filter(|st| **st == target as i32).count() as u64;
         }
     }
@@ -721,7 +907,7 @@ fn kernel_complete(
     chunks: &[(u32, u64, u32)],
     budget: Duration,
     report: &mut NumaMigrateReport,
-) -> Result<(), String> {
+) -> Result<(), MoveStepError> {
     let mut stats = report.batches.clone().unwrap_or_default();
     let mut left = off_target(vm, target, chunks)?;
     if !left.is_empty() {
@@ -739,9 +925,9 @@ fn kernel_complete(
         left = off_target(vm, target, chunks)?;
     }
     if !left.is_empty() {
-        let p = vm.pause().map_err(|e| e.to_string())?;
+        let p = vm.pause()?;
         let moved = move_left(&left, target);
-        let d = vm.resume(p).map_err(|e| e.to_string())?;
+        let d = vm.resume(p)?;
         stats.paused_pages += moved?;
         let d = d.as_micros() as u64;
         report.pauses += 1;
@@ -757,7 +943,7 @@ fn kernel_complete(
         let mut sink = LocalSink::new(target, backing);
         let slots = left.iter().map(|(s, _)| *s).collect();
         let plan = Plan::new(slots, FirstPass::Present, false, budget);
-        let r = transfer(vm, &mut sink, &plan).map_err(|e| e.to_string())?;
+        let r = transfer(vm, &mut sink, &plan)?;
         stats.copied_pages += r.pages_sent;
         report.pauses += 1;
         report.paused_total_us += r.downtime_us;
@@ -776,11 +962,10 @@ fn kernel_complete(
     report.pages_moved += stats.retried_pages + stats.paused_pages + stats.copied_pages;
     report.batches = Some(stats);
     if !left.is_empty() {
-        return Err(format!(
-            "{} present page(s) stayed off host node {target} after every retry, a paused \
-             move_pages and a stop-copy of their chunks",
-            page_count(&left)
-        ));
+        return Err(MoveStepError::PagesLeft {
+            pages: page_count(&left),
+            node: target,
+        });
     }
     Ok(())
 }
@@ -791,7 +976,7 @@ fn repin_vcpus(
     cpus: &[usize],
     hooks: &NumaHooks,
     report: &mut NumaMigrateReport,
-) -> Result<(), String> {
+) -> Result<(), MoveStepError> {
     let vcpu_nodes = vm.config().vcpu_nodes();
     for (id, tid) in vm.vcpu_tids() {
         if !guest_nodes.contains(&vcpu_nodes[id as usize]) {
@@ -799,9 +984,9 @@ fn repin_vcpus(
         }
         injected_finish_failure(hooks, FinishStep::Repin, report.vcpu_cpus.len())?;
         if !cpus.is_empty() {
-            affinity::set_thread_affinity(tid, cpus).map_err(|e| e.to_string())?;
+            affinity::set_thread_affinity(tid, cpus)?;
         }
-        let now = affinity::thread_affinity(tid).map_err(|e| e.to_string())?;
+        let now = affinity::thread_affinity(tid)?;
         report
             .vcpu_cpus
             .insert(id.to_string(), affinity::format_cpu_list(&now));
@@ -815,8 +1000,14 @@ pub const STAT_MAX_QUERIED_PAGES: u64 = 1 << 18;
 
 /// Reading where the pages or the vCPUs are failed.
 #[derive(Debug, thiserror::Error)]
-#[error("numa-stat: {0}")]
-pub struct StatError(String);
+pub enum StatError {
+    /// A placement or policy query failed.
+    #[error("numa-stat: {0}")]
+    Policy(#[from] PolicyError),
+    /// Reading a vCPU thread's CPUs failed.
+    #[error("numa-stat: {0}")]
+    Affinity(#[from] AffinityError),
+}
 
 impl crate::api::Classify for StatError {
     fn kind(&self) -> crate::api::ErrorKind {
@@ -826,10 +1017,6 @@ impl crate::api::Classify for StatError {
 
 /// Measures placement of every guest node and the vCPUs' affinity.
 pub fn numa_stat(vm: &Vm) -> Result<NumaStatReport, StatError> {
-    numa_stat_inner(vm).map_err(StatError)
-}
-
-fn numa_stat_inner(vm: &Vm) -> Result<NumaStatReport, String> {
     let t = Instant::now();
     let mut guest_nodes = Vec::new();
     let n = vm.config().nodes.len() as u32;
@@ -841,8 +1028,7 @@ fn numa_stat_inner(vm: &Vm) -> Result<NumaStatReport, String> {
                 .chunks
                 .first()
                 .map(|c| policy::policy_of(c.mapping.as_ptr()))
-                .transpose()
-                .map_err(|e| e.to_string())?;
+                .transpose()?;
             (node.size, pol.unwrap_or_default())
         };
         let pages = size / PAGE_SIZE;
@@ -860,7 +1046,7 @@ fn numa_stat_inner(vm: &Vm) -> Result<NumaStatReport, String> {
     let vcpu_nodes = vm.config().vcpu_nodes();
     let mut vcpus = Vec::new();
     for (id, tid) in vm.vcpu_tids() {
-        let cpus = affinity::thread_affinity(tid).map_err(|e| e.to_string())?;
+        let cpus = affinity::thread_affinity(tid)?;
         vcpus.push(VcpuStat {
             id,
             guest_node: vcpu_nodes[id as usize],
@@ -872,4 +1058,81 @@ fn numa_stat_inner(vm: &Vm) -> Result<NumaStatReport, String> {
         vcpus,
         query_ms: t.elapsed().as_secs_f64() * 1e3,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn failed(cause: MoveStepError, rollback: Rollback) -> String {
+        NumaMoveError::Failed {
+            node: 1,
+            cause,
+            rollback,
+        }
+        .to_string()
+    }
+
+    #[test]
+    fn a_failed_move_says_what_failed_then_what_undoing_it_did() {
+        assert_eq!(
+            failed(
+                MoveStepError::InjectedChunk(3),
+                Rollback::ChunksMovedBack(3)
+            ),
+            "NUMA move to host node 1 failed: injected failure at chunk 3 (test hook \
+             numa-fail-chunk); the 3 chunk(s) already moved were moved back, the VM runs on \
+             its old memory"
+        );
+        assert_eq!(
+            failed(
+                MoveStepError::InjectedFinish(FinishStep::Repin),
+                Rollback::Undone
+            ),
+            "NUMA move to host node 1 failed: injected failure in the repin step (test hook \
+             numa-fail-finish); the move was undone: the VM runs on its old memory, policy and \
+             CPUs"
+        );
+        let vcpu = |tid| UndoError::Vcpu {
+            tid,
+            source: AffinityError::EmptyCpuList { tid },
+        };
+        assert_eq!(
+            failed(
+                MoveStepError::PagesLeft { pages: 5, node: 1 },
+                Rollback::NotUndone(vec![vcpu(7), vcpu(8)])
+            ),
+            "NUMA move to host node 1 failed: 5 present page(s) stayed off host node 1 after \
+             every retry, a paused move_pages and a stop-copy of their chunks; undoing the move \
+             failed too (vCPU thread 7: sched_setaffinity of thread 7: the cpu list is empty; \
+             vCPU thread 8: sched_setaffinity of thread 8: the cpu list is empty): check with \
+             numa-stat"
+        );
+        assert_eq!(
+            failed(MoveStepError::InjectedChunk(0), Rollback::Nothing),
+            "NUMA move to host node 1 failed: injected failure at chunk 0 (test hook \
+             numa-fail-chunk)"
+        );
+    }
+
+    #[test]
+    fn a_target_out_of_memory_is_the_request_s_and_other_failures_the_host_s() {
+        use crate::api::{Classify, ErrorKind};
+        let oom = NumaMoveError::Failed {
+            node: 1,
+            cause: MoveStepError::OutOfMemory {
+                gpa: 0x1000,
+                guest_node: 0,
+                node: 1,
+            },
+            rollback: Rollback::PagesMovedBack,
+        };
+        assert_eq!(oom.kind(), ErrorKind::Unusable, "{oom}");
+        let hook = NumaMoveError::Failed {
+            node: 1,
+            cause: MoveStepError::InjectedChunk(0),
+            rollback: Rollback::Nothing,
+        };
+        assert_eq!(hook.kind(), ErrorKind::Failed, "{hook}");
+    }
 }

@@ -163,7 +163,10 @@ impl Source for FakeVm {
 
     fn pause_saving(&self) -> Result<(FakePause, u32), VmError> {
         if self.fail_pause {
-            return Err(VmError::Mismatch("the fake refuses to pause".into()));
+            return Err(VmError::State(
+                crate::vmm::vm::RunState::Running,
+                "the fake refuses to pause",
+            ));
         }
         let mut st = self.state.lock().unwrap();
         assert!(!st.paused, "paused twice");

@@ -114,12 +114,25 @@ pub trait DeviceControl: Send + Sync {
     /// Stops every device taking new requests and waits for those in
     /// flight, while the vCPUs may still run: until [`DeviceControl::resume`]
     /// no device writes guest memory, and their states can be taken.
-    fn quiesce(&self) -> Result<(), String>;
+    fn quiesce(&self) -> Result<(), DeviceError>;
     /// Lets every device serve again: each queue is kicked and an
     /// interrupt raised, so a request the guest queued meanwhile is seen.
-    fn resume(&self) -> Result<(), String>;
+    fn resume(&self) -> Result<(), DeviceError>;
     /// Every device's state, by type and id (quiesced).
-    fn save(&self) -> Result<crate::vmm::state::DeviceStates, String>;
+    fn save(&self) -> Result<crate::vmm::state::DeviceStates, DeviceError>;
+}
+
+/// A device failed to quiesce, resume or save.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot {action} device {device}: {source}")]
+pub struct DeviceError {
+    /// What was asked: `quiesce`, `resume` or `save`.
+    pub action: &'static str,
+    /// The device, as `type/id`.
+    pub device: String,
+    /// What failed (the device's own error, or serde's).
+    #[source]
+    pub source: Box<dyn std::error::Error + Send + Sync>,
 }
 
 /// A device reached through memory-mapped I/O: a window of guest-physical

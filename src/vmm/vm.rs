@@ -136,7 +136,10 @@ pub enum VmError {
     Signal(#[source] vmm_sys_util::errno::Error),
     /// The devices' states could not be saved.
     #[error("devices: {0}")]
-    Devices(String),
+    Devices(#[from] super::bus::DeviceError),
+    /// The devices' view of guest memory could not be made.
+    #[error("devices: {0}")]
+    DeviceMemory(#[source] crate::memory::device::DeviceMemoryError),
     /// Writing the guest into memory or setting up its boot vCPU failed.
     #[error("{0}")]
     Boot(#[source] StepError),
@@ -144,8 +147,8 @@ pub enum VmError {
     #[error("{0}")]
     Load(#[source] StepError),
     /// Saved state does not fit this VM.
-    #[error("{0}")]
-    Mismatch(String),
+    #[error(transparent)]
+    Mismatch(#[from] StateMismatch),
     /// No memory chunk has this number.
     #[error("no memory chunk {0}")]
     NoChunk(u32),
@@ -181,6 +184,25 @@ pub enum VmError {
     /// The operation needs another state.
     #[error("the VM is {0:?}; {1}")]
     State(RunState, &'static str),
+}
+
+/// How a saved state does not fit the VM being built from it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StateMismatch {
+    /// A vCPU count other than the configuration's.
+    #[error("the saved state has {saved} vCPUs, the configuration {configured}")]
+    VcpuCount {
+        /// vCPUs in the state.
+        saved: usize,
+        /// vCPUs in the configuration.
+        configured: usize,
+    },
+    /// Interrupt controller and clock state for a guest kind without them.
+    #[error("the saved state has an interrupt controller this guest kind does not use")]
+    UnexpectedMachine,
+    /// A Linux guest's state without its interrupt controller and clock.
+    #[error("the saved state lacks the interrupt controller and clock state of a Linux guest")]
+    MissingMachine,
 }
 
 impl crate::api::Classify for VmError {
@@ -269,8 +291,9 @@ impl Boost {
         let r = unsafe {
             libc::sched_setscheduler(0, libc::SCHED_FIFO | libc::SCHED_RESET_ON_FORK, &p)
         };
-        // SAFETY: gettid has no preconditions.
         (r == 0).then(|| Boost {
+            // SAFETY: gettid takes no arguments, touches no memory and
+            // cannot fail.
             tid: unsafe { libc::gettid() },
         })
     }
@@ -487,8 +510,7 @@ impl Vm {
         // SAFETY: the chunks' host addresses stay mapped as long as the VM
         // (a NUMA move swaps pages under them), and `shutdown`, which `Drop`
         // calls before the memory goes, detaches the view.
-        unsafe { vm.device_memory.attach(&vm.memory()) }
-            .map_err(|e| VmError::Devices(e.to_string()))?;
+        unsafe { vm.device_memory.attach(&vm.memory()) }.map_err(VmError::DeviceMemory)?;
         vm.dirty.lock().unwrap_or_else(|e| e.into_inner()).logging = dirty_log;
 
         let supported = vm
@@ -531,11 +553,11 @@ impl Vm {
                 dirty_log: _,
             } => {
                 if vcpus.len() != fds.len() {
-                    return Err(VmError::Mismatch(format!(
-                        "the saved state has {} vCPUs, the configuration {}",
-                        vcpus.len(),
-                        fds.len()
-                    )));
+                    return Err(StateMismatch::VcpuCount {
+                        saved: vcpus.len(),
+                        configured: fds.len(),
+                    }
+                    .into());
                 }
                 // Memory first: restoring some vCPU and clock state makes
                 // KVM write into guest memory (the kvmclock pages), which
@@ -545,16 +567,8 @@ impl Vm {
                 match (&machine, irqchip) {
                     (Some(m), true) => vm.restore_machine(m)?,
                     (None, false) => {}
-                    (Some(_), false) => {
-                        return Err(VmError::Mismatch(
-                            "the saved state has an interrupt controller this guest kind does not use".into(),
-                        ))
-                    }
-                    (None, true) => {
-                        return Err(VmError::Mismatch(
-                            "the saved state lacks the interrupt controller and clock state of a Linux guest".into(),
-                        ))
-                    }
+                    (Some(_), false) => return Err(StateMismatch::UnexpectedMachine.into()),
+                    (None, true) => return Err(StateMismatch::MissingMachine.into()),
                 }
                 for (v, s) in fds.iter().zip(&vcpus) {
                     vcpu::restore_state(v, s)?;
@@ -840,7 +854,7 @@ impl Vm {
     /// devices hold. The VM must be paused.
     pub fn save_state(&self, _pause: &Pause, vcpus: Vec<VcpuState>) -> Result<VmState, VmError> {
         let devices = match &self.devices {
-            Some(d) => d.save().map_err(VmError::Devices)?,
+            Some(d) => d.save()?,
             None => Default::default(),
         };
         Ok(VmState {
@@ -1050,7 +1064,7 @@ impl Vm {
     /// pause's last dirty fetch sees everything and their states hold.
     fn quiesce_devices(&self) -> Result<(), VmError> {
         match &self.devices {
-            Some(d) => d.quiesce().map_err(VmError::Devices),
+            Some(d) => Ok(d.quiesce()?),
             None => Ok(()),
         }
     }
@@ -1058,7 +1072,7 @@ impl Vm {
     /// Lets the devices serve again once the vCPUs run.
     fn resume_devices(&self) -> Result<(), VmError> {
         match &self.devices {
-            Some(d) => d.resume().map_err(VmError::Devices),
+            Some(d) => Ok(d.resume()?),
             None => Ok(()),
         }
     }
@@ -1180,9 +1194,7 @@ impl Vm {
                         for (chunk, b) in out {
                             d.pending.insert(chunk, b);
                         }
-                        return Err(VmError::Devices(format!(
-                            "the pages devices wrote in chunk {chunk}: {e}"
-                        )));
+                        return Err(VmError::DeviceMemory(e));
                     }
                 }
                 for keeper in &d.keepers {

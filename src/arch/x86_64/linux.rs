@@ -92,7 +92,7 @@ impl crate::api::Classify for LinuxError {
             | LinuxError::Load { .. }
             | LinuxError::DoesNotFit { .. } => ErrorKind::Unusable,
             LinuxError::Cmdline(_) => ErrorKind::BadRequest,
-            LinuxError::Setup(_) => ErrorKind::Failed,
+            LinuxError::Setup(_) | LinuxError::View(_) | LinuxError::Regs(_) => ErrorKind::Failed,
         }
     }
 }
@@ -147,9 +147,15 @@ pub enum LinuxError {
     /// The command line is unusable.
     #[error("--cmdline: {0}")]
     Cmdline(String),
-    /// Writing guest memory, the tables or the registers failed.
+    /// Writing guest memory or the ACPI tables failed.
     #[error("{0}")]
     Setup(String),
+    /// Guest memory cannot be handed to linux-loader.
+    #[error(transparent)]
+    View(#[from] crate::memory::MemoryViewError),
+    /// Writing the boot tables or setting a vCPU's boot registers failed.
+    #[error(transparent)]
+    Regs(#[from] super::regs::RegsError),
 }
 
 fn read_err<'a>(
@@ -300,7 +306,7 @@ pub fn boot(
     vcpus: &[VcpuFd],
 ) -> Result<(), LinuxError> {
     let format = inspect(&spec.kernel)?;
-    let view = mem.vm_memory_view().map_err(LinuxError::Setup)?;
+    let view = mem.vm_memory_view()?;
     let ranges = node_ranges(mem);
     let ram_end = low_ram_end(&ranges);
 
@@ -440,15 +446,15 @@ pub fn boot(
     view.write_obj(params, GuestAddress(ZERO_PAGE_ADDR))
         .map_err(|e| LinuxError::Setup(format!("writing boot_params: {e}")))?;
 
-    regs::write_tables(mem).map_err(LinuxError::Setup)?;
+    regs::write_tables(mem).map_err(LinuxError::Regs)?;
     for (id, fd) in vcpus.iter().enumerate() {
-        regs::setup_msrs(fd, id as u32).map_err(LinuxError::Setup)?;
-        regs::setup_lint(fd, id as u32).map_err(LinuxError::Setup)?;
+        regs::setup_msrs(fd, id as u32).map_err(LinuxError::Regs)?;
+        regs::setup_lint(fd, id as u32).map_err(LinuxError::Regs)?;
     }
     let bsp = vcpus
         .first()
         .ok_or_else(|| LinuxError::Setup("no vCPU to boot".into()))?;
-    regs::setup_boot_cpu(bsp, entry, ZERO_PAGE_ADDR).map_err(LinuxError::Setup)?;
+    regs::setup_boot_cpu(bsp, entry, ZERO_PAGE_ADDR).map_err(LinuxError::Regs)?;
     Ok(())
 }
 

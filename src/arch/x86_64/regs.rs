@@ -45,6 +45,57 @@ const PDE_HUGE: u64 = 0x80;
 /// Size of one page-table page.
 const TABLE_BYTES: u64 = 0x1000;
 
+/// Writing the boot tables or setting a vCPU's boot state failed; each
+/// variant names the address or the vCPU and ioctl.
+#[derive(Debug, thiserror::Error)]
+pub enum RegsError {
+    /// Guest memory has no page where a table goes.
+    #[error("guest memory has no page at {gpa:#x} for the {what}")]
+    NoPage {
+        /// Where the entry goes.
+        gpa: u64,
+        /// "boot tables" or "page tables".
+        what: &'static str,
+    },
+    /// A vCPU ioctl failed.
+    #[error("{ioctl} (vCPU {vcpu}): {source}")]
+    Kvm {
+        /// The ioctl.
+        ioctl: &'static str,
+        /// The vCPU.
+        vcpu: u32,
+        /// errno.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// The MSR list does not fit one KVM_SET_MSRS.
+    #[error("MSR list of vCPU {vcpu}: {source}")]
+    MsrList {
+        /// The vCPU.
+        vcpu: u32,
+        /// What the list's wrapper refused.
+        #[source]
+        source: vmm_sys_util::fam::Error,
+    },
+    /// KVM set the MSRs before this one and refused it.
+    #[error("KVM_SET_MSRS (vCPU {vcpu}): KVM refused MSR {index:#x}")]
+    MsrRefused {
+        /// The vCPU.
+        vcpu: u32,
+        /// The MSR.
+        index: u32,
+    },
+}
+
+/// A vCPU ioctl's error, naming it.
+fn kvm(ioctl: &'static str, vcpu: u32) -> impl FnOnce(kvm_ioctls::Error) -> RegsError {
+    move |source| RegsError::Kvm {
+        ioctl,
+        vcpu,
+        source,
+    }
+}
+
 /// A descriptor in the packed GDT format.
 fn gdt_entry(flags: u16, base: u32, limit: u32) -> u64 {
     ((base as u64 & 0xff00_0000) << 32)
@@ -83,10 +134,12 @@ const DATA_FLAGS: u16 = 0xc093;
 const TSS_FLAGS: u16 = 0x808b;
 
 /// Writes the boot GDT, IDT and identity-mapping page tables.
-pub fn write_tables(mem: &GuestMemory) -> Result<(), String> {
+pub fn write_tables(mem: &GuestMemory) -> Result<(), RegsError> {
     let w = |gpa: u64, v: u64| {
-        mem.write_u64(gpa, v)
-            .ok_or_else(|| format!("guest memory has no page at {gpa:#x} for the boot tables"))
+        mem.write_u64(gpa, v).ok_or(RegsError::NoPage {
+            gpa,
+            what: "boot tables",
+        })
     };
     let gdt = [
         0,
@@ -111,10 +164,12 @@ pub fn write_identity_map(
     pml4: u64,
     gib: u64,
     user: bool,
-) -> Result<(), String> {
+) -> Result<(), RegsError> {
     let w = |gpa: u64, v: u64| {
-        mem.write_u64(gpa, v)
-            .ok_or_else(|| format!("guest memory has no page at {gpa:#x} for the page tables"))
+        mem.write_u64(gpa, v).ok_or(RegsError::NoPage {
+            gpa,
+            what: "page tables",
+        })
     };
     let flags = PTE_PRESENT_RW | if user { PTE_USER } else { 0 };
     let pdpt = pml4 + TABLE_BYTES;
@@ -130,10 +185,8 @@ pub fn write_identity_map(
 }
 
 /// Puts the boot vCPU at `entry` in 64-bit mode with `%rsi = boot_params`.
-pub fn setup_boot_cpu(fd: &VcpuFd, entry: u64, boot_params: u64) -> Result<(), String> {
-    let mut sregs: kvm_sregs = fd
-        .get_sregs()
-        .map_err(|e| format!("KVM_GET_SREGS (vCPU 0): {e}"))?;
+pub fn setup_boot_cpu(fd: &VcpuFd, entry: u64, boot_params: u64) -> Result<(), RegsError> {
+    let mut sregs: kvm_sregs = fd.get_sregs().map_err(kvm("KVM_GET_SREGS", 0))?;
     let code = segment(BOOT_CS, CODE_FLAGS, 0xfffff);
     let data = segment(BOOT_DS, DATA_FLAGS, 0xfffff);
     sregs.cs = code;
@@ -151,8 +204,7 @@ pub fn setup_boot_cpu(fd: &VcpuFd, entry: u64, boot_params: u64) -> Result<(), S
     sregs.cr3 = PML4_ADDR;
     sregs.cr4 |= CR4_PAE;
     sregs.efer |= EFER_LME | EFER_LMA;
-    fd.set_sregs(&sregs)
-        .map_err(|e| format!("KVM_SET_SREGS (vCPU 0): {e}"))?;
+    fd.set_sregs(&sregs).map_err(kvm("KVM_SET_SREGS", 0))?;
     let regs = kvm_regs {
         rflags: 0x2,
         rip: entry,
@@ -161,15 +213,13 @@ pub fn setup_boot_cpu(fd: &VcpuFd, entry: u64, boot_params: u64) -> Result<(), S
         rsi: boot_params,
         ..Default::default()
     };
-    fd.set_regs(&regs)
-        .map_err(|e| format!("KVM_SET_REGS (vCPU 0): {e}"))?;
+    fd.set_regs(&regs).map_err(kvm("KVM_SET_REGS", 0))?;
     let fpu = kvm_fpu {
         fcw: 0x37f,
         mxcsr: 0x1f80,
         ..Default::default()
     };
-    fd.set_fpu(&fpu)
-        .map_err(|e| format!("KVM_SET_FPU (vCPU 0): {e}"))
+    fd.set_fpu(&fpu).map_err(kvm("KVM_SET_FPU", 0))
 }
 
 /// MSR numbers set at boot.
@@ -192,7 +242,7 @@ const MISC_ENABLE_FAST_STRING: u64 = 1;
 const MTRR_ENABLE_WB: u64 = (1 << 11) | 6;
 
 /// Sets the MSRs firmware would leave for a 64-bit kernel on every vCPU.
-pub fn setup_msrs(fd: &VcpuFd, id: u32) -> Result<(), String> {
+pub fn setup_msrs(fd: &VcpuFd, id: u32) -> Result<(), RegsError> {
     let list = [
         (msr::SYSENTER_CS, 0),
         (msr::SYSENTER_ESP, 0),
@@ -211,7 +261,7 @@ pub fn setup_msrs(fd: &VcpuFd, id: u32) -> Result<(), String> {
 /// Sets `(index, value)` MSRs of vCPU `id` in one KVM_SET_MSRS, naming the
 /// first one KVM refuses. For short fixed lists; a saved state's MSRs go
 /// through `vcpu::restore_state`, in batches.
-pub fn set_msr_list(fd: &VcpuFd, id: u32, list: &[(u32, u64)]) -> Result<(), String> {
+pub fn set_msr_list(fd: &VcpuFd, id: u32, list: &[(u32, u64)]) -> Result<(), RegsError> {
     let entries: Vec<kvm_msr_entry> = list
         .iter()
         .map(|&(index, data)| kvm_msr_entry {
@@ -220,15 +270,14 @@ pub fn set_msr_list(fd: &VcpuFd, id: u32, list: &[(u32, u64)]) -> Result<(), Str
             ..Default::default()
         })
         .collect();
-    let msrs = Msrs::from_entries(&entries).map_err(|e| format!("MSR list: {e:?}"))?;
-    let n = fd
-        .set_msrs(&msrs)
-        .map_err(|e| format!("KVM_SET_MSRS (vCPU {id}): {e}"))?;
+    let msrs =
+        Msrs::from_entries(&entries).map_err(|source| RegsError::MsrList { vcpu: id, source })?;
+    let n = fd.set_msrs(&msrs).map_err(kvm("KVM_SET_MSRS", id))?;
     if n != entries.len() {
-        return Err(format!(
-            "KVM_SET_MSRS (vCPU {id}): KVM refused MSR {:#x}",
-            entries[n].index
-        ));
+        return Err(RegsError::MsrRefused {
+            vcpu: id,
+            index: entries[n].index,
+        });
     }
     Ok(())
 }
@@ -252,16 +301,13 @@ fn set_lapic_reg(regs: &mut [std::os::raw::c_char], off: usize, v: u32) {
 
 /// Wires LINT0 as ExtINT (the PIC's output) and LINT1 as NMI, as the MP
 /// spec's "virtual wire" mode that firmware leaves.
-pub fn setup_lint(fd: &VcpuFd, id: u32) -> Result<(), String> {
-    let mut lapic = fd
-        .get_lapic()
-        .map_err(|e| format!("KVM_GET_LAPIC (vCPU {id}): {e}"))?;
+pub fn setup_lint(fd: &VcpuFd, id: u32) -> Result<(), RegsError> {
+    let mut lapic = fd.get_lapic().map_err(kvm("KVM_GET_LAPIC", id))?;
     for (off, mode) in [(APIC_LVT0, DELIVERY_EXTINT), (APIC_LVT1, DELIVERY_NMI)] {
         let v = lapic_reg(&lapic.regs, off);
         set_lapic_reg(&mut lapic.regs, off, (v & !0x700) | (mode << 8));
     }
-    fd.set_lapic(&lapic)
-        .map_err(|e| format!("KVM_SET_LAPIC (vCPU {id}): {e}"))
+    fd.set_lapic(&lapic).map_err(kvm("KVM_SET_LAPIC", id))
 }
 
 #[cfg(test)]
