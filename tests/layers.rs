@@ -5,7 +5,7 @@
 //!
 //! ```text
 //! cli → service → operations (checkpoint, migration, numa) → transfer
-//!     → devices → guest → vmm → arch → memory, host
+//!     → devices → guest → vmm → arch, host → memory
 //! ```
 //!
 //! with `api` (the contract: requests, reports, error kinds) and `util`
@@ -21,7 +21,7 @@ const LAYERS: &[(&str, u32)] = &[
     ("api", 0),
     ("util", 0),
     ("memory", 1),
-    ("host", 1),
+    ("host", 2),
     ("arch", 2),
     ("vmm", 3),
     ("guest", 4),
