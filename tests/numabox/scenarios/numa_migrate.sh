@@ -362,7 +362,8 @@ else
     set -e
     msg="$(cat "$errf")"
     say "refused move: exit $rc, stdout '$out', stderr '$msg'"
-    [ "$rc" -eq 1 ] || fail "numa-migrate to a full node exited $rc, not 1"
+    # A node without room is the request's to change (422, exit 2).
+    [ "$rc" -eq 2 ] || fail "numa-migrate to a full node exited $rc, not 2"
     [ -z "$out" ] || fail "the refused move printed on stdout"
     if [ -z "$msg" ] || [ "$(printf '%s\n' "$msg" | wc -l)" -ne 1 ]; then
         fail "the refusal is not a one-line message"
