@@ -8,6 +8,9 @@
 #
 #   $NUMABOX_CACHE/kernel-<version>/vmlinuz
 #   $NUMABOX_CACHE/kernel-<version>/modules/{irqbypass,ccp,kvm,kvm-amd}.ko
+#   $NUMABOX_CACHE/kernel-<version>/guest-modules/*.ko and its `order` file:
+#       what a Linux guest needs for its virtio disks, NICs and vsock and
+#       for ext4, with their dependencies, in the order to load them
 #   $NUMABOX_CACHE/current -> kernel-<version>
 #
 # NUMABOX_CACHE defaults to <repo>/target/numabox-cache.
@@ -149,6 +152,11 @@ modules=(
     arch/x86/kvm/kvm-amd
 )
 
+# What the Linux guest loads (tests/numabox/linux/guest-init.sh), by
+# module name; their dependencies come along (each .ko names them in its
+# `depends=`). virtio itself and virtio_ring are built in since 6.x.
+guest_modules=(virtio_mmio virtio_blk virtio_net crc32c_generic ext4 vmw_vsock_virtio_transport)
+
 kernel_complete() {
     [ -f "$kdir/.complete" ] || return 1
     [ -s "$kdir/vmlinuz" ] || return 1
@@ -156,6 +164,68 @@ kernel_complete() {
     for m in "${modules[@]}"; do
         [ -s "$kdir/modules/$(basename "$m").ko" ] || return 1
     done
+    [ -s "$kdir/guest-modules/order" ] || return 1
+}
+
+# Copies module $2 (a path under $1 as modules.order names it, without its
+# compression suffix) to $3 as a plain .ko.
+plain_module() {
+    local src="$1/$2" out="$3"
+    if [ -f "$src" ]; then
+        cp "$src" "$out"
+    elif [ -f "$src.xz" ]; then
+        xz -dc "$src.xz" >"$out" || die "cannot decompress $2.xz"
+    elif [ -f "$src.gz" ]; then
+        gzip -dc "$src.gz" >"$out" || die "cannot decompress $2.gz"
+    elif [ -f "$src.zst" ]; then
+        command -v zstd >/dev/null || apt_install zstd
+        zstd -qdc "$src.zst" >"$out" || die "cannot decompress $2.zst"
+    else
+        die "the kernel package has no module $2 (nor .xz/.gz/.zst)"
+    fi
+}
+
+# Writes the guest modules and their dependencies into $2/guest-modules,
+# dependencies first, with the load order in its `order` file. $1 is the
+# unpacked lib/modules/<kver>.
+guest_modules_into() {
+    local mroot="$1" out="$2/guest-modules" seen=" " order=()
+    mkdir -p "$out"
+    # name -> path under $mroot, from modules.order (names use _ for -).
+    resolve() {
+        local name="${1//-/_}" p
+        while read -r p; do
+            local b="${p##*/}"
+            b="${b%.ko}"
+            if [ "${b//-/_}" = "$name" ]; then
+                echo "$p"
+                return 0
+            fi
+        done <"$mroot/modules.order"
+        return 1
+    }
+    add() {
+        local name="${1//-/_}" path deps d
+        case "$seen" in *" $name "*) return 0 ;; esac
+        seen="$seen$name "
+        if ! path="$(resolve "$name")"; then
+            # Built into the kernel: nothing to load.
+            grep -q "/${name}.ko\$\|/${1}.ko\$" "$mroot/modules.builtin" 2>/dev/null \
+                || note "guest module $name is neither a module nor built in; skipped"
+            return 0
+        fi
+        plain_module "$mroot" "$path" "$out/$name.ko"
+        deps="$(strings -a "$out/$name.ko" | sed -n 's/^depends=//p' | head -1)"
+        for d in ${deps//,/ }; do
+            add "$d"
+        done
+        order+=("$name")
+    }
+    local m
+    for m in "${guest_modules[@]}"; do
+        add "$m"
+    done
+    printf '%s\n' "${order[@]}" >"$out/order"
 }
 
 if kernel_complete; then
@@ -202,6 +272,7 @@ else
             die "$kpkg has no module $m.ko (nor .ko.xz/.ko.gz/.ko.zst) under lib/modules/$kver/kernel"
         fi
     done
+    guest_modules_into "$root/lib/modules/$kver" "$kdir"
     echo "$kpkg" >"$kdir/package"
     rm -rf "$cache/tmp"
     touch "$kdir/.complete"
