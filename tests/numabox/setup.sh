@@ -34,8 +34,10 @@ mkdir -p "$cache" || die "cannot create cache folder $cache"
 cache="$(cd "$cache" && pwd)"
 
 # Host packages: Debian package name -> a file it must provide.
-# binutils: readelf (static checks) and strip (run.sh).
-packages=(qemu-system-x86 busybox-static cpio xz-utils gzip binutils)
+# binutils: readelf (static checks) and strip (run.sh). e2fsprogs makes the
+# Linux guest's ext4 disk image; e2fsck-static checks it inside the box,
+# which has no libc.
+packages=(qemu-system-x86 busybox-static cpio xz-utils gzip binutils e2fsprogs e2fsck-static)
 declare -A provides=(
     [qemu-system-x86]=/usr/bin/qemu-system-x86_64
     [busybox-static]=/bin/busybox
@@ -43,6 +45,8 @@ declare -A provides=(
     [xz-utils]=/usr/bin/xz
     [gzip]=/bin/gzip
     [binutils]=/usr/bin/readelf
+    [e2fsprogs]=/usr/sbin/mkfs.ext4
+    [e2fsck-static]=/sbin/e2fsck.static
 )
 
 # Serialise concurrent setups (two test processes sharing one cache) so that

@@ -3,7 +3,11 @@
 # guest-init.sh as /init (it prints the guest's NUMA view and runs the
 # tmpfs checksum checker; see that file for its output and options).
 #
-#   tests/numabox/linux/build-guest-initrd.sh OUT.cpio.gz
+#   tests/numabox/linux/build-guest-initrd.sh OUT.cpio.gz [MODULES_DIR]
+#
+# MODULES_DIR (setup.sh's $NUMABOX_CACHE/current/guest-modules: *.ko and an
+# `order` file) goes in as /lib/vmhop-modules; /init loads them in order, so
+# the guest finds its virtio-mmio disks and mounts ext4.
 #
 # Needs /bin/busybox from busybox-static (tests/numabox/setup.sh installs
 # it), cpio and gzip. Writes OUT atomically (a temporary file renamed into
@@ -17,8 +21,12 @@ die() {
     exit 1
 }
 
-[ "$#" -eq 1 ] || die "usage: $0 OUT.cpio.gz"
+[ "$#" -eq 1 ] || [ "$#" -eq 2 ] || die "usage: $0 OUT.cpio.gz [MODULES_DIR]"
 out="$1"
+modules="${2:-}"
+if [ -n "$modules" ]; then
+    [ -s "$modules/order" ] || die "$modules/order is missing or empty (run tests/numabox/setup.sh)"
+fi
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 busybox=/bin/busybox
 
@@ -42,6 +50,14 @@ mkdir -p "$stage"/{bin,sbin,dev,proc,sys,tmp,run}
 cp "$busybox" "$stage/bin/busybox"
 cp "$here/guest-init.sh" "$stage/init"
 chmod 755 "$stage/init" "$stage/bin/busybox"
+if [ -n "$modules" ]; then
+    mkdir -p "$stage/lib/vmhop-modules"
+    while read -r m; do
+        [ -f "$modules/$m.ko" ] || die "$modules/$m.ko is named in its order file but missing"
+        cp "$modules/$m.ko" "$stage/lib/vmhop-modules/"
+    done <"$modules/order"
+    cp "$modules/order" "$stage/lib/vmhop-modules/order"
+fi
 mknod -m 600 "$stage/dev/console" c 5 1 2>/dev/null || true
 
 (cd "$stage" && find . -print0 | LC_ALL=C sort -z | cpio --null -o -H newc --quiet --owner=0:0 | gzip -9 -n >"$tmp_out") \

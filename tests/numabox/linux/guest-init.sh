@@ -24,11 +24,35 @@
 #    N counts from 1 and never resets while the guest lives (a restored
 #    checkpoint continues it; a reboot starts again at 1). ~1 s sleep a beat.
 #
+# 3. With a disk (vmhop.disk=SERIAL): loads the virtio and ext4 modules
+#    from /lib/vmhop-modules (build-guest-initrd.sh puts them there), mounts
+#    the ext4 virtio disk whose serial is SERIAL on /disk and checks it every
+#    beat too: it syncs and drops the page cache (so what follows is read
+#    from the device), re-checks K files of 256 KiB against their sums and
+#    /disk/beat against the last beat, then rewrites one file (round-robin,
+#    fsynced) and /disk/beat. A background writer rewrites /disk/scratch
+#    with fsync all the time, so requests are in flight whenever the VM is
+#    checkpointed or moved. A failure prints
+#      vmhop-check: beat N FAIL disk file=PATH want=MD5 got=MD5
+#      vmhop-check: beat N FAIL disk beat=B want=B'
+#    Lines of the setup:
+#      vmhop-guest: modules loaded=N [failed=LIST]
+#      vmhop-guest: disk SERIAL=/dev/vdX mounted ext4 files=K
+#      vmhop-guest: disk SERIAL FAIL <why>
+#    With a control disk (vmhop.ctl=SERIAL, read-only to the guest), every
+#    beat reads its first block past the page cache: "poweroff" there makes
+#    the checker stop the writer, unmount the disk ("vmhop-check: disk
+#    unmounted") and run poweroff -f, so a test ends the guest cleanly when
+#    it is ready rather than after a fixed number of beats.
+#
 # Kernel command line words it reads from /proc/cmdline:
 #   vmhop.action=poweroff-after=N   poweroff -f after beat N
 #   vmhop.action=reboot-after=N     reboot -f after beat N
 #   vmhop.files=K                   number of files (default 4)
 #   vmhop.file_mb=M                 size of each file in MiB (default 8)
+#   vmhop.disk=SERIAL               the ext4 disk to check (see 3.)
+#   vmhop.disk_files=K              files on it (default 4)
+#   vmhop.ctl=SERIAL                the control disk (see 3.)
 # Before acting it prints "vmhop-check: action poweroff|reboot after beat N".
 # It never exits: if the action returns, it says so and sleeps forever.
 
@@ -74,6 +98,9 @@ action=none
 after=0
 files=4
 file_mb=8
+disk_serial=""
+disk_files=4
+ctl_serial=""
 # shellcheck disable=SC2013  # words, not lines
 for w in $(cat /proc/cmdline); do
     case "$w" in
@@ -87,6 +114,9 @@ for w in $(cat /proc/cmdline); do
         ;;
     vmhop.files=*) files="${w#vmhop.files=}" ;;
     vmhop.file_mb=*) file_mb="${w#vmhop.file_mb=}" ;;
+    vmhop.disk=*) disk_serial="${w#vmhop.disk=}" ;;
+    vmhop.disk_files=*) disk_files="${w#vmhop.disk_files=}" ;;
+    vmhop.ctl=*) ctl_serial="${w#vmhop.ctl=}" ;;
     esac
 done
 is_num() {
@@ -94,15 +124,104 @@ is_num() {
     "" | *[!0-9]*) return 1 ;;
     esac
 }
-if ! is_num "$after" || ! is_num "$files" || ! is_num "$file_mb"; then
+if ! is_num "$after" || ! is_num "$files" || ! is_num "$file_mb" || ! is_num "$disk_files"; then
     say "bad vmhop.* words on the command line; using defaults"
-    action=none after=0 files=4 file_mb=8
+    action=none after=0 files=4 file_mb=8 disk_files=4
 fi
+[ "$disk_files" -ge 1 ] || disk_files=1
 [ "$files" -ge 1 ] || files=1
 if [ "$action" = none ]; then
     say "checker files=$files size_mb=$file_mb action=none"
 else
     say "checker files=$files size_mb=$file_mb action=$action after=$after"
+fi
+
+# --- modules and disks ------------------------------------------------------------
+if [ -s /lib/vmhop-modules/order ]; then
+    loaded=0
+    failed=""
+    while read -r m; do
+        if insmod "/lib/vmhop-modules/$m.ko" 2>/dev/null; then
+            loaded=$((loaded + 1))
+        else
+            failed="$failed $m"
+        fi
+    done </lib/vmhop-modules/order
+    say "modules loaded=$loaded${failed:+ failed=${failed# }}"
+fi
+
+# by_serial SERIAL: the /dev/vdX whose virtio-blk serial is SERIAL (waits
+# up to 20 s for the device to appear).
+by_serial() {
+    t=0
+    while [ "$t" -lt 20 ]; do
+        for b in /sys/block/vd*; do
+            [ -f "$b/serial" ] || continue
+            if [ "$(cat "$b/serial")" = "$1" ]; then
+                echo "/dev/${b##*/}"
+                return 0
+            fi
+        done
+        t=$((t + 1))
+        sleep 1
+    done
+    return 1
+}
+
+disk_dir=""
+writer_pid=""
+if [ -n "$disk_serial" ]; then
+    if ! dev="$(by_serial "$disk_serial")"; then
+        say "disk $disk_serial FAIL no virtio disk with that serial ($(cat /sys/block/vd*/serial 2>/dev/null | tr '\n' ' '))"
+    elif ! mkdir -p /disk || ! mount -t ext4 "$dev" /disk; then
+        say "disk $disk_serial FAIL mount -t ext4 $dev /disk failed"
+    else
+        disk_dir=/disk
+        say "disk $disk_serial=$dev mounted ext4 files=$disk_files"
+    fi
+fi
+ctl_dev=""
+if [ -n "$ctl_serial" ]; then
+    if ctl_dev="$(by_serial "$ctl_serial")"; then
+        say "control disk $ctl_serial=$ctl_dev"
+    else
+        say "control disk $ctl_serial FAIL no virtio disk with that serial"
+        ctl_dev=""
+    fi
+fi
+
+# disk_fill I: disk file I gets fresh random data, fsynced; its sum goes to
+# variable dsumI.
+disk_fill() {
+    dd if=/dev/urandom of="$disk_dir/new" bs=65536 count=4 conv=fsync 2>/dev/null
+    mv "$disk_dir/new" "$disk_dir/d$1"
+    s="$(md5sum "$disk_dir/d$1")"
+    eval "dsum$1=\${s%% *}"
+}
+
+# disk_beat B: /disk/beat says B, fsynced.
+disk_beat() {
+    echo "$1" >"$disk_dir/beat.new"
+    mv "$disk_dir/beat.new" "$disk_dir/beat"
+    sync
+}
+
+if [ -n "$disk_dir" ]; then
+    i=0
+    while [ "$i" -lt "$disk_files" ]; do
+        disk_fill "$i"
+        i=$((i + 1))
+    done
+    disk_beat 0
+    # Requests in flight whenever the VM is checkpointed or moved.
+    # It stops between two writes when /tmp/stop-writer appears (a killed
+    # loop would leave its dd holding the disk busy).
+    (
+        while [ ! -e /tmp/stop-writer ]; do
+            dd if=/dev/zero of="$disk_dir/scratch" bs=65536 count=16 conv=fsync 2>/dev/null
+        done
+    ) &
+    writer_pid=$!
 fi
 
 # --- the checker ----------------------------------------------------------------
@@ -153,14 +272,55 @@ while :; do
         echo "vmhop-check: beat $beat FAIL kernel: $trouble"
         bad=$((bad + 1))
     fi
+    if [ -n "$disk_dir" ]; then
+        # Read from the device, not from the page cache.
+        sync
+        echo 3 >/proc/sys/vm/drop_caches
+        i=0
+        while [ "$i" -lt "$disk_files" ]; do
+            got="$(md5sum "$disk_dir/d$i" 2>/dev/null)"
+            got="${got%% *}"
+            eval "want=\$dsum$i"
+            if [ "$got" != "$want" ]; then
+                echo "vmhop-check: beat $beat FAIL disk file=$disk_dir/d$i want=$want got=${got:-unreadable}"
+                bad=$((bad + 1))
+            fi
+            i=$((i + 1))
+        done
+        got="$(cat "$disk_dir/beat" 2>/dev/null)"
+        if [ "$got" != "$((beat - 1))" ]; then
+            echo "vmhop-check: beat $beat FAIL disk beat=${got:-unreadable} want=$((beat - 1))"
+            bad=$((bad + 1))
+        fi
+        disk_fill "$((next % disk_files))"
+        disk_beat "$beat"
+    fi
     fill "$next"
     next=$(((next + 1) % files))
     if [ "$bad" -eq 0 ]; then
         read -r up _ </proc/uptime
         echo "vmhop-check: beat $beat ok files=$files up=$up"
     fi
+    if [ -n "$ctl_dev" ]; then
+        word="$(dd if="$ctl_dev" bs=4096 count=1 iflag=direct 2>/dev/null | head -c 8)"
+        if [ "$word" = poweroff ]; then
+            action=poweroff
+            after=0
+        fi
+    fi
     if [ "$action" != none ] && [ "$beat" -ge "$after" ]; then
         echo "vmhop-check: action $action after beat $beat"
+        if [ -n "$writer_pid" ]; then
+            touch /tmp/stop-writer
+            wait "$writer_pid" 2>/dev/null
+        fi
+        if [ -n "$disk_dir" ]; then
+            if umount "$disk_dir"; then
+                echo "vmhop-check: disk unmounted"
+            else
+                echo "vmhop-check: beat $beat FAIL disk umount $disk_dir failed"
+            fi
+        fi
         sync
         "$action" -f
         echo "vmhop-check: $action -f returned"

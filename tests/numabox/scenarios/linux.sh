@@ -8,7 +8,9 @@
 #
 # Needs two extra files (run.sh arguments): the guest kernel at
 # /files/vmlinuz (the box's own Debian kernel does) and the guest initramfs
-# at /files/guest.cpio.gz (tests/numabox/linux/build-guest-initrd.sh). Its
+# at /files/guest.cpio.gz (tests/numabox/linux/build-guest-initrd.sh, with
+# the guest modules); numa-moves also /files/disk.img and
+# /files/e2fsck.static. Its
 # /init prints "vmhop-guest: ..." lines (the NUMA view of the guest kernel)
 # and then a checksum heartbeat "vmhop-check: beat N ok|FAIL ..." about once
 # a second; see tests/numabox/linux/guest-init.sh.
@@ -35,7 +37,14 @@
 #   numa-moves  the same checks after each of three moves of guest node 0
 #               in one VM (what the suite runs: one boot instead of three):
 #               live to host node 1, stop-copy back to host node 0, kernel
-#               to host node 1.
+#               to host node 1. This VM also has an ext4 data disk
+#               (/files/disk.img, made by the test with mkfs.ext4) that its
+#               checker writes and checks every beat, with a writer keeping
+#               requests in flight through each move, and a read-only
+#               control disk: at the end the box writes "poweroff" there,
+#               the guest unmounts its disk and powers off, vmhop must exit
+#               0 by itself, and e2fsck -fn (/files/e2fsck.static) must find
+#               the filesystem clean.
 #   migrate     a second vmhop waits with run --incoming unix:... and the
 #               guest nodes swapped (guest node 0 to host node 1, 1 to 0);
 #               vmhop migrate moves the VM there: the source must exit 0,
@@ -89,6 +98,13 @@ EXIT_DEADLINE=120   # poweroff/reboot after the first beat; stop -> exit
 # The guest: 4 files of 4 MiB checked and one rewritten every beat.
 cmdline="console=ttyS0 vmhop.files=4 vmhop.file_mb=4"
 [ "$verbose" = verbose ] || cmdline="quiet $cmdline"
+
+# The data disk (a copy of /files/disk.img), the control disk and e2fsck.
+disk_img=/tmp/disk.img
+ctl_img=/tmp/ctl.img
+fsck="$files/e2fsck.static"
+# vmhop run arguments beyond the common ones (the disks, when a step has them).
+vm_args=""
 
 # The VM being watched: its name, vmhop pid, console and output files.
 vm=""
@@ -341,7 +357,7 @@ boot_vm() {
     start lx "$VMHOP" run --name lx --vcpus 2 \
         --numa guest-node=0,size=${NODE_MB}M,host-node=0,cpus=0 \
         --numa guest-node=1,size=${NODE_MB}M,host-node=1,cpus=1 \
-        --kernel "$kernel" --initrd "$initrd" --cmdline "$cmdline${extra:+ $extra}"
+        --kernel "$kernel" --initrd "$initrd" --cmdline "$cmdline${extra:+ $extra}" $vm_args
     wait_beat 1 "$BOOT_DEADLINE" "boot"
     console | grep 'vmhop-guest:' | sed "s/^/$tag: guest: /"
     say "ok: boot: first beat: $(console | grep -m 1 'vmhop-check: beat')"
@@ -517,14 +533,63 @@ step_numa() {
     stop_vm "stop"
 }
 
+# with_disks: the next boot_vm gets the ext4 data disk and the control disk.
+with_disks() {
+    for f in "$files/disk.img" "$fsck"; do
+        [ -s "$f" ] || fail "disk: $f missing (pass it to run.sh as an extra file)"
+    done
+    cp "$files/disk.img" "$disk_img"
+    dd if=/dev/zero of="$ctl_img" bs=4096 count=1 2>/dev/null
+    vm_args="--disk path=$disk_img,id=data,serial=vmhop-data --disk path=$ctl_img,id=ctl,serial=vmhop-ctl,readonly"
+    disk_words="vmhop.disk=vmhop-data vmhop.ctl=vmhop-ctl"
+}
+
+# check_disk_mounted: the guest loaded every module and mounted its disk.
+check_disk_mounted() {
+    mods="$(console | grep -m 1 'vmhop-guest: modules loaded=' || true)"
+    [ -n "$mods" ] || fail "disk: the guest loaded no modules (is /lib/vmhop-modules in its initramfs?)"
+    case "$mods" in *failed=*) fail "disk: $mods" ;; esac
+    bad="$(console | grep -m 1 'vmhop-guest: .*disk .*FAIL' || true)"
+    [ -z "$bad" ] || fail "disk: $bad"
+    line="$(console | grep -m 1 'vmhop-guest: disk vmhop-data=' || true)"
+    [ -n "$line" ] || fail "disk: the guest never mounted its data disk"
+    say "ok: disk: ${line#*vmhop-guest: }"
+}
+
+# poweroff_by_ctl WHAT: "poweroff" on the control disk; the guest unmounts
+# its disk and powers off, vmhop exits 0, e2fsck finds the disk clean.
+poweroff_by_ctl() {
+    printf 'poweroff' | dd of="$ctl_img" conv=notrunc 2>/dev/null
+    t=0
+    while kill -0 "$vm_pid" 2>/dev/null; do
+        check_console "$1"
+        t=$((t + 1))
+        [ "$t" -le "$EXIT_DEADLINE" ] ||
+            fail "$1: vmhop still running ${EXIT_DEADLINE}s after the control disk said poweroff (last beat $(last_beat))"
+        sleep 1
+    done
+    check_console "$1"
+    console | grep -q "vmhop-check: disk unmounted" ||
+        fail "$1: vmhop exited but the guest never unmounted its disk (last beat $(last_beat))"
+    wait_exit "$1"
+    say "ok: $1: the guest unmounted its disk and powered off; vmhop exited 0"
+    if ! fsck_out="$("$fsck" -fn "$disk_img" 2>&1)"; then
+        printf '%s\n' "$fsck_out" | sed "s/^/$tag: fsck: /"
+        fail "$1: e2fsck -fn $disk_img found problems"
+    fi
+    say "ok: $1: e2fsck -fn finds the disk clean: $(printf '%s\n' "$fsck_out" | tail -n 1)"
+}
+
 step_numa_moves() {
-    boot_vm
+    with_disks
+    boot_vm "$disk_words"
     first_beat=1
+    check_disk_mounted
     check_before_moves "before the moves"
     numa_move live 1 "after the live move"
     numa_move stop-copy 0 "after the stop-copy move"
     numa_move kernel 1 "after the kernel move"
-    stop_vm "stop"
+    poweroff_by_ctl "poweroff"
 }
 
 step_migrate() {
