@@ -406,7 +406,11 @@ fn ext4_image() -> PathBuf {
         if mkfs.status.success() {
             Ok(out)
         } else {
-            Err(format!("mkfs.ext4 {} failed: {}", out.display(), combined(&mkfs)))
+            Err(format!(
+                "mkfs.ext4 {} failed: {}",
+                out.display(),
+                combined(&mkfs)
+            ))
         }
     });
     match made {
