@@ -8,6 +8,7 @@
 
 pub mod api;
 pub mod arch;
+pub mod balance;
 pub mod checkpoint;
 pub mod cli;
 pub mod devices;

@@ -10,7 +10,8 @@
 //!
 //! with `api` (the contract: requests, reports, error kinds) and `util`
 //! beneath everything, importing nothing. `cli` speaks only `api` (and
-//! `util`); no operation imports another. Run with `--nocapture` to print
+//! `util`, and `balance`, the planner: a pure function over API types);
+//! no operation imports another. Run with `--nocapture` to print
 //! the arrows.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -20,6 +21,7 @@ use std::path::Path;
 const LAYERS: &[(&str, u32)] = &[
     ("api", 0),
     ("util", 0),
+    ("balance", 1),
     ("memory", 1),
     ("host", 2),
     ("arch", 2),
@@ -35,7 +37,7 @@ const LAYERS: &[(&str, u32)] = &[
 ];
 
 /// The only modules the CLI may name.
-const CLI_MAY_USE: &[&str] = &["api", "util"];
+const CLI_MAY_USE: &[&str] = &["api", "balance", "util"];
 
 /// Code of a source file without its unit-test module and its comments.
 fn code(text: &str) -> String {

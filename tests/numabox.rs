@@ -336,7 +336,10 @@ fn numabox_move_to_node1_without_room_is_refused_and_vm_stays_on_node0() {
             "ok: after the refused move: policy bind:0",
             "ok: after the refused move: numa-stat:",
             "ok: after the refused move: verify",
+            "ok: balance leaves the guest node while node 1 is full, and says why",
+            "ok: after the dry run: policy bind:0",
             "ok: to node 1 once it has room: numa-stat:",
+            "ok: balance moved the guest node after its vCPUs, and then wants nothing more",
         ],
     );
 }

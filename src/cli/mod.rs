@@ -4,8 +4,10 @@
 //! It speaks only the API (`crate::api`): a VM's own process over its
 //! socket (every subcommand but `run`/`restore`), and this process's
 //! [`Local`] half (`run`, `restore`, `topology`, `checkpoints`, `merge`),
-//! which `main` hands in. It imports nothing below the API.
+//! which `main` hands in, and `balance`'s planner (a pure function over
+//! API types). It imports nothing below the API.
 
+pub mod balance;
 pub mod checkpoint;
 pub mod control;
 pub mod demo;
@@ -193,6 +195,8 @@ enum Cmd {
     MigrateCancel(ApiOpts),
     /// Show the host's NUMA nodes, their CPUs and memory.
     Topology(output::JsonOpt),
+    /// Move every VM's guest nodes to where their vCPUs run and memory is free.
+    Balance(balance::BalanceArgs),
     /// Run the demo: a builtin guest checkpointed, restored, moved across NUMA
     /// nodes and migrated to a second vmhop process, driven through its API.
     Demo(demo::DemoArgs),
@@ -224,6 +228,7 @@ pub fn main(local: &dyn Local) -> ExitCode {
         Cmd::Migrate(a) => migrate::migrate(&a),
         Cmd::MigrateCancel(o) => migrate::cancel(&o),
         Cmd::Topology(o) => control::topology(local, &o),
+        Cmd::Balance(a) => balance::balance(local, &a),
         Cmd::Demo(a) => demo::demo(local, a),
     };
     match r {

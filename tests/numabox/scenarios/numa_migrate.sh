@@ -25,7 +25,11 @@
 # free memory is smaller than the guest node, then the move to node 1 must
 # exit 1 with a one-line message, and the VM must keep running on node 0
 # (numa-stat unchanged, verify ok, progress). With the filler removed, the
-# same move must then succeed.
+# same move must then succeed — run by `vmhop balance`: with the vCPUs
+# pinned to node 1's CPUs by taskset, a dry run while node 1 is full plans
+# nothing and says why (and reports a socket that does not answer); with
+# room, a dry run plans the move without running it, `balance` runs it, and
+# a further dry run plans nothing.
 #
 # "sequence": a 256 MiB builtin:dirty guest on node 0 is moved live to node
 # 1, stop-copy back to node 0, then with --mode kernel to node 1 (the kernel
@@ -238,6 +242,13 @@ check_stat() {
     check_vcpus "$1" "$2: numa-stat allowed_cpus" $(json_strs allowed_cpus "$stat")
 }
 
+# check_stat_policy NODE WHAT: numa-stat still binds the guest node to NODE.
+check_stat_policy() {
+    policy="$(json_str policy "$(cli numa-stat --json)")"
+    [ "$policy" = "bind:$1" ] || fail "$2: numa-stat policy is '$policy', not bind:$1"
+    say "ok: $2: policy $policy"
+}
+
 start_vm() {
     say "starting: vmhop run --vcpus 2 --guest $1 --numa $2"
     # shellcheck disable=SC2086  # no hook, or one option and its value
@@ -380,9 +391,49 @@ else
     check_verify "after the refused move"
     check_running "after the refused move"
 
+    # vmhop balance: the vCPUs pinned to node 1 from outside, memory left
+    # on node 0. While node 1 is full the planner must leave it (and say
+    # why); once node 1 has room it moves the guest node after its vCPUs.
+    for t in /proc/"$vm_pid"/task/*; do
+        case "$(cat "$t/comm")" in
+        vcpu*) taskset -p -c "$(node_cpus 1)" "${t##*/}" >/dev/null || fail "taskset of ${t##*/}" ;;
+        esac
+    done
+    say "vCPUs pinned to node 1's CPUs ($(node_cpus 1)) with taskset"
+    balance_dir=/tmp/balance
+    mkdir -p "$balance_dir"
+    ln -sf "$sock" "$balance_dir/vm.sock"
+    : >"$balance_dir/dead.sock"
+    bal() {
+        if ! out="$("$VMHOP" balance --socket-dir "$balance_dir" --json "$@" 2>"$errf")"; then
+            fail "vmhop balance $* exited non-zero: $(cat "$errf")"
+        fi
+        printf '%s\n' "$out"
+    }
+    plan="$(bal --dry-run)"
+    say "balance dry run with node 1 full: $plan"
+    case "$plan" in *'"moves":[]'*) ;; *) fail "balance planned a move to a full node: $plan" ;; esac
+    case "$plan" in *'"why":"its vCPUs run on node 1, but node 1 has not'*) ;; *) fail "balance did not say why it left the guest node: $plan" ;; esac
+    case "$plan" in *'dead.sock'*) ;; *) fail "balance did not report the socket that does not answer: $plan" ;; esac
+    say "ok: balance leaves the guest node while node 1 is full, and says why"
+
     rm -f "$filler"
     say "filler removed; node 1 has $(($(node_free 1) / MIB)) MiB free"
-    move 1 "to node 1 once it has room"
+    plan="$(bal --dry-run)"
+    say "balance dry run with room: $plan"
+    case "$plan" in *'"to_node":1,'*'"rule":"affinity"'*) ;; *) fail "balance planned no affinity move to node 1: $plan" ;; esac
+    case "$plan" in *'"outcomes":[]'*) ;; *) fail "a dry run ran moves: $plan" ;; esac
+    check_stat_policy 0 "after the dry run"
+    run="$(bal)"
+    say "balance: $run"
+    case "$run" in *'"report":{"operation":"numa-migrate"'*) ;; *) fail "balance ran no move: $run" ;; esac
+    case "$run" in *'"error":'*) fail "a balance move failed: $run" ;; esac
+    check_stat 1 "to node 1 once it has room"
+    check_verify "after balance"
+    check_running "after balance"
+    plan="$(bal --dry-run)"
+    case "$plan" in *'"moves":[]'*) ;; *) fail "balance wants to move again after its move: $plan" ;; esac
+    say "ok: balance moved the guest node after its vCPUs, and then wants nothing more"
 fi
 
 cli stop >/dev/null
