@@ -69,6 +69,10 @@ pub struct CheckpointReport {
     pub kind: CheckpointKind,
     /// Microseconds no vCPU ran.
     pub downtime_us: u64,
+    /// The longest stall the guest felt during the checkpoint, µs, as the
+    /// builtin:dirty guest measures it (absent for other guests).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_stall_us: Option<u64>,
     /// Whole operation, ms.
     pub total_ms: f64,
     /// Pages of guest memory.

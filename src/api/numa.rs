@@ -126,6 +126,11 @@ pub struct NumaMigrateReport {
     pub guest_nodes: Vec<u32>,
     /// Longest pause, µs.
     pub downtime_us: u64,
+    /// The longest stall the guest felt during the move, µs, as the
+    /// builtin:dirty guest measures it (absent for other guests): in every
+    /// mode, kernel page migration included, the figure to compare.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_stall_us: Option<u64>,
     /// All pauses together, µs.
     pub paused_total_us: u64,
     /// Number of pauses.

@@ -60,6 +60,11 @@ pub struct GuestStatus {
     pub kind: String,
     /// Pages written so far (builtin:dirty); 0 for idle.
     pub progress: u64,
+    /// The longest stall the guest felt since it started, µs: the longest
+    /// gap between two pages a builtin:dirty vCPU wrote, pacing not
+    /// counted (absent for other guests).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub longest_stall_us: Option<u64>,
 }
 
 /// One guest node in a status.

@@ -148,6 +148,7 @@ pub fn checkpoint_tuned(
         id,
         parent: parent_id,
         kind,
+        guest_stall_us: None,
         downtime_us: r.downtime_us,
         total_ms: r.total_ms,
         pages_total: vm.memory().size() / crate::memory::PAGE_SIZE,

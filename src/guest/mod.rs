@@ -45,6 +45,42 @@ pub fn progress(vm: &crate::vmm::Vm) -> u64 {
         .sum()
 }
 
+/// The longest stall any vCPU of the builtin dirty guest felt since the
+/// window began (the start, or [`reset_longest_stall`]): the longest gap
+/// between two pages it wrote, in µs, not counting what pacing held it
+/// back. None for other guests, or when KVM did not give the TSC rate.
+pub fn longest_stall_us(vm: &crate::vmm::Vm) -> Option<u64> {
+    let c = vm.config();
+    if !matches!(c.guest, GuestSpec::Dirty { .. }) {
+        return None;
+    }
+    let khz = u64::from(vm.tsc_khz()?);
+    let m = vm.memory();
+    (0..c.vcpus as u64)
+        .filter_map(|v| {
+            m.read_u64(setup::BLOCKS_ADDR + v * program::block::SIZE + program::block::MAX_GAP)
+        })
+        .max()
+        .map(|cycles| cycles.saturating_mul(1000) / khz)
+}
+
+/// Starts a new stall window: zeroes every vCPU's longest gap (marked
+/// dirty, as a device write is). A vCPU in the middle of its compare may
+/// write back the gap it just measured, which belongs to the new window
+/// anyway.
+pub fn reset_longest_stall(vm: &crate::vmm::Vm) {
+    let c = vm.config();
+    if !matches!(c.guest, GuestSpec::Dirty { .. }) {
+        return;
+    }
+    for v in 0..c.vcpus as u64 {
+        vm.write_u64_marked(
+            setup::BLOCKS_ADDR + v * program::block::SIZE + program::block::MAX_GAP,
+            0,
+        );
+    }
+}
+
 /// Guest memory the builtin guests keep for their code and tables.
 pub const RESERVED_BYTES: u64 = 2 << 20;
 /// Smallest VM a builtin guest runs in: the reserved area plus 2 MiB of work.

@@ -27,6 +27,12 @@ pub mod block {
     /// Test hook: the sweep at whose start the guest jumps to the fault
     /// routine (0: never; see [`super::TestFault`]).
     pub const FAULT_SWEEP: u64 = 40;
+    /// TSC when this vCPU last finished a page (or came back from PACE).
+    pub const LAST_TSC: u64 = 48;
+    /// Longest gap between two consecutive pages, TSC cycles, not counting
+    /// the time PACE held the vCPU back on purpose: the longest stall this
+    /// vCPU felt. The host may zero it to start a new window.
+    pub const MAX_GAP: u64 = 56;
     /// Size of a block.
     pub const SIZE: u64 = 64;
 }
@@ -39,10 +45,14 @@ pub const TAG_OFFSET: u64 = 8;
 
 /// `builtin:dirty`: sweeps its slice forever, writing the page's address and
 /// then the sweep number into each page, counting pages in its block, and
-/// calling PACE every PACE_BATCH pages when rate-limited.
+/// calling PACE every PACE_BATCH pages when rate-limited. After each page it
+/// reads the TSC (allowed at CPL3) and keeps the longest gap since the last
+/// page in `block::MAX_GAP`: what a pause, a copy or a page migration cost
+/// the guest, measured by the guest.
 ///
 /// Registers: rdi = its block; r8 = sweep; r9 = range index; rsi = page;
-/// rcx = pages left in range; r12 = pages since the last PACE.
+/// rcx = pages left in range; r12 = pages since the last PACE; rax and rdx
+/// scratch.
 ///
 /// At the start of sweep `block::FAULT_SWEEP` (a test hook, normally 0 so
 /// never) it jumps to `fault_at` with r11 = [`UNMAPPED_ADDR`].
@@ -55,7 +65,9 @@ pub fn dirty(base: u64, fault_at: u64) -> Result<Vec<u8>, IcedError> {
     let mut no_pace = a.create_label();
     let mut no_fault = a.create_label();
 
+    let mut no_max = a.create_label();
     a.mov(r8, qword_ptr(rdi + block::SWEEP))?;
+    stamp(&mut a)?;
     a.set_label(&mut sweep_loop)?;
     a.inc(r8)?;
     a.mov(qword_ptr(rdi + block::SWEEP), r8)?;
@@ -80,6 +92,17 @@ pub fn dirty(base: u64, fault_at: u64) -> Result<Vec<u8>, IcedError> {
     a.mov(qword_ptr(rsi + TAG_OFFSET), rsi)?;
     a.mov(qword_ptr(rsi + COUNTER_OFFSET), r8)?;
     a.inc(qword_ptr(rdi + block::PROGRESS))?;
+    // The gap since the last page: the longest one is the stall.
+    a.rdtsc()?;
+    a.shl(rdx, 32)?;
+    a.or(rax, rdx)?;
+    a.mov(rdx, rax)?;
+    a.sub(rdx, qword_ptr(rdi + block::LAST_TSC))?;
+    a.mov(qword_ptr(rdi + block::LAST_TSC), rax)?;
+    a.cmp(rdx, qword_ptr(rdi + block::MAX_GAP))?;
+    a.jbe(no_max)?;
+    a.mov(qword_ptr(rdi + block::MAX_GAP), rdx)?;
+    a.set_label(&mut no_max)?;
     a.mov(rax, qword_ptr(rdi + block::PACE_BATCH))?;
     a.test(rax, rax)?;
     a.jz(no_pace)?;
@@ -90,6 +113,8 @@ pub fn dirty(base: u64, fault_at: u64) -> Result<Vec<u8>, IcedError> {
     a.mov(dx, PORT_PACE as u32)?;
     a.out(dx, eax)?;
     a.xor(r12, r12)?;
+    // Time PACE held us back is the rate asked for, not a stall.
+    stamp(&mut a)?;
     a.set_label(&mut no_pace)?;
     a.add(rsi, 4096)?;
     a.dec(rcx)?;
@@ -98,6 +123,15 @@ pub fn dirty(base: u64, fault_at: u64) -> Result<Vec<u8>, IcedError> {
     a.inc(r9)?;
     a.jmp(range_loop)?;
     a.assemble(base)
+}
+
+/// `block::LAST_TSC = rdtsc` (clobbers rax and rdx).
+fn stamp(a: &mut CodeAssembler) -> Result<(), IcedError> {
+    a.rdtsc()?;
+    a.shl(rdx, 32)?;
+    a.or(rax, rdx)?;
+    a.mov(qword_ptr(rdi + block::LAST_TSC), rax)?;
+    Ok(())
 }
 
 /// `builtin:idle`: asks the test device to park the vCPU, forever.

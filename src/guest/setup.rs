@@ -386,6 +386,8 @@ pub fn install(
         w(blk + block::PROGRESS, 0)?;
         w(blk + block::SWEEP, 0)?;
         w(blk + block::PACE_BATCH, pace_batch)?;
+        w(blk + block::LAST_TSC, 0)?;
+        w(blk + block::MAX_GAP, 0)?;
         w(
             blk + block::FAULT_SWEEP,
             if test_fault.is_some() { 2 } else { 0 },

@@ -387,6 +387,7 @@ pub fn numa_migrate(
         to_node: target,
         guest_nodes: guest_nodes.clone(),
         downtime_us: 0,
+        guest_stall_us: None,
         paused_total_us: 0,
         pauses: 0,
         total_ms: 0.0,

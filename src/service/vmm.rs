@@ -7,7 +7,7 @@
 //! the VM extends, the migration in flight, whether a lazy restore is still
 //! loading, the test hooks, and the channel that ends the process.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -52,6 +52,9 @@ pub struct Vmm {
     /// A lazy restore is still loading memory in the background.
     loading: Arc<AtomicBool>,
     hooks: TestHooks,
+    /// The longest stall the guest felt before the current stall window
+    /// (operations restart the guest's own window), µs.
+    stall_floor: AtomicU64,
 }
 
 /// The JSON body of a reply.
@@ -129,6 +132,7 @@ impl Vmm {
             chain: Mutex::new(chain),
             loading,
             hooks,
+            stall_floor: AtomicU64::new(0),
         }
     }
 
@@ -193,6 +197,8 @@ impl Vmm {
             guest: GuestStatus {
                 kind: c.guest.kind().into(),
                 progress: crate::guest::progress(&self.vm),
+                longest_stall_us: crate::guest::longest_stall_us(&self.vm)
+                    .map(|now| now.max(self.stall_floor.load(Ordering::Acquire))),
             },
             numa: c
                 .nodes
@@ -272,8 +278,10 @@ impl Vmm {
                 let _op = self.operation()?;
                 self.running_or_paused()?;
                 let mut chain = self.chain.lock().unwrap_or_else(|e| e.into_inner());
-                let r = crate::checkpoint::create::checkpoint(vm, &mut chain, &req)
+                let stall = StallWindow::open(vm, &self.stall_floor);
+                let mut r = crate::checkpoint::create::checkpoint(vm, &mut chain, &req)
                     .map_err(|e| ApiError::from(&e))?;
+                r.guest_stall_us = stall.close();
                 if req.stop_after {
                     self.end_process(Ending::Handed(format!(
                         "VM '{}' checkpointed to {} and stopped",
@@ -289,8 +297,10 @@ impl Vmm {
                 self.not_loading("a NUMA move")?;
                 let _op = self.operation()?;
                 self.running_or_paused()?;
-                let r = crate::numa::numa_migrate(vm, &req, &self.hooks.numa)
+                let stall = StallWindow::open(vm, &self.stall_floor);
+                let mut r = crate::numa::numa_migrate(vm, &req, &self.hooks.numa)
                     .map_err(|e| ApiError::from(&e))?;
+                r.guest_stall_us = stall.close();
                 json(r)
             }
             Endpoint::NumaStat => json(crate::numa::numa_stat(vm).map_err(|e| ApiError::from(&e))?),
@@ -350,6 +360,34 @@ pub fn error_value(msg: &str) -> Value {
         error: msg.to_string(),
     })
     .unwrap_or(Value::Null)
+}
+
+/// The guest's longest stall over one operation: the builtin guest's
+/// window is restarted when the operation starts and read when it ends.
+/// What the guest had felt before goes into `floor`, which `status` adds
+/// back, so that its figure keeps meaning "since the guest started".
+struct StallWindow<'a> {
+    vm: &'a Vm,
+    floor: &'a AtomicU64,
+}
+
+impl<'a> StallWindow<'a> {
+    fn open(vm: &'a Vm, floor: &'a AtomicU64) -> Self {
+        if let Some(before) = crate::guest::longest_stall_us(vm) {
+            floor.fetch_max(before, Ordering::AcqRel);
+        }
+        crate::guest::reset_longest_stall(vm);
+        StallWindow { vm, floor }
+    }
+
+    /// The longest stall during the window, µs.
+    fn close(self) -> Option<u64> {
+        let during = crate::guest::longest_stall_us(self.vm);
+        if let Some(d) = during {
+            self.floor.fetch_max(d, Ordering::AcqRel);
+        }
+        during
+    }
 }
 
 #[cfg(test)]

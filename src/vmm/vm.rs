@@ -398,6 +398,8 @@ pub struct Vm {
     throttle: Arc<AtomicU32>,
     /// The thread that kicks vCPUs while throttled.
     throttler: Mutex<Option<Throttler>>,
+    /// The guest's TSC rate, kHz (KVM_GET_TSC_KHZ; 0 when KVM did not say).
+    tsc_khz: AtomicU32,
 }
 
 impl std::fmt::Debug for Vm {
@@ -496,6 +498,7 @@ impl Vm {
             host_nodes: Mutex::new(host_nodes.clone()),
             throttle: Arc::new(AtomicU32::new(0)),
             throttler: Mutex::new(None),
+            tsc_khz: AtomicU32::new(0),
         };
         let dirty_log = matches!(
             start,
@@ -529,6 +532,9 @@ impl Vm {
             v.set_cpuid2(&cpuid::for_vcpu(&supported, &cpu_topo, id as usize))
                 .map_err(kvm_err(format!("KVM_SET_CPUID2 (vCPU {id})")))?;
             fds.push(v);
+        }
+        if let Some(khz) = fds.first().and_then(|v| v.get_tsc_khz().ok()) {
+            vm.tsc_khz.store(khz, Ordering::Relaxed);
         }
         let saved_with = SavedWith {
             msrs: Arc::new(if irqchip {
@@ -797,6 +803,25 @@ impl Vm {
     /// How the guest ended the VM on purpose (power-off, reboot), if it did.
     pub fn guest_exit(&self) -> Option<GuestExit> {
         *self.guest_exit.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Writes `value` at `gpa` as a device would: the page is marked for
+    /// the dirty logs, so a checkpoint or move in progress does not miss a
+    /// write KVM never saw. False when the address is not guest memory or
+    /// the memory is gone.
+    pub fn write_u64_marked(&self, gpa: u64, value: u64) -> bool {
+        use vm_memory::Bytes;
+        self.device_memory
+            .access()
+            .is_some_and(|m| m.write_obj(value, vm_memory::GuestAddress(gpa)).is_ok())
+    }
+
+    /// The guest's TSC rate in kHz, when KVM told it.
+    pub fn tsc_khz(&self) -> Option<u32> {
+        match self.tsc_khz.load(Ordering::Relaxed) {
+            0 => None,
+            khz => Some(khz),
+        }
     }
 
     /// Whether the VM has an in-kernel irqchip (a Linux guest).
