@@ -175,13 +175,25 @@ fn retry_log() -> PathBuf {
 /// [`boot`] with extra files for the box: each is run.sh's
 /// `FILE[:/path/in/box]` argument (`/files/<name>` without a path).
 fn boot_with_files(scenario: &str, scenario_args: &str, extra_files: &[String]) -> String {
+    boot_with(scenario, scenario_args, extra_files, &[])
+}
+
+/// [`boot_with_files`] with more environment for run.sh (e.g. the
+/// four-node box, `NUMABOX_NODES=4`).
+fn boot_with(
+    scenario: &str,
+    scenario_args: &str,
+    extra_files: &[String],
+    more_env: &[(&str, &str)],
+) -> String {
     ensure_setup();
     let mut args = vec![scenario];
     args.extend(extra_files.iter().map(String::as_str));
-    let env = [
+    let mut env = vec![
         ("NUMABOX_SCENARIO_ARGS", scenario_args),
         ("NUMABOX_TIMEOUT", BOX_TIMEOUT),
     ];
+    env.extend_from_slice(more_env);
     let mut failures = Vec::new();
     loop {
         let run = run_script("tests/numabox/run.sh", &args, &env);
@@ -342,6 +354,34 @@ fn numabox_move_to_node1_without_room_is_refused_and_vm_stays_on_node0() {
             "ok: balance moved the guest node after its vCPUs, and then wants nothing more",
         ],
     );
+}
+
+/// `vmhop balance` in the four-node box: a dry run at rest plans nothing,
+/// memory follows vCPUs pinned to another node, and `--watch` relieves a
+/// node short of free memory by moving its largest guest node to the
+/// nearest node with room, once.
+#[test]
+fn numabox_balance_on_four_nodes_follows_vcpus_and_relieves_a_short_node_nearest_first() {
+    let console = boot_with(
+        "tests/numabox/scenarios/balance.sh",
+        "",
+        &[],
+        &[("NUMABOX_NODES", "4")],
+    );
+    for line in [
+        "ok: at rest: a dry run plans nothing and moves nothing",
+        "ok: after the affinity move: c on node 3",
+        "ok: after the affinity move: c verified",
+        "ok: under pressure: a moved to node 2 (distance 20)",
+        "ok: --watch moved once and then left every VM where it was",
+        "ok: after the pressure move: b on node 0",
+        "ok: all checks passed",
+    ] {
+        assert!(
+            console.contains(&format!("balance: {line}")),
+            "the console never said {line:?}:\n{console}"
+        );
+    }
 }
 
 /// The Linux guest scenario: the box's own Debian kernel booted by vmhop

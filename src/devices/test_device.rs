@@ -19,7 +19,7 @@ pub use crate::guest::abi::*;
 const MAX_PACE_LAG: Duration = Duration::from_millis(100);
 
 /// First port of the device and how many it serves.
-pub const PORTS: (u16, u16) = (PORT_WAIT, 7);
+pub const PORTS: (u16, u16) = (PORT_WAIT, 8);
 
 /// What a vCPU has written so far about the fault it is reporting.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -36,6 +36,8 @@ pub struct TestDevice {
     rate_per_vcpu: Option<f64>,
     /// Per vCPU: when its next page is due.
     due: Mutex<Vec<Option<Instant>>>,
+    /// Per vCPU: how long its last PACE meant to hold it, µs.
+    held_us: Mutex<Vec<u32>>,
     /// Per vCPU: the fault report being written.
     faults: Mutex<Vec<FaultRecord>>,
 }
@@ -85,6 +87,7 @@ impl Persist for TestDevice {
         Ok(TestDevice {
             rate_per_vcpu: rate.map(|r| r as f64 / vcpus as f64),
             due: Mutex::new(vec![None; vcpus as usize]),
+            held_us: Mutex::new(vec![0; vcpus as usize]),
             faults: Mutex::new(faults),
         })
     }
@@ -96,6 +99,7 @@ impl TestDevice {
         TestDevice {
             rate_per_vcpu: rate.map(|r| r as f64 / vcpus as f64),
             due: Mutex::new(vec![None; vcpus as usize]),
+            held_us: Mutex::new(vec![0; vcpus as usize]),
             faults: Mutex::new(vec![FaultRecord::default(); vcpus as usize]),
         }
     }
@@ -147,6 +151,15 @@ impl TestDevice {
                 };
                 let next = start + Duration::from_secs_f64(pages / rate);
                 *slot = Some(next);
+                let held = next.saturating_duration_since(now).as_micros();
+                if let Some(h) = self
+                    .held_us
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get_mut(vcpu as usize)
+                {
+                    *h = u32::try_from(held).unwrap_or(u32::MAX);
+                }
                 if next > now {
                     IoAction::Wait(Some(next))
                 } else {
@@ -158,8 +171,22 @@ impl TestDevice {
     }
 
     /// Handles an `in` by a vCPU, filling `data`.
-    fn io_in(&self, port: u16, data: &mut [u8]) -> IoAction {
+    fn io_in(&self, vcpu: u32, port: u16, data: &mut [u8]) -> IoAction {
         match port {
+            PORT_PACE_HELD => {
+                let held = self
+                    .held_us
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get(vcpu as usize)
+                    .copied()
+                    .unwrap_or(0)
+                    .to_le_bytes();
+                for (i, d) in data.iter_mut().enumerate() {
+                    *d = held.get(i).copied().unwrap_or(0);
+                }
+                IoAction::Continue
+            }
             PORT_ID => {
                 let m = DEVICE_MAGIC.to_le_bytes();
                 for (i, d) in data.iter_mut().enumerate() {
@@ -179,8 +206,8 @@ impl PioDevice for TestDevice {
     fn name(&self) -> &'static str {
         "test-device"
     }
-    fn read(&self, _vcpu: u32, port: u16, data: &mut [u8]) -> IoAction {
-        self.io_in(port, data)
+    fn read(&self, vcpu: u32, port: u16, data: &mut [u8]) -> IoAction {
+        self.io_in(vcpu, port, data)
     }
     fn write(&self, vcpu: u32, port: u16, data: &[u8]) -> IoAction {
         self.io_out(vcpu, port, data)
@@ -239,7 +266,7 @@ mod tests {
         assert_eq!(d.io_out(0, PORT_PACE, &[1, 0, 0, 0]), IoAction::Continue);
         assert_eq!(d.io_out(0, PORT_WAIT, &[0]), IoAction::Wait(None));
         let mut b = [0u8; 4];
-        d.io_in(PORT_ID, &mut b);
+        d.io_in(0, PORT_ID, &mut b);
         assert_eq!(u32::from_le_bytes(b), DEVICE_MAGIC);
     }
 }

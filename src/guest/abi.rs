@@ -25,6 +25,10 @@ pub const PORT_FAULT_ERROR: u16 = 0x0e85;
 /// [`PORT_FAULT_ERROR`] is valid. The VM stops with the fault as its stop
 /// reason. The builtin guests' IDT handlers call it.
 pub const PORT_FAULT: u16 = 0x0e86;
+/// `in` here (dword): the microseconds this vCPU's last PACE meant to hold
+/// it back (0 when it did not), so the guest can tell its pacing from a
+/// stall: the time a pause or a busy host added to the PACE is not in it.
+pub const PORT_PACE_HELD: u16 = 0x0e87;
 /// Bit of a [`PORT_FAULT`] value: the vector has an error code.
 pub const FAULT_HAS_ERROR: u32 = 1 << 8;
 

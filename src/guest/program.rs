@@ -9,8 +9,9 @@ use iced_x86::BlockEncoderOptions;
 
 use super::abi::{
     FAULT_HAS_ERROR, PORT_FAULT, PORT_FAULT_ERROR, PORT_FAULT_RIP_HI, PORT_FAULT_RIP_LO, PORT_PACE,
-    PORT_WAIT,
+    PORT_PACE_HELD, PORT_WAIT,
 };
+use super::setup::CONTROL_TSC_KHZ;
 
 /// Offsets inside a per-vCPU block (see docs/test-device.md).
 pub mod block {
@@ -51,8 +52,8 @@ pub const TAG_OFFSET: u64 = 8;
 /// the guest, measured by the guest.
 ///
 /// Registers: rdi = its block; r8 = sweep; r9 = range index; rsi = page;
-/// rcx = pages left in range; r12 = pages since the last PACE; rax and rdx
-/// scratch.
+/// rcx = pages left in range; r12 = pages since the last PACE; rax, rdx
+/// and r10 scratch.
 ///
 /// At the start of sweep `block::FAULT_SWEEP` (a test hook, normally 0 so
 /// never) it jumps to `fault_at` with r11 = [`UNMAPPED_ADDR`].
@@ -113,8 +114,15 @@ pub fn dirty(base: u64, fault_at: u64) -> Result<Vec<u8>, IcedError> {
     a.mov(dx, PORT_PACE as u32)?;
     a.out(dx, eax)?;
     a.xor(r12, r12)?;
-    // Time PACE held us back is the rate asked for, not a stall.
-    stamp(&mut a)?;
+    // The hold PACE meant is the rate asked for, not a stall: move the
+    // last stamp forward by it (µs × kHz / 1000 cycles). What a pause or
+    // a busy host added to the PACE stays in the next gap.
+    a.mov(dx, PORT_PACE_HELD as u32)?;
+    a.in_(eax, dx)?;
+    a.mul(qword_ptr(CONTROL_TSC_KHZ))?;
+    a.mov(r10, 1000u64)?;
+    a.div(r10)?;
+    a.add(qword_ptr(rdi + block::LAST_TSC), rax)?;
     a.set_label(&mut no_pace)?;
     a.add(rsi, 4096)?;
     a.dec(rcx)?;

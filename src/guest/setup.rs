@@ -42,7 +42,10 @@ pub const STACKS_ADDR: u64 = RANGES_ADDR + MAX_VCPUS as u64 * PAGE_SIZE;
 pub const PML4_ADDR: u64 = 0x100000;
 /// Most GiB of guest-physical space the tables can map.
 pub const MAX_MAPPED_GIB: u64 = 254;
-/// Control page magic ("VMHOPGST").
+/// Where the control page holds the guest's TSC rate in kHz (0: unknown),
+/// for the dirty guest to turn PACE's hold into TSC cycles.
+pub const CONTROL_TSC_KHZ: u64 = CONTROL_ADDR + 24;
+/// Control page magic ("VMHOPGST"), its first word.
 pub const CONTROL_MAGIC: u64 = u64::from_le_bytes(*b"VMHOPGST");
 /// Largest number of ranges in one vCPU's table.
 pub const MAX_RANGES: u64 = PAGE_SIZE / 16;
@@ -222,6 +225,11 @@ pub fn boot(
     let vcpus = fds.len() as u32;
     let pace_batch = super::abi::pace_batch(spec.rate().map(|r| r as f64 / vcpus as f64));
     let boots = install(memory, spec, vcpus, pace_batch, hooks.fault)?;
+    // Without it the guest counts its pacing as stalls, nothing worse.
+    let khz = fds.first().and_then(|v| v.get_tsc_khz().ok()).unwrap_or(0);
+    memory
+        .write_u64(CONTROL_TSC_KHZ, u64::from(khz))
+        .ok_or_else(|| SetupError::Layout("the control page is not in guest memory".into()))?;
     for (id, (v, b)) in fds.iter().zip(&boots).enumerate() {
         let kvm = |ioctl| {
             move |source| SetupError::Kvm {

@@ -29,6 +29,11 @@
 #                    the kernel's), for comparing box failures
 #   NUMABOX_QEMU     the QEMU command (words; default qemu-system-x86_64), for
 #                    trying another build: "/path/qemu-system-x86_64 -L DIR"
+#   NUMABOX_NODES    2 (default: two nodes of one CPU and 1 GiB each, distance
+#                    20) or 4 (four nodes of one CPU and 512 MiB each, with
+#                    distances that differ by pair, as `numa_distances`
+#                    below: 0-1 and 2-3 near (12), 0-2 and 1-3 farther (20),
+#                    0-3 and 1-2 far (30))
 #
 # The console is streamed to stdout and to the log. Exits 0 only when the
 # box printed "NUMABOX-RESULT: PASS"; 124 when the timeout fired.
@@ -195,12 +200,29 @@ start=$(date +%s)
 # The EPYC features TCG cannot emulate are turned off by name: QEMU drops
 # them anyway, and would print a warning per feature and CPU.
 cpu="EPYC,+svm,-fxsr-opt,-misalignsse,-osvw,-topoext,-nrip-save,-xsavec"
+case "${NUMABOX_NODES:-2}" in
+2)
+    numa=(-smp 2 -m 2G
+        -object memory-backend-ram,id=m0,size=1G
+        -object memory-backend-ram,id=m1,size=1G
+        -numa node,nodeid=0,cpus=0,memdev=m0
+        -numa node,nodeid=1,cpus=1,memdev=m1)
+    ;;
+4)
+    numa=(-smp 4 -m 2G)
+    for n in 0 1 2 3; do
+        numa+=(-object "memory-backend-ram,id=m$n,size=512M" -numa "node,nodeid=$n,cpus=$n,memdev=m$n")
+    done
+    # numa_distances: near pairs 12, farther 20, far 30.
+    for d in 0,1,12 2,3,12 0,2,20 1,3,20 0,3,30 1,2,30; do
+        IFS=, read -r a b v <<<"$d"
+        numa+=(-numa "dist,src=$a,dst=$b,val=$v")
+    done
+    ;;
+*) die "NUMABOX_NODES must be 2 or 4, not ${NUMABOX_NODES}" ;;
+esac
 timeout -k 10 "$timeout_s" "${qemu[@]}" \
-    -accel "tcg,thread=$tcg_thread" -cpu "$cpu" -smp 2 -m 2G \
-    -object memory-backend-ram,id=m0,size=1G \
-    -object memory-backend-ram,id=m1,size=1G \
-    -numa node,nodeid=0,cpus=0,memdev=m0 \
-    -numa node,nodeid=1,cpus=1,memdev=m1 \
+    -accel "tcg,thread=$tcg_thread" -cpu "$cpu" "${numa[@]}" \
     -kernel "$kdir/vmlinuz" -initrd "$initrd" \
     -append "console=ttyS0 panic=-1 loglevel=5 no_timer_check" \
     -nographic -no-reboot \
