@@ -52,6 +52,8 @@ pub struct Vmm {
     /// A lazy restore is still loading memory in the background.
     loading: Arc<AtomicBool>,
     hooks: TestHooks,
+    /// The VM's disks, which `verify` reads.
+    disks: crate::devices::Disks,
 }
 
 /// The JSON body of a reply.
@@ -129,7 +131,14 @@ impl Vmm {
             chain: Mutex::new(chain),
             loading,
             hooks,
+            disks: Default::default(),
         }
+    }
+
+    /// The same, with handles on the VM's disks (for `verify`).
+    pub fn with_disks(mut self, disks: crate::devices::Disks) -> Vmm {
+        self.disks = disks;
+        self
     }
 
     /// The VM.
@@ -262,7 +271,10 @@ impl Vmm {
                 let _: Value = body(b)?;
                 let _op = self.operation()?;
                 let p = vm.pause().map_err(|e| ApiError::from(&e))?;
-                let report = crate::guest::verify::verify(&vm.memory());
+                // Paused, the devices are quiesced: the disks hold still.
+                let read =
+                    |disk: usize, offset: u64, buf: &mut [u8]| self.disks.read(disk, offset, buf);
+                let report = crate::guest::verify::verify(&vm.memory(), &read);
                 vm.resume(p).map_err(|e| ApiError::from(&e))?;
                 json(report)
             }
