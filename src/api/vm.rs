@@ -164,6 +164,9 @@ pub struct DiskVerifyReport {
     /// The block of the write in flight when the VM paused, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub in_flight_block: Option<u64>,
+    /// Read slots (guest memory only the device writes) checked against
+    /// the block read into them.
+    pub slots_checked: u64,
 }
 
 /// One chunk of guest memory (`GET /api/v1/debug.memory-map`): where its

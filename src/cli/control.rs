@@ -131,8 +131,8 @@ pub fn verify(o: &ApiOpts) -> CliResult {
         };
         if let Some(d) = &r.disk {
             t += &format!(
-                "\n  disk 0: {} blocks checked ({} written by the guest); the guest completed {} requests ({} writes, {} read-backs), {} I/O errors, {} bad read-backs",
-                d.blocks_checked, d.blocks_written, d.requests, d.writes, d.reads, d.io_errors, d.guest_errors
+                "\n  disk 0: {} blocks checked ({} written by the guest), {} read slots checked; the guest completed {} requests ({} writes, {} read-backs), {} I/O errors, {} bad read-backs",
+                d.blocks_checked, d.blocks_written, d.slots_checked, d.requests, d.writes, d.reads, d.io_errors, d.guest_errors
             );
         }
         for v in &r.violations {

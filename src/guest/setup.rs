@@ -822,4 +822,41 @@ mod tests {
         m.write_u64(DISK_CONTROL_ADDR + ctl::ERRORS, 2).unwrap();
         assert!(problem(&disk).contains("read back 2 block(s)"));
     }
+
+    #[test]
+    fn verify_checks_the_read_slots_the_guest_vouched_for_and_skips_the_others() {
+        use program::disk::{area, block_image, ctl, BLOCK_BYTES};
+        let (m, disk, run) = written_disk_guest();
+        let slot = |i: u64| DISK_AREA_ADDR + area::READ_BUF + i * BLOCK_BYTES;
+        let meta = |i: u64| DISK_CONTROL_ADDR + ctl::SLOTS + i * 16;
+        // Slot 3 holds block 2 (tag 3) as the device read it; slot 5 is
+        // being read (tag 0) and holds the poison.
+        m.write_bytes(slot(3), &block_image(2, 3, run)).unwrap();
+        m.write_u64(meta(3), 2).unwrap();
+        m.write_u64(meta(3) + 8, 3).unwrap();
+        m.write_u64(meta(5), 1).unwrap();
+        m.write_u64(slot(5), u64::MAX).unwrap();
+        let r = verify_with(&m, &disk);
+        assert!(r.ok, "{r:?}");
+        assert_eq!(r.disk.unwrap().slots_checked, 1);
+        // A device write to the slot lost (the page as it was before the
+        // read: the poison at its start).
+        m.write_u64(slot(3), u64::MAX).unwrap();
+        let r = verify_with(&m, &disk);
+        assert!(!r.ok && r.violation_count == 1, "{r:?}");
+        assert!(
+            r.violations[0]
+                .problem
+                .contains("read slot 3 no longer holds block 2"),
+            "{r:?}"
+        );
+        // A slot naming a tag the guest never issued.
+        m.write_bytes(slot(3), &block_image(2, 3, run)).unwrap();
+        m.write_u64(meta(3) + 8, 9).unwrap();
+        let r = verify_with(&m, &disk);
+        assert!(
+            !r.ok && r.violations[0].problem.contains("never wrote"),
+            "{r:?}"
+        );
+    }
 }

@@ -10,8 +10,10 @@
 //! Disk (`builtin:disk`, `disk`): every block the guest's table records
 //! holds exactly what the guest wrote with that tag (or with the tag of
 //! the one write in flight), no block the table records nothing for holds
-//! a block of this run, the guest never read a block back otherwise than
-//! it wrote it, and the device answered no request with an error.
+//! a block of this run, every read slot the guest vouched for still holds
+//! the block the device read into it (memory only the device wrote), the
+//! guest never read a block back otherwise than it wrote it, and the
+//! device answered no request with an error.
 //!
 //! Callers must make sure no vCPU runs and no device writes during the
 //! walk (a paused VM: its devices are quiesced).
@@ -144,6 +146,7 @@ fn check_disk(memory: &GuestMemory, w: &mut Walk, disk: ReadDisk<'_>) {
         io_errors: ioerrs,
         guest_errors: errors,
         in_flight_block: (in_tag != 0).then_some(in_block),
+        slots_checked: 0,
     };
     if state == dp::FAILED {
         let why = dp::Failure::from_code(fail)
@@ -227,7 +230,66 @@ fn check_disk(memory: &GuestMemory, w: &mut Walk, disk: ReadDisk<'_>) {
         }
         b0 += n;
     }
+    check_slots(memory, w, &mut r, blocks, run, last_tag);
     w.report.disk = Some(r);
+}
+
+/// Each read slot the guest vouched for still holds the block the device
+/// read into it.
+fn check_slots(
+    memory: &GuestMemory,
+    w: &mut Walk,
+    r: &mut DiskVerifyReport,
+    blocks: u64,
+    run: u64,
+    last_tag: u64,
+) {
+    for slot in 0..dp::READ_SLOTS {
+        let meta = DISK_CONTROL_ADDR + ctl::SLOTS + slot * 16;
+        let page = super::setup::DISK_AREA_ADDR + area::READ_BUF + slot * BLOCK_BYTES;
+        let (Some(b), Some(tag)) = (memory.read_u64(meta), memory.read_u64(meta + 8)) else {
+            w.fail(
+                Some(0),
+                meta,
+                "the disk guest's read slots are not in guest memory".into(),
+            );
+            return;
+        };
+        if tag == 0 {
+            continue;
+        }
+        if b >= blocks || tag > last_tag {
+            w.fail(
+                Some(0),
+                meta,
+                format!(
+                    "read slot {slot} records block {b} tag {tag}, which the guest never wrote"
+                ),
+            );
+            continue;
+        }
+        let mut data = Vec::with_capacity(BLOCK_BYTES as usize);
+        for i in 0..BLOCK_BYTES / 8 {
+            match memory.read_u64(page + i * 8) {
+                Some(v) => data.extend_from_slice(&v.to_le_bytes()),
+                None => {
+                    w.fail(Some(0), page, "a read slot is not in guest memory".into());
+                    return;
+                }
+            }
+        }
+        r.slots_checked += 1;
+        let want = dp::block_image(b, tag, run);
+        if let Some(at) = want.iter().zip(&data).position(|(x, y)| x != y) {
+            w.fail(
+                Some(0),
+                page + at as u64,
+                format!(
+                    "read slot {slot} no longer holds block {b} (tag {tag}) as the device read it into memory and the guest checked it, from byte {at} on: a device write to memory was lost"
+                ),
+            );
+        }
+    }
 }
 
 /// Where the table is: the host put it there and the guest never moves it.

@@ -74,8 +74,12 @@ pub mod ctl {
     pub const ERR_FOUND: u64 = 192;
     /// The disk's capacity in 512-byte sectors, as the guest read it.
     pub const CAPACITY: u64 = 200;
+    /// Per read slot (16 bytes each): the block it holds and that block's
+    /// tag, once the guest found it as the table says (tag 0: being read,
+    /// a block never written, or one that did not match).
+    pub const SLOTS: u64 = 0x100;
     /// Bytes of the control data.
-    pub const SIZE: u64 = 208;
+    pub const SIZE: u64 = SLOTS + 16 * super::READ_SLOTS;
 }
 
 /// Offsets in the disk area (each page-aligned part its own page).
@@ -92,10 +96,12 @@ pub mod area {
     pub const STATUS: u64 = 0x1010;
     /// The block written.
     pub const WRITE_BUF: u64 = 0x2000;
-    /// The block read back.
+    /// The read slots, one page each: read-back `i` lands in slot
+    /// `i % READ_SLOTS`, and stays there (only the device writes it) until
+    /// the slot's next read.
     pub const READ_BUF: u64 = 0x3000;
     /// Bytes before the table, which follows the area.
-    pub const SIZE: u64 = 0x4000;
+    pub const SIZE: u64 = READ_BUF + super::READ_SLOTS * super::BLOCK_BYTES;
 }
 
 /// [`ctl::STATE`]: the driver set the device up and runs its loop.
@@ -155,6 +161,11 @@ pub const QUEUE_SIZE: u16 = 8;
 pub const BLOCK_BYTES: u64 = 4096;
 /// Every this many requests, one is a read-back.
 pub const READ_EVERY: u64 = 4;
+/// Pages the read-backs land in, in turn. What the device read stays in
+/// memory that only the device writes, so `verify` can tell a device write
+/// a move or checkpoint lost (the guest compares a block right after it
+/// lands, before most moves could lose it).
+pub const READ_SLOTS: u64 = 16;
 /// First word of every block the guest writes ("VMHOPBLK").
 pub const BLOCK_MAGIC: u64 = u64::from_le_bytes(*b"VMHOPBLK");
 /// Words of a block's header: magic, block number, tag, vCPU, run nonce.
@@ -241,8 +252,9 @@ const CONFIG_CAPACITY: u32 = 0x100;
 ///
 /// Registers: rdi = its vCPU block; rbp = control data; rbx = the MMIO
 /// window; r13 = the area; r14 = the table; r15 = blocks used; r8 = 1 for
-/// a write, 0 for a read; r9 = the block; r10 = its tag; r12 = requests
-/// since the last PACE.
+/// a write, 0 for a read; r9 = the block; r10 = its tag; rsi = its buffer
+/// (kept from before the request to after it); r12 = requests since the
+/// last PACE.
 pub fn program(base: u64, ctl_addr: u64) -> Result<Vec<u8>, IcedError> {
     let mut a = CodeAssembler::new(64)?;
     let mut fail = a.create_label();
@@ -372,6 +384,8 @@ pub fn program(base: u64, ctl_addr: u64) -> Result<Vec<u8>, IcedError> {
     a.xor(edx, edx)?;
     a.div(qword_ptr(rbp + ctl::READ_EVERY as i32))?;
     a.mov(r8, rdx)?;
+    // The quotient numbers the read-backs: it picks the read slot.
+    a.mov(r11, rax)?;
     // The block: the LCG's high bits modulo the blocks used.
     a.mov(rax, qword_ptr(rbp + ctl::RNG as i32))?;
     a.mov(rcx, 6_364_136_223_846_793_005u64)?;
@@ -415,10 +429,17 @@ pub fn program(base: u64, ctl_addr: u64) -> Result<Vec<u8>, IcedError> {
     a.mov(word_ptr(r13 + (area::DESC + 16 + 12) as i32), F_NEXT)?;
     a.jmp(submit)?;
 
-    // A read: poison the buffer's ends, so a read the device never wrote
-    // (or whose write to memory was lost) cannot pass for the block.
+    // A read into the next slot: forget what the slot held, then poison
+    // its ends, so a read the device never wrote (or whose write to memory
+    // was lost) cannot pass for the block.
     a.set_label(&mut prep_read)?;
-    a.lea(rsi, qword_ptr(r13 + area::READ_BUF as i32))?;
+    a.mov(rax, r11)?;
+    a.and(eax, (READ_SLOTS - 1) as u32)?;
+    a.shl(eax, 4)?;
+    a.mov(qword_ptr(rbp + rax + ctl::SLOTS as i32), r9)?;
+    a.mov(qword_ptr(rbp + rax + (ctl::SLOTS + 8) as i32), 0)?;
+    a.shl(eax, 8)?;
+    a.lea(rsi, qword_ptr(r13 + rax + area::READ_BUF as i32))?;
     a.mov(qword_ptr(rsi), -1)?;
     a.mov(qword_ptr(rsi + (BLOCK_BYTES - 8) as i32), -1)?;
     a.mov(dword_ptr(r13 + area::HEADER as i32), T_IN)?;
@@ -497,7 +518,6 @@ pub fn program(base: u64, ctl_addr: u64) -> Result<Vec<u8>, IcedError> {
     a.set_label(&mut check_read)?;
     a.inc(qword_ptr(rbp + ctl::READS as i32))?;
     a.mov(r10, qword_ptr(r14 + r9 * 8))?;
-    a.lea(rsi, qword_ptr(r13 + area::READ_BUF as i32))?;
     a.test(r10, r10)?;
     a.jz(unwritten)?;
     a.mov(rax, BLOCK_MAGIC)?;
@@ -522,6 +542,12 @@ pub fn program(base: u64, ctl_addr: u64) -> Result<Vec<u8>, IcedError> {
     a.add(rdx, 8)?;
     a.cmp(rdx, r11)?;
     a.jb(check_fill)?;
+    // The slot holds block r9 with tag r10, from now until its next read.
+    a.mov(rax, rsi)?;
+    a.sub(rax, r13)?;
+    a.sub(rax, area::READ_BUF as i32)?;
+    a.shr(rax, 8)?;
+    a.mov(qword_ptr(rbp + rax + (ctl::SLOTS + 8) as i32), r10)?;
     a.jmp(complete)?;
     // Never written in this run: it must not hold a block of this run.
     a.set_label(&mut unwritten)?;
