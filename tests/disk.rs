@@ -13,10 +13,15 @@
 //! (the block format is in docs/test-device.md), so a verify that checked
 //! nothing could not pass them.
 //!
+//! Host migration with shared storage: today the destination, on the same
+//! host, cannot open the image the source still holds locked, so the
+//! migration is refused and the source runs on with its disk intact; the
+//! test pins that down until shared storage (open early without the lock,
+//! take it at the switch) and `--copy-storage` land.
+//!
 //! Not here yet: checkpoints and restores of a disk guest — a restore must
 //! give the disk back as it was, which is the checkpoint chain's work
-//! (issue 20), not landed when these were written; host migration with
-//! disks likewise.
+//! (issue 20, branch disk-chain), not on main when these were written.
 
 mod common;
 
@@ -217,7 +222,8 @@ fn a_paused_disk_guest_leaves_its_disk_alone_and_goes_on_after_resume() {
 fn after_thousands_of_requests_over_a_few_blocks_every_block_holds_its_last_write() {
     let dir = image_dir();
     let img = image(dir.path(), "disk.img", IMAGE_BYTES);
-    let vm = disk_vm(&img, "", ",blocks=64", &["--memory", "64M"]);
+    // size= names the part of the disk used in bytes: 64 blocks.
+    let vm = disk_vm(&img, "", ",size=256K", &["--memory", "64M"]);
     let d = {
         let deadline = Instant::now() + 4 * PROGRESS_WAIT;
         loop {
@@ -237,8 +243,9 @@ fn after_thousands_of_requests_over_a_few_blocks_every_block_holds_its_last_writ
     // ~3000 writes over 64 blocks: every block was written, most many times.
     assert_eq!(field(&d, "blocks_written"), 64, "{d}");
     assert!(field(&d, "reads") > 500, "{d}");
-    // Every read-back found a written block: each slot holds one.
-    assert_eq!(field(&d, "slots_checked"), 16, "{d}");
+    // Every read-back found a written block: each slot holds one, but for
+    // the slot of a read the pause found in flight.
+    assert!(field(&d, "slots_checked") >= 15, "{d}");
     vm.cli_ok(&["pause"]);
     let d = assert_disk_verifies(&vm, "paused");
     let tagged = tagged_blocks(&img);
@@ -469,4 +476,37 @@ fn numa_moves_in_every_mode_keep_what_the_device_wrote() {
     assert_eq!(vm.state(), "running");
     let (_, r) = verify(&vm);
     assert!(field(&r, "pages_checked") > 0, "{r}");
+}
+
+/// A migration to a destination on this host, which opens the same image
+/// path (shared storage): the destination cannot take the image's lock
+/// while the source holds it, so the migration fails naming the image, the
+/// source runs on with memory and disk consistent, and the destination
+/// keeps waiting for a source.
+#[test]
+fn a_migration_whose_destination_cannot_lock_the_shared_image_leaves_the_source_running_with_its_disk(
+) {
+    let dir = image_dir();
+    let img = image(dir.path(), "shared.img", IMAGE_BYTES);
+    let addr = format!("unix:{}", path_str(&dir.path().join("m.sock")));
+    let dst = Vm::start(&["--incoming", &addr]);
+    let src = disk_vm(&img, "", ",blocks=64", &["--vcpus", "2", "--memory", "64M"]);
+    let before = field(
+        &wait_disk_requests_above(&src, 50, "before the migration"),
+        "requests",
+    );
+    let out = src.cli(&["migrate", "--to", &addr, "--json"]);
+    assert_eq!(out.code, Some(1), "{}", out.describe());
+    assert_one_line_error(&out, "a migration refused by the destination");
+    assert!(
+        out.stderr.contains(path_str(&img)) && out.stderr.contains("locked"),
+        "{}",
+        out.describe()
+    );
+    assert_eq!(src.state(), "running", "{}", src.logs());
+    wait_disk_requests_above(&src, before, "after the refused migration");
+    let d = assert_disk_verifies(&src, "after the refused migration");
+    assert!(field(&d, "slots_checked") > 0, "{d}");
+    assert_eq!(dst.status()["state"], "incoming", "{}", dst.logs());
+    assert_blocks_in_place(&img, "after the refused migration");
 }

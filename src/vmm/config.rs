@@ -311,6 +311,9 @@ impl DiskConfig {
 /// block, 2 MiB) must fit in guest memory beside its work.
 pub const MAX_DISK_GUEST_BLOCKS: u64 = 1 << 18;
 
+/// Bytes of one of `builtin:disk`'s blocks.
+const DISK_GUEST_BLOCK: u64 = 4096;
+
 fn parse_rate(v: &str) -> Result<u64, ConfigError> {
     let r: u64 = v.parse().map_err(|_| {
         ConfigError::Invalid(format!(
@@ -343,7 +346,7 @@ pub enum GuestSpec {
         /// zero-page skipping does not flatter benchmarks.
         fill_random: bool,
     },
-    /// `builtin:disk[,blocks=N][,rate=PER_S]`: vCPU 0 drives the first
+    /// `builtin:disk[,size=SIZE|blocks=N][,rate=PER_S]`: vCPU 0 drives the first
     /// disk (tagged 4 KiB writes, read-backs), the others sweep memory as
     /// `builtin:dirty` does.
     Disk {
@@ -361,7 +364,7 @@ impl GuestSpec {
     pub fn parse(s: &str) -> Result<GuestSpec, ConfigError> {
         let rest = s.strip_prefix("builtin:").ok_or_else(|| {
             ConfigError::Invalid(format!(
-                "--guest {s}: expected builtin:idle, builtin:dirty[,wss=SIZE][,rate=N] or builtin:disk[,blocks=N][,rate=N]"
+                "--guest {s}: expected builtin:idle, builtin:dirty[,wss=SIZE][,rate=N] or builtin:disk[,size=SIZE][,blocks=N][,rate=N]"
             ))
         })?;
         let mut parts = rest.split(',');
@@ -412,9 +415,24 @@ impl GuestSpec {
                             }
                             blocks = Some(n)
                         }
+                        // The same as blocks=, in bytes: the part of the
+                        // disk the guest uses.
+                        Some(("size", v)) => {
+                            let bytes = parse_size(v).map_err(|e| {
+                                ConfigError::Invalid(format!("--guest: size: {e}"))
+                            })?;
+                            let n = bytes / DISK_GUEST_BLOCK;
+                            if bytes % DISK_GUEST_BLOCK != 0 || n == 0 || n > MAX_DISK_GUEST_BLOCKS {
+                                return Err(ConfigError::Invalid(format!(
+                                    "--guest: size={v} is not a multiple of 4 KiB from 4K to {}",
+                                    crate::util::format_size(MAX_DISK_GUEST_BLOCKS * DISK_GUEST_BLOCK)
+                                )));
+                            }
+                            blocks = Some(n)
+                        }
                         Some(("rate", v)) => rate = Some(parse_rate(v)?),
                         _ => return Err(ConfigError::Invalid(format!(
-                            "--guest: unknown option '{kv}' for builtin:disk (expected blocks=N, rate=N)"
+                            "--guest: unknown option '{kv}' for builtin:disk (expected size=SIZE, blocks=N, rate=N)"
                         ))),
                     }
                 }
@@ -540,7 +558,24 @@ mod tests {
                 rate: None
             }
         );
-        for bad in ["blocks=0", "blocks=262145", "blocks=x", "rate=0", "wss=1M"] {
+        assert_eq!(
+            GuestSpec::parse("builtin:disk,size=1M").unwrap(),
+            GuestSpec::Disk {
+                blocks: Some(256),
+                rate: None
+            }
+        );
+        for bad in [
+            "blocks=0",
+            "blocks=262145",
+            "blocks=x",
+            "rate=0",
+            "wss=1M",
+            "size=0",
+            "size=6K",
+            "size=2G",
+            "size=x",
+        ] {
             assert!(
                 GuestSpec::parse(&format!("builtin:disk,{bad}")).is_err(),
                 "{bad}"
