@@ -30,6 +30,7 @@ fn scenarios() -> Vec<Scenario> {
     all.extend(harness::restore::scenarios());
     all.extend(harness::numa::scenarios());
     all.extend(harness::migration::scenarios());
+    all.extend(harness::disk::scenarios());
     all.into_iter()
         .map(|s| {
             if SCALED.contains(&s.name) {

@@ -5,6 +5,15 @@
 //! migrations into a new process — with `verify` after every step and the
 //! guest's progress checked to continue.
 //!
+//! Beside it runs a `builtin:disk` guest (2 vCPUs, two guest nodes, a raw
+//! image in the run's directory): its steps are NUMA moves in every mode
+//! and pause/resume, each followed by `verify` of its memory and disk (every
+//! block it uses, its read slots, no I/O error) and its progress checked to
+//! move on. Disk guests take no checkpoint, restore or migration steps yet:
+//! a checkpoint does not hold the disk until the disk chain lands, and a
+//! migration's destination on this host cannot lock the image the source
+//! holds until shared storage does (tests/disk.rs pins that down).
+//!
 //! "Continue" depends on the step. The guest's `progress` counter lives in
 //! guest memory, so:
 //! - after a checkpoint, NUMA move or pause/resume it never goes back and
@@ -45,6 +54,22 @@ const VM_ARGS: &[&str] = &[
     "--guest",
     "builtin:dirty",
 ];
+
+/// The disk guest beside it (its `--disk` is added at start).
+const DISK_VM_ARGS: &[&str] = &[
+    "--vcpus",
+    "2",
+    "--numa",
+    "guest-node=0,size=32M,host-node=0",
+    "--numa",
+    "guest-node=1,size=32M,host-node=0",
+    "--guest",
+    "builtin:disk,size=1M",
+];
+
+/// The disk guest's image (its guest uses the first 1 MiB: 256 blocks,
+/// so its read-backs mostly find blocks it wrote).
+const DISK_IMAGE_BYTES: u64 = 16 << 20;
 
 /// Bound for a running guest to show progress, or a lazy restore to load.
 const PROGRESS_WAIT: Duration = Duration::from_secs(10);
@@ -89,6 +114,19 @@ enum Op {
     PauseResume,
     Merge,
     Migrate,
+    DiskNumaLive,
+    DiskNumaStopCopy,
+    DiskNumaKernel,
+    DiskPauseResume,
+}
+
+/// Which of the run's two VMs a step acts on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Which {
+    /// The `builtin:dirty` guest that every operation moves.
+    Dirty,
+    /// The `builtin:disk` guest.
+    Disk,
 }
 
 /// Each operation with its weight in the random mix.
@@ -103,6 +141,10 @@ const MIX: &[(Op, u64)] = &[
     (Op::PauseResume, 3),
     (Op::Merge, 2),
     (Op::Migrate, 2),
+    (Op::DiskNumaLive, 1),
+    (Op::DiskNumaStopCopy, 1),
+    (Op::DiskNumaKernel, 1),
+    (Op::DiskPauseResume, 1),
 ];
 
 fn choose(rng: &mut Rng) -> Op {
@@ -144,6 +186,11 @@ type Violation = String;
 struct Soak {
     root: tempfile::TempDir,
     vm: Vm,
+    /// The disk guest, and the lowest progress it may show now.
+    disk: Vm,
+    disk_floor: u64,
+    /// The lowest count of completed disk requests its verify may show.
+    disk_requests: u64,
     /// The current checkpoint directory and the ones before it.
     dirs: Vec<PathBuf>,
     moments: Vec<Moment>,
@@ -182,9 +229,23 @@ impl Soak {
             .expect("create the soak directory");
         let vm = Vm::start(VM_ARGS);
         let first = vm.wait_progress_above(0, PROGRESS_WAIT);
+        // The image lives on the run's directory's file system (O_DIRECT
+        // needs one that takes it: not a tmpfs).
+        let image = root.path().join("disk.img");
+        std::fs::File::create(&image)
+            .and_then(|f| f.set_len(DISK_IMAGE_BYTES))
+            .expect("create the disk guest's image");
+        let disk_arg = format!("path={}", path_str(&image));
+        let mut args = DISK_VM_ARGS.to_vec();
+        args.extend_from_slice(&["--disk", &disk_arg]);
+        let disk = Vm::start(&args);
+        let disk_floor = disk.wait_progress_above(0, PROGRESS_WAIT);
         let mut s = Soak {
             root,
             vm,
+            disk,
+            disk_floor,
+            disk_requests: 0,
             dirs: Vec::new(),
             moments: Vec::new(),
             previous: Previous::None,
@@ -215,12 +276,29 @@ impl Soak {
 
     /// The guest's progress, which must not be below the floor.
     fn progress(&self, when: &str) -> Result<u64, Violation> {
-        let p = self.vm.progress();
-        ensure(p >= self.floor, || {
-            format!(
-                "{when}: progress went back to {p}, below {} seen before",
-                self.floor
-            )
+        self.progress_of(Which::Dirty, when)
+    }
+
+    fn vm_of(&self, w: Which) -> &Vm {
+        match w {
+            Which::Dirty => &self.vm,
+            Which::Disk => &self.disk,
+        }
+    }
+
+    fn floor_of(&self, w: Which) -> u64 {
+        match w {
+            Which::Dirty => self.floor,
+            Which::Disk => self.disk_floor,
+        }
+    }
+
+    /// `w`'s guest's progress, which must not be below its floor.
+    fn progress_of(&self, w: Which, when: &str) -> Result<u64, Violation> {
+        let p = self.vm_of(w).progress();
+        let floor = self.floor_of(w);
+        ensure(p >= floor, || {
+            format!("{when}: {w:?} guest's progress went back to {p}, below {floor} seen before")
         })?;
         Ok(p)
     }
@@ -228,9 +306,14 @@ impl Soak {
     /// Runs a client command, retrying while a lazy restore still loads
     /// (pause, resume, verify and NUMA moves answer 409 meanwhile).
     fn cli_when_loaded(&self, args: &[&str]) -> CmdOutput {
+        self.cli_when_loaded_on(Which::Dirty, args)
+    }
+
+    /// [`Self::cli_when_loaded`] on `w`.
+    fn cli_when_loaded_on(&self, w: Which, args: &[&str]) -> CmdOutput {
         let deadline = Instant::now() + PROGRESS_WAIT;
         loop {
-            let out = self.vm.cli(args);
+            let out = self.vm_of(w).cli(args);
             let busy = out.code == Some(1)
                 && (out.stderr.contains("in progress") || out.stderr.contains("being loaded"));
             if !busy || Instant::now() >= deadline {
@@ -247,6 +330,66 @@ impl Soak {
             r["ok"] == true && r["pages_checked"].as_u64().unwrap_or(0) > 0,
             || format!("{when}: verify: {r}\n{}", self.vm.logs()),
         )
+    }
+
+    /// The disk guest's verify: memory and every block it uses consistent,
+    /// no I/O error, no bad read-back, its completed disk requests not
+    /// below the floor; returns them.
+    fn verify_disk(&self, when: &str) -> Result<u64, Violation> {
+        let out = self.disk.cli(&["verify", "--json"]);
+        let r = report(&out, &format!("{when}: verify of the disk guest"))?;
+        let d = &r["disk"];
+        let blocks = d["blocks"].as_u64().unwrap_or(0);
+        ensure(
+            r["ok"] == true
+                && r["pages_checked"].as_u64().unwrap_or(0) > 0
+                && blocks > 0
+                && d["blocks_checked"].as_u64() == Some(blocks)
+                && d["io_errors"] == 0
+                && d["guest_errors"] == 0,
+            || {
+                format!(
+                    "{when}: verify of the disk guest: {r}\n{}",
+                    self.disk.logs()
+                )
+            },
+        )?;
+        let requests = d["requests"].as_u64().unwrap_or(0);
+        ensure(requests >= self.disk_requests, || {
+            format!(
+                "{when}: the disk guest's requests went back to {requests}, below {} seen before",
+                self.disk_requests
+            )
+        })?;
+        Ok(requests)
+    }
+
+    /// The checks after a disk guest's step: running, memory and disk
+    /// consistent, moving on.
+    fn after_disk_step(&mut self) -> Result<String, Violation> {
+        let requests = self.verify_disk("after the step")?;
+        let state = self.disk.state();
+        ensure(state == "running", || {
+            format!("after the step the disk guest is {state}")
+        })?;
+        let p = self.progress_of(Which::Disk, "after the step")?;
+        let q = self.disk.wait_progress_above(p, PROGRESS_WAIT);
+        self.disk_floor = q;
+        // Progress counts the sweeping vCPU's pages too: the disk itself
+        // must move on.
+        let deadline = Instant::now() + PROGRESS_WAIT;
+        let more = loop {
+            let n = self.verify_disk("after the step, the disk moving on")?;
+            if n > requests {
+                break n;
+            }
+            ensure(Instant::now() < deadline, || {
+                format!("the disk guest stayed at {n} requests for {PROGRESS_WAIT:?}")
+            })?;
+            thread::sleep(Duration::from_millis(20));
+        };
+        self.disk_requests = more;
+        Ok(format!("disk guest progress {q}, disk requests {more}"))
     }
 
     /// The checks after every step: running, consistent, moving on.
@@ -278,14 +421,23 @@ impl Soak {
             Op::CheckpointIncremental => self.checkpoint(false)?,
             Op::RestoreLazy => self.restore(false)?,
             Op::RestoreEager => self.restore(true)?,
-            Op::NumaLive => self.numa("live")?,
-            Op::NumaStopCopy => self.numa("stop-copy")?,
-            Op::NumaKernel => self.numa("kernel")?,
-            Op::PauseResume => self.pause_resume()?,
+            Op::NumaLive => self.numa(Which::Dirty, "live")?,
+            Op::NumaStopCopy => self.numa(Which::Dirty, "stop-copy")?,
+            Op::NumaKernel => self.numa(Which::Dirty, "kernel")?,
+            Op::PauseResume => self.pause_resume(Which::Dirty)?,
             Op::Merge => self.merge()?,
             Op::Migrate => self.migrate()?,
+            Op::DiskNumaLive => self.numa(Which::Disk, "live")?,
+            Op::DiskNumaStopCopy => self.numa(Which::Disk, "stop-copy")?,
+            Op::DiskNumaKernel => self.numa(Which::Disk, "kernel")?,
+            Op::DiskPauseResume => self.pause_resume(Which::Disk)?,
         };
-        let after = self.after_step()?;
+        let after = match op {
+            Op::DiskNumaLive | Op::DiskNumaStopCopy | Op::DiskNumaKernel | Op::DiskPauseResume => {
+                self.after_disk_step()?
+            }
+            _ => self.after_step()?,
+        };
         Ok(format!("{what}; {after}"))
     }
 
@@ -385,49 +537,56 @@ impl Soak {
         Ok(())
     }
 
-    fn numa(&mut self, mode: &str) -> Result<String, Violation> {
-        self.wait_loaded()?;
+    fn numa(&mut self, w: Which, mode: &str) -> Result<String, Violation> {
+        if w == Which::Dirty {
+            self.wait_loaded()?;
+        }
         let guest_node = *self.rng.pick(&[None, Some("0"), Some("1")]);
         let mut args = vec!["numa-migrate", "--to-node", "0", "--mode", mode, "--json"];
         if let Some(g) = guest_node {
             args.extend_from_slice(&["--guest-node", g]);
         }
-        let before = self.progress("before the NUMA move")?;
-        let out = self.cli_when_loaded(&args);
+        let before = self.progress_of(w, "before the NUMA move")?;
+        let out = self.cli_when_loaded_on(w, &args);
         let r = report(&out, "numa-migrate")?;
         ensure(r["mode"] == mode, || format!("NUMA move report: {r}"))?;
-        let s = self.vm.status();
+        let s = self.vm_of(w).status();
         let on0 = s["numa"]
             .as_array()
             .is_some_and(|n| n.len() == 2 && n.iter().all(|g| g["host_node"] == 0));
         ensure(on0, || format!("after the NUMA move: {s}"))?;
         Ok(format!(
-            "NUMA move {mode} of guest node {} from progress {before}: {} pages, downtime {} µs",
+            "NUMA move {mode} of the {w:?} guest's node {} from progress {before}: {} pages, downtime {} µs",
             guest_node.unwrap_or("all"),
             r["pages_moved"],
             r["downtime_us"]
         ))
     }
 
-    fn pause_resume(&mut self) -> Result<String, Violation> {
-        let out = self.cli_when_loaded(&["pause"]);
+    fn pause_resume(&mut self, w: Which) -> Result<String, Violation> {
+        let out = self.cli_when_loaded_on(w, &["pause"]);
         ensure(out.code == Some(0), || {
             format!("pause failed\n{}", out.describe())
         })?;
-        let state = self.vm.state();
+        let state = self.vm_of(w).state();
         ensure(state == "paused", || {
-            format!("after pause the VM is {state}")
+            format!("after pause the {w:?} guest's VM is {state}")
         })?;
-        let p = self.progress("paused")?;
-        self.verify("paused")?;
+        let p = self.progress_of(w, "paused")?;
+        match w {
+            Which::Dirty => self.verify("paused")?,
+            Which::Disk => self.verify_disk("paused").map(|_| ())?,
+        }
         thread::sleep(Duration::from_millis(20));
-        let q = self.progress("still paused")?;
-        ensure(p == q, || format!("a paused guest moved from {p} to {q}"))?;
-        let out = self.cli_when_loaded(&["resume"]);
+        let q = self.progress_of(w, "still paused")?;
+        ensure(p == q, || {
+            format!("a paused {w:?} guest moved from {p} to {q}")
+        })?;
+        let out = self.cli_when_loaded_on(w, &["resume"]);
         ensure(out.code == Some(0), || {
             format!("resume failed\n{}", out.describe())
         })?;
-        Ok(format!("pause at {p}, verify, resume"))
+        Ok(format!("pause of the {w:?} guest at {p}, verify, resume"))
     }
 
     fn merge(&mut self) -> Result<String, Violation> {
@@ -562,6 +721,7 @@ fn a_random_mix_of_every_operation_keeps_the_guest_consistent_and_moving() {
                 let _ = writeln!(text, "step {n}: {op:?} ({ms} ms): FAILED");
                 let _ = writeln!(text, "--- violation ---\n{why}");
                 let _ = writeln!(text, "--- VM logs ---\n{}", soak.vm.logs());
+                let _ = writeln!(text, "--- disk guest's VM logs ---\n{}", soak.disk.logs());
                 eprintln!("{text}");
                 panic!("soak violation at step {n} ({op:?}), seed {seed}: see the history above");
             }

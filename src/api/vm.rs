@@ -141,6 +141,37 @@ pub struct VerifyReport {
     pub violation_count: u64,
     /// The first violations.
     pub violations: Vec<Violation>,
+    /// What was checked on the disk guest's disk (`builtin:disk` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk: Option<DiskVerifyReport>,
+}
+
+/// What `verify` checked on the disk `builtin:disk` drives, and the guest's
+/// own counters.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DiskVerifyReport {
+    /// Blocks (4 KiB, from block 0) the guest uses.
+    pub blocks: u64,
+    /// Blocks read from the disk and checked against the guest's table.
+    pub blocks_checked: u64,
+    /// Of those, blocks the table records a write to.
+    pub blocks_written: u64,
+    /// Requests the guest completed, whatever their status.
+    pub requests: u64,
+    /// Writes completed OK.
+    pub writes: u64,
+    /// Read-backs completed OK.
+    pub reads: u64,
+    /// Requests the device answered with an error status.
+    pub io_errors: u64,
+    /// Blocks the guest read back otherwise than it wrote them.
+    pub guest_errors: u64,
+    /// The block of the write in flight when the VM paused, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub in_flight_block: Option<u64>,
+    /// Read slots (guest memory only the device writes) checked against
+    /// the block read into them.
+    pub slots_checked: u64,
 }
 
 /// One chunk of guest memory (`GET /api/v1/debug.memory-map`): where its

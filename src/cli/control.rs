@@ -118,13 +118,23 @@ pub fn verify(o: &ApiOpts) -> CliResult {
     let r: VerifyReport = request(o, Endpoint::Verify, NO_BODY, Some(QUICK_TIMEOUT))?;
     render(o.json, &r, |r| {
         let mut t = if r.ok {
-            format!("ok: {} pages checked, memory consistent", r.pages_checked)
+            format!(
+                "ok: {} pages checked, memory {}consistent",
+                r.pages_checked,
+                if r.disk.is_some() { "and disk " } else { "" }
+            )
         } else {
             format!(
                 "FAILED: {} violations in {} pages checked",
                 r.violation_count, r.pages_checked
             )
         };
+        if let Some(d) = &r.disk {
+            t += &format!(
+                "\n  disk 0: {} blocks checked ({} written by the guest), {} read slots checked; the guest completed {} requests ({} writes, {} read-backs), {} I/O errors, {} bad read-backs",
+                d.blocks_checked, d.blocks_written, d.slots_checked, d.requests, d.writes, d.reads, d.io_errors, d.guest_errors
+            );
+        }
         for v in &r.violations {
             t += &format!(
                 "\n  {} {}: {}",

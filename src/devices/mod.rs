@@ -137,6 +137,38 @@ pub struct Devices {
     pub serial: Option<Arc<serial::SerialPort>>,
     /// Bytes the guest has written to its console so far.
     pub console_bytes: Arc<AtomicU64>,
+    /// The disks, in `--disk` order.
+    pub disks: Disks,
+}
+
+/// Handles on a VM's disks, in `--disk` order, for what vmhop itself reads
+/// from them (the host-side `verify`).
+#[derive(Clone, Default)]
+pub struct Disks(Vec<Arc<virtio::MmioTransport<virtio::block::Block>>>);
+
+impl Disks {
+    /// Reads `buf.len()` bytes of disk `disk` at byte `offset` from its
+    /// image. Read with the device quiesced (a paused VM) to see a stable
+    /// disk.
+    pub fn read(&self, disk: usize, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        let d = self.0.get(disk).ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("the VM has no disk {disk} (it has {})", self.0.len()),
+            )
+        })?;
+        let image = d.device().image();
+        image.read_at(offset, buf).map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!(
+                    "reading {} bytes of {} at {offset}: {e}",
+                    buf.len(),
+                    image.path().display()
+                ),
+            )
+        })
+    }
 }
 
 /// Builds the devices `config` needs; `saved` holds their states by type
@@ -211,6 +243,7 @@ pub fn build(
             max: crate::arch::x86_64::layout::MAX_VIRTIO_DEVICES,
         },
     )?;
+    let mut disks = Disks::default();
     for (disk, slot) in config.disks.iter().zip(machine) {
         let gsi = (!config.guest.is_builtin()).then_some(slot.gsi);
         let irqfd = virtio::mmio::irq_line(&mut set, &disk.id, gsi)?;
@@ -219,6 +252,7 @@ pub fn build(
             (disk.clone(), set.memory.clone(), irqfd),
             saved,
         )?;
+        disks.0.push(t.clone());
         virtio::mmio::plug(&mut set, slot.base, t)?;
     }
     reg.check_all_restored(saved)?;
@@ -227,6 +261,7 @@ pub fn build(
         set,
         serial: serial_port,
         console_bytes,
+        disks,
     })
 }
 

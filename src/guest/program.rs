@@ -1,5 +1,5 @@
 //! The builtin guests' machine code, assembled at build time of the VM with
-//! iced-x86's code assembler. Both programs run at CPL3 and never use a
+//! iced-x86's code assembler. Every program runs at CPL3 and never uses a
 //! stack. The only CPL0 code is the IDT's handlers: each reports its vector,
 //! error code and RIP to the test device and parks, so that an exception or
 //! a stray interrupt stops the VM with a reason instead of a triple fault.
@@ -12,6 +12,8 @@ use super::abi::{
     PORT_PACE_HELD, PORT_WAIT,
 };
 use super::setup::CONTROL_TSC_KHZ;
+
+pub mod disk;
 
 /// Offsets inside a per-vCPU block (see docs/test-device.md).
 pub mod block {
@@ -281,6 +283,7 @@ mod tests {
     #[test]
     fn programs_assemble() {
         assert!(dirty(0x10000, 0x11000).unwrap().len() > 40);
+        assert!(disk::program(0x18000, 0x3100).unwrap().len() > 200);
         assert!(idle(0x10000).unwrap().len() >= 5);
         for f in ["gp", "ud", "pf", "int=64"] {
             let f = TestFault::parse(f).unwrap();

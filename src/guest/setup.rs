@@ -33,6 +33,25 @@ pub const CODE_ADDR: u64 = 0x10000;
 pub const TEST_FAULT_ADDR: u64 = 0x11000;
 /// The IDT handlers (CPL0).
 pub const HANDLERS_ADDR: u64 = 0x12000;
+/// The disk guest's driver (vCPU 0 of `builtin:disk`).
+pub const DISK_CODE_ADDR: u64 = 0x18000;
+/// The disk guest's control data, in the control page.
+pub const DISK_CONTROL_ADDR: u64 = CONTROL_ADDR + 0x100;
+/// The disk guest's area (queue, buffers, then its table), at the start of
+/// what is the working set for the other guests.
+pub const DISK_AREA_ADDR: u64 = RESERVED_BYTES;
+/// The guest kinds, as the control page records them.
+pub mod kind {
+    /// `builtin:idle`.
+    pub const IDLE: u64 = 1;
+    /// `builtin:dirty`.
+    pub const DIRTY: u64 = 2;
+    /// `builtin:disk`.
+    pub const DISK: u64 = 3;
+}
+/// GiB the page tables map at least for the disk guest: the virtio-mmio
+/// windows sit in the MMIO hole below 4 GiB.
+const DISK_MAPPED_GIB: u64 = 4;
 /// First per-vCPU range table (one page each).
 pub const RANGES_ADDR: u64 = 0x20000;
 /// First per-vCPU exception stack (one page each, IST1 and RSP0 of its
@@ -90,6 +109,7 @@ const GATE_IST: u64 = 1;
 const _: () = assert!(IOMAP_ADDR + IOMAP_BYTES < CODE_ADDR);
 const _: () = assert!(GDT_ADDR + (GDT_FIXED_ENTRIES + 2 * MAX_VCPUS as u64) * 8 <= IDT_ADDR);
 const _: () = assert!(STACKS_ADDR + MAX_VCPUS as u64 * PAGE_SIZE <= PML4_ADDR);
+const _: () = assert!(DISK_CONTROL_ADDR + program::disk::ctl::SIZE <= CONTROL_ADDR + PAGE_SIZE);
 
 /// Writing the guest failed.
 #[derive(Debug, thiserror::Error)]
@@ -128,25 +148,60 @@ pub struct BootState {
     pub sregs: kvm_sregs,
 }
 
-/// Pages of each vCPU's slice, as (gpa, pages) ranges in sweep order.
+/// Bytes of the disk guest's area with a table of `blocks` entries.
+pub fn disk_area_bytes(blocks: u64) -> u64 {
+    program::disk::area::SIZE + (blocks * 8).div_ceil(PAGE_SIZE) * PAGE_SIZE
+}
+
+/// Entries of the disk guest's table: `blocks=N`, else the most.
+fn disk_table_cap(blocks: Option<u64>) -> u64 {
+    blocks
+        .unwrap_or(crate::vmm::config::MAX_DISK_GUEST_BLOCKS)
+        .min(crate::vmm::config::MAX_DISK_GUEST_BLOCKS)
+}
+
+/// Pages of each vCPU's slice, as (gpa, pages) ranges in sweep order. The
+/// disk guest's vCPU 0 has none: it drives the disk.
 pub fn slices(
     memory: &GuestMemory,
     spec: &GuestSpec,
     vcpus: u32,
 ) -> Result<Vec<Vec<(u64, u64)>>, SetupError> {
-    // Usable ranges per node: chunks merged, minus the reserved area.
+    match spec {
+        GuestSpec::Dirty { wss, .. } => sweep_slices(memory, RESERVED_BYTES, *wss, vcpus),
+        GuestSpec::Disk { blocks, .. } => {
+            let start = DISK_AREA_ADDR + disk_area_bytes(disk_table_cap(*blocks));
+            let mut out = vec![Vec::new()];
+            if vcpus > 1 {
+                out.extend(sweep_slices(memory, start, None, vcpus - 1)?);
+            }
+            Ok(out)
+        }
+        GuestSpec::Idle => Ok(vec![Vec::new(); vcpus as usize]),
+        GuestSpec::Linux(_) => Err(not_builtin()),
+    }
+}
+
+/// `vcpus` slices of the memory from `start` on (`wss` bytes of it, or all).
+fn sweep_slices(
+    memory: &GuestMemory,
+    start: u64,
+    wss: Option<u64>,
+    vcpus: u32,
+) -> Result<Vec<Vec<(u64, u64)>>, SetupError> {
+    // Usable ranges per node: chunks merged, minus what lies before start.
     let mut nodes: Vec<Vec<GuestRange>> = Vec::new();
     for n in &memory.nodes {
         let mut rs: Vec<GuestRange> = Vec::new();
         for c in &n.chunks {
             let mut r = c.range;
-            if r.end() <= RESERVED_BYTES {
+            if r.end() <= start {
                 continue;
             }
-            if r.start < RESERVED_BYTES {
+            if r.start < start {
                 r = GuestRange {
-                    start: RESERVED_BYTES,
-                    len: r.end() - RESERVED_BYTES,
+                    start,
+                    len: r.end() - start,
                 };
             }
             match rs.last_mut() {
@@ -161,9 +216,9 @@ pub fn slices(
         .map(|rs| rs.iter().map(|r| r.len / PAGE_SIZE).sum())
         .collect();
     let total: u64 = usable.iter().sum();
-    let want = match spec {
-        GuestSpec::Dirty { wss: Some(w), .. } => (w / PAGE_SIZE).min(total),
-        _ => total,
+    let want = match wss {
+        Some(w) => (w / PAGE_SIZE).min(total),
+        None => total,
     };
     if want < vcpus as u64 {
         return Err(SetupError::Layout(format!(
@@ -327,7 +382,7 @@ pub fn install(
     // IDT: every vector to its handler stub, at CPL0 on IST1.
     let (handlers, entries) =
         program::handlers(HANDLERS_ADDR).map_err(|e| SetupError::Assemble(e.to_string()))?;
-    if HANDLERS_ADDR + handlers.len() as u64 > RANGES_ADDR {
+    if HANDLERS_ADDR + handlers.len() as u64 > DISK_CODE_ADDR {
         return Err(SetupError::Assemble("the IDT handlers do not fit".into()));
     }
     memory
@@ -341,7 +396,11 @@ pub fn install(
 
     // Identity page tables with 2 MiB pages, user-accessible at every level.
     let top = memory.chunks().map(|c| c.range.end()).max().unwrap_or(0);
-    let gib = top.div_ceil(1 << 30);
+    let mut gib = top.div_ceil(1 << 30);
+    if let GuestSpec::Disk { .. } = spec {
+        // The disk's register window, in the MMIO hole, user-accessible too.
+        gib = gib.max(DISK_MAPPED_GIB);
+    }
     if gib > MAX_MAPPED_GIB {
         return Err(SetupError::Layout(format!(
             "guest memory ends at {top:#x}, above what the builtin guests map"
@@ -353,7 +412,9 @@ pub fn install(
     // Code.
     let code = match spec {
         GuestSpec::Idle => program::idle(CODE_ADDR),
-        GuestSpec::Dirty { .. } => program::dirty(CODE_ADDR, TEST_FAULT_ADDR),
+        GuestSpec::Dirty { .. } | GuestSpec::Disk { .. } => {
+            program::dirty(CODE_ADDR, TEST_FAULT_ADDR)
+        }
         GuestSpec::Linux(_) => return Err(not_builtin()),
     }
     .map_err(|e| SetupError::Assemble(e.to_string()))?;
@@ -373,18 +434,18 @@ pub fn install(
 
     // Control page and per-vCPU blocks and range tables.
     let kind = match spec {
-        GuestSpec::Idle => 1,
-        GuestSpec::Dirty { .. } => 2,
+        GuestSpec::Idle => kind::IDLE,
+        GuestSpec::Dirty { .. } => kind::DIRTY,
+        GuestSpec::Disk { .. } => kind::DISK,
         GuestSpec::Linux(_) => return Err(not_builtin()),
     };
     w(CONTROL_ADDR, CONTROL_MAGIC)?;
     w(CONTROL_ADDR + 8, kind)?;
     w(CONTROL_ADDR + 16, vcpus as u64)?;
-    let slices = match spec {
-        GuestSpec::Idle => vec![Vec::new(); vcpus as usize],
-        GuestSpec::Dirty { .. } => slices(memory, spec, vcpus)?,
-        GuestSpec::Linux(_) => return Err(not_builtin()),
-    };
+    if let GuestSpec::Disk { blocks, .. } = spec {
+        install_disk(memory, disk_table_cap(*blocks))?;
+    }
+    let slices = slices(memory, spec, vcpus)?;
     let mut boots = Vec::new();
     for (v, slice) in slices.iter().enumerate() {
         let blk = BLOCKS_ADDR + v as u64 * block::SIZE;
@@ -404,7 +465,11 @@ pub fn install(
             w(table + i as u64 * 16, gpa)?;
             w(table + i as u64 * 16 + 8, pages)?;
         }
-        boots.push(boot_state(v as u64, blk));
+        let entry = match (spec, v) {
+            (GuestSpec::Disk { .. }, 0) => DISK_CODE_ADDR,
+            _ => CODE_ADDR,
+        };
+        boots.push(boot_state(v as u64, blk, entry));
     }
     if let GuestSpec::Dirty {
         fill_random: true, ..
@@ -413,6 +478,54 @@ pub fn install(
         fill_random(memory, &slices);
     }
     Ok(boots)
+}
+
+/// Writes the disk guest's driver, its control data and its zeroed area
+/// with a table of `table_cap` entries.
+fn install_disk(memory: &GuestMemory, table_cap: u64) -> Result<(), SetupError> {
+    use program::disk::{self, area, ctl};
+    let code = disk::program(DISK_CODE_ADDR, DISK_CONTROL_ADDR)
+        .map_err(|e| SetupError::Assemble(e.to_string()))?;
+    if DISK_CODE_ADDR + code.len() as u64 > RANGES_ADDR {
+        return Err(SetupError::Assemble(
+            "the disk guest's code does not fit".into(),
+        ));
+    }
+    memory
+        .write_bytes(DISK_CODE_ADDR, &code)
+        .ok_or_else(|| SetupError::Layout("code does not fit".into()))?;
+    let bytes = disk_area_bytes(table_cap);
+    memory
+        .write_bytes(DISK_AREA_ADDR, &vec![0u8; bytes as usize])
+        .ok_or_else(|| {
+            SetupError::Layout(format!(
+                "builtin:disk needs {bytes} bytes of guest memory from {DISK_AREA_ADDR:#x} for its queue, buffers and table of {table_cap} blocks: give it more memory, or fewer blocks=N"
+            ))
+        })?;
+    let mmio = crate::arch::x86_64::layout::virtio_slots(1)
+        .and_then(|s| s.first().map(|s| s.base))
+        .ok_or_else(|| SetupError::Layout("the machine has no virtio window".into()))?;
+    // Fresh for each boot: a block an earlier run left on the disk is not
+    // one of this run's.
+    let nonce = crate::util::unix_ms() ^ u64::from(std::process::id()) << 40 | 1;
+    let fields = [
+        (ctl::MMIO, mmio),
+        (ctl::AREA, DISK_AREA_ADDR),
+        (ctl::TABLE, DISK_AREA_ADDR + area::SIZE),
+        (ctl::TABLE_CAP, table_cap),
+        (ctl::RUN, nonce),
+        (ctl::READ_EVERY, disk::READ_EVERY),
+        (ctl::RNG, nonce.rotate_left(17)),
+    ];
+    memory
+        .write_bytes(DISK_CONTROL_ADDR, &[0u8; ctl::SIZE as usize])
+        .ok_or_else(|| SetupError::Layout("the control page does not fit".into()))?;
+    for (at, v) in fields {
+        memory
+            .write_u64(DISK_CONTROL_ADDR + at, v)
+            .ok_or_else(|| SetupError::Layout("the control page does not fit".into()))?;
+    }
+    Ok(())
 }
 
 /// vCPU `v`'s TSS.
@@ -482,9 +595,9 @@ fn seg(selector: u16, type_: u8, long: bool) -> kvm_segment {
     }
 }
 
-fn boot_state(vcpu: u64, block_addr: u64) -> BootState {
+fn boot_state(vcpu: u64, block_addr: u64, entry: u64) -> BootState {
     let regs = kvm_regs {
-        rip: CODE_ADDR,
+        rip: entry,
         rdi: block_addr,
         // IOPL=3 so that `out`/`in` at CPL3 exit to the VMM; bit 1 is reserved-1.
         rflags: 0x3002,
@@ -595,5 +708,165 @@ mod tests {
         .unwrap();
         let pages: u64 = s.iter().flatten().map(|r| r.1).sum();
         assert_eq!(pages, 256);
+    }
+
+    #[test]
+    fn the_disk_guest_s_vcpu_0_drives_the_disk_and_the_others_sweep_after_its_area() {
+        let m = memory(&[64 << 20]);
+        let spec = GuestSpec::Disk {
+            blocks: Some(1000),
+            rate: None,
+        };
+        let boots = install(&m, &spec, 3, 0, None).unwrap();
+        assert_eq!(boots[0].regs.rip, DISK_CODE_ADDR);
+        assert!(boots[1..].iter().all(|b| b.regs.rip == CODE_ADDR));
+        let s = slices(&m, &spec, 3).unwrap();
+        assert!(s[0].is_empty(), "vCPU 0 sweeps nothing: {s:?}");
+        let area_end = DISK_AREA_ADDR + disk_area_bytes(1000);
+        assert_eq!(s[1][0].0, area_end);
+        let pages: u64 = s.iter().flatten().map(|r| r.1).sum();
+        assert_eq!(pages, ((64 << 20) - area_end) / PAGE_SIZE);
+        use program::disk::ctl;
+        let c = |at| m.read_u64(DISK_CONTROL_ADDR + at).unwrap();
+        assert_eq!(c(ctl::TABLE_CAP), 1000);
+        assert_eq!(c(ctl::TABLE), DISK_AREA_ADDR + program::disk::area::SIZE);
+        assert_eq!(c(ctl::MMIO), 0xd000_0000);
+        assert_ne!(c(ctl::RUN), 0);
+        // The page tables reach the MMIO window, user-accessible.
+        let pdpt = m.read_u64(PML4_ADDR).unwrap() & !0xfff;
+        let pd3 = m.read_u64(pdpt + 3 * 8).unwrap();
+        assert_eq!(pd3 & 0x7, 0x7, "present, writable, user: {pd3:#x}");
+    }
+
+    /// A disk guest's memory and a disk as the guest would have left them
+    /// after writing blocks 0..4 with tags 1..4 (block 4 in flight with
+    /// tag 5, already on the disk), for `verify` to judge.
+    fn written_disk_guest() -> (GuestMemory, Vec<u8>, u64) {
+        use program::disk::{block_image, ctl, BLOCK_BYTES, RUNNING};
+        let m = memory(&[64 << 20]);
+        let spec = GuestSpec::Disk {
+            blocks: Some(16),
+            rate: None,
+        };
+        install(&m, &spec, 1, 0, None).unwrap();
+        let c = |at, v| m.write_u64(DISK_CONTROL_ADDR + at, v).unwrap();
+        let run = m.read_u64(DISK_CONTROL_ADDR + ctl::RUN).unwrap();
+        let table = m.read_u64(DISK_CONTROL_ADDR + ctl::TABLE).unwrap();
+        c(ctl::STATE, RUNNING);
+        c(ctl::BLOCKS, 16);
+        c(ctl::TAG, 5);
+        c(ctl::INFLIGHT_BLOCK, 4);
+        c(ctl::INFLIGHT_TAG, 5);
+        let mut disk = vec![0u8; 16 * BLOCK_BYTES as usize];
+        for b in 0..5u64 {
+            if b < 4 {
+                m.write_u64(table + b * 8, b + 1).unwrap();
+            }
+            disk[(b * BLOCK_BYTES) as usize..((b + 1) * BLOCK_BYTES) as usize]
+                .copy_from_slice(&block_image(b, b + 1, run));
+        }
+        (m, disk, run)
+    }
+
+    fn verify_with(m: &GuestMemory, disk: &[u8]) -> crate::api::vm::VerifyReport {
+        let read = |d: usize, at: u64, buf: &mut [u8]| {
+            assert_eq!(d, 0);
+            let at = at as usize;
+            buf.copy_from_slice(&disk[at..at + buf.len()]);
+            Ok(())
+        };
+        super::super::verify::verify(m, &read)
+    }
+
+    #[test]
+    fn verify_accepts_a_disk_as_the_guest_wrote_it_and_names_each_kind_of_damage() {
+        use program::disk::{block_image, ctl, BLOCK_BYTES};
+        let (m, disk, run) = written_disk_guest();
+        let r = verify_with(&m, &disk);
+        assert!(r.ok, "{r:?}");
+        let d = r.disk.unwrap();
+        assert_eq!((d.blocks_checked, d.blocks_written), (16, 4));
+        assert_eq!(d.in_flight_block, Some(4));
+        let at = |b: u64| (b * BLOCK_BYTES) as usize..((b + 1) * BLOCK_BYTES) as usize;
+        let problem = |disk: &[u8]| {
+            let r = verify_with(&m, disk);
+            assert!(!r.ok && r.violation_count == 1, "{r:?}");
+            r.violations[0].problem.clone()
+        };
+        // The write in flight had not reached the disk: fine too.
+        let mut d2 = disk.clone();
+        d2[at(4)].fill(0);
+        assert!(verify_with(&m, &d2).ok);
+        // A stale block (an older tag), a lost one, a torn one, one at the
+        // wrong place, one of this run the table knows nothing of.
+        let mut d2 = disk.clone();
+        d2[at(2)].copy_from_slice(&block_image(2, 1, run));
+        assert!(problem(&d2).contains("older than the tag 3"));
+        let mut d2 = disk.clone();
+        d2[at(1)].fill(0);
+        assert!(problem(&d2).contains("lost on the disk"));
+        let mut d2 = disk.clone();
+        d2[at(3)][4000] ^= 1;
+        assert!(problem(&d2).contains("from byte 4000"));
+        let mut d2 = disk.clone();
+        d2[at(0)].copy_from_slice(&block_image(1, 1, run));
+        assert!(problem(&d2).contains("data of block 1"));
+        let mut d2 = disk.clone();
+        d2[at(9)].copy_from_slice(&block_image(9, 2, run));
+        assert!(problem(&d2).contains("records no write"));
+        // A block of an earlier run on a never-written block is no
+        // violation: the image was used before.
+        let mut d2 = disk.clone();
+        d2[at(9)].copy_from_slice(&block_image(9, 2, run ^ 1));
+        assert!(verify_with(&m, &d2).ok);
+        // The guest's own counters.
+        m.write_u64(DISK_CONTROL_ADDR + ctl::IOERRS, 3).unwrap();
+        m.write_u64(DISK_CONTROL_ADDR + ctl::IOERR_WRITE, 1)
+            .unwrap();
+        m.write_u64(DISK_CONTROL_ADDR + ctl::IOERR_STATUS, 1)
+            .unwrap();
+        assert!(problem(&disk).contains(
+            "3 of the guest's requests with an error (the last: a write of block 0, status IOERR)"
+        ));
+        m.write_u64(DISK_CONTROL_ADDR + ctl::IOERRS, 0).unwrap();
+        m.write_u64(DISK_CONTROL_ADDR + ctl::ERRORS, 2).unwrap();
+        assert!(problem(&disk).contains("read back 2 block(s)"));
+    }
+
+    #[test]
+    fn verify_checks_the_read_slots_the_guest_vouched_for_and_skips_the_others() {
+        use program::disk::{area, block_image, ctl, BLOCK_BYTES};
+        let (m, disk, run) = written_disk_guest();
+        let slot = |i: u64| DISK_AREA_ADDR + area::READ_BUF + i * BLOCK_BYTES;
+        let meta = |i: u64| DISK_CONTROL_ADDR + ctl::SLOTS + i * 16;
+        // Slot 3 holds block 2 (tag 3) as the device read it; slot 5 is
+        // being read (tag 0) and holds the poison.
+        m.write_bytes(slot(3), &block_image(2, 3, run)).unwrap();
+        m.write_u64(meta(3), 2).unwrap();
+        m.write_u64(meta(3) + 8, 3).unwrap();
+        m.write_u64(meta(5), 1).unwrap();
+        m.write_u64(slot(5), u64::MAX).unwrap();
+        let r = verify_with(&m, &disk);
+        assert!(r.ok, "{r:?}");
+        assert_eq!(r.disk.unwrap().slots_checked, 1);
+        // A device write to the slot lost (the page as it was before the
+        // read: the poison at its start).
+        m.write_u64(slot(3), u64::MAX).unwrap();
+        let r = verify_with(&m, &disk);
+        assert!(!r.ok && r.violation_count == 1, "{r:?}");
+        assert!(
+            r.violations[0]
+                .problem
+                .contains("read slot 3 no longer holds block 2"),
+            "{r:?}"
+        );
+        // A slot naming a tag the guest never issued.
+        m.write_bytes(slot(3), &block_image(2, 3, run)).unwrap();
+        m.write_u64(meta(3) + 8, 9).unwrap();
+        let r = verify_with(&m, &disk);
+        assert!(
+            !r.ok && r.violations[0].problem.contains("never wrote"),
+            "{r:?}"
+        );
     }
 }

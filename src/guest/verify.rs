@@ -1,19 +1,39 @@
-//! Host-side check of the builtin dirty guest's memory invariant: walking a
-//! vCPU's slice in sweep order, every written page carries its own address,
-//! the sweep counter never increases and drops by at most one, and the
-//! first page's counter is the sweep in progress or the one before it.
-//! A lost, stale, duplicated or misplaced page breaks one of these.
+//! Host-side check of the builtin guests' invariants.
 //!
-//! Callers must make sure no vCPU runs during the walk.
+//! Memory (`builtin:dirty`, and the sweeping vCPUs of `builtin:disk`):
+//! walking a vCPU's slice in sweep order, every written page carries its
+//! own address, the sweep counter never increases and drops by at most
+//! one, and the first page's counter is the sweep in progress or the one
+//! before it. A lost, stale, duplicated or misplaced page breaks one of
+//! these.
+//!
+//! Disk (`builtin:disk`, `disk`): every block the guest's table records
+//! holds exactly what the guest wrote with that tag (or with the tag of
+//! the one write in flight), no block the table records nothing for holds
+//! a block of this run, every read slot the guest vouched for still holds
+//! the block the device read into it (memory only the device wrote), the
+//! guest never read a block back otherwise than it wrote it, and the
+//! device answered no request with an error.
+//!
+//! Callers must make sure no vCPU runs and no device writes during the
+//! walk (a paused VM: its devices are quiesced).
 
+use super::program::disk::{self as dp, area, ctl, word, BLOCK_BYTES, BLOCK_MAGIC};
 use super::program::{block, COUNTER_OFFSET, TAG_OFFSET};
-use super::setup::{BLOCKS_ADDR, CONTROL_ADDR, CONTROL_MAGIC, MAX_RANGES};
+use super::setup::{kind, BLOCKS_ADDR, CONTROL_ADDR, CONTROL_MAGIC, DISK_CONTROL_ADDR, MAX_RANGES};
 use crate::memory::{GuestMemory, PAGE_SIZE};
+
+/// Reads `buf.len()` bytes of disk `disk` (in `--disk` order) at byte
+/// `offset`: the service reads them through the device.
+pub type ReadDisk<'a> = &'a dyn Fn(usize, u64, &mut [u8]) -> std::io::Result<()>;
+
+/// Blocks read from the disk at a time.
+const BLOCKS_PER_READ: u64 = 256;
 
 /// Stop listing violations after this many; the count is still exact.
 const MAX_LISTED: usize = 32;
 
-pub use crate::api::vm::{VerifyReport, Violation};
+pub use crate::api::vm::{DiskVerifyReport, VerifyReport, Violation};
 
 struct Walk {
     report: VerifyReport,
@@ -32,14 +52,16 @@ impl Walk {
     }
 }
 
-/// Checks the invariant over all vCPU slices.
-pub fn verify(memory: &GuestMemory) -> VerifyReport {
+/// Checks the invariants: memory over all vCPU slices, and for the disk
+/// guest its disk, read through `disk`.
+pub fn verify(memory: &GuestMemory, disk: ReadDisk<'_>) -> VerifyReport {
     let mut w = Walk {
         report: VerifyReport {
             ok: true,
             pages_checked: 0,
             violation_count: 0,
             violations: Vec::new(),
+            disk: None,
         },
     };
     let rd = |gpa: u64| memory.read_u64(gpa);
@@ -54,15 +76,276 @@ pub fn verify(memory: &GuestMemory) -> VerifyReport {
     }
     let kind = rd(CONTROL_ADDR + 8).unwrap_or(0);
     let vcpus = rd(CONTROL_ADDR + 16).unwrap_or(0);
-    if kind != 2 {
+    if kind != kind::DIRTY && kind != kind::DISK {
         // The idle guest has no working set: nothing more to check.
         return w.report;
     }
     for v in 0..vcpus.min(super::MAX_VCPUS as u64) {
         check_slice(memory, &mut w, v as u32);
     }
+    if kind == kind::DISK {
+        check_disk(memory, &mut w, disk);
+    }
     w.report.ok = w.report.violation_count == 0;
     w.report
+}
+
+/// The name of a virtio-blk status byte.
+fn status_name(s: u64) -> String {
+    match s {
+        1 => "IOERR".into(),
+        2 => "UNSUPP".into(),
+        s => format!("{s:#x}"),
+    }
+}
+
+/// A little-endian word of a block.
+fn word_of(b: &[u8], i: usize) -> u64 {
+    u64::from_le_bytes(b[i * 8..i * 8 + 8].try_into().expect("8 bytes"))
+}
+
+/// The disk guest's control data, its counters and its disk against its
+/// table.
+fn check_disk(memory: &GuestMemory, w: &mut Walk, disk: ReadDisk<'_>) {
+    let c = |at: u64| memory.read_u64(DISK_CONTROL_ADDR + at);
+    let vcpu = Some(0);
+    let Some(f) = (|| {
+        Some([
+            c(ctl::STATE)?,
+            c(ctl::FAIL)?,
+            c(ctl::TABLE)?,
+            c(ctl::TABLE_CAP)?,
+            c(ctl::BLOCKS)?,
+            c(ctl::RUN)?,
+            c(ctl::TAG)?,
+            c(ctl::INFLIGHT_BLOCK)?,
+            c(ctl::INFLIGHT_TAG)?,
+            c(ctl::REQUESTS)?,
+            c(ctl::WRITES)?,
+            c(ctl::READS)?,
+            c(ctl::IOERRS)?,
+            c(ctl::ERRORS)?,
+        ])
+    })() else {
+        w.fail(
+            vcpu,
+            DISK_CONTROL_ADDR,
+            "the disk guest's control data is not in guest memory".into(),
+        );
+        return;
+    };
+    let [state, fail, table, cap, blocks, run, last_tag, in_block, in_tag, requests, writes, reads, ioerrs, errors] =
+        f;
+    let mut r = DiskVerifyReport {
+        blocks,
+        blocks_checked: 0,
+        blocks_written: 0,
+        requests,
+        writes,
+        reads,
+        io_errors: ioerrs,
+        guest_errors: errors,
+        in_flight_block: (in_tag != 0).then_some(in_block),
+        slots_checked: 0,
+    };
+    if state == dp::FAILED {
+        let why = dp::Failure::from_code(fail)
+            .map(|f| f.describe().to_string())
+            .unwrap_or_else(|| format!("failure code {fail}"));
+        w.fail(
+            vcpu,
+            DISK_CONTROL_ADDR + ctl::FAIL,
+            format!("the disk guest gave up on disk 0: {why}"),
+        );
+    }
+    if errors > 0 {
+        w.fail(
+            vcpu,
+            DISK_CONTROL_ADDR + ctl::ERRORS,
+            format!(
+                "the guest read back {errors} block(s) otherwise than it wrote them (first: block {}, its table's tag {}, the block's tag {})",
+                c(ctl::ERR_BLOCK).unwrap_or(0),
+                c(ctl::ERR_WANT).unwrap_or(0),
+                c(ctl::ERR_FOUND).unwrap_or(0),
+            ),
+        );
+    }
+    if ioerrs > 0 {
+        w.fail(
+            vcpu,
+            DISK_CONTROL_ADDR + ctl::IOERRS,
+            format!(
+                "the disk answered {ioerrs} of the guest's requests with an error (the last: a {} of block {}, status {})",
+                if c(ctl::IOERR_WRITE) == Some(1) { "write" } else { "read" },
+                c(ctl::IOERR_BLOCK).unwrap_or(0),
+                status_name(c(ctl::IOERR_STATUS).unwrap_or(0)),
+            ),
+        );
+    }
+    if blocks > cap || table != DISK_CONTROL_TABLE || (in_tag != 0 && in_block >= blocks) {
+        w.fail(
+            vcpu,
+            DISK_CONTROL_ADDR,
+            format!("the disk guest's control data is corrupt (table at {table:#x} of {cap} entries, {blocks} blocks used, block {in_block} in flight)"),
+        );
+        w.report.disk = Some(r);
+        return;
+    }
+    let in_flight = (in_tag != 0).then_some((in_block, in_tag));
+    let mut buf = vec![0u8; (BLOCKS_PER_READ * BLOCK_BYTES) as usize];
+    let mut b0 = 0;
+    while b0 < blocks {
+        let n = (blocks - b0).min(BLOCKS_PER_READ);
+        let bytes = &mut buf[..(n * BLOCK_BYTES) as usize];
+        if let Err(e) = disk(0, b0 * BLOCK_BYTES, bytes) {
+            w.fail(
+                vcpu,
+                table + b0 * 8,
+                format!(
+                    "cannot read disk 0 at byte {} ({n} blocks from block {b0}): {e}",
+                    b0 * BLOCK_BYTES
+                ),
+            );
+            break;
+        }
+        for (i, data) in bytes.chunks_exact(BLOCK_BYTES as usize).enumerate() {
+            let b = b0 + i as u64;
+            let entry = table + b * 8;
+            let Some(want) = memory.read_u64(entry) else {
+                w.fail(
+                    vcpu,
+                    entry,
+                    "the disk guest's table is not in guest memory".into(),
+                );
+                w.report.disk = Some(r);
+                return;
+            };
+            r.blocks_checked += 1;
+            if want != 0 {
+                r.blocks_written += 1;
+            }
+            if let Some(problem) = check_block(b, data, want, run, last_tag, in_flight) {
+                w.fail(vcpu, entry, format!("disk 0 block {b}: {problem}"));
+            }
+        }
+        b0 += n;
+    }
+    check_slots(memory, w, &mut r, blocks, run, last_tag);
+    w.report.disk = Some(r);
+}
+
+/// Each read slot the guest vouched for still holds the block the device
+/// read into it.
+fn check_slots(
+    memory: &GuestMemory,
+    w: &mut Walk,
+    r: &mut DiskVerifyReport,
+    blocks: u64,
+    run: u64,
+    last_tag: u64,
+) {
+    for slot in 0..dp::READ_SLOTS {
+        let meta = DISK_CONTROL_ADDR + ctl::SLOTS + slot * 16;
+        let page = super::setup::DISK_AREA_ADDR + area::READ_BUF + slot * BLOCK_BYTES;
+        let (Some(b), Some(tag)) = (memory.read_u64(meta), memory.read_u64(meta + 8)) else {
+            w.fail(
+                Some(0),
+                meta,
+                "the disk guest's read slots are not in guest memory".into(),
+            );
+            return;
+        };
+        if tag == 0 {
+            continue;
+        }
+        if b >= blocks || tag > last_tag {
+            w.fail(
+                Some(0),
+                meta,
+                format!(
+                    "read slot {slot} records block {b} tag {tag}, which the guest never wrote"
+                ),
+            );
+            continue;
+        }
+        let mut data = Vec::with_capacity(BLOCK_BYTES as usize);
+        for i in 0..BLOCK_BYTES / 8 {
+            match memory.read_u64(page + i * 8) {
+                Some(v) => data.extend_from_slice(&v.to_le_bytes()),
+                None => {
+                    w.fail(Some(0), page, "a read slot is not in guest memory".into());
+                    return;
+                }
+            }
+        }
+        r.slots_checked += 1;
+        let want = dp::block_image(b, tag, run);
+        if let Some(at) = want.iter().zip(&data).position(|(x, y)| x != y) {
+            w.fail(
+                Some(0),
+                page + at as u64,
+                format!(
+                    "read slot {slot} no longer holds block {b} (tag {tag}) as the device read it into memory and the guest checked it, from byte {at} on: a device write to memory was lost"
+                ),
+            );
+        }
+    }
+}
+
+/// Where the table is: the host put it there and the guest never moves it.
+const DISK_CONTROL_TABLE: u64 = super::setup::DISK_AREA_ADDR + area::SIZE;
+
+/// What is wrong with block `b` holding `data`, whose table entry is
+/// `want` (0: never written), `run` the boot's nonce, `last_tag` the last
+/// tag issued and `in_flight` the write in flight.
+fn check_block(
+    b: u64,
+    data: &[u8],
+    want: u64,
+    run: u64,
+    last_tag: u64,
+    in_flight: Option<(u64, u64)>,
+) -> Option<String> {
+    let ours = word_of(data, word::MAGIC) == BLOCK_MAGIC && word_of(data, word::RUN) == run;
+    let tag = word_of(data, word::TAG);
+    let in_flight_here = in_flight.is_some_and(|(ib, it)| ib == b && it == tag);
+    if want > last_tag {
+        return Some(format!(
+            "the table records tag {want}, above the last tag the guest issued ({last_tag})"
+        ));
+    }
+    if want == 0 {
+        return (ours && !in_flight_here).then(|| {
+            format!(
+                "holds this run's tag {tag}, but the guest's table records no write to it (memory behind the disk)"
+            )
+        });
+    }
+    if !ours {
+        return Some(format!(
+            "does not hold a block this run wrote (its table says tag {want}): a write lost on the disk"
+        ));
+    }
+    let blk = word_of(data, word::BLOCK);
+    if blk != b {
+        return Some(format!(
+            "holds the data of block {blk} (tag {tag}), not its own (the table says tag {want})"
+        ));
+    }
+    if tag != want && !in_flight_here {
+        return Some(if tag < want {
+            format!("holds tag {tag}, older than the tag {want} its table records: a write lost on the disk")
+        } else {
+            format!("holds tag {tag}, newer than the tag {want} its table records: memory behind the disk")
+        });
+    }
+    let image = dp::block_image(b, tag, run);
+    if let Some(at) = image.iter().zip(data).position(|(x, y)| x != y) {
+        return Some(format!(
+            "holds tag {tag}'s header but differs from what it wrote from byte {at} on (a torn or damaged block)"
+        ));
+    }
+    None
 }
 
 fn check_slice(memory: &GuestMemory, w: &mut Walk, vcpu: u32) {

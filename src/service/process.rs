@@ -181,7 +181,8 @@ pub fn run(spec: RunSpec, events: &mut dyn FnMut(RunEvent)) -> Result<RunEnd, Pr
                 loading,
                 hooks,
                 fe.tx.clone(),
-            );
+            )
+            .with_disks(machine.devices.disks.clone());
             serve(Arc::new(vmm), machine, fe, &spec, None, events)
         }
         StartSpec::Restore { target, eager } => {
@@ -195,7 +196,8 @@ pub fn run(spec: RunSpec, events: &mut dyn FnMut(RunEvent)) -> Result<RunEnd, Pr
                 r.loading,
                 hooks,
                 fe.tx.clone(),
-            );
+            )
+            .with_disks(r.machine.devices.disks.clone());
             let arrival = Some(Arrival::Restored(r.report));
             serve(Arc::new(vmm), r.machine, fe, &spec, arrival, events)
         }
@@ -501,13 +503,16 @@ fn incoming(
         };
         // The VM's API answers from the moment it runs here, before the
         // source is told (and its `migrate` returns).
-        let vmm = Arc::new(Vmm::new(
-            machine.vm.clone(),
-            ChainPosition::default(),
-            Arc::new(AtomicBool::new(false)),
-            hooks.clone(),
-            fe.tx.clone(),
-        ));
+        let vmm = Arc::new(
+            Vmm::new(
+                machine.vm.clone(),
+                ChainPosition::default(),
+                Arc::new(AtomicBool::new(false)),
+                hooks.clone(),
+                fe.tx.clone(),
+            )
+            .with_disks(machine.devices.disks.clone()),
+        );
         fe.switch.set(vmm.clone());
         tracing::debug!("incoming: VM built in {:?}", t_arrive.elapsed());
         let report = match arrived.confirm() {

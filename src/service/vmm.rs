@@ -55,6 +55,8 @@ pub struct Vmm {
     /// The longest stall the guest felt before the current stall window
     /// (operations restart the guest's own window), µs.
     stall_floor: AtomicU64,
+    /// The VM's disks, which `verify` reads.
+    disks: crate::devices::Disks,
 }
 
 /// The JSON body of a reply.
@@ -133,7 +135,14 @@ impl Vmm {
             loading,
             hooks,
             stall_floor: AtomicU64::new(0),
+            disks: Default::default(),
         }
+    }
+
+    /// The same, with handles on the VM's disks (for `verify`).
+    pub fn with_disks(mut self, disks: crate::devices::Disks) -> Vmm {
+        self.disks = disks;
+        self
     }
 
     /// The VM.
@@ -268,7 +277,10 @@ impl Vmm {
                 let _: Value = body(b)?;
                 let _op = self.operation()?;
                 let p = vm.pause().map_err(|e| ApiError::from(&e))?;
-                let report = crate::guest::verify::verify(&vm.memory());
+                // Paused, the devices are quiesced: the disks hold still.
+                let read =
+                    |disk: usize, offset: u64, buf: &mut [u8]| self.disks.read(disk, offset, buf);
+                let report = crate::guest::verify::verify(&vm.memory(), &read);
                 vm.resume(p).map_err(|e| ApiError::from(&e))?;
                 json(report)
             }

@@ -197,6 +197,11 @@ impl VmConfig {
             }
             d.serial_bytes().map_err(|e| invalid(e.to_string()))?;
         }
+        if matches!(self.guest, GuestSpec::Disk { .. }) && self.disks.is_empty() {
+            return Err(invalid(
+                "--guest builtin:disk drives a virtio-blk disk: give it one with --disk path=FILE",
+            ));
+        }
         Ok(())
     }
 
@@ -302,6 +307,27 @@ impl DiskConfig {
     }
 }
 
+/// Most blocks `builtin:disk` uses: its block → tag table (8 bytes a
+/// block, 2 MiB) must fit in guest memory beside its work.
+pub const MAX_DISK_GUEST_BLOCKS: u64 = 1 << 18;
+
+/// Bytes of one of `builtin:disk`'s blocks.
+const DISK_GUEST_BLOCK: u64 = 4096;
+
+fn parse_rate(v: &str) -> Result<u64, ConfigError> {
+    let r: u64 = v.parse().map_err(|_| {
+        ConfigError::Invalid(format!(
+            "--guest: rate={v} is not a number of pages per second"
+        ))
+    })?;
+    if r == 0 {
+        return Err(ConfigError::Invalid(
+            "--guest: rate must be at least 1 page per second".into(),
+        ));
+    }
+    Ok(r)
+}
+
 /// Which guest runs, with its options.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
@@ -320,6 +346,17 @@ pub enum GuestSpec {
         /// zero-page skipping does not flatter benchmarks.
         fill_random: bool,
     },
+    /// `builtin:disk[,size=SIZE|blocks=N][,rate=PER_S]`: vCPU 0 drives the first
+    /// disk (tagged 4 KiB writes, read-backs), the others sweep memory as
+    /// `builtin:dirty` does.
+    Disk {
+        /// Blocks of the disk it uses, from block 0 (None: the whole
+        /// disk, up to the most its table holds).
+        blocks: Option<u64>,
+        /// Requests (vCPU 0) and pages (the others) per second over all
+        /// vCPUs (None: as fast as they can).
+        rate: Option<u64>,
+    },
 }
 
 impl GuestSpec {
@@ -327,7 +364,7 @@ impl GuestSpec {
     pub fn parse(s: &str) -> Result<GuestSpec, ConfigError> {
         let rest = s.strip_prefix("builtin:").ok_or_else(|| {
             ConfigError::Invalid(format!(
-                "--guest {s}: expected builtin:idle or builtin:dirty[,wss=SIZE][,rate=N]"
+                "--guest {s}: expected builtin:idle, builtin:dirty[,wss=SIZE][,rate=N] or builtin:disk[,size=SIZE][,blocks=N][,rate=N]"
             ))
         })?;
         let mut parts = rest.split(',');
@@ -346,13 +383,7 @@ impl GuestSpec {
                 for kv in parts {
                     match kv.split_once('=') {
                         Some(("wss", v)) => wss = Some(parse_size(v).map_err(|e| ConfigError::Invalid(format!("--guest: wss: {e}")))?),
-                        Some(("rate", v)) => {
-                            let r: u64 = v.parse().map_err(|_| ConfigError::Invalid(format!("--guest: rate={v} is not a number of pages per second")))?;
-                            if r == 0 {
-                                return Err(ConfigError::Invalid("--guest: rate must be at least 1 page per second".into()));
-                            }
-                            rate = Some(r)
-                        }
+                        Some(("rate", v)) => rate = Some(parse_rate(v)?),
                         Some(("fill", "random")) => fill_random = true,
                         Some(("fill", "zero")) => fill_random = false,
                         _ => return Err(ConfigError::Invalid(format!("--guest: unknown option '{kv}' for builtin:dirty (expected wss=SIZE, rate=N, fill=random|zero)"))),
@@ -367,8 +398,48 @@ impl GuestSpec {
                     fill_random,
                 })
             }
+            "disk" => {
+                let (mut blocks, mut rate) = (None, None);
+                for kv in parts {
+                    match kv.split_once('=') {
+                        Some(("blocks", v)) => {
+                            let n: u64 = v.parse().map_err(|_| {
+                                ConfigError::Invalid(format!(
+                                    "--guest: blocks={v} is not a number of 4 KiB blocks"
+                                ))
+                            })?;
+                            if n == 0 || n > MAX_DISK_GUEST_BLOCKS {
+                                return Err(ConfigError::Invalid(format!(
+                                    "--guest: blocks={v} is out of range (1..={MAX_DISK_GUEST_BLOCKS})"
+                                )));
+                            }
+                            blocks = Some(n)
+                        }
+                        // The same as blocks=, in bytes: the part of the
+                        // disk the guest uses.
+                        Some(("size", v)) => {
+                            let bytes = parse_size(v).map_err(|e| {
+                                ConfigError::Invalid(format!("--guest: size: {e}"))
+                            })?;
+                            let n = bytes / DISK_GUEST_BLOCK;
+                            if bytes % DISK_GUEST_BLOCK != 0 || n == 0 || n > MAX_DISK_GUEST_BLOCKS {
+                                return Err(ConfigError::Invalid(format!(
+                                    "--guest: size={v} is not a multiple of 4 KiB from 4K to {}",
+                                    crate::util::format_size(MAX_DISK_GUEST_BLOCKS * DISK_GUEST_BLOCK)
+                                )));
+                            }
+                            blocks = Some(n)
+                        }
+                        Some(("rate", v)) => rate = Some(parse_rate(v)?),
+                        _ => return Err(ConfigError::Invalid(format!(
+                            "--guest: unknown option '{kv}' for builtin:disk (expected size=SIZE, blocks=N, rate=N)"
+                        ))),
+                    }
+                }
+                Ok(GuestSpec::Disk { blocks, rate })
+            }
             other => Err(ConfigError::Invalid(format!(
-                "--guest: unknown builtin guest '{other}' (expected idle or dirty)"
+                "--guest: unknown builtin guest '{other}' (expected idle, dirty or disk)"
             ))),
         }
     }
@@ -378,15 +449,17 @@ impl GuestSpec {
         match self {
             GuestSpec::Idle => "builtin:idle",
             GuestSpec::Dirty { .. } => "builtin:dirty",
+            GuestSpec::Disk { .. } => "builtin:disk",
             GuestSpec::Linux(_) => "linux",
         }
     }
 
-    /// Pages per second the builtin dirtying guest is held to (None: as
-    /// fast as it can, or a guest with no rate).
+    /// Pages (or, for the disk guest's vCPU 0, requests) per second the
+    /// builtin guest's vCPUs share (None: as fast as they can, or a guest
+    /// with no rate).
     pub fn rate(&self) -> Option<u64> {
         match self {
-            GuestSpec::Dirty { rate, .. } => *rate,
+            GuestSpec::Dirty { rate, .. } | GuestSpec::Disk { rate, .. } => *rate,
             _ => None,
         }
     }
@@ -435,6 +508,20 @@ mod tests {
     }
 
     #[test]
+    fn the_disk_guest_needs_a_disk() {
+        let mut c = cfg(64 << 20);
+        c.guest = GuestSpec::Disk {
+            blocks: None,
+            rate: None,
+        };
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("--disk"), "{e}");
+        c.disks
+            .push(DiskConfig::parse("path=/tmp/x.img", "disk0").unwrap());
+        c.validate().unwrap();
+    }
+
+    #[test]
     fn zero_and_unaligned_sizes_are_refused() {
         assert!(cfg(0).validate().unwrap_err().to_string().contains("is 0"));
         assert!(cfg((64 << 20) + 1)
@@ -457,6 +544,43 @@ mod tests {
             }
         );
         assert!(GuestSpec::parse("builtin:dirty,speed=3").is_err());
+        assert_eq!(
+            GuestSpec::parse("builtin:disk,blocks=64,rate=500").unwrap(),
+            GuestSpec::Disk {
+                blocks: Some(64),
+                rate: Some(500)
+            }
+        );
+        assert_eq!(
+            GuestSpec::parse("builtin:disk").unwrap(),
+            GuestSpec::Disk {
+                blocks: None,
+                rate: None
+            }
+        );
+        assert_eq!(
+            GuestSpec::parse("builtin:disk,size=1M").unwrap(),
+            GuestSpec::Disk {
+                blocks: Some(256),
+                rate: None
+            }
+        );
+        for bad in [
+            "blocks=0",
+            "blocks=262145",
+            "blocks=x",
+            "rate=0",
+            "wss=1M",
+            "size=0",
+            "size=6K",
+            "size=2G",
+            "size=x",
+        ] {
+            assert!(
+                GuestSpec::parse(&format!("builtin:disk,{bad}")).is_err(),
+                "{bad}"
+            );
+        }
         assert!(GuestSpec::parse("linux").is_err());
         assert!(GuestSpec::parse("builtin:nope").is_err());
     }

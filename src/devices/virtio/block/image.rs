@@ -267,6 +267,23 @@ impl DiskImage {
         self.file.sync_data()
     }
 
+    /// Reads `buf.len()` bytes at `offset` into vmhop's own memory (the
+    /// host-side `verify`), through the bounce buffer so `O_DIRECT` can
+    /// take any buffer and offset.
+    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        if !self.direct {
+            return self.file.read_exact_at(buf, offset);
+        }
+        let mut bounce = Bounce::new();
+        self.windows(offset, buf.len() as u64, |w0, w_len, lo, hi| {
+            let b = bounce.buf(w_len);
+            self.file.read_exact_at(b, w0)?;
+            let (from, to) = ((lo - offset) as usize, (hi - offset) as usize);
+            buf[from..to].copy_from_slice(&b[(lo - w0) as usize..(hi - w0) as usize]);
+            Ok(())
+        })
+    }
+
     /// Whether `O_DIRECT` can take these buffers at `offset` as they are.
     fn aligned(&self, offset: u64, slices: &[GuestSlice<'_>]) -> bool {
         let a = DIRECT_ALIGN as usize;

@@ -1,0 +1,516 @@
+//! `builtin:disk` through the real binary on this host's KVM: a CPL3 guest
+//! drives a virtio-blk disk (tagged 4 KiB writes, read-backs, polling the
+//! used ring), and `vmhop verify` checks the disk against the table of
+//! blocks the guest keeps in memory. Covered: progress and verify, a second
+//! boot on a used image, pause/resume (disk and guest frozen), many
+//! requests over few blocks, `cache=none` and `cache=writeback`, a block
+//! changed behind the guest's back, a read-only disk (IOERR, the VM runs
+//! on), a missing, a locked and an absent image, and NUMA moves in every
+//! mode with the guest writing (on this one-node host, to node 0: the moves
+//! still switch the memory the device writes into).
+//!
+//! Besides vmhop's own `verify`, the tests read the image file themselves
+//! (the block format is in docs/test-device.md), so a verify that checked
+//! nothing could not pass them.
+//!
+//! Host migration with shared storage: today the destination, on the same
+//! host, cannot open the image the source still holds locked, so the
+//! migration is refused and the source runs on with its disk intact; the
+//! test pins that down until shared storage (open early without the lock,
+//! take it at the switch) and `--copy-storage` land.
+//!
+//! Not here yet: checkpoints and restores of a disk guest — a restore must
+//! give the disk back as it was, which is the checkpoint chain's work
+//! (issue 20, branch disk-chain), not on main when these were written.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::{assert_one_line_error, one_json_object, vmhop_expecting_exit, CmdOutput, Vm, MIB};
+use serde_json::Value;
+
+/// Generous bound for a running guest to show progress (polling, not timing).
+const PROGRESS_WAIT: Duration = Duration::from_secs(30);
+
+/// Size of the test images.
+const IMAGE_BYTES: u64 = 16 * MIB;
+
+/// A disk block.
+const BLOCK: usize = 4096;
+
+/// First word of every block the guest writes.
+const BLOCK_MAGIC: &[u8; 8] = b"VMHOPBLK";
+
+/// A directory for images on a file system that takes O_DIRECT (cargo's
+/// own temporary directory, not a tmpfs).
+fn image_dir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("vmhop-disk-")
+        .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+        .expect("create the image directory")
+}
+
+/// A fresh sparse raw image of `bytes`.
+fn image(dir: &Path, name: &str, bytes: u64) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::File::create(&p)
+        .and_then(|f| f.set_len(bytes))
+        .expect("create the image");
+    p
+}
+
+fn path_str(p: &Path) -> &str {
+    p.to_str().expect("test paths are UTF-8")
+}
+
+/// Starts `builtin:disk{guest_opts}` on `image` (`disk_opts` appended to
+/// its `--disk`), with the extra `run` arguments.
+fn disk_vm(image: &Path, disk_opts: &str, guest_opts: &str, extra: &[&str]) -> Vm {
+    let disk = format!("path={}{disk_opts}", path_str(image));
+    let guest = format!("builtin:disk{guest_opts}");
+    let mut args = vec!["--guest", guest.as_str(), "--disk", disk.as_str()];
+    args.extend_from_slice(extra);
+    Vm::start(&args)
+}
+
+/// `verify --json`: its output and report.
+fn verify(vm: &Vm) -> (CmdOutput, Value) {
+    let out = vm.cli(&["verify", "--json"]);
+    assert!(
+        !out.stderr.contains("panicked"),
+        "verify panicked\n{}",
+        out.describe()
+    );
+    let report = one_json_object(&out.stdout);
+    (out, report)
+}
+
+/// An unsigned field of a JSON object, or a panic naming it.
+fn field(v: &Value, name: &str) -> u64 {
+    v[name]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no unsigned {name} in {v}"))
+}
+
+/// Asserts verify passes with the disk checked; returns its `disk` part.
+fn assert_disk_verifies(vm: &Vm, when: &str) -> Value {
+    let (out, r) = verify(vm);
+    assert_eq!(
+        out.code,
+        Some(0),
+        "verify {when} failed: {r}\n{}",
+        vm.logs()
+    );
+    assert_eq!(r["ok"], true, "verify {when}: {r}");
+    let d = r["disk"].clone();
+    assert!(d.is_object(), "verify {when} has no disk report: {r}");
+    let blocks = field(&d, "blocks");
+    assert!(blocks > 0, "verify {when} used no blocks: {r}");
+    assert_eq!(field(&d, "blocks_checked"), blocks, "verify {when}: {r}");
+    assert_eq!(field(&d, "io_errors"), 0, "verify {when}: {r}");
+    assert_eq!(field(&d, "guest_errors"), 0, "verify {when}: {r}");
+    d
+}
+
+/// Verifies until the guest has completed more than `above` disk
+/// requests, within `PROGRESS_WAIT`; returns the last disk report.
+fn wait_disk_requests_above(vm: &Vm, above: u64, when: &str) -> Value {
+    let deadline = Instant::now() + PROGRESS_WAIT;
+    loop {
+        let d = assert_disk_verifies(vm, when);
+        if field(&d, "requests") > above {
+            return d;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{when}: the disk guest stayed at {d} (not above {above} requests) for {PROGRESS_WAIT:?}\n{}",
+            vm.logs()
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Little-endian word `i` of a block.
+fn word(block: &[u8], i: usize) -> u64 {
+    u64::from_le_bytes(block[i * 8..i * 8 + 8].try_into().expect("8 bytes"))
+}
+
+/// The blocks of the image file holding a block the guest wrote, as
+/// (block index, the block number it names, its tag).
+fn tagged_blocks(image: &Path) -> Vec<(u64, u64, u64)> {
+    let data = std::fs::read(image).expect("read the image");
+    data.chunks_exact(BLOCK)
+        .enumerate()
+        .filter(|(_, b)| &b[..8] == BLOCK_MAGIC)
+        .map(|(i, b)| (i as u64, word(b, 1), word(b, 2)))
+        .collect()
+}
+
+/// Asserts every tagged block of `image` sits at the place it names and
+/// that there are some; returns how many.
+fn assert_blocks_in_place(image: &Path, when: &str) -> usize {
+    let tagged = tagged_blocks(image);
+    assert!(!tagged.is_empty(), "{when}: no tagged block in the image");
+    for &(at, names, tag) in &tagged {
+        assert_eq!(
+            at, names,
+            "{when}: block {at} holds block {names}'s data (tag {tag})"
+        );
+        assert!(tag > 0, "{when}: block {at} has tag 0");
+    }
+    tagged.len()
+}
+
+#[test]
+fn a_disk_guest_writes_its_disk_and_verifies_and_a_second_boot_on_the_same_image_does_too() {
+    let dir = image_dir();
+    let img = image(dir.path(), "disk.img", IMAGE_BYTES);
+    for boot in ["first", "second"] {
+        let mut vm = disk_vm(&img, "", "", &["--vcpus", "2", "--memory", "64M"]);
+        assert_eq!(vm.status()["guest"]["kind"], "builtin:disk");
+        vm.wait_progress_above(0, PROGRESS_WAIT);
+        let d = wait_disk_requests_above(&vm, 100, boot);
+        assert_eq!(field(&d, "blocks"), IMAGE_BYTES / BLOCK as u64, "{d}");
+        assert!(field(&d, "writes") > 0 && field(&d, "reads") > 0, "{d}");
+        assert!(field(&d, "blocks_written") > 0, "{d}");
+        let (_, r) = verify(&vm);
+        assert!(
+            field(&r, "pages_checked") > 0,
+            "vCPU 1 sweeps memory and verify checks it: {r}"
+        );
+        let text = vm.cli_ok(&["verify"]).stdout;
+        assert!(
+            text.contains("memory and disk consistent") && text.contains("blocks checked"),
+            "{text}"
+        );
+        vm.cli_ok(&["stop"]);
+        assert!(vm.wait_exit().success(), "{}", vm.logs());
+        assert_blocks_in_place(&img, boot);
+    }
+}
+
+#[test]
+fn a_paused_disk_guest_leaves_its_disk_alone_and_goes_on_after_resume() {
+    let dir = image_dir();
+    let img = image(dir.path(), "disk.img", IMAGE_BYTES);
+    let vm = disk_vm(&img, "", "", &["--memory", "64M"]);
+    wait_disk_requests_above(&vm, 50, "before the pause");
+    vm.cli_ok(&["pause"]);
+    assert_eq!(vm.state(), "paused");
+    let p = vm.progress();
+    let before = std::fs::read(&img).expect("read the image");
+    let d = assert_disk_verifies(&vm, "paused");
+    thread::sleep(Duration::from_millis(300));
+    assert_eq!(vm.progress(), p, "a paused disk guest made progress");
+    assert_eq!(
+        std::fs::read(&img).expect("read the image"),
+        before,
+        "the disk changed while the VM was paused"
+    );
+    let again = assert_disk_verifies(&vm, "still paused");
+    assert_eq!(again["requests"], d["requests"], "{d} then {again}");
+    vm.cli_ok(&["resume"]);
+    assert_eq!(vm.state(), "running");
+    vm.wait_progress_above(p, PROGRESS_WAIT);
+    wait_disk_requests_above(&vm, field(&d, "requests"), "after resume");
+}
+
+#[test]
+fn after_thousands_of_requests_over_a_few_blocks_every_block_holds_its_last_write() {
+    let dir = image_dir();
+    let img = image(dir.path(), "disk.img", IMAGE_BYTES);
+    // size= names the part of the disk used in bytes: 64 blocks.
+    let vm = disk_vm(&img, "", ",size=256K", &["--memory", "64M"]);
+    let d = {
+        let deadline = Instant::now() + 4 * PROGRESS_WAIT;
+        loop {
+            let d = assert_disk_verifies(&vm, "while it runs");
+            if field(&d, "requests") > 4000 {
+                break d;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the disk guest stayed at {d}\n{}",
+                vm.logs()
+            );
+            thread::sleep(Duration::from_millis(500));
+        }
+    };
+    assert_eq!(field(&d, "blocks"), 64, "{d}");
+    // ~3000 writes over 64 blocks: every block was written, most many times.
+    assert_eq!(field(&d, "blocks_written"), 64, "{d}");
+    assert!(field(&d, "reads") > 500, "{d}");
+    // Every read-back found a written block: each slot holds one, but for
+    // the slot of a read the pause found in flight.
+    assert!(field(&d, "slots_checked") >= 15, "{d}");
+    vm.cli_ok(&["pause"]);
+    let d = assert_disk_verifies(&vm, "paused");
+    let tagged = tagged_blocks(&img);
+    assert_eq!(
+        tagged.iter().map(|t| t.0).collect::<Vec<_>>(),
+        (0..64).collect::<Vec<_>>(),
+        "the guest writes blocks 0..64 only"
+    );
+    assert_blocks_in_place(&img, "paused");
+    let writes = field(&d, "writes");
+    let newest = tagged.iter().map(|t| t.2).max().unwrap_or(0);
+    assert!(
+        newest == writes || newest == writes + 1,
+        "the newest tag on the disk, {newest}, is not the guest's last write ({writes}): {d}"
+    );
+}
+
+#[test]
+fn both_cache_modes_serve_the_guest_and_reach_the_image() {
+    for cache in ["none", "writeback"] {
+        let dir = image_dir();
+        let img = image(dir.path(), "disk.img", IMAGE_BYTES);
+        let opts = format!(",cache={cache}");
+        let mut vm = disk_vm(&img, &opts, "", &["--vcpus", "2", "--memory", "64M"]);
+        wait_disk_requests_above(&vm, 100, &format!("cache={cache}"));
+        vm.cli_ok(&["pause"]);
+        assert_disk_verifies(&vm, &format!("cache={cache}, paused"));
+        vm.cli_ok(&["resume"]);
+        vm.cli_ok(&["stop"]);
+        assert!(vm.wait_exit().success(), "{}", vm.logs());
+        assert_blocks_in_place(&img, &format!("cache={cache}"));
+    }
+}
+
+#[test]
+fn verify_finds_a_block_changed_behind_the_guest_s_back() {
+    let dir = image_dir();
+    let img = image(dir.path(), "disk.img", IMAGE_BYTES);
+    let vm = disk_vm(&img, "", ",blocks=256", &["--memory", "64M"]);
+    wait_disk_requests_above(&vm, 200, "before the damage");
+    vm.cli_ok(&["pause"]);
+    let d = assert_disk_verifies(&vm, "paused");
+    let in_flight = d["in_flight_block"].as_u64();
+    let &(victim, _, tag) = tagged_blocks(&img)
+        .iter()
+        .find(|t| Some(t.0) != in_flight)
+        .unwrap_or_else(|| panic!("no written block to damage: {d}"));
+    // The image's lock is advisory: the test writes past it, as a careless
+    // user (or a lost write) would.
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&img)
+            .expect("open the image");
+        f.write_all_at(&[0u8; BLOCK], victim * BLOCK as u64)
+            .expect("damage the block");
+    }
+    let (out, r) = verify(&vm);
+    assert_eq!(out.code, Some(1), "{}", out.describe());
+    assert_eq!(r["ok"], false, "{r}");
+    assert_eq!(r["violation_count"], 1, "{r}");
+    let problem = r["violations"][0]["problem"].as_str().unwrap_or_default();
+    assert!(
+        problem.contains(&format!("block {victim}:")) && problem.contains("lost on the disk"),
+        "block {victim} (tag {tag}) zeroed: {r}"
+    );
+}
+
+#[test]
+fn a_read_only_disk_answers_the_guest_s_writes_with_ioerr_and_the_vm_runs_on() {
+    let dir = image_dir();
+    let img = image(dir.path(), "ro.img", IMAGE_BYTES);
+    let vm = disk_vm(&img, ",readonly", "", &["--memory", "64M"]);
+    let p = vm.wait_progress_above(100, PROGRESS_WAIT);
+    let (out, r) = verify(&vm);
+    assert_eq!(out.code, Some(1), "{}", out.describe());
+    assert_eq!(r["ok"], false, "{r}");
+    let d = &r["disk"];
+    assert_eq!(field(d, "writes"), 0, "{r}");
+    assert_eq!(field(d, "blocks_written"), 0, "{r}");
+    assert!(field(d, "io_errors") > 0, "{r}");
+    assert!(field(d, "reads") > 0, "reads of a read-only disk work: {r}");
+    assert_eq!(field(d, "guest_errors"), 0, "{r}");
+    let problems: Vec<&str> = r["violations"]
+        .as_array()
+        .expect("violations")
+        .iter()
+        .filter_map(|v| v["problem"].as_str())
+        .collect();
+    assert!(
+        problems.len() == 1
+            && problems[0].contains("a write of block")
+            && problems[0].contains("IOERR"),
+        "{r}"
+    );
+    assert!(
+        out.stderr.contains("verify found 1 violation"),
+        "{}",
+        out.describe()
+    );
+    assert_eq!(vm.state(), "running");
+    vm.wait_progress_above(p, PROGRESS_WAIT);
+    assert!(
+        tagged_blocks(&img).is_empty(),
+        "a block reached the read-only image"
+    );
+    assert_eq!(
+        std::fs::metadata(&img).expect("the image").len(),
+        IMAGE_BYTES
+    );
+}
+
+#[test]
+fn a_missing_image_is_bad_usage_and_a_locked_one_fails_naming_the_file() {
+    let dir = image_dir();
+    let socket = dir.path().join("refused.sock");
+    let run = |disk: &str, guest: &str| {
+        vmhop_expecting_exit(
+            &[
+                "run",
+                "--api-socket",
+                path_str(&socket),
+                "--memory",
+                "64M",
+                "--guest",
+                guest,
+                "--disk",
+                disk,
+            ],
+            &socket,
+        )
+    };
+    let missing = dir.path().join("nonexistent.img");
+    let out = run(&format!("path={}", path_str(&missing)), "builtin:disk");
+    assert_eq!(out.code, Some(2), "{}", out.describe());
+    assert_one_line_error(&out, "a missing image");
+    assert!(
+        out.stderr.contains(path_str(&missing)),
+        "{}",
+        out.describe()
+    );
+
+    let img = image(dir.path(), "disk.img", IMAGE_BYTES);
+    let vm = disk_vm(&img, "", "", &["--memory", "64M"]);
+    vm.wait_progress_above(0, PROGRESS_WAIT);
+    for guest in ["builtin:disk", "builtin:idle"] {
+        let out = run(&format!("path={}", path_str(&img)), guest);
+        assert_eq!(out.code, Some(1), "{}", out.describe());
+        assert_one_line_error(&out, "a locked image");
+        assert!(
+            out.stderr.contains(path_str(&img)) && out.stderr.contains("locked"),
+            "{}",
+            out.describe()
+        );
+    }
+    // The first VM never noticed.
+    assert_disk_verifies(&vm, "after the refused second VMs");
+
+    let out = vmhop_expecting_exit(
+        &[
+            "run",
+            "--api-socket",
+            path_str(&socket),
+            "--memory",
+            "64M",
+            "--guest",
+            "builtin:disk",
+        ],
+        &socket,
+    );
+    assert_eq!(out.code, Some(2), "{}", out.describe());
+    assert!(out.stderr.contains("--disk"), "{}", out.describe());
+}
+
+/// Moves every guest node of a two-node disk guest, writing its disk as
+/// fast as it can, to host node 0 in each mode, and whole guest node 0
+/// alone: the disk and memory verify after each, and the disk guest goes
+/// on (its device writes the used ring and read data into the memory the
+/// move switched in).
+#[test]
+fn numa_moves_in_every_mode_keep_what_the_device_wrote() {
+    let dir = image_dir();
+    let img = image(dir.path(), "disk.img", IMAGE_BYTES);
+    // Few blocks: the read-backs find written blocks, so the read slots
+    // (memory only the device writes) hold data verify checks.
+    let vm = disk_vm(
+        &img,
+        "",
+        ",blocks=64",
+        &[
+            "--vcpus",
+            "2",
+            "--numa",
+            "guest-node=0,size=64M,host-node=0",
+            "--numa",
+            "guest-node=1,size=64M,host-node=0",
+        ],
+    );
+    let mut requests = field(
+        &wait_disk_requests_above(&vm, 50, "before the moves"),
+        "requests",
+    );
+    for (mode, guest_node) in [
+        ("live", None),
+        ("stop-copy", None),
+        ("kernel", None),
+        ("live", Some("0")),
+        ("stop-copy", Some("0")),
+        ("kernel", Some("0")),
+    ] {
+        let when = format!("{mode} move of guest node {}", guest_node.unwrap_or("all"));
+        let mut args = vec!["numa-migrate", "--to-node", "0", "--mode", mode, "--json"];
+        if let Some(g) = guest_node {
+            args.extend_from_slice(&["--guest-node", g]);
+        }
+        let out = vm.cli_ok(&args);
+        let report = one_json_object(&out.stdout);
+        assert_eq!(report["mode"], mode, "{when}: {report}");
+        // Every mode moves the pages (the copy modes into new memory that
+        // mremap puts at the old address): the disk area too, where the
+        // device writes used entries and read data.
+        assert!(field(&report, "pages_moved") > 0, "{when}: {report}");
+        let d = assert_disk_verifies(&vm, &format!("right after the {when}"));
+        assert!(field(&d, "requests") >= requests, "{when}: {d}");
+        assert!(field(&d, "slots_checked") > 0, "{when}: {d}");
+        requests = field(
+            &wait_disk_requests_above(&vm, field(&d, "requests"), &format!("after the {when}")),
+            "requests",
+        );
+    }
+    assert_eq!(vm.state(), "running");
+    let (_, r) = verify(&vm);
+    assert!(field(&r, "pages_checked") > 0, "{r}");
+}
+
+/// A migration to a destination on this host, which opens the same image
+/// path (shared storage): the destination cannot take the image's lock
+/// while the source holds it, so the migration fails naming the image, the
+/// source runs on with memory and disk consistent, and the destination
+/// keeps waiting for a source.
+#[test]
+fn a_migration_whose_destination_cannot_lock_the_shared_image_leaves_the_source_running_with_its_disk(
+) {
+    let dir = image_dir();
+    let img = image(dir.path(), "shared.img", IMAGE_BYTES);
+    let addr = format!("unix:{}", path_str(&dir.path().join("m.sock")));
+    let dst = Vm::start(&["--incoming", &addr]);
+    let src = disk_vm(&img, "", ",blocks=64", &["--vcpus", "2", "--memory", "64M"]);
+    let before = field(
+        &wait_disk_requests_above(&src, 50, "before the migration"),
+        "requests",
+    );
+    let out = src.cli(&["migrate", "--to", &addr, "--json"]);
+    assert_eq!(out.code, Some(1), "{}", out.describe());
+    assert_one_line_error(&out, "a migration refused by the destination");
+    assert!(
+        out.stderr.contains(path_str(&img)) && out.stderr.contains("locked"),
+        "{}",
+        out.describe()
+    );
+    assert_eq!(src.state(), "running", "{}", src.logs());
+    wait_disk_requests_above(&src, before, "after the refused migration");
+    let d = assert_disk_verifies(&src, "after the refused migration");
+    assert!(field(&d, "slots_checked") > 0, "{d}");
+    assert_eq!(dst.status()["state"], "incoming", "{}", dst.logs());
+    assert_blocks_in_place(&img, "after the refused migration");
+}
