@@ -243,7 +243,8 @@ fn scenario(
             ..Default::default()
         };
         let flight = Arc::new(InFlight::default());
-        let r: MigrateReport = migrate(&vm, &req, &flight).map_err(failed("migrating"))?;
+        let r: MigrateReport =
+            migrate(&vm, &req, &flight, &Default::default()).map_err(failed("migrating"))?;
         drop(vm);
         dst.stop()?;
         let plain = plain_tcp(r.page_bytes, 0x5eed + ctx.run as u64)?;
@@ -295,7 +296,7 @@ fn migrate_idle_once(
         ..Default::default()
     };
     let flight = Arc::new(InFlight::default());
-    let r = migrate(&vm, &req, &flight).map_err(failed("migrating"))?;
+    let r = migrate(&vm, &req, &flight, &Default::default()).map_err(failed("migrating"))?;
     drop(vm);
     dst.stop()?;
     Ok((r, rtt))

@@ -141,12 +141,66 @@ pub struct Devices {
     pub disks: Disks,
 }
 
+/// Handing a VM's disk images to another process failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    /// Flushing or unlocking an image for the hand-over failed.
+    #[error("handing disk image {} over (fdatasync, F_OFD_SETLK F_UNLCK): {source}", path.display())]
+    Release {
+        /// The image.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Its lock could not be taken back.
+    #[error("taking the disk's lock back: {0}")]
+    Retake(#[source] virtio::block::ImageError),
+}
+
 /// Handles on a VM's disks, in `--disk` order, for what vmhop itself reads
 /// from them (the host-side `verify`).
 #[derive(Clone, Default)]
 pub struct Disks(Vec<Arc<virtio::MmioTransport<virtio::block::Block>>>);
 
 impl Disks {
+    /// Hands the images over to another process (a migration's switch, on
+    /// shared storage): each is flushed to stable storage and its lock
+    /// released. Call with the VM paused and its devices quiesced. On an
+    /// error the images released so far are locked again.
+    pub fn release(&self) -> Result<(), StorageError> {
+        for (i, d) in self.0.iter().enumerate() {
+            let image = d.device().image();
+            let done = image
+                .flush()
+                .and_then(|()| image.unlock())
+                .map_err(|source| StorageError::Release {
+                    path: image.path().to_path_buf(),
+                    source,
+                });
+            if let Err(e) = done {
+                for d in &self.0[..i] {
+                    let _ = d.device().image().lock();
+                }
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes the images' locks back after [`Disks::release`] (the
+    /// destination refused): fails if another process took one meanwhile.
+    pub fn retake(&self) -> Result<(), StorageError> {
+        for d in &self.0 {
+            d.device().image().lock().map_err(StorageError::Retake)?;
+        }
+        Ok(())
+    }
+
+    /// Whether the VM has disks.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
     /// Reads `buf.len()` bytes of disk `disk` at byte `offset` from its
     /// image. Read with the device quiesced (a paused VM) to see a stable
     /// disk.

@@ -17,6 +17,7 @@ use super::compress::{encode_pages, Compression};
 use super::protocol::{AckKind, Frame, FrameStream, MAX_PAGES_PER_FRAME};
 use super::{check_policy, connect, handshake_as_source, Address, Conn, Security};
 use crate::api::{ApiError, Classify, ErrorKind};
+use crate::devices::Disks;
 use crate::memory::{is_zero_page, PAGE_SIZE};
 use crate::transfer::{
     transfer, AfterCommit, Cancel, FirstPass, PageRun, Plan, Sink, SinkError, TransferError,
@@ -120,10 +121,17 @@ fn watchdog(cancel: Arc<Cancel>, timeout: Duration, done: Arc<(Mutex<bool>, Cond
 
 /// Migrates `vm` as `req` says. On success the destination runs the VM and
 /// this one stays paused, for the caller to stop; on failure it runs on.
+///
+/// Disks stay where they are (shared storage: the destination opens the
+/// same images): at the switch, with the VM paused and its devices
+/// quiesced, `disks` are flushed and their locks released just before the
+/// state goes, for the destination to take; if the destination does not
+/// confirm, the locks are taken back before the VM runs on here.
 pub fn migrate(
     vm: &Vm,
     req: &MigrateRequest,
     flight: &Arc<InFlight>,
+    disks: &Disks,
 ) -> Result<MigrateReport, MigrateError> {
     let (to, budget, timeout, security) = validate(req).map_err(MigrateError::Invalid)?;
     let config =
@@ -146,6 +154,7 @@ pub fn migrate(
         compressed_frames: 0,
         sent_running: 0,
         send_time: Duration::ZERO,
+        disks: disks.clone(),
     };
     let slots: Vec<u32> = vm.memory().chunks().map(|c| c.slot).collect();
     // The destination's memory starts out zero: pages that hold nothing
@@ -197,6 +206,8 @@ struct StreamSink {
     to: Address,
     security: Security,
     compression: Compression,
+    /// The VM's disks, handed over at the switch.
+    disks: Disks,
     /// The VM's configuration, JSON: the first frame.
     config: Vec<u8>,
     stream: Option<FrameStream<Box<dyn Conn>>>,
@@ -271,6 +282,16 @@ impl StreamSink {
 
     /// Sends one run of pages (at most a frame's worth), already copied
     /// into `bounce`, as zero runs and page frames.
+    /// The state and `done`, then the destination's `ack{done}`.
+    fn send_state_and_done(&mut self, st: Vec<u8>) -> Result<(), SinkError> {
+        let s = self.stream()?;
+        let sent = s
+            .write_frame(&Frame::State(st))
+            .and_then(|_| s.write_frame(&Frame::Done));
+        sent.map_err(|e| self.err(format!("sending the VM state: {e}")))?;
+        self.expect_ack(AckKind::Done, DONE_ACK_TIMEOUT)
+    }
+
     fn send_bounced(&mut self, gpa: u64, len: usize) -> Result<(), SinkError> {
         let page = PAGE_SIZE as usize;
         let mut at = 0;
@@ -385,17 +406,26 @@ impl Sink<Vm> for StreamSink {
 
     fn commit(
         &mut self,
-        _vm: &Vm,
+        vm: &Vm,
         _pause: &Pause,
         state: VmState,
     ) -> Result<AfterCommit, SinkError> {
         let st = serde_json::to_vec(&state).map_err(|e| self.err(e))?;
-        let s = self.stream()?;
-        let sent = s
-            .write_frame(&Frame::State(st))
-            .and_then(|_| s.write_frame(&Frame::Done));
-        sent.map_err(|e| self.err(format!("sending the VM state: {e}")))?;
-        self.expect_ack(AckKind::Done, DONE_ACK_TIMEOUT)?;
+        // The destination opens the same images when it builds the VM: let
+        // go of them now, durable, and take them back if it refuses.
+        self.disks.release().map_err(|e| self.err(e))?;
+        let handed = self.send_state_and_done(st);
+        if let Err(e) = handed {
+            if let Err(lock) = self.disks.retake() {
+                // Another process holds an image now: running on here
+                // would write it under that one. Stop the guest instead.
+                vm.fail(format!(
+                    "the migration failed after the disks were handed over ({e}) and {lock}; \
+                     the VM stays stopped here so that two VMs never write one disk"
+                ));
+            }
+            return Err(e);
+        }
         // The VM runs on the destination now: this one must not run again.
         Ok(AfterCommit::StayPaused)
     }

@@ -65,6 +65,9 @@ pub enum BuildError {
     /// This host's KVM cannot run a Linux guest.
     #[error(transparent)]
     NoLinux(#[from] crate::vmm::probe::ProbeError),
+    /// A `--test-hook` made it fail on purpose.
+    #[error("refused by the test hook {0}")]
+    TestHook(&'static str),
 }
 
 impl Classify for BuildError {
@@ -77,6 +80,7 @@ impl Classify for BuildError {
             BuildError::Vm(e) => e.kind(),
             BuildError::Restore(e) => e.kind(),
             BuildError::NoLinux(e) => e.kind(),
+            BuildError::TestHook(_) => ErrorKind::Failed,
         }
     }
 }

@@ -25,6 +25,10 @@ pub struct TestHooks {
     /// code far too slowly: the suite's tiny fake kernels run a few dozen
     /// instructions, which even an emulating KVM does at once.
     pub any_kvm: bool,
+    /// A migration destination builds the arriving VM (its disks opened
+    /// and locked) and then refuses it, as a destination that fails at the
+    /// last step would: the source must get its disks back.
+    pub refuse_arrival: bool,
 }
 
 /// A `--test-hook` that does not parse.
@@ -68,6 +72,7 @@ impl TestHooks {
                 }
                 ("guest-kvmclock", None) => h.guest.kvmclock = true,
                 ("linux-any-kvm", None) => h.any_kvm = true,
+                ("incoming-refuse-arrival", None) => h.refuse_arrival = true,
                 ("numa-finish-delay-ms", Some(v)) => {
                     let ms: u64 = v.parse().map_err(|_| err("expected milliseconds"))?;
                     h.numa.finish_delay = Some(Duration::from_millis(ms));
@@ -86,7 +91,8 @@ impl TestHooks {
                 _ => {
                     return Err(err(
                         "unknown hook (guest-fault=K, guest-kvmclock, linux-any-kvm, \
-                         numa-finish-delay-ms=N, numa-fail-finish=STEP, numa-fail-chunk=K)",
+                         incoming-refuse-arrival, numa-finish-delay-ms=N, \
+                         numa-fail-finish=STEP, numa-fail-chunk=K)",
                     ))
                 }
             }
@@ -105,13 +111,14 @@ mod tests {
             "guest-fault=gp".into(),
             "guest-kvmclock".into(),
             "linux-any-kvm".into(),
+            "incoming-refuse-arrival".into(),
             "numa-finish-delay-ms=250".into(),
             "numa-fail-finish=repin".into(),
             "numa-fail-chunk=3".into(),
         ])
         .unwrap();
         assert_eq!(h.guest.fault, TestFault::parse("gp"));
-        assert!(h.guest.kvmclock && h.any_kvm);
+        assert!(h.guest.kvmclock && h.any_kvm && h.refuse_arrival);
         assert_eq!(h.numa.finish_delay, Some(Duration::from_millis(250)));
         assert_eq!(h.numa.fail_finish, Some(FinishStep::Repin));
         assert_eq!(h.numa.fail_chunk, Some(3));

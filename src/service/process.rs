@@ -487,7 +487,15 @@ fn incoming(
             }
         };
         let t_arrive = Instant::now();
-        let machine = match build::arrive(&mut arrived, console, &hooks) {
+        let built = build::arrive(&mut arrived, console, &hooks).and_then(|m| {
+            if hooks.refuse_arrival {
+                // Dropped here: its devices close (and unlock) their images.
+                drop(m);
+                return Err(BuildError::TestHook("incoming-refuse-arrival"));
+            }
+            Ok(m)
+        });
+        let machine = match built {
             Ok(m) => m,
             Err(e) => {
                 let e = arrived.refuse(format!("the VM does not start here: {e}"));

@@ -230,7 +230,7 @@ impl Vmm {
         self.running_or_paused()?;
         let flight = Arc::new(InFlight::default());
         *self.migration.lock().unwrap_or_else(|e| e.into_inner()) = Some(flight.clone());
-        let r = crate::migration::source::migrate(&self.vm, &req, &flight);
+        let r = crate::migration::source::migrate(&self.vm, &req, &flight, &self.disks);
         *self.migration.lock().unwrap_or_else(|e| e.into_inner()) = None;
         let r = r.map_err(|e| ApiError::from(&e))?;
         // The VM runs at the destination now; this process ends.
