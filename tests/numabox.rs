@@ -637,10 +637,15 @@ fn numabox_linux_guest_survives_host_migration_to_swapped_nodes() {
             "ok: on the destination: beats",
             "ok: on the destination: guest node 0 (bind:1):",
             "ok: on the destination: guest node 1 (bind:0):",
-            "ok: stop: dx stopped, vmhop exited 0",
+            POWERED_OFF,
+            "ok: poweroff: e2fsck -fn finds the disk clean",
         ])
         .collect();
-    linux_scenario("migrate", &expect);
+    let more = [
+        format!("{}:/files/disk.img", ext4_image().display()),
+        "/sbin/e2fsck.static:/files/e2fsck.static".to_string(),
+    ];
+    linux_scenario_with("migrate", &expect, &more);
 }
 
 #[test]

@@ -51,6 +51,11 @@
 #               the destination's console must carry on counting from where
 #               the source stopped (no reboot, uptime not back), 3 more
 #               beats ok, and numa-stat there must show the swapped nodes.
+#               The VM has the ext4 data disk and the control disk of
+#               numa-moves, on shared storage (the destination opens the
+#               same images at the switch): the checker goes on checking
+#               its files there, and the destination's guest powers off
+#               clean as in numa-moves.
 #   boot-loop   boot, wait for the first beat, stop; again, up to
 #               $BOOT_LOOP times (20): a tool for catching the box's
 #               spontaneous triple fault (issue 9), whose KVM trace the box
@@ -593,8 +598,10 @@ step_numa_moves() {
 }
 
 step_migrate() {
-    boot_vm
+    with_disks
+    boot_vm "$disk_words"
     first_beat=1
+    check_disk_mounted
     more_beats 1 "before the migration"
     src_pid="$vm_pid" src_err="$err"
     sock=/tmp/vmhop-migration.sock
@@ -659,7 +666,7 @@ step_migrate() {
     say "numa-stat there: $stat"
     check_placement "$stat" 0 1 "$what"
     check_placement "$stat" 1 0 "$what"
-    stop_vm "stop"
+    poweroff_by_ctl "poweroff"
 }
 
 step_boot_loop() {
