@@ -145,7 +145,15 @@ impl Signals {
 #[error("{0}")]
 pub struct QueueBroken(pub String);
 
-/// What serves the requests of a device's queues, on its worker thread.
+/// What serves a device's queues, on its worker thread.
+///
+/// A request/response device (block, a control queue) implements `serve`
+/// only: the worker takes every request a notified queue offers and hands
+/// each to it. A device whose work also comes from outside the guest
+/// (network RX waiting for frames, vsock waiting on host sockets) drives
+/// its queues itself: it overrides `notified`, and gives the worker an fd
+/// to wait on (`event_fd`; readable: `event` is called). Either way it
+/// sees the live queues only through [`Rings`], on the worker thread.
 pub trait QueueHandler: Send + 'static {
     /// Serves `chain`, taken from queue `queue`; returns how many bytes it
     /// wrote into the chain's device-writable buffers (the used length).
@@ -156,7 +164,149 @@ pub trait QueueHandler: Send + 'static {
         mem: &DeviceGuestMemory,
         queue: u16,
         chain: DescriptorChain<&DeviceGuestMemory>,
-    ) -> Result<u32, QueueBroken>;
+    ) -> Result<u32, QueueBroken> {
+        let _ = (mem, chain);
+        Err(QueueBroken(format!("queue {queue} takes no requests")))
+    }
+
+    /// Queue `queue` was notified by the driver (or kicked after a resume
+    /// or a restore). By default: every request it offers through `serve`,
+    /// notification suppression handled as the spec wants.
+    fn notified(&mut self, rings: &mut Rings<'_>, queue: u16) -> Result<(), QueueBroken> {
+        serve_requests(self, rings, queue)
+    }
+
+    /// An fd the worker waits on besides the queues' notifications (an
+    /// epoll fd of the handler's own); None: there is none.
+    fn event_fd(&self) -> Option<std::os::fd::RawFd> {
+        None
+    }
+
+    /// `event_fd` is readable (also called after every resume's kick).
+    fn event(&mut self, rings: &mut Rings<'_>) -> Result<(), QueueBroken> {
+        let _ = rings;
+        Ok(())
+    }
+}
+
+/// Takes every request queue `queue` offers and hands each to `h.serve`:
+/// notifications are disabled while it drains the queue and enabled again
+/// (with EVENT_IDX, `avail_event` written after the last request taken)
+/// before it looks once more. A quiesce stops it between two requests.
+pub fn serve_requests<H: QueueHandler + ?Sized>(
+    h: &mut H,
+    rings: &mut Rings<'_>,
+    queue: u16,
+) -> Result<(), QueueBroken> {
+    if !rings.ready(queue) {
+        return Ok(());
+    }
+    loop {
+        rings.disable_notification(queue)?;
+        while let Some(chain) = rings.pop(queue)? {
+            let head = chain.head_index();
+            let len = h
+                .serve(rings.mem(), queue, chain)
+                .map_err(|e| QueueBroken(format!("queue {queue}, request {head}: {e}")))?;
+            rings.add_used(queue, head, len)?;
+        }
+        if rings.holding() || !rings.enable_notification(queue)? {
+            return Ok(());
+        }
+    }
+}
+
+/// The live queues of a device as its handler sees them on the worker
+/// thread: taking chains, returning them used, and notification
+/// suppression. The worker raises the interrupt afterwards for every queue
+/// that used buffers and whose driver asked for it (`used_event` with
+/// EVENT_IDX).
+pub struct Rings<'a> {
+    mem: &'a DeviceGuestMemory,
+    queues: &'a mut [virtio_queue::Queue],
+    hold: &'a AtomicBool,
+    used: &'a mut [bool],
+}
+
+impl<'a> Rings<'a> {
+    fn queue(&mut self, q: u16) -> Result<&mut virtio_queue::Queue, QueueBroken> {
+        self.queues
+            .get_mut(q as usize)
+            .ok_or_else(|| QueueBroken(format!("the device has no queue {q}")))
+    }
+
+    /// Guest memory, as devices see it (writes are marked dirty).
+    pub fn mem(&self) -> &'a DeviceGuestMemory {
+        self.mem
+    }
+
+    /// The VMM is quiescing the device: take nothing more.
+    pub fn holding(&self) -> bool {
+        self.hold.load(Ordering::SeqCst)
+    }
+
+    /// Whether the driver set queue `q` up (a queue it never readied is
+    /// never served).
+    pub fn ready(&self, q: u16) -> bool {
+        use virtio_queue::QueueT;
+        self.queues.get(q as usize).is_some_and(|x| x.ready())
+    }
+
+    /// The next chain the driver offers on queue `q`; None when there is
+    /// none, the queue is not ready, or the device is quiescing.
+    pub fn pop(
+        &mut self,
+        q: u16,
+    ) -> Result<Option<DescriptorChain<&'a DeviceGuestMemory>>, QueueBroken> {
+        use virtio_queue::QueueOwnedT;
+        if self.holding() || !self.ready(q) {
+            return Ok(None);
+        }
+        let mem = self.mem;
+        let queue = self.queue(q)?;
+        let mut iter = queue
+            .iter(mem)
+            .map_err(|e| QueueBroken(format!("queue {q}: {e}")))?;
+        Ok(iter.next())
+    }
+
+    /// Gives back the last chain taken from queue `q` (the next `pop`
+    /// returns it again): a device that cannot use it yet.
+    pub fn unpop(&mut self, q: u16) -> Result<(), QueueBroken> {
+        use virtio_queue::QueueOwnedT;
+        self.queue(q)?.go_to_previous_position();
+        Ok(())
+    }
+
+    /// Puts chain `head` on queue `q`'s used ring with `len` bytes written.
+    pub fn add_used(&mut self, q: u16, head: u16, len: u32) -> Result<(), QueueBroken> {
+        use virtio_queue::QueueT;
+        let mem = self.mem;
+        self.queue(q)?
+            .add_used(mem, head, len)
+            .map_err(|e| QueueBroken(format!("queue {q}, request {head}: {e}")))?;
+        self.used[q as usize] = true;
+        Ok(())
+    }
+
+    /// Asks the driver not to notify queue `q` (the device is draining it).
+    pub fn disable_notification(&mut self, q: u16) -> Result<(), QueueBroken> {
+        use virtio_queue::QueueT;
+        let mem = self.mem;
+        self.queue(q)?
+            .disable_notification(mem)
+            .map_err(|e| QueueBroken(format!("queue {q}: {e}")))
+    }
+
+    /// Asks the driver to notify queue `q` when it adds buffers; true if
+    /// some arrived meanwhile (look again before waiting).
+    pub fn enable_notification(&mut self, q: u16) -> Result<bool, QueueBroken> {
+        use virtio_queue::QueueT;
+        let mem = self.mem;
+        self.queue(q)?
+            .enable_notification(mem)
+            .map_err(|e| QueueBroken(format!("queue {q}: {e}")))
+    }
 }
 
 /// One virtio device model, below the transport: its identity, features,

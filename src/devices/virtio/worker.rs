@@ -1,7 +1,8 @@
 //! The thread that serves one device's queues: it waits on the queues'
-//! notify eventfds and on its control channel, takes requests from the
-//! avail rings, hands each to the device's [`QueueHandler`], fills the used
-//! ring and raises the interrupt.
+//! notify eventfds, on its control channel and on the handler's own event
+//! fd (a TAP, host sockets), hands each notification or event to the
+//! device's [`QueueHandler`] (which takes requests from the avail rings
+//! through [`Rings`] and fills the used rings), and raises the interrupt.
 //!
 //! It owns the live `Queue`s while the device is active; the transport gets
 //! their state back when it quiesces or stops the worker.
@@ -12,11 +13,11 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use virtio_queue::{Queue, QueueOwnedT, QueueState, QueueT};
+use virtio_queue::{Queue, QueueState, QueueT};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{QueueHandler, Signals, INT_VRING};
+use super::{QueueBroken, QueueHandler, Rings, Signals, INT_VRING};
 use crate::memory::DeviceMemory;
 
 /// How long the transport waits for its worker to answer a command: the
@@ -206,7 +207,7 @@ impl Loop {
             }
         };
         let n = self.queues.len();
-        let mut events = vec![EpollEvent::default(); n + 1];
+        let mut events = vec![EpollEvent::default(); n + 2];
         loop {
             let Some(epoll) = epoll.as_ref().filter(|_| !paused) else {
                 // Parked: wait for a command only; a notification that
@@ -238,12 +239,14 @@ impl Loop {
                 }
             };
             let mut notified = vec![false; n];
+            let mut backend = false;
             for ev in &events[..ready] {
                 match ev.data() as usize {
                     q if q < n => {
                         let _ = self.notify[q].read();
                         notified[q] = true;
                     }
+                    q if q == n + 1 => backend = true,
                     _ => {
                         let _ = wake.read();
                     }
@@ -274,6 +277,9 @@ impl Loop {
             for (q, _) in notified.iter().enumerate().filter(|(_, &x)| x) {
                 self.serve_queue(q);
             }
+            if backend {
+                self.drive(|h, rings| h.event(rings));
+            }
         }
     }
 
@@ -292,6 +298,13 @@ impl Loop {
             wake.as_raw_fd(),
             EpollEvent::new(EventSet::IN, self.notify.len() as u64),
         )?;
+        if let Some(fd) = self.handler.event_fd() {
+            epoll.ctl(
+                ControlOperation::Add,
+                fd,
+                EpollEvent::new(EventSet::IN, self.notify.len() as u64 + 1),
+            )?;
+        }
         Ok(epoll)
     }
 
@@ -302,22 +315,35 @@ impl Loop {
 
     /// Serves every ready queue and raises an interrupt: after a resume or
     /// a restore nothing the guest queued, and no notification it expects,
-    /// is left waiting.
+    /// is left waiting. The handler's own event source is looked at too
+    /// (what arrived while the device was parked).
     fn kick(&mut self) {
         for q in 0..self.queues.len() {
             self.serve_queue(q);
         }
+        self.drive(|h, rings| h.event(rings));
         if !self.broken && self.queues.iter().any(|q| q.ready()) {
             self.signals.raise(INT_VRING);
         }
     }
 
-    /// Takes every request queue `qi` offers, notification suppression
-    /// handled as the spec wants (with EVENT_IDX, `avail_event` is written
-    /// after the last request taken), and raises the interrupt if the
-    /// driver asked for one.
+    /// Hands queue `qi`'s notification to the handler (by default it takes
+    /// every request the queue offers).
     fn serve_queue(&mut self, qi: usize) {
-        if self.broken || !self.queues[qi].ready() {
+        if !self.queues[qi].ready() {
+            return;
+        }
+        self.drive(|h, rings| h.notified(rings, qi as u16));
+    }
+
+    /// Runs `work` on the handler with the live queues, then raises the
+    /// interrupt if a queue used buffers and its driver asked for one; a
+    /// broken queue sets DEVICE_NEEDS_RESET and the device serves no more.
+    fn drive(
+        &mut self,
+        work: impl FnOnce(&mut dyn QueueHandler, &mut Rings<'_>) -> Result<(), QueueBroken>,
+    ) {
+        if self.broken {
             return;
         }
         let memory = self.memory.clone();
@@ -325,49 +351,26 @@ impl Loop {
             return;
         };
         let mem = &*mem;
-        let mut used = false;
-        let result: Result<(), String> = (|| {
-            loop {
-                let q = &mut self.queues[qi];
-                q.disable_notification(mem)
-                    .map_err(|e| format!("queue {qi}: {e}"))?;
-                loop {
-                    if self.hold.load(Ordering::SeqCst) {
-                        // Quiescing: what is left waits for the resume's kick.
-                        return Ok(());
-                    }
-                    let q = &mut self.queues[qi];
-                    let chain = q.iter(mem).map_err(|e| format!("queue {qi}: {e}"))?.next();
-                    let Some(chain) = chain else { break };
-                    let head = chain.head_index();
-                    let len = self
-                        .handler
-                        .serve(mem, qi as u16, chain)
-                        .map_err(|e| format!("queue {qi}, request {head}: {e}"))?;
-                    self.queues[qi]
-                        .add_used(mem, head, len)
-                        .map_err(|e| format!("queue {qi}, request {head}: {e}"))?;
-                    used = true;
-                }
-                let more = self.queues[qi]
-                    .enable_notification(mem)
-                    .map_err(|e| format!("queue {qi}: {e}"))?;
-                if !more {
-                    return Ok(());
-                }
-            }
-        })();
+        let mut used = vec![false; self.queues.len()];
+        let result = {
+            let mut rings = Rings {
+                mem,
+                queues: &mut self.queues,
+                hold: &self.hold,
+                used: &mut used,
+            };
+            work(&mut *self.handler, &mut rings)
+        };
         let mut raise = false;
-        if used {
-            match self.queues[qi].needs_notification(mem) {
-                Ok(n) => raise = n,
-                Err(_) => raise = true,
-            }
+        for (q, _) in used.iter().enumerate().filter(|(_, &u)| u) {
+            // A used ring the device cannot read back still got buffers:
+            // tell the driver anyway.
+            raise |= self.queues[q].needs_notification(mem).unwrap_or(true);
         }
         if raise {
             self.signals.raise(INT_VRING);
         }
-        if let Err(why) = result {
+        if let Err(QueueBroken(why)) = result {
             self.fail(&why);
         }
     }
