@@ -85,6 +85,8 @@ fn guest_rate(image: &Path, cache: &str, window: Duration) -> Result<f64, BenchE
         hugepages: false,
         chunk_size: DEFAULT_CHUNK_SIZE,
         disks: vec![disk],
+        nets: Vec::new(),
+        vsock: None,
     };
     let vm = vmhop::service::build::boot(config, &Console::Stdout, false, &Default::default())
         .map(|m| BenchVm::new(m.vm))

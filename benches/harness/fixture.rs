@@ -168,6 +168,8 @@ pub fn new_vm_backed(
         hugepages,
         chunk_size: DEFAULT_CHUNK_SIZE,
         disks: Vec::new(),
+        nets: Vec::new(),
+        vsock: None,
     };
     vmhop::service::build::boot(config, &Console::Stdout, paused, &Default::default())
         .map(|m| BenchVm::new(m.vm))

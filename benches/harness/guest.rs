@@ -64,6 +64,8 @@ fn config(vcpus: u32, guest: GuestSpec) -> VmConfig {
         hugepages: false,
         chunk_size: DEFAULT_CHUNK_SIZE,
         disks: Vec::new(),
+        nets: Vec::new(),
+        vsock: None,
     }
 }
 

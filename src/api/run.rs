@@ -79,6 +79,12 @@ pub struct RunSpec {
     pub hugepages: bool,
     /// `--disk` options, as given (`path=FILE[,readonly][,id=NAME]...`).
     pub disks: Vec<String>,
+    /// `--net` options, as given (`tap=NAME[,mac=MAC][,id=ID]`).
+    #[serde(default)]
+    pub nets: Vec<String>,
+    /// `--vsock`, as given (`cid=N,socket=PATH`).
+    #[serde(default)]
+    pub vsock: Option<String>,
     /// `--chunk-size` as given (None: the default).
     pub chunk_size: Option<String>,
     /// Start (or restore) with the vCPUs stopped.

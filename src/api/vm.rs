@@ -51,6 +51,29 @@ pub struct StatusReport {
     /// A lazy restore is still loading guest memory in the background.
     #[serde(default)]
     pub loading: bool,
+    /// Devices with something to report (network cards, vsock): what they
+    /// are attached to and their counters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub devices: Option<Vec<DeviceStatus>>,
+}
+
+/// One device in a status.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DeviceStatus {
+    /// Its type: `virtio-net`, `virtio-vsock`.
+    pub kind: String,
+    /// Its id (`net0`, `vsock`).
+    pub id: String,
+    /// What it is attached to: `tap`, `mac`, `offloads` (the receive
+    /// offloads on at the TAP) for a card; `cid`, `socket` for vsock.
+    #[serde(default)]
+    pub info: std::collections::BTreeMap<String, String>,
+    /// Its counters: `rx_packets`, `rx_bytes`, `rx_dropped`, `tx_packets`,
+    /// `tx_bytes`, `tx_dropped` for a card (rx: to the guest); for vsock
+    /// `connections` (open now), `connections_total`, `rx_bytes`,
+    /// `tx_bytes`, `dropped`, `transport_resets`.
+    #[serde(default)]
+    pub counters: std::collections::BTreeMap<String, u64>,
 }
 
 /// The guest part of a status.

@@ -58,6 +58,15 @@ pub struct RunArgs {
     /// (a raw image, virtio-blk); repeat for more.
     #[arg(long, value_name = "SPEC")]
     pub disk: Vec<String>,
+    /// A network card on a TAP device (opened, or created if missing):
+    /// tap=NAME[,mac=MAC][,id=ID] (virtio-net); repeat for more.
+    #[arg(long, value_name = "SPEC")]
+    pub net: Vec<String>,
+    /// Host–guest sockets (virtio-vsock, Firecracker's host side):
+    /// cid=N,socket=PATH. Host processes connect to PATH and write
+    /// "CONNECT <port>\n"; guest connections to host port P reach PATH_P.
+    #[arg(long, value_name = "SPEC")]
+    pub vsock: Option<String>,
     /// Size of a memory chunk (the unit of NUMA moves).
     #[arg(long, value_name = "SIZE", hide = true)]
     pub chunk_size: Option<String>,
@@ -215,6 +224,8 @@ impl RunArgs {
             console: self.console_target(),
             hugepages: self.hugepages,
             disks: self.disk.clone(),
+            nets: self.net.clone(),
+            vsock: self.vsock.clone(),
             chunk_size: self.chunk_size.clone(),
             paused: self.paused,
             start,

@@ -71,6 +71,9 @@ pub enum DeviceError {
     /// A disk cannot be opened or used.
     #[error(transparent)]
     Block(#[from] virtio::block::BlockError),
+    /// A network card's TAP cannot be used, or its saved state does not fit.
+    #[error(transparent)]
+    Net(#[from] virtio::net::NetError),
     /// A virtio device's saved state does not fit it, or it could not start.
     #[error(transparent)]
     Transport(#[from] virtio::mmio::RestoreError),
@@ -106,6 +109,7 @@ impl Classify for DeviceError {
             | DeviceError::Virtio { .. } => ErrorKind::Failed,
             DeviceError::State { .. } | DeviceError::Missing { .. } => ErrorKind::Unusable,
             DeviceError::Block(e) => e.kind(),
+            DeviceError::Net(e) => e.kind(),
             DeviceError::Transport(virtio::mmio::RestoreError::Os { .. }) => ErrorKind::Failed,
             DeviceError::Transport(_) => ErrorKind::Unusable,
             DeviceError::TooMany { .. } => ErrorKind::BadRequest,
@@ -289,16 +293,19 @@ pub fn build(
         irq_lines,
         ..Default::default()
     };
-    // Disks: one virtio-mmio window and (with an irqchip) one interrupt
-    // line each, in the order given; the DSDT describes the same.
-    let machine = crate::arch::x86_64::layout::virtio_slots(config.disks.len()).ok_or(
+    // Disks, then network cards, then vsock: one virtio-mmio window and
+    // (with an irqchip) one interrupt line each, in the order given; the
+    // DSDT describes the same.
+    let machine = crate::arch::x86_64::layout::virtio_slots(config.virtio_devices()).ok_or(
         DeviceError::TooMany {
-            count: config.disks.len(),
+            count: config.virtio_devices(),
             max: crate::arch::x86_64::layout::MAX_VIRTIO_DEVICES,
         },
     )?;
     let mut disks = Disks::default();
-    for (disk, slot) in config.disks.iter().zip(machine) {
+    let (disk_slots, machine) = machine.split_at(config.disks.len());
+    let (net_slots, _vsock_slot) = machine.split_at(config.nets.len());
+    for (disk, slot) in config.disks.iter().zip(disk_slots) {
         let gsi = (!config.guest.is_builtin()).then_some(slot.gsi);
         let irqfd = virtio::mmio::irq_line(&mut set, &disk.id, gsi)?;
         let t = reg.build::<virtio::MmioTransport<virtio::block::Block>>(
@@ -307,6 +314,16 @@ pub fn build(
             saved,
         )?;
         disks.0.push(t.clone());
+        virtio::mmio::plug(&mut set, slot.base, t)?;
+    }
+    for (net, slot) in config.nets.iter().zip(net_slots) {
+        let gsi = (!config.guest.is_builtin()).then_some(slot.gsi);
+        let irqfd = virtio::mmio::irq_line(&mut set, &net.id, gsi)?;
+        let t = reg.build::<virtio::MmioTransport<virtio::net::Net>>(
+            &net.id,
+            (net.clone(), set.memory.clone(), irqfd),
+            saved,
+        )?;
         virtio::mmio::plug(&mut set, slot.base, t)?;
     }
     reg.check_all_restored(saved)?;
@@ -342,6 +359,8 @@ mod tests {
             hugepages: false,
             chunk_size: crate::memory::layout::DEFAULT_CHUNK_SIZE,
             disks: Vec::new(),
+            nets: Vec::new(),
+            vsock: None,
         }
     }
 

@@ -42,6 +42,10 @@ pub trait Persist: Sized {
     fn resume(&self) -> Result<(), DeviceError> {
         Ok(())
     }
+    /// What it reports for `status` (None: nothing).
+    fn status(&self) -> Option<crate::api::vm::DeviceStatus> {
+        None
+    }
 }
 
 /// One registered device, seen through closures over its `Persist` impl.
@@ -55,6 +59,7 @@ struct Entry {
     >,
     quiesce: Box<dyn Fn() -> Result<(), DeviceError> + Send + Sync>,
     resume: Box<dyn Fn() -> Result<(), DeviceError> + Send + Sync>,
+    status: Box<dyn Fn() -> Option<crate::api::vm::DeviceStatus> + Send + Sync>,
 }
 
 /// Every device of one VM, by type and id.
@@ -108,7 +113,7 @@ impl Registry {
 
     /// Registers a device built elsewhere.
     pub fn add<D: Persist + Send + Sync + 'static>(&mut self, id: &str, device: Arc<D>) {
-        let (d1, d2, d3) = (device.clone(), device.clone(), device);
+        let (d1, d2, d3, d4) = (device.clone(), device.clone(), device.clone(), device);
         self.entries.push(Entry {
             kind: D::TYPE,
             id: id.to_string(),
@@ -118,6 +123,7 @@ impl Registry {
             }),
             quiesce: Box::new(move || d2.quiesce()),
             resume: Box::new(move || d3.resume()),
+            status: Box::new(move || d4.status()),
         });
     }
 
@@ -158,6 +164,10 @@ impl DeviceControl for Registry {
             })?;
         }
         Ok(())
+    }
+
+    fn status(&self) -> Vec<crate::api::vm::DeviceStatus> {
+        self.entries.iter().filter_map(|e| (e.status)()).collect()
     }
 
     fn save(&self) -> Result<DeviceStates, ControlError> {

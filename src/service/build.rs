@@ -25,7 +25,7 @@ use crate::memory::layout::DEFAULT_CHUNK_SIZE;
 use crate::migration::destination::Arrived;
 use crate::service::hooks::TestHooks;
 use crate::util::parse_size;
-use crate::vmm::config::DiskConfig;
+use crate::vmm::config::{DiskConfig, NetConfig, VsockConfig};
 use crate::vmm::state::StateError;
 use crate::vmm::vm::Loader;
 use crate::vmm::{ConfigError, NodeConfig, Setup, Start, Vm, VmConfig, VmError, VmState};
@@ -176,6 +176,30 @@ pub fn config_of(spec: &RunSpec) -> Result<VmConfig, BuildError> {
                     })
             })
             .collect::<Result<_, _>>()?,
+        nets: spec
+            .nets
+            .iter()
+            .enumerate()
+            .map(|(i, n)| {
+                NetConfig::parse(n, &format!("net{i}")).map_err(|e| invalid(e.to_string()))
+            })
+            .collect::<Result<_, _>>()?,
+        vsock: spec
+            .vsock
+            .as_deref()
+            .map(|v| {
+                VsockConfig::parse(v)
+                    .map_err(|e| invalid(e.to_string()))
+                    .map(|mut v| {
+                        // As for disks: the process may change its working
+                        // directory, and PATH_<port> is derived from it.
+                        if let Ok(p) = std::path::absolute(&v.socket) {
+                            v.socket = p;
+                        }
+                        v
+                    })
+            })
+            .transpose()?,
     };
     config.validate()?;
     if let GuestSpec::Linux(l) = &config.guest {
@@ -384,7 +408,8 @@ fn linux_topology(config: &VmConfig) -> linux::Topology {
         apic_ids: crate::arch::x86_64::cpuid::topology(&vcpu_nodes).apic_ids,
         vcpu_nodes,
         distances,
-        // Too many disks fail earlier, when the devices are built.
-        virtio: crate::arch::x86_64::layout::virtio_slots(config.disks.len()).unwrap_or_default(),
+        // Too many devices fail earlier, when the devices are built.
+        virtio: crate::arch::x86_64::layout::virtio_slots(config.virtio_devices())
+            .unwrap_or_default(),
     }
 }

@@ -220,6 +220,7 @@ impl Vmm {
                 .collect(),
             pid: std::process::id(),
             loading: self.loading.load(Ordering::Acquire),
+            devices: Some(self.vm.device_status()).filter(|d| !d.is_empty()),
         }
     }
 

@@ -120,6 +120,11 @@ pub trait DeviceControl: Send + Sync {
     fn resume(&self) -> Result<(), DeviceError>;
     /// Every device's state, by type and id (quiesced).
     fn save(&self) -> Result<crate::vmm::state::DeviceStates, DeviceError>;
+    /// What the devices with something to say report for `status`
+    /// (attachments and counters); read while they run.
+    fn status(&self) -> Vec<crate::api::vm::DeviceStatus> {
+        Vec::new()
+    }
 }
 
 /// A device failed to quiesce, resume or save.

@@ -48,6 +48,13 @@ pub struct VmConfig {
     /// The disks, in the order the guest sees them.
     #[serde(default)]
     pub disks: Vec<DiskConfig>,
+    /// The network cards (virtio-net on a TAP), in the order the guest
+    /// sees them, after the disks.
+    #[serde(default)]
+    pub nets: Vec<NetConfig>,
+    /// The host–guest socket device (virtio-vsock), after the network cards.
+    #[serde(default)]
+    pub vsock: Option<VsockConfig>,
 }
 
 impl crate::api::Classify for ConfigError {
@@ -202,7 +209,35 @@ impl VmConfig {
                 "--guest builtin:disk drives a virtio-blk disk: give it one with --disk path=FILE",
             ));
         }
+        let (mut ids, mut taps) = (
+            std::collections::BTreeSet::new(),
+            std::collections::BTreeSet::new(),
+        );
+        for n in &self.nets {
+            if !ids.insert(n.id.as_str()) {
+                return Err(invalid(format!(
+                    "--net: two network cards have the id '{}'; give each its own id=NAME",
+                    n.id
+                )));
+            }
+            if !taps.insert(n.tap.as_str()) {
+                return Err(invalid(format!(
+                    "--net: two network cards use TAP '{}'; give each its own",
+                    n.tap
+                )));
+            }
+            n.check().map_err(|e| invalid(e.to_string()))?;
+        }
+        if let Some(v) = &self.vsock {
+            v.check().map_err(|e| invalid(e.to_string()))?;
+        }
         Ok(())
+    }
+
+    /// How many virtio devices the guest sees: disks, then network cards,
+    /// then the vsock device (the order of their windows and interrupts).
+    pub fn virtio_devices(&self) -> usize {
+        self.disks.len() + self.nets.len() + self.vsock.is_some() as usize
     }
 
     /// The guest node of each vCPU.
@@ -326,6 +361,233 @@ fn parse_rate(v: &str) -> Result<u64, ConfigError> {
         ));
     }
     Ok(r)
+}
+
+/// An Ethernet address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct MacAddr(pub [u8; 6]);
+
+impl MacAddr {
+    /// A random locally administered unicast address (the first octet's
+    /// bit 1 set, bit 0 clear), as a card given no `mac=` gets.
+    pub fn random() -> MacAddr {
+        let mut b = [0u8; 6];
+        // Without randomness every card would get the same address; the
+        // process id and the time still differ between VMs.
+        if getrandom::fill(&mut b).is_err() {
+            let t = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64);
+            let x = t ^ (std::process::id() as u64) << 32;
+            b.copy_from_slice(&x.to_le_bytes()[..6]);
+        }
+        b[0] = (b[0] & !1) | 2;
+        MacAddr(b)
+    }
+}
+
+impl std::fmt::Display for MacAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let b = self.0;
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            b[0], b[1], b[2], b[3], b[4], b[5]
+        )
+    }
+}
+
+impl std::str::FromStr for MacAddr {
+    type Err = NetConfigError;
+
+    /// Six hexadecimal octets separated by colons, a unicast address that
+    /// is not all zeros.
+    fn from_str(s: &str) -> Result<MacAddr, NetConfigError> {
+        let bad = |why: &str| NetConfigError::Invalid(format!("mac={s}: {why}"));
+        let parts: Vec<&str> = s.split(':').collect();
+        if parts.len() != 6 {
+            return Err(bad(
+                "expected six hexadecimal octets like 52:54:00:12:34:56",
+            ));
+        }
+        let mut b = [0u8; 6];
+        for (o, p) in b.iter_mut().zip(&parts) {
+            if p.len() != 2 {
+                return Err(bad(
+                    "expected six hexadecimal octets like 52:54:00:12:34:56",
+                ));
+            }
+            *o = u8::from_str_radix(p, 16)
+                .map_err(|_| bad("expected six hexadecimal octets like 52:54:00:12:34:56"))?;
+        }
+        if b[0] & 1 != 0 {
+            return Err(bad("is a multicast address; a card needs a unicast one"));
+        }
+        if b == [0; 6] {
+            return Err(bad("is all zeros"));
+        }
+        Ok(MacAddr(b))
+    }
+}
+
+impl Serialize for MacAddr {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for MacAddr {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<MacAddr, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// Longest network interface name (IFNAMSIZ less its NUL).
+pub const MAX_IFNAME: usize = 15;
+
+/// One network card as the user configured it (`--net tap=NAME[,mac=MAC]
+/// [,id=ID]`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetConfig {
+    /// The TAP device: opened if it exists, created if not.
+    pub tap: String,
+    /// The card's address (guest-visible; a random local one when not
+    /// given, chosen once so that it travels with checkpoints).
+    pub mac: MacAddr,
+    /// The device's id: the key of its saved state.
+    pub id: String,
+}
+
+/// A network card configuration that cannot be used.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum NetConfigError {
+    /// Free-text reason naming the option.
+    #[error("--net: {0}")]
+    Invalid(String),
+}
+
+impl NetConfig {
+    /// Parses `tap=NAME[,mac=MAC][,id=ID]`; `default_id` names a card given
+    /// no id (`net0`, `net1` ...).
+    pub fn parse(s: &str, default_id: &str) -> Result<NetConfig, NetConfigError> {
+        let bad = |m: String| NetConfigError::Invalid(m);
+        let (mut tap, mut mac, mut id) = (None, None, None);
+        for kv in s.split(',') {
+            match kv.split_once('=') {
+                Some(("tap", v)) => tap = Some(v.to_string()),
+                Some(("mac", v)) => mac = Some(v.parse::<MacAddr>()?),
+                Some(("id", v)) if !v.is_empty() => id = Some(v.to_string()),
+                _ => {
+                    return Err(bad(format!(
+                        "unknown option '{kv}' (expected tap=NAME, mac=MAC, id=ID)"
+                    )))
+                }
+            }
+        }
+        let c = NetConfig {
+            tap: tap.ok_or_else(|| bad(format!("'{s}' names no tap=NAME")))?,
+            mac: mac.unwrap_or_else(MacAddr::random),
+            id: id.unwrap_or_else(|| default_id.to_string()),
+        };
+        c.check()?;
+        Ok(c)
+    }
+
+    /// The TAP's name is one the kernel takes (`dev_valid_name`).
+    pub fn check(&self) -> Result<(), NetConfigError> {
+        let t = &self.tap;
+        if t.is_empty()
+            || t.len() > MAX_IFNAME
+            || t == "."
+            || t == ".."
+            || t.bytes()
+                .any(|b| b == b'/' || b == b':' || b.is_ascii_whitespace() || b == 0)
+        {
+            return Err(NetConfigError::Invalid(format!(
+                "tap={t}: not an interface name (1 to {MAX_IFNAME} bytes, no '/', ':' or spaces)"
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Longest path a Unix socket address holds (`sun_path` less its NUL).
+pub const MAX_UNIX_PATH: usize = 107;
+
+/// The longest suffix a guest-initiated connection adds to the socket path
+/// (`_4294967295`).
+pub const VSOCK_PORT_SUFFIX: usize = 11;
+
+/// The host–guest socket device as the user configured it (`--vsock
+/// cid=N,socket=PATH`): Firecracker's host side.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VsockConfig {
+    /// The guest's context id (guest-visible; 3 to 2^32-2).
+    pub cid: u64,
+    /// The Unix socket host processes connect to; a guest connecting to
+    /// host port P reaches a listener at `PATH_P`.
+    pub socket: PathBuf,
+}
+
+/// A vsock configuration that cannot be used.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum VsockConfigError {
+    /// Free-text reason naming the option.
+    #[error("--vsock: {0}")]
+    Invalid(String),
+}
+
+impl VsockConfig {
+    /// Parses `cid=N,socket=PATH`.
+    pub fn parse(s: &str) -> Result<VsockConfig, VsockConfigError> {
+        let bad = |m: String| VsockConfigError::Invalid(m);
+        let (mut cid, mut socket) = (None, None);
+        for kv in s.split(',') {
+            match kv.split_once('=') {
+                Some(("cid", v)) => {
+                    cid = Some(
+                        v.parse::<u64>()
+                            .map_err(|_| bad(format!("cid={v} is not a number")))?,
+                    )
+                }
+                Some(("socket", v)) if !v.is_empty() => socket = Some(PathBuf::from(v)),
+                _ => {
+                    return Err(bad(format!(
+                        "unknown option '{kv}' (expected cid=N, socket=PATH)"
+                    )))
+                }
+            }
+        }
+        let c = VsockConfig {
+            cid: cid.ok_or_else(|| bad(format!("'{s}' names no cid=N")))?,
+            socket: socket.ok_or_else(|| bad(format!("'{s}' names no socket=PATH")))?,
+        };
+        c.check()?;
+        Ok(c)
+    }
+
+    /// The context id is a guest's (0, 1 and 2 are the hypervisor's, the
+    /// loopback's and the host's; 2^32-1 is "any"), and `PATH_<port>` fits
+    /// in a Unix socket address for every port.
+    pub fn check(&self) -> Result<(), VsockConfigError> {
+        if !(3..u32::MAX as u64).contains(&self.cid) {
+            return Err(VsockConfigError::Invalid(format!(
+                "cid={} is not a guest's context id (3 to {})",
+                self.cid,
+                u32::MAX - 1
+            )));
+        }
+        let len = self.socket.as_os_str().len();
+        if len + VSOCK_PORT_SUFFIX > MAX_UNIX_PATH {
+            return Err(VsockConfigError::Invalid(format!(
+                "socket={}: {len} bytes; with a port's suffix (_4294967295) it must fit in a Unix socket address ({MAX_UNIX_PATH} bytes), so at most {} bytes",
+                self.socket.display(),
+                MAX_UNIX_PATH - VSOCK_PORT_SUFFIX
+            )));
+        }
+        Ok(())
+    }
 }
 
 /// Which guest runs, with its options.
@@ -504,6 +766,8 @@ mod tests {
             hugepages: false,
             chunk_size: 32 << 20,
             disks: Vec::new(),
+            nets: Vec::new(),
+            vsock: None,
         }
     }
 

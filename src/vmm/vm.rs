@@ -1094,6 +1094,14 @@ impl Vm {
         }
     }
 
+    /// What the devices report for `status` (network counters ...).
+    pub fn device_status(&self) -> Vec<crate::api::vm::DeviceStatus> {
+        self.devices
+            .as_ref()
+            .map(|d| d.status())
+            .unwrap_or_default()
+    }
+
     /// Lets the devices serve again once the vCPUs run.
     fn resume_devices(&self) -> Result<(), VmError> {
         match &self.devices {
@@ -1392,6 +1400,8 @@ mod tests {
             hugepages: false,
             chunk_size,
             disks: Vec::new(),
+            nets: Vec::new(),
+            vsock: None,
         };
         crate::service::build::boot(
             config,

@@ -29,6 +29,7 @@
 
 pub mod block;
 pub mod mmio;
+pub mod net;
 mod worker;
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -295,6 +296,57 @@ impl<'a> Rings<'a> {
         let mem = self.mem;
         self.queue(q)?
             .disable_notification(mem)
+            .map_err(|e| QueueBroken(format!("queue {q}: {e}")))
+    }
+
+    /// The size the driver gave queue `q` (0 for no such queue).
+    pub fn size(&self, q: u16) -> u16 {
+        use virtio_queue::QueueT;
+        self.queues.get(q as usize).map_or(0, |x| x.size())
+    }
+
+    /// Asks the driver to notify queue `q` once it adds buffers beyond
+    /// those it has offered so far (not merely beyond those the device
+    /// took: the device gave some back because they are not enough, e.g.
+    /// for a large frame in mergeable buffers); true if it added some
+    /// meanwhile. With EVENT_IDX this writes `avail_event` = the driver's
+    /// avail index (virtio-queue writes the device's position).
+    pub fn notify_beyond_avail(&mut self, q: u16) -> Result<bool, QueueBroken> {
+        use virtio_queue::QueueT;
+        use vm_memory::{Bytes, GuestAddress};
+        let mem = self.mem;
+        let queue = self.queue(q)?;
+        let err = |e: &dyn std::fmt::Display| QueueBroken(format!("queue {q}: {e}"));
+        let now = queue
+            .avail_idx(mem, Ordering::Acquire)
+            .map_err(|e| err(&e))?;
+        if queue.event_idx_enabled() {
+            // The used ring: flags, idx, `size` elements of 8 bytes, then
+            // avail_event.
+            let at = queue.used_ring() + 4 + 8 * queue.size() as u64;
+            mem.store(now.0.to_le(), GuestAddress(at), Ordering::Relaxed)
+                .map_err(|e| err(&e))?;
+        } else {
+            queue.enable_notification(mem).map_err(|e| err(&e))?;
+        }
+        std::sync::atomic::fence(Ordering::SeqCst);
+        let later = queue
+            .avail_idx(mem, Ordering::Acquire)
+            .map_err(|e| err(&e))?;
+        Ok(later != now)
+    }
+
+    /// The driver's avail index of queue `q` (how many chains it has
+    /// offered, wrapping).
+    pub fn avail_idx(&self, q: u16) -> Result<u16, QueueBroken> {
+        use virtio_queue::QueueT;
+        let queue = self
+            .queues
+            .get(q as usize)
+            .ok_or_else(|| QueueBroken(format!("the device has no queue {q}")))?;
+        queue
+            .avail_idx(self.mem, Ordering::Acquire)
+            .map(|w| w.0)
             .map_err(|e| QueueBroken(format!("queue {q}: {e}")))
     }
 

@@ -878,6 +878,8 @@ fn a_cpl3_guest_notifies_the_disk_through_kvm_and_the_worker_serves_it() {
             hugepages: false,
             chunk_size: 32 << 20,
             disks: Vec::new(),
+            nets: Vec::new(),
+            vsock: None,
         };
         let mut devs = crate::devices::build(
             &config,
