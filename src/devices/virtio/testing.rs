@@ -240,6 +240,11 @@ impl<'t, D: VirtioDevice> Driver<'t, D> {
     /// accepts the offered features in `want`, sets queue 0 up on `q`, and
     /// sets DRIVER_OK. Returns the accepted features.
     pub fn activate(&self, q: &DriverQueue<'_>, want: u64) -> u64 {
+        self.activate_queues(&[q], want)
+    }
+
+    /// As [`Driver::activate`], with queue i set up on `qs[i]`.
+    pub fn activate_queues(&self, qs: &[&DriverQueue<'_>], want: u64) -> u64 {
         assert_eq!(self.r(VIRTIO_MMIO_MAGIC_VALUE), 0x7472_6976);
         assert_eq!(self.r(VIRTIO_MMIO_VERSION), 2);
         self.w(VIRTIO_MMIO_STATUS, 0);
@@ -261,7 +266,9 @@ impl<'t, D: VirtioDevice> Driver<'t, D> {
             self.r(VIRTIO_MMIO_STATUS) & status::FEATURES_OK,
             status::FEATURES_OK
         );
-        self.queue(0, q);
+        for (i, q) in qs.iter().enumerate() {
+            self.queue(i as u32, q);
+        }
         self.w(VIRTIO_MMIO_STATUS, s | status::DRIVER_OK);
         acked
     }

@@ -310,6 +310,11 @@ impl Net {
             id: config.id.clone(),
             source,
         })?;
+        Ok(Net::on(config, tap))
+    }
+
+    /// A card for `config` on `tap` (opened already).
+    fn on(config: NetConfig, tap: Tap) -> Net {
         let tap_offloads = tap.probe_offloads();
         let shared = Shared {
             name: format!("virtio-net {}", config.id),
@@ -320,12 +325,12 @@ impl Net {
             guest_offloads: AtomicU64::new(0),
             counters: Counters::default(),
         };
-        Ok(Net {
+        Net {
             config,
             shared: Arc::new(shared),
             features: offered_features(tap_offloads),
             tap_offloads,
-        })
+        }
     }
 
     /// A card for `config` as `state` saved it: the MAC must be the saved
@@ -333,7 +338,12 @@ impl Net {
     /// negotiated; the card then offers the saved feature set (what the
     /// guest saw), whatever more this TAP could do.
     pub fn restore(config: NetConfig, state: &TransportState<NetState>) -> Result<Net, NetError> {
-        let mut n = Net::new(config)?;
+        Net::new(config)?.restored(state)
+    }
+
+    /// This card (on its TAP, not yet used) as `state` saved it.
+    fn restored(mut self, state: &TransportState<NetState>) -> Result<Net, NetError> {
+        let n = &mut self;
         let s = &state.device;
         let id = n.config.id.clone();
         if s.version != NET_STATE_VERSION {
@@ -371,7 +381,7 @@ impl Net {
         }
         n.features = state.offered;
         n.shared.status.store(s.status, Ordering::Relaxed);
-        Ok(n)
+        Ok(self)
     }
 
     /// The card's configuration.
@@ -569,3 +579,6 @@ impl Persist for MmioTransport<Net> {
         })
     }
 }
+
+#[cfg(test)]
+mod tests;
