@@ -46,6 +46,9 @@ pub trait Persist: Sized {
     fn status(&self) -> Option<crate::api::vm::DeviceStatus> {
         None
     }
+    /// The VM now runs on another host: tell the network where it is (a
+    /// network card announces its MAC). One round of several.
+    fn announce(&self) {}
 }
 
 /// One registered device, seen through closures over its `Persist` impl.
@@ -60,6 +63,7 @@ struct Entry {
     quiesce: Box<dyn Fn() -> Result<(), DeviceError> + Send + Sync>,
     resume: Box<dyn Fn() -> Result<(), DeviceError> + Send + Sync>,
     status: Box<dyn Fn() -> Option<crate::api::vm::DeviceStatus> + Send + Sync>,
+    announce: Box<dyn Fn() + Send + Sync>,
 }
 
 /// Every device of one VM, by type and id.
@@ -113,7 +117,12 @@ impl Registry {
 
     /// Registers a device built elsewhere.
     pub fn add<D: Persist + Send + Sync + 'static>(&mut self, id: &str, device: Arc<D>) {
-        let (d1, d2, d3, d4) = (device.clone(), device.clone(), device.clone(), device);
+        let (d1, d2, d3, d4) = (
+            device.clone(),
+            device.clone(),
+            device.clone(),
+            device.clone(),
+        );
         self.entries.push(Entry {
             kind: D::TYPE,
             id: id.to_string(),
@@ -124,6 +133,7 @@ impl Registry {
             quiesce: Box::new(move || d2.quiesce()),
             resume: Box::new(move || d3.resume()),
             status: Box::new(move || d4.status()),
+            announce: Box::new(move || device.announce()),
         });
     }
 
@@ -168,6 +178,12 @@ impl DeviceControl for Registry {
 
     fn status(&self) -> Vec<crate::api::vm::DeviceStatus> {
         self.entries.iter().filter_map(|e| (e.status)()).collect()
+    }
+
+    fn announce(&self) {
+        for e in &self.entries {
+            (e.announce)();
+        }
     }
 
     fn save(&self) -> Result<DeviceStates, ControlError> {

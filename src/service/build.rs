@@ -314,11 +314,13 @@ pub struct Restored {
     pub loading: Arc<AtomicBool>,
 }
 
-/// Restores `target` (as a VM called `name`, else the saved name); lazy
-/// unless `eager`; the vCPUs run unless `paused`.
+/// Restores `target` (as a VM called `name`, else the saved name), its
+/// network cards on the TAPs `nets` (`--net`) name; lazy unless `eager`;
+/// the vCPUs run unless `paused`.
 pub fn restore(
     target: &CheckpointTarget,
     name: Option<String>,
+    nets: &[String],
     eager: bool,
     paused: bool,
     console: &Console,
@@ -328,6 +330,7 @@ pub fn restore(
     if let Some(n) = name {
         r.config.name = n;
     }
+    r.config.nets = rebind_nets(&r.config.nets, nets)?;
     let tv = Instant::now();
     let (state, load) = r.take_start();
     let fill = Fill::Saved {
@@ -353,13 +356,17 @@ pub fn restore(
     })
 }
 
-/// Creates the VM that `arrived` carries, running; the caller confirms it
-/// to the source (or refuses the source if this fails).
+/// Creates the VM that `arrived` carries, running, its network cards on
+/// the TAPs `nets` (`--net` here) name; the caller confirms it to the
+/// source (or refuses the source if this fails: a TAP here that cannot
+/// take the offloads the guest negotiated refuses it before the switch).
 pub fn arrive(
     arrived: &mut Arrived,
+    nets: &[String],
     console: &Console,
     hooks: &TestHooks,
 ) -> Result<Machine, BuildError> {
+    arrived.config.nets = rebind_nets(&arrived.config.nets, nets)?;
     let (state, load) = arrived.take_start();
     let fill = Fill::Saved {
         state: Box::new(state),
@@ -368,6 +375,13 @@ pub fn arrive(
         dirty_log: false,
     };
     assemble(arrived.config.clone(), fill, false, console, hooks)
+}
+
+/// Saved network cards on the TAPs `specs` (`--net` on a restore or an
+/// arrival) name.
+fn rebind_nets(saved: &[NetConfig], specs: &[String]) -> Result<Vec<NetConfig>, BuildError> {
+    NetConfig::rebind(saved, specs)
+        .map_err(|e| BuildError::Config(ConfigError::Invalid(e.to_string())))
 }
 
 /// The NUMA shape a Linux guest's ACPI tables describe: each vCPU's guest

@@ -188,7 +188,15 @@ pub fn run(spec: RunSpec, events: &mut dyn FnMut(RunEvent)) -> Result<RunEnd, Pr
         StartSpec::Restore { target, eager } => {
             let set = crate::util::block_stop_signals();
             let name = spec.name_given.then(|| spec.name.clone());
-            let r = build::restore(target, name, *eager, spec.paused, &console, &hooks)?;
+            let r = build::restore(
+                target,
+                name,
+                &spec.nets,
+                *eager,
+                spec.paused,
+                &console,
+                &hooks,
+            )?;
             let fe = Frontend::start(&socket, set)?;
             let vmm = Vmm::new(
                 r.machine.vm.clone(),
@@ -206,6 +214,35 @@ pub fn run(spec: RunSpec, events: &mut dyn FnMut(RunEvent)) -> Result<RunEnd, Pr
             once,
             auth,
         } => incoming(&spec, address, *once, auth, hooks, &console, events),
+    }
+}
+
+/// Rounds of a migrated VM's announce, and the wait before the first (then
+/// each wait grows by [`ANNOUNCE_STEP`]): QEMU's defaults.
+const ANNOUNCE_ROUNDS: u32 = 5;
+/// The wait before the first announce round.
+const ANNOUNCE_INITIAL: Duration = Duration::from_millis(50);
+/// How much longer each later wait is.
+const ANNOUNCE_STEP: Duration = Duration::from_millis(100);
+
+/// Tells the network where a VM that just arrived is, on a thread of its
+/// own so that the VM's API serves meanwhile: bridges and switches learn
+/// the port its network cards' MACs are behind now.
+fn announce(vm: &Arc<crate::vmm::Vm>) {
+    let vm = Arc::downgrade(vm);
+    let spawned = std::thread::Builder::new()
+        .name("announce".into())
+        .spawn(move || {
+            let mut wait = ANNOUNCE_INITIAL;
+            for _ in 0..ANNOUNCE_ROUNDS {
+                std::thread::sleep(wait);
+                let Some(vm) = vm.upgrade() else { return };
+                vm.announce_devices();
+                wait += ANNOUNCE_STEP;
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!("no announce after the migration: cannot start its thread: {e}");
     }
 }
 
@@ -487,7 +524,7 @@ fn incoming(
             }
         };
         let t_arrive = Instant::now();
-        let built = build::arrive(&mut arrived, console, &hooks).and_then(|m| {
+        let built = build::arrive(&mut arrived, &spec.nets, console, &hooks).and_then(|m| {
             if hooks.refuse_arrival {
                 // Dropped here: its devices close (and unlock) their images.
                 drop(m);
@@ -540,6 +577,7 @@ fn incoming(
                 continue;
             }
         };
+        announce(&machine.vm);
         return serve(
             vmm,
             machine,

@@ -125,6 +125,9 @@ pub trait DeviceControl: Send + Sync {
     fn status(&self) -> Vec<crate::api::vm::DeviceStatus> {
         Vec::new()
     }
+    /// The VM runs on another host now: devices that can tell the network
+    /// where the guest is do so (one round; the caller repeats it).
+    fn announce(&self) {}
 }
 
 /// A device failed to quiesce, resume or save.

@@ -230,6 +230,14 @@ impl VmConfig {
         }
         if let Some(v) = &self.vsock {
             v.check().map_err(|e| invalid(e.to_string()))?;
+            // Parsed and checked so that the option's shape is settled,
+            // but there is no device behind it yet: refuse rather than
+            // boot a guest without the channel it was promised.
+            return Err(invalid(format!(
+                "--vsock cid={},socket={}: virtio-vsock is not implemented in this vmhop yet",
+                v.cid,
+                v.socket.display()
+            )));
         }
         Ok(())
     }
@@ -492,6 +500,48 @@ impl NetConfig {
         };
         c.check()?;
         Ok(c)
+    }
+
+    /// The saved cards `saved` (of a checkpoint or a migration's source)
+    /// attached as `specs` (`--net` on `restore` or `run --incoming`) say:
+    /// each spec names a saved card by its id (`net<i>` when it gives
+    /// none) and gives the TAP it uses here. The MAC travels with the
+    /// card: a spec may repeat it, not change it. Cards no spec names keep
+    /// their saved TAP.
+    pub fn rebind(saved: &[NetConfig], specs: &[String]) -> Result<Vec<NetConfig>, NetConfigError> {
+        let mut out = saved.to_vec();
+        for (i, spec) in specs.iter().enumerate() {
+            let given = NetConfig::parse(spec, &format!("net{i}"))?;
+            let mac_given = spec.split(',').any(|kv| kv.starts_with("mac="));
+            let ids: Vec<&str> = saved.iter().map(|n| n.id.as_str()).collect();
+            let Some(card) = out.iter_mut().find(|n| n.id == given.id) else {
+                return Err(NetConfigError::Invalid(format!(
+                    "'{spec}': the saved VM has no network card '{}' (it has: {})",
+                    given.id,
+                    match ids.is_empty() {
+                        true => "none".to_string(),
+                        false => ids.join(", "),
+                    }
+                )));
+            };
+            if mac_given && given.mac != card.mac {
+                return Err(NetConfigError::Invalid(format!(
+                    "'{spec}': card '{}' has MAC {} in the saved VM; its MAC travels with it and cannot change",
+                    card.id, card.mac
+                )));
+            }
+            card.tap = given.tap;
+        }
+        let mut taps = std::collections::BTreeSet::new();
+        for n in &out {
+            if !taps.insert(n.tap.as_str()) {
+                return Err(NetConfigError::Invalid(format!(
+                    "two network cards would use TAP '{}'; give each its own with --net tap=NAME,id=ID",
+                    n.tap
+                )));
+            }
+        }
+        Ok(out)
     }
 
     /// The TAP's name is one the kernel takes (`dev_valid_name`).

@@ -1102,6 +1102,15 @@ impl Vm {
             .unwrap_or_default()
     }
 
+    /// One round of the devices' announce after a host migration (RARP
+    /// frames for every network card's MAC, GUEST_ANNOUNCE for drivers
+    /// that take it).
+    pub fn announce_devices(&self) {
+        if let Some(d) = &self.devices {
+            d.announce();
+        }
+    }
+
     /// Lets the devices serve again once the vCPUs run.
     fn resume_devices(&self) -> Result<(), VmError> {
         match &self.devices {

@@ -562,6 +562,17 @@ impl Persist for MmioTransport<Net> {
         })
     }
 
+    fn announce(&self) {
+        if let Err(e) = MmioTransport::announce(self) {
+            tracing::warn!(
+                "{}: announcing MAC {} on TAP {}: {e}",
+                self.device_name(),
+                self.device().config.mac,
+                self.device().config.tap
+            );
+        }
+    }
+
     fn status(&self) -> Option<DeviceStatus> {
         let n = self.device();
         Some(DeviceStatus {
