@@ -22,9 +22,11 @@
 //! | 0x20000    | per-vCPU range tables, one page each                  |
 //! | 0x60000    | per-vCPU exception stacks, one page each              |
 //! | 0x100000   | page tables (PML4, PDPT, one PD per GiB)              |
+//! | 0x140000   | `builtin:net`: its state, queues and buffers (`net`)  |
 //! | 0x200000 … | the working set                                       |
 
 pub mod abi;
+pub mod net;
 pub mod program;
 pub mod setup;
 pub mod verify;

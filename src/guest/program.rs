@@ -144,6 +144,140 @@ fn stamp(a: &mut CodeAssembler) -> Result<(), IcedError> {
     Ok(())
 }
 
+/// `builtin:net` (see `guest::net`): programs the card from the register
+/// table, then sends frame `n`, polls for its echo, and moves on.
+///
+/// Registers: rdi = its block; rbx = the state page; r13 = the card's MMIO
+/// window; r8 = `n`; r12 = polls left before a resend; r14 = 1 once the
+/// echo of `n` came; r9–r11, rax, rdx scratch.
+pub fn net(base: u64) -> Result<Vec<u8>, IcedError> {
+    use super::net::{state, *};
+    let notify = virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_NOTIFY as i32;
+    let mask = (QUEUE_SIZE - 1) as u32;
+    let (rx_avail, rx_used) = (RXQ_ADDR + 0x1000, RXQ_ADDR + 0x2000);
+    let tx_avail = TXQ_ADDR + 0x1000;
+    let mut a = CodeAssembler::new(64)?;
+    let mut init = a.create_label();
+    let mut start = a.create_label();
+    let mut send = a.create_label();
+    let mut wait = a.create_label();
+    let mut got = a.create_label();
+    let mut bad = a.create_label();
+    let mut dup = a.create_label();
+    let mut foreign = a.create_label();
+    let mut matched = a.create_label();
+    let mut repost = a.create_label();
+
+    a.mov(rbx, NET_ADDR)?;
+    a.mov(r13, qword_ptr(rbx + state::MMIO))?;
+    a.mov(rsi, qword_ptr(rbx + state::INIT))?;
+    a.mov(rcx, qword_ptr(rbx + state::NINIT))?;
+    a.set_label(&mut init)?;
+    a.test(rcx, rcx)?;
+    a.jz(start)?;
+    a.mov(rax, qword_ptr(rsi))?;
+    a.mov(rdx, qword_ptr(rsi + 8))?;
+    a.add(rax, r13)?;
+    a.mov(dword_ptr(rax), edx)?;
+    a.add(rsi, 16)?;
+    a.dec(rcx)?;
+    a.jmp(init)?;
+    a.set_label(&mut start)?;
+    // The receive buffers are posted already.
+    a.mov(dword_ptr(r13 + notify), 0)?;
+    a.xor(r14, r14)?;
+
+    // Frame n into transmit buffer n % size, on the avail ring.
+    a.set_label(&mut send)?;
+    a.mov(r8, qword_ptr(rbx + state::SEQ))?;
+    a.mov(rax, r8)?;
+    a.and(eax, mask)?;
+    a.mov(r9, rax)?;
+    a.shl(r9, 12)?;
+    a.mov(r11, TXBUF_ADDR)?;
+    a.add(r9, r11)?;
+    a.mov(qword_ptr(r9 + SEQ_AT), r8)?;
+    a.mov(r10, qword_ptr(rbx + state::TX_AVAIL))?;
+    a.mov(r11, r10)?;
+    a.and(r11d, mask)?;
+    a.mov(rdx, tx_avail + 4)?;
+    a.mov(word_ptr(rdx + r11 * 2), ax)?;
+    a.inc(r10)?;
+    a.mov(qword_ptr(rbx + state::TX_AVAIL), r10)?;
+    // x86 keeps stores in order: the ring entry is visible before the index.
+    a.mov(rdx, tx_avail + 2)?;
+    a.mov(word_ptr(rdx), r10w)?;
+    a.mov(dword_ptr(r13 + notify), 1)?;
+    a.mov(r12, SPIN)?;
+
+    a.set_label(&mut wait)?;
+    a.mov(rdx, rx_used + 2)?;
+    a.movzx(eax, word_ptr(rdx))?;
+    a.mov(r10, qword_ptr(rbx + state::RX_SEEN))?;
+    a.cmp(ax, r10w)?;
+    a.jne(got)?;
+    a.dec(r12)?;
+    a.jnz(wait)?;
+    a.inc(qword_ptr(rbx + state::RETRIES))?;
+    a.jmp(send)?;
+
+    // A used receive buffer: its id, then its frame.
+    a.set_label(&mut got)?;
+    a.mov(r11, r10)?;
+    a.and(r11d, mask)?;
+    a.mov(rdx, rx_used + 4)?;
+    a.mov(eax, dword_ptr(rdx + r11 * 8))?;
+    a.and(eax, mask)?;
+    a.mov(r9, rax)?;
+    a.shl(r9, 12)?;
+    a.mov(r11, RXBUF_ADDR)?;
+    a.add(r9, r11)?;
+    a.inc(r10)?;
+    a.mov(qword_ptr(rbx + state::RX_SEEN), r10)?;
+    a.movzx(edx, word_ptr(r9 + TYPE_AT))?;
+    a.cmp(edx, ETHERTYPE.swap_bytes() as i32)?;
+    a.jne(foreign)?;
+    a.mov(rdx, MAGIC)?;
+    a.cmp(qword_ptr(r9 + MAGIC_AT), rdx)?;
+    a.jne(bad)?;
+    a.mov(rdx, qword_ptr(r9 + SEQ_AT))?;
+    a.cmp(rdx, r8)?;
+    a.je(matched)?;
+    a.jb(dup)?;
+    a.set_label(&mut bad)?;
+    a.inc(qword_ptr(rbx + state::BAD))?;
+    a.jmp(repost)?;
+    a.set_label(&mut dup)?;
+    a.inc(qword_ptr(rbx + state::DUPS))?;
+    a.jmp(repost)?;
+    a.set_label(&mut foreign)?;
+    a.inc(qword_ptr(rbx + state::FOREIGN))?;
+    a.jmp(repost)?;
+    a.set_label(&mut matched)?;
+    a.inc(r8)?;
+    a.mov(qword_ptr(rbx + state::SEQ), r8)?;
+    a.inc(qword_ptr(rdi + block::PROGRESS))?;
+    a.mov(r14, 1u64)?;
+
+    // The buffer back on the receive avail ring.
+    a.set_label(&mut repost)?;
+    a.mov(r10, qword_ptr(rbx + state::RX_AVAIL))?;
+    a.mov(r11, r10)?;
+    a.and(r11d, mask)?;
+    a.mov(rdx, rx_avail + 4)?;
+    a.mov(word_ptr(rdx + r11 * 2), ax)?;
+    a.inc(r10)?;
+    a.mov(qword_ptr(rbx + state::RX_AVAIL), r10)?;
+    a.mov(rdx, rx_avail + 2)?;
+    a.mov(word_ptr(rdx), r10w)?;
+    a.mov(dword_ptr(r13 + notify), 0)?;
+    a.test(r14, r14)?;
+    a.jz(wait)?;
+    a.xor(r14, r14)?;
+    a.jmp(send)?;
+    a.assemble(base)
+}
+
 /// `builtin:idle`: asks the test device to park the vCPU, forever.
 pub fn idle(base: u64) -> Result<Vec<u8>, IcedError> {
     let mut a = CodeAssembler::new(64)?;
@@ -285,6 +419,7 @@ mod tests {
         assert!(dirty(0x10000, 0x11000).unwrap().len() > 40);
         assert!(disk::program(0x18000, 0x3100).unwrap().len() > 200);
         assert!(idle(0x10000).unwrap().len() >= 5);
+        assert!(net(0x10000).unwrap().len() > 100);
         for f in ["gp", "ud", "pf", "int=64"] {
             let f = TestFault::parse(f).unwrap();
             assert!(!test_fault(0x11000, f).unwrap().is_empty());

@@ -48,6 +48,8 @@ pub mod kind {
     pub const DIRTY: u64 = 2;
     /// `builtin:disk`.
     pub const DISK: u64 = 3;
+    /// `builtin:net`.
+    pub const NET: u64 = 4;
 }
 /// GiB the page tables map at least for the disk guest: the virtio-mmio
 /// windows sit in the MMIO hole below 4 GiB.
@@ -177,7 +179,7 @@ pub fn slices(
             }
             Ok(out)
         }
-        GuestSpec::Idle => Ok(vec![Vec::new(); vcpus as usize]),
+        GuestSpec::Idle | GuestSpec::Net { .. } => Ok(vec![Vec::new(); vcpus as usize]),
         GuestSpec::Linux(_) => Err(not_builtin()),
     }
 }
@@ -401,6 +403,11 @@ pub fn install(
         // The disk's register window, in the MMIO hole, user-accessible too.
         gib = gib.max(DISK_MAPPED_GIB);
     }
+    if let GuestSpec::Net { mmio, .. } = spec {
+        // The card's window, in the MMIO hole below 4 GiB, is reached
+        // through the identity map like memory.
+        gib = gib.max((mmio >> 30) + 1);
+    }
     if gib > MAX_MAPPED_GIB {
         return Err(SetupError::Layout(format!(
             "guest memory ends at {top:#x}, above what the builtin guests map"
@@ -415,6 +422,7 @@ pub fn install(
         GuestSpec::Dirty { .. } | GuestSpec::Disk { .. } => {
             program::dirty(CODE_ADDR, TEST_FAULT_ADDR)
         }
+        GuestSpec::Net { .. } => program::net(CODE_ADDR),
         GuestSpec::Linux(_) => return Err(not_builtin()),
     }
     .map_err(|e| SetupError::Assemble(e.to_string()))?;
@@ -437,6 +445,7 @@ pub fn install(
         GuestSpec::Idle => kind::IDLE,
         GuestSpec::Dirty { .. } => kind::DIRTY,
         GuestSpec::Disk { .. } => kind::DISK,
+        GuestSpec::Net { .. } => kind::NET,
         GuestSpec::Linux(_) => return Err(not_builtin()),
     };
     w(CONTROL_ADDR, CONTROL_MAGIC)?;
@@ -470,6 +479,10 @@ pub fn install(
             _ => CODE_ADDR,
         };
         boots.push(boot_state(v as u64, blk, entry));
+    }
+    if let GuestSpec::Net { mmio, mac } = spec {
+        super::net::install(memory, *mmio, *mac)
+            .ok_or_else(|| SetupError::Layout("the network guest's queues do not fit".into()))?;
     }
     if let GuestSpec::Dirty {
         fill_random: true, ..

@@ -76,6 +76,11 @@ pub fn verify(memory: &GuestMemory, disk: ReadDisk<'_>) -> VerifyReport {
     }
     let kind = rd(CONTROL_ADDR + 8).unwrap_or(0);
     let vcpus = rd(CONTROL_ADDR + 16).unwrap_or(0);
+    if kind == super::net::KIND {
+        check_net(memory, &mut w);
+        w.report.ok = w.report.violation_count == 0;
+        return w.report;
+    }
     if kind != kind::DIRTY && kind != kind::DISK {
         // The idle guest has no working set: nothing more to check.
         return w.report;
@@ -420,5 +425,43 @@ fn check_slice(memory: &GuestMemory, w: &mut Walk, vcpu: u32) {
                 format!("slice starts at sweep {f} but the guest is in sweep {sweep}"),
             );
         }
+    }
+}
+
+/// `builtin:net`: no echo of a frame never sent or with a damaged payload,
+/// and the frame awaited is the echoes counted.
+fn check_net(memory: &GuestMemory, w: &mut Walk) {
+    use super::net::{counts, state, NET_ADDR};
+    let Some(c) = counts(memory) else {
+        w.fail(
+            Some(0),
+            NET_ADDR,
+            "the network guest's state is not in guest memory".into(),
+        );
+        return;
+    };
+    let progress = memory
+        .read_u64(BLOCKS_ADDR + block::PROGRESS)
+        .unwrap_or(u64::MAX);
+    w.report.pages_checked = 1;
+    if c.bad != 0 {
+        w.fail(
+            Some(0),
+            NET_ADDR + state::BAD,
+            format!(
+                "{} echoes of a frame never sent or with a damaged payload",
+                c.bad
+            ),
+        );
+    }
+    if c.seq != progress {
+        w.fail(
+            Some(0),
+            NET_ADDR + state::SEQ,
+            format!(
+                "awaits the echo of frame {} but counted {progress} echoes",
+                c.seq
+            ),
+        );
     }
 }

@@ -295,7 +295,13 @@ fn boot_setup(config: &VmConfig, hooks: &TestHooks) -> Setup<'static> {
             Box::new(move |mem, fds| Ok(linux::boot(&spec, &topo, mem, fds)?))
         }
         g => {
-            let spec = g.clone();
+            let mut spec = g.clone();
+            if let (GuestSpec::Net { mmio, mac }, Some(card)) = (&mut spec, config.nets.first()) {
+                // The first card's window follows the disks'.
+                *mmio = crate::arch::x86_64::layout::VIRTIO_MMIO_BASE
+                    + config.disks.len() as u64 * crate::arch::x86_64::layout::VIRTIO_MMIO_WINDOW;
+                *mac = card.mac.0;
+            }
             let guest_hooks = hooks.guest.clone();
             Box::new(move |mem, fds| Ok(crate::guest::setup::boot(&spec, mem, fds, &guest_hooks)?))
         }

@@ -228,6 +228,19 @@ impl VmConfig {
             }
             n.check().map_err(|e| invalid(e.to_string()))?;
         }
+        if matches!(self.guest, GuestSpec::Net { .. }) {
+            if self.nets.is_empty() {
+                return Err(invalid(
+                    "--guest builtin:net sends its frames through a network card: give --net tap=NAME",
+                ));
+            }
+            if self.vcpus != 1 {
+                return Err(invalid(format!(
+                    "--guest builtin:net runs on one vCPU (got --vcpus {})",
+                    self.vcpus
+                )));
+            }
+        }
         if let Some(v) = &self.vsock {
             v.check().map_err(|e| invalid(e.to_string()))?;
             // Parsed and checked so that the option's shape is settled,
@@ -669,6 +682,16 @@ pub enum GuestSpec {
         /// vCPUs (None: as fast as they can).
         rate: Option<u64>,
     },
+    /// `builtin:net`: sends numbered frames through the first network
+    /// card and checks each echo (see `guest::net`).
+    Net {
+        /// The card's MMIO window (filled in when the VM boots).
+        #[serde(default)]
+        mmio: u64,
+        /// The card's MAC, the frames' source (filled in likewise).
+        #[serde(default)]
+        mac: [u8; 6],
+    },
 }
 
 impl GuestSpec {
@@ -750,8 +773,19 @@ impl GuestSpec {
                 }
                 Ok(GuestSpec::Disk { blocks, rate })
             }
+            "net" => {
+                if let Some(p) = parts.next() {
+                    return Err(ConfigError::Invalid(format!(
+                        "--guest builtin:net takes no options (got '{p}')"
+                    )));
+                }
+                Ok(GuestSpec::Net {
+                    mmio: 0,
+                    mac: [0; 6],
+                })
+            }
             other => Err(ConfigError::Invalid(format!(
-                "--guest: unknown builtin guest '{other}' (expected idle, dirty or disk)"
+                "--guest: unknown builtin guest '{other}' (expected idle, dirty, disk or net)"
             ))),
         }
     }
@@ -762,6 +796,7 @@ impl GuestSpec {
             GuestSpec::Idle => "builtin:idle",
             GuestSpec::Dirty { .. } => "builtin:dirty",
             GuestSpec::Disk { .. } => "builtin:disk",
+            GuestSpec::Net { .. } => "builtin:net",
             GuestSpec::Linux(_) => "linux",
         }
     }
