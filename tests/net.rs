@@ -48,17 +48,6 @@ impl Netns {
         sh(&["ip", "-n", &self.0, "link", "set", name, "up"]);
     }
 
-    /// Frames the kernel received on TAP `name` (what vmhop wrote to it).
-    fn tap_rx_packets(&self, name: &str) -> u64 {
-        let out = Command::new("ip")
-            .args(["netns", "exec", &self.0, "cat"])
-            .arg(format!("/sys/class/net/{name}/statistics/rx_packets"))
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{out:?}");
-        String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
-    }
-
     /// Runs vmhop ARGS inside the namespace.
     fn vmhop(&self, args: &[&str]) -> common::CmdOutput {
         let mut all = vec!["netns", "exec", &self.0, common::VMHOP];
@@ -222,22 +211,16 @@ fn a_migrated_guest_keeps_its_cards_and_the_destination_announces_its_mac() {
         &["--incoming", &addr, "--net", "tap=dst0,id=lan"],
         &[],
     );
+    let echo_src = Echo::start(&ns.0, "src0");
+    let echo_dst = Echo::start(&ns.0, "dst0");
     let net0 = format!("tap=src0,mac={MAC},id=lan");
     let src = Vm::start_wrapped(
         &ns.exec(),
         &["run"],
-        &[
-            "--memory",
-            "64M",
-            "--guest",
-            "builtin:dirty",
-            "--net",
-            &net0,
-        ],
+        &["--memory", "64M", "--guest", "builtin:net", "--net", &net0],
         &[],
     );
-    src.wait_progress_above(0, Duration::from_secs(10));
-    let before = ns.tap_rx_packets("dst0");
+    src.wait_progress_above(100, Duration::from_secs(20));
     let out = src.cli(&["migrate", "--to", &addr, "--json"]);
     assert_eq!(out.code, Some(0), "{}\n{}", out.describe(), dst.logs());
     assert_eq!(one_json_object(&out.stdout)["operation"], "migrate");
@@ -245,28 +228,38 @@ fn a_migrated_guest_keeps_its_cards_and_the_destination_announces_its_mac() {
     let lan = card(&c, "lan");
     assert_eq!(lan["info"]["tap"], "dst0");
     assert_eq!(lan["info"]["mac"], MAC);
-    // Five RARP rounds, one frame each, on the destination's TAP.
-    wait_for("five announce frames on dst0", || {
-        ns.tap_rx_packets("dst0") >= before + 5
-    });
+    // The guest exchanges frames on the destination's TAP now.
+    let p = dst.progress();
+    dst.wait_progress_above(p + 100, Duration::from_secs(20));
+    assert_verifies(&dst, "migrated");
+    // Five RARP rounds, one frame each, on the destination's TAP only.
+    let rarps = |e: &Echo| e.rarp.load(std::sync::atomic::Ordering::Relaxed);
+    wait_for("five announce frames on dst0", || rarps(&echo_dst) >= 5);
+    assert_eq!(rarps(&echo_src), 0, "the source announces nothing");
     assert_eq!(dst.state(), "running");
 }
 
 /// Sends every frame of `builtin:net`'s type that reaches TAP `tap` in
-/// namespace `ns` back with the addresses swapped, until dropped.
+/// namespace `ns` back with the addresses swapped, until dropped, and
+/// counts the RARP frames that reach it.
 struct Echo {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// RARP frames seen arriving from vmhop.
+    rarp: std::sync::Arc<std::sync::atomic::AtomicU64>,
     thread: Option<std::thread::JoinHandle<u64>>,
 }
 
 /// `builtin:net`'s Ethernet type.
 const ETHERTYPE: u16 = 0x88b5;
+/// The announce's Ethernet type.
+const ETH_P_RARP: u16 = 0x8035;
 
 impl Echo {
     fn start(ns: &str, tap: &str) -> Echo {
         use std::sync::atomic::{AtomicBool, Ordering};
         let stop = std::sync::Arc::new(AtomicBool::new(false));
-        let (ns, tap, flag) = (ns.to_string(), tap.to_string(), stop.clone());
+        let rarp = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (ns, tap, flag, rarps) = (ns.to_string(), tap.to_string(), stop.clone(), rarp.clone());
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let thread = std::thread::spawn(move || {
             let f = std::fs::File::open(format!("/var/run/netns/{ns}")).unwrap();
@@ -274,7 +267,7 @@ impl Echo {
             // SAFETY: setns moves this thread (only) into the namespace
             // whose fd `f` is open.
             assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
-            let proto = (ETHERTYPE).to_be();
+            let proto = (libc::ETH_P_ALL as u16).to_be();
             // SAFETY: plain socket creation.
             let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, proto as i32) };
             assert!(fd >= 0, "{}", std::io::Error::last_os_error());
@@ -327,6 +320,14 @@ impl Echo {
                     continue;
                 }
                 let n = n as usize;
+                match u16::from_be_bytes([buf[12], buf[13]]) {
+                    ETHERTYPE => {}
+                    ETH_P_RARP => {
+                        rarps.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
+                    _ => continue,
+                }
                 let mut out = buf[..n].to_vec();
                 out[0..6].copy_from_slice(&buf[6..12]);
                 out[6..12].copy_from_slice(&[2, 0, 0, 0, 0, 0xec]);
@@ -352,6 +353,7 @@ impl Echo {
         ready_rx.recv_timeout(EVENT_WAIT).unwrap();
         Echo {
             stop,
+            rarp,
             thread: Some(thread),
         }
     }
