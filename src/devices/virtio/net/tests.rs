@@ -209,7 +209,12 @@ fn transmitted_frames_reach_the_tap_with_their_header_and_bad_chains_are_dropped
     let _ = vm.device_dirty();
 
     // One frame in one buffer, one split over three (header alone first).
-    let f1 = frame(60, 1);
+    // The first asks for checksum offload: its header reaches the TAP as
+    // the guest wrote it.
+    let mut f1 = frame(60, 1);
+    f1[0] = vn::VIRTIO_NET_HDR_F_NEEDS_CSUM as u8;
+    f1[6..8].copy_from_slice(&34u16.to_le_bytes()); // csum_start
+    f1[8..10].copy_from_slice(&16u16.to_le_bytes()); // csum_offset
     view.write_slice(&f1, GuestAddress(TX_DATA)).unwrap();
     rig.tx.push(&[(TX_DATA, f1.len() as u32, false)]);
     let f2 = frame(1500, 7);
@@ -578,4 +583,50 @@ fn bad_net_options_are_refused_with_the_reason() {
     let c = NetConfig::parse("tap=t0,mac=52:54:00:ab:cd:ef", "net3").unwrap();
     assert_eq!(c.id, "net3");
     assert_eq!(c.mac.to_string(), "52:54:00:ab:cd:ef");
+}
+
+#[test]
+fn frames_waiting_in_the_tap_or_the_device_survive_a_quiesce_and_resume() {
+    // What a NUMA move does to the card: quiesce, resume, same device.
+    let vm = TestMemory::new(MEMORY);
+    let view = vm.mem.vm_memory_view().unwrap();
+    let mut rig = Rig::new(&view);
+    let (net, peer) = card();
+    let dev = MmioTransport::new(net, vm.dm.clone(), None).unwrap();
+    let d = Driver { t: &dev };
+    rig.activate(&dev, ALL);
+    // A large frame waits in the device for more mergeable buffers.
+    let big = frame(3000, 21);
+    rig.rx.push(&[(RX_DATA, 1500, true)]);
+    d.notify(RX_QUEUE as u32);
+    send(&peer, &big);
+    std::thread::sleep(Duration::from_millis(20));
+    assert_eq!(rig.rx.used_idx(), 0);
+    dev.quiesce().unwrap();
+    // Frames the TAP gets meanwhile wait in it.
+    let small = frame(100, 22);
+    send(&peer, &small);
+    rig.rx.push(&[(RX_DATA + 0x1000, 1500, true)]);
+    rig.rx.push(&[(RX_DATA + 0x2000, 1500, true)]);
+    rig.rx.push(&[(RX_DATA + 0x3000, 1500, true)]);
+    d.notify(RX_QUEUE as u32);
+    std::thread::sleep(Duration::from_millis(20));
+    assert_eq!(rig.rx.used_idx(), 0, "nothing delivered while quiesced");
+    dev.resume().unwrap();
+    let used = rig.rx.wait_used(4);
+    assert_eq!(
+        used,
+        vec![
+            (0, 1500),
+            (1, 1500),
+            (2, big.len() as u32 - 3000),
+            (3, small.len() as u32)
+        ]
+    );
+    let mut got = vec![0u8; small.len()];
+    view.read_slice(&mut got, GuestAddress(RX_DATA + 0x3000))
+        .unwrap();
+    assert_eq!(&got[VNET_HDR_LEN..], &small[VNET_HDR_LEN..]);
+    let c = counters(&dev);
+    assert_eq!((c["rx_packets"], c["rx_dropped"]), (2, 0));
 }
