@@ -450,6 +450,15 @@ fn bad_net_and_vsock_options_are_refused_before_the_vm_starts() {
         ),
     ] {
         let mut all = vec!["run", "--api-socket", "/nonexistent/x.sock"];
+        if args[1].starts_with("tap=t0,mac=zz") {
+            // Also on a destination, before it listens.
+            let mut dst = all.clone();
+            dst.extend_from_slice(&["--incoming", "unix:/nonexistent/m.sock"]);
+            dst.extend_from_slice(&args);
+            let out = vmhop(&dst);
+            assert_eq!(out.code, Some(2), "{dst:?}: {}", out.describe());
+            assert!(out.stderr.contains("hexadecimal"), "{}", out.describe());
+        }
         all.extend_from_slice(&args);
         let out = vmhop(&all);
         assert_eq!(out.code, Some(2), "{args:?}: {}", out.describe());

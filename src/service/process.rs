@@ -444,6 +444,13 @@ fn incoming(
     let opts = IncomingOptions {
         rebind: rebind(&spec.numa).map_err(ProcessError::Incoming)?,
     };
+    // `--net` here puts the arriving VM's cards on this host's TAPs; which
+    // cards exist is known only when the VM arrives, but a spec that does
+    // not parse is refused now.
+    for (i, n) in spec.nets.iter().enumerate() {
+        crate::vmm::config::NetConfig::parse(n, &format!("net{i}"))
+            .map_err(|e| ProcessError::Incoming(ApiError::bad_request(e.to_string())))?;
+    }
     let listener = Listener::bind(&listen).map_err(|e| ProcessError::Listen {
         address: listen.to_string(),
         reason: e.to_string(),
