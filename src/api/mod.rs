@@ -75,10 +75,12 @@ pub enum Endpoint {
     Migration,
     /// `GET debug.memory-map`: a list of [`vm::MemoryMapEntry`].
     MemoryMap,
+    /// `PUT vm.reset` with [`vm::ResetRequest`]: [`vm::ResetReport`].
+    Reset,
 }
 
 /// Every endpoint with its method and name (the path after [`PREFIX`]).
-pub const ENDPOINTS: [(Endpoint, Method, &str); 12] = [
+pub const ENDPOINTS: [(Endpoint, Method, &str); 13] = [
     (Endpoint::Status, Method::Get, "vm.status"),
     (Endpoint::Pause, Method::Put, "vm.pause"),
     (Endpoint::Resume, Method::Put, "vm.resume"),
@@ -91,6 +93,7 @@ pub const ENDPOINTS: [(Endpoint, Method, &str); 12] = [
     (Endpoint::MigrateCancel, Method::Put, "vm.migrate-cancel"),
     (Endpoint::Migration, Method::Get, "vm.migration"),
     (Endpoint::MemoryMap, Method::Get, "debug.memory-map"),
+    (Endpoint::Reset, Method::Put, "vm.reset"),
 ];
 
 impl Endpoint {

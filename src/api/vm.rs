@@ -219,3 +219,71 @@ pub struct Cancelled {
     /// Always true: the operation was told to stop.
     pub cancelled: bool,
 }
+
+/// `PUT vm.reset`: the running VM back to a checkpoint, in place.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ResetRequest {
+    /// The checkpoint, `DIR@ID` (`DIR` alone: its latest).
+    pub to: String,
+}
+
+/// How a reset found the pages to rewrite.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum DirtySource {
+    /// KVM's dirty log (and what devices wrote) since the VM last stood at
+    /// the checkpoint: a restore from it, a checkpoint taken as it, or the
+    /// last reset to it.
+    DirtyLog,
+    /// Every page of guest memory compared with the checkpoint's: the VM
+    /// has not stood at the checkpoint since its dirty pages were tracked
+    /// (the first reset of a booted VM, or after another checkpoint).
+    Compare,
+}
+
+/// Where a reset's pause went, µs.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ResetPauseBreakdown {
+    /// Stopping every vCPU.
+    pub stop_us: u64,
+    /// Fetching the dirty logs (or comparing memory).
+    pub fetch_us: u64,
+    /// Rewriting the pages.
+    pub copy_us: u64,
+    /// Loading the vCPU, interrupt controller, clock and device state.
+    pub state_us: u64,
+    /// Restarting every vCPU.
+    pub resume_us: u64,
+}
+
+/// What a reset did.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ResetReport {
+    /// Always "reset".
+    pub operation: String,
+    /// The checkpoint directory (canonical).
+    pub dir: std::path::PathBuf,
+    /// The checkpoint id the VM is back at.
+    pub id: u32,
+    /// Microseconds no vCPU ran.
+    pub downtime_us: u64,
+    /// Whole operation, ms (arming included).
+    pub total_ms: f64,
+    /// Pages of guest memory.
+    pub pages_total: u64,
+    /// Pages rewritten from the checkpoint.
+    pub pages_rewritten: u64,
+    /// Disk blocks rewritten (no disk is reset yet: always 0).
+    pub disk_blocks_rewritten: u64,
+    /// How the pages to rewrite were found.
+    pub dirty_source: DirtySource,
+    /// This reset armed the VM for resets to this checkpoint: it loaded and
+    /// validated the checkpoint into the VM's base image (later resets to
+    /// it skip that).
+    pub armed: bool,
+    /// Time spent arming (0 when already armed), ms.
+    pub arm_ms: f64,
+    /// Where the pause went.
+    pub pause_breakdown: ResetPauseBreakdown,
+}

@@ -12,6 +12,7 @@ pub mod chain;
 pub mod create;
 pub mod format;
 pub mod index;
+pub mod reset;
 pub mod restore;
 pub mod sink;
 

@@ -9,6 +9,7 @@ use super::output::{render, JsonOpt};
 use super::{ApiOpts, CliError, CliResult};
 use crate::api::checkpoint::{CheckpointReport, CheckpointRequest, CheckpointTarget};
 use crate::api::run::Local;
+use crate::api::vm::{DirtySource, ResetReport, ResetRequest};
 use crate::api::Endpoint;
 use crate::util::format_size;
 
@@ -145,6 +146,48 @@ pub fn merge(local: &dyn Local, a: &MergeArgs) -> CliResult {
             w.id,
             format_size(w.bytes_written),
             w.pages_written
+        )
+    })
+}
+
+/// Options of `vmhop reset`.
+#[derive(Args, Debug, Clone)]
+pub struct ResetArgs {
+    #[command(flatten)]
+    api: ApiOpts,
+    /// The checkpoint to go back to: DIR@ID.
+    #[arg(long, value_name = "DIR@ID")]
+    to: String,
+}
+
+/// `vmhop reset`.
+pub fn reset(a: &ResetArgs) -> CliResult {
+    let target: CheckpointTarget = a.to.parse().map_err(CliError::from)?;
+    let dir = std::path::absolute(&target.dir)
+        .map_err(|e| CliError::usage(format!("--to {}: {e}", a.to)))?;
+    let to = match target.id {
+        Some(id) => format!("{}@{id}", dir.display()),
+        None => dir.display().to_string(),
+    };
+    let req = ResetRequest { to };
+    let r: ResetReport = request(&a.api, Endpoint::Reset, Some(&req), None)?;
+    render(a.api.json, &r, |r| {
+        format!(
+            "reset to checkpoint {} of {}: {} of {} pages rewritten ({}), guest paused {} µs{}",
+            r.id,
+            r.dir.display(),
+            r.pages_rewritten,
+            r.pages_total,
+            match r.dirty_source {
+                DirtySource::DirtyLog => "dirty log",
+                DirtySource::Compare => "compared with the checkpoint",
+            },
+            r.downtime_us,
+            if r.armed {
+                format!("; armed in {:.1} ms", r.arm_ms)
+            } else {
+                String::new()
+            }
         )
     })
 }

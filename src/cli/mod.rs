@@ -183,6 +183,8 @@ enum Cmd {
     Checkpoints(checkpoint::ListArgs),
     /// Fold a chain (up to DIR@ID) into one new full checkpoint.
     Merge(checkpoint::MergeArgs),
+    /// Put a running VM back to checkpoint DIR@ID in place, rewriting only what changed.
+    Reset(checkpoint::ResetArgs),
     /// Restore a VM from DIR[@ID] and serve its API (same as run --restore).
     Restore(RestoreArgs),
     /// Re-home guest memory (and its vCPUs) to another host NUMA node while the VM runs.
@@ -222,6 +224,7 @@ pub fn main(local: &dyn Local) -> ExitCode {
         Cmd::Checkpoint(a) => checkpoint::checkpoint(&a),
         Cmd::Checkpoints(a) => checkpoint::list(local, &a),
         Cmd::Merge(a) => checkpoint::merge(local, &a),
+        Cmd::Reset(a) => checkpoint::reset(&a),
         Cmd::Restore(a) => run::run(local, &a.run, Some(&a.target)),
         Cmd::NumaMigrate(a) => numa::numa_migrate(&a),
         Cmd::NumaStat(o) => numa::numa_stat(&o),

@@ -59,6 +59,12 @@ pub enum DeviceError {
         /// What is wrong.
         reason: String,
     },
+    /// The device cannot go back to a saved state in place (a reset).
+    #[error("device {device} cannot be reset in place yet")]
+    NoLoad {
+        /// The device, `type/id`.
+        device: String,
+    },
     /// The saved VM had a device this one does not.
     #[error("the saved VM has device {device}, which this VM lacks: give it the same devices")]
     Missing {
@@ -113,6 +119,7 @@ impl Classify for DeviceError {
             DeviceError::Transport(virtio::mmio::RestoreError::Os { .. }) => ErrorKind::Failed,
             DeviceError::Transport(_) => ErrorKind::Unusable,
             DeviceError::TooMany { .. } => ErrorKind::BadRequest,
+            DeviceError::NoLoad { .. } => ErrorKind::Conflict,
         }
     }
 }

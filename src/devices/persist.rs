@@ -49,6 +49,24 @@ pub trait Persist: Sized {
     /// The VM now runs on another host: tell the network where it is (a
     /// network card announces its MAC). One round of several.
     fn announce(&self) {}
+    /// Whether [`Persist::load`] is implemented: a device that cannot go
+    /// back to a saved state in place makes a reset refuse the VM.
+    const LOADS_IN_PLACE: bool = false;
+    /// Goes back to `state` in place (a reset; quiesced, vCPUs paused).
+    fn load(&self, state: &Self::State) -> Result<(), DeviceError> {
+        let _ = state;
+        Err(DeviceError::NoLoad {
+            device: Self::TYPE.to_string(),
+        })
+    }
+}
+
+/// Reads a device's saved state as its own type.
+fn state_of<D: Persist>(id: &str, v: &serde_json::Value) -> Result<D::State, DeviceError> {
+    serde_json::from_value::<D::State>(v.clone()).map_err(|e| DeviceError::State {
+        device: format!("{}/{id}", D::TYPE),
+        reason: e.to_string(),
+    })
 }
 
 /// One registered device, seen through closures over its `Persist` impl.
@@ -64,7 +82,12 @@ struct Entry {
     resume: Box<dyn Fn() -> Result<(), DeviceError> + Send + Sync>,
     status: Box<dyn Fn() -> Option<crate::api::vm::DeviceStatus> + Send + Sync>,
     announce: Box<dyn Fn() + Send + Sync>,
+    /// Loads a saved state in place; with `false`, only checks it would.
+    load: LoadFn,
 }
+
+/// Loads a device's saved state in place (`true`), or only checks it would.
+type LoadFn = Box<dyn Fn(&serde_json::Value, bool) -> Result<(), DeviceError> + Send + Sync>;
 
 /// Every device of one VM, by type and id.
 #[derive(Default)]
@@ -101,12 +124,7 @@ impl Registry {
         let state = match saved.get(D::TYPE).and_then(|ids| ids.get(id)) {
             Some(v) => {
                 self.taken.insert((D::TYPE.to_string(), id.to_string()));
-                Some(serde_json::from_value::<D::State>(v.clone()).map_err(|e| {
-                    DeviceError::State {
-                        device: format!("{}/{id}", D::TYPE),
-                        reason: e.to_string(),
-                    }
-                })?)
+                Some(state_of::<D>(id, v)?)
             }
             None => None,
         };
@@ -117,12 +135,14 @@ impl Registry {
 
     /// Registers a device built elsewhere.
     pub fn add<D: Persist + Send + Sync + 'static>(&mut self, id: &str, device: Arc<D>) {
-        let (d1, d2, d3, d4) = (
+        let (d1, d2, d3, d4, d5) = (
+            device.clone(),
             device.clone(),
             device.clone(),
             device.clone(),
             device.clone(),
         );
+        let id_owned = id.to_string();
         self.entries.push(Entry {
             kind: D::TYPE,
             id: id.to_string(),
@@ -134,6 +154,18 @@ impl Registry {
             resume: Box::new(move || d3.resume()),
             status: Box::new(move || d4.status()),
             announce: Box::new(move || device.announce()),
+            load: Box::new(move |v, apply| {
+                if !D::LOADS_IN_PLACE {
+                    return Err(DeviceError::NoLoad {
+                        device: format!("{}/{id_owned}", D::TYPE),
+                    });
+                }
+                let s = state_of::<D>(&id_owned, v)?;
+                if apply {
+                    d5.load(&s)?;
+                }
+                Ok(())
+            }),
         });
     }
 
@@ -148,6 +180,39 @@ impl Registry {
                     });
                 }
             }
+        }
+        Ok(())
+    }
+}
+
+impl Registry {
+    /// Checks (and with `apply`, loads) every device's state in `saved`.
+    fn load_all(&self, saved: &DeviceStates, apply: bool) -> Result<(), ControlError> {
+        let err = |device: String, e: DeviceError| ControlError {
+            action: "load",
+            device,
+            source: Box::new(e),
+        };
+        for (t, ids) in saved {
+            for id in ids.keys() {
+                if !self.entries.iter().any(|e| e.kind == t && &e.id == id) {
+                    let device = format!("{t}/{id}");
+                    return Err(err(device.clone(), DeviceError::Missing { device }));
+                }
+            }
+        }
+        for e in &self.entries {
+            let device = format!("{}/{}", e.kind, e.id);
+            let Some(v) = saved.get(e.kind).and_then(|ids| ids.get(&e.id)) else {
+                return Err(err(
+                    device.clone(),
+                    DeviceError::State {
+                        device,
+                        reason: "the checkpoint holds no state for it".into(),
+                    },
+                ));
+            };
+            (e.load)(v, apply).map_err(|x| err(device, x))?;
         }
         Ok(())
     }
@@ -184,6 +249,14 @@ impl DeviceControl for Registry {
         for e in &self.entries {
             (e.announce)();
         }
+    }
+
+    fn check_load(&self, saved: &DeviceStates) -> Result<(), ControlError> {
+        self.load_all(saved, false)
+    }
+
+    fn load(&self, saved: &DeviceStates) -> Result<(), ControlError> {
+        self.load_all(saved, true)
     }
 
     fn save(&self) -> Result<DeviceStates, ControlError> {

@@ -91,6 +91,33 @@ impl Persist for TestDevice {
             faults: Mutex::new(faults),
         })
     }
+
+    const LOADS_IN_PLACE: bool = true;
+
+    fn load(&self, state: &TestDeviceState) -> Result<(), DeviceError> {
+        let mut faults = self.faults.lock().unwrap_or_else(|e| e.into_inner());
+        if state.faults.len() != faults.len() {
+            return Err(DeviceError::State {
+                device: Self::TYPE.into(),
+                reason: format!(
+                    "it holds {} vCPUs' fault reports, the VM has {} vCPUs",
+                    state.faults.len(),
+                    faults.len()
+                ),
+            });
+        }
+        faults.clone_from(&state.faults);
+        // As after a restore, pacing starts afresh.
+        for d in self
+            .due
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter_mut()
+        {
+            *d = None;
+        }
+        Ok(())
+    }
 }
 
 impl TestDevice {

@@ -20,7 +20,8 @@ use crate::api::migration::{MigrateRequest, MigrationProgress};
 use crate::api::numa::NumaMigrateRequest;
 use crate::api::server::ApiHandler;
 use crate::api::vm::{
-    Cancelled, GuestStatus, MemoryMapEntry, NodeStatus, StateReply, StatusReport, VmState,
+    Cancelled, GuestStatus, MemoryMapEntry, NodeStatus, ResetRequest, StateReply, StatusReport,
+    VmState,
 };
 use crate::api::{checkpoint::CheckpointRequest, ApiError, Endpoint};
 use crate::checkpoint::ChainPosition;
@@ -43,7 +44,7 @@ pub struct Vmm {
     vm: Arc<Vm>,
     ending: Mutex<Sender<Ending>>,
     /// Held by the operation that runs (checkpoint, NUMA move, migration,
-    /// verify, pause, resume).
+    /// reset, verify, pause, resume).
     operation: Mutex<()>,
     /// The migration in flight, for `migrate-cancel` and its progress.
     migration: Mutex<Option<Arc<InFlight>>>,
@@ -57,6 +58,9 @@ pub struct Vmm {
     stall_floor: AtomicU64,
     /// The VM's disks, which `verify` reads.
     disks: crate::devices::Disks,
+    /// The checkpoint resets go back to, once the first reset (or
+    /// `--reset-base`) armed it.
+    reset_base: Mutex<Option<crate::checkpoint::reset::ResetBase>>,
 }
 
 /// The JSON body of a reply.
@@ -136,7 +140,43 @@ impl Vmm {
             hooks,
             stall_floor: AtomicU64::new(0),
             disks: Default::default(),
+            reset_base: Mutex::new(None),
         }
+    }
+
+    /// Arms resets to `target` now (`--reset-base`): the first reset to it
+    /// then rewrites only what changed since.
+    pub fn arm_reset(
+        &self,
+        target: &crate::api::checkpoint::CheckpointTarget,
+    ) -> Result<(), ApiError> {
+        let base =
+            crate::checkpoint::reset::arm(&self.vm, target).map_err(|e| ApiError::from(&e))?;
+        *self.reset_base.lock().unwrap_or_else(|e| e.into_inner()) = Some(base);
+        Ok(())
+    }
+
+    /// `vm.reset`: arms the checkpoint unless it is armed, then resets.
+    fn reset(&self, b: &[u8]) -> Result<Value, ApiError> {
+        let req: ResetRequest = object_body(b)?;
+        let target: crate::api::checkpoint::CheckpointTarget = req.to.parse()?;
+        self.not_loading("a reset")?;
+        let _op = self.operation()?;
+        self.running_or_paused()?;
+        let mut base = self.reset_base.lock().unwrap_or_else(|e| e.into_inner());
+        let armed = !base.as_ref().is_some_and(|b| b.holds(&target));
+        if armed {
+            // Validated in full before anything is touched; the base armed
+            // before stays if this one is refused.
+            *base = Some(
+                crate::checkpoint::reset::arm(&self.vm, &target).map_err(|e| ApiError::from(&e))?,
+            );
+        }
+        let base = base.as_ref().expect("armed above");
+        let mut chain = self.chain.lock().unwrap_or_else(|e| e.into_inner());
+        let r = crate::checkpoint::reset::reset(&self.vm, base, &mut chain, armed)
+            .map_err(|e| ApiError::from(&e))?;
+        json(r)
     }
 
     /// The same, with handles on the VM's disks (for `verify`).
@@ -180,7 +220,7 @@ impl Vmm {
     fn operation(&self) -> Result<MutexGuard<'_, ()>, ApiError> {
         try_take(&self.operation).ok_or_else(|| {
             ApiError::conflict(
-                "another operation (checkpoint, NUMA move or migration) is in progress",
+                "another operation (checkpoint, NUMA move, migration or reset) is in progress",
             )
         })
     }
@@ -318,6 +358,7 @@ impl Vmm {
             }
             Endpoint::NumaStat => json(crate::numa::numa_stat(vm).map_err(|e| ApiError::from(&e))?),
             Endpoint::Migrate => self.migrate(b),
+            Endpoint::Reset => self.reset(b),
             Endpoint::MigrateCancel => {
                 let _: Value = body(b)?;
                 let f = self

@@ -128,13 +128,20 @@ pub trait DeviceControl: Send + Sync {
     /// The VM runs on another host now: devices that can tell the network
     /// where the guest is do so (one round; the caller repeats it).
     fn announce(&self) {}
+    /// Fails unless every device can take its state from `saved` in place
+    /// (a reset): each device has one there, of its shape, and no saved
+    /// device is missing. Changes nothing.
+    fn check_load(&self, saved: &crate::vmm::state::DeviceStates) -> Result<(), DeviceError>;
+    /// Puts every live device back into its state in `saved` (quiesced,
+    /// vCPUs paused), after [`DeviceControl::check_load`] passed.
+    fn load(&self, saved: &crate::vmm::state::DeviceStates) -> Result<(), DeviceError>;
 }
 
 /// A device failed to quiesce, resume or save.
 #[derive(Debug, thiserror::Error)]
 #[error("cannot {action} device {device}: {source}")]
 pub struct DeviceError {
-    /// What was asked: `quiesce`, `resume` or `save`.
+    /// What was asked: `quiesce`, `resume`, `save` or `load`.
     pub action: &'static str,
     /// The device, as `type/id`.
     pub device: String,

@@ -192,6 +192,30 @@ pub struct VcpuState {
     pub debugregs: Option<kvm_debugregs>,
 }
 
+impl Clone for VcpuState {
+    /// By hand: `kvm_xsave` ends in a flexible array (empty in what
+    /// KVM_GET_XSAVE fills) and does not derive `Clone`; its fixed region
+    /// is all the state.
+    fn clone(&self) -> Self {
+        VcpuState {
+            id: self.id,
+            regs: self.regs,
+            sregs: self.sregs,
+            fpu: self.fpu.clone(),
+            xsave: self.xsave.as_ref().map(|x| kvm_xsave {
+                region: x.region,
+                ..Default::default()
+            }),
+            xcrs: self.xcrs,
+            events: self.events,
+            mp_state: self.mp_state,
+            msrs: self.msrs.clone(),
+            lapic: self.lapic,
+            debugregs: self.debugregs,
+        }
+    }
+}
+
 /// A vCPU operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum VcpuError {
@@ -375,6 +399,10 @@ pub enum VcpuCmd {
     /// Leave KVM_RUN, wait, and reply with the state right away: saves the
     /// pause a second round trip to every vCPU thread.
     PauseAndSave,
+    /// Load this state into the paused vCPU (a reset in place): the I/O
+    /// the last exit left pending is completed first, so that KVM does not
+    /// complete it on the loaded state when the vCPU runs again.
+    Load(Box<VcpuState>),
     /// Run again.
     Resume,
     /// Exit the thread.
@@ -395,6 +423,8 @@ pub enum VcpuReply {
         /// When the thread went back to the guest.
         at: Instant,
     },
+    /// The state of a `Load` is in (or why not).
+    Loaded(Result<(), VcpuError>),
     /// Its state, saved as it stopped at `at`.
     State {
         /// When the thread took the command.
@@ -691,6 +721,18 @@ impl VcpuThread {
                     .map(Box::new);
                 self.reply(VcpuReply::State { at, state });
                 Some(Flow::Pause)
+            }
+            VcpuCmd::Load(state) => {
+                // KVM finishes an exit's port or MMIO access (the value of
+                // an `in`, skipping the instruction) on the next KVM_RUN,
+                // before it looks at immediate_exit: this one returns EINTR
+                // at once with nothing left pending. Otherwise the access
+                // would complete on the loaded registers if their rip
+                // happened to match.
+                self.fd.set_kvm_immediate_exit(1);
+                let _ = self.fd.run();
+                self.reply(VcpuReply::Loaded(restore_state(&self.fd, &state)));
+                None
             }
             VcpuCmd::Resume => {
                 self.fd.set_kvm_immediate_exit(0);

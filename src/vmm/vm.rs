@@ -891,6 +891,59 @@ impl Vm {
         })
     }
 
+    /// Fails unless `state` can be loaded into this VM in place (a reset):
+    /// its vCPUs, its interrupt controller and clock (or their absence)
+    /// and every device's state fit. Changes nothing.
+    pub fn check_load(&self, state: &VmState) -> Result<(), VmError> {
+        if state.vcpus.len() != self.config.vcpus as usize {
+            return Err(StateMismatch::VcpuCount {
+                saved: state.vcpus.len(),
+                configured: self.config.vcpus as usize,
+            }
+            .into());
+        }
+        match (&state.machine, self.irqchip) {
+            (Some(_), false) => return Err(StateMismatch::UnexpectedMachine.into()),
+            (None, true) => return Err(StateMismatch::MissingMachine.into()),
+            _ => {}
+        }
+        if let Some(d) = &self.devices {
+            d.check_load(&state.devices)?;
+        }
+        Ok(())
+    }
+
+    /// Loads `state` into the paused VM in place (a reset): the interrupt
+    /// controllers, timer and clock, every device, then every vCPU, each on
+    /// its own thread. Guest memory must already hold the state's pages
+    /// (KVM writes the kvmclock pages as the MSRs load). Checked by
+    /// [`Vm::check_load`] first; a failure here leaves the VM half loaded.
+    pub fn load_state(&self, _pause: &Pause, state: &VmState) -> Result<(), VmError> {
+        self.check_load(state)?;
+        if let Some(m) = &state.machine {
+            self.restore_machine(m)?;
+        }
+        if let Some(d) = &self.devices {
+            d.load(&state.devices)?;
+        }
+        let vcpus = self.vcpus.lock().unwrap_or_else(|e| e.into_inner());
+        for (v, s) in vcpus.iter().zip(&state.vcpus) {
+            v.send(VcpuCmd::Load(Box::new(s.clone())))?;
+        }
+        for v in vcpus.iter() {
+            match v.recv("load")? {
+                VcpuReply::Loaded(r) => r?,
+                r => return Err(unexpected(v.id, r, "load")),
+            }
+        }
+        Ok(())
+    }
+
+    /// Every memory chunk's number, in guest-physical order.
+    pub fn chunk_slots(&self) -> Vec<u32> {
+        self.memory().chunks().map(|c| c.slot).collect()
+    }
+
     /// Why the guest stopped by itself, if it did.
     pub fn guest_stop_reason(&self) -> Option<String> {
         self.guest_stop
