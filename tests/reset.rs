@@ -1,0 +1,382 @@
+//! `vmhop reset` through the real binary: a running builtin:dirty guest is
+//! put back to a checkpoint in place, and its memory is then compared byte
+//! for byte with a VM restored from the same checkpoint (both paused, read
+//! through /proc/PID/mem); resets in a row rewrite only what the guest
+//! wrote since; a reset after a NUMA move; a checkpoint of another VM, a
+//! damaged checkpoint and a reset during a checkpoint are refused with the
+//! VM running on untouched.
+
+mod common;
+
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::{assert_one_line_error, memory_map, vmhop, CmdOutput, Vm};
+use serde_json::Value;
+
+/// Generous bound for a running guest to show progress (polling, not timing).
+const PROGRESS_WAIT: Duration = Duration::from_secs(10);
+
+/// Bound for a background event (a temp file appearing, a restore loading).
+const EVENT_WAIT: Duration = Duration::from_secs(20);
+
+/// Memory of the test VMs.
+const SMALL: &str = "64M";
+
+/// A rate-limited dirty guest: it keeps writing without outrunning a
+/// checkpoint of a debug build.
+const GUEST: &str = "builtin:dirty,rate=10000";
+
+/// Pages the guest writes between a checkpoint and a reset.
+const GUEST_WORK: u64 = 1000;
+
+fn dirty_vm(memory: &str, guest: &str) -> Vm {
+    let vm = Vm::start(&["--vcpus", "2", "--memory", memory, "--guest", guest]);
+    vm.wait_progress_above(0, PROGRESS_WAIT);
+    vm
+}
+
+fn tempdir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("vmhop-reset-")
+        .tempdir()
+        .expect("temp dir")
+}
+
+fn path_str(p: &Path) -> &str {
+    p.to_str().expect("utf-8 temp path")
+}
+
+fn target(dir: &Path, id: u64) -> String {
+    format!("{}@{id}", dir.display())
+}
+
+fn one_json_object(out: &CmdOutput) -> Value {
+    common::one_json_object_in(&out.stdout, &out.describe())
+}
+
+/// Checkpoints `vm` into `dir`; returns (progress just before, report).
+fn checkpoint(vm: &Vm, dir: &Path) -> (u64, Value) {
+    let before = vm.progress();
+    let out = vm.cli_ok(&["checkpoint", "--dir", path_str(dir), "--json"]);
+    (before, one_json_object(&out))
+}
+
+/// `vmhop reset --to DIR@ID --json`, which must succeed.
+fn reset(vm: &Vm, to: &str) -> Value {
+    let out = vm.cli_ok(&["reset", "--to", to, "--json"]);
+    let r = one_json_object(&out);
+    assert_eq!(r["operation"], "reset", "{r}");
+    r
+}
+
+fn assert_verifies(vm: &Vm, what: &str) {
+    let out = vm.cli_ok(&["verify", "--json"]);
+    let r = one_json_object(&out);
+    assert_eq!(r["ok"], true, "{what}: verify failed: {r}\n{}", vm.logs());
+}
+
+fn wait_for<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Every guest page of `vm` (paused), by guest-physical address, read
+/// through /proc/PID/mem at the host addresses `debug.memory-map` gives.
+fn guest_memory(vm: &Vm) -> Vec<(u64, Vec<u8>)> {
+    let mem = std::fs::File::open(format!("/proc/{}/mem", vm.pid())).expect("open /proc/PID/mem");
+    let mut slots = memory_map(vm);
+    slots.sort_by_key(|s| s.gpa);
+    slots
+        .iter()
+        .map(|s| {
+            let mut buf = vec![0u8; s.len as usize];
+            mem.read_exact_at(&mut buf, s.host_addr)
+                .unwrap_or_else(|e| panic!("read guest {:#x}+{:#x}: {e}", s.gpa, s.len));
+            (s.gpa, buf)
+        })
+        .collect()
+}
+
+/// Fails naming the first differing page unless `a` and `b` hold the same
+/// guest memory.
+fn assert_same_memory(a: &[(u64, Vec<u8>)], b: &[(u64, Vec<u8>)], what: &str) {
+    let ranges = |m: &[(u64, Vec<u8>)]| m.iter().map(|(g, d)| (*g, d.len())).collect::<Vec<_>>();
+    assert_eq!(ranges(a), ranges(b), "{what}: memory layouts differ");
+    let mut differing = Vec::new();
+    for ((gpa, x), (_, y)) in a.iter().zip(b) {
+        for (i, (p, q)) in x.chunks(4096).zip(y.chunks(4096)).enumerate() {
+            if p != q {
+                differing.push(gpa + i as u64 * 4096);
+            }
+        }
+    }
+    assert!(
+        differing.is_empty(),
+        "{what}: {} pages differ, the first at guest {:#x}",
+        differing.len(),
+        differing[0]
+    );
+}
+
+#[test]
+fn a_reset_puts_memory_back_to_the_checkpoint_byte_for_byte() {
+    let dir = tempdir();
+    let vm = dirty_vm(SMALL, GUEST);
+    let (before, ck) = checkpoint(&vm, dir.path());
+    let after = vm.progress();
+    assert_eq!(ck["id"], 1);
+    vm.wait_progress_above(after + GUEST_WORK, PROGRESS_WAIT);
+    // Paused, the reset leaves it paused: memory and progress hold still
+    // for the comparison.
+    vm.cli_ok(&["pause"]);
+    let r = reset(&vm, &target(dir.path(), 1));
+    assert_eq!(r["id"], 1, "{r}");
+    assert_eq!(r["armed"], true, "the first reset arms: {r}");
+    assert_eq!(r["dirty_source"], "dirty-log", "checkpointed as 1: {r}");
+    assert!(r["pages_rewritten"].as_u64().unwrap() > 0, "{r}");
+    assert_eq!(vm.state(), "paused");
+    let progress = vm.progress();
+    assert!(
+        (before..=after).contains(&progress),
+        "progress after the reset is {progress}, the checkpoint was taken between {before} and {after}"
+    );
+    let restored = Vm::start_command(&["restore", &target(dir.path(), 1)], &["--paused"]);
+    wait_for(EVENT_WAIT, "the restore to load", || {
+        (restored.status()["loading"] == false).then_some(())
+    });
+    assert_eq!(restored.progress(), progress, "restore and reset disagree");
+    assert_same_memory(
+        &guest_memory(&vm),
+        &guest_memory(&restored),
+        "reset VM vs restored VM",
+    );
+    vm.cli_ok(&["resume"]);
+    vm.wait_progress_above(progress + GUEST_WORK, PROGRESS_WAIT);
+    assert_verifies(&vm, "after the reset");
+}
+
+#[test]
+fn resets_in_a_row_rewrite_only_what_the_guest_wrote_since() {
+    let dir = tempdir();
+    let vm = dirty_vm(SMALL, GUEST);
+    let (before, _) = checkpoint(&vm, dir.path());
+    let after = vm.progress();
+    let mut last = None;
+    for round in 0..3 {
+        vm.wait_progress_above(after + GUEST_WORK, PROGRESS_WAIT);
+        let r = reset(&vm, &target(dir.path(), 1));
+        assert_eq!(r["armed"], round == 0, "round {round}: {r}");
+        assert_eq!(r["dirty_source"], "dirty-log", "round {round}: {r}");
+        let (n, total) = (
+            r["pages_rewritten"].as_u64().unwrap(),
+            r["pages_total"].as_u64().unwrap(),
+        );
+        assert!(
+            n > 0 && n < total / 2,
+            "round {round}: {n} of {total} pages rewritten: {r}"
+        );
+        last = Some(n);
+        // Back at the checkpoint: the guest starts again from its moment.
+        let p = vm.progress();
+        assert!(
+            p >= before && p < after + GUEST_WORK,
+            "round {round}: progress {p} after the reset, checkpoint between {before} and {after}"
+        );
+        assert_verifies(&vm, &format!("reset {round}"));
+    }
+    assert!(last.is_some());
+    // After another checkpoint the VM no longer stands at 1: the next reset
+    // to 1 compares memory, and rewrites what differs.
+    checkpoint(&vm, dir.path());
+    vm.wait_progress_above(after + GUEST_WORK, PROGRESS_WAIT);
+    let r = reset(&vm, &target(dir.path(), 1));
+    assert_eq!(r["dirty_source"], "compare", "{r}");
+    assert_eq!(r["armed"], false, "{r}");
+    assert!(r["pages_rewritten"].as_u64().unwrap() > 0, "{r}");
+    assert_verifies(&vm, "reset after another checkpoint");
+    // And the one after that counts from this reset again.
+    vm.wait_progress_above(after + GUEST_WORK, PROGRESS_WAIT);
+    let r = reset(&vm, &target(dir.path(), 1));
+    assert_eq!(r["dirty_source"], "dirty-log", "{r}");
+}
+
+#[test]
+fn a_reset_after_a_numa_move_restores_the_checkpoint() {
+    let dir = tempdir();
+    let vm = dirty_vm(SMALL, GUEST);
+    let (before, _) = checkpoint(&vm, dir.path());
+    let after = vm.progress();
+    reset(&vm, &target(dir.path(), 1));
+    vm.wait_progress_above(after + GUEST_WORK, PROGRESS_WAIT);
+    vm.cli_ok(&["numa-migrate", "--to-node", "0", "--mode", "stop-copy"]);
+    vm.wait_progress_above(after + GUEST_WORK * 2, PROGRESS_WAIT);
+    vm.cli_ok(&["pause"]);
+    let r = reset(&vm, &target(dir.path(), 1));
+    assert_eq!(r["dirty_source"], "dirty-log", "{r}");
+    assert_eq!(r["armed"], false, "{r}");
+    let p = vm.progress();
+    assert!(
+        (before..=after).contains(&p),
+        "progress {p} after the reset, checkpoint between {before} and {after}"
+    );
+    assert_verifies(&vm, "reset after a NUMA move");
+    vm.cli_ok(&["resume"]);
+    vm.wait_progress_above(p + GUEST_WORK, PROGRESS_WAIT);
+}
+
+#[test]
+fn a_checkpoint_of_another_vm_is_refused_naming_what_differs() {
+    let dir = tempdir();
+    let other = dirty_vm(SMALL, GUEST);
+    checkpoint(&other, dir.path());
+    drop(other);
+    let vm = dirty_vm("128M", GUEST);
+    let p = vm.progress();
+    let out = vm.cli(&["reset", "--to", &target(dir.path(), 1)]);
+    assert_eq!(out.code, Some(2), "{}", out.describe());
+    assert_one_line_error(&out, "reset to another VM's checkpoint");
+    assert!(
+        out.stderr.contains("another VM") && out.stderr.contains("memory"),
+        "the refusal names what differs\n{}",
+        out.describe()
+    );
+    let raw = vm.http(
+        "PUT",
+        "/api/v1/vm.reset",
+        Some(&format!(r#"{{"to": "{}"}}"#, target(dir.path(), 1))),
+    );
+    assert_eq!(raw.status, 400, "{}", raw.body);
+    assert_eq!(vm.state(), "running");
+    vm.wait_progress_above(p + GUEST_WORK, PROGRESS_WAIT);
+    assert_verifies(&vm, "after the refusal");
+}
+
+/// Reads the index of a checkpoint file (as tests/checkpoint.rs does):
+/// (gpa, file offset, flags) per page.
+fn index_of(file: &Path) -> Vec<(u64, u64, u32)> {
+    let data = std::fs::read(file).expect("read checkpoint file");
+    let footer = &data[data.len() - 120..];
+    let u64_at = |b: &[u8], o: usize| u64::from_le_bytes(b[o..o + 8].try_into().expect("8"));
+    let u16_at = |b: &[u8], o: usize| u16::from_le_bytes(b[o..o + 2].try_into().expect("2"));
+    let (off, runs) = (u64_at(footer, 72) as usize, u64_at(footer, 88) as usize);
+    let pages_at = u64_at(footer, 24);
+    let mut out = Vec::new();
+    for i in 0..runs {
+        let r = &data[off + 16 * i..off + 16 * (i + 1)];
+        let record = u32::from_le_bytes(r[8..12].try_into().expect("4")) as u64;
+        let flags = u16_at(r, 14) as u32;
+        for k in 0..u16_at(r, 12) as u64 {
+            let offset = if flags & 1 == 0 {
+                pages_at + (record + k) * 4096
+            } else {
+                0
+            };
+            out.push((u64_at(r, 0) + k * 4096, offset, flags));
+        }
+    }
+    out
+}
+
+fn ckpt_file(dir: &Path, id: u64) -> PathBuf {
+    dir.join(format!("ckpt-{id:06}.vmhop"))
+}
+
+#[test]
+fn a_damaged_checkpoint_is_refused_before_the_vm_is_touched() {
+    let dir = tempdir();
+    let vm = dirty_vm(SMALL, GUEST);
+    checkpoint(&vm, dir.path());
+    let file = ckpt_file(dir.path(), 1);
+    let live: Vec<_> = index_of(&file)
+        .into_iter()
+        .filter(|e| e.2 & 1 == 0)
+        .collect();
+    let (_, offset, _) = live[live.len() / 2];
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&file)
+        .expect("open for damage");
+    let mut b = [0u8];
+    f.read_exact_at(&mut b, offset + 2048).expect("read");
+    b[0] ^= 0xff;
+    f.write_all_at(&b, offset + 2048).expect("write");
+    vm.wait_progress_above(vm.progress() + GUEST_WORK, PROGRESS_WAIT);
+    let p = vm.progress();
+    let out = vm.cli(&["reset", "--to", &target(dir.path(), 1)]);
+    assert_ne!(out.code, Some(0), "{}", out.describe());
+    assert_one_line_error(&out, "reset to a damaged checkpoint");
+    assert!(
+        out.stderr.contains("ckpt-000001.vmhop"),
+        "the refusal names the file\n{}",
+        out.describe()
+    );
+    // Not reset: the guest carries on from where it was.
+    assert_eq!(vm.state(), "running");
+    assert!(vm.progress() >= p, "the refused reset moved the guest back");
+    vm.wait_progress_above(p + GUEST_WORK, PROGRESS_WAIT);
+    assert_verifies(&vm, "after the refusal");
+}
+
+/// The `.ckpt-*.tmp` file of `dir`, if one exists.
+fn temp_file(dir: &Path) -> Option<PathBuf> {
+    std::fs::read_dir(dir).ok()?.flatten().find_map(|e| {
+        let name = e.file_name().to_string_lossy().into_owned();
+        (name.starts_with(".ckpt-") && name.ends_with(".tmp")).then(|| e.path())
+    })
+}
+
+#[test]
+fn a_reset_during_a_checkpoint_is_refused_with_409() {
+    let first = tempdir();
+    let dir = tempdir();
+    let vm = dirty_vm("256M", "builtin:dirty,rate=2000,fill=random");
+    checkpoint(&vm, first.path());
+    let socket = vm.socket_str().to_string();
+    let to = target(first.path(), 1);
+    let (ck, cli, raw) = thread::scope(|s| {
+        let ck = s.spawn(|| {
+            vmhop(&[
+                "checkpoint",
+                "--api-socket",
+                &socket,
+                "--dir",
+                path_str(dir.path()),
+                "--full",
+                "--json",
+            ])
+        });
+        wait_for(EVENT_WAIT, "the checkpoint's temp file", || {
+            temp_file(dir.path())
+        });
+        let cli = vm.cli(&["reset", "--to", &to]);
+        let raw = vm.http(
+            "PUT",
+            "/api/v1/vm.reset",
+            Some(&format!(r#"{{"to": "{to}"}}"#)),
+        );
+        assert!(
+            temp_file(dir.path()).is_some(),
+            "the checkpoint ended before the reset was refused: the test proves nothing"
+        );
+        (ck.join().expect("checkpoint thread"), cli, raw)
+    });
+    assert_eq!(ck.code, Some(0), "{}", ck.describe());
+    assert_eq!(cli.code, Some(1), "{}", cli.describe());
+    assert_one_line_error(&cli, "reset during a checkpoint");
+    assert!(cli.stderr.contains("in progress"), "{}", cli.describe());
+    assert_eq!(raw.status, 409, "{}", raw.body);
+    // Once the checkpoint is done, the reset goes through.
+    let r = reset(&vm, &to);
+    assert_eq!(r["id"], 1, "{r}");
+    assert_verifies(&vm, "after the reset");
+}
