@@ -380,3 +380,30 @@ fn a_reset_during_a_checkpoint_is_refused_with_409() {
     assert_eq!(r["id"], 1, "{r}");
     assert_verifies(&vm, "after the reset");
 }
+
+#[test]
+fn reset_base_arms_at_start_so_the_first_reset_uses_the_dirty_log() {
+    let dir = tempdir();
+    let vm = dirty_vm(SMALL, GUEST);
+    checkpoint(&vm, dir.path());
+    drop(vm);
+    let to = target(dir.path(), 1);
+    let restored = Vm::start_command(&["restore", &to], &["--reset-base", &to]);
+    restored.wait_progress_above(0, PROGRESS_WAIT);
+    let r = reset(&restored, &to);
+    assert_eq!(r["armed"], false, "armed at start: {r}");
+    assert_eq!(r["dirty_source"], "dirty-log", "restored from it: {r}");
+    assert_verifies(&restored, "reset of a VM armed at start");
+    // A base that is not this VM's is refused at start, naming what differs.
+    let out = vmhop(&[
+        "run",
+        "--api-socket",
+        path_str(&dir.path().join("other.sock")),
+        "--memory",
+        "128M",
+        "--reset-base",
+        &to,
+    ]);
+    assert_eq!(out.code, Some(2), "{}", out.describe());
+    assert!(out.stderr.contains("memory"), "{}", out.describe());
+}

@@ -93,6 +93,9 @@ pub struct RunSpec {
     pub start: StartSpec,
     /// Test hooks (`--test-hook NAME=VALUE`, hidden; docs/test-device.md).
     pub test_hooks: Vec<String>,
+    /// `--reset-base`: the checkpoint resets are armed for at start.
+    #[serde(default)]
+    pub reset_base: Option<super::checkpoint::CheckpointTarget>,
 }
 
 /// What a `run` process has to say while it runs; the CLI renders it.

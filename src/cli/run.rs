@@ -79,6 +79,10 @@ pub struct RunArgs {
     /// Start with the vCPUs stopped until `resume`.
     #[arg(long)]
     pub paused: bool,
+    /// Arm resets to this checkpoint at start (validate it and keep its
+    /// pages), so that the first `vmhop reset` to it is as fast as the next.
+    #[arg(long, value_name = "DIR@ID", conflicts_with = "incoming")]
+    pub reset_base: Option<String>,
     /// Wait for a VM migrated from another vmhop (tcp://ADDR:PORT or
     /// unix:PATH) and run it; --numa guest-node=G,host-node=H re-binds its nodes here.
     #[arg(long, value_name = "ADDRESS", conflicts_with = "restore")]
@@ -230,6 +234,17 @@ impl RunArgs {
             paused: self.paused,
             start,
             test_hooks: self.test_hook.clone(),
+            reset_base: match &self.reset_base {
+                None => None,
+                Some(t) => {
+                    let mut t: crate::api::checkpoint::CheckpointTarget =
+                        t.parse().map_err(CliError::from)?;
+                    t.dir = std::path::absolute(&t.dir).map_err(|e| {
+                        CliError::usage(format!("--reset-base {}: {e}", t.dir.display()))
+                    })?;
+                    Some(t)
+                }
+            },
         })
     }
 }

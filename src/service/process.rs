@@ -74,6 +74,9 @@ pub enum ProcessError {
         #[source]
         source: std::io::Error,
     },
+    /// `--reset-base` names a checkpoint resets cannot go back to.
+    #[error("--reset-base: {0}")]
+    ResetBase(ApiError),
     /// The VM stopped and cannot run on.
     #[error("VM '{name}' stopped and cannot run on: {why}")]
     Died {
@@ -91,7 +94,7 @@ impl Classify for ProcessError {
             ProcessError::Hook(e) => e.kind(),
             ProcessError::Socket(_) => ErrorKind::Failed,
             ProcessError::SocketInUse(_) => ErrorKind::Conflict,
-            ProcessError::Incoming(e) => e.kind,
+            ProcessError::Incoming(e) | ProcessError::ResetBase(e) => e.kind,
             ProcessError::Listen { .. } => ErrorKind::Unusable,
             ProcessError::Receive(_) | ProcessError::Thread { .. } | ProcessError::Died { .. } => {
                 ErrorKind::Failed
@@ -183,6 +186,9 @@ pub fn run(spec: RunSpec, events: &mut dyn FnMut(RunEvent)) -> Result<RunEnd, Pr
                 fe.tx.clone(),
             )
             .with_disks(machine.devices.disks.clone());
+            if let Some(t) = &spec.reset_base {
+                vmm.arm_reset(t).map_err(ProcessError::ResetBase)?;
+            }
             serve(Arc::new(vmm), machine, fe, &spec, None, events)
         }
         StartSpec::Restore { target, eager } => {
@@ -206,6 +212,9 @@ pub fn run(spec: RunSpec, events: &mut dyn FnMut(RunEvent)) -> Result<RunEnd, Pr
                 fe.tx.clone(),
             )
             .with_disks(r.machine.devices.disks.clone());
+            if let Some(t) = &spec.reset_base {
+                vmm.arm_reset(t).map_err(ProcessError::ResetBase)?;
+            }
             let arrival = Some(Arrival::Restored(r.report));
             serve(Arc::new(vmm), r.machine, fe, &spec, arrival, events)
         }
