@@ -15,6 +15,7 @@
 
 mod image;
 mod request;
+pub mod stack;
 pub mod written;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -24,6 +25,7 @@ use serde::{Deserialize, Serialize};
 use virtio_bindings::virtio_blk as blk;
 
 pub use image::{CacheMode, DiskImage, ImageError, LockMode, DIRECT_ALIGN, SECTOR};
+pub use stack::{ImageLower, Lower, Shape, Stack, StackError, BLOCK};
 pub use written::{WrittenBlocks, WrittenSet};
 
 use super::mmio::TransportState;
@@ -168,7 +170,7 @@ pub struct BlockState {
 #[derive(Debug)]
 pub(crate) struct Disk {
     pub(crate) name: String,
-    pub(crate) image: DiskImage,
+    pub(crate) stack: Stack,
     pub(crate) written: WrittenBlocks,
     /// The configuration space's `writeback` byte.
     pub(crate) writeback: AtomicBool,
@@ -213,7 +215,7 @@ impl Block {
         let disk = Disk {
             name: format!("virtio-blk {}", config.id),
             written: WrittenBlocks::new(image.size(), written::DEFAULT_GRANULARITY),
-            image,
+            stack: Stack::flat(image),
             writeback: AtomicBool::new(true),
             serial,
             readonly: config.readonly,
@@ -286,9 +288,15 @@ impl Block {
         &self.config
     }
 
-    /// The open image (its lock, its flush).
-    pub fn image(&self) -> &DiskImage {
-        &self.disk.image
+    /// The top layer: the file the guest's writes go to (its lock, its
+    /// flush).
+    pub fn image(&self) -> Arc<DiskImage> {
+        self.disk.stack.top()
+    }
+
+    /// The disk's layers.
+    pub fn stack(&self) -> &Stack {
+        &self.disk.stack
     }
 
     /// The blocks written since the last take: a checkpoint takes them
@@ -299,7 +307,7 @@ impl Block {
 
     /// Capacity in 512-byte sectors.
     pub fn capacity(&self) -> u64 {
-        self.disk.image.size() / SECTOR
+        self.disk.stack.size() / SECTOR
     }
 
     /// The configuration space, as the guest reads it.
