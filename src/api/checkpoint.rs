@@ -122,6 +122,10 @@ pub struct CheckpointEntry {
     pub kind: CheckpointKind,
     /// File size in bytes.
     pub size_bytes: u64,
+    /// Bytes of disk blocks the file stores (blocks written since its
+    /// parent; for a full checkpoint, those that differ from the base).
+    #[serde(default)]
+    pub disk_bytes: u64,
     /// Creation time, milliseconds since the Unix epoch.
     pub created_unix_ms: u64,
     /// Id of the chain the file belongs to.
@@ -166,6 +170,9 @@ pub struct MergeReport {
     pub bytes_written: u64,
     /// Non-zero pages stored.
     pub pages_written: u64,
+    /// Disk blocks stored with data.
+    #[serde(default)]
+    pub disk_blocks: u64,
 }
 
 /// What a restore did.

@@ -273,7 +273,10 @@ fn validate(
         let idx = reader.index();
         stored_pages += reader.data_entries();
         let mut gap_start = 0u64;
-        for &(start, end) in ranges.iter().chain(std::iter::once(&(u64::MAX, u64::MAX))) {
+        // Disks' blocks live above guest memory's space; the format
+        // checked them against the disks table.
+        let disks = 1u64 << super::format::SPACE_SHIFT;
+        for &(start, end) in ranges.iter().chain(std::iter::once(&(disks, disks))) {
             if let Some(gpa) = idx.first_at_or_after(gap_start).filter(|&g| g < start) {
                 return Err(RestoreError::PageOutside {
                     file: reader.path().to_path_buf(),
@@ -305,7 +308,7 @@ pub fn open(dir: &Path, id: Option<u32>) -> Result<Opened, RestoreError> {
 /// Pages with data (gpa, reader, entry), sorted by gpa: each page's latest
 /// version, zero pages left out.
 fn data_pages(chain: &ResolvedChain) -> Vec<(u64, usize, IndexEntry)> {
-    chain.data_pages()
+    chain.memory_pages()
 }
 
 /// Runs of `pages` that are consecutive in guest memory, come from the same

@@ -314,6 +314,7 @@ pub fn build(
             saved,
         )?;
         disks.0.push(t.clone());
+        reg.add_store(t.clone());
         virtio::mmio::plug(&mut set, slot.base, t)?;
     }
     for (net, slot) in config.nets.iter().zip(net_slots) {

@@ -20,6 +20,7 @@ use serde::Serialize;
 use super::DeviceError;
 use crate::vmm::bus::{DeviceControl, DeviceError as ControlError};
 use crate::vmm::state::DeviceStates;
+use crate::vmm::store::BlockStore;
 
 /// A device whose state travels with checkpoints and migrations.
 pub trait Persist: Sized {
@@ -70,6 +71,8 @@ struct Entry {
 #[derive(Default)]
 pub struct Registry {
     entries: Vec<Entry>,
+    /// The disks, in the order they were built (the configuration's).
+    stores: Vec<Arc<dyn BlockStore>>,
     /// Saved states the restore asked for.
     taken: BTreeSet<(String, String)>,
 }
@@ -137,6 +140,11 @@ impl Registry {
         });
     }
 
+    /// Registers a disk the transfer engine moves (after its device).
+    pub fn add_store(&mut self, store: Arc<dyn BlockStore>) {
+        self.stores.push(store);
+    }
+
     /// Fails if `saved` holds a device this registry did not build: the
     /// saved VM had a device this one lacks.
     pub fn check_all_restored(&self, saved: &DeviceStates) -> Result<(), DeviceError> {
@@ -184,6 +192,10 @@ impl DeviceControl for Registry {
         for e in &self.entries {
             (e.announce)();
         }
+    }
+
+    fn stores(&self) -> Vec<Arc<dyn BlockStore>> {
+        self.stores.clone()
     }
 
     fn save(&self) -> Result<DeviceStates, ControlError> {

@@ -128,6 +128,10 @@ pub trait DeviceControl: Send + Sync {
     /// The VM runs on another host now: devices that can tell the network
     /// where the guest is do so (one round; the caller repeats it).
     fn announce(&self) {}
+    /// The disks, in the order of the VM's configuration.
+    fn stores(&self) -> Vec<std::sync::Arc<dyn crate::vmm::store::BlockStore>> {
+        Vec::new()
+    }
 }
 
 /// A device failed to quiesce, resume or save.

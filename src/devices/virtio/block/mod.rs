@@ -114,6 +114,58 @@ impl Persist for MmioTransport<Block> {
     }
 }
 
+/// The disk as the transfer engine moves it: its written blocks are its
+/// dirty log, its stack is where their data is read, and its
+/// copy-before-write protection keeps the blocks still to be copied at a
+/// pause as they were.
+impl crate::vmm::store::BlockStore for MmioTransport<Block> {
+    fn id(&self) -> String {
+        self.device().config.id.clone()
+    }
+
+    fn blocks(&self) -> u64 {
+        self.device().stack().blocks()
+    }
+
+    fn take_written(&self) -> crate::memory::DirtyBitmap {
+        let w = self.device().written().take();
+        let mut b = w.data;
+        b.merge(&w.zero);
+        b
+    }
+
+    fn held_blocks(&self) -> crate::memory::DirtyBitmap {
+        self.device().stack().present_blocks()
+    }
+
+    fn read_blocks(&self, first: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        self.device().stack().read_blocks(first, buf)
+    }
+
+    fn protect(&self, blocks: &crate::memory::DirtyBitmap) -> u64 {
+        self.device().stack().protect(blocks)
+    }
+
+    fn drain(
+        &self,
+        each: &mut dyn FnMut(u64, &[u8]) -> std::io::Result<()>,
+    ) -> std::io::Result<()> {
+        self.device().stack().drain(each)
+    }
+
+    fn unprotect(&self) {
+        self.device().stack().unprotect()
+    }
+
+    fn saved_blocks(&self) -> u64 {
+        self.device().stack().saved_blocks()
+    }
+
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}
+
 /// Building or restoring a block device failed.
 #[derive(Debug, thiserror::Error)]
 pub enum BlockError {
