@@ -261,6 +261,7 @@ fn restore_once(dir: &Path, eager: bool) -> Result<Restored, BenchError> {
         &[],
         eager,
         false,
+        &[],
         &vmhop::devices::Console::Stdout,
         &Default::default(),
     )

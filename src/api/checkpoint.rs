@@ -83,6 +83,12 @@ pub struct CheckpointReport {
     pub bytes_written: u64,
     /// Zero pages not stored.
     pub zero_pages: u64,
+    /// Disk blocks stored with data (4 KiB each).
+    #[serde(default)]
+    pub disk_blocks: u64,
+    /// Disk blocks recorded as zero extents (discarded or zeroed).
+    #[serde(default)]
+    pub disk_zero_blocks: u64,
     /// Copy rounds (the paused one included).
     pub rounds: u32,
     /// Pages the pause dealt with: write-protected (see `pages_protected`)
@@ -175,6 +181,15 @@ pub struct MergeReport {
     pub disk_blocks: u64,
 }
 
+/// A restored disk.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RestoredDisk {
+    /// Its id.
+    pub id: String,
+    /// The new file its writes go to (filled from the checkpoint).
+    pub path: PathBuf,
+}
+
 /// What a restore did.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct RestoreReport {
@@ -190,6 +205,9 @@ pub struct RestoreReport {
     pub lazy: bool,
     /// Non-zero pages stored in the chain's files.
     pub pages: u64,
+    /// The restored disks and the new files they landed in.
+    #[serde(default)]
+    pub disks: Vec<RestoredDisk>,
     /// Milliseconds from the start of the restore until the vCPUs could run.
     pub resume_ms: f64,
     /// Where `resume_ms` went.

@@ -1368,6 +1368,8 @@ pub struct Meta {
     pub config: Vec<u8>,
     /// The `state` section.
     pub state: Vec<u8>,
+    /// The disks table.
+    pub disks: Vec<DiskRecord>,
 }
 
 /// Reads and checks the [`Meta`] of `path`: what a restore needs to start
@@ -1375,10 +1377,12 @@ pub struct Meta {
 pub fn read_meta(path: &Path) -> Result<Meta, FormatError> {
     let framed = Framed::open(path)?;
     let (config, state) = framed.config_state(path)?;
+    let disks = read_disks(&framed.file, path, framed.file_len, &framed.footer)?;
     Ok(Meta {
         header: framed.header,
         config,
         state,
+        disks,
     })
 }
 

@@ -231,10 +231,13 @@ impl Disks {
 
 /// Builds the devices `config` needs; `saved` holds their states by type
 /// and id from a checkpoint or a source (empty for a fresh boot).
+/// `stacks` holds, by disk id, the layers of disks that are not their
+/// configured image alone (a restore's new tops over its checkpoint).
 pub fn build(
     config: &VmConfig,
     console: &Console,
     saved: &DeviceStates,
+    mut stacks: std::collections::BTreeMap<String, virtio::block::Stack>,
 ) -> Result<Devices, DeviceError> {
     let mut bus = IoBus::new();
     let mut reg = Registry::new();
@@ -310,7 +313,12 @@ pub fn build(
         let irqfd = virtio::mmio::irq_line(&mut set, &disk.id, gsi)?;
         let t = reg.build::<virtio::MmioTransport<virtio::block::Block>>(
             &disk.id,
-            (disk.clone(), set.memory.clone(), irqfd),
+            (
+                disk.clone(),
+                set.memory.clone(),
+                irqfd,
+                stacks.remove(&disk.id),
+            ),
             saved,
         )?;
         disks.0.push(t.clone());
@@ -388,7 +396,13 @@ mod tests {
         });
         let mut types = BTreeMap::new();
         for c in [&linux, &builtin] {
-            let d = build(c, &Console::Stderr, &DeviceStates::new()).unwrap();
+            let d = build(
+                c,
+                &Console::Stderr,
+                &DeviceStates::new(),
+                Default::default(),
+            )
+            .unwrap();
             // Put state in the devices that keep some: the UART's line
             // control and scratch registers, the RTC's index.
             d.set.bus.write(0, serial::COM1_PORT + 3, &[0x03]);
@@ -398,7 +412,7 @@ mod tests {
             // Through JSON, as a checkpoint stores it.
             let json: DeviceStates =
                 serde_json::from_str(&serde_json::to_string(&first).unwrap()).unwrap();
-            let again = build(c, &Console::Stderr, &json).unwrap();
+            let again = build(c, &Console::Stderr, &json, Default::default()).unwrap();
             assert_eq!(saved(&again), first, "{c:?}");
             for (t, ids) in &first {
                 types.insert(t.clone(), ids.len());
@@ -408,12 +422,18 @@ mod tests {
         for t in ["serial", "i8042", "cmos", "acpi-pm", "test-device"] {
             assert!(types.contains_key(t), "{t} was not saved: {types:?}");
         }
-        let d = build(&linux, &Console::Stderr, &DeviceStates::new()).unwrap();
+        let d = build(
+            &linux,
+            &Console::Stderr,
+            &DeviceStates::new(),
+            Default::default(),
+        )
+        .unwrap();
         let mut b = [0u8];
         d.set.bus.read(0, serial::COM1_PORT + 7, &mut b);
         assert_eq!(b[0], 0, "a fresh UART's scratch register");
         // A state for a device this VM does not have is refused.
-        let e = build(&builtin, &Console::Stderr, &saved(&d))
+        let e = build(&builtin, &Console::Stderr, &saved(&d), Default::default())
             .err()
             .expect("refused");
         assert!(

@@ -194,6 +194,7 @@ pub fn run(spec: RunSpec, events: &mut dyn FnMut(RunEvent)) -> Result<RunEnd, Pr
                 &spec.nets,
                 *eager,
                 spec.paused,
+                &spec.disks,
                 &console,
                 &hooks,
             )?;

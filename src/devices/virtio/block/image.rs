@@ -274,6 +274,25 @@ impl DiskImage {
         Ok(())
     }
 
+    /// Turns an exclusive lock into a shared one: the image became a
+    /// read-only layer, which other readers (a restore of a checkpoint
+    /// that refers to it) may share; a writer is still refused.
+    pub fn share_lock(&self) -> Result<(), ImageError> {
+        if self.lock_mode() != LockMode::Exclusive {
+            return Ok(());
+        }
+        ofd_lock(&self.file, libc::F_RDLCK as libc::c_short).map_err(|source| {
+            ImageError::Locked {
+                path: self.path.clone(),
+                holder: "another user",
+                mode: "F_RDLCK",
+                source,
+            }
+        })?;
+        *self.lock.lock().unwrap_or_else(|e| e.into_inner()) = LockMode::Shared;
+        Ok(())
+    }
+
     /// Releases the lock (a migration source after its final flush).
     pub fn unlock(&self) -> std::io::Result<()> {
         ofd_lock(&self.file, libc::F_UNLCK as libc::c_short)?;

@@ -77,9 +77,10 @@ impl crate::api::Classify for BlockError {
 impl Persist for MmioTransport<Block> {
     const TYPE: &'static str = "virtio-blk";
     type State = TransportState<BlockState>;
-    /// The disk, guest memory as devices see it, and the interrupt line's
-    /// eventfd (None without an irqchip).
-    type Args = (BlockConfig, DeviceMemory, Option<EventFd>);
+    /// The disk, guest memory as devices see it, the interrupt line's
+    /// eventfd (None without an irqchip), and the disk's layers when they
+    /// are not its image alone (a restored disk over its checkpoint).
+    type Args = (BlockConfig, DeviceMemory, Option<EventFd>, Option<Stack>);
 
     fn save(&self) -> Result<Self::State, DeviceError> {
         MmioTransport::save(self).map_err(|e| DeviceError::Virtio {
@@ -89,12 +90,16 @@ impl Persist for MmioTransport<Block> {
     }
 
     fn restore(
-        (config, memory, irqfd): Self::Args,
+        (config, memory, irqfd, stack): Self::Args,
         state: Option<&Self::State>,
     ) -> Result<Self, DeviceError> {
+        let block = match stack {
+            Some(stack) => Block::on(config, stack)?,
+            None => Block::new(config)?,
+        };
         let t = match state {
-            None => MmioTransport::new(Block::new(config)?, memory, irqfd),
-            Some(s) => MmioTransport::restore(Block::restore(config, &s.device)?, memory, irqfd, s),
+            None => MmioTransport::new(block, memory, irqfd),
+            Some(s) => MmioTransport::restore(block.restored(&s.device)?, memory, irqfd, s),
         };
         t.map_err(DeviceError::from)
     }
@@ -251,8 +256,14 @@ impl Block {
     }
 
     fn open(config: BlockConfig, lock: bool) -> Result<Block, BlockError> {
-        let serial = config.serial_bytes()?;
         let image = DiskImage::open(&config.path, config.readonly, config.cache, lock)?;
+        Self::on(config, Stack::flat(image))
+    }
+
+    /// A device for `config` over the layers `stack` (a restored disk's new
+    /// top over its checkpoint).
+    pub fn on(config: BlockConfig, stack: Stack) -> Result<Block, BlockError> {
+        let serial = config.serial_bytes()?;
         let mut f = features::VERSION_1
             | features::RING_INDIRECT_DESC
             | features::RING_EVENT_IDX
@@ -266,8 +277,8 @@ impl Block {
         };
         let disk = Disk {
             name: format!("virtio-blk {}", config.id),
-            written: WrittenBlocks::new(image.size(), written::DEFAULT_GRANULARITY),
-            stack: Stack::flat(image),
+            written: WrittenBlocks::new(stack.size(), written::DEFAULT_GRANULARITY),
+            stack,
             writeback: AtomicBool::new(true),
             serial,
             readonly: config.readonly,
@@ -282,10 +293,17 @@ impl Block {
     /// A device for `config` whose guest-visible configuration must equal
     /// the saved one (else the restore is refused before the VM runs).
     pub fn restore(config: BlockConfig, state: &BlockState) -> Result<Block, BlockError> {
-        let b = Self::new(config)?;
-        b.check(state)?;
-        b.disk.writeback.store(state.writeback, Ordering::Relaxed);
-        Ok(b)
+        Self::new(config)?.restored(state)
+    }
+
+    /// This device as it was in `state`, whose guest-visible
+    /// configuration it must have (else the restore is refused).
+    pub fn restored(self, state: &BlockState) -> Result<Block, BlockError> {
+        self.check(state)?;
+        self.disk
+            .writeback
+            .store(state.writeback, Ordering::Relaxed);
+        Ok(self)
     }
 
     fn check(&self, state: &BlockState) -> Result<(), BlockError> {

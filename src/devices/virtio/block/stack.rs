@@ -46,6 +46,9 @@ const FILL_BLOCKS: u64 = 256;
 /// Blocks a drain hands over at a time.
 const DRAIN_BLOCKS: u64 = 256;
 
+/// What receives drained blocks: (first block, bytes of a run of them).
+pub type EachRun<'a, E> = dyn FnMut(u64, &[u8]) -> Result<(), E> + 'a;
+
 /// A read-only layer below a disk's top: what the disk holds where the top
 /// holds nothing.
 pub trait Lower: Send + Sync + std::fmt::Debug {
@@ -77,6 +80,9 @@ impl ImageLower {
         // The same inode, through the descriptor: a path may name another
         // file by now.
         let file = File::open(format!("/proc/self/fd/{}", image.file().as_raw_fd()))?;
+        // Read-only from now on: a restore of a checkpoint over it may
+        // read it too (a writer is still refused).
+        image.share_lock().map_err(std::io::Error::other)?;
         Ok(ImageLower { image, file })
     }
 }
@@ -504,10 +510,7 @@ impl Stack {
     /// was when protected, in runs of consecutive blocks, and lifts the
     /// protection; stops at the first error, leaving the protection
     /// of what is left (lifted by [`Stack::unprotect`]).
-    pub fn drain<E: From<std::io::Error>>(
-        &self,
-        each: &mut dyn FnMut(u64, &[u8]) -> Result<(), E>,
-    ) -> Result<(), E> {
+    pub fn drain<E: From<std::io::Error>>(&self, each: &mut EachRun<'_, E>) -> Result<(), E> {
         let mut buf = Bounce::sized((DRAIN_BLOCKS * BLOCK) as usize);
         let mut from = 0u64;
         loop {

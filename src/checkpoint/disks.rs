@@ -1,0 +1,481 @@
+//! A VM's disks in its checkpoints: what each checkpoint does with each
+//! disk, the overlay a first checkpoint switches a disk to, and the disks
+//! table it records.
+//!
+//! A disk's blocks are slots of the engine's plan (`vmm::store`), so a
+//! checkpoint stores them as it stores pages. What this module adds is the
+//! decision per disk, taken before the transfer:
+//!
+//! - a **flat** disk (a boot's image, or a restored disk once filled) in a
+//!   **full** checkpoint is not copied: the pause switches it to a new,
+//!   empty overlay in the checkpoint directory, the image becomes its
+//!   read-only lower layer, and the checkpoint records the image by
+//!   identity ([`BaseImage`]). vmhop never writes that image again.
+//! - a disk **over its base image** is in the plan: a full checkpoint
+//!   stores the blocks its overlay holds, an incremental the blocks
+//!   written since its parent.
+//! - a disk **still filling** from a restore can be in an incremental
+//!   (its blocks read through the chain's view), not in a full checkpoint
+//!   of a new chain, which needs a flat image or a base: 409 until filled.
+//! - a **read-only** disk stores nothing; its image is recorded.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use super::chain::ResolvedChain;
+use super::format::{BaseImage, DiskRecord, SPACE_SHIFT};
+use super::index::IndexEntry;
+use crate::devices::virtio::block::stack::read_clamped;
+use crate::devices::virtio::block::{Block, DiskImage, Lower, Shape};
+use crate::devices::virtio::MmioTransport;
+use crate::memory::PAGE_SIZE;
+use crate::vmm::store::{BlockStore, STORE_SLOTS};
+use crate::vmm::Vm;
+
+/// A disk cannot take part in a checkpoint.
+#[derive(Debug, thiserror::Error)]
+pub enum DiskCheckpointError {
+    /// A full checkpoint while a restored disk still fills.
+    #[error("disk {id} ({path}) is still filling from the checkpoint it was restored from ({present} of {blocks} blocks): a full checkpoint needs it complete; try again once `status` no longer lists it as filling")]
+    Filling {
+        /// The disk.
+        id: String,
+        /// Its top file.
+        path: PathBuf,
+        /// Blocks its top holds.
+        present: u64,
+        /// Blocks of the disk.
+        blocks: u64,
+    },
+    /// An incremental for a disk whose base this VM does not know.
+    #[error("disk {id}: this VM does not know the base image its chain refers to; take a full checkpoint")]
+    NoBase {
+        /// The disk.
+        id: String,
+    },
+    /// The overlay cannot be created.
+    #[error("disk {id}: cannot create its overlay: {source}")]
+    Overlay {
+        /// The disk.
+        id: String,
+        /// The image's error (naming the file).
+        #[source]
+        source: Box<crate::devices::virtio::block::BlockError>,
+    },
+    /// The base image's identity cannot be read.
+    #[error("disk {id}: cannot read the identity of its base image {}: {source}", path.display())]
+    Identity {
+        /// The disk.
+        id: String,
+        /// The image.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The switch to the overlay failed.
+    #[error("disk {id}: {source}")]
+    Switch {
+        /// The disk.
+        id: String,
+        /// What failed.
+        #[source]
+        source: crate::devices::virtio::block::StackError,
+    },
+    /// A disk store that is not a virtio-blk device (a vmhop bug).
+    #[error("disk {0} is not a virtio-blk device")]
+    Unknown(String),
+}
+
+impl crate::api::Classify for DiskCheckpointError {
+    fn kind(&self) -> crate::api::ErrorKind {
+        use crate::api::ErrorKind;
+        match self {
+            DiskCheckpointError::Filling { .. } | DiskCheckpointError::NoBase { .. } => {
+                ErrorKind::Conflict
+            }
+            DiskCheckpointError::Overlay { source, .. } => crate::api::Classify::kind(&**source),
+            DiskCheckpointError::Identity { source, .. } => ErrorKind::of_io(source),
+            DiskCheckpointError::Switch { .. } | DiskCheckpointError::Unknown(_) => {
+                ErrorKind::Failed
+            }
+        }
+    }
+}
+
+/// The virtio-blk device behind a store.
+pub fn block_of(store: &dyn BlockStore) -> Result<&Block, DiskCheckpointError> {
+    store
+        .as_any()
+        .downcast_ref::<MmioTransport<Block>>()
+        .map(|t| t.device())
+        .ok_or_else(|| DiskCheckpointError::Unknown(store.id()))
+}
+
+/// What one checkpoint does with one disk.
+enum Role {
+    /// Stored through the plan (its slot).
+    InPlan,
+    /// Switched to an overlay in the pause; nothing stored.
+    Switch {
+        overlay: PathBuf,
+        prepared: Option<DiskImage>,
+    },
+    /// Read-only: nothing stored.
+    Readonly,
+}
+
+/// One disk of the checkpoint.
+struct Disk {
+    store: Arc<dyn BlockStore>,
+    id: String,
+    size: u64,
+    role: Role,
+    /// The base image's identity, when known before the checkpoint (an
+    /// incremental's chain); else read after the resume.
+    base: Option<BaseImage>,
+    /// The base image's path.
+    base_path: PathBuf,
+}
+
+/// The disks of one checkpoint: decided before its transfer, switched in
+/// its pause, recorded in its file.
+pub struct CheckpointDisks {
+    disks: Vec<Disk>,
+}
+
+/// The name of the overlay a checkpoint of chain `chain_id` switches disk
+/// `id` to, in the checkpoint directory.
+pub fn overlay_name(chain_id: u64, id: &str) -> String {
+    format!("overlay-{chain_id:016x}-{id}.img")
+}
+
+impl CheckpointDisks {
+    /// Decides what a checkpoint (full or not) of chain `chain_id` into
+    /// `dir` does with each of `vm`'s disks; `bases` are the base images
+    /// the VM's chain refers to (by disk id).
+    pub fn plan(
+        vm: &Vm,
+        dir: &Path,
+        chain_id: u64,
+        full: bool,
+        bases: &std::collections::BTreeMap<String, BaseImage>,
+    ) -> Result<CheckpointDisks, DiskCheckpointError> {
+        let mut disks = Vec::new();
+        for store in vm.stores() {
+            let b = block_of(&*store)?;
+            let id = b.config().id.clone();
+            let size = b.stack().size();
+            let known = bases.get(&id).cloned();
+            let (role, base_path) = match (b.config().readonly, b.stack().shape()) {
+                (true, _) => (Role::Readonly, b.stack().path()),
+                (false, Shape::Flat) if full => (
+                    Role::Switch {
+                        overlay: dir.join(overlay_name(chain_id, &id)),
+                        prepared: None,
+                    },
+                    b.stack().path(),
+                ),
+                (
+                    false,
+                    Shape::Filling {
+                        present, blocks, ..
+                    },
+                ) if full => {
+                    return Err(DiskCheckpointError::Filling {
+                        id,
+                        path: b.stack().path(),
+                        present,
+                        blocks,
+                    })
+                }
+                (false, Shape::OverImage(p)) if full => (Role::InPlan, p),
+                (false, _) => {
+                    let Some(k) = known.as_ref() else {
+                        return Err(DiskCheckpointError::NoBase { id });
+                    };
+                    (Role::InPlan, k.path.clone())
+                }
+            };
+            // A full checkpoint reads its base's identity afresh (a
+            // switched one only exists after the pause); an incremental
+            // keeps its chain's.
+            let base = if full { None } else { known };
+            disks.push(Disk {
+                store,
+                id,
+                size,
+                role,
+                base,
+                base_path,
+            });
+        }
+        Ok(CheckpointDisks { disks })
+    }
+
+    /// The slots of the disks the plan stores.
+    pub fn slots(&self, vm: &Vm) -> Vec<u32> {
+        let all = vm.stores();
+        self.disks
+            .iter()
+            .filter(|d| matches!(d.role, Role::InPlan))
+            .filter_map(|d| all.iter().position(|s| Arc::ptr_eq(s, &d.store)))
+            .map(|i| STORE_SLOTS + i as u32)
+            .collect()
+    }
+
+    /// Before the pause: creates the overlays the pause switches to.
+    pub fn prepare(&mut self) -> Result<(), DiskCheckpointError> {
+        for d in &mut self.disks {
+            if let Role::Switch { overlay, prepared } = &mut d.role {
+                let b = block_of(&*d.store)?;
+                let img =
+                    DiskImage::create_sparse(overlay, d.size, b.config().cache).map_err(|e| {
+                        DiskCheckpointError::Overlay {
+                            id: d.id.clone(),
+                            source: Box::new(e.into()),
+                        }
+                    })?;
+                *prepared = Some(img);
+            }
+        }
+        Ok(())
+    }
+
+    /// In the pause (devices quiesced): each flat disk's image becomes its
+    /// lower layer under its overlay. Its written blocks so far are in the
+    /// image, which is the checkpoint's view of the disk: dropped.
+    pub fn switch(&mut self) -> Result<(), DiskCheckpointError> {
+        for d in &mut self.disks {
+            if let Role::Switch { prepared, .. } = &mut d.role {
+                let Some(img) = prepared.take() else {
+                    continue;
+                };
+                let b = block_of(&*d.store)?;
+                b.stack()
+                    .switch_to_overlay(img)
+                    .map_err(|source| DiskCheckpointError::Switch {
+                        id: d.id.clone(),
+                        source,
+                    })?;
+                d.store.take_written();
+            }
+        }
+        Ok(())
+    }
+
+    /// After the resume: the disks table, each base read now if the
+    /// checkpoint did not know it (the image is read-only by now).
+    pub fn records(&mut self) -> Result<Vec<DiskRecord>, DiskCheckpointError> {
+        let mut out = Vec::new();
+        for (i, d) in self.disks.iter_mut().enumerate() {
+            let base = match d.base.clone() {
+                Some(b) => b,
+                None => {
+                    let b = BaseImage::of(&d.base_path).map_err(|source| {
+                        DiskCheckpointError::Identity {
+                            id: d.id.clone(),
+                            path: d.base_path.clone(),
+                            source,
+                        }
+                    })?;
+                    d.base = Some(b.clone());
+                    b
+                }
+            };
+            out.push(DiskRecord {
+                id: d.id.clone(),
+                space: i as u64 + 1,
+                size: d.size,
+                readonly: matches!(d.role, Role::Readonly),
+                base,
+            });
+        }
+        Ok(out)
+    }
+
+    /// An overlay created but never switched to is removed (a failed
+    /// checkpoint).
+    pub fn abort(&mut self) {
+        for d in &mut self.disks {
+            if let Role::Switch { overlay, prepared } = &mut d.role {
+                if prepared.take().is_some() {
+                    let _ = std::fs::remove_file(&*overlay);
+                }
+            }
+        }
+    }
+
+    /// The disks' bases, by id, once recorded.
+    pub fn bases(&self) -> impl Iterator<Item = (String, BaseImage)> + '_ {
+        self.disks
+            .iter()
+            .filter_map(|d| d.base.clone().map(|b| (d.id.clone(), b)))
+    }
+}
+
+/// A disk as a checkpoint chain holds it at one id: each block from the
+/// newest file of the walk that has it (data, or a zero extent), else from
+/// the base image. The lower layer of a restored disk: reads are checked
+/// against the blocks' crcs; the base's identity was checked before the VM
+/// ran.
+pub struct ChainDisk {
+    id: String,
+    space: u64,
+    /// The base image, open read-only with a shared lock: no one writes it
+    /// while a restored disk reads it.
+    base: DiskImage,
+    base_file: std::fs::File,
+    /// The chain, once validated (before any vCPU runs).
+    chain: std::sync::OnceLock<Arc<ResolvedChain>>,
+}
+
+impl std::fmt::Debug for ChainDisk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChainDisk")
+            .field("id", &self.id)
+            .field("space", &self.space)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ChainDisk {
+    /// The disk `record` of a chain, over its base image (opened now,
+    /// read-only and share-locked).
+    pub fn open(
+        record: &DiskRecord,
+    ) -> Result<ChainDisk, crate::devices::virtio::block::ImageError> {
+        use crate::devices::virtio::block::CacheMode;
+        let base = DiskImage::open(&record.base.path, true, CacheMode::Writeback, true)?;
+        let base_file = base.file().try_clone().map_err(|source| {
+            crate::devices::virtio::block::ImageError::Open {
+                path: record.base.path.clone(),
+                direct: false,
+                source,
+            }
+        })?;
+        Ok(ChainDisk {
+            id: record.id.clone(),
+            space: record.space,
+            base,
+            base_file,
+            chain: std::sync::OnceLock::new(),
+        })
+    }
+
+    /// The validated chain this disk reads from.
+    pub fn set_chain(&self, chain: Arc<ResolvedChain>) {
+        let _ = self.chain.set(chain);
+    }
+
+    fn address(&self, block: u64) -> u64 {
+        (self.space << SPACE_SHIFT) | (block * PAGE_SIZE)
+    }
+}
+
+/// Where one block of a [`ChainDisk`] comes from.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Source {
+    Base,
+    File(usize),
+}
+
+impl Lower for ChainDisk {
+    fn read(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        let chain = self.chain.get().ok_or_else(|| {
+            std::io::Error::other(format!(
+                "disk {}: read before its checkpoint chain was validated",
+                self.id
+            ))
+        })?;
+        let first = offset / PAGE_SIZE;
+        let n = (buf.len() as u64).div_ceil(PAGE_SIZE);
+        // Newest file first: the first that has a block holds its version.
+        let found: Vec<(Source, Option<IndexEntry>)> = (first..first + n)
+            .map(|b| {
+                let addr = self.address(b);
+                chain
+                    .readers
+                    .iter()
+                    .enumerate()
+                    .rev()
+                    .find_map(|(r, reader)| {
+                        reader.index().get(addr).map(|e| (Source::File(r), Some(e)))
+                    })
+                    .unwrap_or((Source::Base, None))
+            })
+            .collect();
+        let mut k = 0usize;
+        while k < found.len() {
+            let src = found[k].0;
+            let run = found[k..].iter().take_while(|f| f.0 == src).count();
+            let lo = k * PAGE_SIZE as usize;
+            let hi = ((k + run) * PAGE_SIZE as usize).min(buf.len());
+            let out = &mut buf[lo..hi];
+            match src {
+                Source::Base => {
+                    read_clamped(&self.base_file, self.base.size(), offset + lo as u64, out)?
+                }
+                Source::File(r) => {
+                    let entries: Vec<IndexEntry> =
+                        found[k..k + run].iter().filter_map(|f| f.1).collect();
+                    if out.len() == entries.len() * PAGE_SIZE as usize {
+                        chain.readers[r]
+                            .read_pages(&entries, out)
+                            .map_err(std::io::Error::other)?;
+                    } else {
+                        // The disk's last block, cut by its end.
+                        let mut whole = vec![0u8; entries.len() * PAGE_SIZE as usize];
+                        chain.readers[r]
+                            .read_pages(&entries, &mut whole)
+                            .map_err(std::io::Error::other)?;
+                        let len = out.len();
+                        out.copy_from_slice(&whole[..len]);
+                    }
+                }
+            }
+            k += run;
+        }
+        Ok(())
+    }
+
+    fn describe(&self) -> String {
+        match self.chain.get() {
+            Some(c) => format!("checkpoint {}", c.top().path().display()),
+            None => format!("the checkpoint chain of disk {}", self.id),
+        }
+    }
+}
+
+/// The default place of a restored disk: beside the checkpoint
+/// directory's files, `DIR/restored/<vm>-<id>-<disk>.img`.
+pub fn default_restored_path(dir: &Path, vm: &str, id: u32, disk: &str) -> PathBuf {
+    dir.join("restored").join(format!("{vm}-{id}-{disk}.img"))
+}
+
+/// One line of `status` for a disk: where it is and whether it still
+/// fills from a checkpoint.
+pub fn disk_status(vm: &Vm) -> Vec<crate::api::vm::DiskStatus> {
+    vm.stores()
+        .iter()
+        .filter_map(|s| block_of(&**s).ok())
+        .map(|b| {
+            let (filling, over) = match b.stack().shape() {
+                Shape::Flat => (None, None),
+                Shape::OverImage(p) => (None, Some(p.display().to_string())),
+                Shape::Filling {
+                    present,
+                    blocks,
+                    lower,
+                } => (Some(present * 100 / blocks.max(1)), Some(lower)),
+            };
+            crate::api::vm::DiskStatus {
+                id: b.config().id.clone(),
+                path: b.stack().path(),
+                filling: filling.is_some(),
+                filled_percent: filling,
+                over,
+            }
+        })
+        .collect()
+}
