@@ -73,6 +73,17 @@ pub enum DiskCheckpointError {
         #[source]
         source: std::io::Error,
     },
+    /// The base image's last writes could not be made durable.
+    #[error("disk {id}: fdatasync of its base image {}: {source}", path.display())]
+    Flush {
+        /// The disk.
+        id: String,
+        /// The image.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
     /// The switch to the overlay failed.
     #[error("disk {id}: {source}")]
     Switch {
@@ -95,7 +106,8 @@ impl crate::api::Classify for DiskCheckpointError {
                 ErrorKind::Conflict
             }
             DiskCheckpointError::Overlay { source, .. } => crate::api::Classify::kind(&**source),
-            DiskCheckpointError::Identity { source, .. } => ErrorKind::of_io(source),
+            DiskCheckpointError::Identity { source, .. }
+            | DiskCheckpointError::Flush { source, .. } => ErrorKind::of_io(source),
             DiskCheckpointError::Switch { .. } | DiskCheckpointError::Unknown(_) => {
                 ErrorKind::Failed
             }
@@ -269,6 +281,18 @@ impl CheckpointDisks {
     pub fn records(&mut self) -> Result<Vec<DiskRecord>, DiskCheckpointError> {
         let mut out = Vec::new();
         for (i, d) in self.disks.iter_mut().enumerate() {
+            if matches!(d.role, Role::Switch { .. }) {
+                // The image's last writes, made before the pause, are the
+                // checkpoint's disk: durable before the file that needs them.
+                block_of(&*d.store)?
+                    .stack()
+                    .flush_lower()
+                    .map_err(|source| DiskCheckpointError::Flush {
+                        id: d.id.clone(),
+                        path: d.base_path.clone(),
+                        source,
+                    })?;
+            }
             let base = match d.base.clone() {
                 Some(b) => b,
                 None => {
@@ -448,9 +472,23 @@ impl Lower for ChainDisk {
 }
 
 /// The default place of a restored disk: beside the checkpoint
-/// directory's files, `DIR/restored/<vm>-<id>-<disk>.img`.
+/// directory's files, `DIR/restored/<vm>-<id>-<disk>.img`, or with `-2`,
+/// `-3` ... before `.img` if that file exists (a checkpoint restored
+/// again): a restore never overwrites a file.
 pub fn default_restored_path(dir: &Path, vm: &str, id: u32, disk: &str) -> PathBuf {
-    dir.join("restored").join(format!("{vm}-{id}-{disk}.img"))
+    let at = |n: u32| {
+        let suffix = if n == 1 {
+            String::new()
+        } else {
+            format!("-{n}")
+        };
+        dir.join("restored")
+            .join(format!("{vm}-{id}-{disk}{suffix}.img"))
+    };
+    (1..)
+        .map(at)
+        .find(|p| p.symlink_metadata().is_err())
+        .expect("some number is free")
 }
 
 /// One line of `status` for a disk: where it is and whether it still

@@ -62,6 +62,11 @@ pub trait Lower: Send + Sync + std::fmt::Debug {
     fn image_path(&self) -> Option<PathBuf> {
         None
     }
+    /// Makes what was written to this layer before it became read-only
+    /// durable (a flat image's last writes, once it is a chain's base).
+    fn flush(&self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// A raw image as a lower layer: read-only from the moment it became one.
@@ -98,6 +103,10 @@ impl Lower for ImageLower {
 
     fn image_path(&self) -> Option<PathBuf> {
         Some(self.image.path().to_path_buf())
+    }
+
+    fn flush(&self) -> std::io::Result<()> {
+        self.image.flush()
     }
 }
 
@@ -310,6 +319,13 @@ impl Stack {
     /// Makes every completed write durable.
     pub fn flush(&self) -> std::io::Result<()> {
         self.top().flush()
+    }
+
+    /// Makes the lower layer's earlier writes durable (outside any pause:
+    /// an fdatasync may take milliseconds).
+    pub fn flush_lower(&self) -> std::io::Result<()> {
+        let lower = self.lock().lower.clone();
+        lower.map_or(Ok(()), |l| l.flush())
     }
 
     /// The first checkpoint's switch, in its pause (the device quiesced):
