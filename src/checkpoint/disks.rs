@@ -517,3 +517,173 @@ pub fn disk_status(vm: &Vm) -> Vec<crate::api::vm::DiskStatus> {
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::checkpoint::chain::{merge, Chain};
+    use crate::checkpoint::format::{CheckpointWriter, Header};
+    use crate::devices::virtio::block::{CacheMode, Stack};
+    use crate::vmm::store::store_address;
+    use std::sync::atomic::AtomicBool;
+
+    const BLOCKS: u64 = 64;
+    const B: usize = PAGE_SIZE as usize;
+
+    fn block(seed: u8) -> Vec<u8> {
+        (0..B)
+            .map(|i| (i as u8).wrapping_mul(13) ^ seed | 1)
+            .collect()
+    }
+
+    /// Writes checkpoint `header` with disk0's `blocks` (None: a zero
+    /// extent) over the base `record`.
+    fn write(dir: &Path, header: Header, record: &DiskRecord, blocks: &[(u64, Option<u8>)]) {
+        let mut w = CheckpointWriter::create(dir, header).unwrap();
+        w.set_config(b"{}");
+        w.set_state(b"s");
+        w.set_disks(vec![record.clone()]);
+        w.add_page(0, &block(200)).unwrap();
+        for &(b, seed) in blocks {
+            let data = seed.map_or_else(|| vec![0u8; B], block);
+            w.add_page(store_address(0, b * PAGE_SIZE), &data).unwrap();
+        }
+        w.finish().unwrap();
+    }
+
+    /// The disk as a chain up to `id` of `dir` shows it.
+    fn read_disk(dir: &Path, id: u32, record: &DiskRecord) -> Vec<u8> {
+        let view = chain_view(dir, id, record);
+        let mut out = vec![0u8; (BLOCKS * PAGE_SIZE) as usize];
+        // Unaligned runs across sources, then the whole.
+        view.read(3 * PAGE_SIZE, &mut out[..5 * B]).unwrap();
+        let first = out[..5 * B].to_vec();
+        view.read(0, &mut out).unwrap();
+        assert_eq!(&out[3 * B..8 * B], &first[..], "a partial read agrees");
+        out
+    }
+
+    fn chain_view(dir: &Path, id: u32, record: &DiskRecord) -> Arc<ChainDisk> {
+        let resolved = Chain::open(dir).unwrap().resolve(Some(id)).unwrap();
+        let view = ChainDisk::open(record).unwrap();
+        view.set_chain(Arc::new(resolved));
+        Arc::new(view)
+    }
+
+    /// A base image, a full checkpoint that refers to it, two incrementals
+    /// with data and zero extents (one hiding a base block, one replaced
+    /// by data again); every id reads as the base with the changes up to
+    /// it, a merge reads as its top, and a restored disk filled from the
+    /// chain is a flat copy of it.
+    #[test]
+    fn a_chain_over_its_base_reads_each_id_as_it_was_and_a_merge_keeps_it() {
+        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+        let base_path = dir.path().join("base.img");
+        let base: Vec<u8> = (0..BLOCKS as u8).flat_map(|b| block(b + 100)).collect();
+        std::fs::write(&base_path, &base).unwrap();
+        let record = DiskRecord {
+            id: "disk0".into(),
+            space: 1,
+            size: BLOCKS * PAGE_SIZE,
+            readonly: false,
+            base: BaseImage::of(&base_path).unwrap(),
+        };
+        let h1 = Header::full(1);
+        let cid = h1.chain_id;
+        write(dir.path(), h1, &record, &[]);
+        write(
+            dir.path(),
+            Header::incremental(cid, 2, 1),
+            &record,
+            &[
+                (3, Some(1)),
+                (10, Some(2)),
+                (11, Some(3)),
+                (20, None),
+                (63, Some(4)),
+            ],
+        );
+        write(
+            dir.path(),
+            Header::incremental(cid, 3, 2),
+            &record,
+            &[(3, None), (20, Some(5)), (40, None)],
+        );
+        let put = |disk: &mut Vec<u8>, b: u64, data: Option<u8>| {
+            let d = data.map_or_else(|| vec![0u8; B], block);
+            disk[b as usize * B..(b as usize + 1) * B].copy_from_slice(&d);
+        };
+        let at1 = base.clone();
+        let mut at2 = at1.clone();
+        for (b, d) in [
+            (3, Some(1)),
+            (10, Some(2)),
+            (11, Some(3)),
+            (20, None),
+            (63, Some(4)),
+        ] {
+            put(&mut at2, b, d);
+        }
+        let mut at3 = at2.clone();
+        for (b, d) in [(3, None), (20, Some(5)), (40, None)] {
+            put(&mut at3, b, d);
+        }
+        assert!(read_disk(dir.path(), 1, &record) == at1, "id 1 is the base");
+        assert!(read_disk(dir.path(), 2, &record) == at2, "id 2");
+        assert!(read_disk(dir.path(), 3, &record) == at3, "id 3");
+
+        let merged = merge(dir.path(), Some(3)).unwrap();
+        assert_eq!(merged.disk_blocks, 4, "blocks 10, 11, 20, 63 with data");
+        assert_eq!(
+            merged.disk_zero_blocks, 2,
+            "blocks 3 and 40 hide the base's"
+        );
+        assert!(
+            read_disk(dir.path(), merged.id, &record) == at3,
+            "the merge"
+        );
+
+        // A restored disk: a sparse top over the chain, filled.
+        let top_path = dir.path().join("restored.img");
+        let top = DiskImage::create_sparse(&top_path, BLOCKS * PAGE_SIZE, CacheMode::None).unwrap();
+        let stack = Stack::over(top, chain_view(dir.path(), 2, &record));
+        assert!(matches!(stack.shape(), Shape::Filling { present: 0, .. }));
+        assert!(stack.fill(&AtomicBool::new(false)).unwrap());
+        assert_eq!(stack.shape(), Shape::Flat);
+        assert!(
+            std::fs::read(&top_path).unwrap() == at2,
+            "the filled top is id 2"
+        );
+        assert!(
+            std::fs::read(&base_path).unwrap() == base,
+            "the base is never written"
+        );
+    }
+
+    #[test]
+    fn a_view_read_before_its_chain_is_validated_fails_and_a_locked_base_is_shared() {
+        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+        let base_path = dir.path().join("base.img");
+        std::fs::write(&base_path, vec![7u8; B * 4]).unwrap();
+        let record = DiskRecord {
+            id: "d".into(),
+            space: 1,
+            size: 4 * PAGE_SIZE,
+            readonly: false,
+            base: BaseImage::of(&base_path).unwrap(),
+        };
+        let view = ChainDisk::open(&record).unwrap();
+        let mut buf = vec![0u8; B];
+        let e = view.read(0, &mut buf).unwrap_err().to_string();
+        assert!(
+            e.contains("before its checkpoint chain was validated"),
+            "{e}"
+        );
+        // Two views share the base (two restores of one chain); a writer
+        // is refused while they hold it.
+        let again = ChainDisk::open(&record).unwrap();
+        let w = DiskImage::open(&base_path, false, CacheMode::Writeback, true);
+        assert!(w.is_err(), "a writer got the base of a restored disk");
+        drop((view, again));
+    }
+}
