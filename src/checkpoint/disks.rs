@@ -660,6 +660,172 @@ mod tests {
         );
     }
 
+    /// A real VM with a disk, its queue driven from here as a driver would
+    /// (the device's worker serves it, its written blocks are tracked):
+    /// a full checkpoint, then writes, discards and zeroes between
+    /// incrementals, a write after the last. Every id reads back through
+    /// the chain exactly as the disk was when it was taken, the image
+    /// holds the disk as it was at the full checkpoint and nothing after,
+    /// and each checkpoint stores only the blocks written since its
+    /// parent.
+    #[test]
+    fn written_blocks_go_into_the_incrementals_and_every_id_reads_back_as_it_was() {
+        use crate::api::checkpoint::CheckpointRequest;
+        use crate::checkpoint::create::checkpoint;
+        use crate::checkpoint::format::read_meta;
+        use crate::checkpoint::ChainPosition;
+        use crate::devices::virtio::testing::{Driver, DriverQueue};
+        use crate::guest::{setup, GuestSpec};
+        use crate::vmm::config::DiskConfig;
+        use crate::vmm::{NodeConfig, Setup, Start, VmConfig};
+        use virtio_bindings::virtio_blk as blk;
+        use vm_memory::{Bytes, GuestAddress};
+
+        const QUEUE: u64 = 0x40_0000;
+        const HDR: u64 = 0x50_0000;
+        const STATUS: u64 = 0x51_0000;
+        const DATA: u64 = 0x60_0000;
+        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+        let img = dir.path().join("disk.img");
+        let base: Vec<u8> = (0..BLOCKS as u8).flat_map(|b| block(b + 100)).collect();
+        std::fs::write(&img, &base).unwrap();
+        let config = VmConfig {
+            name: "disk-chain".into(),
+            vcpus: 1,
+            nodes: vec![NodeConfig {
+                guest_node: 0,
+                size: 16 << 20,
+                host_node: None,
+                vcpus: None,
+            }],
+            guest: GuestSpec::Idle,
+            hugepages: false,
+            chunk_size: 16 << 20,
+            disks: vec![DiskConfig {
+                path: img.clone(),
+                readonly: false,
+                id: "disk0".into(),
+                serial: None,
+                cache: CacheMode::None,
+            }],
+        };
+        let mut devs = crate::devices::build(
+            &config,
+            &crate::devices::Console::Stderr,
+            &Default::default(),
+            Default::default(),
+        )
+        .unwrap();
+        let set = std::mem::take(&mut devs.set);
+        let setup: Setup<'static> = Box::new(|mem, fds| {
+            Ok(setup::boot(
+                &GuestSpec::Idle,
+                mem,
+                fds,
+                &Default::default(),
+            )?)
+        });
+        let vm = crate::vmm::Vm::new(config, Start::Boot(setup), false, set)
+            .expect("this test needs /dev/kvm");
+        let store = vm.stores()[0].clone();
+        let t = store
+            .as_any()
+            .downcast_ref::<crate::devices::virtio::MmioTransport<Block>>()
+            .unwrap();
+        let d = Driver { t };
+        let ck = dir.path().join("ck");
+        let mut position = ChainPosition::default();
+        let req = CheckpointRequest {
+            dir: ck.clone(),
+            full: false,
+            stop_after: false,
+        };
+        let mem = vm.memory();
+        let view = mem.vm_memory_view().unwrap();
+        let mut q = DriverQueue::new(&view, QUEUE, 256);
+        d.activate(&q, u64::MAX);
+        let mut disk = base.clone();
+        let mut n = 0u64;
+        // One request at a time, as (type, first block, blocks, seed):
+        // OUT writes `block(seed)` to each block; DISCARD and
+        // WRITE_ZEROES zero them.
+        let mut io = |kind: u32, first: u64, count: u64, seed: u8, disk: &mut Vec<u8>| {
+            let (h, st) = (HDR + (n % 64) * 0x40, STATUS + n % 64);
+            n += 1;
+            view.write_obj(kind.to_le(), GuestAddress(h)).unwrap();
+            view.write_obj(0u32, GuestAddress(h + 4)).unwrap();
+            let sector = if kind == blk::VIRTIO_BLK_T_OUT {
+                first * 8
+            } else {
+                0
+            };
+            view.write_obj(sector.to_le(), GuestAddress(h + 8)).unwrap();
+            let mut bufs = vec![(h, 16u32, false)];
+            if kind == blk::VIRTIO_BLK_T_OUT {
+                for k in 0..count {
+                    let at = DATA + k * PAGE_SIZE;
+                    view.write_slice(&block(seed), GuestAddress(at)).unwrap();
+                }
+                bufs.push((DATA, (count * PAGE_SIZE) as u32, false));
+            } else {
+                let seg = h + 0x10;
+                view.write_obj((first * 8).to_le(), GuestAddress(seg))
+                    .unwrap();
+                view.write_obj(((count * 8) as u32).to_le(), GuestAddress(seg + 8))
+                    .unwrap();
+                view.write_obj(0u32, GuestAddress(seg + 12)).unwrap();
+                bufs.push((seg, 16, false));
+            }
+            bufs.push((st, 1, true));
+            q.push(&bufs);
+            d.notify(0);
+            q.wait_used(1);
+            assert_eq!(q.byte(st), blk::VIRTIO_BLK_S_OK as u8, "request {n}");
+            for b in first..first + count {
+                let new = match kind == blk::VIRTIO_BLK_T_OUT {
+                    true => block(seed),
+                    false => vec![0u8; B],
+                };
+                disk[b as usize * B..(b as usize + 1) * B].copy_from_slice(&new);
+            }
+        };
+        let mut taken = Vec::new();
+        let mut take = |disk: &Vec<u8>, taken: &mut Vec<(u32, Vec<u8>, u64, u64)>| {
+            let r = checkpoint(&vm, &mut position, &req).unwrap();
+            taken.push((r.id, disk.clone(), r.disk_blocks, r.disk_zero_blocks));
+        };
+        io(blk::VIRTIO_BLK_T_OUT, 2, 1, 1, &mut disk);
+        take(&disk, &mut taken);
+        io(blk::VIRTIO_BLK_T_OUT, 5, 2, 2, &mut disk);
+        io(blk::VIRTIO_BLK_T_DISCARD, 9, 1, 0, &mut disk);
+        io(blk::VIRTIO_BLK_T_OUT, 2, 1, 3, &mut disk);
+        take(&disk, &mut taken);
+        io(blk::VIRTIO_BLK_T_OUT, 5, 1, 4, &mut disk);
+        io(blk::VIRTIO_BLK_T_WRITE_ZEROES, 6, 3, 0, &mut disk);
+        io(blk::VIRTIO_BLK_T_OUT, 63, 1, 5, &mut disk);
+        take(&disk, &mut taken);
+        io(blk::VIRTIO_BLK_T_OUT, 30, 4, 6, &mut disk);
+        drop(q);
+        drop(view);
+        drop(mem);
+
+        // What each checkpoint stored: nothing for the full one (the image
+        // is referred to), then the blocks written since the parent.
+        let stored: Vec<(u64, u64)> = taken.iter().map(|t| (t.2, t.3)).collect();
+        assert_eq!(stored, vec![(0, 0), (3, 1), (2, 3)]);
+        for (id, want, _, _) in &taken {
+            let file = Chain::open(&ck).unwrap().get(*id).unwrap().path.clone();
+            let record = read_meta(&file).unwrap().disks[0].clone();
+            assert_eq!(record.base.path, img);
+            assert!(read_disk(&ck, *id, &record) == *want, "checkpoint {id}");
+        }
+        assert!(
+            std::fs::read(&img).unwrap() == taken[0].1,
+            "the image is the disk at 1"
+        );
+        vm.shutdown();
+    }
+
     #[test]
     fn a_view_read_before_its_chain_is_validated_fails_and_a_locked_base_is_shared() {
         let dir = tempfile::tempdir_in("/var/tmp").unwrap();

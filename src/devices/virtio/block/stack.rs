@@ -659,8 +659,18 @@ impl Stack {
 fn read_top(top: &DiskImage, size: u64, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
     if top.is_direct() {
         // O_DIRECT wants whole aligned blocks; the size is a multiple of
-        // them (checked when the image was opened).
-        return top.pread(offset, buf);
+        // them (checked when the image was opened). A caller's buffer that
+        // is not aligned (the engine's) is read through a bounce buffer.
+        let align = super::image::DIRECT_ALIGN as usize;
+        if (buf.as_ptr() as usize).is_multiple_of(align) && buf.len().is_multiple_of(align) {
+            return top.pread(offset, buf);
+        }
+        let mut bounce = Bounce::sized(buf.len().div_ceil(align) * align);
+        let len = bounce.capacity();
+        top.pread(offset, bounce.buf(len))?;
+        let n = buf.len();
+        buf.copy_from_slice(&bounce.buf(len)[..n]);
+        return Ok(());
     }
     read_clamped(top.file(), size, offset, buf)
 }
