@@ -182,6 +182,13 @@ fn a_first_checkpoint_refers_to_the_image_and_every_restore_gives_the_disk_back(
     assert_eq!(disks(&r1)[0]["path"], path_str(&p1));
     wait_filled(&r1);
     assert_same_bytes(&p1, &bytes, "lazy restore of 1");
+    // Sparse: the image's 100 blocks of zeros were not written.
+    use std::os::unix::fs::MetadataExt;
+    let allocated = std::fs::metadata(&p1).unwrap().blocks() * 512;
+    assert!(
+        allocated <= IMAGE_BYTES - 100 * 4096,
+        "the restored disk is not sparse: {allocated} bytes allocated"
+    );
     // Eager restore of 2 into a file of our choosing: whole before the
     // vCPUs run, so before the API answers.
     let p2 = dir.path().join("elsewhere.img");

@@ -36,7 +36,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::image::{Bounce, Cursor, DiskImage, GuestSlice};
-use crate::memory::DirtyBitmap;
+use crate::memory::{is_zero_page, DirtyBitmap};
 
 /// Bytes of a block: the unit of the `present` bitmap, of copy-up and of
 /// the written-blocks set (one guest block, one page).
@@ -624,14 +624,27 @@ impl Stack {
             })?;
             let mut l = self.lock();
             // Write only the blocks still missing: the guest may have
-            // written some since they were read.
+            // written some since they were read. A block of zeros is not
+            // written: the top never held it, so it is a hole of the
+            // sparse top and reads as zeros already (the disk stays sparse).
+            let zero =
+                |j: u64| is_zero_page(&data[(j * BLOCK) as usize..((j + 1) * BLOCK) as usize]);
             let mut k = 0;
             while k < n {
                 if l.holds(first + k) {
                     k += 1;
                     continue;
                 }
-                let run = (k..n).take_while(|&j| !l.holds(first + j)).count() as u64;
+                if zero(k) {
+                    if let Some(p) = l.present.as_mut() {
+                        p.set(first + k);
+                    }
+                    k += 1;
+                    continue;
+                }
+                let run = (k..n)
+                    .take_while(|&j| !l.holds(first + j) && !zero(j))
+                    .count() as u64;
                 let (lo, hi) = ((k * BLOCK) as usize, ((k + run) * BLOCK) as usize);
                 let at = (first + k) * BLOCK;
                 let end = (self.size - at).min((hi - lo) as u64) as usize;
