@@ -205,8 +205,8 @@ impl Disks {
         self.0.is_empty()
     }
 
-    /// Reads `buf.len()` bytes of disk `disk` at byte `offset` from its
-    /// image. Read with the device quiesced (a paused VM) to see a stable
+    /// Reads `buf.len()` bytes of disk `disk` at byte `offset` as the
+    /// guest sees it. Read with the device quiesced (a paused VM) to see a stable
     /// disk.
     pub fn read(&self, disk: usize, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
         let d = self.0.get(disk).ok_or_else(|| {
@@ -215,14 +215,16 @@ impl Disks {
                 format!("the VM has no disk {disk} (it has {})", self.0.len()),
             )
         })?;
-        let image = d.device().image();
-        image.read_at(offset, buf).map_err(|e| {
+        // Through the disk's layers: after a checkpoint its image is only
+        // the lower layer, a restored disk fills from its chain.
+        let stack = d.device().stack();
+        stack.read_at(offset, buf).map_err(|e| {
             std::io::Error::new(
                 e.kind(),
                 format!(
                     "reading {} bytes of {} at {offset}: {e}",
                     buf.len(),
-                    image.path().display()
+                    stack.path().display()
                 ),
             )
         })

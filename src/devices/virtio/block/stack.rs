@@ -504,6 +504,30 @@ impl Stack {
         Ok(())
     }
 
+    /// Reads `buf.len()` bytes at any `offset` as the disk holds them now
+    /// (the host-side `verify`), through the whole blocks around them.
+    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        if offset + buf.len() as u64 > self.size {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!(
+                    "{} bytes at {offset} go past the disk's end ({} bytes)",
+                    buf.len(),
+                    self.size
+                ),
+            ));
+        }
+        let first = offset / BLOCK;
+        let end = (offset + buf.len() as u64).div_ceil(BLOCK);
+        let mut whole = Bounce::sized(((end - first) * BLOCK) as usize);
+        let len = ((end - first) * BLOCK) as usize;
+        let data = whole.buf(len);
+        self.read_blocks(first, data)?;
+        let at = (offset - first * BLOCK) as usize;
+        buf.copy_from_slice(&data[at..at + buf.len()]);
+        Ok(())
+    }
+
     /// In a checkpoint's pause: protects `blocks` until [`Stack::drain`]
     /// hands them over as they are now. Returns how many.
     pub fn protect(&self, blocks: &DirtyBitmap) -> u64 {
