@@ -258,10 +258,9 @@ fn restore_once(dir: &Path, eager: bool) -> Result<Restored, BenchError> {
     let r = restore(
         &target,
         Some("bench-restored".into()),
-        &[],
+        Default::default(),
         eager,
         false,
-        &[],
         &vmhop::devices::Console::Stdout,
         &Default::default(),
     )

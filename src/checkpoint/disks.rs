@@ -685,6 +685,8 @@ mod tests {
                 serial: None,
                 cache: CacheMode::None,
             }],
+            nets: Vec::new(),
+            vsock: None,
         };
         let mut devs = crate::devices::build(
             &config,

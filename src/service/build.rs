@@ -328,22 +328,30 @@ pub struct Restored {
     pub loading: Arc<AtomicBool>,
 }
 
+/// Where a restored VM's devices live on this host: the options of a
+/// restore that place them.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Placement<'a> {
+    /// `--net`: the TAP each saved network card goes on.
+    pub nets: &'a [String],
+    /// `--disk id=NAME,path=FILE`: where each restored disk lands
+    /// (default: `DIR/restored/<vm>-<id>-<disk>.img`).
+    pub disks: &'a [String],
+}
+
 /// Restores `target` (as a VM called `name`, else the saved name), its
-/// network cards on the TAPs `nets` (`--net`) name; lazy unless `eager`;
-/// the vCPUs run unless `paused`.
-///
-/// `disks` are the `--disk id=NAME,path=FILE` options: where each
-/// restored disk lands (default: `DIR/restored/<vm>-<id>-<disk>.img`).
+/// devices where `place` says; lazy unless `eager`; the vCPUs run unless
+/// `paused`.
 pub fn restore(
     target: &CheckpointTarget,
     name: Option<String>,
-    nets: &[String],
+    place: Placement<'_>,
     eager: bool,
     paused: bool,
-    disks: &[String],
     console: &Console,
     hooks: &TestHooks,
 ) -> Result<Restored, BuildError> {
+    let Placement { nets, disks } = place;
     let placements = disks
         .iter()
         .map(|d| DiskPlacement::parse(d))
