@@ -19,7 +19,7 @@ use std::sync::OnceLock;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{assert_one_line_error, vmhop, vmhop_expecting_exit, CmdOutput, Vm};
+use common::{assert_one_line_error, index_of, vmhop, vmhop_expecting_exit, CmdOutput, Vm};
 use serde_json::Value;
 
 /// Generous bound for a running guest to show progress (polling, not timing).
@@ -860,34 +860,6 @@ fn assert_names(msg: &str, parts: &[&str]) {
     }
 }
 
-/// Reads the index of a checkpoint file, one entry per page: (gpa, file
-/// offset, flags). Parsed from the bytes as docs/checkpoint-format.md
-/// describes version 2: 16-byte runs (gpa, record number, page count,
-/// flags), then the pages' crcs.
-fn index_of(file: &Path) -> Vec<(u64, u64, u32)> {
-    let data = std::fs::read(file).expect("read checkpoint file");
-    let footer = &data[data.len() - 120..];
-    let u64_at = |b: &[u8], o: usize| u64::from_le_bytes(b[o..o + 8].try_into().expect("8"));
-    let u16_at = |b: &[u8], o: usize| u16::from_le_bytes(b[o..o + 2].try_into().expect("2"));
-    let (off, runs) = (u64_at(footer, 72) as usize, u64_at(footer, 88) as usize);
-    let pages_at = u64_at(footer, 24);
-    let mut out = Vec::new();
-    for i in 0..runs {
-        let r = &data[off + 16 * i..off + 16 * (i + 1)];
-        let record = u32::from_le_bytes(r[8..12].try_into().expect("4")) as u64;
-        let flags = u16_at(r, 14) as u32;
-        for k in 0..u16_at(r, 12) as u64 {
-            let offset = if flags & 1 == 0 {
-                pages_at + (record + k) * 4096
-            } else {
-                0
-            };
-            out.push((u64_at(r, 0) + k * 4096, offset, flags));
-        }
-    }
-    out
-}
-
 /// How many pages hold data after the chain `files` (full first): each
 /// page's entry in the newest file that has one, zero entries left out.
 fn data_pages(files: &[PathBuf]) -> usize {
@@ -992,11 +964,11 @@ fn damaged_header_is_refused() {
     }
 }
 
-/// Offset and length of section `i` (0 pages, 1 config, 2 state, 3 index)
-/// of a checkpoint file, from its footer.
+/// Offset and length of section `i` (0 pages, 1 config, 2 state, 3 disks,
+/// 4 index) of a checkpoint file, from its (144-byte) footer.
 fn section_of(file: &Path, i: usize) -> (u64, u64) {
     let data = std::fs::read(file).expect("read checkpoint file");
-    let footer = &data[data.len() - 120..];
+    let footer = &data[data.len() - 144..];
     let u64_at = |o: usize| u64::from_le_bytes(footer[o..o + 8].try_into().expect("8"));
     (u64_at(24 + 16 * i), u64_at(32 + 16 * i))
 }
@@ -1008,9 +980,9 @@ fn a_damaged_index_or_state_anywhere_in_a_chain_of_three_is_refused() {
     // the chain's indexes or states must still be refused before any vCPU
     // runs, lazily and eagerly alike.
     for (id, section, name) in [
-        (1, 3, "index section"),
-        (2, 3, "index section"),
-        (3, 3, "index section"),
+        (1, 4, "index section"),
+        (2, 4, "index section"),
+        (3, 4, "index section"),
         (1, 2, "state section"),
         (3, 2, "state section"),
     ] {
@@ -1097,8 +1069,8 @@ fn unsupported_format_version_is_refused() {
         .write(true)
         .open(ckpt_file(dir.path(), 3))
         .expect("open");
-    // Version 1, the older index, and 3, a newer format.
-    for v in [1u32, 3] {
+    // Versions 1 and 2 (before disks), and 4, a newer format.
+    for v in [1u32, 2, 4] {
         f.write_all_at(&v.to_le_bytes(), 8).expect("write version");
         let msg = restore_fails(&target(dir.path(), 3), &[]);
         assert_names(
@@ -1106,7 +1078,7 @@ fn unsupported_format_version_is_refused() {
             &[
                 "ckpt-000003.vmhop",
                 &format!("version {v} is not supported"),
-                "reads version 2",
+                "reads version 3",
             ],
         );
     }

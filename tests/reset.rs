@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{assert_one_line_error, memory_map, vmhop, CmdOutput, Vm};
+use common::{assert_one_line_error, index_of, memory_map, vmhop, CmdOutput, Vm};
 use serde_json::Value;
 
 /// Generous bound for a running guest to show progress (polling, not timing).
@@ -258,32 +258,6 @@ fn a_checkpoint_of_another_vm_is_refused_naming_what_differs() {
     assert_eq!(vm.state(), "running");
     vm.wait_progress_above(p + GUEST_WORK, PROGRESS_WAIT);
     assert_verifies(&vm, "after the refusal");
-}
-
-/// Reads the index of a checkpoint file (as tests/checkpoint.rs does):
-/// (gpa, file offset, flags) per page.
-fn index_of(file: &Path) -> Vec<(u64, u64, u32)> {
-    let data = std::fs::read(file).expect("read checkpoint file");
-    let footer = &data[data.len() - 120..];
-    let u64_at = |b: &[u8], o: usize| u64::from_le_bytes(b[o..o + 8].try_into().expect("8"));
-    let u16_at = |b: &[u8], o: usize| u16::from_le_bytes(b[o..o + 2].try_into().expect("2"));
-    let (off, runs) = (u64_at(footer, 72) as usize, u64_at(footer, 88) as usize);
-    let pages_at = u64_at(footer, 24);
-    let mut out = Vec::new();
-    for i in 0..runs {
-        let r = &data[off + 16 * i..off + 16 * (i + 1)];
-        let record = u32::from_le_bytes(r[8..12].try_into().expect("4")) as u64;
-        let flags = u16_at(r, 14) as u32;
-        for k in 0..u16_at(r, 12) as u64 {
-            let offset = if flags & 1 == 0 {
-                pages_at + (record + k) * 4096
-            } else {
-                0
-            };
-            out.push((u64_at(r, 0) + k * 4096, offset, flags));
-        }
-    }
-    out
 }
 
 fn ckpt_file(dir: &Path, id: u64) -> PathBuf {

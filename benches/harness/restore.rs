@@ -258,7 +258,7 @@ fn restore_once(dir: &Path, eager: bool) -> Result<Restored, BenchError> {
     let r = restore(
         &target,
         Some("bench-restored".into()),
-        &[],
+        Default::default(),
         eager,
         false,
         &vmhop::devices::Console::Stdout,

@@ -83,6 +83,12 @@ pub struct CheckpointReport {
     pub bytes_written: u64,
     /// Zero pages not stored.
     pub zero_pages: u64,
+    /// Disk blocks stored with data (4 KiB each).
+    #[serde(default)]
+    pub disk_blocks: u64,
+    /// Disk blocks recorded as zero extents (discarded or zeroed).
+    #[serde(default)]
+    pub disk_zero_blocks: u64,
     /// Copy rounds (the paused one included).
     pub rounds: u32,
     /// Pages the pause dealt with: write-protected (see `pages_protected`)
@@ -122,6 +128,10 @@ pub struct CheckpointEntry {
     pub kind: CheckpointKind,
     /// File size in bytes.
     pub size_bytes: u64,
+    /// Bytes of disk blocks the file stores (blocks written since its
+    /// parent; for a full checkpoint, those that differ from the base).
+    #[serde(default)]
+    pub disk_bytes: u64,
     /// Creation time, milliseconds since the Unix epoch.
     pub created_unix_ms: u64,
     /// Id of the chain the file belongs to.
@@ -166,6 +176,18 @@ pub struct MergeReport {
     pub bytes_written: u64,
     /// Non-zero pages stored.
     pub pages_written: u64,
+    /// Disk blocks stored with data.
+    #[serde(default)]
+    pub disk_blocks: u64,
+}
+
+/// A restored disk.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RestoredDisk {
+    /// Its id.
+    pub id: String,
+    /// The new file its writes go to (filled from the checkpoint).
+    pub path: PathBuf,
 }
 
 /// What a restore did.
@@ -183,6 +205,9 @@ pub struct RestoreReport {
     pub lazy: bool,
     /// Non-zero pages stored in the chain's files.
     pub pages: u64,
+    /// The restored disks and the new files they landed in.
+    #[serde(default)]
+    pub disks: Vec<RestoredDisk>,
     /// Milliseconds from the start of the restore until the vCPUs could run.
     pub resume_ms: f64,
     /// Where `resume_ms` went.

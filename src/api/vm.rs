@@ -55,6 +55,9 @@ pub struct StatusReport {
     /// are attached to and their counters.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub devices: Option<Vec<DeviceStatus>>,
+    /// The VM's disks.
+    #[serde(default)]
+    pub disks: Vec<DiskStatus>,
 }
 
 /// One device in a status.
@@ -74,6 +77,25 @@ pub struct DeviceStatus {
     /// `tx_bytes`, `dropped`, `transport_resets`.
     #[serde(default)]
     pub counters: std::collections::BTreeMap<String, u64>,
+}
+
+/// One disk in a status.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DiskStatus {
+    /// Its id.
+    pub id: String,
+    /// The file its writes go to (the top layer).
+    pub path: std::path::PathBuf,
+    /// A restored disk still copying blocks from its checkpoint chain: a
+    /// full checkpoint into a new chain waits (409) until it is done.
+    pub filling: bool,
+    /// How far the filling got, percent (while filling).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filled_percent: Option<u64>,
+    /// The read-only layer below the file, if any (a base image after a
+    /// first checkpoint, or the checkpoint a restored disk fills from).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub over: Option<String>,
 }
 
 /// The guest part of a status.

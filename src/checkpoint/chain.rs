@@ -32,6 +32,7 @@ pub fn header_of(e: &ChainEntry) -> Header {
         parent: e.parent,
         kind: e.kind,
         created_unix_ms: e.created_unix_ms,
+        disk_blocks: e.disk_bytes / PAGE_SIZE,
     }
 }
 
@@ -165,6 +166,7 @@ impl Chain {
                 parent: header.parent,
                 kind: header.kind,
                 size_bytes,
+                disk_bytes: header.disk_blocks * PAGE_SIZE,
                 created_unix_ms: header.created_unix_ms,
                 chain_id: header.chain_id,
                 path,
@@ -344,6 +346,20 @@ impl ResolvedChain {
         self.latest(|e| !e.zero)
     }
 
+    /// What a full checkpoint of the chain's state must store: memory's
+    /// pages with data, and every disk block the chain holds (zero extents
+    /// too, since a block left out would be the base image's).
+    pub fn stored_pages(&self) -> Vec<(u64, usize, IndexEntry)> {
+        self.latest(|e| !e.zero || super::format::space_of(e.gpa) > 0)
+    }
+
+    /// Guest memory's pages with data, without the disks' blocks.
+    pub fn memory_pages(&self) -> Vec<(u64, usize, IndexEntry)> {
+        let mut m = self.data_pages();
+        m.truncate(m.partition_point(|p| super::format::space_of(p.0) == 0));
+        m
+    }
+
     /// Merges every index at once, the newest file winning a gpa, keeping
     /// the winners `keep` accepts. One pass and one output buffer: a 1 GiB
     /// checkpoint has ~230 000 entries, and a merge per file (or a copy
@@ -388,11 +404,14 @@ pub fn merge(dir: &Path, id: Option<u32>) -> Result<WrittenCheckpoint, ChainErro
         parent: None,
         kind: Kind::Full,
         created_unix_ms: now_unix_ms(),
+        disk_blocks: 0,
     };
     let mut writer = CheckpointWriter::create(dir, header)?;
     writer.set_config(resolved.top().config());
     writer.set_state(resolved.top().state());
-    let map = resolved.data_pages();
+    writer.set_disks(resolved.top().disks().to_vec());
+    // Disks' zero extents are kept: they hide the base image's blocks.
+    let map = resolved.stored_pages();
     let mut buf = vec![0u8; MERGE_BATCH_PAGES * PAGE_SIZE as usize];
     let mut i = 0;
     while i < map.len() {

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::chain::Chain;
+use super::disks::CheckpointDisks;
 use super::format::Header;
 use super::sink::FileSink;
 use super::{ChainPosition, CheckpointRef};
@@ -59,6 +60,9 @@ pub enum CheckpointError {
     /// Dirty tracking for the chain could not be kept on.
     #[error("checkpoint failed: {0}")]
     Vm(#[from] crate::vmm::VmError),
+    /// A disk cannot take part now.
+    #[error("checkpoint refused: {0}")]
+    Disk(#[from] super::disks::DiskCheckpointError),
 }
 
 impl crate::api::Classify for CheckpointError {
@@ -67,6 +71,7 @@ impl crate::api::Classify for CheckpointError {
         match self {
             CheckpointError::Dir { kind, .. } => *kind,
             CheckpointError::Transfer(_) | CheckpointError::Vm(_) => ErrorKind::Failed,
+            CheckpointError::Disk(e) => e.kind(),
         }
     }
 }
@@ -123,8 +128,11 @@ pub fn checkpoint_tuned(
         None => Header::full(chain.next_id()),
     };
     let (id, chain_id, kind, parent_id) = (header.id, header.chain_id, header.kind, header.parent);
+    let disks = CheckpointDisks::plan(vm, &dir, chain_id, parent.is_none(), &position.bases)?;
+    let mut slots: Vec<u32> = vm.memory().chunks().map(|c| c.slot).collect();
+    slots.extend(disks.slots(vm));
     let mut sink = FileSink::new(&dir, header, req.stop_after, position.since.clone());
-    let slots: Vec<u32> = vm.memory().chunks().map(|c| c.slot).collect();
+    sink.disks = Some(disks);
     let first_pass = if parent.is_some() {
         FirstPass::Accumulated(position.since.clone())
     } else {
@@ -143,6 +151,9 @@ pub fn checkpoint_tuned(
         chain_id,
         id,
     });
+    if let Some(d) = sink.disks.as_ref() {
+        position.bases = d.bases().collect();
+    }
     Ok(CheckpointReport {
         operation: "checkpoint".into(),
         id,
@@ -155,6 +166,8 @@ pub fn checkpoint_tuned(
         pages_written: written.pages_written,
         bytes_written: written.bytes_written,
         zero_pages: written.zero_pages,
+        disk_blocks: written.disk_blocks,
+        disk_zero_blocks: written.disk_zero_blocks,
         rounds: r.rounds,
         pages_in_pause: r.pages_in_pause,
         pages_protected: r.pages_protected,

@@ -11,8 +11,13 @@
 //!
 //! Layout in short: a 4 KiB header block, then the page records (raw 4 KiB
 //! pages, so page data is page-aligned in the file and can be mmapped for a
-//! lazy restore), then the `config`, `state` and `index` sections, then a
-//! fixed-size footer that locates and checksums every section.
+//! lazy restore), then the `config`, `state`, `disks` and `index` sections,
+//! then a fixed-size footer that locates and checksums every section.
+//!
+//! Disks share the index with memory: the index's addresses are 64-bit,
+//! guest memory in space 0 (below 2^56) and disk `i` of the `disks` table
+//! in space `i + 1` (its blocks at `(i + 1) << 56 | offset`), so one
+//! engine, one writer and one chain walk serve both.
 
 use std::fmt;
 use std::fs::{File, OpenOptions};
@@ -25,7 +30,7 @@ use super::index::{Index, IndexEntry, IndexError, Section, CRC_LEN, MAX_RECORDS,
 use crate::memory::{is_zero_page, PAGE_SIZE};
 
 /// The format version this code writes and the only one it reads.
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
 
 /// First eight bytes of every checkpoint file.
 pub const MAGIC: [u8; 8] = *b"VMHOPCKP";
@@ -37,7 +42,119 @@ pub const HEADER_LEN: usize = 64;
 /// page-aligned in the file.
 pub const HEADER_BLOCK_LEN: usize = PAGE_SIZE as usize;
 /// Encoded size of the footer (including its crc and the trailer magic).
-pub const FOOTER_LEN: usize = 120;
+pub const FOOTER_LEN: usize = 144;
+/// Where the footer's own crc is (it covers the bytes before it).
+const FOOTER_CRC_AT: usize = 132;
+/// Where an address's space starts: memory is space 0, disk `i` of the
+/// `disks` table space `i + 1`.
+pub use crate::vmm::store::SPACE_SHIFT;
+
+/// The address space of `addr`: 0 for guest memory, `i + 1` for disk `i`.
+pub fn space_of(addr: u64) -> u64 {
+    addr >> SPACE_SHIFT
+}
+
+/// One disk a checkpoint records, in the `disks` section: address space
+/// `space` holds its blocks.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DiskRecord {
+    /// The disk's id (`--disk id=`).
+    pub id: String,
+    /// Its address space in the index (its place in the table, plus one).
+    pub space: u64,
+    /// Its size in bytes.
+    pub size: u64,
+    /// Read-only disks store no block: their image is their content.
+    pub readonly: bool,
+    /// The image the disk's blocks are stored against: a block no file of
+    /// the chain holds is this image's.
+    pub base: BaseImage,
+}
+
+/// A base image, recorded by identity: a restore refuses one that changed.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct BaseImage {
+    /// Absolute path.
+    pub path: PathBuf,
+    /// Size in bytes.
+    pub size: u64,
+    /// Modification time, nanoseconds since the Unix epoch.
+    pub mtime_ns: i128,
+    /// crc32c of the sampled blocks (see [`BaseImage::of`]).
+    pub sample_crc: u32,
+}
+
+/// Bytes read from a base image for its identity: this much at its start
+/// and end, and one block at each of [`IDENTITY_SAMPLES`] offsets evenly
+/// spread between.
+const IDENTITY_EDGE: u64 = 64 << 10;
+/// Blocks sampled between the edges.
+const IDENTITY_SAMPLES: u64 = 32;
+/// Bytes of one sampled block.
+const IDENTITY_BLOCK: u64 = 4096;
+
+impl BaseImage {
+    /// The identity of the image at `path` now: size, mtime and a crc32c
+    /// of ~256 KiB sampled from it (its first and last 64 KiB, where
+    /// partition tables and file system superblocks live, and 32 blocks
+    /// spread between): cheap enough to check at every restore, which must
+    /// start a lazy VM within milliseconds, where a checksum of the whole
+    /// image would read all of it.
+    pub fn of(path: &Path) -> io::Result<BaseImage> {
+        use std::os::unix::fs::MetadataExt;
+        let f = File::open(path)?;
+        let meta = f.metadata()?;
+        let size = meta.len();
+        let mtime_ns = meta.mtime() as i128 * 1_000_000_000 + meta.mtime_nsec() as i128;
+        let mut crc = 0u32;
+        let mut take = |at: u64, len: u64| -> io::Result<()> {
+            let at = at.min(size);
+            let len = len.min(size - at) as usize;
+            let mut buf = vec![0u8; len];
+            f.read_exact_at(&mut buf, at)?;
+            crc = crc32c::crc32c_append(crc, &buf);
+            Ok(())
+        };
+        take(0, IDENTITY_EDGE)?;
+        for k in 1..=IDENTITY_SAMPLES {
+            let at = size / (IDENTITY_SAMPLES + 1) * k;
+            take(at - at % IDENTITY_BLOCK, IDENTITY_BLOCK)?;
+        }
+        take(size.saturating_sub(IDENTITY_EDGE), IDENTITY_EDGE)?;
+        Ok(BaseImage {
+            path: path.to_path_buf(),
+            size,
+            mtime_ns,
+            sample_crc: crc,
+        })
+    }
+
+    /// What differs between this recorded identity and the image's now,
+    /// if anything.
+    pub fn changed(&self) -> Option<String> {
+        let now = match BaseImage::of(&self.path) {
+            Ok(n) => n,
+            Err(e) => return Some(format!("it cannot be read: {e}")),
+        };
+        if now.size != self.size {
+            return Some(format!(
+                "its size is {} bytes, the checkpoint recorded {}",
+                now.size, self.size
+            ));
+        }
+        if now.mtime_ns != self.mtime_ns {
+            return Some(
+                "it was modified after the checkpoint recorded it (its mtime changed)".into(),
+            );
+        }
+        if now.sample_crc != self.sample_crc {
+            return Some(
+                "its content differs from what the checkpoint recorded (sampled checksum)".into(),
+            );
+        }
+        None
+    }
+}
 
 /// Bytes buffered before one large sequential write: big enough that the
 /// syscall cost vanishes next to the copy, small enough to stay in cache.
@@ -82,6 +199,9 @@ pub struct Header {
     pub kind: Kind,
     /// Creation time, milliseconds since the Unix epoch.
     pub created_unix_ms: u64,
+    /// Disk blocks the file stores (records in disk spaces): what
+    /// `checkpoints` lists without reading the index. Set by the writer.
+    pub disk_blocks: u64,
 }
 
 impl Header {
@@ -94,6 +214,7 @@ impl Header {
             parent: None,
             kind: Kind::Full,
             created_unix_ms: now_unix_ms(),
+            disk_blocks: 0,
         }
     }
 
@@ -106,6 +227,7 @@ impl Header {
             parent: Some(parent),
             kind: Kind::Incremental,
             created_unix_ms: now_unix_ms(),
+            disk_blocks: 0,
         }
     }
 
@@ -138,6 +260,7 @@ impl Header {
         b[28..32].copy_from_slice(&self.parent.unwrap_or(0).to_le_bytes());
         b[32] = kind_to_byte(self.kind);
         b[40..48].copy_from_slice(&self.created_unix_ms.to_le_bytes());
+        b[48..56].copy_from_slice(&self.disk_blocks.to_le_bytes());
         let crc = crc32c::crc32c(&b[..HEADER_LEN - 4]);
         b[HEADER_LEN - 4..].copy_from_slice(&crc.to_le_bytes());
         b
@@ -206,6 +329,7 @@ impl Header {
             parent: (parent != 0).then_some(parent),
             kind,
             created_unix_ms: le_u64(&bytes[40..48]),
+            disk_blocks: le_u64(&bytes[48..56]),
         };
         if let Some(reason) = header.invalid_reason() {
             return Err(corrupt(format!("inconsistent header: {reason}")));
@@ -462,6 +586,7 @@ pub struct CheckpointWriter {
     slots: std::collections::HashMap<u64, u64>,
     config: Vec<u8>,
     state: Vec<u8>,
+    disks: Vec<DiskRecord>,
     poisoned: bool,
     /// Set once the file has its final name, so Drop leaves it alone.
     done: bool,
@@ -494,6 +619,44 @@ pub struct WrittenCheckpoint {
     /// zero pages added (and skipped); in an incremental the number of zero
     /// entries in the index.
     pub zero_pages: u64,
+    /// Disk blocks stored with data.
+    pub disk_blocks: u64,
+    /// Disk blocks recorded as zero extents.
+    pub disk_zero_blocks: u64,
+}
+
+/// Why a disks table is not one, if it is not: spaces must be 1, 2, ... in
+/// order, ids distinct.
+fn check_disk_table(disks: &[DiskRecord]) -> Result<(), String> {
+    for (i, d) in disks.iter().enumerate() {
+        if d.space != i as u64 + 1 {
+            return Err(format!(
+                "disk {} of the disks table has space {}, expected {}",
+                d.id,
+                d.space,
+                i + 1
+            ));
+        }
+        if disks[..i].iter().any(|o| o.id == d.id) {
+            return Err(format!("disk id {} appears twice in the disks table", d.id));
+        }
+        if d.size >= 1 << SPACE_SHIFT {
+            return Err(format!(
+                "disk {} is {} bytes, more than an address space holds",
+                d.id, d.size
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Whether the block at `addr` (a disk space) lies inside its disk.
+fn disk_block_fits(disks: &[DiskRecord], addr: u64) -> bool {
+    let space = space_of(addr);
+    let offset = addr & ((1 << SPACE_SHIFT) - 1);
+    disks
+        .get((space as usize).wrapping_sub(1))
+        .is_some_and(|d| offset < d.size)
 }
 
 impl CheckpointWriter {
@@ -538,6 +701,7 @@ impl CheckpointWriter {
             slots: std::collections::HashMap::new(),
             config: Vec::new(),
             state: Vec::new(),
+            disks: Vec::new(),
             poisoned: false,
             done: false,
         })
@@ -558,6 +722,12 @@ impl CheckpointWriter {
     /// time before `finish`; the last call wins.
     pub fn set_state(&mut self, bytes: &[u8]) {
         self.state = bytes.to_vec();
+    }
+
+    /// Sets the `disks` table: disk `i` (space `i + 1`) is `disks[i]`,
+    /// whose `space` must say so. May be called any time before `finish`.
+    pub fn set_disks(&mut self, disks: Vec<DiskRecord>) {
+        self.disks = disks;
     }
 
     /// Appends one page (`data.len() == PAGE_SIZE`). Zero pages are skipped
@@ -631,7 +801,9 @@ impl CheckpointWriter {
     fn record_zero(&mut self, gpa: u64) {
         self.zero_adds += 1;
         let may_supersede = self.max_data_gpa.is_some_and(|m| gpa <= m);
-        if self.header.kind == Kind::Incremental || may_supersede {
+        // A disk block that reads as zeros hides its base image's block,
+        // even in a full checkpoint: it is a zero extent, never left out.
+        if self.header.kind == Kind::Incremental || may_supersede || space_of(gpa) > 0 {
             self.entries.push(IndexEntry {
                 gpa,
                 offset: 0,
@@ -762,13 +934,18 @@ impl CheckpointWriter {
             }
         });
         if self.header.kind == Kind::Full {
-            entries.retain(|e| !e.zero);
+            entries.retain(|e| !e.zero || space_of(e.gpa) > 0);
         }
-        let pages_written = entries.iter().filter(|e| !e.zero).count() as u64;
+        let memory = entries.partition_point(|e| space_of(e.gpa) == 0);
+        let pages_written = entries[..memory].iter().filter(|e| !e.zero).count() as u64;
+        let disk_blocks = entries[memory..].iter().filter(|e| !e.zero).count() as u64;
+        let disk_zero_blocks = (entries.len() - memory) as u64 - disk_blocks;
         let zero_pages = match self.header.kind {
-            Kind::Full => self.zero_adds,
-            Kind::Incremental => entries.len() as u64 - pages_written,
+            Kind::Full => self.zero_adds - disk_zero_blocks.min(self.zero_adds),
+            Kind::Incremental => memory as u64 - pages_written,
         };
+        self.check_disks(&entries[memory..])?;
+        self.header.disk_blocks = disk_blocks;
 
         let pages_offset = HEADER_BLOCK_LEN as u64;
         let pages_len = self.data_end - pages_offset;
@@ -780,7 +957,17 @@ impl CheckpointWriter {
         let state_offset = config_offset + config.len() as u64;
         let mut state_crc = 0;
         self.append(&state, &mut state_crc)?;
-        let index_offset = state_offset + state.len() as u64;
+        let disks = match self.disks.is_empty() {
+            true => Vec::new(),
+            false => serde_json::to_vec(&self.disks).map_err(|e| FormatError::InvalidArgument {
+                path: self.tmp_path.clone(),
+                reason: format!("the disks table does not serialize: {e}"),
+            })?,
+        };
+        let disks_offset = state_offset + state.len() as u64;
+        let mut disks_crc = 0;
+        self.append(&disks, &mut disks_crc)?;
+        let index_offset = disks_offset + disks.len() as u64;
         let mut index_crc = 0;
         let (index, index_runs) = Index::encode(&entries, pages_offset);
         self.append(&index, &mut index_crc)?;
@@ -802,6 +989,10 @@ impl CheckpointWriter {
                 offset: state_offset,
                 len: state.len() as u64,
             },
+            disks: Section {
+                offset: disks_offset,
+                len: disks.len() as u64,
+            },
             index: Section {
                 offset: index_offset,
                 len: index_len,
@@ -809,12 +1000,18 @@ impl CheckpointWriter {
             index_runs,
             config_crc,
             state_crc,
+            disks_crc,
             index_crc,
         };
         let mut ignored = 0;
         self.append(&footer.encode(), &mut ignored)?;
         self.flush()?;
         debug_assert_eq!(self.file_pos, file_len);
+        // The header, rewritten with what only the end knows.
+        if let Err(e) = self.file.write_all_at(&self.header.encode(), 0) {
+            self.poisoned = true;
+            return Err(io_error(&self.tmp_path, "writing", e));
+        }
 
         self.file
             .sync_all()
@@ -831,7 +1028,29 @@ impl CheckpointWriter {
             bytes_written: file_len,
             pages_written,
             zero_pages,
+            disk_blocks,
+            disk_zero_blocks,
         })
+    }
+
+    /// Checks the disks table and that every disk block added lies in one
+    /// of its disks.
+    fn check_disks(&self, entries: &[IndexEntry]) -> Result<(), FormatError> {
+        let invalid = |reason: String| FormatError::InvalidArgument {
+            path: self.tmp_path.clone(),
+            reason,
+        };
+        check_disk_table(&self.disks).map_err(invalid)?;
+        if let Some(e) = entries
+            .iter()
+            .find(|e| !disk_block_fits(&self.disks, e.gpa))
+        {
+            return Err(invalid(format!(
+                "a disk block at address {:#x} is in no disk of the table",
+                e.gpa
+            )));
+        }
+        Ok(())
     }
 
     /// Abandons the checkpoint and removes its temp file.
@@ -905,11 +1124,13 @@ struct Footer {
     pages: Section,
     config: Section,
     state: Section,
+    disks: Section,
     index: Section,
     /// Runs at the start of the index section; page crcs follow them.
     index_runs: u64,
     config_crc: u32,
     state_crc: u32,
+    disks_crc: u32,
     index_crc: u32,
 }
 
@@ -919,25 +1140,26 @@ impl Footer {
         b[0..8].copy_from_slice(&self.chain_id.to_le_bytes());
         b[8..12].copy_from_slice(&self.id.to_le_bytes());
         b[16..24].copy_from_slice(&self.file_len.to_le_bytes());
-        let sections = [self.pages, self.config, self.state, self.index];
+        let sections = [self.pages, self.config, self.state, self.disks, self.index];
         for (i, s) in sections.iter().enumerate() {
             let at = 24 + i * 16;
             b[at..at + 8].copy_from_slice(&s.offset.to_le_bytes());
             b[at + 8..at + 16].copy_from_slice(&s.len.to_le_bytes());
         }
-        b[88..96].copy_from_slice(&self.index_runs.to_le_bytes());
-        b[96..100].copy_from_slice(&self.config_crc.to_le_bytes());
-        b[100..104].copy_from_slice(&self.state_crc.to_le_bytes());
-        b[104..108].copy_from_slice(&self.index_crc.to_le_bytes());
-        let crc = crc32c::crc32c(&b[..108]);
-        b[108..112].copy_from_slice(&crc.to_le_bytes());
-        b[112..120].copy_from_slice(&TRAILER_MAGIC);
+        b[104..112].copy_from_slice(&self.index_runs.to_le_bytes());
+        b[112..116].copy_from_slice(&self.config_crc.to_le_bytes());
+        b[116..120].copy_from_slice(&self.state_crc.to_le_bytes());
+        b[120..124].copy_from_slice(&self.disks_crc.to_le_bytes());
+        b[124..128].copy_from_slice(&self.index_crc.to_le_bytes());
+        let crc = crc32c::crc32c(&b[..FOOTER_CRC_AT]);
+        b[FOOTER_CRC_AT..FOOTER_CRC_AT + 4].copy_from_slice(&crc.to_le_bytes());
+        b[FOOTER_LEN - 8..].copy_from_slice(&TRAILER_MAGIC);
         b
     }
 
     /// Decodes the footer; `None` if its crc does not match.
     fn decode(b: &[u8; FOOTER_LEN]) -> Option<Footer> {
-        if crc32c::crc32c(&b[..108]) != le_u32(&b[108..112]) {
+        if crc32c::crc32c(&b[..FOOTER_CRC_AT]) != le_u32(&b[FOOTER_CRC_AT..FOOTER_CRC_AT + 4]) {
             return None;
         }
         let section = |i: usize| {
@@ -954,11 +1176,13 @@ impl Footer {
             pages: section(0),
             config: section(1),
             state: section(2),
-            index: section(3),
-            index_runs: le_u64(&b[88..96]),
-            config_crc: le_u32(&b[96..100]),
-            state_crc: le_u32(&b[100..104]),
-            index_crc: le_u32(&b[104..108]),
+            disks: section(3),
+            index: section(4),
+            index_runs: le_u64(&b[104..112]),
+            config_crc: le_u32(&b[112..116]),
+            state_crc: le_u32(&b[116..120]),
+            disks_crc: le_u32(&b[120..124]),
+            index_crc: le_u32(&b[124..128]),
         })
     }
 }
@@ -1023,6 +1247,7 @@ pub struct CheckpointReader {
     pages: Section,
     config: Vec<u8>,
     state: Vec<u8>,
+    disks: Vec<DiskRecord>,
     index: Index,
 }
 
@@ -1143,6 +1368,8 @@ pub struct Meta {
     pub config: Vec<u8>,
     /// The `state` section.
     pub state: Vec<u8>,
+    /// The disks table.
+    pub disks: Vec<DiskRecord>,
 }
 
 /// Reads and checks the [`Meta`] of `path`: what a restore needs to start
@@ -1150,10 +1377,12 @@ pub struct Meta {
 pub fn read_meta(path: &Path) -> Result<Meta, FormatError> {
     let framed = Framed::open(path)?;
     let (config, state) = framed.config_state(path)?;
+    let disks = read_disks(&framed.file, path, framed.file_len, &framed.footer)?;
     Ok(Meta {
         header: framed.header,
         config,
         state,
+        disks,
     })
 }
 
@@ -1168,7 +1397,32 @@ impl CheckpointReader {
             header,
             footer,
         } = framed;
+        let disks = read_disks(&file, path, file_len, &footer)?;
         let index = read_index(&file, path, file_len, &footer, header.kind)?;
+        let corrupt = |reason: String| FormatError::Corrupt {
+            path: path.to_path_buf(),
+            reason,
+        };
+        for (start, end) in index.spans() {
+            if space_of(start) == 0 && space_of(end - 1) == 0 {
+                continue;
+            }
+            if space_of(start) != space_of(end - 1)
+                || !disk_block_fits(&disks, start)
+                || !disk_block_fits(&disks, end - 1)
+            {
+                return Err(corrupt(format!(
+                    "the index has blocks at {start:#x}..{end:#x}, in no disk of the disks table"
+                )));
+            }
+        }
+        let stored = index.spans_data_blocks(1 << SPACE_SHIFT);
+        if stored != header.disk_blocks {
+            return Err(corrupt(format!(
+                "the header counts {} disk blocks, the index holds {stored}",
+                header.disk_blocks
+            )));
+        }
 
         Ok(CheckpointReader {
             path: path.to_path_buf(),
@@ -1178,8 +1432,14 @@ impl CheckpointReader {
             pages: footer.pages,
             config,
             state,
+            disks,
             index,
         })
+    }
+
+    /// The disks table: disk `i` (space `i + 1`) is entry `i`.
+    pub fn disks(&self) -> &[DiskRecord] {
+        &self.disks
     }
 
     /// The file's header.
@@ -1340,6 +1600,7 @@ fn check_layout(f: &Footer) -> Result<(), LayoutError> {
         ("pages", f.pages),
         ("config", f.config),
         ("state", f.state),
+        ("disks", f.disks),
         ("index", f.index),
     ];
     for (name, s) in named {
@@ -1392,6 +1653,34 @@ fn read_section(
         });
     }
     Ok(buf)
+}
+
+/// Reads, checksums and parses the `disks` section (empty: no disks).
+fn read_disks(
+    file: &File,
+    path: &Path,
+    file_len: u64,
+    footer: &Footer,
+) -> Result<Vec<DiskRecord>, FormatError> {
+    let bytes = read_section(
+        file,
+        path,
+        file_len,
+        footer.disks,
+        footer.disks_crc,
+        "disks",
+    )?;
+    if bytes.is_empty() {
+        return Ok(Vec::new());
+    }
+    let corrupt = |reason: String| FormatError::Corrupt {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let disks: Vec<DiskRecord> = serde_json::from_slice(&bytes)
+        .map_err(|e| corrupt(format!("the disks section is not a disks table: {e}")))?;
+    check_disk_table(&disks).map_err(corrupt)?;
+    Ok(disks)
 }
 
 /// Reads the index section (its runs, then its crcs, each straight into
@@ -1456,6 +1745,7 @@ mod tests {
             parent: None,
             kind: Kind::Full,
             created_unix_ms: 1_700_000_000_000,
+            disk_blocks: 0,
         }
     }
 
@@ -1673,8 +1963,8 @@ mod tests {
         let out = w.finish().unwrap();
         let bytes = std::fs::read(&out.path).unwrap();
         let footer = &bytes[bytes.len() - FOOTER_LEN..];
-        assert_eq!(le_u64(&footer[80..88]), (RUN_LEN + 1024 * CRC_LEN) as u64);
-        assert_eq!(le_u64(&footer[88..96]), 1);
+        assert_eq!(le_u64(&footer[96..104]), (RUN_LEN + 1024 * CRC_LEN) as u64);
+        assert_eq!(le_u64(&footer[104..112]), 1);
         let r = CheckpointReader::open(&out.path).unwrap();
         let mut back = vec![0u8; data.len()];
         let entries: Vec<IndexEntry> = r.index().iter().collect();
@@ -1921,10 +2211,10 @@ mod tests {
 
     #[test]
     fn other_format_version_is_refused_by_number() {
-        // Version 1 (24-byte index entries) is the older format, 3 a newer one.
+        // Versions 1 and 2 (no disks) are older formats, 4 a newer one.
         let dir = tempfile::tempdir().unwrap();
         let good = std::fs::read(sample(dir.path())).unwrap();
-        for v in [1u32, 3] {
+        for v in [1u32, 2, 4] {
             let mut bad = good.clone();
             bad[8..12].copy_from_slice(&v.to_le_bytes());
             let (path, err) = open_bytes(dir.path(), &bad);
@@ -1937,7 +2227,7 @@ mod tests {
             assert!(
                 msg.contains(path.to_str().unwrap())
                     && msg.contains(&format!("version {v} is not supported"))
-                    && msg.contains("reads version 2"),
+                    && msg.contains("reads version 3"),
                 "{msg}"
             );
         }
@@ -2061,6 +2351,175 @@ mod tests {
         assert_eq!(std::fs::read_dir(dir).unwrap().count(), 0);
     }
 
+    fn disk(id: &str, space: u64, size: u64) -> DiskRecord {
+        DiskRecord {
+            id: id.into(),
+            space,
+            size,
+            readonly: false,
+            base: BaseImage {
+                path: format!("/images/{id}.img").into(),
+                size,
+                mtime_ns: 1_700_000_000_123_456_789,
+                sample_crc: 0x1234_5678,
+            },
+        }
+    }
+
+    /// A full checkpoint with a memory page and blocks of two disks: disk
+    /// a (1 MiB) data, zero, data at blocks 0..3; disk b (1 GiB) a zero
+    /// extent at 1 MiB.
+    fn with_disks(dir: &Path) -> (PathBuf, WrittenCheckpoint) {
+        use crate::vmm::store::store_address;
+        let mut w = CheckpointWriter::create(dir, full_header(1)).unwrap();
+        w.set_config(b"{}");
+        w.set_state(b"state");
+        w.set_disks(vec![disk("a", 1, 1 << 20), disk("b", 2, 1 << 30)]);
+        w.add_page(0x1000, &page(1)).unwrap();
+        let blocks = [page(2), zero(), page(3)].concat();
+        w.add_pages(store_address(0, 0), &blocks).unwrap();
+        w.add_page(store_address(1, 1 << 20), &zero()).unwrap();
+        let out = w.finish().unwrap();
+        (out.path.clone(), out)
+    }
+
+    #[test]
+    fn disk_blocks_round_trip_with_their_zero_extents_even_in_a_full_checkpoint() {
+        use crate::vmm::store::store_address;
+        let dir = tempfile::tempdir().unwrap();
+        let (path, out) = with_disks(dir.path());
+        assert_eq!(
+            (out.pages_written, out.disk_blocks, out.disk_zero_blocks),
+            (1, 2, 2)
+        );
+        assert_eq!(
+            read_header(&path).unwrap().disk_blocks,
+            2,
+            "the header counts them"
+        );
+        let r = CheckpointReader::open(&path).unwrap();
+        assert_eq!(r.disks(), &[disk("a", 1, 1 << 20), disk("b", 2, 1 << 30)]);
+        let got: Vec<(u64, bool)> = r.index().iter().map(|e| (e.gpa, e.zero)).collect();
+        let a = |b: u64| store_address(0, b * PAGE_SIZE);
+        assert_eq!(
+            got,
+            vec![
+                (0x1000, false),
+                (a(0), false),
+                (a(1), true),
+                (a(2), false),
+                (store_address(1, 1 << 20), true)
+            ]
+        );
+        let pages = read_all(&r);
+        assert_eq!(pages[1].1, page(2));
+        assert_eq!(pages[3].1, page(3));
+        assert_eq!(pages[2].1, zero());
+    }
+
+    #[test]
+    fn a_disk_block_outside_its_disk_or_the_table_is_refused() {
+        use crate::vmm::store::store_address;
+        let dir = tempfile::tempdir().unwrap();
+        // The writer refuses a block past its disk's end, or of no disk.
+        for addr in [store_address(0, 1 << 20), store_address(2, 0)] {
+            let mut w = CheckpointWriter::create(dir.path(), full_header(1)).unwrap();
+            w.set_disks(vec![disk("a", 1, 1 << 20), disk("b", 2, 1 << 30)]);
+            w.add_page(addr, &page(1)).unwrap();
+            let e = w.finish().unwrap_err();
+            assert!(matches!(e, FormatError::InvalidArgument { .. }), "{e}");
+            assert!(e.to_string().contains("in no disk"), "{e}");
+        }
+        // A table with a space out of order.
+        let mut w = CheckpointWriter::create(dir.path(), full_header(1)).unwrap();
+        w.set_disks(vec![disk("a", 2, 1 << 20)]);
+        assert!(w.finish().unwrap_err().to_string().contains("expected 1"));
+        // The reader: a well-summed table that shrank disk a under its
+        // blocks is corrupt.
+        let (path, _) = with_disks(dir.path());
+        let mut bytes = std::fs::read(&path).unwrap();
+        let f = bytes.len() - FOOTER_LEN;
+        let (off, len) = (
+            le_u64(&bytes[f + 72..]) as usize,
+            le_u64(&bytes[f + 80..]) as usize,
+        );
+        let table = String::from_utf8(bytes[off..off + len].to_vec()).unwrap();
+        let shrunk = table.replacen("\"size\":1048576", "\"size\":4096   ", 1);
+        assert_eq!(shrunk.len(), table.len());
+        bytes[off..off + len].copy_from_slice(shrunk.as_bytes());
+        let crc = crc32c::crc32c(&bytes[off..off + len]);
+        bytes[f + 120..f + 124].copy_from_slice(&crc.to_le_bytes());
+        let crc = crc32c::crc32c(&bytes[f..f + FOOTER_CRC_AT]);
+        bytes[f + FOOTER_CRC_AT..f + FOOTER_CRC_AT + 4].copy_from_slice(&crc.to_le_bytes());
+        let (p, err) = open_bytes(dir.path(), &bytes);
+        let err = err.expect("refused");
+        assert!(matches!(err, FormatError::Corrupt { .. }), "{err}");
+        assert!(
+            err.to_string().contains(p.to_str().unwrap()) && err.to_string().contains("no disk"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn every_byte_flip_and_every_truncation_of_a_file_with_disks_is_detected() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, _) = with_disks(dir.path());
+        let good = std::fs::read(path).unwrap();
+        let page_data = HEADER_BLOCK_LEN + 64..HEADER_BLOCK_LEN + 3 * PAGE_SIZE as usize;
+        for pos in (0..good.len()).filter(|p| !page_data.contains(p) || p % 97 == 0) {
+            let mut bad = good.clone();
+            bad[pos] ^= 0x10;
+            assert!(
+                open_bytes(dir.path(), &bad).1.is_some(),
+                "flip at byte {pos} went unnoticed"
+            );
+        }
+        for len in (0..good.len())
+            .step_by(37)
+            .chain(good.len() - FOOTER_LEN - 2..good.len())
+        {
+            let (p, err) = open_bytes(dir.path(), &good[..len]);
+            let err = err.unwrap_or_else(|| panic!("truncation to {len} undetected"));
+            assert!(
+                matches!(err, FormatError::Truncated { .. }),
+                "length {len}: {err}"
+            );
+            assert!(err.to_string().contains(p.to_str().unwrap()));
+        }
+    }
+
+    #[test]
+    fn a_base_image_s_identity_notices_a_change_of_size_time_or_sampled_content() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("base.img");
+        let bytes: Vec<u8> = (0..(8u64 << 20)).map(|i| (i % 253) as u8).collect();
+        std::fs::write(&path, &bytes).unwrap();
+        let id = BaseImage::of(&path).unwrap();
+        assert_eq!(id.changed(), None);
+        // Same bytes, a new mtime.
+        let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        f.set_modified(std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1))
+            .unwrap();
+        assert!(
+            id.changed().unwrap().contains("modified"),
+            "{:?}",
+            id.changed()
+        );
+        // A changed first block with the recorded mtime put back (cp -p).
+        let mtime = std::time::UNIX_EPOCH + std::time::Duration::from_nanos(id.mtime_ns as u64);
+        f.write_all_at(b"changed", 0).unwrap();
+        f.set_modified(mtime).unwrap();
+        assert!(
+            id.changed().unwrap().contains("content"),
+            "{:?}",
+            id.changed()
+        );
+        f.set_len(4 << 20).unwrap();
+        assert!(id.changed().unwrap().contains("size"), "{:?}", id.changed());
+        std::fs::remove_file(&path).unwrap();
+        assert!(id.changed().unwrap().contains("cannot be read"));
+    }
+
     fn proptest_sample() -> &'static [u8] {
         static SAMPLE: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
         SAMPLE.get_or_init(|| {
@@ -2124,8 +2583,8 @@ mod tests {
             }
             if bytes.len() >= FOOTER_LEN {
                 let f = bytes.len() - FOOTER_LEN;
-                let crc = crc32c::crc32c(&bytes[f..f + 108]);
-                bytes[f + 108..f + 112].copy_from_slice(&crc.to_le_bytes());
+                let crc = crc32c::crc32c(&bytes[f..f + FOOTER_CRC_AT]);
+                bytes[f + FOOTER_CRC_AT..f + FOOTER_CRC_AT + 4].copy_from_slice(&crc.to_le_bytes());
             }
         }
 

@@ -215,7 +215,9 @@ impl Index {
             }
             let zero = flags & RUN_FLAG_ZERO != 0;
             let offset = if zero {
-                if kind == Kind::Full {
+                // Disks' zero extents hide their base image's blocks, so
+                // full checkpoints have them too; memory's never.
+                if kind == Kind::Full && gpa >> crate::vmm::store::SPACE_SHIFT == 0 {
                     return Err(bad(RunProblem::ZeroInFull));
                 }
                 if record != 0 {
@@ -328,6 +330,20 @@ impl Index {
         let r = self.run_from(gpa).filter(|r| r.gpa <= gpa)?;
         let k = (gpa - r.gpa) / PAGE_SIZE;
         Some(r.entry(k, &self.crcs)).filter(|e| e.gpa == gpa)
+    }
+
+    /// Each run's address range (start, end), in order.
+    pub fn spans(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        self.runs.iter().map(|r| (r.gpa, r.end()))
+    }
+
+    /// Pages with data at or above address `from`.
+    pub fn spans_data_blocks(&self, from: u64) -> u64 {
+        self.runs
+            .iter()
+            .filter(|r| !r.zero && r.gpa >= from)
+            .map(|r| r.pages)
+            .sum()
     }
 
     /// The lowest gpa in the index at or above `gpa`.

@@ -10,6 +10,7 @@
 
 pub mod chain;
 pub mod create;
+pub mod disks;
 pub mod format;
 pub mod index;
 pub mod reset;
@@ -39,6 +40,9 @@ pub struct ChainPosition {
     /// next checkpoint is full).
     pub last: Option<CheckpointRef>,
     /// Pages dirtied since `last`, fed by the VM from the first checkpoint
-    /// or restore on.
+    /// or restore on (its disks' written blocks too, by slot).
     pub since: Arc<DirtyAccumulator>,
+    /// The base image each disk's chain refers to, by disk id: blocks no
+    /// checkpoint of the chain holds are that image's.
+    pub bases: std::collections::BTreeMap<String, format::BaseImage>,
 }

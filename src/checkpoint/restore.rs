@@ -30,10 +30,12 @@ use std::time::{Duration, Instant};
 use userfaultfd::{Event, Uffd, UffdBuilder};
 
 use super::chain::{Chain, ChainEntry, ChainError, ResolvedChain};
+use super::disks::{block_of, default_restored_path, ChainDisk};
 use super::format::{read_meta, Meta};
 use super::index::IndexEntry;
 use super::{ChainPosition, CheckpointRef};
 use crate::api::checkpoint::CheckpointTarget;
+use crate::devices::virtio::block::{Shape, Stack};
 use crate::memory::GuestMemory;
 use crate::memory::PAGE_SIZE;
 use crate::vmm::vm::Loader;
@@ -140,6 +142,73 @@ pub enum RestoreError {
     /// Creating the VM failed.
     #[error("{0}")]
     Vm(#[from] crate::vmm::VmError),
+    /// `--disk` names a disk the checkpoint does not have.
+    #[error("--disk id={id}: checkpoint {} has no disk {id} (it has: {have})", file.display())]
+    NoSuchDisk {
+        /// The checkpoint.
+        file: PathBuf,
+        /// The id given.
+        id: String,
+        /// The ids it has.
+        have: String,
+    },
+    /// A `--disk` option is not `id=NAME,path=FILE`.
+    #[error("--disk {given}: on a restore, give id=NAME,path=FILE (the rest of a disk's configuration comes from the checkpoint)")]
+    DiskOption {
+        /// The option as given.
+        given: String,
+    },
+    /// The file a restored disk would land in exists.
+    #[error("disk {disk}: {} already exists, and a restore never overwrites a file: give --disk id={disk},path=NEW, or remove it", path.display())]
+    DiskExists {
+        /// The disk.
+        disk: String,
+        /// The file.
+        path: PathBuf,
+    },
+    /// A restored disk's file or its base image cannot be used.
+    #[error("disk {disk}: {source}")]
+    DiskFile {
+        /// The disk.
+        disk: String,
+        /// The image's error, naming the file.
+        #[source]
+        source: Box<crate::devices::virtio::block::BlockError>,
+    },
+    /// The directory for restored disks cannot be made.
+    #[error("cannot create {}: {source}", path.display())]
+    RestoredDir {
+        /// The directory.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A base image changed since the checkpoint recorded it.
+    #[error("disk {disk}: its base image {} changed since the checkpoint: {why}; the disk cannot be restored from it", path.display())]
+    BaseChanged {
+        /// The disk.
+        disk: String,
+        /// The base image.
+        path: PathBuf,
+        /// What changed.
+        why: String,
+    },
+    /// The checkpoint's disks table does not match its configuration.
+    #[error("{}: the disks table does not match the saved configuration's disks", file.display())]
+    DiskTable {
+        /// The checkpoint.
+        file: PathBuf,
+    },
+    /// Copying a restored disk's blocks failed.
+    #[error("disk {disk}: {source}")]
+    Fill {
+        /// The disk.
+        disk: String,
+        /// What failed.
+        #[source]
+        source: crate::devices::virtio::block::StackError,
+    },
 }
 
 impl crate::api::Classify for RestoreError {
@@ -156,6 +225,15 @@ impl crate::api::Classify for RestoreError {
             | RestoreError::Panicked { .. }
             | RestoreError::NotLoaded { .. } => crate::api::ErrorKind::Failed,
             RestoreError::Vm(e) => e.kind(),
+            RestoreError::NoSuchDisk { .. }
+            | RestoreError::DiskOption { .. }
+            | RestoreError::DiskExists { .. } => crate::api::ErrorKind::BadRequest,
+            RestoreError::DiskFile { source, .. } => source.kind(),
+            RestoreError::RestoredDir { source, .. } => crate::api::ErrorKind::of_io(source),
+            RestoreError::BaseChanged { .. } | RestoreError::DiskTable { .. } => {
+                crate::api::ErrorKind::Unusable
+            }
+            RestoreError::Fill { .. } => crate::api::ErrorKind::Failed,
         }
     }
 }
@@ -248,6 +326,15 @@ fn validate(
 ) -> Result<(ResolvedChain, u64), RestoreError> {
     let resolved = ResolvedChain::open(links)?;
     let top = resolved.top();
+    for d in &meta.disks {
+        if let Some(why) = d.base.changed() {
+            return Err(RestoreError::BaseChanged {
+                disk: d.id.clone(),
+                path: d.base.path.clone(),
+                why,
+            });
+        }
+    }
     if top.config() != meta.config.as_slice() || top.state() != meta.state.as_slice() {
         return Err(ChainError::Inconsistent {
             file: top.path().to_path_buf(),
@@ -273,7 +360,10 @@ fn validate(
         let idx = reader.index();
         stored_pages += reader.data_entries();
         let mut gap_start = 0u64;
-        for &(start, end) in ranges.iter().chain(std::iter::once(&(u64::MAX, u64::MAX))) {
+        // Disks' blocks live above guest memory's space; the format
+        // checked them against the disks table.
+        let disks = 1u64 << super::format::SPACE_SHIFT;
+        for &(start, end) in ranges.iter().chain(std::iter::once(&(disks, disks))) {
             if let Some(gpa) = idx.first_at_or_after(gap_start).filter(|&g| g < start) {
                 return Err(RestoreError::PageOutside {
                     file: reader.path().to_path_buf(),
@@ -305,7 +395,7 @@ pub fn open(dir: &Path, id: Option<u32>) -> Result<Opened, RestoreError> {
 /// Pages with data (gpa, reader, entry), sorted by gpa: each page's latest
 /// version, zero pages left out.
 fn data_pages(chain: &ResolvedChain) -> Vec<(u64, usize, IndexEntry)> {
-    chain.data_pages()
+    chain.memory_pages()
 }
 
 /// Runs of `pages` that are consecutive in guest memory, come from the same
@@ -1001,6 +1091,136 @@ struct Loaded {
     phases: RestorePhases,
 }
 
+/// Where `--disk id=NAME,path=FILE` on a restore puts disk NAME.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskPlacement {
+    /// The disk's id in the checkpoint.
+    pub id: String,
+    /// The new file its top lands in (must not exist).
+    pub path: PathBuf,
+}
+
+impl DiskPlacement {
+    /// Parses `id=NAME,path=FILE`.
+    pub fn parse(s: &str) -> Result<DiskPlacement, RestoreError> {
+        let (mut id, mut path) = (None, None);
+        for kv in s.split(',') {
+            match kv.split_once('=') {
+                Some(("id", v)) if !v.is_empty() => id = Some(v.to_string()),
+                Some(("path", v)) if !v.is_empty() => path = Some(PathBuf::from(v)),
+                _ => {
+                    return Err(RestoreError::DiskOption { given: s.into() });
+                }
+            }
+        }
+        match (id, path) {
+            (Some(id), Some(path)) => Ok(DiskPlacement {
+                id,
+                path: std::path::absolute(&path).unwrap_or(path),
+            }),
+            _ => Err(RestoreError::DiskOption { given: s.into() }),
+        }
+    }
+}
+
+/// A restored disk: its new top and the chain's view below it.
+struct RestoredDisk {
+    id: String,
+    path: PathBuf,
+    top: Option<crate::devices::virtio::block::DiskImage>,
+    view: Arc<ChainDisk>,
+}
+
+/// Creates each writable disk's top (a new sparse file, at its
+/// placement or the default) and opens the chain's view of it; the
+/// configuration's disks then name their tops.
+fn restored_disks(
+    dir: &Path,
+    file: &Path,
+    id: u32,
+    meta: &Meta,
+    config: &mut VmConfig,
+    placements: &[DiskPlacement],
+) -> Result<Vec<RestoredDisk>, RestoreError> {
+    let have: Vec<&str> = meta.disks.iter().map(|d| d.id.as_str()).collect();
+    for p in placements {
+        if !have.contains(&p.id.as_str()) {
+            return Err(RestoreError::NoSuchDisk {
+                file: file.into(),
+                id: p.id.clone(),
+                have: if have.is_empty() {
+                    "none".into()
+                } else {
+                    have.join(", ")
+                },
+            });
+        }
+    }
+    let same = config.disks.len() == meta.disks.len()
+        && config
+            .disks
+            .iter()
+            .zip(&meta.disks)
+            .all(|(c, d)| c.id == d.id);
+    if !same {
+        return Err(RestoreError::DiskTable { file: file.into() });
+    }
+    let mut out: Vec<RestoredDisk> = Vec::new();
+    let made = (|| {
+        for (cfg, rec) in config.disks.iter_mut().zip(&meta.disks) {
+            if rec.readonly {
+                // Its image is its content: opened read-only, as saved.
+                continue;
+            }
+            let path = match placements.iter().find(|p| p.id == rec.id) {
+                Some(p) => p.path.clone(),
+                None => {
+                    let path = default_restored_path(dir, &config.name, id, &rec.id);
+                    let parent = path.parent().expect("a file in a directory");
+                    std::fs::create_dir_all(parent).map_err(|source| {
+                        RestoreError::RestoredDir {
+                            path: parent.into(),
+                            source,
+                        }
+                    })?;
+                    path
+                }
+            };
+            if path.symlink_metadata().is_ok() {
+                return Err(RestoreError::DiskExists {
+                    disk: rec.id.clone(),
+                    path,
+                });
+            }
+            let view = ChainDisk::open(rec).map_err(|e| RestoreError::DiskFile {
+                disk: rec.id.clone(),
+                source: Box::new(e.into()),
+            })?;
+            let top =
+                crate::devices::virtio::block::DiskImage::create_sparse(&path, rec.size, cfg.cache)
+                    .map_err(|e| RestoreError::DiskFile {
+                        disk: rec.id.clone(),
+                        source: Box::new(e.into()),
+                    })?;
+            cfg.path = path.clone();
+            out.push(RestoredDisk {
+                id: rec.id.clone(),
+                path,
+                top: Some(top),
+                view: Arc::new(view),
+            });
+        }
+        Ok(())
+    })();
+    if let Err(e) = made {
+        for d in &out {
+            let _ = std::fs::remove_file(&d.path);
+        }
+        return Err(e);
+    }
+    Ok(out)
+}
+
 /// A restore under way: the restored file's configuration and state read
 /// and checked, the rest of the chain being validated on a thread of its
 /// own while the service builds the VM.
@@ -1031,14 +1251,27 @@ pub struct Restoring {
     started: Instant,
     validator: Option<std::thread::JoinHandle<Validated>>,
     loaded: Arc<Mutex<Loaded>>,
+    /// The writable disks, restored over the chain.
+    disks: Vec<RestoredDisk>,
+    /// The checkpoint's disks table.
+    records: Vec<super::format::DiskRecord>,
 }
 
 impl Restoring {
     /// Reads and checks the restored file's config and state, and starts
     /// validating the whole chain on a thread of its own. Lazy unless `eager`.
-    pub fn begin(target: &CheckpointTarget, eager: bool) -> Result<Restoring, RestoreError> {
+    ///
+    /// `name` renames the VM; each writable disk lands in a new sparse
+    /// file, at its `placements` entry or by default at
+    /// `DIR/restored/<vm>-<id>-<disk>.img`, over the chain's view of it.
+    pub fn begin(
+        target: &CheckpointTarget,
+        eager: bool,
+        name: Option<String>,
+        placements: &[DiskPlacement],
+    ) -> Result<Restoring, RestoreError> {
         let started = Instant::now();
-        let p = prepare(&target.dir, target.id)?;
+        let mut p = prepare(&target.dir, target.id)?;
         let meta_ms = ms_since(started);
         let file = p
             .links
@@ -1046,6 +1279,18 @@ impl Restoring {
             .expect("a chain holds at least its full checkpoint")
             .path
             .clone();
+        if let Some(n) = name {
+            p.config.name = n;
+        }
+        let disks = restored_disks(
+            &p.checkpoint.dir,
+            &file,
+            p.checkpoint.id,
+            &p.meta,
+            &mut p.config,
+            placements,
+        )?;
+        let records = p.meta.disks.clone();
         let (links, meta, config) = (p.links, p.meta, p.config.clone());
         let validator = std::thread::Builder::new()
             .name("restore-check".into())
@@ -1075,7 +1320,21 @@ impl Restoring {
             started,
             validator: Some(validator),
             loaded: Arc::new(Mutex::new(loaded)),
+            disks,
+            records,
         })
+    }
+
+    /// Each restored disk's layers (its new top over the chain's view),
+    /// by id, for the devices; once.
+    pub fn take_disks(&mut self) -> std::collections::BTreeMap<String, Stack> {
+        self.disks
+            .iter_mut()
+            .filter_map(|d| {
+                let top = d.top.take()?;
+                Some((d.id.clone(), Stack::over(top, d.view.clone())))
+            })
+            .collect()
     }
 
     /// The file restored (for messages about its state).
@@ -1091,6 +1350,7 @@ impl Restoring {
         let validator = self.validator.take();
         let loaded = self.loaded.clone();
         let (eager, dir) = (self.eager, self.dir.clone());
+        let views: Vec<Arc<ChainDisk>> = self.disks.iter().map(|d| d.view.clone()).collect();
         let load: Loader<'static> = Box::new(move |m: &GuestMemory| {
             let tw = Instant::now();
             let (checked, ms) = match validator.map(|v| v.join()) {
@@ -1116,6 +1376,9 @@ impl Restoring {
                 }
             };
             let chain = Arc::new(chain);
+            for v in &views {
+                v.set_chain(chain.clone());
+            }
             if eager {
                 let tl = Instant::now();
                 if let Err(e) = load_eager(&chain, m) {
@@ -1163,6 +1426,10 @@ impl Restoring {
     /// The VM could not be built: stops what the loader started, and
     /// returns the validation's own error if that is why.
     pub fn abandon(self) -> Option<RestoreError> {
+        // The VM never ran: its disks' new files hold nothing of it.
+        for d in &self.disks {
+            let _ = std::fs::remove_file(&d.path);
+        }
         let mut l = self.loaded.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(lazy) = &l.lazy {
             lazy.done.store(true, Ordering::Release);
@@ -1205,10 +1472,56 @@ impl Restoring {
         let position = ChainPosition {
             last: Some(self.checkpoint.clone()),
             since: Default::default(),
+            bases: self
+                .records
+                .iter()
+                .map(|d| (d.id.clone(), d.base.clone()))
+                .collect(),
         };
         vm.keep_dirty(position.since.clone())
             .map_err(|e| fail(e.into()))?;
         let loading = Arc::new(AtomicBool::new(lazy.is_some()));
+        let filling: Vec<Arc<dyn crate::vmm::store::BlockStore>> = vm
+            .stores()
+            .into_iter()
+            .filter(|s| {
+                block_of(&**s).is_ok_and(|b| matches!(b.stack().shape(), Shape::Filling { .. }))
+            })
+            .collect();
+        if self.eager {
+            // Eager: every disk is whole before the vCPUs run.
+            let tf = Instant::now();
+            for s in &filling {
+                let b = block_of(&**s).expect("filtered above");
+                b.stack().fill(&AtomicBool::new(false)).map_err(|source| {
+                    fail(RestoreError::Fill {
+                        disk: s.id(),
+                        source,
+                    })
+                })?;
+            }
+            phases.load_ms += ms_since(tf);
+        } else if !filling.is_empty() {
+            let vm2 = vm.clone();
+            let started = std::thread::Builder::new()
+                .name("disk-fill".into())
+                .spawn(move || {
+                    for s in filling {
+                        let Ok(b) = block_of(&*s) else { continue };
+                        if let Err(e) = b.stack().fill(&AtomicBool::new(false)) {
+                            vm2.fail(format!("disk {}: {e}", s.id()));
+                            return;
+                        }
+                    }
+                });
+            if let Err(e) = started {
+                return Err(fail(RestoreError::Thread {
+                    file: self.dir.clone(),
+                    what: "disk filler",
+                    source: e,
+                }));
+            }
+        }
         if !paused {
             let ts = Instant::now();
             vm.resume_user().map_err(|e| fail(e.into()))?;
@@ -1260,6 +1573,14 @@ impl Restoring {
                 chain_files: chain.readers.len(),
                 lazy: !self.eager,
                 pages: stored_pages,
+                disks: self
+                    .disks
+                    .iter()
+                    .map(|d| crate::api::checkpoint::RestoredDisk {
+                        id: d.id.clone(),
+                        path: d.path.clone(),
+                    })
+                    .collect(),
                 resume_ms,
                 phases,
             },

@@ -169,6 +169,9 @@ pub struct FileSink {
     state: Option<(VmConfig, VmState)>,
     /// What was written, once complete.
     pub written: Option<WrittenCheckpoint>,
+    /// The VM's disks: overlays to switch to in the pause, and the disks
+    /// table to record.
+    pub disks: Option<super::disks::CheckpointDisks>,
 }
 
 impl FileSink {
@@ -193,6 +196,7 @@ impl FileSink {
             taken: None,
             state: None,
             written: None,
+            disks: None,
         }
     }
 
@@ -279,6 +283,9 @@ impl Sink<Vm> for FileSink {
     }
 
     fn begin(&mut self, _vm: &Vm, _slots: &[u32]) -> Result<(), SinkError> {
+        if let Some(d) = self.disks.as_mut() {
+            d.prepare().map_err(Self::err)?;
+        }
         let w = CheckpointWriter::create(&self.dir, self.header.clone()).map_err(Self::err)?;
         self.writer = Some(WriterThread::start(w).map_err(Self::err)?);
         Ok(())
@@ -346,6 +353,9 @@ impl Sink<Vm> for FileSink {
         state: VmState,
     ) -> Result<AfterCommit, SinkError> {
         self.state = Some((vm.config().clone(), state));
+        if let Some(d) = self.disks.as_mut() {
+            d.switch().map_err(Self::err)?;
+        }
         // The next incremental holds what the guest dirties from now on.
         self.taken = Some(self.since.take());
         Ok(if self.stop_after {
@@ -381,6 +391,9 @@ impl Sink<Vm> for FileSink {
             let state = serde_json::to_vec(&state).map_err(Self::err)?;
             w.set_config(&config);
             w.set_state(&state);
+            if let Some(d) = self.disks.as_mut() {
+                w.set_disks(d.records().map_err(Self::err)?);
+            }
             w.finish().map_err(Self::err)
         })();
         match result {
@@ -399,6 +412,9 @@ impl Sink<Vm> for FileSink {
     }
 
     fn abort(&mut self, _vm: &Vm) {
+        if let Some(d) = self.disks.as_mut() {
+            d.abort();
+        }
         if let Some(mut w) = self.writer.take() {
             // The writer removes its temp file when dropped.
             if let Ok(w) = w.join() {

@@ -44,12 +44,13 @@ pub fn checkpoint(a: &CheckpointArgs) -> CliResult {
     let r = r?;
     render(a.api.json, &r, |r| {
         format!(
-            "checkpoint {} ({}{}) in {}: {} pages, {} written in {:.1} ms; guest paused {} µs{}{}",
+            "checkpoint {} ({}{}) in {}: {} pages{}, {} written in {:.1} ms; guest paused {} µs{}{}",
             r.id,
             r.kind,
             r.parent.map(|p| format!(" on {p}")).unwrap_or_default(),
             r.dir.display(),
             r.pages_written,
+            disk_blocks(r),
             format_size(r.bytes_written),
             r.total_ms,
             r.downtime_us,
@@ -57,6 +58,15 @@ pub fn checkpoint(a: &CheckpointArgs) -> CliResult {
             if r.stopped { "; VM stopped" } else { "" }
         )
     })
+}
+
+/// The disk blocks a checkpoint stored, when it stored any.
+fn disk_blocks(r: &CheckpointReport) -> String {
+    match (r.disk_blocks, r.disk_zero_blocks) {
+        (0, 0) => String::new(),
+        (d, 0) => format!(" (disk: {d} blocks)"),
+        (d, z) => format!(" (disk: {d} blocks, {z} zeroed)"),
+    }
 }
 
 /// What bounding the pause cost the guest, when it cost anything.
@@ -96,19 +106,20 @@ pub fn list(local: &dyn Local, a: &ListArgs) -> CliResult {
             return format!("no usable checkpoints in {}{bad}", a.dir.display());
         }
         let mut t = format!(
-            "{:>6}  {:>6}  {:<11}  {:>10}  {}",
-            "id", "parent", "kind", "size", "time"
+            "{:>6}  {:>6}  {:<11}  {:>10}  {:>10}  {}",
+            "id", "parent", "kind", "size", "disk", "time"
         );
         for e in entries {
             let secs = (e.created_unix_ms / 1000) as i64;
             t += &format!(
-                "\n{:>6}  {:>6}  {:<11}  {:>10}  {}",
+                "\n{:>6}  {:>6}  {:<11}  {:>10}  {:>10}  {}",
                 e.id,
                 e.parent
                     .map(|p| p.to_string())
                     .unwrap_or_else(|| "-".into()),
                 e.kind.to_string(),
                 format_size(e.size_bytes),
+                format_size(e.disk_bytes),
                 format_time(secs)
             );
         }
@@ -142,10 +153,11 @@ pub fn merge(local: &dyn Local, a: &MergeArgs) -> CliResult {
     let w = local.merge(&target)?;
     render(a.json.json, &w, |w| {
         format!(
-            "merged into full checkpoint {} ({}, {} pages)",
+            "merged into full checkpoint {} ({}, {} pages, {} of them disk blocks)",
             w.id,
             format_size(w.bytes_written),
-            w.pages_written
+            w.pages_written,
+            w.disk_blocks
         )
     })
 }

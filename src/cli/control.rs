@@ -86,6 +86,14 @@ pub fn status(o: &ApiOpts) -> CliResult {
                 n.host_node
             );
         }
+        for d in &s.disks {
+            t += &format!("\n  disk {}: {}", d.id, d.path.display());
+            match (&d.over, d.filled_percent) {
+                (Some(o), Some(p)) => t += &format!(" (filling from {o}: {p}%)"),
+                (Some(o), None) => t += &format!(" over {o} (read-only)"),
+                _ => {}
+            }
+        }
         t
     })
 }

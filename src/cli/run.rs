@@ -277,7 +277,16 @@ fn render(json: bool, event: RunEvent) -> Result<(), CliError> {
                     r.pages,
                     if r.lazy { "loading lazily" } else { "loaded" },
                     r.resume_ms
-                ))?,
+                ))
+                .and_then(|()| {
+                    r.disks.iter().try_for_each(|d| {
+                        out_line(&format!(
+                            "vmhop: disk {} restored into {}",
+                            d.id,
+                            d.path.display()
+                        ))
+                    })
+                })?,
                 Some(Arrival::Migrated(r)) => out_line(&format!(
                     "vmhop: VM '{}' arrived from {} ({} pages, {}), running after {:.1} ms",
                     s.name,

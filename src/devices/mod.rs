@@ -207,13 +207,27 @@ impl Disks {
         Ok(())
     }
 
+    /// The first disk that is not one flat image (an overlay over the
+    /// chain's base since a checkpoint, or a restored disk still filling):
+    /// its id and what it is. A destination on shared storage would open
+    /// only the configured path, so such a disk cannot migrate that way.
+    pub fn first_layered(&self) -> Option<(String, String)> {
+        self.0.iter().find_map(|d| {
+            let b = d.device();
+            match b.stack().shape() {
+                virtio::block::Shape::Flat => None,
+                shape => Some((b.config().id.clone(), format!("{shape:?}"))),
+            }
+        })
+    }
+
     /// Whether the VM has disks.
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
 
-    /// Reads `buf.len()` bytes of disk `disk` at byte `offset` from its
-    /// image. Read with the device quiesced (a paused VM) to see a stable
+    /// Reads `buf.len()` bytes of disk `disk` at byte `offset` as the
+    /// guest sees it. Read with the device quiesced (a paused VM) to see a stable
     /// disk.
     pub fn read(&self, disk: usize, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
         let d = self.0.get(disk).ok_or_else(|| {
@@ -222,14 +236,16 @@ impl Disks {
                 format!("the VM has no disk {disk} (it has {})", self.0.len()),
             )
         })?;
-        let image = d.device().image();
-        image.read_at(offset, buf).map_err(|e| {
+        // Through the disk's layers: after a checkpoint its image is only
+        // the lower layer, a restored disk fills from its chain.
+        let stack = d.device().stack();
+        stack.read_at(offset, buf).map_err(|e| {
             std::io::Error::new(
                 e.kind(),
                 format!(
                     "reading {} bytes of {} at {offset}: {e}",
                     buf.len(),
-                    image.path().display()
+                    stack.path().display()
                 ),
             )
         })
@@ -238,10 +254,13 @@ impl Disks {
 
 /// Builds the devices `config` needs; `saved` holds their states by type
 /// and id from a checkpoint or a source (empty for a fresh boot).
+/// `stacks` holds, by disk id, the layers of disks that are not their
+/// configured image alone (a restore's new tops over its checkpoint).
 pub fn build(
     config: &VmConfig,
     console: &Console,
     saved: &DeviceStates,
+    mut stacks: std::collections::BTreeMap<String, virtio::block::Stack>,
 ) -> Result<Devices, DeviceError> {
     let mut bus = IoBus::new();
     let mut reg = Registry::new();
@@ -317,10 +336,16 @@ pub fn build(
         let irqfd = virtio::mmio::irq_line(&mut set, &disk.id, gsi)?;
         let t = reg.build::<virtio::MmioTransport<virtio::block::Block>>(
             &disk.id,
-            (disk.clone(), set.memory.clone(), irqfd),
+            (
+                disk.clone(),
+                set.memory.clone(),
+                irqfd,
+                stacks.remove(&disk.id),
+            ),
             saved,
         )?;
         disks.0.push(t.clone());
+        reg.add_store(t.clone());
         virtio::mmio::plug(&mut set, slot.base, t)?;
     }
     for (net, slot) in config.nets.iter().zip(net_slots) {
@@ -394,7 +419,13 @@ mod tests {
         });
         let mut types = BTreeMap::new();
         for c in [&linux, &builtin] {
-            let d = build(c, &Console::Stderr, &DeviceStates::new()).unwrap();
+            let d = build(
+                c,
+                &Console::Stderr,
+                &DeviceStates::new(),
+                Default::default(),
+            )
+            .unwrap();
             // Put state in the devices that keep some: the UART's line
             // control and scratch registers, the RTC's index.
             d.set.bus.write(0, serial::COM1_PORT + 3, &[0x03]);
@@ -404,7 +435,7 @@ mod tests {
             // Through JSON, as a checkpoint stores it.
             let json: DeviceStates =
                 serde_json::from_str(&serde_json::to_string(&first).unwrap()).unwrap();
-            let again = build(c, &Console::Stderr, &json).unwrap();
+            let again = build(c, &Console::Stderr, &json, Default::default()).unwrap();
             assert_eq!(saved(&again), first, "{c:?}");
             for (t, ids) in &first {
                 types.insert(t.clone(), ids.len());
@@ -414,12 +445,18 @@ mod tests {
         for t in ["serial", "i8042", "cmos", "acpi-pm", "test-device"] {
             assert!(types.contains_key(t), "{t} was not saved: {types:?}");
         }
-        let d = build(&linux, &Console::Stderr, &DeviceStates::new()).unwrap();
+        let d = build(
+            &linux,
+            &Console::Stderr,
+            &DeviceStates::new(),
+            Default::default(),
+        )
+        .unwrap();
         let mut b = [0u8];
         d.set.bus.read(0, serial::COM1_PORT + 7, &mut b);
         assert_eq!(b[0], 0, "a fresh UART's scratch register");
         // A state for a device this VM does not have is refused.
-        let e = build(&builtin, &Console::Stderr, &saved(&d))
+        let e = build(&builtin, &Console::Stderr, &saved(&d), Default::default())
             .err()
             .expect("refused");
         assert!(

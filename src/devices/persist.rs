@@ -20,6 +20,7 @@ use serde::Serialize;
 use super::DeviceError;
 use crate::vmm::bus::{DeviceControl, DeviceError as ControlError};
 use crate::vmm::state::DeviceStates;
+use crate::vmm::store::BlockStore;
 
 /// A device whose state travels with checkpoints and migrations.
 pub trait Persist: Sized {
@@ -93,6 +94,8 @@ type LoadFn = Box<dyn Fn(&serde_json::Value, bool) -> Result<(), DeviceError> + 
 #[derive(Default)]
 pub struct Registry {
     entries: Vec<Entry>,
+    /// The disks, in the order they were built (the configuration's).
+    stores: Vec<Arc<dyn BlockStore>>,
     /// Saved states the restore asked for.
     taken: BTreeSet<(String, String)>,
 }
@@ -167,6 +170,11 @@ impl Registry {
                 Ok(())
             }),
         });
+    }
+
+    /// Registers a disk the transfer engine moves (after its device).
+    pub fn add_store(&mut self, store: Arc<dyn BlockStore>) {
+        self.stores.push(store);
     }
 
     /// Fails if `saved` holds a device this registry did not build: the
@@ -257,6 +265,10 @@ impl DeviceControl for Registry {
 
     fn load(&self, saved: &DeviceStates) -> Result<(), ControlError> {
         self.load_all(saved, true)
+    }
+
+    fn stores(&self) -> Vec<Arc<dyn BlockStore>> {
+        self.stores.clone()
     }
 
     fn save(&self) -> Result<DeviceStates, ControlError> {

@@ -134,6 +134,13 @@ pub fn migrate(
     disks: &Disks,
 ) -> Result<MigrateReport, MigrateError> {
     let (to, budget, timeout, security) = validate(req).map_err(MigrateError::Invalid)?;
+    if let Some((id, shape)) = disks.first_layered() {
+        return Err(MigrateError::Invalid(ApiError::conflict(format!(
+            "disk {id} is layered now ({shape}: checkpointed, or restored and filling); a \
+             migration on shared storage hands over flat images only, and --copy-storage is \
+             not built yet"
+        ))));
+    }
     let config =
         serde_json::to_vec(vm.config()).map_err(|e| MigrateError::Invalid(ApiError::failed(e)))?;
     let done = Arc::new((Mutex::new(false), Condvar::new()));

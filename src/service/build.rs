@@ -17,7 +17,7 @@ use crate::api::checkpoint::{CheckpointTarget, RestoreReport};
 use crate::api::run::RunSpec;
 use crate::api::{Classify, ErrorKind};
 use crate::arch::x86_64::linux::{self, LinuxSpec};
-use crate::checkpoint::restore::{RestoreError, Restoring};
+use crate::checkpoint::restore::{DiskPlacement, RestoreError, Restoring};
 use crate::checkpoint::ChainPosition;
 use crate::devices::{self, Console, DeviceError, Devices};
 use crate::guest::GuestSpec;
@@ -241,6 +241,7 @@ fn assemble(
     paused: bool,
     console: &Console,
     hooks: &TestHooks,
+    stacks: std::collections::BTreeMap<String, crate::devices::virtio::block::Stack>,
 ) -> Result<Machine, BuildError> {
     // A kernel this KVM would run a million instructions a second never
     // boots: say so now, not with a guest silent for hours.
@@ -269,7 +270,7 @@ fn assemble(
             )
         }
     };
-    let mut devices = devices::build(&config, console, &saved_devices)?;
+    let mut devices = devices::build(&config, console, &saved_devices, stacks)?;
     let set = std::mem::take(&mut devices.set);
     let vm = Vm::new(config, start, paused, set)?;
     Ok(Machine { vm, devices })
@@ -283,7 +284,14 @@ pub fn boot(
     hooks: &TestHooks,
 ) -> Result<Machine, BuildError> {
     let setup = boot_setup(&config, hooks);
-    assemble(config, Fill::Boot(setup), paused, console, hooks)
+    assemble(
+        config,
+        Fill::Boot(setup),
+        paused,
+        console,
+        hooks,
+        Default::default(),
+    )
 }
 
 /// The boot step for a fresh guest of `config`.
@@ -320,23 +328,43 @@ pub struct Restored {
     pub loading: Arc<AtomicBool>,
 }
 
+/// Where a restored VM's devices live on this host: the options of a
+/// restore that place them.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Placement<'a> {
+    /// `--net`: the TAP each saved network card goes on.
+    pub nets: &'a [String],
+    /// `--disk id=NAME,path=FILE`: where each restored disk lands
+    /// (default: `DIR/restored/<vm>-<id>-<disk>.img`).
+    pub disks: &'a [String],
+}
+
 /// Restores `target` (as a VM called `name`, else the saved name), its
-/// network cards on the TAPs `nets` (`--net`) name; lazy unless `eager`;
-/// the vCPUs run unless `paused`.
+/// devices where `place` says; lazy unless `eager`; the vCPUs run unless
+/// `paused`.
 pub fn restore(
     target: &CheckpointTarget,
     name: Option<String>,
-    nets: &[String],
+    place: Placement<'_>,
     eager: bool,
     paused: bool,
     console: &Console,
     hooks: &TestHooks,
 ) -> Result<Restored, BuildError> {
-    let mut r = Restoring::begin(target, eager)?;
-    if let Some(n) = name {
-        r.config.name = n;
+    let Placement { nets, disks } = place;
+    let placements = disks
+        .iter()
+        .map(|d| DiskPlacement::parse(d))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut r = Restoring::begin(target, eager, name, &placements)?;
+    match rebind_nets(&r.config.nets, nets) {
+        Ok(n) => r.config.nets = n,
+        Err(e) => {
+            r.abandon();
+            return Err(e);
+        }
     }
-    r.config.nets = rebind_nets(&r.config.nets, nets)?;
+    let stacks = r.take_disks();
     let tv = Instant::now();
     let (state, load) = r.take_start();
     let fill = Fill::Saved {
@@ -348,7 +376,7 @@ pub fn restore(
         dirty_log: true,
     };
     // Created paused: the restore starts the vCPUs once memory is in.
-    let built = assemble(r.config.clone(), fill, true, console, hooks);
+    let built = assemble(r.config.clone(), fill, true, console, hooks, stacks);
     let machine = match built {
         Ok(m) => m,
         Err(e) => return Err(r.abandon().map(BuildError::from).unwrap_or(e)),
@@ -380,7 +408,14 @@ pub fn arrive(
         load,
         dirty_log: false,
     };
-    assemble(arrived.config.clone(), fill, false, console, hooks)
+    assemble(
+        arrived.config.clone(),
+        fill,
+        false,
+        console,
+        hooks,
+        Default::default(),
+    )
 }
 
 /// Saved network cards on the TAPs `specs` (`--net` on a restore or an

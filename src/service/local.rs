@@ -52,6 +52,7 @@ impl Local for Service {
             path: w.path,
             bytes_written: w.bytes_written,
             pages_written: w.pages_written,
+            disk_blocks: w.disk_blocks,
         })
     }
 

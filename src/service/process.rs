@@ -197,7 +197,10 @@ pub fn run(spec: RunSpec, events: &mut dyn FnMut(RunEvent)) -> Result<RunEnd, Pr
             let r = build::restore(
                 target,
                 name,
-                &spec.nets,
+                build::Placement {
+                    nets: &spec.nets,
+                    disks: &spec.disks,
+                },
                 *eager,
                 spec.paused,
                 &console,

@@ -261,6 +261,7 @@ impl Vmm {
             pid: std::process::id(),
             loading: self.loading.load(Ordering::Acquire),
             devices: Some(self.vm.device_status()).filter(|d| !d.is_empty()),
+            disks: crate::checkpoint::disks::disk_status(&self.vm),
         }
     }
 

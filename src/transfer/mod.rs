@@ -164,6 +164,11 @@ pub trait Source {
 
     /// Pages in memory slot `slot` (None: no such slot).
     fn slot_pages(&self, slot: u32) -> Option<u64>;
+    /// The pages a full copy of `slot` sends: all of a memory slot; of a
+    /// disk over a base image, the blocks that differ from the base.
+    fn all_pages(&self, slot: u32) -> Option<DirtyBitmap> {
+        self.slot_pages(slot).map(DirtyBitmap::full)
+    }
     /// Turns dirty logging on (idempotent).
     fn start_dirty_log(&self) -> Result<(), VmError>;
     /// Whether dirty logging is on.
@@ -438,7 +443,7 @@ impl<S: Source + ?Sized> Run<'_, S> {
                 .collect::<Result<_, VmError>>()?,
             FirstPass::All => slots
                 .iter()
-                .filter_map(|&s| Some((s, DirtyBitmap::full(self.vm.slot_pages(s)?))))
+                .filter_map(|&s| Some((s, self.vm.all_pages(s)?)))
                 .collect(),
         })
     }

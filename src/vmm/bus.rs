@@ -135,6 +135,10 @@ pub trait DeviceControl: Send + Sync {
     /// Puts every live device back into its state in `saved` (quiesced,
     /// vCPUs paused), after [`DeviceControl::check_load`] passed.
     fn load(&self, saved: &crate::vmm::state::DeviceStates) -> Result<(), DeviceError>;
+    /// The disks, in the order of the VM's configuration.
+    fn stores(&self) -> Vec<std::sync::Arc<dyn crate::vmm::store::BlockStore>> {
+        Vec::new()
+    }
 }
 
 /// A device failed to quiesce, resume or save.

@@ -9,6 +9,7 @@ pub mod bus;
 pub mod config;
 pub mod probe;
 pub mod state;
+pub mod store;
 pub mod vcpu;
 pub mod vm;
 

@@ -152,6 +152,17 @@ pub enum VmError {
     /// No memory chunk has this number.
     #[error("no memory chunk {0}")]
     NoChunk(u32),
+    /// Reading a disk's blocks for a transfer failed.
+    #[error("disk {disk}: {what}: {source}")]
+    Store {
+        /// The disk's id.
+        disk: String,
+        /// What was read (`blocks 10+256`).
+        what: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
     /// Reading which pages of a chunk are present failed.
     #[error("chunk {slot} at guest {gpa:#x}: reading /proc/self/pagemap: {source}")]
     Pagemap {
@@ -468,12 +479,6 @@ impl Vm {
                     .map_err(kvm_err(format!("KVM_IRQFD (GSI {gsi})")))?;
             }
         }
-        // With or without an irqchip: a guest's notify write signals its
-        // device's thread without an exit (checked on PVM too).
-        for e in &devices.ioevents {
-            e.register(&fd)
-                .map_err(kvm_err(format!("KVM_IOEVENTFD (MMIO {:#x})", e.addr)))?;
-        }
 
         let t = Instant::now();
         let memory = Self::create_memory(&config, &host_nodes)?;
@@ -509,6 +514,15 @@ impl Vm {
         );
         for k in &vm.kvm_slots {
             vm.set_slot(k, dirty_log)?;
+        }
+        // With or without an irqchip: a guest's notify write signals its
+        // device's thread without an exit (checked on PVM too). After the
+        // memory slots: registered before them, an MMIO ioeventfd made the
+        // first KVM_SET_USER_MEMORY_REGION take ~7 ms here (a restore's
+        // vCPUs waited for it); after them, it costs what it did alone.
+        for e in &devices.ioevents {
+            e.register(&vm.fd)
+                .map_err(kvm_err(format!("KVM_IOEVENTFD (MMIO {:#x})", e.addr)))?;
         }
         // SAFETY: the chunks' host addresses stay mapped as long as the VM
         // (a NUMA move swaps pages under them), and `shutdown`, which `Drop`
@@ -1248,6 +1262,49 @@ impl Vm {
     /// Each KVM slot holding one of them has its log fetched and cleared
     /// once, whole; what it says of its other chunks waits for their turn.
     pub fn fetch_dirty(&self, chunks: &[u32]) -> Result<BTreeMap<u32, DirtyBitmap>, VmError> {
+        let (stores, chunks): (Vec<u32>, Vec<u32>) = chunks
+            .iter()
+            .partition(|&&s| crate::vmm::store::is_store_slot(s));
+        let all_stores = self.stores();
+        let store_of = |slot: u32| {
+            all_stores
+                .get((slot - crate::vmm::store::STORE_SLOTS) as usize)
+                .ok_or(VmError::NoChunk(slot))
+        };
+        for &s in &stores {
+            store_of(s)?;
+        }
+        let mut out = self.fetch_memory_dirty(&chunks)?;
+        // A disk's written blocks are its dirty log: taken as they are
+        // fetched, and kept for a checkpoint chain as memory's are.
+        let d = self.dirty.lock().unwrap_or_else(|e| e.into_inner());
+        for s in stores {
+            let fresh = store_of(s)?.take_written();
+            for keeper in &d.keepers {
+                keeper.record(s, &fresh);
+            }
+            out.insert(s, fresh);
+        }
+        Ok(out)
+    }
+
+    /// The VM's disks, as the engine moves them, in the configuration's
+    /// order: store `i` is slot `STORE_SLOTS + i`.
+    pub fn stores(&self) -> Vec<Arc<dyn crate::vmm::store::BlockStore>> {
+        self.devices
+            .as_ref()
+            .map(|d| d.stores())
+            .unwrap_or_default()
+    }
+
+    /// The slot numbers of the VM's disks.
+    pub fn store_slots(&self) -> Vec<u32> {
+        (0..self.stores().len() as u32)
+            .map(|i| crate::vmm::store::STORE_SLOTS + i)
+            .collect()
+    }
+
+    fn fetch_memory_dirty(&self, chunks: &[u32]) -> Result<BTreeMap<u32, DirtyBitmap>, VmError> {
         let mut d = self.dirty.lock().unwrap_or_else(|e| e.into_inner());
         let d = &mut *d;
         let wanted: std::collections::BTreeSet<u32> = chunks.iter().copied().collect();

@@ -688,3 +688,31 @@ pub fn one_json_object_in(stdout: &str, context: &dyn std::fmt::Display) -> Valu
 pub fn one_json_object(stdout: &str) -> Value {
     one_json_object_in(stdout, &"")
 }
+
+/// Reads the index of a checkpoint file, one entry per page: (gpa, file
+/// offset, flags). Parsed from the bytes as docs/checkpoint-format.md
+/// describes version 3: a 144-byte footer locating the index; 16-byte runs
+/// (gpa, record number, page count, flags), then the pages' crcs.
+pub fn index_of(file: &Path) -> Vec<(u64, u64, u32)> {
+    let data = std::fs::read(file).expect("read checkpoint file");
+    let footer = &data[data.len() - 144..];
+    let u64_at = |b: &[u8], o: usize| u64::from_le_bytes(b[o..o + 8].try_into().expect("8"));
+    let u16_at = |b: &[u8], o: usize| u16::from_le_bytes(b[o..o + 2].try_into().expect("2"));
+    let (off, runs) = (u64_at(footer, 88) as usize, u64_at(footer, 104) as usize);
+    let pages_at = u64_at(footer, 24);
+    let mut out = Vec::new();
+    for i in 0..runs {
+        let r = &data[off + 16 * i..off + 16 * (i + 1)];
+        let record = u32::from_le_bytes(r[8..12].try_into().expect("4")) as u64;
+        let flags = u16_at(r, 14) as u32;
+        for k in 0..u16_at(r, 12) as u64 {
+            let offset = if flags & 1 == 0 {
+                pages_at + (record + k) * 4096
+            } else {
+                0
+            };
+            out.push((u64_at(r, 0) + k * 4096, offset, flags));
+        }
+    }
+    out
+}

@@ -107,8 +107,14 @@ unsafe impl Send for Bounce {}
 impl Bounce {
     /// An aligned buffer of [`BOUNCE_BYTES`].
     pub fn new() -> Self {
-        let layout = std::alloc::Layout::from_size_align(BOUNCE_BYTES, DIRECT_ALIGN as usize)
-            .expect("a valid constant layout");
+        Self::sized(BOUNCE_BYTES)
+    }
+
+    /// An aligned buffer of `len` bytes (at least one alignment unit).
+    pub fn sized(len: usize) -> Self {
+        let len = len.max(DIRECT_ALIGN as usize);
+        let layout = std::alloc::Layout::from_size_align(len, DIRECT_ALIGN as usize)
+            .expect("a valid layout: a non-zero size, a power-of-two alignment");
         // SAFETY: the layout has a non-zero size.
         let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
         if ptr.is_null() {
@@ -117,11 +123,18 @@ impl Bounce {
         Bounce { ptr, layout }
     }
 
-    fn buf(&mut self, len: usize) -> &mut [u8] {
-        // SAFETY: `ptr` is a live allocation of BOUNCE_BYTES initialised
-        // bytes, borrowed mutably through `self`; callers ask for at most
-        // BOUNCE_BYTES.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr, len.min(BOUNCE_BYTES)) }
+    /// The first `len` bytes (at most the buffer's size), aligned for
+    /// `O_DIRECT`.
+    pub fn buf(&mut self, len: usize) -> &mut [u8] {
+        // SAFETY: `ptr` is a live allocation of `layout.size()` initialised
+        // bytes, borrowed mutably through `self`; the length is clamped
+        // to it.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, len.min(self.layout.size())) }
+    }
+
+    /// The buffer's size in bytes.
+    pub fn capacity(&self) -> usize {
+        self.layout.size()
     }
 }
 
@@ -216,6 +229,32 @@ impl DiskImage {
         Ok(image)
     }
 
+    /// Creates `path` (which must not exist) as a sparse image of `size`
+    /// bytes, opened for writing and locked: a new top layer (an overlay,
+    /// or the file a restored disk lands in).
+    pub fn create_sparse(
+        path: &Path,
+        size: u64,
+        cache: CacheMode,
+    ) -> Result<DiskImage, ImageError> {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(|source| ImageError::Open {
+                path: path.into(),
+                direct: false,
+                source,
+            })?;
+        f.set_len(size).map_err(|e| ImageError::Unusable {
+            path: path.into(),
+            why: format!("cannot size it to {size} bytes: {e}"),
+        })?;
+        drop(f);
+        Self::open(path, false, cache, true)
+    }
+
     /// Takes the image's lock (shared when read-only, else exclusive).
     pub fn lock(&self) -> Result<(), ImageError> {
         let (kind, mode, holder) = match self.readonly {
@@ -232,6 +271,25 @@ impl DiskImage {
             true => LockMode::Shared,
             false => LockMode::Exclusive,
         };
+        Ok(())
+    }
+
+    /// Turns an exclusive lock into a shared one: the image became a
+    /// read-only layer, which other readers (a restore of a checkpoint
+    /// that refers to it) may share; a writer is still refused.
+    pub fn share_lock(&self) -> Result<(), ImageError> {
+        if self.lock_mode() != LockMode::Exclusive {
+            return Ok(());
+        }
+        ofd_lock(&self.file, libc::F_RDLCK as libc::c_short).map_err(|source| {
+            ImageError::Locked {
+                path: self.path.clone(),
+                holder: "another user",
+                mode: "F_RDLCK",
+                source,
+            }
+        })?;
+        *self.lock.lock().unwrap_or_else(|e| e.into_inner()) = LockMode::Shared;
         Ok(())
     }
 
@@ -260,6 +318,28 @@ impl DiskImage {
     /// Whether the image is open with `O_DIRECT`.
     pub fn is_direct(&self) -> bool {
         self.direct
+    }
+
+    /// Reads `buf.len()` bytes at `offset` into a buffer of vmhop's own
+    /// (with `O_DIRECT`, the caller gives a [`Bounce`] buffer and aligned
+    /// offsets and lengths).
+    pub fn pread(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        self.file.read_exact_at(buf, offset)
+    }
+
+    /// Writes `buf` at `offset` (the same alignment rules as `pread`).
+    pub fn pwrite(&self, offset: u64, buf: &[u8]) -> std::io::Result<()> {
+        self.file.write_all_at(buf, offset)
+    }
+
+    /// The open file (a lower layer reopens it for buffered reads).
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// Whether the image was opened read-only.
+    pub fn is_readonly(&self) -> bool {
+        self.readonly
     }
 
     /// Makes every completed write durable (fdatasync).
@@ -472,14 +552,14 @@ impl DiskImage {
 }
 
 /// A position in a list of guest slices, for the bounce path's copies.
-struct Cursor<'s, 'a> {
+pub(crate) struct Cursor<'s, 'a> {
     slices: &'s [GuestSlice<'a>],
     index: usize,
     offset: usize,
 }
 
 impl<'s, 'a> Cursor<'s, 'a> {
-    fn new(slices: &'s [GuestSlice<'a>]) -> Self {
+    pub(crate) fn new(slices: &'s [GuestSlice<'a>]) -> Self {
         Cursor {
             slices,
             index: 0,
@@ -505,7 +585,7 @@ impl<'s, 'a> Cursor<'s, 'a> {
 
     /// Copies `data` into the guest slices at the cursor (vm-memory marks
     /// the pages dirty).
-    fn copy_in(&mut self, data: &[u8]) {
+    pub(crate) fn copy_in(&mut self, data: &[u8]) {
         self.walk(data.len(), |s, off, n, done| {
             if let Ok(part) = s.subslice(off, n) {
                 part.copy_from(&data[done..done + n]);

@@ -15,6 +15,7 @@
 
 mod image;
 mod request;
+pub mod stack;
 pub mod written;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -24,6 +25,7 @@ use serde::{Deserialize, Serialize};
 use virtio_bindings::virtio_blk as blk;
 
 pub use image::{CacheMode, DiskImage, ImageError, LockMode, DIRECT_ALIGN, SECTOR};
+pub use stack::{ImageLower, Lower, Shape, Stack, StackError, BLOCK};
 pub use written::{WrittenBlocks, WrittenSet};
 
 use super::mmio::TransportState;
@@ -75,9 +77,10 @@ impl crate::api::Classify for BlockError {
 impl Persist for MmioTransport<Block> {
     const TYPE: &'static str = "virtio-blk";
     type State = TransportState<BlockState>;
-    /// The disk, guest memory as devices see it, and the interrupt line's
-    /// eventfd (None without an irqchip).
-    type Args = (BlockConfig, DeviceMemory, Option<EventFd>);
+    /// The disk, guest memory as devices see it, the interrupt line's
+    /// eventfd (None without an irqchip), and the disk's layers when they
+    /// are not its image alone (a restored disk over its checkpoint).
+    type Args = (BlockConfig, DeviceMemory, Option<EventFd>, Option<Stack>);
 
     fn save(&self) -> Result<Self::State, DeviceError> {
         MmioTransport::save(self).map_err(|e| DeviceError::Virtio {
@@ -87,12 +90,16 @@ impl Persist for MmioTransport<Block> {
     }
 
     fn restore(
-        (config, memory, irqfd): Self::Args,
+        (config, memory, irqfd, stack): Self::Args,
         state: Option<&Self::State>,
     ) -> Result<Self, DeviceError> {
+        let block = match stack {
+            Some(stack) => Block::on(config, stack)?,
+            None => Block::new(config)?,
+        };
         let t = match state {
-            None => MmioTransport::new(Block::new(config)?, memory, irqfd),
-            Some(s) => MmioTransport::restore(Block::restore(config, &s.device)?, memory, irqfd, s),
+            None => MmioTransport::new(block, memory, irqfd),
+            Some(s) => MmioTransport::restore(block.restored(&s.device)?, memory, irqfd, s),
         };
         t.map_err(DeviceError::from)
     }
@@ -109,6 +116,58 @@ impl Persist for MmioTransport<Block> {
             device: self.device_name().to_string(),
             source: Box::new(e),
         })
+    }
+}
+
+/// The disk as the transfer engine moves it: its written blocks are its
+/// dirty log, its stack is where their data is read, and its
+/// copy-before-write protection keeps the blocks still to be copied at a
+/// pause as they were.
+impl crate::vmm::store::BlockStore for MmioTransport<Block> {
+    fn id(&self) -> String {
+        self.device().config.id.clone()
+    }
+
+    fn blocks(&self) -> u64 {
+        self.device().stack().blocks()
+    }
+
+    fn take_written(&self) -> crate::memory::DirtyBitmap {
+        let w = self.device().written().take();
+        let mut b = w.data;
+        b.merge(&w.zero);
+        b
+    }
+
+    fn held_blocks(&self) -> crate::memory::DirtyBitmap {
+        self.device().stack().present_blocks()
+    }
+
+    fn read_blocks(&self, first: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        self.device().stack().read_blocks(first, buf)
+    }
+
+    fn protect(&self, blocks: &crate::memory::DirtyBitmap) -> u64 {
+        self.device().stack().protect(blocks)
+    }
+
+    fn drain(
+        &self,
+        each: &mut dyn FnMut(u64, &[u8]) -> std::io::Result<()>,
+    ) -> std::io::Result<()> {
+        self.device().stack().drain(each)
+    }
+
+    fn unprotect(&self) {
+        self.device().stack().unprotect()
+    }
+
+    fn saved_blocks(&self) -> u64 {
+        self.device().stack().saved_blocks()
+    }
+
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
     }
 }
 
@@ -168,7 +227,7 @@ pub struct BlockState {
 #[derive(Debug)]
 pub(crate) struct Disk {
     pub(crate) name: String,
-    pub(crate) image: DiskImage,
+    pub(crate) stack: Stack,
     pub(crate) written: WrittenBlocks,
     /// The configuration space's `writeback` byte.
     pub(crate) writeback: AtomicBool,
@@ -197,8 +256,14 @@ impl Block {
     }
 
     fn open(config: BlockConfig, lock: bool) -> Result<Block, BlockError> {
-        let serial = config.serial_bytes()?;
         let image = DiskImage::open(&config.path, config.readonly, config.cache, lock)?;
+        Self::on(config, Stack::flat(image))
+    }
+
+    /// A device for `config` over the layers `stack` (a restored disk's new
+    /// top over its checkpoint).
+    pub fn on(config: BlockConfig, stack: Stack) -> Result<Block, BlockError> {
+        let serial = config.serial_bytes()?;
         let mut f = features::VERSION_1
             | features::RING_INDIRECT_DESC
             | features::RING_EVENT_IDX
@@ -212,8 +277,8 @@ impl Block {
         };
         let disk = Disk {
             name: format!("virtio-blk {}", config.id),
-            written: WrittenBlocks::new(image.size(), written::DEFAULT_GRANULARITY),
-            image,
+            written: WrittenBlocks::new(stack.size(), written::DEFAULT_GRANULARITY),
+            stack,
             writeback: AtomicBool::new(true),
             serial,
             readonly: config.readonly,
@@ -228,10 +293,17 @@ impl Block {
     /// A device for `config` whose guest-visible configuration must equal
     /// the saved one (else the restore is refused before the VM runs).
     pub fn restore(config: BlockConfig, state: &BlockState) -> Result<Block, BlockError> {
-        let b = Self::new(config)?;
-        b.check(state)?;
-        b.disk.writeback.store(state.writeback, Ordering::Relaxed);
-        Ok(b)
+        Self::new(config)?.restored(state)
+    }
+
+    /// This device as it was in `state`, whose guest-visible
+    /// configuration it must have (else the restore is refused).
+    pub fn restored(self, state: &BlockState) -> Result<Block, BlockError> {
+        self.check(state)?;
+        self.disk
+            .writeback
+            .store(state.writeback, Ordering::Relaxed);
+        Ok(self)
     }
 
     fn check(&self, state: &BlockState) -> Result<(), BlockError> {
@@ -286,9 +358,15 @@ impl Block {
         &self.config
     }
 
-    /// The open image (its lock, its flush).
-    pub fn image(&self) -> &DiskImage {
-        &self.disk.image
+    /// The top layer: the file the guest's writes go to (its lock, its
+    /// flush).
+    pub fn image(&self) -> Arc<DiskImage> {
+        self.disk.stack.top()
+    }
+
+    /// The disk's layers.
+    pub fn stack(&self) -> &Stack {
+        &self.disk.stack
     }
 
     /// The blocks written since the last take: a checkpoint takes them
@@ -299,7 +377,7 @@ impl Block {
 
     /// Capacity in 512-byte sectors.
     pub fn capacity(&self) -> u64 {
-        self.disk.image.size() / SECTOR
+        self.disk.stack.size() / SECTOR
     }
 
     /// The configuration space, as the guest reads it.

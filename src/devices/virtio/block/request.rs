@@ -129,14 +129,14 @@ impl BlockHandler {
     /// on the disk.
     fn range(&self, sector: u64, bytes: u64) -> Option<u64> {
         let offset = sector.checked_mul(SECTOR)?;
-        (offset.checked_add(bytes)? <= self.disk.image.size()).then_some(offset)
+        (offset.checked_add(bytes)? <= self.disk.stack.size()).then_some(offset)
     }
 
     fn io_error(&self, what: &str, e: impl std::fmt::Display) -> Outcome {
         tracing::warn!(
             "{}: {what} on {}: {e}",
             self.disk.name,
-            self.disk.image.path().display()
+            self.disk.stack.path().display()
         );
         Outcome::status(blk::VIRTIO_BLK_S_IOERR)
     }
@@ -189,7 +189,7 @@ impl BlockHandler {
                     let dsync = self.writethrough();
                     let r = self
                         .disk
-                        .image
+                        .stack
                         .write_from(offset, &slices, &mut self.bounce, dsync);
                     // Even a failed write may have changed some blocks.
                     self.disk.written.record_write(offset, len);
@@ -198,7 +198,7 @@ impl BlockHandler {
                         Err(e) => self.io_error(&format!("write at {offset}+{len}"), e),
                     }
                 } else {
-                    match self.disk.image.read_into(offset, &slices, &mut self.bounce) {
+                    match self.disk.stack.read_into(offset, &slices, &mut self.bounce) {
                         Ok(()) => Outcome {
                             status: VIRTIO_BLK_S_OK,
                             written: len,
@@ -207,7 +207,7 @@ impl BlockHandler {
                     }
                 }
             }
-            VIRTIO_BLK_T_FLUSH => match self.disk.image.flush() {
+            VIRTIO_BLK_T_FLUSH => match self.disk.stack.flush() {
                 Ok(()) => Outcome::status(VIRTIO_BLK_S_OK),
                 Err(e) => self.io_error("fdatasync", e),
             },
@@ -279,7 +279,7 @@ impl BlockHandler {
                     ranges.push((offset, bytes));
                 }
                 for (offset, bytes) in ranges {
-                    let r = self.disk.image.zero(offset, bytes, &mut self.bounce);
+                    let r = self.disk.stack.zero(offset, bytes, &mut self.bounce);
                     match r {
                         Ok(()) => self.disk.written.record_zero(offset, bytes),
                         Err(e) => {

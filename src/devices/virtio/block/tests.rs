@@ -885,6 +885,7 @@ fn a_cpl3_guest_notifies_the_disk_through_kvm_and_the_worker_serves_it() {
             &config,
             &crate::devices::Console::Stderr,
             &Default::default(),
+            Default::default(),
         )
         .unwrap();
         let set = &mut devs.set;
