@@ -609,12 +609,17 @@ fn numabox_linux_guest_reboot_ends_vmhop_with_exit_0() {
 
 #[test]
 fn numabox_linux_guest_survives_checkpoint_and_lazy_restore() {
-    let console = linux_scenario(
+    let console = linux_scenario_with(
         "checkpoint",
         &[
             "ok: full checkpoint: full checkpoint id",
             "ok: incremental checkpoint: incremental checkpoint id",
             "ok: before restoring: lx stopped, vmhop exited 0",
+            "ok: disk: disk vmhop-data=/dev/vd",
+        ],
+        &[
+            format!("{}:/files/disk.img", ext4_image().display()),
+            "/sbin/e2fsck.static:/files/e2fsck.static".to_string(),
         ],
     );
     // One restore per checkpoint, each continuing the guest's count.

@@ -29,7 +29,11 @@
 #               restored (lazily) in turn: its beats must continue the count
 #               from where the checkpoint was taken (no reset to 1, which
 #               would be a reboot), stay ok and consecutive, and uptime must
-#               not go back.
+#               not go back. The VM has the ext4 data disk (no control
+#               disk): each restore puts it in a new sparse file over the
+#               chain, and the checker there finds every file with the sum
+#               it had at that checkpoint and /disk/beat at that beat — a
+#               file written after the checkpoint is back as it was.
 #   numa-MODE   numa-migrate --guest-node 0 --to-node 1 --mode MODE; a fresh
 #               numa-stat must show >= 99% of guest node 0's present pages
 #               on host node 1 (bind:1, vCPU 0 on node 1's CPUs) and guest
@@ -489,8 +493,10 @@ restore_and_check() {
 }
 
 step_checkpoint() {
-    boot_vm
+    with_disks data-only
+    boot_vm "$disk_words"
     first_beat=1
+    check_disk_mounted
     more_beats 1 "before the checkpoints"
     take_checkpoint full "full checkpoint"
     id0="$ck_id" before0="$ck_before" after0="$ck_after" up0="$(beat_up "$ck_before")"
@@ -538,15 +544,20 @@ step_numa() {
     stop_vm "stop"
 }
 
-# with_disks: the next boot_vm gets the ext4 data disk and the control disk.
+# with_disks [data-only]: the next boot_vm gets the ext4 data disk and
+# (unless data-only) the control disk.
 with_disks() {
     for f in "$files/disk.img" "$fsck"; do
         [ -s "$f" ] || fail "disk: $f missing (pass it to run.sh as an extra file)"
     done
     cp "$files/disk.img" "$disk_img"
-    dd if=/dev/zero of="$ctl_img" bs=4096 count=1 2>/dev/null
-    vm_args="--disk path=$disk_img,id=data,serial=vmhop-data --disk path=$ctl_img,id=ctl,serial=vmhop-ctl,readonly"
-    disk_words="vmhop.disk=vmhop-data vmhop.ctl=vmhop-ctl"
+    vm_args="--disk path=$disk_img,id=data,serial=vmhop-data"
+    disk_words="vmhop.disk=vmhop-data"
+    if [ "${1:-}" != data-only ]; then
+        dd if=/dev/zero of="$ctl_img" bs=4096 count=1 2>/dev/null
+        vm_args="$vm_args --disk path=$ctl_img,id=ctl,serial=vmhop-ctl,readonly"
+        disk_words="$disk_words vmhop.ctl=vmhop-ctl"
+    fi
 }
 
 # check_disk_mounted: the guest loaded every module and mounted its disk.
