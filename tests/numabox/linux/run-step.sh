@@ -18,7 +18,13 @@ repo="$(cd "$here/../../.." && pwd)"
 cache="${NUMABOX_CACHE:-$repo/target/numabox-cache}"
 mkdir -p "$repo/target/numabox-work"
 initrd="$repo/target/numabox-work/guest.cpio.gz"
-"$here/build-guest-initrd.sh" "$initrd"
+"$here/build-guest-initrd.sh" "$initrd" "$cache/current/guest-modules"
+# The ext4 data disk of the checkpoint, numa-moves and migrate steps (as
+# tests/numabox.rs makes it), and the box's e2fsck.
+disk="$repo/target/numabox-work/disk.img"
+rm -f "$disk"
+mkfs.ext4 -q -F -b 4096 -L vmhop-data -E lazy_itable_init=0,lazy_journal_init=0 "$disk" 32M
 NUMABOX_SCENARIO_ARGS="$*" exec "$repo/tests/numabox/run.sh" \
     "$repo/tests/numabox/scenarios/linux.sh" \
-    "$cache/current/vmlinuz:/files/vmlinuz" "$initrd:/files/guest.cpio.gz"
+    "$cache/current/vmlinuz:/files/vmlinuz" "$initrd:/files/guest.cpio.gz" \
+    "$disk:/files/disk.img" "/sbin/e2fsck.static:/files/e2fsck.static"
