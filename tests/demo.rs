@@ -141,9 +141,9 @@ fn demo_runs_every_step_exits_zero_and_cleans_up() {
             o.describe()
         );
     }
-    for step in 1..=7 {
+    for step in 1..=8 {
         assert!(
-            text.contains(&format!("[{step}/7]")),
+            text.contains(&format!("[{step}/8]")),
             "step {step} missing\n{}",
             o.describe()
         );
@@ -151,9 +151,9 @@ fn demo_runs_every_step_exits_zero_and_cleans_up() {
     // The migration step names its downtime, and the source's clean exit.
     let migration = o
         .stdout
-        .split("[6/7]")
+        .split("[6/8]")
         .nth(1)
-        .and_then(|rest| rest.split("[7/7]").next())
+        .and_then(|rest| rest.split("[7/8]").next())
         .unwrap_or_else(|| panic!("no migration step\n{}", o.describe()));
     assert!(
         migration.contains("--incoming unix:")
@@ -163,6 +163,21 @@ fn demo_runs_every_step_exits_zero_and_cleans_up() {
             && migration.contains("source process exited 0")
             && migration.contains("verify ok"),
         "the migration step does not show its report\n{}",
+        o.describe()
+    );
+    // The disk step: the checkpoint refers to the image, the restored disk
+    // is as it was then (verify on the restored guest, fewer requests).
+    let disk = o
+        .stdout
+        .split("[7/8]")
+        .nth(1)
+        .and_then(|rest| rest.split("[8/8]").next())
+        .unwrap_or_else(|| panic!("no disk step\n{}", o.describe()));
+    assert!(
+        disk.contains("0 disk blocks stored")
+            && disk.contains("verify ok")
+            && disk.contains("after the checkpoint are not there"),
+        "the disk step does not show its checks\n{}",
         o.describe()
     );
     let dir = work_dir_from_text(&o.stdout)
@@ -211,6 +226,14 @@ fn demo_json_prints_one_object_with_every_step() {
         "{v}"
     );
     assert_eq!(v["restore"]["verify"]["ok"], true, "{v}");
+    // The disk step: the restored disk is the checkpoint's, with fewer
+    // requests done than the VM had done after it.
+    let (then, later) = (
+        v["disk"]["restored"]["requests"].as_u64(),
+        v["disk"]["after_checkpoint"]["requests"].as_u64(),
+    );
+    assert!(matches!((then, later), (Some(t), Some(l)) if t < l), "{v}");
+    assert_eq!(v["disk"]["checkpoint"]["disk_blocks"], 0, "{v}");
     assert!(
         v["restore"]["report"]["resume_ms"].as_f64().is_some(),
         "{v}"

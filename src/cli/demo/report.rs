@@ -40,6 +40,20 @@ pub(super) struct Found {
     /// Step 6.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub migration: Option<MigrationFound>,
+    /// Step 7.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub disk: Option<DiskFound>,
+}
+
+/// Step 7: a disk through a checkpoint.
+#[derive(Debug, Serialize)]
+pub(super) struct DiskFound {
+    /// The checkpoint's report.
+    pub checkpoint: crate::api::checkpoint::CheckpointReport,
+    /// What verify found on the running VM after the guest wrote on.
+    pub after_checkpoint: crate::api::vm::DiskVerifyReport,
+    /// What verify found on the restored (paused) VM.
+    pub restored: crate::api::vm::DiskVerifyReport,
 }
 
 /// Step 1: the VM came up and its guest works.

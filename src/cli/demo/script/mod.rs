@@ -1,4 +1,4 @@
-//! The builtin demo's script: its seven steps, in order, on a
+//! The builtin demo's script: its eight steps, in order, on a
 //! `builtin:dirty` guest, and what each shows.
 //!
 //! 1. start: `vmhop run`, and the guest's progress grows;
@@ -11,13 +11,17 @@
 //!    a one-node host), each verified;
 //! 6. a host migration to a second `vmhop run --incoming` on this host:
 //!    the source exits 0, the guest carries on there, verified;
-//! 7. stop.
+//! 7. a disk through a checkpoint (a second VM, `builtin:disk`): the
+//!    checkpoint refers to the image, the guest writes on, the restored
+//!    disk is as it was at the checkpoint (`disk.rs`);
+//! 8. stop.
 //!
 //! Owns the order and the parameters of the steps and what each step
 //! records in [`Found`]; steps 5 and 6, the moves, are in `moves.rs`. The
 //! processes are `supervise`'s, the requests and checks `checks`'s, the
 //! text `render`'s.
 
+mod disk;
 mod moves;
 
 use std::path::Path;
@@ -47,8 +51,8 @@ const RELEASE_RATE: u64 = 20_000;
 /// all its memory during every copy round and no checkpoint would converge.
 const DEBUG_RATE: u64 = 5_000;
 
-/// Steps of the demo, for the `[n/7]` headers.
-const STEPS: u32 = 7;
+/// Steps of the demo, for the `[n/8]` headers.
+const STEPS: u32 = 8;
 /// Names of the VM the demo boots and of its restored twin (which keeps
 /// its name when it migrates: a VM brings its configuration along).
 const VM_NAME: &str = "demo";
@@ -161,7 +165,8 @@ impl Demo {
         let mut restored = self.restore(vm, &ck)?;
         self.numa(&mut restored)?;
         let migrated = self.migrate(restored)?;
-        self.out.step(7, STEPS, "stop");
+        self.disk()?;
+        self.out.step(8, STEPS, "stop");
         migrated.stop("stop the migrated VM")?;
         self.out.line("VM stopped; its vmhop process exited 0");
         Ok(())
