@@ -29,9 +29,7 @@ use std::path::{Path, PathBuf};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{
-    assert_one_line_error, one_json_object, vmhop, vmhop_expecting_exit, CmdOutput, Vm, MIB,
-};
+use common::{assert_one_line_error, one_json_object, vmhop_expecting_exit, CmdOutput, Vm, MIB};
 use serde_json::Value;
 
 /// Generous bound for a running guest to show progress (polling, not timing).
@@ -484,21 +482,51 @@ fn numa_moves_in_every_mode_keep_what_the_device_wrote() {
     assert!(field(&r, "pages_checked") > 0, "{r}");
 }
 
+/// A destination waiting on a Unix socket (with `dst_args` besides) and a
+/// disk guest on a fresh image that has done some requests: the directory,
+/// the image, the destination's address, both VMs and the requests done.
+fn shared_storage_pair(dst_args: &[&str]) -> (tempfile::TempDir, PathBuf, String, Vm, Vm, u64) {
+    let dir = image_dir();
+    let img = image(dir.path(), "shared.img", IMAGE_BYTES);
+    let addr = format!("unix:{}", path_str(&dir.path().join("m.sock")));
+    let mut args = vec!["--incoming", addr.as_str()];
+    args.extend_from_slice(dst_args);
+    let dst = Vm::start(&args);
+    let src = disk_vm(&img, "", ",blocks=64", &["--vcpus", "2", "--memory", "64M"]);
+    let before = field(
+        &wait_disk_requests_above(&src, 50, "before the migration"),
+        "requests",
+    );
+    (dir, img, addr, dst, src, before)
+}
+
+/// Some VM holds `img`'s lock: a third one on it is refused, saying so.
+fn assert_image_held(dir: &Path, img: &Path) {
+    let socket = dir.join("third.sock");
+    let disk = format!("path={}", path_str(img));
+    let third = vmhop_expecting_exit(
+        &[
+            "run",
+            "--guest",
+            "builtin:disk",
+            "--disk",
+            &disk,
+            "--api-socket",
+            path_str(&socket),
+        ],
+        &socket,
+    );
+    assert_eq!(third.code, Some(1), "{}", third.describe());
+    assert!(third.stderr.contains("locked"), "{}", third.describe());
+}
+
 /// A migration to a destination on this host, which opens the same image
 /// path (shared storage): the source flushes and releases the image's lock
 /// at the switch, the destination takes it and runs the guest on, its disk
 /// and memory consistent, and the source process ends.
 #[test]
 fn a_migration_on_shared_storage_hands_the_image_to_the_destination() {
-    let dir = image_dir();
-    let img = image(dir.path(), "shared.img", IMAGE_BYTES);
-    let addr = format!("unix:{}", path_str(&dir.path().join("m.sock")));
-    let dst = Vm::start(&["--incoming", &addr]);
-    let mut src = disk_vm(&img, "", ",blocks=64", &["--vcpus", "2", "--memory", "64M"]);
-    let before = field(
-        &wait_disk_requests_above(&src, 50, "before the migration"),
-        "requests",
-    );
+    let (dir, img, addr, dst, mut src, before) = shared_storage_pair(&[]);
     let out = src.cli(&["migrate", "--to", &addr, "--json"]);
     assert_eq!(out.code, Some(0), "{}\n{}", out.describe(), dst.logs());
     assert!(src.wait_exit().success(), "{}", src.logs());
@@ -507,43 +535,20 @@ fn a_migration_on_shared_storage_hands_the_image_to_the_destination() {
     assert!(field(&d, "requests") > before, "{d}");
     let d = assert_disk_verifies(&dst, "on the destination");
     assert!(field(&d, "slots_checked") > 0, "{d}");
-    // The destination holds the image now: a third VM is refused.
-    let third = vmhop(&[
-        "run",
-        "--guest",
-        "builtin:disk",
-        "--disk",
-        &format!("path={}", path_str(&img)),
-        "--api-socket",
-        path_str(&dir.path().join("third.sock")),
-    ]);
-    assert_eq!(third.code, Some(1), "{}", third.describe());
-    assert!(third.stderr.contains("locked"), "{}", third.describe());
+    // The destination holds the image now.
+    assert_image_held(dir.path(), &img);
 }
 
 /// A destination that refuses the VM after the source let go of its image
 /// (here: after it built the VM, its disk opened and locked, by the test
 /// hook `incoming-refuse-arrival`, as a destination failing at its last
-/// step would): the
-/// source takes its lock back before its guest runs on — a third VM on
-/// the image is refused — with memory and disk consistent, and the
-/// destination keeps waiting for a source.
+/// step would): the source takes its lock back before its guest runs on —
+/// a third VM on the image is refused — with memory and disk consistent,
+/// and the destination keeps waiting for a source.
 #[test]
 fn a_migration_refused_after_the_hand_over_gives_the_source_its_image_back() {
-    let dir = image_dir();
-    let img = image(dir.path(), "shared.img", IMAGE_BYTES);
-    let addr = format!("unix:{}", path_str(&dir.path().join("m.sock")));
-    let dst = Vm::start(&[
-        "--incoming",
-        &addr,
-        "--test-hook",
-        "incoming-refuse-arrival",
-    ]);
-    let src = disk_vm(&img, "", ",blocks=64", &["--vcpus", "2", "--memory", "64M"]);
-    let before = field(
-        &wait_disk_requests_above(&src, 50, "before the migration"),
-        "requests",
-    );
+    let (dir, img, addr, dst, src, before) =
+        shared_storage_pair(&["--test-hook", "incoming-refuse-arrival"]);
     let out = src.cli(&["migrate", "--to", &addr, "--json"]);
     assert_ne!(out.code, Some(0), "{}", out.describe());
     assert_one_line_error(&out, "a migration refused by the destination");
@@ -557,16 +562,6 @@ fn a_migration_refused_after_the_hand_over_gives_the_source_its_image_back() {
     let d = assert_disk_verifies(&src, "after the refused migration");
     assert!(field(&d, "slots_checked") > 0, "{d}");
     assert_eq!(dst.status()["state"], "incoming", "{}", dst.logs());
-    let third = vmhop(&[
-        "run",
-        "--guest",
-        "builtin:disk",
-        "--disk",
-        &format!("path={}", path_str(&img)),
-        "--api-socket",
-        path_str(&dir.path().join("third.sock")),
-    ]);
-    assert_eq!(third.code, Some(1), "{}", third.describe());
-    assert!(third.stderr.contains("locked"), "{}", third.describe());
+    assert_image_held(dir.path(), &img);
     assert_blocks_in_place(&img, "after the refused migration");
 }

@@ -18,6 +18,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::worker::{Worker, WorkerArgs, WorkerGone};
 use super::{features, status, SavedQueue, Signals, VirtioDevice, INT_CONFIG};
+use crate::devices::DeviceError;
 use crate::memory::DeviceMemory;
 use crate::vmm::bus::{BusError, DeviceSet, IoAction, IoEvent, MmioDevice};
 
@@ -354,6 +355,31 @@ impl<D: VirtioDevice> MmioTransport<D> {
         match &r.worker {
             Some(w) => w.resume(),
             None => Ok(()),
+        }
+    }
+
+    /// [`MmioTransport::quiesce`] as every device's `Persist::quiesce`
+    /// reports it: a [`DeviceError`] naming the device (and so do
+    /// [`MmioTransport::resume_device`] and [`MmioTransport::save_device`]).
+    pub fn quiesce_device(&self) -> Result<(), DeviceError> {
+        self.quiesce().map_err(|e| self.worker_error(e))
+    }
+
+    /// [`MmioTransport::resume`] as every device's `Persist::resume`
+    /// reports it.
+    pub fn resume_device(&self) -> Result<(), DeviceError> {
+        self.resume().map_err(|e| self.worker_error(e))
+    }
+
+    /// [`MmioTransport::save`] as every device's `Persist::save` reports it.
+    pub fn save_device(&self) -> Result<TransportState<D::State>, DeviceError> {
+        self.save().map_err(|e| self.worker_error(e))
+    }
+
+    fn worker_error(&self, e: impl std::error::Error + Send + Sync + 'static) -> DeviceError {
+        DeviceError::Virtio {
+            device: self.name.clone(),
+            source: Box::new(e),
         }
     }
 

@@ -83,10 +83,7 @@ impl Persist for MmioTransport<Block> {
     type Args = (BlockConfig, DeviceMemory, Option<EventFd>, Option<Stack>);
 
     fn save(&self) -> Result<Self::State, DeviceError> {
-        MmioTransport::save(self).map_err(|e| DeviceError::Virtio {
-            device: self.device_name().to_string(),
-            source: Box::new(e),
-        })
+        self.save_device()
     }
 
     fn restore(
@@ -105,17 +102,11 @@ impl Persist for MmioTransport<Block> {
     }
 
     fn quiesce(&self) -> Result<(), DeviceError> {
-        MmioTransport::quiesce(self).map_err(|e| DeviceError::Virtio {
-            device: self.device_name().to_string(),
-            source: Box::new(e),
-        })
+        self.quiesce_device()
     }
 
     fn resume(&self) -> Result<(), DeviceError> {
-        MmioTransport::resume(self).map_err(|e| DeviceError::Virtio {
-            device: self.device_name().to_string(),
-            source: Box::new(e),
-        })
+        self.resume_device()
     }
 }
 

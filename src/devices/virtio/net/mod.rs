@@ -531,10 +531,7 @@ impl Persist for MmioTransport<Net> {
     type Args = (NetConfig, DeviceMemory, Option<EventFd>);
 
     fn save(&self) -> Result<Self::State, DeviceError> {
-        MmioTransport::save(self).map_err(|e| DeviceError::Virtio {
-            device: self.device_name().to_string(),
-            source: Box::new(e),
-        })
+        self.save_device()
     }
 
     fn restore(
@@ -549,17 +546,11 @@ impl Persist for MmioTransport<Net> {
     }
 
     fn quiesce(&self) -> Result<(), DeviceError> {
-        MmioTransport::quiesce(self).map_err(|e| DeviceError::Virtio {
-            device: self.device_name().to_string(),
-            source: Box::new(e),
-        })
+        self.quiesce_device()
     }
 
     fn resume(&self) -> Result<(), DeviceError> {
-        MmioTransport::resume(self).map_err(|e| DeviceError::Virtio {
-            device: self.device_name().to_string(),
-            source: Box::new(e),
-        })
+        self.resume_device()
     }
 
     fn announce(&self) {
