@@ -262,19 +262,7 @@ else
     moddir="$root/lib/modules/$kver/kernel"
     [ -d "$moddir" ] || die "$kpkg has no lib/modules/$kver/kernel"
     for m in "${modules[@]}"; do
-        out="$kdir/modules/$(basename "$m").ko"
-        if [ -f "$moddir/$m.ko" ]; then
-            cp "$moddir/$m.ko" "$out"
-        elif [ -f "$moddir/$m.ko.xz" ]; then
-            xz -dc "$moddir/$m.ko.xz" >"$out" || die "cannot decompress $m.ko.xz"
-        elif [ -f "$moddir/$m.ko.gz" ]; then
-            gzip -dc "$moddir/$m.ko.gz" >"$out" || die "cannot decompress $m.ko.gz"
-        elif [ -f "$moddir/$m.ko.zst" ]; then
-            command -v zstd >/dev/null || apt_install zstd
-            zstd -qdc "$moddir/$m.ko.zst" >"$out" || die "cannot decompress $m.ko.zst"
-        else
-            die "$kpkg has no module $m.ko (nor .ko.xz/.ko.gz/.ko.zst) under lib/modules/$kver/kernel"
-        fi
+        plain_module "$moddir" "$m.ko" "$kdir/modules/$(basename "$m").ko"
     done
     guest_modules_into "$root/lib/modules/$kver" "$kdir"
     echo "$kpkg" >"$kdir/package"

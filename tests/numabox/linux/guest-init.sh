@@ -249,22 +249,29 @@ KERNEL_TROUBLE='soft lockup|hard lockup|rcu.*stall|clocksource.*unstable|call tr
 boot_log_lines="$(dmesg 2>/dev/null | wc -l)"
 boot_trouble="$(dmesg 2>/dev/null | grep -iE "$KERNEL_TROUBLE" | head -n 1 || true)"
 [ -z "$boot_trouble" ] || echo "vmhop-guest: boot log: $boot_trouble"
+# check_sums N PATH_PREFIX VAR_PREFIX WHAT: files PATH_PREFIX0.. against
+# the sums in variables VAR_PREFIX0..; each mismatch is a FAIL line
+# ("FAIL WHATfile=...") and counts in bad.
+check_sums() {
+    i=0
+    while [ "$i" -lt "$1" ]; do
+        got="$(md5sum "$2$i" 2>/dev/null)"
+        got="${got%% *}"
+        eval "want=\$$3$i"
+        if [ "$got" != "$want" ]; then
+            echo "vmhop-check: beat $beat FAIL $4file=$2$i want=$want got=${got:-unreadable}"
+            bad=$((bad + 1))
+        fi
+        i=$((i + 1))
+    done
+}
+
 beat=0
 next=0
 while :; do
     beat=$((beat + 1))
     bad=0
-    i=0
-    while [ "$i" -lt "$files" ]; do
-        got="$(md5sum "$dir/f$i" 2>/dev/null)"
-        got="${got%% *}"
-        eval "want=\$sum$i"
-        if [ "$got" != "$want" ]; then
-            echo "vmhop-check: beat $beat FAIL file=$dir/f$i want=$want got=${got:-unreadable}"
-            bad=$((bad + 1))
-        fi
-        i=$((i + 1))
-    done
+    check_sums "$files" "$dir/f" sum ""
     # The kernel's own health: a checkpoint, restore or move must not
     # leave a lockup, an RCU stall, an unstable clocksource or an oops.
     trouble="$(dmesg 2>/dev/null | tail -n +"$((boot_log_lines + 1))" | grep -iE "$KERNEL_TROUBLE" | head -n 1 || true)"
@@ -276,17 +283,7 @@ while :; do
         # Read from the device, not from the page cache.
         sync
         echo 3 >/proc/sys/vm/drop_caches
-        i=0
-        while [ "$i" -lt "$disk_files" ]; do
-            got="$(md5sum "$disk_dir/d$i" 2>/dev/null)"
-            got="${got%% *}"
-            eval "want=\$dsum$i"
-            if [ "$got" != "$want" ]; then
-                echo "vmhop-check: beat $beat FAIL disk file=$disk_dir/d$i want=$want got=${got:-unreadable}"
-                bad=$((bad + 1))
-            fi
-            i=$((i + 1))
-        done
+        check_sums "$disk_files" "$disk_dir/d" dsum "disk "
         got="$(cat "$disk_dir/beat" 2>/dev/null)"
         if [ "$got" != "$((beat - 1))" ]; then
             echo "vmhop-check: beat $beat FAIL disk beat=${got:-unreadable} want=$((beat - 1))"
