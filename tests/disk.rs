@@ -565,3 +565,66 @@ fn a_migration_refused_after_the_hand_over_gives_the_source_its_image_back() {
     assert_image_held(dir.path(), &img);
     assert_blocks_in_place(&img, "after the refused migration");
 }
+
+/// `migrate --copy-storage` to a destination without shared storage, while
+/// the guest writes its disk: every block goes with the memory, then the
+/// blocks written meanwhile, into the new file the destination's `--disk
+/// id=disk0,path=FILE` names. The guest runs on there with memory and disk
+/// agreeing on every block; the destination holds the copy's lock, and the
+/// source's image has every block it wrote in place.
+#[test]
+fn a_migration_with_copy_storage_moves_a_disk_being_written_into_a_new_file() {
+    let there = image_dir();
+    let copy = there.path().join("copy.img");
+    let place = format!("id=disk0,path={}", path_str(&copy));
+    let (dir, img, addr, dst, mut src, before) = shared_storage_pair(&["--disk", &place]);
+    let out = src.cli(&["migrate", "--to", &addr, "--copy-storage", "--json"]);
+    assert_eq!(out.code, Some(0), "{}\n{}", out.describe(), dst.logs());
+    let r = one_json_object(&out.stdout);
+    assert!(
+        field(&r, "disk_blocks_sent") >= IMAGE_BYTES / BLOCK as u64,
+        "every block crosses: {r}"
+    );
+    assert!(src.wait_exit().success(), "{}", src.logs());
+    assert_eq!(dst.state(), "running", "{}", dst.logs());
+    assert_eq!(dst.status()["disks"][0]["path"], path_str(&copy));
+    let d = wait_disk_requests_above(&dst, before, "on the destination");
+    assert!(field(&d, "requests") > before, "{d}");
+    assert_disk_verifies(&dst, "on the destination");
+    assert_image_held(there.path(), &copy);
+    assert_blocks_in_place(&img, "the source's image after the migration");
+    drop(dir);
+}
+
+/// A destination that cannot take the disks refuses before the switch,
+/// saying why, and leaves nothing behind: no `--disk` for the disk, or a
+/// file that exists (never overwritten). The source runs on with its disk.
+#[test]
+fn copy_storage_refused_by_the_destination_leaves_the_source_running_and_no_file() {
+    let there = image_dir();
+    let existing = there.path().join("mine.img");
+    std::fs::write(&existing, b"not yours").expect("write a file");
+    let place = format!("id=disk0,path={}", path_str(&existing));
+    let (_dir, _img, addr, dst, src, before) = shared_storage_pair(&[]);
+    let other = format!("unix:{}", path_str(&there.path().join("m2.sock")));
+    let dst2 = Vm::start(&["--incoming", &other, "--disk", &place]);
+    for (to, why, dst) in [
+        (&addr, "--disk id=disk0,path=NEW", &dst),
+        (&other, "already exists", &dst2),
+    ] {
+        let out = src.cli(&["migrate", "--to", to, "--copy-storage"]);
+        assert_ne!(out.code, Some(0), "{}", out.describe());
+        assert_one_line_error(&out, "a copy-storage migration refused");
+        assert!(out.stderr.contains(why), "{why}: {}", out.describe());
+        assert_eq!(src.state(), "running", "{}", src.logs());
+        assert_eq!(dst.status()["state"], "incoming", "{}", dst.logs());
+    }
+    assert_eq!(std::fs::read(&existing).expect("read"), b"not yours");
+    assert_eq!(
+        std::fs::read_dir(there.path()).expect("list").count(),
+        2,
+        "only the existing file and the socket"
+    );
+    wait_disk_requests_above(&src, before, "after the refusals");
+    assert_disk_verifies(&src, "after the refusals");
+}

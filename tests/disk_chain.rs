@@ -457,3 +457,35 @@ fn a_checkpointed_disk_is_refused_by_a_shared_storage_migration_before_it_starts
     assert_eq!(vm.state(), "running");
     assert_eq!(dst.status()["state"], "incoming", "{}", dst.logs());
 }
+
+/// `migrate --copy-storage` of a checkpointed disk (an overlay over its
+/// image): the destination's new file gets the disk as the guest sees it,
+/// byte for byte — the image's blocks under the overlay, its hole as a
+/// hole's zeros — and the source's image and checkpoint stay as they were.
+#[test]
+fn copy_storage_sends_a_checkpointed_disk_whole_through_its_layers() {
+    let dir = work_dir();
+    let img = dir.path().join("disk.img");
+    let bytes = image(&img);
+    let copy = dir.path().join("copy.img");
+    let addr = format!("unix:{}", path_str(&dir.path().join("m.sock")));
+    let place = format!("id=disk0,path={}", path_str(&copy));
+    let dst = Vm::start(&["--incoming", &addr, "--disk", &place]);
+    let mut vm = vm_with_disk(&img);
+    let ck = dir.path().join("ck");
+    checkpoint(&vm, &ck, &[]);
+    let out = vm.cli(&["migrate", "--to", &addr, "--copy-storage", "--json"]);
+    assert_eq!(out.code, Some(0), "{}\n{}", out.describe(), dst.logs());
+    let r = one_json_object(&out.stdout);
+    let blocks = r["disk_blocks_sent"].as_u64().unwrap_or(0);
+    assert!(blocks >= IMAGE_BYTES / 4096, "every block crosses: {r}");
+    assert!(vm.wait_exit().success(), "{}", vm.logs());
+    assert_eq!(dst.state(), "running", "{}", dst.logs());
+    let d = disks(&dst);
+    assert_eq!(d.len(), 1, "{d:?}");
+    assert_eq!(d[0]["path"], path_str(&copy), "{d:?}");
+    dst.cli_ok(&["pause"]);
+    assert_same_bytes(&copy, &bytes, "the destination's copy");
+    assert_same_bytes(&img, &bytes, "the source's image after the migration");
+    assert_eq!(listed(&ck).len(), 1, "the checkpoint is still there");
+}

@@ -139,6 +139,10 @@ pub struct MigrateRequest {
     /// Allow an unauthenticated migration to a non-local address.
     #[serde(default)]
     pub insecure: bool,
+    /// Send the disks' blocks in the same pre-copy (the destination has no
+    /// shared storage: it writes them to the files its `--disk` names).
+    #[serde(default)]
+    pub copy_storage: bool,
 }
 
 impl MigrateRequest {
@@ -212,6 +216,10 @@ pub struct MigrateReport {
     pub dirty_per_round: Vec<u64>,
     /// Where the pause went.
     pub pause_breakdown: PauseBreakdown,
+    /// With `--copy-storage`: disk blocks (4 KiB) sent, zero ones and
+    /// blocks sent in two rounds included; 0 on shared storage.
+    #[serde(default)]
+    pub disk_blocks_sent: u64,
 }
 
 /// `GET /api/v1/vm.migration`: the migration in flight, if any.
@@ -240,4 +248,17 @@ pub struct ReceiveReport {
     pub pages_received: u64,
     /// From `done` until the VM ran here, ms.
     pub start_ms: f64,
+    /// With `--copy-storage`: each disk and the new file it was copied
+    /// into here.
+    #[serde(default)]
+    pub copied_disks: Vec<CopiedDisk>,
+}
+
+/// A disk a migration with `--copy-storage` copied to the destination.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CopiedDisk {
+    /// Its id.
+    pub id: String,
+    /// The file it is in now.
+    pub path: PathBuf,
 }

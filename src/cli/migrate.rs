@@ -30,6 +30,11 @@ pub struct MigrateArgs {
     /// Compression of page data: none, lz4 or zstd.
     #[arg(long, default_value = "none")]
     compress: Compression,
+    /// Send the disks' blocks too, in the same pre-copy (no shared
+    /// storage: the destination gives each disk a new file with
+    /// `--disk id=NAME,path=FILE`).
+    #[arg(long)]
+    copy_storage: bool,
     #[command(flatten)]
     auth: AuthArgs,
 }
@@ -92,6 +97,7 @@ pub fn migrate(a: &MigrateArgs) -> CliResult {
         tls_key: absolute(&a.auth.tls_key)?,
         tls_ca: absolute(&a.auth.tls_ca)?,
         insecure: a.auth.insecure,
+        copy_storage: a.copy_storage,
     };
     let progress = show_progress(&a.api, &a.to);
     let r: Result<MigrateReport, _> = request(&a.api, Endpoint::Migrate, Some(&req), None);
@@ -111,6 +117,12 @@ pub fn migrate(a: &MigrateArgs) -> CliResult {
             crate::util::format_size(r.bytes_sent),
             r.link_mib_s
         );
+        if r.disk_blocks_sent > 0 {
+            t += &format!(
+                "\n  disks: {} blocks of 4 KiB sent with the memory (--copy-storage)",
+                r.disk_blocks_sent
+            );
+        }
         if r.throttle_max_percent > 0 {
             t += &format!(
                 "\n  the guest was throttled up to {} %",

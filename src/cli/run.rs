@@ -55,7 +55,9 @@ pub struct RunArgs {
     #[arg(long)]
     pub hugepages: bool,
     /// A disk: path=FILE[,readonly][,id=NAME][,serial=S][,cache=none|writeback]
-    /// (a raw image, virtio-blk); repeat for more.
+    /// (a raw image, virtio-blk); repeat for more. On a restore, and with
+    /// --incoming: id=NAME,path=FILE, the file disk NAME lands in (or, on
+    /// shared storage with --incoming, where it lives here).
     #[arg(long, value_name = "SPEC")]
     pub disk: Vec<String>,
     /// A network card on a TAP device (opened, or created if missing):
@@ -294,7 +296,16 @@ fn render(json: bool, event: RunEvent) -> Result<(), CliError> {
                     r.pages_received,
                     format_size(r.bytes_received),
                     r.start_ms
-                ))?,
+                ))
+                .and_then(|()| {
+                    r.copied_disks.iter().try_for_each(|d| {
+                        out_line(&format!(
+                            "vmhop: disk {} copied into {}",
+                            d.id,
+                            d.path.display()
+                        ))
+                    })
+                })?,
                 None => {}
             }
             out_line(&format!(

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use super::compress::{decode_pages, DecodeError};
 use super::protocol::{AckKind, Frame, FrameStream, ProtocolError};
+use super::storage::{relocate, Copies, Placement, StorageError};
 use super::{handshake_as_destination, AuthError, Conn, Listener, Security, TransportError};
 use crate::memory::{GuestMemory, Mapping, MappingError, PAGE_SIZE};
 use crate::vmm::vm::Loader;
@@ -32,6 +33,10 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 pub struct IncomingOptions {
     /// Guest node → this host's node, overriding the source's binding.
     pub rebind: BTreeMap<u32, u32>,
+    /// `--disk id=NAME,path=FILE`: where each disk lives here (shared
+    /// storage at another path), or the new file a disk sent with
+    /// `--copy-storage` is written to.
+    pub disks: Vec<Placement>,
 }
 
 /// Progress of an incoming migration, for `status`.
@@ -131,6 +136,12 @@ pub enum ReceiveFailure {
     /// The source could not be told that its VM runs here.
     #[error("confirming the VM runs here failed: {0}")]
     Confirm(#[source] ProtocolError),
+    /// The disks cannot be placed or written here.
+    #[error("--copy-storage: {0}")]
+    Storage(#[from] StorageError),
+    /// Disk blocks came without a `storage` frame announcing the disks.
+    #[error("disk blocks at {0:#x} arrived, but the source announced no disks to copy")]
+    UnannouncedStorage(u64),
 }
 
 /// Why the configuration a source sent is refused.
@@ -201,6 +212,9 @@ pub struct Arrived {
     peer: String,
     pages: u64,
     done_at: Instant,
+    /// The disks sent with `--copy-storage`: removed unless the VM is
+    /// confirmed.
+    copies: Option<Copies>,
 }
 
 impl Arrived {
@@ -229,6 +243,13 @@ impl Arrived {
         (state, load)
     }
 
+    /// Before the VM is built: makes the copied disks durable and lets go
+    /// of their locks, for the VM's devices to take. They are still
+    /// removed if the VM is refused.
+    pub fn hand_over_disks(&mut self) -> Result<(), StorageError> {
+        self.copies.as_ref().map_or(Ok(()), Copies::hand_over)
+    }
+
     /// Tells the source its VM does not start here (it runs on there).
     pub fn refuse(mut self, why: String) -> ReceiveError {
         let _ = self.stream.write_frame(&Frame::Error(why.clone()));
@@ -244,6 +265,7 @@ impl Arrived {
     /// shut this one down.
     pub fn confirm(mut self) -> Result<ReceiveReport, ReceiveError> {
         let start_ms = self.done_at.elapsed().as_secs_f64() * 1e3;
+
         self.stream
             .write_frame(&Frame::Ack {
                 what: AckKind::Done,
@@ -253,12 +275,22 @@ impl Arrived {
                 peer: self.peer.clone(),
                 failure: ReceiveFailure::Confirm(e),
             })?;
+        // The source heard it: its VM (and its writes to its disks) end,
+        // and the copies are the disks from now on.
+        let copied_disks = match self.copies.as_mut() {
+            Some(c) => {
+                c.keep();
+                c.list()
+            }
+            None => Vec::new(),
+        };
         Ok(ReceiveReport {
             operation: "incoming-migration".into(),
             source: self.peer,
             bytes_received: self.stream.bytes_read(),
             pages_received: self.pages,
             start_ms,
+            copied_disks,
         })
     }
 }
@@ -353,7 +385,7 @@ fn receive_one(
         let _ = s.flush();
         why
     };
-    let config = match s.read_frame()? {
+    let mut config = match s.read_frame()? {
         Frame::Config(bytes) => match accept_config(&bytes, opts) {
             Ok(c) => c,
             Err(why) => return Err(refuse(&mut s, why.into())),
@@ -365,6 +397,9 @@ fn receive_one(
             ))
         }
     };
+    if let Err(why) = relocate(&mut config, &opts.disks) {
+        return Err(refuse(&mut s, why.into()));
+    }
     let staged = match Staged::new(&config) {
         Ok(m) => m,
         Err(why) => return Err(refuse(&mut s, ReceiveFailure::CannotHold(why))),
@@ -375,10 +410,28 @@ fn receive_one(
     .and_then(|_| s.flush())?;
     let mut state = None;
     let mut pages = 0u64;
+    let mut copies: Option<Copies> = None;
+    let mut decoded = Vec::new();
     loop {
         let frame = s.read_frame()?;
         status.bytes.store(s.bytes_read(), Ordering::Relaxed);
         match frame {
+            Frame::Pages {
+                gpa,
+                encoding,
+                count,
+                data,
+            } if Copies::is_disk_address(gpa) => {
+                let c = copies
+                    .as_mut()
+                    .ok_or(ReceiveFailure::UnannouncedStorage(gpa))?;
+                let len = (count as u64 * PAGE_SIZE) as usize;
+                decoded.resize(len, 0);
+                decode_pages(encoding, &data, &mut decoded)
+                    .map_err(|source| ReceiveFailure::Decode { gpa, source })?;
+                c.write(gpa, &decoded)?;
+                pages += count as u64;
+            }
             Frame::Pages {
                 gpa,
                 encoding,
@@ -395,13 +448,35 @@ fn receive_one(
                     .map_err(|source| ReceiveFailure::Decode { gpa, source })?;
                 pages += count as u64;
             }
+            Frame::Zero { gpa, pages: n } if Copies::is_disk_address(gpa) => {
+                copies
+                    .as_mut()
+                    .ok_or(ReceiveFailure::UnannouncedStorage(gpa))?
+                    .zero(gpa, n)?;
+                pages += n;
+            }
             Frame::Zero { gpa, pages: n } => {
                 let (m, off, len) = staged.place(gpa, n)?;
                 m.discard_range(off, len)
                     .map_err(|source| ReceiveFailure::Discard { gpa, source })?;
                 pages += n;
             }
+            Frame::Storage(manifest) if copies.is_none() => {
+                match Copies::create(&manifest, &mut config, &opts.disks) {
+                    Ok(c) => copies = Some(c),
+                    Err(why) => return Err(refuse(&mut s, why.into())),
+                }
+                s.write_frame(&Frame::Ack {
+                    what: AckKind::Storage,
+                })
+                .and_then(|_| s.flush())?;
+            }
             Frame::EndOfRound { .. } => {
+                // Durable before the ack: at `done` only the last round's
+                // blocks are left to sync.
+                if let Some(c) = &copies {
+                    c.sync()?;
+                }
                 s.write_frame(&Frame::Ack {
                     what: AckKind::Round,
                 })
@@ -430,5 +505,6 @@ fn receive_one(
         peer,
         pages,
         done_at,
+        copies,
     })
 }

@@ -9,7 +9,8 @@
 //!
 //! On top of the wire sit the two ends: [`source`] (the `migrate` operation
 //! and its stream sink, which the transfer engine feeds) and
-//! [`destination`] (the receiver behind `run --incoming`). Which pages to
+//! [`destination`] (the receiver behind `run --incoming`), and
+//! [`storage`], the disks' hand-over with `--copy-storage`. Which pages to
 //! send and when to stop the VM belong to the engine; what the config and
 //! state payloads contain belongs to the VMM.
 
@@ -22,6 +23,7 @@ mod fuzz;
 pub mod noise;
 pub mod protocol;
 pub mod source;
+pub mod storage;
 
 pub use address::{
     connect, Address, Conn, Listener, ParseAddressError, ShutdownHandle, TransportError,

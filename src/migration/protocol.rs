@@ -77,6 +77,7 @@ const KIND_DONE: u8 = 6;
 const KIND_ACK: u8 = 7;
 const KIND_ERROR: u8 = 8;
 const KIND_ABORT: u8 = 9;
+const KIND_STORAGE: u8 = 10;
 
 /// The secret-free value that ties a stream's frames to one authenticated
 /// session (from the handshake in `auth.rs`). Frames written
@@ -261,6 +262,9 @@ pub enum AckKind {
     /// measures the link end to end, and never runs ahead of a slow
     /// receiver by more than a round.
     Round,
+    /// The disks a `storage` frame announced have files here: send their
+    /// blocks.
+    Storage,
 }
 
 impl AckKind {
@@ -269,6 +273,7 @@ impl AckKind {
             AckKind::Config => 1,
             AckKind::Done => 2,
             AckKind::Round => 3,
+            AckKind::Storage => 4,
         }
     }
 
@@ -277,6 +282,7 @@ impl AckKind {
             1 => Some(AckKind::Config),
             2 => Some(AckKind::Done),
             3 => Some(AckKind::Round),
+            4 => Some(AckKind::Storage),
             _ => None,
         }
     }
@@ -309,6 +315,10 @@ pub enum Frame {
     },
     /// The VM's vCPU and device state (opaque here).
     State(Vec<u8>),
+    /// With `--copy-storage`: the disks whose blocks follow as pages at
+    /// their own addresses (JSON, opaque here). Source → destination,
+    /// after the config's ack.
+    Storage(Vec<u8>),
     /// The end of one pre-copy round (0 is the first, full round).
     EndOfRound {
         /// The round that ended.
@@ -344,6 +354,7 @@ impl Frame {
             Frame::Pages { .. } => KIND_PAGES,
             Frame::Zero { .. } => KIND_ZERO,
             Frame::State(_) => KIND_STATE,
+            Frame::Storage(_) => KIND_STORAGE,
             Frame::EndOfRound { .. } => KIND_END_OF_ROUND,
             Frame::Done => KIND_DONE,
             Frame::Ack { .. } => KIND_ACK,
@@ -364,6 +375,7 @@ fn kind_name(kind: u8) -> &'static str {
         KIND_ACK => "ack",
         KIND_ERROR => "error",
         KIND_ABORT => "abort",
+        KIND_STORAGE => "storage",
         _ => "unknown",
     }
 }
@@ -650,7 +662,9 @@ impl<W: Write> FrameWriter<W> {
     /// payload are refused here rather than by the receiver).
     pub fn write_frame(&mut self, frame: &Frame) -> Result<(), ProtocolError> {
         match frame {
-            Frame::Config(bytes) | Frame::State(bytes) => self.write_raw(frame.kind(), &[], bytes),
+            Frame::Config(bytes) | Frame::State(bytes) | Frame::Storage(bytes) => {
+                self.write_raw(frame.kind(), &[], bytes)
+            }
             Frame::Pages {
                 gpa,
                 encoding,
@@ -1197,6 +1211,7 @@ impl ReadState {
         let parsed = match kind {
             KIND_CONFIG => Frame::Config(body),
             KIND_STATE => Frame::State(body),
+            KIND_STORAGE => Frame::Storage(body),
             KIND_PAGES => {
                 if prefix_len != PAGES_PREFIX_LEN {
                     return Err(malformed(format!(
@@ -1305,9 +1320,13 @@ mod tests {
                 pages: 1 << 20,
             },
             Frame::State(vec![9; 100]),
+            Frame::Storage(br#"[{"id":"disk0","bytes":4096}]"#.to_vec()),
             Frame::EndOfRound { round: 3 },
             Frame::Ack {
                 what: AckKind::Config,
+            },
+            Frame::Ack {
+                what: AckKind::Storage,
             },
             Frame::Ack {
                 what: AckKind::Done,
@@ -1367,7 +1386,7 @@ mod tests {
         // The writer is gone: a clean end between frames.
         let err = r.read_frame().unwrap_err();
         assert!(
-            matches!(err, ProtocolError::Closed { frames: 12, .. }),
+            matches!(err, ProtocolError::Closed { frames, .. } if frames == every_kind().len() as u64),
             "{err}"
         );
     }

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use super::compress::{encode_pages, Compression};
 use super::protocol::{AckKind, Frame, FrameStream, MAX_PAGES_PER_FRAME};
+use super::storage::{Copies, Manifest};
 use super::{check_policy, connect, handshake_as_source, Address, Conn, Security};
 use crate::api::{ApiError, Classify, ErrorKind};
 use crate::devices::Disks;
@@ -122,8 +123,9 @@ fn watchdog(cancel: Arc<Cancel>, timeout: Duration, done: Arc<(Mutex<bool>, Cond
 /// Migrates `vm` as `req` says. On success the destination runs the VM and
 /// this one stays paused, for the caller to stop; on failure it runs on.
 ///
-/// Disks stay where they are (shared storage: the destination opens the
-/// same images): at the switch, with the VM paused and its devices
+/// With `copy_storage` the disks' blocks go in the same pre-copy and the
+/// images stay here. Otherwise disks stay where they are (shared storage:
+/// the destination opens the same images): at the switch, with the VM paused and its devices
 /// quiesced, `disks` are flushed and their locks released just before the
 /// state goes, for the destination to take; if the destination does not
 /// confirm, the locks are taken back before the VM runs on here.
@@ -134,12 +136,14 @@ pub fn migrate(
     disks: &Disks,
 ) -> Result<MigrateReport, MigrateError> {
     let (to, budget, timeout, security) = validate(req).map_err(MigrateError::Invalid)?;
-    if let Some((id, shape)) = disks.first_layered() {
-        return Err(MigrateError::Invalid(ApiError::conflict(format!(
-            "disk {id} is layered now ({shape}: checkpointed, or restored and filling); a \
-             migration on shared storage hands over flat images only, and --copy-storage is \
-             not built yet"
-        ))));
+    if !req.copy_storage {
+        if let Some((id, shape)) = disks.first_layered() {
+            return Err(MigrateError::Invalid(ApiError::conflict(format!(
+                "disk {id} is layered now ({shape}: checkpointed, or restored and filling); a \
+                 migration on shared storage hands over flat images only: migrate with \
+                 --copy-storage to send its blocks"
+            ))));
+        }
     }
     let config =
         serde_json::to_vec(vm.config()).map_err(|e| MigrateError::Invalid(ApiError::failed(e)))?;
@@ -162,8 +166,16 @@ pub fn migrate(
         sent_running: 0,
         send_time: Duration::ZERO,
         disks: disks.clone(),
+        storage: req.copy_storage.then(|| Manifest::of(vm)),
+        disk_blocks: 0,
     };
-    let slots: Vec<u32> = vm.memory().chunks().map(|c| c.slot).collect();
+    let mut slots: Vec<u32> = vm.memory().chunks().map(|c| c.slot).collect();
+    if req.copy_storage {
+        // The disks are slots of the same plan: every block in the first
+        // round (the destination's files start empty), the blocks written
+        // since in each later one.
+        slots.extend(vm.store_slots());
+    }
     // The destination's memory starts out zero: pages that hold nothing
     // here need not cross.
     let mut plan = Plan::new(slots, FirstPass::Present, true, budget);
@@ -205,6 +217,7 @@ pub fn migrate(
         link_mib_s: sink.link_rate() / (1u64 << 20) as f64,
         dirty_per_round: r.dirty_per_round,
         pause_breakdown: r.pause_breakdown,
+        disk_blocks_sent: sink.disk_blocks,
     })
 }
 
@@ -213,8 +226,13 @@ struct StreamSink {
     to: Address,
     security: Security,
     compression: Compression,
-    /// The VM's disks, handed over at the switch.
+    /// The VM's disks, handed over at the switch (on shared storage).
     disks: Disks,
+    /// With `--copy-storage`: the disks announced after the config; their
+    /// blocks are sent, the images stay here.
+    storage: Option<Manifest>,
+    /// Disk blocks handed to the stream.
+    disk_blocks: u64,
     /// The VM's configuration, JSON: the first frame.
     config: Vec<u8>,
     stream: Option<FrameStream<Box<dyn Conn>>>,
@@ -363,7 +381,16 @@ impl Sink<Vm> for StreamSink {
         s.write_frame(&Frame::Config(std::mem::take(&mut self.config)))
             .map_err(|e| self.err(format!("sending the configuration: {e}")))?;
         self.stream = Some(s);
-        self.expect_ack(AckKind::Config, CONFIG_ACK_TIMEOUT)
+        self.expect_ack(AckKind::Config, CONFIG_ACK_TIMEOUT)?;
+        if let Some(m) = &self.storage {
+            let manifest = serde_json::to_vec(m).map_err(|e| self.err(e))?;
+            self.stream()?
+                .write_frame(&Frame::Storage(manifest))
+                .and_then(|()| self.stream.as_mut().expect("connected above").flush())
+                .map_err(|e| self.err(format!("sending the disk manifest: {e}")))?;
+            self.expect_ack(AckKind::Storage, CONFIG_ACK_TIMEOUT)?;
+        }
+        Ok(())
     }
 
     fn pages(&mut self, run: PageRun<'_>, paused: bool) -> Result<u64, SinkError> {
@@ -393,6 +420,9 @@ impl Sink<Vm> for StreamSink {
             .page_bytes
             .fetch_add(len as u64, Ordering::Relaxed);
         self.flight.pages.fetch_add(run.pages(), Ordering::Relaxed);
+        if Copies::is_disk_address(run.gpa) {
+            self.disk_blocks += run.pages();
+        }
         Ok(self.stream()?.bytes_written() - before)
     }
 
@@ -418,6 +448,12 @@ impl Sink<Vm> for StreamSink {
         state: VmState,
     ) -> Result<AfterCommit, SinkError> {
         let st = serde_json::to_vec(&state).map_err(|e| self.err(e))?;
+        if self.storage.is_some() {
+            // The disks went with the pages: the images stay here, locked,
+            // for this VM should the destination refuse.
+            self.send_state_and_done(st)?;
+            return Ok(AfterCommit::StayPaused);
+        }
         // The destination opens the same images when it builds the VM: let
         // go of them now, durable, and take them back if it refuses.
         self.disks.release().map_err(|e| self.err(e))?;

@@ -401,6 +401,9 @@ pub fn arrive(
     hooks: &TestHooks,
 ) -> Result<Machine, BuildError> {
     arrived.config.nets = rebind_nets(&arrived.config.nets, nets)?;
+    arrived
+        .hand_over_disks()
+        .map_err(|e| BuildError::Config(ConfigError::Invalid(e.to_string())))?;
     let (state, load) = arrived.take_start();
     let fill = Fill::Saved {
         state: Box::new(state),

@@ -455,6 +455,18 @@ fn incoming(
         .map_err(|e| ProcessError::Incoming(ApiError::bad_request(e)))?;
     let opts = IncomingOptions {
         rebind: rebind(&spec.numa).map_err(ProcessError::Incoming)?,
+        disks: spec
+            .disks
+            .iter()
+            .map(|d| {
+                crate::migration::storage::Placement::parse(d).map_err(|_| {
+                    ProcessError::Incoming(ApiError::bad_request(format!(
+                        "--disk {d}: with --incoming, give id=NAME,path=FILE (where disk NAME \
+                         lives here, or the new file --copy-storage writes it to)"
+                    )))
+                })
+            })
+            .collect::<Result<_, _>>()?,
     };
     // `--net` here puts the arriving VM's cards on this host's TAPs; which
     // cards exist is known only when the VM arrives, but a spec that does

@@ -116,7 +116,10 @@ impl Source for Vm {
 
     fn present_pages(&self, slot: u32) -> Result<DirtyBitmap, VmError> {
         if is_store_slot(slot) {
-            return Ok(store(self, slot)?.1.held_blocks());
+            // A sink that starts out empty (a migration's new file) needs
+            // every block, whichever layer holds it; holes cross as zero
+            // runs.
+            return Ok(DirtyBitmap::full(store(self, slot)?.1.blocks()));
         }
         let mem = self.memory();
         let c = mem

@@ -42,6 +42,10 @@ pub trait BlockStore: Send + Sync {
     /// Blocks of `PAGE_SIZE` bytes (the last one may be partly past the
     /// disk's end, which reads as zeros).
     fn blocks(&self) -> u64;
+    /// The disk's size in bytes.
+    fn size(&self) -> u64;
+    /// Whether the guest may not write it.
+    fn readonly(&self) -> bool;
     /// Takes the blocks written (or zeroed) since the last take.
     fn take_written(&self) -> DirtyBitmap;
     /// The blocks a copy that starts from the disk's lower layer must

@@ -488,6 +488,7 @@ mod tests {
             link_mib_s: 1_800.0,
             dirty_per_round: vec![5_000, 300],
             pause_breakdown: Default::default(),
+            disk_blocks_sent: 0,
         }
     }
 

@@ -24,7 +24,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use virtio_bindings::virtio_blk as blk;
 
-pub use image::{CacheMode, DiskImage, ImageError, LockMode, DIRECT_ALIGN, SECTOR};
+pub use image::{Bounce, CacheMode, DiskImage, ImageError, LockMode, DIRECT_ALIGN, SECTOR};
 pub use stack::{ImageLower, Lower, Shape, Stack, StackError, BLOCK};
 pub use written::{WrittenBlocks, WrittenSet};
 
@@ -121,6 +121,14 @@ impl crate::vmm::store::BlockStore for MmioTransport<Block> {
 
     fn blocks(&self) -> u64 {
         self.device().stack().blocks()
+    }
+
+    fn size(&self) -> u64 {
+        self.device().stack().size()
+    }
+
+    fn readonly(&self) -> bool {
+        self.device().config.readonly
     }
 
     fn take_written(&self) -> crate::memory::DirtyBitmap {
