@@ -565,3 +565,142 @@ fn a_migration_refused_after_the_hand_over_gives_the_source_its_image_back() {
     assert_image_held(dir.path(), &img);
     assert_blocks_in_place(&img, "after the refused migration");
 }
+
+/// The CPUs thread `tid` of `pid` may run on, and its name, from /proc.
+fn task_cpus(pid: u32, tid: i64) -> (String, Vec<u32>) {
+    let dir = format!("/proc/{pid}/task/{tid}");
+    let comm = std::fs::read_to_string(format!("{dir}/comm"))
+        .unwrap_or_else(|e| panic!("reading {dir}/comm: {e}"));
+    let status = std::fs::read_to_string(format!("{dir}/status"))
+        .unwrap_or_else(|e| panic!("reading {dir}/status: {e}"));
+    let list = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .unwrap_or_else(|| panic!("{dir}/status has no Cpus_allowed_list"));
+    (comm.trim().to_string(), common::parse_cpu_list(list))
+}
+
+/// Host node 0's CPUs, from sysfs.
+fn node0_cpus() -> Vec<u32> {
+    let list = std::fs::read_to_string("/sys/devices/system/node/node0/cpulist")
+        .expect("read node 0's cpulist");
+    common::parse_cpu_list(&list)
+}
+
+/// `numa-stat --json`'s device threads, each checked against /proc (its
+/// name, and the CPUs the report gives are the kernel's), with the CPUs.
+fn device_threads(vm: &Vm, when: &str) -> Vec<(String, i64, Vec<u32>)> {
+    let stat = one_json_object(&vm.cli_ok(&["numa-stat", "--json"]).stdout);
+    let threads = stat["device_threads"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{when}: numa-stat lists no device_threads: {stat}"));
+    let text = vm.cli_ok(&["numa-stat"]).stdout;
+    threads
+        .iter()
+        .map(|t| {
+            let tid = t["tid"].as_i64().expect("a tid");
+            let (comm, cpus) = task_cpus(vm.pid(), tid);
+            assert_eq!(t["name"], comm.as_str(), "{when}: {t}");
+            assert_eq!(t["guest_node"], 0, "{when}: {t}");
+            let listed = common::parse_cpu_list(t["allowed_cpus"].as_str().expect("cpus"));
+            assert_eq!(listed, cpus, "{when}: numa-stat and /proc disagree: {t}");
+            assert!(
+                text.contains(&format!("tid {tid}, guest node 0): CPUs")),
+                "{when}: the text report lacks thread {tid}:\n{text}"
+            );
+            (
+                t["device"].as_str().expect("a device").to_string(),
+                tid,
+                cpus,
+            )
+        })
+        .collect()
+}
+
+/// The one worker of disk `disk0`, on host node 0's CPUs; panics otherwise.
+fn assert_disk_worker_on_node0(vm: &Vm, when: &str) -> i64 {
+    let threads = device_threads(vm, when);
+    let [(device, tid, cpus)] = threads.as_slice() else {
+        panic!("{when}: one device thread expected: {threads:?}");
+    };
+    assert!(device.contains("disk0"), "{when}: {threads:?}");
+    assert_eq!(
+        *cpus,
+        node0_cpus(),
+        "{when}: the worker is not on node 0's CPUs"
+    );
+    *tid
+}
+
+/// Device workers follow their guest node (0) onto its host node's CPUs —
+/// on boot, after a NUMA move, after a restore and on a migration's
+/// destination — and `numa-stat` lists them as /proc sees them. Each vmhop
+/// runs under `taskset -c FIRST`, so a worker that was not pinned would
+/// show the one CPU it inherited (node 0 has every CPU of this host).
+#[test]
+fn device_workers_run_on_their_guest_node_s_cpus_through_moves_restores_and_migrations() {
+    let node0 = node0_cpus();
+    assert!(
+        node0.len() >= 2,
+        "node 0 needs two CPUs to tell pinned from inherited: {node0:?}"
+    );
+    let first = node0[0].to_string();
+    let narrow = ["taskset", "-c", first.as_str()];
+    let dir = image_dir();
+    let img = image(dir.path(), "pin.img", IMAGE_BYTES);
+    let disk = format!("path={}", path_str(&img));
+    let base = [
+        "--guest",
+        "builtin:disk,blocks=64",
+        "--disk",
+        disk.as_str(),
+        "--memory",
+        "64M",
+    ];
+    let vm = Vm::start_wrapped(&narrow, &["run"], &base, &[]);
+    wait_disk_requests_above(&vm, 20, "after boot");
+    // The process's own main thread kept the one CPU it was started on.
+    assert_eq!(task_cpus(vm.pid(), vm.pid() as i64).1, vec![node0[0]]);
+    let tid = assert_disk_worker_on_node0(&vm, "after boot");
+
+    // Narrowed behind vmhop's back, a move of its guest node re-pins it.
+    let out = std::process::Command::new("taskset")
+        .args(["-p", "-c", &first, &tid.to_string()])
+        .output()
+        .expect("run taskset");
+    assert!(out.status.success(), "taskset -p: {out:?}");
+    assert_eq!(task_cpus(vm.pid(), tid).1, vec![node0[0]]);
+    for mode in ["kernel", "stop-copy"] {
+        vm.cli_ok(&["numa-migrate", "--to-node", "0", "--mode", mode]);
+        let after = assert_disk_worker_on_node0(&vm, &format!("after a {mode} move"));
+        assert_eq!(after, tid, "the same worker serves on");
+    }
+
+    // Migrated (shared storage) to a narrowed destination.
+    let addr = format!("unix:{}", path_str(&dir.path().join("m.sock")));
+    let dst = Vm::start_wrapped(&narrow, &["run"], &["--incoming", addr.as_str()], &[]);
+    let mut src = vm;
+    let before = field(
+        &assert_disk_verifies(&src, "before the migration"),
+        "requests",
+    );
+    let out = src.cli(&["migrate", "--to", &addr, "--json"]);
+    assert_eq!(out.code, Some(0), "{}\n{}", out.describe(), dst.logs());
+    assert!(src.wait_exit().success(), "{}", src.logs());
+    wait_disk_requests_above(&dst, before, "on the destination");
+    assert_disk_worker_on_node0(&dst, "on the destination");
+
+    // A checkpoint, restored by a narrowed process: its worker (started
+    // before the VM knew its CPUs) is pinned too.
+    let ck = dir.path().join("ck");
+    dst.cli_ok(&["checkpoint", "--dir", path_str(&ck), "--json"]);
+    dst.cli_ok(&["stop"]);
+    let target = format!("{}@1", path_str(&ck));
+    let restored = Vm::start_wrapped(&narrow, &["restore", &target], &[], &[]);
+    let before = field(
+        &assert_disk_verifies(&restored, "after the restore"),
+        "requests",
+    );
+    wait_disk_requests_above(&restored, before, "after the restore");
+    assert_disk_worker_on_node0(&restored, "after the restore");
+}
