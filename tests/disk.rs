@@ -7,7 +7,10 @@
 //! changed behind the guest's back, a read-only disk (IOERR, the VM runs
 //! on), a missing, a locked and an absent image, and NUMA moves in every
 //! mode with the guest writing (on this one-node host, to node 0: the moves
-//! still switch the memory the device writes into).
+//! still switch the memory the device writes into), the device worker
+//! pinned to its guest node's CPUs (boot, moves, a migration's destination,
+//! a restore), and the benchmark modes (`mode=rand-read-qd32`, `seq-read`,
+//! `seq-write`) running and verifying.
 //!
 //! Besides vmhop's own `verify`, the tests read the image file themselves
 //! (the block format is in docs/test-device.md), so a verify that checked
@@ -703,4 +706,63 @@ fn device_workers_run_on_their_guest_node_s_cpus_through_moves_restores_and_migr
     );
     wait_disk_requests_above(&restored, before, "after the restore");
     assert_disk_worker_on_node0(&restored, "after the restore");
+}
+
+/// The benchmark modes run and verify: `rand-read-qd32` and `seq-read`
+/// complete reads and write nothing; `seq-write` writes whole 1 MiB
+/// requests (every block of a pass tagged, as `verify` and the test's own
+/// reading of the image find), and a block of it changed behind the
+/// guest's back fails `verify`, as in the mixed mode.
+#[test]
+fn the_benchmark_modes_run_and_verify_and_seq_write_s_blocks_are_checked() {
+    let dir = image_dir();
+    let img = image(dir.path(), "modes.img", IMAGE_BYTES);
+    for mode in ["rand-read-qd32", "seq-read"] {
+        let vm = disk_vm(&img, "", &format!(",mode={mode}"), &["--memory", "64M"]);
+        let d = wait_disk_requests_above(&vm, 64, mode);
+        assert_eq!(field(&d, "writes"), 0, "{mode}: {d}");
+        assert!(field(&d, "reads") > 64, "{mode}: {d}");
+        vm.cli_ok(&["stop"]);
+    }
+    assert!(
+        tagged_blocks(&img).is_empty(),
+        "a read mode wrote the image"
+    );
+    let blocks = IMAGE_BYTES / BLOCK as u64;
+    // Two passes over the image: every block written at least once.
+    let vm = disk_vm(&img, "", ",mode=seq-write", &["--memory", "64M"]);
+    let d = wait_disk_requests_above(&vm, 2 * blocks / 256, "seq-write");
+    assert_eq!(field(&d, "reads"), 0, "{d}");
+    vm.cli_ok(&["pause"]);
+    let d = assert_disk_verifies(&vm, "seq-write, paused");
+    assert_eq!(field(&d, "blocks_written"), blocks, "{d}");
+    let tagged = tagged_blocks(&img);
+    assert_eq!(
+        tagged.len() as u64,
+        blocks,
+        "blocks in the image with this run's tag"
+    );
+    // One request's 256 blocks share its tag.
+    let tag_of = |b: u64| tagged.iter().find(|t| t.0 == b).map(|t| t.2);
+    assert_eq!(tag_of(256), tag_of(511));
+    assert_ne!(tag_of(255), tag_of(256));
+    let in_flight = d["in_flight_block"].as_u64();
+    let victim = if in_flight == Some(0) { 256 } else { 0 };
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&img)
+            .expect("open the image");
+        f.write_all_at(&[0u8; BLOCK], (victim + 7) * BLOCK as u64)
+            .expect("damage the block");
+    }
+    let (out, r) = verify(&vm);
+    assert_eq!(out.code, Some(1), "{}", out.describe());
+    assert_eq!(r["violation_count"], 1, "{r}");
+    let problem = r["violations"][0]["problem"].as_str().unwrap_or_default();
+    assert!(
+        problem.contains(&format!("block {}:", victim + 7)) && problem.contains("lost on the disk"),
+        "{r}"
+    );
 }
