@@ -7,7 +7,10 @@
 //! changed behind the guest's back, a read-only disk (IOERR, the VM runs
 //! on), a missing, a locked and an absent image, and NUMA moves in every
 //! mode with the guest writing (on this one-node host, to node 0: the moves
-//! still switch the memory the device writes into).
+//! still switch the memory the device writes into), the device worker
+//! pinned to its guest node's CPUs (boot, moves, a migration's destination,
+//! a restore), and the benchmark modes (`mode=rand-read-qd32`, `seq-read`,
+//! `seq-write`) running and verifying.
 //!
 //! Besides vmhop's own `verify`, the tests read the image file themselves
 //! (the block format is in docs/test-device.md), so a verify that checked
@@ -627,4 +630,201 @@ fn copy_storage_refused_by_the_destination_leaves_the_source_running_and_no_file
     );
     wait_disk_requests_above(&src, before, "after the refusals");
     assert_disk_verifies(&src, "after the refusals");
+
+/// The CPUs thread `tid` of `pid` may run on, and its name, from /proc.
+fn task_cpus(pid: u32, tid: i64) -> (String, Vec<u32>) {
+    let dir = format!("/proc/{pid}/task/{tid}");
+    let comm = std::fs::read_to_string(format!("{dir}/comm"))
+        .unwrap_or_else(|e| panic!("reading {dir}/comm: {e}"));
+    let status = std::fs::read_to_string(format!("{dir}/status"))
+        .unwrap_or_else(|e| panic!("reading {dir}/status: {e}"));
+    let list = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .unwrap_or_else(|| panic!("{dir}/status has no Cpus_allowed_list"));
+    (comm.trim().to_string(), common::parse_cpu_list(list))
+}
+
+/// Host node 0's CPUs, from sysfs.
+fn node0_cpus() -> Vec<u32> {
+    let list = std::fs::read_to_string("/sys/devices/system/node/node0/cpulist")
+        .expect("read node 0's cpulist");
+    common::parse_cpu_list(&list)
+}
+
+/// `numa-stat --json`'s device threads, each checked against /proc (its
+/// name, and the CPUs the report gives are the kernel's), with the CPUs.
+fn device_threads(vm: &Vm, when: &str) -> Vec<(String, i64, Vec<u32>)> {
+    let stat = one_json_object(&vm.cli_ok(&["numa-stat", "--json"]).stdout);
+    let threads = stat["device_threads"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{when}: numa-stat lists no device_threads: {stat}"));
+    let text = vm.cli_ok(&["numa-stat"]).stdout;
+    threads
+        .iter()
+        .map(|t| {
+            let tid = t["tid"].as_i64().expect("a tid");
+            let (comm, cpus) = task_cpus(vm.pid(), tid);
+            assert_eq!(t["name"], comm.as_str(), "{when}: {t}");
+            assert_eq!(t["guest_node"], 0, "{when}: {t}");
+            let listed = common::parse_cpu_list(t["allowed_cpus"].as_str().expect("cpus"));
+            assert_eq!(listed, cpus, "{when}: numa-stat and /proc disagree: {t}");
+            assert!(
+                text.contains(&format!("tid {tid}, guest node 0): CPUs")),
+                "{when}: the text report lacks thread {tid}:\n{text}"
+            );
+            (
+                t["device"].as_str().expect("a device").to_string(),
+                tid,
+                cpus,
+            )
+        })
+        .collect()
+}
+
+/// The one worker of disk `disk0`, on host node 0's CPUs; panics otherwise.
+fn assert_disk_worker_on_node0(vm: &Vm, when: &str) -> i64 {
+    let threads = device_threads(vm, when);
+    let [(device, tid, cpus)] = threads.as_slice() else {
+        panic!("{when}: one device thread expected: {threads:?}");
+    };
+    assert!(device.contains("disk0"), "{when}: {threads:?}");
+    assert_eq!(
+        *cpus,
+        node0_cpus(),
+        "{when}: the worker is not on node 0's CPUs"
+    );
+    *tid
+}
+
+/// Device workers follow their guest node (0) onto its host node's CPUs —
+/// on boot, after a NUMA move, after a restore and on a migration's
+/// destination — and `numa-stat` lists them as /proc sees them. Each vmhop
+/// runs under `taskset -c FIRST`, so a worker that was not pinned would
+/// show the one CPU it inherited (node 0 has every CPU of this host).
+#[test]
+fn device_workers_run_on_their_guest_node_s_cpus_through_moves_restores_and_migrations() {
+    let node0 = node0_cpus();
+    assert!(
+        node0.len() >= 2,
+        "node 0 needs two CPUs to tell pinned from inherited: {node0:?}"
+    );
+    let first = node0[0].to_string();
+    let narrow = ["taskset", "-c", first.as_str()];
+    let dir = image_dir();
+    let img = image(dir.path(), "pin.img", IMAGE_BYTES);
+    let disk = format!("path={}", path_str(&img));
+    let base = [
+        "--guest",
+        "builtin:disk,blocks=64",
+        "--disk",
+        disk.as_str(),
+        "--memory",
+        "64M",
+    ];
+    let vm = Vm::start_wrapped(&narrow, &["run"], &base, &[]);
+    wait_disk_requests_above(&vm, 20, "after boot");
+    // The process's own main thread kept the one CPU it was started on.
+    assert_eq!(task_cpus(vm.pid(), vm.pid() as i64).1, vec![node0[0]]);
+    let tid = assert_disk_worker_on_node0(&vm, "after boot");
+
+    // Narrowed behind vmhop's back, a move of its guest node re-pins it.
+    let out = std::process::Command::new("taskset")
+        .args(["-p", "-c", &first, &tid.to_string()])
+        .output()
+        .expect("run taskset");
+    assert!(out.status.success(), "taskset -p: {out:?}");
+    assert_eq!(task_cpus(vm.pid(), tid).1, vec![node0[0]]);
+    for mode in ["kernel", "stop-copy"] {
+        vm.cli_ok(&["numa-migrate", "--to-node", "0", "--mode", mode]);
+        let after = assert_disk_worker_on_node0(&vm, &format!("after a {mode} move"));
+        assert_eq!(after, tid, "the same worker serves on");
+    }
+
+    // Migrated (shared storage) to a narrowed destination.
+    let addr = format!("unix:{}", path_str(&dir.path().join("m.sock")));
+    let dst = Vm::start_wrapped(&narrow, &["run"], &["--incoming", addr.as_str()], &[]);
+    let mut src = vm;
+    let before = field(
+        &assert_disk_verifies(&src, "before the migration"),
+        "requests",
+    );
+    let out = src.cli(&["migrate", "--to", &addr, "--json"]);
+    assert_eq!(out.code, Some(0), "{}\n{}", out.describe(), dst.logs());
+    assert!(src.wait_exit().success(), "{}", src.logs());
+    wait_disk_requests_above(&dst, before, "on the destination");
+    assert_disk_worker_on_node0(&dst, "on the destination");
+
+    // A checkpoint, restored by a narrowed process: its worker (started
+    // before the VM knew its CPUs) is pinned too.
+    let ck = dir.path().join("ck");
+    dst.cli_ok(&["checkpoint", "--dir", path_str(&ck), "--json"]);
+    dst.cli_ok(&["stop"]);
+    let target = format!("{}@1", path_str(&ck));
+    let restored = Vm::start_wrapped(&narrow, &["restore", &target], &[], &[]);
+    let before = field(
+        &assert_disk_verifies(&restored, "after the restore"),
+        "requests",
+    );
+    wait_disk_requests_above(&restored, before, "after the restore");
+    assert_disk_worker_on_node0(&restored, "after the restore");
+}
+
+/// The benchmark modes run and verify: `rand-read-qd32` and `seq-read`
+/// complete reads and write nothing; `seq-write` writes whole 1 MiB
+/// requests (every block of a pass tagged, as `verify` and the test's own
+/// reading of the image find), and a block of it changed behind the
+/// guest's back fails `verify`, as in the mixed mode.
+#[test]
+fn the_benchmark_modes_run_and_verify_and_seq_write_s_blocks_are_checked() {
+    let dir = image_dir();
+    let img = image(dir.path(), "modes.img", IMAGE_BYTES);
+    for mode in ["rand-read-qd32", "seq-read"] {
+        let vm = disk_vm(&img, "", &format!(",mode={mode}"), &["--memory", "64M"]);
+        let d = wait_disk_requests_above(&vm, 64, mode);
+        assert_eq!(field(&d, "writes"), 0, "{mode}: {d}");
+        assert!(field(&d, "reads") > 64, "{mode}: {d}");
+        vm.cli_ok(&["stop"]);
+    }
+    assert!(
+        tagged_blocks(&img).is_empty(),
+        "a read mode wrote the image"
+    );
+    let blocks = IMAGE_BYTES / BLOCK as u64;
+    // Two passes over the image: every block written at least once.
+    let vm = disk_vm(&img, "", ",mode=seq-write", &["--memory", "64M"]);
+    let d = wait_disk_requests_above(&vm, 2 * blocks / 256, "seq-write");
+    assert_eq!(field(&d, "reads"), 0, "{d}");
+    vm.cli_ok(&["pause"]);
+    let d = assert_disk_verifies(&vm, "seq-write, paused");
+    assert_eq!(field(&d, "blocks_written"), blocks, "{d}");
+    let tagged = tagged_blocks(&img);
+    assert_eq!(
+        tagged.len() as u64,
+        blocks,
+        "blocks in the image with this run's tag"
+    );
+    // One request's 256 blocks share its tag.
+    let tag_of = |b: u64| tagged.iter().find(|t| t.0 == b).map(|t| t.2);
+    assert_eq!(tag_of(256), tag_of(511));
+    assert_ne!(tag_of(255), tag_of(256));
+    let in_flight = d["in_flight_block"].as_u64();
+    let victim = if in_flight == Some(0) { 256 } else { 0 };
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&img)
+            .expect("open the image");
+        f.write_all_at(&[0u8; BLOCK], (victim + 7) * BLOCK as u64)
+            .expect("damage the block");
+    }
+    let (out, r) = verify(&vm);
+    assert_eq!(out.code, Some(1), "{}", out.describe());
+    assert_eq!(r["violation_count"], 1, "{r}");
+    let problem = r["violations"][0]["problem"].as_str().unwrap_or_default();
+    assert!(
+        problem.contains(&format!("block {}:", victim + 7)) && problem.contains("lost on the disk"),
+        "{r}"
+    );
 }

@@ -322,12 +322,17 @@ fn assert_all_present_pages_moved(console: &str, check: &str) {
 /// A kernel move after two copy moves (whose mremap swaps put new pages
 /// under the chunks) once reported `converged: true` with ~2.5% of the
 /// pages still on node 0; every move of the sequence must now leave all
-/// present pages on its target.
+/// present pages on its target. The guest drives a disk: its worker thread
+/// runs on node 0's CPUs, then follows each move (numa-stat and /proc).
 #[test]
 fn numabox_kernel_move_after_live_and_stop_copy_moves_leaves_no_page_behind() {
     let console = numa_migrate_scenario(
         "sequence",
         &[
+            "ok: before any move: device thread(s)",
+            "ok: live to node 1: device thread(s)",
+            "ok: stop-copy back to node 0: device thread(s)",
+            "ok: kernel to node 1: device thread(s)",
             "ok: live to node 1: report placement_after:",
             "ok: stop-copy back to node 0: report placement_after:",
             "ok: kernel to node 1: report placement_after:",

@@ -6,13 +6,15 @@
 //! guest's progress checked to continue.
 //!
 //! Beside it runs a `builtin:disk` guest (2 vCPUs, two guest nodes, a raw
-//! image in the run's directory): its steps are NUMA moves in every mode
-//! and pause/resume, each followed by `verify` of its memory and disk (every
-//! block it uses, its read slots, no I/O error) and its progress checked to
-//! move on. Disk guests take no checkpoint, restore or migration steps yet:
-//! a checkpoint does not hold the disk until the disk chain lands, and a
-//! migration's destination on this host cannot lock the image the source
-//! holds until shared storage does (tests/disk.rs pins that down).
+//! image in the run's directory): its steps are NUMA moves in every mode,
+//! pause/resume, and a checkpoint-and-restore (a full checkpoint into a
+//! fresh directory, the guest writing on, an incremental one, then a lazy
+//! or an eager restore of either into a new process that replaces the
+//! VM), each followed by `verify` of its memory and disk (every block it
+//! uses, its read slots, no I/O error) and its progress checked to move on
+//! — after a restore from the checkpoint's moment: its progress and
+//! completed requests at least what they were just before that checkpoint.
+//! Disk guests take no migration steps yet.
 //!
 //! "Continue" depends on the step. The guest's `progress` counter lives in
 //! guest memory, so:
@@ -118,6 +120,7 @@ enum Op {
     DiskNumaStopCopy,
     DiskNumaKernel,
     DiskPauseResume,
+    DiskCheckpointRestore,
 }
 
 /// Which of the run's two VMs a step acts on.
@@ -132,7 +135,7 @@ enum Which {
 /// Each operation with its weight in the random mix.
 const MIX: &[(Op, u64)] = &[
     (Op::CheckpointFull, 2),
-    (Op::CheckpointIncremental, 4),
+    (Op::CheckpointIncremental, 3),
     (Op::RestoreLazy, 3),
     (Op::RestoreEager, 2),
     (Op::NumaLive, 2),
@@ -145,6 +148,7 @@ const MIX: &[(Op, u64)] = &[
     (Op::DiskNumaStopCopy, 1),
     (Op::DiskNumaKernel, 1),
     (Op::DiskPauseResume, 1),
+    (Op::DiskCheckpointRestore, 1),
 ];
 
 fn choose(rng: &mut Rng) -> Op {
@@ -191,6 +195,9 @@ struct Soak {
     disk_floor: u64,
     /// The lowest count of completed disk requests its verify may show.
     disk_requests: u64,
+    /// The disk guest's checkpoint directories so far (one per
+    /// checkpoint-and-restore step).
+    disk_dirs: Vec<PathBuf>,
     /// The current checkpoint directory and the ones before it.
     dirs: Vec<PathBuf>,
     moments: Vec<Moment>,
@@ -246,6 +253,7 @@ impl Soak {
             disk,
             disk_floor,
             disk_requests: 0,
+            disk_dirs: Vec::new(),
             dirs: Vec::new(),
             moments: Vec::new(),
             previous: Previous::None,
@@ -336,7 +344,7 @@ impl Soak {
     /// no I/O error, no bad read-back, its completed disk requests not
     /// below the floor; returns them.
     fn verify_disk(&self, when: &str) -> Result<u64, Violation> {
-        let out = self.disk.cli(&["verify", "--json"]);
+        let out = self.cli_when_loaded_on(Which::Disk, &["verify", "--json"]);
         let r = report(&out, &format!("{when}: verify of the disk guest"))?;
         let d = &r["disk"];
         let blocks = d["blocks"].as_u64().unwrap_or(0);
@@ -431,11 +439,14 @@ impl Soak {
             Op::DiskNumaStopCopy => self.numa(Which::Disk, "stop-copy")?,
             Op::DiskNumaKernel => self.numa(Which::Disk, "kernel")?,
             Op::DiskPauseResume => self.pause_resume(Which::Disk)?,
+            Op::DiskCheckpointRestore => self.disk_checkpoint_restore()?,
         };
         let after = match op {
-            Op::DiskNumaLive | Op::DiskNumaStopCopy | Op::DiskNumaKernel | Op::DiskPauseResume => {
-                self.after_disk_step()?
-            }
+            Op::DiskNumaLive
+            | Op::DiskNumaStopCopy
+            | Op::DiskNumaKernel
+            | Op::DiskPauseResume
+            | Op::DiskCheckpointRestore => self.after_disk_step()?,
             _ => self.after_step()?,
         };
         Ok(format!("{what}; {after}"))
@@ -522,6 +533,81 @@ impl Soak {
             if eager { "eager" } else { "lazy" },
             m.before,
             m.after
+        ))
+    }
+
+    /// The disk guest: a full checkpoint into a fresh directory, more
+    /// requests, an incremental one, then a lazy or eager restore of either
+    /// (its disk into a new file beside the checkpoints) replacing the VM.
+    /// The restored guest starts paused: it must verify, memory and disk
+    /// together, at the checkpoint's moment, before it resumes.
+    fn disk_checkpoint_restore(&mut self) -> Result<String, Violation> {
+        let dir = self
+            .root
+            .path()
+            .join(format!("disk-ck{}", self.disk_dirs.len()));
+        let dir_s = path_str(&dir).to_string();
+        // (requests, progress) just before each checkpoint.
+        let mut moments = Vec::new();
+        for full in [true, false] {
+            let requests = self.verify_disk("before a disk checkpoint")?;
+            let progress = self.progress_of(Which::Disk, "before a disk checkpoint")?;
+            let mut args = vec!["checkpoint", "--dir", &dir_s, "--json"];
+            if full {
+                args.push("--full");
+            }
+            let r = report(&self.disk.cli(&args), "checkpoint of the disk guest")?;
+            let id = r["id"].as_u64().ok_or(format!("checkpoint id: {r}"))?;
+            moments.push((id, requests, progress));
+            // The guest writes on before the next checkpoint.
+            let deadline = Instant::now() + PROGRESS_WAIT;
+            while self.verify_disk("after a disk checkpoint")? <= requests {
+                ensure(Instant::now() < deadline, || {
+                    format!("the disk guest stayed at {requests} requests after checkpoint {id}")
+                })?;
+                thread::sleep(Duration::from_millis(20));
+            }
+        }
+        let &(id, requests, progress) = self.rng.pick(&moments);
+        let eager = self.rng.below(2) == 1;
+        let target = format!("{dir_s}@{id}");
+        let mut args = vec!["--paused"];
+        if eager {
+            args.push("--eager");
+        }
+        let new = Vm::start_command(&["restore", &target], &args);
+        let mut old = std::mem::replace(&mut self.disk, new);
+        let stopped = old.cli(&["stop"]);
+        ensure(stopped.code == Some(0), || {
+            format!("stop of the old disk VM failed\n{}", stopped.describe())
+        })?;
+        let status = old.wait_exit();
+        ensure(status.success(), || {
+            format!("the old disk VM exited with {status}\n{}", old.logs())
+        })?;
+        drop(old);
+        // The directory before this one served the VM just stopped.
+        self.disk_dirs.push(dir);
+        if self.disk_dirs.len() >= 2 {
+            let _ = std::fs::remove_dir_all(&self.disk_dirs[self.disk_dirs.len() - 2]);
+        }
+        self.disk_floor = progress;
+        self.disk_requests = requests;
+        let state = self.disk.state();
+        ensure(state == "paused", || {
+            format!("the disk guest restored with --paused is {state}")
+        })?;
+        let at = self.verify_disk("the restored disk guest, paused")?;
+        let out = self.cli_when_loaded_on(Which::Disk, &["resume"]);
+        ensure(out.code == Some(0), || {
+            format!(
+                "resume of the restored disk guest failed\n{}",
+                out.describe()
+            )
+        })?;
+        Ok(format!(
+            "{} restore of {target} (taken at {requests} requests): {at} requests",
+            if eager { "eager" } else { "lazy" }
         ))
     }
 

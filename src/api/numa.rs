@@ -198,6 +198,21 @@ pub struct VcpuStat {
     pub allowed_cpus: String,
 }
 
+/// One device worker thread in `numa-stat`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DeviceThreadStat {
+    /// The thread's name (`comm`, e.g. `vio-blk disk0`).
+    pub name: String,
+    /// The device it serves (`virtio-blk disk0`).
+    pub device: String,
+    /// Its kernel thread id.
+    pub tid: i32,
+    /// The guest node whose vCPUs it follows.
+    pub guest_node: u32,
+    /// Host CPUs it may run on.
+    pub allowed_cpus: String,
+}
+
 /// `GET /api/v1/vm.numa-stat`: where every guest node's pages live now.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct NumaStatReport {
@@ -205,6 +220,10 @@ pub struct NumaStatReport {
     pub guest_nodes: Vec<GuestNodeStat>,
     /// vCPUs.
     pub vcpus: Vec<VcpuStat>,
+    /// Device worker threads (devices the guest has not activated have
+    /// none).
+    #[serde(default)]
+    pub device_threads: Vec<DeviceThreadStat>,
     /// Time the kernel queries took, ms.
     pub query_ms: f64,
 }

@@ -471,6 +471,7 @@ mod tests {
             stat: NumaStatReport {
                 guest_nodes,
                 vcpus,
+                device_threads: Vec::new(),
                 query_ms: 0.0,
             },
         }

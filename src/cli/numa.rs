@@ -113,6 +113,12 @@ pub fn numa_stat(o: &ApiOpts) -> CliResult {
                 v.id, v.guest_node, v.allowed_cpus
             );
         }
+        for d in &r.device_threads {
+            t += &format!(
+                "device thread {} of {} (tid {}, guest node {}): CPUs {}\n",
+                d.name, d.device, d.tid, d.guest_node, d.allowed_cpus
+            );
+        }
         t.trim_end().to_string()
     })
 }

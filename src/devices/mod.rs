@@ -27,6 +27,12 @@ use crate::vmm::state::DeviceStates;
 use crate::vmm::VmConfig;
 use persist::Registry;
 
+/// The guest node whose CPUs every virtio device's worker thread follows:
+/// devices have no node of their own (`--disk` and `--net` take none), and
+/// guest node 0 holds the memory a guest boots from and, by default, most
+/// of its buffers.
+pub const DEVICE_GUEST_NODE: u32 = 0;
+
 /// Where a Linux guest's console (COM1) goes.
 pub use crate::api::run::ConsoleTarget as Console;
 
@@ -344,6 +350,7 @@ pub fn build(
             ),
             saved,
         )?;
+        t.pin_workers(set.threads.clone(), DEVICE_GUEST_NODE);
         disks.0.push(t.clone());
         reg.add_store(t.clone());
         virtio::mmio::plug(&mut set, slot.base, t)?;
@@ -356,6 +363,7 @@ pub fn build(
             (net.clone(), set.memory.clone(), irqfd),
             saved,
         )?;
+        t.pin_workers(set.threads.clone(), DEVICE_GUEST_NODE);
         virtio::mmio::plug(&mut set, slot.base, t)?;
     }
     reg.check_all_restored(saved)?;

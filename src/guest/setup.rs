@@ -150,9 +150,17 @@ pub struct BootState {
     pub sregs: kvm_sregs,
 }
 
-/// Bytes of the disk guest's area with a table of `blocks` entries.
+/// Bytes of the disk guest's table of `blocks` entries, whole pages.
+fn disk_table_bytes(blocks: u64) -> u64 {
+    (blocks * 8).div_ceil(PAGE_SIZE) * PAGE_SIZE
+}
+
+/// Bytes of the disk guest's area with a table of `blocks` entries: the
+/// mixed mode's queue and buffers, the table, then the benchmark modes'
+/// region (there in every mode, so that the memory the other vCPUs sweep
+/// does not depend on the mode).
 pub fn disk_area_bytes(blocks: u64) -> u64 {
-    program::disk::area::SIZE + (blocks * 8).div_ceil(PAGE_SIZE) * PAGE_SIZE
+    program::disk::area::SIZE + disk_table_bytes(blocks) + program::disk::bench::SIZE
 }
 
 /// Entries of the disk guest's table: `blocks=N`, else the most.
@@ -451,8 +459,8 @@ pub fn install(
     w(CONTROL_ADDR, CONTROL_MAGIC)?;
     w(CONTROL_ADDR + 8, kind)?;
     w(CONTROL_ADDR + 16, vcpus as u64)?;
-    if let GuestSpec::Disk { blocks, .. } = spec {
-        install_disk(memory, disk_table_cap(*blocks))?;
+    if let GuestSpec::Disk { blocks, mode, .. } = spec {
+        install_disk(memory, disk_table_cap(*blocks), *mode)?;
     }
     let slices = slices(memory, spec, vcpus)?;
     let mut boots = Vec::new();
@@ -493,11 +501,15 @@ pub fn install(
     Ok(boots)
 }
 
-/// Writes the disk guest's driver, its control data and its zeroed area
-/// with a table of `table_cap` entries.
-fn install_disk(memory: &GuestMemory, table_cap: u64) -> Result<(), SetupError> {
+/// Writes the disk guest's driver for `mode`, its control data and its
+/// zeroed area with a table of `table_cap` entries.
+fn install_disk(
+    memory: &GuestMemory,
+    table_cap: u64,
+    mode: crate::vmm::config::DiskMode,
+) -> Result<(), SetupError> {
     use program::disk::{self, area, ctl};
-    let code = disk::program(DISK_CODE_ADDR, DISK_CONTROL_ADDR)
+    let code = disk::program_for(DISK_CODE_ADDR, DISK_CONTROL_ADDR, mode)
         .map_err(|e| SetupError::Assemble(e.to_string()))?;
     if DISK_CODE_ADDR + code.len() as u64 > RANGES_ADDR {
         return Err(SetupError::Assemble(
@@ -526,6 +538,10 @@ fn install_disk(memory: &GuestMemory, table_cap: u64) -> Result<(), SetupError> 
         (ctl::AREA, DISK_AREA_ADDR),
         (ctl::TABLE, DISK_AREA_ADDR + area::SIZE),
         (ctl::TABLE_CAP, table_cap),
+        (
+            ctl::BUF,
+            DISK_AREA_ADDR + area::SIZE + disk_table_bytes(table_cap),
+        ),
         (ctl::RUN, nonce),
         (ctl::READ_EVERY, disk::READ_EVERY),
         (ctl::RNG, nonce.rotate_left(17)),
@@ -729,6 +745,7 @@ mod tests {
         let spec = GuestSpec::Disk {
             blocks: Some(1000),
             rate: None,
+            mode: Default::default(),
         };
         let boots = install(&m, &spec, 3, 0, None).unwrap();
         assert_eq!(boots[0].regs.rip, DISK_CODE_ADDR);
@@ -760,6 +777,7 @@ mod tests {
         let spec = GuestSpec::Disk {
             blocks: Some(16),
             rate: None,
+            mode: Default::default(),
         };
         install(&m, &spec, 1, 0, None).unwrap();
         let c = |at, v| m.write_u64(DISK_CONTROL_ADDR + at, v).unwrap();

@@ -196,7 +196,9 @@ fn check_disk(memory: &GuestMemory, w: &mut Walk, disk: ReadDisk<'_>) {
         w.report.disk = Some(r);
         return;
     }
-    let in_flight = (in_tag != 0).then_some((in_block, in_tag));
+    // A sequential write has 256 blocks in flight; the mixed mode one
+    // (and leaves the count 0).
+    let in_count = c(ctl::INFLIGHT_COUNT).unwrap_or(0).max(1);
     let mut buf = vec![0u8; (BLOCKS_PER_READ * BLOCK_BYTES) as usize];
     let mut b0 = 0;
     while b0 < blocks {
@@ -229,6 +231,8 @@ fn check_disk(memory: &GuestMemory, w: &mut Walk, disk: ReadDisk<'_>) {
             if want != 0 {
                 r.blocks_written += 1;
             }
+            let in_flight =
+                (in_tag != 0 && b >= in_block && b - in_block < in_count).then_some((b, in_tag));
             if let Some(problem) = check_block(b, data, want, run, last_tag, in_flight) {
                 w.fail(vcpu, entry, format!("disk 0 block {b}: {problem}"));
             }

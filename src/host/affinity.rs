@@ -3,10 +3,15 @@
 //!
 //! Owns: pinning a thread (by tid) to a set of host CPUs and reading it back,
 //! and parsing/formatting cpu lists as sysfs writes them and users type them.
+//! Also owns [`PinnedThreads`]: a set of threads kept pinned to the CPUs of
+//! the group (guest node) each belongs to, re-pinned when the group's CPUs
+//! change; a thread joins it itself, so none runs a request unpinned.
 //! Does not own: which CPUs a vCPU should run on (that is the caller's policy,
 //! usually "the CPUs of the node its memory is on", see [`super::topology`]).
 
+use std::collections::BTreeMap;
 use std::io;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 /// Highest CPU number (exclusive) accepted in a cpu list or an affinity mask.
 /// The kernel's own limit (NR_CPUS) is at most 8192 on x86-64; anything above
@@ -239,6 +244,123 @@ fn parse_cpu(text: &str, list: &str) -> Result<usize, CpuListError> {
     Ok(cpu)
 }
 
+/// One member of a [`PinnedThreads`] set.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PinnedThread {
+    /// The thread's name (as `/proc/PID/task/TID/comm` shows it).
+    pub name: String,
+    /// What it works for (a device's name).
+    pub owner: String,
+    /// Its kernel thread id.
+    pub tid: i32,
+    /// The group whose CPUs it follows (a guest node).
+    pub group: u32,
+}
+
+#[derive(Debug, Default)]
+struct PinnedInner {
+    /// Each group's CPUs; a group without an entry (or an empty list) pins
+    /// nothing: its threads keep the CPUs they inherited.
+    cpus: BTreeMap<u32, Vec<usize>>,
+    threads: Vec<PinnedThread>,
+}
+
+/// Threads that follow the CPUs of their group: a thread [`joins`] with
+/// its group and is pinned to the group's CPUs at once; [`set_cpus`] pins
+/// every member of a group anew and is what later joiners get. Membership
+/// ends when the [`Membership`] the thread holds is dropped.
+///
+/// A VM's device worker threads are its members, grouped by guest node, so
+/// that a NUMA move (which sets the new host node's CPUs here, beside its
+/// vCPUs) takes them along. Cheap to clone: clones share one set.
+///
+/// [`joins`]: PinnedThreads::join
+/// [`set_cpus`]: PinnedThreads::set_cpus
+#[derive(Debug, Clone, Default)]
+pub struct PinnedThreads(Arc<Mutex<PinnedInner>>);
+
+/// A thread's place in a [`PinnedThreads`] set; dropping it leaves the set.
+#[derive(Debug)]
+pub struct Membership {
+    set: PinnedThreads,
+    tid: i32,
+}
+
+impl Drop for Membership {
+    fn drop(&mut self) {
+        self.set.lock().threads.retain(|t| t.tid != self.tid);
+    }
+}
+
+impl PinnedThreads {
+    /// An empty set, no group's CPUs known.
+    pub fn new() -> PinnedThreads {
+        PinnedThreads::default()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, PinnedInner> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Adds thread `tid` (`name`, working for `owner`) to `group` and pins
+    /// it to the group's CPUs if they are known. It is a member even if
+    /// pinning fails (the error says why), so a later [`set_cpus`] retries.
+    ///
+    /// [`set_cpus`]: PinnedThreads::set_cpus
+    pub fn join(
+        &self,
+        name: &str,
+        owner: &str,
+        tid: i32,
+        group: u32,
+    ) -> (Membership, Result<(), AffinityError>) {
+        let mut inner = self.lock();
+        let pinned = match inner.cpus.get(&group) {
+            Some(cpus) if !cpus.is_empty() => set_thread_affinity(tid, cpus),
+            _ => Ok(()),
+        };
+        inner.threads.push(PinnedThread {
+            name: name.to_string(),
+            owner: owner.to_string(),
+            tid,
+            group,
+        });
+        let member = Membership {
+            set: self.clone(),
+            tid,
+        };
+        (member, pinned)
+    }
+
+    /// Makes `cpus` the CPUs of `group` and pins every member of it there
+    /// (an empty list records that the group has no CPUs of its own and
+    /// pins nothing). Every member is tried; the first failure is returned.
+    pub fn set_cpus(&self, group: u32, cpus: &[usize]) -> Result<(), AffinityError> {
+        let mut inner = self.lock();
+        inner.cpus.insert(group, cpus.to_vec());
+        if cpus.is_empty() {
+            return Ok(());
+        }
+        let mut first_err = None;
+        for t in inner.threads.iter().filter(|t| t.group == group) {
+            if let Err(e) = set_thread_affinity(t.tid, cpus) {
+                first_err.get_or_insert(e);
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
+    /// The CPUs `group` was last given (None: never).
+    pub fn cpus(&self, group: u32) -> Option<Vec<usize>> {
+        self.lock().cpus.get(&group).cloned()
+    }
+
+    /// Every member now, in the order they joined.
+    pub fn threads(&self) -> Vec<PinnedThread> {
+        self.lock().threads.clone()
+    }
+}
+
 pub use crate::util::format_cpu_list;
 
 #[cfg(test)]
@@ -347,6 +469,39 @@ mod tests {
             set_thread_affinity(0, &[MAX_CPUS]),
             Err(AffinityError::CpuOutOfRange { .. })
         ));
+    }
+
+    #[test]
+    fn pinned_threads_follow_their_group_s_cpus_and_leave_when_dropped() {
+        std::thread::spawn(|| {
+            let tid = current_tid();
+            let all = thread_affinity(tid).unwrap();
+            let first = vec![all[0]];
+            let set = PinnedThreads::new();
+            // No CPUs known yet: the thread keeps its own.
+            let (member, r) = set.join("t", "dev", tid, 0);
+            r.unwrap();
+            assert_eq!(thread_affinity(tid).unwrap(), all);
+            set.set_cpus(0, &first).unwrap();
+            assert_eq!(thread_affinity(tid).unwrap(), first);
+            // Another group's CPUs leave it alone.
+            set.set_cpus(1, &all).unwrap();
+            assert_eq!(thread_affinity(tid).unwrap(), first);
+            set.set_cpus(0, &all).unwrap();
+            assert_eq!(thread_affinity(tid).unwrap(), all);
+            assert_eq!(set.threads()[0].owner, "dev");
+            drop(member);
+            assert!(set.threads().is_empty());
+            // Known CPUs pin a thread as it joins.
+            set.set_cpus(0, &first).unwrap();
+            let (_m, r) = set.join("t", "dev", tid, 0);
+            r.unwrap();
+            assert_eq!(thread_affinity(tid).unwrap(), first);
+            assert_eq!(set.cpus(0), Some(first));
+            set_thread_affinity(tid, &all).unwrap();
+        })
+        .join()
+        .unwrap();
     }
 
     #[test]

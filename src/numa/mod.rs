@@ -10,7 +10,8 @@
 //!   follows through its MMU notifiers; no pause at all.
 //!
 //! Every mode then sets the memory policy to the target (later faults land
-//! there too) and re-pins the node's vCPU threads to the target's CPUs.
+//! there too) and re-pins the node's vCPU threads, and its device workers,
+//! to the target's CPUs.
 //! Placement before and after is measured from the kernel.
 //!
 //! This module owns the NUMA operations (`numa-migrate`, `numa-stat`) and
@@ -36,8 +37,8 @@ use sink::LocalSink;
 pub const KERNEL_BATCH_PAGES: usize = 2048;
 
 pub use crate::api::numa::{
-    BatchStats, GuestNodeStat, Mode, NumaMigrateReport, NumaMigrateRequest, NumaStatReport,
-    VcpuStat,
+    BatchStats, DeviceThreadStat, GuestNodeStat, Mode, NumaMigrateReport, NumaMigrateRequest,
+    NumaStatReport, VcpuStat,
 };
 
 /// The step after the memory moved at which a test makes a move fail.
@@ -159,6 +160,15 @@ pub enum UndoError {
     Vcpu {
         /// The thread.
         tid: i32,
+        /// sched_setaffinity's error.
+        #[source]
+        source: AffinityError,
+    },
+    /// A guest node's device workers could not get their old CPUs back.
+    #[error("device threads of guest node {guest_node}: {source}")]
+    Workers {
+        /// The guest node.
+        guest_node: u32,
         /// sched_setaffinity's error.
         #[source]
         source: AffinityError,
@@ -416,7 +426,7 @@ pub fn numa_migrate(
     let backing = vm.memory().nodes[guest_nodes[0] as usize].backing;
     let budget = Duration::from_secs_f64(max_downtime / 1e3);
     let homes = vm.host_nodes();
-    let cpus_before = vcpu_affinities(vm, &guest_nodes).map_err(|e| failed(e.into()))?;
+    let cpus_before = threads_cpus(vm, &guest_nodes).map_err(|e| failed(e.into()))?;
     match req.mode {
         Mode::StopCopy => {
             let mut sink = LocalSink::new(target, backing);
@@ -569,14 +579,29 @@ fn finish(
     Ok(())
 }
 
-/// Each vCPU of `guest_nodes`: (thread id, allowed CPUs now).
-fn vcpu_affinities(vm: &Vm, guest_nodes: &[u32]) -> Result<Vec<(i32, Vec<usize>)>, AffinityError> {
+/// Where the threads of the moved guest nodes ran before the move, for
+/// undoing it.
+struct CpusBefore {
+    /// Each vCPU of the nodes: (thread id, allowed CPUs).
+    vcpus: Vec<(i32, Vec<usize>)>,
+    /// Each node's device-worker CPUs (None: never set).
+    workers: Vec<(u32, Option<Vec<usize>>)>,
+}
+
+/// The CPUs the threads of `guest_nodes` may run on now.
+fn threads_cpus(vm: &Vm, guest_nodes: &[u32]) -> Result<CpusBefore, AffinityError> {
     let vcpu_nodes = vm.config().vcpu_nodes();
-    vm.vcpu_tids()
+    let vcpus = vm
+        .vcpu_tids()
         .into_iter()
         .filter(|(id, _)| guest_nodes.contains(&vcpu_nodes[*id as usize]))
         .map(|(_, tid)| Ok((tid, affinity::thread_affinity(tid)?)))
-        .collect()
+        .collect::<Result<_, AffinityError>>()?;
+    let workers = guest_nodes
+        .iter()
+        .map(|&g| (g, vm.device_threads().cpus(g)))
+        .collect();
+    Ok(CpusBefore { vcpus, workers })
 }
 
 /// Undoes a move whose memory already went to the target: every chunk goes
@@ -590,7 +615,7 @@ fn move_back(
     backing: crate::memory::Backing,
     chunks: &[(u32, u64, u32)],
     homes: &[u32],
-    cpus_before: &[(i32, Vec<usize>)],
+    cpus_before: &CpusBefore,
     budget: Duration,
 ) -> Result<(), Vec<UndoError>> {
     let mut errors = Vec::new();
@@ -639,9 +664,18 @@ fn move_back(
             }
         }
     }
-    for (tid, cpus) in cpus_before {
+    for (tid, cpus) in &cpus_before.vcpus {
         if let Err(source) = affinity::set_thread_affinity(*tid, cpus) {
             errors.push(UndoError::Vcpu { tid: *tid, source });
+        }
+    }
+    for (g, cpus) in &cpus_before.workers {
+        let cpus = cpus.as_deref().unwrap_or_default();
+        if let Err(source) = vm.device_threads().set_cpus(*g, cpus) {
+            errors.push(UndoError::Workers {
+                guest_node: *g,
+                source,
+            });
         }
     }
     if errors.is_empty() {
@@ -971,6 +1005,8 @@ fn kernel_complete(
     Ok(())
 }
 
+/// Pins the threads that serve `guest_nodes` to the target's `cpus`: each
+/// node's vCPUs, then its device workers (and the workers it starts later).
 fn repin_vcpus(
     vm: &Vm,
     guest_nodes: &[u32],
@@ -991,6 +1027,9 @@ fn repin_vcpus(
         report
             .vcpu_cpus
             .insert(id.to_string(), affinity::format_cpu_list(&now));
+    }
+    for &g in guest_nodes {
+        vm.device_threads().set_cpus(g, cpus)?;
     }
     Ok(())
 }
@@ -1054,9 +1093,30 @@ pub fn numa_stat(vm: &Vm) -> Result<NumaStatReport, StatError> {
             allowed_cpus: affinity::format_cpu_list(&cpus),
         });
     }
+    let mut device_threads = Vec::new();
+    for t in vm.device_threads().threads() {
+        let cpus = match affinity::thread_affinity(t.tid) {
+            Ok(c) => c,
+            // It ended since it was listed (a driver reset its device).
+            Err(AffinityError::Get { source, .. })
+                if source.raw_os_error() == Some(libc::ESRCH) =>
+            {
+                continue
+            }
+            Err(e) => return Err(e.into()),
+        };
+        device_threads.push(DeviceThreadStat {
+            name: t.name,
+            device: t.owner,
+            tid: t.tid,
+            guest_node: t.group,
+            allowed_cpus: affinity::format_cpu_list(&cpus),
+        });
+    }
     Ok(NumaStatReport {
         guest_nodes,
         vcpus,
+        device_threads,
         query_ms: t.elapsed().as_secs_f64() * 1e3,
     })
 }

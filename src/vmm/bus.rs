@@ -230,6 +230,10 @@ pub struct DeviceSet {
     pub memory: crate::memory::DeviceMemory,
     /// Quiesces, resumes and saves the devices (None: no device has state).
     pub control: Option<Box<dyn DeviceControl>>,
+    /// The devices' worker threads, by guest node: the VM gives each guest
+    /// node's group the CPUs of its host node (and a NUMA move the new
+    /// node's), so the workers run beside the vCPUs and memory they serve.
+    pub threads: crate::host::affinity::PinnedThreads,
 }
 
 impl std::fmt::Debug for DeviceSet {

@@ -653,6 +653,40 @@ impl VsockConfig {
     }
 }
 
+/// The request pattern of `builtin:disk` (`mode=`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DiskMode {
+    /// `mixed`: 4 KiB at random blocks, three writes to one read-back, one
+    /// request in flight.
+    #[default]
+    Mixed,
+    /// `rand-read-qd32`: 4 KiB reads at random blocks, 32 in flight.
+    RandReadQd32,
+    /// `seq-write`: 1 MiB writes from block 0 up, wrapping, one in flight.
+    SeqWrite,
+    /// `seq-read`: 1 MiB reads likewise.
+    SeqRead,
+}
+
+impl DiskMode {
+    /// Every mode, with its `mode=` name.
+    pub const ALL: [(DiskMode, &'static str); 4] = [
+        (DiskMode::Mixed, "mixed"),
+        (DiskMode::RandReadQd32, "rand-read-qd32"),
+        (DiskMode::SeqWrite, "seq-write"),
+        (DiskMode::SeqRead, "seq-read"),
+    ];
+
+    /// Its `mode=` name.
+    pub fn name(self) -> &'static str {
+        Self::ALL
+            .iter()
+            .find(|(m, _)| *m == self)
+            .map_or("mixed", |(_, n)| n)
+    }
+}
+
 /// Which guest runs, with its options.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
@@ -671,9 +705,10 @@ pub enum GuestSpec {
         /// zero-page skipping does not flatter benchmarks.
         fill_random: bool,
     },
-    /// `builtin:disk[,size=SIZE|blocks=N][,rate=PER_S]`: vCPU 0 drives the first
-    /// disk (tagged 4 KiB writes, read-backs), the others sweep memory as
-    /// `builtin:dirty` does.
+    /// `builtin:disk[,size=SIZE|blocks=N][,rate=PER_S][,mode=MODE]`: vCPU 0
+    /// drives the first disk (by default tagged 4 KiB writes and
+    /// read-backs, one at a time; `mode=` picks a benchmark pattern), the
+    /// others sweep memory as `builtin:dirty` does.
     Disk {
         /// Blocks of the disk it uses, from block 0 (None: the whole
         /// disk, up to the most its table holds).
@@ -681,6 +716,9 @@ pub enum GuestSpec {
         /// Requests (vCPU 0) and pages (the others) per second over all
         /// vCPUs (None: as fast as they can).
         rate: Option<u64>,
+        /// The request pattern.
+        #[serde(default)]
+        mode: DiskMode,
     },
     /// `builtin:net`: sends numbered frames through the first network
     /// card and checks each echo (see `guest::net`).
@@ -699,7 +737,7 @@ impl GuestSpec {
     pub fn parse(s: &str) -> Result<GuestSpec, ConfigError> {
         let rest = s.strip_prefix("builtin:").ok_or_else(|| {
             ConfigError::Invalid(format!(
-                "--guest {s}: expected builtin:idle, builtin:dirty[,wss=SIZE][,rate=N] or builtin:disk[,size=SIZE][,blocks=N][,rate=N]"
+                "--guest {s}: expected builtin:idle, builtin:dirty[,wss=SIZE][,rate=N] or builtin:disk[,size=SIZE][,blocks=N][,rate=N][,mode=MODE]"
             ))
         })?;
         let mut parts = rest.split(',');
@@ -734,7 +772,7 @@ impl GuestSpec {
                 })
             }
             "disk" => {
-                let (mut blocks, mut rate) = (None, None);
+                let (mut blocks, mut rate, mut mode) = (None, None, DiskMode::Mixed);
                 for kv in parts {
                     match kv.split_once('=') {
                         Some(("blocks", v)) => {
@@ -766,12 +804,23 @@ impl GuestSpec {
                             blocks = Some(n)
                         }
                         Some(("rate", v)) => rate = Some(parse_rate(v)?),
+                        Some(("mode", v)) => {
+                            mode = DiskMode::ALL
+                                .iter()
+                                .find(|(_, n)| *n == v)
+                                .map(|(m, _)| *m)
+                                .ok_or_else(|| {
+                                    ConfigError::Invalid(format!(
+                                        "--guest: mode={v} is not a builtin:disk mode (expected mixed, rand-read-qd32, seq-write or seq-read)"
+                                    ))
+                                })?
+                        }
                         _ => return Err(ConfigError::Invalid(format!(
-                            "--guest: unknown option '{kv}' for builtin:disk (expected size=SIZE, blocks=N, rate=N)"
+                            "--guest: unknown option '{kv}' for builtin:disk (expected size=SIZE, blocks=N, rate=N, mode=MODE)"
                         ))),
                     }
                 }
-                Ok(GuestSpec::Disk { blocks, rate })
+                Ok(GuestSpec::Disk { blocks, rate, mode })
             }
             "net" => {
                 if let Some(p) = parts.next() {
@@ -862,6 +911,7 @@ mod tests {
         c.guest = GuestSpec::Disk {
             blocks: None,
             rate: None,
+            mode: DiskMode::Mixed,
         };
         let e = c.validate().unwrap_err().to_string();
         assert!(e.contains("--disk"), "{e}");
@@ -897,21 +947,33 @@ mod tests {
             GuestSpec::parse("builtin:disk,blocks=64,rate=500").unwrap(),
             GuestSpec::Disk {
                 blocks: Some(64),
-                rate: Some(500)
+                rate: Some(500),
+                mode: DiskMode::Mixed,
             }
         );
         assert_eq!(
             GuestSpec::parse("builtin:disk").unwrap(),
             GuestSpec::Disk {
                 blocks: None,
-                rate: None
+                rate: None,
+                mode: DiskMode::Mixed,
             }
         );
+        assert_eq!(
+            GuestSpec::parse("builtin:disk,mode=seq-write").unwrap(),
+            GuestSpec::Disk {
+                blocks: None,
+                rate: None,
+                mode: DiskMode::SeqWrite,
+            }
+        );
+        assert!(GuestSpec::parse("builtin:disk,mode=fast").is_err());
         assert_eq!(
             GuestSpec::parse("builtin:disk,size=1M").unwrap(),
             GuestSpec::Disk {
                 blocks: Some(256),
-                rate: None
+                rate: None,
+                mode: DiskMode::Mixed,
             }
         );
         for bad in [

@@ -405,6 +405,8 @@ pub struct Vm {
     irqchip: bool,
     dirty: Mutex<DirtyState>,
     host_nodes: Mutex<Vec<u32>>,
+    /// The devices' worker threads, each following its guest node's CPUs.
+    device_threads: crate::host::affinity::PinnedThreads,
     /// vCPU throttle, percent of each period asleep (auto-converge).
     throttle: Arc<AtomicU32>,
     /// The thread that kicks vCPUs while throttled.
@@ -501,6 +503,7 @@ impl Vm {
             irqchip,
             dirty: Mutex::new(DirtyState::default()),
             host_nodes: Mutex::new(host_nodes.clone()),
+            device_threads: devices.threads.clone(),
             throttle: Arc::new(AtomicU32::new(0)),
             throttler: Mutex::new(None),
             tsc_khz: AtomicU32::new(0),
@@ -632,6 +635,14 @@ impl Vm {
             )?);
         }
         *vm.vcpus.lock().unwrap_or_else(|e| e.into_inner()) = handles;
+        // The device workers go where their guest node's vCPUs went (the
+        // ones a restore started are pinned now, later ones as they start).
+        for (g, &host) in host_nodes.iter().enumerate() {
+            let cpus = topo.node(host).map(|n| n.cpus.clone()).unwrap_or_default();
+            if let Err(e) = vm.device_threads.set_cpus(g as u32, &cpus) {
+                tracing::warn!("guest node {g}: cannot pin its device threads: {e}");
+            }
+        }
         let vm = Arc::new(vm);
         tracing::debug!("vm: vCPU threads started at {:?}", t.elapsed());
         if paused {
@@ -972,6 +983,12 @@ impl Vm {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+    }
+
+    /// The devices' worker threads and the CPUs each guest node's group
+    /// follows (a NUMA move re-pins them with the vCPUs).
+    pub fn device_threads(&self) -> &crate::host::affinity::PinnedThreads {
+        &self.device_threads
     }
 
     /// Records a guest node's new host node after a move.

@@ -19,6 +19,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::worker::{Worker, WorkerArgs, WorkerGone};
 use super::{features, status, SavedQueue, Signals, VirtioDevice, INT_CONFIG};
 use crate::devices::DeviceError;
+use crate::host::affinity::PinnedThreads;
 use crate::memory::DeviceMemory;
 use crate::vmm::bus::{BusError, DeviceSet, IoAction, IoEvent, MmioDevice};
 
@@ -140,6 +141,8 @@ struct Regs {
     quiesced: bool,
     /// The live queues as the worker gave them when it parked.
     parked: Option<Vec<QueueState>>,
+    /// The set whose guest node's CPUs its workers follow, and the node.
+    pins: Option<(PinnedThreads, u32)>,
 }
 
 /// A virtio device on the MMIO bus.
@@ -207,6 +210,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
                 worker: None,
                 quiesced: false,
                 parked: None,
+                pins: None,
             }),
         })
     }
@@ -300,6 +304,16 @@ impl<D: VirtioDevice> MmioTransport<D> {
             r.quiesced = false;
         }
         Ok(t)
+    }
+
+    /// Makes the device's worker thread (the one running now and every one
+    /// started later) follow the CPUs `threads` gives `guest_node`.
+    pub fn pin_workers(&self, threads: PinnedThreads, guest_node: u32) {
+        let mut r = self.lock();
+        if let Some(w) = r.worker.as_mut() {
+            w.follow(&threads, guest_node);
+        }
+        r.pins = Some((threads, guest_node));
     }
 
     /// The device below the transport.
@@ -433,7 +447,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
         if r.quiesced {
             r.parked = Some(queues.iter().map(|q| q.state()).collect());
         }
-        r.worker = Some(Worker::spawn(WorkerArgs {
+        let mut worker = Worker::spawn(WorkerArgs {
             device: self.name.clone(),
             queues,
             notify,
@@ -441,7 +455,11 @@ impl<D: VirtioDevice> MmioTransport<D> {
             signals: self.signals.clone(),
             memory: self.memory.clone(),
             paused: r.quiesced,
-        })?);
+        })?;
+        if let Some((threads, node)) = &r.pins {
+            worker.follow(threads, *node);
+        }
+        r.worker = Some(worker);
         Ok(())
     }
 

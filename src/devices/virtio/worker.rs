@@ -5,7 +5,9 @@
 //! through [`Rings`] and fills the used rings), and raises the interrupt.
 //!
 //! It owns the live `Queue`s while the device is active; the transport gets
-//! their state back when it quiesces or stops the worker.
+//! their state back when it quiesces or stops the worker. Which host CPUs
+//! the thread runs on is the VM's [`PinnedThreads`] set's to say: the
+//! transport makes the worker a member of its guest node's group.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
@@ -18,6 +20,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{QueueBroken, QueueHandler, Rings, Signals, INT_VRING};
+use crate::host::affinity::{Membership, PinnedThreads};
 use crate::memory::DeviceMemory;
 
 /// How long the transport waits for its worker to answer a command: the
@@ -53,6 +56,11 @@ pub(crate) struct Worker {
     /// requests, so it stops taking new ones at once.
     hold: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
+    /// The thread's name and kernel tid.
+    name: String,
+    tid: i32,
+    /// Its place among the threads pinned to its guest node's CPUs.
+    pinned: Option<Membership>,
 }
 
 impl std::fmt::Debug for Worker {
@@ -95,19 +103,27 @@ impl Worker {
             .chars()
             .take(15)
             .collect();
-        let thread = std::thread::Builder::new().name(name).spawn(move || {
-            let paused = args.paused;
-            Loop {
-                device: args.device,
-                queues: args.queues,
-                notify: args.notify,
-                handler: args.handler,
-                signals: args.signals,
-                memory: args.memory,
-                hold: thread_hold,
-                broken: false,
-            }
-            .run(rx, thread_wake, paused)
+        let (tid_tx, tid_rx) = mpsc::sync_channel(1);
+        let thread = std::thread::Builder::new()
+            .name(name.clone())
+            .spawn(move || {
+                let _ = tid_tx.send(crate::host::affinity::current_tid());
+                let paused = args.paused;
+                Loop {
+                    device: args.device,
+                    queues: args.queues,
+                    notify: args.notify,
+                    handler: args.handler,
+                    signals: args.signals,
+                    memory: args.memory,
+                    hold: thread_hold,
+                    broken: false,
+                }
+                .run(rx, thread_wake, paused)
+            })?;
+        // The thread's first act: it cannot fail to answer unless it died.
+        let tid = tid_rx.recv().map_err(|_| {
+            std::io::Error::other(format!("the worker thread of {device} died as it started"))
         })?;
         Ok(Worker {
             device,
@@ -115,7 +131,21 @@ impl Worker {
             wake,
             hold,
             thread: Some(thread),
+            name,
+            tid,
+            pinned: None,
         })
+    }
+
+    /// Makes the thread follow the CPUs of `guest_node` in `threads` (it is
+    /// pinned there now if they are known). A thread that cannot be pinned
+    /// still serves, on the CPUs it has; the warning says why.
+    pub fn follow(&mut self, threads: &PinnedThreads, guest_node: u32) {
+        let (member, pinned) = threads.join(&self.name, &self.device, self.tid, guest_node);
+        if let Err(e) = pinned {
+            tracing::warn!("{}: cannot pin its worker thread: {e}", self.device);
+        }
+        self.pinned = Some(member);
     }
 
     fn send(&self, c: Ctl) -> Result<(), WorkerGone> {

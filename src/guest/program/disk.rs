@@ -16,6 +16,7 @@ use iced_x86::code_asm::*;
 
 use super::block;
 use crate::guest::abi::{PORT_PACE, PORT_WAIT};
+pub use crate::vmm::config::DiskMode;
 
 /// Offsets in the disk guest's control data (host-written fields are set
 /// before the vCPU first runs; the guest writes the rest).
@@ -74,6 +75,12 @@ pub mod ctl {
     pub const ERR_FOUND: u64 = 192;
     /// The disk's capacity in 512-byte sectors, as the guest read it.
     pub const CAPACITY: u64 = 200;
+    /// Host: the benchmark modes' region ([`super::bench`]): their queue,
+    /// headers, status bytes and data buffers.
+    pub const BUF: u64 = 208;
+    /// Blocks the write in flight covers from INFLIGHT_BLOCK (0 reads as
+    /// 1: the mixed mode writes one block at a time and leaves it 0).
+    pub const INFLIGHT_COUNT: u64 = 216;
     /// Per read slot (16 bytes each): the block it holds and that block's
     /// tag, once the guest found it as the table says (tag 0: being read,
     /// a block never written, or one that did not match).
@@ -103,6 +110,35 @@ pub mod area {
     /// Bytes before the table, which follows the area.
     pub const SIZE: u64 = READ_BUF + super::READ_SLOTS * super::BLOCK_BYTES;
 }
+
+/// Offsets in the benchmark modes' region (at [`ctl::BUF`], after the
+/// table): a larger queue than the mixed mode's, so that 32 requests of 3
+/// descriptors each fit, one header and status byte per request, and the
+/// data buffers.
+pub mod bench {
+    /// Descriptor table ([`super::BENCH_QUEUE_SIZE`] × 16 bytes).
+    pub const DESC: u64 = 0x0;
+    /// Available ring.
+    pub const AVAIL: u64 = 0x800;
+    /// Used ring.
+    pub const USED: u64 = 0x1000;
+    /// Request headers, 16 bytes each.
+    pub const HEADERS: u64 = 0x2000;
+    /// Status bytes, one per request.
+    pub const STATUS: u64 = 0x2200;
+    /// Data: request i's 4 KiB block at `DATA + i * 4096` (random reads),
+    /// or the one 1 MiB buffer (sequential modes).
+    pub const DATA: u64 = 0x10000;
+    /// Bytes of the region.
+    pub const SIZE: u64 = DATA + super::SEQ_BLOCKS * super::BLOCK_BYTES;
+}
+
+/// Queue size of the benchmark modes.
+pub const BENCH_QUEUE_SIZE: u16 = 128;
+/// Requests in flight in `rand-read-qd32`.
+pub const QUEUE_DEPTH: u32 = 32;
+/// Blocks of one sequential request (1 MiB).
+pub const SEQ_BLOCKS: u64 = 256;
 
 /// [`ctl::STATE`]: the driver set the device up and runs its loop.
 pub const RUNNING: u64 = 1;
@@ -256,6 +292,13 @@ const CONFIG_CAPACITY: u32 = 0x100;
 /// (kept from before the request to after it); r12 = requests since the
 /// last PACE.
 pub fn program(base: u64, ctl_addr: u64) -> Result<Vec<u8>, IcedError> {
+    program_for(base, ctl_addr, DiskMode::Mixed)
+}
+
+/// The driver for `mode`: [`program`]'s set-up, then the mode's loop. The
+/// benchmark modes keep their queue and buffers in the region at
+/// [`ctl::BUF`] (r13 points there instead of at the area).
+pub fn program_for(base: u64, ctl_addr: u64, mode: DiskMode) -> Result<Vec<u8>, IcedError> {
     let mut a = CodeAssembler::new(64)?;
     let mut fail = a.create_label();
     let mut fail_codes: Vec<(CodeLabel, Failure)> = Vec::new();
@@ -274,7 +317,15 @@ pub fn program(base: u64, ctl_addr: u64) -> Result<Vec<u8>, IcedError> {
     let mmio = |r: u32| dword_ptr(rbx + r as i32);
     a.mov(rbp, ctl_addr)?;
     a.mov(rbx, qword_ptr(rbp + ctl::MMIO as i32))?;
-    a.mov(r13, qword_ptr(rbp + ctl::AREA as i32))?;
+    let (queue_size, queue_parts, region) = match mode {
+        DiskMode::Mixed => (QUEUE_SIZE, [area::DESC, area::AVAIL, area::USED], ctl::AREA),
+        _ => (
+            BENCH_QUEUE_SIZE,
+            [bench::DESC, bench::AVAIL, bench::USED],
+            ctl::BUF,
+        ),
+    };
+    a.mov(r13, qword_ptr(rbp + region as i32))?;
     a.mov(r14, qword_ptr(rbp + ctl::TABLE as i32))?;
     a.xor(r12, r12)?;
 
@@ -312,26 +363,23 @@ pub fn program(base: u64, ctl_addr: u64) -> Result<Vec<u8>, IcedError> {
     // Queue 0 in the area.
     a.mov(mmio(reg::VIRTIO_MMIO_QUEUE_SEL), 0)?;
     a.mov(eax, mmio(reg::VIRTIO_MMIO_QUEUE_NUM_MAX))?;
-    a.cmp(eax, QUEUE_SIZE as u32)?;
+    a.cmp(eax, queue_size as u32)?;
     a.jb(small_queue)?;
-    a.mov(mmio(reg::VIRTIO_MMIO_QUEUE_NUM), QUEUE_SIZE as u32)?;
-    for (part, lo, hi) in [
+    a.mov(mmio(reg::VIRTIO_MMIO_QUEUE_NUM), queue_size as u32)?;
+    for (part, (lo, hi)) in queue_parts.into_iter().zip([
         (
-            area::DESC,
             reg::VIRTIO_MMIO_QUEUE_DESC_LOW,
             reg::VIRTIO_MMIO_QUEUE_DESC_HIGH,
         ),
         (
-            area::AVAIL,
             reg::VIRTIO_MMIO_QUEUE_AVAIL_LOW,
             reg::VIRTIO_MMIO_QUEUE_AVAIL_HIGH,
         ),
         (
-            area::USED,
             reg::VIRTIO_MMIO_QUEUE_USED_LOW,
             reg::VIRTIO_MMIO_QUEUE_USED_HIGH,
         ),
-    ] {
+    ]) {
         a.lea(rax, qword_ptr(r13 + part as i32))?;
         a.mov(mmio(lo), eax)?;
         a.shr(rax, 32)?;
@@ -357,9 +405,41 @@ pub fn program(base: u64, ctl_addr: u64) -> Result<Vec<u8>, IcedError> {
     a.cmova(rax, rcx)?;
     a.test(rax, rax)?;
     a.jz(too_small)?;
+    if matches!(mode, DiskMode::SeqWrite | DiskMode::SeqRead) {
+        // Whole 1 MiB requests only.
+        a.and(rax, -(SEQ_BLOCKS as i32))?;
+        a.jz(too_small)?;
+    }
     a.mov(r15, rax)?;
     a.mov(qword_ptr(rbp + ctl::BLOCKS as i32), rax)?;
     a.mov(qword_ptr(rbp + ctl::STATE as i32), RUNNING as i32)?;
+    let mut park = a.create_label();
+    match mode {
+        DiskMode::Mixed => mixed_loop(&mut a, needs_reset)?,
+        DiskMode::RandReadQd32 => qd_read_loop(&mut a, needs_reset)?,
+        DiskMode::SeqWrite => seq_loop(&mut a, needs_reset, true)?,
+        DiskMode::SeqRead => seq_loop(&mut a, needs_reset, false)?,
+    }
+
+    for (mut l, f) in fail_codes {
+        a.set_label(&mut l)?;
+        a.mov(eax, f as u32)?;
+        a.jmp(fail)?;
+    }
+    a.set_label(&mut fail)?;
+    a.mov(qword_ptr(rbp + ctl::FAIL as i32), rax)?;
+    a.mov(qword_ptr(rbp + ctl::STATE as i32), FAILED as i32)?;
+    a.set_label(&mut park)?;
+    a.mov(dx, PORT_WAIT as u32)?;
+    a.out(dx, eax)?;
+    a.jmp(park)?;
+    a.assemble(base)
+}
+
+/// The mixed mode's loop: 4 KiB at random blocks, three writes to one
+/// read-back, one request in flight (descriptors 0, 1, 2 in the area).
+fn mixed_loop(a: &mut CodeAssembler, needs_reset: CodeLabel) -> Result<(), IcedError> {
+    let mmio = |r: u32| dword_ptr(rbx + r as i32);
 
     let mut top = a.create_label();
     let mut prep_read = a.create_label();
@@ -374,7 +454,6 @@ pub fn program(base: u64, ctl_addr: u64) -> Result<Vec<u8>, IcedError> {
     let mut mismatch = a.create_label();
     let mut counted = a.create_label();
     let mut complete = a.create_label();
-    let mut park = a.create_label();
 
     a.set_label(&mut top)?;
     // Read every READ_EVERY-th request: r8 = 0 then.
@@ -415,7 +494,7 @@ pub fn program(base: u64, ctl_addr: u64) -> Result<Vec<u8>, IcedError> {
     a.mov(qword_ptr(rsi + (word::VCPU * 8) as i32), 0)?;
     a.mov(rax, qword_ptr(rbp + ctl::RUN as i32))?;
     a.mov(qword_ptr(rsi + (word::RUN * 8) as i32), rax)?;
-    seed(&mut a)?;
+    seed(a)?;
     a.lea(rdx, qword_ptr(rsi + (HEADER_WORDS * 8) as i32))?;
     a.lea(r11, qword_ptr(rsi + BLOCK_BYTES as i32))?;
     a.set_label(&mut fill)?;
@@ -532,7 +611,7 @@ pub fn program(base: u64, ctl_addr: u64) -> Result<Vec<u8>, IcedError> {
     a.mov(rax, qword_ptr(rbp + ctl::RUN as i32))?;
     a.cmp(qword_ptr(rsi + (word::RUN * 8) as i32), rax)?;
     a.jne(mismatch)?;
-    seed(&mut a)?;
+    seed(a)?;
     a.lea(rdx, qword_ptr(rsi + (HEADER_WORDS * 8) as i32))?;
     a.lea(r11, qword_ptr(rsi + BLOCK_BYTES as i32))?;
     a.set_label(&mut check_fill)?;
@@ -582,21 +661,335 @@ pub fn program(base: u64, ctl_addr: u64) -> Result<Vec<u8>, IcedError> {
     a.mov(dx, PORT_PACE as u32)?;
     a.out(dx, eax)?;
     a.xor(r12, r12)?;
-    a.jmp(top)?;
+    a.jmp(top)
+}
 
-    for (mut l, f) in fail_codes {
-        a.set_label(&mut l)?;
-        a.mov(eax, f as u32)?;
-        a.jmp(fail)?;
+/// rax = a random block below r15 (the LCG in [`ctl::RNG`] advanced);
+/// clobbers rcx and rdx, leaves the block in rdx too.
+fn random_block(a: &mut CodeAssembler) -> Result<(), IcedError> {
+    a.mov(rax, qword_ptr(rbp + ctl::RNG as i32))?;
+    a.mov(rcx, 6_364_136_223_846_793_005u64)?;
+    a.imul_2(rax, rcx)?;
+    a.mov(rcx, 1_442_695_040_888_963_407u64)?;
+    a.add(rax, rcx)?;
+    a.mov(qword_ptr(rbp + ctl::RNG as i32), rax)?;
+    a.shr(rax, 33)?;
+    a.xor(edx, edx)?;
+    a.div(r15)?;
+    a.mov(rax, rdx)
+}
+
+/// Waits until the used ring's index differs from `dx_reg`'s low 16 bits
+/// (`cmp_with`), looking at the Status register now and then (an exit) so
+/// that a device that needs a reset is noticed. Leaves the used index in
+/// edx; clobbers esi.
+fn wait_used(
+    a: &mut CodeAssembler,
+    needs_reset: CodeLabel,
+    until_equal: bool,
+    with: AsmRegister16,
+) -> Result<(), IcedError> {
+    let mmio = |r: u32| dword_ptr(rbx + r as i32);
+    let mut poll = a.create_label();
+    let mut seen = a.create_label();
+    a.xor(esi, esi)?;
+    a.set_label(&mut poll)?;
+    a.movzx(edx, word_ptr(r13 + (bench::USED + 2) as i32))?;
+    a.cmp(dx, with)?;
+    if until_equal {
+        a.je(seen)?;
+    } else {
+        a.jne(seen)?;
     }
-    a.set_label(&mut fail)?;
-    a.mov(qword_ptr(rbp + ctl::FAIL as i32), rax)?;
-    a.mov(qword_ptr(rbp + ctl::STATE as i32), FAILED as i32)?;
-    a.set_label(&mut park)?;
-    a.mov(dx, PORT_WAIT as u32)?;
+    a.pause()?;
+    a.inc(esi)?;
+    a.test(esi, POLLS_PER_STATUS_CHECK - 1)?;
+    a.jnz(poll)?;
+    a.mov(esi, mmio(reg::VIRTIO_MMIO_STATUS))?;
+    a.test(esi, S_NEEDS_RESET)?;
+    a.jnz(needs_reset)?;
+    a.xor(esi, esi)?;
+    a.jmp(poll)?;
+    a.set_label(&mut seen)
+}
+
+/// Notifies queue 0 unless the device said it does not need it (it is
+/// draining the queue: VRING_USED_F_NO_NOTIFY), after the avail index
+/// written is visible (mfence: the store before the flag's load).
+fn notify(a: &mut CodeAssembler) -> Result<(), IcedError> {
+    let mut skip = a.create_label();
+    a.mfence()?;
+    a.test(word_ptr(r13 + bench::USED as i32), 1)?;
+    a.jnz(skip)?;
+    a.mov(dword_ptr(rbx + reg::VIRTIO_MMIO_QUEUE_NOTIFY as i32), 0)?;
+    a.set_label(&mut skip)?;
+    a.nop()
+}
+
+/// After `count` (a register) requests completed: PACE when the host
+/// rate-limits the guest (r12 counts requests since the last PACE).
+fn pace(a: &mut CodeAssembler, count: AsmRegister64, next: CodeLabel) -> Result<(), IcedError> {
+    a.add(r12, count)?;
+    a.mov(rax, qword_ptr(rdi + block::PACE_BATCH as i32))?;
+    a.test(rax, rax)?;
+    a.jz(next)?;
+    a.cmp(r12, rax)?;
+    a.jb(next)?;
+    a.mov(eax, r12d)?;
+    a.mov(dx, PORT_PACE as u32)?;
     a.out(dx, eax)?;
-    a.jmp(park)?;
-    a.assemble(base)
+    a.xor(r12, r12)?;
+    a.jmp(next)
+}
+
+/// Counts a request that completed with status al != 0: its block rdx,
+/// whether it wrote (`write`).
+fn count_ioerr(a: &mut CodeAssembler, write: bool) -> Result<(), IcedError> {
+    a.inc(qword_ptr(rbp + ctl::IOERRS as i32))?;
+    a.mov(qword_ptr(rbp + ctl::IOERR_BLOCK as i32), rdx)?;
+    a.mov(qword_ptr(rbp + ctl::IOERR_STATUS as i32), rax)?;
+    a.mov(qword_ptr(rbp + ctl::IOERR_WRITE as i32), write as i32)
+}
+
+/// `rand-read-qd32`: 32 reads of 4 KiB at random blocks always in flight.
+/// Request i is descriptors 3i → 3i+1 → 3i+2 (its header, its block, its
+/// status byte); each completion puts the same request back with a new
+/// block, and one notify (if the device wants it) follows every batch of
+/// completions the guest finds in the used ring.
+fn qd_read_loop(a: &mut CodeAssembler, needs_reset: CodeLabel) -> Result<(), IcedError> {
+    let mut setup = a.create_label();
+    let mut top = a.create_label();
+    let mut drain = a.create_label();
+    let mut ok = a.create_label();
+    let mut counted = a.create_label();
+    // r11 = i; r8 = its descriptors; r9 scratch addresses.
+    a.xor(r11d, r11d)?;
+    a.set_label(&mut setup)?;
+    a.imul_3(r8d, r11d, 48)?;
+    a.lea(r8, qword_ptr(r13 + r8 + bench::DESC as i32))?;
+    a.mov(eax, r11d)?;
+    a.shl(eax, 4)?;
+    a.lea(r9, qword_ptr(r13 + rax + bench::HEADERS as i32))?;
+    a.mov(dword_ptr(r9), T_IN)?;
+    a.mov(dword_ptr(r9 + 4), 0)?;
+    a.mov(qword_ptr(r8), r9)?;
+    a.mov(dword_ptr(r8 + 8), 16)?;
+    a.mov(word_ptr(r8 + 12), F_NEXT)?;
+    a.lea(eax, dword_ptr(r11 + r11 * 2 + 1))?;
+    a.mov(word_ptr(r8 + 14), ax)?;
+    a.mov(eax, r11d)?;
+    a.shl(eax, 12)?;
+    a.lea(r9, qword_ptr(r13 + rax + bench::DATA as i32))?;
+    a.mov(qword_ptr(r8 + 16), r9)?;
+    a.mov(dword_ptr(r8 + 24), BLOCK_BYTES as u32)?;
+    a.mov(word_ptr(r8 + 28), F_NEXT | F_WRITE)?;
+    a.lea(eax, dword_ptr(r11 + r11 * 2 + 2))?;
+    a.mov(word_ptr(r8 + 30), ax)?;
+    a.lea(r9, qword_ptr(r13 + r11 + bench::STATUS as i32))?;
+    a.mov(qword_ptr(r8 + 32), r9)?;
+    a.mov(dword_ptr(r8 + 40), 1)?;
+    a.mov(word_ptr(r8 + 44), F_WRITE)?;
+    a.mov(word_ptr(r8 + 46), 0)?;
+    a.mov(byte_ptr(r9), 0xff)?;
+    random_block(a)?;
+    a.shl(rax, 3)?;
+    a.mov(ecx, r11d)?;
+    a.shl(ecx, 4)?;
+    a.mov(qword_ptr(r13 + rcx + (bench::HEADERS + 8) as i32), rax)?;
+    a.lea(eax, dword_ptr(r11 + r11 * 2))?;
+    a.mov(word_ptr(r13 + r11 * 2 + (bench::AVAIL + 4) as i32), ax)?;
+    a.inc(r11d)?;
+    a.cmp(r11d, QUEUE_DEPTH)?;
+    a.jb(setup)?;
+    a.mov(word_ptr(r13 + (bench::AVAIL + 2) as i32), QUEUE_DEPTH)?;
+    // r10w: the used entries seen so far.
+    a.xor(r10d, r10d)?;
+    notify(a)?;
+
+    a.set_label(&mut top)?;
+    wait_used(a, needs_reset, false, r10w)?;
+    // r15 is the block range; the batch count goes in r8 (kept apart).
+    a.xor(r8d, r8d)?;
+    a.set_label(&mut drain)?;
+    a.mov(eax, r10d)?;
+    a.and(eax, (BENCH_QUEUE_SIZE - 1) as u32)?;
+    a.mov(r11d, dword_ptr(r13 + rax * 8 + (bench::USED + 4) as i32))?;
+    a.mov(eax, r11d)?;
+    a.xor(edx, edx)?;
+    a.mov(ecx, 3)?;
+    a.div(ecx)?;
+    a.mov(r9d, eax)?;
+    // Its status, and the block it read (for an error's record).
+    a.mov(eax, r9d)?;
+    a.shl(eax, 4)?;
+    a.mov(rdx, qword_ptr(r13 + rax + (bench::HEADERS + 8) as i32))?;
+    a.shr(rdx, 3)?;
+    a.movzx(eax, byte_ptr(r13 + r9 + bench::STATUS as i32))?;
+    a.test(eax, eax)?;
+    a.jz(ok)?;
+    count_ioerr(a, false)?;
+    a.jmp(counted)?;
+    a.set_label(&mut ok)?;
+    a.inc(qword_ptr(rbp + ctl::READS as i32))?;
+    a.set_label(&mut counted)?;
+    a.inc(qword_ptr(rbp + ctl::ISSUED as i32))?;
+    a.inc(qword_ptr(rbp + ctl::REQUESTS as i32))?;
+    a.inc(qword_ptr(rdi + block::PROGRESS as i32))?;
+    // The same request again, at a new block.
+    random_block(a)?;
+    a.shl(rax, 3)?;
+    a.mov(ecx, r9d)?;
+    a.shl(ecx, 4)?;
+    a.mov(qword_ptr(r13 + rcx + (bench::HEADERS + 8) as i32), rax)?;
+    a.mov(byte_ptr(r13 + r9 + bench::STATUS as i32), 0xff)?;
+    a.movzx(eax, word_ptr(r13 + (bench::AVAIL + 2) as i32))?;
+    a.mov(ecx, eax)?;
+    a.and(ecx, (BENCH_QUEUE_SIZE - 1) as u32)?;
+    a.mov(word_ptr(r13 + rcx * 2 + (bench::AVAIL + 4) as i32), r11w)?;
+    a.inc(eax)?;
+    a.mov(word_ptr(r13 + (bench::AVAIL + 2) as i32), ax)?;
+    a.inc(r10d)?;
+    a.inc(r8d)?;
+    a.movzx(edx, word_ptr(r13 + (bench::USED + 2) as i32))?;
+    a.cmp(dx, r10w)?;
+    a.jne(drain)?;
+    notify(a)?;
+    pace(a, r8, top)
+}
+
+/// `seq-write` / `seq-read`: one 1 MiB request at a time, from block 0 up
+/// through the blocks used (a multiple of 256), then again. A write fills
+/// each of its 256 blocks as the mixed mode fills one (header and pattern,
+/// one tag for the request), is recorded in flight over its 256 blocks
+/// before it goes out, and in the table once it completed, so `verify`
+/// checks the disk as it does the mixed mode's. Reads check the status
+/// byte only.
+fn seq_loop(a: &mut CodeAssembler, needs_reset: CodeLabel, write: bool) -> Result<(), IcedError> {
+    let mut top = a.create_label();
+    let mut fill_block = a.create_label();
+    let mut fill = a.create_label();
+    let mut record = a.create_label();
+    let mut bad = a.create_label();
+    let mut complete = a.create_label();
+    let mut wrapped = a.create_label();
+    // The chain never changes: header → 1 MiB → status.
+    a.lea(rax, qword_ptr(r13 + bench::HEADERS as i32))?;
+    a.mov(qword_ptr(r13 + bench::DESC as i32), rax)?;
+    a.mov(dword_ptr(r13 + (bench::DESC + 8) as i32), 16)?;
+    a.mov(word_ptr(r13 + (bench::DESC + 12) as i32), F_NEXT)?;
+    a.mov(word_ptr(r13 + (bench::DESC + 14) as i32), 1)?;
+    a.lea(rax, qword_ptr(r13 + bench::DATA as i32))?;
+    a.mov(qword_ptr(r13 + (bench::DESC + 16) as i32), rax)?;
+    a.mov(
+        dword_ptr(r13 + (bench::DESC + 24) as i32),
+        (SEQ_BLOCKS * BLOCK_BYTES) as u32,
+    )?;
+    a.mov(
+        word_ptr(r13 + (bench::DESC + 28) as i32),
+        if write { F_NEXT } else { F_NEXT | F_WRITE },
+    )?;
+    a.mov(word_ptr(r13 + (bench::DESC + 30) as i32), 2)?;
+    a.lea(rax, qword_ptr(r13 + bench::STATUS as i32))?;
+    a.mov(qword_ptr(r13 + (bench::DESC + 32) as i32), rax)?;
+    a.mov(dword_ptr(r13 + (bench::DESC + 40) as i32), 1)?;
+    a.mov(word_ptr(r13 + (bench::DESC + 44) as i32), F_WRITE)?;
+    a.mov(word_ptr(r13 + (bench::DESC + 46) as i32), 0)?;
+    a.mov(
+        dword_ptr(r13 + bench::HEADERS as i32),
+        if write { T_OUT } else { T_IN },
+    )?;
+    a.mov(dword_ptr(r13 + (bench::HEADERS + 4) as i32), 0)?;
+    // r9: the request's first block.
+    a.xor(r9d, r9d)?;
+
+    a.set_label(&mut top)?;
+    if write {
+        a.mov(r10, qword_ptr(rbp + ctl::TAG as i32))?;
+        a.inc(r10)?;
+        a.mov(qword_ptr(rbp + ctl::TAG as i32), r10)?;
+        a.mov(qword_ptr(rbp + ctl::INFLIGHT_BLOCK as i32), r9)?;
+        a.mov(
+            qword_ptr(rbp + ctl::INFLIGHT_COUNT as i32),
+            SEQ_BLOCKS as i32,
+        )?;
+        a.mov(qword_ptr(rbp + ctl::INFLIGHT_TAG as i32), r10)?;
+        // r11: the block being filled; rsi: its buffer.
+        a.mov(r11, r9)?;
+        a.lea(rsi, qword_ptr(r13 + bench::DATA as i32))?;
+        a.set_label(&mut fill_block)?;
+        a.mov(rax, BLOCK_MAGIC)?;
+        a.mov(qword_ptr(rsi + (word::MAGIC * 8) as i32), rax)?;
+        a.mov(qword_ptr(rsi + (word::BLOCK * 8) as i32), r11)?;
+        a.mov(qword_ptr(rsi + (word::TAG * 8) as i32), r10)?;
+        a.mov(qword_ptr(rsi + (word::VCPU * 8) as i32), 0)?;
+        a.mov(rax, qword_ptr(rbp + ctl::RUN as i32))?;
+        a.mov(qword_ptr(rsi + (word::RUN * 8) as i32), rax)?;
+        a.mov(rax, r11)?;
+        a.shl(rax, 32)?;
+        a.xor(rax, r10)?;
+        a.mov(rcx, PATTERN_KEY)?;
+        a.xor(rax, rcx)?;
+        a.mov(rcx, PATTERN_STEP)?;
+        a.lea(rdx, qword_ptr(rsi + (HEADER_WORDS * 8) as i32))?;
+        a.lea(r8, qword_ptr(rsi + BLOCK_BYTES as i32))?;
+        a.set_label(&mut fill)?;
+        a.mov(qword_ptr(rdx), rax)?;
+        a.add(rax, rcx)?;
+        a.add(rdx, 8)?;
+        a.cmp(rdx, r8)?;
+        a.jb(fill)?;
+        a.mov(rsi, r8)?;
+        a.inc(r11)?;
+        a.lea(rax, qword_ptr(r9 + SEQ_BLOCKS as i32))?;
+        a.cmp(r11, rax)?;
+        a.jb(fill_block)?;
+    }
+    a.mov(rax, r9)?;
+    a.shl(rax, 3)?;
+    a.mov(qword_ptr(r13 + (bench::HEADERS + 8) as i32), rax)?;
+    a.mov(byte_ptr(r13 + bench::STATUS as i32), 0xff)?;
+    a.movzx(eax, word_ptr(r13 + (bench::AVAIL + 2) as i32))?;
+    a.mov(ecx, eax)?;
+    a.and(ecx, (BENCH_QUEUE_SIZE - 1) as u32)?;
+    a.mov(word_ptr(r13 + rcx * 2 + (bench::AVAIL + 4) as i32), 0)?;
+    a.inc(eax)?;
+    a.mov(word_ptr(r13 + (bench::AVAIL + 2) as i32), ax)?;
+    a.mov(r10d, eax)?;
+    notify(a)?;
+    wait_used(a, needs_reset, true, r10w)?;
+    a.mov(rdx, r9)?;
+    a.movzx(eax, byte_ptr(r13 + bench::STATUS as i32))?;
+    a.test(eax, eax)?;
+    a.jnz(bad)?;
+    if write {
+        // On the disk: the table says so from now on.
+        a.mov(r10, qword_ptr(rbp + ctl::INFLIGHT_TAG as i32))?;
+        a.xor(ecx, ecx)?;
+        a.set_label(&mut record)?;
+        a.lea(rax, qword_ptr(r9 + rcx))?;
+        a.mov(qword_ptr(r14 + rax * 8), r10)?;
+        a.inc(ecx)?;
+        a.cmp(ecx, SEQ_BLOCKS as u32)?;
+        a.jb(record)?;
+        a.inc(qword_ptr(rbp + ctl::WRITES as i32))?;
+    } else {
+        a.inc(qword_ptr(rbp + ctl::READS as i32))?;
+    }
+    a.jmp(complete)?;
+    a.set_label(&mut bad)?;
+    count_ioerr(a, write)?;
+    a.set_label(&mut complete)?;
+    a.mov(qword_ptr(rbp + ctl::INFLIGHT_TAG as i32), 0)?;
+    a.inc(qword_ptr(rbp + ctl::ISSUED as i32))?;
+    a.inc(qword_ptr(rbp + ctl::REQUESTS as i32))?;
+    a.inc(qword_ptr(rdi + block::PROGRESS as i32))?;
+    a.add(r9, SEQ_BLOCKS as i32)?;
+    a.cmp(r9, r15)?;
+    a.jb(wrapped)?;
+    a.xor(r9d, r9d)?;
+    a.set_label(&mut wrapped)?;
+    a.mov(r8d, 1)?;
+    pace(a, r8, top)
 }
 
 /// rax = the fill pattern's seed of block r9 with tag r10, rcx = its step.
@@ -630,6 +1023,16 @@ mod tests {
         // Another tag, another block: every fill word differs.
         for other in [block_image(7, 4, 0xabc), block_image(8, 3, 0xabc)] {
             assert!((HEADER_WORDS..512).all(|i| w(&b, i) != w(&other, i)));
+        }
+    }
+
+    #[test]
+    fn every_mode_assembles() {
+        for (mode, _) in DiskMode::ALL {
+            assert!(
+                program_for(0x18000, 0x3100, mode).unwrap().len() > 200,
+                "{mode:?}"
+            );
         }
     }
 

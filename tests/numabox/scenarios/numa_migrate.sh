@@ -31,12 +31,16 @@
 # room, a dry run plans the move without running it, `balance` runs it, and
 # a further dry run plans nothing.
 #
-# "sequence": a 256 MiB builtin:dirty guest on node 0 is moved live to node
-# 1, stop-copy back to node 0, then with --mode kernel to node 1 (the kernel
-# move then meets pages that earlier mremap swaps put under the chunks).
-# After each move every present page must be on the target: 100%, in the
-# report's placement_after and in numa-stat. A kernel move may pause here
-# (to move pages move_pages skipped while the guest ran).
+# "sequence": a 256 MiB builtin:disk guest on node 0 (vCPU 0 drives a
+# virtio-blk disk on a tmpfs image, cache=writeback; vCPU 1 sweeps memory
+# as builtin:dirty does) is moved live to node 1, stop-copy back to node 0,
+# then with --mode kernel to node 1 (the kernel move then meets pages that
+# earlier mremap swaps put under the chunks). After each move every present
+# page must be on the target: 100%, in the report's placement_after and in
+# numa-stat; and the disk's worker thread, as numa-stat lists it and as
+# /proc/PID/task/TID/status says (Cpus_allowed_list), runs exactly on the
+# target's CPUs with the vCPUs. A kernel move may pause here (to move pages
+# move_pages skipped while the guest ran).
 #
 # Busybox sh. Prints every check and the JSON reports; exits non-zero on the
 # first failed check, saying which. Never prints or checks timings: they are
@@ -249,10 +253,34 @@ check_stat_policy() {
     say "ok: $2: policy $policy"
 }
 
+# check_workers NODE WHAT: every device worker thread numa-stat lists may
+# run exactly on NODE's CPUs, by numa-stat and by /proc (none: no check).
+check_workers() {
+    [ -n "$disk" ] || return 0
+    want="$(node_cpus "$1")"
+    # The worker starts when the guest's driver sets DRIVER_OK.
+    i=0
+    while :; do
+        stat="$(cli numa-stat --json)"
+        tids="$(printf '%s\n' "$stat" | grep -o '"tid":[0-9]*' | sed 's/.*://')"
+        [ -z "$tids" ] || break
+        i=$((i + 1))
+        [ "$i" -lt 60 ] || fail "$2: numa-stat lists no device thread after ~30 s: $stat"
+        sleep 0.5
+    done
+    for t in $tids; do
+        have="$(sed -n 's/^Cpus_allowed_list:[[:space:]]*//p' "/proc/$vm_pid/task/$t/status")"
+        [ "$have" = "$want" ] ||
+            fail "$2: device thread $t may run on CPUs '$have' (/proc), not node $1's '$want'"
+    done
+    say "ok: $2: device thread(s) $(echo $tids) on node $1's CPUs ($want), by numa-stat and /proc"
+}
+
 start_vm() {
-    say "starting: vmhop run --vcpus 2 --guest $1 --numa $2"
+    say "starting: vmhop run --vcpus 2 --guest $1 --numa $2 ${disk:+--disk $disk}"
     # shellcheck disable=SC2086  # no hook, or one option and its value
     "$VMHOP" run --api-socket "$sock" --vcpus 2 --guest "$1" --numa "$2" \
+        ${disk:+--disk "$disk"} \
         ${finish_delay:+--test-hook numa-finish-delay-ms=$finish_delay} >"$vmlog" 2>&1 &
     vm_pid=$!
     i=0
@@ -297,6 +325,7 @@ move() {
     # shellcheck disable=SC2046  # one cpulist a word
     check_vcpus "$1" "$2: report vcpu_cpus" $(json_obj vcpu_cpus "$report" | grep -o '"[0-9][0-9]*":"[^"]*"' | sed 's/^"[0-9]*":"\(.*\)"$/\1/')
     check_stat "$1" "$2"
+    check_workers "$1" "$2"
     check_verify "$2"
     check_running "$2"
 }
@@ -321,9 +350,13 @@ if [ "$mode" = kernel ] && [ "$case_name" = move ]; then
     guest_size=128
     guest="builtin:dirty,rate=1000"
 fi
+disk=""
 if [ "$case_name" = sequence ]; then
     guest_size=256
-    guest="builtin:dirty"
+    # 1024 blocks: a small table, so vCPU 1 sweeps nearly all of it.
+    truncate -s 4M /tmp/seq-disk.img
+    disk="path=/tmp/seq-disk.img,cache=writeback"
+    guest="builtin:disk,blocks=1024"
 fi
 
 if [ "$case_name" = nomem ]; then
@@ -344,6 +377,7 @@ fi
 
 start_vm "$guest" "guest-node=0,size=${guest_size}M,host-node=0"
 check_stat 0 "before any move"
+check_workers 0 "before any move"
 check_verify "before any move"
 check_running "before any move"
 
