@@ -566,6 +566,7 @@ check_before_moves() {
 # then has it there (bind:TO, its vCPU on TO's CPUs) and guest node 1 still
 # on host node 1; 3 more beats ok.
 numa_move() {
+    read -r move_start _ </proc/uptime
     report="$(cli "numa-migrate $1" numa-migrate --guest-node 0 --to-node "$2" --mode "$1")"
     say "numa-migrate report: $report"
     [ "$(json_str mode "$report")" = "$1" ] || fail "numa-migrate: report mode is not $1"
@@ -576,7 +577,10 @@ numa_move() {
     check_placement "$stat" 1 1 "$3"
     check_vcpus "$stat" 0 "$2" "$3"
     more_beats 3 "$3"
-    [ -z "$listener_pid" ] || stream_check "$3"
+    [ -z "$listener_pid" ] || {
+        stream_check "$3"
+        say "$3: the stream's longest standstill since the move began: $(stream_stall "$move_start") (emulated time)"
+    }
 }
 
 step_numa() {
