@@ -651,6 +651,7 @@ step_numa_moves() {
     check_disk_mounted
     check_net_up
     fetch_www "before the moves" big
+    net_card "after the fetch"
     stream_check "before the moves"
     check_before_moves "before the moves"
     numa_move live 1 "after the live move"
@@ -733,6 +734,7 @@ step_migrate() {
     stream_check "$what"
     say "$what: the stream's longest standstill since the migration began: $(stream_stall "$mig_start") (migrate returned at box uptime $mig_end; emulated time)"
     fetch_www "$what" small
+    net_card "$what"
     stat="$(cli "$what" numa-stat)"
     say "numa-stat there: $stat"
     check_placement "$stat" 0 1 "$what"
@@ -861,6 +863,14 @@ stream_check() {
     rm -f /tmp/stream.snap /tmp/stream.want
     say "ok: $1: the stream's one connection carries on: $n bytes (was $stream_seen), lines 1..$lines in order"
     stream_seen="$n"
+}
+
+# net_card WHAT: prints the watched VM's card as `status` has it (TAP,
+# MAC, the offloads the guest turned on, the counters): for reading a
+# slow or failed transfer, not checked.
+net_card() {
+    card="$("$VMHOP" status --name "$vm" --json 2>/dev/null | grep -o '"kind":"virtio-net"[^]]*' || true)"
+    say "$1: the card: ${card:-(status has no virtio-net card)}"
 }
 
 # stream_stall FROM: the longest time the stream's byte count stood still
