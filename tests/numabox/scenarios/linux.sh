@@ -653,6 +653,7 @@ step_numa_moves() {
     fetch_www "before the moves" big
     net_card "after the fetch"
     stream_check "before the moves"
+    say "before the moves: the stream's longest standstill so far, without a move: $(stream_stall 0) (emulated time)"
     check_before_moves "before the moves"
     numa_move live 1 "after the live move"
     numa_move stop-copy 0 "after the stop-copy move"
@@ -670,6 +671,7 @@ step_migrate() {
     check_net_up
     more_beats 1 "before the migration"
     stream_check "before the migration"
+    say "before the migration: the stream's longest standstill so far, without a move: $(stream_stall 0) (emulated time)"
     src_pid="$vm_pid" src_err="$err"
     sock=/tmp/vmhop-migration.sock
     start dx "$VMHOP" run --name dx --incoming "unix:$sock" \
@@ -874,10 +876,10 @@ net_card() {
 }
 
 # stream_stall FROM: the longest time the stream's byte count stood still
-# since box uptime FROM, from the sampler's record (emulated time: a figure
-# to report, never asserted).
+# since box uptime FROM (0: since its first byte), from the sampler's
+# record (emulated time: a figure to report, never asserted).
 stream_stall() {
-    awk -v from="$1" '$1 >= from {
+    awk -v from="$1" '$1 >= from && $2 > 0 {
             if (n == "") { n = $2; last = $1; next }
             if ($2 > n) { if ($1 - last > max) { max = $1 - last; a = last; b = $1 }; n = $2; last = $1 }
         }
