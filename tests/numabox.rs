@@ -545,6 +545,7 @@ fn linux_numa_move(mode: &str, to: u32) {
         format!("ok: {after}: guest node 1 (bind:1):"),
         format!("ok: {after}: guest node 0's vCPU(s) on host node {to}'s CPUs"),
         format!("ok: {after}: beats"),
+        format!("ok: {after}: the stream's one connection carries on:"),
         POWERED_OFF.to_string(),
     ];
     for line in &expect {
@@ -570,6 +571,31 @@ fn numabox_linux_guest_ext4_disk_survives_numa_moves_and_powers_off_clean() {
         "ok: after the kernel move: beats",
         POWERED_OFF,
         "ok: poweroff: e2fsck -fn finds the disk clean",
+    ] {
+        assert!(
+            console.contains(&format!("linux[numa-moves]: {line}")),
+            "the console never said {line:?}:\n{console}"
+        );
+    }
+}
+
+/// The Linux guest's network in the numa-moves box: eth0 on virtio-net
+/// over a TAP on the box's bridge, its 16 MiB file fetched over HTTP with
+/// the guest's sha256 before the moves (a small one after them), and its
+/// TCP stream to the box (one connection, the numbers in order) carrying
+/// on through the three moves.
+#[test]
+fn numabox_linux_guest_network_serves_http_and_streams_through_numa_moves() {
+    let console = linux_numa_moves_console();
+    for line in [
+        "ok: net: bridge br0",
+        "ok: net: net eth0 10.0.2.15/24 mac=52:54:00:12:34:56",
+        "ok: before the moves: fetched http://10.0.2.15/big: 16777216 bytes, sha256 as the guest's",
+        "ok: after the moves: fetched http://10.0.2.15/small: 65536 bytes, sha256 as the guest's",
+        "ok: before the moves: the stream's one connection carries on:",
+        "ok: after the live move: the stream's one connection carries on:",
+        "ok: after the stop-copy move: the stream's one connection carries on:",
+        "ok: after the kernel move: the stream's one connection carries on:",
     ] {
         assert!(
             console.contains(&format!("linux[numa-moves]: {line}")),
@@ -621,6 +647,7 @@ fn numabox_linux_guest_survives_checkpoint_and_lazy_restore() {
             "ok: incremental checkpoint: incremental checkpoint id",
             "ok: before restoring: lx stopped, vmhop exited 0",
             "ok: disk: disk vmhop-data=/dev/vd",
+            "ok: net: net eth0 10.0.2.15/24",
         ],
         &[
             format!("{}:/files/disk.img", ext4_image().display()),
@@ -632,6 +659,14 @@ fn numabox_linux_guest_survives_checkpoint_and_lazy_restore() {
     assert_eq!(
         continued, 2,
         "expected both checkpoints restored and running on:\n{console}"
+    );
+    // Each restored guest, on the box's other TAP, serves its file again.
+    let fetched = console
+        .matches(": fetched http://10.0.2.15/small: 65536 bytes, sha256 as the guest's")
+        .count();
+    assert_eq!(
+        fetched, 2,
+        "expected both restored guests to answer HTTP:\n{console}"
     );
 }
 
@@ -645,6 +680,9 @@ fn numabox_linux_guest_survives_host_migration_to_swapped_nodes() {
             "ok: migrate: the source vmhop exited 0",
             "ok: on the destination: the count continues at beat",
             "ok: on the destination: beats",
+            "ok: before the migration: the stream's one connection carries on:",
+            "ok: on the destination: the stream's one connection carries on:",
+            "ok: on the destination: fetched http://10.0.2.15/small: 65536 bytes, sha256 as the guest's",
             "ok: on the destination: guest node 0 (bind:1):",
             "ok: on the destination: guest node 1 (bind:0):",
             POWERED_OFF,

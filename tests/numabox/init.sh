@@ -69,6 +69,17 @@ if [ ! -c /dev/kvm ]; then
     finish 91
 fi
 
+# The TAP and bridge modules, when run.sh put them in (setup.sh's
+# box-net-modules): only the scenarios with a guest network need them, and
+# those check /dev/net/tun themselves, so a failure is reported, not fatal.
+if [ -s /lib/modules/numabox/net/order ]; then
+    net_failed=""
+    while read -r m; do
+        insmod "/lib/modules/numabox/net/$m.ko" 2>/dev/null || net_failed="$net_failed $m"
+    done </lib/modules/numabox/net/order
+    [ -z "$net_failed" ] || echo "numabox: net modules failed to load:$net_failed"
+fi
+
 # KVM's trace events, for every scenario, kept in the kernel's ring buffer
 # and printed only when the scenario fails: the exits before a guest
 # stopped by itself say what L1 KVM saw. On AMD, KVM resets the vCPU

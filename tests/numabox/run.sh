@@ -155,6 +155,15 @@ cp /bin/busybox "$root/bin/busybox"
 for m in "${modules[@]}"; do
     cp "$kdir/modules/$m.ko" "$root/lib/modules/numabox/$m.ko"
 done
+# The box's TAP and bridge (setup.sh's box-net-modules), for the Linux
+# guests' network: /init loads them in their order after KVM's.
+if [ -s "$kdir/box-net-modules/order" ]; then
+    mkdir -p "$root/lib/modules/numabox/net"
+    while read -r m; do
+        cp "$kdir/box-net-modules/$m.ko" "$root/lib/modules/numabox/net/$m.ko"
+    done <"$kdir/box-net-modules/order"
+    cp "$kdir/box-net-modules/order" "$root/lib/modules/numabox/net/order"
+fi
 if [ -n "$vmhop" ]; then
     # Debug info only makes the initramfs bigger; keep the symbols.
     strip --strip-debug -o "$root/bin/vmhop" "$vmhop" 2>/dev/null || cp "$vmhop" "$root/bin/vmhop"

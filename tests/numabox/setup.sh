@@ -11,6 +11,9 @@
 #   $NUMABOX_CACHE/kernel-<version>/guest-modules/*.ko and its `order` file:
 #       what a Linux guest needs for its virtio disks, NICs and vsock and
 #       for ext4, with their dependencies, in the order to load them
+#   $NUMABOX_CACHE/kernel-<version>/box-net-modules/*.ko and `order`: the
+#       box's own TAP and bridge (tun, bridge and their dependencies), for
+#       the Linux guests' network (tests/numabox/init.sh loads them)
 #   $NUMABOX_CACHE/current -> kernel-<version>
 #
 # NUMABOX_CACHE defaults to <repo>/target/numabox-cache.
@@ -161,6 +164,11 @@ modules=(
 # `depends=`). virtio itself and virtio_ring are built in since 6.x.
 guest_modules=(virtio_mmio virtio_blk virtio_net crc32c_generic ext4 vmw_vsock_virtio_transport)
 
+# What the box itself loads for the guests' network: TAP devices for
+# vmhop's `--net tap=` and a bridge joining them to the box's own address
+# (tests/numabox/scenarios/linux.sh). Same resolution as the guest's.
+box_net_modules=(tun bridge)
+
 kernel_complete() {
     [ -f "$kdir/.complete" ] || return 1
     [ -s "$kdir/vmlinuz" ] || return 1
@@ -169,6 +177,7 @@ kernel_complete() {
         [ -s "$kdir/modules/$(basename "$m").ko" ] || return 1
     done
     [ -s "$kdir/guest-modules/order" ] || return 1
+    [ -s "$kdir/box-net-modules/order" ] || return 1
 }
 
 # Copies module $2 (a path under $1 as modules.order names it, without its
@@ -189,11 +198,12 @@ plain_module() {
     fi
 }
 
-# Writes the guest modules and their dependencies into $2/guest-modules,
+# Writes the modules named after $2 and their dependencies into $2,
 # dependencies first, with the load order in its `order` file. $1 is the
 # unpacked lib/modules/<kver>.
-guest_modules_into() {
-    local mroot="$1" out="$2/guest-modules" seen=" " order=()
+modules_into() {
+    local mroot="$1" out="$2" seen=" " order=()
+    shift 2
     mkdir -p "$out"
     # name -> path under $mroot, from modules.order (names use _ for -).
     resolve() {
@@ -226,7 +236,7 @@ guest_modules_into() {
         order+=("$name")
     }
     local m
-    for m in "${guest_modules[@]}"; do
+    for m in "$@"; do
         add "$m"
     done
     printf '%s\n' "${order[@]}" >"$out/order"
@@ -264,7 +274,8 @@ else
     for m in "${modules[@]}"; do
         plain_module "$moddir" "$m.ko" "$kdir/modules/$(basename "$m").ko"
     done
-    guest_modules_into "$root/lib/modules/$kver" "$kdir"
+    modules_into "$root/lib/modules/$kver" "$kdir/guest-modules" "${guest_modules[@]}"
+    modules_into "$root/lib/modules/$kver" "$kdir/box-net-modules" "${box_net_modules[@]}"
     echo "$kpkg" >"$kdir/package"
     rm -rf "$cache/tmp"
     touch "$kdir/.complete"

@@ -45,6 +45,23 @@
 #    unmounted") and run poweroff -f, so a test ends the guest cleanly when
 #    it is ready rather than after a fixed number of beats.
 #
+# 4. With a network (vmhop.net=ADDR/PREFIX): configures eth0 (the
+#    virtio-net card; virtio_net is among the modules) with that static
+#    address and brings it and lo up, makes /tmp/www/small (64 KiB of
+#    random data) and, with vmhop.www=M (M > 0), /tmp/www/big (M MiB),
+#    prints their sha256 sums and serves /tmp/www with busybox httpd on
+#    port 80; vmhop.stream=IP:PORT sends the decimal
+#    numbers 1, 2, 3, ... one a line, ~STREAM_LINES a tenth of a second, to
+#    IP:PORT over one TCP connection (busybox nc) for as long as it lasts,
+#    so the listener can check that its bytes come in order with no gap.
+#    Lines:
+#      vmhop-guest: net eth0 ADDR/PREFIX mac=MAC
+#      vmhop-guest: net www /small size_kb=64 sha256=SUM up=SECONDS
+#      vmhop-guest: net www /big size_mb=M sha256=SUM up=SECONDS
+#      vmhop-guest: net stream to IP:PORT started
+#      vmhop-guest: net FAIL <why>
+#      vmhop-net: stream to IP:PORT ended (printed if the connection ends)
+#
 # Kernel command line words it reads from /proc/cmdline:
 #   vmhop.action=poweroff-after=N   poweroff -f after beat N
 #   vmhop.action=reboot-after=N     reboot -f after beat N
@@ -53,6 +70,9 @@
 #   vmhop.disk=SERIAL               the ext4 disk to check (see 3.)
 #   vmhop.disk_files=K              files on it (default 4)
 #   vmhop.ctl=SERIAL                the control disk (see 3.)
+#   vmhop.net=ADDR/PREFIX           eth0's static address (see 4.)
+#   vmhop.www=M                     serve an M MiB file over HTTP (see 4.)
+#   vmhop.stream=IP:PORT            the counting TCP stream (see 4.)
 # Before acting it prints "vmhop-check: action poweroff|reboot after beat N".
 # It never exits: if the action returns, it says so and sleeps forever.
 
@@ -101,6 +121,9 @@ file_mb=8
 disk_serial=""
 disk_files=4
 ctl_serial=""
+net_addr=""
+www_mb=0
+stream=""
 # shellcheck disable=SC2013  # words, not lines
 for w in $(cat /proc/cmdline); do
     case "$w" in
@@ -117,6 +140,9 @@ for w in $(cat /proc/cmdline); do
     vmhop.disk=*) disk_serial="${w#vmhop.disk=}" ;;
     vmhop.disk_files=*) disk_files="${w#vmhop.disk_files=}" ;;
     vmhop.ctl=*) ctl_serial="${w#vmhop.ctl=}" ;;
+    vmhop.net=*) net_addr="${w#vmhop.net=}" ;;
+    vmhop.www=*) www_mb="${w#vmhop.www=}" ;;
+    vmhop.stream=*) stream="${w#vmhop.stream=}" ;;
     esac
 done
 is_num() {
@@ -124,9 +150,10 @@ is_num() {
     "" | *[!0-9]*) return 1 ;;
     esac
 }
-if ! is_num "$after" || ! is_num "$files" || ! is_num "$file_mb" || ! is_num "$disk_files"; then
+if ! is_num "$after" || ! is_num "$files" || ! is_num "$file_mb" || ! is_num "$disk_files" ||
+    ! is_num "$www_mb"; then
     say "bad vmhop.* words on the command line; using defaults"
-    action=none after=0 files=4 file_mb=8 disk_files=4
+    action=none after=0 files=4 file_mb=8 disk_files=4 www_mb=0
 fi
 [ "$disk_files" -ge 1 ] || disk_files=1
 [ "$files" -ge 1 ] || files=1
@@ -188,6 +215,54 @@ if [ -n "$ctl_serial" ]; then
         say "control disk $ctl_serial FAIL no virtio disk with that serial"
         ctl_dev=""
     fi
+fi
+
+# --- the network ------------------------------------------------------------------
+# Lines per burst of the stream, a burst every 0.1 s: a few KiB/s, enough
+# to see the count go on through every move without filling the box's RAM.
+STREAM_LINES=200
+net_up=""
+if [ -n "$net_addr" ]; then
+    t=0
+    while [ ! -e /sys/class/net/eth0 ] && [ "$t" -lt 20 ]; do
+        t=$((t + 1))
+        sleep 1
+    done
+    if [ ! -e /sys/class/net/eth0 ]; then
+        say "net FAIL no eth0 (interfaces: $(ls /sys/class/net | tr '\n' ' '))"
+    elif ip link set lo up && ip addr add "$net_addr" dev eth0 && ip link set eth0 up; then
+        net_up=1
+        say "net eth0 $net_addr mac=$(cat /sys/class/net/eth0/address)"
+    else
+        say "net FAIL ip addr add $net_addr dev eth0 failed"
+    fi
+fi
+if [ -n "$net_up" ]; then
+    mkdir -p /tmp/www
+    dd if=/dev/urandom of=/tmp/www/small bs=65536 count=1 2>/dev/null
+    s="$(sha256sum /tmp/www/small)"
+    read -r up _ </proc/uptime
+    say "net www /small size_kb=64 sha256=${s%% *} up=$up"
+    if [ "$www_mb" -gt 0 ]; then
+        dd if=/dev/urandom of=/tmp/www/big bs=1048576 count="$www_mb" 2>/dev/null
+        read -r up _ </proc/uptime
+        s="$(sha256sum /tmp/www/big)"
+        read -r up2 _ </proc/uptime
+        say "net www /big size_mb=$www_mb sha256=${s%% *} up=$up2 (written at up=$up)"
+    fi
+    httpd -p 80 -h /tmp/www || say "net FAIL httpd -p 80 -h /tmp/www failed"
+fi
+if [ -n "$net_up" ] && [ -n "$stream" ]; then
+    (
+        i=0
+        while :; do
+            seq "$((i + 1))" "$((i + STREAM_LINES))" || exit 1
+            i=$((i + STREAM_LINES))
+            sleep 0.1
+        done | nc "${stream%:*}" "${stream##*:}"
+        echo "vmhop-net: stream to $stream ended (nc exit $?)"
+    ) &
+    say "net stream to $stream started"
 fi
 
 # disk_fill I: disk file I gets fresh random data, fsynced; its sum goes to

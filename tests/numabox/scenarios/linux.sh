@@ -60,6 +60,23 @@
 #               same images at the switch): the checker goes on checking
 #               its files there, and the destination's guest powers off
 #               clean as in numa-moves.
+#   Network (numa-moves, migrate, checkpoint): the box makes a bridge br0
+#               holding the box's address $BOX_IP and two persistent TAPs,
+#               tap0 (the VM's) and tap1 (a migration's destination, a
+#               restored VM); the guest sets $GUEST_IP on eth0 and serves
+#               random files over HTTP (busybox httpd) whose sha256 sums it
+#               prints: /small (64 KiB) and, in numa-moves, /big (16 MiB).
+#               numa-moves and migrate also have it stream the
+#               numbers 1, 2, 3, ... one a line over one TCP connection to a
+#               box listener (busybox nc -l): after each move, and on the
+#               destination, the listener must still run (one connection,
+#               never reset), its byte count must have grown, and the bytes
+#               must be exactly the lines 1..N in order (no gap, no
+#               repeat). numa-moves fetches /big (wget) before the moves
+#               and /small after them, migrate /small on the destination,
+#               checkpoint /small from each restored VM (on tap1): the
+#               box's sha256 must be the guest's. migrate reports the longest time the stream stood
+#               still around the migration (emulated time, never asserted).
 #   boot-loop   boot, wait for the first beat, stop; again, up to
 #               $BOOT_LOOP times (20): a tool for catching the box's
 #               spontaneous triple fault (issue 9), whose KVM trace the box
@@ -115,6 +132,26 @@ fsck="$files/e2fsck.static"
 # vmhop run arguments beyond the common ones (the disks, when a step has them).
 vm_args=""
 
+# The network (with_net): the box's bridge address, the guest's address
+# and MAC, the stream listener's port and the size of the big HTTP file
+# (16 MiB over the nested virtio-net took ~95 s of box time under load:
+# one step fetches it, the others fetch the 64 KiB one).
+BOX_IP=10.0.2.1
+GUEST_IP=10.0.2.15
+GUEST_MAC=52:54:00:12:34:56
+STREAM_PORT=7000
+WWW_MB=16
+stream_file=/tmp/stream.bin
+# The guest's command line words for it, and the card for a destination
+# or a restored VM (on the other TAP), when the step has a network.
+net_words=""
+net_dst_args=""
+small_sum=""
+big_sum=""
+listener_pid=""
+sampler_pid=""
+stream_seen=0
+
 # The VM being watched: its name, vmhop pid, console and output files.
 vm=""
 vm_pid=""
@@ -160,9 +197,11 @@ diagnose() {
 }
 
 cleanup() {
-    if [ -n "$vm_pid" ] && kill -0 "$vm_pid" 2>/dev/null; then
-        kill "$vm_pid" 2>/dev/null || true
-    fi
+    for p in "$vm_pid" "$listener_pid" "$sampler_pid"; do
+        if [ -n "$p" ] && kill -0 "$p" 2>/dev/null; then
+            kill "$p" 2>/dev/null || true
+        fi
+    done
 }
 trap cleanup EXIT
 
@@ -471,7 +510,7 @@ take_checkpoint() {
 # NAME; its first beat must be after BEFORE and at most AFTER+2, with uptime
 # not below UP; 3 beats ok and consecutive; stop.
 restore_and_check() {
-    start "$5" "$VMHOP" restore "$ckdir@$1" --name "$5"
+    start "$5" "$VMHOP" restore "$ckdir@$1" --name "$5" $net_dst_args
     what="restore @$1"
     wait_beat 1 "$BOOT_DEADLINE" "$what"
     first_beat="$(beats | head -n 1)"
@@ -489,14 +528,17 @@ restore_and_check() {
     fi
     check_consecutive "$first_beat" "$what"
     more_beats 2 "$what"
+    [ -z "$net_words" ] || fetch_www "$what" small
     stop_vm "$what"
 }
 
 step_checkpoint() {
     with_disks data-only
-    boot_vm "$disk_words"
+    with_net
+    boot_vm "$disk_words $net_words"
     first_beat=1
     check_disk_mounted
+    check_net_up
     more_beats 1 "before the checkpoints"
     take_checkpoint full "full checkpoint"
     id0="$ck_id" before0="$ck_before" after0="$ck_after" up0="$(beat_up "$ck_before")"
@@ -524,6 +566,7 @@ check_before_moves() {
 # then has it there (bind:TO, its vCPU on TO's CPUs) and guest node 1 still
 # on host node 1; 3 more beats ok.
 numa_move() {
+    read -r move_start _ </proc/uptime
     report="$(cli "numa-migrate $1" numa-migrate --guest-node 0 --to-node "$2" --mode "$1")"
     say "numa-migrate report: $report"
     [ "$(json_str mode "$report")" = "$1" ] || fail "numa-migrate: report mode is not $1"
@@ -534,6 +577,10 @@ numa_move() {
     check_placement "$stat" 1 1 "$3"
     check_vcpus "$stat" 0 "$2" "$3"
     more_beats 3 "$3"
+    [ -z "$listener_pid" ] || {
+        stream_check "$3"
+        say "$3: the stream's longest standstill since the move began: $(stream_stall "$move_start") (emulated time)"
+    }
 }
 
 step_numa() {
@@ -598,26 +645,37 @@ poweroff_by_ctl() {
 
 step_numa_moves() {
     with_disks
-    boot_vm "$disk_words"
+    with_net big stream
+    boot_vm "$disk_words $net_words"
     first_beat=1
     check_disk_mounted
+    check_net_up
+    fetch_www "before the moves" big
+    net_card "after the fetch"
+    stream_check "before the moves"
+    say "before the moves: the stream's longest standstill so far, without a move: $(stream_stall 0) (emulated time)"
     check_before_moves "before the moves"
     numa_move live 1 "after the live move"
     numa_move stop-copy 0 "after the stop-copy move"
     numa_move kernel 1 "after the kernel move"
+    fetch_www "after the moves" small
     poweroff_by_ctl "poweroff"
 }
 
 step_migrate() {
     with_disks
-    boot_vm "$disk_words"
+    with_net stream
+    boot_vm "$disk_words $net_words"
     first_beat=1
     check_disk_mounted
+    check_net_up
     more_beats 1 "before the migration"
+    stream_check "before the migration"
+    say "before the migration: the stream's longest standstill so far, without a move: $(stream_stall 0) (emulated time)"
     src_pid="$vm_pid" src_err="$err"
     sock=/tmp/vmhop-migration.sock
     start dx "$VMHOP" run --name dx --incoming "unix:$sock" \
-        --numa guest-node=0,host-node=1 --numa guest-node=1,host-node=0
+        --numa guest-node=0,host-node=1 --numa guest-node=1,host-node=0 $net_dst_args
     t=0
     until "$VMHOP" status --name dx --json 2>/dev/null | grep -q '"incoming"'; do
         t=$((t + 1))
@@ -630,6 +688,7 @@ step_migrate() {
     mig_before="$(last_beat)"
     up_before="$(beat_up "$mig_before")"
     con="$dst_con"
+    read -r mig_start _ </proc/uptime
     if ! report="$("$VMHOP" migrate --name lx --to "unix:$sock" --json 2>"$errf")"; then
         # diagnose shows the destination (the last VM started): the
         # source's side of the story first.
@@ -644,6 +703,7 @@ step_migrate() {
         fail "migrate: vmhop migrate failed: $(cat "$errf")"
     fi
     mig_after="$(con=/tmp/lx.console; last_beat)"
+    read -r mig_end _ </proc/uptime
     say "migrate report: $report"
     # The source process ends by itself once the VM runs there.
     t=0
@@ -673,11 +733,157 @@ step_migrate() {
         say "ok: $what: guest uptime $up_before s -> $up s"
     fi
     more_beats 3 "$what"
+    stream_check "$what"
+    say "$what: the stream's longest standstill since the migration began: $(stream_stall "$mig_start") (migrate returned at box uptime $mig_end; emulated time)"
+    fetch_www "$what" small
+    net_card "$what"
     stat="$(cli "$what" numa-stat)"
     say "numa-stat there: $stat"
     check_placement "$stat" 0 1 "$what"
     check_placement "$stat" 1 0 "$what"
     poweroff_by_ctl "poweroff"
+}
+
+# --- the network ------------------------------------------------------------------
+
+# net_setup: once a box, the bridge br0 with the box's address and the
+# persistent TAPs tap0 and tap1 on it (busybox brctl and tunctl; the tun
+# and bridge modules come from tests/numabox/init.sh).
+net_setup() {
+    [ -z "$(ip link show br0 2>/dev/null)" ] || return 0
+    [ -c /dev/net/tun ] || fail "net: /dev/net/tun missing (did the box load tun.ko? run tests/numabox/setup.sh again)"
+    ip link set lo up
+    brctl addbr br0 2>"$errf" || fail "net: brctl addbr br0: $(cat "$errf") (did the box load bridge.ko?)"
+    # No spanning tree (the kernel's default; busybox brctl cannot say
+    # so), hence no forwarding delay on a port that comes up.
+    echo 0 >/sys/class/net/br0/bridge/stp_state
+    ip addr add "$BOX_IP/24" dev br0 || fail "net: ip addr add $BOX_IP/24 dev br0 failed"
+    ip link set br0 up
+    for t in tap0 tap1; do
+        tunctl -t "$t" >/dev/null 2>"$errf" || fail "net: tunctl -t $t: $(cat "$errf")"
+        brctl addif br0 "$t" || fail "net: brctl addif br0 $t failed"
+        ip link set "$t" up
+    done
+    say "ok: net: bridge br0 ($BOX_IP/24) with tap0 and tap1"
+}
+
+# with_net [big] [stream]: the next boot_vm gets a card on tap0 and the
+# guest an address and the small HTTP file; "big" adds the big one;
+# "stream" also starts the box's listener (and a sampler of its byte count
+# every 0.2 s, for stream_stall) and has the guest connect to it.
+# Destinations and restored VMs get tap1.
+with_net() {
+    net_setup
+    vm_args="$vm_args --net tap=tap0,mac=$GUEST_MAC,id=lan"
+    net_dst_args="--net tap=tap1,id=lan"
+    case " $* " in
+    *" big "*) net_words="vmhop.net=$GUEST_IP/24 vmhop.www=$WWW_MB" ;;
+    *) net_words="vmhop.net=$GUEST_IP/24 vmhop.www=0" ;;
+    esac
+    case " $* " in *" stream "*) ;; *) return 0 ;; esac
+    : >"$stream_file"
+    # busybox nc ends the connection when its stdin ends: give it one that
+    # never does. $! is the pipeline's last process, nc itself.
+    tail -f /dev/null | nc -l -p "$STREAM_PORT" >"$stream_file" 2>/tmp/stream.err &
+    listener_pid=$!
+    (
+        while kill -0 "$listener_pid" 2>/dev/null; do
+            read -r up _ </proc/uptime
+            echo "$up $(stat -c %s "$stream_file")"
+            sleep 0.2
+        done
+    ) >/tmp/stream.samples 2>/dev/null &
+    sampler_pid=$!
+    net_words="$net_words vmhop.stream=$BOX_IP:$STREAM_PORT"
+}
+
+# check_net_up: the guest configured eth0 and serves its file; keeps the
+# file's sha256 (the guest's console says it once, at boot).
+check_net_up() {
+    bad="$(console | grep -m 1 'vmhop-guest: net FAIL' || true)"
+    [ -z "$bad" ] || fail "net: $bad"
+    line="$(console | grep -m 1 'vmhop-guest: net eth0 ' || true)"
+    [ -n "$line" ] || fail "net: the guest never configured eth0"
+    case "$line" in *" mac=$GUEST_MAC") ;; *) fail "net: eth0 has not the card's MAC $GUEST_MAC: $line" ;; esac
+    say "ok: net: ${line#*vmhop-guest: }"
+    small_sum="$(console | sed -n 's/.*vmhop-guest: net www \/small size_kb=64 sha256=\([0-9a-f]*\).*/\1/p' | head -n 1)"
+    [ -n "$small_sum" ] || fail "net: the guest never said it serves /small"
+    say "ok: net: the guest serves /small (64 KiB, sha256 $small_sum)"
+    case "$net_words" in *"vmhop.www=0"*) return 0 ;; esac
+    big_sum="$(console | sed -n 's/.*vmhop-guest: net www \/big size_mb=[0-9]* sha256=\([0-9a-f]*\).*/\1/p' | head -n 1)"
+    [ -n "$big_sum" ] || fail "net: the guest never said it serves /big"
+    say "ok: net: the guest serves /big ($WWW_MB MiB, sha256 $big_sum)"
+}
+
+# fetch_www WHAT small|big: the box fetches http://GUEST/small or /big;
+# its size and sha256 must be the ones the guest made at boot.
+fetch_www() {
+    if [ "$2" = big ]; then
+        want_size=$((WWW_MB * 1048576)) want_sum="$big_sum"
+    else
+        want_size=65536 want_sum="$small_sum"
+    fi
+    rm -f /tmp/www.got
+    read -r t0 _ </proc/uptime
+    if ! timeout 300 wget -q -O /tmp/www.got "http://$GUEST_IP/$2" 2>"$errf"; then
+        fail "$1: wget http://$GUEST_IP/$2 failed: $(cat "$errf") ($(stat -c %s /tmp/www.got 2>/dev/null || echo 0) bytes)"
+    fi
+    read -r t1 _ </proc/uptime
+    size="$(stat -c %s /tmp/www.got)"
+    got="$(sha256sum /tmp/www.got)"
+    got="${got%% *}"
+    rm -f /tmp/www.got
+    [ "$size" -eq "$want_size" ] || fail "$1: fetched $size bytes of /$2, not $want_size"
+    [ "$got" = "$want_sum" ] || fail "$1: /$2 fetched with sha256 $got, the guest's is $want_sum"
+    say "ok: $1: fetched http://$GUEST_IP/$2: $size bytes, sha256 as the guest's ($(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.1f", b - a }') s emulated)"
+}
+
+# stream_check WHAT: the box's listener still holds the guest's one
+# connection, has received more than at the last check, and every complete
+# line so far is 1, 2, 3, ... in order.
+stream_check() {
+    t=0
+    while :; do
+        kill -0 "$listener_pid" 2>/dev/null ||
+            fail "$1: the box's listener ended: the stream's connection closed after $(stat -c %s "$stream_file") bytes ($(cat /tmp/stream.err))"
+        ended="$(console | grep -m 1 'vmhop-net: stream .* ended' || true)"
+        [ -z "$ended" ] || fail "$1: the guest says: $ended"
+        n="$(stat -c %s "$stream_file")"
+        [ "$n" -le "$stream_seen" ] || break
+        t=$((t + 1))
+        [ "$t" -le "$BEAT_DEADLINE" ] || fail "$1: no new stream bytes within ${BEAT_DEADLINE}s (still $n)"
+        sleep 1
+    done
+    head -c "$n" "$stream_file" >/tmp/stream.snap
+    lines="$(tr -cd '\n' </tmp/stream.snap | wc -c)"
+    [ "$lines" -gt 0 ] || fail "$1: $n stream bytes but not one whole line"
+    seq 1 "$lines" >/tmp/stream.want
+    want_bytes="$(stat -c %s /tmp/stream.want)"
+    if ! head -c "$want_bytes" /tmp/stream.snap | cmp -s - /tmp/stream.want; then
+        fail "$1: the stream's first $lines lines are not 1..$lines: $(head -c "$want_bytes" /tmp/stream.snap | cmp - /tmp/stream.want 2>&1 | head -n 1)"
+    fi
+    rm -f /tmp/stream.snap /tmp/stream.want
+    say "ok: $1: the stream's one connection carries on: $n bytes (was $stream_seen), lines 1..$lines in order"
+    stream_seen="$n"
+}
+
+# net_card WHAT: prints the watched VM's card as `status` has it (TAP,
+# MAC, the offloads the guest turned on, the counters): for reading a
+# slow or failed transfer, not checked.
+net_card() {
+    card="$("$VMHOP" status --name "$vm" --json 2>/dev/null | grep -o '"kind":"virtio-net"[^]]*' || true)"
+    say "$1: the card: ${card:-(status has no virtio-net card)}"
+}
+
+# stream_stall FROM: the longest time the stream's byte count stood still
+# since box uptime FROM (0: since its first byte), from the sampler's
+# record (emulated time: a figure to report, never asserted).
+stream_stall() {
+    awk -v from="$1" '$1 >= from && $2 > 0 {
+            if (n == "") { n = $2; last = $1; next }
+            if ($2 > n) { if ($1 - last > max) { max = $1 - last; a = last; b = $1 }; n = $2; last = $1 }
+        }
+        END { printf "%.1f s (box uptime %.1f to %.1f)", max, a, b }' /tmp/stream.samples
 }
 
 step_boot_loop() {
