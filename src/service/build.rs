@@ -337,6 +337,9 @@ pub struct Placement<'a> {
     /// `--disk id=NAME,path=FILE`: where each restored disk lands
     /// (default: `DIR/restored/<vm>-<id>-<disk>.img`).
     pub disks: &'a [String],
+    /// `--vsock socket=PATH`: where the vsock device's host socket goes
+    /// (default: the saved path).
+    pub vsock: Option<&'a str>,
 }
 
 /// Restores `target` (as a VM called `name`, else the saved name), its
@@ -351,7 +354,7 @@ pub fn restore(
     console: &Console,
     hooks: &TestHooks,
 ) -> Result<Restored, BuildError> {
-    let Placement { nets, disks } = place;
+    let Placement { nets, disks, vsock } = place;
     let placements = disks
         .iter()
         .map(|d| DiskPlacement::parse(d))
@@ -362,6 +365,15 @@ pub fn restore(
         Err(e) => {
             r.abandon();
             return Err(e);
+        }
+    }
+    if let Some(v) = vsock {
+        match rebind_vsock(r.config.vsock.as_ref(), v) {
+            Ok(v) => r.config.vsock = Some(v),
+            Err(e) => {
+                r.abandon();
+                return Err(e);
+            }
         }
     }
     let stacks = r.take_disks();
@@ -397,10 +409,14 @@ pub fn restore(
 pub fn arrive(
     arrived: &mut Arrived,
     nets: &[String],
+    vsock: Option<&str>,
     console: &Console,
     hooks: &TestHooks,
 ) -> Result<Machine, BuildError> {
     arrived.config.nets = rebind_nets(&arrived.config.nets, nets)?;
+    if let Some(v) = vsock {
+        arrived.config.vsock = Some(rebind_vsock(arrived.config.vsock.as_ref(), v)?);
+    }
     let (state, load) = arrived.take_start();
     let fill = Fill::Saved {
         state: Box::new(state),
@@ -422,6 +438,13 @@ pub fn arrive(
 /// arrival) name.
 fn rebind_nets(saved: &[NetConfig], specs: &[String]) -> Result<Vec<NetConfig>, BuildError> {
     NetConfig::rebind(saved, specs)
+        .map_err(|e| BuildError::Config(ConfigError::Invalid(e.to_string())))
+}
+
+/// The saved vsock device on the socket `spec` (`--vsock` on a restore or
+/// an arrival) names.
+fn rebind_vsock(saved: Option<&VsockConfig>, spec: &str) -> Result<VsockConfig, BuildError> {
+    VsockConfig::rebind(saved, spec)
         .map_err(|e| BuildError::Config(ConfigError::Invalid(e.to_string())))
 }
 

@@ -243,14 +243,6 @@ impl VmConfig {
         }
         if let Some(v) = &self.vsock {
             v.check().map_err(|e| invalid(e.to_string()))?;
-            // Parsed and checked so that the option's shape is settled,
-            // but there is no device behind it yet: refuse rather than
-            // boot a guest without the channel it was promised.
-            return Err(invalid(format!(
-                "--vsock cid={},socket={}: virtio-vsock is not implemented in this vmhop yet",
-                v.cid,
-                v.socket.display()
-            )));
         }
         Ok(())
     }
@@ -625,6 +617,49 @@ impl VsockConfig {
         let c = VsockConfig {
             cid: cid.ok_or_else(|| bad(format!("'{s}' names no cid=N")))?,
             socket: socket.ok_or_else(|| bad(format!("'{s}' names no socket=PATH")))?,
+        };
+        c.check()?;
+        Ok(c)
+    }
+
+    /// The saved VM's device (`saved`) on the socket `spec` names (`--vsock
+    /// socket=PATH` on a restore or an arrival; a `cid=N` there must be the
+    /// saved one, which is the guest's address and travels with it).
+    pub fn rebind(
+        saved: Option<&VsockConfig>,
+        spec: &str,
+    ) -> Result<VsockConfig, VsockConfigError> {
+        let bad = |m: String| VsockConfigError::Invalid(m);
+        let Some(saved) = saved else {
+            return Err(bad(format!("'{spec}': the saved VM has no vsock device")));
+        };
+        let (mut cid, mut socket) = (None, None);
+        for kv in spec.split(',') {
+            match kv.split_once('=') {
+                Some(("cid", v)) => {
+                    cid = Some(
+                        v.parse::<u64>()
+                            .map_err(|_| bad(format!("cid={v} is not a number")))?,
+                    )
+                }
+                Some(("socket", v)) if !v.is_empty() => socket = Some(PathBuf::from(v)),
+                _ => {
+                    return Err(bad(format!(
+                        "unknown option '{kv}' (expected socket=PATH, cid=N)"
+                    )))
+                }
+            }
+        }
+        if let Some(c) = cid.filter(|&c| c != saved.cid) {
+            return Err(bad(format!(
+                "cid={c}: the saved VM's guest has cid {}; its cid travels with it and cannot change",
+                saved.cid
+            )));
+        }
+        let socket = socket.ok_or_else(|| bad(format!("'{spec}' names no socket=PATH")))?;
+        let c = VsockConfig {
+            cid: saved.cid,
+            socket: std::path::absolute(&socket).unwrap_or(socket),
         };
         c.check()?;
         Ok(c)
