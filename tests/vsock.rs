@@ -8,11 +8,16 @@
 
 mod common;
 
+use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use common::{vmhop_expecting_exit, Vm};
 use serde_json::Value;
+
+const EVENT_WAIT: Duration = Duration::from_secs(20);
 
 fn vsock_status(vm: &Vm) -> Value {
     let s = vm.status();
@@ -167,4 +172,98 @@ fn the_device_and_its_socket_travel_through_a_numa_move_a_checkpoint_and_a_resto
         );
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
+}
+
+/// Connects to the device's socket and CONNECTs to guest port `port`;
+/// returns the stream once vmhop answered `OK <hostport>`.
+fn connect(sock: &Path, port: u32) -> UnixStream {
+    let mut s = UnixStream::connect(sock).unwrap_or_else(|e| panic!("{}: {e}", sock.display()));
+    s.set_read_timeout(Some(EVENT_WAIT)).unwrap();
+    s.write_all(format!("CONNECT {port}\n").as_bytes()).unwrap();
+    let mut line = Vec::new();
+    let mut b = [0u8];
+    while b[0] != b'\n' {
+        s.read_exact(&mut b)
+            .expect("vmhop answers the CONNECT line");
+        line.push(b[0]);
+    }
+    let line = String::from_utf8(line).unwrap();
+    let hostport: u32 = line
+        .strip_prefix("OK ")
+        .and_then(|p| p.trim().parse().ok())
+        .unwrap_or_else(|| panic!("not an OK line: {line:?}"));
+    assert!(hostport >= 1 << 30, "{line:?}");
+    s
+}
+
+/// Sends `what` and reads the guest's echo of it.
+fn echo(s: &mut UnixStream, what: &[u8]) {
+    s.write_all(what).unwrap();
+    let mut back = vec![0u8; what.len()];
+    s.read_exact(&mut back).expect("the guest echoes");
+    assert_eq!(back, what);
+}
+
+fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
+    let until = Instant::now() + EVENT_WAIT;
+    while !f() {
+        assert!(Instant::now() < until, "{what} within {EVENT_WAIT:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_host_process_talks_to_the_builtin_vsock_guest_through_moves_and_a_restore() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let sock = d.join("v.sock");
+    let spec = format!("cid=5,socket={}", sock.display());
+    let vm = Vm::start(&["--guest", "builtin:vsock", "--vsock", &spec]);
+    let mut c = connect(&sock, 52);
+    echo(&mut c, b"one");
+    // A large write: many packets, the guest's and the device's credit.
+    let big: Vec<u8> = (0..1_000_000u32).map(|i| (i % 251) as u8).collect();
+    let mut writer = c.try_clone().unwrap();
+    let sent = big.clone();
+    let t = std::thread::spawn(move || writer.write_all(&sent).unwrap());
+    let mut back = vec![0u8; big.len()];
+    c.read_exact(&mut back).expect("the guest echoes 1 MB");
+    t.join().unwrap();
+    assert!(back == big, "the echo of 1 MB differs");
+
+    // A NUMA move and a checkpoint of the running VM: the connection
+    // carries on.
+    vm.cli_ok(&["numa-migrate", "--to-node", "0", "--mode", "stop-copy"]);
+    echo(&mut c, b"after the numa move");
+    let ckpt = d.join("ckpt");
+    let ckpt_s = ckpt.to_str().unwrap();
+    vm.cli_ok(&["checkpoint", "--dir", ckpt_s]);
+    echo(&mut c, b"after the checkpoint");
+    assert_eq!(vsock_status(&vm)["counters"]["transport_resets"], 0);
+
+    // The restored VM's guest is told its transport was reset, and takes
+    // new connections; the original runs on with its own.
+    let rsock = d.join("r.sock");
+    let r = Vm::start_command(
+        &["restore", &format!("{ckpt_s}@1")],
+        &["--vsock", &format!("socket={}", rsock.display())],
+    );
+    wait_for("the restored guest's TRANSPORT_RESET", || {
+        vsock_status(&r)["counters"]["transport_resets"] == 1
+    });
+    let mut c2 = connect(&rsock, 52);
+    echo(&mut c2, b"to the restored guest");
+    echo(&mut c, b"to the original");
+    let v = vsock_status(&vm);
+    assert_eq!(v["counters"]["connections"], 1, "{v}");
+
+    // The original stops: its host connection reads EOF, not a hang.
+    vm.cli_ok(&["stop"]);
+    let mut b = [0u8; 8];
+    match c.read(&mut b) {
+        Ok(0) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        r => panic!("after the VM stopped, the host connection read {r:?}"),
+    }
+    echo(&mut c2, b"still");
 }

@@ -310,6 +310,12 @@ fn boot_setup(config: &VmConfig, hooks: &TestHooks) -> Setup<'static> {
                     + config.disks.len() as u64 * crate::arch::x86_64::layout::VIRTIO_MMIO_WINDOW;
                 *mac = card.mac.0;
             }
+            if let GuestSpec::Vsock { mmio } = &mut spec {
+                // The vsock window follows the disks' and the cards'.
+                *mmio = crate::arch::x86_64::layout::VIRTIO_MMIO_BASE
+                    + (config.disks.len() + config.nets.len()) as u64
+                        * crate::arch::x86_64::layout::VIRTIO_MMIO_WINDOW;
+            }
             let guest_hooks = hooks.guest.clone();
             Box::new(move |mem, fds| Ok(crate::guest::setup::boot(&spec, mem, fds, &guest_hooks)?))
         }

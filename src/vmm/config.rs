@@ -244,6 +244,19 @@ impl VmConfig {
         if let Some(v) = &self.vsock {
             v.check().map_err(|e| invalid(e.to_string()))?;
         }
+        if matches!(self.guest, GuestSpec::Vsock { .. }) {
+            if self.vsock.is_none() {
+                return Err(invalid(
+                    "--guest builtin:vsock serves the vsock device: give --vsock cid=N,socket=PATH",
+                ));
+            }
+            if self.vcpus != 1 {
+                return Err(invalid(format!(
+                    "--guest builtin:vsock runs on one vCPU (got --vcpus {})",
+                    self.vcpus
+                )));
+            }
+        }
         Ok(())
     }
 
@@ -727,6 +740,13 @@ pub enum GuestSpec {
         #[serde(default)]
         mac: [u8; 6],
     },
+    /// `builtin:vsock`: accepts every connection on the vsock device and
+    /// echoes what it receives (see `guest::vsock`).
+    Vsock {
+        /// The device's MMIO window (filled in when the VM boots).
+        #[serde(default)]
+        mmio: u64,
+    },
 }
 
 impl GuestSpec {
@@ -819,8 +839,16 @@ impl GuestSpec {
                     mac: [0; 6],
                 })
             }
+            "vsock" => {
+                if let Some(p) = parts.next() {
+                    return Err(ConfigError::Invalid(format!(
+                        "--guest builtin:vsock takes no options (got '{p}')"
+                    )));
+                }
+                Ok(GuestSpec::Vsock { mmio: 0 })
+            }
             other => Err(ConfigError::Invalid(format!(
-                "--guest: unknown builtin guest '{other}' (expected idle, dirty, disk or net)"
+                "--guest: unknown builtin guest '{other}' (expected idle, dirty, disk, net or vsock)"
             ))),
         }
     }
@@ -832,6 +860,7 @@ impl GuestSpec {
             GuestSpec::Dirty { .. } => "builtin:dirty",
             GuestSpec::Disk { .. } => "builtin:disk",
             GuestSpec::Net { .. } => "builtin:net",
+            GuestSpec::Vsock { .. } => "builtin:vsock",
             GuestSpec::Linux(_) => "linux",
         }
     }
