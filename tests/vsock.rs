@@ -267,3 +267,42 @@ fn a_host_process_talks_to_the_builtin_vsock_guest_through_moves_and_a_restore()
     }
     echo(&mut c2, b"still");
 }
+
+#[test]
+fn a_host_migration_resets_vsock_connections_and_the_destination_takes_new_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let sock = d.join("v.sock");
+    let dsock = d.join("dst.sock");
+    let addr = format!("unix:{}", d.join("m.sock").display());
+    let dst = Vm::start(&[
+        "--incoming",
+        &addr,
+        "--vsock",
+        &format!("socket={}", dsock.display()),
+    ]);
+    let src = Vm::start(&[
+        "--guest",
+        "builtin:vsock",
+        "--vsock",
+        &format!("cid=9,socket={}", sock.display()),
+    ]);
+    let mut c = connect(&sock, 52);
+    echo(&mut c, b"before the migration");
+    let out = src.cli(&["migrate", "--to", &addr, "--json"]);
+    assert_eq!(out.code, Some(0), "{}", out.describe());
+    // The source's host connection ends: EOF, never a hang.
+    let mut b = [0u8; 8];
+    match c.read(&mut b) {
+        Ok(0) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        r => panic!("after the migration, the source's connection read {r:?}"),
+    }
+    wait_for("the destination guest's TRANSPORT_RESET", || {
+        vsock_status(&dst)["counters"]["transport_resets"] == 1
+    });
+    let v = vsock_status(&dst);
+    assert_eq!(v["info"]["cid"], "9", "{v}");
+    let mut c2 = connect(&dsock, 52);
+    echo(&mut c2, b"after the migration");
+}
