@@ -31,8 +31,9 @@
 //! header, a short header, a payload over [`MAX_PKT_DATA`] or outside
 //! guest memory), a packet not from the guest's cid or not to the host's,
 //! is dropped and counted; a receive or event buffer the device cannot
-//! write is returned unused (length 0) and counted. Nothing here panics on
-//! what the guest wrote.
+//! write is returned unused (length 0) and counted. Answers waiting for
+//! receive buffers are capped ([`MAX_PENDING_CTRL`]). Nothing here panics
+//! on what the guest wrote.
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{ErrorKind, Read, Write};
@@ -64,6 +65,10 @@ const MAX_CONNECT_LINE: usize = 32;
 const FIRST_LOCAL_PORT: u32 = 1 << 30;
 /// Epoll token of the listener.
 const LISTENER: u64 = 0;
+/// Most header-only packets waiting for receive buffers: a guest that
+/// sends without ever taking its answers gets no more of them (dropped and
+/// counted) rather than growing the queue without end.
+pub const MAX_PENDING_CTRL: usize = 1024;
 
 /// Operations (virtio 1.2, 5.10.6).
 pub mod op {
@@ -319,6 +324,12 @@ impl Muxer {
     }
 
     fn send_ctrl(&mut self, key: Key, op: u16, flags: u32) {
+        if self.ctrl.len() >= MAX_PENDING_CTRL {
+            return drop_count(
+                &self.shared,
+                &format!("answer {op} to port {}: the guest takes no answers", key.1),
+            );
+        }
         self.ctrl.push_back(Ctrl { key, op, flags });
     }
 

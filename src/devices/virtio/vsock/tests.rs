@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 
 use vm_memory::{Bytes, GuestAddress};
 
-use super::muxer::{op, CONN_BUF, MAX_PKT_DATA, SHUTDOWN_RCV, SHUTDOWN_SEND, TYPE_STREAM};
+use super::muxer::{
+    op, CONN_BUF, MAX_PENDING_CTRL, MAX_PKT_DATA, SHUTDOWN_RCV, SHUTDOWN_SEND, TYPE_STREAM,
+};
 use super::*;
 use crate::devices::virtio::mmio::regs::*;
 use crate::devices::virtio::testing::{Driver, DriverQueue, TestMemory, MAX_WAIT};
@@ -691,3 +693,30 @@ fn socket_paths_that_exist_or_sit_in_a_shared_directory_are_refused() {
 }
 
 use crate::api::ErrorKind as ErrorKind2;
+
+#[test]
+fn a_guest_that_never_takes_its_answers_cannot_grow_the_device_s_queue() {
+    let dir = private_dir();
+    let vm = TestMemory::new(MEMORY);
+    let view = vm.mem.vm_memory_view().unwrap();
+    let mut rig = Rig::new(&view);
+    let dev = device(&dir, &vm);
+    rig.activate(&dev, 0);
+    // Packets for no connection, each owed an RST, with no receive buffer.
+    let extra = 10;
+    for i in 0..(MAX_PENDING_CTRL + extra) as u32 {
+        rig.send(&dev, Hdr::guest(1, 1000 + i, op::RW), b"x");
+    }
+    assert_eq!(
+        dev.device().counters().snapshot()["dropped"],
+        extra as u64,
+        "answers beyond the cap are dropped"
+    );
+    // Once buffers come, the answers kept arrive in order.
+    rig.post_rx(8);
+    Driver { t: &dev }.notify(RX_QUEUE as u32);
+    for i in 0..8 {
+        let (h, _) = rig.recv();
+        assert_eq!((h.op, h.src_port), (op::RST, 1000 + i), "{h:?}");
+    }
+}
