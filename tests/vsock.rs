@@ -305,4 +305,7 @@ fn a_host_migration_resets_vsock_connections_and_the_destination_takes_new_ones(
     assert_eq!(v["info"]["cid"], "9", "{v}");
     let mut c2 = connect(&dsock, 52);
     echo(&mut c2, b"after the migration");
+    wait_for("the source's socket removed as its process ends", || {
+        !sock.exists()
+    });
 }
