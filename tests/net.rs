@@ -440,8 +440,8 @@ fn bad_net_and_vsock_options_are_refused_before_the_vm_starts() {
             "two network cards use TAP 't0'",
         ),
         (
-            vec!["--vsock", "cid=3,socket=/tmp/v.sock"],
-            "not implemented",
+            vec!["--vsock", "cid=2,socket=/tmp/v.sock"],
+            "not a guest's context id",
         ),
         (vec!["--guest", "builtin:net"], "give --net tap=NAME"),
         (

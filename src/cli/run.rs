@@ -35,7 +35,7 @@ pub struct RunArgs {
     /// A guest NUMA node: guest-node=G,size=SIZE,host-node=H[,cpus=LIST]; repeat for more.
     #[arg(long, value_name = "SPEC")]
     pub numa: Vec<String>,
-    /// The guest: builtin:idle (default), builtin:dirty[,wss=SIZE][,rate=PAGES_PER_S][,fill=random] or builtin:disk[,size=SIZE][,blocks=N][,rate=PER_S] (needs --disk).
+    /// The guest: builtin:idle (default), builtin:dirty[,wss=SIZE][,rate=PAGES_PER_S][,fill=random], builtin:disk[,size=SIZE][,blocks=N][,rate=PER_S] (needs --disk), builtin:net (needs --net) or builtin:vsock (needs --vsock).
     #[arg(long)]
     pub guest: Option<String>,
     /// Linux kernel to boot: a bzImage (vmlinuz) or an ELF vmlinux.

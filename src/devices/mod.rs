@@ -86,6 +86,10 @@ pub enum DeviceError {
     /// A network card's TAP cannot be used, or its saved state does not fit.
     #[error(transparent)]
     Net(#[from] virtio::net::NetError),
+    /// The vsock device's host socket cannot be made, or its saved state
+    /// does not fit.
+    #[error(transparent)]
+    Vsock(#[from] virtio::vsock::VsockError),
     /// A virtio device's saved state does not fit it, or it could not start.
     #[error(transparent)]
     Transport(#[from] virtio::mmio::RestoreError),
@@ -122,6 +126,7 @@ impl Classify for DeviceError {
             DeviceError::State { .. } | DeviceError::Missing { .. } => ErrorKind::Unusable,
             DeviceError::Block(e) => e.kind(),
             DeviceError::Net(e) => e.kind(),
+            DeviceError::Vsock(e) => e.kind(),
             DeviceError::Transport(virtio::mmio::RestoreError::Os { .. }) => ErrorKind::Failed,
             DeviceError::Transport(_) => ErrorKind::Unusable,
             DeviceError::TooMany { .. } => ErrorKind::BadRequest,
@@ -336,7 +341,7 @@ pub fn build(
     )?;
     let mut disks = Disks::default();
     let (disk_slots, machine) = machine.split_at(config.disks.len());
-    let (net_slots, _vsock_slot) = machine.split_at(config.nets.len());
+    let (net_slots, vsock_slot) = machine.split_at(config.nets.len());
     for (disk, slot) in config.disks.iter().zip(disk_slots) {
         let gsi = (!config.guest.is_builtin()).then_some(slot.gsi);
         let irqfd = virtio::mmio::irq_line(&mut set, &disk.id, gsi)?;
@@ -364,6 +369,17 @@ pub fn build(
             saved,
         )?;
         t.pin_workers(set.threads.clone(), DEVICE_GUEST_NODE);
+        virtio::mmio::plug(&mut set, slot.base, t)?;
+    }
+    if let (Some(vsock), Some(slot)) = (&config.vsock, vsock_slot.first()) {
+        let id = virtio::vsock::DEVICE_ID;
+        let gsi = (!config.guest.is_builtin()).then_some(slot.gsi);
+        let irqfd = virtio::mmio::irq_line(&mut set, id, gsi)?;
+        let t = reg.build::<virtio::MmioTransport<virtio::vsock::Vsock>>(
+            id,
+            (vsock.clone(), set.memory.clone(), irqfd),
+            saved,
+        )?;
         virtio::mmio::plug(&mut set, slot.base, t)?;
     }
     reg.check_all_restored(saved)?;

@@ -23,6 +23,7 @@
 //! | 0x60000    | per-vCPU exception stacks, one page each              |
 //! | 0x100000   | page tables (PML4, PDPT, one PD per GiB)              |
 //! | 0x140000   | `builtin:net`: its state, queues and buffers (`net`)  |
+//! | 0x140000   | or `builtin:vsock`'s (`vsock`), to 0x1a0000           |
 //! | 0x200000 … | the working set                                       |
 
 pub mod abi;
@@ -30,6 +31,7 @@ pub mod net;
 pub mod program;
 pub mod setup;
 pub mod verify;
+pub mod vsock;
 
 /// Pages the builtin guest has written so far: the sum of its vCPUs'
 /// progress counters in guest memory (0 for a guest that is not builtin,

@@ -278,6 +278,207 @@ pub fn net(base: u64) -> Result<Vec<u8>, IcedError> {
     a.assemble(base)
 }
 
+/// `builtin:vsock` (see `guest::vsock`): programs the device from the
+/// register table, then polls the event and receive used rings: an event
+/// is counted and its buffer reposted; a packet is answered (RESPONSE to a
+/// REQUEST, the same bytes back to RW, RST to SHUTDOWN, CREDIT_UPDATE to
+/// CREDIT_REQUEST) from the next free transmit buffer, and its buffer
+/// reposted.
+///
+/// Registers: rdi = its block; rbx = the state page; r13 = the device's
+/// MMIO window; r9 = the received packet; r12 = the reply; r14 = the
+/// connection's `fwd_cnt` slot; r15 = the receive buffer's id; r8 = bytes
+/// echoed; rax, rcx, rdx, rsi, r10, r11 scratch.
+pub fn vsock(base: u64) -> Result<Vec<u8>, IcedError> {
+    use super::vsock::{state, *};
+    let notify = virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_NOTIFY as i32;
+    let mask = (QUEUE_SIZE - 1) as u32;
+    let (rx_avail, rx_used) = (RXQ_ADDR + AVAIL_AT, RXQ_ADDR + USED_AT);
+    let (tx_avail, tx_used) = (TXQ_ADDR + AVAIL_AT, TXQ_ADDR + USED_AT);
+    let (ev_avail, ev_used) = (EVQ_ADDR + AVAIL_AT, EVQ_ADDR + USED_AT);
+    let hdr = HDR as i32;
+    let mut a = CodeAssembler::new(64)?;
+    let mut init = a.create_label();
+    let mut start = a.create_label();
+    let mut top = a.create_label();
+    let mut rx_check = a.create_label();
+    let mut wait_tx = a.create_label();
+    let mut request = a.create_label();
+    let mut shutdown = a.create_label();
+    let mut credit = a.create_label();
+    let mut rw = a.create_label();
+    let mut send = a.create_label();
+    let mut repost = a.create_label();
+
+    a.cld()?;
+    a.mov(rbx, VSOCK_ADDR)?;
+    a.mov(r13, qword_ptr(rbx + state::MMIO))?;
+    a.mov(rsi, qword_ptr(rbx + state::INIT))?;
+    a.mov(rcx, qword_ptr(rbx + state::NINIT))?;
+    a.set_label(&mut init)?;
+    a.test(rcx, rcx)?;
+    a.jz(start)?;
+    a.mov(rax, qword_ptr(rsi))?;
+    a.mov(rdx, qword_ptr(rsi + 8))?;
+    a.add(rax, r13)?;
+    a.mov(dword_ptr(rax), edx)?;
+    a.add(rsi, 16)?;
+    a.dec(rcx)?;
+    a.jmp(init)?;
+    a.set_label(&mut start)?;
+    // The receive and event buffers are posted already.
+    a.mov(dword_ptr(r13 + notify), 0)?;
+    a.mov(dword_ptr(r13 + notify), 2)?;
+
+    // An event: counted, its buffer (descriptor 0) back.
+    a.set_label(&mut top)?;
+    a.mov(rdx, ev_used + 2)?;
+    a.movzx(eax, word_ptr(rdx))?;
+    a.mov(r10, qword_ptr(rbx + state::EV_SEEN))?;
+    a.cmp(ax, r10w)?;
+    a.je(rx_check)?;
+    a.inc(r10)?;
+    a.mov(qword_ptr(rbx + state::EV_SEEN), r10)?;
+    a.inc(qword_ptr(rbx + state::RESETS))?;
+    a.mov(r10, qword_ptr(rbx + state::EV_AVAIL))?;
+    a.mov(r11, r10)?;
+    a.and(r11d, mask)?;
+    a.mov(rdx, ev_avail + 4)?;
+    a.mov(word_ptr(rdx + r11 * 2), 0)?;
+    a.inc(r10)?;
+    a.mov(qword_ptr(rbx + state::EV_AVAIL), r10)?;
+    a.mov(rdx, ev_avail + 2)?;
+    a.mov(word_ptr(rdx), r10w)?;
+    a.mov(dword_ptr(r13 + notify), 2)?;
+
+    // A received packet: r9 its buffer, r15 its id.
+    a.set_label(&mut rx_check)?;
+    a.mov(rdx, rx_used + 2)?;
+    a.movzx(eax, word_ptr(rdx))?;
+    a.mov(r10, qword_ptr(rbx + state::RX_SEEN))?;
+    a.cmp(ax, r10w)?;
+    a.je(top)?;
+    a.mov(r11, r10)?;
+    a.and(r11d, mask)?;
+    a.mov(rdx, rx_used + 4)?;
+    a.mov(eax, dword_ptr(rdx + r11 * 8))?;
+    a.and(eax, mask)?;
+    a.mov(r15, rax)?;
+    a.mov(r9, rax)?;
+    a.shl(r9, 12)?;
+    a.mov(r11, RXBUF_ADDR)?;
+    a.add(r9, r11)?;
+    a.inc(r10)?;
+    a.mov(qword_ptr(rbx + state::RX_SEEN), r10)?;
+
+    // A free transmit buffer: fewer than QUEUE_SIZE posted and not used.
+    a.set_label(&mut wait_tx)?;
+    a.mov(rdx, tx_used + 2)?;
+    a.movzx(eax, word_ptr(rdx))?;
+    a.mov(rcx, qword_ptr(rbx + state::TX_AVAIL))?;
+    a.sub(ecx, eax)?;
+    a.and(ecx, 0xffff)?;
+    a.cmp(ecx, QUEUE_SIZE as i32)?;
+    a.jae(wait_tx)?;
+    a.mov(r12, qword_ptr(rbx + state::TX_AVAIL))?;
+    a.and(r12d, mask)?;
+    a.shl(r12, 12)?;
+    a.mov(r11, TXBUF_ADDR)?;
+    a.add(r12, r11)?;
+    // The connection's slot, by the host port's low bits.
+    a.mov(r14d, dword_ptr(r9 + 16))?;
+    a.and(r14d, (CONNS - 1) as u32)?;
+    a.shl(r14, 3)?;
+    a.mov(r11, CONN_ADDR)?;
+    a.add(r14, r11)?;
+    // The reply's header: addresses and ports swapped.
+    a.mov(rax, qword_ptr(r9 + 8))?;
+    a.mov(qword_ptr(r12), rax)?;
+    a.mov(rax, qword_ptr(r9))?;
+    a.mov(qword_ptr(r12 + 8), rax)?;
+    a.mov(eax, dword_ptr(r9 + 20))?;
+    a.mov(dword_ptr(r12 + 16), eax)?;
+    a.mov(eax, dword_ptr(r9 + 16))?;
+    a.mov(dword_ptr(r12 + 20), eax)?;
+    a.mov(dword_ptr(r12 + 24), 0)?;
+    a.mov(word_ptr(r12 + 28), 1)?;
+    a.mov(dword_ptr(r12 + 32), 0)?;
+    a.mov(dword_ptr(r12 + 36), BUF_ALLOC as i32)?;
+    a.xor(r8, r8)?;
+    a.movzx(eax, word_ptr(r9 + 30))?;
+    a.cmp(eax, 1)?;
+    a.je(request)?;
+    a.cmp(eax, 5)?;
+    a.je(rw)?;
+    a.cmp(eax, 4)?;
+    a.je(shutdown)?;
+    a.cmp(eax, 7)?;
+    a.je(credit)?;
+    a.jmp(repost)?;
+    a.set_label(&mut request)?;
+    a.mov(qword_ptr(r14), 0)?;
+    a.inc(qword_ptr(rbx + state::ACCEPTED))?;
+    a.mov(word_ptr(r12 + 30), 2)?;
+    a.jmp(send)?;
+    a.set_label(&mut shutdown)?;
+    a.mov(word_ptr(r12 + 30), 3)?;
+    a.jmp(send)?;
+    a.set_label(&mut credit)?;
+    a.mov(word_ptr(r12 + 30), 6)?;
+    a.jmp(send)?;
+    a.set_label(&mut rw)?;
+    a.mov(ecx, dword_ptr(r9 + 24))?;
+    a.cmp(ecx, 4096 - hdr)?;
+    a.ja(repost)?;
+    a.add(qword_ptr(r14), rcx)?;
+    a.mov(r8, rcx)?;
+    a.mov(dword_ptr(r12 + 24), ecx)?;
+    a.mov(word_ptr(r12 + 30), 5)?;
+    a.lea(rsi, ptr(r9 + hdr))?;
+    a.mov(rax, rdi)?;
+    a.lea(rdi, ptr(r12 + hdr))?;
+    a.rep().movsb()?;
+    a.mov(rdi, rax)?;
+    a.add(qword_ptr(rbx + state::ECHOED), r8)?;
+    a.inc(qword_ptr(rdi + block::PROGRESS))?;
+
+    // The reply on the transmit ring: descriptor i = buffer i.
+    a.set_label(&mut send)?;
+    a.mov(eax, dword_ptr(r14))?;
+    a.mov(dword_ptr(r12 + 40), eax)?;
+    a.mov(r10, qword_ptr(rbx + state::TX_AVAIL))?;
+    a.mov(r11, r10)?;
+    a.and(r11d, mask)?;
+    a.lea(rax, ptr(r8 + hdr))?;
+    a.mov(rcx, r11)?;
+    a.shl(rcx, 4)?;
+    a.mov(rdx, TXQ_ADDR + 8)?;
+    a.add(rcx, rdx)?;
+    a.mov(dword_ptr(rcx), eax)?;
+    a.mov(rdx, tx_avail + 4)?;
+    a.mov(word_ptr(rdx + r11 * 2), r11w)?;
+    a.inc(r10)?;
+    a.mov(qword_ptr(rbx + state::TX_AVAIL), r10)?;
+    a.mov(rdx, tx_avail + 2)?;
+    a.mov(word_ptr(rdx), r10w)?;
+    a.mov(dword_ptr(r13 + notify), 1)?;
+
+    // The receive buffer back.
+    a.set_label(&mut repost)?;
+    a.mov(r10, qword_ptr(rbx + state::RX_AVAIL))?;
+    a.mov(r11, r10)?;
+    a.and(r11d, mask)?;
+    a.mov(rdx, rx_avail + 4)?;
+    a.mov(word_ptr(rdx + r11 * 2), r15w)?;
+    a.inc(r10)?;
+    a.mov(qword_ptr(rbx + state::RX_AVAIL), r10)?;
+    a.mov(rdx, rx_avail + 2)?;
+    a.mov(word_ptr(rdx), r10w)?;
+    a.mov(dword_ptr(r13 + notify), 0)?;
+    a.jmp(top)?;
+    a.assemble(base)
+}
+
 /// `builtin:idle`: asks the test device to park the vCPU, forever.
 pub fn idle(base: u64) -> Result<Vec<u8>, IcedError> {
     let mut a = CodeAssembler::new(64)?;
@@ -420,6 +621,7 @@ mod tests {
         assert!(disk::program(0x18000, 0x3100).unwrap().len() > 200);
         assert!(idle(0x10000).unwrap().len() >= 5);
         assert!(net(0x10000).unwrap().len() > 100);
+        assert!(vsock(0x10000).unwrap().len() > 100);
         for f in ["gp", "ud", "pf", "int=64"] {
             let f = TestFault::parse(f).unwrap();
             assert!(!test_fault(0x11000, f).unwrap().is_empty());

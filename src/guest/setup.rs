@@ -50,6 +50,8 @@ pub mod kind {
     pub const DISK: u64 = 3;
     /// `builtin:net`.
     pub const NET: u64 = 4;
+    /// `builtin:vsock`.
+    pub const VSOCK: u64 = 5;
 }
 /// GiB the page tables map at least for the disk guest: the virtio-mmio
 /// windows sit in the MMIO hole below 4 GiB.
@@ -187,7 +189,9 @@ pub fn slices(
             }
             Ok(out)
         }
-        GuestSpec::Idle | GuestSpec::Net { .. } => Ok(vec![Vec::new(); vcpus as usize]),
+        GuestSpec::Idle | GuestSpec::Net { .. } | GuestSpec::Vsock { .. } => {
+            Ok(vec![Vec::new(); vcpus as usize])
+        }
         GuestSpec::Linux(_) => Err(not_builtin()),
     }
 }
@@ -416,6 +420,9 @@ pub fn install(
         // through the identity map like memory.
         gib = gib.max((mmio >> 30) + 1);
     }
+    if let GuestSpec::Vsock { mmio } = spec {
+        gib = gib.max((mmio >> 30) + 1);
+    }
     if gib > MAX_MAPPED_GIB {
         return Err(SetupError::Layout(format!(
             "guest memory ends at {top:#x}, above what the builtin guests map"
@@ -431,6 +438,7 @@ pub fn install(
             program::dirty(CODE_ADDR, TEST_FAULT_ADDR)
         }
         GuestSpec::Net { .. } => program::net(CODE_ADDR),
+        GuestSpec::Vsock { .. } => program::vsock(CODE_ADDR),
         GuestSpec::Linux(_) => return Err(not_builtin()),
     }
     .map_err(|e| SetupError::Assemble(e.to_string()))?;
@@ -454,6 +462,7 @@ pub fn install(
         GuestSpec::Dirty { .. } => kind::DIRTY,
         GuestSpec::Disk { .. } => kind::DISK,
         GuestSpec::Net { .. } => kind::NET,
+        GuestSpec::Vsock { .. } => kind::VSOCK,
         GuestSpec::Linux(_) => return Err(not_builtin()),
     };
     w(CONTROL_ADDR, CONTROL_MAGIC)?;
@@ -491,6 +500,10 @@ pub fn install(
     if let GuestSpec::Net { mmio, mac } = spec {
         super::net::install(memory, *mmio, *mac)
             .ok_or_else(|| SetupError::Layout("the network guest's queues do not fit".into()))?;
+    }
+    if let GuestSpec::Vsock { mmio } = spec {
+        super::vsock::install(memory, *mmio)
+            .ok_or_else(|| SetupError::Layout("the vsock guest's queues do not fit".into()))?;
     }
     if let GuestSpec::Dirty {
         fill_random: true, ..

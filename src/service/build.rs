@@ -310,6 +310,12 @@ fn boot_setup(config: &VmConfig, hooks: &TestHooks) -> Setup<'static> {
                     + config.disks.len() as u64 * crate::arch::x86_64::layout::VIRTIO_MMIO_WINDOW;
                 *mac = card.mac.0;
             }
+            if let GuestSpec::Vsock { mmio } = &mut spec {
+                // The vsock window follows the disks' and the cards'.
+                *mmio = crate::arch::x86_64::layout::VIRTIO_MMIO_BASE
+                    + (config.disks.len() + config.nets.len()) as u64
+                        * crate::arch::x86_64::layout::VIRTIO_MMIO_WINDOW;
+            }
             let guest_hooks = hooks.guest.clone();
             Box::new(move |mem, fds| Ok(crate::guest::setup::boot(&spec, mem, fds, &guest_hooks)?))
         }
@@ -337,6 +343,9 @@ pub struct Placement<'a> {
     /// `--disk id=NAME,path=FILE`: where each restored disk lands
     /// (default: `DIR/restored/<vm>-<id>-<disk>.img`).
     pub disks: &'a [String],
+    /// `--vsock socket=PATH`: where the vsock device's host socket goes
+    /// (default: the saved path).
+    pub vsock: Option<&'a str>,
 }
 
 /// Restores `target` (as a VM called `name`, else the saved name), its
@@ -351,7 +360,7 @@ pub fn restore(
     console: &Console,
     hooks: &TestHooks,
 ) -> Result<Restored, BuildError> {
-    let Placement { nets, disks } = place;
+    let Placement { nets, disks, vsock } = place;
     let placements = disks
         .iter()
         .map(|d| DiskPlacement::parse(d))
@@ -362,6 +371,15 @@ pub fn restore(
         Err(e) => {
             r.abandon();
             return Err(e);
+        }
+    }
+    if let Some(v) = vsock {
+        match rebind_vsock(r.config.vsock.as_ref(), v) {
+            Ok(v) => r.config.vsock = Some(v),
+            Err(e) => {
+                r.abandon();
+                return Err(e);
+            }
         }
     }
     let stacks = r.take_disks();
@@ -397,10 +415,14 @@ pub fn restore(
 pub fn arrive(
     arrived: &mut Arrived,
     nets: &[String],
+    vsock: Option<&str>,
     console: &Console,
     hooks: &TestHooks,
 ) -> Result<Machine, BuildError> {
     arrived.config.nets = rebind_nets(&arrived.config.nets, nets)?;
+    if let Some(v) = vsock {
+        arrived.config.vsock = Some(rebind_vsock(arrived.config.vsock.as_ref(), v)?);
+    }
     arrived
         .hand_over_disks()
         .map_err(|e| BuildError::Config(ConfigError::Invalid(e.to_string())))?;
@@ -425,6 +447,13 @@ pub fn arrive(
 /// arrival) name.
 fn rebind_nets(saved: &[NetConfig], specs: &[String]) -> Result<Vec<NetConfig>, BuildError> {
     NetConfig::rebind(saved, specs)
+        .map_err(|e| BuildError::Config(ConfigError::Invalid(e.to_string())))
+}
+
+/// The saved vsock device on the socket `spec` (`--vsock` on a restore or
+/// an arrival) names.
+fn rebind_vsock(saved: Option<&VsockConfig>, spec: &str) -> Result<VsockConfig, BuildError> {
+    VsockConfig::rebind(saved, spec)
         .map_err(|e| BuildError::Config(ConfigError::Invalid(e.to_string())))
 }
 

@@ -200,6 +200,7 @@ pub fn run(spec: RunSpec, events: &mut dyn FnMut(RunEvent)) -> Result<RunEnd, Pr
                 build::Placement {
                     nets: &spec.nets,
                     disks: &spec.disks,
+                    vsock: spec.vsock.as_deref(),
                 },
                 *eager,
                 spec.paused,
@@ -555,7 +556,14 @@ fn incoming(
             }
         };
         let t_arrive = Instant::now();
-        let built = build::arrive(&mut arrived, &spec.nets, console, &hooks).and_then(|m| {
+        let built = build::arrive(
+            &mut arrived,
+            &spec.nets,
+            spec.vsock.as_deref(),
+            console,
+            &hooks,
+        )
+        .and_then(|m| {
             if hooks.refuse_arrival {
                 // Dropped here: its devices close (and unlock) their images.
                 drop(m);

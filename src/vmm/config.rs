@@ -243,14 +243,19 @@ impl VmConfig {
         }
         if let Some(v) = &self.vsock {
             v.check().map_err(|e| invalid(e.to_string()))?;
-            // Parsed and checked so that the option's shape is settled,
-            // but there is no device behind it yet: refuse rather than
-            // boot a guest without the channel it was promised.
-            return Err(invalid(format!(
-                "--vsock cid={},socket={}: virtio-vsock is not implemented in this vmhop yet",
-                v.cid,
-                v.socket.display()
-            )));
+        }
+        if matches!(self.guest, GuestSpec::Vsock { .. }) {
+            if self.vsock.is_none() {
+                return Err(invalid(
+                    "--guest builtin:vsock serves the vsock device: give --vsock cid=N,socket=PATH",
+                ));
+            }
+            if self.vcpus != 1 {
+                return Err(invalid(format!(
+                    "--guest builtin:vsock runs on one vCPU (got --vcpus {})",
+                    self.vcpus
+                )));
+            }
         }
         Ok(())
     }
@@ -630,6 +635,49 @@ impl VsockConfig {
         Ok(c)
     }
 
+    /// The saved VM's device (`saved`) on the socket `spec` names (`--vsock
+    /// socket=PATH` on a restore or an arrival; a `cid=N` there must be the
+    /// saved one, which is the guest's address and travels with it).
+    pub fn rebind(
+        saved: Option<&VsockConfig>,
+        spec: &str,
+    ) -> Result<VsockConfig, VsockConfigError> {
+        let bad = |m: String| VsockConfigError::Invalid(m);
+        let Some(saved) = saved else {
+            return Err(bad(format!("'{spec}': the saved VM has no vsock device")));
+        };
+        let (mut cid, mut socket) = (None, None);
+        for kv in spec.split(',') {
+            match kv.split_once('=') {
+                Some(("cid", v)) => {
+                    cid = Some(
+                        v.parse::<u64>()
+                            .map_err(|_| bad(format!("cid={v} is not a number")))?,
+                    )
+                }
+                Some(("socket", v)) if !v.is_empty() => socket = Some(PathBuf::from(v)),
+                _ => {
+                    return Err(bad(format!(
+                        "unknown option '{kv}' (expected socket=PATH, cid=N)"
+                    )))
+                }
+            }
+        }
+        if let Some(c) = cid.filter(|&c| c != saved.cid) {
+            return Err(bad(format!(
+                "cid={c}: the saved VM's guest has cid {}; its cid travels with it and cannot change",
+                saved.cid
+            )));
+        }
+        let socket = socket.ok_or_else(|| bad(format!("'{spec}' names no socket=PATH")))?;
+        let c = VsockConfig {
+            cid: saved.cid,
+            socket: std::path::absolute(&socket).unwrap_or(socket),
+        };
+        c.check()?;
+        Ok(c)
+    }
+
     /// The context id is a guest's (0, 1 and 2 are the hypervisor's, the
     /// loopback's and the host's; 2^32-1 is "any"), and `PATH_<port>` fits
     /// in a Unix socket address for every port.
@@ -729,6 +777,13 @@ pub enum GuestSpec {
         /// The card's MAC, the frames' source (filled in likewise).
         #[serde(default)]
         mac: [u8; 6],
+    },
+    /// `builtin:vsock`: accepts every connection on the vsock device and
+    /// echoes what it receives (see `guest::vsock`).
+    Vsock {
+        /// The device's MMIO window (filled in when the VM boots).
+        #[serde(default)]
+        mmio: u64,
     },
 }
 
@@ -833,8 +888,16 @@ impl GuestSpec {
                     mac: [0; 6],
                 })
             }
+            "vsock" => {
+                if let Some(p) = parts.next() {
+                    return Err(ConfigError::Invalid(format!(
+                        "--guest builtin:vsock takes no options (got '{p}')"
+                    )));
+                }
+                Ok(GuestSpec::Vsock { mmio: 0 })
+            }
             other => Err(ConfigError::Invalid(format!(
-                "--guest: unknown builtin guest '{other}' (expected idle, dirty, disk or net)"
+                "--guest: unknown builtin guest '{other}' (expected idle, dirty, disk, net or vsock)"
             ))),
         }
     }
@@ -846,6 +909,7 @@ impl GuestSpec {
             GuestSpec::Dirty { .. } => "builtin:dirty",
             GuestSpec::Disk { .. } => "builtin:disk",
             GuestSpec::Net { .. } => "builtin:net",
+            GuestSpec::Vsock { .. } => "builtin:vsock",
             GuestSpec::Linux(_) => "linux",
         }
     }

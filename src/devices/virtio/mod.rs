@@ -6,7 +6,7 @@
 //! the irqfd pulse, DEVICE_NEEDS_RESET), the queues' saved form, and the
 //! worker thread that serves the queues (`worker`): every request runs
 //! there, never on a vCPU thread. The transport's registers live in
-//! [`mmio`]; each device in a module of its own ([`block`]).
+//! [`mmio`]; each device in a module of its own ([`block`], [`net`], [`vsock`]).
 //!
 //! Notifications: each queue has an eventfd. KVM signals it directly when
 //! the guest writes the queue's index to QueueNotify (an ioeventfd with that
@@ -30,6 +30,7 @@
 pub mod block;
 pub mod mmio;
 pub mod net;
+pub mod vsock;
 mod worker;
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
