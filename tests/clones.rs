@@ -357,9 +357,27 @@ fn clones_share_one_copy_of_memory_by_their_summed_pss() {
     );
     drop(plain);
 
-    let clones: Vec<Vm> = (0..CLONES)
-        .map(|i| clone(&images, dir.path(), &format!("pss-{i}"), true).0)
-        .collect();
+    // All started at once: they race to build the image, which one builds
+    // and the others wait for and map.
+    let started: Vec<(Vm, Value)> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..CLONES)
+            .map(|i| {
+                let (images, dir) = (&images, dir.path());
+                s.spawn(move || clone(images, dir, &format!("pss-{i}"), true))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("clone start thread"))
+            .collect()
+    });
+    let builders = started
+        .iter()
+        .filter(|(_, r)| r["image"]["built"] == true)
+        .count();
+    assert_eq!(builders, 1, "exactly one of {CLONES} racing clones builds");
+    assert_eq!(images.images().len(), 1, "one image");
+    let clones: Vec<Vm> = started.into_iter().map(|(vm, _)| vm).collect();
     // Each clone reads all of its memory (verify checks every page).
     for (i, c) in clones.iter().enumerate() {
         assert_verifies(c, &format!("clone {i}"));
