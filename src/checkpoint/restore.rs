@@ -1460,15 +1460,13 @@ impl Restoring {
         let records = p.meta.disks.clone();
         let header = p.meta.header.clone();
         let chain_files = p.links.len();
+        // A clone of an existing image skips the validation, unless a
+        // writable disk needs the chain or a read-only disk's image changed
+        // (which the validation refuses).
+        let unchanged = || p.meta.disks.iter().all(|d| d.base.changed().is_none());
         let image = match mode {
-            LoadMode::Shared if disks.is_empty() => {
-                super::image::open(&image_key(&header), image_size(&p.config)).inspect_err(
-                    |_| {
-                        for d in &disks {
-                            let _ = std::fs::remove_file(&d.path);
-                        }
-                    },
-                )?
+            LoadMode::Shared if disks.is_empty() && unchanged() => {
+                super::image::open(&image_key(&header), image_size(&p.config))?
             }
             _ => None,
         };
