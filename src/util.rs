@@ -129,6 +129,13 @@ pub fn block_stop_signals() -> libc::sigset_t {
     }
 }
 
+/// When this process started (its `main`), for reports that count from
+/// there; the first call fixes it, so `main` calls it first thing.
+pub fn process_start() -> std::time::Instant {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    *START.get_or_init(std::time::Instant::now)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -14,6 +14,7 @@
 //! only aggregates. It never judges a figure: no budget here fails a run.
 
 pub mod checkpoint;
+pub mod clones;
 pub mod disk;
 pub mod fixture;
 pub mod guest;

@@ -259,7 +259,7 @@ fn restore_once(dir: &Path, eager: bool) -> Result<Restored, BenchError> {
         &target,
         Some("bench-restored".into()),
         Default::default(),
-        eager,
+        vmhop::checkpoint::restore::LoadMode::of(eager, false),
         false,
         &vmhop::devices::Console::Stdout,
         &Default::default(),

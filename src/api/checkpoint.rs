@@ -181,6 +181,20 @@ pub struct MergeReport {
     pub disk_blocks: u64,
 }
 
+/// `vmhop delete DIR@ID` and `vmhop checkpoints DIR --drop-images`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DropReport {
+    /// "delete" or "drop-images".
+    pub operation: String,
+    /// The checkpoint file deleted (`delete`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<PathBuf>,
+    /// The clone images removed.
+    pub images: Vec<PathBuf>,
+    /// The memory they held.
+    pub image_bytes: u64,
+}
+
 /// A restored disk.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct RestoredDisk {
@@ -213,6 +227,29 @@ pub struct RestoreReport {
     /// Where `resume_ms` went.
     #[serde(default)]
     pub phases: RestorePhases,
+    /// Milliseconds from the start of the vmhop process (its `main`) until
+    /// the vCPUs could run: what a clone's start costs, process set-up
+    /// included (not the exec and the dynamic loader before `main`).
+    #[serde(default)]
+    pub process_ms: f64,
+    /// A clone (`--shared`): the image its memory maps.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<CloneImageReport>,
+}
+
+/// The image a clone's memory maps copy-on-write.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CloneImageReport {
+    /// The image file (on tmpfs).
+    pub path: PathBuf,
+    /// Whether this restore built it (the first clone of a checkpoint does).
+    pub built: bool,
+    /// Milliseconds spent building it (0 if it existed).
+    pub build_ms: f64,
+    /// Whether this restore validated the checkpoint chain: a clone of an
+    /// image that exists skips it (the image was built from a validated
+    /// chain), unless it has disks, whose reads need the chain.
+    pub validated: bool,
 }
 
 /// Where the time until the vCPUs could run went, in milliseconds. The

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::checkpoint::{ChainListing, CheckpointTarget, MergeReport, RestoreReport};
+use super::checkpoint::{ChainListing, CheckpointTarget, DropReport, MergeReport, RestoreReport};
 use super::error::ApiError;
 use super::migration::{AuthFiles, ReceiveReport};
 use super::numa::TopologyReport;
@@ -36,6 +36,9 @@ pub enum StartSpec {
         target: CheckpointTarget,
         /// Load all memory before the vCPUs run (else lazily).
         eager: bool,
+        /// A clone: map the checkpoint's shared image copy-on-write.
+        #[serde(default)]
+        shared: bool,
     },
     /// From a migration source.
     Incoming {
@@ -176,6 +179,12 @@ pub trait Local {
     fn checkpoints(&self, dir: &Path) -> Result<ChainListing, ApiError>;
     /// Folds a chain into one new full checkpoint.
     fn merge(&self, target: &CheckpointTarget) -> Result<MergeReport, ApiError>;
+    /// Deletes one checkpoint (and its clone image); refused while clones
+    /// of it run or other checkpoints depend on it.
+    fn delete(&self, target: &CheckpointTarget) -> Result<DropReport, ApiError>;
+    /// Removes the clone images of `dir`'s checkpoints; refused while
+    /// clones of them run.
+    fn drop_images(&self, dir: &Path) -> Result<DropReport, ApiError>;
     /// Whether this host's KVM can run a Linux guest's kernel code at a
     /// usable speed, found by running a few instructions of it; the error
     /// says why not and what to do instead.

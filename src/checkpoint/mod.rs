@@ -12,6 +12,7 @@ pub mod chain;
 pub mod create;
 pub mod disks;
 pub mod format;
+pub mod image;
 pub mod index;
 pub mod reset;
 pub mod restore;

@@ -32,6 +32,7 @@ use userfaultfd::{Event, Uffd, UffdBuilder};
 use super::chain::{Chain, ChainEntry, ChainError, ResolvedChain};
 use super::disks::{block_of, default_restored_path, ChainDisk};
 use super::format::{read_meta, Meta};
+use super::image::{CloneImage, ImageKey};
 use super::index::IndexEntry;
 use super::{ChainPosition, CheckpointRef};
 use crate::api::checkpoint::CheckpointTarget;
@@ -200,6 +201,20 @@ pub enum RestoreError {
         /// The checkpoint.
         file: PathBuf,
     },
+    /// A clone's image could not be built, opened or mapped.
+    #[error("{0}")]
+    Image(#[from] super::image::ImageError),
+    /// Mapping a clone's image into guest memory failed.
+    #[error("mapping clone image {} at guest {gpa:#x}: {source}", path.display())]
+    MapImage {
+        /// The image.
+        path: PathBuf,
+        /// The chunk's first guest-physical address.
+        gpa: u64,
+        /// mmap's error.
+        #[source]
+        source: crate::memory::MappingError,
+    },
     /// Copying a restored disk's blocks failed.
     #[error("disk {disk}: {source}")]
     Fill {
@@ -233,7 +248,10 @@ impl crate::api::Classify for RestoreError {
             RestoreError::BaseChanged { .. } | RestoreError::DiskTable { .. } => {
                 crate::api::ErrorKind::Unusable
             }
-            RestoreError::Fill { .. } => crate::api::ErrorKind::Failed,
+            RestoreError::Fill { .. } | RestoreError::MapImage { .. } => {
+                crate::api::ErrorKind::Failed
+            }
+            RestoreError::Image(e) => e.kind(),
         }
     }
 }
@@ -1089,6 +1107,145 @@ struct Loaded {
     /// Why the validation refused the chain, if it did.
     refused: Option<RestoreError>,
     phases: RestorePhases,
+    /// A clone's image, mapped.
+    image: Option<CloneImage>,
+}
+
+/// How a restore fills guest memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoadMode {
+    /// Registered with userfaultfd; pages load on first touch and in the
+    /// background while the vCPUs run.
+    Lazy,
+    /// Every page read (checksum verified) before the vCPUs run.
+    Eager,
+    /// A clone: guest memory maps the checkpoint's image on tmpfs
+    /// copy-on-write (built first if no clone made it yet).
+    Shared,
+}
+
+impl LoadMode {
+    /// The mode `--eager` and `--shared` ask for (the CLI refuses both).
+    pub fn of(eager: bool, shared: bool) -> LoadMode {
+        match (eager, shared) {
+            (_, true) => LoadMode::Shared,
+            (true, false) => LoadMode::Eager,
+            (false, false) => LoadMode::Lazy,
+        }
+    }
+}
+
+/// What [`Restoring::finish`] hands the service.
+pub struct Finished {
+    /// The restore's report.
+    pub report: RestoreReport,
+    /// The VM's place in the chain.
+    pub position: ChainPosition,
+    /// True while a lazy restore loads.
+    pub loading: Arc<AtomicBool>,
+    /// A clone's hold on its image, for as long as the VM runs.
+    pub image: Option<CloneImage>,
+}
+
+/// The size of a clone image for `config`'s memory: its highest
+/// guest-physical address (pages live at their address; holes cost
+/// nothing on tmpfs).
+fn image_size(config: &VmConfig) -> u64 {
+    crate::memory::layout::layout(
+        &config.nodes.iter().map(|n| n.size).collect::<Vec<_>>(),
+        config.chunk_size,
+    )
+    .iter()
+    .flatten()
+    .map(|r| r.end())
+    .max()
+    .unwrap_or(0)
+}
+
+/// Writes each stored page of `chain` (checksum verified) at its
+/// guest-physical address in `out`, one thread per CPU.
+fn fill_image(chain: &ResolvedChain, out: &mut [u8]) -> Result<(), RestoreError> {
+    let pages = data_pages(chain);
+    let mut all = Vec::new();
+    let mut i = 0;
+    while i < pages.len() {
+        let mut j = i + 1;
+        while j < pages.len()
+            && j - i < MAX_RUN_PAGES
+            && pages[j].1 == pages[i].1
+            && pages[j].0 == pages[j - 1].0 + PAGE_SIZE
+        {
+            j += 1;
+        }
+        all.push((i, j - i));
+        i = j;
+    }
+    let (base, size) = (out.as_mut_ptr() as usize, out.len());
+    let per = all.len().div_ceil(loader_threads()).max(1);
+    let pages = &pages;
+    std::thread::scope(|s| {
+        let workers: Vec<_> = all
+            .chunks(per)
+            .map(|part| {
+                s.spawn(move || -> Result<(), RestoreError> {
+                    for &(i, n) in part {
+                        let run = &pages[i..i + n];
+                        let (gpa, r, _) = run[0];
+                        let len = n * PAGE_SIZE as usize;
+                        if gpa as usize + len > size {
+                            return Err(RestoreError::NotInMemory {
+                                file: chain.readers[r].path().to_path_buf(),
+                                gpa,
+                            });
+                        }
+                        // SAFETY: [base+gpa, base+gpa+len) lies inside `out`
+                        // (checked just above), which the caller lends us
+                        // exclusively for the scope; runs do not overlap,
+                        // so no two threads write the same bytes.
+                        let dst = unsafe {
+                            std::slice::from_raw_parts_mut((base + gpa as usize) as *mut u8, len)
+                        };
+                        chain.readers[r]
+                            .read_pages(&entries(run), dst)
+                            .map_err(ChainError::from)?;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        workers.into_iter().try_for_each(|w| {
+            w.join().unwrap_or_else(|_| {
+                Err(RestoreError::Panicked {
+                    file: chain.top().path().to_path_buf(),
+                    what: "an image builder thread",
+                })
+            })
+        })
+    })
+}
+
+/// The name of the image of the checkpoint whose header is `h`.
+fn image_key(h: &super::format::Header) -> ImageKey {
+    ImageKey {
+        chain_id: h.chain_id,
+        id: h.id,
+        created_unix_ms: h.created_unix_ms,
+    }
+}
+
+/// Maps `image` copy-on-write under every chunk of `m`, each at its
+/// guest-physical address in the image.
+fn map_image(image: &CloneImage, m: &GuestMemory) -> Result<(), RestoreError> {
+    for c in m.chunks() {
+        c.mapping
+            .map_file_private(image.file(), c.range.start)
+            .map_err(|source| RestoreError::MapImage {
+                path: image.path().to_path_buf(),
+                gpa: c.range.start,
+                source,
+            })?;
+    }
+    Ok(())
 }
 
 /// Where `--disk id=NAME,path=FILE` on a restore puts disk NAME.
@@ -1247,7 +1404,14 @@ pub struct Restoring {
     pub config: VmConfig,
     state: Option<VmState>,
     checkpoint: CheckpointRef,
-    eager: bool,
+    mode: LoadMode,
+    /// The restored file's header (a clone's report comes from it when the
+    /// chain is not validated).
+    header: super::format::Header,
+    /// Files in the chain.
+    chain_files: usize,
+    /// A clone's image, found at `begin` (then the chain is not validated).
+    image: Option<CloneImage>,
     started: Instant,
     validator: Option<std::thread::JoinHandle<Validated>>,
     loaded: Arc<Mutex<Loaded>>,
@@ -1259,14 +1423,17 @@ pub struct Restoring {
 
 impl Restoring {
     /// Reads and checks the restored file's config and state, and starts
-    /// validating the whole chain on a thread of its own. Lazy unless `eager`.
+    /// validating the whole chain on a thread of its own, memory filled
+    /// as `mode` says. A clone whose image exists already (and that has
+    /// no writable disk, whose reads need the chain) skips the validation:
+    /// the image was built from a validated chain, every page checked.
     ///
     /// `name` renames the VM; each writable disk lands in a new sparse
     /// file, at its `placements` entry or by default at
     /// `DIR/restored/<vm>-<id>-<disk>.img`, over the chain's view of it.
     pub fn begin(
         target: &CheckpointTarget,
-        eager: bool,
+        mode: LoadMode,
         name: Option<String>,
         placements: &[DiskPlacement],
     ) -> Result<Restoring, RestoreError> {
@@ -1291,18 +1458,35 @@ impl Restoring {
             placements,
         )?;
         let records = p.meta.disks.clone();
-        let (links, meta, config) = (p.links, p.meta, p.config.clone());
-        let validator = std::thread::Builder::new()
-            .name("restore-check".into())
-            .spawn(move || {
-                let t = Instant::now();
-                (validate(&links, &meta, &config), ms_since(t))
-            })
-            .map_err(|source| RestoreError::Thread {
-                file: file.clone(),
-                what: "validation",
-                source,
-            })?;
+        let header = p.meta.header.clone();
+        let chain_files = p.links.len();
+        // A clone of an existing image skips the validation, unless a
+        // writable disk needs the chain or a read-only disk's image changed
+        // (which the validation refuses).
+        let unchanged = || p.meta.disks.iter().all(|d| d.base.changed().is_none());
+        let image = match mode {
+            LoadMode::Shared if disks.is_empty() && unchanged() => {
+                super::image::open(&image_key(&header), image_size(&p.config))?
+            }
+            _ => None,
+        };
+        let validator = if image.is_some() {
+            None
+        } else {
+            let (links, meta, config) = (p.links, p.meta, p.config.clone());
+            let v = std::thread::Builder::new()
+                .name("restore-check".into())
+                .spawn(move || {
+                    let t = Instant::now();
+                    (validate(&links, &meta, &config), ms_since(t))
+                })
+                .map_err(|source| RestoreError::Thread {
+                    file: file.clone(),
+                    what: "validation",
+                    source,
+                })?;
+            Some(v)
+        };
         let loaded = Loaded {
             phases: RestorePhases {
                 meta_ms,
@@ -1316,9 +1500,12 @@ impl Restoring {
             config: p.config,
             state: Some(p.state),
             checkpoint: p.checkpoint,
-            eager,
+            mode,
+            header,
+            chain_files,
+            image,
             started,
-            validator: Some(validator),
+            validator,
             loaded: Arc::new(Mutex::new(loaded)),
             disks,
             records,
@@ -1349,9 +1536,22 @@ impl Restoring {
         let state = self.state.take().expect("take_start is called once");
         let validator = self.validator.take();
         let loaded = self.loaded.clone();
-        let (eager, dir) = (self.eager, self.dir.clone());
+        let (mode, dir) = (self.mode, self.dir.clone());
         let views: Vec<Arc<ChainDisk>> = self.disks.iter().map(|d| d.view.clone()).collect();
+        let found = self.image.take();
+        let (key, size) = (image_key(&self.header), image_size(&self.config));
+        let name = self.config.name.clone();
         let load: Loader<'static> = Box::new(move |m: &GuestMemory| {
+            if let Some(mut image) = found {
+                // A clone of an image that exists: nothing to read or check.
+                let tl = Instant::now();
+                let mut l = loaded.lock().unwrap_or_else(|e| e.into_inner());
+                map_image(&image, m)?;
+                image.register(&key, &name)?;
+                l.phases.load_ms = ms_since(tl);
+                l.image = Some(image);
+                return Ok(());
+            }
             let tw = Instant::now();
             let (checked, ms) = match validator.map(|v| v.join()) {
                 Some(Ok(r)) => r,
@@ -1379,7 +1579,31 @@ impl Restoring {
             for v in &views {
                 v.set_chain(chain.clone());
             }
-            if eager {
+            if mode == LoadMode::Shared {
+                let tl = Instant::now();
+                let mut failed = None;
+                let image = super::image::open_or_build(&key, size, |out| {
+                    fill_image(&chain, out).map_err(|e| {
+                        let msg = e.to_string();
+                        failed = Some(e);
+                        msg
+                    })
+                });
+                let mut image = match image {
+                    Ok(i) => i,
+                    Err(e) => {
+                        let msg = e.to_string();
+                        // A damaged page is the checkpoint's fault: answer
+                        // with the page's own error.
+                        l.refused = Some(failed.unwrap_or(e.into()));
+                        return Err(msg.into());
+                    }
+                };
+                map_image(&image, m)?;
+                image.register(&key, &name)?;
+                l.phases.load_ms = ms_since(tl);
+                l.image = Some(image);
+            } else if mode == LoadMode::Eager {
                 let tl = Instant::now();
                 if let Err(e) = load_eager(&chain, m) {
                     // A damaged page is the file's fault, not the VM's: the
@@ -1447,11 +1671,16 @@ impl Restoring {
         vm: &Arc<Vm>,
         paused: bool,
         built: Instant,
-    ) -> Result<(RestoreReport, ChainPosition, Arc<AtomicBool>), RestoreError> {
+    ) -> Result<Finished, RestoreError> {
         let vm_ms = ms_since(built);
-        let (chain, lazy, mut phases) = {
+        let (chain, lazy, mut phases, image) = {
             let mut l = self.loaded.lock().unwrap_or_else(|e| e.into_inner());
-            (l.chain.take(), l.lazy.take(), l.phases.clone())
+            (
+                l.chain.take(),
+                l.lazy.take(),
+                l.phases.clone(),
+                l.image.take(),
+            )
         };
         phases.vm_ms = vm_ms - phases.wait_ms - phases.load_ms - phases.uffd_ms;
         let handler = lazy.clone();
@@ -1462,10 +1691,16 @@ impl Restoring {
             vm.shutdown();
             e
         };
-        let Some((chain, stored_pages)) = chain else {
-            return Err(fail(RestoreError::NotLoaded {
-                file: self.dir.clone(),
-            }));
+        let validated = chain.is_some();
+        let (chain_files, stored_pages) = match (&chain, &image) {
+            (Some((c, stored)), _) => (c.readers.len(), *stored),
+            // A clone of an existing image: the image holds the pages.
+            (None, Some(i)) => (self.chain_files, i.held_pages()),
+            (None, None) => {
+                return Err(fail(RestoreError::NotLoaded {
+                    file: self.dir.clone(),
+                }))
+            }
         };
         // The slots were registered with dirty logging on; from now on the
         // chain keeps every page written, for the next incremental.
@@ -1488,8 +1723,8 @@ impl Restoring {
                 block_of(&**s).is_ok_and(|b| matches!(b.stack().shape(), Shape::Filling { .. }))
             })
             .collect();
-        if self.eager {
-            // Eager: every disk is whole before the vCPUs run.
+        if self.mode != LoadMode::Lazy {
+            // Eager (and clones): every disk is whole before the vCPUs run.
             let tf = Instant::now();
             for s in &filling {
                 let b = block_of(&**s).expect("filtered above");
@@ -1564,14 +1799,23 @@ impl Restoring {
                 }));
             }
         }
-        let top = chain.top().header().clone();
-        Ok((
-            RestoreReport {
+        let top = &self.header;
+        let process_ms = crate::util::process_start().elapsed().as_secs_f64() * 1e3;
+        let image_report = image
+            .as_ref()
+            .map(|i| crate::api::checkpoint::CloneImageReport {
+                path: i.path().to_path_buf(),
+                built: i.built,
+                build_ms: i.build_ms,
+                validated,
+            });
+        Ok(Finished {
+            report: RestoreReport {
                 operation: "restore".into(),
                 id: top.id,
                 kind: top.kind,
-                chain_files: chain.readers.len(),
-                lazy: !self.eager,
+                chain_files,
+                lazy: self.mode == LoadMode::Lazy,
                 pages: stored_pages,
                 disks: self
                     .disks
@@ -1583,10 +1827,13 @@ impl Restoring {
                     .collect(),
                 resume_ms,
                 phases,
+                process_ms,
+                image: image_report,
             },
             position,
             loading,
-        ))
+            image,
+        })
     }
 }
 

@@ -7,7 +7,7 @@ use clap::Args;
 use super::control::request;
 use super::output::{render, JsonOpt};
 use super::{ApiOpts, CliError, CliResult};
-use crate::api::checkpoint::{CheckpointReport, CheckpointRequest, CheckpointTarget};
+use crate::api::checkpoint::{CheckpointReport, CheckpointRequest, CheckpointTarget, DropReport};
 use crate::api::run::Local;
 use crate::api::vm::{DirtySource, ResetReport, ResetRequest};
 use crate::api::Endpoint;
@@ -89,12 +89,48 @@ fn pause_cost(r: &CheckpointReport) -> String {
 pub struct ListArgs {
     /// Checkpoint directory.
     dir: PathBuf,
+    /// Remove the clone images (on tmpfs) of DIR's checkpoints instead of
+    /// listing; refused while clones of them run.
+    #[arg(long)]
+    drop_images: bool,
     #[command(flatten)]
     json: JsonOpt,
 }
 
+/// What a delete or drop removed, as a line.
+fn dropped(r: &DropReport) -> String {
+    let images = match r.images.len() {
+        0 => "no clone image".to_string(),
+        n => format!("{n} clone image(s), {}", format_size(r.image_bytes)),
+    };
+    match &r.file {
+        Some(f) => format!("deleted {} and {images}", f.display()),
+        None => format!("removed {images}"),
+    }
+}
+
+/// Options of `vmhop delete`.
+#[derive(Args, Debug, Clone)]
+pub struct DeleteArgs {
+    /// DIR@ID: the checkpoint to delete (with its clone image).
+    target: String,
+    #[command(flatten)]
+    json: JsonOpt,
+}
+
+/// `vmhop delete DIR@ID`.
+pub fn delete(local: &dyn Local, a: &DeleteArgs) -> CliResult {
+    let target: CheckpointTarget = a.target.parse()?;
+    let r = local.delete(&target)?;
+    render(a.json.json, &r, dropped)
+}
+
 /// `vmhop checkpoints DIR`.
 pub fn list(local: &dyn Local, a: &ListArgs) -> CliResult {
+    if a.drop_images {
+        let r = local.drop_images(&a.dir)?;
+        return render(a.json.json, &r, dropped);
+    }
     let listing = local.checkpoints(&a.dir)?;
     let (entries, damaged) = (&listing.checkpoints, &listing.damaged);
     render(a.json.json, &listing, |_| {

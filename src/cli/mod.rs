@@ -183,6 +183,8 @@ enum Cmd {
     Checkpoints(checkpoint::ListArgs),
     /// Fold a chain (up to DIR@ID) into one new full checkpoint.
     Merge(checkpoint::MergeArgs),
+    /// Delete checkpoint DIR@ID and its clone image (refused while clones of it run).
+    Delete(checkpoint::DeleteArgs),
     /// Put a running VM back to checkpoint DIR@ID in place, rewriting only what changed.
     Reset(checkpoint::ResetArgs),
     /// Restore a VM from DIR[@ID] and serve its API (same as run --restore).
@@ -206,6 +208,7 @@ enum Cmd {
 
 /// Entry point of the binary; `local` is the in-process half of vmhop.
 pub fn main(local: &dyn Local) -> ExitCode {
+    crate::util::process_start();
     let filter = tracing_subscriber::EnvFilter::try_from_env("VMHOP_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     tracing_subscriber::fmt()
@@ -224,6 +227,7 @@ pub fn main(local: &dyn Local) -> ExitCode {
         Cmd::Checkpoint(a) => checkpoint::checkpoint(&a),
         Cmd::Checkpoints(a) => checkpoint::list(local, &a),
         Cmd::Merge(a) => checkpoint::merge(local, &a),
+        Cmd::Delete(a) => checkpoint::delete(local, &a),
         Cmd::Reset(a) => checkpoint::reset(&a),
         Cmd::Restore(a) => run::run(local, &a.run, Some(&a.target)),
         Cmd::NumaMigrate(a) => numa::numa_migrate(&a),

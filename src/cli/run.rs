@@ -78,6 +78,11 @@ pub struct RunArgs {
     /// With --restore: load all memory before the vCPUs run (default: lazily, on first touch).
     #[arg(long)]
     pub eager: bool,
+    /// With --restore: start a clone whose memory maps one shared image of
+    /// the checkpoint copy-on-write (built on tmpfs by the first clone), so
+    /// that many clones hold one copy of it (docs/clones.md).
+    #[arg(long)]
+    pub shared: bool,
     /// Start with the vCPUs stopped until `resume`.
     #[arg(long)]
     pub paused: bool,
@@ -139,6 +144,7 @@ impl RunArgs {
             (self.hugepages, "--hugepages"),
             (self.chunk_size.is_some(), "--chunk-size"),
             (self.eager, "--eager"),
+            (self.shared, "--shared"),
             (self.paused, "--paused"),
         ];
         if let Some((_, flag)) = given.iter().find(|g| g.0) {
@@ -185,9 +191,15 @@ impl RunArgs {
             (Some(target), None) => {
                 self.reject_config_for_restore()?;
                 let target: CheckpointTarget = target.parse()?;
+                if self.shared && self.eager {
+                    return Err(CliError::usage(
+                        "--eager cannot be used with --shared: a clone maps all of its memory from the checkpoint's image at once (neither lazy nor copied)",
+                    ));
+                }
                 StartSpec::Restore {
                     target,
                     eager: self.eager,
+                    shared: self.shared,
                 }
             }
             (None, Some(address)) => {
@@ -212,6 +224,9 @@ impl RunArgs {
                 }
                 if self.eager {
                     return Err(CliError::usage("--eager only applies with --restore"));
+                }
+                if self.shared {
+                    return Err(CliError::usage("--shared only applies with --restore"));
                 }
                 StartSpec::Boot
             }

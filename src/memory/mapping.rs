@@ -1,6 +1,8 @@
 //! An anonymous host mapping that backs guest memory.
 
 use std::io;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::Backing;
 
@@ -44,11 +46,16 @@ pub enum MappingError {
     },
 }
 
-/// An owned anonymous private mapping (unmapped on drop).
+/// An owned private mapping (unmapped on drop): anonymous memory, or a
+/// clone's copy-on-write view of its image file
+/// ([`Mapping::map_file_private`]).
 #[derive(Debug)]
 pub struct Mapping {
     ptr: *mut u8,
     len: usize,
+    /// Maps a file privately: pages not written yet are the file's, and
+    /// `/proc/self/pagemap` shows only those this process touched.
+    file_backed: AtomicBool,
 }
 
 // SAFETY: the mapping is plain memory owned by this value; the raw pointer is
@@ -82,6 +89,7 @@ impl Mapping {
         let m = Mapping {
             ptr: ptr as *mut u8,
             len,
+            file_backed: AtomicBool::new(false),
         };
         if backing == Backing::TransparentHuge {
             m.advise(libc::MADV_HUGEPAGE, "MADV_HUGEPAGE")?;
@@ -103,9 +111,50 @@ impl Mapping {
         let rest = Mapping {
             ptr: self.ptr.wrapping_add(at),
             len: self.len - at,
+            file_backed: AtomicBool::new(self.is_file_backed()),
         };
         self.len = at;
         rest
+    }
+
+    /// Replaces the whole mapping, in place (same address, `MAP_FIXED`),
+    /// with a private copy-on-write mapping of `len()` bytes of `file` from
+    /// `offset`: reads see the file, the first write to a page copies it
+    /// into memory of this process's own, and the file never changes. What
+    /// the old pages held is dropped. Meant for memory no vCPU has run on
+    /// yet (a clone being built): a KVM slot over the range sees the
+    /// change through its MMU notifier.
+    pub fn map_file_private(&self, file: &std::fs::File, offset: u64) -> Result<(), MappingError> {
+        // SAFETY: replaces exactly the range this value owns (MAP_FIXED over
+        // our own mapping, never another's) with a private mapping of the
+        // same length; the range stays mapped throughout, and the file
+        // descriptor is valid for the call (the mapping keeps its own
+        // reference to the file).
+        let p = unsafe {
+            libc::mmap(
+                self.ptr as *mut libc::c_void,
+                self.len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_NORESERVE,
+                file.as_raw_fd(),
+                offset as libc::off_t,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(MappingError::Mmap {
+                len: self.len,
+                source: io::Error::last_os_error(),
+            });
+        }
+        self.file_backed.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// Whether the mapping is a private view of a file
+    /// ([`Mapping::map_file_private`]): which pages hold data then cannot
+    /// be read from `/proc/self/pagemap`.
+    pub fn is_file_backed(&self) -> bool {
+        self.file_backed.load(Ordering::Acquire)
     }
 
     /// Start address.
@@ -279,11 +328,17 @@ impl Mapping {
                 source,
             });
         }
+        // Our range holds `other`'s pages now, and the old ones (perhaps a
+        // clone's view of its image) moved with their kind.
+        let was_file = self
+            .file_backed
+            .swap(other.is_file_backed(), Ordering::AcqRel);
         // `other`'s range is empty now: it must not be unmapped again.
         std::mem::forget(other);
         Ok(Mapping {
             ptr: old as *mut u8,
             len,
+            file_backed: AtomicBool::new(was_file),
         })
     }
 

@@ -17,7 +17,7 @@ use crate::api::checkpoint::{CheckpointTarget, RestoreReport};
 use crate::api::run::RunSpec;
 use crate::api::{Classify, ErrorKind};
 use crate::arch::x86_64::linux::{self, LinuxSpec};
-use crate::checkpoint::restore::{DiskPlacement, RestoreError, Restoring};
+use crate::checkpoint::restore::{DiskPlacement, LoadMode, RestoreError, Restoring};
 use crate::checkpoint::ChainPosition;
 use crate::devices::{self, Console, DeviceError, Devices};
 use crate::guest::GuestSpec;
@@ -332,6 +332,9 @@ pub struct Restored {
     pub position: ChainPosition,
     /// True while a lazy restore still loads memory in the background.
     pub loading: Arc<AtomicBool>,
+    /// A clone's hold on the image its memory maps: keep it as long as
+    /// the VM runs.
+    pub image: Option<crate::checkpoint::image::CloneImage>,
 }
 
 /// Where a restored VM's devices live on this host: the options of a
@@ -349,13 +352,13 @@ pub struct Placement<'a> {
 }
 
 /// Restores `target` (as a VM called `name`, else the saved name), its
-/// devices where `place` says; lazy unless `eager`; the vCPUs run unless
+/// devices where `place` says, its memory loaded as `mode` says; the vCPUs run unless
 /// `paused`.
 pub fn restore(
     target: &CheckpointTarget,
     name: Option<String>,
     place: Placement<'_>,
-    eager: bool,
+    mode: LoadMode,
     paused: bool,
     console: &Console,
     hooks: &TestHooks,
@@ -365,7 +368,7 @@ pub fn restore(
         .iter()
         .map(|d| DiskPlacement::parse(d))
         .collect::<Result<Vec<_>, _>>()?;
-    let mut r = Restoring::begin(target, eager, name, &placements)?;
+    let mut r = Restoring::begin(target, mode, name, &placements)?;
     match rebind_nets(&r.config.nets, nets) {
         Ok(n) => r.config.nets = n,
         Err(e) => {
@@ -399,12 +402,13 @@ pub fn restore(
         Ok(m) => m,
         Err(e) => return Err(r.abandon().map(BuildError::from).unwrap_or(e)),
     };
-    let (report, position, loading) = r.finish(&machine.vm, paused, tv)?;
+    let f = r.finish(&machine.vm, paused, tv)?;
     Ok(Restored {
         machine,
-        report,
-        position,
-        loading,
+        report: f.report,
+        position: f.position,
+        loading: f.loading,
+        image: f.image,
     })
 }
 

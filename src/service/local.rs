@@ -3,11 +3,12 @@
 
 use std::path::Path;
 
-use crate::api::checkpoint::{ChainListing, CheckpointTarget, MergeReport};
+use crate::api::checkpoint::{ChainListing, CheckpointTarget, DropReport, MergeReport};
 use crate::api::numa::{HostNodeReport, TopologyReport};
 use crate::api::run::{Local, RunEnd, RunEvent, RunSpec};
 use crate::api::ApiError;
 use crate::checkpoint::chain::{self, Chain};
+use crate::checkpoint::image;
 
 /// The service as the CLI's [`Local`].
 #[derive(Debug, Clone, Copy, Default)]
@@ -56,7 +57,26 @@ impl Local for Service {
         })
     }
 
+    fn delete(&self, target: &CheckpointTarget) -> Result<DropReport, ApiError> {
+        let d = image::delete(&target.dir, target.id).map_err(|e| ApiError::from(&e))?;
+        Ok(drop_report("delete", d))
+    }
+
+    fn drop_images(&self, dir: &Path) -> Result<DropReport, ApiError> {
+        let d = image::drop_images(dir).map_err(|e| ApiError::from(&e))?;
+        Ok(drop_report("drop-images", d))
+    }
+
     fn linux_capable(&self) -> Result<(), ApiError> {
         crate::vmm::probe::linux_capable().map_err(|e| ApiError::from(&e))
+    }
+}
+
+fn drop_report(operation: &str, d: image::Dropped) -> DropReport {
+    DropReport {
+        operation: operation.into(),
+        file: d.file,
+        images: d.images,
+        image_bytes: d.image_bytes,
     }
 }

@@ -23,6 +23,7 @@ use crate::api::run::{Arrival, RunEnd, RunEvent, RunSpec, StartSpec, Started};
 use crate::api::server::{ApiHandler, ApiServer, ServerError, Switch};
 use crate::api::vm::{IncomingStatusReport, VmState};
 use crate::api::{ApiError, Classify, Endpoint, ErrorKind};
+use crate::checkpoint::restore::LoadMode;
 use crate::checkpoint::ChainPosition;
 use crate::devices::Console;
 use crate::migration::destination::{self, IncomingOptions, IncomingStatus, ReceiveError};
@@ -191,7 +192,11 @@ pub fn run(spec: RunSpec, events: &mut dyn FnMut(RunEvent)) -> Result<RunEnd, Pr
             }
             serve(Arc::new(vmm), machine, fe, &spec, None, events)
         }
-        StartSpec::Restore { target, eager } => {
+        StartSpec::Restore {
+            target,
+            eager,
+            shared,
+        } => {
             let set = crate::util::block_stop_signals();
             let name = spec.name_given.then(|| spec.name.clone());
             let r = build::restore(
@@ -202,7 +207,7 @@ pub fn run(spec: RunSpec, events: &mut dyn FnMut(RunEvent)) -> Result<RunEnd, Pr
                     disks: &spec.disks,
                     vsock: spec.vsock.as_deref(),
                 },
-                *eager,
+                LoadMode::of(*eager, *shared),
                 spec.paused,
                 &console,
                 &hooks,
@@ -220,6 +225,9 @@ pub fn run(spec: RunSpec, events: &mut dyn FnMut(RunEvent)) -> Result<RunEnd, Pr
                 vmm.arm_reset(t).map_err(ProcessError::ResetBase)?;
             }
             let arrival = Some(Arrival::Restored(r.report));
+            // A clone holds its image (and its registration beside it)
+            // until the VM's process ends.
+            let _image = r.image;
             serve(Arc::new(vmm), r.machine, fe, &spec, arrival, events)
         }
         StartSpec::Incoming {

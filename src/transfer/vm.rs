@@ -126,6 +126,11 @@ impl Source for Vm {
             .chunks()
             .find(|c| c.slot == slot)
             .ok_or_else(|| no_slot(slot))?;
+        if c.mapping.is_file_backed() {
+            // A clone's view of its image: pages it never touched hold the
+            // image's data but are absent from pagemap.
+            return Ok(DirtyBitmap::full(c.pages()));
+        }
         let words =
             crate::host::pagemap::populated(c.mapping.as_ptr(), c.pages()).map_err(|source| {
                 VmError::Pagemap {
