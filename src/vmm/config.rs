@@ -653,6 +653,11 @@ impl VsockConfig {
     }
 }
 
+/// Pages `builtin:reset` dirties per iteration unless told.
+pub const DEFAULT_RESET_GUEST_PAGES: u64 = 64;
+/// Most pages `builtin:reset` dirties per iteration.
+pub const MAX_RESET_GUEST_PAGES: u64 = 1 << 20;
+
 /// Which guest runs, with its options.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
@@ -681,6 +686,19 @@ pub enum GuestSpec {
         /// Requests (vCPU 0) and pages (the others) per second over all
         /// vCPUs (None: as fast as they can).
         rate: Option<u64>,
+    },
+    /// `builtin:reset[,pages=N][,poke=armed|always]`: vCPU 0 loops
+    /// through the reset device, the loop a fuzzer runs: it checks that
+    /// the pages it dirtied before the last reset are back as at the
+    /// checkpoint, dirties `pages` pages picked at random, and asks for a
+    /// reset (docs/reset.md). The other vCPUs idle.
+    Reset {
+        /// Pages dirtied per iteration.
+        pages: u64,
+        /// Poke the reset device even with no reset base armed (ignored
+        /// pokes, for tests), instead of waiting to be armed.
+        #[serde(default)]
+        poke_always: bool,
     },
     /// `builtin:net`: sends numbered frames through the first network
     /// card and checks each echo (see `guest::net`).
@@ -773,6 +791,26 @@ impl GuestSpec {
                 }
                 Ok(GuestSpec::Disk { blocks, rate })
             }
+            "reset" => {
+                let (mut pages, mut poke_always) = (DEFAULT_RESET_GUEST_PAGES, false);
+                for kv in parts {
+                    match kv.split_once('=') {
+                        Some(("pages", v)) => {
+                            pages = v.parse().ok().filter(|n| (1..=MAX_RESET_GUEST_PAGES).contains(n)).ok_or_else(|| {
+                                ConfigError::Invalid(format!(
+                                    "--guest: pages={v} is not a number of pages from 1 to {MAX_RESET_GUEST_PAGES}"
+                                ))
+                            })?
+                        }
+                        Some(("poke", "armed")) => poke_always = false,
+                        Some(("poke", "always")) => poke_always = true,
+                        _ => return Err(ConfigError::Invalid(format!(
+                            "--guest: unknown option '{kv}' for builtin:reset (expected pages=N, poke=armed|always)"
+                        ))),
+                    }
+                }
+                Ok(GuestSpec::Reset { pages, poke_always })
+            }
             "net" => {
                 if let Some(p) = parts.next() {
                     return Err(ConfigError::Invalid(format!(
@@ -785,7 +823,7 @@ impl GuestSpec {
                 })
             }
             other => Err(ConfigError::Invalid(format!(
-                "--guest: unknown builtin guest '{other}' (expected idle, dirty, disk or net)"
+                "--guest: unknown builtin guest '{other}' (expected idle, dirty, disk, net or reset)"
             ))),
         }
     }
@@ -797,6 +835,7 @@ impl GuestSpec {
             GuestSpec::Dirty { .. } => "builtin:dirty",
             GuestSpec::Disk { .. } => "builtin:disk",
             GuestSpec::Net { .. } => "builtin:net",
+            GuestSpec::Reset { .. } => "builtin:reset",
             GuestSpec::Linux(_) => "linux",
         }
     }

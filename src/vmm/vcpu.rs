@@ -924,6 +924,16 @@ impl VcpuThread {
                         return f;
                     }
                 }
+                IoAction::Handoff(until) => {
+                    // Retire the access: KVM completes it before it looks
+                    // at immediate_exit, and returns EINTR at once.
+                    self.fd.set_kvm_immediate_exit(1);
+                    let _ = self.fd.run();
+                    self.fd.set_kvm_immediate_exit(0);
+                    if let Some(f) = self.wait(Some(until)) {
+                        return f;
+                    }
+                }
                 IoAction::Exit(e) => return self.stopped(GuestStop::Exit(e)),
                 IoAction::Fault(f) => return self.stopped(GuestStop::Fault(f)),
             }
