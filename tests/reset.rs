@@ -269,21 +269,7 @@ fn a_damaged_checkpoint_is_refused_before_the_vm_is_touched() {
     let dir = tempdir();
     let vm = dirty_vm(SMALL, GUEST);
     checkpoint(&vm, dir.path());
-    let file = ckpt_file(dir.path(), 1);
-    let live: Vec<_> = index_of(&file)
-        .into_iter()
-        .filter(|e| e.2 & 1 == 0)
-        .collect();
-    let (_, offset, _) = live[live.len() / 2];
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&file)
-        .expect("open for damage");
-    let mut b = [0u8];
-    f.read_exact_at(&mut b, offset + 2048).expect("read");
-    b[0] ^= 0xff;
-    f.write_all_at(&b, offset + 2048).expect("write");
+    damage_a_page(&ckpt_file(dir.path(), 1));
     vm.wait_progress_above(vm.progress() + GUEST_WORK, PROGRESS_WAIT);
     let p = vm.progress();
     let out = vm.cli(&["reset", "--to", &target(dir.path(), 1)]);
@@ -299,6 +285,24 @@ fn a_damaged_checkpoint_is_refused_before_the_vm_is_touched() {
     assert!(vm.progress() >= p, "the refused reset moved the guest back");
     vm.wait_progress_above(p + GUEST_WORK, PROGRESS_WAIT);
     assert_verifies(&vm, "after the refusal");
+}
+
+/// Flips a byte in the middle of a page stored in checkpoint `file`.
+fn damage_a_page(file: &Path) {
+    let live: Vec<_> = index_of(file)
+        .into_iter()
+        .filter(|e| e.2 & 1 == 0)
+        .collect();
+    let (_, offset, _) = live[live.len() / 2];
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(file)
+        .expect("open for damage");
+    let mut b = [0u8];
+    f.read_exact_at(&mut b, offset + 2048).expect("read");
+    b[0] ^= 0xff;
+    f.write_all_at(&b, offset + 2048).expect("write");
 }
 
 /// The `.ckpt-*.tmp` file of `dir`, if one exists.
@@ -580,4 +584,44 @@ fn a_reset_device_poked_with_no_base_armed_ignores_the_poke_and_counts_it() {
     // Never reset, its pages are those of its first iteration, again and
     // again: consistent.
     assert_verifies(&vm, "after ignored pokes");
+}
+
+#[test]
+fn refused_resets_leave_the_guests_loop_on_its_armed_base() {
+    let dir = tempdir();
+    let vm = reset_guest_with_checkpoint(dir.path(), &[]);
+    reset(&vm, &target(dir.path(), 1));
+    let r = wait_counter(&vm, "guest_resets", 100);
+    let armed = r["armed"].clone();
+    // A checkpoint of this VM taken during the loop, then damaged.
+    let damaged = tempdir();
+    checkpoint(&vm, damaged.path());
+    damage_a_page(&ckpt_file(damaged.path(), 1));
+    let out = vm.cli(&["reset", "--to", &target(damaged.path(), 1)]);
+    assert_ne!(out.code, Some(0), "{}", out.describe());
+    assert_one_line_error(&out, "reset to a damaged checkpoint during the loop");
+    assert!(
+        out.stderr.contains("ckpt-000001.vmhop"),
+        "{}",
+        out.describe()
+    );
+    // A checkpoint of another VM: refused, naming what differs.
+    let foreign = tempdir();
+    {
+        let other = Vm::start(&["--memory", "128M", "--guest", "builtin:reset,pages=64"]);
+        checkpoint(&other, foreign.path());
+    }
+    let out = vm.cli(&["reset", "--to", &target(foreign.path(), 1)]);
+    assert_eq!(out.code, Some(2), "{}", out.describe());
+    assert!(
+        out.stderr.contains("another VM") && out.stderr.contains("memory"),
+        "{}",
+        out.describe()
+    );
+    // The guest loops on, on the base armed before, every reset checked.
+    let r = wait_counter(&vm, "guest_resets", counter(&r, "guest_resets") + 100);
+    assert_eq!(r["armed"], armed, "a refused reset changed the base: {r}");
+    assert_guest_checks_pass(&r, "after the refusals");
+    assert_eq!(vm.state(), "running");
+    assert_verifies(&vm, "after the refusals");
 }

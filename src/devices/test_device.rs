@@ -99,6 +99,21 @@ impl ResetLine {
         *p
     }
 
+    /// [`ResetLine::wait_request`], polling (yielding the CPU) for the
+    /// first `spin` before it sleeps: in a guest's reset loop the next
+    /// request comes within a fraction of a millisecond of the last reset,
+    /// and a worker still on its CPU takes it without a scheduler wakeup.
+    pub fn wait_request_spinning(&self, spin: Duration, limit: Duration) -> Option<ResetRequest> {
+        let start = Instant::now();
+        while start.elapsed() < spin.min(limit) {
+            if let Some(r) = *self.pending.lock().unwrap_or_else(|e| e.into_inner()) {
+                return Some(r);
+            }
+            std::thread::yield_now();
+        }
+        self.wait_request(limit.saturating_sub(start.elapsed()))
+    }
+
     /// Takes the waiting request, if any: the reset in progress serves it.
     pub fn take_request(&self) -> Option<ResetRequest> {
         self.pending
@@ -455,6 +470,57 @@ mod tests {
             panic!("PORT_FAULT must stop the VM");
         };
         assert_eq!(f.rip, 0);
+    }
+
+    #[test]
+    fn reset_pokes_are_ignored_until_armed_then_handed_off_once() {
+        let d = TestDevice::new(2, None);
+        let line = d.reset.clone();
+        let poke = |vcpu, v: u32| d.io_out(vcpu, PORT_RESET, &v.to_le_bytes());
+        assert_eq!(poke(0, 0), IoAction::Continue, "not armed: ignored");
+        assert_eq!(line.counters(), (1, 0, 0, 0));
+        assert!(
+            line.take_request().is_none(),
+            "an ignored poke asks nothing"
+        );
+        // Unarmed, `in` reads 0 after a short wait; armed, 1 at once.
+        let mut b = [0xffu8; 4];
+        assert!(matches!(
+            d.io_in(0, PORT_RESET, &mut b),
+            IoAction::Wait(Some(_))
+        ));
+        assert_eq!(u32::from_le_bytes(b), 0);
+        line.set_armed(true);
+        assert_eq!(d.io_in(0, PORT_RESET, &mut b), IoAction::Continue);
+        assert_eq!(u32::from_le_bytes(b), 1);
+        // Armed: handed off, and a second vCPU's poke joins the request.
+        assert!(matches!(poke(0, RESET_CHECKED | 3), IoAction::Handoff(_)));
+        assert!(matches!(poke(1, RESET_CHECKED), IoAction::Handoff(_)));
+        let r = line.wait_request(Duration::ZERO).expect("a request waits");
+        assert_eq!(r.vcpu, 0, "the first poke's request is the one served");
+        assert_eq!(line.take_request(), Some(r));
+        assert!(line.take_request().is_none());
+        // Checks reported: two, one of which found 3 wrong pages.
+        assert_eq!(line.counters(), (1, 2, 1, 3));
+    }
+
+    #[test]
+    fn the_input_buffer_registers_and_travels_with_the_state() {
+        let d = TestDevice::new(1, None);
+        let out = |port, v: u32| d.io_out(0, port, &v.to_le_bytes());
+        assert_eq!(d.reset.input_buffer(), None);
+        out(PORT_RESET_INPUT_LO, 0xa1000);
+        out(PORT_RESET_INPUT_HI, 1);
+        out(PORT_RESET_INPUT_SIZE, 4096);
+        assert_eq!(d.reset.input_buffer(), Some((0x1_000a_1000, 4096)));
+        let saved = d.save().unwrap();
+        out(PORT_RESET_INPUT_SIZE, 0);
+        assert_eq!(d.reset.input_buffer(), None, "size 0 unregisters");
+        d.load(&saved).unwrap();
+        assert_eq!(d.reset.input_buffer(), Some((0x1_000a_1000, 4096)));
+        let line = std::sync::Arc::new(ResetLine::new());
+        let restored = TestDevice::restore((1, None, line.clone()), Some(&saved)).unwrap();
+        assert_eq!(restored.reset.input_buffer(), Some((0x1_000a_1000, 4096)));
     }
 
     #[test]

@@ -78,11 +78,17 @@ pub struct Vmm {
     /// microseconds, and a guest resetting in a loop would otherwise lock
     /// the API out).
     guest_resetting: AtomicBool,
+    /// A guest-driven reset of a running VM is in its pause: `status` says
+    /// `running` meanwhile (the guest asked for it; the user did not pause).
+    reset_pausing: AtomicBool,
 }
 
 /// How long the reset worker sleeps between looks at whether its VM is
 /// still there (a guest's request wakes it at once).
 const RESET_WORKER_POLL: Duration = Duration::from_millis(200);
+/// How long the reset worker polls for the guest's next request after a
+/// reset before it sleeps: about one iteration of a guest's reset loop.
+const RESET_WORKER_SPIN: Duration = Duration::from_millis(2);
 /// How often an API call waiting for a guest-driven reset looks again.
 const GUEST_RESET_POLL: Duration = Duration::from_micros(50);
 /// The window `resets_per_s` is counted over.
@@ -240,6 +246,7 @@ impl Vmm {
             reset_input: None,
             reset_stats: Mutex::new(ResetStats::default()),
             guest_resetting: AtomicBool::new(false),
+            reset_pausing: AtomicBool::new(false),
         }
     }
 
@@ -265,11 +272,18 @@ impl Vmm {
         let vmm = Arc::downgrade(self);
         std::thread::Builder::new()
             .name("reset".into())
-            .spawn(move || loop {
-                let req = line.wait_request(RESET_WORKER_POLL);
-                let Some(vmm) = vmm.upgrade() else { return };
-                if let Some(req) = req {
-                    vmm.guest_reset(req);
+            .spawn(move || {
+                let mut spin = Duration::ZERO;
+                loop {
+                    let req = line.wait_request_spinning(spin, RESET_WORKER_POLL);
+                    let Some(vmm) = vmm.upgrade() else { return };
+                    // Right after a reset the guest's next request is
+                    // likely soon: poll for it a while.
+                    spin = Duration::ZERO;
+                    if let Some(req) = req {
+                        vmm.guest_reset(req);
+                        spin = RESET_WORKER_SPIN;
+                    }
                 }
             })
             .map(|_| ())
@@ -339,7 +353,13 @@ impl Vmm {
                 if !self.loading.load(Ordering::Acquire)
                     && self.vm.state() != RunState::Stopped =>
             {
-                self.reset_to(base, false, Some(req)).map(|_| ())
+                // The operation lock is held: nobody pauses or resumes
+                // the VM meanwhile.
+                let running = self.vm.state() == RunState::Running;
+                self.reset_pausing.store(running, Ordering::Release);
+                let r = self.reset_to(base, false, Some(req)).map(|_| ());
+                self.reset_pausing.store(false, Ordering::Release);
+                r
             }
             _ => Err(ApiError::conflict(
                 "no reset base is armed, a lazy restore is loading, or the VM is stopped",
@@ -548,9 +568,13 @@ impl Vmm {
     pub fn status(&self) -> StatusReport {
         let c = self.vm.config();
         let hosts = self.vm.host_nodes();
+        let state = match self.vm.state() {
+            RunState::Paused if self.reset_pausing.load(Ordering::Acquire) => RunState::Running,
+            s => s,
+        };
         StatusReport {
             name: c.name.clone(),
-            state: api_state(self.vm.state()),
+            state: api_state(state),
             stop_reason: self.vm.guest_stop_reason(),
             vcpus: c.vcpus,
             memory_bytes: c.memory_bytes(),
