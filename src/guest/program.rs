@@ -298,7 +298,7 @@ const RESET_SEED_MIX: u64 = 0x9e37_79b9_7f4a_7c15;
 /// iteration that read sequence number `seq`: the host's copy of the
 /// guest's picker, for `verify`.
 pub fn reset_pages(seq: u64, n: u64, ws_base: u64, ws_pages: u64) -> Vec<u64> {
-    let mut x = (seq ^ RESET_SEED_MIX) | 1;
+    let mut x = ((seq << 1) | 1).wrapping_mul(RESET_SEED_MIX);
     (0..n)
         .map(|_| {
             x ^= x << 13;
@@ -309,11 +309,14 @@ pub fn reset_pages(seq: u64, n: u64, ws_base: u64, ws_pages: u64) -> Vec<u64> {
         .collect()
 }
 
-/// `r10 = (r10 ^ RESET_SEED_MIX) | 1` (clobbers rax): the picker's seed.
+/// `r10 = (2·r10 + 1) · RESET_SEED_MIX` (clobbers rax): the picker's
+/// seed, odd (never 0, which xorshift cannot leave) and different for every
+/// sequence number (an odd factor is invertible).
 fn reset_seed(a: &mut CodeAssembler) -> Result<(), IcedError> {
-    a.mov(rax, RESET_SEED_MIX)?;
-    a.xor(r10, rax)?;
+    a.shl(r10, 1)?;
     a.or(r10, 1)?;
+    a.mov(rax, RESET_SEED_MIX)?;
+    a.imul_2(r10, rax)?;
     Ok(())
 }
 

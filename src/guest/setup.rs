@@ -862,6 +862,43 @@ mod tests {
     }
 
     #[test]
+    fn verify_of_the_reset_guest_accepts_its_iteration_and_names_a_page_left_dirty() {
+        let m = memory(&[16 << 20]);
+        let spec = GuestSpec::Reset {
+            pages: 8,
+            poke_always: false,
+        };
+        install(&m, &spec, 1, 0, None).unwrap();
+        let (base, n) = reset_working_set(&m).unwrap();
+        assert_eq!((base, n), (RESERVED_BYTES, (14 << 20) / PAGE_SIZE));
+        let ok = verify_with(&m, &[]);
+        assert!(ok.ok && ok.pages_checked == n, "{ok:?}");
+        // Iteration 5 in progress: its pages carry mark 6; that is fine.
+        m.write_u64(RESET_INPUT_ADDR, 5).unwrap();
+        for gpa in program::reset_pages(5, 8, base, n) {
+            m.write_u64(gpa, 6).unwrap();
+        }
+        let v = verify_with(&m, &[]);
+        assert!(v.ok, "{v:?}");
+        // A page of iteration 4 still dirty: a reset that missed it.
+        let stale = program::reset_pages(4, 8, base, n)
+            .into_iter()
+            .find(|g| !program::reset_pages(5, 8, base, n).contains(g))
+            .unwrap();
+        m.write_u64(stale, 5).unwrap();
+        let v = verify_with(&m, &[]);
+        assert_eq!(v.violation_count, 1, "{v:?}");
+        assert_eq!(v.violations[0].gpa, format!("{stale:#x}"));
+        assert!(v.violations[0].problem.contains("mark 0x5"), "{v:?}");
+        m.write_u64(stale, 0).unwrap();
+        // A byte past the tag, or a wrong tag: not as at the checkpoint.
+        m.write_bytes(base + 100, &[1]).unwrap();
+        m.write_u64(base + PAGE_SIZE + program::TAG_OFFSET, 7)
+            .unwrap();
+        assert_eq!(verify_with(&m, &[]).violation_count, 2);
+    }
+
+    #[test]
     fn verify_accepts_a_disk_as_the_guest_wrote_it_and_names_each_kind_of_damage() {
         use program::disk::{block_image, ctl, BLOCK_BYTES};
         let (m, disk, run) = written_disk_guest();

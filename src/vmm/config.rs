@@ -933,6 +933,27 @@ mod tests {
         );
         assert!(GuestSpec::parse("builtin:dirty,speed=3").is_err());
         assert_eq!(
+            GuestSpec::parse("builtin:reset").unwrap(),
+            GuestSpec::Reset {
+                pages: DEFAULT_RESET_GUEST_PAGES,
+                poke_always: false
+            }
+        );
+        assert_eq!(
+            GuestSpec::parse("builtin:reset,pages=2621,poke=always").unwrap(),
+            GuestSpec::Reset {
+                pages: 2621,
+                poke_always: true
+            }
+        );
+        for bad in ["pages=0", "pages=x", "poke=never", "rate=5"] {
+            let e = GuestSpec::parse(&format!("builtin:reset,{bad}")).unwrap_err();
+            assert!(
+                e.to_string().contains("builtin:reset") || e.to_string().contains("pages"),
+                "{e}"
+            );
+        }
+        assert_eq!(
             GuestSpec::parse("builtin:disk,blocks=64,rate=500").unwrap(),
             GuestSpec::Disk {
                 blocks: Some(64),
