@@ -141,9 +141,9 @@ fn demo_runs_every_step_exits_zero_and_cleans_up() {
             o.describe()
         );
     }
-    for step in 1..=8 {
+    for step in 1..=9 {
         assert!(
-            text.contains(&format!("[{step}/8]")),
+            text.contains(&format!("[{step}/9]")),
             "step {step} missing\n{}",
             o.describe()
         );
@@ -151,9 +151,9 @@ fn demo_runs_every_step_exits_zero_and_cleans_up() {
     // The migration step names its downtime, and the source's clean exit.
     let migration = o
         .stdout
-        .split("[6/8]")
+        .split("[6/9]")
         .nth(1)
-        .and_then(|rest| rest.split("[7/8]").next())
+        .and_then(|rest| rest.split("[7/9]").next())
         .unwrap_or_else(|| panic!("no migration step\n{}", o.describe()));
     assert!(
         migration.contains("--incoming unix:")
@@ -169,15 +169,32 @@ fn demo_runs_every_step_exits_zero_and_cleans_up() {
     // is as it was then (verify on the restored guest, fewer requests).
     let disk = o
         .stdout
-        .split("[7/8]")
+        .split("[7/9]")
         .nth(1)
-        .and_then(|rest| rest.split("[8/8]").next())
+        .and_then(|rest| rest.split("[8/9]").next())
         .unwrap_or_else(|| panic!("no disk step\n{}", o.describe()));
     assert!(
         disk.contains("0 disk blocks stored")
             && disk.contains("verify ok")
             && disk.contains("after the checkpoint are not there"),
         "the disk step does not show its checks\n{}",
+        o.describe()
+    );
+    // The reset step: a thousand guest-driven resets, the rate, each
+    // checked by the guest, and verify at the end.
+    let resets = o
+        .stdout
+        .split("[8/9]")
+        .nth(1)
+        .and_then(|rest| rest.split("[9/9]").next())
+        .unwrap_or_else(|| panic!("no reset step\n{}", o.describe()));
+    assert!(
+        resets.contains("builtin:reset")
+            && resets
+                .lines()
+                .any(|l| l.contains(" resets in ") && l.contains(" resets/s"))
+            && resets.contains("every reset verified"),
+        "the reset step does not show its rate and checks\n{}",
         o.describe()
     );
     let dir = work_dir_from_text(&o.stdout)
@@ -234,6 +251,23 @@ fn demo_json_prints_one_object_with_every_step() {
     );
     assert!(matches!((then, later), (Some(t), Some(l)) if t < l), "{v}");
     assert_eq!(v["disk"]["checkpoint"]["disk_blocks"], 0, "{v}");
+    // The reset step: at least a thousand guest-driven resets, each one the
+    // guest checked finding its pages back, and verify ok after.
+    let rs = &v["reset"]["status"];
+    assert!(
+        rs["guest_resets"].as_u64().is_some_and(|n| n >= 1000),
+        "{v}"
+    );
+    assert_eq!(rs["guest_failed_checks"], 0, "{v}");
+    assert!(
+        rs["guest_checks"].as_u64().unwrap_or(0) + 2 >= rs["guest_resets"].as_u64().unwrap_or(0),
+        "{v}"
+    );
+    assert!(
+        v["reset"]["resets_per_s"].as_f64().is_some_and(|r| r > 0.0),
+        "{v}"
+    );
+    assert_eq!(v["reset"]["verify"]["ok"], true, "{v}");
     assert!(
         v["restore"]["report"]["resume_ms"].as_f64().is_some(),
         "{v}"

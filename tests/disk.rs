@@ -630,6 +630,7 @@ fn copy_storage_refused_by_the_destination_leaves_the_source_running_and_no_file
     );
     wait_disk_requests_above(&src, before, "after the refusals");
     assert_disk_verifies(&src, "after the refusals");
+}
 
 /// The CPUs thread `tid` of `pid` may run on, and its name, from /proc.
 fn task_cpus(pid: u32, tid: i64) -> (String, Vec<u32>) {

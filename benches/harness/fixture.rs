@@ -89,6 +89,8 @@ pub struct BenchVm {
     pub chain: std::sync::Mutex<vmhop::checkpoint::ChainPosition>,
     /// True while a lazy restore still loads its memory.
     pub loading: Arc<std::sync::atomic::AtomicBool>,
+    /// The reset device's line (builtin guests booted here).
+    pub reset_line: Option<Arc<vmhop::devices::test_device::ResetLine>>,
 }
 
 impl BenchVm {
@@ -98,6 +100,7 @@ impl BenchVm {
             vm,
             chain: Default::default(),
             loading: Default::default(),
+            reset_line: None,
         }
     }
 
@@ -172,7 +175,11 @@ pub fn new_vm_backed(
         vsock: None,
     };
     vmhop::service::build::boot(config, &Console::Stdout, paused, &Default::default())
-        .map(|m| BenchVm::new(m.vm))
+        .map(|m| {
+            let mut b = BenchVm::new(m.vm);
+            b.reset_line = m.devices.reset.clone();
+            b
+        })
         .map_err(vm_step(what))
 }
 

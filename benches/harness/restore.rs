@@ -271,6 +271,7 @@ fn restore_once(dir: &Path, eager: bool) -> Result<Restored, BenchError> {
         vm: r.machine.vm,
         chain: std::sync::Mutex::new(r.position),
         loading: r.loading,
+        reset_line: r.machine.devices.reset.clone(),
     };
     std::hint::black_box(touch_all(&vm));
     let touched = start.elapsed();

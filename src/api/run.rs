@@ -99,6 +99,10 @@ pub struct RunSpec {
     /// `--reset-base`: the checkpoint resets are armed for at start.
     #[serde(default)]
     pub reset_base: Option<super::checkpoint::CheckpointTarget>,
+    /// `--reset-input`: the file every reset copies into the guest's input
+    /// buffer (read again at each reset).
+    #[serde(default)]
+    pub reset_input: Option<std::path::PathBuf>,
 }
 
 /// What a `run` process has to say while it runs; the CLI renders it.

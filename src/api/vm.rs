@@ -58,6 +58,48 @@ pub struct StatusReport {
     /// The VM's disks.
     #[serde(default)]
     pub disks: Vec<DiskStatus>,
+    /// Resets and the reset device's counters (absent until the VM was
+    /// reset, armed, or its guest poked the reset device).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reset: Option<Box<ResetStatus>>,
+}
+
+/// The reset part of a status (docs/reset.md).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct ResetStatus {
+    /// The checkpoint resets go back to, `DIR@ID` (None: none armed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub armed: Option<String>,
+    /// Resets done (API and guest-driven).
+    pub resets: u64,
+    /// Of those, resets the guest asked for through the reset device.
+    pub guest_resets: u64,
+    /// Resets per second over the last full second with resets (0 when
+    /// there was none in the last two seconds).
+    pub resets_per_s: f64,
+    /// The last reset, µs: from the guest's request to its vCPUs running
+    /// again for a guest-driven one, the downtime for an API one.
+    pub last_reset_us: u64,
+    /// The longest guest-driven reset so far, µs, measured as `last_reset_us`.
+    pub max_reset_us: u64,
+    /// Pokes at the reset device while no reset base was armed: ignored.
+    pub ignored_pokes: u64,
+    /// Checks the guest reported with its pokes (`builtin:reset` checks
+    /// after every reset that the pages it dirtied before are back).
+    pub guest_checks: u64,
+    /// Of those, checks that found a page not back as at the checkpoint.
+    pub guest_failed_checks: u64,
+    /// Pages those checks found wrong.
+    pub guest_wrong_pages: u64,
+    /// Bytes of input the last reset wrote into the guest's input buffer.
+    pub input_bytes: u64,
+    /// Resets whose input could not be delivered (the file unreadable, no
+    /// buffer registered while `--reset-input` is given, a buffer outside
+    /// guest memory); the last reason in `input_error`.
+    pub input_errors: u64,
+    /// Why the last input could not be delivered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input_error: Option<String>,
 }
 
 /// One device in a status.

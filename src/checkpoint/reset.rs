@@ -286,12 +286,16 @@ fn us(from: Instant, to: Instant) -> u64 {
 
 /// Resets `vm` to `base`'s checkpoint in place and moves its chain
 /// `position` there. `armed` says whether `base` was armed for this reset
-/// (reported). The VM must not be stopped; a paused VM stays paused.
+/// (reported). `in_pause` runs once the VM stands at the checkpoint, before
+/// any vCPU runs again (the service fills the guest's input buffer there,
+/// writing as a device does so that the next reset rewrites it too). The
+/// VM must not be stopped; a paused VM stays paused.
 pub fn reset(
     vm: &Vm,
     base: &ResetBase,
     position: &mut ChainPosition,
     armed: bool,
+    in_pause: &mut dyn FnMut(),
 ) -> Result<ResetReport, ResetError> {
     let started = Instant::now();
     // From now on (if not already) the chain keeps every page written.
@@ -376,6 +380,7 @@ pub fn reset(
     // The VM stands at the checkpoint: the next incremental's parent, and
     // the point the next reset's dirty set counts from.
     position.last = Some(base.target.clone());
+    in_pause();
     let t_resume = Instant::now();
     let downtime = vm.resume(pause).map_err(ResetError::Vm)?;
     let done = Instant::now();

@@ -35,7 +35,7 @@ pub struct RunArgs {
     /// A guest NUMA node: guest-node=G,size=SIZE,host-node=H[,cpus=LIST]; repeat for more.
     #[arg(long, value_name = "SPEC")]
     pub numa: Vec<String>,
-    /// The guest: builtin:idle (default), builtin:dirty[,wss=SIZE][,rate=PAGES_PER_S][,fill=random], builtin:disk[,size=SIZE][,blocks=N][,rate=PER_S] (needs --disk), builtin:net (needs --net) or builtin:vsock (needs --vsock).
+    /// The guest: builtin:idle (default), builtin:dirty[,wss=SIZE][,rate=PAGES_PER_S][,fill=random], builtin:disk[,size=SIZE][,blocks=N][,rate=PER_S] (needs --disk), builtin:net (needs --net), builtin:vsock (needs --vsock) or builtin:reset[,pages=N][,poke=armed|always] (a guest-driven reset loop, docs/reset.md).
     #[arg(long)]
     pub guest: Option<String>,
     /// Linux kernel to boot: a bzImage (vmlinuz) or an ELF vmlinux.
@@ -90,6 +90,10 @@ pub struct RunArgs {
     /// pages), so that the first `vmhop reset` to it is as fast as the next.
     #[arg(long, value_name = "DIR@ID", conflicts_with = "incoming")]
     pub reset_base: Option<String>,
+    /// A file each reset copies into the input buffer the guest registered
+    /// with the reset device, read again at every reset (docs/reset.md).
+    #[arg(long, value_name = "FILE", conflicts_with = "incoming")]
+    pub reset_input: Option<std::path::PathBuf>,
     /// Wait for a VM migrated from another vmhop (tcp://ADDR:PORT or
     /// unix:PATH) and run it; --numa guest-node=G,host-node=H re-binds its nodes here.
     #[arg(long, value_name = "ADDRESS", conflicts_with = "restore")]
@@ -251,6 +255,14 @@ impl RunArgs {
             paused: self.paused,
             start,
             test_hooks: self.test_hook.clone(),
+            reset_input: match &self.reset_input {
+                None => None,
+                Some(p) => {
+                    Some(std::path::absolute(p).map_err(|e| {
+                        CliError::usage(format!("--reset-input {}: {e}", p.display()))
+                    })?)
+                }
+            },
             reset_base: match &self.reset_base {
                 None => None,
                 Some(t) => {

@@ -161,6 +161,8 @@ pub struct Devices {
     pub console_bytes: Arc<AtomicU64>,
     /// The disks, in `--disk` order.
     pub disks: Disks,
+    /// The reset device's line (builtin guests: the test device carries it).
+    pub reset: Option<Arc<test_device::ResetLine>>,
 }
 
 /// Handing a VM's disk images to another process failed.
@@ -278,12 +280,15 @@ pub fn build(
     let mut irq_lines = Vec::new();
     let console_bytes = Arc::new(AtomicU64::new(0));
     let mut serial_port = None;
+    let mut reset = None;
     match config.guest.is_builtin() {
         true => {
             let (start, len) = test_device::PORTS;
-            let args = (config.vcpus, config.guest.rate());
+            let line = Arc::new(test_device::ResetLine::new());
+            let args = (config.vcpus, config.guest.rate(), line.clone());
             let device = reg.build::<test_device::TestDevice>("test", args, saved)?;
             bus.insert(start, len, device)?;
+            reset = Some(line);
         }
         false => {
             let out: Box<dyn Write + Send> = match console {
@@ -389,6 +394,7 @@ pub fn build(
         serial: serial_port,
         console_bytes,
         disks,
+        reset,
     })
 }
 

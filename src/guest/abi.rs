@@ -29,6 +29,37 @@ pub const PORT_FAULT: u16 = 0x0e86;
 /// it back (0 when it did not), so the guest can tell its pacing from a
 /// stall: the time a pause or a busy host added to the PACE is not in it.
 pub const PORT_PACE_HELD: u16 = 0x0e87;
+/// The reset device (docs/reset.md). `out` here (dword): reset the VM to
+/// its armed reset base now. The `out` is retired first and the vCPU
+/// parks; vmhop resets the whole VM (memory, vCPUs, devices, the input
+/// buffer filled) before any vCPU runs again, so the guest goes on from
+/// the checkpoint's state. With no base armed the poke is ignored and
+/// counted, and the guest goes on after the `out`. The value reports the
+/// guest's own check since its last reset: bit 31 set when it checked,
+/// bits 0–30 the pages it found wrong (counted in `status`).
+///
+/// `in` here (dword): 1 if a reset base is armed; otherwise the vCPU
+/// waits up to [`RESET_ARM_POLL_MS`] ms and reads 0 (a guest polls for
+/// arming without burning a host CPU).
+pub const PORT_RESET: u16 = 0x0e88;
+/// `out` here (dword): bits 0–31 of the input buffer's guest-physical
+/// address, for [`PORT_RESET_INPUT_SIZE`].
+pub const PORT_RESET_INPUT_LO: u16 = 0x0e89;
+/// `out` here (dword): bits 32–63 of that address.
+pub const PORT_RESET_INPUT_HI: u16 = 0x0e8a;
+/// `out` here (dword): registers the input buffer (the address written
+/// to the two ports before) with this size in bytes; 0 unregisters it.
+/// At every reset vmhop writes at its start a `u64` sequence number (the
+/// guest-driven resets so far), a `u64` input length, then the input.
+pub const PORT_RESET_INPUT_SIZE: u16 = 0x0e8b;
+/// How long an `in` from [`PORT_RESET`] waits for arming, ms.
+pub const RESET_ARM_POLL_MS: u64 = 10;
+/// Bit of a [`PORT_RESET`] value: the guest checked its memory since its
+/// last reset (bits 0–30: the pages it found wrong).
+pub const RESET_CHECKED: u32 = 1 << 31;
+/// Bytes of the header vmhop writes at the start of the input buffer.
+pub const RESET_INPUT_HEADER: u64 = 16;
+
 /// Bit of a [`PORT_FAULT`] value: the vector has an error code.
 pub const FAULT_HAS_ERROR: u32 = 1 << 8;
 

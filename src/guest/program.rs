@@ -9,7 +9,8 @@ use iced_x86::BlockEncoderOptions;
 
 use super::abi::{
     FAULT_HAS_ERROR, PORT_FAULT, PORT_FAULT_ERROR, PORT_FAULT_RIP_HI, PORT_FAULT_RIP_LO, PORT_PACE,
-    PORT_PACE_HELD, PORT_WAIT,
+    PORT_PACE_HELD, PORT_RESET, PORT_RESET_INPUT_HI, PORT_RESET_INPUT_LO, PORT_RESET_INPUT_SIZE,
+    PORT_WAIT, RESET_CHECKED,
 };
 use super::setup::CONTROL_TSC_KHZ;
 
@@ -476,6 +477,175 @@ pub fn vsock(base: u64) -> Result<Vec<u8>, IcedError> {
     a.mov(word_ptr(rdx), r10w)?;
     a.mov(dword_ptr(r13 + notify), 0)?;
     a.jmp(top)?;
+    a.assemble(base)
+}
+
+/// Offsets in `builtin:reset`'s state page (host-written before it starts).
+pub mod reset_state {
+    /// First page of the working set.
+    pub const WS_BASE: u64 = 0;
+    /// Pages in the working set.
+    pub const WS_PAGES: u64 = 8;
+    /// Pages dirtied per iteration.
+    pub const PAGES: u64 = 16;
+    /// 1: poke the reset device without waiting to be armed.
+    pub const POKE_ALWAYS: u64 = 24;
+}
+
+/// What `builtin:reset` seeds its page picker with for iteration `seq`.
+const RESET_SEED_MIX: u64 = 0x9e37_79b9_7f4a_7c15;
+
+/// The pages (guest-physical addresses) `builtin:reset` dirties in the
+/// iteration that read sequence number `seq`: the host's copy of the
+/// guest's picker, for `verify`.
+pub fn reset_pages(seq: u64, n: u64, ws_base: u64, ws_pages: u64) -> Vec<u64> {
+    let mut x = ((seq << 1) | 1).wrapping_mul(RESET_SEED_MIX);
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            ws_base + (x % ws_pages.max(1)) * 4096
+        })
+        .collect()
+}
+
+/// `r10 = (2·r10 + 1) · RESET_SEED_MIX` (clobbers rax): the picker's
+/// seed, odd (never 0, which xorshift cannot leave) and different for every
+/// sequence number (an odd factor is invertible).
+fn reset_seed(a: &mut CodeAssembler) -> Result<(), IcedError> {
+    a.shl(r10, 1)?;
+    a.or(r10, 1)?;
+    a.mov(rax, RESET_SEED_MIX)?;
+    a.imul_2(r10, rax)?;
+    Ok(())
+}
+
+/// The picker's next page: xorshift64 on r10, then r11 = the working-set
+/// page it picks (rbx = the state page; clobbers rax and rdx).
+fn reset_next_page(a: &mut CodeAssembler) -> Result<(), IcedError> {
+    a.mov(rax, r10)?;
+    a.shl(rax, 13)?;
+    a.xor(r10, rax)?;
+    a.mov(rax, r10)?;
+    a.shr(rax, 7)?;
+    a.xor(r10, rax)?;
+    a.mov(rax, r10)?;
+    a.shl(rax, 17)?;
+    a.xor(r10, rax)?;
+    a.mov(rax, r10)?;
+    a.xor(edx, edx)?;
+    a.div(qword_ptr(rbx + reset_state::WS_PAGES))?;
+    a.shl(rdx, 12)?;
+    a.add(rdx, qword_ptr(rbx + reset_state::WS_BASE))?;
+    a.mov(r11, rdx)?;
+    Ok(())
+}
+
+/// `builtin:reset`: vCPU 0 (block `vcpu0_block`) registers its input
+/// buffer (`input`, `input_size` bytes) with the reset device, waits until
+/// a reset base is armed (`in` from RESET), then loops:
+///
+/// 1. reads the sequence number vmhop wrote at the buffer's start (0
+///    before any reset);
+/// 2. unless it is 0, checks the pages iteration `seq - 1` dirtied (the
+///    picker seeded with it): each must hold 0 and its own address as a
+///    pristine page does, as at the checkpoint;
+/// 3. dirties the pages of iteration `seq`, writing `seq + 1` into each;
+/// 4. pokes RESET with the check's result. A reset puts it back at the
+///    checkpoint (waiting to be armed, step 1 next); if the poke returns
+///    instead (not armed, or not reset in time) its pages stay dirty, so
+///    it dirties them again and pokes again, without checking.
+///
+/// The other vCPUs idle. Registers: rbx = state page; r8 = seq; r9 = the
+/// mark; r10 = the picker; r11 = page; r13 = wrong pages; r14 = the
+/// checked bit; rcx = count; rax, rdx scratch.
+pub fn reset_loop(
+    base: u64,
+    state: u64,
+    input: u64,
+    input_size: u32,
+    vcpu0_block: u64,
+) -> Result<Vec<u8>, IcedError> {
+    let mut a = CodeAssembler::new(64)?;
+    let mut idle = a.create_label();
+    let mut wait_armed = a.create_label();
+    let mut iter = a.create_label();
+    let mut check_loop = a.create_label();
+    let mut bad = a.create_label();
+    let mut good = a.create_label();
+    let mut dirty = a.create_label();
+    let mut dirty_loop = a.create_label();
+
+    a.mov(rax, vcpu0_block)?;
+    a.cmp(rdi, rax)?;
+    a.jne(idle)?;
+    a.mov(dx, PORT_RESET_INPUT_LO as u32)?;
+    a.mov(eax, input as u32)?;
+    a.out(dx, eax)?;
+    a.mov(dx, PORT_RESET_INPUT_HI as u32)?;
+    a.mov(eax, (input >> 32) as u32)?;
+    a.out(dx, eax)?;
+    a.mov(dx, PORT_RESET_INPUT_SIZE as u32)?;
+    a.mov(eax, input_size)?;
+    a.out(dx, eax)?;
+    a.mov(rbx, state)?;
+
+    a.set_label(&mut wait_armed)?;
+    a.cmp(qword_ptr(rbx + reset_state::POKE_ALWAYS), 0)?;
+    a.jne(iter)?;
+    a.mov(dx, PORT_RESET as u32)?;
+    a.in_(eax, dx)?;
+    a.test(eax, eax)?;
+    a.jz(wait_armed)?;
+
+    a.set_label(&mut iter)?;
+    a.mov(rax, input)?;
+    a.mov(r8, qword_ptr(rax))?;
+    a.xor(r13d, r13d)?;
+    a.xor(r14d, r14d)?;
+    a.test(r8, r8)?;
+    a.jz(dirty)?;
+    a.mov(r14d, RESET_CHECKED)?;
+    a.lea(r10, qword_ptr(r8 - 1))?;
+    reset_seed(&mut a)?;
+    a.mov(rcx, qword_ptr(rbx + reset_state::PAGES))?;
+    a.set_label(&mut check_loop)?;
+    reset_next_page(&mut a)?;
+    a.cmp(qword_ptr(r11 + COUNTER_OFFSET), 0)?;
+    a.jne(bad)?;
+    a.cmp(qword_ptr(r11 + TAG_OFFSET), r11)?;
+    a.je(good)?;
+    a.set_label(&mut bad)?;
+    a.inc(r13d)?;
+    a.set_label(&mut good)?;
+    a.dec(rcx)?;
+    a.jnz(check_loop)?;
+
+    a.set_label(&mut dirty)?;
+    a.mov(r10, r8)?;
+    reset_seed(&mut a)?;
+    a.lea(r9, qword_ptr(r8 + 1))?;
+    a.mov(rcx, qword_ptr(rbx + reset_state::PAGES))?;
+    a.set_label(&mut dirty_loop)?;
+    reset_next_page(&mut a)?;
+    a.mov(qword_ptr(r11 + COUNTER_OFFSET), r9)?;
+    a.inc(qword_ptr(rdi + block::PROGRESS))?;
+    a.dec(rcx)?;
+    a.jnz(dirty_loop)?;
+    a.mov(eax, r13d)?;
+    a.or(eax, r14d)?;
+    a.mov(dx, PORT_RESET as u32)?;
+    a.out(dx, eax)?;
+    // Not reset: the pages are still dirty; no check until a reset.
+    a.xor(r13d, r13d)?;
+    a.xor(r14d, r14d)?;
+    a.jmp(dirty)?;
+
+    a.set_label(&mut idle)?;
+    a.mov(dx, PORT_WAIT as u32)?;
+    a.out(dx, eax)?;
+    a.jmp(idle)?;
     a.assemble(base)
 }
 

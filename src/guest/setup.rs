@@ -52,7 +52,15 @@ pub mod kind {
     pub const NET: u64 = 4;
     /// `builtin:vsock`.
     pub const VSOCK: u64 = 5;
+    /// `builtin:reset`.
+    pub const RESET: u64 = 6;
 }
+/// `builtin:reset`'s state page (`program::reset_state`).
+pub const RESET_STATE_ADDR: u64 = 0xa0000;
+/// `builtin:reset`'s input buffer, which it registers with the reset device.
+pub const RESET_INPUT_ADDR: u64 = 0xa1000;
+/// Its size.
+pub const RESET_INPUT_BYTES: u64 = PAGE_SIZE;
 /// GiB the page tables map at least for the disk guest: the virtio-mmio
 /// windows sit in the MMIO hole below 4 GiB.
 const DISK_MAPPED_GIB: u64 = 4;
@@ -112,7 +120,8 @@ const GATE_IST: u64 = 1;
 
 const _: () = assert!(IOMAP_ADDR + IOMAP_BYTES < CODE_ADDR);
 const _: () = assert!(GDT_ADDR + (GDT_FIXED_ENTRIES + 2 * MAX_VCPUS as u64) * 8 <= IDT_ADDR);
-const _: () = assert!(STACKS_ADDR + MAX_VCPUS as u64 * PAGE_SIZE <= PML4_ADDR);
+const _: () = assert!(STACKS_ADDR + MAX_VCPUS as u64 * PAGE_SIZE <= RESET_STATE_ADDR);
+const _: () = assert!(RESET_INPUT_ADDR + RESET_INPUT_BYTES <= PML4_ADDR);
 const _: () = assert!(DISK_CONTROL_ADDR + program::disk::ctl::SIZE <= CONTROL_ADDR + PAGE_SIZE);
 
 /// Writing the guest failed.
@@ -189,9 +198,10 @@ pub fn slices(
             }
             Ok(out)
         }
-        GuestSpec::Idle | GuestSpec::Net { .. } | GuestSpec::Vsock { .. } => {
-            Ok(vec![Vec::new(); vcpus as usize])
-        }
+        GuestSpec::Idle
+        | GuestSpec::Net { .. }
+        | GuestSpec::Vsock { .. }
+        | GuestSpec::Reset { .. } => Ok(vec![Vec::new(); vcpus as usize]),
         GuestSpec::Linux(_) => Err(not_builtin()),
     }
 }
@@ -439,6 +449,13 @@ pub fn install(
         }
         GuestSpec::Net { .. } => program::net(CODE_ADDR),
         GuestSpec::Vsock { .. } => program::vsock(CODE_ADDR),
+        GuestSpec::Reset { .. } => program::reset_loop(
+            CODE_ADDR,
+            RESET_STATE_ADDR,
+            RESET_INPUT_ADDR,
+            RESET_INPUT_BYTES as u32,
+            BLOCKS_ADDR,
+        ),
         GuestSpec::Linux(_) => return Err(not_builtin()),
     }
     .map_err(|e| SetupError::Assemble(e.to_string()))?;
@@ -463,6 +480,7 @@ pub fn install(
         GuestSpec::Disk { .. } => kind::DISK,
         GuestSpec::Net { .. } => kind::NET,
         GuestSpec::Vsock { .. } => kind::VSOCK,
+        GuestSpec::Reset { .. } => kind::RESET,
         GuestSpec::Linux(_) => return Err(not_builtin()),
     };
     w(CONTROL_ADDR, CONTROL_MAGIC)?;
@@ -511,7 +529,58 @@ pub fn install(
     {
         fill_random(memory, &slices);
     }
+    if let GuestSpec::Reset { pages, poke_always } = spec {
+        install_reset(memory, *pages, *poke_always)?;
+    }
     Ok(boots)
+}
+
+/// `builtin:reset`'s working set: guest memory from the end of the
+/// reserved area to the first gap (the MMIO hole, or the end).
+pub fn reset_working_set(memory: &GuestMemory) -> Option<(u64, u64)> {
+    let mut end = RESERVED_BYTES;
+    let mut runs: Vec<_> = memory.chunks().map(|c| c.range).collect();
+    runs.sort_by_key(|r| r.start);
+    for r in runs {
+        if r.start <= end && r.end() > end {
+            end = r.end();
+        }
+    }
+    let pages = (end - RESERVED_BYTES) / PAGE_SIZE;
+    (pages > 0).then_some((RESERVED_BYTES, pages))
+}
+
+/// Writes `builtin:reset`'s state page and tags every working-set page with
+/// its own address (the pristine content its check and `verify` expect).
+fn install_reset(memory: &GuestMemory, pages: u64, poke_always: bool) -> Result<(), SetupError> {
+    use program::reset_state as st;
+    let (base, n) = reset_working_set(memory)
+        .ok_or_else(|| SetupError::Layout("builtin:reset has no working set".into()))?;
+    let w = |gpa: u64, v: u64| {
+        memory.write_u64(gpa, v).ok_or_else(|| {
+            SetupError::Layout(format!("guest address {gpa:#x} is not backed by memory"))
+        })
+    };
+    w(RESET_STATE_ADDR + st::WS_BASE, base)?;
+    w(RESET_STATE_ADDR + st::WS_PAGES, n)?;
+    w(RESET_STATE_ADDR + st::PAGES, pages)?;
+    w(RESET_STATE_ADDR + st::POKE_ALWAYS, u64::from(poke_always))?;
+    let end = base + n * PAGE_SIZE;
+    for c in memory.chunks() {
+        let (from, to) = (c.range.start.max(base), c.range.end().min(end));
+        for gpa in (from..to).step_by(PAGE_SIZE as usize) {
+            let at = (gpa - c.range.start + program::TAG_OFFSET) as usize;
+            // SAFETY: gpa lies inside this chunk's range, so `at` + 8 is
+            // inside its live mapping; no vCPU runs yet.
+            unsafe {
+                std::ptr::write_volatile(
+                    c.mapping.as_ptr().add(at) as *mut [u8; 8],
+                    gpa.to_le_bytes(),
+                )
+            };
+        }
+    }
+    Ok(())
 }
 
 /// Writes the disk guest's driver for `mode`, its control data and its
@@ -820,6 +889,43 @@ mod tests {
             Ok(())
         };
         super::super::verify::verify(m, &read)
+    }
+
+    #[test]
+    fn verify_of_the_reset_guest_accepts_its_iteration_and_names_a_page_left_dirty() {
+        let m = memory(&[16 << 20]);
+        let spec = GuestSpec::Reset {
+            pages: 8,
+            poke_always: false,
+        };
+        install(&m, &spec, 1, 0, None).unwrap();
+        let (base, n) = reset_working_set(&m).unwrap();
+        assert_eq!((base, n), (RESERVED_BYTES, (14 << 20) / PAGE_SIZE));
+        let ok = verify_with(&m, &[]);
+        assert!(ok.ok && ok.pages_checked == n, "{ok:?}");
+        // Iteration 5 in progress: its pages carry mark 6; that is fine.
+        m.write_u64(RESET_INPUT_ADDR, 5).unwrap();
+        for gpa in program::reset_pages(5, 8, base, n) {
+            m.write_u64(gpa, 6).unwrap();
+        }
+        let v = verify_with(&m, &[]);
+        assert!(v.ok, "{v:?}");
+        // A page of iteration 4 still dirty: a reset that missed it.
+        let stale = program::reset_pages(4, 8, base, n)
+            .into_iter()
+            .find(|g| !program::reset_pages(5, 8, base, n).contains(g))
+            .unwrap();
+        m.write_u64(stale, 5).unwrap();
+        let v = verify_with(&m, &[]);
+        assert_eq!(v.violation_count, 1, "{v:?}");
+        assert_eq!(v.violations[0].gpa, format!("{stale:#x}"));
+        assert!(v.violations[0].problem.contains("mark 0x5"), "{v:?}");
+        m.write_u64(stale, 0).unwrap();
+        // A byte past the tag, or a wrong tag: not as at the checkpoint.
+        m.write_bytes(base + 100, &[1]).unwrap();
+        m.write_u64(base + PAGE_SIZE + program::TAG_OFFSET, 7)
+            .unwrap();
+        assert_eq!(verify_with(&m, &[]).violation_count, 2);
     }
 
     #[test]

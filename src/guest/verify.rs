@@ -81,6 +81,11 @@ pub fn verify(memory: &GuestMemory, disk: ReadDisk<'_>) -> VerifyReport {
         w.report.ok = w.report.violation_count == 0;
         return w.report;
     }
+    if kind == kind::RESET {
+        check_reset(memory, &mut w);
+        w.report.ok = w.report.violation_count == 0;
+        return w.report;
+    }
     if kind != kind::DIRTY && kind != kind::DISK {
         // The idle guest has no working set: nothing more to check.
         return w.report;
@@ -93,6 +98,60 @@ pub fn verify(memory: &GuestMemory, disk: ReadDisk<'_>) -> VerifyReport {
     }
     w.report.ok = w.report.violation_count == 0;
     w.report
+}
+
+/// `builtin:reset`: every working-set page is pristine (0, its own
+/// address, zeros) — as at a checkpoint taken before its loop started —
+/// except the pages of the iteration in progress (the sequence number in
+/// its input buffer), which may hold that iteration's mark instead. A page
+/// a reset left dirty, or wrote from the wrong place, breaks this.
+fn check_reset(memory: &GuestMemory, w: &mut Walk) {
+    use super::program::{reset_pages, reset_state as st};
+    use super::setup::{RESET_INPUT_ADDR, RESET_STATE_ADDR};
+    let rd = |gpa: u64| memory.read_u64(gpa);
+    let (Some(base), Some(n), Some(per), Some(seq)) = (
+        rd(RESET_STATE_ADDR + st::WS_BASE),
+        rd(RESET_STATE_ADDR + st::WS_PAGES),
+        rd(RESET_STATE_ADDR + st::PAGES),
+        rd(RESET_INPUT_ADDR),
+    ) else {
+        w.fail(
+            Some(0),
+            RESET_STATE_ADDR,
+            "the reset guest's state page is not in guest memory".into(),
+        );
+        return;
+    };
+    let current: std::collections::HashSet<u64> =
+        reset_pages(seq, per, base, n).into_iter().collect();
+    let mark = seq.wrapping_add(1);
+    for p in 0..n {
+        let gpa = base + p * PAGE_SIZE;
+        let Some(host) = memory.host_addr(gpa, PAGE_SIZE) else {
+            w.fail(Some(0), gpa, "working-set page not in guest memory".into());
+            continue;
+        };
+        // SAFETY: host_addr checked the page lies in a live mapping; the
+        // caller keeps vCPUs and devices from writing during the walk.
+        let page = unsafe { std::slice::from_raw_parts(host as *const u8, PAGE_SIZE as usize) };
+        let word = |i: usize| word_of(page, i);
+        w.report.pages_checked += 1;
+        let counter = word((COUNTER_OFFSET / 8) as usize);
+        let problem = if word((TAG_OFFSET / 8) as usize) != gpa {
+            Some(format!("tag {:#x} is not the page's address", word(1)))
+        } else if counter != 0 && !(counter == mark && current.contains(&gpa)) {
+            Some(format!(
+                "holds mark {counter:#x}, not the checkpoint's 0 (iteration {seq} marks its pages {mark:#x})"
+            ))
+        } else if page[16..].iter().any(|&b| b != 0) {
+            Some("bytes past its tag are not zero as at the checkpoint".into())
+        } else {
+            None
+        };
+        if let Some(problem) = problem {
+            w.fail(Some(0), gpa, problem);
+        }
+    }
 }
 
 /// The name of a virtio-blk status byte.

@@ -186,7 +186,8 @@ pub fn run(spec: RunSpec, events: &mut dyn FnMut(RunEvent)) -> Result<RunEnd, Pr
                 hooks,
                 fe.tx.clone(),
             )
-            .with_disks(machine.devices.disks.clone());
+            .with_disks(machine.devices.disks.clone())
+            .with_reset_device(machine.devices.reset.clone(), spec.reset_input.clone());
             if let Some(t) = &spec.reset_base {
                 vmm.arm_reset(t).map_err(ProcessError::ResetBase)?;
             }
@@ -220,7 +221,8 @@ pub fn run(spec: RunSpec, events: &mut dyn FnMut(RunEvent)) -> Result<RunEnd, Pr
                 hooks,
                 fe.tx.clone(),
             )
-            .with_disks(r.machine.devices.disks.clone());
+            .with_disks(r.machine.devices.disks.clone())
+            .with_reset_device(r.machine.devices.reset.clone(), spec.reset_input.clone());
             if let Some(t) = &spec.reset_base {
                 vmm.arm_reset(t).map_err(ProcessError::ResetBase)?;
             }
@@ -280,6 +282,11 @@ fn serve(
     if let Some(port) = devices.serial.clone() {
         crate::devices::serial::forward_stdin(port);
     }
+    vmm.start_reset_worker()
+        .map_err(|source| ProcessError::Thread {
+            what: "reset",
+            source,
+        })?;
     fe.switch.set(vmm.clone());
     let status = vmm.status();
     events(RunEvent::Started(Started {
@@ -603,7 +610,8 @@ fn incoming(
                 hooks.clone(),
                 fe.tx.clone(),
             )
-            .with_disks(machine.devices.disks.clone()),
+            .with_disks(machine.devices.disks.clone())
+            .with_reset_device(machine.devices.reset.clone(), spec.reset_input.clone()),
         );
         fe.switch.set(vmm.clone());
         tracing::debug!("incoming: VM built in {:?}", t_arrive.elapsed());

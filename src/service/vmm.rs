@@ -7,9 +7,11 @@
 //! the VM extends, the migration in flight, whether a lazy restore is still
 //! loading, the test hooks, and the channel that ends the process.
 
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -20,11 +22,14 @@ use crate::api::migration::{MigrateRequest, MigrationProgress};
 use crate::api::numa::NumaMigrateRequest;
 use crate::api::server::ApiHandler;
 use crate::api::vm::{
-    Cancelled, GuestStatus, MemoryMapEntry, NodeStatus, ResetRequest, StateReply, StatusReport,
-    VmState,
+    Cancelled, GuestStatus, MemoryMapEntry, NodeStatus, ResetReport, ResetRequest, ResetStatus,
+    StateReply, StatusReport, VmState,
 };
 use crate::api::{checkpoint::CheckpointRequest, ApiError, Endpoint};
+use crate::checkpoint::reset::ResetBase;
 use crate::checkpoint::ChainPosition;
+use crate::devices::test_device::{ResetLine, ResetRequest as GuestRequest};
+use crate::guest::abi::RESET_INPUT_HEADER;
 use crate::migration::source::InFlight;
 use crate::service::hooks::TestHooks;
 use crate::vmm::{RunState, Vm};
@@ -60,7 +65,103 @@ pub struct Vmm {
     disks: crate::devices::Disks,
     /// The checkpoint resets go back to, once the first reset (or
     /// `--reset-base`) armed it.
-    reset_base: Mutex<Option<crate::checkpoint::reset::ResetBase>>,
+    reset_base: Mutex<Option<ResetBase>>,
+    /// The reset device's line (builtin guests), where guests ask for resets.
+    reset_line: Option<Arc<ResetLine>>,
+    /// `--reset-input`: the file each reset copies into the guest's input
+    /// buffer.
+    reset_input: Option<PathBuf>,
+    /// Reset counters for `status`.
+    reset_stats: Mutex<ResetStats>,
+    /// A guest-driven reset waits for, or holds, the operation lock: an
+    /// API call then waits for it instead of answering 409 (it lasts
+    /// microseconds, and a guest resetting in a loop would otherwise lock
+    /// the API out).
+    guest_resetting: AtomicBool,
+    /// A guest-driven reset of a running VM is in its pause: `status` says
+    /// `running` meanwhile (the guest asked for it; the user did not pause).
+    reset_pausing: AtomicBool,
+}
+
+/// How long the reset worker sleeps between looks at whether its VM is
+/// still there (a guest's request wakes it at once).
+const RESET_WORKER_POLL: Duration = Duration::from_millis(200);
+/// How long the reset worker polls for the guest's next request after a
+/// reset before it sleeps: about one iteration of a guest's reset loop.
+const RESET_WORKER_SPIN: Duration = Duration::from_millis(2);
+/// How often an API call waiting for a guest-driven reset looks again.
+const GUEST_RESET_POLL: Duration = Duration::from_micros(50);
+/// The window `resets_per_s` is counted over.
+const RESET_RATE_WINDOW: Duration = Duration::from_secs(1);
+
+/// What `status` says of resets, kept by the service.
+#[derive(Debug, Default)]
+struct ResetStats {
+    /// The armed base, `DIR@ID` (kept here so that `status` never waits
+    /// for an arming or a reset in progress).
+    armed: Option<String>,
+    resets: u64,
+    guest_resets: u64,
+    last_us: u64,
+    max_us: u64,
+    /// The current rate window: when it began and the resets in it.
+    window: Option<(Instant, u64)>,
+    /// The rate over the last full window, and when it ended.
+    rate: Option<(f64, Instant)>,
+    input_bytes: u64,
+    input_errors: u64,
+    input_error: Option<String>,
+    /// The latest guest-driven resets' latencies, µs (at most
+    /// [`MAX_LATENCIES`], oldest first once wrapped at `next`).
+    latencies: Vec<u32>,
+    next: usize,
+}
+
+/// Guest-driven reset latencies kept for [`Vmm::reset_latencies_us`].
+const MAX_LATENCIES: usize = 1 << 17;
+
+impl ResetStats {
+    fn count(&mut self, us: u64, guest: bool) {
+        self.resets += 1;
+        self.last_us = us;
+        if guest {
+            self.guest_resets += 1;
+            self.max_us = self.max_us.max(us);
+            let v = u32::try_from(us).unwrap_or(u32::MAX);
+            if self.latencies.len() < MAX_LATENCIES {
+                self.latencies.push(v);
+            } else {
+                self.latencies[self.next] = v;
+                self.next = (self.next + 1) % MAX_LATENCIES;
+            }
+        }
+        let now = Instant::now();
+        let (start, n) = self.window.get_or_insert((now, 0));
+        *n += 1;
+        let elapsed = now.duration_since(*start);
+        if elapsed >= RESET_RATE_WINDOW {
+            self.rate = Some((*n as f64 / elapsed.as_secs_f64(), now));
+            self.window = Some((now, 0));
+        }
+    }
+
+    /// Resets per second: over the last full window if it ended lately,
+    /// else over the window in progress.
+    fn per_s(&self) -> f64 {
+        let now = Instant::now();
+        match (self.rate, self.window) {
+            (Some((r, at)), _) if now.duration_since(at) < 2 * RESET_RATE_WINDOW => r,
+            (None, Some((start, n))) if n > 0 => {
+                let e = now.duration_since(start).as_secs_f64();
+                if e > 0.0 && e < 2.0 * RESET_RATE_WINDOW.as_secs_f64() {
+                    n as f64 / e.max(1e-3)
+                } else {
+                    0.0
+                }
+            }
+            _ => 0.0,
+        }
+    }
 }
 
 /// The JSON body of a reply.
@@ -141,7 +242,51 @@ impl Vmm {
             stall_floor: AtomicU64::new(0),
             disks: Default::default(),
             reset_base: Mutex::new(None),
+            reset_line: None,
+            reset_input: None,
+            reset_stats: Mutex::new(ResetStats::default()),
+            guest_resetting: AtomicBool::new(false),
+            reset_pausing: AtomicBool::new(false),
         }
+    }
+
+    /// The same, with the reset device's line (None: the guest has no reset
+    /// device) and the file resets copy into the guest's input buffer.
+    pub fn with_reset_device(
+        mut self,
+        line: Option<Arc<ResetLine>>,
+        input: Option<PathBuf>,
+    ) -> Vmm {
+        self.reset_line = line;
+        self.reset_input = input;
+        self
+    }
+
+    /// Starts the thread that serves the guest's reset requests (none if
+    /// the guest has no reset device). It holds the service only while it
+    /// resets, and ends once the service is gone.
+    pub fn start_reset_worker(self: &Arc<Self>) -> std::io::Result<()> {
+        let Some(line) = self.reset_line.clone() else {
+            return Ok(());
+        };
+        let vmm = Arc::downgrade(self);
+        std::thread::Builder::new()
+            .name("reset".into())
+            .spawn(move || {
+                let mut spin = Duration::ZERO;
+                loop {
+                    let req = line.wait_request_spinning(spin, RESET_WORKER_POLL);
+                    let Some(vmm) = vmm.upgrade() else { return };
+                    // Right after a reset the guest's next request is
+                    // likely soon: poll for it a while.
+                    spin = Duration::ZERO;
+                    if let Some(req) = req {
+                        vmm.guest_reset(req);
+                        spin = RESET_WORKER_SPIN;
+                    }
+                }
+            })
+            .map(|_| ())
     }
 
     /// Arms resets to `target` now (`--reset-base`): the first reset to it
@@ -152,8 +297,23 @@ impl Vmm {
     ) -> Result<(), ApiError> {
         let base =
             crate::checkpoint::reset::arm(&self.vm, target).map_err(|e| ApiError::from(&e))?;
-        *self.reset_base.lock().unwrap_or_else(|e| e.into_inner()) = Some(base);
+        let mut held = self.reset_base.lock().unwrap_or_else(|e| e.into_inner());
+        self.armed(&base);
+        *held = Some(base);
         Ok(())
+    }
+
+    /// Records that resets go back to `base` now, for `status` and the
+    /// reset device.
+    fn armed(&self, base: &ResetBase) {
+        let t = base.target();
+        self.reset_stats
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .armed = Some(format!("{}@{}", t.dir.display(), t.id));
+        if let Some(l) = &self.reset_line {
+            l.set_armed(true);
+        }
     }
 
     /// `vm.reset`: arms the checkpoint unless it is armed, then resets.
@@ -168,15 +328,178 @@ impl Vmm {
         if armed {
             // Validated in full before anything is touched; the base armed
             // before stays if this one is refused.
-            *base = Some(
-                crate::checkpoint::reset::arm(&self.vm, &target).map_err(|e| ApiError::from(&e))?,
-            );
+            let armed =
+                crate::checkpoint::reset::arm(&self.vm, &target).map_err(|e| ApiError::from(&e))?;
+            self.armed(&armed);
+            *base = Some(armed);
         }
         let base = base.as_ref().expect("armed above");
-        let mut chain = self.chain.lock().unwrap_or_else(|e| e.into_inner());
-        let r = crate::checkpoint::reset::reset(&self.vm, base, &mut chain, armed)
-            .map_err(|e| ApiError::from(&e))?;
+        let r = self.reset_to(base, armed, None)?;
         json(r)
+    }
+
+    /// Serves a guest's request from the reset device: waits for the
+    /// operation in progress, then resets to the armed base unless another
+    /// reset served the request meanwhile. A request that cannot be served
+    /// is dropped (the vCPU goes on by itself after its wait).
+    fn guest_reset(&self, req: GuestRequest) {
+        let Some(line) = &self.reset_line else { return };
+        self.guest_resetting.store(true, Ordering::Release);
+        let _op = self.operation.lock().unwrap_or_else(|e| e.into_inner());
+        let base = self.reset_base.lock().unwrap_or_else(|e| e.into_inner());
+        let served = match base.as_ref() {
+            _ if line.wait_request(Duration::ZERO) != Some(req) => Ok(()),
+            Some(base)
+                if !self.loading.load(Ordering::Acquire)
+                    && self.vm.state() != RunState::Stopped =>
+            {
+                // The operation lock is held: nobody pauses or resumes
+                // the VM meanwhile.
+                let running = self.vm.state() == RunState::Running;
+                self.reset_pausing.store(running, Ordering::Release);
+                let r = self.reset_to(base, false, Some(req)).map(|_| ());
+                self.reset_pausing.store(false, Ordering::Release);
+                r
+            }
+            _ => Err(ApiError::conflict(
+                "no reset base is armed, a lazy restore is loading, or the VM is stopped",
+            )),
+        };
+        if let Err(e) = served {
+            line.take_request();
+            tracing::warn!("the guest's reset request was not served: {}", e.message);
+        }
+        self.guest_resetting.store(false, Ordering::Release);
+    }
+
+    /// Reads `--reset-input` (None: not given).
+    fn read_input(&self) -> Option<Result<Vec<u8>, String>> {
+        let path = self.reset_input.as_ref()?;
+        Some(
+            std::fs::read(path)
+                .map_err(|e| format!("cannot read the reset input {}: {e}", path.display())),
+        )
+    }
+
+    /// Writes the header (`seq`, length) and `input` into the guest's
+    /// registered buffer, as a device writes; the input bytes written.
+    fn fill_input(&self, seq: u64, input: Option<&[u8]>) -> Result<u64, String> {
+        let Some((gpa, size)) = self.reset_line.as_ref().and_then(|l| l.input_buffer()) else {
+            return match input {
+                Some(_) => Err("the guest registered no input buffer".into()),
+                None => Ok(0),
+            };
+        };
+        let size = u64::from(size);
+        if size < RESET_INPUT_HEADER {
+            return Err(format!(
+                "the guest's input buffer at {gpa:#x} has {size} bytes, fewer than its \
+                 {RESET_INPUT_HEADER}-byte header"
+            ));
+        }
+        let input = input.unwrap_or_default();
+        let n = input.len().min((size - RESET_INPUT_HEADER) as usize);
+        let mut buf = Vec::with_capacity(RESET_INPUT_HEADER as usize + n);
+        buf.extend_from_slice(&seq.to_le_bytes());
+        buf.extend_from_slice(&(n as u64).to_le_bytes());
+        buf.extend_from_slice(&input[..n]);
+        if !self.vm.write_marked(gpa, &buf) {
+            return Err(format!(
+                "the guest's input buffer {gpa:#x}+{size:#x} is not all guest memory"
+            ));
+        }
+        Ok(n as u64)
+    }
+
+    /// Resets to `base` (the operation lock held): the guest's request
+    /// waiting, if any, is served by it, and its input buffer is filled
+    /// before the vCPUs run again. `guest` is the request this reset was
+    /// made for (its latency is counted from it).
+    fn reset_to(
+        &self,
+        base: &ResetBase,
+        armed: bool,
+        guest: Option<GuestRequest>,
+    ) -> Result<ResetReport, ApiError> {
+        // Read before the pause: the file's time is not the guest's.
+        let input = self.read_input();
+        let seq = self
+            .reset_stats
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .resets
+            + 1;
+        let mut filled = None;
+        let mut in_pause = || {
+            if let Some(l) = &self.reset_line {
+                l.take_request();
+            }
+            filled = Some(match &input {
+                // The header still goes in (an empty input): the guest
+                // learns that it was reset.
+                Some(Err(e)) => self.fill_input(seq, None).and(Err(e.clone())),
+                Some(Ok(b)) => self.fill_input(seq, Some(b)),
+                None => self.fill_input(seq, None),
+            });
+        };
+        let mut chain = self.chain.lock().unwrap_or_else(|e| e.into_inner());
+        let r = crate::checkpoint::reset::reset(&self.vm, base, &mut chain, armed, &mut in_pause)
+            .map_err(|e| ApiError::from(&e))?;
+        let mut st = self.reset_stats.lock().unwrap_or_else(|e| e.into_inner());
+        let us = match guest {
+            Some(g) => g.at.elapsed().as_micros() as u64,
+            None => r.downtime_us,
+        };
+        st.count(us, guest.is_some());
+        match filled {
+            Some(Ok(n)) => st.input_bytes = n,
+            Some(Err(e)) => {
+                st.input_bytes = 0;
+                st.input_errors += 1;
+                st.input_error = Some(e);
+            }
+            None => {}
+        }
+        Ok(r)
+    }
+
+    /// The latencies of the latest guest-driven resets (up to 131072),
+    /// µs from the guest's request to its vCPUs running again, and forgets
+    /// them: for benchmarks, which want the distribution, not only
+    /// `status`'s last and longest.
+    pub fn take_reset_latencies_us(&self) -> Vec<u32> {
+        let mut st = self.reset_stats.lock().unwrap_or_else(|e| e.into_inner());
+        st.next = 0;
+        std::mem::take(&mut st.latencies)
+    }
+
+    /// The reset part of `status`.
+    fn reset_status(&self) -> Option<Box<ResetStatus>> {
+        let st = self.reset_stats.lock().unwrap_or_else(|e| e.into_inner());
+        let armed = st.armed.clone();
+        let (ignored, checks, failed, wrong) = self
+            .reset_line
+            .as_ref()
+            .map(|l| l.counters())
+            .unwrap_or_default();
+        if armed.is_none() && st.resets == 0 && ignored == 0 && checks == 0 {
+            return None;
+        }
+        Some(Box::new(ResetStatus {
+            armed,
+            resets: st.resets,
+            guest_resets: st.guest_resets,
+            resets_per_s: st.per_s(),
+            last_reset_us: st.last_us,
+            max_reset_us: st.max_us,
+            ignored_pokes: ignored,
+            guest_checks: checks,
+            guest_failed_checks: failed,
+            guest_wrong_pages: wrong,
+            input_bytes: st.input_bytes,
+            input_errors: st.input_errors,
+            input_error: st.input_error.clone(),
+        }))
     }
 
     /// The same, with handles on the VM's disks (for `verify`).
@@ -216,13 +539,21 @@ impl Vmm {
         Ok(())
     }
 
-    /// Holds the one-operation lock for the duration of a request.
+    /// Holds the one-operation lock for the duration of a request. A
+    /// guest-driven reset is waited for: it is short, and a guest that
+    /// resets in a loop would otherwise keep the API out.
     fn operation(&self) -> Result<MutexGuard<'_, ()>, ApiError> {
-        try_take(&self.operation).ok_or_else(|| {
-            ApiError::conflict(
-                "another operation (checkpoint, NUMA move, migration or reset) is in progress",
-            )
-        })
+        loop {
+            if let Some(g) = try_take(&self.operation) {
+                return Ok(g);
+            }
+            if !self.guest_resetting.load(Ordering::Acquire) {
+                return Err(ApiError::conflict(
+                    "another operation (checkpoint, NUMA move, migration or reset) is in progress",
+                ));
+            }
+            std::thread::sleep(GUEST_RESET_POLL);
+        }
     }
 
     /// Fails unless the VM can still run (not stopped).
@@ -237,9 +568,13 @@ impl Vmm {
     pub fn status(&self) -> StatusReport {
         let c = self.vm.config();
         let hosts = self.vm.host_nodes();
+        let state = match self.vm.state() {
+            RunState::Paused if self.reset_pausing.load(Ordering::Acquire) => RunState::Running,
+            s => s,
+        };
         StatusReport {
             name: c.name.clone(),
-            state: api_state(self.vm.state()),
+            state: api_state(state),
             stop_reason: self.vm.guest_stop_reason(),
             vcpus: c.vcpus,
             memory_bytes: c.memory_bytes(),
@@ -262,6 +597,7 @@ impl Vmm {
             loading: self.loading.load(Ordering::Acquire),
             devices: Some(self.vm.device_status()).filter(|d| !d.is_empty()),
             disks: crate::checkpoint::disks::disk_status(&self.vm),
+            reset: self.reset_status(),
         }
     }
 

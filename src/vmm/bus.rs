@@ -22,6 +22,13 @@ pub enum IoAction {
     /// Sleep until the instant (None: until woken by a command), answering
     /// commands meanwhile: how a builtin guest idles or keeps its pace.
     Wait(Option<Instant>),
+    /// Complete the access now (KVM retires the instruction on a KVM_RUN
+    /// with `immediate_exit`, which returns at once), then sleep as
+    /// [`IoAction::Wait`] does: the device handed the request to another
+    /// thread, which pauses the VM for it (a guest-driven reset). A state
+    /// saved meanwhile has the access done, so a checkpoint taken then
+    /// does not repeat the request when it is restored.
+    Handoff(Instant),
     /// The guest asked to end the VM.
     Exit(GuestExit),
     /// The guest took an exception or interrupt it has no use for and

@@ -735,6 +735,11 @@ impl DiskMode {
     }
 }
 
+/// Pages `builtin:reset` dirties per iteration unless told.
+pub const DEFAULT_RESET_GUEST_PAGES: u64 = 64;
+/// Most pages `builtin:reset` dirties per iteration.
+pub const MAX_RESET_GUEST_PAGES: u64 = 1 << 20;
+
 /// Which guest runs, with its options.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
@@ -767,6 +772,19 @@ pub enum GuestSpec {
         /// The request pattern.
         #[serde(default)]
         mode: DiskMode,
+    },
+    /// `builtin:reset[,pages=N][,poke=armed|always]`: vCPU 0 loops
+    /// through the reset device, the loop a fuzzer runs: it checks that
+    /// the pages it dirtied before the last reset are back as at the
+    /// checkpoint, dirties `pages` pages picked at random, and asks for a
+    /// reset (docs/reset.md). The other vCPUs idle.
+    Reset {
+        /// Pages dirtied per iteration.
+        pages: u64,
+        /// Poke the reset device even with no reset base armed (ignored
+        /// pokes, for tests), instead of waiting to be armed.
+        #[serde(default)]
+        poke_always: bool,
     },
     /// `builtin:net`: sends numbered frames through the first network
     /// card and checks each echo (see `guest::net`).
@@ -877,6 +895,26 @@ impl GuestSpec {
                 }
                 Ok(GuestSpec::Disk { blocks, rate, mode })
             }
+            "reset" => {
+                let (mut pages, mut poke_always) = (DEFAULT_RESET_GUEST_PAGES, false);
+                for kv in parts {
+                    match kv.split_once('=') {
+                        Some(("pages", v)) => {
+                            pages = v.parse().ok().filter(|n| (1..=MAX_RESET_GUEST_PAGES).contains(n)).ok_or_else(|| {
+                                ConfigError::Invalid(format!(
+                                    "--guest: pages={v} is not a number of pages from 1 to {MAX_RESET_GUEST_PAGES}"
+                                ))
+                            })?
+                        }
+                        Some(("poke", "armed")) => poke_always = false,
+                        Some(("poke", "always")) => poke_always = true,
+                        _ => return Err(ConfigError::Invalid(format!(
+                            "--guest: unknown option '{kv}' for builtin:reset (expected pages=N, poke=armed|always)"
+                        ))),
+                    }
+                }
+                Ok(GuestSpec::Reset { pages, poke_always })
+            }
             "net" => {
                 if let Some(p) = parts.next() {
                     return Err(ConfigError::Invalid(format!(
@@ -897,7 +935,7 @@ impl GuestSpec {
                 Ok(GuestSpec::Vsock { mmio: 0 })
             }
             other => Err(ConfigError::Invalid(format!(
-                "--guest: unknown builtin guest '{other}' (expected idle, dirty, disk, net or vsock)"
+                "--guest: unknown builtin guest '{other}' (expected idle, dirty, disk, net, vsock or reset)"
             ))),
         }
     }
@@ -910,6 +948,7 @@ impl GuestSpec {
             GuestSpec::Disk { .. } => "builtin:disk",
             GuestSpec::Net { .. } => "builtin:net",
             GuestSpec::Vsock { .. } => "builtin:vsock",
+            GuestSpec::Reset { .. } => "builtin:reset",
             GuestSpec::Linux(_) => "linux",
         }
     }
@@ -1007,6 +1046,27 @@ mod tests {
             }
         );
         assert!(GuestSpec::parse("builtin:dirty,speed=3").is_err());
+        assert_eq!(
+            GuestSpec::parse("builtin:reset").unwrap(),
+            GuestSpec::Reset {
+                pages: DEFAULT_RESET_GUEST_PAGES,
+                poke_always: false
+            }
+        );
+        assert_eq!(
+            GuestSpec::parse("builtin:reset,pages=2621,poke=always").unwrap(),
+            GuestSpec::Reset {
+                pages: 2621,
+                poke_always: true
+            }
+        );
+        for bad in ["pages=0", "pages=x", "poke=never", "rate=5"] {
+            let e = GuestSpec::parse(&format!("builtin:reset,{bad}")).unwrap_err();
+            assert!(
+                e.to_string().contains("builtin:reset") || e.to_string().contains("pages"),
+                "{e}"
+            );
+        }
         assert_eq!(
             GuestSpec::parse("builtin:disk,blocks=64,rate=500").unwrap(),
             GuestSpec::Disk {

@@ -793,10 +793,34 @@ impl VcpuThread {
     /// Meanwhile the VM may hold the thread (see [`Park`]); it then leaves
     /// the wait paused.
     fn wait(&mut self, until: Option<Instant>) -> Option<Flow> {
+        self.wait_spinning(until, Duration::ZERO)
+    }
+
+    /// [`VcpuThread::wait`], polling for a command (yielding the CPU) for
+    /// the first `spin` before it sleeps: a handoff's answer (the reset
+    /// that loads this vCPU) usually comes within it, and a thread still
+    /// on its CPU takes it without a scheduler wakeup.
+    fn wait_spinning(&mut self, until: Option<Instant>, spin: Duration) -> Option<Flow> {
         self.park.set(IDLE);
-        let cmd = match until {
-            None => self.cmds.recv().map_err(|_| RecvTimeoutError::Disconnected),
-            Some(t) => self
+        let start = Instant::now();
+        let mut polled = None;
+        while start.elapsed() < spin && until.is_none_or(|t| Instant::now() < t) {
+            match self.cmds.try_recv() {
+                Ok(c) => {
+                    polled = Some(Ok(c));
+                    break;
+                }
+                Err(TryRecvError::Empty) => std::thread::yield_now(),
+                Err(TryRecvError::Disconnected) => {
+                    polled = Some(Err(RecvTimeoutError::Disconnected));
+                    break;
+                }
+            }
+        }
+        let cmd = match (polled, until) {
+            (Some(c), _) => c,
+            (None, None) => self.cmds.recv().map_err(|_| RecvTimeoutError::Disconnected),
+            (None, Some(t)) => self
                 .cmds
                 .recv_timeout(t.saturating_duration_since(Instant::now())),
         };
@@ -921,6 +945,16 @@ impl VcpuThread {
                 IoAction::Continue => {}
                 IoAction::Wait(until) => {
                     if let Some(f) = self.wait(until) {
+                        return f;
+                    }
+                }
+                IoAction::Handoff(until) => {
+                    // Retire the access: KVM completes it before it looks
+                    // at immediate_exit, and returns EINTR at once.
+                    self.fd.set_kvm_immediate_exit(1);
+                    let _ = self.fd.run();
+                    self.fd.set_kvm_immediate_exit(0);
+                    if let Some(f) = self.wait_spinning(Some(until), HELD_SPIN) {
                         return f;
                     }
                 }

@@ -841,6 +841,18 @@ impl Vm {
             .is_some_and(|m| m.write_obj(value, vm_memory::GuestAddress(gpa)).is_ok())
     }
 
+    /// Writes `bytes` at `gpa` as a device would (every page marked for the
+    /// dirty logs). False when the range is not all guest memory or the
+    /// memory is gone; nothing is written then.
+    pub fn write_marked(&self, gpa: u64, bytes: &[u8]) -> bool {
+        use vm_memory::{Bytes, GuestMemoryBackend};
+        let Some(m) = self.device_memory.access() else {
+            return false;
+        };
+        let at = vm_memory::GuestAddress(gpa);
+        m.check_range(at, bytes.len()) && m.write_slice(bytes, at).is_ok()
+    }
+
     /// The guest's TSC rate in kHz, when KVM told it.
     pub fn tsc_khz(&self) -> Option<u32> {
         match self.tsc_khz.load(Ordering::Relaxed) {

@@ -43,6 +43,26 @@ pub(super) struct Found {
     /// Step 7.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub disk: Option<DiskFound>,
+    /// Step 8.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reset: Option<ResetFound>,
+}
+
+/// Step 8: a thousand resets the guest asked for.
+#[derive(Debug, Serialize)]
+pub(super) struct ResetFound {
+    /// The checkpoint taken while the guest waited to be armed.
+    pub checkpoint: CheckpointReport,
+    /// The `vm.reset` that armed it.
+    pub armed: crate::api::vm::ResetReport,
+    /// From arming until `status` showed the thousand resets, s.
+    pub secs: f64,
+    /// Guest-driven resets per second over that time.
+    pub resets_per_s: f64,
+    /// `status.reset` then.
+    pub status: crate::api::vm::ResetStatus,
+    /// The verify after the loop.
+    pub verify: VerifyReport,
 }
 
 /// Step 7: a disk through a checkpoint.

@@ -1,4 +1,4 @@
-//! The builtin demo's script: its eight steps, in order, on a
+//! The builtin demo's script: its nine steps, in order, on a
 //! `builtin:dirty` guest, and what each shows.
 //!
 //! 1. start: `vmhop run`, and the guest's progress grows;
@@ -14,7 +14,10 @@
 //! 7. a disk through a checkpoint (a second VM, `builtin:disk`): the
 //!    checkpoint refers to the image, the guest writes on, the restored
 //!    disk is as it was at the checkpoint (`disk.rs`);
-//! 8. stop.
+//! 8. a thousand resets the guest asks for through the reset device (a
+//!    third VM, `builtin:reset`), each checked by the guest, the rate
+//!    printed (`reset.rs`);
+//! 9. stop.
 //!
 //! Owns the order and the parameters of the steps and what each step
 //! records in [`Found`]; steps 5 and 6, the moves, are in `moves.rs`. The
@@ -23,6 +26,7 @@
 
 mod disk;
 mod moves;
+mod reset;
 
 use std::path::Path;
 use std::thread;
@@ -51,8 +55,8 @@ const RELEASE_RATE: u64 = 20_000;
 /// all its memory during every copy round and no checkpoint would converge.
 const DEBUG_RATE: u64 = 5_000;
 
-/// Steps of the demo, for the `[n/8]` headers.
-const STEPS: u32 = 8;
+/// Steps of the demo, for the `[n/9]` headers.
+const STEPS: u32 = 9;
 /// Names of the VM the demo boots and of its restored twin (which keeps
 /// its name when it migrates: a VM brings its configuration along).
 const VM_NAME: &str = "demo";
@@ -166,7 +170,8 @@ impl Demo {
         self.numa(&mut restored)?;
         let migrated = self.migrate(restored)?;
         self.disk()?;
-        self.out.step(8, STEPS, "stop");
+        self.reset_loop()?;
+        self.out.step(9, STEPS, "stop");
         migrated.stop("stop the migrated VM")?;
         self.out.line("VM stopped; its vmhop process exited 0");
         Ok(())
