@@ -678,6 +678,8 @@ fn numabox_linux_guest_survives_host_migration_to_swapped_nodes() {
         .chain([
             "ok: migrate: the destination waits on unix:",
             "ok: migrate: the source vmhop exited 0",
+            "ok: migrate: --copy-storage sent ",
+            "ok: on the destination: the disks are the copies /tmp/dx-data.img and /tmp/dx-ctl.img",
             "ok: on the destination: the count continues at beat",
             "ok: on the destination: beats",
             "ok: before the migration: the stream's one connection carries on:",

@@ -56,10 +56,13 @@
 #               the source stopped (no reboot, uptime not back), 3 more
 #               beats ok, and numa-stat there must show the swapped nodes.
 #               The VM has the ext4 data disk and the control disk of
-#               numa-moves, on shared storage (the destination opens the
-#               same images at the switch): the checker goes on checking
-#               its files there, and the destination's guest powers off
-#               clean as in numa-moves.
+#               numa-moves, sent with migrate --copy-storage into new
+#               files at other paths (the destination's --disk
+#               id=...,path=...): the report must count the blocks, the
+#               destination's status must name the new files, the checker
+#               goes on checking its files there, and the destination's
+#               guest powers off clean (its control disk the copy, e2fsck
+#               on the copied data disk) as in numa-moves.
 #   Network (numa-moves, migrate, checkpoint): the box makes a bridge br0
 #               holding the box's address $BOX_IP and two persistent TAPs,
 #               tap0 (the VM's) and tap1 (a migration's destination, a
@@ -674,8 +677,11 @@ step_migrate() {
     say "before the migration: the stream's longest standstill so far, without a move: $(stream_stall 0) (emulated time)"
     src_pid="$vm_pid" src_err="$err"
     sock=/tmp/vmhop-migration.sock
+    dst_disk=/tmp/dx-data.img dst_ctl=/tmp/dx-ctl.img
+    rm -f "$dst_disk" "$dst_ctl"
     start dx "$VMHOP" run --name dx --incoming "unix:$sock" \
-        --numa guest-node=0,host-node=1 --numa guest-node=1,host-node=0 $net_dst_args
+        --numa guest-node=0,host-node=1 --numa guest-node=1,host-node=0 $net_dst_args \
+        --disk "id=data,path=$dst_disk" --disk "id=ctl,path=$dst_ctl"
     t=0
     until "$VMHOP" status --name dx --json 2>/dev/null | grep -q '"incoming"'; do
         t=$((t + 1))
@@ -689,7 +695,7 @@ step_migrate() {
     up_before="$(beat_up "$mig_before")"
     con="$dst_con"
     read -r mig_start _ </proc/uptime
-    if ! report="$("$VMHOP" migrate --name lx --to "unix:$sock" --json 2>"$errf")"; then
+    if ! report="$("$VMHOP" migrate --name lx --to "unix:$sock" --copy-storage --json 2>"$errf")"; then
         # diagnose shows the destination (the last VM started): the
         # source's side of the story first.
         {
@@ -705,6 +711,9 @@ step_migrate() {
     mig_after="$(con=/tmp/lx.console; last_beat)"
     read -r mig_end _ </proc/uptime
     say "migrate report: $report"
+    blocks="$(json_num disk_blocks_sent "$report")"
+    [ "${blocks:-0}" -gt 0 ] || fail "migrate: --copy-storage sent no disk blocks: $report"
+    say "ok: migrate: --copy-storage sent $blocks disk blocks"
     # The source process ends by itself once the VM runs there.
     t=0
     while kill -0 "$src_pid" 2>/dev/null; do
@@ -732,6 +741,15 @@ step_migrate() {
             fail "$what: guest uptime went back from $up_before s to $up s"
         say "ok: $what: guest uptime $up_before s -> $up s"
     fi
+    dst_status="$(cli "$what" status)"
+    case "$dst_status" in
+    *"\"path\":\"$dst_disk\""*) ;;
+    *) fail "$what: status does not name the copied data disk $dst_disk: $dst_status" ;;
+    esac
+    say "ok: $what: the disks are the copies $dst_disk and $dst_ctl"
+    # From now on the control disk and the data disk e2fsck checks are the
+    # destination's copies.
+    disk_img="$dst_disk" ctl_img="$dst_ctl"
     more_beats 3 "$what"
     stream_check "$what"
     say "$what: the stream's longest standstill since the migration began: $(stream_stall "$mig_start") (migrate returned at box uptime $mig_end; emulated time)"
