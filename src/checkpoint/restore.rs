@@ -1248,37 +1248,9 @@ fn map_image(image: &CloneImage, m: &GuestMemory) -> Result<(), RestoreError> {
     Ok(())
 }
 
-/// Where `--disk id=NAME,path=FILE` on a restore puts disk NAME.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DiskPlacement {
-    /// The disk's id in the checkpoint.
-    pub id: String,
-    /// The new file its top lands in (must not exist).
-    pub path: PathBuf,
-}
-
-impl DiskPlacement {
-    /// Parses `id=NAME,path=FILE`.
-    pub fn parse(s: &str) -> Result<DiskPlacement, RestoreError> {
-        let (mut id, mut path) = (None, None);
-        for kv in s.split(',') {
-            match kv.split_once('=') {
-                Some(("id", v)) if !v.is_empty() => id = Some(v.to_string()),
-                Some(("path", v)) if !v.is_empty() => path = Some(PathBuf::from(v)),
-                _ => {
-                    return Err(RestoreError::DiskOption { given: s.into() });
-                }
-            }
-        }
-        match (id, path) {
-            (Some(id), Some(path)) => Ok(DiskPlacement {
-                id,
-                path: std::path::absolute(&path).unwrap_or(path),
-            }),
-            _ => Err(RestoreError::DiskOption { given: s.into() }),
-        }
-    }
-}
+/// Where `--disk id=NAME,path=FILE` on a restore puts disk NAME (the new
+/// file its top lands in, which must not exist).
+pub use crate::vmm::config::DiskPlacement;
 
 /// A restored disk: its new top and the chain's view below it.
 struct RestoredDisk {

@@ -69,7 +69,7 @@ impl Manifest {
 }
 
 /// Where `--disk id=NAME,path=FILE` on `run --incoming` puts disk NAME.
-pub use crate::checkpoint::restore::DiskPlacement as Placement;
+pub use crate::vmm::config::DiskPlacement as Placement;
 
 /// The copy of the disks could not be set up or written here.
 #[derive(Debug, thiserror::Error)]

@@ -366,7 +366,9 @@ pub fn restore(
     let Placement { nets, disks, vsock } = place;
     let placements = disks
         .iter()
-        .map(|d| DiskPlacement::parse(d))
+        .map(|d| {
+            DiskPlacement::parse(d).ok_or_else(|| RestoreError::DiskOption { given: d.clone() })
+        })
         .collect::<Result<Vec<_>, _>>()?;
     let mut r = Restoring::begin(target, mode, name, &placements)?;
     match rebind_nets(&r.config.nets, nets) {

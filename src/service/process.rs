@@ -475,7 +475,7 @@ fn incoming(
             .disks
             .iter()
             .map(|d| {
-                crate::migration::storage::Placement::parse(d).map_err(|_| {
+                crate::migration::storage::Placement::parse(d).ok_or_else(|| {
                     ProcessError::Incoming(ApiError::bad_request(format!(
                         "--disk {d}: with --incoming, give id=NAME,path=FILE (where disk NAME \
                          lives here, or the new file --copy-storage writes it to)"

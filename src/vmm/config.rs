@@ -312,6 +312,37 @@ pub struct DiskConfig {
     pub cache: CacheMode,
 }
 
+/// Where `--disk id=NAME,path=FILE` puts disk NAME when the rest of its
+/// configuration comes from elsewhere: a restore's new top, a migration
+/// destination's image (shared storage) or copy (`--copy-storage`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskPlacement {
+    /// The disk's id.
+    pub id: String,
+    /// The file, made absolute.
+    pub path: PathBuf,
+}
+
+impl DiskPlacement {
+    /// Parses `id=NAME,path=FILE`; `None` if it is not that (each caller
+    /// says why the rest of the configuration is not wanted there).
+    pub fn parse(s: &str) -> Option<DiskPlacement> {
+        let (mut id, mut path) = (None, None);
+        for kv in s.split(',') {
+            match kv.split_once('=') {
+                Some(("id", v)) if !v.is_empty() => id = Some(v.to_string()),
+                Some(("path", v)) if !v.is_empty() => path = Some(PathBuf::from(v)),
+                _ => return None,
+            }
+        }
+        let (id, path) = (id?, path?);
+        Some(DiskPlacement {
+            id,
+            path: std::path::absolute(&path).unwrap_or(path),
+        })
+    }
+}
+
 /// A disk configuration that cannot be used.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum DiskConfigError {
