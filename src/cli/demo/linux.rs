@@ -22,12 +22,13 @@ use serde::Serialize;
 
 use super::checks::{self, check, QUICK};
 use super::render::{self, Out};
-use super::supervise::{Supervisor, NO_BODY};
+use super::supervise::{Supervisor, VmProcess, NO_BODY};
 use super::{initramfs, CliResult, DemoError};
 use crate::api::checkpoint::{CheckpointReport, RestoreReport};
 use crate::api::numa::TopologyReport;
 use crate::api::numa::{Mode, NumaMigrateReport, NumaMigrateRequest, NumaStatReport};
 use crate::api::run::{Arrival, Started};
+use crate::api::vm::StatusReport;
 use crate::api::Endpoint;
 
 /// Steps of the Linux demo, for the `[n/5]` headers.
@@ -166,7 +167,7 @@ impl LinuxDemo {
         ]);
         let mut vm = self.sup.spawn("run --kernel", &args, socket, "run.log")?;
         let t = Instant::now();
-        let mut mark = self.wait_console("boot", &console, 0, BOOT_WAIT)?;
+        let mut mark = self.wait_console("boot", &mut vm, &console, 0, BOOT_WAIT)?;
         self.found.boot_s = t.elapsed().as_secs_f64();
         self.out.line(format!(
             "the guest wrote to its console after {:.1} s",
@@ -192,7 +193,7 @@ impl LinuxDemo {
         for step in ["full checkpoint", "incremental checkpoint"] {
             let r = checks::checkpoint(&mut vm, step, &dir, parent)?;
             self.out.line(render::checkpoint_line(&r));
-            mark = self.wait_console(step, &console, mark, ALIVE_WAIT)?;
+            mark = self.wait_console(step, &mut vm, &console, mark, ALIVE_WAIT)?;
             parent = Some(r.id);
             self.found.checkpoints.push(r);
         }
@@ -231,7 +232,7 @@ impl LinuxDemo {
             rep.resume_ms
         ));
         self.found.restore = Some(rep);
-        let mark2 = self.wait_console("restore", &console2, 0, ALIVE_WAIT)?;
+        let mark2 = self.wait_console("restore", &mut restored, &console2, 0, ALIVE_WAIT)?;
         if let Some(l) = last_line(&console2, BEAT) {
             self.out.line(format!("guest (restored): {l}"));
         }
@@ -257,7 +258,13 @@ impl LinuxDemo {
         self.out
             .line(format!("numa-stat after: {}", render::stat_text(&stat)));
         self.found.numa_move = Some(m);
-        self.wait_console("after the move", &console2, mark2, ALIVE_WAIT)?;
+        self.wait_console(
+            "after the move",
+            &mut restored,
+            &console2,
+            mark2,
+            ALIVE_WAIT,
+        )?;
         if let Some(l) = last_line(&console2, BEAT) {
             self.out.line(format!("guest (moved): {l}"));
         }
@@ -269,12 +276,15 @@ impl LinuxDemo {
         Ok(())
     }
 
-    /// Waits until `path` grows past `from` bytes (with the demo's own
-    /// initramfs: until a new heartbeat, and fails on a failed check);
-    /// returns the new length.
+    /// Waits until `path`, `vm`'s console, grows past `from` bytes (with
+    /// the demo's own initramfs: until a new heartbeat, and fails on a
+    /// failed check); returns the new length. A VM process that ended
+    /// meanwhile (a guest that triple-faulted, say) fails it at once, with
+    /// the end of its log.
     fn wait_console(
         &self,
         step: &str,
+        vm: &mut VmProcess,
         path: &Path,
         from: usize,
         limit: Duration,
@@ -299,6 +309,25 @@ impl LinuxDemo {
             };
             if alive {
                 return Ok(text.len());
+            }
+            let mut died = vm.death_note();
+            if died.is_empty() {
+                // A guest that stopped by itself (a triple fault) leaves its
+                // process up: its status says why.
+                let status: Result<StatusReport, _> =
+                    vm.call(step, Endpoint::Status, NO_BODY, QUICK);
+                if let Some(why) = status.ok().and_then(|s| s.stop_reason) {
+                    died = format!(": the guest stopped: {why}");
+                }
+            }
+            if !died.is_empty() {
+                return Err(check(
+                    step,
+                    format!(
+                        "the guest wrote nothing new to its console ({}){died}",
+                        path.display()
+                    ),
+                ));
             }
             if Instant::now() >= deadline {
                 return Err(check(

@@ -286,8 +286,9 @@ impl VmProcess {
         }
     }
 
-    /// If the VM process has died: its exit status and the end of its log.
-    fn death_note(&mut self) -> String {
+    /// If the VM process has died: its exit status and the end of its log
+    /// (else "").
+    pub(in crate::cli::demo) fn death_note(&mut self) -> String {
         match self.child.try_wait() {
             Ok(Some(s)) => format!(
                 "\n  the VM process (`vmhop {}`) has exited ({s}){}",
