@@ -265,7 +265,6 @@ impl Arrived {
     /// shut this one down.
     pub fn confirm(mut self) -> Result<ReceiveReport, ReceiveError> {
         let start_ms = self.done_at.elapsed().as_secs_f64() * 1e3;
-
         self.stream
             .write_frame(&Frame::Ack {
                 what: AckKind::Done,
