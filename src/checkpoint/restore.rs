@@ -419,19 +419,29 @@ fn data_pages(chain: &ResolvedChain) -> Vec<(u64, usize, IndexEntry)> {
 /// Runs of `pages` that are consecutive in guest memory, come from the same
 /// file and lie in one chunk: (first index, count).
 fn runs(pages: &[(u64, usize, IndexEntry)], memory: &GuestMemory) -> Vec<(usize, usize)> {
+    cut_runs(pages, MAX_RUN_PAGES, |gpa| {
+        memory.chunk_of(gpa).map(|c| c.range.end()).unwrap_or(0)
+    })
+}
+
+/// Runs of `pages` that are consecutive in guest memory and come from the
+/// same file, at most `max` pages, none reaching `end_of` its first page's
+/// gpa: (first index, count).
+fn cut_runs(
+    pages: &[(u64, usize, IndexEntry)],
+    max: usize,
+    end_of: impl Fn(u64) -> u64,
+) -> Vec<(usize, usize)> {
     let mut out = Vec::new();
     let mut i = 0;
     while i < pages.len() {
-        let chunk_end = memory
-            .chunk_of(pages[i].0)
-            .map(|c| c.range.end())
-            .unwrap_or(0);
+        let end = end_of(pages[i].0);
         let mut j = i + 1;
         while j < pages.len()
-            && j - i < MAX_RUN_PAGES
+            && j - i < max
             && pages[j].1 == pages[i].1
             && pages[j].0 == pages[j - 1].0 + PAGE_SIZE
-            && pages[j].0 < chunk_end
+            && pages[j].0 < end
         {
             j += 1;
         }
@@ -1166,20 +1176,8 @@ fn image_size(config: &VmConfig) -> u64 {
 /// guest-physical address in `out`, one thread per CPU.
 fn fill_image(chain: &ResolvedChain, out: &mut [u8]) -> Result<(), RestoreError> {
     let pages = data_pages(chain);
-    let mut all = Vec::new();
-    let mut i = 0;
-    while i < pages.len() {
-        let mut j = i + 1;
-        while j < pages.len()
-            && j - i < MAX_RUN_PAGES
-            && pages[j].1 == pages[i].1
-            && pages[j].0 == pages[j - 1].0 + PAGE_SIZE
-        {
-            j += 1;
-        }
-        all.push((i, j - i));
-        i = j;
-    }
+    // The image is one flat file: runs need not stop at chunk ends.
+    let all = cut_runs(&pages, MAX_RUN_PAGES, |_| u64::MAX);
     let (base, size) = (out.as_mut_ptr() as usize, out.len());
     let per = all.len().div_ceil(loader_threads()).max(1);
     let pages = &pages;
@@ -1826,21 +1824,7 @@ mod tests {
     /// Runs of `pages` as the loader cuts them, without a VM: consecutive
     /// gpas from one file, at most `max` pages.
     fn cut(pages: &[(u64, usize, IndexEntry)], max: usize) -> Vec<(usize, usize)> {
-        let mut out = Vec::new();
-        let mut i = 0;
-        while i < pages.len() {
-            let mut j = i + 1;
-            while j < pages.len()
-                && j - i < max
-                && pages[j].1 == pages[i].1
-                && pages[j].0 == pages[j - 1].0 + PAGE_SIZE
-            {
-                j += 1;
-            }
-            out.push((i, j - i));
-            i = j;
-        }
-        out
+        cut_runs(pages, max, |_| u64::MAX)
     }
 
     /// Page `gpa`'s content in [`a_block_spanning_two_chunks_is_loaded_whole`].
