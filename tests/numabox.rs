@@ -83,11 +83,16 @@ fn boot(scenario: &str, scenario_args: &str) -> String {
 /// user-space VMM cannot do that to a kernel), and a Linux step's report
 /// that its guest died while booting, before vmhop did anything but start
 /// it (tests/numabox/scenarios/linux.sh, `boot_vm`: the first `wait_beat`,
-/// labelled "boot").
+/// labelled "boot"), and the box's proof that a failed guest ran with the
+/// box's own registers: a vCPU of KVM's trace at the instruction after the
+/// box's VMRUN (tests/numabox/init.sh, `box_vmrun_rips`), whatever the
+/// guest did then — hang on a page walk through the box's CR3, or triple
+/// fault.
 const PLATFORM_FAILED: &[&str] = &[
     "numabox run: BOX DIED (",
     ": FAIL: boot: the guest stopped before beat 1: ",
     ": FAIL: boot: the guest kernel panicked",
+    "numabox: PLATFORM FAULT: ",
 ];
 
 /// Boots after the first that a platform failure may cost. QEMU's emulated
@@ -151,6 +156,12 @@ fn retry_reasons_are_the_platforms_and_triple_faults_within_the_budget() {
         0,
         "a dead box is not a triple fault"
     );
+    // The hang of 7 Dec: no triple fault, the box's trace proves it.
+    let hang = "linux[checkpoint]: FAIL: after the checkpoints: no beat 7 within 60s\n\
+                numabox: PLATFORM FAULT: guest vCPU 0 exited at 0xffffffffc063cb40, which is \
+                the box's own kvm_amd __svm_vcpu_run+160, right after its VMRUN";
+    assert!(retry_reason(hang, &spent).is_some_and(|r| r.contains("__svm_vcpu_run+160")));
+    assert_eq!(spent.load(Ordering::SeqCst), 0, "not from the budget");
     let vmhop_failed = "linux[checkpoint]: FAIL: restore @1: beat 5 FAIL: a checksum differs";
     assert_eq!(retry_reason(vmhop_failed, &spent), None);
     let fault = "linux[checkpoint]: FAIL: after the full checkpoint: the guest stopped before \

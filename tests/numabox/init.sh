@@ -101,22 +101,32 @@ kvm_trace() {
     # teardown fills the tail after the VM stopped).
     echo "numabox: --- kvm trace: 80 events up to the first shutdown exit, else the last 60 ---"
     grep -B 80 -m 1 'reason shutdown' "$T/trace" || tail -n 60 "$T/trace"
-    shutdown_rip="$(grep -m 1 'reason shutdown' "$T/trace" | sed -n 's/.* reason shutdown rip \(0x[0-9a-f]*\) .*/\1/p')"
-    [ -n "$shutdown_rip" ] && box_module_at "$shutdown_rip"
+    box_vmrun_rips
 }
 
-# box_module_at RIP: if RIP lies in one of the box's own modules (a guest
-# never runs the box's code), says so: the platform's fault, not vmhop's
-# (tests/numabox/README.md, "The platform's own fault"). Busybox arithmetic
-# is 64-bit and wraps kernel addresses to negative numbers, in order.
-box_module_at() {
-    r=$(($1))
-    while read -r name size _ _ _ addr _; do
-        a=$((addr))
-        if [ "$a" -ne 0 ] && [ "$r" -ge "$a" ] && [ "$r" -lt $((a + size)) ]; then
-            echo "numabox: PLATFORM FAULT: the guest's vCPU stopped at $1, inside the box's own module $name: the emulated CPU resumed the guest with the box's registers"
-        fi
-    done </proc/modules
+# box_vmrun_rips: if a guest vCPU of KVM's trace exited at the address
+# where the box's own KVM resumes after VMRUN (run.sh's vmrun-returns,
+# placed by /proc/kallsyms), says so: a guest never runs the box's code, so
+# the emulated CPU resumed the guest with the box's registers — the
+# platform's fault, not vmhop's (README.md, "The platform's own fault"). A
+# guest's own modules share the box's module area, so only that exact
+# address counts. Busybox arithmetic is 64-bit: kernel addresses wrap to
+# negative numbers, equal ones alike.
+box_vmrun_rips() {
+    [ -s /lib/modules/numabox/vmrun-returns ] || return 0
+    rips="$(sed -n 's/.* kvm_exit: vcpu \([0-9]*\) reason [a-z_]* rip \(0x[0-9a-f]*\) .*/\1 \2/p' "$T/trace" | sort -u)"
+    [ -n "$rips" ] || return 0
+    while read -r sym off; do
+        addr="$(grep -m 1 " $sym[[:space:]]*\[kvm_amd\]$" /proc/kallsyms | cut -d ' ' -f 1)"
+        [ -n "$addr" ] || continue
+        ret=$((0x$addr + off))
+        [ "$ret" -ne "$off" ] || continue # kallsyms hides addresses (all zero)
+        echo "$rips" | while read -r vcpu rip; do
+            [ "$((rip))" -eq "$ret" ] &&
+                echo "numabox: PLATFORM FAULT: guest vCPU $vcpu exited at $rip, which is the box's own kvm_amd $sym+$off, right after its VMRUN: the emulated CPU resumed the guest with the box's registers"
+        done
+    done </lib/modules/numabox/vmrun-returns
+    return 0
 }
 
 # What scenarios may rely on (documented in README.md).

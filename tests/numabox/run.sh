@@ -149,12 +149,34 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
+# vmrun_returns KO: "SYMBOL OFFSET" (decimal) for the instruction after
+# every vmrun in module KO, relative to the function that holds it.
+vmrun_returns() {
+    local sym="" base=0 want=0 addr line
+    objdump -d --no-show-raw-insn "$1" 2>/dev/null | while IFS= read -r line; do
+        if [[ "$line" =~ ^([0-9a-f]+)\ \<([^\>+]+)\>:$ ]]; then
+            sym="${BASH_REMATCH[2]}" base=$((16#${BASH_REMATCH[1]})) want=0
+        elif [[ "$line" =~ ^\ *([0-9a-f]+):[[:space:]]+([a-z0-9]+) ]]; then
+            addr=$((16#${BASH_REMATCH[1]}))
+            if [ "$want" = 1 ]; then echo "$sym $((addr - base))"; fi
+            want=0
+            if [ "${BASH_REMATCH[2]}" = vmrun ]; then want=1; fi
+        fi
+    done || true
+}
+
 root="$work/root"
 mkdir -p "$root"/{bin,sbin,dev,proc,sys,tmp,run,files,lib/modules/numabox}
 cp /bin/busybox "$root/bin/busybox"
 for m in "${modules[@]}"; do
     cp "$kdir/modules/$m.ko" "$root/lib/modules/numabox/$m.ko"
 done
+# Where the box's KVM resumes after each VMRUN, as "SYMBOL OFFSET" lines
+# (bytes into kvm_amd's SYMBOL): /init looks for these addresses among the
+# guest rips of KVM's trace when a scenario fails, the platform's own fault
+# (README.md, "The platform's own fault"). Best effort: without objdump
+# the file is empty and a failure is only not recognised as the platform's.
+vmrun_returns "$kdir/modules/kvm-amd.ko" >"$root/lib/modules/numabox/vmrun-returns"
 # The box's TAP and bridge (setup.sh's box-net-modules), for the Linux
 # guests' network: /init loads them in their order after KVM's.
 if [ -s "$kdir/box-net-modules/order" ]; then
