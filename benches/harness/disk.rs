@@ -59,10 +59,16 @@ pub fn scenarios() -> Vec<Scenario> {
 /// A file of `IMAGE_BYTES` with every block written (data, not a hole or
 /// an unwritten extent), flushed.
 fn image(dir: &Path, name: &str) -> Result<std::path::PathBuf, BenchError> {
+    image_of(dir, name, IMAGE_BYTES)
+}
+
+/// A file of `bytes` (a multiple of 1 MiB) with every block written,
+/// flushed.
+pub fn image_of(dir: &Path, name: &str, bytes: u64) -> Result<std::path::PathBuf, BenchError> {
     let p = dir.join(name);
     let block = vec![0x5au8; 1 << 20];
     let f = File::create(&p).map_err(failed(format!("creating {}", p.display())))?;
-    for i in 0..IMAGE_BYTES / block.len() as u64 {
+    for i in 0..bytes / block.len() as u64 {
         f.write_all_at(&block, i * block.len() as u64)
             .map_err(failed(format!("filling {}", p.display())))?;
     }
@@ -71,27 +77,30 @@ fn image(dir: &Path, name: &str) -> Result<std::path::PathBuf, BenchError> {
     Ok(p)
 }
 
-/// Requests per second of `builtin:disk` (1 vCPU: only the disk works) on
-/// `image` with `cache`, in `mode`.
-fn guest_rate(
+/// Boots `builtin:disk` in `mode` with 1 vCPU (only the disk works) and
+/// `memory` bytes, its disk `image` with `cache`, using `blocks` blocks of
+/// it; waits until it completed [`WARM_REQUESTS`] requests.
+pub fn disk_vm(
+    name: &str,
     image: &Path,
     cache: &str,
     mode: DiskMode,
-    window: Duration,
-) -> Result<f64, BenchError> {
+    blocks: u64,
+    memory: u64,
+) -> Result<BenchVm, BenchError> {
     let disk = DiskConfig::parse(&format!("path={},cache={cache}", image.display()), "disk0")
         .map_err(failed("the bench's --disk"))?;
     let config = VmConfig {
-        name: "bench-disk".into(),
+        name: name.into(),
         vcpus: 1,
         nodes: vec![NodeConfig {
             guest_node: 0,
-            size: VM_BYTES,
+            size: memory,
             host_node: None,
             vcpus: None,
         }],
         guest: GuestSpec::Disk {
-            blocks: Some(IMAGE_BYTES / BLOCK_BYTES),
+            blocks: Some(blocks),
             rate: None,
             mode,
         },
@@ -107,35 +116,60 @@ fn guest_rate(
             "booting builtin:disk,mode={} with cache={cache}",
             mode.name()
         )))?;
-    let requests = || {
-        vm.memory()
-            .read_u64(DISK_CONTROL_ADDR + ctl::REQUESTS)
-            .unwrap_or(0)
-    };
     if !wait_until(GUEST_LIMIT, || {
-        requests() >= WARM_REQUESTS || vm.guest_stop_reason().is_some()
+        requests(&vm) >= WARM_REQUESTS || vm.guest_stop_reason().is_some()
     }) {
         return Err(BenchError::Failed(format!(
             "builtin:disk did not complete {WARM_REQUESTS} requests within {GUEST_LIMIT:?}"
         )));
     }
     super::fixture::check_alive(&vm)?;
-    let (n0, t0) = (requests(), Instant::now());
-    std::thread::sleep(window);
-    let (n1, t1) = (requests(), Instant::now());
-    super::fixture::check_alive(&vm)?;
-    let errors = vm
-        .memory()
-        .read_u64(DISK_CONTROL_ADDR + ctl::IOERRS)
+    Ok(vm)
+}
+
+/// Requests `builtin:disk` completed so far.
+pub fn requests(vm: &BenchVm) -> u64 {
+    vm.memory()
+        .read_u64(DISK_CONTROL_ADDR + ctl::REQUESTS)
         .unwrap_or(0)
-        + vm.memory()
-            .read_u64(DISK_CONTROL_ADDR + ctl::ERRORS)
-            .unwrap_or(0);
+}
+
+/// Fails if `builtin:disk` counted a failed request or a block that read
+/// back wrong.
+pub fn check_disk_guest(vm: &BenchVm) -> Result<(), BenchError> {
+    let m = vm.memory();
+    let errors = m.read_u64(DISK_CONTROL_ADDR + ctl::IOERRS).unwrap_or(0)
+        + m.read_u64(DISK_CONTROL_ADDR + ctl::ERRORS).unwrap_or(0);
     if errors != 0 {
         return Err(BenchError::Failed(format!(
             "builtin:disk saw {errors} failed or bad requests"
         )));
     }
+    super::fixture::check_alive(vm)
+}
+
+/// Requests per second of `builtin:disk` (1 vCPU: only the disk works) on
+/// `image` with `cache`, in `mode`.
+fn guest_rate(
+    image: &Path,
+    cache: &str,
+    mode: DiskMode,
+    window: Duration,
+) -> Result<f64, BenchError> {
+    let vm = disk_vm(
+        "bench-disk",
+        image,
+        cache,
+        mode,
+        IMAGE_BYTES / BLOCK_BYTES,
+        VM_BYTES,
+    )?;
+    let requests = || requests(&vm);
+    super::fixture::check_alive(&vm)?;
+    let (n0, t0) = (requests(), Instant::now());
+    std::thread::sleep(window);
+    let (n1, t1) = (requests(), Instant::now());
+    check_disk_guest(&vm)?;
     Ok((n1 - n0) as f64 / (t1 - t0).as_secs_f64())
 }
 

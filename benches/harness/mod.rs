@@ -16,6 +16,7 @@
 pub mod checkpoint;
 pub mod clones;
 pub mod disk;
+pub mod disk_chain;
 pub mod fixture;
 pub mod guest;
 pub mod migration;

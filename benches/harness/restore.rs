@@ -208,20 +208,20 @@ fn fixed_costs(ctx: &RunCtx, dir: &Path) -> Result<(f64, f64), BenchError> {
 }
 
 /// What one restore measured.
-struct Restored {
+pub(super) struct Restored {
     /// RestoreReport.resume_ms.
-    resume_ms: f64,
+    pub(super) resume_ms: f64,
     /// Where it went.
-    phases: RestorePhases,
+    pub(super) phases: RestorePhases,
     /// The restore() call, from outside.
-    call_ms: f64,
+    pub(super) call_ms: f64,
     /// From the call until a host thread, started right after it returned,
     /// had read a byte of every page of guest memory.
-    touched_ms: f64,
+    pub(super) touched_ms: f64,
     /// From the call until the background load finished (lazy only).
-    loaded_ms: Option<f64>,
+    pub(super) loaded_ms: Option<f64>,
     /// Files in the chain restored.
-    files: usize,
+    pub(super) files: usize,
 }
 
 /// Reads one byte of every page of `vm`'s memory in guest-physical order
@@ -242,9 +242,10 @@ fn touch_all(vm: &Vm) -> u64 {
     sum
 }
 
-/// Restores checkpoint `dir`, touches all guest memory from the host, lets
+/// Restores checkpoint `dir` (its disks, if any, where a restore puts them
+/// by default: under `dir`), touches all guest memory from the host, lets
 /// a lazy load finish, checks the guest is alive, shuts the VM down.
-fn restore_once(dir: &Path, eager: bool) -> Result<Restored, BenchError> {
+pub(super) fn restore_once(dir: &Path, eager: bool) -> Result<Restored, BenchError> {
     let what = format!(
         "{} restore of {}",
         if eager { "eager" } else { "lazy" },
