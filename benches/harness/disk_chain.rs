@@ -237,7 +237,7 @@ fn restore_large_disk() -> Scenario {
             let vm = boot(ctx, "bench-no-disk", dirty_guest(64 << 20, Some(PACED_RATE)))?;
             two_checkpoints(vm, &without)?;
             // Alternate which goes first across runs.
-            let (d, n) = if ctx.run % 2 == 0 {
+            let (d, n) = if ctx.run.is_multiple_of(2) {
                 let d = restore_once(&with_disk, false)?;
                 (d, restore_once(&without, false)?)
             } else {
