@@ -106,6 +106,22 @@ const DOTS: &[u8] = &[
     0xeb, 0xf4, // jmp L
 ];
 
+/// Prints the alphabet on COM1 over and over, a letter now and then: the
+/// letter in flight lives in a register, so where the output goes on says
+/// which vCPU state the guest runs on.
+const LETTERS: &[u8] = &[
+    0xba, 0xf8, 0x03, 0x00, 0x00, // mov edx, 0x3f8
+    0xb0, b'a', // mov al, 'a'
+    0xee, // L: out dx, al
+    0xb9, 0x20, 0x4e, 0x00, 0x00, // mov ecx, 20000
+    0xe2, 0xfe, // loop $
+    0xfe, 0xc0, // inc al
+    0x3c, 0x7b, // cmp al, 'z' + 1
+    0x75, 0xf2, // jne L
+    0xb0, b'a', // mov al, 'a'
+    0xeb, 0xee, // jmp L
+];
+
 /// Spins without a sound.
 const SILENT: &[u8] = &[0xeb, 0xfe];
 
@@ -392,4 +408,78 @@ fn a_guest_that_triple_faults_ends_vmhop_with_exit_1_naming_it() {
         "{}",
         vm.logs()
     );
+}
+
+/// The letter LETTERS prints after `c`.
+fn next_letter(c: u8) -> u8 {
+    if c == b'z' {
+        b'a'
+    } else {
+        c + 1
+    }
+}
+
+#[test]
+fn a_linux_guest_resets_in_place_to_a_checkpoint_with_its_legacy_devices() {
+    // The VM Linux gets (COM1, i8042, CMOS, ACPI PM, irqchip, PIT) goes
+    // back in place: before the devices could load a state, `reset` was
+    // refused with 409 naming the serial port.
+    let dir = tempfile::tempdir().unwrap();
+    let k = file(dir.path(), "k", &fake_bzimage(LETTERS, 0x020f));
+    let console = dir.path().join("console.txt");
+    let ck = dir.path().join("ck");
+    let vm = Vm::start(&[
+        "--kernel",
+        s(&k),
+        "--memory",
+        "64M",
+        "--console",
+        s(&console),
+        "--test-hook",
+        ANY_KVM,
+    ]);
+    wait_console(&console, 30, Duration::from_secs(30), &vm);
+    // Paused, the console is exactly where the checkpoint's state is.
+    vm.cli_ok(&["pause"]);
+    let at_checkpoint = std::fs::read(&console).unwrap();
+    let full = one_json_object(&vm.cli_ok(&["checkpoint", "--dir", s(&ck), "--json"]).stdout);
+    vm.cli_ok(&["resume"]);
+    let last = *at_checkpoint.last().unwrap();
+    // Well past the checkpoint (more than a whole alphabet).
+    wait_console(
+        &console,
+        at_checkpoint.len() + 40,
+        Duration::from_secs(30),
+        &vm,
+    );
+    vm.cli_ok(&["pause"]);
+    let before_reset = std::fs::read(&console).unwrap().len();
+    let target = format!("{}@{}", s(&ck), full["id"]);
+    let r = one_json_object(&vm.cli_ok(&["reset", "--to", &target, "--json"]).stdout);
+    assert_eq!(r["operation"], "reset", "{r}");
+    assert_eq!(
+        vm.state(),
+        "paused",
+        "a paused VM stays paused\n{}",
+        vm.logs()
+    );
+    vm.cli_ok(&["resume"]);
+    let text = wait_console(&console, before_reset + 30, Duration::from_secs(30), &vm);
+    let after = &text.as_bytes()[before_reset..];
+    assert_eq!(
+        after[0] as char,
+        next_letter(last) as char,
+        "after the reset the guest goes on from the checkpoint's letter (it had printed {:?} then)\n{}",
+        String::from_utf8_lossy(&at_checkpoint[at_checkpoint.len().saturating_sub(5)..]),
+        vm.logs()
+    );
+    for w in after.windows(2) {
+        assert_eq!(
+            w[1],
+            next_letter(w[0]),
+            "{:?}",
+            String::from_utf8_lossy(after)
+        );
+    }
+    assert_eq!(vm.state(), "running", "{}", vm.logs());
 }

@@ -35,6 +35,13 @@ impl Persist for AcpiPm {
     fn restore((): (), _: Option<&AcpiPmState>) -> Result<AcpiPm, DeviceError> {
         Ok(AcpiPm)
     }
+
+    const LOADS_IN_PLACE: bool = true;
+
+    /// Nothing to load: the device keeps no state.
+    fn load(&self, _: &AcpiPmState) -> Result<(), DeviceError> {
+        Ok(())
+    }
 }
 
 impl AcpiPm {

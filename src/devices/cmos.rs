@@ -46,6 +46,13 @@ impl Persist for Cmos {
             index: AtomicU8::new(state.map_or(0, |s| s.index)),
         })
     }
+
+    const LOADS_IN_PLACE: bool = true;
+
+    fn load(&self, state: &CmosState) -> Result<(), DeviceError> {
+        self.index.store(state.index, Ordering::Relaxed);
+        Ok(())
+    }
 }
 
 fn bcd(v: u64) -> u8 {

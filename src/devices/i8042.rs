@@ -58,6 +58,16 @@ impl Persist for Keyboard {
             reset,
         })
     }
+
+    const LOADS_IN_PLACE: bool = true;
+
+    /// As restored: a controller with its reset line low (a reset the
+    /// guest pulsed after the checkpoint is undone with the rest).
+    fn load(&self, _: &KeyboardState) -> Result<(), DeviceError> {
+        self.reset.0.store(false, Ordering::SeqCst);
+        *self.dev.lock().unwrap_or_else(|e| e.into_inner()) = I8042Device::new(self.reset.clone());
+        Ok(())
+    }
 }
 
 impl PioDevice for Keyboard {

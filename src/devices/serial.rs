@@ -116,6 +116,46 @@ impl Persist for SerialPort {
             uart: Mutex::new(uart),
         })
     }
+
+    const LOADS_IN_PLACE: bool = true;
+
+    /// The registers and unread input of `saved`, on the same interrupt
+    /// line and console: output the guest wrote since stays written.
+    fn load(&self, saved: &SavedSerial) -> Result<(), DeviceError> {
+        let bad = |e: String| DeviceError::State {
+            device: Self::TYPE.into(),
+            reason: format!("the saved serial port state does not load: {e}"),
+        };
+        let state = SerialState::from(saved);
+        let mut u = self.uart.lock().unwrap_or_else(|e| e.into_inner());
+        let irq = u
+            .interrupt_evt()
+            .0
+            .try_clone()
+            .map_err(|e| bad(format!("cannot share its interrupt eventfd: {e}")))?;
+        // Checked on a throwaway port first, so that a state that does not
+        // load leaves this one as it was.
+        let spare = || -> Result<IrqLine, DeviceError> {
+            EventFd::new(libc::EFD_NONBLOCK)
+                .map(IrqLine)
+                .map_err(|e| bad(format!("eventfd: {e}")))
+        };
+        Serial::from_state(
+            &state,
+            spare()?,
+            NoEvents,
+            Box::new(std::io::sink()) as ConsoleOut,
+        )
+        .map_err(|e| bad(format!("{e:?}")))?;
+        let old = std::mem::replace(
+            &mut *u,
+            Serial::new(spare()?, Box::new(std::io::sink()) as ConsoleOut),
+        );
+        let out = old.into_writer();
+        *u = Serial::from_state(&state, IrqLine(irq), NoEvents, out)
+            .map_err(|e| bad(format!("{e:?}")))?;
+        Ok(())
+    }
 }
 
 impl SerialPort {
