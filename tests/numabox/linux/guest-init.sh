@@ -22,7 +22,8 @@
 #      vmhop-check: beat N FAIL kernel: <a kernel log line of a lockup,
 #                   RCU stall, unstable clocksource or oops>
 #    N counts from 1 and never resets while the guest lives (a restored
-#    checkpoint continues it; a reboot starts again at 1). ~1 s sleep a beat.
+#    checkpoint continues it; a reboot starts again at 1). ~1 s sleep a beat
+#    (vmhop.beat_sleep).
 #
 # 3. With a disk (vmhop.disk=SERIAL): loads the virtio and ext4 modules
 #    from /lib/vmhop-modules (build-guest-initrd.sh puts them there), mounts
@@ -67,6 +68,8 @@
 #   vmhop.action=reboot-after=N     reboot -f after beat N
 #   vmhop.files=K                   number of files (default 4)
 #   vmhop.file_mb=M                 size of each file in MiB (default 8)
+#   vmhop.beat_sleep=S              seconds slept after each beat (default
+#                                   1; busybox takes fractions: 0.2)
 #   vmhop.disk=SERIAL               the ext4 disk to check (see 3.)
 #   vmhop.disk_files=K              files on it (default 4)
 #   vmhop.ctl=SERIAL                the control disk (see 3.)
@@ -118,6 +121,7 @@ action=none
 after=0
 files=4
 file_mb=8
+beat_sleep=1
 disk_serial=""
 disk_files=4
 ctl_serial=""
@@ -137,6 +141,7 @@ for w in $(cat /proc/cmdline); do
         ;;
     vmhop.files=*) files="${w#vmhop.files=}" ;;
     vmhop.file_mb=*) file_mb="${w#vmhop.file_mb=}" ;;
+    vmhop.beat_sleep=*) beat_sleep="${w#vmhop.beat_sleep=}" ;;
     vmhop.disk=*) disk_serial="${w#vmhop.disk=}" ;;
     vmhop.disk_files=*) disk_files="${w#vmhop.disk_files=}" ;;
     vmhop.ctl=*) ctl_serial="${w#vmhop.ctl=}" ;;
@@ -155,6 +160,12 @@ if ! is_num "$after" || ! is_num "$files" || ! is_num "$file_mb" || ! is_num "$d
     say "bad vmhop.* words on the command line; using defaults"
     action=none after=0 files=4 file_mb=8 disk_files=4 www_mb=0
 fi
+case "$beat_sleep" in
+"" | *[!0-9.]*)
+    say "bad vmhop.beat_sleep=$beat_sleep; sleeping 1 s a beat"
+    beat_sleep=1
+    ;;
+esac
 [ "$disk_files" -ge 1 ] || disk_files=1
 [ "$files" -ge 1 ] || files=1
 if [ "$action" = none ]; then
@@ -318,7 +329,7 @@ while [ "$i" -lt "$files" ]; do
 done
 
 # Kernel log lines that mean the guest is not well.
-KERNEL_TROUBLE='soft lockup|hard lockup|rcu.*stall|clocksource.*unstable|call trace|kernel bug|general protection'
+KERNEL_TROUBLE='soft lockup|hard lockup|rcu.*stall|clocksource.*unstable|call trace|kernel bug|general protection|warning: cpu'
 # Only what the kernel logs from here on counts: the checker watches the
 # guest through checkpoints, restores and moves, not its boot.
 boot_log_lines="$(dmesg 2>/dev/null | wc -l)"
@@ -398,5 +409,5 @@ while :; do
         echo "vmhop-check: $action -f returned"
         while :; do sleep 3600; done
     fi
-    sleep 1
+    sleep "$beat_sleep"
 done

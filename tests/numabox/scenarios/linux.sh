@@ -21,7 +21,16 @@
 # nodes with the right CPUs and 50..100% of 128 MiB each (the kernel image,
 # ~45 MiB, is reserved on whichever node holds it), 75..100% of 256 MiB in
 # all. Then:
-#   boot        3 more beats, all ok and consecutive; stop; vmhop exits 0.
+#   boot        3 more beats, all ok and consecutive; then the guest is reset
+#               in place (`vmhop reset --to`) to one checkpoint $RESETS
+#               times (100), each time while it works past it: every
+#               time its first beat after the reset must continue from the
+#               checkpoint's beat, with its uptime not before the
+#               checkpoint's, ok (the checker also watches the kernel log
+#               for warnings, lockups and stalls); 2 more beats
+#               consecutive after the last; stop; vmhop exits 0. This
+#               boot's guest beats every 0.2 s (vmhop.beat_sleep) with 2
+#               files of 1 MiB, so that the resets fit in about a minute.
 #   poweroff    the guest runs `poweroff -f` after beat 3 (kernel command
 #   reboot      line vmhop.action=...-after=3) / `reboot -f`: vmhop must exit
 #               0 by itself and say "powered off" / "rebooted".
@@ -114,6 +123,7 @@ files="${NUMABOX_FILES:-/files}"
 kernel="$files/vmlinuz"
 initrd="$files/guest.cpio.gz"
 tag="linux[$step${2:+ $2}]"
+RESETS="${NUMABOX_RESETS:-100}"
 errf=/tmp/cmd.err
 ckdir=/tmp/ck
 MIB_KB=1024
@@ -126,6 +136,8 @@ EXIT_DEADLINE=120   # poweroff/reboot after the first beat; stop -> exit
 
 # The guest: 4 files of 4 MiB checked and one rewritten every beat.
 cmdline="console=ttyS0 vmhop.files=4 vmhop.file_mb=4"
+# The boot step's resets want a guest that beats often (see "boot" above).
+[ "$step" != boot ] || cmdline="console=ttyS0 vmhop.files=2 vmhop.file_mb=1 vmhop.beat_sleep=0.2"
 [ "$verbose" = verbose ] || cmdline="quiet $cmdline"
 
 # The data disk (a copy of /files/disk.img), the control disk and e2fsck.
@@ -460,10 +472,73 @@ check_vcpus() {
 
 # --- the steps ------------------------------------------------------------------------
 
+# first_beat_after BYTES WHAT: the first beat line the console got past
+# its first BYTES bytes (polled every 0.1 s): sets fb_line and fb_beat.
+first_beat_after() {
+    t=0
+    while :; do
+        fb_line="$(tail -c +"$(($1 + 1))" "$con" | tr -d '\r' | grep -m 1 'vmhop-check: beat ' || true)"
+        [ -z "$fb_line" ] || break
+        check_console "$2"
+        guest_stopped "?" "$2"
+        kill -0 "$vm_pid" 2>/dev/null || fail "$2: vmhop ($vm) exited"
+        t=$((t + 1))
+        [ "$t" -le $((BEAT_DEADLINE * 10)) ] || fail "$2: no beat within ${BEAT_DEADLINE}s"
+        sleep 0.1
+    done
+    case "$fb_line" in *" FAIL "*) fail "$2: $fb_line" ;; esac
+    fb_beat="$(printf '%s\n' "$fb_line" | sed -n 's/.*vmhop-check: beat \([0-9][0-9]*\) .*/\1/p')"
+}
+
+# reset_loop: a full checkpoint, then RESETS resets to it in place, each
+# taken while the guest works past it (it has printed the beat after the
+# checkpoint); see "boot" above.
+reset_loop() {
+    take_checkpoint full "reset base"
+    base="$ckdir@$ck_id"
+    base_before="$ck_before" base_after="$ck_after"
+    base_up="$(beat_up "$ck_before")"
+    wait_beat $((base_after + 1)) "$BEAT_DEADLINE" "after the reset base"
+    i=0 pages=0
+    while [ "$i" -lt "$RESETS" ]; do
+        i=$((i + 1))
+        what="reset $i of $RESETS"
+        # Paused, the console's end is where the reset happens.
+        cli "$what: pause" pause >/dev/null
+        size="$(wc -c <"$con")"
+        report="$(cli "$what" reset --to "$base")"
+        n="$(json_num pages_rewritten "$report")"
+        [ -n "$n" ] || fail "$what: the report has no pages_rewritten: $report"
+        pages=$((pages + n))
+        cli "$what: resume" resume >/dev/null
+        first_beat_after "$size" "$what"
+        if [ "$fb_beat" -le "$base_before" ] || [ "$fb_beat" -gt $((base_after + 1)) ]; then
+            fail "$what: the first beat after it is $fb_beat, not the one after the checkpoint (taken between beats $base_before and $base_after): $fb_line"
+        fi
+        up="$(printf '%s\n' "$fb_line" | sed -n 's/.* up=\([0-9.][0-9.]*\).*/\1/p')"
+        if [ -n "$base_up" ] && [ -n "$up" ]; then
+            awk -v a="$up" -v b="$base_up" 'BEGIN { exit !(a + 0 >= b + 0) }' ||
+                fail "$what: guest uptime $up s is before the checkpoint's $base_up s"
+        fi
+        [ $((i % 20)) -ne 0 ] || say "ok: resets 1..$i: each went on at beat $fb_beat ($report)"
+    done
+    say "ok: $RESETS resets to $base, $pages pages rewritten in all; every first beat after them continued the checkpoint's count"
+    # The guest carries on from the last one: 2 more beats, consecutive.
+    size="$(wc -c <"$con")"
+    last="$fb_beat"
+    wait_beat $((last + 2)) "$BEAT_DEADLINE" "after the resets"
+    after="$(tail -c +"$((size + 1))" "$con" | tr -d '\r' | sed -n 's/.*vmhop-check: beat \([0-9][0-9]*\) .*/\1/p' | tr '\n' ' ')"
+    want="$((last + 1)) $((last + 2)) "
+    case "$after" in "$want"*) ;; *) fail "after the resets: beats '$after', not $want..." ;; esac
+    check_console "after the resets"
+    say "ok: after the resets: beats $after ok"
+}
+
 step_boot() {
     boot_vm
     first_beat=1
     more_beats 3 "running"
+    reset_loop
     stop_vm "stop"
 }
 
