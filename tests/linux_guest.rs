@@ -158,6 +158,28 @@ fn run_until_exit(dir: &Path, kernel: &Path) -> (std::process::ExitStatus, Strin
     (status, text, vm)
 }
 
+/// Starts `code` as a bzImage's kernel, running, in 64 MiB with `vcpus`
+/// vCPUs and its console to DIR/console.txt; returns the VM and the
+/// console's path.
+fn start_kernel(dir: &Path, code: &[u8], vcpus: u32) -> (Vm, PathBuf) {
+    let k = file(dir, "k", &fake_bzimage(code, 0x020f));
+    let console = dir.join("console.txt");
+    let vcpus = vcpus.to_string();
+    let vm = Vm::start(&[
+        "--kernel",
+        s(&k),
+        "--vcpus",
+        &vcpus,
+        "--memory",
+        "64M",
+        "--console",
+        s(&console),
+        "--test-hook",
+        ANY_KVM,
+    ]);
+    (vm, console)
+}
+
 /// Waits until `path` holds at least `n` bytes; returns its contents.
 fn wait_console(path: &Path, n: usize, limit: Duration, vm: &Vm) -> String {
     let deadline = Instant::now() + limit;
@@ -349,21 +371,8 @@ fn a_silent_linux_guest_is_reported_instead_of_hanging_without_a_word() {
 #[test]
 fn linux_guest_state_survives_full_and_incremental_checkpoints_and_restores() {
     let dir = tempfile::tempdir().unwrap();
-    let k = file(dir.path(), "k", &fake_bzimage(DOTS, 0x020f));
-    let console = dir.path().join("console.txt");
+    let (vm, console) = start_kernel(dir.path(), DOTS, 2);
     let ck = dir.path().join("ck");
-    let vm = Vm::start(&[
-        "--kernel",
-        s(&k),
-        "--vcpus",
-        "2",
-        "--memory",
-        "64M",
-        "--console",
-        s(&console),
-        "--test-hook",
-        ANY_KVM,
-    ]);
     wait_console(&console, 3, Duration::from_secs(30), &vm);
     let full = one_json_object(&vm.cli_ok(&["checkpoint", "--dir", s(&ck), "--json"]).stdout);
     assert_eq!(full["kind"], "full", "{full}");
@@ -425,19 +434,8 @@ fn a_linux_guest_resets_in_place_to_a_checkpoint_with_its_legacy_devices() {
     // back in place: before the devices could load a state, `reset` was
     // refused with 409 naming the serial port.
     let dir = tempfile::tempdir().unwrap();
-    let k = file(dir.path(), "k", &fake_bzimage(LETTERS, 0x020f));
-    let console = dir.path().join("console.txt");
+    let (vm, console) = start_kernel(dir.path(), LETTERS, 1);
     let ck = dir.path().join("ck");
-    let vm = Vm::start(&[
-        "--kernel",
-        s(&k),
-        "--memory",
-        "64M",
-        "--console",
-        s(&console),
-        "--test-hook",
-        ANY_KVM,
-    ]);
     wait_console(&console, 30, Duration::from_secs(30), &vm);
     // Paused, the console is exactly where the checkpoint's state is.
     vm.cli_ok(&["pause"]);

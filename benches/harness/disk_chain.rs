@@ -28,10 +28,11 @@ use vmhop::api::checkpoint::CheckpointReport;
 use vmhop::checkpoint::create::{checkpoint, CheckpointRequest};
 use vmhop::guest::program::disk::{DiskMode, BLOCK_BYTES};
 
+use super::checkpoint::plain_write;
 use super::disk::{check_disk_guest, disk_vm, image_of, requests};
 use super::fixture::{
     boot, dirty_guest, failed, mib_per_s, pause_baseline, random_bytes, scratch_dir, sync_disks,
-    timed, vm_bytes, BenchVm, GUEST_LIMIT, PACED_RATE,
+    vm_bytes, BenchVm, GUEST_LIMIT, PACED_RATE,
 };
 use super::restore::restore_once;
 use super::{median, wait_until, BenchError, RunCtx, Sample, Scenario};
@@ -139,29 +140,6 @@ fn busy() -> Scenario {
             ])
         },
     )
-}
-
-/// Writes `bytes` bytes of `data` (repeated) into a new file `path`, then
-/// fsyncs it; returns the time from the create to the end of the fsync.
-fn plain_write(path: &Path, bytes: u64, data: &[u8]) -> Result<Duration, BenchError> {
-    use std::io::Write as _;
-    sync_disks();
-    let (r, d) = timed(|| -> std::io::Result<()> {
-        let mut f = std::fs::File::create(path)?;
-        let mut left = bytes;
-        while left > 0 {
-            let n = left.min(data.len() as u64) as usize;
-            f.write_all(&data[..n])?;
-            left -= n as u64;
-        }
-        f.sync_all()
-    });
-    r.map_err(failed(format!(
-        "baseline write of {} MiB to {}",
-        bytes >> 20,
-        path.display()
-    )))?;
-    Ok(d)
 }
 
 /// `checkpoint-disk-blocks`: how fast an incremental checkpoint writes the
