@@ -19,6 +19,7 @@ pub mod disk;
 pub mod fixture;
 pub mod guest;
 pub mod migration;
+pub mod net;
 pub mod numa;
 pub mod reset;
 pub mod restore;
