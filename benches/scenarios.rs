@@ -32,6 +32,7 @@ fn scenarios() -> Vec<Scenario> {
     all.extend(harness::migration::scenarios());
     all.extend(harness::disk::scenarios());
     all.extend(harness::disk_chain::scenarios());
+    all.extend(harness::net::scenarios());
     all.extend(harness::reset::scenarios());
     all.extend(harness::clones::scenarios());
     all.into_iter()

@@ -1,6 +1,7 @@
 //! `vmhop demo` end to end through the real binary: every step runs on real
 //! KVM and the demo exits 0, saying what it showed (verify ok, checkpoints,
-//! restore, NUMA, the host migration and its downtime); `--json` gives one
+//! restore, NUMA, the host migration and its downtime, a disk, vsock
+//! through a move and a restore, resets); `--json` gives one
 //! JSON object with every step's reports, the migration's included;
 //! bad options are usage errors. The demo cleans up after itself: no child
 //! VM and no work directory outlive it.
@@ -141,9 +142,9 @@ fn demo_runs_every_step_exits_zero_and_cleans_up() {
             o.describe()
         );
     }
-    for step in 1..=9 {
+    for step in 1..=10 {
         assert!(
-            text.contains(&format!("[{step}/9]")),
+            text.contains(&format!("[{step}/10]")),
             "step {step} missing\n{}",
             o.describe()
         );
@@ -151,9 +152,9 @@ fn demo_runs_every_step_exits_zero_and_cleans_up() {
     // The migration step names its downtime, and the source's clean exit.
     let migration = o
         .stdout
-        .split("[6/9]")
+        .split("[6/10]")
         .nth(1)
-        .and_then(|rest| rest.split("[7/9]").next())
+        .and_then(|rest| rest.split("[7/10]").next())
         .unwrap_or_else(|| panic!("no migration step\n{}", o.describe()));
     assert!(
         migration.contains("--incoming unix:")
@@ -169,9 +170,9 @@ fn demo_runs_every_step_exits_zero_and_cleans_up() {
     // is as it was then (verify on the restored guest, fewer requests).
     let disk = o
         .stdout
-        .split("[7/9]")
+        .split("[7/10]")
         .nth(1)
-        .and_then(|rest| rest.split("[8/9]").next())
+        .and_then(|rest| rest.split("[8/10]").next())
         .unwrap_or_else(|| panic!("no disk step\n{}", o.describe()));
     assert!(
         disk.contains("0 disk blocks stored")
@@ -180,13 +181,37 @@ fn demo_runs_every_step_exits_zero_and_cleans_up() {
         "the disk step does not show its checks\n{}",
         o.describe()
     );
+    // The vsock step: a host program's connection echoes through a move
+    // and a checkpoint, the restore resets its guest's transport and
+    // takes a new connection, the stopped VM's connection reads EOF.
+    let vsock = o
+        .stdout
+        .split("[8/10]")
+        .nth(1)
+        .and_then(|rest| rest.split("[9/10]").next())
+        .unwrap_or_else(|| panic!("no vsock step\n{}", o.describe()));
+    for needle in [
+        "builtin:vsock",
+        "sent CONNECT 1234: answered 'OK ",
+        "NUMA move (stop-copy",
+        "the same connection echoes",
+        "TRANSPORT_RESET",
+        "a new connection echoes",
+        "reads end of file",
+    ] {
+        assert!(
+            vsock.contains(needle),
+            "the vsock step does not say {needle:?}\n{}",
+            o.describe()
+        );
+    }
     // The reset step: a thousand guest-driven resets, the rate, each
     // checked by the guest, and verify at the end.
     let resets = o
         .stdout
-        .split("[8/9]")
+        .split("[9/10]")
         .nth(1)
-        .and_then(|rest| rest.split("[9/9]").next())
+        .and_then(|rest| rest.split("[10/10]").next())
         .unwrap_or_else(|| panic!("no reset step\n{}", o.describe()));
     assert!(
         resets.contains("builtin:reset")
@@ -251,6 +276,17 @@ fn demo_json_prints_one_object_with_every_step() {
     );
     assert!(matches!((then, later), (Some(t), Some(l)) if t < l), "{v}");
     assert_eq!(v["disk"]["checkpoint"]["disk_blocks"], 0, "{v}");
+    // The vsock step: four echoes on one connection, the restored guest
+    // told of the reset, EOF once the original stopped.
+    let vs = &v["vsock"];
+    assert!(
+        vs["connect"].as_str().is_some_and(|c| c.starts_with("OK ")),
+        "{vs}"
+    );
+    assert_eq!(vs["echoes"].as_array().map(Vec::len), Some(4), "{vs}");
+    assert_eq!(vs["numa_move"]["mode"], "stop-copy", "{vs}");
+    assert_eq!(vs["restored_transport_resets"], 1, "{vs}");
+    assert_eq!(vs["end_of_file_after_stop"], true, "{vs}");
     // The reset step: at least a thousand guest-driven resets, each one the
     // guest checked finding its pages back, and verify ok after.
     let rs = &v["reset"]["status"];

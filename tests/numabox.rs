@@ -615,6 +615,28 @@ fn numabox_linux_guest_network_serves_http_and_streams_through_numa_moves() {
     }
 }
 
+/// The Linux guest's AF_VSOCK sockets in the numa-moves box: the box's
+/// connection to the guest's listener (Firecracker's `CONNECT`) and the
+/// guest's connection to a box listener (`PATH_<port>`), each a stream
+/// checked at both ends, carry on through the three moves — still one
+/// connection each, nothing ended in the guest.
+#[test]
+fn numabox_linux_guest_vsock_carries_on_both_ways_through_numa_moves() {
+    let console = linux_numa_moves_console();
+    for line in [
+        "ok: before the moves: vsock listening on 5000, connecting to host port 5001",
+        "ok: before the moves: vsock: both connections carry on:",
+        "ok: after the live move: vsock: both connections carry on:",
+        "ok: after the stop-copy move: vsock: both connections carry on:",
+        "ok: after the kernel move: vsock: both connections carry on:",
+    ] {
+        assert!(
+            console.contains(&format!("linux[numa-moves]: {line}")),
+            "the console never said {line:?}:\n{console}"
+        );
+    }
+}
+
 #[test]
 fn numabox_linux_guest_boots_on_two_numa_nodes() {
     let expect: Vec<&str> = LINUX_BOOTED
@@ -659,6 +681,10 @@ fn numabox_linux_guest_survives_checkpoint_and_lazy_restore() {
             "ok: before restoring: lx stopped, vmhop exited 0",
             "ok: disk: disk vmhop-data=/dev/vd",
             "ok: net: net eth0 10.0.2.15/24",
+            "ok: before the checkpoints: vsock: both connections carry on:",
+            "ok: after the full checkpoint: vsock: both connections carry on:",
+            "ok: after the incremental checkpoint: vsock: both connections carry on:",
+            "ok: before restoring: vsock: lx's connections ended at the box:",
         ],
         &[
             format!("{}:/files/disk.img", ext4_image().display()),
@@ -679,6 +705,23 @@ fn numabox_linux_guest_survives_checkpoint_and_lazy_restore() {
         fetched, 2,
         "expected both restored guests to answer HTTP:\n{console}"
     );
+    // Each restored guest's vsock connections from before were reset, and
+    // new ones carry checked bytes both ways on the restored VM's socket;
+    // its connections end at the box when it stops.
+    for (what, count) in [
+        (
+            ": vsock: the guest's connections from before were reset: ",
+            2,
+        ),
+        (": vsock: both connections carry on:", 5),
+        ("s connections ended at the box:", 3),
+    ] {
+        assert_eq!(
+            console.matches(what).count(),
+            count,
+            "expected {what:?} {count} times:\n{console}"
+        );
+    }
 }
 
 #[test]
@@ -696,6 +739,10 @@ fn numabox_linux_guest_survives_host_migration_to_swapped_nodes() {
             "ok: before the migration: the stream's one connection carries on:",
             "ok: on the destination: the stream's one connection carries on:",
             "ok: on the destination: fetched http://10.0.2.15/small: 65536 bytes, sha256 as the guest's",
+            "ok: before the migration: vsock: both connections carry on:",
+            "ok: migrate: vsock: lx's connections ended at the box:",
+            "ok: on the destination: vsock: the guest's connections from before were reset:",
+            "ok: on the destination: vsock: both connections carry on:",
             "ok: on the destination: guest node 0 (bind:1):",
             "ok: on the destination: guest node 1 (bind:0):",
             POWERED_OFF,

@@ -235,6 +235,19 @@ fn a_host_process_talks_to_the_builtin_vsock_guest_through_moves_and_a_restore()
     // carries on.
     vm.cli_ok(&["numa-migrate", "--to-node", "0", "--mode", "stop-copy"]);
     echo(&mut c, b"after the numa move");
+    // Its worker follows guest node 0, as the other devices' do.
+    let stat = common::one_json_object(&vm.cli_ok(&["numa-stat", "--json"]).stdout);
+    let node0 = std::fs::read_to_string("/sys/devices/system/node/node0/cpulist").unwrap();
+    let worker = stat["device_threads"]
+        .as_array()
+        .and_then(|t| t.iter().find(|t| t["device"] == "virtio-vsock cid 5"))
+        .unwrap_or_else(|| panic!("numa-stat lists no vsock worker: {stat}"));
+    assert_eq!(worker["guest_node"], 0, "{worker}");
+    assert_eq!(
+        common::parse_cpu_list(worker["allowed_cpus"].as_str().unwrap()),
+        common::parse_cpu_list(&node0),
+        "{worker}"
+    );
     let ckpt = d.join("ckpt");
     let ckpt_s = ckpt.to_str().unwrap();
     vm.cli_ok(&["checkpoint", "--dir", ckpt_s]);

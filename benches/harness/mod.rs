@@ -20,6 +20,7 @@ pub mod disk_chain;
 pub mod fixture;
 pub mod guest;
 pub mod migration;
+pub mod net;
 pub mod numa;
 pub mod reset;
 pub mod restore;

@@ -35,7 +35,7 @@ pub struct RunArgs {
     /// A guest NUMA node: guest-node=G,size=SIZE,host-node=H[,cpus=LIST]; repeat for more.
     #[arg(long, value_name = "SPEC")]
     pub numa: Vec<String>,
-    /// The guest: builtin:idle (default), builtin:dirty[,wss=SIZE][,rate=PAGES_PER_S][,fill=random], builtin:disk[,size=SIZE][,blocks=N][,rate=PER_S] (needs --disk), builtin:net (needs --net), builtin:vsock (needs --vsock) or builtin:reset[,pages=N][,poke=armed|always] (a guest-driven reset loop, docs/reset.md).
+    /// The guest: builtin:idle (default), builtin:dirty[,wss=SIZE][,rate=PAGES_PER_S][,fill=random], builtin:disk[,size=SIZE][,blocks=N][,rate=PER_S] (needs --disk), builtin:net[,mode=echo|tx|rx] (needs --net), builtin:vsock (needs --vsock) or builtin:reset[,pages=N][,poke=armed|always] (a guest-driven reset loop, docs/reset.md).
     #[arg(long)]
     pub guest: Option<String>,
     /// Linux kernel to boot: a bzImage (vmlinuz) or an ELF vmlinux.

@@ -385,6 +385,7 @@ pub fn build(
             (vsock.clone(), set.memory.clone(), irqfd),
             saved,
         )?;
+        t.pin_workers(set.threads.clone(), DEVICE_GUEST_NODE);
         virtio::mmio::plug(&mut set, slot.base, t)?;
     }
     reg.check_all_restored(saved)?;

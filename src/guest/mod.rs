@@ -22,7 +22,7 @@
 //! | 0x20000    | per-vCPU range tables, one page each                  |
 //! | 0x60000    | per-vCPU exception stacks, one page each              |
 //! | 0x100000   | page tables (PML4, PDPT, one PD per GiB)              |
-//! | 0x140000   | `builtin:net`: its state, queues and buffers (`net`)  |
+//! | 0x140000   | `builtin:net`: state, queues, buffers, to 0x1f0000    |
 //! | 0x140000   | or `builtin:vsock`'s (`vsock`), to 0x1a0000           |
 //! | 0x200000 … | the working set                                       |
 
@@ -49,13 +49,27 @@ pub fn progress(vm: &crate::vmm::Vm) -> u64 {
         .sum()
 }
 
-/// The longest stall any vCPU of the builtin dirty guest felt since the
-/// window began (the start, or [`reset_longest_stall`]): the longest gap
-/// between two pages it wrote, in µs, not counting what pacing held it
-/// back. None for other guests, or when KVM did not give the TSC rate.
+/// Whether the guest keeps the longest gap in its vCPU blocks: the dirty
+/// guest between two pages, the network guest's `tx` and `rx` modes
+/// between two batches of frames.
+fn keeps_stall(guest: &GuestSpec) -> bool {
+    use crate::vmm::config::NetMode;
+    match guest {
+        GuestSpec::Dirty { .. } => true,
+        GuestSpec::Net { mode, .. } => matches!(mode, NetMode::Tx | NetMode::Rx),
+        _ => false,
+    }
+}
+
+/// The longest stall any vCPU of the builtin dirty guest (or the network
+/// guest sending or receiving at full speed) felt since the window began
+/// (the start, or [`reset_longest_stall`]): the longest gap between two
+/// pages it wrote (batches of frames), in µs, not counting what pacing
+/// held it back. None for other guests, or when KVM did not give the TSC
+/// rate.
 pub fn longest_stall_us(vm: &crate::vmm::Vm) -> Option<u64> {
     let c = vm.config();
-    if !matches!(c.guest, GuestSpec::Dirty { .. }) {
+    if !keeps_stall(&c.guest) {
         return None;
     }
     let khz = u64::from(vm.tsc_khz()?);
@@ -74,7 +88,7 @@ pub fn longest_stall_us(vm: &crate::vmm::Vm) -> Option<u64> {
 /// anyway.
 pub fn reset_longest_stall(vm: &crate::vmm::Vm) {
     let c = vm.config();
-    if !matches!(c.guest, GuestSpec::Dirty { .. }) {
+    if !keeps_stall(&c.guest) {
         return;
     }
     for v in 0..c.vcpus as u64 {

@@ -18,9 +18,21 @@
 //! `verify` checks: no bad echo, and the sequence number equals the
 //! progress count (both live in guest memory: a lost or stale page of the
 //! guest's own state breaks it).
+//!
+//! Two more modes measure the card (`mode=`, [`NetMode`]): `tx` keeps the
+//! transmit ring full of numbered frames and counts each one the device
+//! hands back as used; `rx` counts every frame of type [`ETHERTYPE`] the
+//! device delivers (others are foreign) and gives its buffer back at once.
+//! Both publish a batch of ring entries at a time and notify only when the
+//! device asks for it (`VRING_USED_F_NO_NOTIFY` clear: every notify is a
+//! VM exit), and both keep the longest gap between two batches of
+//! progress in the vCPU's block, as `builtin:dirty` does between pages:
+//! the stall the traffic felt (`guest::longest_stall_us`). The sequence
+//! number stays equal to the progress count, so `verify` holds too.
 
 use super::setup::CONTROL_ADDR;
 use crate::memory::GuestMemory;
+pub use crate::vmm::config::NetMode;
 
 /// The guest's state and parameters (one page).
 pub const NET_ADDR: u64 = 0x140000;
@@ -34,9 +46,11 @@ pub const TXQ_ADDR: u64 = 0x160000;
 /// Receive buffers, one page each.
 pub const RXBUF_ADDR: u64 = 0x170000;
 /// Transmit buffers (one frame each), one page each.
-pub const TXBUF_ADDR: u64 = 0x180000;
-/// Entries of each queue (a power of two: indexes are masked).
-pub const QUEUE_SIZE: u64 = 16;
+pub const TXBUF_ADDR: u64 = RXBUF_ADDR + QUEUE_SIZE * 4096;
+/// Entries of each queue (a power of two: indexes are masked). Enough for
+/// the `tx` and `rx` modes to hand the device a batch while the guest
+/// refills the rest.
+pub const QUEUE_SIZE: u64 = 64;
 /// Bytes of a receive buffer.
 pub const RXBUF_LEN: u32 = 4096;
 /// Polls of the used ring before frame `n` is sent again.
@@ -79,6 +93,8 @@ pub mod state {
     pub const DUPS: u64 = 72;
     /// Frames of another type (the host's own traffic on the TAP).
     pub const FOREIGN: u64 = 80;
+    /// Transmit used entries the guest has consumed (`tx` mode).
+    pub const TX_SEEN: u64 = 88;
 }
 
 /// The control page's guest kind of `builtin:net`.

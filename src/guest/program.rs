@@ -146,29 +146,17 @@ fn stamp(a: &mut CodeAssembler) -> Result<(), IcedError> {
 }
 
 /// `builtin:net` (see `guest::net`): programs the card from the register
-/// table, then sends frame `n`, polls for its echo, and moves on.
+/// table, then runs `mode`'s loop: `echo` sends frame `n`, polls for its
+/// echo and moves on; `tx` keeps the transmit ring full; `rx` takes every
+/// frame delivered.
 ///
 /// Registers: rdi = its block; rbx = the state page; r13 = the card's MMIO
-/// window; r8 = `n`; r12 = polls left before a resend; r14 = 1 once the
-/// echo of `n` came; r9–r11, rax, rdx scratch.
-pub fn net(base: u64) -> Result<Vec<u8>, IcedError> {
-    use super::net::{state, *};
-    let notify = virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_NOTIFY as i32;
-    let mask = (QUEUE_SIZE - 1) as u32;
-    let (rx_avail, rx_used) = (RXQ_ADDR + 0x1000, RXQ_ADDR + 0x2000);
-    let tx_avail = TXQ_ADDR + 0x1000;
+/// window; the rest per loop.
+pub fn net(base: u64, mode: super::net::NetMode) -> Result<Vec<u8>, IcedError> {
+    use super::net::{state, NetMode, NET_ADDR};
     let mut a = CodeAssembler::new(64)?;
     let mut init = a.create_label();
     let mut start = a.create_label();
-    let mut send = a.create_label();
-    let mut wait = a.create_label();
-    let mut got = a.create_label();
-    let mut bad = a.create_label();
-    let mut dup = a.create_label();
-    let mut foreign = a.create_label();
-    let mut matched = a.create_label();
-    let mut repost = a.create_label();
-
     a.mov(rbx, NET_ADDR)?;
     a.mov(r13, qword_ptr(rbx + state::MMIO))?;
     a.mov(rsi, qword_ptr(rbx + state::INIT))?;
@@ -184,10 +172,76 @@ pub fn net(base: u64) -> Result<Vec<u8>, IcedError> {
     a.dec(rcx)?;
     a.jmp(init)?;
     a.set_label(&mut start)?;
+    match mode {
+        NetMode::Echo => net_echo(&mut a)?,
+        NetMode::Tx => net_tx(&mut a)?,
+        NetMode::Rx => net_rx(&mut a)?,
+    }
+    a.assemble(base)
+}
+
+/// The longest-gap bookkeeping of a vCPU block after progress: the time
+/// since `block::LAST_TSC` becomes the new `block::MAX_GAP` if longer, and
+/// now the new stamp (clobbers rax and rdx).
+fn gap(a: &mut CodeAssembler) -> Result<(), IcedError> {
+    let mut shorter = a.create_label();
+    a.rdtsc()?;
+    a.shl(rdx, 32)?;
+    a.or(rax, rdx)?;
+    a.mov(rdx, rax)?;
+    a.sub(rdx, qword_ptr(rdi + block::LAST_TSC))?;
+    a.mov(qword_ptr(rdi + block::LAST_TSC), rax)?;
+    a.cmp(rdx, qword_ptr(rdi + block::MAX_GAP))?;
+    a.jbe(shorter)?;
+    a.mov(qword_ptr(rdi + block::MAX_GAP), rdx)?;
+    a.set_label(&mut shorter)?;
+    a.nop()?;
+    Ok(())
+}
+
+/// Notifies queue `queue` of the card at r13 unless the device said it
+/// needs no notification (`VRING_USED_F_NO_NOTIFY` in the used ring at
+/// `used`: it is serving the queue and will see what was just added).
+/// Every notify is a VM exit, so a guest adding buffers while the device
+/// works must not pay one each time. The avail index must be visible
+/// before the flag is read, as the device re-enables notifications,
+/// fences, then reads the index (clobbers rdx).
+fn notify_if_asked(a: &mut CodeAssembler, used: u64, queue: u32) -> Result<(), IcedError> {
+    use virtio_bindings::virtio_ring::VRING_USED_F_NO_NOTIFY;
+    let notify = virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_NOTIFY as i32;
+    let mut skip = a.create_label();
+    a.mfence()?;
+    a.mov(rdx, used)?;
+    a.test(word_ptr(rdx), VRING_USED_F_NO_NOTIFY as i32)?;
+    a.jnz(skip)?;
+    a.mov(dword_ptr(r13 + notify), queue)?;
+    a.set_label(&mut skip)?;
+    a.nop()?;
+    Ok(())
+}
+
+/// `builtin:net,mode=echo`: frame `n` out, its echo back, `n + 1`.
+///
+/// Registers: r8 = `n`; r12 = polls left before a resend; r14 = 1 once the
+/// echo of `n` came; r9–r11, rax, rdx scratch.
+fn net_echo(a: &mut CodeAssembler) -> Result<(), IcedError> {
+    use super::net::{state, *};
+    let notify = virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_NOTIFY as i32;
+    let mask = (QUEUE_SIZE - 1) as u32;
+    let (rx_avail, rx_used) = (RXQ_ADDR + 0x1000, RXQ_ADDR + 0x2000);
+    let tx_avail = TXQ_ADDR + 0x1000;
+    let mut send = a.create_label();
+    let mut wait = a.create_label();
+    let mut got = a.create_label();
+    let mut bad = a.create_label();
+    let mut dup = a.create_label();
+    let mut foreign = a.create_label();
+    let mut matched = a.create_label();
+    let mut repost = a.create_label();
+
     // The receive buffers are posted already.
     a.mov(dword_ptr(r13 + notify), 0)?;
     a.xor(r14, r14)?;
-
     // Frame n into transmit buffer n % size, on the avail ring.
     a.set_label(&mut send)?;
     a.mov(r8, qword_ptr(rbx + state::SEQ))?;
@@ -208,7 +262,7 @@ pub fn net(base: u64) -> Result<Vec<u8>, IcedError> {
     // x86 keeps stores in order: the ring entry is visible before the index.
     a.mov(rdx, tx_avail + 2)?;
     a.mov(word_ptr(rdx), r10w)?;
-    a.mov(dword_ptr(r13 + notify), 1)?;
+    notify_if_asked(a, TXQ_ADDR + 0x2000, 1)?;
     a.mov(r12, SPIN)?;
 
     a.set_label(&mut wait)?;
@@ -271,12 +325,158 @@ pub fn net(base: u64) -> Result<Vec<u8>, IcedError> {
     a.mov(qword_ptr(rbx + state::RX_AVAIL), r10)?;
     a.mov(rdx, rx_avail + 2)?;
     a.mov(word_ptr(rdx), r10w)?;
-    a.mov(dword_ptr(r13 + notify), 0)?;
+    notify_if_asked(a, rx_used, 0)?;
     a.test(r14, r14)?;
     a.jz(wait)?;
     a.xor(r14, r14)?;
     a.jmp(send)?;
-    a.assemble(base)
+    Ok(())
+}
+
+/// `builtin:net,mode=tx`: reclaims the transmit entries the device used
+/// (progress), refills every free one with the next numbered frame,
+/// publishes them at once and notifies only if the device asks.
+///
+/// Registers: r8 = frames put on the ring; r9 = its value before this
+/// batch; r10 = used entries consumed; r11, rax, rcx, rdx scratch.
+fn net_tx(a: &mut CodeAssembler) -> Result<(), IcedError> {
+    use super::net::{state, *};
+    let mask = (QUEUE_SIZE - 1) as u32;
+    let (tx_avail, tx_used) = (TXQ_ADDR + 0x1000, TXQ_ADDR + 0x2000);
+    let mut top = a.create_label();
+    let mut fill = a.create_label();
+    let mut fill_one = a.create_label();
+    let mut filled = a.create_label();
+
+    stamp(a)?;
+    a.set_label(&mut top)?;
+    // Entries the device used since the last look (16-bit ring index).
+    a.mov(rdx, tx_used + 2)?;
+    a.movzx(eax, word_ptr(rdx))?;
+    a.mov(r10, qword_ptr(rbx + state::TX_SEEN))?;
+    a.mov(ecx, eax)?;
+    a.sub(ecx, r10d)?;
+    a.and(ecx, 0xffff)?;
+    a.jz(fill)?;
+    a.add(r10, rcx)?;
+    a.mov(qword_ptr(rbx + state::TX_SEEN), r10)?;
+    a.add(qword_ptr(rbx + state::SEQ), rcx)?;
+    a.add(qword_ptr(rdi + block::PROGRESS), rcx)?;
+    gap(a)?;
+
+    a.set_label(&mut fill)?;
+    a.mov(r8, qword_ptr(rbx + state::TX_AVAIL))?;
+    a.mov(r9, r8)?;
+    a.set_label(&mut fill_one)?;
+    a.mov(rax, r8)?;
+    a.sub(rax, qword_ptr(rbx + state::TX_SEEN))?;
+    a.cmp(rax, QUEUE_SIZE as i32)?;
+    a.jae(filled)?;
+    // Frame r8 into transmit buffer r8 % size; its descriptor on the ring.
+    a.mov(rax, r8)?;
+    a.and(eax, mask)?;
+    a.mov(r11, rax)?;
+    a.shl(r11, 12)?;
+    a.mov(rdx, TXBUF_ADDR)?;
+    a.add(r11, rdx)?;
+    a.mov(qword_ptr(r11 + SEQ_AT), r8)?;
+    a.mov(rdx, tx_avail + 4)?;
+    a.mov(word_ptr(rdx + rax * 2), ax)?;
+    a.inc(r8)?;
+    a.jmp(fill_one)?;
+    a.set_label(&mut filled)?;
+    a.cmp(r8, r9)?;
+    a.je(top)?;
+    a.mov(qword_ptr(rbx + state::TX_AVAIL), r8)?;
+    // x86 keeps stores in order: the entries are visible before the index.
+    a.mov(rdx, tx_avail + 2)?;
+    a.mov(word_ptr(rdx), r8w)?;
+    notify_if_asked(a, tx_used, 1)?;
+    a.jmp(top)?;
+    Ok(())
+}
+
+/// `builtin:net,mode=rx`: takes every receive entry the device used,
+/// counts the frames of its type (progress; a damaged magic is bad,
+/// another type foreign), gives each buffer back, publishes the batch at
+/// once and notifies only if the device asks.
+///
+/// Registers: r10 = used entries consumed; r12 = the used index seen;
+/// r14 = entries put back on the avail ring; r15 = frames counted in the
+/// batch; r9, r11, rax, rdx scratch.
+fn net_rx(a: &mut CodeAssembler) -> Result<(), IcedError> {
+    use super::net::{state, *};
+    let notify = virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_NOTIFY as i32;
+    let mask = (QUEUE_SIZE - 1) as u32;
+    let (rx_avail, rx_used) = (RXQ_ADDR + 0x1000, RXQ_ADDR + 0x2000);
+    let mut top = a.create_label();
+    let mut one = a.create_label();
+    let mut foreign = a.create_label();
+    let mut bad = a.create_label();
+    let mut repost = a.create_label();
+    let mut no_stamp = a.create_label();
+
+    // The receive buffers are posted already.
+    a.mov(dword_ptr(r13 + notify), 0)?;
+    stamp(a)?;
+    a.set_label(&mut top)?;
+    a.mov(rdx, rx_used + 2)?;
+    a.movzx(eax, word_ptr(rdx))?;
+    a.mov(r10, qword_ptr(rbx + state::RX_SEEN))?;
+    a.cmp(ax, r10w)?;
+    a.je(top)?;
+    a.mov(r12, rax)?;
+    a.mov(r14, qword_ptr(rbx + state::RX_AVAIL))?;
+    a.xor(r15, r15)?;
+
+    // One used entry: its buffer, its frame.
+    a.set_label(&mut one)?;
+    a.mov(r11, r10)?;
+    a.and(r11d, mask)?;
+    a.mov(rdx, rx_used + 4)?;
+    a.mov(eax, dword_ptr(rdx + r11 * 8))?;
+    a.and(eax, mask)?;
+    a.mov(r9, rax)?;
+    a.shl(r9, 12)?;
+    a.mov(r11, RXBUF_ADDR)?;
+    a.add(r9, r11)?;
+    a.inc(r10)?;
+    a.movzx(edx, word_ptr(r9 + TYPE_AT))?;
+    a.cmp(edx, ETHERTYPE.swap_bytes() as i32)?;
+    a.jne(foreign)?;
+    a.mov(rdx, MAGIC)?;
+    a.cmp(qword_ptr(r9 + MAGIC_AT), rdx)?;
+    a.jne(bad)?;
+    a.inc(r15)?;
+    a.jmp(repost)?;
+    a.set_label(&mut foreign)?;
+    a.inc(qword_ptr(rbx + state::FOREIGN))?;
+    a.jmp(repost)?;
+    a.set_label(&mut bad)?;
+    a.inc(qword_ptr(rbx + state::BAD))?;
+    // The buffer back on the avail ring (published after the batch).
+    a.set_label(&mut repost)?;
+    a.mov(r11, r14)?;
+    a.and(r11d, mask)?;
+    a.mov(rdx, rx_avail + 4)?;
+    a.mov(word_ptr(rdx + r11 * 2), ax)?;
+    a.inc(r14)?;
+    a.cmp(r10w, r12w)?;
+    a.jne(one)?;
+
+    a.mov(qword_ptr(rbx + state::RX_SEEN), r10)?;
+    a.mov(qword_ptr(rbx + state::RX_AVAIL), r14)?;
+    a.mov(rdx, rx_avail + 2)?;
+    a.mov(word_ptr(rdx), r14w)?;
+    a.add(qword_ptr(rbx + state::SEQ), r15)?;
+    a.add(qword_ptr(rdi + block::PROGRESS), r15)?;
+    a.test(r15, r15)?;
+    a.jz(no_stamp)?;
+    gap(a)?;
+    a.set_label(&mut no_stamp)?;
+    notify_if_asked(a, rx_used, 0)?;
+    a.jmp(top)?;
+    Ok(())
 }
 
 /// `builtin:vsock` (see `guest::vsock`): programs the device from the
@@ -790,7 +990,9 @@ mod tests {
         assert!(dirty(0x10000, 0x11000).unwrap().len() > 40);
         assert!(disk::program(0x18000, 0x3100).unwrap().len() > 200);
         assert!(idle(0x10000).unwrap().len() >= 5);
-        assert!(net(0x10000).unwrap().len() > 100);
+        for (mode, _) in crate::vmm::config::NetMode::ALL {
+            assert!(net(0x10000, mode).unwrap().len() > 100);
+        }
         assert!(vsock(0x10000).unwrap().len() > 100);
         for f in ["gp", "ud", "pf", "int=64"] {
             let f = TestFault::parse(f).unwrap();

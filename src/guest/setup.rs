@@ -447,7 +447,7 @@ pub fn install(
         GuestSpec::Dirty { .. } | GuestSpec::Disk { .. } => {
             program::dirty(CODE_ADDR, TEST_FAULT_ADDR)
         }
-        GuestSpec::Net { .. } => program::net(CODE_ADDR),
+        GuestSpec::Net { mode, .. } => program::net(CODE_ADDR, *mode),
         GuestSpec::Vsock { .. } => program::vsock(CODE_ADDR),
         GuestSpec::Reset { .. } => program::reset_loop(
             CODE_ADDR,
@@ -515,7 +515,7 @@ pub fn install(
         };
         boots.push(boot_state(v as u64, blk, entry));
     }
-    if let GuestSpec::Net { mmio, mac } = spec {
+    if let GuestSpec::Net { mmio, mac, .. } = spec {
         super::net::install(memory, *mmio, *mac)
             .ok_or_else(|| SetupError::Layout("the network guest's queues do not fit".into()))?;
     }

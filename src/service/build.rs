@@ -304,7 +304,8 @@ fn boot_setup(config: &VmConfig, hooks: &TestHooks) -> Setup<'static> {
         }
         g => {
             let mut spec = g.clone();
-            if let (GuestSpec::Net { mmio, mac }, Some(card)) = (&mut spec, config.nets.first()) {
+            if let (GuestSpec::Net { mmio, mac, .. }, Some(card)) = (&mut spec, config.nets.first())
+            {
                 // The first card's window follows the disks'.
                 *mmio = crate::arch::x86_64::layout::VIRTIO_MMIO_BASE
                     + config.disks.len() as u64 * crate::arch::x86_64::layout::VIRTIO_MMIO_WINDOW;

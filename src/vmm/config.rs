@@ -766,6 +766,38 @@ impl DiskMode {
     }
 }
 
+/// What `builtin:net` does with its card (`mode=`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum NetMode {
+    /// `echo`: one numbered frame out, wait for its echo, the next.
+    #[default]
+    Echo,
+    /// `tx`: keeps the transmit ring full of numbered frames, as fast as
+    /// the device takes them; reads nothing.
+    Tx,
+    /// `rx`: takes every frame the device delivers and gives its buffer
+    /// back at once; sends nothing.
+    Rx,
+}
+
+impl NetMode {
+    /// Every mode, with its `mode=` name.
+    pub const ALL: [(NetMode, &'static str); 3] = [
+        (NetMode::Echo, "echo"),
+        (NetMode::Tx, "tx"),
+        (NetMode::Rx, "rx"),
+    ];
+
+    /// Its `mode=` name.
+    pub fn name(self) -> &'static str {
+        Self::ALL
+            .iter()
+            .find(|(m, _)| *m == self)
+            .map_or("echo", |(_, n)| n)
+    }
+}
+
 /// Pages `builtin:reset` dirties per iteration unless told.
 pub const DEFAULT_RESET_GUEST_PAGES: u64 = 64;
 /// Most pages `builtin:reset` dirties per iteration.
@@ -817,8 +849,9 @@ pub enum GuestSpec {
         #[serde(default)]
         poke_always: bool,
     },
-    /// `builtin:net`: sends numbered frames through the first network
-    /// card and checks each echo (see `guest::net`).
+    /// `builtin:net[,mode=echo|tx|rx]`: sends numbered frames through the
+    /// first network card and checks each echo, or only sends, or only
+    /// receives (see `guest::net`).
     Net {
         /// The card's MMIO window (filled in when the VM boots).
         #[serde(default)]
@@ -826,6 +859,9 @@ pub enum GuestSpec {
         /// The card's MAC, the frames' source (filled in likewise).
         #[serde(default)]
         mac: [u8; 6],
+        /// What it does with the card.
+        #[serde(default)]
+        mode: NetMode,
     },
     /// `builtin:vsock`: accepts every connection on the vsock device and
     /// echoes what it receives (see `guest::vsock`).
@@ -947,14 +983,29 @@ impl GuestSpec {
                 Ok(GuestSpec::Reset { pages, poke_always })
             }
             "net" => {
-                if let Some(p) = parts.next() {
-                    return Err(ConfigError::Invalid(format!(
-                        "--guest builtin:net takes no options (got '{p}')"
-                    )));
+                let mut mode = NetMode::Echo;
+                for kv in parts {
+                    mode = match kv.split_once('=') {
+                        Some(("mode", v)) => NetMode::ALL
+                            .iter()
+                            .find(|(_, n)| *n == v)
+                            .map(|(m, _)| *m)
+                            .ok_or_else(|| {
+                                ConfigError::Invalid(format!(
+                                    "--guest: mode={v} is not a builtin:net mode (expected echo, tx or rx)"
+                                ))
+                            })?,
+                        _ => {
+                            return Err(ConfigError::Invalid(format!(
+                                "--guest: unknown option '{kv}' for builtin:net (expected mode=echo|tx|rx)"
+                            )))
+                        }
+                    };
                 }
                 Ok(GuestSpec::Net {
                     mmio: 0,
                     mac: [0; 6],
+                    mode,
                 })
             }
             "vsock" => {

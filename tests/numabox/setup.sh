@@ -40,7 +40,10 @@ cache="$(cd "$cache" && pwd)"
 # binutils: readelf (static checks) and strip (run.sh). e2fsprogs makes the
 # Linux guest's ext4 disk image; e2fsck-static checks it inside the box,
 # which has no libc.
-packages=(qemu-system-x86 busybox-static cpio xz-utils gzip binutils e2fsprogs e2fsck-static)
+# gcc and libc6-dev compile the guest's static vsock tool
+# (linux/vmhop-vsock.c).
+packages=(qemu-system-x86 busybox-static cpio xz-utils gzip binutils e2fsprogs e2fsck-static
+    gcc libc6-dev)
 declare -A provides=(
     [qemu-system-x86]=/usr/bin/qemu-system-x86_64
     [busybox-static]=/bin/busybox
@@ -50,6 +53,8 @@ declare -A provides=(
     [binutils]=/usr/bin/readelf
     [e2fsprogs]=/usr/sbin/mkfs.ext4
     [e2fsck-static]=/sbin/e2fsck.static
+    [gcc]=/usr/bin/gcc
+    [libc6-dev]=/usr/lib/x86_64-linux-gnu/libc.a
 )
 
 # Serialise concurrent setups (two test processes sharing one cache) so that
@@ -83,7 +88,7 @@ if [ "${#missing[@]}" -gt 0 ]; then
 fi
 for p in "${packages[@]}"; do
     is_installed "$p" || die "package $p is still not installed"
-    [ -x "${provides[$p]}" ] || die "package $p is installed but ${provides[$p]} is missing"
+    [ -e "${provides[$p]}" ] || die "package $p is installed but ${provides[$p]} is missing"
 done
 # The box has no libc: busybox must be the static build.
 if readelf -l /bin/busybox 2>/dev/null | grep -q 'program interpreter'; then

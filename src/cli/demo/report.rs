@@ -45,10 +45,45 @@ pub(super) struct Found {
     pub disk: Option<DiskFound>,
     /// Step 8.
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub vsock: Option<VsockFound>,
+    /// Step 9.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub reset: Option<ResetFound>,
 }
 
-/// Step 8: a thousand resets the guest asked for.
+/// Step 8: host–guest sockets through a move, a checkpoint and a restore.
+#[derive(Debug, Serialize)]
+pub(super) struct VsockFound {
+    /// The device's answer to the host program's `CONNECT`.
+    pub connect: String,
+    /// The echoes on that one connection: at the start, after the NUMA
+    /// move, after the checkpoint, after the restore.
+    pub echoes: Vec<EchoFound>,
+    /// The NUMA move's report.
+    pub numa_move: NumaMigrateReport,
+    /// The checkpoint's report.
+    pub checkpoint: CheckpointReport,
+    /// `transport_resets` of the restored VM's device (1: its guest was
+    /// told).
+    pub restored_transport_resets: u64,
+    /// The echo on a new connection to the restored VM.
+    pub restored_echo: EchoFound,
+    /// The original's connection read end of file once it stopped.
+    pub end_of_file_after_stop: bool,
+}
+
+/// One line echoed by the guest.
+#[derive(Debug, Serialize)]
+pub(super) struct EchoFound {
+    /// When in the step.
+    pub when: String,
+    /// Bytes sent and read back.
+    pub bytes: u64,
+    /// From the write to the last byte read back, µs.
+    pub round_trip_us: f64,
+}
+
+/// Step 9: a thousand resets the guest asked for.
 #[derive(Debug, Serialize)]
 pub(super) struct ResetFound {
     /// The checkpoint taken while the guest waited to be armed.

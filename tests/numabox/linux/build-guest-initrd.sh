@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# Build the Linux test guest's initramfs: the host's static busybox and
+# Build the Linux test guest's initramfs: the host's static busybox,
 # guest-init.sh as /init (it prints the guest's NUMA view and runs the
-# tmpfs checksum checker; see that file for its output and options).
+# tmpfs checksum checker; see that file for its output and options) and
+# /bin/vmhop-vsock, the vsock test tool compiled here from vmhop-vsock.c
+# (static: the guest has no libc; busybox has no vsock applet). The box
+# takes the same binary out of this archive (scenarios/linux.sh).
 #
 #   tests/numabox/linux/build-guest-initrd.sh OUT.cpio.gz [MODULES_DIR]
 #
@@ -9,8 +12,8 @@
 # `order` file) goes in as /lib/vmhop-modules; /init loads them in order, so
 # the guest finds its virtio-mmio disks and mounts ext4.
 #
-# Needs /bin/busybox from busybox-static (tests/numabox/setup.sh installs
-# it), cpio and gzip. Writes OUT atomically (a temporary file renamed into
+# Needs /bin/busybox from busybox-static, a C compiler with a static libc
+# (gcc and libc6-dev; tests/numabox/setup.sh installs them), cpio and gzip. Writes OUT atomically (a temporary file renamed into
 # place), so concurrent builders never see a half-written archive. Root is
 # only needed for the /dev/console node; without it /init reopens the
 # console itself once devtmpfs is mounted.
@@ -34,7 +37,7 @@ busybox=/bin/busybox
 if command -v readelf >/dev/null && readelf -l "$busybox" 2>/dev/null | grep -q 'program interpreter'; then
     die "$busybox is dynamically linked; the guest has no libc (install busybox-static)"
 fi
-for tool in cpio gzip; do
+for tool in cpio gzip cc; do
     command -v "$tool" >/dev/null || die "$tool not found"
 done
 
@@ -50,6 +53,11 @@ mkdir -p "$stage"/{bin,sbin,dev,proc,sys,tmp,run}
 cp "$busybox" "$stage/bin/busybox"
 cp "$here/guest-init.sh" "$stage/init"
 chmod 755 "$stage/init" "$stage/bin/busybox"
+cc -static -O2 -s -Wall -Werror -o "$stage/bin/vmhop-vsock" "$here/vmhop-vsock.c" \
+    || die "compiling $here/vmhop-vsock.c (cc -static) failed: is libc6-dev installed?"
+if command -v readelf >/dev/null && readelf -l "$stage/bin/vmhop-vsock" | grep -q 'program interpreter'; then
+    die "$stage/bin/vmhop-vsock came out dynamically linked; the guest has no libc"
+fi
 if [ -n "$modules" ]; then
     mkdir -p "$stage/lib/vmhop-modules"
     while read -r m; do

@@ -63,6 +63,22 @@
 #      vmhop-guest: net FAIL <why>
 #      vmhop-net: stream to IP:PORT ended (printed if the connection ends)
 #
+# 5. With vsock (vmhop.vsock=PORT:HOSTPORT): waits for the virtio-vsock
+#    transport (vmw_vsock_virtio_transport, among the modules) to bind the
+#    device, then runs /bin/vmhop-vsock (tests/numabox/linux/vmhop-vsock.c)
+#    twice in the background: `serve vsock:PORT`, an AF_VSOCK listener
+#    that checks and echoes what each connection sends, and `client
+#    vsock:2:HOSTPORT - retry`, a connection to the host (cid 2) that sends
+#    the tool's counted stream a round at a time and checks its echo,
+#    connecting again a second after it ended (a restored guest's
+#    transport is reset). Both print their events on the console:
+#      vmhop-guest: vsock listening on PORT, connecting to host port HOSTPORT
+#      vmhop-guest: vsock FAIL <why>
+#      vmhop-vsock: serve vsock:PORT: conn N open from cid C port P
+#      vmhop-vsock: client vsock:2:HOSTPORT: conn N open
+#      vmhop-vsock: ...: conn N ended after B bytes: REASON
+#      vmhop-vsock: ...: conn N: FAIL ...
+#
 # Kernel command line words it reads from /proc/cmdline:
 #   vmhop.action=poweroff-after=N   poweroff -f after beat N
 #   vmhop.action=reboot-after=N     reboot -f after beat N
@@ -76,6 +92,7 @@
 #   vmhop.net=ADDR/PREFIX           eth0's static address (see 4.)
 #   vmhop.www=M                     serve an M MiB file over HTTP (see 4.)
 #   vmhop.stream=IP:PORT            the counting TCP stream (see 4.)
+#   vmhop.vsock=PORT:HOSTPORT       the vsock listener and client (see 5.)
 # Before acting it prints "vmhop-check: action poweroff|reboot after beat N".
 # It never exits: if the action returns, it says so and sleeps forever.
 
@@ -128,6 +145,7 @@ ctl_serial=""
 net_addr=""
 www_mb=0
 stream=""
+vsock=""
 # shellcheck disable=SC2013  # words, not lines
 for w in $(cat /proc/cmdline); do
     case "$w" in
@@ -148,6 +166,7 @@ for w in $(cat /proc/cmdline); do
     vmhop.net=*) net_addr="${w#vmhop.net=}" ;;
     vmhop.www=*) www_mb="${w#vmhop.www=}" ;;
     vmhop.stream=*) stream="${w#vmhop.stream=}" ;;
+    vmhop.vsock=*) vsock="${w#vmhop.vsock=}" ;;
     esac
 done
 is_num() {
@@ -274,6 +293,27 @@ if [ -n "$net_up" ] && [ -n "$stream" ]; then
         echo "vmhop-net: stream to $stream ended (nc exit $?)"
     ) &
     say "net stream to $stream started"
+fi
+
+# --- vsock ------------------------------------------------------------------------
+if [ -n "$vsock" ]; then
+    vs_port="${vsock%%:*}"
+    vs_host="${vsock#*:}"
+    t=0
+    while ! ls /sys/bus/virtio/drivers/vmw_vsock_virtio_transport/ 2>/dev/null | grep -q '^virtio' &&
+        [ "$t" -lt 20 ]; do
+        t=$((t + 1))
+        sleep 1
+    done
+    if ! is_num "$vs_port" || ! is_num "$vs_host" || [ "$vs_host" = "$vsock" ]; then
+        say "vsock FAIL vmhop.vsock=$vsock is not PORT:HOSTPORT"
+    elif ! ls /sys/bus/virtio/drivers/vmw_vsock_virtio_transport/ 2>/dev/null | grep -q '^virtio'; then
+        say "vsock FAIL no virtio-vsock device bound to vmw_vsock_virtio_transport within 20 s"
+    else
+        vmhop-vsock serve "vsock:$vs_port" &
+        vmhop-vsock client "vsock:2:$vs_host" - retry &
+        say "vsock listening on $vs_port, connecting to host port $vs_host"
+    fi
 fi
 
 # disk_fill I: disk file I gets fresh random data, fsynced; its sum goes to

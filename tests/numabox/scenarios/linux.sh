@@ -89,6 +89,27 @@
 #               checkpoint /small from each restored VM (on tap1): the
 #               box's sha256 must be the guest's. migrate reports the longest time the stream stood
 #               still around the migration (emulated time, never asserted).
+#   vsock (numa-moves, checkpoint, migrate): the VM has a virtio-vsock
+#               device (cid 3, socket /tmp/vs/NAME.sock, one per VM, in a
+#               folder only root may write) and the guest
+#               (vmhop.vsock=5000:5001) runs tests/numabox/linux/
+#               vmhop-vsock.c's tool: an AF_VSOCK listener on port 5000
+#               and a client connecting to host port 5001 (again after a
+#               reset); the box runs the same tool (taken out of the guest
+#               initramfs): a server at the socket's PATH_5001 and, once
+#               the guest listens, a client sending CONNECT 5000. Each
+#               connection carries a counted byte stream that its server
+#               checks and echoes and its client checks again, so data is
+#               checked both ways on both. After each NUMA move and each
+#               checkpoint of the running VM both connections must carry on
+#               (still the one connection at the box's end, more checked
+#               bytes, nothing ended in the guest); when a VM's vmhop ends
+#               (stop; the migration's source) the box's ends of its
+#               connections must end, not hang; a restored VM and the
+#               migration's destination (on sockets of their own) must show
+#               the guest's two connections from before reset (its
+#               transport reset), its client back on the new socket and a
+#               new box connection echoing.
 #   boot-loop   boot, wait for the first beat, stop; again, up to
 #               $BOOT_LOOP times (20): a tool for catching the box's
 #               spontaneous triple fault (issue 9), whose KVM trace the box
@@ -157,6 +178,23 @@ GUEST_MAC=52:54:00:12:34:56
 STREAM_PORT=7000
 WWW_MB=16
 stream_file=/tmp/stream.bin
+# vsock (with_vsock): the guest's context id, the port its listener takes
+# and the host port its client connects to. The devices' sockets live in
+# a folder only root may write (vmhop refuses one others could write),
+# one socket per VM: $vsock_dir/NAME.sock.
+VSOCK_CID=3
+VSOCK_PORT=5000
+VSOCK_HOST_PORT=5001
+vsock_dir=/tmp/vs
+vsock_tool=/tmp/vsock-tool/bin/vmhop-vsock
+vsock_words=""
+vsock_pids=""
+# Bytes each of the current VM's two connections had carried at the last
+# vsock_check, and how many "conn ... ended" lines its console may show
+# (a restored or migrated guest's two connections from before the reset).
+vsock_h2g_seen=0
+vsock_g2h_seen=0
+vsock_ends_ok=0
 # The guest's command line words for it, and the card for a destination
 # or a restored VM (on the other TAP), when the step has a network.
 net_words=""
@@ -212,7 +250,7 @@ diagnose() {
 }
 
 cleanup() {
-    for p in "$vm_pid" "$listener_pid" "$sampler_pid"; do
+    for p in "$vm_pid" "$listener_pid" "$sampler_pid" $vsock_pids; do
         if [ -n "$p" ] && kill -0 "$p" 2>/dev/null; then
             kill "$p" 2>/dev/null || true
         fi
@@ -588,7 +626,12 @@ take_checkpoint() {
 # NAME; its first beat must be after BEFORE and at most AFTER+2, with uptime
 # not below UP; 3 beats ok and consecutive; stop.
 restore_and_check() {
-    start "$5" "$VMHOP" restore "$ckdir@$1" --name "$5" $net_dst_args
+    vsock_args=""
+    if [ -n "$vsock_words" ]; then
+        vsock_listen "$5"
+        vsock_args="--vsock socket=$(vsock_sock "$5")"
+    fi
+    start "$5" "$VMHOP" restore "$ckdir@$1" --name "$5" $net_dst_args $vsock_args
     what="restore @$1"
     wait_beat 1 "$BOOT_DEADLINE" "$what"
     first_beat="$(beats | head -n 1)"
@@ -607,26 +650,33 @@ restore_and_check() {
     check_consecutive "$first_beat" "$what"
     more_beats 2 "$what"
     [ -z "$net_words" ] || fetch_www "$what" small
+    [ -z "$vsock_words" ] || vsock_after_reset "$what"
     stop_vm "$what"
+    [ -z "$vsock_words" ] || vsock_ended "$5" "$what"
 }
 
 step_checkpoint() {
     with_disks data-only
     with_net
-    boot_vm "$disk_words $net_words"
+    with_vsock
+    boot_vm "$disk_words $net_words $vsock_words"
     first_beat=1
     check_disk_mounted
     check_net_up
+    vsock_up "before the checkpoints"
     more_beats 1 "before the checkpoints"
     take_checkpoint full "full checkpoint"
+    vsock_check "after the full checkpoint"
     id0="$ck_id" before0="$ck_before" after0="$ck_after" up0="$(beat_up "$ck_before")"
     wait_beat $((after0 + 3)) "$BEAT_DEADLINE" "after the full checkpoint"
     take_checkpoint incremental "incremental checkpoint"
     id1="$ck_id" before1="$ck_before" after1="$ck_after" up1="$(beat_up "$ck_before")"
     [ "$id1" != "$id0" ] || fail "incremental checkpoint: same id $id1 as the full one"
+    vsock_check "after the incremental checkpoint"
     more_beats 1 "after the checkpoints"
     check_consecutive 1 "after the checkpoints"
     stop_vm "before restoring"
+    vsock_ended lx "before restoring"
     "$VMHOP" checkpoints "$ckdir" 2>&1 | sed "s/^/$tag: checkpoints: /" || true
     restore_and_check "$id0" "$before0" "$after0" "$up0" r0
     restore_and_check "$id1" "$before1" "$after1" "$up1" r1
@@ -659,6 +709,7 @@ numa_move() {
         stream_check "$3"
         say "$3: the stream's longest standstill since the move began: $(stream_stall "$move_start") (emulated time)"
     }
+    [ -z "$vsock_words" ] || vsock_check "$3"
 }
 
 step_numa() {
@@ -724,10 +775,12 @@ poweroff_by_ctl() {
 step_numa_moves() {
     with_disks
     with_net big stream
-    boot_vm "$disk_words $net_words"
+    with_vsock
+    boot_vm "$disk_words $net_words $vsock_words"
     first_beat=1
     check_disk_mounted
     check_net_up
+    vsock_up "before the moves"
     fetch_www "before the moves" big
     net_card "after the fetch"
     stream_check "before the moves"
@@ -743,10 +796,12 @@ step_numa_moves() {
 step_migrate() {
     with_disks
     with_net stream
-    boot_vm "$disk_words $net_words"
+    with_vsock
+    boot_vm "$disk_words $net_words $vsock_words"
     first_beat=1
     check_disk_mounted
     check_net_up
+    vsock_up "before the migration"
     more_beats 1 "before the migration"
     stream_check "before the migration"
     say "before the migration: the stream's longest standstill so far, without a move: $(stream_stall 0) (emulated time)"
@@ -754,8 +809,10 @@ step_migrate() {
     sock=/tmp/vmhop-migration.sock
     dst_disk=/tmp/dx-data.img dst_ctl=/tmp/dx-ctl.img
     rm -f "$dst_disk" "$dst_ctl"
+    vsock_listen dx
     start dx "$VMHOP" run --name dx --incoming "unix:$sock" \
         --numa guest-node=0,host-node=1 --numa guest-node=1,host-node=0 $net_dst_args \
+        --vsock "socket=$(vsock_sock dx)" \
         --disk "id=data,path=$dst_disk" --disk "id=ctl,path=$dst_ctl"
     t=0
     until "$VMHOP" status --name dx --json 2>/dev/null | grep -q '"incoming"'; do
@@ -802,6 +859,7 @@ step_migrate() {
     set -e
     [ "$rc" -eq 0 ] || fail "migrate: the source vmhop exited with $rc: $(cat "$src_err")"
     say "ok: migrate: the source vmhop exited 0"
+    vsock_ended lx "migrate"
     what="on the destination"
     wait_beat 1 "$BEAT_DEADLINE" "$what"
     first_beat="$(beats | head -n 1)"
@@ -830,6 +888,7 @@ step_migrate() {
     say "$what: the stream's longest standstill since the migration began: $(stream_stall "$mig_start") (migrate returned at box uptime $mig_end; emulated time)"
     fetch_www "$what" small
     net_card "$what"
+    vsock_after_reset "$what"
     stat="$(cli "$what" numa-stat)"
     say "numa-stat there: $stat"
     check_placement "$stat" 0 1 "$what"
@@ -977,6 +1036,160 @@ stream_stall() {
             if ($2 > n) { if ($1 - last > max) { max = $1 - last; a = last; b = $1 }; n = $2; last = $1 }
         }
         END { printf "%.1f s (box uptime %.1f to %.1f)", max, a, b }' /tmp/stream.samples
+}
+
+# --- vsock ------------------------------------------------------------------------
+
+# vsock_sock NAME: the vsock device's socket of VM NAME.
+vsock_sock() {
+    echo "$vsock_dir/$1.sock"
+}
+
+# with_vsock: the next boot_vm gets a virtio-vsock device (cid VSOCK_CID,
+# socket vsock_sock lx) and the guest its listener and its client
+# (vmhop.vsock=, tests/numabox/linux/guest-init.sh). The box has no
+# compiler: it takes the same static vmhop-vsock out of the guest's
+# initramfs. The box's echo server for the guest's client starts now
+# (vsock_listen), before the guest can connect.
+with_vsock() {
+    mkdir -p "$vsock_dir" /tmp/vsock-tool
+    chmod 700 "$vsock_dir"
+    if [ ! -x "$vsock_tool" ]; then
+        (cd /tmp/vsock-tool && zcat "$initrd" | cpio -i -d bin/vmhop-vsock) 2>"$errf" ||
+            fail "vsock: taking bin/vmhop-vsock out of $initrd failed: $(cat "$errf")"
+        [ -x "$vsock_tool" ] ||
+            fail "vsock: $initrd has no bin/vmhop-vsock (tests/numabox/linux/build-guest-initrd.sh builds it)"
+    fi
+    vm_args="$vm_args --vsock cid=$VSOCK_CID,socket=$(vsock_sock lx)"
+    vsock_words="vmhop.vsock=$VSOCK_PORT:$VSOCK_HOST_PORT"
+    vsock_listen lx
+}
+
+# vsock_listen NAME: the box's checking echo server at the device's
+# PATH_<VSOCK_HOST_PORT> of VM NAME, where its guest's client arrives;
+# status in $vsock_dir/NAME.g2h, events in NAME.g2h.log.
+vsock_listen() {
+    "$vsock_tool" serve "unix:$(vsock_sock "$1")_$VSOCK_HOST_PORT" "$vsock_dir/$1.g2h" \
+        >"$vsock_dir/$1.g2h.log" 2>&1 &
+    vsock_pids="$vsock_pids $!"
+}
+
+# vsock_connect NAME: a box process connects to VM NAME's guest listener
+# through the device's socket (Firecracker's CONNECT VSOCK_PORT) and
+# exchanges checked rounds; status in $vsock_dir/NAME.h2g, events in
+# NAME.h2g.log. It exits once its connection ends.
+vsock_connect() {
+    "$vsock_tool" client "unix:$(vsock_sock "$1"):$VSOCK_PORT" "$vsock_dir/$1.h2g" \
+        >"$vsock_dir/$1.h2g.log" 2>&1 &
+    vsock_pids="$vsock_pids $!"
+}
+
+# vsock_console_ok WHAT: no vsock failure on the watched VM's console, and
+# no more ended guest connections than vsock_ends_ok.
+vsock_console_ok() {
+    bad="$(console | grep -m 1 'vmhop-guest: vsock FAIL\|vmhop-vsock: .*FAIL' || true)"
+    [ -z "$bad" ] || fail "$1: vsock: the guest says: $bad"
+    ends="$(console | grep -c 'vmhop-vsock: .* ended after' || true)"
+    if [ "$ends" -gt "$vsock_ends_ok" ]; then
+        fail "$1: vsock: a guest connection ended: $(console | grep 'vmhop-vsock: .* ended after' | tail -n 1)"
+    fi
+}
+
+# vsock_wait_console WHAT PATTERN: the watched VM's console shows a line
+# matching PATTERN (grep) within BEAT_DEADLINE; prints it.
+vsock_wait_console() {
+    t=0
+    until line="$(console | grep -m 1 "$2")"; do
+        bad="$(console | grep -m 1 'vmhop-guest: vsock FAIL\|vmhop-vsock: .*FAIL' || true)"
+        [ -z "$bad" ] || fail "$1: vsock: the guest says: $bad"
+        kill -0 "$vm_pid" 2>/dev/null || fail "$1: vsock: vmhop ($vm) exited"
+        t=$((t + 1))
+        [ "$t" -le "$BEAT_DEADLINE" ] || fail "$1: vsock: no '$2' on the guest console within ${BEAT_DEADLINE}s"
+        sleep 1
+    done
+    printf '%s\n' "$line"
+}
+
+# vsock_one_conn WHAT FILE: FILE (a vmhop-vsock status) names exactly one
+# connection, conn 1, still open; prints its bytes.
+vsock_one_conn() {
+    st="$(cat "$2" 2>/dev/null || true)"
+    case "$st" in
+    "conn=1 state=open bytes="*) ;;
+    "") echo 0; return 0 ;;
+    *) fail "$1: vsock: $2 says '$(printf '%s' "$st" | tr '\n' ';')', not one open connection ($(tail -n 3 "$2.log" 2>/dev/null | tr '\n' ';'))" ;;
+    esac
+    [ "$(printf '%s\n' "$st" | wc -l)" -eq 1 ] || fail "$1: vsock: $2 has more than one connection: $(tr '\n' ';' <"$2")"
+    echo "${st#conn=1 state=open bytes=}"
+}
+
+# vsock_check WHAT: both vsock connections of the watched VM carry on —
+# the box's to the guest's listener (NAME.h2g) and the guest's to the
+# box (NAME.g2h): each the one connection its box end has had, open, with
+# more checked bytes than at the last check — and the guest reports no
+# failure and no connection ended.
+vsock_check() {
+    for dir in h2g g2h; do
+        eval "seen=\$vsock_${dir}_seen"
+        t=0
+        while :; do
+            vsock_console_ok "$1"
+            bytes="$(vsock_one_conn "$1" "$vsock_dir/$vm.$dir")"
+            [ "$bytes" -le "$seen" ] || break
+            t=$((t + 1))
+            [ "$t" -le "$BEAT_DEADLINE" ] ||
+                fail "$1: vsock: no new checked bytes on $vm.$dir within ${BEAT_DEADLINE}s (still $bytes; $(tail -n 3 "$vsock_dir/$vm.$dir.log" | tr '\n' ';'))"
+            sleep 1
+        done
+        eval "vsock_${dir}_seen=$bytes"
+    done
+    say "ok: $1: vsock: both connections carry on: box to guest port $VSOCK_PORT $vsock_h2g_seen bytes echoed and checked, guest to host port $VSOCK_HOST_PORT $vsock_g2h_seen bytes checked and echoed"
+}
+
+# vsock_up WHAT: after the first boot: the guest's listener runs and its
+# client reached the box's server; the box connects to the listener; both
+# connections carry checked bytes.
+vsock_up() {
+    line="$(vsock_wait_console "$1" 'vmhop-guest: vsock listening')"
+    say "ok: $1: ${line#*vmhop-guest: }"
+    vsock_wait_console "$1" "vmhop-vsock: serve vsock:$VSOCK_PORT: listening" >/dev/null
+    vsock_connect "$vm"
+    vsock_h2g_seen=0 vsock_g2h_seen=0 vsock_ends_ok=0
+    vsock_check "$1"
+}
+
+# vsock_ended NAME WHAT: VM NAME's process is gone: the box's ends of both
+# its connections must have ended (EOF or an error: never a hang) within
+# EXIT_DEADLINE.
+vsock_ended() {
+    for dir in h2g g2h; do
+        f="$vsock_dir/$1.$dir"
+        t=0
+        until grep -q '^conn=1 state=ended' "$f" 2>/dev/null; do
+            t=$((t + 1))
+            [ "$t" -le "$EXIT_DEADLINE" ] ||
+                fail "$2: vsock: $1's connection ($f: $(tr '\n' ';' <"$f")) still open ${EXIT_DEADLINE}s after $1 ended: a hang"
+            sleep 1
+        done
+        r="$(sed -n 's/^conn=1 state=ended bytes=\([0-9]*\) reason=\(.*\)/\2 after \1 bytes/p' "$f")"
+        if [ "$dir" = h2g ]; then ended_h2g="$r"; else ended_g2h="$r"; fi
+    done
+    say "ok: $2: vsock: $1's connections ended at the box: box to guest: $ended_h2g; guest to box: $ended_g2h"
+}
+
+# vsock_after_reset WHAT: on a restored or migrated VM (the watched one,
+# its box server started before it with vsock_listen): the guest's two
+# connections from before were reset (its transport was), its client
+# connected again to this VM's socket, a new box connection reaches its
+# listener, and both carry checked bytes.
+vsock_after_reset() {
+    client_end="$(vsock_wait_console "$1" "vmhop-vsock: client vsock:2:$VSOCK_HOST_PORT: conn [0-9]* ended after")"
+    server_end="$(vsock_wait_console "$1" "vmhop-vsock: serve vsock:$VSOCK_PORT: conn [0-9]* ended after")"
+    say "ok: $1: vsock: the guest's connections from before were reset: ${client_end#*vmhop-vsock: }; ${server_end#*vmhop-vsock: }"
+    vsock_ends_ok=2
+    vsock_connect "$vm"
+    vsock_h2g_seen=0 vsock_g2h_seen=0
+    vsock_check "$1"
 }
 
 step_boot_loop() {

@@ -1,4 +1,4 @@
-//! The builtin demo's script: its nine steps, in order, on a
+//! The builtin demo's script: its ten steps, in order, on a
 //! `builtin:dirty` guest, and what each shows.
 //!
 //! 1. start: `vmhop run`, and the guest's progress grows;
@@ -14,10 +14,14 @@
 //! 7. a disk through a checkpoint (a second VM, `builtin:disk`): the
 //!    checkpoint refers to the image, the guest writes on, the restored
 //!    disk is as it was at the checkpoint (`disk.rs`);
-//! 8. a thousand resets the guest asks for through the reset device (a
-//!    third VM, `builtin:reset`), each checked by the guest, the rate
+//! 8. host–guest sockets (a third VM, `builtin:vsock`): a host program's
+//!    connection echoes through a NUMA move and a checkpoint, the restored
+//!    checkpoint resets its guest's transport and takes new connections,
+//!    the stopped VM's connection reads end of file (`vsock.rs`);
+//! 9. a thousand resets the guest asks for through the reset device (a
+//!    fourth VM, `builtin:reset`), each checked by the guest, the rate
 //!    printed (`reset.rs`);
-//! 9. stop.
+//! 10. stop.
 //!
 //! Owns the order and the parameters of the steps and what each step
 //! records in [`Found`]; steps 5 and 6, the moves, are in `moves.rs`. The
@@ -27,6 +31,7 @@
 mod disk;
 mod moves;
 mod reset;
+mod vsock;
 
 use std::path::Path;
 use std::thread;
@@ -55,8 +60,8 @@ const RELEASE_RATE: u64 = 20_000;
 /// all its memory during every copy round and no checkpoint would converge.
 const DEBUG_RATE: u64 = 5_000;
 
-/// Steps of the demo, for the `[n/9]` headers.
-const STEPS: u32 = 9;
+/// Steps of the demo, for the `[n/10]` headers.
+const STEPS: u32 = 10;
 /// Names of the VM the demo boots and of its restored twin (which keeps
 /// its name when it migrates: a VM brings its configuration along).
 const VM_NAME: &str = "demo";
@@ -170,8 +175,9 @@ impl Demo {
         self.numa(&mut restored)?;
         let migrated = self.migrate(restored)?;
         self.disk()?;
+        self.vsock()?;
         self.reset_loop()?;
-        self.out.step(9, STEPS, "stop");
+        self.out.step(10, STEPS, "stop");
         migrated.stop("stop the migrated VM")?;
         self.out.line("VM stopped; its vmhop process exited 0");
         Ok(())

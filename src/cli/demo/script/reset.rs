@@ -1,5 +1,5 @@
-//! Step 8 of the builtin demo: a thousand resets the guest asks for. A
-//! third VM runs `builtin:reset`: checkpointed while it waits to be armed,
+//! Step 9 of the builtin demo: a thousand resets the guest asks for. A
+//! fourth VM runs `builtin:reset`: checkpointed while it waits to be armed,
 //! then armed with one `vm.reset`, it loops on its own — checks that the
 //! 64 pages it dirtied before the last reset are back as at the
 //! checkpoint, dirties 64 others picked at random, pokes the reset device —
@@ -27,12 +27,12 @@ const RESET_WAIT: Duration = Duration::from_secs(120);
 const POLL: Duration = Duration::from_millis(20);
 
 impl Demo {
-    /// Step 8.
+    /// Step 9.
     pub(super) fn reset_loop(&mut self) -> Result<(), DemoError> {
         let dir = self.sup.dir().to_path_buf();
         let guest = format!("builtin:reset,pages={PAGES}");
         self.out.step(
-            8,
+            9,
             STEPS,
             &format!("a thousand resets the guest asks for: vmhop run --guest {guest}"),
         );
