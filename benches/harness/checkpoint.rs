@@ -51,7 +51,7 @@ pub fn scenarios() -> Vec<Scenario> {
 
 /// Writes `bytes` bytes of `data` (repeated) into a new file `path`, then
 /// fsyncs it; returns the time from the create to the end of the fsync.
-fn plain_write(path: &Path, bytes: u64, data: &[u8]) -> Result<Duration, BenchError> {
+pub(super) fn plain_write(path: &Path, bytes: u64, data: &[u8]) -> Result<Duration, BenchError> {
     let what = format!(
         "baseline write of {} MiB to {}",
         bytes >> 20,

@@ -15,14 +15,18 @@
 //! - `disk-seq-1m`: `mode=seq-write` and `mode=seq-read` (1 MiB requests,
 //!   one in flight, from block 0 up) with `cache=none`, against `dd bs=1M
 //!   oflag=direct conv=fsync,notrunc` and `dd bs=1M iflag=direct` over a
-//!   second image of the same size. The guest's writes are each durable
-//!   (no FLUSH: written through), dd's only at its closing fsync, so the
-//!   write ratio is the guest's cost at a stricter durability.
+//!   second image of the same size. The writing guest negotiates FLUSH
+//!   and flushes after every pass over its 64 MiB, as dd fsyncs after
+//!   each run of 64 MiB: the same durability on both sides (the run fails
+//!   if the guest flushed nothing).
 //! - `disk-qd32`: `mode=rand-read-qd32` (4 KiB reads at random blocks, 32
 //!   in flight, one notify per batch of completions) with `cache=none`,
 //!   against 32 host threads doing `pread` at random blocks with O_DIRECT
 //!   (the same queue depth) and against one such thread (the issue's
 //!   baseline).
+//! - `checkpoint-disk`: the MiB/s of an incremental checkpoint holding a
+//!   whole 64 MiB disk rewritten since the full one, against a plain
+//!   write + fsync of as many bytes.
 use std::fs::File;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
@@ -36,7 +40,7 @@ use vmhop::memory::layout::DEFAULT_CHUNK_SIZE;
 use vmhop::vmm::config::DiskConfig;
 use vmhop::vmm::{NodeConfig, VmConfig};
 
-use super::fixture::{failed, scratch_dir, BenchVm, GUEST_LIMIT};
+use super::fixture::{failed, mib_per_s, random_bytes, scratch_dir, BenchVm, GUEST_LIMIT};
 use super::{vm_step, wait_until, BenchError, Sample, Scenario};
 
 /// Each image: 64 MiB, every block of it written before the run, so that
@@ -53,7 +57,7 @@ const WARM_REQUESTS: u64 = 200;
 
 /// The scenarios of this module, in the order they run.
 pub fn scenarios() -> Vec<Scenario> {
-    vec![disk_qd1(), disk_seq_1m(), disk_qd32()]
+    vec![disk_qd1(), disk_seq_1m(), disk_qd32(), checkpoint_disk()]
 }
 
 /// A file of `IMAGE_BYTES` with every block written (data, not a hole or
@@ -71,14 +75,9 @@ fn image(dir: &Path, name: &str) -> Result<std::path::PathBuf, BenchError> {
     Ok(p)
 }
 
-/// Requests per second of `builtin:disk` (1 vCPU: only the disk works) on
-/// `image` with `cache`, in `mode`.
-fn guest_rate(
-    image: &Path,
-    cache: &str,
-    mode: DiskMode,
-    window: Duration,
-) -> Result<f64, BenchError> {
+/// Boots `builtin:disk` (1 vCPU: only the disk works) on `image` with
+/// `cache`, in `mode`.
+fn boot_disk(image: &Path, cache: &str, mode: DiskMode) -> Result<BenchVm, BenchError> {
     let disk = DiskConfig::parse(&format!("path={},cache={cache}", image.display()), "disk0")
         .map_err(failed("the bench's --disk"))?;
     let config = VmConfig {
@@ -101,17 +100,31 @@ fn guest_rate(
         nets: Vec::new(),
         vsock: None,
     };
-    let vm = vmhop::service::build::boot(config, &Console::Stdout, false, &Default::default())
+    vmhop::service::build::boot(config, &Console::Stdout, false, &Default::default())
         .map(|m| BenchVm::new(m.vm))
         .map_err(vm_step(format!(
             "booting builtin:disk,mode={} with cache={cache}",
             mode.name()
-        )))?;
-    let requests = || {
-        vm.memory()
-            .read_u64(DISK_CONTROL_ADDR + ctl::REQUESTS)
-            .unwrap_or(0)
-    };
+        )))
+}
+
+/// Requests the disk guest of `vm` completed so far.
+fn requests(vm: &BenchVm) -> u64 {
+    vm.memory()
+        .read_u64(DISK_CONTROL_ADDR + ctl::REQUESTS)
+        .unwrap_or(0)
+}
+
+/// Requests per second of `builtin:disk` (1 vCPU: only the disk works) on
+/// `image` with `cache`, in `mode`.
+fn guest_rate(
+    image: &Path,
+    cache: &str,
+    mode: DiskMode,
+    window: Duration,
+) -> Result<f64, BenchError> {
+    let vm = boot_disk(image, cache, mode)?;
+    let requests = || requests(&vm);
     if !wait_until(GUEST_LIMIT, || {
         requests() >= WARM_REQUESTS || vm.guest_stop_reason().is_some()
     }) {
@@ -135,6 +148,16 @@ fn guest_rate(
         return Err(BenchError::Failed(format!(
             "builtin:disk saw {errors} failed or bad requests"
         )));
+    }
+    let flushes = vm
+        .memory()
+        .read_u64(DISK_CONTROL_ADDR + ctl::FLUSHES)
+        .unwrap_or(0);
+    if mode == DiskMode::SeqWrite && flushes == 0 {
+        return Err(BenchError::Failed(
+            "builtin:disk,mode=seq-write flushed nothing: its writes were never made durable"
+                .into(),
+        ));
     }
     Ok((n1 - n0) as f64 / (t1 - t0).as_secs_f64())
 }
@@ -258,7 +281,7 @@ fn dd_rate(image: &Path, write: bool, window: Duration) -> Result<f64, BenchErro
 pub fn disk_seq_1m() -> Scenario {
     Scenario::new(
         "disk-seq-1m",
-        "builtin:disk sequential 1 MiB writes (mode=seq-write; each written through, no FLUSH negotiated) and reads (mode=seq-read), one in flight, over a 64 MiB preallocated image, cache=none; baseline: dd bs=1M oflag=direct conv=fsync,notrunc / iflag=direct over a second such image",
+        "builtin:disk sequential 1 MiB writes (mode=seq-write; FLUSH negotiated, one FLUSH after every pass over the 64 MiB) and reads (mode=seq-read), one in flight, over a 64 MiB preallocated image, cache=none; baseline: dd bs=1M oflag=direct conv=fsync,notrunc / iflag=direct over a second such image",
         |ctx| {
             let window = ctx.window(WINDOW);
             let dir = scratch_dir()?;
@@ -369,3 +392,91 @@ pub fn disk_qd32() -> Scenario {
 
 /// Host threads of the QD32 baseline: one per request in flight.
 const QD32_THREADS: usize = 32;
+
+/// Requests per pass of `mode=seq-write` over an image of [`IMAGE_BYTES`].
+const SEQ_PASS: u64 = IMAGE_BYTES / SEQ_REQUEST_BYTES;
+
+/// `checkpoint-disk`: the rate at which a checkpoint writes a disk's
+/// blocks. `builtin:disk,mode=seq-write` (cache=none) on a 64 MiB image: a
+/// full checkpoint (which switches the disk to an overlay and copies no
+/// block), the guest rewrites its whole disk once more, then an
+/// incremental checkpoint of the VM paused (so that nothing is rewritten
+/// meanwhile and each block is written once): its MiB/s (bytes written
+/// over the whole call, timed here, the fsyncs included) against a plain buffered
+/// write + fsync of as many bytes of random data into a fresh file of the
+/// same directory.
+pub fn checkpoint_disk() -> Scenario {
+    Scenario::new(
+        "checkpoint-disk",
+        "incremental checkpoint of a paused builtin:disk VM (mode=seq-write, cache=none, 64 MiB image, 64 MiB VM) whose guest rewrote its whole disk since the full checkpoint: MiB/s (its bytes over its total time) and disk blocks stored; baseline: plain buffered write + fsync of the same byte count of random data into a fresh file of the same dir",
+        |ctx| {
+            let dir = scratch_dir()?;
+            let img = image(dir.path(), "guest.img")?;
+            let ck_dir = dir.path().join("checkpoints");
+            let vm = boot_disk(&img, "none", DiskMode::SeqWrite)?;
+            let take = |full: bool| {
+                let req = vmhop::checkpoint::create::CheckpointRequest {
+                    dir: ck_dir.clone(),
+                    full,
+                    stop_after: false,
+                };
+                let mut chain = vm.chain.lock().unwrap_or_else(|e| e.into_inner());
+                vmhop::checkpoint::create::checkpoint(&vm, &mut chain, &req).map_err(failed(
+                    format!("{} checkpoint into {}", if full { "full" } else { "incremental" }, ck_dir.display()),
+                ))
+            };
+            let full = take(true)?;
+            // A whole pass written after the full checkpoint: every block
+            // of the disk is in the incremental.
+            let goal = requests(&vm) + SEQ_PASS + 1;
+            if !wait_until(GUEST_LIMIT, || {
+                requests(&vm) >= goal || vm.guest_stop_reason().is_some()
+            }) {
+                return Err(BenchError::Failed(format!(
+                    "builtin:disk did not rewrite its disk within {GUEST_LIMIT:?}"
+                )));
+            }
+            super::fixture::check_alive(&vm)?;
+            let p = vm.pause().map_err(vm_step("pausing the disk VM"))?;
+            super::fixture::sync_disks();
+            let (r, wall) = super::fixture::timed(|| take(false));
+            vm.resume(p).map_err(vm_step("resuming the disk VM"))?;
+            let r = r?;
+            drop(vm);
+            let blocks_per_pass = IMAGE_BYTES / BLOCK_BYTES;
+            if r.disk_blocks < blocks_per_pass {
+                return Err(BenchError::Failed(format!(
+                    "the incremental stored {} disk blocks, not the {blocks_per_pass} the guest rewrote (full: {})",
+                    r.disk_blocks, full.disk_blocks
+                )));
+            }
+            let data = random_bytes(4 << 20, 0xd15c_0000 + ctx.run as u64);
+            let plain = super::checkpoint::plain_write(
+                &dir.path().join("plain-write"),
+                r.bytes_written,
+                &data,
+            )?;
+            Ok(vec![
+                Sample::new("write rate", "MiB/s", mib_per_s(r.bytes_written, wall))
+                    .vs(mib_per_s(r.bytes_written, plain)),
+                Sample::new("total (the call, fsyncs included)", "ms", super::fixture::ms(wall))
+                    .vs(super::fixture::ms(plain)),
+                Sample::new(
+                    "disk blocks stored",
+                    "MiB",
+                    (r.disk_blocks * BLOCK_BYTES) as f64 / (1u64 << 20) as f64,
+                ),
+                Sample::new(
+                    "checkpoint file",
+                    "MiB",
+                    r.bytes_written as f64 / (1u64 << 20) as f64,
+                ),
+                Sample::new("pause", "µs", r.downtime_us as f64),
+                Sample::new("phase: pre-copy", "ms", r.phases.precopy_ms),
+                Sample::new("phase: pause", "ms", r.phases.pause_ms),
+                Sample::new("phase: write protected blocks", "ms", r.phases.drain_ms),
+                Sample::new("phase: complete (staged pages, fsync)", "ms", r.phases.complete_ms),
+            ])
+        },
+    )
+}
