@@ -799,6 +799,12 @@ fn the_benchmark_modes_run_and_verify_and_seq_write_s_blocks_are_checked() {
     vm.cli_ok(&["pause"]);
     let d = assert_disk_verifies(&vm, "seq-write, paused");
     assert_eq!(field(&d, "blocks_written"), blocks, "{d}");
+    // It negotiated FLUSH and flushed after each whole pass.
+    assert!(field(&d, "flushes") >= 1, "{d}");
+    assert!(
+        field(&d, "flushes") <= field(&d, "writes") / (blocks / 256),
+        "one FLUSH a pass at most: {d}"
+    );
     let tagged = tagged_blocks(&img);
     assert_eq!(
         tagged.len() as u64,

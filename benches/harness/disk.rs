@@ -15,9 +15,10 @@
 //! - `disk-seq-1m`: `mode=seq-write` and `mode=seq-read` (1 MiB requests,
 //!   one in flight, from block 0 up) with `cache=none`, against `dd bs=1M
 //!   oflag=direct conv=fsync,notrunc` and `dd bs=1M iflag=direct` over a
-//!   second image of the same size. The guest's writes are each durable
-//!   (no FLUSH: written through), dd's only at its closing fsync, so the
-//!   write ratio is the guest's cost at a stricter durability.
+//!   second image of the same size. The writing guest negotiates FLUSH
+//!   and flushes after every pass over its 64 MiB, as dd fsyncs after
+//!   each run of 64 MiB: the same durability on both sides (the run fails
+//!   if the guest flushed nothing).
 //! - `disk-qd32`: `mode=rand-read-qd32` (4 KiB reads at random blocks, 32
 //!   in flight, one notify per batch of completions) with `cache=none`,
 //!   against 32 host threads doing `pread` at random blocks with O_DIRECT
@@ -170,6 +171,16 @@ fn guest_rate(
     std::thread::sleep(window);
     let (n1, t1) = (requests(), Instant::now());
     check_disk_guest(&vm)?;
+    let flushes = vm
+        .memory()
+        .read_u64(DISK_CONTROL_ADDR + ctl::FLUSHES)
+        .unwrap_or(0);
+    if mode == DiskMode::SeqWrite && flushes == 0 {
+        return Err(BenchError::Failed(
+            "builtin:disk,mode=seq-write flushed nothing: its writes were never made durable"
+                .into(),
+        ));
+    }
     Ok((n1 - n0) as f64 / (t1 - t0).as_secs_f64())
 }
 

@@ -249,6 +249,10 @@ pub struct DiskVerifyReport {
     pub writes: u64,
     /// Read-backs completed OK.
     pub reads: u64,
+    /// FLUSH requests completed OK (`mode=seq-write`: one per pass over
+    /// its blocks; the other modes negotiate no FLUSH).
+    #[serde(default)]
+    pub flushes: u64,
     /// Requests the device answered with an error status.
     pub io_errors: u64,
     /// Blocks the guest read back otherwise than it wrote them.

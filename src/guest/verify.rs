@@ -207,6 +207,7 @@ fn check_disk(memory: &GuestMemory, w: &mut Walk, disk: ReadDisk<'_>) {
         requests,
         writes,
         reads,
+        flushes: c(ctl::FLUSHES).unwrap_or(0),
         io_errors: ioerrs,
         guest_errors: errors,
         in_flight_block: (in_tag != 0).then_some(in_block),

@@ -81,6 +81,8 @@ pub mod ctl {
     /// Blocks the write in flight covers from INFLIGHT_BLOCK (0 reads as
     /// 1: the mixed mode writes one block at a time and leaves it 0).
     pub const INFLIGHT_COUNT: u64 = 216;
+    /// FLUSH requests completed OK (`seq-write`: one per pass).
+    pub const FLUSHES: u64 = 224;
     /// Per read slot (16 bytes each): the block it holds and that block's
     /// tag, once the guest found it as the table says (tag 0: being read,
     /// a block never written, or one that did not match).
@@ -276,6 +278,7 @@ const F_WRITE: u32 = 2;
 /// virtio-blk request types.
 const T_IN: u32 = 0;
 const T_OUT: u32 = 1;
+const T_FLUSH: u32 = virtio_bindings::virtio_blk::VIRTIO_BLK_T_FLUSH;
 /// Polls of the used ring between two looks at the Status register
 /// (an MMIO exit), so a device that gave up does not leave the guest
 /// spinning forever unseen.
@@ -351,7 +354,14 @@ pub fn program_for(base: u64, ctl_addr: u64, mode: DiskMode) -> Result<Vec<u8>, 
     a.mov(mmio(reg::VIRTIO_MMIO_DRIVER_FEATURES_SEL), 1)?;
     a.mov(mmio(reg::VIRTIO_MMIO_DRIVER_FEATURES), 1)?;
     a.mov(mmio(reg::VIRTIO_MMIO_DRIVER_FEATURES_SEL), 0)?;
-    a.mov(mmio(reg::VIRTIO_MMIO_DRIVER_FEATURES), 0)?;
+    // seq-write takes the write cache (FLUSH): its writes need not be
+    // durable one by one, and it flushes after every pass, as `dd
+    // conv=fsync` does after each run. The other modes write through.
+    let low_features = match mode {
+        DiskMode::SeqWrite => 1u32 << virtio_bindings::virtio_blk::VIRTIO_BLK_F_FLUSH,
+        _ => 0,
+    };
+    a.mov(mmio(reg::VIRTIO_MMIO_DRIVER_FEATURES), low_features)?;
     a.mov(
         mmio(reg::VIRTIO_MMIO_STATUS),
         S_ACK | S_DRIVER | S_FEATURES_OK,
@@ -862,8 +872,9 @@ fn qd_read_loop(a: &mut CodeAssembler, needs_reset: CodeLabel) -> Result<(), Ice
 /// each of its 256 blocks as the mixed mode fills one (header and pattern,
 /// one tag for the request), is recorded in flight over its 256 blocks
 /// before it goes out, and in the table once it completed, so `verify`
-/// checks the disk as it does the mixed mode's. Reads check the status
-/// byte only.
+/// checks the disk as it does the mixed mode's; after each pass over the
+/// blocks a FLUSH (descriptors 3 → 4: its header, its status byte) makes
+/// the pass durable. Reads check the status byte only.
 fn seq_loop(a: &mut CodeAssembler, needs_reset: CodeLabel, write: bool) -> Result<(), IcedError> {
     let mut top = a.create_label();
     let mut fill_block = a.create_label();
@@ -899,6 +910,22 @@ fn seq_loop(a: &mut CodeAssembler, needs_reset: CodeLabel, write: bool) -> Resul
         if write { T_OUT } else { T_IN },
     )?;
     a.mov(dword_ptr(r13 + (bench::HEADERS + 4) as i32), 0)?;
+    if write {
+        // The FLUSH after each pass: header 1 → status byte 1.
+        a.lea(rax, qword_ptr(r13 + (bench::HEADERS + 16) as i32))?;
+        a.mov(qword_ptr(r13 + (bench::DESC + 48) as i32), rax)?;
+        a.mov(dword_ptr(r13 + (bench::DESC + 56) as i32), 16)?;
+        a.mov(word_ptr(r13 + (bench::DESC + 60) as i32), F_NEXT)?;
+        a.mov(word_ptr(r13 + (bench::DESC + 62) as i32), 4)?;
+        a.lea(rax, qword_ptr(r13 + (bench::STATUS + 1) as i32))?;
+        a.mov(qword_ptr(r13 + (bench::DESC + 64) as i32), rax)?;
+        a.mov(dword_ptr(r13 + (bench::DESC + 72) as i32), 1)?;
+        a.mov(word_ptr(r13 + (bench::DESC + 76) as i32), F_WRITE)?;
+        a.mov(word_ptr(r13 + (bench::DESC + 78) as i32), 0)?;
+        a.mov(dword_ptr(r13 + (bench::HEADERS + 16) as i32), T_FLUSH)?;
+        a.mov(dword_ptr(r13 + (bench::HEADERS + 20) as i32), 0)?;
+        a.mov(qword_ptr(r13 + (bench::HEADERS + 24) as i32), 0)?;
+    }
     // r9: the request's first block.
     a.xor(r9d, r9d)?;
 
@@ -987,6 +1014,27 @@ fn seq_loop(a: &mut CodeAssembler, needs_reset: CodeLabel, write: bool) -> Resul
     a.cmp(r9, r15)?;
     a.jb(wrapped)?;
     a.xor(r9d, r9d)?;
+    if write {
+        let mut flushed = a.create_label();
+        a.mov(byte_ptr(r13 + (bench::STATUS + 1) as i32), 0xff)?;
+        a.movzx(eax, word_ptr(r13 + (bench::AVAIL + 2) as i32))?;
+        a.mov(ecx, eax)?;
+        a.and(ecx, (BENCH_QUEUE_SIZE - 1) as u32)?;
+        a.mov(word_ptr(r13 + rcx * 2 + (bench::AVAIL + 4) as i32), 3)?;
+        a.inc(eax)?;
+        a.mov(word_ptr(r13 + (bench::AVAIL + 2) as i32), ax)?;
+        a.mov(r10d, eax)?;
+        notify(a)?;
+        wait_used(a, needs_reset, true, r10w)?;
+        a.xor(edx, edx)?;
+        a.movzx(eax, byte_ptr(r13 + (bench::STATUS + 1) as i32))?;
+        a.test(eax, eax)?;
+        a.jz(flushed)?;
+        count_ioerr(a, true)?;
+        a.jmp(wrapped)?;
+        a.set_label(&mut flushed)?;
+        a.inc(qword_ptr(rbp + ctl::FLUSHES as i32))?;
+    }
     a.set_label(&mut wrapped)?;
     a.mov(r8d, 1)?;
     pace(a, r8, top)
