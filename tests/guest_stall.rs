@@ -111,3 +111,35 @@ fn a_numa_moves_report_gives_the_stall_the_guest_felt_at_least_its_pause() {
         "{felt} µs felt, {downtime} µs paused: {r}"
     );
 }
+
+/// A pause that saves the vCPUs' state (a checkpoint's) ends a paced
+/// vCPU's hold early, so the guest runs on before the hold PACE reported:
+/// it is ahead of its pace, and no stall. The guest once took the
+/// negative gap for an enormous one (u64 wrap-around: 7.1e12 µs).
+#[test]
+fn a_hold_ended_early_by_a_pause_is_no_stall_at_all() {
+    // 50 pages/s per vCPU: every page is followed by a 20 ms hold, so each
+    // checkpoint's pause lands in one and ends it.
+    let vm = Vm::start(&[
+        "--guest",
+        "builtin:dirty,rate=100",
+        "--memory",
+        "64M",
+        "--vcpus",
+        "2",
+    ]);
+    let p = vm.progress();
+    vm.wait_progress_above(p, PROGRESS_WAIT);
+    let ck = tempfile::tempdir().expect("tempdir");
+    for _ in 0..5 {
+        vm.cli_ok(&["checkpoint", "--dir", ck.path().to_str().expect("utf-8")]);
+        let p = vm.progress();
+        vm.wait_progress_above(p, PROGRESS_WAIT);
+    }
+    let felt = stall(&vm);
+    assert!(
+        felt < 10_000_000,
+        "the guest reports a {felt} µs stall after five checkpoints that each paused it for \
+         milliseconds"
+    );
+}

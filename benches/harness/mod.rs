@@ -80,6 +80,10 @@ pub struct Sample {
     pub value: f64,
     /// The baseline of this run, if the metric has one.
     pub baseline: Option<f64>,
+    /// Show every run's value (and baseline) under the table, not only the
+    /// median and range: for a figure judged run by run (a guest's longest
+    /// stall, "within 1 ms in k of N runs").
+    pub per_run: bool,
 }
 
 impl Sample {
@@ -90,12 +94,19 @@ impl Sample {
             unit,
             value,
             baseline: None,
+            per_run: false,
         }
     }
 
     /// The same sample compared to `baseline`.
     pub fn vs(mut self, baseline: f64) -> Sample {
         self.baseline = Some(baseline);
+        self
+    }
+
+    /// The same sample, listed run by run under the table.
+    pub fn per_run(mut self) -> Sample {
+        self.per_run = true;
         self
     }
 }
@@ -200,6 +211,8 @@ pub struct MetricResult {
     /// Sum of the per-run values: for a yes/no metric (unit [`YES_1`]),
     /// the number of runs in which it held.
     pub sum: f64,
+    /// Whether the table lists every run's value (see [`Sample::per_run`]).
+    pub per_run: bool,
 }
 
 /// The unit of a yes/no metric: 1 in a run where it held, 0 where not.
@@ -536,6 +549,7 @@ struct Series {
     values: Vec<f64>,
     baselines: Vec<f64>,
     ratios: Vec<f64>,
+    per_run: bool,
 }
 
 impl Series {
@@ -554,6 +568,7 @@ impl Series {
             values: self.values.clone(),
             baselines: self.baselines.clone(),
             sum: self.values.iter().sum(),
+            per_run: self.per_run,
         }
     }
 }
@@ -690,6 +705,7 @@ fn run_scenario(s: &mut Scenario, opts: &Options, gib: u64) -> (Vec<Series>, Opt
                                 values: Vec::new(),
                                 baselines: Vec::new(),
                                 ratios: Vec::new(),
+                                per_run: x.per_run,
                             });
                             series.len() - 1
                         }
@@ -826,6 +842,7 @@ pub fn render_table(r: &Report) -> String {
             );
         }
     }
+    out.push_str(&render_per_run(r, &scenario));
     for f in &r.failures {
         let _ = writeln!(
             out,
@@ -840,6 +857,65 @@ pub fn render_table(r: &Report) -> String {
         "total {:.1} s, load average {:.2} at end, host stalls {}",
         r.elapsed_s, r.load_end, r.stalls_end
     );
+    out
+}
+
+/// The metrics marked [`Sample::per_run`], run by run: one block per
+/// scenario (and size), one line per run, one column per metric (its
+/// baseline beside it in brackets), then each yes/no metric's count.
+fn render_per_run(r: &Report, scenario: &dyn Fn(&str, u64) -> String) -> String {
+    let mut out = String::new();
+    let mut blocks: Vec<(String, Vec<&MetricResult>)> = Vec::new();
+    for m in r.results.iter().filter(|m| m.per_run) {
+        let name = scenario(&m.scenario, m.memory_gib);
+        match blocks.iter_mut().find(|b| b.0 == name) {
+            Some(b) => b.1.push(m),
+            None => blocks.push((name, vec![m])),
+        }
+    }
+    for (name, metrics) in blocks {
+        let head: Vec<String> = metrics
+            .iter()
+            .map(|m| match m.baseline_median {
+                Some(_) => format!("{} [baseline] {}", m.metric, m.unit),
+                None => format!("{} {}", m.metric, m.unit),
+            })
+            .collect();
+        let _ = writeln!(out, "\n{name}, run by run: {}", head.join(" | "));
+        let runs = metrics.iter().map(|m| m.values.len()).max().unwrap_or(0);
+        for i in 0..runs {
+            let cells: Vec<String> = metrics
+                .iter()
+                .map(|m| {
+                    let v = m.values.get(i).copied().unwrap_or(f64::NAN);
+                    let v = if m.unit == YES_1 {
+                        if v >= 1.0 {
+                            "yes".into()
+                        } else {
+                            "no".into()
+                        }
+                    } else {
+                        fmt_num(v)
+                    };
+                    match m.baselines.get(i) {
+                        Some(b) => format!("{v} [{}]", fmt_num(*b)),
+                        None => v,
+                    }
+                })
+                .collect();
+            let _ = writeln!(out, "  run {:>2}: {}", i + 1, cells.join(" | "));
+        }
+        for m in metrics.iter().filter(|m| m.unit == YES_1) {
+            let n = m.values.len();
+            let _ = writeln!(
+                out,
+                "  {}: {}/{n} runs ({:.0} %)",
+                m.metric,
+                m.sum,
+                100.0 * m.sum / n.max(1) as f64
+            );
+        }
+    }
     out
 }
 
@@ -924,6 +1000,7 @@ mod checks {
             values: vec![10.0, 30.0, 20.0],
             baselines: vec![5.0, 10.0, 20.0],
             ratios: vec![2.0, 3.0, 1.0],
+            per_run: false,
         };
         let r = s.result();
         assert_eq!((r.median, r.min, r.max), (20.0, 10.0, 30.0));

@@ -23,7 +23,34 @@ use super::fixture::{
     boot, check_alive, dirty_guest, failed, fill_working_set, flag, ms, pause_baseline, timed, us,
     vm_bytes, warm_up, wss_bytes, BenchVm, PACED_RATE,
 };
-use super::{median, BenchError, RunCtx, Sample, Scenario, YES_1};
+use super::{median, BenchError, RunCtx, Sample, Scenario, Stalls, YES_1};
+
+/// Longest quiet window the guest-stall baseline waits through (the move's
+/// own length, up to this).
+const MAX_QUIET_WINDOW: Duration = Duration::from_secs(10);
+
+/// What the host did around one move: its stall rate just before it (a
+/// spinning thread per CPU, as the header's probe), and the guest's
+/// longest stall over a window as long as the move right after it, with
+/// nothing moving: the floor the host itself sets, which no design of the
+/// move goes below.
+struct Surroundings {
+    host: Stalls,
+    quiet_stall_us: Option<u64>,
+}
+
+/// Probes the host (before the move).
+fn probe_host(ctx: &RunCtx) -> Stalls {
+    Stalls::probe(ctx.window(super::STALL_PROBE))
+}
+
+/// The guest's longest stall over `len` (at most [`MAX_QUIET_WINDOW`])
+/// with nothing moving.
+fn quiet_stall(vm: &BenchVm, len: Duration) -> Option<u64> {
+    vmhop::guest::reset_longest_stall(vm);
+    std::thread::sleep(len.min(MAX_QUIET_WINDOW));
+    vmhop::guest::longest_stall_us(vm)
+}
 
 /// The scenarios of this module, in the order they run.
 pub fn scenarios() -> Vec<Scenario> {
@@ -142,6 +169,7 @@ fn stop_copy() -> Scenario {
                 let vm = boot_for(ctx, Guest::Paced)?;
                 migrate(&vm, Mode::StopCopy)?
             };
+            let host = probe_host(ctx);
             let base = match before {
                 Some(b) => b,
                 None => memcpy_baseline(len, node)?,
@@ -152,7 +180,7 @@ fn stop_copy() -> Scenario {
                 Sample::new("total", "ms", r.total_ms),
                 Sample::new("pages moved", "pages", r.pages_moved as f64),
             ];
-            out.extend(guest_stall(&r));
+            out.extend(guest_stall(&r, &Surroundings { host, quiet_stall_us: None }));
             out.extend(
                 super::fixture::pause_phases("pause: ", &r.longest_pause)
                     .into_iter()
@@ -168,9 +196,17 @@ fn live(name: &'static str, about: &'static str, guest: Guest) -> Scenario {
     Scenario::new(name, about, move |ctx: &RunCtx| {
         let vm = boot_for(ctx, guest)?;
         let rtt = pause_baseline(ctx, &vm)?;
+        let host = probe_host(ctx);
         let r = migrate(&vm, Mode::Live)?;
+        let quiet_stall_us = quiet_stall(&vm, Duration::from_secs_f64(r.total_ms / 1e3));
         drop(vm);
-        let mut out = guest_stall(&r);
+        let mut out = guest_stall(
+            &r,
+            &Surroundings {
+                host,
+                quiet_stall_us,
+            },
+        );
         out.extend([
             Sample::new("longest pause", "µs", r.downtime_us as f64).vs(rtt),
             Sample::new("all pauses", "µs", r.paused_total_us as f64),
@@ -200,15 +236,32 @@ fn live(name: &'static str, about: &'static str, guest: Guest) -> Scenario {
 }
 
 /// The guest's longest stall during a move (builtin:dirty guests only),
-/// and whether it was within 1 ms: the figure that compares the modes.
-fn guest_stall(r: &NumaMigrateReport) -> Vec<Sample> {
-    match r.guest_stall_us {
-        Some(s) => vec![
-            Sample::new("guest's longest stall", "µs", s as f64),
-            Sample::new("guest's stall within 1 ms", YES_1, flag(s <= 1000)),
-        ],
-        None => Vec::new(),
+/// against the quiet window's where there is one, and whether it was
+/// within 1 ms: the figure that compares the modes; then the host's stall
+/// rate around it. All listed run by run under the table.
+fn guest_stall(r: &NumaMigrateReport, around: &Surroundings) -> Vec<Sample> {
+    let mut out = Vec::new();
+    if let Some(s) = r.guest_stall_us {
+        let felt = Sample::new("guest's longest stall", "µs", s as f64).per_run();
+        out.push(match around.quiet_stall_us {
+            Some(q) => felt.vs(q as f64),
+            None => felt,
+        });
+        out.push(Sample::new("guest's stall within 1 ms", YES_1, flag(s <= 1000)).per_run());
     }
+    if let Some(q) = around.quiet_stall_us {
+        out.push(Sample::new("quiet window's stall within 1 ms", YES_1, flag(q <= 1000)).per_run());
+    }
+    out.push(
+        Sample::new(
+            "host stalls over 1 ms",
+            "/s per CPU",
+            around.host.over_1ms_per_s,
+        )
+        .per_run(),
+    );
+    out.push(Sample::new("host's longest stall", "µs", around.host.longest_us).per_run());
+    out
 }
 
 /// What the move_pages baseline measured.
@@ -254,14 +307,17 @@ fn kernel() -> Scenario {
             let node = vmhop::host::topology::current_node();
             let base_first = ctx.run.is_multiple_of(2);
             let before = if base_first { Some(move_pages_baseline(len, node)?) } else { None };
-            let (r, query) = {
+            let (r, query, around) = {
                 let vm = boot_for(ctx, Guest::Paced)?;
+                let host = probe_host(ctx);
                 let r = migrate(&vm, Mode::Kernel)?;
+                let quiet_stall_us =
+                    quiet_stall(&vm, Duration::from_secs_f64(r.total_ms / 1e3));
                 // numa_migrate queries placement before and after; time one
                 // such query to separate the move from the bookkeeping.
                 let (q, d) = timed(|| placement_of(&vm, &[0], 1));
                 q.map_err(|e| BenchError::Failed(format!("placement query: {e}")))?;
-                (r, d)
+                (r, d, Surroundings { host, quiet_stall_us })
             };
             let base = match before {
                 Some(b) => b,
@@ -270,7 +326,7 @@ fn kernel() -> Scenario {
             let b = r.batches.clone().ok_or_else(|| {
                 BenchError::Failed("kernel-mode numa_migrate reported no batches".into())
             })?;
-            let mut out = guest_stall(&r);
+            let mut out = guest_stall(&r, &around);
             out.extend([
                 Sample::new("total", "ms", r.total_ms).vs(ms(base.total)),
                 Sample::new("total less 2 placement queries", "ms", r.total_ms - 2.0 * ms(query))

@@ -103,6 +103,10 @@ pub fn dirty(base: u64, fault_at: u64) -> Result<Vec<u8>, IcedError> {
     a.mov(rdx, rax)?;
     a.sub(rdx, qword_ptr(rdi + block::LAST_TSC))?;
     a.mov(qword_ptr(rdi + block::LAST_TSC), rax)?;
+    // Before the stamp: PACE returned before the hold it reported (a
+    // command ended its wait early), so the guest is ahead of its pace
+    // and felt no stall. `mov` left the borrow of `sub` in CF.
+    a.jb(no_max)?;
     a.cmp(rdx, qword_ptr(rdi + block::MAX_GAP))?;
     a.jbe(no_max)?;
     a.mov(qword_ptr(rdi + block::MAX_GAP), rdx)?;
