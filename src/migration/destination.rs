@@ -16,7 +16,8 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use super::compress::{decode_pages, DecodeError};
-use super::protocol::{AckKind, Frame, FrameStream, ProtocolError};
+use super::landing::{place, Landing, PrefaultThread};
+use super::protocol::{AckKind, Frame, FrameStream, ProtocolError, Received};
 use super::storage::{relocate, Copies, Placement, StorageError};
 use super::{handshake_as_destination, AuthError, Conn, Listener, Security, TransportError};
 use crate::memory::{GuestMemory, Mapping, MappingError, PAGE_SIZE};
@@ -163,26 +164,7 @@ pub enum ConfigRefused {
     Invalid(#[from] ConfigError),
 }
 
-/// A run of pages the source sent that does not fit the VM's memory.
-#[derive(Debug, thiserror::Error)]
-pub enum PlaceError {
-    /// Unaligned, or so long its length overflows.
-    #[error("a page run at {gpa:#x} of {pages} pages is malformed")]
-    Malformed {
-        /// Its first page.
-        gpa: u64,
-        /// Its page count.
-        pages: u64,
-    },
-    /// Not inside one chunk of guest memory.
-    #[error("pages at {gpa:#x}+{len:#x} lie outside the VM's guest memory")]
-    Outside {
-        /// Its first page.
-        gpa: u64,
-        /// Its length.
-        len: u64,
-    },
-}
+pub use super::landing::PlaceError;
 
 /// Moving the received memory under the new VM's slots failed.
 #[derive(Debug, thiserror::Error)]
@@ -341,20 +323,6 @@ impl Staged {
         Ok(Staged { memory })
     }
 
-    /// The mapping and offset of `pages` pages at `gpa`, within one chunk.
-    fn place(&self, gpa: u64, pages: u64) -> Result<(&Mapping, usize, usize), PlaceError> {
-        let len = pages
-            .checked_mul(PAGE_SIZE)
-            .filter(|_| gpa.is_multiple_of(PAGE_SIZE))
-            .ok_or(PlaceError::Malformed { gpa, pages })?;
-        let c = self
-            .memory
-            .chunk_of(gpa)
-            .filter(|c| gpa.checked_add(len).is_some_and(|e| e <= c.range.end()))
-            .ok_or(PlaceError::Outside { gpa, len })?;
-        Ok((&c.mapping, (gpa - c.range.start) as usize, len as usize))
-    }
-
     /// The mappings in guest-physical order, for the VM to adopt.
     fn into_mappings(self) -> Vec<Mapping> {
         self.memory
@@ -411,8 +379,23 @@ fn receive_one(
     let mut pages = 0u64;
     let mut copies: Option<Copies> = None;
     let mut decoded = Vec::new();
+    // SAFETY: the staged memory outlives the helper (dropped at the end of
+    // this function, before `staged` moves on).
+    let prefault = unsafe { PrefaultThread::start() };
+    // SAFETY: only this thread knows the staged memory's address and no
+    // guest runs on it yet.
+    let mut landing =
+        unsafe { Landing::new(&staged.memory, prefault.as_ref().and_then(|p| p.handle())) };
     loop {
-        let frame = s.read_frame()?;
+        let frame = match s.read_into(&mut landing)? {
+            Received::Placed { count, .. } => {
+                pages += u64::from(count);
+                status.bytes.store(s.bytes_read(), Ordering::Relaxed);
+                status.pages.store(pages, Ordering::Relaxed);
+                continue;
+            }
+            Received::Frame(f) => f,
+        };
         status.bytes.store(s.bytes_read(), Ordering::Relaxed);
         match frame {
             Frame::Pages {
@@ -437,7 +420,7 @@ fn receive_one(
                 count,
                 data,
             } => {
-                let (m, off, len) = staged.place(gpa, count as u64)?;
+                let (m, off, len) = place(&staged.memory, gpa, count as u64)?;
                 // SAFETY: `place` checked the range lies inside the mapping.
                 // Only this thread knows the staged memory's address and no
                 // guest runs on it yet, so nothing else reads or writes it
@@ -455,7 +438,7 @@ fn receive_one(
                 pages += n;
             }
             Frame::Zero { gpa, pages: n } => {
-                let (m, off, len) = staged.place(gpa, n)?;
+                let (m, off, len) = place(&staged.memory, gpa, n)?;
                 m.discard_range(off, len)
                     .map_err(|source| ReceiveFailure::Discard { gpa, source })?;
                 pages += n;
@@ -488,6 +471,8 @@ fn receive_one(
         }
         status.pages.store(pages, Ordering::Relaxed);
     }
+    drop(landing);
+    drop(prefault);
     let done_at = Instant::now();
     let Some(state) = state else {
         return Err(refuse(&mut s, ReceiveFailure::NoState));
