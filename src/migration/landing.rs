@@ -18,8 +18,9 @@
 use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
 use std::thread::JoinHandle;
 
+use super::compress::{decode_pages, DecodeError, Encoding};
 use super::protocol::{PageTarget, MAX_PAGES_PER_FRAME};
-use crate::memory::{GuestMemory, Mapping, PAGE_SIZE};
+use crate::memory::{GuestMemory, Mapping, MappingError, PAGE_SIZE};
 
 /// Ranges waiting for the helper: a few frames' worth. A hint that does
 /// not fit is dropped (the receiver faults those pages itself).
@@ -175,6 +176,32 @@ impl Prefaulter {
     }
 }
 
+/// A frame's pages that could not be put into guest memory.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    /// The run does not fit the VM's memory.
+    #[error(transparent)]
+    Place(#[from] PlaceError),
+    /// A `Pages` frame's data does not decode.
+    #[error("pages at {gpa:#x}: {source}")]
+    Decode {
+        /// Its first page.
+        gpa: u64,
+        /// The decoder's error.
+        #[source]
+        source: DecodeError,
+    },
+    /// Zero pages could not be dropped.
+    #[error("zero pages at {gpa:#x}: {source}")]
+    Discard {
+        /// Their first page.
+        gpa: u64,
+        /// madvise's error.
+        #[source]
+        source: MappingError,
+    },
+}
+
 /// Received memory as a [`PageTarget`]: raw pages land at their address.
 pub struct Landing<'a> {
     memory: &'a GuestMemory,
@@ -196,6 +223,29 @@ impl<'a> Landing<'a> {
     /// The memory pages land in.
     pub fn memory(&self) -> &GuestMemory {
         self.memory
+    }
+
+    /// Decodes a compressed (or raw, if the reader did not place it)
+    /// `pages` frame into guest memory.
+    pub fn decode(
+        &mut self,
+        gpa: u64,
+        encoding: Encoding,
+        count: u32,
+        data: &[u8],
+    ) -> Result<(), ApplyError> {
+        let (m, off, len) = place(self.memory, gpa, u64::from(count))?;
+        // SAFETY: `place` checked the range lies inside the mapping;
+        // `Landing::new`'s caller guarantees nobody else touches it now.
+        let dst = unsafe { std::slice::from_raw_parts_mut(m.as_ptr().add(off), len) };
+        decode_pages(encoding, data, dst).map_err(|source| ApplyError::Decode { gpa, source })
+    }
+
+    /// A `zero` frame: the pages go back to the zero they started as.
+    pub fn zero(&mut self, gpa: u64, pages: u64) -> Result<(), ApplyError> {
+        let (m, off, len) = place(self.memory, gpa, pages)?;
+        m.discard_range(off, len)
+            .map_err(|source| ApplyError::Discard { gpa, source })
     }
 }
 

@@ -21,7 +21,7 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
-use super::address::{Conn, ShutdownHandle};
+use super::address::Conn;
 use super::compress::{encode_pages, Compression, Encoding};
 use super::protocol::{Frame, FrameStream, ProtocolError, MAX_PAGES_PER_FRAME};
 use crate::memory::{VolatileSlice, PAGE_SIZE};
@@ -234,17 +234,13 @@ pub enum LaneError {
 pub struct Round {
     queue: Arc<Queue>,
     lanes: Vec<(u32, JoinHandle<LaneEnd>)>,
-    /// Cuts every connection, to stop the other lanes when one fails.
-    cut: Arc<Vec<ShutdownHandle>>,
 }
 
 impl Round {
     /// Starts a lane on each of `streams` (connection `i` at index `i`).
-    /// `cut` shuts every connection down.
     pub fn start(
         streams: Vec<Stream>,
         compression: Compression,
-        cut: Arc<Vec<ShutdownHandle>>,
     ) -> Result<Round, (LaneError, Vec<Stream>)> {
         let queue = Arc::new(Queue {
             state: Mutex::new(QueueState {
@@ -258,13 +254,11 @@ impl Round {
         let mut round = Round {
             queue: queue.clone(),
             lanes: Vec::new(),
-            cut,
         };
         let mut streams = streams.into_iter().enumerate();
         while let Some((i, stream)) = streams.next() {
             let index = i as u32;
             let q = queue.clone();
-            let cut = round.cut.clone();
             // The stream comes back through this slot if the thread does
             // not start (spawn drops the closure, and with it the stream).
             let slot = Arc::new(Mutex::new(Some(stream)));
@@ -277,7 +271,7 @@ impl Round {
                         .unwrap_or_else(|e| e.into_inner())
                         .take()
                         .expect("the stream is handed over once");
-                    lane(index, stream, compression, &q, &cut)
+                    lane(index, stream, compression, &q)
                 });
             match spawned {
                 Ok(h) => round.lanes.push((index, h)),
@@ -409,13 +403,7 @@ fn copy_error(e: &ProtocolError) -> ProtocolError {
 
 /// One lane: takes runs from the queue until it is closed and empty, and
 /// sends them on its connection.
-fn lane(
-    index: u32,
-    mut stream: Stream,
-    compression: Compression,
-    q: &Queue,
-    cut: &[ShutdownHandle],
-) -> LaneEnd {
+fn lane(index: u32, mut stream: Stream, compression: Compression, q: &Queue) -> LaneEnd {
     let mut stats = SendStats::default();
     let mut scratch = Scratch::default();
     loop {
@@ -448,14 +436,10 @@ fn lane(
             &mut stats,
         );
         if let Err(e) = sent {
-            {
-                let mut st = q.lock();
-                st.failed.get_or_insert((index, e));
-            }
-            // The other lanes may be blocked writing: cut them loose.
-            for c in cut {
-                c.shutdown();
-            }
+            // The others finish the run they are writing (their
+            // connections are fine) and take no more; connection 0 then
+            // tells the destination why the source gives up.
+            q.lock().failed.get_or_insert((index, e));
             q.room.notify_all();
             q.work.notify_all();
             break;
@@ -495,11 +479,9 @@ mod tests {
         let session = SessionNonce([3; 32]);
         let mut streams = Vec::new();
         let mut readers = Vec::new();
-        let mut cut = Vec::new();
         for _ in 0..lanes {
             let (a, b) = UnixStream::pair().unwrap();
             let a: Box<dyn Conn> = Box::new(a);
-            cut.push(a.shutdown_handle().unwrap());
             streams.push(FrameStream::bound(a, &Binding::checksummed(&session)));
             readers.push(std::thread::spawn(move || {
                 let mut r = FrameReader::new(b, &session);
@@ -513,7 +495,7 @@ mod tests {
                 }
             }));
         }
-        let round = Round::start(streams, Compression::None, Arc::new(cut))
+        let round = Round::start(streams, Compression::None)
             .map_err(|(e, _)| e)
             .unwrap();
         let v = VolatileSlice::from(&mut mem[..]);

@@ -21,6 +21,7 @@ pub mod compress;
 pub mod destination;
 #[cfg(test)]
 mod fuzz;
+pub mod gather;
 pub mod landing;
 pub mod lanes;
 pub mod noise;

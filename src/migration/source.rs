@@ -95,6 +95,7 @@ pub fn validate(
     let to: Address = req.to.parse().map_err(ApiError::bad_request)?;
     let budget = req.max_downtime()?;
     let timeout = req.timeout()?;
+    req.connections()?;
     let auth = req.auth();
     let security = super::security_from(&auth)?;
     check_policy(&to, &security, auth.insecure).map_err(ApiError::bad_request)?;
@@ -136,6 +137,7 @@ pub fn migrate(
     disks: &Disks,
 ) -> Result<MigrateReport, MigrateError> {
     let (to, budget, timeout, security) = validate(req).map_err(MigrateError::Invalid)?;
+    let connections = req.connections().map_err(MigrateError::Invalid)?;
     if !req.copy_storage {
         if let Some((id, shape)) = disks.first_layered() {
             return Err(MigrateError::Invalid(ApiError::conflict(format!(
@@ -155,7 +157,7 @@ pub fn migrate(
         to: to.clone(),
         security,
         compression: req.compress,
-        connections: 1,
+        connections,
         config,
         streams: Vec::new(),
         round: None,
@@ -167,6 +169,7 @@ pub fn migrate(
         send_time: Duration::ZERO,
         round_start: None,
         round_bytes: 0,
+        failure: None,
         disks: disks.clone(),
         storage: req.copy_storage.then(|| Manifest::of(vm)),
         disk_blocks: 0,
@@ -220,6 +223,7 @@ pub fn migrate(
         dirty_per_round: r.dirty_per_round,
         pause_breakdown: r.pause_breakdown,
         disk_blocks_sent: sink.disk_blocks,
+        connections,
     })
 }
 
@@ -258,14 +262,17 @@ struct StreamSink {
     /// When the pre-copy round being sent began, and its page data so far.
     round_start: Option<Instant>,
     round_bytes: u64,
+    /// What failed first, for the `abort` frame that tells the destination.
+    failure: Option<String>,
 }
 
 impl StreamSink {
-    fn err(&self, message: impl std::fmt::Display) -> SinkError {
+    fn err(&mut self, message: impl std::fmt::Display) -> SinkError {
         let message = match self.flight.cancel.reason() {
             Some(r) => format!("{r} ({message})"),
             None => message.to_string(),
         };
+        self.failure.get_or_insert_with(|| message.clone());
         SinkError {
             sink: "migration stream",
             message,
@@ -459,12 +466,10 @@ impl Sink<Vm> for StreamSink {
         } else {
             if self.round.is_none() {
                 let streams = std::mem::take(&mut self.streams);
-                let round = Round::start(streams, self.compression, self.cut.clone()).map_err(
-                    |(e, streams)| {
-                        self.streams = streams;
-                        e
-                    },
-                );
+                let round = Round::start(streams, self.compression).map_err(|(e, streams)| {
+                    self.streams = streams;
+                    e
+                });
                 let round = round.map_err(|e| self.err(format!("sending to {}: {e}", self.to)))?;
                 self.round = Some(round);
             }
@@ -559,6 +564,7 @@ impl Sink<Vm> for StreamSink {
             .flight
             .cancel
             .reason()
+            .or_else(|| self.failure.take())
             .unwrap_or_else(|| "the source gave up".into());
         if let Some(s) = self.streams.first_mut() {
             let _ = s.get_ref().set_write_timeout(Some(Duration::from_secs(1)));
