@@ -387,6 +387,9 @@ fn unauthenticated_migration_off_the_host_is_refused_unless_insecure() {
         vec!["--max-downtime-ms", "1e300"],
         vec!["--timeout", "-1"],
         vec!["--compress", "gzip"],
+        vec!["--connections", "0"],
+        vec!["--connections", "17"],
+        vec!["--connections", "-1"],
     ] {
         let out = migrate(&src, "unix:/nonexistent", &bad);
         assert_eq!(out.code, Some(2), "{bad:?}: {}", out.describe());
@@ -598,4 +601,189 @@ fn the_destination_answers_as_the_vm_as_soon_as_migrate_returns() {
         vm = dst;
     }
     assert_verifies(&vm, "after five hops");
+}
+
+/// A key file (mode 0600) in `dir`.
+fn key_file(dir: &std::path::Path, key: &str) -> String {
+    let path = dir.join("key");
+    std::fs::write(&path, key).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    path.to_str().unwrap().to_string()
+}
+
+#[test]
+fn a_dirty_guest_migrates_over_two_and_four_connections_and_verifies() {
+    let d = tempfile::tempdir().unwrap();
+    let key = key_file(d.path(), "four connections share one key file");
+    // Two connections over a Unix socket without a key; four over TCP,
+    // each its own Noise channel.
+    for (n, to, auth) in [
+        (
+            2,
+            format!("unix:{}", d.path().join("two.sock").display()),
+            vec![],
+        ),
+        (
+            4,
+            "tcp://127.0.0.1:0".to_string(),
+            vec!["--auth-key-file", &key],
+        ),
+    ] {
+        let dst = destination(&to, &auth);
+        let to = if to.starts_with("tcp") {
+            listening(&dst)
+        } else {
+            to
+        };
+        let src = source("64M", &["--guest", "builtin:dirty,fill=random"]);
+        let before = src.wait_progress_above(0, Duration::from_secs(10));
+        let n_s = n.to_string();
+        let mut extra = vec!["--connections", &n_s];
+        extra.extend_from_slice(&auth);
+        let out = migrate(&src, &to, &extra);
+        let r = assert_migrated(src, &dst, &out);
+        assert_eq!(r["connections"], n, "{r}");
+        assert!(r["rounds"].as_u64().unwrap() >= 2, "{r}");
+        // The random-filled memory crossed as page data, not zero runs.
+        assert!(r["page_bytes"].as_u64().unwrap() > 100 << 20, "{r}");
+        dst.wait_progress_above(before, Duration::from_secs(10));
+        assert_verifies(&dst, &format!("{n} connections, after running on"));
+    }
+}
+
+/// A relay on a Unix socket in front of a destination's: every connection
+/// is forwarded both ways, but the connection accepted `victim`-th (from
+/// 0) is cut after `cut_after` bytes from the source.
+struct CuttingRelay {
+    path: std::path::PathBuf,
+}
+
+impl CuttingRelay {
+    fn start(dir: &std::path::Path, to: &str, victim: usize, cut_after: u64) -> CuttingRelay {
+        let path = dir.join("relay.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let to = std::path::PathBuf::from(&to["unix:".len()..]);
+        thread::spawn(move || {
+            for (k, src) in listener.incoming().enumerate() {
+                let Ok(src) = src else { return };
+                let Ok(dst) = std::os::unix::net::UnixStream::connect(&to) else {
+                    return;
+                };
+                let (src2, dst2) = (src.try_clone().unwrap(), dst.try_clone().unwrap());
+                thread::spawn(move || {
+                    let mut from = dst2;
+                    let mut to = src2;
+                    let _ = std::io::copy(&mut from, &mut to);
+                    let _ = to.shutdown(std::net::Shutdown::Both);
+                });
+                let limit = if k == victim { cut_after } else { u64::MAX };
+                thread::spawn(move || {
+                    let (mut src, mut dst) = (src, dst);
+                    let mut buf = vec![0u8; 1 << 16];
+                    let mut sent = 0u64;
+                    loop {
+                        let n = match std::io::Read::read(&mut src, &mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        let n = n.min((limit - sent) as usize);
+                        if dst.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                        sent += n as u64;
+                        if sent >= limit {
+                            break;
+                        }
+                    }
+                    // Both ends see the link die.
+                    let _ = dst.shutdown(std::net::Shutdown::Both);
+                    let _ = src.shutdown(std::net::Shutdown::Both);
+                });
+            }
+        });
+        CuttingRelay { path }
+    }
+
+    fn addr(&self) -> String {
+        format!("unix:{}", self.path.display())
+    }
+}
+
+#[test]
+fn a_connection_cut_mid_stream_fails_the_migration_and_the_source_runs_on() {
+    let d = tempfile::tempdir().unwrap();
+    let addr = format!("unix:{}", d.path().join("m.sock").display());
+    let dst = destination(&addr, &[]);
+    // Connection 1 of 2 dies 8 MiB into its stream.
+    let relay = CuttingRelay::start(d.path(), &addr, 1, 8 << 20);
+    let src = source("128M", &["--guest", "builtin:dirty,fill=random"]);
+    src.wait_progress_above(0, Duration::from_secs(10));
+    let out = migrate(&src, &relay.addr(), &["--connections", "2"]);
+    assert_eq!(out.code, Some(1), "{}", out.describe());
+    assert!(out.stderr.contains("runs on here"), "{}", out.describe());
+    assert_source_runs_on(&src, "a connection cut");
+    // Nothing of it runs there; the destination waits for another source.
+    let s = dst.status();
+    assert_eq!(s["state"], "incoming", "{s}");
+    let why = s["last_error"].as_str().unwrap_or("");
+    assert!(why.contains("connection 1"), "{s}");
+    let out = migrate(&src, &addr, &["--connections", "2"]);
+    assert_migrated(src, &dst, &out);
+}
+
+#[test]
+fn a_key_mode_connection_of_another_migration_is_refused() {
+    use vmhop::migration::protocol::{Frame, FrameReader, Link};
+    use vmhop::migration::{connect, handshake_as_source_on, Address, Security};
+    let d = tempfile::tempdir().unwrap();
+    let key = key_file(d.path(), "only the right migration's connections");
+    let addr = format!("unix:{}", d.path().join("m.sock").display());
+    let dst = destination(&addr, &["--auth-key-file", &key]);
+    let to: Address = addr.parse().unwrap();
+    let security = Security::psk_from_file(std::path::Path::new(&key)).unwrap();
+    let open = |migration: [u8; 16], index: u32| {
+        let conn = connect(&to, Duration::from_secs(5)).unwrap();
+        let link = Link {
+            migration,
+            index,
+            count: 2,
+        };
+        handshake_as_source_on(conn, &security, &to, link, Duration::from_secs(5))
+            .expect("a source with the key passes the handshake")
+    };
+    // Connection 0 of migration A, then a connection of migration B that
+    // claims to be A's second: it knows the key, its handshake passes,
+    // but the destination refuses it as a stranger.
+    let main = open([0xA; 16], 0);
+    let stranger = open([0xB; 16], 1);
+    stranger
+        .conn
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    // Read only: the destination closes it once it has said why.
+    let binding = stranger.binding;
+    let mut stranger = FrameReader::bound(stranger.conn, &binding);
+    match stranger.read_frame() {
+        Ok(Frame::Error(why)) => assert!(why.contains("another migration"), "{why}"),
+        other => panic!("the stranger was not refused: {other:?}"),
+    }
+    // A's real second connection completes the set; A then goes away
+    // without sending anything, and the destination waits on.
+    let second = open([0xA; 16], 1);
+    drop(second);
+    drop(main);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while dst.status()["last_error"].is_null() {
+        assert!(Instant::now() < deadline, "{}", dst.logs());
+        thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(dst.status()["state"], "incoming");
+    // A real source with the key and two connections gets through.
+    let src = source("32M", &[]);
+    let out = migrate(
+        &src,
+        &addr,
+        &["--auth-key-file", &key, "--connections", "2"],
+    );
+    assert_migrated(src, &dst, &out);
 }

@@ -14,6 +14,8 @@ use super::transfer::PauseBreakdown;
 pub const DEFAULT_MAX_DOWNTIME_MS: f64 = 5.0;
 /// Largest `timeout_s`: a day.
 pub const MAX_TIMEOUT_S: f64 = 86_400.0;
+/// Most connections one migration may open (`--connections`).
+pub const MAX_CONNECTIONS: u32 = 16;
 
 /// What the sender tries on page data (`--compress none|lz4|zstd`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash, Serialize, Deserialize)]
@@ -143,6 +145,10 @@ pub struct MigrateRequest {
     /// shared storage: it writes them to the files its `--disk` names).
     #[serde(default)]
     pub copy_storage: bool,
+    /// Connections to spread the page stream over, 1 to
+    /// [`MAX_CONNECTIONS`] (default 1).
+    #[serde(default)]
+    pub connections: Option<u32>,
 }
 
 impl MigrateRequest {
@@ -163,6 +169,17 @@ impl MigrateRequest {
     pub fn max_downtime(&self) -> Result<Duration, ApiError> {
         let ms = check_downtime_ms(self.max_downtime_ms.unwrap_or(DEFAULT_MAX_DOWNTIME_MS))?;
         Ok(Duration::from_secs_f64(ms / 1e3))
+    }
+
+    /// The connections asked for (or 1), checked.
+    pub fn connections(&self) -> Result<u32, ApiError> {
+        match self.connections {
+            None => Ok(1),
+            Some(n) if (1..=MAX_CONNECTIONS).contains(&n) => Ok(n),
+            Some(n) => Err(ApiError::bad_request(format!(
+                "connections must be 1 to {MAX_CONNECTIONS}, got {n}"
+            ))),
+        }
     }
 
     /// The timeout asked for, checked.
@@ -220,6 +237,13 @@ pub struct MigrateReport {
     /// blocks sent in two rounds included; 0 on shared storage.
     #[serde(default)]
     pub disk_blocks_sent: u64,
+    /// Connections the page stream was spread over.
+    #[serde(default = "one")]
+    pub connections: u32,
+}
+
+fn one() -> u32 {
+    1
 }
 
 /// `GET /api/v1/vm.migration`: the migration in flight, if any.

@@ -35,6 +35,10 @@ pub struct MigrateArgs {
     /// `--disk id=NAME,path=FILE`).
     #[arg(long)]
     copy_storage: bool,
+    /// Spread the page stream over N connections (1 to 16), each
+    /// authenticated (and, with a key, encrypted) on its own.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    connections: u32,
     #[command(flatten)]
     auth: AuthArgs,
 }
@@ -98,6 +102,7 @@ pub fn migrate(a: &MigrateArgs) -> CliResult {
         tls_ca: absolute(&a.auth.tls_ca)?,
         insecure: a.auth.insecure,
         copy_storage: a.copy_storage,
+        connections: Some(a.connections),
     };
     let progress = show_progress(&a.api, &a.to);
     let r: Result<MigrateReport, _> = request(&a.api, Endpoint::Migrate, Some(&req), None);
@@ -117,6 +122,9 @@ pub fn migrate(a: &MigrateArgs) -> CliResult {
             crate::util::format_size(r.bytes_sent),
             r.link_mib_s
         );
+        if r.connections > 1 {
+            t += &format!(" over {} connections", r.connections);
+        }
         if r.disk_blocks_sent > 0 {
             t += &format!(
                 "\n  disks: {} blocks of 4 KiB sent with the memory (--copy-storage)",

@@ -402,6 +402,43 @@ impl Listener {
     }
 }
 
+impl Listener {
+    /// Waits at most `timeout` for one connection: None if none came.
+    pub fn accept_within(
+        &self,
+        timeout: Duration,
+    ) -> Result<Option<Box<dyn Conn>>, TransportError> {
+        use std::os::fd::AsRawFd;
+        let fd = match &self.inner {
+            ListenerInner::Tcp(l) => l.as_raw_fd(),
+            ListenerInner::Unix { listener, .. } => listener.as_raw_fd(),
+        };
+        let mut pfd = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+        // SAFETY: one pollfd, valid for the call, on a socket this listener
+        // owns.
+        let n = unsafe { libc::poll(&mut pfd, 1, ms) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                return Ok(None);
+            }
+            return Err(TransportError::Accept {
+                addr: self.addr.clone(),
+                source: e,
+            });
+        }
+        if n == 0 {
+            return Ok(None);
+        }
+        self.accept().map(Some)
+    }
+}
+
 impl Drop for Listener {
     fn drop(&mut self) {
         if let ListenerInner::Unix { path, file_id, .. } = &self.inner {

@@ -16,7 +16,9 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use super::compress::{decode_pages, DecodeError};
-use super::protocol::{AckKind, Frame, FrameStream, ProtocolError};
+use super::gather::{gather, read_lane, GatherError, Lanes, StepError};
+use super::landing::{ApplyError, Landing, PrefaultThread};
+use super::protocol::{AckKind, Frame, FrameStream, ProtocolError, Received};
 use super::storage::{relocate, Copies, Placement, StorageError};
 use super::{handshake_as_destination, AuthError, Conn, Listener, Security, TransportError};
 use crate::memory::{GuestMemory, Mapping, MappingError, PAGE_SIZE};
@@ -27,6 +29,12 @@ use crate::vmm::{ConfigError, Vm, VmConfig, VmError, VmState};
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the source may stay silent mid-stream.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a source's other connections may take to arrive after its
+/// connection 0.
+const GATHER_TIMEOUT: Duration = Duration::from_secs(10);
+/// When connection 0 fails, how long the others' readers may take to
+/// report a failure of their own (the cause, more often than not).
+const LANE_FAILURE_GRACE: Duration = Duration::from_millis(200);
 
 /// What the destination does with a VM it receives.
 #[derive(Debug, Clone, Default)]
@@ -142,6 +150,25 @@ pub enum ReceiveFailure {
     /// Disk blocks came without a `storage` frame announcing the disks.
     #[error("disk blocks at {0:#x} arrived, but the source announced no disks to copy")]
     UnannouncedStorage(u64),
+    /// The migration's connections did not all arrive.
+    #[error("the source's connections: {0}")]
+    Gather(#[from] GatherError),
+    /// Its other connections did not keep step with connection 0.
+    #[error(transparent)]
+    Connections(#[from] StepError),
+    /// A reader thread could not start.
+    #[error("starting a receiver thread: {0}")]
+    Thread(#[source] std::io::Error),
+}
+
+impl From<ApplyError> for ReceiveFailure {
+    fn from(e: ApplyError) -> ReceiveFailure {
+        match e {
+            ApplyError::Place(p) => ReceiveFailure::Place(p),
+            ApplyError::Decode { gpa, source } => ReceiveFailure::Decode { gpa, source },
+            ApplyError::Discard { gpa, source } => ReceiveFailure::Discard { gpa, source },
+        }
+    }
 }
 
 /// Why the configuration a source sent is refused.
@@ -163,26 +190,7 @@ pub enum ConfigRefused {
     Invalid(#[from] ConfigError),
 }
 
-/// A run of pages the source sent that does not fit the VM's memory.
-#[derive(Debug, thiserror::Error)]
-pub enum PlaceError {
-    /// Unaligned, or so long its length overflows.
-    #[error("a page run at {gpa:#x} of {pages} pages is malformed")]
-    Malformed {
-        /// Its first page.
-        gpa: u64,
-        /// Its page count.
-        pages: u64,
-    },
-    /// Not inside one chunk of guest memory.
-    #[error("pages at {gpa:#x}+{len:#x} lie outside the VM's guest memory")]
-    Outside {
-        /// Its first page.
-        gpa: u64,
-        /// Its length.
-        len: u64,
-    },
-}
+pub use super::landing::PlaceError;
 
 /// Moving the received memory under the new VM's slots failed.
 #[derive(Debug, thiserror::Error)]
@@ -311,7 +319,8 @@ pub fn receive(
     *status.peer.lock().unwrap_or_else(|e| e.into_inner()) = Some(peer.clone());
     status.bytes.store(0, Ordering::Relaxed);
     status.pages.store(0, Ordering::Relaxed);
-    receive_one(conn, security, opts, status).map_err(|failure| ReceiveError { peer, failure })
+    receive_one(listener, conn, security, opts, status)
+        .map_err(|failure| ReceiveError { peer, failure })
 }
 
 /// The configuration a source sent, with this host's bindings applied.
@@ -341,20 +350,6 @@ impl Staged {
         Ok(Staged { memory })
     }
 
-    /// The mapping and offset of `pages` pages at `gpa`, within one chunk.
-    fn place(&self, gpa: u64, pages: u64) -> Result<(&Mapping, usize, usize), PlaceError> {
-        let len = pages
-            .checked_mul(PAGE_SIZE)
-            .filter(|_| gpa.is_multiple_of(PAGE_SIZE))
-            .ok_or(PlaceError::Malformed { gpa, pages })?;
-        let c = self
-            .memory
-            .chunk_of(gpa)
-            .filter(|c| gpa.checked_add(len).is_some_and(|e| e <= c.range.end()))
-            .ok_or(PlaceError::Outside { gpa, len })?;
-        Ok((&c.mapping, (gpa - c.range.start) as usize, len as usize))
-    }
-
     /// The mappings in guest-physical order, for the VM to adopt.
     fn into_mappings(self) -> Vec<Mapping> {
         self.memory
@@ -366,6 +361,7 @@ impl Staged {
 }
 
 fn receive_one(
+    listener: &Listener,
     conn: Box<dyn Conn>,
     security: &Security,
     opts: &IncomingOptions,
@@ -374,6 +370,7 @@ fn receive_one(
     let peer = conn.peer();
     let auth = handshake_as_destination(conn, security, HANDSHAKE_TIMEOUT)
         .map_err(ReceiveFailure::Auth)?;
+    let link = auth.binding.link;
     auth.conn
         .set_read_timeout(Some(IDLE_TIMEOUT))
         .map_err(ReceiveFailure::Timeout)?;
@@ -383,6 +380,10 @@ fn receive_one(
         let _ = s.write_frame(&Frame::Error(why.to_string()));
         let _ = s.flush();
         why
+    };
+    let others = match gather(listener, security, &link, HANDSHAKE_TIMEOUT, GATHER_TIMEOUT) {
+        Ok(o) => o,
+        Err(why) => return Err(refuse(&mut s, why.into())),
     };
     let mut config = match s.read_frame()? {
         Frame::Config(bytes) => match accept_config(&bytes, opts) {
@@ -403,17 +404,138 @@ fn receive_one(
         Ok(m) => m,
         Err(why) => return Err(refuse(&mut s, ReceiveFailure::CannotHold(why))),
     };
+    let mut cut = Vec::new();
+    let mut lane_streams = Vec::new();
+    for a in others {
+        cut.push(a.conn.shutdown_handle().map_err(ReceiveFailure::Timeout)?);
+        a.conn
+            .set_read_timeout(Some(IDLE_TIMEOUT))
+            .map_err(ReceiveFailure::Timeout)?;
+        lane_streams.push(a.into_frames());
+    }
     s.write_frame(&Frame::Ack {
         what: AckKind::Config,
     })
     .and_then(|_| s.flush())?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    let lanes = Lanes::new(rx, link.count, cut);
+    let counters = Counters::default();
+    // SAFETY: the staged memory outlives the helper (dropped at the end of
+    // this function, before `staged` moves on).
+    let prefault = unsafe { PrefaultThread::start() };
+    let received = std::thread::scope(|scope| {
+        for (i, lane) in lane_streams.into_iter().enumerate() {
+            let index = i as u32 + 1;
+            let tx = tx.clone();
+            let counters = &counters;
+            // SAFETY: no guest runs on the staged memory yet, and within a
+            // round the source sends each page once, over one connection.
+            let landing =
+                unsafe { Landing::new(&staged.memory, prefault.as_ref().and_then(|p| p.handle())) };
+            let spawned = std::thread::Builder::new()
+                .name(format!("incoming-lane{index}"))
+                .spawn_scoped(scope, move || {
+                    read_lane(index, lane, landing, &tx, &counters.pages, &counters.bytes)
+                });
+            if let Err(e) = spawned {
+                lanes.cut();
+                return Err(ReceiveFailure::Thread(e));
+            }
+        }
+        drop(tx);
+        // SAFETY: as for the lanes' landings above.
+        let landing =
+            unsafe { Landing::new(&staged.memory, prefault.as_ref().and_then(|p| p.handle())) };
+        let r = receive_stream(
+            &mut s,
+            landing,
+            &lanes,
+            &mut config,
+            opts,
+            status,
+            &counters,
+        );
+        if r.is_err() {
+            // The other connections' readers may be waiting: end them.
+            lanes.cut();
+        }
+        // A failure another connection saw is the one to report: the
+        // source's abort, or a cut, on connection 0 follows from it.
+        r.map_err(|e| match lanes.failure_within(LANE_FAILURE_GRACE) {
+            Some(first) => first.into(),
+            None => e,
+        })
+    });
+    drop(prefault);
+    let (state, pages, copies) = match received {
+        Ok(r) => r,
+        Err(why @ (ReceiveFailure::Aborted(_) | ReceiveFailure::Stream(_))) => return Err(why),
+        Err(why) => return Err(refuse(&mut s, why)),
+    };
+    let done_at = Instant::now();
+    let Some(state) = state else {
+        return Err(refuse(&mut s, ReceiveFailure::NoState));
+    };
+    let state: VmState = match serde_json::from_slice(&state) {
+        Ok(st) => st,
+        Err(e) => return Err(refuse(&mut s, ReceiveFailure::State(e))),
+    };
+    Ok(Arrived {
+        config,
+        state: Some(state),
+        staged: Some(staged),
+        stream: s,
+        peer,
+        pages,
+        done_at,
+        copies,
+    })
+}
+
+/// Pages and bytes the other connections received.
+#[derive(Default)]
+struct Counters {
+    pages: AtomicU64,
+    bytes: AtomicU64,
+}
+
+/// What connection 0 delivered by its `done`: the state, the pages
+/// received over every connection, the disks' copies.
+type Delivered = (Option<Vec<u8>>, u64, Option<Copies>);
+
+/// Reads connection 0 until `done`: pages into `landing`, disk blocks into
+/// their copies, and at each round's end (and at `done`) waits for the
+/// other connections to be there too before answering.
+fn receive_stream(
+    s: &mut FrameStream<Box<dyn Conn>>,
+    mut landing: Landing<'_>,
+    lanes: &Lanes,
+    config: &mut VmConfig,
+    opts: &IncomingOptions,
+    status: &IncomingStatus,
+    counters: &Counters,
+) -> Result<Delivered, ReceiveFailure> {
     let mut state = None;
     let mut pages = 0u64;
     let mut copies: Option<Copies> = None;
     let mut decoded = Vec::new();
+    let show = |s: &FrameStream<Box<dyn Conn>>, pages: u64| {
+        let others = counters.bytes.load(Ordering::Relaxed);
+        status
+            .bytes
+            .store(s.bytes_read() + others, Ordering::Relaxed);
+        let others = counters.pages.load(Ordering::Relaxed);
+        status.pages.store(pages + others, Ordering::Relaxed);
+    };
     loop {
-        let frame = s.read_frame()?;
-        status.bytes.store(s.bytes_read(), Ordering::Relaxed);
+        let frame = match s.read_into(&mut landing)? {
+            Received::Placed { count, .. } => {
+                pages += u64::from(count);
+                show(s, pages);
+                continue;
+            }
+            Received::Frame(f) => f,
+        };
         match frame {
             Frame::Pages {
                 gpa,
@@ -437,14 +559,8 @@ fn receive_one(
                 count,
                 data,
             } => {
-                let (m, off, len) = staged.place(gpa, count as u64)?;
-                // SAFETY: `place` checked the range lies inside the mapping.
-                // Only this thread knows the staged memory's address and no
-                // guest runs on it yet, so nothing else reads or writes it
-                // while this slice lives.
-                let dst = unsafe { std::slice::from_raw_parts_mut(m.as_ptr().add(off), len) };
-                decode_pages(encoding, &data, dst)
-                    .map_err(|source| ReceiveFailure::Decode { gpa, source })?;
+                landing.decode(gpa, encoding, count, &data)?;
+                s.recycle(data);
                 pages += count as u64;
             }
             Frame::Zero { gpa, pages: n } if Copies::is_disk_address(gpa) => {
@@ -455,22 +571,20 @@ fn receive_one(
                 pages += n;
             }
             Frame::Zero { gpa, pages: n } => {
-                let (m, off, len) = staged.place(gpa, n)?;
-                m.discard_range(off, len)
-                    .map_err(|source| ReceiveFailure::Discard { gpa, source })?;
+                landing.zero(gpa, n)?;
                 pages += n;
             }
             Frame::Storage(manifest) if copies.is_none() => {
-                match Copies::create(&manifest, &mut config, &opts.disks) {
-                    Ok(c) => copies = Some(c),
-                    Err(why) => return Err(refuse(&mut s, why.into())),
-                }
+                copies = Some(Copies::create(&manifest, config, &opts.disks)?);
                 s.write_frame(&Frame::Ack {
                     what: AckKind::Storage,
                 })
                 .and_then(|_| s.flush())?;
             }
-            Frame::EndOfRound { .. } => {
+            Frame::EndOfRound { round } => {
+                // Every connection's pages of the round are in memory
+                // before the source hears of it (and sends the next).
+                lanes.round_ended(round, IDLE_TIMEOUT)?;
                 // Durable before the ack: at `done` only the last round's
                 // blocks are left to sync.
                 if let Some(c) = &copies {
@@ -482,28 +596,20 @@ fn receive_one(
                 .and_then(|_| s.flush())?;
             }
             Frame::State(bytes) => state = Some(bytes),
-            Frame::Done => break,
+            Frame::Done => {
+                let counts = s.done_counts().map(<[u64]>::to_vec).unwrap_or_default();
+                lanes.all_done(&counts, IDLE_TIMEOUT)?;
+                break;
+            }
             Frame::Abort(why) => return Err(ReceiveFailure::Aborted(why)),
-            f => return Err(refuse(&mut s, ReceiveFailure::Unexpected(f.kind_name()))),
+            f => return Err(ReceiveFailure::Unexpected(f.kind_name())),
         }
-        status.pages.store(pages, Ordering::Relaxed);
+        show(s, pages);
     }
-    let done_at = Instant::now();
-    let Some(state) = state else {
-        return Err(refuse(&mut s, ReceiveFailure::NoState));
-    };
-    let state: VmState = match serde_json::from_slice(&state) {
-        Ok(st) => st,
-        Err(e) => return Err(refuse(&mut s, ReceiveFailure::State(e))),
-    };
-    Ok(Arrived {
-        config,
-        state: Some(state),
-        staged: Some(staged),
-        stream: s,
-        peer,
-        pages,
-        done_at,
+    show(s, pages);
+    Ok((
+        state,
+        pages + counters.pages.load(Ordering::Relaxed),
         copies,
-    })
+    ))
 }

@@ -8,8 +8,9 @@
 //! runs of pages are compressed ([`compress`]).
 //!
 //! On top of the wire sit the two ends: [`source`] (the `migrate` operation
-//! and its stream sink, which the transfer engine feeds) and
-//! [`destination`] (the receiver behind `run --incoming`), and
+//! and its stream sink, which the transfer engine feeds, with [`lanes`],
+//! its sender threads) and [`destination`] (the receiver behind `run
+//! --incoming`, with [`landing`], where received pages land), and
 //! [`storage`], the disks' hand-over with `--copy-storage`. Which pages to
 //! send and when to stop the VM belong to the engine; what the config and
 //! state payloads contain belongs to the VMM.
@@ -20,6 +21,9 @@ pub mod compress;
 pub mod destination;
 #[cfg(test)]
 mod fuzz;
+pub mod gather;
+pub mod landing;
+pub mod lanes;
 pub mod noise;
 pub mod protocol;
 pub mod source;

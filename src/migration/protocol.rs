@@ -20,11 +20,11 @@
 //! VM, destination → source carries acks and errors.
 
 use std::fmt;
-use std::io::{self, BufWriter, Read, Write};
+use std::io::{self, Read, Write};
 
 use super::compress::Encoding;
 use super::noise::{seal_error, SealError};
-use crate::memory::PAGE_SIZE;
+use crate::memory::{VolatileSlice, PAGE_SIZE};
 
 /// First eight bytes of every migration stream.
 pub const MAGIC: [u8; 8] = *b"VMHOPMIG";
@@ -64,9 +64,14 @@ const ZERO_PAYLOAD_LEN: usize = 16;
 /// allocate much more than the sender really sent.
 const BODY_GROWTH: usize = 1 << 20;
 /// Frames are gathered into writes of this size: large enough that small
-/// frames (zero runs, acks) do not cost a syscall each; full `Pages`
-/// frames bypass it.
+/// frames (zero runs, acks) do not cost a syscall each, small enough to
+/// stay in the CPU's cache: page data copied out of guest memory into it
+/// is checksummed and written to the connection from there, so each byte
+/// comes from memory once.
 const WRITE_BUFFER_LEN: usize = 256 << 10;
+/// Page data received straight into its destination is read (and
+/// checksummed, while in cache) this much at a time.
+const READ_PIECE_LEN: usize = 256 << 10;
 
 const KIND_CONFIG: u8 = 1;
 const KIND_PAGES: u8 = 2;
@@ -615,6 +620,67 @@ fn check_run(gpa: u64, pages: u64) -> Result<(), PagesError> {
     Ok(())
 }
 
+/// The payload after a frame's prefix: bytes of vmhop's own, or guest
+/// memory, which the guest may be writing while it is copied.
+enum Body<'a, 'g> {
+    Bytes(&'a [u8]),
+    Guest(&'a VolatileSlice<'g>),
+}
+
+impl Body<'_, '_> {
+    fn len(&self) -> usize {
+        match self {
+            Body::Bytes(b) => b.len(),
+            Body::Guest(g) => g.len(),
+        }
+    }
+}
+
+/// Where a receiver wants the data of raw `Pages` frames to land: guest
+/// memory, read into straight from the connection instead of through a
+/// buffer of the reader's own.
+pub trait PageTarget {
+    /// The memory (exactly `count` pages long) that `count` raw pages from
+    /// `gpa` are read into, or None to receive them as a [`Frame::Pages`]
+    /// like any other frame (pages outside the target's memory, which the
+    /// caller then refuses by name). Bytes land there before the frame's
+    /// checksum and sequence number are checked: a receiver that gets an
+    /// error must treat the memory as garbage.
+    fn place(&mut self, gpa: u64, count: u32) -> Option<&mut [u8]>;
+}
+
+/// What [`FrameReader::read_into`] read.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Received {
+    /// A frame, as [`FrameReader::read_frame`] returns it.
+    Frame(Frame),
+    /// A raw `Pages` frame whose `count` pages from `gpa` were read into
+    /// the memory the target gave, and checked.
+    Placed {
+        /// Guest-physical address of the first page.
+        gpa: u64,
+        /// Number of pages.
+        count: u32,
+    },
+}
+
+/// The pages of a frame whose header and prefix say it is a well-formed
+/// raw `Pages` frame (zero flags and reserved bytes, a valid run, the
+/// right length), which may then be placed; None for anything else, which
+/// is read (and refused) the usual way.
+fn placeable(header: &[u8], prefix: &[u8], body_len: usize) -> Option<(u64, u32)> {
+    if header[1] != 0 || header[2..4] != [0, 0] || prefix.len() != PAGES_PREFIX_LEN {
+        return None;
+    }
+    if Encoding::from_byte(prefix[8]) != Some(Encoding::Raw) || prefix[9..12] != [0, 0, 0] {
+        return None;
+    }
+    let gpa = u64::from_le_bytes(prefix[..8].try_into().expect("8 bytes"));
+    let count = u32::from_le_bytes(prefix[12..16].try_into().expect("4 bytes"));
+    check_pages(gpa, Encoding::Raw, count, body_len).ok()?;
+    Some((gpa, count))
+}
+
 /// Writes one direction of a migration stream.
 ///
 /// The stream header is buffered when the writer is made; frames are
@@ -622,7 +688,10 @@ fn check_run(gpa: u64, pages: u64) -> Result<(), PagesError> {
 /// write error leaves the writer broken: later writes fail with
 /// [`ProtocolError::Broken`].
 pub struct FrameWriter<W: Write> {
-    out: BufWriter<W>,
+    out: W,
+    /// What is not yet handed to `out`: `buf[..filled]`.
+    buf: Box<[u8]>,
+    filled: usize,
     binding: Binding,
     pos: Position,
     broken: bool,
@@ -638,16 +707,13 @@ impl<W: Write> FrameWriter<W> {
     /// A writer for the connection `binding` describes; buffers the stream
     /// header.
     pub fn bound(inner: W, binding: &Binding) -> FrameWriter<W> {
-        let mut out = BufWriter::with_capacity(WRITE_BUFFER_LEN, inner);
-        let mut header = [0u8; STREAM_HEADER_LEN];
-        header[..8].copy_from_slice(&MAGIC);
-        header[8..].copy_from_slice(&VERSION.to_le_bytes());
-        // The buffer is empty and larger than the header: this cannot
-        // reach the inner writer, so it cannot fail.
-        out.write_all(&header)
-            .expect("header fits the empty buffer");
+        let mut buf = vec![0u8; WRITE_BUFFER_LEN].into_boxed_slice();
+        buf[..8].copy_from_slice(&MAGIC);
+        buf[8..STREAM_HEADER_LEN].copy_from_slice(&VERSION.to_le_bytes());
         FrameWriter {
-            out,
+            out: inner,
+            buf,
+            filled: STREAM_HEADER_LEN,
             binding: *binding,
             pos: Position {
                 seq: 0,
@@ -663,7 +729,7 @@ impl<W: Write> FrameWriter<W> {
     pub fn write_frame(&mut self, frame: &Frame) -> Result<(), ProtocolError> {
         match frame {
             Frame::Config(bytes) | Frame::State(bytes) | Frame::Storage(bytes) => {
-                self.write_raw(frame.kind(), &[], bytes)
+                self.write_raw(frame.kind(), &[], Body::Bytes(bytes))
             }
             Frame::Pages {
                 gpa,
@@ -676,10 +742,10 @@ impl<W: Write> FrameWriter<W> {
                 let mut payload = [0u8; ZERO_PAYLOAD_LEN];
                 payload[..8].copy_from_slice(&gpa.to_le_bytes());
                 payload[8..].copy_from_slice(&pages.to_le_bytes());
-                self.write_raw(KIND_ZERO, &payload, &[])
+                self.write_raw(KIND_ZERO, &payload, Body::Bytes(&[]))
             }
             Frame::EndOfRound { round } => {
-                self.write_raw(KIND_END_OF_ROUND, &round.to_le_bytes(), &[])
+                self.write_raw(KIND_END_OF_ROUND, &round.to_le_bytes(), Body::Bytes(&[]))
             }
             Frame::Done => {
                 if self.binding.link.count != 1 {
@@ -694,9 +760,9 @@ impl<W: Write> FrameWriter<W> {
                 }
                 self.write_done(&[self.pos.seq])
             }
-            Frame::Ack { what } => self.write_raw(KIND_ACK, &[what.to_byte()], &[]),
+            Frame::Ack { what } => self.write_raw(KIND_ACK, &[what.to_byte()], Body::Bytes(&[])),
             Frame::Error(msg) | Frame::Abort(msg) => {
-                self.write_raw(frame.kind(), &[], msg.as_bytes())
+                self.write_raw(frame.kind(), &[], Body::Bytes(msg.as_bytes()))
             }
         }
     }
@@ -711,13 +777,40 @@ impl<W: Write> FrameWriter<W> {
         count: u32,
         data: &[u8],
     ) -> Result<(), ProtocolError> {
-        check_pages(gpa, encoding, count, data.len())
+        let prefix = self.pages_prefix(gpa, encoding, count, data.len())?;
+        self.write_raw(KIND_PAGES, &prefix, Body::Bytes(data))
+    }
+
+    /// Writes a raw `Pages` frame of the guest memory `data` (`count`
+    /// pages from `gpa`): the same bytes as [`FrameWriter::write_pages`]
+    /// of a copy of it, but the memory is read once, a buffer's worth at a
+    /// time, into the writer's buffer, where it is checksummed and sent
+    /// from; the checksum covers exactly the bytes sent, whatever the guest
+    /// writes meanwhile.
+    pub fn write_guest_pages(
+        &mut self,
+        gpa: u64,
+        count: u32,
+        data: &VolatileSlice<'_>,
+    ) -> Result<(), ProtocolError> {
+        let prefix = self.pages_prefix(gpa, Encoding::Raw, count, data.len())?;
+        self.write_raw(KIND_PAGES, &prefix, Body::Guest(data))
+    }
+
+    fn pages_prefix(
+        &self,
+        gpa: u64,
+        encoding: Encoding,
+        count: u32,
+        len: usize,
+    ) -> Result<[u8; PAGES_PREFIX_LEN], ProtocolError> {
+        check_pages(gpa, encoding, count, len)
             .map_err(|problem| self.bad_pages(KIND_PAGES, problem))?;
         let mut prefix = [0u8; PAGES_PREFIX_LEN];
         prefix[..8].copy_from_slice(&gpa.to_le_bytes());
         prefix[8] = encoding.to_byte();
         prefix[12..].copy_from_slice(&count.to_le_bytes());
-        self.write_raw(KIND_PAGES, &prefix, data)
+        Ok(prefix)
     }
 
     /// Buffers the `done` frame that ends the stream, naming how many
@@ -742,7 +835,7 @@ impl<W: Write> FrameWriter<W> {
         for f in frames {
             payload.extend_from_slice(&f.to_le_bytes());
         }
-        self.write_raw(KIND_DONE, &payload, &[])
+        self.write_raw(KIND_DONE, &payload, Body::Bytes(&[]))
     }
 
     /// Sends everything buffered to the inner writer and flushes it.
@@ -750,15 +843,17 @@ impl<W: Write> FrameWriter<W> {
         if self.broken {
             return Err(ProtocolError::Broken);
         }
-        self.out.flush().map_err(|source| {
-            self.broken = true;
-            io_error(
-                "writing",
-                self.pos.seq.saturating_sub(1),
-                self.pos.offset,
-                source,
-            )
-        })
+        self.drain()
+            .and_then(|()| self.out.flush())
+            .map_err(|source| {
+                self.broken = true;
+                io_error(
+                    "writing",
+                    self.pos.seq.saturating_sub(1),
+                    self.pos.offset,
+                    source,
+                )
+            })
     }
 
     /// Bytes of the stream so far (header included), buffered or sent.
@@ -771,15 +866,20 @@ impl<W: Write> FrameWriter<W> {
         self.pos.seq
     }
 
+    /// The connection this stream belongs to, and how it is protected.
+    pub fn binding(&self) -> &Binding {
+        &self.binding
+    }
+
     /// The inner writer.
     pub fn get_ref(&self) -> &W {
-        self.out.get_ref()
+        &self.out
     }
 
     /// The inner writer, mutably. Writing to it directly corrupts the
     /// stream; reading from it (for a reply) is what it is for.
     pub fn get_mut(&mut self) -> &mut W {
-        self.out.get_mut()
+        &mut self.out
     }
 
     fn malformed(&self, kind: u8, reason: String) -> ProtocolError {
@@ -800,7 +900,62 @@ impl<W: Write> FrameWriter<W> {
         }
     }
 
-    fn write_raw(&mut self, kind: u8, prefix: &[u8], body: &[u8]) -> Result<(), ProtocolError> {
+    /// Hands the buffered bytes to the inner writer.
+    fn drain(&mut self) -> io::Result<()> {
+        if self.filled > 0 {
+            let filled = std::mem::take(&mut self.filled);
+            self.out.write_all(&self.buf[..filled])?;
+        }
+        Ok(())
+    }
+
+    /// Buffers `bytes` (or, when they do not fit, sends what is buffered
+    /// and then them), feeding them to `crc`.
+    fn put(&mut self, bytes: &[u8], crc: &mut Option<u32>) -> io::Result<()> {
+        if let Some(c) = crc {
+            *c = crc32c::crc32c_append(*c, bytes);
+        }
+        if self.filled + bytes.len() > self.buf.len() {
+            self.drain()?;
+            if bytes.len() >= self.buf.len() {
+                return self.out.write_all(bytes);
+            }
+        }
+        self.buf[self.filled..self.filled + bytes.len()].copy_from_slice(bytes);
+        self.filled += bytes.len();
+        Ok(())
+    }
+
+    /// Copies guest memory into the buffer a piece at a time, feeding each
+    /// piece to `crc` while it is still in cache, and sends every full
+    /// buffer.
+    fn put_guest(&mut self, src: &VolatileSlice<'_>, crc: &mut Option<u32>) -> io::Result<()> {
+        let mut at = 0;
+        while at < src.len() {
+            if self.filled == self.buf.len() {
+                self.drain()?;
+            }
+            let n = (self.buf.len() - self.filled).min(src.len() - at);
+            let dst = &mut self.buf[self.filled..self.filled + n];
+            let piece = src
+                .subslice(at, n)
+                .map_err(|e| io::Error::other(format!("guest memory: {e}")))?;
+            piece.copy_to(dst);
+            if let Some(c) = crc {
+                *c = crc32c::crc32c_append(*c, dst);
+            }
+            self.filled += n;
+            at += n;
+        }
+        Ok(())
+    }
+
+    fn write_raw(
+        &mut self,
+        kind: u8,
+        prefix: &[u8],
+        body: Body<'_, '_>,
+    ) -> Result<(), ProtocolError> {
         if self.broken {
             return Err(ProtocolError::Broken);
         }
@@ -817,14 +972,17 @@ impl<W: Write> FrameWriter<W> {
         // header[1] (flags) and header[2..4] (reserved) stay zero.
         header[4..8].copy_from_slice(&(len as u32).to_le_bytes());
         header[8..16].copy_from_slice(&self.pos.seq.to_le_bytes());
+        let mut crc = (self.binding.integrity == Integrity::Checksum).then_some(0u32);
         let mut result = self
-            .out
-            .write_all(&header)
-            .and_then(|()| self.out.write_all(prefix))
-            .and_then(|()| self.out.write_all(body));
-        if self.binding.integrity == Integrity::Checksum {
-            let crc = checksum(&header, &[prefix, body], &self.binding.session);
-            result = result.and_then(|()| self.out.write_all(&crc.to_le_bytes()));
+            .put(&header, &mut crc)
+            .and_then(|()| self.put(prefix, &mut crc))
+            .and_then(|()| match body {
+                Body::Bytes(b) => self.put(b, &mut crc),
+                Body::Guest(g) => self.put_guest(g, &mut crc),
+            });
+        if let Some(c) = crc {
+            let c = crc32c::crc32c_append(c, &self.binding.session.0);
+            result = result.and_then(|()| self.put(&c.to_le_bytes(), &mut None));
         }
         if let Err(source) = result {
             self.broken = true;
@@ -865,6 +1023,13 @@ impl<R: Read> FrameReader<R> {
     /// Reads and checks the next frame.
     pub fn read_frame(&mut self) -> Result<Frame, ProtocolError> {
         self.state.read_frame(&mut self.inner)
+    }
+
+    /// Reads and checks the next frame, as [`FrameReader::read_frame`],
+    /// but reads the data of a raw `Pages` frame straight into the memory
+    /// `target` places it in.
+    pub fn read_into(&mut self, target: &mut dyn PageTarget) -> Result<Received, ProtocolError> {
+        self.state.read(&mut self.inner, Some(target))
     }
 
     /// Bytes of the stream read so far (header included).
@@ -965,6 +1130,28 @@ impl<C: Read + Write> FrameStream<C> {
         self.read.read_frame(self.writer.get_mut())
     }
 
+    /// Flushes what was written, then reads the next frame: see
+    /// [`FrameReader::read_into`].
+    pub fn read_into(&mut self, target: &mut dyn PageTarget) -> Result<Received, ProtocolError> {
+        self.writer.flush()?;
+        self.read.read(self.writer.get_mut(), Some(target))
+    }
+
+    /// See [`FrameWriter::write_guest_pages`].
+    pub fn write_guest_pages(
+        &mut self,
+        gpa: u64,
+        count: u32,
+        data: &VolatileSlice<'_>,
+    ) -> Result<(), ProtocolError> {
+        self.writer.write_guest_pages(gpa, count, data)
+    }
+
+    /// The connection this stream belongs to, and how it is protected.
+    pub fn binding(&self) -> &Binding {
+        self.writer.binding()
+    }
+
     /// Bytes written so far, buffered or sent.
     pub fn bytes_written(&self) -> u64 {
         self.writer.bytes_written()
@@ -1051,10 +1238,21 @@ impl ReadState {
     }
 
     fn read_frame(&mut self, r: &mut impl Read) -> Result<Frame, ProtocolError> {
+        match self.read(r, None)? {
+            Received::Frame(f) => Ok(f),
+            Received::Placed { .. } => unreachable!("nothing is placed without a target"),
+        }
+    }
+
+    fn read(
+        &mut self,
+        r: &mut impl Read,
+        target: Option<&mut dyn PageTarget>,
+    ) -> Result<Received, ProtocolError> {
         if self.broken {
             return Err(ProtocolError::Broken);
         }
-        let result = self.read_frame_inner(r);
+        let result = self.read_frame_inner(r, target);
         match &result {
             Ok(_) => {}
             // Nothing of the frame was read: the stream is still in step.
@@ -1100,7 +1298,33 @@ impl ReadState {
         Ok(())
     }
 
-    fn read_frame_inner(&mut self, r: &mut impl Read) -> Result<Frame, ProtocolError> {
+    /// Reads the frame's crc32c and compares it with `expected`.
+    fn check_trailer(
+        &self,
+        r: &mut impl Read,
+        expected: u32,
+        short: &dyn Fn(usize, usize, Short) -> ProtocolError,
+        needed: usize,
+    ) -> Result<(), ProtocolError> {
+        let mut crc = [0u8; CHECKSUM_LEN];
+        read_full(r, &mut crc).map_err(|s| short(needed - CHECKSUM_LEN, needed, s))?;
+        let got = u32::from_le_bytes(crc);
+        if got != expected {
+            return Err(ProtocolError::Checksum {
+                frame: self.pos.seq,
+                offset: self.pos.offset,
+                expected,
+                got,
+            });
+        }
+        Ok(())
+    }
+
+    fn read_frame_inner(
+        &mut self,
+        r: &mut impl Read,
+        target: Option<&mut dyn PageTarget>,
+    ) -> Result<Received, ProtocolError> {
         if !self.header_checked {
             self.read_stream_header(r)?;
         }
@@ -1145,6 +1369,46 @@ impl ReadState {
         let prefix = &mut prefix[..prefix_len];
         read_full(r, prefix).map_err(|s| short(FRAME_HEADER_LEN, needed, s))?;
         let body_len = len - prefix_len;
+        if let Some((gpa, count)) = target
+            .is_some()
+            .then(|| placeable(&header, prefix, body_len))
+            .flatten()
+        {
+            let place = target.expect("checked above").place(gpa, count);
+            if let Some(dst) = place.filter(|d| d.len() == body_len) {
+                // Straight into its destination, a piece at a time, each
+                // piece checksummed while it is in cache. What lands before
+                // a check fails is the receiver's to throw away with the
+                // stream.
+                let mut crc = (self.binding.integrity == Integrity::Checksum)
+                    .then(|| crc32c::crc32c_append(crc32c::crc32c(&header), prefix));
+                let mut at = 0;
+                while at < body_len {
+                    let n = READ_PIECE_LEN.min(body_len - at);
+                    read_full(r, &mut dst[at..at + n])
+                        .map_err(|s| short(FRAME_HEADER_LEN + prefix_len + at, needed, s))?;
+                    if let Some(c) = &mut crc {
+                        *c = crc32c::crc32c_append(*c, &dst[at..at + n]);
+                    }
+                    at += n;
+                }
+                if let Some(c) = crc {
+                    let expected = crc32c::crc32c_append(c, &self.binding.session.0);
+                    self.check_trailer(r, expected, &short, needed)?;
+                }
+                let seq = u64::from_le_bytes(header[8..16].try_into().expect("8 bytes"));
+                if seq != frame {
+                    return Err(ProtocolError::Sequence {
+                        offset,
+                        expected: frame,
+                        got: seq,
+                    });
+                }
+                self.pos.seq += 1;
+                self.pos.offset += needed as u64;
+                return Ok(Received::Placed { gpa, count });
+            }
+        }
         let mut body = std::mem::take(&mut self.spare);
         body.clear();
         // Grown as the bytes arrive, not to the declared length at once.
@@ -1156,18 +1420,8 @@ impl ReadState {
                 .map_err(|s| short(FRAME_HEADER_LEN + prefix_len + have, needed, s))?;
         }
         if self.binding.integrity == Integrity::Checksum {
-            let mut crc = [0u8; CHECKSUM_LEN];
-            read_full(r, &mut crc).map_err(|s| short(needed - trailer_len, needed, s))?;
-            let got = u32::from_le_bytes(crc);
             let expected = checksum(&header, &[prefix, &body], &self.binding.session);
-            if got != expected {
-                return Err(ProtocolError::Checksum {
-                    frame,
-                    offset,
-                    expected,
-                    got,
-                });
-            }
+            self.check_trailer(r, expected, &short, needed)?;
         }
         let seq = u64::from_le_bytes(header[8..16].try_into().expect("8 bytes"));
         if seq != frame {
@@ -1288,7 +1542,7 @@ impl ReadState {
         };
         self.pos.seq += 1;
         self.pos.offset += needed as u64;
-        Ok(parsed)
+        Ok(Received::Frame(parsed))
     }
 }
 
@@ -1417,6 +1671,122 @@ mod tests {
         assert_eq!(s.read_frame().unwrap(), Frame::Error("no".into()));
         peer.join().unwrap();
         assert!(s.bytes_read() > 0 && s.bytes_written() > 0);
+    }
+
+    /// Guest memory of `pages` pages, each different.
+    fn guest(pages: usize) -> Vec<u8> {
+        (0..pages * PAGE_LEN)
+            .map(|i| ((i / 7) ^ (i / PAGE_LEN)) as u8)
+            .collect()
+    }
+
+    #[test]
+    fn guest_pages_go_out_as_the_same_bytes_as_a_copy_of_them() {
+        // Larger than the write buffer, and after a small frame: the pages
+        // cross several buffer flushes at an odd offset.
+        let mut mem = guest(100);
+        let copy = mem.clone();
+        let mut a = FrameWriter::new(Vec::new(), &SESSION);
+        a.write_frame(&Frame::EndOfRound { round: 1 }).unwrap();
+        a.write_guest_pages(0x20_0000, 100, &VolatileSlice::from(&mut mem[..]))
+            .unwrap();
+        a.flush().unwrap();
+        let mut b = FrameWriter::new(Vec::new(), &SESSION);
+        b.write_frame(&Frame::EndOfRound { round: 1 }).unwrap();
+        b.write_pages(0x20_0000, Encoding::Raw, 100, &copy).unwrap();
+        b.flush().unwrap();
+        assert!(a.get_ref() == b.get_ref());
+        assert_eq!(a.bytes_written(), b.bytes_written());
+        let err = a
+            .write_guest_pages(0x20_0001, 100, &VolatileSlice::from(&mut mem[..]))
+            .unwrap_err();
+        assert!(matches!(err, ProtocolError::BadPages { .. }), "{err}");
+    }
+
+    /// A page target over a buffer at guest-physical `base`; it refuses
+    /// runs that do not fit, as guest memory does.
+    struct Target {
+        base: u64,
+        mem: Vec<u8>,
+        placed: u32,
+    }
+
+    impl PageTarget for Target {
+        fn place(&mut self, gpa: u64, count: u32) -> Option<&mut [u8]> {
+            let at = gpa.checked_sub(self.base)? as usize;
+            let len = count as usize * PAGE_LEN;
+            self.placed += 1;
+            self.mem.get_mut(at..at.checked_add(len)?)
+        }
+    }
+
+    #[test]
+    fn raw_pages_are_read_straight_into_their_target_and_other_frames_as_usual() {
+        let data = guest(80);
+        let frames = vec![
+            Frame::Pages {
+                gpa: 0x10_0000,
+                encoding: Encoding::Raw,
+                count: 80,
+                data: data.clone(),
+            },
+            Frame::Pages {
+                gpa: 0x10_0000,
+                encoding: Encoding::Lz4,
+                count: 3,
+                data: vec![1, 2, 3],
+            },
+            // Outside the target: read as a frame, for the caller to refuse.
+            Frame::Pages {
+                gpa: 0x90_0000,
+                encoding: Encoding::Raw,
+                count: 1,
+                data: data[..PAGE_LEN].to_vec(),
+            },
+            Frame::Zero {
+                gpa: 0x10_0000,
+                pages: 2,
+            },
+            Frame::Done,
+        ];
+        let bytes = encode(&frames, &SESSION);
+        let mut t = Target {
+            base: 0x10_0000,
+            mem: vec![0; 100 * PAGE_LEN],
+            placed: 0,
+        };
+        let mut r = FrameReader::new(&bytes[..], &SESSION);
+        assert_eq!(
+            r.read_into(&mut t).unwrap(),
+            Received::Placed {
+                gpa: 0x10_0000,
+                count: 80
+            }
+        );
+        assert!(t.mem[..data.len()] == data[..]);
+        for f in &frames[1..] {
+            assert_eq!(r.read_into(&mut t).unwrap(), Received::Frame(f.clone()));
+        }
+        // Asked for the two raw frames only.
+        assert_eq!(t.placed, 2);
+        assert_eq!(r.bytes_read(), bytes.len() as u64);
+
+        // A changed byte of placed data fails the frame's checksum.
+        let mut bad = bytes.clone();
+        bad[STREAM_HEADER_LEN + FRAME_HEADER_LEN + PAGES_PREFIX_LEN + 5000] ^= 1;
+        let mut r = FrameReader::new(&bad[..], &SESSION);
+        let err = r.read_into(&mut t).unwrap_err();
+        assert!(
+            matches!(err, ProtocolError::Checksum { frame: 0, .. }),
+            "{err}"
+        );
+        // Cut inside the placed data: a truncated frame.
+        let mut r = FrameReader::new(&bytes[..STREAM_HEADER_LEN + 300_000], &SESSION);
+        let err = r.read_into(&mut t).unwrap_err();
+        assert!(
+            matches!(err, ProtocolError::Truncated { got: 300_000, .. }),
+            "{err}"
+        );
     }
 
     #[test]
@@ -1800,6 +2170,52 @@ mod tests {
         }
 
         #[test]
+        fn sealed_raw_pages_are_opened_straight_into_their_target() {
+            let data = guest(40);
+            let frames = vec![
+                Frame::Pages {
+                    gpa: 0x10_0000,
+                    encoding: Encoding::Raw,
+                    count: 40,
+                    data: data.clone(),
+                },
+                Frame::Done,
+            ];
+            let (bytes, mut r) = encode_sealed(&frames);
+            *r.get_mut() = Cursor::new(bytes.clone());
+            let mut t = Target {
+                base: 0x10_0000,
+                mem: vec![0; 40 * PAGE_LEN],
+                placed: 0,
+            };
+            let mut reader = FrameReader::bound(r, &binding());
+            assert_eq!(
+                reader.read_into(&mut t).unwrap(),
+                Received::Placed {
+                    gpa: 0x10_0000,
+                    count: 40
+                }
+            );
+            assert!(t.mem == data);
+            assert_eq!(
+                reader.read_into(&mut t).unwrap(),
+                Received::Frame(Frame::Done)
+            );
+            // A changed byte in the second record of the pages.
+            let recs = records(&bytes);
+            let mut bad = bytes.clone();
+            bad[recs[1].start + 100] ^= 4;
+            let (_, mut r) = encode_sealed(&frames);
+            *r.get_mut() = Cursor::new(bad);
+            let mut reader = FrameReader::bound(r, &binding());
+            let err = reader.read_into(&mut t).unwrap_err();
+            assert!(
+                matches!(err, ProtocolError::Unauthentic { frame: 0, .. }),
+                "{err}"
+            );
+        }
+
+        #[test]
         fn a_changed_byte_in_any_record_is_refused_naming_the_frame() {
             let n = records(&encode_sealed(&frames()).0).len();
             for rec in 0..n {
@@ -1899,7 +2315,7 @@ mod tests {
             w.write_raw(
                 KIND_DONE,
                 &[1u32.to_le_bytes().to_vec(), 7u64.to_le_bytes().to_vec()].concat(),
-                &[],
+                Body::Bytes(&[]),
             )
             .unwrap();
             w.flush().unwrap();

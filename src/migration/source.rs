@@ -13,13 +13,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use super::compress::{encode_pages, Compression};
-use super::protocol::{AckKind, Frame, FrameStream, MAX_PAGES_PER_FRAME};
+use super::compress::Compression;
+use super::lanes::{send_run, Round, Scratch, SendStats, Stream};
+use super::protocol::{AckKind, Frame, Link};
 use super::storage::{Copies, Manifest};
-use super::{check_policy, connect, handshake_as_source, Address, Conn, Security};
+use super::{check_policy, connect, handshake_as_source_on, Address, Security, ShutdownHandle};
 use crate::api::{ApiError, Classify, ErrorKind};
 use crate::devices::Disks;
-use crate::memory::{is_zero_page, PAGE_SIZE};
 use crate::transfer::{
     transfer, AfterCommit, Cancel, FirstPass, PageRun, Plan, Sink, SinkError, TransferError,
 };
@@ -95,6 +95,7 @@ pub fn validate(
     let to: Address = req.to.parse().map_err(ApiError::bad_request)?;
     let budget = req.max_downtime()?;
     let timeout = req.timeout()?;
+    req.connections()?;
     let auth = req.auth();
     let security = super::security_from(&auth)?;
     check_policy(&to, &security, auth.insecure).map_err(ApiError::bad_request)?;
@@ -136,6 +137,7 @@ pub fn migrate(
     disks: &Disks,
 ) -> Result<MigrateReport, MigrateError> {
     let (to, budget, timeout, security) = validate(req).map_err(MigrateError::Invalid)?;
+    let connections = req.connections().map_err(MigrateError::Invalid)?;
     if !req.copy_storage {
         if let Some((id, shape)) = disks.first_layered() {
             return Err(MigrateError::Invalid(ApiError::conflict(format!(
@@ -155,16 +157,19 @@ pub fn migrate(
         to: to.clone(),
         security,
         compression: req.compress,
+        connections,
         config,
-        stream: None,
+        streams: Vec::new(),
+        round: None,
+        cut: Arc::new(Vec::new()),
         flight: flight.clone(),
-        bounce: Vec::new(),
-        packed: Vec::new(),
-        zero_pages: 0,
-        page_bytes: 0,
-        compressed_frames: 0,
+        scratch: Scratch::default(),
+        stats: SendStats::default(),
         sent_running: 0,
         send_time: Duration::ZERO,
+        round_start: None,
+        round_bytes: 0,
+        failure: None,
         disks: disks.clone(),
         storage: req.copy_storage.then(|| Manifest::of(vm)),
         disk_blocks: 0,
@@ -198,7 +203,7 @@ pub fn migrate(
             reason: e.to_string(),
         },
     })?;
-    let bytes_sent = sink.stream.as_ref().map_or(0, |s| s.bytes_written());
+    let bytes_sent = sink.bytes_written();
     Ok(MigrateReport {
         operation: "migrate".into(),
         to: to_s,
@@ -206,11 +211,11 @@ pub fn migrate(
         total_ms: r.total_ms,
         rounds: r.rounds,
         pages_sent: r.pages_sent,
-        zero_pages: sink.zero_pages,
+        zero_pages: sink.stats.zero_pages,
         bytes_sent,
-        page_bytes: sink.page_bytes,
+        page_bytes: sink.stats.page_bytes,
         compression: req.compress,
-        compressed_frames: sink.compressed_frames,
+        compressed_frames: sink.stats.compressed_frames,
         pages_in_pause: r.pages_in_pause,
         converged: r.converged,
         throttle_max_percent: r.throttle_max_percent,
@@ -218,14 +223,19 @@ pub fn migrate(
         dirty_per_round: r.dirty_per_round,
         pause_breakdown: r.pause_breakdown,
         disk_blocks_sent: sink.disk_blocks,
+        connections,
     })
 }
 
-/// Sends pages to a destination over one authenticated stream.
+/// Sends pages to a destination over one or more authenticated
+/// connections: connection 0 carries the configuration, the state and the
+/// acks; a pre-copy round's pages go over all of them (`lanes.rs`).
 struct StreamSink {
     to: Address,
     security: Security,
     compression: Compression,
+    /// Connections to open.
+    connections: u32,
     /// The VM's disks, handed over at the switch (on shared storage).
     disks: Disks,
     /// With `--copy-storage`: the disks announced after the config; their
@@ -235,41 +245,75 @@ struct StreamSink {
     disk_blocks: u64,
     /// The VM's configuration, JSON: the first frame.
     config: Vec<u8>,
-    stream: Option<FrameStream<Box<dyn Conn>>>,
+    /// Every connection's stream, in index order; empty while a round's
+    /// lanes hold them.
+    streams: Vec<Stream>,
+    /// The lanes of the pre-copy round being sent.
+    round: Option<Round>,
+    /// Cuts every connection (a cancel, a lane that failed).
+    cut: Arc<Vec<ShutdownHandle>>,
     flight: Arc<InFlight>,
-    /// A stable copy of the pages being sent: a frame's checksum must
-    /// cover exactly the bytes sent, while the guest may be writing.
-    bounce: Vec<u8>,
-    /// Compressed pages.
-    packed: Vec<u8>,
-    zero_pages: u64,
-    page_bytes: u64,
-    compressed_frames: u64,
+    /// Buffers of the pages this thread sends itself (in the pause).
+    scratch: Scratch,
+    stats: SendStats,
     /// Page data sent while the guest ran, and the time it took: the link rate.
     sent_running: u64,
     send_time: Duration,
+    /// When the pre-copy round being sent began, and its page data so far.
+    round_start: Option<Instant>,
+    round_bytes: u64,
+    /// What failed first, for the `abort` frame that tells the destination.
+    failure: Option<String>,
 }
 
 impl StreamSink {
-    fn err(&self, message: impl std::fmt::Display) -> SinkError {
+    fn err(&mut self, message: impl std::fmt::Display) -> SinkError {
         let message = match self.flight.cancel.reason() {
             Some(r) => format!("{r} ({message})"),
             None => message.to_string(),
         };
+        self.failure.get_or_insert_with(|| message.clone());
         SinkError {
             sink: "migration stream",
             message,
         }
     }
 
-    fn stream(&mut self) -> Result<&mut FrameStream<Box<dyn Conn>>, SinkError> {
-        match self.stream.as_mut() {
-            Some(s) => Ok(s),
-            None => Err(SinkError {
+    /// The streams, once no round's lanes hold them.
+    fn streams(&mut self) -> Result<&mut [Stream], SinkError> {
+        self.end_round()?;
+        if self.streams.is_empty() {
+            return Err(SinkError {
                 sink: "migration stream",
                 message: "not connected".into(),
-            }),
+            });
         }
+        Ok(&mut self.streams)
+    }
+
+    /// Connection 0's stream.
+    fn main(&mut self) -> Result<&mut Stream, SinkError> {
+        Ok(&mut self.streams()?[0])
+    }
+
+    /// Ends the round's lanes, if any: what they hold goes out and the
+    /// connections come back.
+    fn end_round(&mut self) -> Result<(), SinkError> {
+        if let Some(round) = self.round.take() {
+            let (streams, stats) = round
+                .finish()
+                .map_err(|e| self.err(format!("sending to {}: {e}", self.to)))?;
+            self.streams = streams;
+            self.stats.zero_pages += stats.zero_pages;
+            self.stats.page_bytes += stats.page_bytes;
+            self.stats.compressed_frames += stats.compressed_frames;
+        }
+        Ok(())
+    }
+
+    /// Bytes written on every connection so far.
+    fn bytes_written(&self) -> u64 {
+        self.streams.iter().map(|s| s.bytes_written()).sum()
     }
 
     /// Page data per second the link carried.
@@ -281,10 +325,10 @@ impl StreamSink {
         }
     }
 
-    /// Waits for the destination's answer to what was sent.
+    /// Waits for the destination's answer (on connection 0) to what was sent.
     fn expect_ack(&mut self, what: AckKind, timeout: Duration) -> Result<(), SinkError> {
         let to = self.to.clone();
-        let s = self.stream()?;
+        let s = self.main()?;
         s.get_ref()
             .set_read_timeout(Some(timeout))
             .map_err(|e| SinkError {
@@ -305,55 +349,68 @@ impl StreamSink {
         }
     }
 
-    /// Sends one run of pages (at most a frame's worth), already copied
-    /// into `bounce`, as zero runs and page frames.
-    /// The state and `done`, then the destination's `ack{done}`.
+    /// The state and `done` (on every connection, naming how many frames
+    /// each carried), then the destination's `ack{done}`.
     fn send_state_and_done(&mut self, st: Vec<u8>) -> Result<(), SinkError> {
-        let s = self.stream()?;
-        let sent = s
-            .write_frame(&Frame::State(st))
-            .and_then(|_| s.write_frame(&Frame::Done));
+        let streams = self.streams()?;
+        let mut counts: Vec<u64> = streams.iter().map(|s| s.frames_written()).collect();
+        // Connection 0 carries the state before its `done`.
+        counts[0] += 1;
+        let (main, others) = streams.split_first_mut().expect("connected");
+        let mut sent = Ok(());
+        for s in others {
+            sent = sent
+                .and_then(|()| s.write_done(&counts))
+                .and_then(|()| s.flush());
+        }
+        let sent = sent
+            .and_then(|()| main.write_frame(&Frame::State(st)))
+            .and_then(|()| main.write_done(&counts));
         sent.map_err(|e| self.err(format!("sending the VM state: {e}")))?;
         self.expect_ack(AckKind::Done, DONE_ACK_TIMEOUT)
     }
 
-    fn send_bounced(&mut self, gpa: u64, len: usize) -> Result<(), SinkError> {
-        let page = PAGE_SIZE as usize;
-        let mut at = 0;
-        while at < len {
-            let zero = is_zero_page(&self.bounce[at..at + page]);
-            let mut end = at + page;
-            while end < len && is_zero_page(&self.bounce[end..end + page]) == zero {
-                end += page;
-            }
-            let count = ((end - at) / page) as u64;
-            let run_gpa = gpa + at as u64;
-            let compression = self.compression;
-            let mut packed = std::mem::take(&mut self.packed);
-            let r = if zero {
-                self.zero_pages += count;
-                self.stream()?.write_frame(&Frame::Zero {
-                    gpa: run_gpa,
-                    pages: count,
-                })
-            } else {
-                self.page_bytes += (end - at) as u64;
-                let enc = encode_pages(&self.bounce[at..end], compression, &mut packed);
-                if enc != super::Encoding::Raw {
-                    self.compressed_frames += 1;
-                }
-                let data = if enc == super::Encoding::Raw {
-                    &self.bounce[at..end]
-                } else {
-                    &packed[..]
-                };
-                let s = self.stream.as_mut().expect("checked by stream() above");
-                s.write_pages(run_gpa, enc, count as u32, data)
+    /// Opens and authenticates every connection: 0 first, then the others,
+    /// all naming one fresh migration id.
+    fn connect_all(&mut self) -> Result<(), SinkError> {
+        let mut migration = [0u8; 16];
+        getrandom::fill(&mut migration)
+            .map_err(|e| self.err(format!("drawing a random migration id: {e}")))?;
+        let mut cut = Vec::new();
+        for index in 0..self.connections {
+            let link = Link {
+                migration,
+                index,
+                count: self.connections,
             };
-            self.packed = packed;
-            r.map_err(|e| self.err(format!("sending to {}: {e}", self.to)))?;
-            at = end;
+            let conn = connect(&self.to, CONNECT_TIMEOUT).map_err(|e| self.err(e))?;
+            let auth =
+                handshake_as_source_on(conn, &self.security, &self.to, link, HANDSHAKE_TIMEOUT)
+                    .map_err(|e| {
+                        self.err(format!(
+                            "authenticating connection {index} with {}: {e}",
+                            self.to
+                        ))
+                    })?;
+            cut.push(
+                auth.conn
+                    .shutdown_handle()
+                    .map_err(|e| self.err(format!("connection to {}: {e}", self.to)))?,
+            );
+            auth.conn
+                .set_write_timeout(Some(WRITE_TIMEOUT))
+                .map_err(|e| self.err(format!("connection to {}: {e}", self.to)))?;
+            self.streams.push(auth.into_frames());
         }
+        let cut = Arc::new(cut);
+        self.cut = cut.clone();
+        // A cancel (or the timeout) cuts the connections: a write blocked
+        // on a slow link returns at once.
+        self.flight.cancel.on_cancel(move || {
+            for c in cut.iter() {
+                c.shutdown();
+            }
+        });
         Ok(())
     }
 }
@@ -364,29 +421,17 @@ impl Sink<Vm> for StreamSink {
     }
 
     fn begin(&mut self, _vm: &Vm, _slots: &[u32]) -> Result<(), SinkError> {
-        let conn = connect(&self.to, CONNECT_TIMEOUT).map_err(|e| self.err(e))?;
-        let auth = handshake_as_source(conn, &self.security, &self.to, HANDSHAKE_TIMEOUT)
-            .map_err(|e| self.err(format!("authenticating with {}: {e}", self.to)))?;
-        let handle = auth
-            .conn
-            .shutdown_handle()
-            .map_err(|e| self.err(format!("connection to {}: {e}", self.to)))?;
-        // A cancel (or the timeout) cuts the connection: a write blocked on
-        // a slow link returns at once.
-        self.flight.cancel.on_cancel(move || handle.shutdown());
-        auth.conn
-            .set_write_timeout(Some(WRITE_TIMEOUT))
-            .map_err(|e| self.err(format!("connection to {}: {e}", self.to)))?;
-        let mut s = auth.into_frames();
-        s.write_frame(&Frame::Config(std::mem::take(&mut self.config)))
+        self.connect_all()?;
+        let config = std::mem::take(&mut self.config);
+        self.main()?
+            .write_frame(&Frame::Config(config))
             .map_err(|e| self.err(format!("sending the configuration: {e}")))?;
-        self.stream = Some(s);
         self.expect_ack(AckKind::Config, CONFIG_ACK_TIMEOUT)?;
         if let Some(m) = &self.storage {
             let manifest = serde_json::to_vec(m).map_err(|e| self.err(e))?;
-            self.stream()?
-                .write_frame(&Frame::Storage(manifest))
-                .and_then(|()| self.stream.as_mut().expect("connected above").flush())
+            let main = self.main()?;
+            main.write_frame(&Frame::Storage(manifest))
+                .and_then(|()| main.flush())
                 .map_err(|e| self.err(format!("sending the disk manifest: {e}")))?;
             self.expect_ack(AckKind::Storage, CONFIG_ACK_TIMEOUT)?;
         }
@@ -394,36 +439,55 @@ impl Sink<Vm> for StreamSink {
     }
 
     fn pages(&mut self, run: PageRun<'_>, paused: bool) -> Result<u64, SinkError> {
-        let before = self.stream()?.bytes_written();
-        let t = Instant::now();
-        let frame = MAX_PAGES_PER_FRAME as usize * PAGE_SIZE as usize;
-        let len = run.data.len();
-        let mut bounce = std::mem::take(&mut self.bounce);
-        bounce.resize(frame.min(len).max(bounce.len()), 0);
-        self.bounce = bounce;
-        let mut at = 0;
-        while at < len {
-            let n = frame.min(len - at);
-            let part = run
-                .data
-                .subslice(at, n)
-                .map_err(|e| self.err(format!("guest memory at {:#x}: {e}", run.gpa)))?;
-            part.copy_to(&mut self.bounce[..n]);
-            self.send_bounced(run.gpa + at as u64, n)?;
-            at += n;
+        let len = run.data.len() as u64;
+        let disk = Copies::is_disk_address(run.gpa);
+        if paused || disk {
+            // This thread sends them itself: in the pause at its own
+            // (real-time) priority, and a disk's blocks sit in a buffer
+            // that is only valid now. Disk blocks go on connection 0, whose
+            // receiver writes the disks.
+            self.end_round()?;
+            let compression = self.compression;
+            let mut scratch = std::mem::take(&mut self.scratch);
+            let mut stats = SendStats::default();
+            let sent = send_run(
+                self.main()?,
+                run.gpa,
+                &run.data,
+                compression,
+                &mut scratch,
+                &mut stats,
+            );
+            self.scratch = scratch;
+            self.stats.zero_pages += stats.zero_pages;
+            self.stats.page_bytes += stats.page_bytes;
+            self.stats.compressed_frames += stats.compressed_frames;
+            sent.map_err(|e| self.err(format!("sending to {}: {e}", self.to)))?;
+        } else {
+            if self.round.is_none() {
+                let streams = std::mem::take(&mut self.streams);
+                let round = Round::start(streams, self.compression).map_err(|(e, streams)| {
+                    self.streams = streams;
+                    e
+                });
+                let round = round.map_err(|e| self.err(format!("sending to {}: {e}", self.to)))?;
+                self.round = Some(round);
+            }
+            self.round_start.get_or_insert_with(Instant::now);
+            let round = self.round.as_ref().expect("started above");
+            // SAFETY: `run.data` is the VM's guest memory, mapped as long
+            // as the VM, which outlives this sink; and the round is
+            // finished (its lanes joined) before the migration returns.
+            unsafe { round.push(run.gpa, &run.data) }
+                .map_err(|e| self.err(format!("sending to {}: {e}", self.to)))?;
+            self.round_bytes += len;
         }
-        if !paused {
-            self.sent_running += len as u64;
-            self.send_time += t.elapsed();
-        }
-        self.flight
-            .page_bytes
-            .fetch_add(len as u64, Ordering::Relaxed);
+        self.flight.page_bytes.fetch_add(len, Ordering::Relaxed);
         self.flight.pages.fetch_add(run.pages(), Ordering::Relaxed);
-        if Copies::is_disk_address(run.gpa) {
+        if disk {
             self.disk_blocks += run.pages();
         }
-        Ok(self.stream()?.bytes_written() - before)
+        Ok(len)
     }
 
     fn paused_rate(&self) -> f64 {
@@ -431,13 +495,23 @@ impl Sink<Vm> for StreamSink {
     }
 
     fn end_of_round(&mut self, round: u32) -> Result<(), SinkError> {
-        let t = Instant::now();
-        self.stream()?
-            .write_frame(&Frame::EndOfRound { round })
+        let streams = self.streams()?;
+        let (main, others) = streams.split_first_mut().expect("connected");
+        let mut sent = Ok(());
+        for s in others {
+            sent = sent
+                .and_then(|()| s.write_frame(&Frame::EndOfRound { round }))
+                .and_then(|()| s.flush());
+        }
+        sent.and_then(|()| main.write_frame(&Frame::EndOfRound { round }))
             .map_err(|e| self.err(format!("sending to {}: {e}", self.to)))?;
         self.expect_ack(AckKind::Round, WRITE_TIMEOUT)?;
-        // The wait is part of what the link (and the far end) costs.
-        self.send_time += t.elapsed();
+        // The link's rate is measured end to end: from the round's first
+        // pages to the destination's word that they are all in memory.
+        if let Some(t) = self.round_start.take() {
+            self.send_time += t.elapsed();
+            self.sent_running += std::mem::take(&mut self.round_bytes);
+        }
         Ok(())
     }
 
@@ -478,15 +552,26 @@ impl Sink<Vm> for StreamSink {
     }
 
     fn abort(&mut self, _vm: &Vm) {
-        if let Some(mut s) = self.stream.take() {
+        // Lanes still sending stop where they are (a failed round's
+        // connections are cut already).
+        if let Some(round) = self.round.take() {
+            match round.finish() {
+                Ok((streams, _)) => self.streams = streams,
+                Err(_) => self.streams.clear(),
+            }
+        }
+        let why = self
+            .flight
+            .cancel
+            .reason()
+            .or_else(|| self.failure.take())
+            .unwrap_or_else(|| "the source gave up".into());
+        if let Some(s) = self.streams.first_mut() {
             let _ = s.get_ref().set_write_timeout(Some(Duration::from_secs(1)));
-            let why = self
-                .flight
-                .cancel
-                .reason()
-                .unwrap_or_else(|| "the source gave up".into());
             let _ = s.write_frame(&Frame::Abort(why));
             let _ = s.flush();
+        }
+        for s in self.streams.drain(..) {
             s.get_ref().shutdown();
         }
     }

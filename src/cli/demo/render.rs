@@ -489,6 +489,7 @@ mod tests {
             dirty_per_round: vec![5_000, 300],
             pause_breakdown: Default::default(),
             disk_blocks_sent: 0,
+            connections: 1,
         }
     }
 
