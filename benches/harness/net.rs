@@ -415,7 +415,7 @@ struct Rate {
     cpu_ns_per_frame: f64,
 }
 
-/// The host TAP's MAC-less source address in the baselines' frames.
+/// The source address of the baselines' frames (a local one).
 const HOST_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0x01];
 
 // ---- the VM ----
